@@ -1,0 +1,1 @@
+//! The f64 CPU reference of the crate's maths: the test oracle.

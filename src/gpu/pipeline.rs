@@ -1,0 +1,363 @@
+//! Shader sources, the pipeline cache, and recording dispatches into one compute pass.
+//!
+//! Binding convention shared by every kernel in `shaders/`: bind group 0 holds the
+//! read-only storage inputs at bindings `0..r`, then the read-write outputs at
+//! `r..r+w`, then (if the kernel takes parameters) a uniform buffer of 32-bit words at
+//! binding `r+w`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use wgpu::util::DeviceExt;
+
+use crate::error::{Error, Result};
+use crate::gpu::context::GpuContext;
+use crate::gpu::tensor::GpuTensor;
+
+/// One WGSL file of `shaders/`.
+#[derive(Debug)]
+pub struct Shader {
+    pub name: &'static str,
+    pub source: &'static str,
+}
+
+/// Declares a [`Shader`] whose source is `shaders/<name>.wgsl`, compiled in.
+#[macro_export]
+macro_rules! shader {
+    ($name:literal) => {
+        $crate::gpu::Shader {
+            name: $name,
+            source: include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/", $name, ".wgsl")),
+        }
+    };
+}
+
+/// Every shader of the crate, for validation tests and `ekfac info`.
+pub fn all_shaders() -> Vec<&'static Shader> {
+    crate::ops::SHADERS.to_vec()
+}
+
+/// A compute entry point with its pipeline-overridable constants (WGSL `override`).
+#[derive(Debug, Clone)]
+pub struct Kernel {
+    pub shader: &'static Shader,
+    pub entry: &'static str,
+    pub constants: Vec<(&'static str, f64)>,
+}
+
+impl Kernel {
+    /// The entry point `entry` of `shader` with default constants.
+    pub fn new(shader: &'static Shader, entry: &'static str) -> Self {
+        Self {
+            shader,
+            entry,
+            constants: Vec::new(),
+        }
+    }
+
+    /// Sets an `override` constant.
+    pub fn with(mut self, name: &'static str, value: f64) -> Self {
+        self.constants.push((name, value));
+        self
+    }
+}
+
+#[derive(Hash, PartialEq, Eq, Clone)]
+struct PipelineKey {
+    shader: &'static str,
+    entry: &'static str,
+    constants: String,
+    reads: usize,
+    writes: usize,
+    params: bool,
+}
+
+struct CachedPipeline {
+    pipeline: wgpu::ComputePipeline,
+    layout: wgpu::BindGroupLayout,
+}
+
+/// Compiled pipelines keyed by shader name, entry point, constants and binding layout.
+#[derive(Default)]
+pub(crate) struct PipelineCache {
+    modules: Mutex<HashMap<&'static str, Arc<wgpu::ShaderModule>>>,
+    pipelines: Mutex<HashMap<PipelineKey, Arc<CachedPipeline>>>,
+}
+
+fn storage_entry(binding: u32, read_only: bool) -> wgpu::BindGroupLayoutEntry {
+    wgpu::BindGroupLayoutEntry {
+        binding,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty: wgpu::BindingType::Buffer {
+            ty: wgpu::BufferBindingType::Storage { read_only },
+            has_dynamic_offset: false,
+            min_binding_size: None,
+        },
+        count: None,
+    }
+}
+
+impl GpuContext {
+    fn module(&self, shader: &'static Shader) -> Result<Arc<wgpu::ShaderModule>> {
+        let mut modules = self
+            .pipelines
+            .modules
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = modules.get(shader.name) {
+            return Ok(m.clone());
+        }
+        let descriptor = wgpu::ShaderModuleDescriptor {
+            label: Some(shader.name),
+            source: wgpu::ShaderSource::Wgsl(shader.source.into()),
+        };
+        let module = self.scoped(&format!("compiling shaders/{}.wgsl", shader.name), || {
+            if cfg!(debug_assertions) || std::env::var_os("EKFAC_SHADER_CHECKS").is_some() {
+                self.device.create_shader_module(descriptor)
+            } else {
+                // SAFETY: every kernel guards its own indices against the sizes it is
+                // given (the debug build and `EKFAC_SHADER_CHECKS=1` run the same
+                // kernels with runtime bounds checks, and the tests exercise both).
+                unsafe {
+                    self.device.create_shader_module_trusted(
+                        descriptor,
+                        wgpu::ShaderRuntimeChecks::unchecked(),
+                    )
+                }
+            }
+        })?;
+        let module = Arc::new(module);
+        modules.insert(shader.name, module.clone());
+        Ok(module)
+    }
+
+    fn pipeline(
+        &self,
+        kernel: &Kernel,
+        reads: usize,
+        writes: usize,
+        params: bool,
+    ) -> Result<Arc<CachedPipeline>> {
+        let key = PipelineKey {
+            shader: kernel.shader.name,
+            entry: kernel.entry,
+            constants: format!("{:?}", kernel.constants),
+            reads,
+            writes,
+            params,
+        };
+        if let Some(p) = self
+            .pipelines
+            .pipelines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return Ok(p.clone());
+        }
+        let module = self.module(kernel.shader)?;
+        let mut entries: Vec<_> = (0..reads + writes)
+            .map(|i| storage_entry(i as u32, i < reads))
+            .collect();
+        if params {
+            entries.push(wgpu::BindGroupLayoutEntry {
+                binding: (reads + writes) as u32,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: wgpu::BufferBindingType::Uniform,
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
+                count: None,
+            });
+        }
+        let context = format!(
+            "creating pipeline {}::{} {:?}",
+            kernel.shader.name, kernel.entry, kernel.constants
+        );
+        let cached = self.scoped(&context, || {
+            let layout = self
+                .device
+                .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                    label: Some(kernel.entry),
+                    entries: &entries,
+                });
+            let pipeline_layout =
+                self.device
+                    .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                        label: Some(kernel.entry),
+                        bind_group_layouts: &[Some(&layout)],
+                        immediate_size: 0,
+                    });
+            let pipeline = self
+                .device
+                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(kernel.entry),
+                    layout: Some(&pipeline_layout),
+                    module: &module,
+                    entry_point: Some(kernel.entry),
+                    compilation_options: wgpu::PipelineCompilationOptions {
+                        constants: &kernel.constants,
+                        zero_initialize_workgroup_memory: false,
+                    },
+                    cache: None,
+                });
+            CachedPipeline { pipeline, layout }
+        })?;
+        let cached = Arc::new(cached);
+        self.pipelines
+            .pipelines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, cached.clone());
+        Ok(cached)
+    }
+
+    /// Starts recording dispatches that will run in one compute pass.
+    pub fn recorder(&self) -> Recorder<'_> {
+        Recorder {
+            ctx: self,
+            steps: Vec::new(),
+        }
+    }
+
+    /// Records and submits a single dispatch (convenience for one-off kernels).
+    pub fn run(
+        &self,
+        kernel: &Kernel,
+        reads: &[&GpuTensor],
+        writes: &[&GpuTensor],
+        params: &[u32],
+        workgroups: [u32; 3],
+    ) -> Result<()> {
+        let mut r = self.recorder();
+        r.dispatch(kernel, reads, writes, params, workgroups)?;
+        r.submit()
+    }
+}
+
+struct Step {
+    pipeline: Arc<CachedPipeline>,
+    bind_group: wgpu::BindGroup,
+    workgroups: [u32; 3],
+}
+
+/// Dispatches recorded in order and submitted together as one compute pass. wgpu
+/// orders the dispatches of a pass, so each may read what the previous ones wrote.
+pub struct Recorder<'a> {
+    ctx: &'a GpuContext,
+    steps: Vec<Step>,
+}
+
+impl Recorder<'_> {
+    /// Records `kernel` over `workgroups`, binding `reads`, then `writes`, then
+    /// `params` (32-bit words; floats as `f32::to_bits`) as described in the module
+    /// docs. A dispatch with zero workgroups in any dimension is skipped.
+    pub fn dispatch(
+        &mut self,
+        kernel: &Kernel,
+        reads: &[&GpuTensor],
+        writes: &[&GpuTensor],
+        params: &[u32],
+        workgroups: [u32; 3],
+    ) -> Result<()> {
+        if workgroups.contains(&0) {
+            return Ok(());
+        }
+        let max = self.ctx.limits.max_compute_workgroups_per_dimension;
+        if workgroups.iter().any(|&w| w > max) {
+            return Err(Error::gpu(
+                format!("dispatching {}::{}", kernel.shader.name, kernel.entry),
+                format!("workgroup grid {workgroups:?} exceeds the limit of {max} per dimension"),
+            ));
+        }
+        let pipeline = self
+            .ctx
+            .pipeline(kernel, reads.len(), writes.len(), !params.is_empty())?;
+        let uniform = (!params.is_empty()).then(|| {
+            let mut words = params.to_vec();
+            words.resize(params.len().div_ceil(4) * 4, 0);
+            self.ctx
+                .device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some("params"),
+                    contents: bytemuck::cast_slice(&words),
+                    usage: wgpu::BufferUsages::UNIFORM,
+                })
+        });
+        let mut entries: Vec<wgpu::BindGroupEntry> = reads
+            .iter()
+            .chain(writes)
+            .enumerate()
+            .map(|(i, t)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: t.buffer().as_entire_binding(),
+            })
+            .collect();
+        if let Some(u) = &uniform {
+            entries.push(wgpu::BindGroupEntry {
+                binding: (reads.len() + writes.len()) as u32,
+                resource: u.as_entire_binding(),
+            });
+        }
+        let bind_group = self
+            .ctx
+            .device
+            .create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(kernel.entry),
+                layout: &pipeline.layout,
+                entries: &entries,
+            });
+        self.steps.push(Step {
+            pipeline,
+            bind_group,
+            workgroups,
+        });
+        Ok(())
+    }
+
+    /// Number of dispatches recorded so far.
+    pub fn len(&self) -> usize {
+        self.steps.len()
+    }
+
+    /// Whether nothing has been recorded.
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+
+    /// Encodes every recorded dispatch into one compute pass and submits it. Does not
+    /// wait; reading a tensor back (or [`GpuContext::wait`]) synchronises.
+    pub fn submit(self) -> Result<()> {
+        if self.steps.is_empty() {
+            return Ok(());
+        }
+        let mut encoder = self
+            .ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
+            for step in &self.steps {
+                pass.set_pipeline(&step.pipeline.pipeline);
+                pass.set_bind_group(0, &step.bind_group, &[]);
+                let [x, y, z] = step.workgroups;
+                pass.dispatch_workgroups(x, y, z);
+            }
+        }
+        self.ctx.queue.submit([encoder.finish()]);
+        self.ctx.check_errors("submitting GPU work")
+    }
+}
+
+/// Splits `groups` workgroups into a 2-D grid that respects the per-dimension limit
+/// (65535 by WebGPU's defaults). Kernels recover the linear workgroup index as
+/// `wid.x + wid.y * nwg.x`, and must ignore indices at or beyond `groups`.
+pub fn grid_1d(groups: u32) -> [u32; 3] {
+    const MAX: u32 = 65535;
+    if groups <= MAX {
+        [groups, 1, 1]
+    } else {
+        [MAX, groups.div_ceil(MAX), 1]
+    }
+}

@@ -1,0 +1,182 @@
+//! Storage buffers with a shape, their upload and readback.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::gpu::context::{GpuContext, MemoryCounter};
+
+/// A dense, row-major array of 4-byte elements (`f32`, or `u32` where a kernel says so)
+/// in one storage buffer. The buffer is counted by the context's [`MemoryCounter`]
+/// while it lives.
+pub struct GpuTensor {
+    buffer: wgpu::Buffer,
+    shape: Vec<usize>,
+    bytes: u64,
+    memory: Arc<MemoryCounter>,
+}
+
+impl std::fmt::Debug for GpuTensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GpuTensor{:?}", self.shape)
+    }
+}
+
+impl Drop for GpuTensor {
+    fn drop(&mut self) {
+        self.memory.release(self.bytes);
+    }
+}
+
+impl GpuTensor {
+    /// The shape, outermost dimension first.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Whether the tensor has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The underlying buffer (`STORAGE | COPY_SRC | COPY_DST`).
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+
+    /// Changes the shape without moving data; the element count must stay the same.
+    pub fn reshape(mut self, shape: &[usize]) -> Result<Self> {
+        let len: usize = shape.iter().product();
+        if len != self.len() {
+            return Err(Error::gpu(
+                "reshape",
+                format!("cannot view {:?} as {shape:?}", self.shape),
+            ));
+        }
+        self.shape = shape.to_vec();
+        Ok(self)
+    }
+}
+
+fn byte_len(shape: &[usize]) -> u64 {
+    // Zero-sized bindings are invalid; every buffer holds at least 16 bytes.
+    ((shape.iter().product::<usize>() * 4) as u64).max(16)
+}
+
+impl GpuContext {
+    fn allocate(&self, shape: &[usize], contents: Option<&[u8]>) -> Result<GpuTensor> {
+        let bytes = byte_len(shape);
+        if bytes > self.limits.max_buffer_size {
+            return Err(Error::Memory(format!(
+                "a tensor of shape {shape:?} needs {bytes} bytes, more than the adapter's \
+                 max_buffer_size of {} bytes",
+                self.limits.max_buffer_size
+            )));
+        }
+        let buffer = self.scoped(&format!("allocating {bytes} bytes for {shape:?}"), || {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size: bytes,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        })?;
+        if let Some(data) = contents.filter(|d| !d.is_empty()) {
+            self.queue.write_buffer(&buffer, 0, data);
+        }
+        self.memory.allocate(bytes);
+        Ok(GpuTensor {
+            buffer,
+            shape: shape.to_vec(),
+            bytes,
+            memory: self.memory.clone(),
+        })
+    }
+
+    /// A zero-filled tensor.
+    pub fn zeros(&self, shape: &[usize]) -> Result<GpuTensor> {
+        self.allocate(shape, None)
+    }
+
+    /// Uploads `data` (row-major, `shape.iter().product()` elements).
+    pub fn upload(&self, data: &[f32], shape: &[usize]) -> Result<GpuTensor> {
+        check_len(data.len(), shape)?;
+        self.allocate(shape, Some(bytemuck::cast_slice(data)))
+    }
+
+    /// Uploads unsigned integers (class indices, counters).
+    pub fn upload_u32(&self, data: &[u32], shape: &[usize]) -> Result<GpuTensor> {
+        check_len(data.len(), shape)?;
+        self.allocate(shape, Some(bytemuck::cast_slice(data)))
+    }
+
+    /// Overwrites the contents of `tensor` with `data`.
+    pub fn write(&self, tensor: &GpuTensor, data: &[f32]) -> Result<()> {
+        check_len(data.len(), tensor.shape())?;
+        if !data.is_empty() {
+            self.queue
+                .write_buffer(tensor.buffer(), 0, bytemuck::cast_slice(data));
+        }
+        Ok(())
+    }
+
+    /// Waits for all submitted work and reads `tensor` back.
+    pub fn read(&self, tensor: &GpuTensor) -> Result<Vec<f32>> {
+        Ok(bytemuck::cast_slice(&self.read_bytes(tensor)?).to_vec())
+    }
+
+    /// Like [`Self::read`], for tensors holding `u32`.
+    pub fn read_u32(&self, tensor: &GpuTensor) -> Result<Vec<u32>> {
+        Ok(bytemuck::cast_slice(&self.read_bytes(tensor)?).to_vec())
+    }
+
+    fn read_bytes(&self, tensor: &GpuTensor) -> Result<Vec<u8>> {
+        let len = (tensor.len() * 4) as u64;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: len,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
+        encoder.copy_buffer_to_buffer(tensor.buffer(), 0, &staging, 0, len);
+        self.queue.submit([encoder.finish()]);
+        let (sender, receiver) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = sender.send(r);
+        });
+        self.wait("reading a tensor back")?;
+        receiver
+            .recv()
+            .map_err(|e| Error::gpu("mapping a readback buffer", e))?
+            .map_err(|e| Error::gpu("mapping a readback buffer", e))?;
+        let bytes = staging
+            .get_mapped_range(..)
+            .map_err(|e| Error::gpu("mapping a readback buffer", e))?
+            .to_vec();
+        staging.unmap();
+        Ok(bytes)
+    }
+}
+
+fn check_len(len: usize, shape: &[usize]) -> Result<()> {
+    let expected: usize = shape.iter().product();
+    if len != expected {
+        return Err(Error::gpu(
+            "upload",
+            format!("shape {shape:?} needs {expected} elements, got {len}"),
+        ));
+    }
+    Ok(())
+}

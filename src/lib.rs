@@ -1,0 +1,13 @@
+//! ekfac: KFAC and EKFAC curvature of neural networks on any GPU through wgpu.
+//!
+//! Data flows one way: model spec + weights → [`model::Sequential`] → batches →
+//! (layer inputs, output gradients) → Kronecker factors → eigenbases → corrected
+//! eigenvalues → operator. [`cpu`] holds the f64 reference of the same maths.
+
+pub mod cpu;
+pub mod error;
+pub mod gpu;
+pub mod model;
+pub mod ops;
+
+pub use error::{Error, Result};

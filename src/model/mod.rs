@@ -1,0 +1,1 @@
+//! The network: JSON layer spec, safetensors weights, data, Sequential forward/backward.

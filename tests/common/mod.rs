@@ -1,0 +1,63 @@
+//! Shared helpers for the integration tests: one GPU device per test binary.
+#![allow(dead_code)]
+
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+use ekfac::gpu::GpuContext;
+
+static GPU: OnceLock<Option<Mutex<GpuContext>>> = OnceLock::new();
+
+/// The test binary's shared device, locked for the calling test. Without an adapter
+/// the test is skipped loudly, unless `EKFAC_REQUIRE_GPU=1`, where it fails.
+pub fn gpu() -> Option<MutexGuard<'static, GpuContext>> {
+    let slot = GPU.get_or_init(|| match GpuContext::new() {
+        Ok(ctx) => Some(Mutex::new(ctx)),
+        Err(e) => {
+            if std::env::var("EKFAC_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("EKFAC_REQUIRE_GPU=1 but no GPU is available: {e}");
+            }
+            eprintln!("SKIPPING GPU TEST: {e}");
+            None
+        }
+    });
+    slot.as_ref()
+        .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
+/// A small deterministic generator (SplitMix64) for test inputs.
+pub struct TestRng(u64);
+
+impl TestRng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [-1, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+    }
+
+    pub fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.uniform() as f32).collect()
+    }
+}
+
+/// Relative Frobenius error ‖got − want‖ / max(‖want‖, tiny).
+pub fn rel_err(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len(), "length mismatch");
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|w| w * w).sum();
+    (num / den.max(1e-300)).sqrt()
+}
