@@ -6,6 +6,7 @@
 
 pub mod cpu;
 pub mod error;
+pub mod geometry;
 pub mod gpu;
 pub mod model;
 pub mod ops;
