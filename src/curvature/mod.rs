@@ -4,5 +4,5 @@
 pub mod options;
 pub mod scalars;
 
-pub use options::{FisherType, KfacApprox, LossKind, Options, Reduction};
+pub use options::{DampingMode, FisherType, KfacApprox, LossKind, MIN_DAMPING, Options, Reduction};
 pub use scalars::Scalars;
