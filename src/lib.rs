@@ -7,6 +7,7 @@
 pub mod cpu;
 pub mod curvature;
 pub mod error;
+pub mod geometry;
 pub mod gpu;
 pub mod loss;
 pub mod model;
