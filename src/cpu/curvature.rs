@@ -17,7 +17,7 @@ use faer::prelude::*;
 use faer::{Mat, Side};
 
 use crate::cpu::ops;
-use crate::curvature::layout::{BlockKind, ParamLayout};
+use crate::curvature::layout::{BlockKind, ParamKind, ParamLayout};
 use crate::curvature::scalars::{self, Scalars};
 use crate::curvature::{DampingMode, FisherType, KfacApprox, MIN_DAMPING, Options};
 use crate::error::{Error, Result};
@@ -123,7 +123,12 @@ struct BatchIo {
 }
 
 /// Geometry of conv layer `i` for a batch.
-fn conv_geometry(model: &Model, i: usize, batch: usize, in_shape: &[usize]) -> Option<Conv2dGeometry> {
+fn conv_geometry(
+    model: &Model,
+    i: usize,
+    batch: usize,
+    in_shape: &[usize],
+) -> Option<Conv2dGeometry> {
     match &model.spec.layers[i] {
         Layer::Conv2d(c) => Some(Conv2dGeometry {
             batch,
@@ -151,16 +156,22 @@ fn pool_geometry(p: &crate::model::PoolSpec, batch: usize, in_shape: &[usize]) -
     }
 }
 
-/// The network in f64: forward keeping every layer's input, backward of stacked
-/// output-space vectors keeping every curvature layer's output gradient.
-struct Network<'m> {
+/// A layer's weight and optional bias in f64, PyTorch layouts, row-major.
+pub type LayerWeights = (Vec<f64>, Option<Vec<f64>>);
+
+/// The network in f64: forward keeping every layer's input, backward of one
+/// output-space vector keeping every layer's output gradient. Its weights are exact f64
+/// copies of the model's f32 weights, or any f64 values of the same shapes (so that
+/// problems stated in f64, like SPEC §8, are reproduced to f64 precision).
+pub struct Network64<'m> {
     model: &'m Model,
     shapes: Vec<Vec<usize>>,
-    weights: Vec<Option<(Vec<f64>, Option<Vec<f64>>)>>,
+    weights: Vec<Option<LayerWeights>>,
 }
 
-impl<'m> Network<'m> {
-    fn new(model: &'m Model) -> Self {
+impl<'m> Network64<'m> {
+    /// The model with its own weights.
+    pub fn new(model: &'m Model) -> Self {
         let weights = model
             .params
             .iter()
@@ -175,11 +186,44 @@ impl<'m> Network<'m> {
                 })
             })
             .collect();
-        Network {
+        Network64 {
             model,
             shapes: model.shapes(),
             weights,
         }
+    }
+
+    /// The model's architecture with f64 weights, indexed by layer (`None` for
+    /// parameter-free layers); every shape must match the model's.
+    pub fn with_weights(model: &'m Model, weights: Vec<Option<LayerWeights>>) -> Result<Self> {
+        let fits = weights.len() == model.params.len()
+            && weights
+                .iter()
+                .zip(&model.params)
+                .all(|(w, p)| match (w, p) {
+                    (None, None) => true,
+                    (Some((w, b)), Some(p)) => {
+                        w.len() == p.weight.len()
+                            && b.as_ref().map(Vec::len) == p.bias.as_ref().map(Vec::len)
+                    }
+                    _ => false,
+                });
+        if !fits {
+            return Err(Error::model(
+                "weights",
+                "f64 weights do not match the model's parameter shapes",
+            ));
+        }
+        Ok(Network64 {
+            model,
+            shapes: model.shapes(),
+            weights,
+        })
+    }
+
+    /// The network outputs `[B, C]` of `x [B, *input_shape]`.
+    pub fn outputs(&self, x: &[f64], batch: usize) -> Vec<f64> {
+        self.forward(x, batch).pop().unwrap_or_default()
     }
 
     /// Inputs of every layer then the output: `layers.len() + 1` tensors `[B, *shape]`.
@@ -202,7 +246,9 @@ impl<'m> Network<'m> {
                 Layer::Sigmoid => ops::sigmoid_forward(a),
                 Layer::Tanh => ops::tanh_forward(a),
                 Layer::Flatten => a.clone(),
-                Layer::MaxPool2d(p) => ops::max_pool2d_forward(a, &pool_geometry(p, batch, shape)).0,
+                Layer::MaxPool2d(p) => {
+                    ops::max_pool2d_forward(a, &pool_geometry(p, batch, shape)).0
+                }
                 Layer::AvgPool2d(p) => ops::avg_pool2d_forward(a, &pool_geometry(p, batch, shape)),
             };
             acts.push(y);
@@ -211,7 +257,7 @@ impl<'m> Network<'m> {
     }
 
     /// Output gradients `[B, *out]` of every layer for one output-space vector
-    /// `grad_output [B, C]`, given the activations of [`Network::forward`].
+    /// `grad_output [B, C]`, given the activations of [`Network64::forward`].
     fn backward(&self, acts: &[Vec<f64>], grad_output: &[f64], batch: usize) -> Vec<Vec<f64>> {
         let layers = &self.model.spec.layers;
         let mut out_grads = vec![Vec::new(); layers.len()];
@@ -238,7 +284,9 @@ impl<'m> Network<'m> {
                     let (_, argmax) = ops::max_pool2d_forward(x, &geo);
                     ops::max_pool2d_backward(&g, &argmax, &geo)
                 }
-                Layer::AvgPool2d(p) => ops::avg_pool2d_backward(&g, &pool_geometry(p, batch, shape)),
+                Layer::AvgPool2d(p) => {
+                    ops::avg_pool2d_backward(&g, &pool_geometry(p, batch, shape))
+                }
             };
         }
         out_grads
@@ -248,7 +296,7 @@ impl<'m> Network<'m> {
 /// Runs one batch through the network: layer inputs, backpropagated vectors and the
 /// curvature layers' output gradients (none for forward-only).
 fn batch_io(
-    net: &Network<'_>,
+    net: &Network64<'_>,
     layout: &ParamLayout,
     opts: &Options,
     data: &Dataset<'_>,
@@ -332,13 +380,19 @@ fn rows_of(m: &Mat<f64>) -> Vec<f64> {
 
 impl CpuCurvature {
     /// Fits KFAC (and, with `ekfac`, the eigenvalue correction) on `data`.
-    pub fn fit(model: &Model, data: &Dataset<'_>, opts: &Options, ekfac: bool) -> Result<Self> {
+    pub fn fit(
+        net: &Network64<'_>,
+        data: &Dataset<'_>,
+        opts: &Options,
+        ekfac: bool,
+    ) -> Result<Self> {
+        let model = net.model;
         if ekfac {
             opts.validate_ekfac()?;
         } else {
             opts.validate()?;
         }
-        if data.num_data == 0 || data.x.len() % data.num_data != 0 {
+        if data.num_data == 0 || !data.x.len().is_multiple_of(data.num_data) {
             return Err(Error::Options(format!(
                 "the data set must hold at least one example of equal size (N = {}, {} input \
                  values)",
@@ -347,7 +401,6 @@ impl CpuCurvature {
             )));
         }
         let layout = ParamLayout::from_options(model, opts)?;
-        let net = Network::new(model);
         let n = data.num_data as f64;
         let batches = data.batches(opts.batch_size);
 
@@ -363,8 +416,12 @@ impl CpuCurvature {
             .iter()
             .enumerate()
             .map(|(li, cl)| {
-                cl.needs_input_factor(&layout)
-                    .then(|| Mat::zeros(cl.d_in + usize::from(joint(li)), cl.d_in + usize::from(joint(li))))
+                cl.needs_input_factor(&layout).then(|| {
+                    Mat::zeros(
+                        cl.d_in + usize::from(joint(li)),
+                        cl.d_in + usize::from(joint(li)),
+                    )
+                })
             })
             .collect();
         let mut g_acc: Vec<Mat<f64>> = layout
@@ -374,7 +431,7 @@ impl CpuCurvature {
             .collect();
 
         for &(start, end) in &batches {
-            let io = batch_io(&net, &layout, opts, data, start, end)?;
+            let io = batch_io(net, &layout, opts, data, start, end)?;
             let b = end - start;
             let kappa = io.vectors.kappa;
             for (li, cl) in layout.layers.iter().enumerate() {
@@ -394,7 +451,9 @@ impl CpuCurvature {
                         KfacApprox::Reduce => {
                             for ex in lio.patches.chunks_exact(s * cl.d_in) {
                                 let mean: Vec<f64> = (0..cl.d_in)
-                                    .map(|j| (0..s).map(|p| ex[p * cl.d_in + j]).sum::<f64>() / s as f64)
+                                    .map(|j| {
+                                        (0..s).map(|p| ex[p * cl.d_in + j]).sum::<f64>() / s as f64
+                                    })
                                     .collect();
                                 let r = augmented(&mean, joint(li));
                                 add_outer(&mut batch_a, &r, &r, 1.0);
@@ -439,7 +498,10 @@ impl CpuCurvature {
                 .iter()
                 .position(|cl| cl.layer == block.layer)
                 .expect("every block belongs to a layer");
-            let a = block.has_input_factor().then(|| a_acc[li].clone()).flatten();
+            let a = block
+                .has_input_factor()
+                .then(|| a_acc[li].clone())
+                .flatten();
             let g = g_acc[li].clone();
             blocks.push(BlockFactors {
                 a_eigen: a.as_ref().map(eigh).transpose()?,
@@ -456,14 +518,24 @@ impl CpuCurvature {
             blocks,
         };
         if ekfac {
-            fitted.correct(&net, data, &batches)?;
+            fitted.correct(net, data, &batches)?;
         }
         Ok(fitted)
     }
 
     /// The eigenvalue-correction pass (SPEC §4.3), per example and explicitly.
-    fn correct(&mut self, net: &Network<'_>, data: &Dataset<'_>, batches: &[(usize, usize)]) -> Result<()> {
-        let mut lambda: Vec<Vec<f64>> = self.layout.blocks.iter().map(|b| vec![0.0; b.len()]).collect();
+    fn correct(
+        &mut self,
+        net: &Network64<'_>,
+        data: &Dataset<'_>,
+        batches: &[(usize, usize)],
+    ) -> Result<()> {
+        let mut lambda: Vec<Vec<f64>> = self
+            .layout
+            .blocks
+            .iter()
+            .map(|b| vec![0.0; b.len()])
+            .collect();
         for &(start, end) in batches {
             let io = batch_io(net, &self.layout, &self.options, data, start, end)?;
             let b = end - start;
@@ -511,9 +583,10 @@ impl CpuCurvature {
     }
 
     fn corrected(&self, b: usize) -> Result<&[f64]> {
-        self.blocks[b].corrected.as_deref().ok_or_else(|| {
-            Error::Options("EKFAC was not fitted (no eigenvalue correction)".into())
-        })
+        self.blocks[b]
+            .corrected
+            .as_deref()
+            .ok_or_else(|| Error::Options("EKFAC was not fitted (no eigenvalue correction)".into()))
     }
 
     /// Applies `f` to each block's `[d_out, D]` matrix of every column of `x [P, K]`.
@@ -535,7 +608,10 @@ impl CpuCurvature {
             let v = self.layout.gather(bi, x, k);
             let mut y = Vec::with_capacity(v.len());
             for col in v.chunks_exact(block.len()) {
-                y.extend(rows_of(&f(bi, mat_from_rows(block.d_out, block.d_in, col))?));
+                y.extend(rows_of(&f(
+                    bi,
+                    mat_from_rows(block.d_out, block.d_in, col),
+                )?));
             }
             self.layout.scatter(bi, &y, &mut out, k);
         }
@@ -594,7 +670,8 @@ impl CpuCurvature {
             .zip(&self.blocks)
             .find_map(|(b, f)| (b.layer == layer).then_some(f.a.as_ref()).flatten());
         let g = &self.blocks[bi].g;
-        let mean_diag = |m: &Mat<f64>| (0..m.nrows()).map(|i| m[(i, i)]).sum::<f64>() / m.nrows() as f64;
+        let mean_diag =
+            |m: &Mat<f64>| (0..m.nrows()).map(|i| m[(i, i)]).sum::<f64>() / m.nrows() as f64;
         match module_a {
             Some(a) if mean_diag(a) >= 0.0 && mean_diag(g) > 0.0 => {
                 let pi = (mean_diag(a) / mean_diag(g)).sqrt();
@@ -646,9 +723,12 @@ impl CpuCurvature {
                     };
                     let left = cholesky_solve(&shifted(&f.g, dg), &v)?;
                     match &f.a {
-                        Some(a) => Ok(cholesky_solve(&shifted(a, da), &left.transpose().to_owned())?
-                            .transpose()
-                            .to_owned()),
+                        Some(a) => Ok(cholesky_solve(
+                            &shifted(a, da),
+                            &left.transpose().to_owned(),
+                        )?
+                        .transpose()
+                        .to_owned()),
                         None => Ok(left),
                     }
                 }
@@ -700,10 +780,14 @@ fn cholesky_solve(m: &Mat<f64>, rhs: &Mat<f64>) -> Result<Mat<f64>> {
 /// with the same samples (mc) or the empirical Fisher (empirical), dense `[P, P]`
 /// row-major in model order, from per-example gradients `J_nᵀ u_{n,v}` with
 /// `u = √κ·V` (batches of one example). Entries between different blocks are zero.
-pub fn exact_block_diagonal(model: &Model, data: &Dataset<'_>, opts: &Options) -> Result<Vec<f64>> {
+pub fn exact_block_diagonal(
+    net: &Network64<'_>,
+    data: &Dataset<'_>,
+    opts: &Options,
+) -> Result<Vec<f64>> {
     opts.validate_ekfac()?;
+    let model = net.model;
     let layout = ParamLayout::from_options(model, opts)?;
-    let net = Network::new(model);
     let p = layout.num_params;
     let mut block_of = vec![0usize; p];
     for (bi, block) in layout.blocks.iter().enumerate() {
@@ -715,7 +799,7 @@ pub fn exact_block_diagonal(model: &Model, data: &Dataset<'_>, opts: &Options) -
     }
     let mut m = vec![0.0; p * p];
     for n in 0..data.num_data {
-        let io = batch_io(&net, &layout, opts, data, n, n + 1)?;
+        let io = batch_io(net, &layout, opts, data, n, n + 1)?;
         let kappa = io.vectors.kappa;
         for v in 0..io.vectors.num_vectors {
             let mut grad = vec![0.0; p];
@@ -726,18 +810,14 @@ pub fn exact_block_diagonal(model: &Model, data: &Dataset<'_>, opts: &Options) -
                 let geo = conv_geometry(model, cl.layer, 1, &net.shapes[cl.layer]);
                 for param in layout.params.iter().filter(|q| q.layer == cl.layer) {
                     let values = match (param.kind, &geo) {
-                        (crate::curvature::layout::ParamKind::Weight, None) => {
+                        (ParamKind::Weight, None) => {
                             ops::linear_backward_weight(g, &lio.input, 1, cl.d_in, cl.d_out)
                         }
-                        (crate::curvature::layout::ParamKind::Weight, Some(geo)) => {
+                        (ParamKind::Weight, Some(geo)) => {
                             ops::conv2d_backward_weight(g, &lio.input, geo)
                         }
-                        (crate::curvature::layout::ParamKind::Bias, None) => {
-                            ops::linear_backward_bias(g, 1, cl.d_out)
-                        }
-                        (crate::curvature::layout::ParamKind::Bias, Some(geo)) => {
-                            ops::conv2d_backward_bias(g, geo)
-                        }
+                        (ParamKind::Bias, None) => ops::linear_backward_bias(g, 1, cl.d_out),
+                        (ParamKind::Bias, Some(geo)) => ops::conv2d_backward_bias(g, geo),
                     };
                     grad[param.offset..param.offset + values.len()].copy_from_slice(&values);
                 }

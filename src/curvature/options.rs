@@ -252,7 +252,12 @@ mod tests {
             ..Options::default()
         };
         assert!(o.validate().is_ok());
-        assert!(o.validate_ekfac().unwrap_err().to_string().contains("forward-only"));
+        assert!(
+            o.validate_ekfac()
+                .unwrap_err()
+                .to_string()
+                .contains("forward-only")
+        );
         let o = Options {
             batch_size: 0,
             ..Options::default()
