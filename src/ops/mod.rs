@@ -1,10 +1,12 @@
 //! One typed wrapper per kernel family of `shaders/`.
 
 pub mod activation;
+pub mod gemm;
 
 use crate::gpu::Shader;
 
 pub(crate) static ACTIVATION: Shader = crate::shader!("activation");
+pub(crate) static GEMM: Shader = crate::shader!("gemm");
 
 /// Every WGSL file of the crate.
-pub(crate) static SHADERS: &[&Shader] = &[&ACTIVATION];
+pub(crate) static SHADERS: &[&Shader] = &[&ACTIVATION, &GEMM];
