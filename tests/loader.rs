@@ -553,10 +553,10 @@ fn bad_data_is_rejected() {
     let x = ("x", Dtype::F32, vec![5, 2, 3], f32_bytes(30, 0.1));
     let y = ("y", Dtype::I64, vec![5], i64_bytes(&[0, 1, 2, 3, 0]));
     assert_mentions(
-        &load(&[y.clone()]),
+        &load(std::slice::from_ref(&y)),
         &["bad.safetensors", "missing key \"x\""],
     );
-    assert_mentions(&load(&[x.clone()]), &["missing key \"y\""]);
+    assert_mentions(&load(std::slice::from_ref(&x)), &["missing key \"y\""]);
     let mut extra = vec![x.clone(), y.clone()];
     extra.push(("w", Dtype::F32, vec![1], f32_bytes(1, 1.0)));
     assert_mentions(&load(&extra), &["unexpected key \"w\""]);
