@@ -1,10 +1,12 @@
 //! One typed wrapper per kernel family of `shaders/`.
 
 pub mod activation;
+pub mod pool;
 
 use crate::gpu::Shader;
 
 pub(crate) static ACTIVATION: Shader = crate::shader!("activation");
+pub(crate) static POOL: Shader = crate::shader!("pool");
 
 /// Every WGSL file of the crate.
-pub(crate) static SHADERS: &[&Shader] = &[&ACTIVATION];
+pub(crate) static SHADERS: &[&Shader] = &[&ACTIVATION, &POOL];
