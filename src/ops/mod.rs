@@ -1,12 +1,14 @@
 //! One typed wrapper per kernel family of `shaders/`.
 
 pub mod activation;
+pub mod gemm;
 pub mod pool;
 
 use crate::gpu::Shader;
 
 pub(crate) static ACTIVATION: Shader = crate::shader!("activation");
+pub(crate) static GEMM: Shader = crate::shader!("gemm");
 pub(crate) static POOL: Shader = crate::shader!("pool");
 
 /// Every WGSL file of the crate.
-pub(crate) static SHADERS: &[&Shader] = &[&ACTIVATION, &POOL];
+pub(crate) static SHADERS: &[&Shader] = &[&ACTIVATION, &GEMM, &POOL];
