@@ -7,6 +7,7 @@ pub mod gemm;
 pub mod im2col;
 pub mod linear;
 pub mod pool;
+pub mod reduce;
 
 use crate::gpu::Shader;
 
@@ -15,6 +16,7 @@ pub(crate) static CONV: Shader = crate::shader!("conv");
 pub(crate) static GEMM: Shader = crate::shader!("gemm");
 pub(crate) static IM2COL: Shader = crate::shader!("im2col");
 pub(crate) static POOL: Shader = crate::shader!("pool");
+pub(crate) static REDUCE: Shader = crate::shader!("reduce");
 
 /// Every WGSL file of the crate.
-pub(crate) static SHADERS: &[&Shader] = &[&ACTIVATION, &CONV, &GEMM, &IM2COL, &POOL];
+pub(crate) static SHADERS: &[&Shader] = &[&ACTIVATION, &CONV, &GEMM, &IM2COL, &POOL, &REDUCE];
