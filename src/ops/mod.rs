@@ -6,6 +6,7 @@ pub mod conv;
 pub mod gemm;
 pub mod im2col;
 pub mod linear;
+pub mod loss;
 pub mod pool;
 pub mod reduce;
 
@@ -15,8 +16,10 @@ pub(crate) static ACTIVATION: Shader = crate::shader!("activation");
 pub(crate) static CONV: Shader = crate::shader!("conv");
 pub(crate) static GEMM: Shader = crate::shader!("gemm");
 pub(crate) static IM2COL: Shader = crate::shader!("im2col");
+pub(crate) static LOSS: Shader = crate::shader!("loss");
 pub(crate) static POOL: Shader = crate::shader!("pool");
 pub(crate) static REDUCE: Shader = crate::shader!("reduce");
 
 /// Every WGSL file of the crate.
-pub(crate) static SHADERS: &[&Shader] = &[&ACTIVATION, &CONV, &GEMM, &IM2COL, &POOL, &REDUCE];
+pub(crate) static SHADERS: &[&Shader] =
+    &[&ACTIVATION, &CONV, &GEMM, &IM2COL, &LOSS, &POOL, &REDUCE];
