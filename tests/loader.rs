@@ -125,6 +125,46 @@ fn unknown_and_unsupported_keys_are_rejected() {
 }
 
 #[test]
+fn pytorch_options_at_supported_values_are_accepted() {
+    let spec = parse(&spec_text(
+        "[2, 7, 6]",
+        r#"{"type": "conv2d", "in_channels": 2, "out_channels": 2, "kernel_size": [3, 2],
+            "dilation": [1, 2], "padding": "same", "padding_mode": "zeros"},
+           {"type": "relu", "inplace": true},
+           {"type": "max_pool2d", "kernel_size": 2, "ceil_mode": false, "dilation": 1,
+            "return_indices": false},
+           {"type": "avg_pool2d", "kernel_size": 1, "count_include_pad": true,
+            "divisor_override": null},
+           {"type": "conv2d", "in_channels": 2, "out_channels": 2, "kernel_size": 2,
+            "padding": "valid"},
+           {"type": "flatten", "start_dim": 1, "end_dim": -1}"#,
+    ))
+    .unwrap();
+    let Layer::Conv2d(c) = &spec.layers[0] else {
+        panic!()
+    };
+    assert_eq!(c.padding, [1, 1]);
+    assert_eq!(spec.shapes().unwrap()[1], vec![2, 7, 6]);
+    let msg = err_text(parse(&spec_text(
+        "[2, 7, 6]",
+        r#"{"type": "conv2d", "in_channels": 2, "out_channels": 2, "kernel_size": 2,
+            "padding": "same"}"#,
+    )));
+    assert_mentions(&msg, &["padding = \"same\"", "asymmetric", "unsupported"]);
+    let msg = err_text(parse(&spec_text(
+        "[2, 7, 6]",
+        r#"{"type": "conv2d", "in_channels": 2, "out_channels": 2, "kernel_size": 2,
+            "padding_mode": "reflect"}"#,
+    )));
+    assert_mentions(&msg, &["padding_mode", "unsupported"]);
+    let msg = err_text(parse(&spec_text(
+        "[4, 4]",
+        r#"{"type": "flatten", "start_dim": 0}"#,
+    )));
+    assert_mentions(&msg, &["layers[0] (flatten)", "start_dim", "unsupported"]);
+}
+
+#[test]
 fn unknown_layer_type_is_rejected() {
     let msg = err_text(parse(&spec_text("[4]", r#"{"type": "batch_norm"}"#)));
     assert_mentions(&msg, &["layers[0]", "unknown layer type \"batch_norm\""]);
