@@ -1,0 +1,96 @@
+//! Every WGSL file parses and validates with naga under the capabilities the crate
+//! requests (none beyond WebGPU's), and translates with naga's SPIR-V, MSL and HLSL
+//! back ends, so Vulkan, Metal and DX12 translation errors show up without those GPUs.
+//! No GPU needed.
+
+use naga::back::{hlsl, msl, spv};
+use naga::valid::{Capabilities, ValidationFlags, Validator};
+
+fn validate(name: &str, source: &str) -> (naga::Module, naga::valid::ModuleInfo) {
+    let module = naga::front::wgsl::parse_str(source)
+        .unwrap_or_else(|e| panic!("shaders/{name}.wgsl: {}", e.emit_to_string(source)));
+    let info = Validator::new(ValidationFlags::all(), Capabilities::empty())
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("shaders/{name}.wgsl: {}", e.emit_to_string(source)));
+    (module, info)
+}
+
+#[test]
+fn every_shader_validates_and_translates() {
+    let shaders = ekfac::gpu::all_shaders();
+    assert!(!shaders.is_empty());
+    for shader in shaders {
+        let (module, info) = validate(shader.name, shader.source);
+        // Overrides keep their defaults, as when the crate creates a pipeline without
+        // constants; every override must therefore have one.
+        let (module, info) = naga::back::pipeline_constants::process_overrides(
+            &module,
+            &info,
+            None,
+            &Default::default(),
+        )
+        .unwrap_or_else(|e| panic!("shaders/{}.wgsl: overrides: {e}", shader.name));
+        assert!(
+            module
+                .entry_points
+                .iter()
+                .all(|ep| ep.stage == naga::ShaderStage::Compute),
+            "shaders/{}.wgsl: only compute entry points are expected",
+            shader.name
+        );
+        for ep in &module.entry_points {
+            let spv_options = spv::PipelineOptions {
+                shader_stage: naga::ShaderStage::Compute,
+                entry_point: ep.name.clone(),
+            };
+            spv::write_vec(&module, &info, &spv::Options::default(), Some(&spv_options))
+                .unwrap_or_else(|e| {
+                    panic!("shaders/{}.wgsl {}: SPIR-V: {e}", shader.name, ep.name)
+                });
+        }
+        msl::write_string(
+            &module,
+            &info,
+            &msl::Options::default(),
+            &msl::PipelineOptions::default(),
+        )
+        .unwrap_or_else(|e| panic!("shaders/{}.wgsl: MSL: {e}", shader.name));
+        let mut hlsl_source = String::new();
+        let hlsl_options = hlsl::Options::default();
+        let pipeline_options = hlsl::PipelineOptions::default();
+        hlsl::Writer::new(&mut hlsl_source, &hlsl_options, &pipeline_options)
+            .write(&module, &info, None)
+            .unwrap_or_else(|e| panic!("shaders/{}.wgsl: HLSL: {e}", shader.name));
+    }
+}
+
+/// Many GPUs have neither 64-bit floats nor float atomics; the software driver has
+/// both, so only this check keeps them out.
+#[test]
+fn no_shader_uses_f64_or_float_atomics() {
+    for shader in ekfac::gpu::all_shaders() {
+        let (module, _) = validate(shader.name, shader.source);
+        for (_, ty) in module.types.iter() {
+            match &ty.inner {
+                naga::TypeInner::Scalar(s) | naga::TypeInner::Vector { scalar: s, .. } => {
+                    assert!(
+                        !(s.kind == naga::ScalarKind::Float && s.width == 8),
+                        "shaders/{}.wgsl uses f64",
+                        shader.name
+                    );
+                }
+                naga::TypeInner::Atomic(s) => assert!(
+                    s.kind != naga::ScalarKind::Float,
+                    "shaders/{}.wgsl uses a float atomic",
+                    shader.name
+                ),
+                _ => {}
+            }
+        }
+        assert!(
+            !shader.source.contains("enable "),
+            "shaders/{}.wgsl enables an extension",
+            shader.name
+        );
+    }
+}
