@@ -1,0 +1,59 @@
+//! Kernels of the eigenvalue correction and of products in the Kronecker eigenbasis
+//! (`shaders/eigencorrect.wgsl`).
+
+use crate::error::{Error, Result};
+use crate::gpu::{GpuTensor, Kernel, Recorder, grid_1d};
+
+/// Records `x[x_offset + i] *= m[m_offset + i mod period]` for `i < len`: one
+/// `[d_out, D]` eigenvalue matrix (`period = d_out·D`) applied elementwise to `K`
+/// stacked `[d_out, D]` matrices (`len = K·d_out·D`).
+pub fn scale_broadcast(
+    rec: &mut Recorder,
+    x: &GpuTensor,
+    x_offset: usize,
+    len: usize,
+    m: &GpuTensor,
+    m_offset: usize,
+    period: usize,
+) -> Result<()> {
+    if x_offset + len > x.len() || m_offset + period > m.len() || period == 0 {
+        return Err(Error::gpu(
+            "scale_broadcast",
+            format!(
+                "x[{x_offset}..+{len}] of {} or m[{m_offset}..+{period}] of {} out of range",
+                x.len(),
+                m.len()
+            ),
+        ));
+    }
+    rec.dispatch(
+        &Kernel::new(&super::EIGENCORRECT, "scale_broadcast"),
+        &[m],
+        &[x],
+        &[x_offset as u32, len as u32, m_offset as u32, period as u32],
+        grid_1d((len as u32).div_ceil(256)),
+    )
+}
+
+/// Records `sum[i] = Σ_v x[v, i]²` for `x` of shape `[V, ...]` with `sum.len()`
+/// elements per `v`: squared eigenbasis projections of the `V` backpropagated
+/// vectors, summed over `v` in order (deterministic, no atomics).
+pub fn square_sum_stack(rec: &mut Recorder, x: &GpuTensor, sum: &GpuTensor) -> Result<()> {
+    let len = sum.len();
+    if len == 0 || x.len() % len != 0 {
+        return Err(Error::gpu(
+            "square_sum_stack",
+            format!(
+                "x has {} elements, not a whole number of stacked copies of {len}",
+                x.len()
+            ),
+        ));
+    }
+    rec.dispatch(
+        &Kernel::new(&super::EIGENCORRECT, "square_sum_stack"),
+        &[x],
+        &[sum],
+        &[len as u32, (x.len() / len) as u32],
+        grid_1d((len as u32).div_ceil(256)),
+    )
+}
