@@ -5,9 +5,13 @@
 //! eigenvalues → operator. [`cpu`] holds the f64 reference of the same maths.
 
 pub mod cpu;
+pub mod curvature;
 pub mod error;
+pub mod geometry;
 pub mod gpu;
+pub mod loss;
 pub mod model;
 pub mod ops;
+pub mod rng;
 
 pub use error::{Error, Result};

@@ -1,1 +1,3 @@
 //! The f64 CPU reference of the crate's maths: the test oracle.
+
+pub mod ops;

@@ -1,0 +1,347 @@
+// Batched row-major f32 GEMM with register tiling:
+//
+//   C[b] = alpha * op(A[b]) * op(B[b]) + beta * C[b]      for b in 0..batch
+//
+// op(A) is M x K and op(B) is K x N. Without transposition A is stored M x K with row
+// length (leading dimension) lda >= K; with TRANS_A it is stored K x M with lda >= M.
+// Likewise B is stored K x N (ldb >= N) or, with TRANS_B, N x K (ldb >= K). C is M x N
+// with ldc >= N. Matrix b of each operand starts at element offset_x + b * stride_x of
+// its buffer (stride 0 broadcasts one matrix over the batch). With beta == 0, C is
+// overwritten and never read.
+//
+// Each workgroup computes one 64 x 64 tile of C (workgroup_id.x: column tile,
+// workgroup_id.y: row tile, workgroup_id.z: batch index). Its 256 invocations form a
+// 16 x 16 grid; each accumulates a 4 x 4 register tile. A and B are staged through
+// workgroup memory BK = 16 values of K at a time, k-major, so the inner loop reads one
+// vec4 of A and one vec4 of B per k and does 16 multiply-adds. The global loads of the
+// next K slice are issued before the current one is multiplied.
+//
+// Entry points gemm_<a><b>: 'v' loads the operand with vec4 reads, 's' with scalar
+// reads. The vec4 path needs the operand's row length (K for A, M for A^T, N for B,
+// K for B^T), its leading dimension, offset and batch stride all multiples of 4; the
+// host picks the entry point.
+
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    lda: u32,
+    ldb: u32,
+    ldc: u32,
+    offset_a: u32,
+    offset_b: u32,
+    offset_c: u32,
+    stride_a: u32,
+    stride_b: u32,
+    stride_c: u32,
+    alpha: f32,
+    beta: f32,
+}
+
+override TRANS_A: bool = false;
+override TRANS_B: bool = false;
+
+const TILE: u32 = 64u;
+const BK: u32 = 16u;
+// Row length of the staged tiles in vec4s: 16 for 64 values, plus one vec4 of padding
+// against bank conflicts when a tile is written column by column.
+const ROW4: u32 = 17u;
+
+// The same buffers seen as scalars and as vec4s; each entry point uses one view each.
+@group(0) @binding(0) var<storage, read> a_s: array<f32>;
+@group(0) @binding(0) var<storage, read> a_v: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> b_s: array<f32>;
+@group(0) @binding(1) var<storage, read> b_v: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> c: array<f32>;
+@group(0) @binding(3) var<uniform> p: Params;
+
+// a_tile[k * ROW4 + i / 4][i % 4] = op(A)[m0 + i, k0 + k]
+var<workgroup> a_tile: array<vec4<f32>, 272>;
+// b_tile[k * ROW4 + j / 4][j % 4] = op(B)[k0 + k, n0 + j]
+var<workgroup> b_tile: array<vec4<f32>, 272>;
+
+// Where this workgroup works: the first row and column of its C tile and the start of
+// matrix b in each buffer.
+struct Tile {
+    m0: u32,
+    n0: u32,
+    base_a: u32,
+    base_b: u32,
+    base_c: u32,
+}
+
+fn tile_of(wid: vec3<u32>) -> Tile {
+    return Tile(wid.y * TILE, wid.x * TILE, p.offset_a + wid.z * p.stride_a,
+                p.offset_b + wid.z * p.stride_b, p.offset_c + wid.z * p.stride_c);
+}
+
+// --- A: fetch four values of the K slice starting at k0 into registers, then store
+// them into a_tile. The scalar path gives invocation t the elements t + 256 e (e < 4)
+// of the slice, in the order of memory so that neighbouring invocations read
+// neighbouring addresses; the vec4 path gives it one aligned vec4.
+
+fn fetch_a_s(t: Tile, lid: u32, k0: u32) -> vec4<f32> {
+    var r = vec4<f32>(0.0);
+    for (var e = 0u; e < 4u; e++) {
+        let idx = lid + 256u * e;
+        var i: u32;
+        var kk: u32;
+        if (TRANS_A) {
+            kk = idx / TILE;
+            i = idx % TILE;
+        } else {
+            i = idx / BK;
+            kk = idx % BK;
+        }
+        let gm = t.m0 + i;
+        let gk = k0 + kk;
+        if (gm < p.m && gk < p.k) {
+            if (TRANS_A) {
+                r[e] = a_s[t.base_a + gk * p.lda + gm];
+            } else {
+                r[e] = a_s[t.base_a + gm * p.lda + gk];
+            }
+        }
+    }
+    return r;
+}
+
+fn put_a_s(lid: u32, r: vec4<f32>) {
+    for (var e = 0u; e < 4u; e++) {
+        let idx = lid + 256u * e;
+        if (TRANS_A) {
+            let kk = idx / TILE;
+            let i = idx % TILE;
+            a_tile[kk * ROW4 + i / 4u][i % 4u] = r[e];
+        } else {
+            let i = idx / BK;
+            let kk = idx % BK;
+            a_tile[kk * ROW4 + i / 4u][i % 4u] = r[e];
+        }
+    }
+}
+
+fn fetch_a_v(t: Tile, lid: u32, k0: u32) -> vec4<f32> {
+    if (TRANS_A) {
+        // Row k0 + lid / 16 of the stored K x M matrix, columns m0 + 4 (lid % 16) + 0..3.
+        let gk = k0 + lid / 16u;
+        let gm = t.m0 + 4u * (lid % 16u);
+        if (gk < p.k && gm < p.m) {
+            return a_v[(t.base_a + gk * p.lda + gm) / 4u];
+        }
+    } else {
+        // Row m0 + lid / 4 of the stored M x K matrix, columns k0 + 4 (lid % 4) + 0..3.
+        let gm = t.m0 + lid / 4u;
+        let gk = k0 + 4u * (lid % 4u);
+        if (gm < p.m && gk < p.k) {
+            return a_v[(t.base_a + gm * p.lda + gk) / 4u];
+        }
+    }
+    return vec4<f32>(0.0);
+}
+
+fn put_a_v(lid: u32, r: vec4<f32>) {
+    if (TRANS_A) {
+        a_tile[(lid / 16u) * ROW4 + lid % 16u] = r;
+    } else {
+        let i = lid / 4u;
+        let kk = 4u * (lid % 4u);
+        for (var e = 0u; e < 4u; e++) {
+            a_tile[(kk + e) * ROW4 + i / 4u][i % 4u] = r[e];
+        }
+    }
+}
+
+// --- B, the same way. Without TRANS_B the stored K x N matrix is read along N;
+// with TRANS_B the stored N x K matrix is read along K.
+
+fn fetch_b_s(t: Tile, lid: u32, k0: u32) -> vec4<f32> {
+    var r = vec4<f32>(0.0);
+    for (var e = 0u; e < 4u; e++) {
+        let idx = lid + 256u * e;
+        var j: u32;
+        var kk: u32;
+        if (TRANS_B) {
+            j = idx / BK;
+            kk = idx % BK;
+        } else {
+            kk = idx / TILE;
+            j = idx % TILE;
+        }
+        let gn = t.n0 + j;
+        let gk = k0 + kk;
+        if (gn < p.n && gk < p.k) {
+            if (TRANS_B) {
+                r[e] = b_s[t.base_b + gn * p.ldb + gk];
+            } else {
+                r[e] = b_s[t.base_b + gk * p.ldb + gn];
+            }
+        }
+    }
+    return r;
+}
+
+fn put_b_s(lid: u32, r: vec4<f32>) {
+    for (var e = 0u; e < 4u; e++) {
+        let idx = lid + 256u * e;
+        if (TRANS_B) {
+            let j = idx / BK;
+            let kk = idx % BK;
+            b_tile[kk * ROW4 + j / 4u][j % 4u] = r[e];
+        } else {
+            let kk = idx / TILE;
+            let j = idx % TILE;
+            b_tile[kk * ROW4 + j / 4u][j % 4u] = r[e];
+        }
+    }
+}
+
+fn fetch_b_v(t: Tile, lid: u32, k0: u32) -> vec4<f32> {
+    if (TRANS_B) {
+        let gn = t.n0 + lid / 4u;
+        let gk = k0 + 4u * (lid % 4u);
+        if (gn < p.n && gk < p.k) {
+            return b_v[(t.base_b + gn * p.ldb + gk) / 4u];
+        }
+    } else {
+        let gk = k0 + lid / 16u;
+        let gn = t.n0 + 4u * (lid % 16u);
+        if (gk < p.k && gn < p.n) {
+            return b_v[(t.base_b + gk * p.ldb + gn) / 4u];
+        }
+    }
+    return vec4<f32>(0.0);
+}
+
+fn put_b_v(lid: u32, r: vec4<f32>) {
+    if (TRANS_B) {
+        let j = lid / 4u;
+        let kk = 4u * (lid % 4u);
+        for (var e = 0u; e < 4u; e++) {
+            b_tile[(kk + e) * ROW4 + j / 4u][j % 4u] = r[e];
+        }
+    } else {
+        b_tile[(lid / 16u) * ROW4 + lid % 16u] = r;
+    }
+}
+
+// --- The shared part: multiply the staged slice into the register tile, and write
+// the register tile to C.
+
+// acc[r] holds row 4 (lid / 16) + r, columns 4 (lid % 16) + 0..3 of the C tile.
+fn multiply(lid: u32, acc: ptr<function, array<vec4<f32>, 4>>) {
+    let ty = lid / 16u;
+    let tx = lid % 16u;
+    for (var kk = 0u; kk < BK; kk++) {
+        let av = a_tile[kk * ROW4 + ty];
+        let bv = b_tile[kk * ROW4 + tx];
+        (*acc)[0] = fma(vec4<f32>(av.x), bv, (*acc)[0]);
+        (*acc)[1] = fma(vec4<f32>(av.y), bv, (*acc)[1]);
+        (*acc)[2] = fma(vec4<f32>(av.z), bv, (*acc)[2]);
+        (*acc)[3] = fma(vec4<f32>(av.w), bv, (*acc)[3]);
+    }
+}
+
+fn store(t: Tile, lid: u32, acc: array<vec4<f32>, 4>) {
+    let row = t.m0 + 4u * (lid / 16u);
+    let col = t.n0 + 4u * (lid % 16u);
+    for (var r = 0u; r < 4u; r++) {
+        let gm = row + r;
+        if (gm >= p.m) {
+            return;
+        }
+        for (var j = 0u; j < 4u; j++) {
+            let gn = col + j;
+            if (gn < p.n) {
+                let idx = t.base_c + gm * p.ldc + gn;
+                var v = p.alpha * acc[r][j];
+                if (p.beta != 0.0) {
+                    v = fma(p.beta, c[idx], v);
+                }
+                c[idx] = v;
+            }
+        }
+    }
+}
+
+// --- Entry points: the same loop with the four combinations of load paths.
+
+@compute @workgroup_size(256)
+fn gemm_ss(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let t = tile_of(wid);
+    var acc: array<vec4<f32>, 4>;
+    var ra = fetch_a_s(t, lid, 0u);
+    var rb = fetch_b_s(t, lid, 0u);
+    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+        put_a_s(lid, ra);
+        put_b_s(lid, rb);
+        workgroupBarrier();
+        if (k0 + BK < p.k) {
+            ra = fetch_a_s(t, lid, k0 + BK);
+            rb = fetch_b_s(t, lid, k0 + BK);
+        }
+        multiply(lid, &acc);
+        workgroupBarrier();
+    }
+    store(t, lid, acc);
+}
+
+@compute @workgroup_size(256)
+fn gemm_vs(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let t = tile_of(wid);
+    var acc: array<vec4<f32>, 4>;
+    var ra = fetch_a_v(t, lid, 0u);
+    var rb = fetch_b_s(t, lid, 0u);
+    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+        put_a_v(lid, ra);
+        put_b_s(lid, rb);
+        workgroupBarrier();
+        if (k0 + BK < p.k) {
+            ra = fetch_a_v(t, lid, k0 + BK);
+            rb = fetch_b_s(t, lid, k0 + BK);
+        }
+        multiply(lid, &acc);
+        workgroupBarrier();
+    }
+    store(t, lid, acc);
+}
+
+@compute @workgroup_size(256)
+fn gemm_sv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let t = tile_of(wid);
+    var acc: array<vec4<f32>, 4>;
+    var ra = fetch_a_s(t, lid, 0u);
+    var rb = fetch_b_v(t, lid, 0u);
+    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+        put_a_s(lid, ra);
+        put_b_v(lid, rb);
+        workgroupBarrier();
+        if (k0 + BK < p.k) {
+            ra = fetch_a_s(t, lid, k0 + BK);
+            rb = fetch_b_v(t, lid, k0 + BK);
+        }
+        multiply(lid, &acc);
+        workgroupBarrier();
+    }
+    store(t, lid, acc);
+}
+
+@compute @workgroup_size(256)
+fn gemm_vv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let t = tile_of(wid);
+    var acc: array<vec4<f32>, 4>;
+    var ra = fetch_a_v(t, lid, 0u);
+    var rb = fetch_b_v(t, lid, 0u);
+    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+        put_a_v(lid, ra);
+        put_b_v(lid, rb);
+        workgroupBarrier();
+        if (k0 + BK < p.k) {
+            ra = fetch_a_v(t, lid, k0 + BK);
+            rb = fetch_b_v(t, lid, k0 + BK);
+        }
+        multiply(lid, &acc);
+        workgroupBarrier();
+    }
+    store(t, lid, acc);
+}

@@ -1,0 +1,537 @@
+//! The loss side of KFAC in f64 (host reference; the GPU has `shaders/loss.wgsl`): loss
+//! values and the backpropagated output-space vectors `V [nv, B, C]` of one batch
+//! (SPEC §3.2) with their correction factor κ_b (§3.5).
+//!
+//! Outputs are 2-D `[B, C]` (one loss term per example, `R = 1`), so `M_b = B_b`.
+//! With `σ_b = 1` (sum) or `1/B_b` (mean) and `c_C = 1` (sum, and always for CE) or
+//! `1/C` (mean, MSE/BCE):
+//! - type-2 (`nv = C`): `V[c, n, :] = σ_b·S_n[:, c]` with `S_n S_nᵀ = c_C·∇²ℓ_n`;
+//!   MSE `S = √(2c_C)·I`, CE `S[:, c] = √p_c (e_c − p)`, BCE `S = diag(√(c_C p(1−p)))`.
+//! - empirical (`nv = 1`): the gradient of `γ·L_torch` with `γ = √C` for MSE/BCE mean:
+//!   MSE `2(f − y)σ'`, CE `(p − e_y)σ_b`, BCE `(σ(f) − y)σ'`, `σ' = 1` or `1/(B_b√C)`.
+//! - MC (`nv = mc`): the empirical vector with labels drawn by [`crate::rng::Philox`] at
+//!   global example index `batch_start + n`: MSE `ŷ = f + √0.5·ε`, CE categorical,
+//!   BCE Bernoulli.
+//! - κ_b = `1/mc` (sum) or `B_b²/(N·mc)` (mean).
+
+use crate::curvature::{FisherType, LossKind, Options, Reduction};
+use crate::error::{Error, Result};
+use crate::rng::Philox;
+
+/// The targets of one batch.
+#[derive(Clone, Copy, Debug)]
+pub enum Targets<'a> {
+    /// Class indices `[B]` (cross-entropy).
+    Classes(&'a [usize]),
+    /// Row-major `[B, C]` values (MSE, BCE).
+    Dense(&'a [f64]),
+}
+
+/// The backpropagated vectors of one batch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchVectors {
+    /// `nv`: `C` (type-2), `mc` (MC), 1 (empirical), 0 (forward-only).
+    pub num_vectors: usize,
+    pub batch: usize,
+    pub outputs: usize,
+    /// Row-major `[nv, B, C]`.
+    pub values: Vec<f64>,
+    /// κ_b, the factor every outer product of these vectors is scaled with.
+    pub kappa: f64,
+}
+
+/// κ_b of SPEC §3.5 for `R = 1`: `1/mc` (sum) or `B_b²/(N·mc)` (mean).
+pub fn kappa(reduction: Reduction, batch: usize, num_data: usize, mc_samples: usize) -> f64 {
+    let mc = mc_samples as f64;
+    match reduction {
+        Reduction::Sum => 1.0 / mc,
+        Reduction::Mean => (batch as f64).powi(2) / (num_data as f64 * mc),
+    }
+}
+
+/// Row-wise softmax of `f` (numerically stable).
+pub fn softmax(f: &[f64]) -> Vec<f64> {
+    let max = f.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = f.iter().map(|&x| (x - max).exp()).collect();
+    let s: f64 = e.iter().sum();
+    e.into_iter().map(|x| x / s).collect()
+}
+
+/// The logistic function.
+pub fn sigmoid(x: f64) -> f64 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+/// Checks targets against the loss, the batch shape and the Fisher type: class indices
+/// below `C` for CE, `B·C` finite values for MSE/BCE, and values in {0, 1} for BCE with
+/// type-2 (as curvlinops 3.0.1).
+pub fn check_targets(
+    loss: LossKind,
+    fisher: FisherType,
+    targets: Targets<'_>,
+    batch: usize,
+    outputs: usize,
+) -> Result<()> {
+    match (loss, targets) {
+        (LossKind::CrossEntropy, Targets::Classes(y)) => {
+            if y.len() != batch {
+                return Err(Error::Options(format!(
+                    "cross_entropy: expected {batch} class indices, found {}",
+                    y.len()
+                )));
+            }
+            if let Some((n, &c)) = y.iter().enumerate().find(|&(_, &c)| c >= outputs) {
+                return Err(Error::Options(format!(
+                    "cross_entropy: label {c} of example {n} is out of range for {outputs} \
+                     classes"
+                )));
+            }
+        }
+        (LossKind::Mse | LossKind::BceWithLogits, Targets::Dense(y)) => {
+            if y.len() != batch * outputs {
+                return Err(Error::Options(format!(
+                    "{loss}: expected {batch}×{outputs} targets, found {}",
+                    y.len()
+                )));
+            }
+            if let Some(i) = y.iter().position(|v| !v.is_finite()) {
+                return Err(Error::Options(format!(
+                    "{loss}: target {i} is not finite ({})",
+                    y[i]
+                )));
+            }
+            if loss == LossKind::BceWithLogits
+                && fisher == FisherType::Type2
+                && let Some(i) = y.iter().position(|&v| v != 0.0 && v != 1.0)
+            {
+                return Err(Error::Options(format!(
+                    "bce_with_logits with fisher type 'type-2' needs binary targets \
+                     (0 or 1); target {i} is {}",
+                    y[i]
+                )));
+            }
+        }
+        (LossKind::CrossEntropy, Targets::Dense(_)) => {
+            return Err(Error::Options(
+                "cross_entropy needs class-index targets, found dense values".into(),
+            ));
+        }
+        (_, Targets::Classes(_)) => {
+            return Err(Error::Options(format!(
+                "{loss} needs dense [B, C] targets, found class indices"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// This batch's contribution to the objective `L` of SPEC §0: `Σ_n ℓ_n` (sum) or
+/// `Σ_n ℓ_n / (N·C')` (mean). `logits` is row-major `[B, C]`.
+pub fn loss_value(
+    loss: LossKind,
+    reduction: Reduction,
+    logits: &[f64],
+    targets: Targets<'_>,
+    outputs: usize,
+    num_data: usize,
+) -> Result<f64> {
+    let batch = logits.len() / outputs.max(1);
+    check_targets(loss, FisherType::Empirical, targets, batch, outputs)?;
+    let mut total = 0.0;
+    for (n, f) in logits.chunks_exact(outputs).enumerate() {
+        total += match (loss, targets) {
+            (LossKind::CrossEntropy, Targets::Classes(y)) => {
+                let max = f.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let lse = max + f.iter().map(|&x| (x - max).exp()).sum::<f64>().ln();
+                lse - f[y[n]]
+            }
+            (LossKind::Mse, Targets::Dense(y)) => f
+                .iter()
+                .zip(&y[n * outputs..(n + 1) * outputs])
+                .map(|(a, b)| (a - b).powi(2))
+                .sum(),
+            (LossKind::BceWithLogits, Targets::Dense(y)) => f
+                .iter()
+                .zip(&y[n * outputs..(n + 1) * outputs])
+                .map(|(&x, &t)| x.max(0.0) - x * t + (-x.abs()).exp().ln_1p())
+                .sum(),
+            _ => unreachable!("check_targets accepted the pairing"),
+        };
+    }
+    let c_prime = match loss {
+        LossKind::CrossEntropy => 1.0,
+        _ => outputs as f64,
+    };
+    Ok(match reduction {
+        Reduction::Sum => total,
+        Reduction::Mean => total / (num_data as f64 * c_prime),
+    })
+}
+
+/// Labels drawn for MC sample `m` of one batch (global example index `batch_start + n`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum SampledTargets {
+    Classes(Vec<usize>),
+    Dense(Vec<f64>),
+}
+
+impl SampledTargets {
+    pub fn as_targets(&self) -> Targets<'_> {
+        match self {
+            SampledTargets::Classes(y) => Targets::Classes(y),
+            SampledTargets::Dense(y) => Targets::Dense(y),
+        }
+    }
+}
+
+/// The labels of MC sample `m` for the batch `logits [B, C]` starting at global example
+/// `batch_start` (the [`crate::rng`] contract): MSE `f + √0.5·ε`, CE categorical of
+/// `softmax(f)`, BCE Bernoulli of `σ(f)`.
+pub fn sample_targets(
+    loss: LossKind,
+    logits: &[f64],
+    outputs: usize,
+    seed: u64,
+    batch_start: usize,
+    m: usize,
+) -> SampledTargets {
+    let rng = Philox::new(seed);
+    let m = m as u32;
+    let rows = logits.chunks_exact(outputs).enumerate();
+    match loss {
+        LossKind::CrossEntropy => SampledTargets::Classes(
+            rows.map(|(n, f)| rng.categorical((batch_start + n) as u32, m, &softmax(f)))
+                .collect(),
+        ),
+        LossKind::Mse => SampledTargets::Dense(
+            rows.flat_map(|(n, f)| {
+                f.iter().enumerate().map(move |(c, &x)| {
+                    x + 0.5f64.sqrt() * rng.gaussian((batch_start + n) as u32, m, c as u32)
+                })
+            })
+            .collect(),
+        ),
+        LossKind::BceWithLogits => SampledTargets::Dense(
+            rows.flat_map(|(n, f)| {
+                f.iter().enumerate().map(move |(c, &x)| {
+                    rng.bernoulli((batch_start + n) as u32, m, c as u32, sigmoid(x))
+                })
+            })
+            .collect(),
+        ),
+    }
+}
+
+/// `σ_b` (CE) or `σ'` (MSE/BCE) of the empirical gradient: 1 for sum, `1/B` (CE mean)
+/// or `1/(B√C)` (MSE/BCE mean).
+fn gradient_scale(loss: LossKind, reduction: Reduction, batch: usize, outputs: usize) -> f64 {
+    match (reduction, loss) {
+        (Reduction::Sum, _) => 1.0,
+        (Reduction::Mean, LossKind::CrossEntropy) => 1.0 / batch as f64,
+        (Reduction::Mean, _) => 1.0 / (batch as f64 * (outputs as f64).sqrt()),
+    }
+}
+
+/// The empirical vector `[B, C]` of one batch for the given (true or sampled) labels,
+/// appended to `out`.
+fn push_gradient(
+    loss: LossKind,
+    reduction: Reduction,
+    logits: &[f64],
+    targets: Targets<'_>,
+    outputs: usize,
+    out: &mut Vec<f64>,
+) {
+    let batch = logits.len() / outputs;
+    let s = gradient_scale(loss, reduction, batch, outputs);
+    for (n, f) in logits.chunks_exact(outputs).enumerate() {
+        match (loss, targets) {
+            (LossKind::CrossEntropy, Targets::Classes(y)) => {
+                let p = softmax(f);
+                out.extend(
+                    p.iter()
+                        .enumerate()
+                        .map(|(c, &pc)| (pc - f64::from(u8::from(c == y[n]))) * s),
+                );
+            }
+            (LossKind::Mse, Targets::Dense(y)) => out.extend(
+                f.iter()
+                    .zip(&y[n * outputs..(n + 1) * outputs])
+                    .map(|(&x, &t)| 2.0 * (x - t) * s),
+            ),
+            (LossKind::BceWithLogits, Targets::Dense(y)) => out.extend(
+                f.iter()
+                    .zip(&y[n * outputs..(n + 1) * outputs])
+                    .map(|(&x, &t)| (sigmoid(x) - t) * s),
+            ),
+            _ => unreachable!("check_targets accepted the pairing"),
+        }
+    }
+}
+
+/// The backpropagated vectors `[nv, B, C]` and κ_b of the batch `logits [B, C]` whose
+/// first example has global index `batch_start`, for a dataset of `num_data` examples.
+pub fn backprop_vectors(
+    opts: &Options,
+    logits: &[f64],
+    outputs: usize,
+    targets: Targets<'_>,
+    batch_start: usize,
+    num_data: usize,
+) -> Result<BatchVectors> {
+    if outputs == 0 || !logits.len().is_multiple_of(outputs) {
+        return Err(Error::Options(format!(
+            "logits of length {} do not form rows of {outputs} outputs",
+            logits.len()
+        )));
+    }
+    let batch = logits.len() / outputs;
+    check_targets(opts.loss, opts.fisher, targets, batch, outputs)?;
+    let nv = opts.num_vectors(outputs);
+    let mut values = Vec::with_capacity(nv * batch * outputs);
+    match opts.fisher {
+        FisherType::ForwardOnly => {}
+        FisherType::Empirical => push_gradient(
+            opts.loss,
+            opts.reduction,
+            logits,
+            targets,
+            outputs,
+            &mut values,
+        ),
+        FisherType::Mc => {
+            for m in 0..opts.mc_samples {
+                let y = sample_targets(opts.loss, logits, outputs, opts.seed, batch_start, m);
+                push_gradient(
+                    opts.loss,
+                    opts.reduction,
+                    logits,
+                    y.as_targets(),
+                    outputs,
+                    &mut values,
+                );
+            }
+        }
+        FisherType::Type2 => {
+            values.resize(nv * batch * outputs, 0.0);
+            let sigma_b = match opts.reduction {
+                Reduction::Sum => 1.0,
+                Reduction::Mean => 1.0 / batch as f64,
+            };
+            let c_c = match (opts.reduction, opts.loss) {
+                (Reduction::Mean, LossKind::Mse | LossKind::BceWithLogits) => 1.0 / outputs as f64,
+                _ => 1.0,
+            };
+            for (n, f) in logits.chunks_exact(outputs).enumerate() {
+                let at = |c: usize, i: usize| (c * batch + n) * outputs + i;
+                match opts.loss {
+                    LossKind::Mse => {
+                        let v = sigma_b * (2.0 * c_c).sqrt();
+                        for c in 0..outputs {
+                            values[at(c, c)] = v;
+                        }
+                    }
+                    LossKind::BceWithLogits => {
+                        for (c, &x) in f.iter().enumerate() {
+                            let p = sigmoid(x);
+                            values[at(c, c)] = sigma_b * (c_c * p * (1.0 - p)).sqrt();
+                        }
+                    }
+                    LossKind::CrossEntropy => {
+                        let p = softmax(f);
+                        for c in 0..outputs {
+                            let sp = p[c].sqrt();
+                            for i in 0..outputs {
+                                let e = f64::from(u8::from(i == c));
+                                values[at(c, i)] = sigma_b * sp * (e - p[i]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(BatchVectors {
+        num_vectors: nv,
+        batch,
+        outputs,
+        values,
+        kappa: kappa(opts.reduction, batch, num_data, opts.mc_samples),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(loss: LossKind, reduction: Reduction, fisher: FisherType) -> Options {
+        Options {
+            loss,
+            reduction,
+            fisher,
+            ..Options::default()
+        }
+    }
+
+    /// Σ_v V_v V_vᵀ of one row, scaled by κ, against the closed form of SPEC §3.6:
+    /// the loss Hessian / (N·C') for type-2.
+    #[test]
+    fn type2_vectors_square_to_the_hessian() {
+        let f = [0.3, -1.2, 0.7];
+        let (b, c, n_data) = (1, 3, 5);
+        for (loss, t) in [
+            (LossKind::Mse, Targets::Dense(&[0.0, 1.0, 0.0])),
+            (LossKind::BceWithLogits, Targets::Dense(&[0.0, 1.0, 1.0])),
+            (LossKind::CrossEntropy, Targets::Classes(&[2])),
+        ] {
+            for red in [Reduction::Sum, Reduction::Mean] {
+                let v = backprop_vectors(&opts(loss, red, FisherType::Type2), &f, c, t, 0, n_data)
+                    .unwrap();
+                assert_eq!((v.num_vectors, v.batch), (c, b));
+                let p = softmax(&f);
+                let hess = |i: usize, j: usize| -> f64 {
+                    let d = f64::from(u8::from(i == j));
+                    match loss {
+                        LossKind::Mse => 2.0 * d,
+                        LossKind::BceWithLogits => {
+                            let s = sigmoid(f[i]);
+                            d * s * (1.0 - s)
+                        }
+                        LossKind::CrossEntropy => d * p[i] - p[i] * p[j],
+                    }
+                };
+                let norm = match (red, loss) {
+                    (Reduction::Sum, _) => 1.0,
+                    (Reduction::Mean, LossKind::CrossEntropy) => 1.0 / n_data as f64,
+                    (Reduction::Mean, _) => 1.0 / (n_data * c) as f64,
+                };
+                for i in 0..c {
+                    for j in 0..c {
+                        let got: f64 = (0..c)
+                            .map(|k| v.values[k * c + i] * v.values[k * c + j])
+                            .sum::<f64>()
+                            * v.kappa;
+                        let want = hess(i, j) * norm;
+                        assert!((got - want).abs() < 1e-15, "{loss} {red}: {got} vs {want}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// E2: the √C rule for the empirical Fisher with MSE.
+    #[test]
+    fn e2_sqrt_c_rule() {
+        let f = [1.0, 2.0, 3.0];
+        let y = [0.0; 3];
+        for (red, scale) in [(Reduction::Sum, 4.0), (Reduction::Mean, 4.0 / 3.0)] {
+            let v = backprop_vectors(
+                &opts(LossKind::Mse, red, FisherType::Empirical),
+                &f,
+                3,
+                Targets::Dense(&y),
+                0,
+                1,
+            )
+            .unwrap();
+            for i in 0..3 {
+                for j in 0..3 {
+                    let got = v.kappa * v.values[i] * v.values[j];
+                    let want = scale * f[i] * f[j];
+                    assert!((got - want).abs() < 1e-14, "{red}: {got} vs {want}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bce_type2_needs_binary_targets() {
+        let o = opts(LossKind::BceWithLogits, Reduction::Mean, FisherType::Type2);
+        let err = backprop_vectors(&o, &[0.1, 0.2], 2, Targets::Dense(&[0.5, 1.0]), 0, 1)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("binary"), "{err}");
+        let o = Options {
+            fisher: FisherType::Empirical,
+            ..o
+        };
+        assert!(backprop_vectors(&o, &[0.1, 0.2], 2, Targets::Dense(&[0.5, 1.0]), 0, 1).is_ok());
+    }
+
+    #[test]
+    fn labels_out_of_range_are_errors() {
+        let o = opts(
+            LossKind::CrossEntropy,
+            Reduction::Sum,
+            FisherType::Empirical,
+        );
+        let err = backprop_vectors(&o, &[0.1, 0.2], 2, Targets::Classes(&[2]), 0, 1)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("out of range"), "{err}");
+    }
+
+    /// Samples are a function of the global example index only: splitting a batch gives
+    /// the same vectors.
+    #[test]
+    fn mc_samples_do_not_depend_on_batching() {
+        let logits: Vec<f64> = (0..12).map(|i| (i as f64 * 0.37).sin()).collect();
+        for loss in [
+            LossKind::Mse,
+            LossKind::CrossEntropy,
+            LossKind::BceWithLogits,
+        ] {
+            let o = Options {
+                mc_samples: 3,
+                ..opts(loss, Reduction::Sum, FisherType::Mc)
+            };
+            let whole = (0..3).map(|m| sample_targets(loss, &logits, 3, o.seed, 10, m));
+            for (m, w) in whole.enumerate() {
+                let a = sample_targets(loss, &logits[..6], 3, o.seed, 10, m);
+                let b = sample_targets(loss, &logits[6..], 3, o.seed, 12, m);
+                let joined = match (a, b) {
+                    (SampledTargets::Classes(mut a), SampledTargets::Classes(b)) => {
+                        a.extend(b);
+                        SampledTargets::Classes(a)
+                    }
+                    (SampledTargets::Dense(mut a), SampledTargets::Dense(b)) => {
+                        a.extend(b);
+                        SampledTargets::Dense(a)
+                    }
+                    _ => unreachable!(),
+                };
+                assert_eq!(joined, w);
+            }
+        }
+    }
+
+    #[test]
+    fn loss_values() {
+        let f = [0.0, 2f64.ln(), 3f64.ln()];
+        let l = loss_value(
+            LossKind::CrossEntropy,
+            Reduction::Mean,
+            &f,
+            Targets::Classes(&[2]),
+            3,
+            2,
+        )
+        .unwrap();
+        assert!((l - (-(0.5f64).ln() / 2.0)).abs() < 1e-15);
+        let l = loss_value(
+            LossKind::BceWithLogits,
+            Reduction::Sum,
+            &[0.0, 0.0],
+            Targets::Dense(&[1.0, 0.0]),
+            2,
+            1,
+        )
+        .unwrap();
+        assert!((l - 2.0 * 2f64.ln()).abs() < 1e-15);
+    }
+}

@@ -1,0 +1,310 @@
+//! Batched row-major f32 GEMM: `C = α·op(A)·op(B) + β·C` (`shaders/gemm.wgsl`).
+//!
+//! `op(A)` is `m × k` and `op(B)` is `k × n`. Without transposition A is stored
+//! `m × k` (row length `lda ≥ k`); transposed it is stored `k × m` (`lda ≥ m`).
+//! B is stored `k × n` (`ldb ≥ n`) or transposed `n × k` (`ldb ≥ k`). C is `m × n`
+//! (`ldc ≥ n`). Matrix `b` of a batch starts at element `offset + b·stride` of its
+//! tensor, so a caller can address a sub-matrix or a chunk of a larger tensor without
+//! copying; a batch stride of 0 broadcasts one matrix over the batch.
+
+use crate::error::{Error, Result};
+use crate::gpu::{GpuContext, GpuTensor, Kernel, Recorder};
+
+/// Rows and columns of C one workgroup computes.
+const TILE: usize = 64;
+/// WebGPU's default limit of workgroups per grid dimension; larger problems are split.
+const MAX_GROUPS: usize = 65535;
+
+/// One (batched) GEMM `C[b] = α·op(A[b])·op(B[b]) + β·C[b]`, in elements of the
+/// tensors' flat row-major storage. Build it with [`Gemm::new`] (packed matrices,
+/// `α = 1`, `β = 0`, batch 1) and adjust fields or use the builder methods.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gemm {
+    /// Rows of `op(A)` and of C.
+    pub m: usize,
+    /// Columns of `op(B)` and of C.
+    pub n: usize,
+    /// Columns of `op(A)`, rows of `op(B)`.
+    pub k: usize,
+    /// `op(A) = Aᵀ`: A is stored `k × m`.
+    pub trans_a: bool,
+    /// `op(B) = Bᵀ`: B is stored `n × k`.
+    pub trans_b: bool,
+    pub alpha: f32,
+    /// 0 overwrites C without reading it (C may hold garbage, NaN included).
+    pub beta: f32,
+    /// Number of matrix products.
+    pub batch: usize,
+    /// Elements between consecutive matrices of A; 0 broadcasts one A.
+    pub stride_a: usize,
+    /// Elements between consecutive matrices of B; 0 broadcasts one B.
+    pub stride_b: usize,
+    /// Elements between consecutive matrices of C.
+    pub stride_c: usize,
+    /// Element index of `A[0][0, 0]` in its tensor.
+    pub offset_a: usize,
+    pub offset_b: usize,
+    pub offset_c: usize,
+    /// Row length of A as stored (`≥ k`, or `≥ m` when transposed).
+    pub lda: usize,
+    /// Row length of B as stored (`≥ n`, or `≥ k` when transposed).
+    pub ldb: usize,
+    /// Row length of C (`≥ n`).
+    pub ldc: usize,
+}
+
+impl Gemm {
+    /// `C = op(A)·op(B)` for packed row-major matrices: one product, no offsets,
+    /// `α = 1`, `β = 0`.
+    pub fn new(m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Self {
+        Self {
+            m,
+            n,
+            k,
+            trans_a,
+            trans_b,
+            alpha: 1.0,
+            beta: 0.0,
+            batch: 1,
+            stride_a: m * k,
+            stride_b: k * n,
+            stride_c: m * n,
+            offset_a: 0,
+            offset_b: 0,
+            offset_c: 0,
+            lda: if trans_a { m } else { k },
+            ldb: if trans_b { k } else { n },
+            ldc: n,
+        }
+    }
+
+    /// `batch` products of consecutive packed matrices (strides `m·k`, `k·n`, `m·n`).
+    pub fn batched(mut self, batch: usize) -> Self {
+        self.batch = batch;
+        self.stride_a = self.m * self.k;
+        self.stride_b = self.k * self.n;
+        self.stride_c = self.m * self.n;
+        self
+    }
+
+    /// Sets `α` and `β`.
+    pub fn scaled(mut self, alpha: f32, beta: f32) -> Self {
+        self.alpha = alpha;
+        self.beta = beta;
+        self
+    }
+
+    /// Multiply-adds of the whole product (`batch·m·n·k`).
+    pub fn flops(&self) -> f64 {
+        2.0 * self.batch as f64 * self.m as f64 * self.n as f64 * self.k as f64
+    }
+
+    /// Stored shape (rows, columns) of A, B and C.
+    fn stored(&self) -> [(usize, usize); 3] {
+        let a = if self.trans_a {
+            (self.k, self.m)
+        } else {
+            (self.m, self.k)
+        };
+        let b = if self.trans_b {
+            (self.n, self.k)
+        } else {
+            (self.k, self.n)
+        };
+        [a, b, (self.m, self.n)]
+    }
+
+    /// Checks leading dimensions and that every element addressed lies inside the
+    /// tensors, and that every index fits the kernel's 32-bit arithmetic.
+    fn validate(&self, a: &GpuTensor, b: &GpuTensor, c: &GpuTensor) -> Result<()> {
+        let fail = |msg: String| Err(Error::gpu("gemm", msg));
+        if std::ptr::eq(a, c) || std::ptr::eq(b, c) {
+            return fail("C must not be the same tensor as A or B".into());
+        }
+        let operands = [
+            ("A", a, self.lda, self.offset_a, self.stride_a),
+            ("B", b, self.ldb, self.offset_b, self.stride_b),
+            ("C", c, self.ldc, self.offset_c, self.stride_c),
+        ];
+        for ((name, t, ld, offset, stride), (rows, cols)) in operands.into_iter().zip(self.stored())
+        {
+            if ld < cols {
+                return fail(format!(
+                    "{name} is stored {rows}×{cols} but its leading dimension is {ld} < {cols} \
+                     ({self:?})"
+                ));
+            }
+            if rows == 0 || cols == 0 {
+                continue;
+            }
+            let last = offset as u128
+                + (self.batch - 1) as u128 * stride as u128
+                + (rows - 1) as u128 * ld as u128
+                + cols as u128
+                - 1;
+            if last >= t.len() as u128 {
+                return fail(format!(
+                    "{name} needs elements up to index {last}, but its tensor {:?} has {} \
+                     ({self:?})",
+                    t.shape(),
+                    t.len()
+                ));
+            }
+            if last > u32::MAX as u128 || ld > u32::MAX as usize || stride > u32::MAX as usize {
+                return fail(format!(
+                    "{name} spans {} elements, beyond the kernel's 32-bit indices",
+                    last + 1
+                ));
+            }
+        }
+        if self.batch > 1 && self.stride_c < (self.m - 1) * self.ldc + self.n {
+            return fail(format!(
+                "the {} matrices of C overlap: stride_c {} < {} ({self:?})",
+                self.batch,
+                self.stride_c,
+                (self.m - 1) * self.ldc + self.n
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether an operand stored with rows of `cols` values can be loaded as vec4s.
+    fn vec4_ok(&self, cols: usize, ld: usize, offset: usize, stride: usize) -> bool {
+        cols.is_multiple_of(4)
+            && ld.is_multiple_of(4)
+            && offset.is_multiple_of(4)
+            && (self.batch == 1 || stride.is_multiple_of(4))
+    }
+}
+
+/// Records `C = α·op(A)·op(B) + β·C` as described by `g`. Returns an error, and records
+/// nothing, if a matrix would reach outside its tensor or C aliases A or B. Problems
+/// whose grid would exceed 65535 workgroups in a dimension are split into several
+/// dispatches.
+pub fn gemm(
+    rec: &mut Recorder,
+    g: &Gemm,
+    a: &GpuTensor,
+    b: &GpuTensor,
+    c: &GpuTensor,
+) -> Result<()> {
+    if g.m == 0 || g.n == 0 || g.batch == 0 {
+        return Ok(());
+    }
+    g.validate(a, b, c)?;
+    let [(_, a_cols), (_, b_cols), _] = g.stored();
+    let vec_a = g.vec4_ok(a_cols, g.lda, g.offset_a, g.stride_a);
+    let vec_b = g.vec4_ok(b_cols, g.ldb, g.offset_b, g.stride_b);
+    let entry = match (vec_a, vec_b) {
+        (true, true) => "gemm_vv",
+        (true, false) => "gemm_vs",
+        (false, true) => "gemm_sv",
+        (false, false) => "gemm_ss",
+    };
+    let kernel = Kernel::new(&super::GEMM, entry)
+        .with("TRANS_A", f64::from(u8::from(g.trans_a)))
+        .with("TRANS_B", f64::from(u8::from(g.trans_b)));
+    // Element steps of A, B and C per row of C and per column of C.
+    let a_row = if g.trans_a { 1 } else { g.lda };
+    let b_col = if g.trans_b { g.ldb } else { 1 };
+    let rows_per_chunk = MAX_GROUPS * TILE;
+    for b0 in (0..g.batch).step_by(MAX_GROUPS) {
+        let batch = (g.batch - b0).min(MAX_GROUPS);
+        for m0 in (0..g.m).step_by(rows_per_chunk) {
+            let m = (g.m - m0).min(rows_per_chunk);
+            for n0 in (0..g.n).step_by(rows_per_chunk) {
+                let n = (g.n - n0).min(rows_per_chunk);
+                let offset_a = g.offset_a + b0 * g.stride_a + m0 * a_row;
+                let offset_b = g.offset_b + b0 * g.stride_b + n0 * b_col;
+                let offset_c = g.offset_c + b0 * g.stride_c + m0 * g.ldc + n0;
+                let words = [
+                    m as u32,
+                    n as u32,
+                    g.k as u32,
+                    g.lda as u32,
+                    g.ldb as u32,
+                    g.ldc as u32,
+                    offset_a as u32,
+                    offset_b as u32,
+                    offset_c as u32,
+                    g.stride_a as u32,
+                    g.stride_b as u32,
+                    g.stride_c as u32,
+                    g.alpha.to_bits(),
+                    g.beta.to_bits(),
+                ];
+                let groups = [
+                    n.div_ceil(TILE) as u32,
+                    m.div_ceil(TILE) as u32,
+                    batch as u32,
+                ];
+                rec.dispatch(&kernel, &[a, b], &[c], &words, groups)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `op(A)·op(B)` as a new tensor, submitted at once.
+///
+/// A is `[m, k]` (`[k, m]` if `trans_a`) or batched `[batch, m, k]`; B likewise
+/// `[k, n]` (`[n, k]` if `trans_b`) or `[batch, k, n]`. A 2-D operand next to a 3-D one
+/// is broadcast over the batch. The result is `[m, n]` or `[batch, m, n]`.
+pub fn matmul(
+    ctx: &GpuContext,
+    a: &GpuTensor,
+    b: &GpuTensor,
+    trans_a: bool,
+    trans_b: bool,
+) -> Result<GpuTensor> {
+    let split = |t: &GpuTensor, name: &str| -> Result<(Option<usize>, usize, usize)> {
+        match *t.shape() {
+            [r, c] => Ok((None, r, c)),
+            [n, r, c] => Ok((Some(n), r, c)),
+            ref s => Err(Error::gpu(
+                "matmul",
+                format!("{name} must be 2-D or 3-D, found shape {s:?}"),
+            )),
+        }
+    };
+    let (batch_a, ra, ca) = split(a, "A")?;
+    let (batch_b, rb, cb) = split(b, "B")?;
+    let (m, k) = if trans_a { (ca, ra) } else { (ra, ca) };
+    let (k_b, n) = if trans_b { (cb, rb) } else { (rb, cb) };
+    if k != k_b {
+        return Err(Error::gpu(
+            "matmul",
+            format!(
+                "inner dimensions differ: op(A) is {m}×{k} (A {:?}, trans_a {trans_a}), op(B) \
+                 is {k_b}×{n} (B {:?}, trans_b {trans_b})",
+                a.shape(),
+                b.shape()
+            ),
+        ));
+    }
+    let batch = match (batch_a, batch_b) {
+        (Some(x), Some(y)) if x != y => {
+            return Err(Error::gpu(
+                "matmul",
+                format!("batch sizes differ: A {:?}, B {:?}", a.shape(), b.shape()),
+            ));
+        }
+        (Some(x), _) | (None, Some(x)) => Some(x),
+        (None, None) => None,
+    };
+    let mut g = Gemm::new(m, n, k, trans_a, trans_b).batched(batch.unwrap_or(1));
+    if batch_a.is_none() {
+        g.stride_a = 0;
+    }
+    if batch_b.is_none() {
+        g.stride_b = 0;
+    }
+    let c = match batch {
+        Some(bn) => ctx.zeros(&[bn, m, n])?,
+        None => ctx.zeros(&[m, n])?,
+    };
+    let mut rec = ctx.recorder();
+    gemm(&mut rec, &g, a, b, &c)?;
+    rec.submit()?;
+    Ok(c)
+}

@@ -1,0 +1,299 @@
+//! GEMM kernel against a plain f64 reference.
+//!
+//! Tolerance: inputs are f32 values used exactly by both sides, so the only error is
+//! the kernel's f32 accumulation. Each output is a chain of k fused multiply-adds (the
+//! products are exact inside an fma), each rounding once with relative error ≤ u =
+//! 2⁻²⁴. For random-sign terms these roundings add up like a random walk: the error of
+//! an output is about u·sqrt(k) times its magnitude, and scaling by α and adding β·C
+//! costs two more roundings. We allow 8·u·(sqrt(k) + 2) in the relative Frobenius norm,
+//! several times the expected value, yet far below the error of any real mistake
+//! (a wrong, missing or doubled term gives relative errors of order 1/sqrt(k) or more).
+
+mod common;
+
+use common::{TestRng, rel_err};
+use ekfac::gpu::GpuContext;
+use ekfac::ops::gemm::{Gemm, gemm, matmul};
+
+const U: f64 = 1.0 / (1u64 << 24) as f64;
+
+fn tolerance(k: usize) -> f64 {
+    8.0 * U * ((k as f64).sqrt() + 2.0)
+}
+
+/// Stored element `(r, c)` of matrix `b` of an operand.
+fn at(buf: &[f32], offset: usize, stride: usize, ld: usize, b: usize, r: usize, c: usize) -> f64 {
+    buf[offset + b * stride + r * ld + c] as f64
+}
+
+/// The f64 result of `g` over whole buffers: C's buffer after the product, with the
+/// elements `g` does not address left as they were. Also returns which elements are
+/// addressed.
+fn reference(g: &Gemm, a: &[f32], b: &[f32], c: &[f32]) -> (Vec<f64>, Vec<bool>) {
+    let mut out: Vec<f64> = c.iter().map(|&v| v as f64).collect();
+    let mut addressed = vec![false; c.len()];
+    for bi in 0..g.batch {
+        for i in 0..g.m {
+            for j in 0..g.n {
+                let mut s = 0.0;
+                for l in 0..g.k {
+                    let av = if g.trans_a {
+                        at(a, g.offset_a, g.stride_a, g.lda, bi, l, i)
+                    } else {
+                        at(a, g.offset_a, g.stride_a, g.lda, bi, i, l)
+                    };
+                    let bv = if g.trans_b {
+                        at(b, g.offset_b, g.stride_b, g.ldb, bi, j, l)
+                    } else {
+                        at(b, g.offset_b, g.stride_b, g.ldb, bi, l, j)
+                    };
+                    s += av * bv;
+                }
+                let idx = g.offset_c + bi * g.stride_c + i * g.ldc + j;
+                let old = if g.beta == 0.0 { 0.0 } else { out[idx] };
+                out[idx] = g.alpha as f64 * s + g.beta as f64 * old;
+                addressed[idx] = true;
+            }
+        }
+    }
+    (out, addressed)
+}
+
+/// Runs `g` on random buffers of the given lengths and checks the result: addressed
+/// elements within the tolerance, the others bit for bit unchanged. With `β = 0`, C
+/// starts as NaN, so any read of C would show.
+fn check(ctx: &GpuContext, g: &Gemm, lens: [usize; 3], seed: u64) {
+    let mut rng = TestRng::new(seed);
+    let a = rng.vec(lens[0]);
+    let b = rng.vec(lens[1]);
+    let c0 = if g.beta == 0.0 {
+        vec![f32::NAN; lens[2]]
+    } else {
+        rng.vec(lens[2])
+    };
+    let ta = ctx.upload(&a, &[lens[0]]).unwrap();
+    let tb = ctx.upload(&b, &[lens[1]]).unwrap();
+    let tc = ctx.upload(&c0, &[lens[2]]).unwrap();
+    let mut rec = ctx.recorder();
+    gemm(&mut rec, g, &ta, &tb, &tc).unwrap();
+    rec.submit().unwrap();
+    let got = ctx.read(&tc).unwrap();
+    let (want, addressed) = reference(g, &a, &b, &c0);
+    let (mut got_in, mut want_in) = (Vec::new(), Vec::new());
+    for i in 0..lens[2] {
+        if addressed[i] {
+            got_in.push(got[i]);
+            want_in.push(want[i]);
+        } else {
+            assert_eq!(
+                got[i].to_bits(),
+                c0[i].to_bits(),
+                "element {i} outside the product changed ({g:?})"
+            );
+        }
+    }
+    let err = rel_err(&got_in, &want_in);
+    assert!(
+        err <= tolerance(g.k),
+        "relative error {err:e} > {:e} for {g:?}",
+        tolerance(g.k)
+    );
+}
+
+/// Packed lengths of A, B and C for `g`.
+fn packed(g: &Gemm) -> [usize; 3] {
+    [
+        g.batch * g.m * g.k,
+        g.batch * g.k * g.n,
+        g.batch * g.m * g.n,
+    ]
+}
+
+const TRANSPOSES: [(bool, bool); 4] = [(false, false), (true, false), (false, true), (true, true)];
+
+#[test]
+fn awkward_shapes_in_every_transposition() {
+    let Some(ctx) = common::gpu() else { return };
+    // Degenerate vectors, K = 1, exact tiles, one past a tile, rows that are not a
+    // multiple of 4 (scalar loads) next to ones that are (vec4 loads).
+    let shapes = [
+        (1, 1, 1),
+        (1, 37, 5),
+        (37, 1, 5),
+        (7, 9, 1),
+        (64, 64, 64),
+        (65, 65, 65),
+        (129, 66, 17),
+        (4, 132, 20),
+        (66, 3, 31),
+    ];
+    for (s, &(m, n, k)) in shapes.iter().enumerate() {
+        for (t, &(ta, tb)) in TRANSPOSES.iter().enumerate() {
+            let g = Gemm::new(m, n, k, ta, tb);
+            check(&ctx, &g, packed(&g), (s * 4 + t) as u64);
+        }
+    }
+}
+
+#[test]
+fn large_k() {
+    let Some(ctx) = common::gpu() else { return };
+    for (t, &(ta, tb)) in TRANSPOSES.iter().enumerate() {
+        let g = Gemm::new(9, 12, 6000, ta, tb);
+        check(&ctx, &g, packed(&g), 100 + t as u64);
+    }
+}
+
+#[test]
+fn k_zero_scales_c() {
+    let Some(ctx) = common::gpu() else { return };
+    let g = Gemm::new(5, 6, 0, false, false).scaled(1.0, 0.5);
+    check(&ctx, &g, [0, 0, 30], 7);
+}
+
+#[test]
+fn alpha_beta_accumulate() {
+    let Some(ctx) = common::gpu() else { return };
+    for (t, &(ta, tb)) in TRANSPOSES.iter().enumerate() {
+        let g = Gemm::new(70, 33, 40, ta, tb).scaled(-0.75, 1.5);
+        check(&ctx, &g, packed(&g), 200 + t as u64);
+        let g = Gemm::new(70, 33, 40, ta, tb).scaled(2.0, 1.0);
+        check(&ctx, &g, packed(&g), 210 + t as u64);
+    }
+}
+
+#[test]
+fn batched_with_broadcast_operands() {
+    let Some(ctx) = common::gpu() else { return };
+    for (t, &(ta, tb)) in TRANSPOSES.iter().enumerate() {
+        let g = Gemm::new(21, 68, 12, ta, tb).batched(3);
+        check(&ctx, &g, packed(&g), 300 + t as u64);
+        // One A for every batch entry.
+        let mut g = Gemm::new(21, 68, 12, ta, tb).batched(3);
+        g.stride_a = 0;
+        check(
+            &ctx,
+            &g,
+            [21 * 12, 3 * 12 * 68, 3 * 21 * 68],
+            310 + t as u64,
+        );
+        // One B for every batch entry, accumulating.
+        let mut g = Gemm::new(16, 5, 12, ta, tb).batched(4).scaled(1.0, 1.0);
+        g.stride_b = 0;
+        check(&ctx, &g, [4 * 16 * 12, 5 * 12, 4 * 16 * 5], 320 + t as u64);
+    }
+}
+
+#[test]
+fn offsets_leading_dimensions_and_strides() {
+    let Some(ctx) = common::gpu() else { return };
+    for (t, &(ta, tb)) in TRANSPOSES.iter().enumerate() {
+        // Sub-matrices of larger row-major arrays, some with vec4-aligned layouts and
+        // some not, written into a block of a larger C.
+        for (v, &(off, ld_pad)) in [(0usize, 0usize), (4, 4), (3, 1), (5, 8)]
+            .iter()
+            .enumerate()
+        {
+            let (m, n, k) = (67, 18, 24);
+            let mut g = Gemm::new(m, n, k, ta, tb).batched(2).scaled(1.0, 0.25);
+            g.lda += ld_pad;
+            g.ldb += ld_pad;
+            g.ldc += ld_pad + 3;
+            g.offset_a = off;
+            g.offset_b = 2 * off;
+            g.offset_c = off + 1;
+            let a_rows = if ta { k } else { m };
+            let b_rows = if tb { n } else { k };
+            g.stride_a = a_rows * g.lda + off;
+            g.stride_b = b_rows * g.ldb;
+            g.stride_c = m * g.ldc + 4;
+            let lens = [
+                g.offset_a + 2 * g.stride_a,
+                g.offset_b + 2 * g.stride_b,
+                g.offset_c + 2 * g.stride_c + 5,
+            ];
+            check(&ctx, &g, lens, 400 + (t * 4 + v) as u64);
+        }
+    }
+}
+
+#[test]
+fn random_configurations() {
+    let Some(ctx) = common::gpu() else { return };
+    let mut rng = TestRng::new(99);
+    let mut pick = |lo: usize, hi: usize| lo + (rng.next_u64() as usize) % (hi - lo + 1);
+    for case in 0..16 {
+        let (m, n, k) = (pick(1, 140), pick(1, 140), pick(1, 150));
+        let (ta, tb) = (pick(0, 1) == 1, pick(0, 1) == 1);
+        let batch = pick(1, 3);
+        let mut g = Gemm::new(m, n, k, ta, tb).batched(batch);
+        if pick(0, 1) == 1 {
+            g = g.scaled(0.5, -1.25);
+        }
+        match pick(0, 2) {
+            1 => g.stride_a = 0,
+            2 => g.stride_b = 0,
+            _ => {}
+        }
+        let lens = [
+            (g.batch - 1) * g.stride_a + m * k,
+            (g.batch - 1) * g.stride_b + k * n,
+            g.batch * m * n,
+        ];
+        check(&ctx, &g, lens, 500 + case);
+    }
+}
+
+#[test]
+fn matmul_shapes_and_broadcast() {
+    let Some(ctx) = common::gpu() else { return };
+    let mut rng = TestRng::new(600);
+    let (bn, m, n, k) = (3, 10, 7, 13);
+    let a = rng.vec(bn * k * m);
+    let b = rng.vec(n * k);
+    let ta = ctx.upload(&a, &[bn, k, m]).unwrap();
+    let tb = ctx.upload(&b, &[n, k]).unwrap();
+    let c = matmul(&ctx, &ta, &tb, true, true).unwrap();
+    assert_eq!(c.shape(), &[bn, m, n]);
+    let mut g = Gemm::new(m, n, k, true, true).batched(bn);
+    g.stride_b = 0;
+    let (want, _) = reference(&g, &a, &b, &vec![0.0; bn * m * n]);
+    let err = rel_err(&ctx.read(&c).unwrap(), &want);
+    assert!(err <= tolerance(k), "relative error {err:e}");
+}
+
+#[test]
+fn invalid_problems_are_errors() {
+    let Some(ctx) = common::gpu() else { return };
+    let a = ctx.zeros(&[6, 4]).unwrap();
+    let b = ctx.zeros(&[4, 5]).unwrap();
+    let c = ctx.zeros(&[6, 5]).unwrap();
+    let mut rec = ctx.recorder();
+    let ok = Gemm::new(6, 5, 4, false, false);
+    gemm(&mut rec, &ok, &a, &b, &c).unwrap();
+    let too_big = Gemm::new(7, 5, 4, false, false);
+    let err = gemm(&mut rec, &too_big, &a, &b, &c)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("A needs elements up to index 27"), "{err}");
+    let mut short_ld = ok.clone();
+    short_ld.lda = 3;
+    let err = gemm(&mut rec, &short_ld, &a, &b, &c)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("leading dimension is 3 < 4"), "{err}");
+    let err = gemm(&mut rec, &Gemm::new(6, 4, 4, false, true), &a, &a, &a)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("must not be the same tensor"), "{err}");
+    let mut overlap = Gemm::new(3, 5, 4, false, false).batched(2);
+    overlap.stride_b = 0;
+    overlap.stride_c = 5;
+    let err = gemm(&mut rec, &overlap, &a, &b, &c)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("overlap"), "{err}");
+    assert_eq!(rec.len(), 1);
+    let err = matmul(&ctx, &a, &a, false, false).unwrap_err().to_string();
+    assert!(err.contains("inner dimensions differ"), "{err}");
+}
