@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use ekfac::model::{Conv2dSpec, Layer, LinearSpec, Model, ModelSpec, PoolSpec};
+use ekfac::model::{
+    Conv2dSpec, Dataset, Layer, LinearSpec, Model, ModelSpec, PoolSpec, Targets, TargetsSlice,
+};
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
 
@@ -120,6 +122,46 @@ fn unknown_and_unsupported_keys_are_rejected() {
     assert_mentions(&msg, &["layers[0] (linear)", "unknown key \"bias_init\""]);
     let msg = err_text(parse(r#"{"input_shape": [4], "layers": [], "extra": 1}"#));
     assert_mentions(&msg, &["model.json", "unknown key \"extra\""]);
+}
+
+#[test]
+fn pytorch_options_at_supported_values_are_accepted() {
+    let spec = parse(&spec_text(
+        "[2, 7, 6]",
+        r#"{"type": "conv2d", "in_channels": 2, "out_channels": 2, "kernel_size": [3, 2],
+            "dilation": [1, 2], "padding": "same", "padding_mode": "zeros"},
+           {"type": "relu", "inplace": true},
+           {"type": "max_pool2d", "kernel_size": 2, "ceil_mode": false, "dilation": 1,
+            "return_indices": false},
+           {"type": "avg_pool2d", "kernel_size": 1, "count_include_pad": true,
+            "divisor_override": null},
+           {"type": "conv2d", "in_channels": 2, "out_channels": 2, "kernel_size": 2,
+            "padding": "valid"},
+           {"type": "flatten", "start_dim": 1, "end_dim": -1}"#,
+    ))
+    .unwrap();
+    let Layer::Conv2d(c) = &spec.layers[0] else {
+        panic!()
+    };
+    assert_eq!(c.padding, [1, 1]);
+    assert_eq!(spec.shapes().unwrap()[1], vec![2, 7, 6]);
+    let msg = err_text(parse(&spec_text(
+        "[2, 7, 6]",
+        r#"{"type": "conv2d", "in_channels": 2, "out_channels": 2, "kernel_size": 2,
+            "padding": "same"}"#,
+    )));
+    assert_mentions(&msg, &["padding = \"same\"", "asymmetric", "unsupported"]);
+    let msg = err_text(parse(&spec_text(
+        "[2, 7, 6]",
+        r#"{"type": "conv2d", "in_channels": 2, "out_channels": 2, "kernel_size": 2,
+            "padding_mode": "reflect"}"#,
+    )));
+    assert_mentions(&msg, &["padding_mode", "unsupported"]);
+    let msg = err_text(parse(&spec_text(
+        "[4, 4]",
+        r#"{"type": "flatten", "start_dim": 0}"#,
+    )));
+    assert_mentions(&msg, &["layers[0] (flatten)", "start_dim", "unsupported"]);
 }
 
 #[test]
@@ -467,5 +509,201 @@ fn bad_weights_are_rejected() {
     assert_mentions(
         &err_text(Model::load(&bad_spec, &junk)),
         &["\"fc\" (linear)", "in_features is 47"],
+    );
+}
+
+const DATA_MODEL: &str = r#"{"input_shape": [2, 3], "layers": [
+  {"type": "flatten"}, {"type": "linear", "in_features": 6, "out_features": 4}]}"#;
+
+fn i64_bytes(v: &[i64]) -> Vec<u8> {
+    v.iter().flat_map(|k| k.to_le_bytes()).collect()
+}
+
+/// A data file with `x` F32 `[5, 2, 3]` and the given `y`; extra tensors appended.
+fn data_file(dir: &Path, y: (Dtype, Vec<usize>, Vec<u8>)) -> PathBuf {
+    write_safetensors(
+        dir,
+        "data.safetensors",
+        &[
+            ("x", Dtype::F32, vec![5, 2, 3], f32_bytes(30, 0.1)),
+            ("y", y.0, y.1, y.2),
+        ],
+    )
+}
+
+#[test]
+fn data_loads_and_batches() {
+    let spec = parse(DATA_MODEL).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // I64 [N] class indices.
+    let path = data_file(
+        dir.path(),
+        (Dtype::I64, vec![5], i64_bytes(&[0, 3, 1, 2, 3])),
+    );
+    let data = Dataset::load(&path).unwrap();
+    data.check(&spec, true).unwrap();
+    assert_eq!((data.len, data.example_shape.clone()), (5, vec![2, 3]));
+    assert_eq!(data.y, Targets::Classes(vec![0, 3, 1, 2, 3]));
+    let batches: Vec<_> = data.batches(2).collect();
+    assert_eq!(batches.len(), 3);
+    assert_eq!((batches[2].start, batches[2].len), (4, 1));
+    assert_eq!(batches[1].x, &data.x[12..24]);
+    assert_eq!(batches[1].y, TargetsSlice::Classes(&[1, 2]));
+    assert_eq!(batches[2].x[0], 24.0 * 0.1);
+    // I32 [N, 1] class indices.
+    let i32_bytes: Vec<u8> = [3i32, 2, 1, 0, 0]
+        .iter()
+        .flat_map(|k| k.to_le_bytes())
+        .collect();
+    let path = data_file(dir.path(), (Dtype::I32, vec![5, 1], i32_bytes));
+    let data = Dataset::load_checked(&path, &spec, true).unwrap();
+    assert_eq!(data.y, Targets::Classes(vec![3, 2, 1, 0, 0]));
+    // F32 [N, C] values.
+    let path = data_file(dir.path(), (Dtype::F32, vec![5, 4], f32_bytes(20, 0.5)));
+    let data = Dataset::load_checked(&path, &spec, false).unwrap();
+    let b = data.batches(3).nth(1).unwrap();
+    assert_eq!(
+        b.y,
+        TargetsSlice::Values {
+            data: &data_values(&data)[12..20],
+            cols: 4
+        }
+    );
+}
+
+fn data_values(data: &Dataset) -> &[f32] {
+    match &data.y {
+        Targets::Values { data, .. } => data,
+        Targets::Classes(_) => panic!("expected values"),
+    }
+}
+
+#[test]
+fn bad_data_is_rejected() {
+    let spec = parse(DATA_MODEL).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let load = |tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]| {
+        err_text(Dataset::load(write_safetensors(
+            d,
+            "bad.safetensors",
+            tensors,
+        )))
+    };
+    let x = ("x", Dtype::F32, vec![5, 2, 3], f32_bytes(30, 0.1));
+    let y = ("y", Dtype::I64, vec![5], i64_bytes(&[0, 1, 2, 3, 0]));
+    assert_mentions(
+        &load(std::slice::from_ref(&y)),
+        &["bad.safetensors", "missing key \"x\""],
+    );
+    assert_mentions(&load(std::slice::from_ref(&x)), &["missing key \"y\""]);
+    let mut extra = vec![x.clone(), y.clone()];
+    extra.push(("w", Dtype::F32, vec![1], f32_bytes(1, 1.0)));
+    assert_mentions(&load(&extra), &["unexpected key \"w\""]);
+    // Wrong dtypes.
+    let x64: Vec<u8> = (0..30).flat_map(|i| (i as f64).to_le_bytes()).collect();
+    assert_mentions(
+        &load(&[("x", Dtype::F64, vec![5, 2, 3], x64), y.clone()]),
+        &["\"x\"", "F32", "F64"],
+    );
+    assert_mentions(
+        &load(&[x.clone(), ("y", Dtype::U8, vec![5], vec![0; 5])]),
+        &["\"y\"", "U8"],
+    );
+    // Wrong shapes.
+    assert_mentions(
+        &load(&[
+            x.clone(),
+            ("y", Dtype::I64, vec![5, 2], i64_bytes(&[0; 10])),
+        ]),
+        &["\"y\"", "[N] or [N, 1]", "[5, 2]"],
+    );
+    assert_mentions(
+        &load(&[x.clone(), ("y", Dtype::F32, vec![5], f32_bytes(5, 1.0))]),
+        &["\"y\"", "[N, C]", "[5]"],
+    );
+    assert_mentions(
+        &load(&[x.clone(), ("y", Dtype::I64, vec![4], i64_bytes(&[0; 4]))]),
+        &["5 examples", "has 4"],
+    );
+    assert_mentions(
+        &load(&[("x", Dtype::F32, vec![30], f32_bytes(30, 1.0)), y.clone()]),
+        &["\"x\"", "[N, *input_shape]"],
+    );
+    // Non-finite values, reported at their first index.
+    let mut nan_x = f32_bytes(30, 0.1);
+    nan_x[4 * 17..4 * 18].copy_from_slice(&f32::NAN.to_le_bytes());
+    assert_mentions(
+        &load(&[("x", Dtype::F32, vec![5, 2, 3], nan_x), y.clone()]),
+        &["\"x\"", "x[2, 1, 2]", "NaN"],
+    );
+    let mut inf_y = f32_bytes(20, 0.1);
+    inf_y[4 * 9..4 * 10].copy_from_slice(&f32::INFINITY.to_le_bytes());
+    assert_mentions(
+        &load(&[x.clone(), ("y", Dtype::F32, vec![5, 4], inf_y)]),
+        &["\"y\"", "y[2, 1]", "inf"],
+    );
+    // Data that does not fit the model.
+    let check = |tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)], classes: bool| {
+        let path = write_safetensors(d, "misfit.safetensors", tensors);
+        let data = Dataset::load(&path).unwrap();
+        assert!(data.check(&spec, classes).is_err());
+        err_text(Dataset::load_checked(&path, &spec, classes))
+    };
+    assert_mentions(
+        &check(
+            &[
+                ("x", Dtype::F32, vec![5, 3, 2], f32_bytes(30, 0.1)),
+                y.clone(),
+            ],
+            true,
+        ),
+        &["misfit.safetensors", "input_shape is [2, 3]", "[5, 3, 2]"],
+    );
+    assert_mentions(
+        &check(
+            &[
+                x.clone(),
+                ("y", Dtype::I64, vec![5], i64_bytes(&[0, 1, 4, 3, 0])),
+            ],
+            true,
+        ),
+        &["y[2] = 4", "0..4"],
+    );
+    assert_mentions(
+        &check(
+            &[
+                x.clone(),
+                ("y", Dtype::I64, vec![5], i64_bytes(&[0, -1, 2, 3, 0])),
+            ],
+            true,
+        ),
+        &["y[1] = -1"],
+    );
+    assert_mentions(
+        &check(
+            &[x.clone(), ("y", Dtype::F32, vec![5, 4], f32_bytes(20, 0.1))],
+            true,
+        ),
+        &["cross-entropy needs", "class indices"],
+    );
+    assert_mentions(
+        &check(&[x.clone(), y.clone()], false),
+        &["F32 targets [N, C] = [5, 4]"],
+    );
+    assert_mentions(
+        &check(
+            &[x.clone(), ("y", Dtype::F32, vec![5, 3], f32_bytes(15, 0.1))],
+            false,
+        ),
+        &["[5, 4]", "F32 values [5, 3]"],
+    );
+    // An empty data set.
+    assert_mentions(
+        &load(&[
+            ("x", Dtype::F32, vec![0, 2, 3], vec![]),
+            ("y", Dtype::I64, vec![0], vec![]),
+        ]),
+        &["no examples"],
     );
 }

@@ -1,3 +1,4 @@
 //! The f64 CPU reference of the crate's maths: the test oracle.
 
+pub mod nn;
 pub mod ops;

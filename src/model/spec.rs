@@ -18,6 +18,7 @@ use std::path::Path;
 use serde_json::{Map, Value, json};
 
 use crate::error::{Error, Result};
+use crate::geometry::{Conv2dGeometry, Pool2dGeometry};
 
 /// A sequential network: the per-example input shape and the layers in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -131,19 +132,27 @@ impl Conv2dSpec {
         ]
     }
 
+    /// The sizes of this layer applied to `batch` inputs of spatial size `in_size = [H, W]`.
+    pub fn geometry(&self, batch: usize, in_size: [usize; 2]) -> Conv2dGeometry {
+        Conv2dGeometry {
+            batch,
+            in_channels: self.in_channels,
+            out_channels: self.out_channels,
+            in_size,
+            kernel_size: self.kernel_size,
+            stride: self.stride,
+            padding: self.padding,
+            dilation: self.dilation,
+            groups: self.groups,
+        }
+    }
+
     /// Output `[OH, OW]` for an `[H, W]` input: `⌊(H + 2p − d(k−1) − 1)/s⌋ + 1` per axis,
     /// or `None` where that is ≤ 0 (or the spec has a zero kernel, stride or dilation).
     pub fn output_size(&self, input: [usize; 2]) -> Option<[usize; 2]> {
-        let axis = |i: usize| {
-            window_output(
-                input[i],
-                self.kernel_size[i],
-                self.stride[i],
-                self.padding[i],
-                self.dilation[i],
-            )
-        };
-        Some([axis(0)?, axis(1)?])
+        let out = self.geometry(1, input).out_size();
+        let degenerate = self.dilation.contains(&0) || out.contains(&0);
+        (!degenerate).then_some(out)
     }
 }
 
@@ -157,30 +166,24 @@ impl PoolSpec {
         }
     }
 
+    /// The sizes of this pooling applied to `batch` inputs of shape `[channels, H, W]`.
+    pub fn geometry(&self, batch: usize, channels: usize, in_size: [usize; 2]) -> Pool2dGeometry {
+        Pool2dGeometry {
+            batch,
+            channels,
+            in_size,
+            kernel_size: self.kernel_size,
+            stride: self.stride,
+            padding: self.padding,
+        }
+    }
+
     /// Output `[OH, OW]` for an `[H, W]` input: `⌊(H + 2p − k)/s⌋ + 1` per axis
     /// (`ceil_mode = false`), or `None` where that is ≤ 0.
     pub fn output_size(&self, input: [usize; 2]) -> Option<[usize; 2]> {
-        let axis = |i: usize| {
-            window_output(
-                input[i],
-                self.kernel_size[i],
-                self.stride[i],
-                self.padding[i],
-                1,
-            )
-        };
-        Some([axis(0)?, axis(1)?])
+        let out = self.geometry(1, 1, input).out_size();
+        (!out.contains(&0)).then_some(out)
     }
-}
-
-/// `⌊(n + 2p − d(k−1) − 1)/s⌋ + 1`, or `None` where it is ≤ 0 or a parameter is zero.
-fn window_output(n: usize, k: usize, s: usize, p: usize, d: usize) -> Option<usize> {
-    if k == 0 || s == 0 || d == 0 {
-        return None;
-    }
-    let span = d * (k - 1) + 1;
-    let padded = n + 2 * p;
-    (padded >= span).then(|| (padded - span) / s + 1)
 }
 
 impl Layer {

@@ -30,6 +30,7 @@ impl Model {
     pub fn load(model_json: impl AsRef<Path>, weights: impl AsRef<Path>) -> Result<Self> {
         let spec = ModelSpec::load(model_json)?;
         spec.validate()?;
+        // The spec is checked before the weights file is read, so its errors come first.
         let file = TensorFile::load(weights)?;
         Self::from_tensor_file(spec, &file)
     }
