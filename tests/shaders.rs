@@ -44,7 +44,9 @@ fn every_shader_validates_and_translates() {
                 entry_point: ep.name.clone(),
             };
             spv::write_vec(&module, &info, &spv::Options::default(), Some(&spv_options))
-                .unwrap_or_else(|e| panic!("shaders/{}.wgsl {}: SPIR-V: {e}", shader.name, ep.name));
+                .unwrap_or_else(|e| {
+                    panic!("shaders/{}.wgsl {}: SPIR-V: {e}", shader.name, ep.name)
+                });
         }
         msl::write_string(
             &module,

@@ -1,4 +1,5 @@
 //! The f64 CPU reference of the crate's maths: the test oracle.
 
+pub mod curvature;
 pub mod nn;
 pub mod ops;

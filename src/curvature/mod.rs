@@ -1,8 +1,9 @@
 //! The curvature maths shared by the CPU reference and the GPU pipeline: options,
 //! the parameter/block layout, and the scalar properties from eigenvalues.
 
+pub mod layout;
 pub mod options;
 pub mod scalars;
 
-pub use options::{FisherType, KfacApprox, LossKind, Options, Reduction};
+pub use options::{DampingMode, FisherType, KfacApprox, LossKind, MIN_DAMPING, Options, Reduction};
 pub use scalars::Scalars;

@@ -182,3 +182,86 @@ impl Options {
         }
     }
 }
+
+/// How the damped inverse of KFAC is formed (SPEC §5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DampingMode {
+    /// `(KFAC + δI)⁻¹`, through the factor eigenbases (the default).
+    #[serde(rename = "exact")]
+    Exact,
+    /// curvlinops' default: `(G + δI)⁻¹ ⊗ (A + δI)⁻¹` per block.
+    #[serde(rename = "plain")]
+    Plain,
+    /// Martens & Grosse's π rule per module, as curvlinops 3.0.1: with
+    /// `π = √((tr A/dim A)/(tr G/dim G))` (if `A` exists, `tr A ≥ 0` and `tr G > 0`),
+    /// `δ_A = max(√δ·π, 1e-8)`, `δ_G = max(√δ/π, 1e-8)`, and a separately treated bias
+    /// reuses its module's `δ_G`; otherwise `δ_A = δ_G = δ`.
+    #[serde(rename = "heuristic")]
+    Heuristic,
+}
+
+string_enum!(DampingMode, "damping mode", Exact => "exact", Plain => "plain",
+    Heuristic => "heuristic");
+
+/// curvlinops' `min_damping` of the heuristic damping mode.
+pub const MIN_DAMPING: f64 = 1e-8;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strings_round_trip() {
+        for s in ["mse", "cross_entropy", "bce_with_logits"] {
+            assert_eq!(s.parse::<LossKind>().unwrap().as_str(), s);
+            let json = serde_json::to_string(&s.parse::<LossKind>().unwrap()).unwrap();
+            assert_eq!(json, format!("\"{s}\""));
+        }
+        for s in ["type-2", "mc", "empirical", "forward-only"] {
+            assert_eq!(s.parse::<FisherType>().unwrap().to_string(), s);
+        }
+        for s in ["mean", "sum"] {
+            assert_eq!(s.parse::<Reduction>().unwrap().to_string(), s);
+        }
+        for s in ["expand", "reduce"] {
+            assert_eq!(s.parse::<KfacApprox>().unwrap().to_string(), s);
+        }
+        for s in ["exact", "plain", "heuristic"] {
+            assert_eq!(s.parse::<DampingMode>().unwrap().to_string(), s);
+        }
+        let err = "type2".parse::<FisherType>().unwrap_err().to_string();
+        assert!(err.contains("type2") && err.contains("type-2"), "{err}");
+    }
+
+    #[test]
+    fn validation() {
+        assert!(Options::default().validate().is_ok());
+        let o = Options {
+            mc_samples: 2,
+            ..Options::default()
+        };
+        assert!(o.validate().unwrap_err().to_string().contains("mc_samples"));
+        let o = Options {
+            fisher: FisherType::Mc,
+            mc_samples: 0,
+            ..Options::default()
+        };
+        assert!(o.validate().is_err());
+        let o = Options {
+            fisher: FisherType::ForwardOnly,
+            ..Options::default()
+        };
+        assert!(o.validate().is_ok());
+        assert!(
+            o.validate_ekfac()
+                .unwrap_err()
+                .to_string()
+                .contains("forward-only")
+        );
+        let o = Options {
+            batch_size: 0,
+            ..Options::default()
+        };
+        assert!(o.validate().is_err());
+    }
+}

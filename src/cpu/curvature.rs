@@ -1,0 +1,835 @@
+//! The f64 reference of KFAC and EKFAC (the test oracle), written for clarity over speed.
+//!
+//! Pipeline (SPEC §2–§5): a factor pass over the data in batches of `batch_size`
+//! accumulates `A` (from layer inputs, expand or reduce, a ones column for joint blocks)
+//! and `G` (from the backpropagated vectors of [`crate::loss`], κ_b-scaled); the factors
+//! are eigendecomposed with faer (ascending eigenvalues); for EKFAC a correction pass over
+//! the same batches (same MC samples) accumulates `Λ = Σ κ_b (Q_Gᵀ Γ_n Q_A)^{∘2}` from
+//! the explicit per-example gradients `Γ_n = Σ_s g_s ã_sᵀ`.
+//!
+//! All matrices are `[P, K]` row-major in model order (see
+//! [`crate::curvature::layout`]). Inverses are computed independently of the
+//! eigendecompositions where the maths allows: the exact KFAC inverse by a Cholesky solve
+//! of the dense block `G⊗A + δI`, the plain and heuristic ones by Cholesky solves of the
+//! damped factors.
+
+use faer::prelude::*;
+use faer::{Mat, Side};
+
+use crate::cpu::ops;
+use crate::curvature::layout::{BlockKind, ParamKind, ParamLayout};
+use crate::curvature::scalars::{self, Scalars};
+use crate::curvature::{DampingMode, FisherType, KfacApprox, MIN_DAMPING, Options};
+use crate::error::{Error, Result};
+use crate::geometry::{Conv2dGeometry, Pool2dGeometry};
+use crate::loss::{self, BatchVectors, Targets};
+use crate::model::{Layer, Model};
+
+/// A symmetric matrix's eigendecomposition: eigenvalues ascending, eigenvectors as the
+/// columns of `vectors`.
+#[derive(Clone, Debug)]
+pub struct Eigen {
+    pub values: Vec<f64>,
+    pub vectors: Mat<f64>,
+}
+
+/// faer's self-adjoint eigensolver (reads the lower triangle).
+pub fn eigh(m: &Mat<f64>) -> Result<Eigen> {
+    let e = m
+        .self_adjoint_eigen(Side::Lower)
+        .map_err(|e| Error::Options(format!("eigendecomposition failed: {e:?}")))?;
+    Ok(Eigen {
+        values: (0..m.nrows()).map(|i| e.S()[i]).collect(),
+        vectors: e.U().to_owned(),
+    })
+}
+
+/// The factors of one block.
+#[derive(Clone, Debug)]
+pub struct BlockFactors {
+    /// `A [D, D]` (weight and joint blocks).
+    pub a: Option<Mat<f64>>,
+    /// `G [d_out, d_out]` (shared by the weight and bias blocks of a layer).
+    pub g: Mat<f64>,
+    pub a_eigen: Option<Eigen>,
+    pub g_eigen: Eigen,
+    /// EKFAC's corrected eigenvalues `Λ [d_out, D]`, row-major, indexed
+    /// `[G-eigenvector, A-eigenvector]`.
+    pub corrected: Option<Vec<f64>>,
+}
+
+/// Which operator a product or scalar refers to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Approximation {
+    Kfac,
+    Ekfac,
+}
+
+/// A fitted KFAC (and optionally EKFAC) in f64.
+#[derive(Clone, Debug)]
+pub struct CpuCurvature {
+    pub layout: ParamLayout,
+    pub options: Options,
+    /// `N`.
+    pub num_data: usize,
+    /// One entry per block of `layout`.
+    pub blocks: Vec<BlockFactors>,
+}
+
+/// The data set: inputs `x [N, *input_shape]` and the targets of all `N` examples.
+#[derive(Clone, Copy, Debug)]
+pub struct Dataset<'a> {
+    pub x: &'a [f64],
+    pub targets: Targets<'a>,
+    pub num_data: usize,
+}
+
+impl<'a> Dataset<'a> {
+    /// Examples `start..end`: inputs and targets.
+    fn batch(&self, start: usize, end: usize, outputs: usize) -> (&'a [f64], Targets<'a>) {
+        let per = self.x.len() / self.num_data;
+        let t = match self.targets {
+            Targets::Classes(y) => Targets::Classes(&y[start..end]),
+            Targets::Dense(y) => Targets::Dense(&y[start * outputs..end * outputs]),
+        };
+        (&self.x[start * per..end * per], t)
+    }
+
+    /// `(start, end)` of every batch in loader order.
+    fn batches(&self, batch_size: usize) -> Vec<(usize, usize)> {
+        (0..self.num_data)
+            .step_by(batch_size)
+            .map(|s| (s, (s + batch_size).min(self.num_data)))
+            .collect()
+    }
+}
+
+/// One curvature layer's view of one batch.
+struct LayerIo {
+    /// The layer's input as the network sees it, `[B, *in]`.
+    input: Vec<f64>,
+    /// Expand-format inputs `[B, S, d_in]` (conv: group-averaged im2col patches).
+    patches: Vec<f64>,
+    /// Output gradients as the network produces them, `[V, B, *out]`.
+    raw_grads: Vec<f64>,
+    /// Output gradients `[V, B, S, d_out]` (conv: channel-last).
+    grads: Vec<f64>,
+}
+
+/// Forward and backward pass of one batch for the curvature layers of `layout`.
+struct BatchIo {
+    layers: Vec<LayerIo>,
+    vectors: BatchVectors,
+}
+
+/// Geometry of conv layer `i` for a batch.
+fn conv_geometry(
+    model: &Model,
+    i: usize,
+    batch: usize,
+    in_shape: &[usize],
+) -> Option<Conv2dGeometry> {
+    match &model.spec.layers[i] {
+        Layer::Conv2d(c) => Some(Conv2dGeometry {
+            batch,
+            in_channels: c.in_channels,
+            out_channels: c.out_channels,
+            in_size: [in_shape[1], in_shape[2]],
+            kernel_size: c.kernel_size,
+            stride: c.stride,
+            padding: c.padding,
+            dilation: c.dilation,
+            groups: c.groups,
+        }),
+        _ => None,
+    }
+}
+
+fn pool_geometry(p: &crate::model::PoolSpec, batch: usize, in_shape: &[usize]) -> Pool2dGeometry {
+    Pool2dGeometry {
+        batch,
+        channels: in_shape[0],
+        in_size: [in_shape[1], in_shape[2]],
+        kernel_size: p.kernel_size,
+        stride: p.stride,
+        padding: p.padding,
+    }
+}
+
+/// A layer's weight and optional bias in f64, PyTorch layouts, row-major.
+pub type LayerWeights = (Vec<f64>, Option<Vec<f64>>);
+
+/// The network in f64: forward keeping every layer's input, backward of one
+/// output-space vector keeping every layer's output gradient. Its weights are exact f64
+/// copies of the model's f32 weights, or any f64 values of the same shapes (so that
+/// problems stated in f64, like SPEC §8, are reproduced to f64 precision).
+pub struct Network64<'m> {
+    model: &'m Model,
+    shapes: Vec<Vec<usize>>,
+    weights: Vec<Option<LayerWeights>>,
+}
+
+impl<'m> Network64<'m> {
+    /// The model with its own weights.
+    pub fn new(model: &'m Model) -> Self {
+        let weights = model
+            .params
+            .iter()
+            .map(|p| {
+                p.as_ref().map(|lp| {
+                    (
+                        lp.weight.iter().map(|&v| f64::from(v)).collect(),
+                        lp.bias
+                            .as_ref()
+                            .map(|b| b.iter().map(|&v| f64::from(v)).collect()),
+                    )
+                })
+            })
+            .collect();
+        Network64 {
+            model,
+            shapes: model.shapes(),
+            weights,
+        }
+    }
+
+    /// The model's architecture with f64 weights, indexed by layer (`None` for
+    /// parameter-free layers); every shape must match the model's.
+    pub fn with_weights(model: &'m Model, weights: Vec<Option<LayerWeights>>) -> Result<Self> {
+        let fits = weights.len() == model.params.len()
+            && weights
+                .iter()
+                .zip(&model.params)
+                .all(|(w, p)| match (w, p) {
+                    (None, None) => true,
+                    (Some((w, b)), Some(p)) => {
+                        w.len() == p.weight.len()
+                            && b.as_ref().map(Vec::len) == p.bias.as_ref().map(Vec::len)
+                    }
+                    _ => false,
+                });
+        if !fits {
+            return Err(Error::model(
+                "weights",
+                "f64 weights do not match the model's parameter shapes",
+            ));
+        }
+        Ok(Network64 {
+            model,
+            shapes: model.shapes(),
+            weights,
+        })
+    }
+
+    /// The network outputs `[B, C]` of `x [B, *input_shape]`.
+    pub fn outputs(&self, x: &[f64], batch: usize) -> Vec<f64> {
+        self.forward(x, batch).pop().unwrap_or_default()
+    }
+
+    /// Inputs of every layer then the output: `layers.len() + 1` tensors `[B, *shape]`.
+    fn forward(&self, x: &[f64], batch: usize) -> Vec<Vec<f64>> {
+        let mut acts = vec![x.to_vec()];
+        for (i, layer) in self.model.spec.layers.iter().enumerate() {
+            let a = &acts[i];
+            let shape = &self.shapes[i];
+            let y = match layer {
+                Layer::Linear(l) => {
+                    let (w, b) = self.weights[i].as_ref().expect("linear layer has weights");
+                    ops::linear_forward(a, w, b.as_deref(), batch, l.in_features, l.out_features)
+                }
+                Layer::Conv2d(_) => {
+                    let (w, b) = self.weights[i].as_ref().expect("conv layer has weights");
+                    let geo = conv_geometry(self.model, i, batch, shape).expect("conv");
+                    ops::conv2d_forward(a, w, b.as_deref(), &geo)
+                }
+                Layer::Relu => ops::relu_forward(a),
+                Layer::Sigmoid => ops::sigmoid_forward(a),
+                Layer::Tanh => ops::tanh_forward(a),
+                Layer::Flatten => a.clone(),
+                Layer::MaxPool2d(p) => {
+                    ops::max_pool2d_forward(a, &pool_geometry(p, batch, shape)).0
+                }
+                Layer::AvgPool2d(p) => ops::avg_pool2d_forward(a, &pool_geometry(p, batch, shape)),
+            };
+            acts.push(y);
+        }
+        acts
+    }
+
+    /// Output gradients `[B, *out]` of every layer for one output-space vector
+    /// `grad_output [B, C]`, given the activations of [`Network64::forward`].
+    fn backward(&self, acts: &[Vec<f64>], grad_output: &[f64], batch: usize) -> Vec<Vec<f64>> {
+        let layers = &self.model.spec.layers;
+        let mut out_grads = vec![Vec::new(); layers.len()];
+        let mut g = grad_output.to_vec();
+        for i in (0..layers.len()).rev() {
+            out_grads[i] = g.clone();
+            let (x, y, shape) = (&acts[i], &acts[i + 1], &self.shapes[i]);
+            g = match &layers[i] {
+                Layer::Linear(l) => {
+                    let (w, _) = self.weights[i].as_ref().expect("linear layer has weights");
+                    ops::linear_backward_input(&g, w, batch, l.in_features, l.out_features)
+                }
+                Layer::Conv2d(_) => {
+                    let (w, _) = self.weights[i].as_ref().expect("conv layer has weights");
+                    let geo = conv_geometry(self.model, i, batch, shape).expect("conv");
+                    ops::conv2d_backward_input(&g, w, &geo)
+                }
+                Layer::Relu => ops::relu_backward(x, &g),
+                Layer::Sigmoid => ops::sigmoid_backward(y, &g),
+                Layer::Tanh => ops::tanh_backward(y, &g),
+                Layer::Flatten => g,
+                Layer::MaxPool2d(p) => {
+                    let geo = pool_geometry(p, batch, shape);
+                    let (_, argmax) = ops::max_pool2d_forward(x, &geo);
+                    ops::max_pool2d_backward(&g, &argmax, &geo)
+                }
+                Layer::AvgPool2d(p) => {
+                    ops::avg_pool2d_backward(&g, &pool_geometry(p, batch, shape))
+                }
+            };
+        }
+        out_grads
+    }
+}
+
+/// Runs one batch through the network: layer inputs, backpropagated vectors and the
+/// curvature layers' output gradients (none for forward-only).
+fn batch_io(
+    net: &Network64<'_>,
+    layout: &ParamLayout,
+    opts: &Options,
+    data: &Dataset<'_>,
+    start: usize,
+    end: usize,
+) -> Result<BatchIo> {
+    let batch = end - start;
+    let outputs = net.model.num_outputs();
+    let (x, targets) = data.batch(start, end, outputs);
+    let acts = net.forward(x, batch);
+    let logits = &acts[acts.len() - 1];
+    let vectors = loss::backprop_vectors(opts, logits, outputs, targets, start, data.num_data)?;
+    let nv = vectors.num_vectors;
+    let per_vector: Vec<Vec<Vec<f64>>> = (0..nv)
+        .map(|v| {
+            let gv = &vectors.values[v * batch * outputs..(v + 1) * batch * outputs];
+            net.backward(&acts, gv, batch)
+        })
+        .collect();
+    let layers = layout
+        .layers
+        .iter()
+        .map(|cl| {
+            let i = cl.layer;
+            let input = acts[i].clone();
+            let raw_grads: Vec<f64> = per_vector.iter().flat_map(|g| g[i].clone()).collect();
+            let (patches, grads) = match conv_geometry(net.model, i, batch, &net.shapes[i]) {
+                None => (input.clone(), raw_grads.clone()),
+                Some(geo) => {
+                    let s = geo.positions();
+                    let mut grads = vec![0.0; raw_grads.len()];
+                    for vb in 0..nv * batch {
+                        for o in 0..cl.d_out {
+                            for p in 0..s {
+                                grads[(vb * s + p) * cl.d_out + o] =
+                                    raw_grads[(vb * cl.d_out + o) * s + p];
+                            }
+                        }
+                    }
+                    (ops::im2col_group_mean(&input, &geo), grads)
+                }
+            };
+            LayerIo {
+                input,
+                patches,
+                raw_grads,
+                grads,
+            }
+        })
+        .collect();
+    Ok(BatchIo { layers, vectors })
+}
+
+/// `ã`: the row `a` with a 1 appended when `joint`.
+fn augmented(a: &[f64], joint: bool) -> Vec<f64> {
+    let mut v = a.to_vec();
+    if joint {
+        v.push(1.0);
+    }
+    v
+}
+
+/// `m += scale·u vᵀ`.
+fn add_outer(m: &mut Mat<f64>, u: &[f64], v: &[f64], scale: f64) {
+    for (i, &ui) in u.iter().enumerate() {
+        for (j, &vj) in v.iter().enumerate() {
+            m[(i, j)] += scale * ui * vj;
+        }
+    }
+}
+
+fn mat_from_rows(rows: usize, cols: usize, v: &[f64]) -> Mat<f64> {
+    Mat::from_fn(rows, cols, |i, j| v[i * cols + j])
+}
+
+fn rows_of(m: &Mat<f64>) -> Vec<f64> {
+    (0..m.nrows())
+        .flat_map(|i| (0..m.ncols()).map(move |j| m[(i, j)]))
+        .collect()
+}
+
+impl CpuCurvature {
+    /// Fits KFAC (and, with `ekfac`, the eigenvalue correction) on `data`.
+    pub fn fit(
+        net: &Network64<'_>,
+        data: &Dataset<'_>,
+        opts: &Options,
+        ekfac: bool,
+    ) -> Result<Self> {
+        let model = net.model;
+        if ekfac {
+            opts.validate_ekfac()?;
+        } else {
+            opts.validate()?;
+        }
+        if data.num_data == 0 || !data.x.len().is_multiple_of(data.num_data) {
+            return Err(Error::Options(format!(
+                "the data set must hold at least one example of equal size (N = {}, {} input \
+                 values)",
+                data.num_data,
+                data.x.len()
+            )));
+        }
+        let layout = ParamLayout::from_options(model, opts)?;
+        let n = data.num_data as f64;
+        let batches = data.batches(opts.batch_size);
+
+        // Per curvature layer: A (None for bias-only) and G.
+        let joint = |li: usize| {
+            layout.layers[li]
+                .blocks
+                .iter()
+                .any(|&b| layout.blocks[b].kind == BlockKind::Joint)
+        };
+        let mut a_acc: Vec<Option<Mat<f64>>> = layout
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(li, cl)| {
+                cl.needs_input_factor(&layout).then(|| {
+                    Mat::zeros(
+                        cl.d_in + usize::from(joint(li)),
+                        cl.d_in + usize::from(joint(li)),
+                    )
+                })
+            })
+            .collect();
+        let mut g_acc: Vec<Mat<f64>> = layout
+            .layers
+            .iter()
+            .map(|cl| Mat::zeros(cl.d_out, cl.d_out))
+            .collect();
+
+        for &(start, end) in &batches {
+            let io = batch_io(net, &layout, opts, data, start, end)?;
+            let b = end - start;
+            let kappa = io.vectors.kappa;
+            for (li, cl) in layout.layers.iter().enumerate() {
+                let lio = &io.layers[li];
+                let s = cl.positions;
+                if let Some(a) = a_acc[li].as_mut() {
+                    let mut batch_a = Mat::<f64>::zeros(a.nrows(), a.ncols());
+                    let rows = lio.patches.chunks_exact(cl.d_in);
+                    let scale = match opts.approx {
+                        KfacApprox::Expand => {
+                            for row in rows {
+                                let r = augmented(row, joint(li));
+                                add_outer(&mut batch_a, &r, &r, 1.0);
+                            }
+                            1.0 / (n * s as f64)
+                        }
+                        KfacApprox::Reduce => {
+                            for ex in lio.patches.chunks_exact(s * cl.d_in) {
+                                let mean: Vec<f64> = (0..cl.d_in)
+                                    .map(|j| {
+                                        (0..s).map(|p| ex[p * cl.d_in + j]).sum::<f64>() / s as f64
+                                    })
+                                    .collect();
+                                let r = augmented(&mean, joint(li));
+                                add_outer(&mut batch_a, &r, &r, 1.0);
+                            }
+                            1.0 / n
+                        }
+                    };
+                    *a += batch_a * Scale(scale);
+                }
+                for v in 0..io.vectors.num_vectors {
+                    let gv = &lio.grads[v * b * s * cl.d_out..(v + 1) * b * s * cl.d_out];
+                    let mut batch_g = Mat::<f64>::zeros(cl.d_out, cl.d_out);
+                    match opts.approx {
+                        KfacApprox::Expand => {
+                            for row in gv.chunks_exact(cl.d_out) {
+                                add_outer(&mut batch_g, row, row, 1.0);
+                            }
+                        }
+                        KfacApprox::Reduce => {
+                            for ex in gv.chunks_exact(s * cl.d_out) {
+                                let sum: Vec<f64> = (0..cl.d_out)
+                                    .map(|o| (0..s).map(|p| ex[p * cl.d_out + o]).sum())
+                                    .collect();
+                                add_outer(&mut batch_g, &sum, &sum, 1.0);
+                            }
+                        }
+                    }
+                    g_acc[li] += batch_g * Scale(kappa);
+                }
+            }
+        }
+        if opts.fisher == FisherType::ForwardOnly {
+            for g in &mut g_acc {
+                *g = Mat::identity(g.nrows(), g.ncols());
+            }
+        }
+
+        let mut blocks = Vec::with_capacity(layout.blocks.len());
+        for block in &layout.blocks {
+            let li = layout
+                .layers
+                .iter()
+                .position(|cl| cl.layer == block.layer)
+                .expect("every block belongs to a layer");
+            let a = block
+                .has_input_factor()
+                .then(|| a_acc[li].clone())
+                .flatten();
+            let g = g_acc[li].clone();
+            blocks.push(BlockFactors {
+                a_eigen: a.as_ref().map(eigh).transpose()?,
+                g_eigen: eigh(&g)?,
+                a,
+                g,
+                corrected: None,
+            });
+        }
+        let mut fitted = CpuCurvature {
+            layout,
+            options: opts.clone(),
+            num_data: data.num_data,
+            blocks,
+        };
+        if ekfac {
+            fitted.correct(net, data, &batches)?;
+        }
+        Ok(fitted)
+    }
+
+    /// The eigenvalue-correction pass (SPEC §4.3), per example and explicitly.
+    fn correct(
+        &mut self,
+        net: &Network64<'_>,
+        data: &Dataset<'_>,
+        batches: &[(usize, usize)],
+    ) -> Result<()> {
+        let mut lambda: Vec<Vec<f64>> = self
+            .layout
+            .blocks
+            .iter()
+            .map(|b| vec![0.0; b.len()])
+            .collect();
+        for &(start, end) in batches {
+            let io = batch_io(net, &self.layout, &self.options, data, start, end)?;
+            let b = end - start;
+            let kappa = io.vectors.kappa;
+            for (li, cl) in self.layout.layers.iter().enumerate() {
+                let lio = &io.layers[li];
+                let s = cl.positions;
+                for &bi in &cl.blocks {
+                    let block = &self.layout.blocks[bi];
+                    let factors = &self.blocks[bi];
+                    let joint = block.kind == BlockKind::Joint;
+                    for v in 0..io.vectors.num_vectors {
+                        for n in 0..b {
+                            // Γ_n = Σ_s g_s ãᵀ ([d_out, D]); a bias block uses ã = [1].
+                            let mut gamma = Mat::<f64>::zeros(block.d_out, block.d_in);
+                            for p in 0..s {
+                                let g0 = ((v * b + n) * s + p) * cl.d_out;
+                                let g = &lio.grads[g0..g0 + cl.d_out];
+                                let a = match block.kind {
+                                    BlockKind::Bias => vec![1.0],
+                                    _ => {
+                                        let a0 = (n * s + p) * cl.d_in;
+                                        augmented(&lio.patches[a0..a0 + cl.d_in], joint)
+                                    }
+                                };
+                                add_outer(&mut gamma, g, &a, 1.0);
+                            }
+                            let qg = &factors.g_eigen.vectors;
+                            let rotated = match &factors.a_eigen {
+                                Some(ea) => qg.transpose() * &gamma * &ea.vectors,
+                                None => qg.transpose() * &gamma,
+                            };
+                            for (l, r) in lambda[bi].iter_mut().zip(rows_of(&rotated)) {
+                                *l += kappa * r * r;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for (f, l) in self.blocks.iter_mut().zip(lambda) {
+            f.corrected = Some(l);
+        }
+        Ok(())
+    }
+
+    fn corrected(&self, b: usize) -> Result<&[f64]> {
+        self.blocks[b]
+            .corrected
+            .as_deref()
+            .ok_or_else(|| Error::Options("EKFAC was not fitted (no eigenvalue correction)".into()))
+    }
+
+    /// Applies `f` to each block's `[d_out, D]` matrix of every column of `x [P, K]`.
+    fn per_block(
+        &self,
+        x: &[f64],
+        k: usize,
+        mut f: impl FnMut(usize, Mat<f64>) -> Result<Mat<f64>>,
+    ) -> Result<Vec<f64>> {
+        let p = self.layout.num_params;
+        if x.len() != p * k {
+            return Err(Error::Options(format!(
+                "matrix of {} values is not [P = {p}, K = {k}]",
+                x.len()
+            )));
+        }
+        let mut out = vec![0.0; p * k];
+        for (bi, block) in self.layout.blocks.iter().enumerate() {
+            let v = self.layout.gather(bi, x, k);
+            let mut y = Vec::with_capacity(v.len());
+            for col in v.chunks_exact(block.len()) {
+                y.extend(rows_of(&f(
+                    bi,
+                    mat_from_rows(block.d_out, block.d_in, col),
+                )?));
+            }
+            self.layout.scatter(bi, &y, &mut out, k);
+        }
+        Ok(out)
+    }
+
+    /// `X ↦ KFAC·X` or `EKFAC·X` for `x [P, K]` (model order).
+    pub fn matmat(&self, which: Approximation, x: &[f64], k: usize) -> Result<Vec<f64>> {
+        self.per_block(x, k, |bi, v| {
+            let f = &self.blocks[bi];
+            match which {
+                Approximation::Kfac => Ok(match &f.a {
+                    Some(a) => &f.g * v * a,
+                    None => &f.g * v,
+                }),
+                Approximation::Ekfac => {
+                    let lambda = self.corrected(bi)?;
+                    Ok(self.in_eigenbasis(bi, v, |idx, x| x * lambda[idx]))
+                }
+            }
+        })
+    }
+
+    /// `Q_G (h ∘ (Q_Gᵀ V Q_A)) Q_Aᵀ` with `h` applied to each rotated entry (by its
+    /// row-major index in `[d_out, D]`).
+    fn in_eigenbasis(&self, bi: usize, v: Mat<f64>, h: impl Fn(usize, f64) -> f64) -> Mat<f64> {
+        let f = &self.blocks[bi];
+        let qg = &f.g_eigen.vectors;
+        let mut r = match &f.a_eigen {
+            Some(ea) => qg.transpose() * v * &ea.vectors,
+            None => qg.transpose() * v,
+        };
+        let d = r.ncols();
+        for i in 0..r.nrows() {
+            for j in 0..d {
+                r[(i, j)] = h(i * d + j, r[(i, j)]);
+            }
+        }
+        match &f.a_eigen {
+            Some(ea) => qg * r * ea.vectors.transpose(),
+            None => qg * r,
+        }
+    }
+
+    /// The damping of `A` and `G` of block `bi` in `mode` (SPEC §5.3, curvlinops 3.0.1).
+    fn factor_damping(&self, bi: usize, damping: f64, mode: DampingMode) -> (f64, f64) {
+        if mode != DampingMode::Heuristic {
+            return (damping, damping);
+        }
+        // The module's A: that of its weight or joint block, if selected.
+        let layer = self.layout.blocks[bi].layer;
+        let module_a = self
+            .layout
+            .blocks
+            .iter()
+            .zip(&self.blocks)
+            .find_map(|(b, f)| (b.layer == layer).then_some(f.a.as_ref()).flatten());
+        let g = &self.blocks[bi].g;
+        let mean_diag =
+            |m: &Mat<f64>| (0..m.nrows()).map(|i| m[(i, i)]).sum::<f64>() / m.nrows() as f64;
+        match module_a {
+            Some(a) if mean_diag(a) >= 0.0 && mean_diag(g) > 0.0 => {
+                let pi = (mean_diag(a) / mean_diag(g)).sqrt();
+                let sd = damping.sqrt();
+                ((sd * pi).max(MIN_DAMPING), (sd / pi).max(MIN_DAMPING))
+            }
+            _ => (damping, damping),
+        }
+    }
+
+    /// `X ↦ (X_op + δI)⁻¹·X` for EKFAC (exact, `1/(Λ+δ)`; any other mode is an error as
+    /// in curvlinops) or KFAC in `mode`.
+    pub fn inverse_matmat(
+        &self,
+        which: Approximation,
+        x: &[f64],
+        k: usize,
+        damping: f64,
+        mode: DampingMode,
+    ) -> Result<Vec<f64>> {
+        if which == Approximation::Ekfac && mode != DampingMode::Exact {
+            return Err(Error::Options(format!(
+                "only exact damping is supported for EKFAC, found '{mode}'"
+            )));
+        }
+        self.per_block(x, k, |bi, v| {
+            let f = &self.blocks[bi];
+            match (which, mode) {
+                (Approximation::Ekfac, _) => {
+                    let lambda = self.corrected(bi)?;
+                    Ok(self.in_eigenbasis(bi, v, |idx, x| x / (lambda[idx] + damping)))
+                }
+                (Approximation::Kfac, DampingMode::Exact) => {
+                    let (d_out, d) = (v.nrows(), v.ncols());
+                    let dense = Mat::from_fn(d_out * d, d_out * d, |r, c| {
+                        let a = f.a.as_ref().map_or(1.0, |a| a[(r % d, c % d)]);
+                        f.g[(r / d, c / d)] * a + if r == c { damping } else { 0.0 }
+                    });
+                    let rhs = Mat::from_fn(d_out * d, 1, |r, _| v[(r / d, r % d)]);
+                    let sol = cholesky_solve(&dense, &rhs)?;
+                    Ok(Mat::from_fn(d_out, d, |i, j| sol[(i * d + j, 0)]))
+                }
+                (Approximation::Kfac, _) => {
+                    let (da, dg) = self.factor_damping(bi, damping, mode);
+                    let shifted = |m: &Mat<f64>, delta: f64| {
+                        Mat::from_fn(m.nrows(), m.ncols(), |i, j| {
+                            m[(i, j)] + if i == j { delta } else { 0.0 }
+                        })
+                    };
+                    let left = cholesky_solve(&shifted(&f.g, dg), &v)?;
+                    match &f.a {
+                        Some(a) => Ok(cholesky_solve(
+                            &shifted(a, da),
+                            &left.transpose().to_owned(),
+                        )?
+                        .transpose()
+                        .to_owned()),
+                        None => Ok(left),
+                    }
+                }
+            }
+        })
+    }
+
+    /// Per-block scalars and their total; `damping` is δ of `logdet_damped`.
+    pub fn scalars(&self, which: Approximation, damping: f64) -> Result<(Vec<Scalars>, Scalars)> {
+        let per_block = (0..self.blocks.len())
+            .map(|bi| {
+                let f = &self.blocks[bi];
+                Ok(match which {
+                    Approximation::Kfac => scalars::kfac_block(
+                        &f.g_eigen.values,
+                        f.a_eigen.as_ref().map(|e| e.values.as_slice()),
+                        damping,
+                    ),
+                    Approximation::Ekfac => scalars::ekfac_block(self.corrected(bi)?, damping),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let total = scalars::total(&per_block);
+        Ok((per_block, total))
+    }
+
+    /// The dense `[P, P]` matrix of the operator (row-major), for small `P`.
+    pub fn dense(&self, which: Approximation) -> Result<Vec<f64>> {
+        let p = self.layout.num_params;
+        let mut eye = vec![0.0; p * p];
+        for i in 0..p {
+            eye[i * p + i] = 1.0;
+        }
+        self.matmat(which, &eye, p)
+    }
+}
+
+/// Solves `M X = R` for symmetric positive definite `M` by Cholesky.
+fn cholesky_solve(m: &Mat<f64>, rhs: &Mat<f64>) -> Result<Mat<f64>> {
+    let llt = m.llt(Side::Lower).map_err(|e| {
+        Error::Options(format!(
+            "damped factor is not positive definite ({e:?}); increase the damping"
+        ))
+    })?;
+    Ok(llt.solve(rhs))
+}
+
+/// The exact block diagonal (SPEC §7 "block_diag") of the GGN (type-2), the MC Fisher
+/// with the same samples (mc) or the empirical Fisher (empirical), dense `[P, P]`
+/// row-major in model order, from per-example gradients `J_nᵀ u_{n,v}` with
+/// `u = √κ·V` (batches of one example). Entries between different blocks are zero.
+pub fn exact_block_diagonal(
+    net: &Network64<'_>,
+    data: &Dataset<'_>,
+    opts: &Options,
+) -> Result<Vec<f64>> {
+    opts.validate_ekfac()?;
+    let model = net.model;
+    let layout = ParamLayout::from_options(model, opts)?;
+    let p = layout.num_params;
+    let mut block_of = vec![0usize; p];
+    for (bi, block) in layout.blocks.iter().enumerate() {
+        for o in 0..block.d_out {
+            for j in 0..block.d_in {
+                block_of[block.param_index(o, j)] = bi;
+            }
+        }
+    }
+    let mut m = vec![0.0; p * p];
+    for n in 0..data.num_data {
+        let io = batch_io(net, &layout, opts, data, n, n + 1)?;
+        let kappa = io.vectors.kappa;
+        for v in 0..io.vectors.num_vectors {
+            let mut grad = vec![0.0; p];
+            for (li, cl) in layout.layers.iter().enumerate() {
+                let lio = &io.layers[li];
+                let out_len = lio.raw_grads.len() / io.vectors.num_vectors;
+                let g = &lio.raw_grads[v * out_len..(v + 1) * out_len];
+                let geo = conv_geometry(model, cl.layer, 1, &net.shapes[cl.layer]);
+                for param in layout.params.iter().filter(|q| q.layer == cl.layer) {
+                    let values = match (param.kind, &geo) {
+                        (ParamKind::Weight, None) => {
+                            ops::linear_backward_weight(g, &lio.input, 1, cl.d_in, cl.d_out)
+                        }
+                        (ParamKind::Weight, Some(geo)) => {
+                            ops::conv2d_backward_weight(g, &lio.input, geo)
+                        }
+                        (ParamKind::Bias, None) => ops::linear_backward_bias(g, 1, cl.d_out),
+                        (ParamKind::Bias, Some(geo)) => ops::conv2d_backward_bias(g, geo),
+                    };
+                    grad[param.offset..param.offset + values.len()].copy_from_slice(&values);
+                }
+            }
+            for i in 0..p {
+                for j in 0..p {
+                    if block_of[i] == block_of[j] {
+                        m[i * p + j] += kappa * grad[i] * grad[j];
+                    }
+                }
+            }
+        }
+    }
+    Ok(m)
+}

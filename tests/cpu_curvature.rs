@@ -1,0 +1,1051 @@
+//! The f64 CPU reference of KFAC/EKFAC against SPEC's worked examples (E1–E7), its §8
+//! golden numbers (curvlinops 3.0.1 in float64, 12 digits), and the properties of §7.
+//!
+//! Tolerances: the golden numbers are printed to 10–13 significant digits and the
+//! reference is f64 throughout, so they are compared to 1e-9 relative (1e-8 for the
+//! inverse traces, whose printed values have 10 digits). Worked examples have exact
+//! rational answers: 1e-12. Properties that hold in exact arithmetic (batch-size
+//! invariance, one datum ⇒ EKFAC = GGN, trace identities) are checked to 1e-10 relative:
+//! the only error is f64 round-off in sums of a few hundred terms and in faer's
+//! eigensolver (≈1e-14 relative on these well-scaled problems), with margin.
+
+use std::collections::HashMap;
+
+use ekfac::cpu::curvature::{
+    Approximation, CpuCurvature, Dataset, LayerWeights, Network64, exact_block_diagonal,
+};
+use ekfac::curvature::layout::{BlockKind, ParamLayout};
+use ekfac::curvature::{DampingMode, FisherType, KfacApprox, LossKind, Options, Reduction};
+use ekfac::loss::{self, SampledTargets, Targets};
+use ekfac::model::{Conv2dSpec, Layer, LinearSpec, Model, ModelSpec};
+
+/// A model from f64 weights (`name → (shape, values)`): the `Model` holds their f32
+/// roundings, the returned layer weights the exact f64 values.
+fn build(
+    input_shape: Vec<usize>,
+    layers: Vec<Layer>,
+    weights: &[(&str, Vec<usize>, Vec<f64>)],
+) -> (Model, Vec<Option<LayerWeights>>) {
+    let spec = ModelSpec {
+        input_shape,
+        layers,
+    };
+    let tensors: HashMap<String, (Vec<usize>, Vec<f32>)> = weights
+        .iter()
+        .map(|(k, s, v)| {
+            (
+                k.to_string(),
+                (s.clone(), v.iter().map(|&x| x as f32).collect()),
+            )
+        })
+        .collect();
+    let model = Model::new(spec.clone(), tensors).expect("valid test model");
+    let find = |key: String| {
+        weights
+            .iter()
+            .find(|(k, _, _)| *k == key)
+            .map(|(_, _, v)| v.clone())
+    };
+    let w64 = spec
+        .layers
+        .iter()
+        .map(|l| {
+            l.name().map(|n| {
+                (
+                    find(format!("{n}.weight")).expect("weight given"),
+                    find(format!("{n}.bias")),
+                )
+            })
+        })
+        .collect();
+    (model, w64)
+}
+
+fn linspace(a: f64, b: f64, n: usize) -> Vec<f64> {
+    (0..n)
+        .map(|i| a + (b - a) * i as f64 / (n - 1) as f64)
+        .collect()
+}
+
+fn rel(got: f64, want: f64) -> f64 {
+    (got - want).abs() / want.abs().max(1e-300)
+}
+
+fn assert_rel(got: f64, want: f64, tol: f64, what: &str) {
+    assert!(
+        rel(got, want) <= tol,
+        "{what}: got {got:.15e}, want {want:.15e} (rel {:.2e} > {tol:.0e})",
+        rel(got, want)
+    );
+}
+
+fn rel_frob(got: &[f64], want: &[f64]) -> f64 {
+    let num: f64 = got.iter().zip(want).map(|(a, b)| (a - b).powi(2)).sum();
+    let den: f64 = want.iter().map(|b| b * b).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+fn opts(loss: LossKind, reduction: Reduction, fisher: FisherType, sep: bool) -> Options {
+    Options {
+        loss,
+        reduction,
+        fisher,
+        joint_bias: !sep,
+        ..Options::default()
+    }
+}
+
+fn identity(p: usize) -> Vec<f64> {
+    let mut e = vec![0.0; p * p];
+    for i in 0..p {
+        e[i * p + i] = 1.0;
+    }
+    e
+}
+
+fn trace(m: &[f64], p: usize) -> f64 {
+    (0..p).map(|i| m[i * p + i]).sum()
+}
+
+// ---------------------------------------------------------------------------------
+// SPEC §8 problems.
+
+/// MLP: Linear(3,2) → tanh → Linear(2,3).
+fn golden_mlp() -> (Model, Vec<Option<LayerWeights>>) {
+    build(
+        vec![3],
+        vec![
+            Layer::Linear(LinearSpec::new("0", 3, 2)),
+            Layer::Tanh,
+            Layer::Linear(LinearSpec::new("2", 2, 3)),
+        ],
+        &[
+            ("0.weight", vec![2, 3], vec![0.1, -0.2, 0.3, 0.4, 0.5, -0.6]),
+            ("0.bias", vec![2], vec![0.05, -0.05]),
+            ("2.weight", vec![3, 2], vec![0.7, -0.8, 0.9, 1.0, -1.1, 1.2]),
+            ("2.bias", vec![3], vec![0.1, 0.2, -0.3]),
+        ],
+    )
+}
+
+const MLP_X: [f64; 9] = [1.0, 2.0, 3.0, -1.0, 0.5, 0.0, 0.3, -0.7, 1.1];
+const MLP_CE: [usize; 3] = [0, 2, 1];
+const MLP_MSE: [f64; 9] = [1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0];
+const MLP_BCE: [f64; 9] = [1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0];
+
+fn mlp_targets(loss: LossKind) -> Targets<'static> {
+    match loss {
+        LossKind::CrossEntropy => Targets::Classes(&MLP_CE),
+        LossKind::Mse => Targets::Dense(&MLP_MSE),
+        LossKind::BceWithLogits => Targets::Dense(&MLP_BCE),
+    }
+}
+
+fn mlp_data(loss: LossKind) -> Dataset<'static> {
+    Dataset {
+        x: &MLP_X,
+        targets: mlp_targets(loss),
+        num_data: 3,
+    }
+}
+
+/// Fits the golden MLP with the batches of §8 (`X1` of 2 examples, `X2` of 1).
+fn fit_mlp(o: &Options, ekfac: bool) -> CpuCurvature {
+    let (model, w) = golden_mlp();
+    let net = Network64::with_weights(&model, w).unwrap();
+    let o = Options {
+        batch_size: 2,
+        ..o.clone()
+    };
+    CpuCurvature::fit(&net, &mlp_data(o.loss), &o, ekfac).unwrap()
+}
+
+/// loss, reduction, fisher, separate bias, KFAC [trace, ‖·‖_F], EKFAC [trace, ‖·‖_F].
+type MlpRow = (
+    LossKind,
+    Reduction,
+    FisherType,
+    bool,
+    [f64; 2],
+    Option<[f64; 2]>,
+);
+
+#[test]
+fn golden_mlp_traces_and_frobenius_norms() {
+    use FisherType::*;
+    use LossKind::*;
+    use Reduction::*;
+    #[rustfmt::skip]
+    let rows: [MlpRow; 8] = [
+        (CrossEntropy, Mean, Type2, true, [5.964539331570, 3.016076256214], Some([5.266496514305, 2.570277847664])),
+        (CrossEntropy, Mean, Type2, false, [5.964539331570, 3.290274766924], Some([5.266496514305, 2.795812331335])),
+        (CrossEntropy, Mean, Empirical, true, [8.732407965847, 4.856921036096], Some([5.335643726308, 1.932171708015])),
+        (CrossEntropy, Mean, ForwardOnly, false, [17.71700133402, 7.951818245202], None),
+        (Mse, Mean, Type2, false, [18.52600384424, 9.543989964530], Some([17.53297375801, 8.789091317308])),
+        (Mse, Mean, Empirical, true, [44.33153048090, 28.43488227255], Some([34.76190458497, 18.14968379264])),
+        (BceWithLogits, Sum, Type2, true, [18.06661244287, 8.369922731602], Some([16.09680004417, 6.939198748860])),
+        (BceWithLogits, Sum, Empirical, false, [35.34112260115, 21.75212034116], Some([25.13047701979, 11.05408849115])),
+    ];
+    for (loss, red, fisher, sep, kfac, ekfac) in rows {
+        let what = format!("{loss} {red} {fisher} sep={sep}");
+        let fit = fit_mlp(&opts(loss, red, fisher, sep), ekfac.is_some());
+        let (_, k) = fit.scalars(Approximation::Kfac, 0.0).unwrap();
+        assert_rel(k.trace, kfac[0], 1e-9, &format!("{what} KFAC trace"));
+        assert_rel(
+            k.frobenius_norm,
+            kfac[1],
+            1e-9,
+            &format!("{what} KFAC Frobenius"),
+        );
+        // The same from the dense matrix, independently of the eigenvalues.
+        let p = fit.layout.num_params;
+        let dense = fit.dense(Approximation::Kfac).unwrap();
+        assert_rel(
+            trace(&dense, p),
+            kfac[0],
+            1e-9,
+            &format!("{what} dense KFAC trace"),
+        );
+        let frob = dense.iter().map(|v| v * v).sum::<f64>().sqrt();
+        assert_rel(frob, kfac[1], 1e-9, &format!("{what} dense KFAC Frobenius"));
+        if let Some(e) = ekfac {
+            let (_, s) = fit.scalars(Approximation::Ekfac, 0.0).unwrap();
+            assert_rel(s.trace, e[0], 1e-9, &format!("{what} EKFAC trace"));
+            assert_rel(
+                s.frobenius_norm,
+                e[1],
+                1e-9,
+                &format!("{what} EKFAC Frobenius"),
+            );
+            let dense = fit.dense(Approximation::Ekfac).unwrap();
+            assert_rel(
+                trace(&dense, p),
+                e[0],
+                1e-9,
+                &format!("{what} dense EKFAC trace"),
+            );
+            let frob = dense.iter().map(|v| v * v).sum::<f64>().sqrt();
+            assert_rel(frob, e[1], 1e-9, &format!("{what} dense EKFAC Frobenius"));
+        }
+    }
+}
+
+/// §8 inverse traces (MLP+CE(mean), type-2, δ = 1e-2), 3.0.1's heuristic rule.
+#[test]
+fn golden_mlp_inverse_traces() {
+    #[rustfmt::skip]
+    let rows = [
+        (true, [3056.684047, 198.8523221, 484.5370323, 483.3661593]),
+        (false, [6017.383460, 272.6885165, 729.4165897, 728.7239306]),
+    ];
+    for (sep, want) in rows {
+        let fit = fit_mlp(
+            &opts(
+                LossKind::CrossEntropy,
+                Reduction::Mean,
+                FisherType::Type2,
+                sep,
+            ),
+            true,
+        );
+        let p = fit.layout.num_params;
+        let eye = identity(p);
+        let cases = [
+            (Approximation::Kfac, DampingMode::Plain),
+            (Approximation::Kfac, DampingMode::Heuristic),
+            (Approximation::Kfac, DampingMode::Exact),
+            (Approximation::Ekfac, DampingMode::Exact),
+        ];
+        for ((which, mode), want) in cases.into_iter().zip(want) {
+            let inv = fit.inverse_matmat(which, &eye, p, 1e-2, mode).unwrap();
+            assert_rel(
+                trace(&inv, p),
+                want,
+                1e-8,
+                &format!("sep={sep} {which:?} {mode} inverse trace"),
+            );
+        }
+    }
+}
+
+/// CNN of §8: Conv2d(2,2,2,padding=1) → ReLU → Flatten → Linear(32,2), MSE sum.
+fn golden_cnn() -> (Model, Vec<Option<LayerWeights>>) {
+    let mut conv = Conv2dSpec::new("0", 2, 2, [2, 2]);
+    conv.padding = [1, 1];
+    build(
+        vec![2, 3, 3],
+        vec![
+            Layer::Conv2d(conv),
+            Layer::Relu,
+            Layer::Flatten,
+            Layer::Linear(LinearSpec::new("3", 32, 2)),
+        ],
+        &[
+            ("0.weight", vec![2, 2, 2, 2], linspace(-1.0, 1.0, 16)),
+            ("0.bias", vec![2], vec![0.1, -0.1]),
+            ("3.weight", vec![2, 32], linspace(-0.5, 0.5, 64)),
+            ("3.bias", vec![2], vec![0.0, 0.3]),
+        ],
+    )
+}
+
+/// approx, fisher, separate bias, KFAC [trace, ‖·‖_F], EKFAC [trace, ‖·‖_F] (`None`: not
+/// compared).
+type CnnRow = (
+    KfacApprox,
+    FisherType,
+    bool,
+    [f64; 2],
+    Option<[Option<f64>; 2]>,
+);
+
+#[test]
+fn golden_cnn_traces_and_frobenius_norms() {
+    let mut x = linspace(0.0, 1.0, 18);
+    x.extend(linspace(1.0, -1.0, 36));
+    let y = [1.0, -1.0, 0.5, 0.5, 0.0, 2.0];
+    let data = Dataset {
+        x: &x,
+        targets: Targets::Dense(&y),
+        num_data: 3,
+    };
+    let (model, w) = golden_cnn();
+    let net = Network64::with_weights(&model, w).unwrap();
+    use FisherType::*;
+    use KfacApprox::*;
+    // The reduce-mode EKFAC Frobenius norm is basis-dependent (SPEC §8, pitfall 1): only
+    // its trace is compared.
+    #[rustfmt::skip]
+    let rows: [CnnRow; 5] = [
+        (Expand, Type2, true, [382.8636581032, 172.1190080319], Some([Some(779.5879884411), Some(273.5694546285)])),
+        (Expand, Type2, false, [382.8636581032, 178.0065111650], Some([Some(779.5879884411), Some(343.2108265559)])),
+        (Reduce, Type2, true, [772.5843550338, 273.0698862742], Some([Some(779.5879884411), None])),
+        (Expand, Empirical, true, [24647.75915806, 12607.65350913], Some([Some(77368.48639427), Some(35771.94746235)])),
+        (Reduce, ForwardOnly, true, [60.39055684248, 28.60392229406], None),
+    ];
+    for (approx, fisher, sep, kfac, ekfac) in rows {
+        let what = format!("CNN {approx} {fisher} sep={sep}");
+        let o = Options {
+            approx,
+            batch_size: 1,
+            ..opts(LossKind::Mse, Reduction::Sum, fisher, sep)
+        };
+        let fit = CpuCurvature::fit(&net, &data, &o, ekfac.is_some()).unwrap();
+        let (_, k) = fit.scalars(Approximation::Kfac, 0.0).unwrap();
+        assert_rel(k.trace, kfac[0], 1e-9, &format!("{what} KFAC trace"));
+        assert_rel(
+            k.frobenius_norm,
+            kfac[1],
+            1e-9,
+            &format!("{what} KFAC Frobenius"),
+        );
+        if let Some([t, f]) = ekfac {
+            let (_, e) = fit.scalars(Approximation::Ekfac, 0.0).unwrap();
+            if let Some(t) = t {
+                assert_rel(e.trace, t, 1e-9, &format!("{what} EKFAC trace"));
+            }
+            if let Some(f) = f {
+                assert_rel(
+                    e.frobenius_norm,
+                    f,
+                    1e-9,
+                    &format!("{what} EKFAC Frobenius"),
+                );
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Worked examples of SPEC §2–§3.
+
+fn assert_mat(got: &faer::Mat<f64>, want: &[&[f64]], tol: f64, what: &str) {
+    assert_eq!(got.nrows(), want.len(), "{what}: rows");
+    for (i, row) in want.iter().enumerate() {
+        assert_eq!(got.ncols(), row.len(), "{what}: columns");
+        for (j, &w) in row.iter().enumerate() {
+            assert!(
+                (got[(i, j)] - w).abs() <= tol * w.abs().max(1.0),
+                "{what}[{i},{j}]: got {}, want {w}",
+                got[(i, j)]
+            );
+        }
+    }
+}
+
+/// E1: Linear(2→2), MSE mean, type-2, joint block: G = I, A = ½[[1,0,1],[0,4,2],[1,2,2]]
+/// and the dense operator of the SPEC.
+#[test]
+fn e1_joint_linear_mse() {
+    let (model, w) = build(
+        vec![2],
+        vec![Layer::Linear(LinearSpec::new("0", 2, 2))],
+        &[
+            ("0.weight", vec![2, 2], vec![1.0, 2.0, 3.0, 4.0]),
+            ("0.bias", vec![2], vec![0.5, -0.5]),
+        ],
+    );
+    let net = Network64::with_weights(&model, w).unwrap();
+    let x = [1.0, 0.0, 0.0, 2.0];
+    let y = [0.3, -0.1, 2.0, 1.0];
+    let data = Dataset {
+        x: &x,
+        targets: Targets::Dense(&y),
+        num_data: 2,
+    };
+    let o = opts(LossKind::Mse, Reduction::Mean, FisherType::Type2, false);
+    let fit = CpuCurvature::fit(&net, &data, &o, true).unwrap();
+    assert_eq!(fit.layout.blocks.len(), 1);
+    assert_eq!(fit.layout.blocks[0].kind, BlockKind::Joint);
+    assert_mat(&fit.blocks[0].g, &[&[1.0, 0.0], &[0.0, 1.0]], 1e-12, "G");
+    let a = fit.blocks[0].a.as_ref().unwrap();
+    assert_mat(
+        a,
+        &[&[0.5, 0.0, 0.5], &[0.0, 2.0, 1.0], &[0.5, 1.0, 1.0]],
+        1e-12,
+        "A",
+    );
+    #[rustfmt::skip]
+    let want = [
+        0.5, 0.0, 0.0, 0.0, 0.5, 0.0,
+        0.0, 2.0, 0.0, 0.0, 1.0, 0.0,
+        0.0, 0.0, 0.5, 0.0, 0.0, 0.5,
+        0.0, 0.0, 0.0, 2.0, 0.0, 1.0,
+        0.5, 1.0, 0.0, 0.0, 1.0, 0.0,
+        0.0, 0.0, 0.5, 1.0, 0.0, 1.0,
+    ];
+    let dense = fit.dense(Approximation::Kfac).unwrap();
+    assert!(rel_frob(&dense, &want) < 1e-12, "{dense:?}");
+    // KFAC is exact for a linear model with MSE (SPEC §7.6 item 2), so is EKFAC.
+    let ggn = exact_block_diagonal(&net, &data, &o).unwrap();
+    assert!(rel_frob(&ggn, &want) < 1e-12);
+    let ekfac = fit.dense(Approximation::Ekfac).unwrap();
+    assert!(rel_frob(&ekfac, &want) < 1e-12);
+}
+
+/// E2: the √C rule: G = 4ffᵀ (sum) and 4ffᵀ/3 (mean) for the empirical Fisher.
+#[test]
+fn e2_sqrt_c_rule() {
+    let (model, w) = build(
+        vec![1],
+        vec![Layer::Linear(LinearSpec {
+            bias: false,
+            ..LinearSpec::new("0", 1, 3)
+        })],
+        &[("0.weight", vec![3, 1], vec![1.0, 2.0, 3.0])],
+    );
+    let net = Network64::with_weights(&model, w).unwrap();
+    let y = [0.0; 3];
+    let data = Dataset {
+        x: &[1.0],
+        targets: Targets::Dense(&y),
+        num_data: 1,
+    };
+    for (red, s) in [(Reduction::Sum, 4.0), (Reduction::Mean, 4.0 / 3.0)] {
+        let o = opts(LossKind::Mse, red, FisherType::Empirical, true);
+        let fit = CpuCurvature::fit(&net, &data, &o, false).unwrap();
+        let f = [1.0, 2.0, 3.0];
+        let want: Vec<Vec<f64>> = f
+            .iter()
+            .map(|a| f.iter().map(|b| s * a * b).collect())
+            .collect();
+        let rows: Vec<&[f64]> = want.iter().map(Vec::as_slice).collect();
+        assert_mat(&fit.blocks[0].g, &rows, 1e-12, &format!("G {red}"));
+    }
+}
+
+/// E3: Conv2d(2→1, k=2) with joint bias, one example `arange(1..12)`: A[0,0] = 2.5,
+/// A[0,8] = 1.5, A[8,8] = 1, A[7,7] = 132.5.
+#[test]
+fn e3_conv_joint_input_covariance() {
+    let (model, w) = build(
+        vec![2, 2, 3],
+        vec![
+            Layer::Conv2d(Conv2dSpec::new("0", 2, 1, [2, 2])),
+            Layer::Flatten,
+        ],
+        &[
+            ("0.weight", vec![1, 2, 2, 2], linspace(-0.4, 0.3, 8)),
+            ("0.bias", vec![1], vec![0.2]),
+        ],
+    );
+    let net = Network64::with_weights(&model, w).unwrap();
+    let x: Vec<f64> = (1..=12).map(f64::from).collect();
+    let data = Dataset {
+        x: &x,
+        targets: Targets::Dense(&[0.0, 1.0]),
+        num_data: 1,
+    };
+    let o = opts(LossKind::Mse, Reduction::Sum, FisherType::Type2, false);
+    let fit = CpuCurvature::fit(&net, &data, &o, false).unwrap();
+    assert_eq!(fit.layout.layers[0].positions, 2);
+    let a = fit.blocks[0].a.as_ref().unwrap();
+    assert_eq!(a.nrows(), 9);
+    for (i, j, want) in [(0, 0, 2.5), (0, 8, 1.5), (8, 8, 1.0), (7, 7, 132.5)] {
+        assert!(
+            (a[(i, j)] - want).abs() < 1e-12,
+            "A[{i},{j}] = {}",
+            a[(i, j)]
+        );
+    }
+}
+
+/// E4: Conv2d(4→2, k=1, groups=2, no bias) on channels [1,2,10,20]: the group-averaged
+/// input is [5.5, 11], A = [[30.25, 60.5], [60.5, 121]].
+#[test]
+fn e4_conv_groups_average_channels() {
+    let mut conv = Conv2dSpec::new("0", 4, 2, [1, 1]);
+    conv.groups = 2;
+    conv.bias = false;
+    let (model, w) = build(
+        vec![4, 1, 1],
+        vec![Layer::Conv2d(conv), Layer::Flatten],
+        &[("0.weight", vec![2, 2, 1, 1], vec![0.1, 0.2, 0.3, 0.4])],
+    );
+    let net = Network64::with_weights(&model, w).unwrap();
+    let data = Dataset {
+        x: &[1.0, 2.0, 10.0, 20.0],
+        targets: Targets::Dense(&[0.0, 0.0]),
+        num_data: 1,
+    };
+    let o = opts(LossKind::Mse, Reduction::Sum, FisherType::Type2, true);
+    let fit = CpuCurvature::fit(&net, &data, &o, false).unwrap();
+    assert_mat(
+        fit.blocks[0].a.as_ref().unwrap(),
+        &[&[30.25, 60.5], &[60.5, 121.0]],
+        1e-12,
+        "A",
+    );
+}
+
+/// E5: CE type-2, one datum with logits [0, ln 2, ln 3]: G = diag(p) − ppᵀ.
+#[test]
+fn e5_cross_entropy_type2() {
+    let (model, w) = build(
+        vec![1],
+        vec![Layer::Linear(LinearSpec {
+            bias: false,
+            ..LinearSpec::new("0", 1, 3)
+        })],
+        &[("0.weight", vec![3, 1], vec![0.0, 2f64.ln(), 3f64.ln()])],
+    );
+    let net = Network64::with_weights(&model, w).unwrap();
+    for red in [Reduction::Sum, Reduction::Mean] {
+        let data = Dataset {
+            x: &[1.0],
+            targets: Targets::Classes(&[1]),
+            num_data: 1,
+        };
+        let o = opts(LossKind::CrossEntropy, red, FisherType::Type2, true);
+        let fit = CpuCurvature::fit(&net, &data, &o, false).unwrap();
+        assert_mat(
+            &fit.blocks[0].g,
+            &[
+                &[5.0 / 36.0, -1.0 / 18.0, -1.0 / 12.0],
+                &[-1.0 / 18.0, 2.0 / 9.0, -1.0 / 6.0],
+                &[-1.0 / 12.0, -1.0 / 6.0, 0.25],
+            ],
+            1e-12,
+            &format!("G {red}"),
+        );
+    }
+}
+
+/// E6/E7 through a 1×1 convolution, which is a linear layer shared over `S = 3`
+/// positions: `Linear(2→1)` on `x = [[1,0],[0,1],[1,1]]`. A expand = (1/3)[[2,1],[1,2]],
+/// A reduce = (4/9)·ones. With the output flattened to `C = 3` (our outputs are 2-D) and
+/// MSE type-2, `g_s = √2·δ` per Hessian column, so G expand = 6 (sum) and 2 (mean,
+/// `c_C = 1/3`), as in E7; E7's reduce values need `R = 3` loss terms per example, which
+/// 2-D outputs do not have.
+#[test]
+fn e6_e7_weight_sharing() {
+    let mut conv = Conv2dSpec::new("0", 2, 1, [1, 1]);
+    conv.bias = false;
+    let (model, w) = build(
+        vec![2, 1, 3],
+        vec![Layer::Conv2d(conv), Layer::Flatten],
+        &[("0.weight", vec![1, 2, 1, 1], vec![0.3, -0.7])],
+    );
+    let net = Network64::with_weights(&model, w).unwrap();
+    // NCHW: channel 0 over the 3 positions is [1, 0, 1], channel 1 is [0, 1, 1].
+    let data = Dataset {
+        x: &[1.0, 0.0, 1.0, 0.0, 1.0, 1.0],
+        targets: Targets::Dense(&[0.0, 0.0, 0.0]),
+        num_data: 1,
+    };
+    for (approx, a_want) in [
+        (
+            KfacApprox::Expand,
+            [[2.0 / 3.0, 1.0 / 3.0], [1.0 / 3.0, 2.0 / 3.0]],
+        ),
+        (KfacApprox::Reduce, [[4.0 / 9.0; 2]; 2]),
+    ] {
+        for (red, g_want) in [(Reduction::Sum, 6.0), (Reduction::Mean, 2.0)] {
+            let o = Options {
+                approx,
+                ..opts(LossKind::Mse, red, FisherType::Type2, true)
+            };
+            let fit = CpuCurvature::fit(&net, &data, &o, false).unwrap();
+            assert_mat(
+                fit.blocks[0].a.as_ref().unwrap(),
+                &[&a_want[0], &a_want[1]],
+                1e-12,
+                &format!("A {approx}"),
+            );
+            if approx == KfacApprox::Expand {
+                assert_mat(&fit.blocks[0].g, &[&[g_want]], 1e-12, &format!("G {red}"));
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Properties (SPEC §7).
+
+/// A random MLP with sigmoid/relu and `n` random examples.
+fn random_mlp(seed: u64, n: usize) -> (Model, Vec<Option<LayerWeights>>, Vec<f64>) {
+    let mut s = seed;
+    let mut next = move || {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+    };
+    let mut vals = |k: usize| (0..k).map(|_| next()).collect::<Vec<f64>>();
+    let w = [
+        ("0.weight", vec![4, 3], vals(12)),
+        ("0.bias", vec![4], vals(4)),
+        ("2.weight", vec![3, 4], vals(12)),
+        ("2.bias", vec![3], vals(3)),
+    ];
+    let x = vals(3 * n);
+    let (model, w64) = build(
+        vec![3],
+        vec![
+            Layer::Linear(LinearSpec::new("0", 3, 4)),
+            Layer::Sigmoid,
+            Layer::Linear(LinearSpec::new("2", 4, 3)),
+        ],
+        &w,
+    );
+    (model, w64, x)
+}
+
+const RANDOM_CE: [usize; 7] = [0, 2, 1, 1, 0, 2, 2];
+const RANDOM_DENSE: [f64; 21] = [
+    1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0,
+    1.0, 1.0,
+];
+
+fn random_targets(loss: LossKind, n: usize) -> Targets<'static> {
+    match loss {
+        LossKind::CrossEntropy => Targets::Classes(&RANDOM_CE[..n]),
+        _ => Targets::Dense(&RANDOM_DENSE[..3 * n]),
+    }
+}
+
+const LOSSES: [LossKind; 3] = [
+    LossKind::Mse,
+    LossKind::CrossEntropy,
+    LossKind::BceWithLogits,
+];
+
+#[test]
+fn batch_size_invariance() {
+    let (model, w, x) = random_mlp(1, 7);
+    let net = Network64::with_weights(&model, w).unwrap();
+    for loss in LOSSES {
+        for (fisher, mc) in [
+            (FisherType::Type2, 1),
+            (FisherType::Mc, 3),
+            (FisherType::Empirical, 1),
+        ] {
+            for red in [Reduction::Mean, Reduction::Sum] {
+                let data = Dataset {
+                    x: &x,
+                    targets: random_targets(loss, 7),
+                    num_data: 7,
+                };
+                let fit = |b: usize| {
+                    let o = Options {
+                        batch_size: b,
+                        mc_samples: mc,
+                        ..opts(loss, red, fisher, false)
+                    };
+                    CpuCurvature::fit(&net, &data, &o, true).unwrap()
+                };
+                let whole = fit(7);
+                for b in [1, 3] {
+                    let split = fit(b);
+                    for which in [Approximation::Kfac, Approximation::Ekfac] {
+                        let e =
+                            rel_frob(&split.dense(which).unwrap(), &whole.dense(which).unwrap());
+                        assert!(
+                            e < 1e-10,
+                            "{loss} {fisher} {red} batch {b} {which:?}: {e:e}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One datum: KFAC and EKFAC equal the exact block diagonal of the GGN (type-2), the
+/// MC Fisher with the same samples, and the empirical Fisher.
+#[test]
+fn one_datum_ekfac_equals_exact_block_diagonal() {
+    let (model, w, x) = random_mlp(2, 1);
+    let net = Network64::with_weights(&model, w).unwrap();
+    for loss in LOSSES {
+        for (fisher, mc) in [
+            (FisherType::Type2, 1),
+            (FisherType::Mc, 2),
+            (FisherType::Empirical, 1),
+        ] {
+            for sep in [true, false] {
+                let data = Dataset {
+                    x: &x,
+                    targets: random_targets(loss, 1),
+                    num_data: 1,
+                };
+                let o = Options {
+                    mc_samples: mc,
+                    ..opts(loss, Reduction::Mean, fisher, sep)
+                };
+                let exact = exact_block_diagonal(&net, &data, &o).unwrap();
+                let fit = CpuCurvature::fit(&net, &data, &o, true).unwrap();
+                let e = rel_frob(&fit.dense(Approximation::Ekfac).unwrap(), &exact);
+                assert!(e < 1e-10, "{loss} {fisher} sep={sep}: EKFAC vs exact {e:e}");
+                let k = rel_frob(&fit.dense(Approximation::Kfac).unwrap(), &exact);
+                assert!(k < 1e-10, "{loss} {fisher} sep={sep}: KFAC vs exact {k:e}");
+            }
+        }
+    }
+}
+
+/// EKFAC is the exact block diagonal in the Kronecker eigenbasis, so its trace equals
+/// the exact one and it is at least as close to it as KFAC in Frobenius norm.
+#[test]
+fn ekfac_trace_and_closer_than_kfac() {
+    let (model, w, x) = random_mlp(3, 7);
+    let net = Network64::with_weights(&model, w).unwrap();
+    for loss in LOSSES {
+        for fisher in [FisherType::Type2, FisherType::Empirical] {
+            for sep in [true, false] {
+                let data = Dataset {
+                    x: &x,
+                    targets: random_targets(loss, 7),
+                    num_data: 7,
+                };
+                let o = Options {
+                    batch_size: 3,
+                    ..opts(loss, Reduction::Sum, fisher, sep)
+                };
+                let exact = exact_block_diagonal(&net, &data, &o).unwrap();
+                let fit = CpuCurvature::fit(&net, &data, &o, true).unwrap();
+                let p = fit.layout.num_params;
+                let (_, s) = fit.scalars(Approximation::Ekfac, 0.0).unwrap();
+                assert_rel(
+                    s.trace,
+                    trace(&exact, p),
+                    1e-10,
+                    &format!("{loss} {fisher} trace"),
+                );
+                let ek = rel_frob(&fit.dense(Approximation::Ekfac).unwrap(), &exact);
+                let kf = rel_frob(&fit.dense(Approximation::Kfac).unwrap(), &exact);
+                assert!(
+                    ek < kf,
+                    "{loss} {fisher} sep={sep}: EKFAC {ek:e} ≥ KFAC {kf:e}"
+                );
+            }
+        }
+    }
+}
+
+/// Trace identity with weight sharing (conv, groups = 1) in expand and reduce mode.
+#[test]
+fn conv_ekfac_trace_equals_ggn_trace() {
+    let mut x = linspace(0.0, 1.0, 18);
+    x.extend(linspace(1.0, -1.0, 36));
+    let y = [1.0, -1.0, 0.5, 0.5, 0.0, 2.0];
+    let data = Dataset {
+        x: &x,
+        targets: Targets::Dense(&y),
+        num_data: 3,
+    };
+    let (model, w) = golden_cnn();
+    let net = Network64::with_weights(&model, w).unwrap();
+    for approx in [KfacApprox::Expand, KfacApprox::Reduce] {
+        for red in [Reduction::Sum, Reduction::Mean] {
+            let o = Options {
+                approx,
+                batch_size: 2,
+                ..opts(LossKind::Mse, red, FisherType::Type2, false)
+            };
+            let exact = exact_block_diagonal(&net, &data, &o).unwrap();
+            let fit = CpuCurvature::fit(&net, &data, &o, true).unwrap();
+            let (_, s) = fit.scalars(Approximation::Ekfac, 0.0).unwrap();
+            let p = fit.layout.num_params;
+            assert_rel(s.trace, trace(&exact, p), 1e-10, &format!("{approx} {red}"));
+        }
+    }
+}
+
+/// MC with one sample is the empirical Fisher of the sampled labels, exactly.
+#[test]
+fn mc_one_sample_is_empirical_with_sampled_labels() {
+    let (model, w, x) = random_mlp(4, 7);
+    let net = Network64::with_weights(&model, w).unwrap();
+    // Logits of the whole data set for drawing the labels.
+    let exact_logits = net.outputs(&x, 7);
+    for loss in LOSSES {
+        let o = Options {
+            batch_size: 3,
+            ..opts(loss, Reduction::Mean, FisherType::Mc, true)
+        };
+        let sampled = loss::sample_targets(loss, &exact_logits, 3, o.seed, 0, 0);
+        let data = Dataset {
+            x: &x,
+            targets: random_targets(loss, 7),
+            num_data: 7,
+        };
+        let mc = CpuCurvature::fit(&net, &data, &o, true).unwrap();
+        let emp_data = Dataset {
+            targets: sampled.as_targets(),
+            ..data
+        };
+        let emp = CpuCurvature::fit(
+            &net,
+            &emp_data,
+            &Options {
+                fisher: FisherType::Empirical,
+                ..o.clone()
+            },
+            true,
+        )
+        .unwrap();
+        if let SampledTargets::Classes(c) = &sampled {
+            assert!(c.iter().all(|&c| c < 3));
+        }
+        for which in [Approximation::Kfac, Approximation::Ekfac] {
+            let e = rel_frob(&mc.dense(which).unwrap(), &emp.dense(which).unwrap());
+            assert!(e < 1e-13, "{loss} {which:?}: {e:e}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Layout, inverses and scalars.
+
+fn names(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn layout_selection_and_model_order() {
+    let (model, _) = golden_mlp();
+    let spec = &model.spec;
+    let all = ParamLayout::new(spec, None, false).unwrap();
+    assert_eq!(
+        all.param_names(),
+        names(&["0.weight", "0.bias", "2.weight", "2.bias"])
+    );
+    assert_eq!(all.num_params, 17);
+    assert_eq!(all.blocks.len(), 4);
+    // Names in any order give model order.
+    let shuffled = ParamLayout::new(
+        spec,
+        Some(&names(&["2.bias", "0.weight", "2.weight"])),
+        true,
+    )
+    .unwrap();
+    assert_eq!(
+        shuffled.param_names(),
+        names(&["0.weight", "2.weight", "2.bias"])
+    );
+    let kinds: Vec<BlockKind> = shuffled.blocks.iter().map(|b| b.kind).collect();
+    assert_eq!(kinds, [BlockKind::Weight, BlockKind::Joint]);
+    assert_eq!((shuffled.blocks[1].offset, shuffled.blocks[1].d_in), (6, 3));
+    // Bias only: no input factor.
+    let bias = ParamLayout::new(spec, Some(&names(&["0.bias"])), false).unwrap();
+    assert!(!bias.layers[0].needs_input_factor(&bias));
+    assert_eq!((bias.blocks[0].kind, bias.num_params), (BlockKind::Bias, 2));
+    for (sel, fragment) in [
+        (vec!["3.weight"], "unknown parameter \"3.weight\""),
+        (vec!["1.weight"], "has no parameters"),
+        (vec!["0.weight", "0.weight"], "selected twice"),
+        (vec![], "empty"),
+    ] {
+        let err = ParamLayout::new(spec, Some(&names(&sel)), false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(fragment), "{sel:?}: {err}");
+    }
+    let (nobias, _) = build(
+        vec![2],
+        vec![Layer::Linear(LinearSpec {
+            bias: false,
+            ..LinearSpec::new("fc", 2, 2)
+        })],
+        &[("fc.weight", vec![2, 2], vec![1.0, 2.0, 3.0, 4.0])],
+    );
+    let err = ParamLayout::new(&nobias.spec, Some(&names(&["fc.bias"])), false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("has no bias"), "{err}");
+}
+
+/// Gather/scatter: joint blocks map the model-order vector (weight rows, then bias) to
+/// `[d_out, d_in + 1]` rows `[W_o | b_o]` and back.
+#[test]
+fn layout_gather_scatter_joint() {
+    let (model, _) = golden_mlp();
+    let layout = ParamLayout::new(&model.spec, None, true).unwrap();
+    let p = layout.num_params;
+    let k = 2;
+    let x: Vec<f64> = (0..p * k).map(|i| i as f64).collect();
+    // Layer 0: weight [2,3] at 0..6, bias at 6..8; block row o = [W[o,0..3], b[o]].
+    let g = layout.gather(0, &x, k);
+    let want_col0 = [0.0, 2.0, 4.0, 12.0, 6.0, 8.0, 10.0, 14.0];
+    assert_eq!(&g[..8], &want_col0);
+    assert_eq!(g[8], 1.0);
+    let mut back = vec![f64::NAN; p * k];
+    for b in 0..layout.blocks.len() {
+        let v = layout.gather(b, &x, k);
+        layout.scatter(b, &v, &mut back, k);
+    }
+    assert_eq!(back, x);
+}
+
+/// Damped inverses are inverses: (X + δI)·inverse(v) = v for EKFAC and exact KFAC;
+/// plain and heuristic invert (G + δ_G I) ⊗ (A + δ_A I).
+#[test]
+fn inverses_invert() {
+    let (model, w, x) = random_mlp(5, 7);
+    let net = Network64::with_weights(&model, w).unwrap();
+    let data = Dataset {
+        x: &x,
+        targets: random_targets(LossKind::CrossEntropy, 7),
+        num_data: 7,
+    };
+    for sep in [true, false] {
+        let o = Options {
+            params: Some(names(&["0.weight", "2.weight", "2.bias"])),
+            ..opts(
+                LossKind::CrossEntropy,
+                Reduction::Mean,
+                FisherType::Type2,
+                sep,
+            )
+        };
+        let fit = CpuCurvature::fit(&net, &data, &o, true).unwrap();
+        let p = fit.layout.num_params;
+        let v: Vec<f64> = (0..p * 2)
+            .map(|i| ((i * 7 % 11) as f64 - 5.0) / 3.0)
+            .collect();
+        let delta = 1e-3;
+        for which in [Approximation::Kfac, Approximation::Ekfac] {
+            let inv = fit
+                .inverse_matmat(which, &v, 2, delta, DampingMode::Exact)
+                .unwrap();
+            let back: Vec<f64> = fit
+                .matmat(which, &inv, 2)
+                .unwrap()
+                .iter()
+                .zip(&inv)
+                .map(|(a, b)| a + delta * b)
+                .collect();
+            let e = rel_frob(&back, &v);
+            assert!(e < 1e-9, "sep={sep} {which:?}: {e:e}");
+        }
+        // Plain: with δ_A = δ_G = δ the inverse of (G+δI)⊗(A+δI), checked through the
+        // dense Kronecker matrix of the damped factors.
+        let inv = fit
+            .inverse_matmat(Approximation::Kfac, &v, 2, delta, DampingMode::Plain)
+            .unwrap();
+        let mut damped = fit.clone();
+        for f in &mut damped.blocks {
+            for i in 0..f.g.nrows() {
+                f.g[(i, i)] += delta;
+            }
+            if let Some(a) = f.a.as_mut() {
+                for i in 0..a.nrows() {
+                    a[(i, i)] += delta;
+                }
+            }
+        }
+        let back = damped.matmat(Approximation::Kfac, &inv, 2).unwrap();
+        assert!(rel_frob(&back, &v) < 1e-9, "plain sep={sep}");
+        let err = fit
+            .inverse_matmat(Approximation::Ekfac, &v, 2, delta, DampingMode::Plain)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("only exact damping"), "{err}");
+    }
+}
+
+/// log det, det and the damped log det against the dense matrices (faer Cholesky), and
+/// the zero-eigenvalue rule on a singular CE problem.
+#[test]
+fn scalars_match_dense_matrices() {
+    let (model, w, x) = random_mlp(6, 7);
+    let net = Network64::with_weights(&model, w).unwrap();
+    let data = Dataset {
+        x: &x,
+        targets: random_targets(LossKind::Mse, 7),
+        num_data: 7,
+    };
+    let o = Options {
+        params: Some(names(&["0.weight", "0.bias"])),
+        ..opts(LossKind::Mse, Reduction::Sum, FisherType::Type2, false)
+    };
+    let fit = CpuCurvature::fit(&net, &data, &o, true).unwrap();
+    let p = fit.layout.num_params;
+    let logdet_dense = |m: &[f64], shift: f64| {
+        let mat = faer::Mat::from_fn(p, p, |i, j| m[i * p + j] + if i == j { shift } else { 0.0 });
+        let l = mat.llt(faer::Side::Lower).expect("positive definite");
+        (0..p).map(|i| 2.0 * l.L()[(i, i)].ln()).sum::<f64>()
+    };
+    for which in [Approximation::Kfac, Approximation::Ekfac] {
+        let dense = fit.dense(which).unwrap();
+        let (_, s) = fit.scalars(which, 1e-2).unwrap();
+        assert_eq!(s.zero_eigenvalues, 0, "{which:?}");
+        assert_rel(
+            s.logdet,
+            logdet_dense(&dense, 0.0),
+            1e-9,
+            &format!("{which:?} logdet"),
+        );
+        assert_rel(
+            s.det,
+            logdet_dense(&dense, 0.0).exp(),
+            1e-9,
+            &format!("{which:?} det"),
+        );
+        assert_rel(
+            s.logdet_damped,
+            logdet_dense(&dense, 1e-2),
+            1e-10,
+            &format!("{which:?} damped logdet"),
+        );
+    }
+    // CE: the last layer's G has the all-ones null vector, so logdet is −∞ and det 0.
+    let fit = fit_mlp(
+        &opts(
+            LossKind::CrossEntropy,
+            Reduction::Mean,
+            FisherType::Type2,
+            true,
+        ),
+        true,
+    );
+    let (blocks, total) = fit.scalars(Approximation::Kfac, 1e-2).unwrap();
+    assert_eq!(total.logdet, f64::NEG_INFINITY);
+    assert_eq!(total.det, 0.0);
+    // Block 2 is the weight of Linear(2,3): one zero of G (3×3) kills 1·2 eigenvalues;
+    // block 3 its bias: 1.
+    assert_eq!(blocks[2].zero_eigenvalues, 2);
+    assert_eq!(blocks[3].zero_eigenvalues, 1);
+    assert!(total.logdet_damped.is_finite());
+}
