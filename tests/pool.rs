@@ -5,6 +5,7 @@ mod common;
 
 use ekfac::cpu::ops;
 use ekfac::geometry::Pool2dGeometry;
+use ekfac::ops::pool as pool_ops;
 
 fn pool(
     batch: usize,
@@ -58,4 +59,83 @@ fn cpu_pooling_on_hand_worked_windows() {
         ops::avg_pool2d_backward(&[4.0, 8.0, 12.0, 16.0], &geo),
         [1.0, 2.0, 2.0, 3.0, 4.0, 4.0]
     );
+}
+
+/// Awkward pooling shapes: non-overlapping and overlapping windows, stride 2 and 3,
+/// padding, rectangular kernels and strides, dropped trailing rows/columns, 1×1 images
+/// (also padded), and more than 256 elements.
+fn cases() -> Vec<Pool2dGeometry> {
+    vec![
+        pool(2, 3, [6, 5], [2, 2], [2, 2], [0, 0]),
+        pool(1, 2, [7, 7], [3, 3], [2, 2], [1, 1]),
+        pool(2, 2, [5, 6], [3, 2], [1, 2], [1, 1]),
+        pool(3, 1, [1, 1], [1, 1], [1, 1], [0, 0]),
+        pool(1, 2, [1, 1], [2, 2], [1, 1], [1, 1]),
+        pool(2, 4, [9, 8], [3, 3], [3, 3], [1, 1]),
+    ]
+}
+
+/// GPU pooling against the CPU reference. Inputs are quantized to 5 levels so most
+/// windows hold tied maxima: the forward maximum and the argmax (first maximum) must
+/// be exact, so the max-pool gradient lands on exactly the same elements. Gradient
+/// sums (≤ 9 terms of f32 values, added in the same order as the reference) and
+/// averages (≤ 9 f32 additions and one division) agree to 1e-6 relative (Frobenius).
+#[test]
+fn pooling_matches_cpu_reference_with_ties() {
+    let Some(ctx) = common::gpu() else { return };
+    let mut rng = common::TestRng::new(11);
+    for geo in cases() {
+        let x: Vec<f32> = (0..geo.input_len())
+            .map(|_| ((rng.uniform() * 2.5).round() / 2.0) as f32)
+            .collect();
+        let grad = rng.vec(geo.output_len());
+        let (n_in, n_out) = (geo.input_len(), geo.output_len());
+        let xg = ctx.upload(&x, &[n_in]).unwrap();
+        let gg = ctx.upload(&grad, &[n_out]).unwrap();
+        let (y_max, argmax, y_avg) = (
+            ctx.zeros(&[n_out]).unwrap(),
+            ctx.zeros(&[n_out]).unwrap(),
+            ctx.zeros(&[n_out]).unwrap(),
+        );
+        let (dx_max, dx_avg) = (ctx.zeros(&[n_in]).unwrap(), ctx.zeros(&[n_in]).unwrap());
+        let mut rec = ctx.recorder();
+        pool_ops::max_pool2d_forward(&mut rec, &geo, &xg, &y_max, &argmax).unwrap();
+        pool_ops::max_pool2d_backward(&mut rec, &geo, &gg, &argmax, &dx_max).unwrap();
+        pool_ops::avg_pool2d_forward(&mut rec, &geo, &xg, &y_avg).unwrap();
+        pool_ops::avg_pool2d_backward(&mut rec, &geo, &gg, &dx_avg).unwrap();
+        rec.submit().unwrap();
+
+        let x64: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+        let g64: Vec<f64> = grad.iter().map(|&v| f64::from(v)).collect();
+        let (want_y, want_arg) = ops::max_pool2d_forward(&x64, &geo);
+        let got_y: Vec<f64> = ctx
+            .read(&y_max)
+            .unwrap()
+            .iter()
+            .map(|&v| f64::from(v))
+            .collect();
+        let got_arg: Vec<usize> = ctx
+            .read_u32(&argmax)
+            .unwrap()
+            .iter()
+            .map(|&v| v as usize)
+            .collect();
+        assert_eq!(got_y, want_y, "max forward {geo:?}");
+        assert_eq!(got_arg, want_arg, "argmax {geo:?}");
+        let want_dx = ops::max_pool2d_backward(&g64, &want_arg, &geo);
+        assert!(
+            common::rel_err(&ctx.read(&dx_max).unwrap(), &want_dx) < 1e-6,
+            "max backward {geo:?}"
+        );
+        let want_avg = ops::avg_pool2d_forward(&x64, &geo);
+        assert!(
+            common::rel_err(&ctx.read(&y_avg).unwrap(), &want_avg) < 1e-6,
+            "avg forward {geo:?}"
+        );
+        let want_davg = ops::avg_pool2d_backward(&g64, &geo);
+        assert!(
+            common::rel_err(&ctx.read(&dx_avg).unwrap(), &want_davg) < 1e-6,
+            "avg backward {geo:?}"
+        );
+    }
 }

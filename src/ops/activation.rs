@@ -1,18 +1,109 @@
-//! ReLU, sigmoid and tanh forward and backward.
+//! ReLU, sigmoid and tanh forward and backward (`shaders/activation.wgsl`), elementwise
+//! over tensors of any shape. Inputs and outputs must be distinct tensors.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor, Kernel, Recorder, grid_1d};
 
-/// Records `y = relu(x)` elementwise; `x` and `y` have the same length.
-pub fn relu_forward(rec: &mut Recorder, x: &GpuTensor, y: &GpuTensor) -> Result<()> {
-    let len = x.len() as u32;
+/// Errors unless every tensor has the length of the first, and that fits in `u32`.
+fn same_len(op: &str, tensors: &[(&str, &GpuTensor)]) -> Result<u32> {
+    let (first, t0) = tensors[0];
+    for (name, t) in &tensors[1..] {
+        if t.len() != t0.len() {
+            return Err(Error::gpu(
+                op,
+                format!(
+                    "{name} {:?} must have as many elements as {first} {:?} ({})",
+                    t.shape(),
+                    t0.shape(),
+                    t0.len()
+                ),
+            ));
+        }
+    }
+    u32::try_from(t0.len())
+        .map_err(|_| Error::gpu(op, format!("{} elements exceed 32-bit indices", t0.len())))
+}
+
+fn forward(rec: &mut Recorder, entry: &'static str, x: &GpuTensor, y: &GpuTensor) -> Result<()> {
+    let len = same_len(entry, &[("x", x), ("y", y)])?;
     rec.dispatch(
-        &Kernel::new(&super::ACTIVATION, "relu_forward"),
+        &Kernel::new(&super::ACTIVATION, entry),
         &[x],
         &[y],
         &[len],
         grid_1d(len.div_ceil(256)),
     )
+}
+
+fn backward(
+    rec: &mut Recorder,
+    entry: &'static str,
+    saved: &GpuTensor,
+    grad_out: &GpuTensor,
+    grad_in: &GpuTensor,
+) -> Result<()> {
+    let len = same_len(
+        entry,
+        &[
+            ("saved activation", saved),
+            ("grad_out", grad_out),
+            ("grad_in", grad_in),
+        ],
+    )?;
+    rec.dispatch(
+        &Kernel::new(&super::ACTIVATION, entry),
+        &[saved, grad_out],
+        &[grad_in],
+        &[len],
+        grid_1d(len.div_ceil(256)),
+    )
+}
+
+/// Records `y = max(x, 0)`.
+pub fn relu_forward(rec: &mut Recorder, x: &GpuTensor, y: &GpuTensor) -> Result<()> {
+    forward(rec, "relu_forward", x, y)
+}
+
+/// Records `grad_in = grad_out` where the forward input `x > 0`, else 0 (derivative 0
+/// at 0, as PyTorch).
+pub fn relu_backward(
+    rec: &mut Recorder,
+    x: &GpuTensor,
+    grad_out: &GpuTensor,
+    grad_in: &GpuTensor,
+) -> Result<()> {
+    backward(rec, "relu_backward", x, grad_out, grad_in)
+}
+
+/// Records `y = 1/(1 + e^{−x})` (no overflow for any finite `x`).
+pub fn sigmoid_forward(rec: &mut Recorder, x: &GpuTensor, y: &GpuTensor) -> Result<()> {
+    forward(rec, "sigmoid_forward", x, y)
+}
+
+/// Records `grad_in = grad_out·y·(1 − y)` from the forward output `y`.
+pub fn sigmoid_backward(
+    rec: &mut Recorder,
+    y: &GpuTensor,
+    grad_out: &GpuTensor,
+    grad_in: &GpuTensor,
+) -> Result<()> {
+    backward(rec, "sigmoid_backward", y, grad_out, grad_in)
+}
+
+/// Records `y = tanh(x)`, computed without overflow for large `|x|` and without
+/// cancellation near 0 (the WGSL builtin has neither guarantee on every driver).
+pub fn tanh_forward(rec: &mut Recorder, x: &GpuTensor, y: &GpuTensor) -> Result<()> {
+    forward(rec, "tanh_forward", x, y)
+}
+
+/// Records `grad_in = grad_out·(1 − y²)` from the forward output `y`.
+pub fn tanh_backward(
+    rec: &mut Recorder,
+    y: &GpuTensor,
+    grad_out: &GpuTensor,
+    grad_in: &GpuTensor,
+) -> Result<()> {
+    backward(rec, "tanh_backward", y, grad_out, grad_in)
 }
 
 /// `relu(x)` as a new tensor, submitted at once.

@@ -1,0 +1,167 @@
+// max_pool2d and avg_pool2d (ceil_mode = false, dilation 1) forward and backward over
+// NCHW f32 tensors. A "plane" is one (example, channel) pair: input planes are H x W,
+// output planes OH x OW, planes = B * C. Output (oh, ow) covers input rows
+// oh * SH - PH + [0, KH) and columns ow * SW - PW + [0, KW).
+//
+// Bindings (reads, then writes, then params), each entry point through its own globals:
+//   max_pool_forward:  src = x;        out1 = y,       argmax_out; params3
+//   max_pool_backward: src = grad_out, argmax_in;      out2 = grad_in; params3
+//   avg_pool_forward:  src = x;        out1 = y;       params2
+//   avg_pool_backward: src = grad_out; out1 = grad_in; params2
+// argmax holds, per output, the in-plane index h * W + w of its window's first maximum.
+//
+// Every entry point runs one invocation per output element (forward) or input element
+// (backward): grid_1d(ceil(n / 256)) workgroups of 256. Backward passes gather: each
+// input element sums, in increasing output order, the outputs whose window holds it,
+// so results are deterministic and no atomics are needed.
+
+struct Params {
+    planes: u32,
+    h: u32,
+    w: u32,
+    oh: u32,
+    ow: u32,
+    kh: u32,
+    kw: u32,
+    sh: u32,
+    sw: u32,
+    ph: u32,
+    pw: u32,
+}
+
+@group(0) @binding(0) var<storage, read> src: array<f32>;
+@group(0) @binding(1) var<storage, read_write> out1: array<f32>;
+@group(0) @binding(1) var<storage, read> argmax_in: array<u32>;
+@group(0) @binding(2) var<storage, read_write> argmax_out: array<u32>;
+@group(0) @binding(2) var<storage, read_write> out2: array<f32>;
+@group(0) @binding(2) var<uniform> params2: Params;
+@group(0) @binding(3) var<uniform> params3: Params;
+
+fn flat(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return (wid.x + wid.y * nwg.x) * 256u + lid;
+}
+
+// Outputs along one axis whose window holds input coordinate i: [first, end).
+fn covering(i: u32, k: u32, s: u32, p: u32, count: u32) -> vec2<u32> {
+    let t = i + p;
+    var first = 0u;
+    if (t + 1u > k) {
+        first = (t + 1u - k + s - 1u) / s;
+    }
+    let end = min(t / s + 1u, count);
+    return vec2<u32>(first, max(first, end));
+}
+
+@compute @workgroup_size(256)
+fn max_pool_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(local_invocation_index) lid: u32) {
+    let p = params3;
+    let o = flat(wid, nwg, lid);
+    if (o >= p.planes * p.oh * p.ow) {
+        return;
+    }
+    let plane = o / (p.oh * p.ow);
+    let oh = (o / p.ow) % p.oh;
+    let ow = o % p.ow;
+    let base = plane * p.h * p.w;
+    var best = 0.0;
+    var arg = 0xffffffffu;
+    for (var kh = 0u; kh < p.kh; kh++) {
+        let hp = oh * p.sh + kh;
+        if (hp < p.ph || hp - p.ph >= p.h) {
+            continue;
+        }
+        let h = hp - p.ph;
+        for (var kw = 0u; kw < p.kw; kw++) {
+            let wp = ow * p.sw + kw;
+            if (wp < p.pw || wp - p.pw >= p.w) {
+                continue;
+            }
+            let idx = h * p.w + wp - p.pw;
+            let v = src[base + idx];
+            // Padding is -inf: the first in-image element starts the scan, and a later
+            // one replaces it only when strictly greater (first maximum wins).
+            if (arg == 0xffffffffu || v > best) {
+                best = v;
+                arg = idx;
+            }
+        }
+    }
+    out1[o] = best;
+    argmax_out[o] = arg;
+}
+
+@compute @workgroup_size(256)
+fn max_pool_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_index) lid: u32) {
+    let p = params3;
+    let i = flat(wid, nwg, lid);
+    if (i >= p.planes * p.h * p.w) {
+        return;
+    }
+    let plane = i / (p.h * p.w);
+    let idx = i % (p.h * p.w);
+    let rows = covering(idx / p.w, p.kh, p.sh, p.ph, p.oh);
+    let cols = covering(idx % p.w, p.kw, p.sw, p.pw, p.ow);
+    var acc = 0.0;
+    for (var oh = rows.x; oh < rows.y; oh++) {
+        for (var ow = cols.x; ow < cols.y; ow++) {
+            let o = (plane * p.oh + oh) * p.ow + ow;
+            if (argmax_in[o] == idx) {
+                acc += src[o];
+            }
+        }
+    }
+    out2[i] = acc;
+}
+
+// count_include_pad = true: the divisor is always KH * KW.
+@compute @workgroup_size(256)
+fn avg_pool_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(local_invocation_index) lid: u32) {
+    let p = params2;
+    let o = flat(wid, nwg, lid);
+    if (o >= p.planes * p.oh * p.ow) {
+        return;
+    }
+    let plane = o / (p.oh * p.ow);
+    let oh = (o / p.ow) % p.oh;
+    let ow = o % p.ow;
+    let base = plane * p.h * p.w;
+    var acc = 0.0;
+    for (var kh = 0u; kh < p.kh; kh++) {
+        let hp = oh * p.sh + kh;
+        if (hp < p.ph || hp - p.ph >= p.h) {
+            continue;
+        }
+        for (var kw = 0u; kw < p.kw; kw++) {
+            let wp = ow * p.sw + kw;
+            if (wp < p.pw || wp - p.pw >= p.w) {
+                continue;
+            }
+            acc += src[base + (hp - p.ph) * p.w + wp - p.pw];
+        }
+    }
+    out1[o] = acc / f32(p.kh * p.kw);
+}
+
+@compute @workgroup_size(256)
+fn avg_pool_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_index) lid: u32) {
+    let p = params2;
+    let i = flat(wid, nwg, lid);
+    if (i >= p.planes * p.h * p.w) {
+        return;
+    }
+    let plane = i / (p.h * p.w);
+    let idx = i % (p.h * p.w);
+    let rows = covering(idx / p.w, p.kh, p.sh, p.ph, p.oh);
+    let cols = covering(idx % p.w, p.kw, p.sw, p.pw, p.ow);
+    var acc = 0.0;
+    for (var oh = rows.x; oh < rows.y; oh++) {
+        for (var ow = cols.x; ow < cols.y; ow++) {
+            acc += src[(plane * p.oh + oh) * p.ow + ow];
+        }
+    }
+    out1[i] = acc / f32(p.kh * p.kw);
+}
