@@ -6,7 +6,8 @@ use std::fmt::Write;
 use std::time::Instant;
 
 use crate::curvature::fit::fit;
-use crate::curvature::operator::{Approximation, DampingMode, Operator, Transform};
+use crate::curvature::operator::{Approximation, Operator, Transform};
+use crate::curvature::options::DampingMode;
 use crate::curvature::options::{FisherType, LossKind, Options, Reduction};
 use crate::curvature::summary::{ScalarsJson, Summary};
 use crate::error::{Error, Result};

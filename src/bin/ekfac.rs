@@ -10,8 +10,10 @@ use clap::{Args, Parser, Subcommand};
 
 use ekfac::Result;
 use ekfac::curvature::fit::fit;
-use ekfac::curvature::operator::{Approximation, DampingMode, Operator, Transform};
-use ekfac::curvature::options::{FisherType, KfacApprox, LossKind, Options, Reduction};
+use ekfac::curvature::operator::{Approximation, Operator, Transform};
+use ekfac::curvature::options::{
+    DampingMode, FisherType, KfacApprox, LossKind, Options, Reduction,
+};
 use ekfac::curvature::state::CurvatureState;
 use ekfac::curvature::summary::Summary;
 use ekfac::error::Error;

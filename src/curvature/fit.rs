@@ -24,7 +24,7 @@ use crate::curvature::state::{
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor, Recorder};
 use crate::loss::{Targets, backprop_vectors};
-use crate::model::data::{Dataset, TargetSlice};
+use crate::model::data::{Dataset, TargetsSlice};
 use crate::model::sequential::{Backward, Forward, Sequential};
 use crate::model::Model;
 use crate::ops::eigencorrect::square_sum_stack;
@@ -142,7 +142,8 @@ pub fn fit(
                 offset: p.offset,
             })
             .collect(),
-        model: model.spec.clone(),
+        model: serde_json::from_str(&model.spec.to_json())
+            .map_err(|e| Error::model("(whole model)", format!("serialising: {e}")))?,
         model_fingerprint: model.fingerprint(),
         adapter: ctx.adapter_summary(),
     };
@@ -201,10 +202,10 @@ fn run_batch(
     start: usize,
     len: usize,
 ) -> Result<BatchPass> {
-    let x = data.x_batch(start, len);
+    let batch = data.batch(start, len);
     let mut shape = vec![len];
     shape.extend(&data.example_shape);
-    let x = ctx.upload(x, &shape)?;
+    let x = ctx.upload(batch.x, &shape)?;
     let forward = network.forward(ctx, x)?;
     if options.fisher == FisherType::ForwardOnly {
         return Ok(BatchPass {
@@ -222,12 +223,12 @@ fn run_batch(
         .collect();
     let classes: Vec<usize>;
     let values: Vec<f64>;
-    let targets = match data.y_batch(start, len) {
-        TargetSlice::Classes(y) => {
+    let targets = match batch.y {
+        TargetsSlice::Classes(y) => {
             classes = y.iter().map(|&c| c as usize).collect();
             Targets::Classes(&classes)
         }
-        TargetSlice::Values(y) => {
+        TargetsSlice::Values { data: y, .. } => {
             values = y.iter().map(|&v| f64::from(v)).collect();
             Targets::Dense(&values)
         }
@@ -263,7 +264,7 @@ fn layer_input<'t>(
     }
     let rows = input.len() / layer.d_in;
     let with_ones = ctx.zeros(&[rows, layer.d_in + 1])?;
-    append_ones_column(rec, input, &with_ones)?;
+    append_ones_column(rec, input, &with_ones, rows, layer.d_in)?;
     Ok(scratch.insert(with_ones))
 }
 
@@ -373,9 +374,11 @@ fn correction_pass(
                     let x = layer_input(ctx, &mut rec, layer, layout, input, &mut slot)?;
                     let rotated = ctx.zeros(&[len, d])?;
                     gemm(&mut rec, &Gemm::new(len, d, d, false, false), x, q_a, &rotated)?;
-                    square(&mut rec, &rotated)?;
+                    let squared = ctx.zeros(&[len, d])?;
+                    square(&mut rec, 1.0, &rotated, 0.0, &squared)?;
                     keep.push(slot);
-                    Some(rotated)
+                    keep.push(Some(rotated));
+                    Some(squared)
                 }
                 None => None,
             };

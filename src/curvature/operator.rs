@@ -21,6 +21,7 @@
 //! `δ_A = δ_G = δ`; a separately treated bias reuses its layer's `δ_G`.
 
 use crate::curvature::layout::BlockKind;
+use crate::curvature::options::{DampingMode, MIN_DAMPING};
 use crate::curvature::state::CurvatureState;
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor};
@@ -34,41 +35,12 @@ pub enum Approximation {
     Ekfac,
 }
 
-/// How a KFAC inverse is damped (EKFAC supports only [`DampingMode::Exact`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DampingMode {
-    /// `(X + δI)⁻¹`.
-    Exact,
-    /// `(G+δI)⁻¹ ⊗ (A+δI)⁻¹`.
-    Plain,
-    /// `(G+δ_G I)⁻¹ ⊗ (A+δ_A I)⁻¹` with π-scaled dampings.
-    Heuristic,
-}
-
-impl std::str::FromStr for DampingMode {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "exact" => Ok(Self::Exact),
-            "plain" => Ok(Self::Plain),
-            "heuristic" => Ok(Self::Heuristic),
-            _ => Err(Error::Options(format!(
-                "damping mode must be exact, plain or heuristic, found {s:?}"
-            ))),
-        }
-    }
-}
-
 /// The operator itself or its damped inverse.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Transform {
     Forward,
     Inverse { damping: f64, mode: DampingMode },
 }
-
-/// curvlinops' default lower bound on heuristic dampings.
-pub const MIN_DAMPING: f64 = 1e-8;
 
 fn mean(v: &[f32]) -> f64 {
     v.iter().map(|&x| f64::from(x)).sum::<f64>() / v.len().max(1) as f64
@@ -267,7 +239,7 @@ impl<'a> Operator<'a> {
         let mut out = vec![0.0; v.len()];
         for (b, &off) in offsets.iter().enumerate() {
             let len = layout.blocks[b].len() * columns;
-            layout.scatter(b, &result[off..off + len], columns, &mut out);
+            layout.scatter(b, &result[off..off + len], &mut out, columns);
         }
         Ok(out)
     }

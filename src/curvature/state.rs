@@ -82,7 +82,8 @@ pub struct StateMeta {
     pub num_params: usize,
     /// Selected parameters in model order: name, shape, offset.
     pub params: Vec<ParamEntry>,
-    pub model: ModelSpec,
+    /// The model description (the JSON layer list).
+    pub model: serde_json::Value,
     pub model_fingerprint: String,
     pub adapter: AdapterSummary,
 }
@@ -279,7 +280,8 @@ impl CurvatureState {
         let meta: StateMeta = serde_json::from_value(probe)
             .map_err(|e| fail(format!("metadata `{METADATA_KEY}`: {e}")))?;
         let names: Vec<String> = meta.params.iter().map(|p| p.name.clone()).collect();
-        let layout = ParamLayout::new(&meta.model, Some(&names), meta.options.joint_bias)
+        let model = ModelSpec::from_json_str(&meta.model.to_string(), format!("{origin} (recorded model)"))?;
+        let layout = ParamLayout::new(&model, Some(&names), meta.options.joint_bias)
             .map_err(|e| fail(format!("recorded model and parameters: {e}")))?;
         if layout.num_params != meta.num_params {
             return Err(fail(format!(

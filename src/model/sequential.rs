@@ -39,7 +39,6 @@ pub struct Sequential {
     layers: Vec<GpuLayer>,
     /// Per-example shape entering each layer, then the output shape.
     shapes: Vec<Vec<usize>>,
-    names: Vec<String>,
 }
 
 /// What a forward pass over one batch keeps: the input of every layer and the output.
@@ -140,9 +139,7 @@ impl Sequential {
     pub fn new(ctx: &GpuContext, model: &Model) -> Result<Self> {
         let shapes = model.spec.shapes()?;
         let mut layers = Vec::with_capacity(model.spec.layers.len());
-        let mut names = Vec::with_capacity(model.spec.layers.len());
         for (i, layer) in model.spec.layers.iter().enumerate() {
-            names.push(model.spec.label(i));
             let params = |shape: Vec<usize>| -> Result<(GpuTensor, Option<GpuTensor>)> {
                 let p = model.params[i]
                     .as_ref()
@@ -176,11 +173,7 @@ impl Sequential {
                 Layer::AvgPool2d(p) => GpuLayer::AvgPool2d(p.clone()),
             });
         }
-        Ok(Self {
-            layers,
-            shapes,
-            names,
-        })
+        Ok(Self { layers, shapes })
     }
 
     /// `C`, the number of network outputs per example.
