@@ -16,6 +16,10 @@
 // vec4 of A and one vec4 of B per k and does 16 multiply-adds. The global loads of the
 // next K slice are issued before the current one is multiplied.
 //
+// Split-K (host-chosen for few tiles and a long K): workgroup_id.z also selects a
+// slice of K, each slice's partial product goes to its own packed matrix, and
+// split_k_sum adds the slices in order into C.
+//
 // Entry points gemm_<a><b>: 'v' loads the operand with vec4 reads, 's' with scalar
 // reads. The vec4 path needs the operand's row length (K for A, M for A^T, N for B,
 // K for B^T), its leading dimension, offset and batch stride all multiples of 4; the
@@ -36,6 +40,12 @@ struct Params {
     stride_c: u32,
     alpha: f32,
     beta: f32,
+    // Split-K: K is cut into `splits` slices of k_split values (a multiple of BK);
+    // workgroup_id.z = batch index * splits + slice, and C matrix wid.z (not the batch
+    // index) receives the slice's partial product. Without split-K, splits = 1 and
+    // k_split >= K.
+    splits: u32,
+    k_split: u32,
 }
 
 override TRANS_A: bool = false;
@@ -60,19 +70,24 @@ var<workgroup> a_tile: array<vec4<f32>, 272>;
 // b_tile[k * ROW4 + j / 4][j % 4] = op(B)[k0 + k, n0 + j]
 var<workgroup> b_tile: array<vec4<f32>, 272>;
 
-// Where this workgroup works: the first row and column of its C tile and the start of
-// matrix b in each buffer.
+// Where this workgroup works: the first row and column of its C tile, the start of
+// its matrices in each buffer, and its range of K.
 struct Tile {
     m0: u32,
     n0: u32,
     base_a: u32,
     base_b: u32,
     base_c: u32,
+    k_begin: u32,
+    k_end: u32,
 }
 
 fn tile_of(wid: vec3<u32>) -> Tile {
-    return Tile(wid.y * TILE, wid.x * TILE, p.offset_a + wid.z * p.stride_a,
-                p.offset_b + wid.z * p.stride_b, p.offset_c + wid.z * p.stride_c);
+    let b = wid.z / p.splits;
+    let k_begin = (wid.z % p.splits) * p.k_split;
+    return Tile(wid.y * TILE, wid.x * TILE, p.offset_a + b * p.stride_a,
+                p.offset_b + b * p.stride_b, p.offset_c + wid.z * p.stride_c, k_begin,
+                min(p.k, k_begin + p.k_split));
 }
 
 // --- A: fetch four values of the K slice starting at k0 into registers, then store
@@ -95,7 +110,7 @@ fn fetch_a_s(t: Tile, lid: u32, k0: u32) -> vec4<f32> {
         }
         let gm = t.m0 + i;
         let gk = k0 + kk;
-        if (gm < p.m && gk < p.k) {
+        if (gm < p.m && gk < t.k_end) {
             if (TRANS_A) {
                 r[e] = a_s[t.base_a + gk * p.lda + gm];
             } else {
@@ -126,14 +141,14 @@ fn fetch_a_v(t: Tile, lid: u32, k0: u32) -> vec4<f32> {
         // Row k0 + lid / 16 of the stored K x M matrix, columns m0 + 4 (lid % 16) + 0..3.
         let gk = k0 + lid / 16u;
         let gm = t.m0 + 4u * (lid % 16u);
-        if (gk < p.k && gm < p.m) {
+        if (gk < t.k_end && gm < p.m) {
             return a_v[(t.base_a + gk * p.lda + gm) / 4u];
         }
     } else {
         // Row m0 + lid / 4 of the stored M x K matrix, columns k0 + 4 (lid % 4) + 0..3.
         let gm = t.m0 + lid / 4u;
         let gk = k0 + 4u * (lid % 4u);
-        if (gm < p.m && gk < p.k) {
+        if (gm < p.m && gk < t.k_end) {
             return a_v[(t.base_a + gm * p.lda + gk) / 4u];
         }
     }
@@ -170,7 +185,7 @@ fn fetch_b_s(t: Tile, lid: u32, k0: u32) -> vec4<f32> {
         }
         let gn = t.n0 + j;
         let gk = k0 + kk;
-        if (gn < p.n && gk < p.k) {
+        if (gn < p.n && gk < t.k_end) {
             if (TRANS_B) {
                 r[e] = b_s[t.base_b + gn * p.ldb + gk];
             } else {
@@ -200,13 +215,13 @@ fn fetch_b_v(t: Tile, lid: u32, k0: u32) -> vec4<f32> {
     if (TRANS_B) {
         let gn = t.n0 + lid / 4u;
         let gk = k0 + 4u * (lid % 4u);
-        if (gn < p.n && gk < p.k) {
+        if (gn < p.n && gk < t.k_end) {
             return b_v[(t.base_b + gn * p.ldb + gk) / 4u];
         }
     } else {
         let gk = k0 + lid / 16u;
         let gn = t.n0 + 4u * (lid % 16u);
-        if (gk < p.k && gn < p.n) {
+        if (gk < t.k_end && gn < p.n) {
             return b_v[(t.base_b + gk * p.ldb + gn) / 4u];
         }
     }
@@ -270,13 +285,13 @@ fn store(t: Tile, lid: u32, acc: array<vec4<f32>, 4>) {
 fn gemm_ss(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let t = tile_of(wid);
     var acc: array<vec4<f32>, 4>;
-    var ra = fetch_a_s(t, lid, 0u);
-    var rb = fetch_b_s(t, lid, 0u);
-    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+    var ra = fetch_a_s(t, lid, t.k_begin);
+    var rb = fetch_b_s(t, lid, t.k_begin);
+    for (var k0 = t.k_begin; k0 < t.k_end; k0 += BK) {
         put_a_s(lid, ra);
         put_b_s(lid, rb);
         workgroupBarrier();
-        if (k0 + BK < p.k) {
+        if (k0 + BK < t.k_end) {
             ra = fetch_a_s(t, lid, k0 + BK);
             rb = fetch_b_s(t, lid, k0 + BK);
         }
@@ -290,13 +305,13 @@ fn gemm_ss(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
 fn gemm_vs(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let t = tile_of(wid);
     var acc: array<vec4<f32>, 4>;
-    var ra = fetch_a_v(t, lid, 0u);
-    var rb = fetch_b_s(t, lid, 0u);
-    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+    var ra = fetch_a_v(t, lid, t.k_begin);
+    var rb = fetch_b_s(t, lid, t.k_begin);
+    for (var k0 = t.k_begin; k0 < t.k_end; k0 += BK) {
         put_a_v(lid, ra);
         put_b_s(lid, rb);
         workgroupBarrier();
-        if (k0 + BK < p.k) {
+        if (k0 + BK < t.k_end) {
             ra = fetch_a_v(t, lid, k0 + BK);
             rb = fetch_b_s(t, lid, k0 + BK);
         }
@@ -310,13 +325,13 @@ fn gemm_vs(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
 fn gemm_sv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let t = tile_of(wid);
     var acc: array<vec4<f32>, 4>;
-    var ra = fetch_a_s(t, lid, 0u);
-    var rb = fetch_b_v(t, lid, 0u);
-    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+    var ra = fetch_a_s(t, lid, t.k_begin);
+    var rb = fetch_b_v(t, lid, t.k_begin);
+    for (var k0 = t.k_begin; k0 < t.k_end; k0 += BK) {
         put_a_s(lid, ra);
         put_b_v(lid, rb);
         workgroupBarrier();
-        if (k0 + BK < p.k) {
+        if (k0 + BK < t.k_end) {
             ra = fetch_a_s(t, lid, k0 + BK);
             rb = fetch_b_v(t, lid, k0 + BK);
         }
@@ -330,13 +345,13 @@ fn gemm_sv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
 fn gemm_vv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let t = tile_of(wid);
     var acc: array<vec4<f32>, 4>;
-    var ra = fetch_a_v(t, lid, 0u);
-    var rb = fetch_b_v(t, lid, 0u);
-    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+    var ra = fetch_a_v(t, lid, t.k_begin);
+    var rb = fetch_b_v(t, lid, t.k_begin);
+    for (var k0 = t.k_begin; k0 < t.k_end; k0 += BK) {
         put_a_v(lid, ra);
         put_b_v(lid, rb);
         workgroupBarrier();
-        if (k0 + BK < p.k) {
+        if (k0 + BK < t.k_end) {
             ra = fetch_a_v(t, lid, k0 + BK);
             rb = fetch_b_v(t, lid, k0 + BK);
         }
@@ -344,4 +359,45 @@ fn gemm_vv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
         workgroupBarrier();
     }
     store(t, lid, acc);
+}
+
+// --- Split-K, second step: C[b] = alpha * sum_s P[b * splits + s] + beta * C[b], the
+// partial products P (packed m x n matrices, binding 0) added in slice order.
+// Grid as in `grid_1d`: one invocation per element of the batch of C matrices.
+
+struct SumParams {
+    m: u32,
+    n: u32,
+    batch: u32,
+    splits: u32,
+    ldc: u32,
+    offset_c: u32,
+    stride_c: u32,
+    alpha: f32,
+    beta: f32,
+}
+
+@group(0) @binding(1) var<storage, read_write> c_sum: array<f32>;
+@group(0) @binding(2) var<uniform> sp: SumParams;
+
+@compute @workgroup_size(256)
+fn split_k_sum(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let e = (wid.x + wid.y * nwg.x) * 256u + lid;
+    let mn = sp.m * sp.n;
+    if (e >= sp.batch * mn) {
+        return;
+    }
+    let b = e / mn;
+    let ij = e % mn;
+    var s = 0.0;
+    for (var slice = 0u; slice < sp.splits; slice++) {
+        s += a_s[(b * sp.splits + slice) * mn + ij];
+    }
+    let idx = sp.offset_c + b * sp.stride_c + (ij / sp.n) * sp.ldc + ij % sp.n;
+    var v = sp.alpha * s;
+    if (sp.beta != 0.0) {
+        v = fma(sp.beta, c_sum[idx], v);
+    }
+    c_sum[idx] = v;
 }

@@ -102,3 +102,25 @@ fn activations_match_cpu_reference() {
     // ReLU's derivative at exactly 0 is 0.
     assert!(x.iter().zip(&got[3]).all(|(&x, &d)| x != 0.0 || d == 0.0));
 }
+
+/// More elements than one grid dimension can cover (65535 workgroups of 256): the
+/// 2-D grid of `grid_1d` must reach the last element, and the guard must stop the
+/// invocations past it. ReLU backward is exact, so every element is compared.
+#[test]
+fn activation_covers_a_two_dimensional_grid() {
+    let Some(ctx) = common::gpu() else { return };
+    let n = 65535 * 256 + 300;
+    let x: Vec<f32> = (0..n)
+        .map(|i| if i % 3 == 0 { -1.0 } else { 1.0 })
+        .collect();
+    let g: Vec<f32> = (0..n).map(|i| (i % 1000) as f32).collect();
+    let xg = ctx.upload(&x, &[n]).unwrap();
+    let gg = ctx.upload(&g, &[n]).unwrap();
+    let dx = ctx.zeros(&[n]).unwrap();
+    let mut rec = ctx.recorder();
+    activation::relu_backward(&mut rec, &xg, &gg, &dx).unwrap();
+    rec.submit().unwrap();
+    let got = ctx.read(&dx).unwrap();
+    let wrong = (0..n).find(|&i| got[i] != if i % 3 == 0 { 0.0 } else { g[i] });
+    assert_eq!(wrong, None, "first wrong element");
+}

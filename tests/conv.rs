@@ -7,6 +7,7 @@ mod common;
 use common::TestRng;
 use ekfac::cpu::ops;
 use ekfac::geometry::Conv2dGeometry;
+use ekfac::ops::conv::{ConvBackward, ConvWorkspace, conv2d_backward, conv2d_forward};
 
 #[allow(clippy::too_many_arguments)]
 fn geometry(
@@ -149,5 +150,94 @@ fn cpu_conv_backward_matches_finite_differences() {
             max_abs_diff(&db, &fd(&b, &|b| loss(&x, &w, b))) < 1e-8,
             "db {geo:?}"
         );
+    }
+}
+
+fn to_f64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&a| f64::from(a)).collect()
+}
+
+/// GPU conv2d forward and backward against the f64 CPU reference, with the whole
+/// batch in one chunk, one example per chunk (budget 0) and two per chunk, bias on
+/// and off, and
+/// parameter gradients both overwritten and accumulated onto random values.
+/// Tolerance 1e-5 relative (Frobenius): every output is an f32 sum of at most 63
+/// products of numbers in [−1, 1] (GEMM reduction length D ≤ 54, B·S ≤ 63, col2im
+/// ≤ 9 terms) whose rounding error grows like √k·2⁻²⁴ ≈ 5e-7 relative; 20× margin.
+#[test]
+fn gpu_conv2d_matches_cpu_reference() {
+    let Some(ctx) = common::gpu() else { return };
+    let mut rng = TestRng::new(4);
+    for (geo, has_bias) in cases() {
+        let x = rng.vec(geo.input_len());
+        let w = rng.vec(geo.weight_len());
+        let b = rng.vec(geo.out_channels);
+        let dy = rng.vec(geo.output_len());
+        let prior_w = rng.vec(geo.weight_len());
+        let prior_b = rng.vec(geo.out_channels);
+        let (x64, w64, b64, dy64) = (to_f64(&x), to_f64(&w), to_f64(&b), to_f64(&dy));
+        let bias64 = has_bias.then_some(b64.as_slice());
+        let want_y = ops::conv2d_forward(&x64, &w64, bias64, &geo);
+        let want_dx = ops::conv2d_backward_input(&dy64, &w64, &geo);
+        let want_dw = ops::conv2d_backward_weight(&dy64, &x64, &geo);
+        let want_db = ops::conv2d_backward_bias(&dy64, &geo);
+
+        let xg = ctx.upload(&x, &[geo.input_len()]).unwrap();
+        let wg = ctx.upload(&w, &[geo.weight_len()]).unwrap();
+        let bg = ctx.upload(&b, &[geo.out_channels]).unwrap();
+        let dyg = ctx.upload(&dy, &[geo.output_len()]).unwrap();
+        // Bytes of two examples' patches and output rows: chunks of 2 (and a last of 1
+        // for odd batches).
+        let two =
+            2 * 4 * (ekfac::ops::im2col::patches_len(&geo, 1) + geo.out_channels * geo.positions());
+        for (budget, chunk) in [(usize::MAX, geo.batch), (0, 1), (two, geo.batch.min(2))] {
+            let ws = ConvWorkspace::new(&ctx, &geo, budget).unwrap();
+            assert_eq!(ws.chunk(), chunk);
+            for accumulate in [false, true] {
+                let y = ctx.zeros(&[geo.output_len()]).unwrap();
+                let dx = ctx.zeros(&[geo.input_len()]).unwrap();
+                let dw = ctx.upload(&prior_w, &[geo.weight_len()]).unwrap();
+                let db = ctx.upload(&prior_b, &[geo.out_channels]).unwrap();
+                let mut rec = ctx.recorder();
+                conv2d_forward(&mut rec, &geo, &ws, &xg, &wg, has_bias.then_some(&bg), &y).unwrap();
+                let args = ConvBackward {
+                    grad_out: &dyg,
+                    x: Some(&xg),
+                    weight: Some(&wg),
+                    grad_in: Some(&dx),
+                    grad_weight: Some(&dw),
+                    grad_bias: Some(&db),
+                    accumulate,
+                };
+                conv2d_backward(&mut rec, &geo, &ws, &args).unwrap();
+                rec.submit().unwrap();
+                let prior = |p: &[f32], want: &[f64]| -> Vec<f64> {
+                    want.iter()
+                        .zip(p)
+                        .map(|(w, &p)| w + if accumulate { f64::from(p) } else { 0.0 })
+                        .collect()
+                };
+                let case =
+                    format!("{geo:?} bias {has_bias} budget {budget} accumulate {accumulate}");
+                assert!(
+                    common::rel_err(&ctx.read(&y).unwrap(), &want_y) < 1e-5,
+                    "y {case}"
+                );
+                assert!(
+                    common::rel_err(&ctx.read(&dx).unwrap(), &want_dx) < 1e-5,
+                    "dx {case}"
+                );
+                let dw_want = prior(&prior_w, &want_dw);
+                assert!(
+                    common::rel_err(&ctx.read(&dw).unwrap(), &dw_want) < 1e-5,
+                    "dw {case}"
+                );
+                let db_want = prior(&prior_b, &want_db);
+                assert!(
+                    common::rel_err(&ctx.read(&db).unwrap(), &db_want) < 1e-5,
+                    "db {case}"
+                );
+            }
+        }
     }
 }

@@ -1049,3 +1049,234 @@ fn scalars_match_dense_matrices() {
     assert_eq!(blocks[3].zero_eigenvalues, 1);
     assert!(total.logdet_damped.is_finite());
 }
+
+// ---------------------------------------------------------------------------------
+// curvlinops 3.0.1 fixtures (tests/fixtures/curvature, float64 references).
+
+/// Every fixture case through the CPU reference. Both sides are f64 on the same
+/// f32-representable inputs, and the generator guarantees relative eigengaps ≥ 3e-3
+/// between non-zero factor eigenvalues (or exact degeneracy where EKFAC is
+/// basis-independent), so eigenvector perturbations are ≲ 1e-16/3e-3 ≈ 3e-14: products,
+/// inverses and factors are compared to 1e-8 relative (Frobenius over the whole
+/// output), scalars to 1e-9, zero-eigenvalue counts exactly.
+#[test]
+fn curvlinops_fixtures() {
+    use ekfac::model::TensorFile;
+    use ekfac::model::data::{Dataset as FileData, Targets as FileTargets};
+    use serde_json::Value;
+
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/curvature");
+    let mut cases: Vec<_> = std::fs::read_dir(&root)
+        .expect("fixture directory")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("expected.json").exists())
+        .collect();
+    cases.sort();
+    assert!(
+        cases.len() >= 30,
+        "found only {} fixture cases",
+        cases.len()
+    );
+    let mut worst: Vec<(f64, String)> = Vec::new();
+    for dir in cases {
+        let case = dir.file_name().unwrap().to_string_lossy().to_string();
+        let exp: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap())
+                .unwrap();
+        let tensors = TensorFile::load(dir.join("expected.safetensors")).unwrap();
+        let get = |k: &str| tensors.get(k).map(|t| t.to_f64().unwrap());
+        let model = Model::load(dir.join("model.json"), dir.join("weights.safetensors")).unwrap();
+        let file_data = FileData::load(dir.join("data.safetensors")).unwrap();
+        let x: Vec<f64> = file_data.x.iter().map(|&v| f64::from(v)).collect();
+        let (classes, dense): (Vec<usize>, Vec<f64>) = match &file_data.y {
+            FileTargets::Classes(c) => (c.iter().map(|&v| v as usize).collect(), Vec::new()),
+            FileTargets::Values { data, .. } => {
+                (Vec::new(), data.iter().map(|&v| f64::from(v)).collect())
+            }
+        };
+        let targets = if dense.is_empty() {
+            Targets::Classes(&classes)
+        } else {
+            Targets::Dense(&dense)
+        };
+        let data = Dataset {
+            x: &x,
+            targets,
+            num_data: file_data.len,
+        };
+        let s = |k: &str| exp[k].as_str().unwrap().to_string();
+        let o = Options {
+            loss: s("loss").parse().unwrap(),
+            reduction: s("reduction").parse().unwrap(),
+            fisher: s("fisher").parse().unwrap(),
+            approx: s("approx").parse().unwrap(),
+            joint_bias: exp["joint_bias"].as_bool().unwrap(),
+            params: Some(
+                exp["params"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap().to_string())
+                    .collect(),
+            ),
+            batch_size: exp["batch_size"].as_u64().unwrap() as usize,
+            ..Options::default()
+        };
+        let delta = exp["damping"].as_f64().unwrap();
+        let has_ekfac = !exp["ekfac"].is_null();
+        let net = Network64::new(&model);
+        let fit = CpuCurvature::fit(&net, &data, &o, has_ekfac).unwrap();
+        let p = fit.layout.num_params;
+        assert_eq!(p as u64, exp["num_params"].as_u64().unwrap(), "{case}: P");
+        assert_eq!(
+            fit.layout.param_names(),
+            o.params.clone().unwrap(),
+            "{case}: parameter order"
+        );
+        let mut check = |what: &str, got: &[f64], want: &[f64], tol: f64| {
+            assert_eq!(got.len(), want.len(), "{case} {what}: length");
+            let e = rel_frob(got, want);
+            assert!(e <= tol, "{case} {what}: relative error {e:e} > {tol:e}");
+            worst.push((e, format!("{case} {what}")));
+        };
+        let v = get("vectors").unwrap();
+        let k = v.len() / p;
+        check(
+            "kfac_mv",
+            &fit.matmat(Approximation::Kfac, &v, k).unwrap(),
+            &get("kfac_mv").unwrap(),
+            1e-8,
+        );
+        for (key, mode) in [
+            ("kfac_inv_exact_mv", DampingMode::Exact),
+            ("kfac_inv_plain_mv", DampingMode::Plain),
+            ("kfac_inv_heuristic_mv", DampingMode::Heuristic),
+        ] {
+            let got = fit
+                .inverse_matmat(Approximation::Kfac, &v, k, delta, mode)
+                .unwrap();
+            check(key, &got, &get(key).unwrap(), 1e-8);
+        }
+        let mut approximations = vec![("kfac", Approximation::Kfac)];
+        if has_ekfac {
+            approximations.push(("ekfac", Approximation::Ekfac));
+            check(
+                "ekfac_mv",
+                &fit.matmat(Approximation::Ekfac, &v, k).unwrap(),
+                &get("ekfac_mv").unwrap(),
+                1e-8,
+            );
+            let got = fit
+                .inverse_matmat(Approximation::Ekfac, &v, k, delta, DampingMode::Exact)
+                .unwrap();
+            check("ekfac_inv_mv", &got, &get("ekfac_inv_mv").unwrap(), 1e-8);
+        }
+        // Factors.
+        for cl in &fit.layout.layers {
+            let bi = cl.blocks[0];
+            let f = &fit.blocks[bi];
+            let rows = |m: &faer::Mat<f64>| -> Vec<f64> {
+                (0..m.nrows())
+                    .flat_map(|i| (0..m.ncols()).map(move |j| m[(i, j)]))
+                    .collect()
+            };
+            check(
+                &format!("factors.{}.G", cl.name),
+                &rows(&f.g),
+                &get(&format!("factors.{}.G", cl.name)).unwrap(),
+                1e-10,
+            );
+            if let Some(a) = &f.a {
+                check(
+                    &format!("factors.{}.A", cl.name),
+                    &rows(a),
+                    &get(&format!("factors.{}.A", cl.name)).unwrap(),
+                    1e-10,
+                );
+            } else {
+                assert!(
+                    get(&format!("factors.{}.A", cl.name)).is_none(),
+                    "{case}: A of a bias-only layer"
+                );
+            }
+        }
+        // Dense matrices (P ≤ 64).
+        for (name, which) in &approximations {
+            if let Some(want) = get(&format!("{name}_dense")) {
+                check(
+                    &format!("{name}_dense"),
+                    &fit.dense(*which).unwrap(),
+                    &want,
+                    1e-8,
+                );
+            }
+        }
+        if let Some(want) = get("ggn_dense") {
+            check(
+                "ggn_dense",
+                &exact_block_diagonal(&net, &data, &o).unwrap(),
+                &want,
+                1e-10,
+            );
+        }
+        // Scalars.
+        for (name, which) in &approximations {
+            let (_, sc) = fit.scalars(*which, delta).unwrap();
+            let e = &exp[*name];
+            for (key, got) in [
+                ("trace", sc.trace),
+                ("frobenius_norm", sc.frobenius_norm),
+                ("logdet_damped", sc.logdet_damped),
+            ] {
+                let want = e[key].as_f64().unwrap();
+                assert_rel(got, want, 1e-9, &format!("{case} {name} {key}"));
+                worst.push((rel(got, want), format!("{case} {name} {key}")));
+            }
+            assert_eq!(
+                sc.zero_eigenvalues as u64,
+                e["zero_eigenvalues"].as_u64().unwrap(),
+                "{case} {name} zero eigenvalues"
+            );
+            match e["logdet"].as_f64() {
+                Some(want) => {
+                    assert_rel(sc.logdet, want, 1e-9, &format!("{case} {name} logdet"));
+                    assert_rel(
+                        sc.det,
+                        e["det"].as_f64().unwrap(),
+                        1e-8,
+                        &format!("{case} {name} det"),
+                    );
+                }
+                None => {
+                    assert_eq!(sc.logdet, f64::NEG_INFINITY, "{case} {name} logdet");
+                    assert_eq!(sc.det, 0.0, "{case} {name} det");
+                }
+            }
+            let inv_traces = &exp["inverse_trace"];
+            let eye = identity(p);
+            let modes: &[(&str, DampingMode)] = match which {
+                Approximation::Kfac => &[
+                    ("kfac_exact", DampingMode::Exact),
+                    ("kfac_plain", DampingMode::Plain),
+                    ("kfac_heuristic", DampingMode::Heuristic),
+                ],
+                Approximation::Ekfac => &[("ekfac", DampingMode::Exact)],
+            };
+            for (key, mode) in modes {
+                let inv = fit.inverse_matmat(*which, &eye, p, delta, *mode).unwrap();
+                let want = inv_traces[*key].as_f64().unwrap();
+                assert_rel(
+                    trace(&inv, p),
+                    want,
+                    1e-9,
+                    &format!("{case} inverse trace {key}"),
+                );
+            }
+        }
+    }
+    worst.sort_by(|a, b| b.0.total_cmp(&a.0));
+    eprintln!("largest relative errors against curvlinops:");
+    for (e, what) in worst.iter().take(5) {
+        eprintln!("  {e:.2e}  {what}");
+    }
+}

@@ -144,6 +144,27 @@ fn large_k() {
     }
 }
 
+/// Few tiles of C and a long K take the split-K path (partial products per K slice,
+/// then an ordered sum); the sum must honour α, β, offsets, ldc and broadcasting.
+#[test]
+fn split_k_long_reductions() {
+    let Some(ctx) = common::gpu() else { return };
+    for (t, &(ta, tb)) in TRANSPOSES.iter().enumerate() {
+        let g = Gemm::new(1, 70, 3001, ta, tb).scaled(0.5, -1.0);
+        check(&ctx, &g, packed(&g), 700 + t as u64);
+        let g = Gemm::new(3, 2, 512, ta, tb);
+        check(&ctx, &g, packed(&g), 710 + t as u64);
+        let mut g = Gemm::new(65, 6, 1000, ta, tb).batched(2).scaled(1.0, 2.0);
+        g.stride_a = 0;
+        g.offset_a = 3;
+        g.offset_c = 5;
+        g.ldc = 9;
+        g.stride_c = 65 * 9 + 1;
+        let lens = [3 + 65 * 1000, 2 * 6 * 1000, 5 + 2 * g.stride_c];
+        check(&ctx, &g, lens, 720 + t as u64);
+    }
+}
+
 #[test]
 fn k_zero_scales_c() {
     let Some(ctx) = common::gpu() else { return };

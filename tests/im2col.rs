@@ -6,6 +6,7 @@ mod common;
 use common::TestRng;
 use ekfac::cpu::ops;
 use ekfac::geometry::Conv2dGeometry;
+use ekfac::ops::im2col;
 
 /// A conv geometry from `(B, C, Cout, [H, W], [KH, KW], stride, padding, dilation, groups)`.
 #[allow(clippy::too_many_arguments)]
@@ -93,6 +94,83 @@ fn cpu_col2im_is_adjoint_of_im2col() {
             assert!(
                 (lhs - rhs).abs() <= 1e-12 * lhs.abs().max(1.0),
                 "{geo:?} group {group}: {lhs} vs {rhs}"
+            );
+        }
+    }
+}
+
+fn to_f64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&a| f64::from(a)).collect()
+}
+
+/// GPU im2col, im2col_group_mean and col2im against the CPU reference, on all
+/// examples and on the chunk `1..B` (which must leave example 0 of col2im's output
+/// untouched). im2col copies values: exact. The group mean adds ≤ 4 f32 values and
+/// divides: 1e-6 relative (Frobenius). col2im adds ≤ 9 patch entries per element in a
+/// different order than the f64 reference: 1e-6 relative.
+#[test]
+fn gpu_im2col_and_col2im_match_cpu_reference() {
+    let Some(ctx) = common::gpu() else { return };
+    let mut rng = TestRng::new(5);
+    for geo in cases() {
+        let (s, d, g_n) = (geo.positions(), geo.patch_len(), geo.groups);
+        let x = rng.vec(geo.input_len());
+        let x64 = to_f64(&x);
+        let xg = ctx.upload(&x, &[geo.input_len()]).unwrap();
+        for examples in [0, 1]
+            .into_iter()
+            .filter(|&e0| e0 < geo.batch)
+            .map(|e0| e0..geo.batch)
+        {
+            let n = examples.len();
+            let rows = |full: &[f64]| full[examples.start * s * d..examples.end * s * d].to_vec();
+            let patches = ctx.zeros(&[im2col::patches_len(&geo, n)]).unwrap();
+            let mean = ctx.zeros(&[n * s * d]).unwrap();
+            let dp: Vec<f32> = rng.vec(im2col::patches_len(&geo, n));
+            let dpg = ctx.upload(&dp, &[dp.len()]).unwrap();
+            let sentinel = vec![7.0f32; geo.input_len()];
+            let dx = ctx.upload(&sentinel, &[geo.input_len()]).unwrap();
+            let mut rec = ctx.recorder();
+            im2col::im2col(&mut rec, &geo, &xg, examples.clone(), &patches).unwrap();
+            im2col::im2col_group_mean(&mut rec, &geo, &xg, examples.clone(), &mean).unwrap();
+            im2col::col2im(&mut rec, &geo, &dpg, examples.clone(), &dx).unwrap();
+            rec.submit().unwrap();
+
+            let want: Vec<f64> = (0..g_n)
+                .flat_map(|g| rows(&ops::im2col(&x64, &geo, g)))
+                .collect();
+            assert_eq!(
+                to_f64(&ctx.read(&patches).unwrap()),
+                want,
+                "im2col {geo:?} {examples:?}"
+            );
+            let want_mean = rows(&ops::im2col_group_mean(&x64, &geo));
+            assert!(
+                common::rel_err(&ctx.read(&mean).unwrap(), &want_mean) < 1e-6,
+                "group mean {geo:?}"
+            );
+
+            // Reference col2im: zero patch rows outside the chunk, sum over groups.
+            let per_group = n * s * d;
+            let mut want_dx = vec![0.0; geo.input_len()];
+            for g in 0..g_n {
+                let mut full = vec![0.0; geo.batch * s * d];
+                full[examples.start * s * d..examples.end * s * d]
+                    .copy_from_slice(&to_f64(&dp[g * per_group..(g + 1) * per_group]));
+                for (w, v) in want_dx.iter_mut().zip(ops::col2im(&full, &geo, g)) {
+                    *w += v;
+                }
+            }
+            let example = geo.input_len() / geo.batch;
+            let got_dx = ctx.read(&dx).unwrap();
+            let (lo, hi) = (examples.start * example, examples.end * example);
+            assert!(
+                got_dx[..lo].iter().all(|&v| v == 7.0),
+                "col2im wrote outside {examples:?}"
+            );
+            assert!(
+                common::rel_err(&got_dx[lo..hi], &want_dx[lo..hi]) < 1e-6,
+                "col2im {geo:?} {examples:?}"
             );
         }
     }

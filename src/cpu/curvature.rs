@@ -23,7 +23,7 @@ use crate::curvature::{DampingMode, FisherType, KfacApprox, MIN_DAMPING, Options
 use crate::error::{Error, Result};
 use crate::geometry::{Conv2dGeometry, Pool2dGeometry};
 use crate::loss::{self, BatchVectors, Targets};
-use crate::model::{Layer, Model};
+use crate::model::{Layer, Model, PoolSpec};
 
 /// A symmetric matrix's eigendecomposition: eigenvalues ascending, eigenvectors as the
 /// columns of `vectors`.
@@ -122,7 +122,7 @@ struct BatchIo {
     vectors: BatchVectors,
 }
 
-/// Geometry of conv layer `i` for a batch.
+/// Geometry of conv layer `i` for a batch (`None` for other layers).
 fn conv_geometry(
     model: &Model,
     i: usize,
@@ -130,30 +130,13 @@ fn conv_geometry(
     in_shape: &[usize],
 ) -> Option<Conv2dGeometry> {
     match &model.spec.layers[i] {
-        Layer::Conv2d(c) => Some(Conv2dGeometry {
-            batch,
-            in_channels: c.in_channels,
-            out_channels: c.out_channels,
-            in_size: [in_shape[1], in_shape[2]],
-            kernel_size: c.kernel_size,
-            stride: c.stride,
-            padding: c.padding,
-            dilation: c.dilation,
-            groups: c.groups,
-        }),
+        Layer::Conv2d(c) => Some(c.geometry(batch, [in_shape[1], in_shape[2]])),
         _ => None,
     }
 }
 
-fn pool_geometry(p: &crate::model::PoolSpec, batch: usize, in_shape: &[usize]) -> Pool2dGeometry {
-    Pool2dGeometry {
-        batch,
-        channels: in_shape[0],
-        in_size: [in_shape[1], in_shape[2]],
-        kernel_size: p.kernel_size,
-        stride: p.stride,
-        padding: p.padding,
-    }
+fn pool_geometry(p: &PoolSpec, batch: usize, in_shape: &[usize]) -> Pool2dGeometry {
+    p.geometry(batch, in_shape[0], [in_shape[1], in_shape[2]])
 }
 
 /// A layer's weight and optional bias in f64, PyTorch layouts, row-major.
@@ -161,8 +144,9 @@ pub type LayerWeights = (Vec<f64>, Option<Vec<f64>>);
 
 /// The network in f64: forward keeping every layer's input, backward of one
 /// output-space vector keeping every layer's output gradient. Its weights are exact f64
-/// copies of the model's f32 weights, or any f64 values of the same shapes (so that
-/// problems stated in f64, like SPEC §8, are reproduced to f64 precision).
+/// copies of the model's f32 weights, or any f64 values of the same shapes: problems
+/// stated in f64 (SPEC §8's golden numbers, 12 digits) need weights that f32 cannot
+/// hold, which is why the oracle does not use [`crate::cpu::nn`] (f32 model weights).
 pub struct Network64<'m> {
     model: &'m Model,
     shapes: Vec<Vec<usize>>,

@@ -254,7 +254,7 @@ pub struct Recorder<'a> {
     steps: Vec<Step>,
 }
 
-impl Recorder<'_> {
+impl<'a> Recorder<'a> {
     /// Records `kernel` over `workgroups`, binding `reads`, then `writes`, then
     /// `params` (32-bit words; floats as `f32::to_bits`) as described in the module
     /// docs. A dispatch with zero workgroups in any dimension is skipped.
@@ -329,6 +329,13 @@ impl Recorder<'_> {
     /// Whether nothing has been recorded.
     pub fn is_empty(&self) -> bool {
         self.steps.is_empty()
+    }
+
+    /// The context the dispatches are recorded for, e.g. to allocate temporaries. A
+    /// temporary may be dropped once recorded: the recorded work keeps its buffer
+    /// alive until the GPU is done with it.
+    pub fn context(&self) -> &'a GpuContext {
+        self.ctx
     }
 
     /// Encodes every recorded dispatch into one compute pass and submits it. Does not

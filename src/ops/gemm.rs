@@ -8,7 +8,7 @@
 //! copying; a batch stride of 0 broadcasts one matrix over the batch.
 
 use crate::error::{Error, Result};
-use crate::gpu::{GpuContext, GpuTensor, Kernel, Recorder};
+use crate::gpu::{GpuContext, GpuTensor, Kernel, Recorder, grid_1d};
 
 /// Rows and columns of C one workgroup computes.
 const TILE: usize = 64;
@@ -177,10 +177,79 @@ impl Gemm {
     }
 }
 
+/// Values of K a workgroup stages at a time (`BK` in the shader).
+const BK: usize = 16;
+/// Split-K aims for about this many workgroups...
+const SPLIT_TARGET_GROUPS: usize = 512;
+/// ...giving each K slice at least this many values...
+const SPLIT_MIN_K: usize = 256;
+/// ...in at most this many slices.
+const MAX_SPLITS: usize = 64;
+
+/// The split-K plan `(slices, values of K per slice)`. A problem with few tiles of C
+/// and a long K (a covariance `AᵀA` over many rows, a `1 × n` sum over rows) would
+/// occupy only a few workgroups; cutting K into slices whose partial products are then
+/// added in slice order fills the GPU. The plan depends only on the shape, so results
+/// stay deterministic. The partial products take at most about
+/// `2·SPLIT_TARGET_GROUPS` tiles of 64×64 floats (16 MiB).
+fn k_slices(g: &Gemm) -> (usize, usize) {
+    let tiles = g.batch * g.m.div_ceil(TILE) * g.n.div_ceil(TILE);
+    let wanted = SPLIT_TARGET_GROUPS
+        .div_ceil(tiles)
+        .min(g.k / SPLIT_MIN_K)
+        .min(MAX_SPLITS);
+    if wanted <= 1 {
+        return (1, g.k);
+    }
+    let k_split = g.k.div_ceil(wanted).next_multiple_of(BK);
+    (g.k.div_ceil(k_split), k_split)
+}
+
+/// The kernel's parameter words (`Params` in `shaders/gemm.wgsl`) for an `m × n`
+/// part of `g` whose matrices start at `offsets` (A, B, C), writing C with row length
+/// `ldc`, batch stride `stride_c` and the given `α`, `β` and K slices.
+struct Words {
+    m: usize,
+    n: usize,
+    offsets: [usize; 3],
+    ldc: usize,
+    stride_c: usize,
+    alpha: f32,
+    beta: f32,
+    splits: usize,
+    k_split: usize,
+}
+
+impl Words {
+    fn encode(&self, g: &Gemm) -> [u32; 16] {
+        [
+            self.m as u32,
+            self.n as u32,
+            g.k as u32,
+            g.lda as u32,
+            g.ldb as u32,
+            self.ldc as u32,
+            self.offsets[0] as u32,
+            self.offsets[1] as u32,
+            self.offsets[2] as u32,
+            g.stride_a as u32,
+            g.stride_b as u32,
+            self.stride_c as u32,
+            self.alpha.to_bits(),
+            self.beta.to_bits(),
+            self.splits as u32,
+            self.k_split as u32,
+        ]
+    }
+}
+
 /// Records `C = α·op(A)·op(B) + β·C` as described by `g`. Returns an error, and records
-/// nothing, if a matrix would reach outside its tensor or C aliases A or B. Problems
-/// whose grid would exceed 65535 workgroups in a dimension are split into several
-/// dispatches.
+/// nothing, if a matrix would reach outside its tensor or C aliases A or B.
+///
+/// Problems with few tiles of C and a long K run split-K: the K slices' partial
+/// products go to a temporary (allocated on the recorder's context) and a second
+/// dispatch adds them in a fixed order. Problems whose grid would exceed 65535
+/// workgroups in a dimension are split into several dispatches.
 pub fn gemm(
     rec: &mut Recorder,
     g: &Gemm,
@@ -204,6 +273,10 @@ pub fn gemm(
     let kernel = Kernel::new(&super::GEMM, entry)
         .with("TRANS_A", f64::from(u8::from(g.trans_a)))
         .with("TRANS_B", f64::from(u8::from(g.trans_b)));
+    let (splits, k_split) = k_slices(g);
+    if splits > 1 {
+        return gemm_split_k(rec, g, &kernel, [a, b, c], splits, k_split);
+    }
     // Element steps of A, B and C per row of C and per column of C.
     let a_row = if g.trans_a { 1 } else { g.lda };
     let b_col = if g.trans_b { g.ldb } else { 1 };
@@ -214,35 +287,82 @@ pub fn gemm(
             let m = (g.m - m0).min(rows_per_chunk);
             for n0 in (0..g.n).step_by(rows_per_chunk) {
                 let n = (g.n - n0).min(rows_per_chunk);
-                let offset_a = g.offset_a + b0 * g.stride_a + m0 * a_row;
-                let offset_b = g.offset_b + b0 * g.stride_b + n0 * b_col;
-                let offset_c = g.offset_c + b0 * g.stride_c + m0 * g.ldc + n0;
-                let words = [
-                    m as u32,
-                    n as u32,
-                    g.k as u32,
-                    g.lda as u32,
-                    g.ldb as u32,
-                    g.ldc as u32,
-                    offset_a as u32,
-                    offset_b as u32,
-                    offset_c as u32,
-                    g.stride_a as u32,
-                    g.stride_b as u32,
-                    g.stride_c as u32,
-                    g.alpha.to_bits(),
-                    g.beta.to_bits(),
-                ];
+                let words = Words {
+                    m,
+                    n,
+                    offsets: [
+                        g.offset_a + b0 * g.stride_a + m0 * a_row,
+                        g.offset_b + b0 * g.stride_b + n0 * b_col,
+                        g.offset_c + b0 * g.stride_c + m0 * g.ldc + n0,
+                    ],
+                    ldc: g.ldc,
+                    stride_c: g.stride_c,
+                    alpha: g.alpha,
+                    beta: g.beta,
+                    splits: 1,
+                    k_split: g.k,
+                };
                 let groups = [
                     n.div_ceil(TILE) as u32,
                     m.div_ceil(TILE) as u32,
                     batch as u32,
                 ];
-                rec.dispatch(&kernel, &[a, b], &[c], &words, groups)?;
+                rec.dispatch(&kernel, &[a, b], &[c], &words.encode(g), groups)?;
             }
         }
     }
     Ok(())
+}
+
+/// Split-K: the partial product of K slice `s` of batch entry `b` goes to packed
+/// matrix `b·splits + s` of a temporary, then `split_k_sum` adds the slices in order
+/// into C. The plan of [`k_slices`] keeps the grid far below 65535 in every dimension.
+fn gemm_split_k(
+    rec: &mut Recorder,
+    g: &Gemm,
+    kernel: &Kernel,
+    [a, b, c]: [&GpuTensor; 3],
+    splits: usize,
+    k_split: usize,
+) -> Result<()> {
+    let (m, n) = (g.m, g.n);
+    let partial = rec.context().zeros(&[g.batch * splits, m, n])?;
+    let words = Words {
+        m,
+        n,
+        offsets: [g.offset_a, g.offset_b, 0],
+        ldc: n,
+        stride_c: m * n,
+        alpha: 1.0,
+        beta: 0.0,
+        splits,
+        k_split,
+    };
+    let groups = [
+        n.div_ceil(TILE) as u32,
+        m.div_ceil(TILE) as u32,
+        (g.batch * splits) as u32,
+    ];
+    rec.dispatch(kernel, &[a, b], &[&partial], &words.encode(g), groups)?;
+    let sum_words = [
+        m as u32,
+        n as u32,
+        g.batch as u32,
+        splits as u32,
+        g.ldc as u32,
+        g.offset_c as u32,
+        g.stride_c as u32,
+        g.alpha.to_bits(),
+        g.beta.to_bits(),
+    ];
+    let len = g.batch * m * n;
+    rec.dispatch(
+        &Kernel::new(&super::GEMM, "split_k_sum"),
+        &[&partial],
+        &[c],
+        &sum_words,
+        grid_1d(len.div_ceil(256) as u32),
+    )
 }
 
 /// `op(A)·op(B)` as a new tensor, submitted at once.

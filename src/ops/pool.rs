@@ -2,34 +2,15 @@
 //! tensors, `ceil_mode = false`. Sizes come from a [`Pool2dGeometry`]: input
 //! `[B, C, H, W]`, output `[B, C, OH, OW]`.
 
-use crate::error::{Error, Result};
+use super::check::{expect_len, expect_u32, grid};
+use crate::error::Result;
 use crate::geometry::Pool2dGeometry;
-use crate::gpu::{GpuTensor, Kernel, Recorder, grid_1d};
-
-/// Errors unless `t` has `len` elements.
-fn expect_len(op: &str, name: &str, t: &GpuTensor, len: usize) -> Result<()> {
-    if t.len() != len {
-        return Err(Error::gpu(
-            op,
-            format!(
-                "{name} must have {len} elements, found shape {:?}",
-                t.shape()
-            ),
-        ));
-    }
-    Ok(())
-}
+use crate::gpu::{GpuTensor, Kernel, Recorder};
 
 /// The kernels' parameter words, after checking the geometry fits 32-bit indices.
 fn params(op: &str, geo: &Pool2dGeometry) -> Result<Vec<u32>> {
     let [oh, ow] = geo.out_size();
-    let largest = geo.input_len().max(geo.output_len());
-    if largest > u32::MAX as usize - 256 {
-        return Err(Error::gpu(
-            op,
-            format!("{largest} elements exceed the kernels' 32-bit indices ({geo:?})"),
-        ));
-    }
+    expect_u32(op, &[geo.input_len(), geo.output_len()])?;
     Ok([
         geo.batch * geo.channels,
         geo.in_size[0],
@@ -45,10 +26,6 @@ fn params(op: &str, geo: &Pool2dGeometry) -> Result<Vec<u32>> {
     ]
     .map(|v| v as u32)
     .to_vec())
-}
-
-fn grid(len: usize) -> [u32; 3] {
-    grid_1d(len.div_ceil(256) as u32)
 }
 
 /// Records max pooling: `x [B, C, H, W]` → `y [B, C, OH, OW]` and `argmax` (u32,

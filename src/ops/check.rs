@@ -1,0 +1,52 @@
+//! Argument checks shared by the kernel wrappers: element counts and 32-bit indices.
+
+use crate::error::{Error, Result};
+use crate::gpu::{GpuTensor, grid_1d};
+
+/// Errors unless `t` has exactly `len` elements.
+pub(crate) fn expect_len(op: &str, name: &str, t: &GpuTensor, len: usize) -> Result<()> {
+    if t.len() != len {
+        return Err(Error::gpu(
+            op,
+            format!(
+                "{name} must have {len} elements, found shape {:?} ({} elements)",
+                t.shape(),
+                t.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Errors unless `t` has at least `len` elements (scratch buffers may be larger).
+pub(crate) fn expect_at_least(op: &str, name: &str, t: &GpuTensor, len: usize) -> Result<()> {
+    if t.len() < len {
+        return Err(Error::gpu(
+            op,
+            format!(
+                "{name} needs at least {len} elements, found shape {:?} ({} elements)",
+                t.shape(),
+                t.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Errors unless every count fits the kernels' 32-bit index arithmetic (with room for
+/// one more workgroup of 256).
+pub(crate) fn expect_u32(op: &str, counts: &[usize]) -> Result<()> {
+    if let Some(n) = counts.iter().find(|&&n| n > u32::MAX as usize - 256) {
+        return Err(Error::gpu(
+            op,
+            format!("{n} elements exceed the kernels' 32-bit indices"),
+        ));
+    }
+    Ok(())
+}
+
+/// Workgroups of 256 covering `len` elements, as a grid that respects the
+/// per-dimension limit.
+pub(crate) fn grid(len: usize) -> [u32; 3] {
+    grid_1d(len.div_ceil(256) as u32)
+}

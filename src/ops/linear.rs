@@ -1,0 +1,103 @@
+//! Linear layers as GEMMs (`shaders/gemm.wgsl`) plus the bias kernels of
+//! `shaders/conv.wgsl` (a linear layer is a conv with one position per example).
+//!
+//! Shapes (PyTorch's): input `x [B, in]`, weight `W [out, in]`, bias `[out]`, output
+//! `y [B, out]`, all row-major f32: `y = x·Wᵀ + b`, `dx = dY·W`, `dW = dYᵀ·x`,
+//! `db = Σ_b dY[b]`.
+
+use super::check::expect_len;
+use super::conv::{add_bias, bias_grad};
+use super::gemm::{Gemm, gemm};
+use crate::error::{Error, Result};
+use crate::geometry::LinearGeometry;
+use crate::gpu::{GpuTensor, Recorder};
+
+/// Records `y = x·Wᵀ (+ bias)`: `x [B, in]`, `weight [out, in]`, `bias [out]`,
+/// `y [B, out]` (overwritten).
+pub fn linear_forward(
+    rec: &mut Recorder,
+    geo: &LinearGeometry,
+    x: &GpuTensor,
+    weight: &GpuTensor,
+    bias: Option<&GpuTensor>,
+    y: &GpuTensor,
+) -> Result<()> {
+    let op = "linear forward";
+    let LinearGeometry {
+        batch,
+        in_features,
+        out_features,
+    } = *geo;
+    expect_len(op, "x", x, batch * in_features)?;
+    expect_len(op, "weight", weight, out_features * in_features)?;
+    expect_len(op, "y", y, batch * out_features)?;
+    gemm(
+        rec,
+        &Gemm::new(batch, out_features, in_features, false, true),
+        x,
+        weight,
+        y,
+    )?;
+    if let Some(b) = bias {
+        add_bias(rec, out_features, 1, b, y)?;
+    }
+    Ok(())
+}
+
+/// What a linear backward pass reads and which gradients it writes. Parameter
+/// gradients are overwritten, or added to with `accumulate`; `grad_in` is always
+/// overwritten.
+pub struct LinearBackward<'a> {
+    /// `[B, out]`.
+    pub grad_out: &'a GpuTensor,
+    /// The layer input `[B, in]`; needed for `grad_weight`.
+    pub x: Option<&'a GpuTensor>,
+    /// `[out, in]`; needed for `grad_in`.
+    pub weight: Option<&'a GpuTensor>,
+    /// `[B, in]`.
+    pub grad_in: Option<&'a GpuTensor>,
+    /// `[out, in]`.
+    pub grad_weight: Option<&'a GpuTensor>,
+    /// `[out]`.
+    pub grad_bias: Option<&'a GpuTensor>,
+    pub accumulate: bool,
+}
+
+/// Records the linear backward pass: the gradients `args` asks for.
+pub fn linear_backward(
+    rec: &mut Recorder,
+    geo: &LinearGeometry,
+    args: &LinearBackward,
+) -> Result<()> {
+    let op = "linear backward";
+    let LinearGeometry {
+        batch,
+        in_features,
+        out_features,
+    } = *geo;
+    let missing = |what: &str, need: &str| Error::gpu(op, format!("{what} needs {need}"));
+    expect_len(op, "grad_out", args.grad_out, batch * out_features)?;
+    if let Some(grad_in) = args.grad_in {
+        let weight = args
+            .weight
+            .ok_or_else(|| missing("grad_in", "the weight"))?;
+        expect_len(op, "weight", weight, out_features * in_features)?;
+        expect_len(op, "grad_in", grad_in, batch * in_features)?;
+        let g = Gemm::new(batch, in_features, out_features, false, false);
+        gemm(rec, &g, args.grad_out, weight, grad_in)?;
+    }
+    if let Some(dw) = args.grad_weight {
+        let x = args
+            .x
+            .ok_or_else(|| missing("grad_weight", "the layer input x"))?;
+        expect_len(op, "x", x, batch * in_features)?;
+        expect_len(op, "grad_weight", dw, out_features * in_features)?;
+        let beta = if args.accumulate { 1.0 } else { 0.0 };
+        let g = Gemm::new(out_features, in_features, batch, true, false).scaled(1.0, beta);
+        gemm(rec, &g, args.grad_out, x, dw)?;
+    }
+    if let Some(db) = args.grad_bias {
+        bias_grad(rec, out_features, 1, args.grad_out, db, args.accumulate)?;
+    }
+    Ok(())
+}
