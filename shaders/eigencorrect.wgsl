@@ -53,3 +53,72 @@ fn square_sum_stack(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
     }
     stack_sum[i] = acc;
 }
+
+struct SharedParams {
+    // Backpropagated vectors V, examples B, positions S.
+    stack: u32,
+    batch: u32,
+    positions: u32,
+    // Λ is [d_out, d].
+    d_out: u32,
+    d: u32,
+    kappa: f32,
+}
+
+@group(0) @binding(0) var<storage, read> shared_g: array<f32>;
+@group(0) @binding(1) var<storage, read> shared_x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> shared_lambda: array<f32>;
+@group(0) @binding(3) var<uniform> shared_params: SharedParams;
+
+const TILE: u32 = 16u;
+var<workgroup> g_tile: array<array<f32, 16>, 16>;
+var<workgroup> x_tile: array<array<f32, 16>, 16>;
+
+// The eigenvalue correction of a weight-sharing layer, fused:
+//   Λ[k, l] += κ Σ_{v,n} (Σ_s g̃[v, n, s, k] · x̃[n, s, l])²
+// with g̃ = g Q_G ([V, B, S, d_out], channel-last rotated output gradients) and
+// x̃ = ã Q_A ([B, S, d], rotated patches). Each workgroup owns a 16×16 tile of Λ and
+// loops over the examples, forming that tile of the rotated per-example gradient in
+// registers: no [B, d_out, d] tensor, no atomics. Each Λ entry is written by one
+// invocation, so the result is deterministic.
+@compute @workgroup_size(16, 16)
+fn correct_shared(@builtin(workgroup_id) wid: vec3<u32>,
+                  @builtin(local_invocation_id) lid: vec3<u32>) {
+    let p = shared_params;
+    let k = wid.y * TILE + lid.y;
+    let l = wid.x * TILE + lid.x;
+    var acc = 0.0;
+    for (var v = 0u; v < p.stack; v = v + 1u) {
+        for (var n = 0u; n < p.batch; n = n + 1u) {
+            let g_base = (v * p.batch + n) * p.positions;
+            let x_base = n * p.positions;
+            var gamma = 0.0;
+            for (var s0 = 0u; s0 < p.positions; s0 = s0 + TILE) {
+                // Row s0 + lid.y of this example's g̃ (columns of the tile's k range)
+                // and of x̃ (columns of the tile's l range).
+                let s = s0 + lid.y;
+                let gk = wid.y * TILE + lid.x;
+                var gv = 0.0;
+                if (s < p.positions && gk < p.d_out) {
+                    gv = shared_g[(g_base + s) * p.d_out + gk];
+                }
+                var xv = 0.0;
+                if (s < p.positions && l < p.d) {
+                    xv = shared_x[(x_base + s) * p.d + l];
+                }
+                g_tile[lid.y][lid.x] = gv;
+                x_tile[lid.y][lid.x] = xv;
+                workgroupBarrier();
+                for (var ss = 0u; ss < TILE; ss = ss + 1u) {
+                    gamma = gamma + g_tile[ss][lid.y] * x_tile[ss][lid.x];
+                }
+                workgroupBarrier();
+            }
+            acc = acc + gamma * gamma;
+        }
+    }
+    if (k < p.d_out && l < p.d) {
+        let i = k * p.d + l;
+        shared_lambda[i] = shared_lambda[i] + p.kappa * acc;
+    }
+}

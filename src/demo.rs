@@ -71,7 +71,12 @@ pub fn run_digits() -> Result<String> {
     let options = digits_options();
     let mut fitted = fit(&ctx, &model, &data, &options, Some(damping))?;
     fitted.timings.load = load_ms;
-    let summary = Summary::new(&fitted.state, damping, fitted.timings, fitted.peak_gpu_bytes);
+    let summary = Summary::new(
+        &fitted.state,
+        damping,
+        fitted.timings,
+        fitted.peak_gpu_bytes,
+    );
 
     let mut report = String::from(
         "Main job: KFAC and EKFAC (type-2 Fisher, cross-entropy, mean) of Linear(64,32)-tanh-\
@@ -79,7 +84,10 @@ pub fn run_digits() -> Result<String> {
     );
     report += &summary.render();
     report += "\nAgainst curvlinops 3.0.1 (float64) on the same model and data:\n";
-    let compare = |report: &mut String, name: &str, ours: &ScalarsJson, theirs: &serde_json::Value| {
+    let compare = |report: &mut String,
+                   name: &str,
+                   ours: &ScalarsJson,
+                   theirs: &serde_json::Value| {
         for (key, value) in [
             ("trace", ours.trace),
             ("frobenius_norm", ours.frobenius_norm),

@@ -61,14 +61,22 @@ fn bound(expected: &Value, key: &str, tolerance: f64) -> f64 {
     tolerance.max(2.0 * f32_error)
 }
 
-fn check_scalars(case: &str, name: &str, got: &ScalarsJson, want: &Value, expected: &Value) -> Vec<String> {
+fn check_scalars(
+    case: &str,
+    name: &str,
+    got: &ScalarsJson,
+    want: &Value,
+    expected: &Value,
+) -> Vec<String> {
     let mut failures = Vec::new();
     for key in ["trace", "frobenius_norm"] {
         let (g, w) = (got_value(got, key), want[key].as_f64());
         let tol = bound(expected, &format!("scalar.{name}_{key}"), 1e-5);
         match (g, w) {
             (Some(g), Some(w)) if ((g - w) / w).abs() <= tol => {}
-            _ => failures.push(format!("{case}: {name} {key}: got {g:?}, want {w:?} (rel tol {tol:e})")),
+            _ => failures.push(format!(
+                "{case}: {name} {key}: got {g:?}, want {w:?} (rel tol {tol:e})"
+            )),
         }
     }
     for key in ["logdet", "logdet_damped"] {
@@ -111,12 +119,26 @@ fn gpu_matches_curvlinops_on_every_fixture() {
         let fitted = fit(&ctx, &model, &data, &opts, Some(damping))
             .unwrap_or_else(|e| panic!("{case}: fit failed: {e}"));
         let summary = Summary::new(&fitted.state, damping, fitted.timings.clone(), 0);
-        assert_eq!(summary.num_params, expected["num_params"].as_u64().unwrap() as usize, "{case}");
-        failures.extend(check_scalars(&case, "kfac", &summary.kfac, &expected["kfac"], &expected));
+        assert_eq!(
+            summary.num_params,
+            expected["num_params"].as_u64().unwrap() as usize,
+            "{case}"
+        );
+        failures.extend(check_scalars(
+            &case,
+            "kfac",
+            &summary.kfac,
+            &expected["kfac"],
+            &expected,
+        ));
         match (&summary.ekfac, expected["ekfac"].is_null()) {
-            (Some(e), false) => {
-                failures.extend(check_scalars(&case, "ekfac", e, &expected["ekfac"], &expected))
-            }
+            (Some(e), false) => failures.extend(check_scalars(
+                &case,
+                "ekfac",
+                e,
+                &expected["ekfac"],
+                &expected,
+            )),
             (None, true) => {}
             _ => failures.push(format!("{case}: EKFAC presence differs")),
         }
@@ -128,10 +150,34 @@ fn gpu_matches_curvlinops_on_every_fixture() {
         let operator = Operator::new(&ctx, &fitted.state).unwrap();
         let inverse = |mode| Transform::Inverse { damping, mode };
         let checks = [
-            ("kfac_mv", "product.kfac_mv", Approximation::Kfac, Transform::Forward, 1e-5),
-            ("ekfac_mv", "ekfac_product.ekfac_mv", Approximation::Ekfac, Transform::Forward, 1e-4),
-            ("kfac_inv_exact_mv", "inverse.kfac_exact", Approximation::Kfac, inverse(DampingMode::Exact), 1e-3),
-            ("kfac_inv_plain_mv", "inverse.kfac_plain", Approximation::Kfac, inverse(DampingMode::Plain), 1e-3),
+            (
+                "kfac_mv",
+                "product.kfac_mv",
+                Approximation::Kfac,
+                Transform::Forward,
+                1e-5,
+            ),
+            (
+                "ekfac_mv",
+                "ekfac_product.ekfac_mv",
+                Approximation::Ekfac,
+                Transform::Forward,
+                1e-4,
+            ),
+            (
+                "kfac_inv_exact_mv",
+                "inverse.kfac_exact",
+                Approximation::Kfac,
+                inverse(DampingMode::Exact),
+                1e-3,
+            ),
+            (
+                "kfac_inv_plain_mv",
+                "inverse.kfac_plain",
+                Approximation::Kfac,
+                inverse(DampingMode::Plain),
+                1e-3,
+            ),
             (
                 "kfac_inv_heuristic_mv",
                 "inverse.kfac_heuristic",
@@ -139,18 +185,33 @@ fn gpu_matches_curvlinops_on_every_fixture() {
                 inverse(DampingMode::Heuristic),
                 1e-3,
             ),
-            ("ekfac_inv_mv", "inverse.ekfac", Approximation::Ekfac, inverse(DampingMode::Exact), 1e-3),
+            (
+                "ekfac_inv_mv",
+                "inverse.ekfac",
+                Approximation::Ekfac,
+                inverse(DampingMode::Exact),
+                1e-3,
+            ),
         ];
         for (key, error_key, approx, transform, tolerance) in checks {
-            let Some(want) = products.get(key) else { continue };
+            let Some(want) = products.get(key) else {
+                continue;
+            };
             let want = want.to_f64().unwrap();
             let got = operator.apply(&v, columns, approx, transform).unwrap();
             let err = common::rel_err(&got, &want);
             let tol = bound(&expected, error_key, tolerance);
             if err.is_nan() || err > tol {
-                failures.push(format!("{case}: {key}: relative error {err:.3e} > {tol:.1e}"));
+                failures.push(format!(
+                    "{case}: {key}: relative error {err:.3e} > {tol:.1e}"
+                ));
             }
         }
     }
-    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

@@ -182,7 +182,12 @@ fn run_fit(args: &FitArgs) -> Result<()> {
     }
     fitted.timings.load = load_ms;
     let start = Instant::now();
-    let summary = Summary::new(&fitted.state, args.damping, fitted.timings.clone(), fitted.peak_gpu_bytes);
+    let summary = Summary::new(
+        &fitted.state,
+        args.damping,
+        fitted.timings.clone(),
+        fitted.peak_gpu_bytes,
+    );
     fitted.timings.scalars = ms(start);
     let start = Instant::now();
     fitted.state.save(&args.out)?;

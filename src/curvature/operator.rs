@@ -217,7 +217,15 @@ impl<'a> Operator<'a> {
                         &x
                     }
                 };
-                scale_broadcast(&mut rec, scaled, off, columns * per_column, &m, m_offset, per_column)?;
+                scale_broadcast(
+                    &mut rec,
+                    scaled,
+                    off,
+                    columns * per_column,
+                    &m,
+                    m_offset,
+                    per_column,
+                )?;
                 if let (BlockKind::Weight | BlockKind::Joint, Some(q_a)) = (block.kind, q_a) {
                     // T = X Q_Aᵀ.
                     let mut back_a = Gemm::new(columns * d_out, d, d, false, true);

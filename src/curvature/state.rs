@@ -208,7 +208,11 @@ impl CurvatureState {
                     vec![n, n],
                     &a.vectors,
                 ));
-                tensors.push((format!("{}.input_eigenvalues", layer.name), vec![n], &a.values));
+                tensors.push((
+                    format!("{}.input_eigenvalues", layer.name),
+                    vec![n],
+                    &a.values,
+                ));
             }
             if self.meta.options.fisher != FisherType::ForwardOnly {
                 let g = &factors.gradient;
@@ -280,7 +284,10 @@ impl CurvatureState {
         let meta: StateMeta = serde_json::from_value(probe)
             .map_err(|e| fail(format!("metadata `{METADATA_KEY}`: {e}")))?;
         let names: Vec<String> = meta.params.iter().map(|p| p.name.clone()).collect();
-        let model = ModelSpec::from_json_str(&meta.model.to_string(), format!("{origin} (recorded model)"))?;
+        let model = ModelSpec::from_json_str(
+            &meta.model.to_string(),
+            format!("{origin} (recorded model)"),
+        )?;
         let layout = ParamLayout::new(&model, Some(&names), meta.options.joint_bias)
             .map_err(|e| fail(format!("recorded model and parameters: {e}")))?;
         if layout.num_params != meta.num_params {

@@ -80,7 +80,9 @@ pub fn block_scalars(state: &CurvatureState, damping: f64) -> Vec<(Scalars, Opti
             out[b] = Some((kfac, ekfac));
         }
     }
-    out.into_iter().map(|s| s.expect("every block belongs to a layer")).collect()
+    out.into_iter()
+        .map(|s| s.expect("every block belongs to a layer"))
+        .collect()
 }
 
 /// Total KFAC and EKFAC scalars of `state`.
@@ -93,13 +95,19 @@ pub fn total_scalars(state: &CurvatureState, damping: f64) -> (Scalars, Option<S
 
 impl Summary {
     /// The summary of a fitted `state`.
-    pub fn new(state: &CurvatureState, damping: f64, timings: Timings, peak_gpu_bytes: u64) -> Self {
+    pub fn new(
+        state: &CurvatureState,
+        damping: f64,
+        timings: Timings,
+        peak_gpu_bytes: u64,
+    ) -> Self {
         let blocks = block_scalars(state, damping);
-        let per_layer = |f: &dyn Fn(&(Scalars, Option<Scalars>)) -> Option<Scalars>, idx: &[usize]| {
+        let kfac_of = |idx: &[usize]| total(&idx.iter().map(|&b| blocks[b].0).collect::<Vec<_>>());
+        let ekfac_of = |idx: &[usize]| {
             idx.iter()
-                .map(|&b| f(&blocks[b]))
+                .map(|&b| blocks[b].1)
                 .collect::<Option<Vec<_>>>()
-                .map(|s| total(&s))
+                .map(|s| total(&s).into())
         };
         let layers = state
             .layout
@@ -107,10 +115,8 @@ impl Summary {
             .iter()
             .map(|l| LayerSummary {
                 name: l.name.clone(),
-                kfac: per_layer(&|b| Some(b.0), &l.blocks)
-                    .expect("KFAC always exists")
-                    .into(),
-                ekfac: per_layer(&|b| b.1, &l.blocks).map(Into::into),
+                kfac: kfac_of(&l.blocks).into(),
+                ekfac: ekfac_of(&l.blocks),
             })
             .collect();
         let all: Vec<usize> = (0..blocks.len()).collect();
@@ -118,10 +124,8 @@ impl Summary {
             num_data: state.meta.num_data,
             num_params: state.layout.num_params,
             params: state.layout.param_names(),
-            kfac: per_layer(&|b| Some(b.0), &all)
-                .expect("KFAC always exists")
-                .into(),
-            ekfac: per_layer(&|b| b.1, &all).map(Into::into),
+            kfac: kfac_of(&all).into(),
+            ekfac: ekfac_of(&all),
             layers,
             damping,
             adapter: state.meta.adapter.clone(),

@@ -9,15 +9,20 @@
 use std::rc::Rc;
 
 use crate::error::{Error, Result};
-use crate::geometry::{Conv2dGeometry, Pool2dGeometry};
+use crate::geometry::{Conv2dGeometry, LinearGeometry, Pool2dGeometry};
 use crate::gpu::{GpuContext, GpuTensor, Recorder};
-use crate::model::{Conv2dSpec, Layer, Model, PoolSpec};
-use crate::ops::gemm::{Gemm, gemm};
-use crate::ops::{activation, conv, pool, reduce};
+use crate::model::{Conv2dSpec, Layer, LinearSpec, Model, PoolSpec};
+use crate::ops::conv::{ConvBackward, ConvWorkspace, conv2d_backward, conv2d_forward};
+use crate::ops::linear::{LinearBackward, linear_backward, linear_forward};
+use crate::ops::{activation, pool, reduce};
+
+/// Scratch memory a conv layer may use for its im2col patches per chunk of examples.
+const CONV_WORKSPACE_BYTES: usize = 64 << 20;
 
 /// A layer with its parameters on the GPU.
 enum GpuLayer {
     Linear {
+        spec: LinearSpec,
         weight: GpuTensor,
         bias: Option<GpuTensor>,
     },
@@ -104,28 +109,11 @@ impl Backward {
 }
 
 fn conv_geometry(spec: &Conv2dSpec, batch: usize, input: &[usize]) -> Conv2dGeometry {
-    Conv2dGeometry {
-        batch,
-        in_channels: spec.in_channels,
-        out_channels: spec.out_channels,
-        in_size: [input[1], input[2]],
-        kernel_size: spec.kernel_size,
-        stride: spec.stride,
-        padding: spec.padding,
-        dilation: spec.dilation,
-        groups: spec.groups,
-    }
+    Conv2dGeometry::of(spec, batch, [input[1], input[2]])
 }
 
 fn pool_geometry(spec: &PoolSpec, batch: usize, input: &[usize]) -> Pool2dGeometry {
-    Pool2dGeometry {
-        batch,
-        channels: input[0],
-        in_size: [input[1], input[2]],
-        kernel_size: spec.kernel_size,
-        stride: spec.stride,
-        padding: spec.padding,
-    }
+    Pool2dGeometry::of(spec, batch, input[0], [input[1], input[2]])
 }
 
 fn batched(batch: usize, shape: &[usize]) -> Vec<usize> {
@@ -155,7 +143,11 @@ impl Sequential {
             layers.push(match layer {
                 Layer::Linear(l) => {
                     let (weight, bias) = params(l.weight_shape())?;
-                    GpuLayer::Linear { weight, bias }
+                    GpuLayer::Linear {
+                        spec: l.clone(),
+                        weight,
+                        bias,
+                    }
                 }
                 Layer::Conv2d(c) => {
                     let (weight, bias) = params(c.weight_shape())?;
@@ -185,7 +177,7 @@ impl Sequential {
     /// compute pass, and keeps every layer's input (`x` becomes the first).
     pub fn forward(&self, ctx: &GpuContext, x: GpuTensor) -> Result<Forward> {
         let example: usize = self.shapes[0].iter().product();
-        if example == 0 || x.len() % example != 0 {
+        if example == 0 || !x.len().is_multiple_of(example) {
             return Err(Error::gpu(
                 "forward",
                 format!(
@@ -198,7 +190,7 @@ impl Sequential {
         let batch = x.len() / example;
         let input = x.reshape(&batched(batch, &self.shapes[0]))?;
         let mut rec = ctx.recorder();
-        let mut keep = Vec::new();
+        let mut workspaces = Vec::new();
         let mut activations = vec![Rc::new(input)];
         for (i, layer) in self.layers.iter().enumerate() {
             let x = activations[i].clone();
@@ -209,12 +201,15 @@ impl Sequential {
             }
             let y = ctx.zeros(&out_shape)?;
             match layer {
-                GpuLayer::Linear { weight, bias } => {
-                    linear_forward(ctx, &mut rec, &x, weight, bias.as_ref(), &y, &mut keep)?;
+                GpuLayer::Linear { spec, weight, bias } => {
+                    let geo = LinearGeometry::of(spec, batch);
+                    linear_forward(&mut rec, &geo, &x, weight, bias.as_ref(), &y)?;
                 }
                 GpuLayer::Conv2d { spec, weight, bias } => {
                     let geo = conv_geometry(spec, batch, &self.shapes[i]);
-                    conv::conv2d_forward(ctx, &mut rec, &geo, &x, weight, bias.as_ref(), &y)?;
+                    let ws = ConvWorkspace::new(ctx, &geo, CONV_WORKSPACE_BYTES)?;
+                    conv2d_forward(&mut rec, &geo, &ws, &x, weight, bias.as_ref(), &y)?;
+                    workspaces.push(ws);
                 }
                 GpuLayer::Relu => activation::relu_forward(&mut rec, &x, &y)?,
                 GpuLayer::Sigmoid => activation::sigmoid_forward(&mut rec, &x, &y)?,
@@ -233,7 +228,7 @@ impl Sequential {
             activations.push(Rc::new(y));
         }
         rec.submit()?;
-        drop(keep);
+        drop(workspaces);
         Ok(Forward { batch, activations })
     }
 
@@ -266,72 +261,87 @@ impl Sequential {
             .iter()
             .position(|l| matches!(l, GpuLayer::Linear { .. } | GpuLayer::Conv2d { .. }))
             .unwrap_or(self.layers.len());
-        let mut output_grads: Vec<Option<GpuTensor>> = (0..self.layers.len()).map(|_| None).collect();
+        let mut output_grads: Vec<Option<GpuTensor>> =
+            (0..self.layers.len()).map(|_| None).collect();
         let mut grads: Vec<Option<(GpuTensor, Option<GpuTensor>)>> =
             (0..self.layers.len()).map(|_| None).collect();
         let mut keep: Vec<GpuTensor> = Vec::new();
+        let mut workspaces = Vec::new();
         let mut rec = ctx.recorder();
         // `current` is the gradient w.r.t. the output of layer `i` while walking back.
         let start = ctx.zeros(&batched(rows, &self.shapes[self.layers.len()]))?;
         reduce::copy(&mut rec, grad_output, 0, &start, 0, grad_output.len())?;
         let mut current = Some(start);
         for i in (first_with_params..self.layers.len()).rev() {
-            let grad_out = current.take().expect("a gradient flows into every visited layer");
+            let grad_out = current
+                .take()
+                .expect("a gradient flows into every visited layer");
             let in_shape = batched(rows, &self.shapes[i]);
             let needs_input_grad = i > first_with_params;
             let saved_input = forward.layer_input(i);
             let saved_output = forward.layer_output(i);
             let next = match &self.layers[i] {
                 GpuLayer::Flatten => Some(grad_out.reshape(&in_shape)?),
-                GpuLayer::Linear { weight, bias } => {
-                    if param_grads {
-                        let w = ctx.zeros(weight.shape())?;
-                        let b = bias.as_ref().map(|b| ctx.zeros(b.shape())).transpose()?;
-                        linear_param_grads(
-                            ctx, &mut rec, &grad_out, saved_input, stack, &w, b.as_ref(), &mut keep,
-                        )?;
-                        grads[i] = Some((w, b));
-                    }
-                    let next = if needs_input_grad {
-                        let gx = ctx.zeros(&in_shape)?;
-                        let [out, inp] = [weight.shape()[0], weight.shape()[1]];
-                        gemm(
-                            &mut rec,
-                            &Gemm::new(rows, inp, out, false, false),
-                            &grad_out,
-                            weight,
-                            &gx,
-                        )?;
-                        Some(gx)
+                GpuLayer::Linear { spec, weight, bias } => {
+                    let repeated = if param_grads {
+                        repeat(ctx, &mut rec, saved_input, stack)?
                     } else {
                         None
                     };
-                    output_grads[i] = Some(grad_out);
-                    next
-                }
-                GpuLayer::Conv2d { spec, weight, bias } => {
-                    let repeated = repeat(ctx, &mut rec, saved_input, stack)?;
-                    let x = repeated.as_ref().unwrap_or(saved_input);
-                    let geo = conv_geometry(spec, rows, &self.shapes[i]);
-                    if param_grads {
-                        let w = ctx.zeros(weight.shape())?;
-                        let b = bias.as_ref().map(|b| ctx.zeros(b.shape())).transpose()?;
-                        conv::conv2d_backward_weight(ctx, &mut rec, &geo, &grad_out, x, &w)?;
-                        if let Some(b) = &b {
-                            conv::conv2d_backward_bias(ctx, &mut rec, &geo, &grad_out, b)?;
-                        }
-                        grads[i] = Some((w, b));
-                    }
-                    let next = if needs_input_grad {
-                        let gx = ctx.zeros(&in_shape)?;
-                        conv::conv2d_backward_input(ctx, &mut rec, &geo, &grad_out, weight, &gx)?;
-                        Some(gx)
-                    } else {
-                        None
-                    };
+                    let geo = LinearGeometry::of(spec, rows);
+                    let grad_in = needs_input_grad.then(|| ctx.zeros(&in_shape)).transpose()?;
+                    let param = param_grads
+                        .then(|| parameter_grads(ctx, weight, bias.as_ref()))
+                        .transpose()?;
+                    linear_backward(
+                        &mut rec,
+                        &geo,
+                        &LinearBackward {
+                            grad_out: &grad_out,
+                            x: param_grads.then(|| repeated.as_ref().unwrap_or(saved_input)),
+                            weight: Some(weight),
+                            grad_in: grad_in.as_ref(),
+                            grad_weight: param.as_ref().map(|(w, _)| w),
+                            grad_bias: param.as_ref().and_then(|(_, b)| b.as_ref()),
+                            accumulate: false,
+                        },
+                    )?;
+                    grads[i] = param;
                     keep.extend(repeated);
                     output_grads[i] = Some(grad_out);
-                    next
+                    grad_in
+                }
+                GpuLayer::Conv2d { spec, weight, bias } => {
+                    let repeated = if param_grads {
+                        repeat(ctx, &mut rec, saved_input, stack)?
+                    } else {
+                        None
+                    };
+                    let geo = conv_geometry(spec, rows, &self.shapes[i]);
+                    let ws = ConvWorkspace::new(ctx, &geo, CONV_WORKSPACE_BYTES)?;
+                    let grad_in = needs_input_grad.then(|| ctx.zeros(&in_shape)).transpose()?;
+                    let param = param_grads
+                        .then(|| parameter_grads(ctx, weight, bias.as_ref()))
+                        .transpose()?;
+                    conv2d_backward(
+                        &mut rec,
+                        &geo,
+                        &ws,
+                        &ConvBackward {
+                            grad_out: &grad_out,
+                            x: param_grads.then(|| repeated.as_ref().unwrap_or(saved_input)),
+                            weight: Some(weight),
+                            grad_in: grad_in.as_ref(),
+                            grad_weight: param.as_ref().map(|(w, _)| w),
+                            grad_bias: param.as_ref().and_then(|(_, b)| b.as_ref()),
+                            accumulate: false,
+                        },
+                    )?;
+                    grads[i] = param;
+                    keep.extend(repeated);
+                    workspaces.push(ws);
+                    output_grads[i] = Some(grad_out);
+                    grad_in
                 }
                 GpuLayer::Relu | GpuLayer::Sigmoid | GpuLayer::Tanh => {
                     let layer = &self.layers[i];
@@ -344,7 +354,9 @@ impl Sequential {
                     let saved = repeated.as_ref().unwrap_or(saved);
                     let gx = ctx.zeros(&in_shape)?;
                     match layer {
-                        GpuLayer::Relu => activation::relu_backward(&mut rec, saved, &grad_out, &gx)?,
+                        GpuLayer::Relu => {
+                            activation::relu_backward(&mut rec, saved, &grad_out, &gx)?
+                        }
                         GpuLayer::Sigmoid => {
                             activation::sigmoid_backward(&mut rec, saved, &grad_out, &gx)?
                         }
@@ -383,6 +395,7 @@ impl Sequential {
         }
         rec.submit()?;
         drop(keep);
+        drop(workspaces);
         Ok(Backward {
             stack,
             output_grads,
@@ -391,55 +404,16 @@ impl Sequential {
     }
 }
 
-/// `y = x Wᵀ (+ b)` for `x` `[B, in]`, `W` `[out, in]`, `y` `[B, out]`.
-#[allow(clippy::too_many_arguments)]
-fn linear_forward(
+/// Zeroed weight and bias gradient tensors shaped like the parameters.
+fn parameter_grads(
     ctx: &GpuContext,
-    rec: &mut Recorder,
-    x: &GpuTensor,
     weight: &GpuTensor,
     bias: Option<&GpuTensor>,
-    y: &GpuTensor,
-    keep: &mut Vec<GpuTensor>,
-) -> Result<()> {
-    let [out, inp] = [weight.shape()[0], weight.shape()[1]];
-    let batch = x.len() / inp;
-    gemm(rec, &Gemm::new(batch, out, inp, false, true), x, weight, y)?;
-    if let Some(b) = bias {
-        // y += 1_B bᵀ.
-        let ones = ctx.upload(&vec![1.0; batch], &[batch, 1])?;
-        gemm(rec, &Gemm::new(batch, out, 1, false, false).scaled(1.0, 1.0), &ones, b, y)?;
-        keep.push(ones);
-    }
-    Ok(())
-}
-
-/// `∂W = Σ_v g_vᵀ x` and `∂b = Σ_{v,n} g_{v,n}` for `g` `[V·B, out]`, `x` `[B, in]`.
-#[allow(clippy::too_many_arguments)]
-fn linear_param_grads(
-    ctx: &GpuContext,
-    rec: &mut Recorder,
-    g: &GpuTensor,
-    x: &GpuTensor,
-    stack: usize,
-    w: &GpuTensor,
-    b: Option<&GpuTensor>,
-    keep: &mut Vec<GpuTensor>,
-) -> Result<()> {
-    let [out, inp] = [w.shape()[0], w.shape()[1]];
-    let batch = x.len() / inp;
-    for v in 0..stack {
-        let mut step = Gemm::new(out, inp, batch, true, false).scaled(1.0, if v == 0 { 0.0 } else { 1.0 });
-        step.offset_a = v * batch * out;
-        gemm(rec, &step, g, x, w)?;
-    }
-    if let Some(b) = b {
-        let rows = stack * batch;
-        let ones = ctx.upload(&vec![1.0; rows], &[1, rows])?;
-        gemm(rec, &Gemm::new(1, out, rows, false, false), &ones, g, b)?;
-        keep.push(ones);
-    }
-    Ok(())
+) -> Result<(GpuTensor, Option<GpuTensor>)> {
+    Ok((
+        ctx.zeros(weight.shape())?,
+        bias.map(|b| ctx.zeros(b.shape())).transpose()?,
+    ))
 }
 
 /// `t` repeated `stack` times along a new leading axis, or `None` when `stack` is 1

@@ -52,7 +52,11 @@ impl TensorFile {
 
     /// The value of `key` in the file's string metadata (`__metadata__`), if any.
     pub fn string_metadata(&self, key: &str) -> Option<&str> {
-        self.metadata.metadata().as_ref()?.get(key).map(String::as_str)
+        self.metadata
+            .metadata()
+            .as_ref()?
+            .get(key)
+            .map(String::as_str)
     }
 
     /// The tensor names, sorted.

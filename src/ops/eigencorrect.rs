@@ -40,7 +40,7 @@ pub fn scale_broadcast(
 /// vectors, summed over `v` in order (deterministic, no atomics).
 pub fn square_sum_stack(rec: &mut Recorder, x: &GpuTensor, sum: &GpuTensor) -> Result<()> {
     let len = sum.len();
-    if len == 0 || x.len() % len != 0 {
+    if len == 0 || !x.len().is_multiple_of(len) {
         return Err(Error::gpu(
             "square_sum_stack",
             format!(
@@ -55,5 +55,60 @@ pub fn square_sum_stack(rec: &mut Recorder, x: &GpuTensor, sum: &GpuTensor) -> R
         &[sum],
         &[len as u32, (x.len() / len) as u32],
         grid_1d((len as u32).div_ceil(256)),
+    )
+}
+
+/// Records the fused correction of a weight-sharing layer:
+/// `Λ[k, l] += κ Σ_{v,n} (Σ_s g̃[v, n, s, k] · x̃[n, s, l])²`, with `g̃` the rotated
+/// channel-last output gradients `[V, B, S, d_out]` and `x̃` the rotated patches
+/// `[B, S, D]`; `lambda` is `[d_out, D]`. One workgroup per 16×16 tile of `Λ` loops
+/// over the examples, so memory stays `O(V·B·S·(d_out + D))` whatever the sizes, and
+/// each entry of `Λ` is written by one invocation (deterministic, no atomics).
+pub fn correct_shared(
+    rec: &mut Recorder,
+    rotated_grads: &GpuTensor,
+    rotated_patches: &GpuTensor,
+    lambda: &GpuTensor,
+    stack: usize,
+    positions: usize,
+    kappa: f32,
+) -> Result<()> {
+    let [d_out, d] = match *lambda.shape() {
+        [a, b] => [a, b],
+        ref s => {
+            return Err(Error::gpu(
+                "correct_shared",
+                format!("Λ must be [d_out, D], found {s:?}"),
+            ));
+        }
+    };
+    let batch = rotated_patches.len() / (positions * d).max(1);
+    if rotated_patches.len() != batch * positions * d
+        || rotated_grads.len() != stack * batch * positions * d_out
+    {
+        return Err(Error::gpu(
+            "correct_shared",
+            format!(
+                "gradients {:?} and patches {:?} do not fit V = {stack}, S = {positions}, \
+                 Λ {:?}",
+                rotated_grads.shape(),
+                rotated_patches.shape(),
+                lambda.shape()
+            ),
+        ));
+    }
+    rec.dispatch(
+        &Kernel::new(&super::EIGENCORRECT, "correct_shared"),
+        &[rotated_grads, rotated_patches],
+        &[lambda],
+        &[
+            stack as u32,
+            batch as u32,
+            positions as u32,
+            d_out as u32,
+            d as u32,
+            kappa.to_bits(),
+        ],
+        [d.div_ceil(16) as u32, d_out.div_ceil(16) as u32, 1],
     )
 }
