@@ -8,6 +8,7 @@ pub mod gemm;
 pub mod im2col;
 pub mod jacobi;
 pub mod linear;
+pub mod loss;
 pub mod pool;
 pub mod reduce;
 
@@ -19,6 +20,7 @@ pub(crate) static EIGENCORRECT: Shader = crate::shader!("eigencorrect");
 pub(crate) static GEMM: Shader = crate::shader!("gemm");
 pub(crate) static IM2COL: Shader = crate::shader!("im2col");
 pub(crate) static JACOBI: Shader = crate::shader!("jacobi");
+pub(crate) static LOSS: Shader = crate::shader!("loss");
 pub(crate) static POOL: Shader = crate::shader!("pool");
 pub(crate) static REDUCE: Shader = crate::shader!("reduce");
 
@@ -30,6 +32,7 @@ pub(crate) static SHADERS: &[&Shader] = &[
     &GEMM,
     &IM2COL,
     &JACOBI,
+    &LOSS,
     &POOL,
     &REDUCE,
 ];
