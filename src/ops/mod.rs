@@ -3,9 +3,12 @@
 pub mod activation;
 mod check;
 pub mod conv;
+pub mod eigencorrect;
 pub mod gemm;
 pub mod im2col;
+pub mod jacobi;
 pub mod linear;
+pub mod loss;
 pub mod pool;
 pub mod reduce;
 
@@ -13,10 +16,23 @@ use crate::gpu::Shader;
 
 pub(crate) static ACTIVATION: Shader = crate::shader!("activation");
 pub(crate) static CONV: Shader = crate::shader!("conv");
+pub(crate) static EIGENCORRECT: Shader = crate::shader!("eigencorrect");
 pub(crate) static GEMM: Shader = crate::shader!("gemm");
 pub(crate) static IM2COL: Shader = crate::shader!("im2col");
+pub(crate) static JACOBI: Shader = crate::shader!("jacobi");
+pub(crate) static LOSS: Shader = crate::shader!("loss");
 pub(crate) static POOL: Shader = crate::shader!("pool");
 pub(crate) static REDUCE: Shader = crate::shader!("reduce");
 
 /// Every WGSL file of the crate.
-pub(crate) static SHADERS: &[&Shader] = &[&ACTIVATION, &CONV, &GEMM, &IM2COL, &POOL, &REDUCE];
+pub(crate) static SHADERS: &[&Shader] = &[
+    &ACTIVATION,
+    &CONV,
+    &EIGENCORRECT,
+    &GEMM,
+    &IM2COL,
+    &JACOBI,
+    &LOSS,
+    &POOL,
+    &REDUCE,
+];

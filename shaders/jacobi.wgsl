@@ -1,0 +1,717 @@
+// Symmetric eigendecomposition by parallel (round-robin ordered) cyclic Jacobi.
+// Bindings follow src/gpu/pipeline.rs: reads, then writes, then params. Every entry
+// point declares its own bindings; they share the (group, binding) slots.
+//
+// Layouts (row-major, f32):
+//   a       [batch, n, n]  the symmetric input; only its symmetric part (A + Aᵀ)/2 is used
+//   v0      [n, n] or [batch, n, n]  a starting eigenbasis, COLUMNS are vectors (warm start)
+//   work_a  [batch, n, n]  the matrix being diagonalised, kept exactly symmetric
+//   work_w  [batch, n, n]  W = Vᵀ: ROW i of W is the current approximation of eigenvector i
+//   values  [batch, n]     eigenvalues, ascending
+//   vectors [batch, n, n]  column j is the eigenvector of values[j]
+//
+// Every path: `global_init` (work_a, work_w), sweeps, then `global_rank` and
+// `global_gather` (sort). One sweep is m - 1 steps (m = n rounded up to even). Step k
+// pairs the indices by the round-robin tournament of `pair_of`, so the h = m/2
+// rotations of a step are disjoint and run in parallel; over a sweep every pair (p, q)
+// meets exactly once. For odd n the index n is a phantom whose rotation is the identity.
+// A step updates A ← Jᵀ A J and W ← Jᵀ W for the product J of the step's rotations.
+//
+// The rotation that zeroes a_pq is Rutishauser's stable form:
+//   θ = (a_qq − a_pp) / (2 a_pq),  t = sign(θ) / (|θ| + sqrt(θ² + 1)),
+//   c = 1 / sqrt(t² + 1),  s = t c,  τ = s / (1 + c),
+//   a_pp ← a_pp − t a_pq,  a_qq ← a_qq + t a_pq,  a_pq ← 0,
+//   other pairs (x, y) of rows/columns p, q:  x ← x − s (y + τ x),  y ← y + s (x − τ y).
+
+// The rotation (c, s, t, τ) that zeroes a_pq; the identity when a_pq is already zero.
+fn rotation(app: f32, aqq: f32, apq: f32) -> vec4<f32> {
+    if (apq == 0.0) {
+        return vec4<f32>(1.0, 0.0, 0.0, 0.0);
+    }
+    let theta = (aqq - app) / (2.0 * apq);
+    var t: f32;
+    if (abs(theta) > 1e18) {
+        // θ² + 1 would overflow; t = 1 / (2θ) to working precision.
+        t = 0.5 / theta;
+    } else {
+        t = select(-1.0, 1.0, theta >= 0.0) / (abs(theta) + sqrt(theta * theta + 1.0));
+    }
+    let c = 1.0 / sqrt(t * t + 1.0);
+    let s = t * c;
+    return vec4<f32>(c, s, t, s / (1.0 + c));
+}
+
+// Applies the rotation r = (c, s, t, τ) to the pair (x, y): (c x − s y, s x + c y).
+fn rotate(x: f32, y: f32, r: vec4<f32>) -> vec2<f32> {
+    return vec2<f32>(x - r.y * (y + r.w * x), y + r.y * (x - r.w * y));
+}
+
+// The 2×2 block b = (a_pr, a_pu, a_qr, a_qu) of rows (p, q) and columns (r, u) after
+// rows are rotated by ri and columns by rj: Riᵀ B Rj.
+fn rotate_block(b: vec4<f32>, ri: vec4<f32>, rj: vec4<f32>) -> vec4<f32> {
+    let c0 = rotate(b.x, b.z, ri);
+    let c1 = rotate(b.y, b.w, ri);
+    let r0 = rotate(c0.x, c1.x, rj);
+    let r1 = rotate(c0.y, c1.y, rj);
+    return vec4<f32>(r0.x, r0.y, r1.x, r1.y);
+}
+
+// The pair (p, q), p < q, of slot j in step k of the round-robin over m (even) indices:
+// index m − 1 stays put, the others rotate by one position per step.
+fn pair_of(k: u32, j: u32, m: u32) -> vec2<u32> {
+    let r = m - 1u;
+    var p = k;
+    var q = r;
+    if (j != 0u) {
+        p = (k + j) % r;
+        q = (k + r - j) % r;
+    }
+    return vec2<u32>(min(p, q), max(p, q));
+}
+
+// Whether x is neither NaN nor ±Inf, by its bits (WGSL lets implementations assume
+// that floats are finite, so a float comparison cannot tell).
+fn finite(x: f32) -> bool {
+    return (bitcast<u32>(x) & 0x7f800000u) != 0x7f800000u;
+}
+
+// Sort key: NaN sorts last, so the ranks below are a permutation whatever the input.
+fn sort_key(x: f32) -> f32 {
+    return select(x, 3.0e38, x != x);
+}
+
+// Whether key kj with index j sorts before key ki with index i (ties by index).
+fn before(kj: f32, j: u32, ki: f32, i: u32) -> bool {
+    return kj < ki || (kj == ki && j < i);
+}
+
+// ---------------------------------------------------------------------------------
+// Workgroup path: one workgroup per matrix runs one whole sweep per dispatch on the
+// work_a / work_w prepared by `global_init`; the host records max_sweeps + 1 of these
+// dispatches into one pass. Each begins with the convergence test, and once a matrix is
+// done every later dispatch returns at once. (One sweep per dispatch rather than all of
+// them: the software Vulkan driver ends every loop of an invocation once the invocation
+// has run 65535 loop iterations in total.)
+//
+//   info [batch, 4] = (sweeps done, ‖offdiag(A)‖_F / ‖A‖_F at the last test, done,
+//                      1 if A held NaN or Inf at a test, else 0)
+
+struct SweepParams {
+    n: u32,
+    batch: u32,
+    max_sweeps: u32,
+    tol: f32,
+}
+
+const WG: u32 = 256u;
+// Largest n of `jacobi_sweep_shared` (A and W both in workgroup memory).
+const SHARED_N: u32 = 32u;
+// Largest number of pairs per step of the workgroup kernels (n ≤ 256).
+const MAX_PAIRS: u32 = 128u;
+
+var<workgroup> wg_rot: array<vec4<f32>, MAX_PAIRS>;
+var<workgroup> wg_off: array<f32, WG>;
+var<workgroup> wg_tot: array<f32, WG>;
+var<workgroup> wg_done: u32;
+var<workgroup> wg_bad: atomic<u32>;
+
+// The stopping rule (the host applies the same one on the global path).
+fn stop(off: f32, sweeps: u32, max_sweeps: u32, tol: f32) -> bool {
+    return sweeps >= max_sweeps || off <= tol;
+}
+
+// Sums wg_off and wg_tot over the workgroup into element 0 (fixed order, deterministic).
+fn reduce_norms(lid: u32) {
+    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
+        workgroupBarrier();
+        if (lid < stride) {
+            wg_off[lid] += wg_off[lid + stride];
+            wg_tot[lid] += wg_tot[lid + stride];
+        }
+    }
+    workgroupBarrier();
+}
+
+// After reduce_norms: records the relative off-norm of matrix b in info, decides whether
+// to stop (also when A held NaN or Inf), and returns that to the whole workgroup.
+fn test_convergence(lid: u32, b: u32, params: SweepParams) -> bool {
+    if (lid == 0u) {
+        let bad = atomicLoad(&wg_bad) != 0u;
+        let off = sqrt(wg_off[0] / max(wg_tot[0], 1e-38));
+        let done = bad || stop(off, u32(ws_info[b * 4u]), params.max_sweeps, params.tol);
+        ws_info[b * 4u + 1u] = off;
+        ws_info[b * 4u + 2u] = select(0.0, 1.0, done);
+        ws_info[b * 4u + 3u] = select(0.0, 1.0, bad);
+        wg_done = select(0u, 1u, done);
+    }
+    return workgroupUniformLoad(&wg_done) != 0u;
+}
+
+// Whether matrix b was already done before this dispatch (uniform over the workgroup);
+// also clears wg_bad for the coming test.
+fn already_done(lid: u32, b: u32) -> bool {
+    if (lid == 0u) {
+        wg_done = select(0u, 1u, ws_info[b * 4u + 2u] != 0.0);
+        atomicStore(&wg_bad, 0u);
+    }
+    return workgroupUniformLoad(&wg_done) != 0u;
+}
+
+@group(0) @binding(0) var<storage, read_write> ws_work_a: array<f32>;
+@group(0) @binding(1) var<storage, read_write> ws_work_w: array<f32>;
+@group(0) @binding(2) var<storage, read_write> ws_info: array<f32>;
+@group(0) @binding(3) var<uniform> ws_params: SweepParams;
+
+var<workgroup> wg_a: array<f32, SHARED_N * SHARED_N>;
+var<workgroup> wg_w: array<f32, SHARED_N * SHARED_N>;
+
+// n ≤ 32: one sweep with A and W copied into workgroup memory (stride n) and back.
+@compute @workgroup_size(256)
+fn jacobi_sweep_shared(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                       @builtin(local_invocation_index) lid: u32) {
+    let b = wid.x + wid.y * nwg.x;
+    let n = ws_params.n;
+    if (b >= ws_params.batch || n > SHARED_N || already_done(lid, b)) {
+        return;
+    }
+    let nn = n * n;
+    let base = b * nn;
+    var off = 0.0;
+    var tot = 0.0;
+    for (var e = lid; e < nn; e += WG) {
+        let x = ws_work_a[base + e];
+        wg_a[e] = x;
+        wg_w[e] = ws_work_w[base + e];
+        tot += x * x;
+        off += select(x * x, 0.0, e / n == e % n);
+        if (!finite(x)) {
+            atomicOr(&wg_bad, 1u);
+        }
+    }
+    wg_off[lid] = off;
+    wg_tot[lid] = tot;
+    reduce_norms(lid);
+    if (test_convergence(lid, b, ws_params)) {
+        return;
+    }
+    let m = n + (n & 1u);
+    let h = m / 2u;
+    for (var k = 0u; k + 1u < m; k++) {
+        if (lid < h) {
+            let pq = pair_of(k, lid, m);
+            var rot = vec4<f32>(1.0, 0.0, 0.0, 0.0);
+            if (pq.y < n) {
+                rot = rotation(wg_a[pq.x * n + pq.x], wg_a[pq.y * n + pq.y], wg_a[pq.x * n + pq.y]);
+            }
+            wg_rot[lid] = rot;
+        }
+        workgroupBarrier();
+        // Items [0, h²): blocks (i, j) of A, i ≤ j (i > j idles); [h², h² + h·n): (slot, column) of W.
+        for (var e = lid; e < h * h + h * n; e += WG) {
+            if (e >= h * h) {
+                let j = (e - h * h) / n;
+                let r = (e - h * h) % n;
+                let pq = pair_of(k, j, m);
+                if (pq.y < n) {
+                    let v = rotate(wg_w[pq.x * n + r], wg_w[pq.y * n + r], wg_rot[j]);
+                    wg_w[pq.x * n + r] = v.x;
+                    wg_w[pq.y * n + r] = v.y;
+                }
+            } else if (e / h <= e % h) {
+                let i = e / h;
+                let j = e % h;
+                let pq = pair_of(k, i, m);
+                let ru = pair_of(k, j, m);
+                if (i == j) {
+                    if (pq.y < n) {
+                        let apq = wg_a[pq.x * n + pq.y];
+                        let t = wg_rot[i].z;
+                        wg_a[pq.x * n + pq.x] -= t * apq;
+                        wg_a[pq.y * n + pq.y] += t * apq;
+                        wg_a[pq.x * n + pq.y] = 0.0;
+                        wg_a[pq.y * n + pq.x] = 0.0;
+                    }
+                } else {
+                    // The phantom index n reads as zero and is never written.
+                    let in_q = pq.y < n;
+                    let in_u = ru.y < n;
+                    var blk = vec4<f32>(wg_a[pq.x * n + ru.x], 0.0, 0.0, 0.0);
+                    if (in_u) {
+                        blk.y = wg_a[pq.x * n + ru.y];
+                    }
+                    if (in_q) {
+                        blk.z = wg_a[pq.y * n + ru.x];
+                    }
+                    if (in_q && in_u) {
+                        blk.w = wg_a[pq.y * n + ru.y];
+                    }
+                    let out = rotate_block(blk, wg_rot[i], wg_rot[j]);
+                    wg_a[pq.x * n + ru.x] = out.x;
+                    wg_a[ru.x * n + pq.x] = out.x;
+                    if (in_u) {
+                        wg_a[pq.x * n + ru.y] = out.y;
+                        wg_a[ru.y * n + pq.x] = out.y;
+                    }
+                    if (in_q) {
+                        wg_a[pq.y * n + ru.x] = out.z;
+                        wg_a[ru.x * n + pq.y] = out.z;
+                    }
+                    if (in_q && in_u) {
+                        wg_a[pq.y * n + ru.y] = out.w;
+                        wg_a[ru.y * n + pq.y] = out.w;
+                    }
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+    for (var e = lid; e < nn; e += WG) {
+        ws_work_a[base + e] = wg_a[e];
+        ws_work_w[base + e] = wg_w[e];
+    }
+    if (lid == 0u) {
+        ws_info[b * 4u] += 1.0;
+    }
+}
+
+// n ≤ 256: the same sweep on A and W in place in the storage buffers, with storage
+// barriers between the phases of a step.
+@compute @workgroup_size(256)
+fn jacobi_sweep_storage(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                        @builtin(local_invocation_index) lid: u32) {
+    let b = wid.x + wid.y * nwg.x;
+    let n = ws_params.n;
+    if (b >= ws_params.batch || n > 2u * MAX_PAIRS || already_done(lid, b)) {
+        return;
+    }
+    let nn = n * n;
+    let base = b * nn;
+    var off = 0.0;
+    var tot = 0.0;
+    for (var e = lid; e < nn; e += WG) {
+        let x = ws_work_a[base + e];
+        tot += x * x;
+        off += select(x * x, 0.0, e / n == e % n);
+        if (!finite(x)) {
+            atomicOr(&wg_bad, 1u);
+        }
+    }
+    wg_off[lid] = off;
+    wg_tot[lid] = tot;
+    reduce_norms(lid);
+    if (test_convergence(lid, b, ws_params)) {
+        return;
+    }
+    let m = n + (n & 1u);
+    let h = m / 2u;
+    for (var k = 0u; k + 1u < m; k++) {
+        if (lid < h) {
+            let pq = pair_of(k, lid, m);
+            var rot = vec4<f32>(1.0, 0.0, 0.0, 0.0);
+            if (pq.y < n) {
+                rot = rotation(ws_work_a[base + pq.x * n + pq.x], ws_work_a[base + pq.y * n + pq.y],
+                               ws_work_a[base + pq.x * n + pq.y]);
+            }
+            wg_rot[lid] = rot;
+        }
+        workgroupBarrier();
+        for (var e = lid; e < h * h + h * n; e += WG) {
+            if (e >= h * h) {
+                let j = (e - h * h) / n;
+                let r = (e - h * h) % n;
+                let pq = pair_of(k, j, m);
+                if (pq.y < n) {
+                    let v = rotate(ws_work_w[base + pq.x * n + r], ws_work_w[base + pq.y * n + r], wg_rot[j]);
+                    ws_work_w[base + pq.x * n + r] = v.x;
+                    ws_work_w[base + pq.y * n + r] = v.y;
+                }
+            } else if (e / h <= e % h) {
+                let i = e / h;
+                let j = e % h;
+                let pq = pair_of(k, i, m);
+                let ru = pair_of(k, j, m);
+                if (i == j) {
+                    if (pq.y < n) {
+                        let apq = ws_work_a[base + pq.x * n + pq.y];
+                        let t = wg_rot[i].z;
+                        ws_work_a[base + pq.x * n + pq.x] -= t * apq;
+                        ws_work_a[base + pq.y * n + pq.y] += t * apq;
+                        ws_work_a[base + pq.x * n + pq.y] = 0.0;
+                        ws_work_a[base + pq.y * n + pq.x] = 0.0;
+                    }
+                } else {
+                    let in_q = pq.y < n;
+                    let in_u = ru.y < n;
+                    var blk = vec4<f32>(ws_work_a[base + pq.x * n + ru.x], 0.0, 0.0, 0.0);
+                    if (in_u) {
+                        blk.y = ws_work_a[base + pq.x * n + ru.y];
+                    }
+                    if (in_q) {
+                        blk.z = ws_work_a[base + pq.y * n + ru.x];
+                    }
+                    if (in_q && in_u) {
+                        blk.w = ws_work_a[base + pq.y * n + ru.y];
+                    }
+                    let out = rotate_block(blk, wg_rot[i], wg_rot[j]);
+                    ws_work_a[base + pq.x * n + ru.x] = out.x;
+                    ws_work_a[base + ru.x * n + pq.x] = out.x;
+                    if (in_u) {
+                        ws_work_a[base + pq.x * n + ru.y] = out.y;
+                        ws_work_a[base + ru.y * n + pq.x] = out.y;
+                    }
+                    if (in_q) {
+                        ws_work_a[base + pq.y * n + ru.x] = out.z;
+                        ws_work_a[base + ru.x * n + pq.y] = out.z;
+                    }
+                    if (in_q && in_u) {
+                        ws_work_a[base + pq.y * n + ru.y] = out.w;
+                        ws_work_a[base + ru.y * n + pq.y] = out.w;
+                    }
+                }
+            }
+        }
+        storageBarrier();
+        workgroupBarrier();
+    }
+    if (lid == 0u) {
+        ws_info[b * 4u] += 1.0;
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Global (any-size) path: every step is two dispatches over all matrices of the batch
+// (`global_rotations`, then `global_apply`); a sweep is recorded into one pass followed
+// by `global_norms`, whose partial sums the host adds up to test convergence.
+
+struct GlobalParams {
+    n: u32,
+    batch: u32,
+    // The step k of the sweep (rotations and apply); unused elsewhere.
+    step: u32,
+    has_v0: u32,
+    v0_stride: u32,
+}
+
+@group(0) @binding(0) var<storage, read> gi_a: array<f32>;
+@group(0) @binding(1) var<storage, read> gi_v0: array<f32>;
+@group(0) @binding(2) var<storage, read_write> gi_work_a: array<f32>;
+@group(0) @binding(3) var<storage, read_write> gi_work_w: array<f32>;
+@group(0) @binding(4) var<uniform> gi_params: GlobalParams;
+
+// work_a = (A + Aᵀ)/2 and work_w = V0ᵀ (or I), one invocation per element.
+@compute @workgroup_size(256)
+fn global_init(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let n = gi_params.n;
+    let nn = n * n;
+    let g = (wid.x + wid.y * nwg.x) * WG + lid;
+    if (g >= gi_params.batch * nn) {
+        return;
+    }
+    let b = g / nn;
+    let e = g % nn;
+    let i = e / n;
+    let r = e % n;
+    gi_work_a[g] = 0.5 * (gi_a[g] + gi_a[b * nn + r * n + i]);
+    if (gi_params.has_v0 != 0u) {
+        gi_work_w[g] = gi_v0[b * gi_params.v0_stride + r * n + i];
+    } else {
+        gi_work_w[g] = select(0.0, 1.0, i == r);
+    }
+}
+
+@group(0) @binding(0) var<storage, read> gr_work_a: array<f32>;
+@group(0) @binding(1) var<storage, read_write> gr_rot: array<vec4<f32>>;
+@group(0) @binding(2) var<uniform> gr_params: GlobalParams;
+
+// rot[b, j] = the rotation of slot j of the step, one invocation per (matrix, slot).
+@compute @workgroup_size(256)
+fn global_rotations(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(local_invocation_index) lid: u32) {
+    let n = gr_params.n;
+    let m = n + (n & 1u);
+    let h = m / 2u;
+    let g = (wid.x + wid.y * nwg.x) * WG + lid;
+    if (g >= gr_params.batch * h) {
+        return;
+    }
+    let b = g / h;
+    let pq = pair_of(gr_params.step, g % h, m);
+    var rot = vec4<f32>(1.0, 0.0, 0.0, 0.0);
+    if (pq.y < n) {
+        let base = b * n * n;
+        rot = rotation(gr_work_a[base + pq.x * n + pq.x], gr_work_a[base + pq.y * n + pq.y],
+                       gr_work_a[base + pq.x * n + pq.y]);
+    }
+    gr_rot[g] = rot;
+}
+
+@group(0) @binding(0) var<storage, read> ga_rot: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read_write> ga_work_a: array<f32>;
+@group(0) @binding(2) var<storage, read_write> ga_work_w: array<f32>;
+@group(0) @binding(3) var<uniform> ga_params: GlobalParams;
+
+// Applies the step's rotations: per matrix, items [0, h²) are 2×2 blocks (i, j) of A
+// (i ≤ j computes block and mirror, i > j idles), items [h², h² + h·n) are (slot, column)
+// pairs of rows of W.
+@compute @workgroup_size(256)
+fn global_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let n = ga_params.n;
+    let m = n + (n & 1u);
+    let h = m / 2u;
+    let items = h * h + h * n;
+    let g = (wid.x + wid.y * nwg.x) * WG + lid;
+    if (g >= ga_params.batch * items) {
+        return;
+    }
+    let b = g / items;
+    let e = g % items;
+    let k = ga_params.step;
+    let base = b * n * n;
+    if (e >= h * h) {
+        let j = (e - h * h) / n;
+        let r = (e - h * h) % n;
+        let pq = pair_of(k, j, m);
+        if (pq.y < n) {
+            let v = rotate(ga_work_w[base + pq.x * n + r], ga_work_w[base + pq.y * n + r], ga_rot[b * h + j]);
+            ga_work_w[base + pq.x * n + r] = v.x;
+            ga_work_w[base + pq.y * n + r] = v.y;
+        }
+        return;
+    }
+    let i = e / h;
+    let j = e % h;
+    if (i > j) {
+        return;
+    }
+    let pq = pair_of(k, i, m);
+    let ru = pair_of(k, j, m);
+    let ri = ga_rot[b * h + i];
+    if (i == j) {
+        if (pq.y < n) {
+            let apq = ga_work_a[base + pq.x * n + pq.y];
+            ga_work_a[base + pq.x * n + pq.x] -= ri.z * apq;
+            ga_work_a[base + pq.y * n + pq.y] += ri.z * apq;
+            ga_work_a[base + pq.x * n + pq.y] = 0.0;
+            ga_work_a[base + pq.y * n + pq.x] = 0.0;
+        }
+        return;
+    }
+    let in_q = pq.y < n;
+    let in_u = ru.y < n;
+    var blk = vec4<f32>(ga_work_a[base + pq.x * n + ru.x], 0.0, 0.0, 0.0);
+    if (in_u) {
+        blk.y = ga_work_a[base + pq.x * n + ru.y];
+    }
+    if (in_q) {
+        blk.z = ga_work_a[base + pq.y * n + ru.x];
+    }
+    if (in_q && in_u) {
+        blk.w = ga_work_a[base + pq.y * n + ru.y];
+    }
+    let out = rotate_block(blk, ri, ga_rot[b * h + j]);
+    ga_work_a[base + pq.x * n + ru.x] = out.x;
+    ga_work_a[base + ru.x * n + pq.x] = out.x;
+    if (in_u) {
+        ga_work_a[base + pq.x * n + ru.y] = out.y;
+        ga_work_a[base + ru.y * n + pq.x] = out.y;
+    }
+    if (in_q) {
+        ga_work_a[base + pq.y * n + ru.x] = out.z;
+        ga_work_a[base + ru.x * n + pq.y] = out.z;
+    }
+    if (in_q && in_u) {
+        ga_work_a[base + pq.y * n + ru.y] = out.w;
+        ga_work_a[base + ru.y * n + pq.y] = out.w;
+    }
+}
+
+// Elements of one matrix summed by one workgroup of `global_norms`.
+const NORM_CHUNK: u32 = 4096u;
+
+@group(0) @binding(0) var<storage, read> gn_work_a: array<f32>;
+@group(0) @binding(1) var<storage, read_write> gn_partials: array<f32>;
+@group(0) @binding(2) var<uniform> gn_params: GlobalParams;
+
+// partials[b, chunk] = (Σ off-diagonal a², Σ a², 1 if any element is NaN or Inf else 0)
+// over elements [chunk·4096, +4096) of matrix b, summed in a fixed order.
+@compute @workgroup_size(256)
+fn global_norms(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let n = gn_params.n;
+    let nn = n * n;
+    let chunks = (nn + NORM_CHUNK - 1u) / NORM_CHUNK;
+    let g = wid.x + wid.y * nwg.x;
+    if (g >= gn_params.batch * chunks) {
+        return;
+    }
+    let b = g / chunks;
+    let start = (g % chunks) * NORM_CHUNK;
+    let end = min(start + NORM_CHUNK, nn);
+    if (lid == 0u) {
+        atomicStore(&wg_bad, 0u);
+    }
+    workgroupBarrier();
+    var off = 0.0;
+    var tot = 0.0;
+    for (var e = start + lid; e < end; e += WG) {
+        let x = gn_work_a[b * nn + e];
+        tot += x * x;
+        off += select(x * x, 0.0, e / n == e % n);
+        if (!finite(x)) {
+            atomicOr(&wg_bad, 1u);
+        }
+    }
+    wg_off[lid] = off;
+    wg_tot[lid] = tot;
+    reduce_norms(lid);
+    if (lid == 0u) {
+        gn_partials[g * 3u] = wg_off[0];
+        gn_partials[g * 3u + 1u] = wg_tot[0];
+        gn_partials[g * 3u + 2u] = f32(atomicLoad(&wg_bad));
+    }
+}
+
+@group(0) @binding(0) var<storage, read> gs_work_a: array<f32>;
+@group(0) @binding(1) var<storage, read_write> gs_values: array<f32>;
+@group(0) @binding(2) var<storage, read_write> gs_ranks: array<u32>;
+@group(0) @binding(3) var<uniform> gs_params: GlobalParams;
+
+// ranks[b, i] = position of a_ii in ascending order (ties by index); values[b, rank] = a_ii.
+@compute @workgroup_size(256)
+fn global_rank(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let n = gs_params.n;
+    let g = (wid.x + wid.y * nwg.x) * WG + lid;
+    if (g >= gs_params.batch * n) {
+        return;
+    }
+    let b = g / n;
+    let i = g % n;
+    let base = b * n * n;
+    let d = gs_work_a[base + i * n + i];
+    let ki = sort_key(d);
+    var rank = 0u;
+    for (var j = 0u; j < n; j++) {
+        rank += select(0u, 1u, before(sort_key(gs_work_a[base + j * n + j]), j, ki, i));
+    }
+    gs_ranks[g] = rank;
+    gs_values[b * n + rank] = d;
+}
+
+@group(0) @binding(0) var<storage, read> gg_work_w: array<f32>;
+@group(0) @binding(1) var<storage, read> gg_ranks: array<u32>;
+@group(0) @binding(2) var<storage, read_write> gg_vectors: array<f32>;
+@group(0) @binding(3) var<uniform> gg_params: GlobalParams;
+
+// vectors[b, r, ranks[b, i]] = W[b, i, r], one invocation per element.
+@compute @workgroup_size(256)
+fn global_gather(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    let n = gg_params.n;
+    let nn = n * n;
+    let g = (wid.x + wid.y * nwg.x) * WG + lid;
+    if (g >= gg_params.batch * nn) {
+        return;
+    }
+    let b = g / nn;
+    let i = (g % nn) / n;
+    let r = g % n;
+    gg_vectors[b * nn + r * n + gg_ranks[b * n + i]] = gg_work_w[g];
+}
+
+// ---------------------------------------------------------------------------------
+// Products for the warm start, A' = V0ᵀ A V0, and the Newton–Schulz re-orthogonalisation
+// of the eigenbasis, W ← 1.5 W − 0.5 (W Wᵀ) W: C = α op(X) op(Y) + β Z per matrix.
+
+struct GemmParams {
+    // C is [m, n] per matrix, the inner dimension is k.
+    m: u32,
+    n: u32,
+    k: u32,
+    batch: u32,
+    // Elements between consecutive matrices of X and Y (0 broadcasts one matrix); Z and
+    // C are contiguous [batch, m, n].
+    x_stride: u32,
+    y_stride: u32,
+    // 1: X is stored [k, m] and used transposed; 0: X is stored [m, k].
+    trans_x: u32,
+    // 1: Y is stored [n, k] and used transposed; 0: Y is stored [k, n].
+    trans_y: u32,
+    alpha: f32,
+    // Z is not read when β = 0.
+    beta: f32,
+}
+
+const TILE: u32 = 16u;
+
+@group(0) @binding(0) var<storage, read> gm_x: array<f32>;
+@group(0) @binding(1) var<storage, read> gm_y: array<f32>;
+@group(0) @binding(2) var<storage, read> gm_z: array<f32>;
+@group(0) @binding(3) var<storage, read_write> gm_c: array<f32>;
+@group(0) @binding(4) var<uniform> gm_params: GemmParams;
+
+var<workgroup> tile_x: array<f32, TILE * TILE>;
+var<workgroup> tile_y: array<f32, TILE * TILE>;
+
+// One 16×16 tile of C per workgroup. Each 16-long slice of the inner dimension is summed
+// on its own before it joins the total, which keeps the rounding of long dot products
+// (entries of W Wᵀ near 1) about four times smaller than one running sum.
+@compute @workgroup_size(256)
+fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let p = gm_params;
+    let tiles_m = (p.m + TILE - 1u) / TILE;
+    let tiles_n = (p.n + TILE - 1u) / TILE;
+    let g = wid.x + wid.y * nwg.x;
+    if (g >= p.batch * tiles_m * tiles_n) {
+        return;
+    }
+    let b = g / (tiles_m * tiles_n);
+    let row0 = ((g / tiles_n) % tiles_m) * TILE;
+    let col0 = (g % tiles_n) * TILE;
+    let ty = lid / TILE;
+    let tx = lid % TILE;
+    let row = row0 + ty;
+    let col = col0 + tx;
+    var acc = 0.0;
+    for (var k0 = 0u; k0 < p.k; k0 += TILE) {
+        // tile_x[ty, tx] = op(X)[row0 + ty, k0 + tx]; tile_y[ty, tx] = op(Y)[k0 + ty, col0 + tx].
+        let kx = k0 + tx;
+        var x = 0.0;
+        if (row < p.m && kx < p.k) {
+            if (p.trans_x != 0u) {
+                x = gm_x[b * p.x_stride + kx * p.m + row];
+            } else {
+                x = gm_x[b * p.x_stride + row * p.k + kx];
+            }
+        }
+        tile_x[lid] = x;
+        let ky = k0 + ty;
+        var y = 0.0;
+        if (ky < p.k && col < p.n) {
+            if (p.trans_y != 0u) {
+                y = gm_y[b * p.y_stride + col * p.k + ky];
+            } else {
+                y = gm_y[b * p.y_stride + ky * p.n + col];
+            }
+        }
+        tile_y[lid] = y;
+        workgroupBarrier();
+        var part = 0.0;
+        for (var kk = 0u; kk < TILE; kk++) {
+            part += tile_x[ty * TILE + kk] * tile_y[kk * TILE + tx];
+        }
+        acc += part;
+        workgroupBarrier();
+    }
+    if (row < p.m && col < p.n) {
+        let i = (b * p.m + row) * p.n + col;
+        var c = p.alpha * acc;
+        if (p.beta != 0.0) {
+            c += p.beta * gm_z[i];
+        }
+        gm_c[i] = c;
+    }
+}

@@ -1,0 +1,562 @@
+//! Symmetric eigendecomposition of (batches of) Kronecker factors by parallel Jacobi
+//! rotations in f32 on the GPU (`shaders/jacobi.wgsl`).
+//!
+//! Algorithm: cyclic two-sided Jacobi with the round-robin (tournament) ordering, so the
+//! `m/2` rotations of a step (`m` = `n` rounded up to even) touch disjoint index pairs
+//! and are applied in parallel; a sweep is `m − 1` steps and meets every pair once.
+//! Rotations use Rutishauser's stable form (see the shader). A matrix is done when
+//! `off = ‖offdiag(A)‖_F / ‖A‖_F ≤ tol` (`off` bounds its own contribution to the
+//! residual `‖AV − VΛ‖_F / ‖A‖_F`) or after `max_sweeps` sweeps. Convergence is
+//! quadratic, except inside clusters of nonzero eigenvalues narrower than f32 can
+//! resolve (`≲ ε·λ`), where the last decades of `off` fall only linearly (by about 0.6
+//! per sweep): such matrices take a few more sweeps. Eigenpairs are then sorted ascending on the GPU (each diagonal
+//! entry's rank by comparison, ties by index and NaN last, then a gather).
+//!
+//! Two ways to run the sweeps:
+//! - [`JacobiPath::Workgroup`] (automatic up to `n = 128`, possible up to `n = 256`):
+//!   one workgroup per matrix of the batch does a whole sweep in one dispatch, with `A`
+//!   and the eigenbasis in workgroup memory for `n ≤ 32` and in storage buffers above;
+//!   `max_sweeps + 1` such dispatches (each first tests convergence and returns at once
+//!   when the matrix is done) and the sort go into one pass, with one readback at the
+//!   end. No host round trip per sweep, so many small factors are cheap.
+//! - [`JacobiPath::Global`] (any size): every step is two dispatches over the whole batch
+//!   (rotation parameters, then their application to `A` and the eigenbasis), all steps
+//!   of a sweep go into one pass, and the off-diagonal norm is read back once per sweep
+//!   as per-workgroup partial sums that the host adds in a fixed order.
+//!
+//! Both are deterministic (no atomics). Limit: a batch whose `batch · n² · 4` bytes
+//! exceed the adapter's `max_storage_buffer_binding_size` (128 MiB on WebGPU's
+//! defaults, i.e. a single matrix of `n` above about 5790) is refused with
+//! [`Error::Memory`]; splitting such matrices over several bindings is not implemented.
+
+use crate::error::{Error, Result};
+use crate::gpu::{GpuContext, GpuTensor, Kernel, Recorder, grid_1d};
+
+/// Largest `n` of the workgroup-memory kernel (must match `SHARED_N` in the shader).
+const SHARED_MAX_N: usize = 32;
+/// Largest `n` of the storage-buffer workgroup kernel (`2 · MAX_PAIRS` in the shader):
+/// one sweep at n = 256 is about 49k loop iterations per invocation, under the software
+/// driver's cap of 65535.
+const WORKGROUP_MAX_N: usize = 256;
+/// Largest `n` for which [`JacobiPath::Auto`] picks one workgroup per matrix.
+const AUTO_WORKGROUP_MAX_N: usize = 128;
+/// Elements of one matrix summed per workgroup by `global_norms` (`NORM_CHUNK`).
+const NORM_CHUNK: usize = 4096;
+/// Invocations per workgroup of every kernel in the shader.
+const WORKGROUP_SIZE: usize = 256;
+/// Side of the square tiles of the shader's `gemm`.
+const GEMM_TILE: usize = 16;
+
+/// Which kernel runs the sweeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum JacobiPath {
+    /// [`JacobiPath::Workgroup`] up to `n = 128`, [`JacobiPath::Global`] above.
+    #[default]
+    Auto,
+    /// One workgroup per matrix and one dispatch per sweep (`n ≤ 256`; workgroup memory
+    /// for `n ≤ 32`).
+    Workgroup,
+    /// Two dispatches per step over the whole batch; any `n` that fits one binding.
+    Global,
+}
+
+/// Options of [`eigh`].
+#[derive(Debug, Clone, Copy)]
+pub struct JacobiOptions<'a> {
+    /// Most sweeps to run (each sweep is `m − 1` parallel steps).
+    pub max_sweeps: usize,
+    /// A matrix is done once `‖offdiag(A)‖_F ≤ tol · ‖A‖_F`.
+    pub tol: f32,
+    /// A previous eigenbasis, `[n, n]` (shared by the batch) or `[batch, n, n]`,
+    /// columns are eigenvectors: the sweeps start from `V₀ᵀ A V₀` and accumulate the
+    /// rotations onto `V₀`. Needs not be sorted or exactly orthogonal, but the result
+    /// is only as orthogonal as `V₀`.
+    pub warm_start: Option<&'a GpuTensor>,
+    /// Which kernel to use.
+    pub path: JacobiPath,
+    /// Finish with one Newton–Schulz step `V ← V (1.5 I − 0.5 VᵀV)` (two batched
+    /// products): the rotations leave `‖VᵀV − I‖_F` growing like `n·√sweeps·ε`, the
+    /// step brings it back to the rounding of the products.
+    pub reorthogonalize: bool,
+}
+
+impl Default for JacobiOptions<'_> {
+    fn default() -> Self {
+        Self {
+            max_sweeps: 30,
+            tol: 1e-6,
+            warm_start: None,
+            path: JacobiPath::Auto,
+            reorthogonalize: true,
+        }
+    }
+}
+
+/// Eigendecomposition `A = V diag(values) Vᵀ` of each matrix of a batch.
+#[derive(Debug)]
+pub struct Eigen {
+    /// `[batch, n]` (or `[n]` for an `[n, n]` input), ascending in each row.
+    pub values: GpuTensor,
+    /// `[batch, n, n]` (or `[n, n]`), row-major; column `j` of matrix `b` is the unit
+    /// eigenvector of `values[b, j]`.
+    pub vectors: GpuTensor,
+    /// Sweeps run (the largest over the batch).
+    pub sweeps: usize,
+    /// Final `‖offdiag(A)‖_F / ‖A‖_F` (the largest over the batch).
+    pub off_diagonal: f32,
+}
+
+/// Eigendecomposition of the symmetric matrices `matrices` (`[batch, n, n]` or
+/// `[n, n]`, row-major; only the symmetric part `(A + Aᵀ)/2` is used). Meant for
+/// positive semi-definite Kronecker factors, but any finite symmetric input works.
+///
+/// Returns an [`Error::Gpu`] for a non-finite result (NaN or Inf in the input) and
+/// [`Error::Memory`] when the batch does not fit one storage binding.
+pub fn eigh(ctx: &GpuContext, matrices: &GpuTensor, opts: &JacobiOptions) -> Result<Eigen> {
+    let (batch, n) = match *matrices.shape() {
+        [r, c] if r == c => (1, r),
+        [b, r, c] if r == c => (b, r),
+        ref s => {
+            return Err(Error::gpu(
+                "eigh",
+                format!("expected a [n, n] or [batch, n, n] matrix, found shape {s:?}"),
+            ));
+        }
+    };
+    let batched = matrices.shape().len() == 3;
+    let values_shape: Vec<usize> = if batched { vec![batch, n] } else { vec![n] };
+    check_fits(ctx, batch, n)?;
+    if opts.path == JacobiPath::Workgroup && n > WORKGROUP_MAX_N {
+        return Err(Error::Options(format!(
+            "the workgroup Jacobi path handles n ≤ {WORKGROUP_MAX_N}, found n = {n}"
+        )));
+    }
+    if batch == 0 || n == 0 {
+        return Ok(Eigen {
+            values: ctx.zeros(&values_shape)?,
+            vectors: ctx.zeros(matrices.shape())?,
+            sweeps: 0,
+            off_diagonal: 0.0,
+        });
+    }
+    let mut rec = ctx.recorder();
+    let rotated;
+    let (input, start) = match opts.warm_start {
+        Some(v0) => {
+            let v0_stride = match *v0.shape() {
+                [r, c] if r == n && c == n => 0,
+                [b, r, c] if b == batch && r == n && c == n => n * n,
+                ref s => {
+                    return Err(Error::Options(format!(
+                        "the warm start eigenbasis must be [{n}, {n}] or [{batch}, {n}, {n}], \
+                         found shape {s:?}"
+                    )));
+                }
+            };
+            rotated = rotate_into_basis(ctx, &mut rec, matrices, v0, v0_stride, batch, n)?;
+            (&rotated, Some((v0, v0_stride)))
+        }
+        None => (matrices, None),
+    };
+    let use_workgroup = match opts.path {
+        JacobiPath::Auto => n <= AUTO_WORKGROUP_MAX_N,
+        JacobiPath::Workgroup => true,
+        JacobiPath::Global => false,
+    };
+    let problem = Problem {
+        batch,
+        n,
+        input,
+        start,
+    };
+    let (values, vectors, sweeps, off_diagonal) = if use_workgroup {
+        workgroup_path(ctx, rec, &problem, opts)?
+    } else {
+        global_path(ctx, rec, &problem, opts)?
+    };
+    Ok(Eigen {
+        values: values.reshape(&values_shape)?,
+        vectors: vectors.reshape(matrices.shape())?,
+        sweeps,
+        off_diagonal,
+    })
+}
+
+/// [`eigh`] of each matrix of a list (e.g. the factors of all layers, of different
+/// sizes), each `[n, n]` or `[batch, n, n]`, with the same options (a warm start in
+/// `opts` must fit every matrix, so it is usually `None` here).
+pub fn eigh_each(
+    ctx: &GpuContext,
+    matrices: &[&GpuTensor],
+    opts: &JacobiOptions,
+) -> Result<Vec<Eigen>> {
+    matrices.iter().map(|m| eigh(ctx, m, opts)).collect()
+}
+
+/// One call's matrices: `input` `[batch, n, n]` (already rotated into the warm start
+/// basis, if any) and the warm start basis with its batch stride in elements.
+struct Problem<'a> {
+    batch: usize,
+    n: usize,
+    input: &'a GpuTensor,
+    start: Option<(&'a GpuTensor, usize)>,
+}
+
+impl Problem<'_> {
+    /// `(has_v0, v0_stride)` words of the shader's parameter structs.
+    fn start_words(&self) -> [u32; 2] {
+        match self.start {
+            Some((_, stride)) => [1, stride as u32],
+            None => [0, 0],
+        }
+    }
+
+    /// The tensor bound as `v0` (the input itself when there is no warm start; unread).
+    fn v0(&self) -> &GpuTensor {
+        self.start.map_or(self.input, |(v0, _)| v0)
+    }
+}
+
+/// Refuses batches that do not fit one storage binding or overflow the kernels' u32
+/// element indices.
+fn check_fits(ctx: &GpuContext, batch: usize, n: usize) -> Result<()> {
+    let elements = batch as u64 * n as u64 * n as u64;
+    let bytes = elements * 4;
+    let limit = ctx.limits.max_storage_buffer_binding_size;
+    if bytes > limit {
+        return Err(Error::Memory(format!(
+            "the Jacobi eigendecomposition of {batch} matrices of size {n}×{n} needs \
+             {bytes}-byte buffers, more than the adapter's max_storage_buffer_binding_size \
+             of {limit} bytes (matrices split over several bindings are not supported)"
+        )));
+    }
+    // global_apply indexes batch · (h² + h·n) items, about 1.5 · batch · n².
+    let h = (n as u64).div_ceil(2);
+    if batch as u64 * (h * h + h * n as u64) >= u64::from(u32::MAX) {
+        return Err(Error::Memory(format!(
+            "the Jacobi eigendecomposition of {batch} matrices of size {n}×{n} exceeds the \
+             kernels' 32-bit index range; split the batch"
+        )));
+    }
+    Ok(())
+}
+
+/// One batched product `C = α op(X) op(Y) + β Z` of the shader's `gemm`: `C` and `Z`
+/// are `[batch, m, n]`; `x_stride`/`y_stride` are the elements between consecutive
+/// matrices of `X` and `Y` (0 broadcasts one matrix); `Z` is not read when `β = 0`.
+struct Gemm<'t> {
+    x: &'t GpuTensor,
+    y: &'t GpuTensor,
+    z: Option<(&'t GpuTensor, f32)>,
+    alpha: f32,
+    /// `[m, n, k]`
+    dims: [usize; 3],
+    batch: usize,
+    strides: [usize; 2],
+    trans: [bool; 2],
+}
+
+impl Gemm<'_> {
+    fn record(&self, rec: &mut Recorder, c: &GpuTensor) -> Result<()> {
+        let [m, n, k] = self.dims;
+        let tiles = self.batch * m.div_ceil(GEMM_TILE) * n.div_ceil(GEMM_TILE);
+        let (z, beta) = self.z.unwrap_or((self.x, 0.0));
+        rec.dispatch(
+            &Kernel::new(&super::JACOBI, "gemm"),
+            &[self.x, self.y, z],
+            &[c],
+            &[
+                m as u32,
+                n as u32,
+                k as u32,
+                self.batch as u32,
+                self.strides[0] as u32,
+                self.strides[1] as u32,
+                self.trans[0] as u32,
+                self.trans[1] as u32,
+                self.alpha.to_bits(),
+                beta.to_bits(),
+            ],
+            grid_1d(tiles as u32),
+        )
+    }
+}
+
+/// Records `A' = V₀ᵀ A V₀` for the warm start and returns `A'` `[batch, n, n]`.
+fn rotate_into_basis(
+    ctx: &GpuContext,
+    rec: &mut Recorder,
+    a: &GpuTensor,
+    v0: &GpuTensor,
+    v0_stride: usize,
+    batch: usize,
+    n: usize,
+) -> Result<GpuTensor> {
+    let av = ctx.zeros(&[batch, n, n])?;
+    let rotated = ctx.zeros(&[batch, n, n])?;
+    let nn = n * n;
+    let product = |x, y, strides, trans| Gemm {
+        x,
+        y,
+        z: None,
+        alpha: 1.0,
+        dims: [n, n, n],
+        batch,
+        strides,
+        trans,
+    };
+    product(a, v0, [nn, v0_stride], [false, false]).record(rec, &av)?;
+    product(v0, &av, [v0_stride, nn], [true, false]).record(rec, &rotated)?;
+    Ok(rotated)
+}
+
+/// The largest final relative off-diagonal norm of the batch, or an error naming the
+/// first matrix that held NaN or Inf (`bad`) or whose norm is not finite.
+fn worst_off_diagonal(off: &[f64], bad: &[bool]) -> Result<f32> {
+    let mut worst = 0.0f64;
+    for (b, (&x, &bad)) in off.iter().zip(bad).enumerate() {
+        if bad || !x.is_finite() {
+            return Err(Error::gpu(
+                "the Jacobi eigendecomposition",
+                format!("matrix {b} of the batch has NaN or Inf entries (or entries above 1e19)"),
+            ));
+        }
+        worst = worst.max(x);
+    }
+    Ok(worst as f32)
+}
+
+/// The stopping rule of one matrix (the shader's `stop` is the same).
+fn stop(off: f64, sweeps: usize, opts: &JacobiOptions) -> bool {
+    sweeps >= opts.max_sweeps || off <= f64::from(opts.tol)
+}
+
+/// Work buffers of one call: the matrix being diagonalised and the eigenbasis `W = Vᵀ`
+/// (rows are vectors), both `[batch, n, n]`.
+struct Work {
+    a: GpuTensor,
+    w: GpuTensor,
+}
+
+impl Problem<'_> {
+    /// `global_init`/`global_rank`/`global_gather` parameters (`GlobalParams`).
+    fn words(&self, step: usize) -> [u32; 5] {
+        let [has_v0, v0_stride] = self.start_words();
+        [
+            self.n as u32,
+            self.batch as u32,
+            step as u32,
+            has_v0,
+            v0_stride,
+        ]
+    }
+
+    /// Records `global_init`: the work buffers from the input and the starting basis.
+    fn record_init(&self, ctx: &GpuContext, rec: &mut Recorder) -> Result<Work> {
+        let shape = [self.batch, self.n, self.n];
+        let work = Work {
+            a: ctx.zeros(&shape)?,
+            w: ctx.zeros(&shape)?,
+        };
+        rec.dispatch(
+            &Kernel::new(&super::JACOBI, "global_init"),
+            &[self.input, self.v0()],
+            &[&work.a, &work.w],
+            &self.words(0),
+            groups(self.batch * self.n * self.n),
+        )?;
+        Ok(work)
+    }
+
+    /// Records the ascending sort of the diagonal of `work.a`, the optional
+    /// re-orthogonalisation of `work.w` (which reuses `work.a`) and the gather of the
+    /// rows of the basis into columns; returns `(values, vectors)`.
+    fn record_finish(
+        &self,
+        ctx: &GpuContext,
+        rec: &mut Recorder,
+        work: &Work,
+        reorthogonalize: bool,
+    ) -> Result<(GpuTensor, GpuTensor)> {
+        let (batch, n) = (self.batch, self.n);
+        let values = ctx.zeros(&[batch, n])?;
+        let vectors = ctx.zeros(&[batch, n, n])?;
+        let ranks = ctx.zeros(&[batch, n])?;
+        rec.dispatch(
+            &Kernel::new(&super::JACOBI, "global_rank"),
+            &[&work.a],
+            &[&values, &ranks],
+            &self.words(0),
+            groups(batch * n),
+        )?;
+        let corrected;
+        let basis = if reorthogonalize && n > 1 {
+            // One Newton–Schulz step towards the nearest orthogonal matrix:
+            // W ← 1.5 W − 0.5 (W Wᵀ) W, with W Wᵀ in the no longer needed work.a.
+            corrected = ctx.zeros(&[batch, n, n])?;
+            let nn = n * n;
+            let gram = Gemm {
+                x: &work.w,
+                y: &work.w,
+                z: None,
+                alpha: 1.0,
+                dims: [n, n, n],
+                batch,
+                strides: [nn, nn],
+                trans: [false, true],
+            };
+            gram.record(rec, &work.a)?;
+            let step = Gemm {
+                x: &work.a,
+                y: &work.w,
+                z: Some((&work.w, 1.5)),
+                alpha: -0.5,
+                dims: [n, n, n],
+                batch,
+                strides: [nn, nn],
+                trans: [false, false],
+            };
+            step.record(rec, &corrected)?;
+            &corrected
+        } else {
+            &work.w
+        };
+        rec.dispatch(
+            &Kernel::new(&super::JACOBI, "global_gather"),
+            &[basis, &ranks],
+            &[&vectors],
+            &self.words(0),
+            groups(batch * n * n),
+        )?;
+        Ok((values, vectors))
+    }
+}
+
+/// Workgroups for one invocation per item.
+fn groups(items: usize) -> [u32; 3] {
+    grid_1d(items.div_ceil(WORKGROUP_SIZE) as u32)
+}
+
+type Decomposition = (GpuTensor, GpuTensor, usize, f32);
+
+/// One workgroup per matrix and one dispatch per sweep, all in one pass with the sort;
+/// one readback of the per-matrix sweep counts and final off-diagonal norms.
+fn workgroup_path(
+    ctx: &GpuContext,
+    mut rec: Recorder,
+    problem: &Problem,
+    opts: &JacobiOptions,
+) -> Result<Decomposition> {
+    let Problem { batch, n, .. } = *problem;
+    let work = problem.record_init(ctx, &mut rec)?;
+    let info = ctx.zeros(&[batch, 4])?;
+    let max_sweeps = opts.max_sweeps.min(u32::MAX as usize - 1);
+    let entry = if n <= SHARED_MAX_N {
+        "jacobi_sweep_shared"
+    } else {
+        "jacobi_sweep_storage"
+    };
+    // The last dispatch only tests convergence after the final sweep.
+    for _ in 0..=max_sweeps {
+        rec.dispatch(
+            &Kernel::new(&super::JACOBI, entry),
+            &[],
+            &[&work.a, &work.w, &info],
+            &[
+                n as u32,
+                batch as u32,
+                max_sweeps as u32,
+                opts.tol.to_bits(),
+            ],
+            grid_1d(batch as u32),
+        )?;
+    }
+    let (values, vectors) = problem.record_finish(ctx, &mut rec, &work, opts.reorthogonalize)?;
+    rec.submit()?;
+    let info = ctx.read(&info)?;
+    let sweeps = info.chunks(4).map(|s| s[0] as usize).max().unwrap_or(0);
+    let off: Vec<f64> = info.chunks(4).map(|s| f64::from(s[1])).collect();
+    let bad: Vec<bool> = info.chunks(4).map(|s| s[3] != 0.0).collect();
+    let off = worst_off_diagonal(&off, &bad)?;
+    Ok((values, vectors, sweeps, off))
+}
+
+/// Two dispatches per step over the whole batch, one pass and one readback per sweep.
+fn global_path(
+    ctx: &GpuContext,
+    mut rec: Recorder,
+    problem: &Problem,
+    opts: &JacobiOptions,
+) -> Result<Decomposition> {
+    let Problem { batch, n, .. } = *problem;
+    let m = n + (n & 1);
+    let h = m / 2;
+    let chunks = (n * n).div_ceil(NORM_CHUNK);
+    let work = problem.record_init(ctx, &mut rec)?;
+    let rotations = ctx.zeros(&[batch, h, 4])?;
+    let partials = ctx.zeros(&[batch, chunks, 3])?;
+    let kernel = |entry| Kernel::new(&super::JACOBI, entry);
+    let record_norms = |rec: &mut Recorder| {
+        rec.dispatch(
+            &kernel("global_norms"),
+            &[&work.a],
+            &[&partials],
+            &problem.words(0),
+            grid_1d((batch * chunks) as u32),
+        )
+    };
+    // ‖offdiag(A)‖_F / ‖A‖_F per matrix, from the partial sums in a fixed order; an
+    // error for NaN or Inf.
+    let read_off_diagonal = || -> Result<Vec<f64>> {
+        let sums = ctx.read(&partials)?;
+        let mut off = Vec::with_capacity(batch);
+        let mut bad = Vec::with_capacity(batch);
+        for matrix in sums.chunks(3 * chunks) {
+            let (mut off_sq, mut total_sq) = (0.0f64, 0.0f64);
+            for part in matrix.chunks(3) {
+                off_sq += f64::from(part[0]);
+                total_sq += f64::from(part[1]);
+            }
+            off.push((off_sq / total_sq.max(f64::MIN_POSITIVE)).sqrt());
+            bad.push(matrix.chunks(3).any(|part| part[2] != 0.0));
+        }
+        worst_off_diagonal(&off, &bad)?;
+        Ok(off)
+    };
+    record_norms(&mut rec)?;
+    rec.submit()?;
+    let mut off = read_off_diagonal()?;
+    let mut done: Vec<bool> = off.iter().map(|&x| stop(x, 0, opts)).collect();
+    let mut sweeps = 0;
+    while done.iter().any(|d| !d) {
+        let mut rec = ctx.recorder();
+        for step in 0..m - 1 {
+            rec.dispatch(
+                &kernel("global_rotations"),
+                &[&work.a],
+                &[&rotations],
+                &problem.words(step),
+                groups(batch * h),
+            )?;
+            rec.dispatch(
+                &kernel("global_apply"),
+                &[&rotations],
+                &[&work.a, &work.w],
+                &problem.words(step),
+                groups(batch * (h * h + h * n)),
+            )?;
+        }
+        record_norms(&mut rec)?;
+        rec.submit()?;
+        off = read_off_diagonal()?;
+        sweeps += 1;
+        for (d, &x) in done.iter_mut().zip(&off) {
+            *d = *d || stop(x, sweeps, opts);
+        }
+    }
+    let off_diagonal = off.iter().copied().fold(0.0, f64::max) as f32;
+    let mut rec = ctx.recorder();
+    let (values, vectors) = problem.record_finish(ctx, &mut rec, &work, opts.reorthogonalize)?;
+    rec.submit()?;
+    Ok((values, vectors, sweeps, off_diagonal))
+}
