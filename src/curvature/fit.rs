@@ -1,18 +1,22 @@
 //! The GPU pipeline: one pass over the data for the Kronecker factors, their
 //! eigendecomposition, a second pass for EKFAC's corrected eigenvalues.
 //!
-//! Per batch `b` (SPEC §2–§4, `S = 1` for linear layers):
-//! - `A += ÃᵀÃ / (N·S)` with `Ã` the layer input `[B, d_in]`, plus a ones column for a
-//!   joint block;
-//! - `G += κ_b · gᵀg` with `g` the `[V·B, d_out]` gradients w.r.t. the layer output of
-//!   the `V` backpropagated vectors (one stacked backward pass);
-//! - correction: `Λ += κ_b · hᵀ (ÃQ_A)^{∘2}` with `h = Σ_v (g_v Q_G)^{∘2}` (`[B, d_out]`),
-//!   the per-example identity `Q_Gᵀ(g ãᵀ)Q_A = (Q_Gᵀg)(Q_Aᵀã)ᵀ`, so no
-//!   `B × d_out × D` tensor is formed; bias blocks get `λ += κ_b · 1ᵀh`.
+//! Per batch `b` (SPEC §2–§4; `S` positions, 1 for linear layers):
+//! - `A += ÃᵀÃ / (N·S)` with `Ã` the expand-format layer input `[B·S, D]` (conv:
+//!   group-averaged im2col patches; a ones column for a joint block), or for reduce
+//!   `A += ĀᵀĀ / N` with the position means `[B, D]`;
+//! - `G += κ_b · gᵀg` with `g` the channel-last gradients w.r.t. the layer output of the
+//!   `V` backpropagated vectors (one stacked backward pass), `[V·B·S, d_out]` for
+//!   expand or position sums `[V·B, d_out]` for reduce;
+//! - correction (always expand format): without sharing `Λ += κ_b · hᵀ (ÃQ_A)^{∘2}` with
+//!   `h = Σ_v (g_v Q_G)^{∘2}` (`[B, d_out]`), the per-example identity
+//!   `Q_Gᵀ(g ãᵀ)Q_A = (Q_Gᵀg)(Q_Aᵀã)ᵀ`; with sharing the fused kernel
+//!   [`correct_shared`] forms tiles of `Q_Gᵀ(Σ_s g_s ã_sᵀ)Q_A` in registers. Neither
+//!   forms a `B × d_out × D` tensor. Bias blocks get `λ += κ_b · 1ᵀh` from position sums.
 //!
-//! The backpropagated vectors come from [`crate::loss::backprop_vectors`] on the host
-//! (the logits of a batch are read back): MC samples are therefore exactly those of
-//! the CPU reference, and both passes see the same samples.
+//! The backpropagated vectors come from the GPU loss kernel ([`record_backprop_vectors`],
+//! the Philox contract of [`crate::rng`]), so the logits never leave the GPU, and both
+//! passes see the same samples.
 
 use std::time::Instant;
 
@@ -23,7 +27,7 @@ use crate::curvature::state::{
 };
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor, Recorder};
-use crate::loss::{Targets, backprop_vectors};
+use crate::loss::{Targets, check_targets};
 use crate::model::data::{Dataset, TargetsSlice};
 use crate::model::sequential::{Backward, Forward, Sequential};
 use crate::model::{Conv2dSpec, Layer, Model, ModelSpec};
@@ -31,6 +35,7 @@ use crate::ops::eigencorrect::{correct_shared, square_sum_stack};
 use crate::ops::gemm::{Gemm, gemm};
 use crate::ops::im2col::im2col_group_mean;
 use crate::ops::jacobi::{JacobiOptions, eigh};
+use crate::ops::loss::{GpuTargets, record_backprop_vectors};
 use crate::ops::reduce::{append_ones_column, square, transpose};
 
 /// Wall-clock milliseconds of the phases of a fit.
@@ -82,6 +87,7 @@ pub fn fit(
     if options.batch_size == 0 {
         return Err(Error::Options("batch size must be at least 1".into()));
     }
+    check_all_targets(data, options, model.num_outputs())?;
     ctx.memory().reset_peak();
     let network = Sequential::new(ctx, model)?;
     let mut timings = Timings::default();
@@ -199,7 +205,9 @@ struct BatchPass {
     num_vectors: usize,
 }
 
-/// Runs the network on one batch and backpropagates the loss vectors of `options`.
+/// Runs the network on one batch and backpropagates the loss vectors of `options`,
+/// all on the GPU: upload `x` and `y`, forward, loss vectors, stacked backward, with
+/// no readback in between.
 fn run_batch(
     ctx: &GpuContext,
     network: &Sequential,
@@ -222,11 +230,43 @@ fn run_batch(
         });
     }
     let outputs = network.num_outputs();
-    let logits: Vec<f64> = ctx
-        .read(forward.output())?
-        .into_iter()
-        .map(f64::from)
-        .collect();
+    let targets = match batch.y {
+        TargetsSlice::Classes(y) => {
+            let classes: Vec<u32> = y.iter().map(|&c| c as u32).collect();
+            ctx.upload_u32(&classes, &[len])?
+        }
+        TargetsSlice::Values { data: y, .. } => ctx.upload(y, &[len, outputs])?,
+    };
+    let gpu_targets = match batch.y {
+        TargetsSlice::Classes(_) => GpuTargets::Classes(&targets),
+        TargetsSlice::Values { .. } => GpuTargets::Dense(&targets),
+    };
+    let nv = options.num_vectors(outputs);
+    let vectors = ctx.zeros(&[nv, len, outputs])?;
+    let mut rec = ctx.recorder();
+    let kappa = record_backprop_vectors(
+        &mut rec,
+        options,
+        forward.output(),
+        gpu_targets,
+        start,
+        data.len,
+        &vectors,
+    )?;
+    rec.submit()?;
+    let backward = network.backward(ctx, &forward, &vectors, nv, false)?;
+    Ok(BatchPass {
+        forward,
+        backward: Some(backward),
+        kappa,
+        num_vectors: nv,
+    })
+}
+
+/// Checks every target once before the passes: class indices below `C` for
+/// cross-entropy, finite values for MSE/BCE, {0, 1} for BCE with type-2.
+fn check_all_targets(data: &Dataset, options: &Options, outputs: usize) -> Result<()> {
+    let batch = data.batch(0, data.len);
     let classes: Vec<usize>;
     let values: Vec<f64>;
     let targets = match batch.y {
@@ -239,17 +279,7 @@ fn run_batch(
             Targets::Dense(&values)
         }
     };
-    let vectors = backprop_vectors(options, &logits, outputs, targets, start, data.len)?;
-    let nv = vectors.num_vectors;
-    let host: Vec<f32> = vectors.values.iter().map(|&v| v as f32).collect();
-    let grad_output = ctx.upload(&host, &[nv, len, outputs])?;
-    let backward = network.backward(ctx, &forward, &grad_output, nv, false)?;
-    Ok(BatchPass {
-        forward,
-        backward: Some(backward),
-        kappa: vectors.kappa,
-        num_vectors: nv,
-    })
+    check_targets(options.loss, options.fisher, targets, data.len, outputs)
 }
 
 /// A GPU tensor either borrowed from the forward/backward pass or made for one layer;
