@@ -6,9 +6,11 @@
 
 pub mod cpu;
 pub mod curvature;
+pub mod demo;
 pub mod error;
 pub mod geometry;
 pub mod gpu;
+pub mod io;
 pub mod loss;
 pub mod model;
 pub mod ops;

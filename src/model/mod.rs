@@ -1,6 +1,7 @@
 //! The network: JSON layer spec, safetensors weights, data, Sequential forward/backward.
 
 pub mod data;
+pub mod sequential;
 pub mod spec;
 pub mod tensor_file;
 pub mod weights;

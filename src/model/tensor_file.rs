@@ -50,6 +50,15 @@ impl TensorFile {
         &self.label
     }
 
+    /// The value of `key` in the file's string metadata (`__metadata__`), if any.
+    pub fn string_metadata(&self, key: &str) -> Option<&str> {
+        self.metadata
+            .metadata()
+            .as_ref()?
+            .get(key)
+            .map(String::as_str)
+    }
+
     /// The tensor names, sorted.
     pub fn keys(&self) -> Vec<String> {
         let mut keys: Vec<String> = self.metadata.tensors().into_keys().collect();

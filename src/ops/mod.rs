@@ -3,6 +3,7 @@
 pub mod activation;
 mod check;
 pub mod conv;
+pub mod eigencorrect;
 pub mod gemm;
 pub mod im2col;
 pub mod jacobi;
@@ -15,6 +16,7 @@ use crate::gpu::Shader;
 
 pub(crate) static ACTIVATION: Shader = crate::shader!("activation");
 pub(crate) static CONV: Shader = crate::shader!("conv");
+pub(crate) static EIGENCORRECT: Shader = crate::shader!("eigencorrect");
 pub(crate) static GEMM: Shader = crate::shader!("gemm");
 pub(crate) static IM2COL: Shader = crate::shader!("im2col");
 pub(crate) static JACOBI: Shader = crate::shader!("jacobi");
@@ -26,6 +28,7 @@ pub(crate) static REDUCE: Shader = crate::shader!("reduce");
 pub(crate) static SHADERS: &[&Shader] = &[
     &ACTIVATION,
     &CONV,
+    &EIGENCORRECT,
     &GEMM,
     &IM2COL,
     &JACOBI,

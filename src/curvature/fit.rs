@@ -1,0 +1,673 @@
+//! The GPU pipeline: one pass over the data for the Kronecker factors, their
+//! eigendecomposition, a second pass for EKFAC's corrected eigenvalues.
+//!
+//! Per batch `b` (SPEC §2–§4; `S` positions, 1 for linear layers):
+//! - `A += ÃᵀÃ / (N·S)` with `Ã` the expand-format layer input `[B·S, D]` (conv:
+//!   group-averaged im2col patches; a ones column for a joint block), or for reduce
+//!   `A += ĀᵀĀ / N` with the position means `[B, D]`;
+//! - `G += κ_b · gᵀg` with `g` the channel-last gradients w.r.t. the layer output of the
+//!   `V` backpropagated vectors (one stacked backward pass), `[V·B·S, d_out]` for
+//!   expand or position sums `[V·B, d_out]` for reduce;
+//! - correction (always expand format): without sharing `Λ += κ_b · hᵀ (ÃQ_A)^{∘2}` with
+//!   `h = Σ_v (g_v Q_G)^{∘2}` (`[B, d_out]`), the per-example identity
+//!   `Q_Gᵀ(g ãᵀ)Q_A = (Q_Gᵀg)(Q_Aᵀã)ᵀ`; with sharing the fused kernel
+//!   [`correct_shared`] forms tiles of `Q_Gᵀ(Σ_s g_s ã_sᵀ)Q_A` in registers. Neither
+//!   forms a `B × d_out × D` tensor. Bias blocks get `λ += κ_b · 1ᵀh` from position sums.
+//!
+//! The backpropagated vectors come from the GPU loss kernel ([`record_backprop_vectors`],
+//! the Philox contract of [`crate::rng`]), so the logits never leave the GPU, and both
+//! passes see the same samples.
+
+use std::time::Instant;
+
+use crate::curvature::layout::{BlockKind, CurvatureLayer, ParamLayout};
+use crate::curvature::options::{FisherType, KfacApprox, LossKind, Options};
+use crate::curvature::state::{
+    CurvatureState, FORMAT_NAME, FORMAT_VERSION, FactorEigen, LayerFactors, ParamEntry, StateMeta,
+};
+use crate::error::{Error, Result};
+use crate::gpu::{GpuContext, GpuTensor, Recorder};
+use crate::loss::{Targets, check_targets};
+use crate::model::data::{Dataset, TargetsSlice};
+use crate::model::sequential::{Backward, Forward, Sequential};
+use crate::model::{Conv2dSpec, Layer, Model, ModelSpec};
+use crate::ops::eigencorrect::{correct_shared, square_sum_stack};
+use crate::ops::gemm::{Gemm, gemm};
+use crate::ops::im2col::im2col_group_mean;
+use crate::ops::jacobi::{JacobiOptions, eigh};
+use crate::ops::loss::{GpuTargets, record_backprop_vectors};
+use crate::ops::reduce::{append_ones_column, square, transpose};
+
+/// Wall-clock milliseconds of the phases of a fit.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct Timings {
+    pub load: f64,
+    pub factors: f64,
+    pub eigendecomposition: f64,
+    pub correction: f64,
+    pub scalars: f64,
+    pub save: f64,
+}
+
+/// What a fit produced besides the state.
+pub struct Fitted {
+    pub state: CurvatureState,
+    pub timings: Timings,
+    /// Largest number of bytes of GPU buffers the crate held at once during the fit.
+    pub peak_gpu_bytes: u64,
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
+
+/// The factor accumulators of one curvature layer.
+struct LayerAccumulators {
+    /// `A`, `[D, D]`, when a block of the layer needs it.
+    input: Option<GpuTensor>,
+    /// `G`, `[d_out, d_out]`, unless forward-only.
+    gradient: Option<GpuTensor>,
+}
+
+/// Fits KFAC and (unless forward-only) EKFAC of `model` on `data` with `options`.
+/// `damping` is recorded in the state as the default for inverse products.
+pub fn fit(
+    ctx: &GpuContext,
+    model: &Model,
+    data: &Dataset,
+    options: &Options,
+    damping: Option<f64>,
+) -> Result<Fitted> {
+    options.validate()?;
+    let layout = ParamLayout::from_options(model, options)?;
+    data.check(&model.spec, options.loss == LossKind::CrossEntropy)?;
+    if data.len == 0 {
+        return Err(Error::Options("the dataset has no examples".into()));
+    }
+    if options.batch_size == 0 {
+        return Err(Error::Options("batch size must be at least 1".into()));
+    }
+    check_all_targets(data, options, model.num_outputs())?;
+    ctx.memory().reset_peak();
+    let network = Sequential::new(ctx, model)?;
+    let mut timings = Timings::default();
+
+    let start = Instant::now();
+    let accumulators = factor_pass(ctx, &network, &model.spec, data, options, &layout)?;
+    timings.factors = ms(start);
+
+    let start = Instant::now();
+    let bases = layout
+        .layers
+        .iter()
+        .zip(&accumulators)
+        .map(|(layer, acc)| {
+            Ok(LayerBasis {
+                input: acc
+                    .input
+                    .as_ref()
+                    .map(|a| eigendecompose(ctx, a))
+                    .transpose()?,
+                gradient: match &acc.gradient {
+                    Some(g) => {
+                        let (e, t) = eigendecompose(ctx, g)?;
+                        (e, Some(t))
+                    }
+                    None => (FactorEigen::identity(layer.d_out), None),
+                },
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    drop(accumulators);
+    timings.eigendecomposition = ms(start);
+
+    let start = Instant::now();
+    let corrected = if options.fisher == FisherType::ForwardOnly {
+        None
+    } else {
+        Some(correction_pass(
+            ctx,
+            &network,
+            &model.spec,
+            data,
+            options,
+            &layout,
+            &bases,
+        )?)
+    };
+    timings.correction = ms(start);
+
+    let meta = StateMeta {
+        format: FORMAT_NAME.into(),
+        format_version: FORMAT_VERSION,
+        crate_version: env!("CARGO_PKG_VERSION").into(),
+        options: options.clone(),
+        damping,
+        num_data: data.len,
+        num_params: layout.num_params,
+        params: layout
+            .params
+            .iter()
+            .map(|p| ParamEntry {
+                name: p.name.clone(),
+                shape: p.shape.clone(),
+                offset: p.offset,
+            })
+            .collect(),
+        model: serde_json::from_str(&model.spec.to_json())
+            .map_err(|e| Error::model("(whole model)", format!("serialising: {e}")))?,
+        model_fingerprint: model.fingerprint(),
+        adapter: ctx.adapter_summary(),
+    };
+    let state = CurvatureState {
+        meta,
+        layout,
+        layers: bases
+            .into_iter()
+            .map(|b| LayerFactors {
+                input: b.input.map(|(e, _)| e),
+                gradient: b.gradient.0,
+            })
+            .collect(),
+        corrected,
+    };
+    state.validate("fit")?;
+    Ok(Fitted {
+        state,
+        timings,
+        peak_gpu_bytes: ctx.memory().peak_bytes(),
+    })
+}
+
+/// The eigenbases of one layer: host copies (for the state) and GPU copies (for the
+/// correction pass). `gradient.1` is `None` for forward-only's identity `G`.
+struct LayerBasis {
+    input: Option<(FactorEigen, GpuTensor)>,
+    gradient: (FactorEigen, Option<GpuTensor>),
+}
+
+/// Eigendecomposition of a symmetric factor on the GPU; eigenvalues ascending.
+fn eigendecompose(ctx: &GpuContext, factor: &GpuTensor) -> Result<(FactorEigen, GpuTensor)> {
+    let eigen = eigh(ctx, factor, &JacobiOptions::default())?;
+    let values = ctx.read(&eigen.values)?;
+    let vectors = ctx.read(&eigen.vectors)?;
+    Ok((FactorEigen { values, vectors }, eigen.vectors))
+}
+
+/// The GPU tensors of one batch after the forward pass and (unless forward-only) the
+/// stacked backward pass of its `V` backpropagated vectors.
+struct BatchPass {
+    forward: Forward,
+    backward: Option<Backward>,
+    /// κ_b.
+    kappa: f64,
+    /// `V`.
+    num_vectors: usize,
+}
+
+/// Runs the network on one batch and backpropagates the loss vectors of `options`,
+/// all on the GPU: upload `x` and `y`, forward, loss vectors, stacked backward, with
+/// no readback in between.
+fn run_batch(
+    ctx: &GpuContext,
+    network: &Sequential,
+    data: &Dataset,
+    options: &Options,
+    start: usize,
+    len: usize,
+) -> Result<BatchPass> {
+    let batch = data.batch(start, len);
+    let mut shape = vec![len];
+    shape.extend(&data.example_shape);
+    let x = ctx.upload(batch.x, &shape)?;
+    let forward = network.forward(ctx, x)?;
+    if options.fisher == FisherType::ForwardOnly {
+        return Ok(BatchPass {
+            forward,
+            backward: None,
+            kappa: 1.0,
+            num_vectors: 0,
+        });
+    }
+    let outputs = network.num_outputs();
+    let targets = match batch.y {
+        TargetsSlice::Classes(y) => {
+            let classes: Vec<u32> = y.iter().map(|&c| c as u32).collect();
+            ctx.upload_u32(&classes, &[len])?
+        }
+        TargetsSlice::Values { data: y, .. } => ctx.upload(y, &[len, outputs])?,
+    };
+    let gpu_targets = match batch.y {
+        TargetsSlice::Classes(_) => GpuTargets::Classes(&targets),
+        TargetsSlice::Values { .. } => GpuTargets::Dense(&targets),
+    };
+    let nv = options.num_vectors(outputs);
+    let vectors = ctx.zeros(&[nv, len, outputs])?;
+    let mut rec = ctx.recorder();
+    let kappa = record_backprop_vectors(
+        &mut rec,
+        options,
+        forward.output(),
+        gpu_targets,
+        start,
+        data.len,
+        &vectors,
+    )?;
+    rec.submit()?;
+    let backward = network.backward(ctx, &forward, &vectors, nv, false)?;
+    Ok(BatchPass {
+        forward,
+        backward: Some(backward),
+        kappa,
+        num_vectors: nv,
+    })
+}
+
+/// Checks every target once before the passes: class indices below `C` for
+/// cross-entropy, finite values for MSE/BCE, {0, 1} for BCE with type-2.
+fn check_all_targets(data: &Dataset, options: &Options, outputs: usize) -> Result<()> {
+    let batch = data.batch(0, data.len);
+    let classes: Vec<usize>;
+    let values: Vec<f64>;
+    let targets = match batch.y {
+        TargetsSlice::Classes(y) => {
+            classes = y.iter().map(|&c| c as usize).collect();
+            Targets::Classes(&classes)
+        }
+        TargetsSlice::Values { data: y, .. } => {
+            values = y.iter().map(|&v| f64::from(v)).collect();
+            Targets::Dense(&values)
+        }
+    };
+    check_targets(options.loss, options.fisher, targets, data.len, outputs)
+}
+
+/// A GPU tensor either borrowed from the forward/backward pass or made for one layer;
+/// owned ones are kept until the compute pass that uses them is submitted.
+enum Held<'a> {
+    Borrowed(&'a GpuTensor),
+    Owned(GpuTensor),
+}
+
+impl std::ops::Deref for Held<'_> {
+    type Target = GpuTensor;
+    fn deref(&self) -> &GpuTensor {
+        match self {
+            Held::Borrowed(t) => t,
+            Held::Owned(t) => t,
+        }
+    }
+}
+
+/// What the curvature needs of one layer in one batch, recorded into one pass.
+struct LayerView<'a> {
+    ctx: &'a GpuContext,
+    layer: &'a CurvatureLayer,
+    /// Conv2d hyper-parameters and the per-example input shape `[C, H, W]`.
+    conv: Option<(&'a Conv2dSpec, &'a [usize])>,
+    /// Whether the layer is one joint weight-and-bias block (inputs get a ones column).
+    joint: bool,
+    batch: usize,
+}
+
+impl<'a> LayerView<'a> {
+    fn new(
+        ctx: &'a GpuContext,
+        model: &'a ModelSpec,
+        shapes: &'a [Vec<usize>],
+        layout: &ParamLayout,
+        layer: &'a CurvatureLayer,
+        batch: usize,
+    ) -> Self {
+        let conv = match &model.layers[layer.layer] {
+            Layer::Conv2d(spec) => Some((spec, shapes[layer.layer].as_slice())),
+            _ => None,
+        };
+        let joint = layer
+            .blocks
+            .iter()
+            .any(|&b| layout.blocks[b].kind == BlockKind::Joint);
+        Self {
+            ctx,
+            layer,
+            conv,
+            joint,
+            batch,
+        }
+    }
+
+    /// `x` with a ones column appended when the layer is joint: `[rows, d_in(+1)]`.
+    fn with_ones<'t>(&self, rec: &mut Recorder, x: Held<'t>) -> Result<Held<'t>> {
+        if !self.joint {
+            return Ok(x);
+        }
+        let rows = x.len() / self.layer.d_in;
+        let out = self.ctx.zeros(&[rows, self.layer.d_in + 1])?;
+        append_ones_column(rec, &x, &out, rows, self.layer.d_in)?;
+        Ok(Held::Owned(out))
+    }
+
+    /// Expand-format inputs `ã`: `[B·S, D]` (conv: group-averaged im2col patches).
+    fn expand_inputs<'t>(&self, rec: &mut Recorder, input: &'t GpuTensor) -> Result<Held<'t>> {
+        let x = match self.conv {
+            None => Held::Borrowed(input),
+            Some((spec, shape)) => {
+                let geo = spec.geometry(self.batch, [shape[1], shape[2]]);
+                let patches = self
+                    .ctx
+                    .zeros(&[self.batch * self.layer.positions, self.layer.d_in])?;
+                im2col_group_mean(rec, &geo, input, 0..self.batch, &patches)?;
+                Held::Owned(patches)
+            }
+        };
+        self.with_ones(rec, x)
+    }
+
+    /// The rows whose Gram matrix gives `A` (scaled by `1/(N·S)` for expand, `1/N` for
+    /// reduce): expand `ã` `[B·S, D]`, or reduce `[mean_s a; 1]` `[B, D]`.
+    fn factor_inputs<'t>(
+        &self,
+        rec: &mut Recorder,
+        keep: &mut Vec<Held<'t>>,
+        input: &'t GpuTensor,
+        approx: KfacApprox,
+    ) -> Result<Held<'t>> {
+        if approx == KfacApprox::Expand || self.layer.positions == 1 {
+            return self.expand_inputs(rec, input);
+        }
+        let (spec, shape) = self.conv.expect("only conv2d layers share weights");
+        let geo = spec.geometry(self.batch, [shape[1], shape[2]]);
+        let (s, d) = (self.layer.positions, self.layer.d_in);
+        let patches = self.ctx.zeros(&[self.batch * s, d])?;
+        im2col_group_mean(rec, &geo, input, 0..self.batch, &patches)?;
+        let mean = self.ctx.zeros(&[self.batch, d])?;
+        let ones = self.ctx.upload(&vec![1.0; s], &[1, s])?;
+        let mut average = Gemm::new(1, d, s, false, false)
+            .batched(self.batch)
+            .scaled(1.0 / s as f32, 0.0);
+        average.stride_a = 0;
+        gemm(rec, &average, &ones, &patches, &mean)?;
+        keep.push(Held::Owned(patches));
+        keep.push(Held::Owned(ones));
+        self.with_ones(rec, Held::Owned(mean))
+    }
+
+    /// Output gradients channel-last, `[V·B·S, d_out]` (conv: transposed from NCHW).
+    fn expand_grads<'t>(&self, rec: &mut Recorder, grads: &'t GpuTensor) -> Result<Held<'t>> {
+        if self.conv.is_none() {
+            return Ok(Held::Borrowed(grads));
+        }
+        let (s, d_out) = (self.layer.positions, self.layer.d_out);
+        let rows = grads.len() / (s * d_out);
+        let out = self.ctx.zeros(&[rows * s, d_out])?;
+        transpose(rec, grads, &out, rows, d_out, s)?;
+        Ok(Held::Owned(out))
+    }
+
+    /// Output gradients summed over positions, `[V·B, d_out]`.
+    fn summed_grads<'t>(
+        &self,
+        rec: &mut Recorder,
+        keep: &mut Vec<Held<'t>>,
+        grads: &'t GpuTensor,
+    ) -> Result<Held<'t>> {
+        if self.conv.is_none() {
+            return Ok(Held::Borrowed(grads));
+        }
+        let (s, d_out) = (self.layer.positions, self.layer.d_out);
+        let rows = grads.len() / s;
+        let ones = self.ctx.upload(&vec![1.0; s], &[s, 1])?;
+        let out = self.ctx.zeros(&[rows / d_out, d_out])?;
+        gemm(
+            rec,
+            &Gemm::new(rows, 1, s, false, false),
+            grads,
+            &ones,
+            &out,
+        )?;
+        keep.push(Held::Owned(ones));
+        Ok(Held::Owned(out))
+    }
+
+    /// The rows whose Gram matrix (times κ) gives `G`: expand `[V·B·S, d_out]`, reduce
+    /// position sums `[V·B, d_out]`.
+    fn factor_grads<'t>(
+        &self,
+        rec: &mut Recorder,
+        keep: &mut Vec<Held<'t>>,
+        grads: &'t GpuTensor,
+        approx: KfacApprox,
+    ) -> Result<Held<'t>> {
+        match approx {
+            KfacApprox::Expand => self.expand_grads(rec, grads),
+            KfacApprox::Reduce => self.summed_grads(rec, keep, grads),
+        }
+    }
+}
+
+/// `C += α·XᵀX` for row-major `x` `[rows, n]` and `c` `[n, n]`.
+fn accumulate_gram(
+    rec: &mut Recorder,
+    x: &GpuTensor,
+    n: usize,
+    alpha: f64,
+    c: &GpuTensor,
+) -> Result<()> {
+    let rows = x.len() / n;
+    gemm(
+        rec,
+        &Gemm::new(n, n, rows, true, false).scaled(alpha as f32, 1.0),
+        x,
+        x,
+        c,
+    )
+}
+
+fn factor_pass(
+    ctx: &GpuContext,
+    network: &Sequential,
+    model: &ModelSpec,
+    data: &Dataset,
+    options: &Options,
+    layout: &ParamLayout,
+) -> Result<Vec<LayerAccumulators>> {
+    let shapes = model.shapes()?;
+    let accumulators = layout
+        .layers
+        .iter()
+        .map(|layer| {
+            let input_dim = layer
+                .blocks
+                .iter()
+                .map(|&b| &layout.blocks[b])
+                .find(|b| b.has_input_factor())
+                .map(|b| b.d_in);
+            Ok(LayerAccumulators {
+                input: input_dim.map(|d| ctx.zeros(&[d, d])).transpose()?,
+                gradient: (options.fisher != FisherType::ForwardOnly)
+                    .then(|| ctx.zeros(&[layer.d_out, layer.d_out]))
+                    .transpose()?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let n = data.len as f64;
+    for start in (0..data.len).step_by(options.batch_size) {
+        let len = options.batch_size.min(data.len - start);
+        let pass = run_batch(ctx, network, data, options, start, len)?;
+        let mut rec = ctx.recorder();
+        let mut keep = Vec::new();
+        for (layer, acc) in layout.layers.iter().zip(&accumulators) {
+            let view = LayerView::new(ctx, model, &shapes, layout, layer, len);
+            if let Some(a) = &acc.input {
+                let d = a.shape()[0];
+                let input = pass.forward.layer_input(layer.layer);
+                let x = view.factor_inputs(&mut rec, &mut keep, input, options.approx)?;
+                let scale = match options.approx {
+                    KfacApprox::Expand => 1.0 / (n * layer.positions as f64),
+                    KfacApprox::Reduce => 1.0 / n,
+                };
+                accumulate_gram(&mut rec, &x, d, scale, a)?;
+                keep.push(x);
+            }
+            if let (Some(g), Some(backward)) = (&acc.gradient, &pass.backward) {
+                let grads = view.factor_grads(
+                    &mut rec,
+                    &mut keep,
+                    backward.output_grad(layer.layer),
+                    options.approx,
+                )?;
+                accumulate_gram(&mut rec, &grads, layer.d_out, pass.kappa, g)?;
+                keep.push(grads);
+            }
+        }
+        rec.submit()?;
+        ctx.wait("accumulating Kronecker factors")?;
+        drop(keep);
+    }
+    Ok(accumulators)
+}
+
+fn correction_pass(
+    ctx: &GpuContext,
+    network: &Sequential,
+    model: &ModelSpec,
+    data: &Dataset,
+    options: &Options,
+    layout: &ParamLayout,
+    bases: &[LayerBasis],
+) -> Result<Vec<Vec<f32>>> {
+    let shapes = model.shapes()?;
+    let corrected = layout
+        .blocks
+        .iter()
+        .map(|b| ctx.zeros(&[b.d_out, b.d_in]))
+        .collect::<Result<Vec<_>>>()?;
+    for start in (0..data.len).step_by(options.batch_size) {
+        let len = options.batch_size.min(data.len - start);
+        let pass = run_batch(ctx, network, data, options, start, len)?;
+        let backward = pass.backward.as_ref().expect("EKFAC has a backward pass");
+        let nv = pass.num_vectors;
+        let kappa = pass.kappa as f32;
+        let ones = ctx.upload(&vec![1.0; len], &[1, len])?;
+        let mut rec = ctx.recorder();
+        let mut keep = Vec::new();
+        for (layer, basis) in layout.layers.iter().zip(bases) {
+            let view = LayerView::new(ctx, model, &shapes, layout, layer, len);
+            let q_g = basis.gradient.1.as_ref().expect("EKFAC has G");
+            let d_out = layer.d_out;
+            let grads = backward.output_grad(layer.layer);
+            // Rotated expand-format inputs x̃ = ã Q_A, [B·S, D].
+            let rotated_inputs = match &basis.input {
+                Some((_, q_a)) => {
+                    let d = q_a.shape()[0];
+                    let x = view.expand_inputs(&mut rec, pass.forward.layer_input(layer.layer))?;
+                    let rotated = ctx.zeros(&[len * layer.positions, d])?;
+                    gemm(
+                        &mut rec,
+                        &Gemm::new(len * layer.positions, d, d, false, false),
+                        &x,
+                        q_a,
+                        &rotated,
+                    )?;
+                    keep.push(x);
+                    Some(rotated)
+                }
+                None => None,
+            };
+            for &b in &layer.blocks {
+                let block = &layout.blocks[b];
+                let shared = layer.positions > 1;
+                match (block.kind, &rotated_inputs) {
+                    (BlockKind::Weight | BlockKind::Joint, Some(x)) if shared => {
+                        // Fused: Λ += κ Σ_{v,n} (Σ_s g̃_{v,n,s} x̃_{n,s}ᵀ)^∘2.
+                        let g = view.expand_grads(&mut rec, grads)?;
+                        let rotated = ctx.zeros(&[g.len() / d_out, d_out])?;
+                        gemm(
+                            &mut rec,
+                            &Gemm::new(g.len() / d_out, d_out, d_out, false, false),
+                            &g,
+                            q_g,
+                            &rotated,
+                        )?;
+                        correct_shared(
+                            &mut rec,
+                            &rotated,
+                            x,
+                            &corrected[b],
+                            nv,
+                            layer.positions,
+                            kappa,
+                        )?;
+                        keep.push(g);
+                        keep.push(Held::Owned(rotated));
+                    }
+                    (BlockKind::Weight | BlockKind::Joint, Some(x)) => {
+                        // No sharing: Λ += κ hᵀ (x̃)^∘2 with h = Σ_v (g_v Q_G)^∘2.
+                        let h = rotated_square_sum(
+                            ctx, &mut rec, &mut keep, grads, q_g, nv, len, d_out,
+                        )?;
+                        let squared = ctx.zeros(x.shape())?;
+                        square(&mut rec, 1.0, x, 0.0, &squared)?;
+                        gemm(
+                            &mut rec,
+                            &Gemm::new(d_out, block.d_in, len, true, false).scaled(kappa, 1.0),
+                            &h,
+                            &squared,
+                            &corrected[b],
+                        )?;
+                        keep.push(Held::Owned(h));
+                        keep.push(Held::Owned(squared));
+                    }
+                    (BlockKind::Bias, _) => {
+                        // λ += κ 1ᵀ Σ_v (Q_Gᵀ Σ_s g_{v,s})^∘2.
+                        let summed = view.summed_grads(&mut rec, &mut keep, grads)?;
+                        let h = rotated_square_sum(
+                            ctx, &mut rec, &mut keep, &summed, q_g, nv, len, d_out,
+                        )?;
+                        gemm(
+                            &mut rec,
+                            &Gemm::new(1, d_out, len, false, false).scaled(kappa, 1.0),
+                            &ones,
+                            &h,
+                            &corrected[b],
+                        )?;
+                        keep.push(summed);
+                        keep.push(Held::Owned(h));
+                    }
+                    (_, None) => unreachable!("weight blocks have an input factor"),
+                }
+            }
+            keep.extend(rotated_inputs.map(Held::Owned));
+        }
+        rec.submit()?;
+        ctx.wait("correcting eigenvalues")?;
+        drop(keep);
+    }
+    corrected.iter().map(|t| ctx.read(t)).collect()
+}
+
+/// `h = Σ_v (g_v Q_G)^∘2`, `[B, d_out]`, for `g` `[V·B, d_out]`.
+#[allow(clippy::too_many_arguments)]
+fn rotated_square_sum<'t>(
+    ctx: &GpuContext,
+    rec: &mut Recorder,
+    keep: &mut Vec<Held<'t>>,
+    g: &GpuTensor,
+    q_g: &GpuTensor,
+    stack: usize,
+    batch: usize,
+    d_out: usize,
+) -> Result<GpuTensor> {
+    let projected = ctx.zeros(&[stack * batch, d_out])?;
+    gemm(
+        rec,
+        &Gemm::new(stack * batch, d_out, d_out, false, false),
+        g,
+        q_g,
+        &projected,
+    )?;
+    let h = ctx.zeros(&[batch, d_out])?;
+    square_sum_stack(rec, &projected, &h)?;
+    keep.push(Held::Owned(projected));
+    Ok(h)
+}

@@ -1,0 +1,254 @@
+//! Products of KFAC, EKFAC and their damped inverses with `[P, K]` matrices on the GPU.
+//!
+//! Every mode is the same computation in the Kronecker eigenbasis of a block,
+//! `V ↦ Q_G (M ∘ (Q_Gᵀ V Q_A)) Q_Aᵀ` for `V` the block's `[d_out, D]` slice of one
+//! column, with a mode-specific `M ∈ R^{d_out×D}` ([`eigenbasis_scaling`]):
+//!
+//! | mode | `M[k, l]` (weight or joint block) | bias block |
+//! |---|---|---|
+//! | KFAC | `λ_G,k λ_A,l` | `λ_G,k` |
+//! | EKFAC | `Λ[k, l]` | `Λ[k]` |
+//! | KFAC exact inverse | `1/(λ_G,k λ_A,l + δ)` | `1/(λ_G,k + δ)` |
+//! | KFAC plain inverse | `1/((λ_G,k + δ)(λ_A,l + δ))` | `1/(λ_G,k + δ)` |
+//! | KFAC heuristic inverse | `1/((λ_G,k + δ_G)(λ_A,l + δ_A))` | `1/(λ_G,k + δ_G)` |
+//! | EKFAC inverse | `1/(Λ[k, l] + δ)` | `1/(Λ[k] + δ)` |
+//!
+//! Plain damping is curvlinops' `(G+δI)⁻¹ ⊗ (A+δI)⁻¹`, computed through the factors'
+//! eigenbases rather than Cholesky (the same matrix). Heuristic damping follows
+//! curvlinops 3.0.1 (Martens & Grosse 2015, §6.3): per layer `π = √(mean λ_A / mean λ_G)`
+//! (`mean diag = tr/n`), `δ_A = max(√δ·π, min_damping)`, `δ_G = max(√δ/π, min_damping)`,
+//! applied when the layer has `A`, `mean λ_A ≥ 0` and `mean λ_G > 0`, otherwise
+//! `δ_A = δ_G = δ`; a separately treated bias reuses its layer's `δ_G`.
+
+use crate::curvature::layout::BlockKind;
+use crate::curvature::options::{DampingMode, MIN_DAMPING};
+use crate::curvature::state::CurvatureState;
+use crate::error::{Error, Result};
+use crate::gpu::{GpuContext, GpuTensor};
+use crate::ops::eigencorrect::scale_broadcast;
+use crate::ops::gemm::{Gemm, gemm};
+
+/// Which approximation to apply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Approximation {
+    Kfac,
+    Ekfac,
+}
+
+/// The operator itself or its damped inverse.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Transform {
+    Forward,
+    Inverse { damping: f64, mode: DampingMode },
+}
+
+fn mean(v: &[f32]) -> f64 {
+    v.iter().map(|&x| f64::from(x)).sum::<f64>() / v.len().max(1) as f64
+}
+
+/// `M` of every block (row-major `[d_out, D]`, see the module doc), computed in f64 and
+/// rounded to f32.
+pub fn eigenbasis_scaling(
+    state: &CurvatureState,
+    approx: Approximation,
+    transform: Transform,
+) -> Result<Vec<Vec<f32>>> {
+    if let Transform::Inverse { damping, .. } = transform
+        && !(damping.is_finite() && damping >= 0.0)
+    {
+        return Err(Error::Options(format!(
+            "damping must be a finite non-negative number, found {damping}"
+        )));
+    }
+    let corrected = match approx {
+        Approximation::Ekfac => Some(state.corrected.as_ref().ok_or_else(|| {
+            Error::Options(
+                "this state has no EKFAC (fitted with fisher forward-only); use KFAC".into(),
+            )
+        })?),
+        Approximation::Kfac => None,
+    };
+    let mut out = vec![Vec::new(); state.layout.blocks.len()];
+    for (layer, factors) in state.layout.layers.iter().zip(&state.layers) {
+        let lambda_g = &factors.gradient.values;
+        let ones = [1.0f32];
+        let lambda_a: &[f32] = factors.input.as_ref().map_or(&ones, |a| &a.values);
+        let (delta_a, delta_g) = match transform {
+            Transform::Inverse {
+                damping,
+                mode: DampingMode::Heuristic,
+            } => {
+                let (m_a, m_g) = (mean(lambda_a), mean(lambda_g));
+                if factors.input.is_some() && m_a >= 0.0 && m_g > 0.0 {
+                    let pi = (m_a / m_g).sqrt();
+                    (
+                        (damping.sqrt() * pi).max(MIN_DAMPING),
+                        (damping.sqrt() / pi).max(MIN_DAMPING),
+                    )
+                } else {
+                    (damping, damping)
+                }
+            }
+            Transform::Inverse { damping, .. } => (damping, damping),
+            Transform::Forward => (0.0, 0.0),
+        };
+        for &b in &layer.blocks {
+            let block = &state.layout.blocks[b];
+            let a: &[f32] = if block.kind == BlockKind::Bias {
+                &ones
+            } else {
+                lambda_a
+            };
+            let mut m = Vec::with_capacity(block.len());
+            for (k, &g) in lambda_g.iter().enumerate() {
+                for (l, &a_l) in a.iter().enumerate() {
+                    let (g, a_l) = (f64::from(g), f64::from(a_l));
+                    let value = match (approx, transform) {
+                        (Approximation::Kfac, Transform::Forward) => g * a_l,
+                        (Approximation::Ekfac, Transform::Forward) => {
+                            f64::from(corrected.expect("EKFAC")[b][k * block.d_in + l])
+                        }
+                        (Approximation::Ekfac, Transform::Inverse { damping, mode }) => {
+                            if mode != DampingMode::Exact {
+                                return Err(Error::Options(
+                                    "only exact damping is supported for EKFAC".into(),
+                                ));
+                            }
+                            1.0 / (f64::from(corrected.expect("EKFAC")[b][k * block.d_in + l])
+                                + damping)
+                        }
+                        (Approximation::Kfac, Transform::Inverse { damping, mode }) => {
+                            match (mode, block.kind) {
+                                (DampingMode::Exact, _) => 1.0 / (g * a_l + damping),
+                                (_, BlockKind::Bias) => 1.0 / (g + delta_g),
+                                _ => 1.0 / ((g + delta_g) * (a_l + delta_a)),
+                            }
+                        }
+                    };
+                    m.push(value as f32);
+                }
+            }
+            out[b] = m;
+        }
+    }
+    Ok(out)
+}
+
+/// The eigenbases of a [`CurvatureState`] uploaded to the GPU, ready for products.
+pub struct Operator<'a> {
+    ctx: &'a GpuContext,
+    state: &'a CurvatureState,
+    /// Per layout layer: `Q_A` (`None` when only the bias is selected) and `Q_G`.
+    bases: Vec<(Option<GpuTensor>, GpuTensor)>,
+}
+
+impl<'a> Operator<'a> {
+    /// Uploads the eigenvectors of `state`.
+    pub fn new(ctx: &'a GpuContext, state: &'a CurvatureState) -> Result<Self> {
+        let bases = state
+            .layers
+            .iter()
+            .map(|f| {
+                let q_a = f
+                    .input
+                    .as_ref()
+                    .map(|a| ctx.upload(&a.vectors, &[a.dim(), a.dim()]))
+                    .transpose()?;
+                let g = &f.gradient;
+                Ok((q_a, ctx.upload(&g.vectors, &[g.dim(), g.dim()])?))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { ctx, state, bases })
+    }
+
+    /// `X·V` for the row-major `[P, K]` matrix `v` (model-order parameters), where `X`
+    /// is the approximation (or its damped inverse) chosen by `approx` and `transform`.
+    /// Returns the row-major `[P, K]` result. One upload, one compute pass, one readback.
+    pub fn apply(
+        &self,
+        v: &[f32],
+        columns: usize,
+        approx: Approximation,
+        transform: Transform,
+    ) -> Result<Vec<f32>> {
+        let layout = &self.state.layout;
+        if columns == 0 || v.len() != layout.num_params * columns {
+            return Err(Error::Options(format!(
+                "expected a [{}, K] matrix with K ≥ 1 for this state's {} parameters, found {} \
+                 values with K = {columns}",
+                layout.num_params,
+                layout.num_params,
+                v.len()
+            )));
+        }
+        let scaling = eigenbasis_scaling(self.state, approx, transform)?;
+        let mut x_host = Vec::with_capacity(v.len());
+        let mut offsets = Vec::with_capacity(layout.blocks.len());
+        for b in 0..layout.blocks.len() {
+            offsets.push(x_host.len());
+            x_host.extend(layout.gather(b, v, columns));
+        }
+        let m_host: Vec<f32> = scaling.concat();
+        let x = self.ctx.upload(&x_host, &[x_host.len()])?;
+        let t = self.ctx.zeros(&[x_host.len()])?;
+        let m = self.ctx.upload(&m_host, &[m_host.len()])?;
+        let mut rec = self.ctx.recorder();
+        let mut m_offset = 0;
+        for (layer, (q_a, q_g)) in layout.layers.iter().zip(&self.bases) {
+            for &b in &layer.blocks {
+                let block = &layout.blocks[b];
+                let (d_out, d) = (block.d_out, block.d_in);
+                let off = offsets[b];
+                let per_column = d_out * d;
+                // T = Q_Gᵀ X per column.
+                let mut rotate_g = Gemm::new(d_out, d, d_out, true, false).batched(columns);
+                rotate_g.stride_a = 0;
+                rotate_g.offset_b = off;
+                rotate_g.offset_c = off;
+                gemm(&mut rec, &rotate_g, q_g, &x, &t)?;
+                let scaled = match (block.kind, q_a) {
+                    (BlockKind::Bias, _) | (_, None) => &t,
+                    (_, Some(q_a)) => {
+                        // X = T Q_A over all K·d_out rows.
+                        let mut rotate_a = Gemm::new(columns * d_out, d, d, false, false);
+                        rotate_a.offset_a = off;
+                        rotate_a.offset_c = off;
+                        gemm(&mut rec, &rotate_a, &t, q_a, &x)?;
+                        &x
+                    }
+                };
+                scale_broadcast(
+                    &mut rec,
+                    scaled,
+                    off,
+                    columns * per_column,
+                    &m,
+                    m_offset,
+                    per_column,
+                )?;
+                if let (BlockKind::Weight | BlockKind::Joint, Some(q_a)) = (block.kind, q_a) {
+                    // T = X Q_Aᵀ.
+                    let mut back_a = Gemm::new(columns * d_out, d, d, false, true);
+                    back_a.offset_a = off;
+                    back_a.offset_c = off;
+                    gemm(&mut rec, &back_a, &x, q_a, &t)?;
+                }
+                // X = Q_G T per column.
+                let mut back_g = Gemm::new(d_out, d, d_out, false, false).batched(columns);
+                back_g.stride_a = 0;
+                back_g.offset_b = off;
+                back_g.offset_c = off;
+                gemm(&mut rec, &back_g, q_g, &t, &x)?;
+                m_offset += per_column;
+            }
+        }
+        rec.submit()?;
+        let result = self.ctx.read(&x)?;
+        let mut out = vec![0.0; v.len()];
+        for (b, &off) in offsets.iter().enumerate() {
+            let len = layout.blocks[b].len() * columns;
+            layout.scatter(b, &result[off..off + len], &mut out, columns);
+        }
+        Ok(out)
+    }
+}

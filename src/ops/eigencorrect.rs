@@ -1,0 +1,114 @@
+//! Kernels of the eigenvalue correction and of products in the Kronecker eigenbasis
+//! (`shaders/eigencorrect.wgsl`).
+
+use crate::error::{Error, Result};
+use crate::gpu::{GpuTensor, Kernel, Recorder, grid_1d};
+
+/// Records `x[x_offset + i] *= m[m_offset + i mod period]` for `i < len`: one
+/// `[d_out, D]` eigenvalue matrix (`period = d_out·D`) applied elementwise to `K`
+/// stacked `[d_out, D]` matrices (`len = K·d_out·D`).
+pub fn scale_broadcast(
+    rec: &mut Recorder,
+    x: &GpuTensor,
+    x_offset: usize,
+    len: usize,
+    m: &GpuTensor,
+    m_offset: usize,
+    period: usize,
+) -> Result<()> {
+    if x_offset + len > x.len() || m_offset + period > m.len() || period == 0 {
+        return Err(Error::gpu(
+            "scale_broadcast",
+            format!(
+                "x[{x_offset}..+{len}] of {} or m[{m_offset}..+{period}] of {} out of range",
+                x.len(),
+                m.len()
+            ),
+        ));
+    }
+    rec.dispatch(
+        &Kernel::new(&super::EIGENCORRECT, "scale_broadcast"),
+        &[m],
+        &[x],
+        &[x_offset as u32, len as u32, m_offset as u32, period as u32],
+        grid_1d((len as u32).div_ceil(256)),
+    )
+}
+
+/// Records `sum[i] = Σ_v x[v, i]²` for `x` of shape `[V, ...]` with `sum.len()`
+/// elements per `v`: squared eigenbasis projections of the `V` backpropagated
+/// vectors, summed over `v` in order (deterministic, no atomics).
+pub fn square_sum_stack(rec: &mut Recorder, x: &GpuTensor, sum: &GpuTensor) -> Result<()> {
+    let len = sum.len();
+    if len == 0 || !x.len().is_multiple_of(len) {
+        return Err(Error::gpu(
+            "square_sum_stack",
+            format!(
+                "x has {} elements, not a whole number of stacked copies of {len}",
+                x.len()
+            ),
+        ));
+    }
+    rec.dispatch(
+        &Kernel::new(&super::EIGENCORRECT, "square_sum_stack"),
+        &[x],
+        &[sum],
+        &[len as u32, (x.len() / len) as u32],
+        grid_1d((len as u32).div_ceil(256)),
+    )
+}
+
+/// Records the fused correction of a weight-sharing layer:
+/// `Λ[k, l] += κ Σ_{v,n} (Σ_s g̃[v, n, s, k] · x̃[n, s, l])²`, with `g̃` the rotated
+/// channel-last output gradients `[V, B, S, d_out]` and `x̃` the rotated patches
+/// `[B, S, D]`; `lambda` is `[d_out, D]`. One workgroup per 16×16 tile of `Λ` loops
+/// over the examples, so memory stays `O(V·B·S·(d_out + D))` whatever the sizes, and
+/// each entry of `Λ` is written by one invocation (deterministic, no atomics).
+pub fn correct_shared(
+    rec: &mut Recorder,
+    rotated_grads: &GpuTensor,
+    rotated_patches: &GpuTensor,
+    lambda: &GpuTensor,
+    stack: usize,
+    positions: usize,
+    kappa: f32,
+) -> Result<()> {
+    let [d_out, d] = match *lambda.shape() {
+        [a, b] => [a, b],
+        ref s => {
+            return Err(Error::gpu(
+                "correct_shared",
+                format!("Λ must be [d_out, D], found {s:?}"),
+            ));
+        }
+    };
+    let batch = rotated_patches.len() / (positions * d).max(1);
+    if rotated_patches.len() != batch * positions * d
+        || rotated_grads.len() != stack * batch * positions * d_out
+    {
+        return Err(Error::gpu(
+            "correct_shared",
+            format!(
+                "gradients {:?} and patches {:?} do not fit V = {stack}, S = {positions}, \
+                 Λ {:?}",
+                rotated_grads.shape(),
+                rotated_patches.shape(),
+                lambda.shape()
+            ),
+        ));
+    }
+    rec.dispatch(
+        &Kernel::new(&super::EIGENCORRECT, "correct_shared"),
+        &[rotated_grads, rotated_patches],
+        &[lambda],
+        &[
+            stack as u32,
+            batch as u32,
+            positions as u32,
+            d_out as u32,
+            d as u32,
+            kappa.to_bits(),
+        ],
+        [d.div_ceil(16) as u32, d_out.div_ceil(16) as u32, 1],
+    )
+}
