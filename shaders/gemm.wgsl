@@ -20,6 +20,9 @@
 // slice of K, each slice's partial product goes to its own packed matrix, and
 // split_k_sum adds the slices in order into C.
 //
+// Products with m = 1 or n = 1 run the matrix-vector kernels gemv_t and gemv_n at the
+// end of this file instead.
+//
 // Entry points gemm_<a><b>: 'v' loads the operand with vec4 reads, 's' with scalar
 // reads. The vec4 path needs the operand's row length (K for A, M for A^T, N for B,
 // K for B^T), its leading dimension, offset and batch stride all multiples of 4; the
@@ -400,4 +403,124 @@ fn split_k_sum(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         v = fma(sp.beta, c_sum[idx], v);
     }
     c_sum[idx] = v;
+}
+
+// --- Matrix-vector products, for GEMMs with m = 1 or n = 1 (a 64 x 64 tile would do
+// 64 times the work): y = alpha * M x + beta * y over `outputs` entries of y, the inner
+// dimension K cut into slices as for split-K (y matrix wid.z = batch index * splits +
+// slice). MATRIX_IS_B says which binding holds M; the other holds x, and y is C.
+
+struct GemvParams {
+    outputs: u32,
+    k: u32,
+    ld_m: u32,
+    offset_m: u32,
+    stride_m: u32,
+    offset_x: u32,
+    inc_x: u32,
+    stride_x: u32,
+    offset_y: u32,
+    inc_y: u32,
+    stride_y: u32,
+    alpha: f32,
+    beta: f32,
+    splits: u32,
+    k_split: u32,
+}
+
+override MATRIX_IS_B: bool = false;
+
+@group(0) @binding(3) var<uniform> gp: GemvParams;
+
+var<workgroup> gemv_sums: array<f32, 256>;
+
+struct GemvTile {
+    base_m: u32,
+    base_x: u32,
+    base_y: u32,
+    k_begin: u32,
+    k_end: u32,
+}
+
+fn gemv_tile(z: u32) -> GemvTile {
+    let b = z / gp.splits;
+    let k_begin = (z % gp.splits) * gp.k_split;
+    return GemvTile(gp.offset_m + b * gp.stride_m, gp.offset_x + b * gp.stride_x,
+                    gp.offset_y + z * gp.stride_y, k_begin, min(gp.k, k_begin + gp.k_split));
+}
+
+fn gemv_matrix(i: u32) -> f32 {
+    if (MATRIX_IS_B) {
+        return b_s[i];
+    }
+    return a_s[i];
+}
+
+fn gemv_vector(i: u32) -> f32 {
+    if (MATRIX_IS_B) {
+        return a_s[i];
+    }
+    return b_s[i];
+}
+
+fn gemv_write(t: GemvTile, o: u32, s: f32) {
+    let idx = t.base_y + o * gp.inc_y;
+    var v = gp.alpha * s;
+    if (gp.beta != 0.0) {
+        v = fma(gp.beta, c[idx], v);
+    }
+    c[idx] = v;
+}
+
+// M[o][l] at base_m + l * ld_m + o: the outputs are contiguous. A workgroup takes 64
+// outputs x 4 lanes; lane l adds k = l, l + 4, ... in order, then (l0 + l1) + (l2 + l3).
+@compute @workgroup_size(256)
+fn gemv_t(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_index) lid: u32) {
+    let t = gemv_tile(wid.z);
+    let o = (wid.x + wid.y * nwg.x) * 64u + lid % 64u;
+    let lane = lid / 64u;
+    var s = 0.0;
+    if (o < gp.outputs) {
+        for (var l = t.k_begin + lane; l < t.k_end; l += 4u) {
+            s = fma(gemv_matrix(t.base_m + l * gp.ld_m + o), gemv_vector(t.base_x + l * gp.inc_x), s);
+        }
+    }
+    gemv_sums[lid] = s;
+    workgroupBarrier();
+    if (lane % 2u == 0u) {
+        gemv_sums[lid] = gemv_sums[lid] + gemv_sums[lid + 64u];
+    }
+    workgroupBarrier();
+    if (lane == 0u && o < gp.outputs) {
+        gemv_write(t, o, gemv_sums[lid] + gemv_sums[lid + 128u]);
+    }
+}
+
+// M[o][l] at base_m + o * ld_m + l: each output is a dot product of contiguous values.
+// A workgroup takes 4 outputs x 64 lanes; lane l adds k = l, l + 64, ... in order,
+// then a binary tree adds the 64 lane sums.
+@compute @workgroup_size(256)
+fn gemv_n(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_index) lid: u32) {
+    let t = gemv_tile(wid.z);
+    let o = (wid.x + wid.y * nwg.x) * 4u + lid / 64u;
+    let lane = lid % 64u;
+    var s = 0.0;
+    if (o < gp.outputs) {
+        for (var l = t.k_begin + lane; l < t.k_end; l += 64u) {
+            s = fma(gemv_matrix(t.base_m + o * gp.ld_m + l), gemv_vector(t.base_x + l * gp.inc_x), s);
+        }
+    }
+    gemv_sums[lid] = s;
+    workgroupBarrier();
+    for (var width = 32u; width > 0u; width /= 2u) {
+        if (lane < width) {
+            gemv_sums[lid] = gemv_sums[lid] + gemv_sums[lid + width];
+        }
+        workgroupBarrier();
+    }
+    if (lane == 0u && o < gp.outputs) {
+        gemv_write(t, o, gemv_sums[lid]);
+    }
 }

@@ -165,6 +165,40 @@ fn split_k_long_reductions() {
     }
 }
 
+/// `m = 1` or `n = 1` runs the matrix-vector kernels; vectors may be strided rows or
+/// columns of larger matrices (leading dimensions), batched and broadcast.
+#[test]
+fn matrix_vector_products() {
+    let Some(ctx) = common::gpu() else { return };
+    for (t, &(ta, tb)) in TRANSPOSES.iter().enumerate() {
+        for (v, &(m, n)) in [(1, 150), (150, 1), (1, 1)].iter().enumerate() {
+            let seed = 800 + (t * 3 + v) as u64 * 10;
+            let g = Gemm::new(m, n, 77, ta, tb).scaled(1.5, 0.5);
+            check(&ctx, &g, packed(&g), seed);
+            let mut g = Gemm::new(m, n, 40, ta, tb).batched(3);
+            g.lda += 3;
+            g.ldb += 2;
+            g.ldc += 5;
+            g.offset_a = 1;
+            g.offset_c = 2;
+            let a_rows = if ta { 40 } else { m };
+            let b_rows = if tb { n } else { 40 };
+            g.stride_a = if v == 0 { 0 } else { a_rows * g.lda };
+            g.stride_b = if v == 1 { 0 } else { b_rows * g.ldb };
+            g.stride_c = m * g.ldc;
+            let lens = [
+                1 + 3 * a_rows * g.lda,
+                3 * b_rows * g.ldb,
+                2 + 3 * g.stride_c,
+            ];
+            check(&ctx, &g, lens, seed + 1);
+            // Long K: the K slices are added by split_k_sum.
+            let g = Gemm::new(m, n, 2600, ta, tb).scaled(1.0, 1.0);
+            check(&ctx, &g, packed(&g), seed + 2);
+        }
+    }
+}
+
 #[test]
 fn k_zero_scales_c() {
     let Some(ctx) = common::gpu() else { return };

@@ -246,10 +246,12 @@ impl Words {
 /// Records `C = α·op(A)·op(B) + β·C` as described by `g`. Returns an error, and records
 /// nothing, if a matrix would reach outside its tensor or C aliases A or B.
 ///
-/// Problems with few tiles of C and a long K run split-K: the K slices' partial
-/// products go to a temporary (allocated on the recorder's context) and a second
-/// dispatch adds them in a fixed order. Problems whose grid would exceed 65535
-/// workgroups in a dimension are split into several dispatches.
+/// Products with `m = 1` or `n = 1` run as matrix-vector products. Problems with few
+/// tiles of C (or few outputs) and a long K run split-K: the K slices' partial products
+/// go to a temporary (allocated on the recorder's context) and a second dispatch adds
+/// them in a fixed order. The plan depends only on the shape, so results are
+/// deterministic. Problems whose grid would exceed 65535 workgroups in a dimension are
+/// split into several dispatches.
 pub fn gemm(
     rec: &mut Recorder,
     g: &Gemm,
@@ -261,6 +263,9 @@ pub fn gemm(
         return Ok(());
     }
     g.validate(a, b, c)?;
+    if g.m == 1 || g.n == 1 {
+        return gemv(rec, g, [a, b, c]);
+    }
     let [(_, a_cols), (_, b_cols), _] = g.stored();
     let vec_a = g.vec4_ok(a_cols, g.lda, g.offset_a, g.stride_a);
     let vec_b = g.vec4_ok(b_cols, g.ldb, g.offset_b, g.stride_b);
@@ -344,9 +349,130 @@ fn gemm_split_k(
         (g.batch * splits) as u32,
     ];
     rec.dispatch(kernel, &[a, b], &[&partial], &words.encode(g), groups)?;
-    let sum_words = [
-        m as u32,
-        n as u32,
+    split_k_sum(rec, g, &partial, c, splits)
+}
+
+/// Outputs one `gemv_t` workgroup computes (the outputs are contiguous in M).
+const GEMV_T_OUTPUTS: usize = 64;
+/// Outputs one `gemv_n` workgroup computes (each a dot product along a row of M).
+const GEMV_N_OUTPUTS: usize = 4;
+/// A K slice of a matrix-vector product has at least this many values.
+const GEMV_MIN_K: usize = 1024;
+
+/// `m = 1` or `n = 1`: the product is `y = α·M·x + β·y`, computed by the `gemv_*`
+/// kernels (a 64×64 tile would do 64 times the work). For `m = 1`, y is row 0 of C,
+/// x is row 0 of `op(A)` and `M = op(B)ᵀ`; for `n = 1`, y is column 0 of C, x is
+/// column 0 of `op(B)` and `M = op(A)`. Long K is cut into slices as for split-K.
+fn gemv(rec: &mut Recorder, g: &Gemm, [a, b, c]: [&GpuTensor; 3]) -> Result<()> {
+    struct Operands {
+        outputs: usize,
+        // Whether consecutive outputs are consecutive elements of M.
+        contiguous: bool,
+        matrix_is_b: bool,
+        ld_m: usize,
+        offset_m: usize,
+        stride_m: usize,
+        offset_x: usize,
+        inc_x: usize,
+        stride_x: usize,
+        inc_y: usize,
+    }
+    let o = if g.m == 1 {
+        Operands {
+            outputs: g.n,
+            contiguous: !g.trans_b,
+            matrix_is_b: true,
+            ld_m: g.ldb,
+            offset_m: g.offset_b,
+            stride_m: g.stride_b,
+            offset_x: g.offset_a,
+            inc_x: if g.trans_a { g.lda } else { 1 },
+            stride_x: g.stride_a,
+            inc_y: 1,
+        }
+    } else {
+        Operands {
+            outputs: g.m,
+            contiguous: g.trans_a,
+            matrix_is_b: false,
+            ld_m: g.lda,
+            offset_m: g.offset_a,
+            stride_m: g.stride_a,
+            offset_x: g.offset_b,
+            inc_x: if g.trans_b { 1 } else { g.ldb },
+            stride_x: g.stride_b,
+            inc_y: g.ldc,
+        }
+    };
+    let (entry, per_group) = if o.contiguous {
+        ("gemv_t", GEMV_T_OUTPUTS)
+    } else {
+        ("gemv_n", GEMV_N_OUTPUTS)
+    };
+    let kernel =
+        Kernel::new(&super::GEMM, entry).with("MATRIX_IS_B", f64::from(u8::from(o.matrix_is_b)));
+    let groups = o.outputs.div_ceil(per_group);
+    let splits = SPLIT_TARGET_GROUPS
+        .div_ceil(g.batch * groups)
+        .min(g.k / GEMV_MIN_K)
+        .clamp(1, MAX_SPLITS);
+    let k_split = g.k.div_ceil(splits);
+    let splits = if splits > 1 { g.k.div_ceil(k_split) } else { 1 };
+    let [gx, gy, _] = grid_1d(groups as u32);
+    let words = |offset_m: usize, offset_x: usize, y: [usize; 3], alpha: f32, beta: f32| {
+        [
+            o.outputs as u32,
+            g.k as u32,
+            o.ld_m as u32,
+            offset_m as u32,
+            o.stride_m as u32,
+            offset_x as u32,
+            o.inc_x as u32,
+            o.stride_x as u32,
+            y[0] as u32,
+            y[1] as u32,
+            y[2] as u32,
+            alpha.to_bits(),
+            beta.to_bits(),
+            splits as u32,
+            k_split as u32,
+        ]
+    };
+    if splits == 1 {
+        for b0 in (0..g.batch).step_by(MAX_GROUPS) {
+            let batch = (g.batch - b0).min(MAX_GROUPS);
+            let w = words(
+                o.offset_m + b0 * o.stride_m,
+                o.offset_x + b0 * o.stride_x,
+                [g.offset_c + b0 * g.stride_c, o.inc_y, g.stride_c],
+                g.alpha,
+                g.beta,
+            );
+            rec.dispatch(&kernel, &[a, b], &[c], &w, [gx, gy, batch as u32])?;
+        }
+        return Ok(());
+    }
+    // Few groups, long K: at most SPLIT_TARGET_GROUPS·2 slices of groups in all, far
+    // below the grid limit.
+    let partial = rec.context().zeros(&[g.batch * splits, o.outputs])?;
+    let w = words(o.offset_m, o.offset_x, [0, 1, o.outputs], 1.0, 0.0);
+    let z = (g.batch * splits) as u32;
+    rec.dispatch(&kernel, &[a, b], &[&partial], &w, [gx, gy, z])?;
+    split_k_sum(rec, g, &partial, c, splits)
+}
+
+/// Records `C[b] = α·Σ_s P[b·splits + s] + β·C[b]` for the packed `m × n` partial
+/// products P of split-K.
+fn split_k_sum(
+    rec: &mut Recorder,
+    g: &Gemm,
+    partial: &GpuTensor,
+    c: &GpuTensor,
+    splits: usize,
+) -> Result<()> {
+    let words = [
+        g.m as u32,
+        g.n as u32,
         g.batch as u32,
         splits as u32,
         g.ldc as u32,
@@ -355,12 +481,12 @@ fn gemm_split_k(
         g.alpha.to_bits(),
         g.beta.to_bits(),
     ];
-    let len = g.batch * m * n;
+    let len = g.batch * g.m * g.n;
     rec.dispatch(
         &Kernel::new(&super::GEMM, "split_k_sum"),
-        &[&partial],
+        &[partial],
         &[c],
-        &sum_words,
+        &words,
         grid_1d(len.div_ceil(256) as u32),
     )
 }
