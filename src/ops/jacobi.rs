@@ -9,8 +9,9 @@
 //! residual `‖AV − VΛ‖_F / ‖A‖_F`) or after `max_sweeps` sweeps. Convergence is
 //! quadratic, except inside clusters of nonzero eigenvalues narrower than f32 can
 //! resolve (`≲ ε·λ`), where the last decades of `off` fall only linearly (by about 0.6
-//! per sweep): such matrices take a few more sweeps. Eigenpairs are then sorted ascending on the GPU (each diagonal
-//! entry's rank by comparison, ties by index and NaN last, then a gather).
+//! per sweep): such matrices take a few more sweeps. Eigenpairs are then sorted
+//! ascending on the GPU (each diagonal entry's rank by comparison, ties by index, then a
+//! gather), after an optional Newton–Schulz re-orthogonalisation of the eigenbasis.
 //!
 //! Two ways to run the sweeps:
 //! - [`JacobiPath::Workgroup`] (automatic up to `n = 128`, possible up to `n = 256`):
@@ -24,7 +25,8 @@
 //!   of a sweep go into one pass, and the off-diagonal norm is read back once per sweep
 //!   as per-workgroup partial sums that the host adds in a fixed order.
 //!
-//! Both are deterministic (no atomics). Limit: a batch whose `batch · n² · 4` bytes
+//! Both are deterministic: fixed reduction orders, no float atomics (only an integer OR
+//! that flags NaN or Inf). Limit: a batch whose `batch · n² · 4` bytes
 //! exceed the adapter's `max_storage_buffer_binding_size` (128 MiB on WebGPU's
 //! defaults, i.e. a single matrix of `n` above about 5790) is refused with
 //! [`Error::Memory`]; splitting such matrices over several bindings is not implemented.
@@ -109,7 +111,8 @@ pub struct Eigen {
 /// `[n, n]`, row-major; only the symmetric part `(A + Aᵀ)/2` is used). Meant for
 /// positive semi-definite Kronecker factors, but any finite symmetric input works.
 ///
-/// Returns an [`Error::Gpu`] for a non-finite result (NaN or Inf in the input) and
+/// Returns an [`Error::Gpu`] naming the matrix when the input holds NaN or Inf (or
+/// entries so large, above about 1e19, that their squares overflow f32), and
 /// [`Error::Memory`] when the batch does not fit one storage binding.
 pub fn eigh(ctx: &GpuContext, matrices: &GpuTensor, opts: &JacobiOptions) -> Result<Eigen> {
     let (batch, n) = match *matrices.shape() {
