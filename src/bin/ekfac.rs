@@ -167,7 +167,13 @@ fn run_fit(args: &FitArgs) -> Result<()> {
         )));
     }
     let model = Model::load(&args.model, &args.weights)?;
-    let data = Dataset::load(&args.data)?;
+    // Checked against the model here so that errors name the data file and come before
+    // the GPU is opened.
+    let data = Dataset::load_checked(
+        &args.data,
+        &model.spec,
+        options.loss == LossKind::CrossEntropy,
+    )?;
     let ctx = GpuContext::new()?;
     let load_ms = ms(start);
     let mut fitted = fit(&ctx, &model, &data, &options, Some(args.damping))?;
