@@ -11,7 +11,8 @@
 //   vectors [batch, n, n]  column j is the eigenvector of values[j]
 //
 // Every path: `global_init` (work_a, work_w), sweeps, then `global_rank` and
-// `global_gather` (sort). One sweep is m - 1 steps (m = n rounded up to even). Step k
+// `global_gather` (sort). The warm start's V0ᵀ A V0 and the Newton–Schulz products are
+// GEMMs of shaders/gemm.wgsl. One sweep is m - 1 steps (m = n rounded up to even). Step k
 // pairs the indices by the round-robin tournament of `pair_of`, so the h = m/2
 // rotations of a step are disjoint and run in parallel; over a sweep every pair (p, q)
 // meets exactly once. For odd n the index n is a phantom whose rotation is the identity.
@@ -600,12 +601,22 @@ fn global_rank(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     gs_values[b * n + rank] = d;
 }
 
-@group(0) @binding(0) var<storage, read> gg_work_w: array<f32>;
-@group(0) @binding(1) var<storage, read> gg_ranks: array<u32>;
-@group(0) @binding(2) var<storage, read_write> gg_vectors: array<f32>;
-@group(0) @binding(3) var<uniform> gg_params: GlobalParams;
+struct GatherParams {
+    n: u32,
+    batch: u32,
+    // vectors = a·W + b·P gathered: (1, 0) copies W; (1.5, −0.5) with P = (W Wᵀ) W is one
+    // Newton–Schulz step towards the nearest orthogonal basis.
+    a: f32,
+    b: f32,
+}
 
-// vectors[b, r, ranks[b, i]] = W[b, i, r], one invocation per element.
+@group(0) @binding(0) var<storage, read> gg_work_w: array<f32>;
+@group(0) @binding(1) var<storage, read> gg_p: array<f32>;
+@group(0) @binding(2) var<storage, read> gg_ranks: array<u32>;
+@group(0) @binding(3) var<storage, read_write> gg_vectors: array<f32>;
+@group(0) @binding(4) var<uniform> gg_params: GatherParams;
+
+// vectors[b, r, ranks[b, i]] = a·W[b, i, r] + b·P[b, i, r], one invocation per element.
 @compute @workgroup_size(256)
 fn global_gather(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) lid: u32) {
@@ -618,100 +629,9 @@ fn global_gather(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     let b = g / nn;
     let i = (g % nn) / n;
     let r = g % n;
-    gg_vectors[b * nn + r * n + gg_ranks[b * n + i]] = gg_work_w[g];
-}
-
-// ---------------------------------------------------------------------------------
-// Products for the warm start, A' = V0ᵀ A V0, and the Newton–Schulz re-orthogonalisation
-// of the eigenbasis, W ← 1.5 W − 0.5 (W Wᵀ) W: C = α op(X) op(Y) + β Z per matrix.
-
-struct GemmParams {
-    // C is [m, n] per matrix, the inner dimension is k.
-    m: u32,
-    n: u32,
-    k: u32,
-    batch: u32,
-    // Elements between consecutive matrices of X and Y (0 broadcasts one matrix); Z and
-    // C are contiguous [batch, m, n].
-    x_stride: u32,
-    y_stride: u32,
-    // 1: X is stored [k, m] and used transposed; 0: X is stored [m, k].
-    trans_x: u32,
-    // 1: Y is stored [n, k] and used transposed; 0: Y is stored [k, n].
-    trans_y: u32,
-    alpha: f32,
-    // Z is not read when β = 0.
-    beta: f32,
-}
-
-const TILE: u32 = 16u;
-
-@group(0) @binding(0) var<storage, read> gm_x: array<f32>;
-@group(0) @binding(1) var<storage, read> gm_y: array<f32>;
-@group(0) @binding(2) var<storage, read> gm_z: array<f32>;
-@group(0) @binding(3) var<storage, read_write> gm_c: array<f32>;
-@group(0) @binding(4) var<uniform> gm_params: GemmParams;
-
-var<workgroup> tile_x: array<f32, TILE * TILE>;
-var<workgroup> tile_y: array<f32, TILE * TILE>;
-
-// One 16×16 tile of C per workgroup. Each 16-long slice of the inner dimension is summed
-// on its own before it joins the total, which keeps the rounding of long dot products
-// (entries of W Wᵀ near 1) about four times smaller than one running sum.
-@compute @workgroup_size(256)
-fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-        @builtin(local_invocation_index) lid: u32) {
-    let p = gm_params;
-    let tiles_m = (p.m + TILE - 1u) / TILE;
-    let tiles_n = (p.n + TILE - 1u) / TILE;
-    let g = wid.x + wid.y * nwg.x;
-    if (g >= p.batch * tiles_m * tiles_n) {
-        return;
+    var v = gg_params.a * gg_work_w[g];
+    if (gg_params.b != 0.0) {
+        v += gg_params.b * gg_p[g];
     }
-    let b = g / (tiles_m * tiles_n);
-    let row0 = ((g / tiles_n) % tiles_m) * TILE;
-    let col0 = (g % tiles_n) * TILE;
-    let ty = lid / TILE;
-    let tx = lid % TILE;
-    let row = row0 + ty;
-    let col = col0 + tx;
-    var acc = 0.0;
-    for (var k0 = 0u; k0 < p.k; k0 += TILE) {
-        // tile_x[ty, tx] = op(X)[row0 + ty, k0 + tx]; tile_y[ty, tx] = op(Y)[k0 + ty, col0 + tx].
-        let kx = k0 + tx;
-        var x = 0.0;
-        if (row < p.m && kx < p.k) {
-            if (p.trans_x != 0u) {
-                x = gm_x[b * p.x_stride + kx * p.m + row];
-            } else {
-                x = gm_x[b * p.x_stride + row * p.k + kx];
-            }
-        }
-        tile_x[lid] = x;
-        let ky = k0 + ty;
-        var y = 0.0;
-        if (ky < p.k && col < p.n) {
-            if (p.trans_y != 0u) {
-                y = gm_y[b * p.y_stride + col * p.k + ky];
-            } else {
-                y = gm_y[b * p.y_stride + ky * p.n + col];
-            }
-        }
-        tile_y[lid] = y;
-        workgroupBarrier();
-        var part = 0.0;
-        for (var kk = 0u; kk < TILE; kk++) {
-            part += tile_x[ty * TILE + kk] * tile_y[kk * TILE + tx];
-        }
-        acc += part;
-        workgroupBarrier();
-    }
-    if (row < p.m && col < p.n) {
-        let i = (b * p.m + row) * p.n + col;
-        var c = p.alpha * acc;
-        if (p.beta != 0.0) {
-            c += p.beta * gm_z[i];
-        }
-        gm_c[i] = c;
-    }
+    gg_vectors[b * nn + r * n + gg_ranks[b * n + i]] = v;
 }

@@ -215,3 +215,57 @@ fn gpu_matches_curvlinops_on_every_fixture() {
         failures.join("\n")
     );
 }
+
+/// A memory budget that only fits one example with one backpropagated vector forces
+/// every batch and every stack of type-2 vectors into chunks; the result must equal
+/// the unchunked fit up to f32 summation order (relative 1e-5: sums of at most a few
+/// hundred f32 terms reordered). A budget below one example is a clear error.
+#[test]
+fn chunking_to_the_memory_budget_changes_nothing() {
+    let Some(ctx) = common::gpu() else { return };
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/curvature/cnn_a_ce_mean_type2_expand_sep");
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let model = Model::load(dir.join("model.json"), dir.join("weights.safetensors")).unwrap();
+    let data = Dataset::load(dir.join("data.safetensors")).unwrap();
+    let opts = options(&expected);
+    assert!(opts.batch_size > 1, "the case must have batches to split");
+    let whole = fit(&ctx, &model, &data, &opts, Some(1e-2)).unwrap();
+
+    let per_example = 4 * ekfac::model::sequential::Sequential::new(&ctx, &model)
+        .unwrap()
+        .activation_elements() as u64;
+    let default_budget = ctx.memory_budget();
+    ctx.set_memory_budget(4 * per_example);
+    let chunked = fit(&ctx, &model, &data, &opts, Some(1e-2));
+    ctx.set_memory_budget(per_example);
+    let too_small = fit(&ctx, &model, &data, &opts, Some(1e-2));
+    ctx.set_memory_budget(default_budget);
+
+    let chunked = chunked.unwrap();
+    let (a, b) = (
+        Summary::new(&whole.state, 1e-2, whole.timings.clone(), 0),
+        Summary::new(&chunked.state, 1e-2, chunked.timings.clone(), 0),
+    );
+    for (x, y) in [
+        (a.kfac.trace, b.kfac.trace),
+        (a.kfac.frobenius_norm, b.kfac.frobenius_norm),
+        (
+            a.ekfac.as_ref().unwrap().trace,
+            b.ekfac.as_ref().unwrap().trace,
+        ),
+        (
+            a.ekfac.as_ref().unwrap().frobenius_norm,
+            b.ekfac.as_ref().unwrap().frobenius_norm,
+        ),
+    ] {
+        let (x, y) = (x.unwrap(), y.unwrap());
+        assert!(((x - y) / x).abs() < 1e-5, "chunked {y} vs whole {x}");
+    }
+    let err = too_small
+        .err()
+        .expect("a budget below one example must fail")
+        .to_string();
+    assert!(err.contains("budget"), "{err}");
+}

@@ -86,6 +86,11 @@ struct FitArgs {
     /// δ for the damped logdet and the default of inverse products.
     #[arg(long, default_value_t = 1e-3)]
     damping: f64,
+    /// GPU memory a fit may plan for, in MiB; batches and stacks of backpropagated
+    /// vectors are split to fit (default: half the adapter's max buffer size, 256 MiB
+    /// to 4 GiB).
+    #[arg(long)]
+    memory_budget_mib: Option<u64>,
     /// Fit twice and require bitwise-equal results.
     #[arg(long)]
     check_deterministic: bool,
@@ -169,6 +174,9 @@ fn run_fit(args: &FitArgs) -> Result<()> {
     let model = Model::load(&args.model, &args.weights)?;
     let data = Dataset::load(&args.data)?;
     let ctx = GpuContext::new()?;
+    if let Some(mib) = args.memory_budget_mib {
+        ctx.set_memory_budget(mib << 20);
+    }
     let load_ms = ms(start);
     let mut fitted = fit(&ctx, &model, &data, &options, Some(args.damping))?;
     if args.check_deterministic {

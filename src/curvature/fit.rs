@@ -1,18 +1,22 @@
 //! The GPU pipeline: one pass over the data for the Kronecker factors, their
 //! eigendecomposition, a second pass for EKFAC's corrected eigenvalues.
 //!
-//! Per batch `b` (SPEC §2–§4, `S = 1` for linear layers):
-//! - `A += ÃᵀÃ / (N·S)` with `Ã` the layer input `[B, d_in]`, plus a ones column for a
-//!   joint block;
-//! - `G += κ_b · gᵀg` with `g` the `[V·B, d_out]` gradients w.r.t. the layer output of
-//!   the `V` backpropagated vectors (one stacked backward pass);
-//! - correction: `Λ += κ_b · hᵀ (ÃQ_A)^{∘2}` with `h = Σ_v (g_v Q_G)^{∘2}` (`[B, d_out]`),
-//!   the per-example identity `Q_Gᵀ(g ãᵀ)Q_A = (Q_Gᵀg)(Q_Aᵀã)ᵀ`, so no
-//!   `B × d_out × D` tensor is formed; bias blocks get `λ += κ_b · 1ᵀh`.
+//! Per batch `b` (SPEC §2–§4; `S` positions, 1 for linear layers):
+//! - `A += ÃᵀÃ / (N·S)` with `Ã` the expand-format layer input `[B·S, D]` (conv:
+//!   group-averaged im2col patches; a ones column for a joint block), or for reduce
+//!   `A += ĀᵀĀ / N` with the position means `[B, D]`;
+//! - `G += κ_b · gᵀg` with `g` the channel-last gradients w.r.t. the layer output of the
+//!   `V` backpropagated vectors (one stacked backward pass), `[V·B·S, d_out]` for
+//!   expand or position sums `[V·B, d_out]` for reduce;
+//! - correction (always expand format): without sharing `Λ += κ_b · hᵀ (ÃQ_A)^{∘2}` with
+//!   `h = Σ_v (g_v Q_G)^{∘2}` (`[B, d_out]`), the per-example identity
+//!   `Q_Gᵀ(g ãᵀ)Q_A = (Q_Gᵀg)(Q_Aᵀã)ᵀ`; with sharing the fused kernel
+//!   [`correct_shared`] forms tiles of `Q_Gᵀ(Σ_s g_s ã_sᵀ)Q_A` in registers. Neither
+//!   forms a `B × d_out × D` tensor. Bias blocks get `λ += κ_b · 1ᵀh` from position sums.
 //!
-//! The backpropagated vectors come from [`crate::loss::backprop_vectors`] on the host
-//! (the logits of a batch are read back): MC samples are therefore exactly those of
-//! the CPU reference, and both passes see the same samples.
+//! The backpropagated vectors come from the GPU loss kernel ([`record_backprop_vectors`],
+//! the Philox contract of [`crate::rng`]), so the logits never leave the GPU, and both
+//! passes see the same samples.
 
 use std::time::Instant;
 
@@ -23,7 +27,7 @@ use crate::curvature::state::{
 };
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor, Recorder};
-use crate::loss::{Targets, backprop_vectors};
+use crate::loss::{Targets, check_targets};
 use crate::model::data::{Dataset, TargetsSlice};
 use crate::model::sequential::{Backward, Forward, Sequential};
 use crate::model::{Conv2dSpec, Layer, Model, ModelSpec};
@@ -31,7 +35,8 @@ use crate::ops::eigencorrect::{correct_shared, square_sum_stack};
 use crate::ops::gemm::{Gemm, gemm};
 use crate::ops::im2col::im2col_group_mean;
 use crate::ops::jacobi::{JacobiOptions, eigh};
-use crate::ops::reduce::{append_ones_column, square, transpose};
+use crate::ops::loss::{GpuTargets, record_backprop_vectors};
+use crate::ops::reduce::{append_ones_column, copy, square, transpose};
 
 /// Wall-clock milliseconds of the phases of a fit.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq)]
@@ -82,12 +87,19 @@ pub fn fit(
     if options.batch_size == 0 {
         return Err(Error::Options("batch size must be at least 1".into()));
     }
+    check_all_targets(data, options, model.num_outputs())?;
     ctx.memory().reset_peak();
     let network = Sequential::new(ctx, model)?;
     let mut timings = Timings::default();
 
     let start = Instant::now();
-    let accumulators = factor_pass(ctx, &network, &model.spec, data, options, &layout)?;
+    let chunks = chunking(
+        ctx,
+        &network,
+        options,
+        options.num_vectors(network.num_outputs()),
+    )?;
+    let accumulators = factor_pass(ctx, &network, &model.spec, data, options, &layout, chunks)?;
     timings.factors = ms(start);
 
     let start = Instant::now();
@@ -127,6 +139,7 @@ pub fn fit(
             options,
             &layout,
             &bases,
+            chunks,
         )?)
     };
     timings.correction = ms(start);
@@ -188,18 +201,112 @@ fn eigendecompose(ctx: &GpuContext, factor: &GpuTensor) -> Result<(FactorEigen, 
     Ok((FactorEigen { values, vectors }, eigen.vectors))
 }
 
-/// The GPU tensors of one batch after the forward pass and (unless forward-only) the
-/// stacked backward pass of its `V` backpropagated vectors.
+/// The GPU tensors of one batch after the forward pass, with its `V` backpropagated
+/// vectors (none for forward-only).
 struct BatchPass {
     forward: Forward,
-    backward: Option<Backward>,
+    /// `[V, B, C]`.
+    vectors: Option<GpuTensor>,
     /// κ_b.
     kappa: f64,
-    /// `V`.
-    num_vectors: usize,
 }
 
-/// Runs the network on one batch and backpropagates the loss vectors of `options`.
+impl BatchPass {
+    /// Runs the stacked backward pass over chunks of at most `chunk` vectors and calls
+    /// `f(backward, stack)` for each; every per-vector quantity of the curvature is a
+    /// sum over vectors, so the chunks' contributions simply add up.
+    fn for_each_chunk(
+        &self,
+        ctx: &GpuContext,
+        network: &Sequential,
+        chunk: usize,
+        mut f: impl FnMut(&Backward, usize) -> Result<()>,
+    ) -> Result<()> {
+        let Some(vectors) = &self.vectors else {
+            return Ok(());
+        };
+        let [nv, batch, outputs] = [vectors.shape()[0], vectors.shape()[1], vectors.shape()[2]];
+        let per_vector = batch * outputs;
+        for v0 in (0..nv).step_by(chunk.max(1)) {
+            let stack = chunk.min(nv - v0);
+            let backward = if stack == nv {
+                network.backward(ctx, &self.forward, vectors, nv, false)?
+            } else {
+                let slice = ctx.zeros(&[stack, batch, outputs])?;
+                let mut rec = ctx.recorder();
+                copy(
+                    &mut rec,
+                    vectors,
+                    v0 * per_vector,
+                    &slice,
+                    0,
+                    stack * per_vector,
+                )?;
+                rec.submit()?;
+                network.backward(ctx, &self.forward, &slice, stack, false)?
+            };
+            f(&backward, stack)?;
+        }
+        Ok(())
+    }
+}
+
+/// How a batch is processed within the context's memory budget.
+#[derive(Clone, Copy, Debug)]
+struct Chunking {
+    /// Examples per pass over the network (at most the batch size).
+    examples: usize,
+    /// Backpropagated vectors per stacked backward pass.
+    vectors: usize,
+}
+
+/// Splits batches and stacks of vectors so that one pass fits the memory budget and
+/// every tensor fits one storage binding. A backward pass holds roughly three tensors
+/// the size of the layer activations per stacked vector (gradients, repeated saved
+/// activations, rotated gradients); the forward pass keeps one set.
+fn chunking(
+    ctx: &GpuContext,
+    network: &Sequential,
+    options: &Options,
+    nv: usize,
+) -> Result<Chunking> {
+    let budget = ctx.memory_budget();
+    let binding = ctx.limits.max_storage_buffer_binding_size;
+    let per_example = 4 * network.activation_elements() as u64;
+    let largest = 4 * network.largest_activation().max(1) as u64;
+    let stack = nv.max(1) as u64;
+    // Per example: the forward set plus three backward sets per stacked vector.
+    let fits = |examples: u64, vectors: u64| {
+        examples * per_example * (1 + 3 * vectors) <= budget
+            && examples * vectors * largest <= binding
+            && examples * largest <= binding
+    };
+    if !fits(1, 1) {
+        return Err(Error::Memory(format!(
+            "one example with one backpropagated vector needs about {} bytes of GPU memory              ({} per activation set, largest tensor {} bytes), more than the budget of {}              bytes or the adapter's binding limit of {} bytes",
+            per_example * 4,
+            per_example,
+            largest,
+            budget,
+            binding
+        )));
+    }
+    let mut examples = options.batch_size as u64;
+    while examples > 1 && !fits(examples, 1) {
+        examples = examples.div_ceil(2);
+    }
+    let mut vectors = stack;
+    while vectors > 1 && !fits(examples, vectors) {
+        vectors = vectors.div_ceil(2);
+    }
+    Ok(Chunking {
+        examples: examples as usize,
+        vectors: vectors as usize,
+    })
+}
+
+/// Runs the network on one batch and computes its backpropagated vectors, all on the
+/// GPU: upload `x` and `y`, forward, loss vectors, with no readback in between.
 fn run_batch(
     ctx: &GpuContext,
     network: &Sequential,
@@ -216,17 +323,46 @@ fn run_batch(
     if options.fisher == FisherType::ForwardOnly {
         return Ok(BatchPass {
             forward,
-            backward: None,
+            vectors: None,
             kappa: 1.0,
-            num_vectors: 0,
         });
     }
     let outputs = network.num_outputs();
-    let logits: Vec<f64> = ctx
-        .read(forward.output())?
-        .into_iter()
-        .map(f64::from)
-        .collect();
+    let targets = match batch.y {
+        TargetsSlice::Classes(y) => {
+            let classes: Vec<u32> = y.iter().map(|&c| c as u32).collect();
+            ctx.upload_u32(&classes, &[len])?
+        }
+        TargetsSlice::Values { data: y, .. } => ctx.upload(y, &[len, outputs])?,
+    };
+    let gpu_targets = match batch.y {
+        TargetsSlice::Classes(_) => GpuTargets::Classes(&targets),
+        TargetsSlice::Values { .. } => GpuTargets::Dense(&targets),
+    };
+    let nv = options.num_vectors(outputs);
+    let vectors = ctx.zeros(&[nv, len, outputs])?;
+    let mut rec = ctx.recorder();
+    let kappa = record_backprop_vectors(
+        &mut rec,
+        options,
+        forward.output(),
+        gpu_targets,
+        start,
+        data.len,
+        &vectors,
+    )?;
+    rec.submit()?;
+    Ok(BatchPass {
+        forward,
+        vectors: Some(vectors),
+        kappa,
+    })
+}
+
+/// Checks every target once before the passes: class indices below `C` for
+/// cross-entropy, finite values for MSE/BCE, {0, 1} for BCE with type-2.
+fn check_all_targets(data: &Dataset, options: &Options, outputs: usize) -> Result<()> {
+    let batch = data.batch(0, data.len);
     let classes: Vec<usize>;
     let values: Vec<f64>;
     let targets = match batch.y {
@@ -239,17 +375,7 @@ fn run_batch(
             Targets::Dense(&values)
         }
     };
-    let vectors = backprop_vectors(options, &logits, outputs, targets, start, data.len)?;
-    let nv = vectors.num_vectors;
-    let host: Vec<f32> = vectors.values.iter().map(|&v| v as f32).collect();
-    let grad_output = ctx.upload(&host, &[nv, len, outputs])?;
-    let backward = network.backward(ctx, &forward, &grad_output, nv, false)?;
-    Ok(BatchPass {
-        forward,
-        backward: Some(backward),
-        kappa: vectors.kappa,
-        num_vectors: nv,
-    })
+    check_targets(options.loss, options.fisher, targets, data.len, outputs)
 }
 
 /// A GPU tensor either borrowed from the forward/backward pass or made for one layer;
@@ -440,6 +566,7 @@ fn factor_pass(
     data: &Dataset,
     options: &Options,
     layout: &ParamLayout,
+    chunks: Chunking,
 ) -> Result<Vec<LayerAccumulators>> {
     let shapes = model.shapes()?;
     let accumulators = layout
@@ -461,13 +588,17 @@ fn factor_pass(
         })
         .collect::<Result<Vec<_>>>()?;
     let n = data.len as f64;
-    for start in (0..data.len).step_by(options.batch_size) {
-        let len = options.batch_size.min(data.len - start);
+    for start in (0..data.len).step_by(chunks.examples) {
+        let len = chunks.examples.min(data.len - start);
         let pass = run_batch(ctx, network, data, options, start, len)?;
+        let views: Vec<LayerView> = layout
+            .layers
+            .iter()
+            .map(|layer| LayerView::new(ctx, model, &shapes, layout, layer, len))
+            .collect();
         let mut rec = ctx.recorder();
         let mut keep = Vec::new();
-        for (layer, acc) in layout.layers.iter().zip(&accumulators) {
-            let view = LayerView::new(ctx, model, &shapes, layout, layer, len);
+        for ((layer, acc), view) in layout.layers.iter().zip(&accumulators).zip(&views) {
             if let Some(a) = &acc.input {
                 let d = a.shape()[0];
                 let input = pass.forward.layer_input(layer.layer);
@@ -479,24 +610,33 @@ fn factor_pass(
                 accumulate_gram(&mut rec, &x, d, scale, a)?;
                 keep.push(x);
             }
-            if let (Some(g), Some(backward)) = (&acc.gradient, &pass.backward) {
-                let grads = view.factor_grads(
-                    &mut rec,
-                    &mut keep,
-                    backward.output_grad(layer.layer),
-                    options.approx,
-                )?;
-                accumulate_gram(&mut rec, &grads, layer.d_out, pass.kappa, g)?;
-                keep.push(grads);
-            }
         }
         rec.submit()?;
+        pass.for_each_chunk(ctx, network, chunks.vectors, |backward, _| {
+            let mut rec = ctx.recorder();
+            let mut keep = Vec::new();
+            for ((layer, acc), view) in layout.layers.iter().zip(&accumulators).zip(&views) {
+                if let Some(g) = &acc.gradient {
+                    let grads = view.factor_grads(
+                        &mut rec,
+                        &mut keep,
+                        backward.output_grad(layer.layer),
+                        options.approx,
+                    )?;
+                    accumulate_gram(&mut rec, &grads, layer.d_out, pass.kappa, g)?;
+                    keep.push(grads);
+                }
+            }
+            rec.submit()?;
+            ctx.wait("accumulating Kronecker factors")
+        })?;
         ctx.wait("accumulating Kronecker factors")?;
         drop(keep);
     }
     Ok(accumulators)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn correction_pass(
     ctx: &GpuContext,
     network: &Sequential,
@@ -505,6 +645,7 @@ fn correction_pass(
     options: &Options,
     layout: &ParamLayout,
     bases: &[LayerBasis],
+    chunks: Chunking,
 ) -> Result<Vec<Vec<f32>>> {
     let shapes = model.shapes()?;
     let corrected = layout
@@ -512,106 +653,128 @@ fn correction_pass(
         .iter()
         .map(|b| ctx.zeros(&[b.d_out, b.d_in]))
         .collect::<Result<Vec<_>>>()?;
-    for start in (0..data.len).step_by(options.batch_size) {
-        let len = options.batch_size.min(data.len - start);
+    for start in (0..data.len).step_by(chunks.examples) {
+        let len = chunks.examples.min(data.len - start);
         let pass = run_batch(ctx, network, data, options, start, len)?;
-        let backward = pass.backward.as_ref().expect("EKFAC has a backward pass");
-        let nv = pass.num_vectors;
         let kappa = pass.kappa as f32;
         let ones = ctx.upload(&vec![1.0; len], &[1, len])?;
+        let views: Vec<LayerView> = layout
+            .layers
+            .iter()
+            .map(|layer| LayerView::new(ctx, model, &shapes, layout, layer, len))
+            .collect();
+        // Rotated expand-format inputs x̃ = ã Q_A, [B·S, D], and for layers without
+        // weight sharing their squares.
         let mut rec = ctx.recorder();
         let mut keep = Vec::new();
-        for (layer, basis) in layout.layers.iter().zip(bases) {
-            let view = LayerView::new(ctx, model, &shapes, layout, layer, len);
-            let q_g = basis.gradient.1.as_ref().expect("EKFAC has G");
-            let d_out = layer.d_out;
-            let grads = backward.output_grad(layer.layer);
-            // Rotated expand-format inputs x̃ = ã Q_A, [B·S, D].
-            let rotated_inputs = match &basis.input {
+        let mut rotated_inputs = Vec::with_capacity(layout.layers.len());
+        for ((layer, basis), view) in layout.layers.iter().zip(bases).zip(&views) {
+            rotated_inputs.push(match &basis.input {
                 Some((_, q_a)) => {
                     let d = q_a.shape()[0];
+                    let rows = len * layer.positions;
                     let x = view.expand_inputs(&mut rec, pass.forward.layer_input(layer.layer))?;
-                    let rotated = ctx.zeros(&[len * layer.positions, d])?;
+                    let rotated = ctx.zeros(&[rows, d])?;
                     gemm(
                         &mut rec,
-                        &Gemm::new(len * layer.positions, d, d, false, false),
+                        &Gemm::new(rows, d, d, false, false),
                         &x,
                         q_a,
                         &rotated,
                     )?;
                     keep.push(x);
-                    Some(rotated)
+                    if layer.positions == 1 {
+                        let squared = ctx.zeros(&[rows, d])?;
+                        square(&mut rec, 1.0, &rotated, 0.0, &squared)?;
+                        keep.push(Held::Owned(rotated));
+                        Some(squared)
+                    } else {
+                        Some(rotated)
+                    }
                 }
                 None => None,
-            };
-            for &b in &layer.blocks {
-                let block = &layout.blocks[b];
-                let shared = layer.positions > 1;
-                match (block.kind, &rotated_inputs) {
-                    (BlockKind::Weight | BlockKind::Joint, Some(x)) if shared => {
-                        // Fused: Λ += κ Σ_{v,n} (Σ_s g̃_{v,n,s} x̃_{n,s}ᵀ)^∘2.
-                        let g = view.expand_grads(&mut rec, grads)?;
-                        let rotated = ctx.zeros(&[g.len() / d_out, d_out])?;
-                        gemm(
-                            &mut rec,
-                            &Gemm::new(g.len() / d_out, d_out, d_out, false, false),
-                            &g,
-                            q_g,
-                            &rotated,
-                        )?;
-                        correct_shared(
-                            &mut rec,
-                            &rotated,
-                            x,
-                            &corrected[b],
-                            nv,
-                            layer.positions,
-                            kappa,
-                        )?;
-                        keep.push(g);
-                        keep.push(Held::Owned(rotated));
-                    }
-                    (BlockKind::Weight | BlockKind::Joint, Some(x)) => {
-                        // No sharing: Λ += κ hᵀ (x̃)^∘2 with h = Σ_v (g_v Q_G)^∘2.
-                        let h = rotated_square_sum(
-                            ctx, &mut rec, &mut keep, grads, q_g, nv, len, d_out,
-                        )?;
-                        let squared = ctx.zeros(x.shape())?;
-                        square(&mut rec, 1.0, x, 0.0, &squared)?;
-                        gemm(
-                            &mut rec,
-                            &Gemm::new(d_out, block.d_in, len, true, false).scaled(kappa, 1.0),
-                            &h,
-                            &squared,
-                            &corrected[b],
-                        )?;
-                        keep.push(Held::Owned(h));
-                        keep.push(Held::Owned(squared));
-                    }
-                    (BlockKind::Bias, _) => {
-                        // λ += κ 1ᵀ Σ_v (Q_Gᵀ Σ_s g_{v,s})^∘2.
-                        let summed = view.summed_grads(&mut rec, &mut keep, grads)?;
-                        let h = rotated_square_sum(
-                            ctx, &mut rec, &mut keep, &summed, q_g, nv, len, d_out,
-                        )?;
-                        gemm(
-                            &mut rec,
-                            &Gemm::new(1, d_out, len, false, false).scaled(kappa, 1.0),
-                            &ones,
-                            &h,
-                            &corrected[b],
-                        )?;
-                        keep.push(summed);
-                        keep.push(Held::Owned(h));
-                    }
-                    (_, None) => unreachable!("weight blocks have an input factor"),
-                }
-            }
-            keep.extend(rotated_inputs.map(Held::Owned));
+            });
         }
         rec.submit()?;
-        ctx.wait("correcting eigenvalues")?;
+        pass.for_each_chunk(ctx, network, chunks.vectors, |backward, nv| {
+            let mut rec = ctx.recorder();
+            let mut keep = Vec::new();
+            for (((layer, basis), view), x) in layout
+                .layers
+                .iter()
+                .zip(bases)
+                .zip(&views)
+                .zip(&rotated_inputs)
+            {
+                let q_g = basis.gradient.1.as_ref().expect("EKFAC has G");
+                let d_out = layer.d_out;
+                let grads = backward.output_grad(layer.layer);
+                for &b in &layer.blocks {
+                    let block = &layout.blocks[b];
+                    match (block.kind, x) {
+                        (BlockKind::Weight | BlockKind::Joint, Some(x)) if layer.positions > 1 => {
+                            // Fused: Λ += κ Σ_{v,n} (Σ_s g̃_{v,n,s} x̃_{n,s}ᵀ)^∘2.
+                            let g = view.expand_grads(&mut rec, grads)?;
+                            let rows = g.len() / d_out;
+                            let rotated = ctx.zeros(&[rows, d_out])?;
+                            gemm(
+                                &mut rec,
+                                &Gemm::new(rows, d_out, d_out, false, false),
+                                &g,
+                                q_g,
+                                &rotated,
+                            )?;
+                            correct_shared(
+                                &mut rec,
+                                &rotated,
+                                x,
+                                &corrected[b],
+                                nv,
+                                layer.positions,
+                                kappa,
+                            )?;
+                            keep.push(g);
+                            keep.push(Held::Owned(rotated));
+                        }
+                        (BlockKind::Weight | BlockKind::Joint, Some(squared)) => {
+                            // No sharing: Λ += κ hᵀ (x̃)^∘2 with h = Σ_v (g_v Q_G)^∘2.
+                            let h = rotated_square_sum(
+                                ctx, &mut rec, &mut keep, grads, q_g, nv, len, d_out,
+                            )?;
+                            gemm(
+                                &mut rec,
+                                &Gemm::new(d_out, block.d_in, len, true, false).scaled(kappa, 1.0),
+                                &h,
+                                squared,
+                                &corrected[b],
+                            )?;
+                            keep.push(Held::Owned(h));
+                        }
+                        (BlockKind::Bias, _) => {
+                            // λ += κ 1ᵀ Σ_v (Q_Gᵀ Σ_s g_{v,s})^∘2.
+                            let summed = view.summed_grads(&mut rec, &mut keep, grads)?;
+                            let h = rotated_square_sum(
+                                ctx, &mut rec, &mut keep, &summed, q_g, nv, len, d_out,
+                            )?;
+                            gemm(
+                                &mut rec,
+                                &Gemm::new(1, d_out, len, false, false).scaled(kappa, 1.0),
+                                &ones,
+                                &h,
+                                &corrected[b],
+                            )?;
+                            keep.push(summed);
+                            keep.push(Held::Owned(h));
+                        }
+                        (_, None) => unreachable!("weight blocks have an input factor"),
+                    }
+                }
+            }
+            rec.submit()?;
+            ctx.wait("correcting eigenvalues")
+        })?;
         drop(keep);
+        drop(rotated_inputs);
     }
     corrected.iter().map(|t| ctx.read(t)).collect()
 }

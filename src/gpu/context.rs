@@ -66,6 +66,7 @@ pub struct GpuContext {
     errors: Arc<Mutex<Vec<String>>>,
     lost: Arc<Mutex<Option<String>>>,
     pub(crate) memory: Arc<MemoryCounter>,
+    memory_budget: AtomicU64,
 }
 
 /// How `EKFAC_FEATURES` restricts the device.
@@ -91,6 +92,10 @@ fn required_limits(adapter: &wgpu::Limits) -> wgpu::Limits {
         max_compute_workgroups_per_dimension: adapter.max_compute_workgroups_per_dimension,
         ..defaults
     }
+}
+
+fn default_memory_budget(limits: &wgpu::Limits) -> u64 {
+    (limits.max_buffer_size / 2).clamp(256 << 20, 4 << 30)
 }
 
 impl GpuContext {
@@ -177,6 +182,7 @@ impl GpuContext {
         });
         let limits = device.limits();
         let features = device.features();
+        let memory_budget = AtomicU64::new(default_memory_budget(&limits));
         Self {
             device,
             queue,
@@ -187,7 +193,20 @@ impl GpuContext {
             errors,
             lost,
             memory: Arc::new(MemoryCounter::default()),
+            memory_budget,
         }
+    }
+
+    /// Bytes of GPU memory a fit may plan for: batches and stacks of backpropagated
+    /// vectors are split into chunks that fit. Defaults to half the adapter's
+    /// `max_buffer_size`, clamped to 256 MiB ..= 4 GiB.
+    pub fn memory_budget(&self) -> u64 {
+        self.memory_budget.load(Ordering::Relaxed)
+    }
+
+    /// Sets [`Self::memory_budget`].
+    pub fn set_memory_budget(&self, bytes: u64) {
+        self.memory_budget.store(bytes, Ordering::Relaxed);
     }
 
     /// The adapter's name, backend, driver and device type.

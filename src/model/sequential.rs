@@ -168,6 +168,24 @@ impl Sequential {
         Ok(Self { layers, shapes })
     }
 
+    /// Elements of every layer input and of the output of one example: what a forward
+    /// pass keeps, and about what a backward pass holds per stacked vector.
+    pub fn activation_elements(&self) -> usize {
+        self.shapes
+            .iter()
+            .map(|s| s.iter().product::<usize>())
+            .sum()
+    }
+
+    /// Elements of the largest layer input or output of one example.
+    pub fn largest_activation(&self) -> usize {
+        self.shapes
+            .iter()
+            .map(|s| s.iter().product::<usize>())
+            .max()
+            .unwrap_or(0)
+    }
+
     /// `C`, the number of network outputs per example.
     pub fn num_outputs(&self) -> usize {
         self.shapes.last().map_or(0, |s| s.iter().product())

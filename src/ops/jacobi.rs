@@ -31,6 +31,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor, Kernel, Recorder, grid_1d};
+use crate::ops::gemm::{Gemm, gemm};
 
 /// Largest `n` of the workgroup-memory kernel (must match `SHARED_N` in the shader).
 const SHARED_MAX_N: usize = 32;
@@ -44,8 +45,6 @@ const AUTO_WORKGROUP_MAX_N: usize = 128;
 const NORM_CHUNK: usize = 4096;
 /// Invocations per workgroup of every kernel in the shader.
 const WORKGROUP_SIZE: usize = 256;
-/// Side of the square tiles of the shader's `gemm`.
-const GEMM_TILE: usize = 16;
 
 /// Which kernel runs the sweeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -241,47 +240,6 @@ fn check_fits(ctx: &GpuContext, batch: usize, n: usize) -> Result<()> {
     Ok(())
 }
 
-/// One batched product `C = α op(X) op(Y) + β Z` of the shader's `gemm`: `C` and `Z`
-/// are `[batch, m, n]`; `x_stride`/`y_stride` are the elements between consecutive
-/// matrices of `X` and `Y` (0 broadcasts one matrix); `Z` is not read when `β = 0`.
-struct Gemm<'t> {
-    x: &'t GpuTensor,
-    y: &'t GpuTensor,
-    z: Option<(&'t GpuTensor, f32)>,
-    alpha: f32,
-    /// `[m, n, k]`
-    dims: [usize; 3],
-    batch: usize,
-    strides: [usize; 2],
-    trans: [bool; 2],
-}
-
-impl Gemm<'_> {
-    fn record(&self, rec: &mut Recorder, c: &GpuTensor) -> Result<()> {
-        let [m, n, k] = self.dims;
-        let tiles = self.batch * m.div_ceil(GEMM_TILE) * n.div_ceil(GEMM_TILE);
-        let (z, beta) = self.z.unwrap_or((self.x, 0.0));
-        rec.dispatch(
-            &Kernel::new(&super::JACOBI, "gemm"),
-            &[self.x, self.y, z],
-            &[c],
-            &[
-                m as u32,
-                n as u32,
-                k as u32,
-                self.batch as u32,
-                self.strides[0] as u32,
-                self.strides[1] as u32,
-                self.trans[0] as u32,
-                self.trans[1] as u32,
-                self.alpha.to_bits(),
-                beta.to_bits(),
-            ],
-            grid_1d(tiles as u32),
-        )
-    }
-}
-
 /// Records `A' = V₀ᵀ A V₀` for the warm start and returns `A'` `[batch, n, n]`.
 fn rotate_into_basis(
     ctx: &GpuContext,
@@ -294,19 +252,12 @@ fn rotate_into_basis(
 ) -> Result<GpuTensor> {
     let av = ctx.zeros(&[batch, n, n])?;
     let rotated = ctx.zeros(&[batch, n, n])?;
-    let nn = n * n;
-    let product = |x, y, strides, trans| Gemm {
-        x,
-        y,
-        z: None,
-        alpha: 1.0,
-        dims: [n, n, n],
-        batch,
-        strides,
-        trans,
-    };
-    product(a, v0, [nn, v0_stride], [false, false]).record(rec, &av)?;
-    product(v0, &av, [v0_stride, nn], [true, false]).record(rec, &rotated)?;
+    let mut av_product = Gemm::new(n, n, n, false, false).batched(batch);
+    av_product.stride_b = v0_stride;
+    gemm(rec, &av_product, a, v0, &av)?;
+    let mut rotation = Gemm::new(n, n, n, true, false).batched(batch);
+    rotation.stride_a = v0_stride;
+    gemm(rec, &rotation, v0, &av, &rotated)?;
     Ok(rotated)
 }
 
@@ -389,43 +340,25 @@ impl Problem<'_> {
             &self.words(0),
             groups(batch * n),
         )?;
-        let corrected;
-        let basis = if reorthogonalize && n > 1 {
-            // One Newton–Schulz step towards the nearest orthogonal matrix:
-            // W ← 1.5 W − 0.5 (W Wᵀ) W, with W Wᵀ in the no longer needed work.a.
-            corrected = ctx.zeros(&[batch, n, n])?;
-            let nn = n * n;
-            let gram = Gemm {
-                x: &work.w,
-                y: &work.w,
-                z: None,
-                alpha: 1.0,
-                dims: [n, n, n],
-                batch,
-                strides: [nn, nn],
-                trans: [false, true],
-            };
-            gram.record(rec, &work.a)?;
-            let step = Gemm {
-                x: &work.a,
-                y: &work.w,
-                z: Some((&work.w, 1.5)),
-                alpha: -0.5,
-                dims: [n, n, n],
-                batch,
-                strides: [nn, nn],
-                trans: [false, false],
-            };
-            step.record(rec, &corrected)?;
-            &corrected
+        // One Newton–Schulz step towards the nearest orthogonal basis,
+        // W ← 1.5 W − 0.5 P with P = (W Wᵀ) W, W Wᵀ in the no longer needed work.a;
+        // the gather forms the combination.
+        let product;
+        let (p, [a, b]) = if reorthogonalize && n > 1 {
+            product = ctx.zeros(&[batch, n, n])?;
+            let gram = Gemm::new(n, n, n, false, true).batched(batch);
+            gemm(rec, &gram, &work.w, &work.w, &work.a)?;
+            let step = Gemm::new(n, n, n, false, false).batched(batch);
+            gemm(rec, &step, &work.a, &work.w, &product)?;
+            (&product, [1.5f32, -0.5])
         } else {
-            &work.w
+            (&work.w, [1.0, 0.0])
         };
         rec.dispatch(
             &Kernel::new(&super::JACOBI, "global_gather"),
-            &[basis, &ranks],
+            &[&work.w, p, &ranks],
             &[&vectors],
-            &self.words(0),
+            &[n as u32, batch as u32, a.to_bits(), b.to_bits()],
             groups(batch * n * n),
         )?;
         Ok((values, vectors))

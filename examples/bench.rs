@@ -1,0 +1,716 @@
+//! End-to-end benchmark of the GPU pipeline: KFAC/EKFAC fit phases and operator
+//! products on two fixed workloads (issue 4, item 5).
+//!
+//! `cargo run --release --example bench -- [--quick | --smoke] [--workload mlp|cnn]
+//! [--runs N] [--write-inputs DIR]`
+//!
+//! Workloads (random PyTorch-like weights and random data from a fixed seed):
+//! - `mlp`: `Linear(784,512) ReLU Linear(512,512) ReLU Linear(512,10)`, N = 8192, batch 512;
+//! - `cnn`: `Conv2d(3,16,3,s=2,p=1) ReLU Conv2d(16,32,3,s=2,p=1) ReLU Flatten
+//!   Linear(2048,10)` on `3×32×32` inputs, N = 2048, batch 128.
+//!
+//! Both: cross-entropy with mean reduction, `fisher = mc` with one sample, `expand`,
+//! separate weight and bias. `--quick` shrinks them for the software driver (see
+//! [`Size::Quick`]), `--smoke` to tiny sizes (the CI smoke test's). Default: both
+//! workloads.
+//!
+//! Each run fits the state ([`ekfac::curvature::fit::fit`], whose phase timings are
+//! wall-clock on the host, each ending with a wait for the GPU), then times one KFAC
+//! and one EKFAC product with 1 and with 16 columns around `Operator::apply` (upload,
+//! one pass, readback and the host-side gather/scatter included). One warm-up run
+//! (pipeline compilation) is not counted; the table shows medians over `--runs` runs
+//! (default 5, 2 with `--quick` or `--smoke`). Peak GPU memory is the crate's own count of the
+//! bytes of its live buffers. No GPU timestamps are used (the adapter's support is
+//! printed); GFLOP/s are the analytic counts of [`Flops`] divided by the median times.
+//!
+//! `--write-inputs DIR` also writes `DIR/<workload>/{model.json, weights.safetensors,
+//! data.safetensors, bench.json}` (our model format, PyTorch `state_dict` names, `x`
+//! F32, `y` I64, and the options plus FLOP counts) for `tools/bench_curvlinops.py`.
+//! The adapter is chosen as by the crate (`WGPU_BACKEND`, `EKFAC_ADAPTER`).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use ekfac::curvature::fit::fit;
+use ekfac::curvature::operator::{Approximation, Operator, Transform};
+use ekfac::curvature::{FisherType, KfacApprox, LossKind, Options, Reduction};
+use ekfac::gpu::GpuContext;
+use ekfac::model::data::{Dataset, Targets};
+use ekfac::model::{Conv2dSpec, Layer, LinearSpec, Model, ModelSpec};
+use ekfac::{Error, Result};
+
+/// Seed of the weights, the data and the product vectors.
+const SEED: u64 = 20240611;
+/// Column counts of the timed products.
+const PRODUCT_COLUMNS: [usize; 2] = [1, 16];
+
+/// A small deterministic generator (SplitMix64).
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, 1)`.
+    fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform in `[-bound, bound)`.
+    fn uniform(&mut self, bound: f64) -> f32 {
+        ((2.0 * self.unit() - 1.0) * bound) as f32
+    }
+
+    /// Standard normal (Box–Muller, one value per pair of uniforms).
+    fn normal(&mut self) -> f32 {
+        let u = 1.0 - self.unit();
+        let v = self.unit();
+        ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
+    }
+}
+
+/// How large the workloads are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Size {
+    /// The sizes of issue 4.
+    Full,
+    /// For the software driver: mlp `Linear(196,128) ReLU Linear(128,128) ReLU
+    /// Linear(128,10)`, N = 1024, batch 256; cnn on `3×16×16` with 8 and 16 channels
+    /// (`Linear(256,10)`), N = 512, batch 128.
+    Quick,
+    /// For the CI smoke test: tiny layers, N = 64 (mlp) / 32 (cnn).
+    Smoke,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WorkloadKind {
+    Mlp,
+    Cnn,
+}
+
+/// A network, its data and the fit options.
+struct Workload {
+    kind: WorkloadKind,
+    model: Model,
+    data: Dataset,
+    options: Options,
+}
+
+/// `torch.nn.Linear`-style layer named by its Sequential index.
+fn linear(index: usize, d_in: usize, d_out: usize) -> Layer {
+    Layer::Linear(LinearSpec::new(index.to_string(), d_in, d_out))
+}
+
+/// 3×3 convolution with stride 2 and padding 1, named by its Sequential index.
+fn conv_s2(index: usize, c_in: usize, c_out: usize) -> Layer {
+    let mut spec = Conv2dSpec::new(index.to_string(), c_in, c_out, [3, 3]);
+    spec.stride = [2, 2];
+    spec.padding = [1, 1];
+    Layer::Conv2d(spec)
+}
+
+/// Fan-in of a layer's weight: `in_features` or `C_in/groups · KH · KW`.
+fn fan_in(layer: &Layer) -> Option<usize> {
+    layer.weight_shape().map(|s| s[1..].iter().product())
+}
+
+impl Workload {
+    fn new(kind: WorkloadKind, size: Size) -> Result<Self> {
+        const CLASSES: usize = 10;
+        let (spec, n, batch) = match kind {
+            WorkloadKind::Mlp => {
+                let (d, h, n, batch) = match size {
+                    Size::Full => (784, 512, 8192, 512),
+                    Size::Quick => (196, 128, 1024, 256),
+                    Size::Smoke => (32, 16, 64, 32),
+                };
+                let layers = vec![
+                    linear(0, d, h),
+                    Layer::Relu,
+                    linear(2, h, h),
+                    Layer::Relu,
+                    linear(4, h, CLASSES),
+                ];
+                (
+                    ModelSpec {
+                        input_shape: vec![d],
+                        layers,
+                    },
+                    n,
+                    batch,
+                )
+            }
+            WorkloadKind::Cnn => {
+                let (side, c1, c2, n, batch) = match size {
+                    Size::Full => (32, 16, 32, 2048, 128),
+                    Size::Quick => (16, 8, 16, 512, 128),
+                    Size::Smoke => (8, 4, 8, 32, 16),
+                };
+                // Two stride-2 convolutions quarter each side.
+                let flat = c2 * (side / 4) * (side / 4);
+                let layers = vec![
+                    conv_s2(0, 3, c1),
+                    Layer::Relu,
+                    conv_s2(2, c1, c2),
+                    Layer::Relu,
+                    Layer::Flatten,
+                    linear(5, flat, CLASSES),
+                ];
+                (
+                    ModelSpec {
+                        input_shape: vec![3, side, side],
+                        layers,
+                    },
+                    n,
+                    batch,
+                )
+            }
+        };
+        let mut rng = SplitMix64(SEED ^ kind as u64);
+        // PyTorch's default init: weight and bias uniform in ±1/√fan_in.
+        let mut tensors = HashMap::new();
+        for layer in &spec.layers {
+            let (Some(name), Some(shape), Some(fan)) =
+                (layer.name(), layer.weight_shape(), fan_in(layer))
+            else {
+                continue;
+            };
+            let bound = 1.0 / (fan as f64).sqrt();
+            let len = shape.iter().product();
+            let weight = (0..len).map(|_| rng.uniform(bound)).collect();
+            tensors.insert(format!("{name}.weight"), (shape, weight));
+            if let Some(shape) = layer.bias_shape() {
+                let bias = (0..shape[0]).map(|_| rng.uniform(bound)).collect();
+                tensors.insert(format!("{name}.bias"), (shape, bias));
+            }
+        }
+        let example: usize = spec.input_shape.iter().product();
+        let x = (0..n * example).map(|_| rng.normal()).collect();
+        let y = (0..n)
+            .map(|_| (rng.next_u64() % CLASSES as u64) as i64)
+            .collect();
+        let data = Dataset::new(x, spec.input_shape.clone(), Targets::Classes(y))?;
+        let model = Model::new(spec, tensors)?;
+        let options = Options {
+            loss: LossKind::CrossEntropy,
+            reduction: Reduction::Mean,
+            fisher: FisherType::Mc,
+            mc_samples: 1,
+            approx: KfacApprox::Expand,
+            joint_bias: false,
+            params: None,
+            batch_size: batch,
+            ..Options::default()
+        };
+        Ok(Self {
+            kind,
+            model,
+            data,
+            options,
+        })
+    }
+
+    fn name(&self) -> &'static str {
+        match self.kind {
+            WorkloadKind::Mlp => "mlp",
+            WorkloadKind::Cnn => "cnn",
+        }
+    }
+
+    /// The network in PyTorch's notation, e.g. `Linear(784,512) ReLU ...`.
+    fn describe(&self) -> String {
+        let spec = &self.model.spec;
+        let mut parts = vec![format!(
+            "input {}",
+            spec.input_shape
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("×")
+        )];
+        for layer in &spec.layers {
+            parts.push(match layer {
+                Layer::Linear(l) => format!("Linear({},{})", l.in_features, l.out_features),
+                Layer::Conv2d(c) => format!(
+                    "Conv2d({},{},{},s={},p={})",
+                    c.in_channels, c.out_channels, c.kernel_size[0], c.stride[0], c.padding[0]
+                ),
+                Layer::Relu => "ReLU".into(),
+                Layer::Flatten => "Flatten".into(),
+                other => other.kind().into(),
+            });
+        }
+        parts.join(" ")
+    }
+
+    fn num_params(&self) -> usize {
+        self.model
+            .spec
+            .layers
+            .iter()
+            .map(|l| {
+                l.weight_shape().map_or(0, |s| s.iter().product())
+                    + l.bias_shape().map_or(0, |s| s.iter().product())
+            })
+            .sum()
+    }
+
+    /// Writes the model, weights, data and options (see the module docs) into `dir`.
+    fn write_inputs(&self, dir: &Path, flops: &Flops) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let spec = &self.model.spec;
+        ekfac::io::write_atomic(&dir.join("model.json"), spec.to_json().as_bytes())?;
+        let mut weights: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
+        for (layer, params) in spec.layers.iter().zip(&self.model.params) {
+            let (Some(name), Some(params)) = (layer.name(), params) else {
+                continue;
+            };
+            let shape = layer.weight_shape().expect("a layer with parameters");
+            weights.push((format!("{name}.weight"), shape, &params.weight));
+            if let (Some(bias), Some(shape)) = (&params.bias, layer.bias_shape()) {
+                weights.push((format!("{name}.bias"), shape, bias));
+            }
+        }
+        ekfac::io::write_tensors(&dir.join("weights.safetensors"), &weights, None)?;
+
+        let data_path = dir.join("data.safetensors");
+        let Targets::Classes(y) = &self.data.y else {
+            unreachable!("the benchmark workloads have class labels")
+        };
+        let mut x_shape = vec![self.data.len];
+        x_shape.extend(&self.data.example_shape);
+        let views = [
+            (
+                "x",
+                safetensors::Dtype::F32,
+                x_shape,
+                bytemuck::cast_slice(&self.data.x),
+            ),
+            (
+                "y",
+                safetensors::Dtype::I64,
+                vec![y.len()],
+                bytemuck::cast_slice(y),
+            ),
+        ]
+        .into_iter()
+        .map(|(name, dtype, shape, bytes)| {
+            safetensors::tensor::TensorView::new(dtype, shape, bytes).map(|v| (name, v))
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::input(data_path.display(), format!("building the tensors: {e}")))?;
+        let bytes = safetensors::serialize(views, None)
+            .map_err(|e| Error::input(data_path.display(), format!("serialising: {e}")))?;
+        ekfac::io::write_atomic(&data_path, &bytes)?;
+
+        let o = &self.options;
+        let bench = serde_json::json!({
+            "workload": self.name(),
+            "description": self.describe(),
+            "num_data": self.data.len,
+            "num_params": self.num_params(),
+            "batch_size": o.batch_size,
+            "loss": o.loss.as_str(),
+            "reduction": o.reduction.as_str(),
+            "fisher_type": o.fisher.as_str(),
+            "mc_samples": o.mc_samples,
+            "kfac_approx": o.approx.as_str(),
+            "separate_weight_and_bias": !o.joint_bias,
+            "flops": {
+                "factors": flops.factors,
+                "eigendecomposition": flops.eigendecomposition,
+                "correction": flops.correction,
+                "product_per_column": flops.product_per_column,
+            },
+        });
+        let text = serde_json::to_string_pretty(&bench)
+            .map_err(|e| Error::input(dir.display(), format!("serialising bench.json: {e}")))?;
+        ekfac::io::write_atomic(&dir.join("bench.json"), text.as_bytes())
+    }
+}
+
+/// Analytic FLOP counts (a multiply-add is 2 FLOPs; elementwise work, reductions over
+/// positions, softmax/sampling and transfers are left out). Per curvature layer with
+/// `N` examples, `S` positions (`OH·OW` for conv2d, 1 for linear), `R = N·S` rows,
+/// `D = d_in` (`in_features` or `C_in/groups·KH·KW`; bias separate), `d_out` and `V`
+/// backpropagated vectors (1 for MC with one sample):
+/// - one data pass = forward `2·R·D·d_out` + backward to the layer input `2·V·R·D·d_out`
+///   (not for the first layer with parameters, which the backward pass skips);
+/// - factors: a data pass + `A` Gram `2·R·D²` + `G` Gram `2·V·R·d_out²` (full GEMMs);
+/// - eigendecomposition: the customary `9·n³` for a symmetric eigendecomposition with
+///   eigenvectors (Golub & Van Loan), per factor of size `n` (`D` and `d_out`). A
+///   nominal count: Jacobi does more work per sweep, over several sweeps;
+/// - correction: a data pass + `ÃQ_A` `2·R·D²` + `gQ_G` `2·V·R·d_out²` + the
+///   eigenvalue update `2·V·R·d_out·D` (the fused kernel over positions, or `hᵀ(ÃQ_A)²`
+///   without sharing) + the bias rotation `2·V·N·d_out²`;
+/// - product, per column: `4·d_out·D·(d_out + D)` per weight block (`Q_Gᵀ X`, `· Q_A`,
+///   back), `4·d_out²` per bias block.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Flops {
+    factors: f64,
+    eigendecomposition: f64,
+    correction: f64,
+    product_per_column: f64,
+}
+
+impl Flops {
+    fn of(w: &Workload) -> Result<Self> {
+        let spec = &w.model.spec;
+        let shapes = spec.shapes()?;
+        let n = w.data.len as f64;
+        let v = w.options.num_vectors(w.model.num_outputs()) as f64;
+        let mut f = Flops::default();
+        for (k, &i) in spec.curvature_layers().iter().enumerate() {
+            let layer = &spec.layers[i];
+            let d = fan_in(layer).expect("a curvature layer has a weight") as f64;
+            let out_shape = &shapes[i + 1];
+            let d_out = out_shape[0] as f64;
+            let s: usize = out_shape[1..].iter().product();
+            let r = n * s as f64;
+            let backward = if k == 0 { 0.0 } else { 2.0 * v * r * d * d_out };
+            let data_pass = 2.0 * r * d * d_out + backward;
+            f.factors += data_pass + 2.0 * r * d * d + 2.0 * v * r * d_out * d_out;
+            f.eigendecomposition += 9.0 * (d.powi(3) + d_out.powi(3));
+            f.correction +=
+                data_pass + 2.0 * r * d * d + 2.0 * v * r * d_out * d_out + 2.0 * v * r * d_out * d;
+            f.product_per_column += 4.0 * d_out * d * (d_out + d);
+            if layer.has_bias() {
+                f.correction += 2.0 * v * n * d_out * d_out;
+                f.product_per_column += 4.0 * d_out * d_out;
+            }
+        }
+        Ok(f)
+    }
+}
+
+/// Timings (ms) and memory of one run.
+#[derive(Clone, Debug, Default)]
+struct Sample {
+    factors: f64,
+    eigendecomposition: f64,
+    correction: f64,
+    fit_total: f64,
+    /// `(approximation, columns, ms)` for KFAC and EKFAC with each of [`PRODUCT_COLUMNS`].
+    products: Vec<(Approximation, usize, f64)>,
+    peak_fit_bytes: u64,
+    peak_product_bytes: u64,
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
+
+/// One fit plus the timed products; checks every product is finite.
+fn run_once(ctx: &GpuContext, w: &Workload) -> Result<Sample> {
+    let start = Instant::now();
+    let fitted = fit(ctx, &w.model, &w.data, &w.options, None)?;
+    let fit_total = ms(start);
+    let t = &fitted.timings;
+    ctx.memory().reset_peak();
+    let operator = Operator::new(ctx, &fitted.state)?;
+    let p = fitted.state.layout.num_params;
+    let mut rng = SplitMix64(SEED.wrapping_add(1));
+    let mut products = Vec::new();
+    for approx in [Approximation::Kfac, Approximation::Ekfac] {
+        for columns in PRODUCT_COLUMNS {
+            let v: Vec<f32> = (0..p * columns).map(|_| rng.normal()).collect();
+            let start = Instant::now();
+            let out = operator.apply(&v, columns, approx, Transform::Forward)?;
+            let elapsed = ms(start);
+            if let Some(i) = out.iter().position(|x| !x.is_finite()) {
+                return Err(Error::gpu(
+                    "benchmark product",
+                    format!("{approx:?} product with {columns} columns: entry {i} is not finite"),
+                ));
+            }
+            products.push((approx, columns, elapsed));
+        }
+    }
+    Ok(Sample {
+        factors: t.factors,
+        eigendecomposition: t.eigendecomposition,
+        correction: t.correction,
+        fit_total,
+        products,
+        peak_fit_bytes: fitted.peak_gpu_bytes,
+        peak_product_bytes: ctx.memory().peak_bytes(),
+    })
+}
+
+/// Median of `values` (mean of the middle two for an even count).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        0.5 * (values[n / 2 - 1] + values[n / 2])
+    }
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// Runs `warmup` uncounted runs and `runs` counted ones and prints the table.
+fn bench(ctx: &GpuContext, w: &Workload, warmup: usize, runs: usize) -> Result<Vec<Sample>> {
+    let flops = Flops::of(w)?;
+    println!(
+        "\nworkload {}: {}\n  N = {}, batch {}, {} parameters; fisher {} ({} sample), {} {}, \
+         {}, separate bias; median of {runs} run(s) after {warmup} warm-up run(s)",
+        w.name(),
+        w.describe(),
+        w.data.len,
+        w.options.batch_size,
+        w.num_params(),
+        w.options.fisher,
+        w.options.mc_samples,
+        w.options.loss,
+        w.options.reduction,
+        w.options.approx
+    );
+    let mut first = None;
+    for _ in 0..warmup {
+        first.get_or_insert(run_once(ctx, w)?);
+    }
+    let samples = (0..runs)
+        .map(|_| run_once(ctx, w))
+        .collect::<Result<Vec<_>>>()?;
+    let med = |f: &dyn Fn(&Sample) -> f64| median(samples.iter().map(f).collect());
+    println!(
+        "  {:<22} {:>11} {:>10} {:>9}",
+        "phase", "median ms", "GFLOP", "GFLOP/s"
+    );
+    let row = |label: &str, ms: f64, flop: Option<f64>| match flop {
+        Some(flop) => println!(
+            "  {label:<22} {ms:>11.2} {:>10.4} {:>9.2}",
+            flop / 1e9,
+            flop / (ms * 1e-3) / 1e9
+        ),
+        None => println!("  {label:<22} {ms:>11.2} {:>10} {:>9}", "-", "-"),
+    };
+    row("factors", med(&|s| s.factors), Some(flops.factors));
+    row(
+        "eigendecomposition",
+        med(&|s| s.eigendecomposition),
+        Some(flops.eigendecomposition),
+    );
+    row("correction", med(&|s| s.correction), Some(flops.correction));
+    row("fit total", med(&|s| s.fit_total), None);
+    for (j, &(approx, columns, _)) in samples[0].products.iter().enumerate() {
+        let label = format!(
+            "{} product K={columns}",
+            match approx {
+                Approximation::Kfac => "KFAC",
+                Approximation::Ekfac => "EKFAC",
+            }
+        );
+        row(
+            &label,
+            med(&|s| s.products[j].2),
+            Some(flops.product_per_column * columns as f64),
+        );
+    }
+    let peak = |f: &dyn Fn(&Sample) -> u64| samples.iter().map(f).max().unwrap_or(0);
+    println!(
+        "  peak GPU memory: fit {:.2} MiB, products {:.2} MiB",
+        mib(peak(&|s| s.peak_fit_bytes)),
+        mib(peak(&|s| s.peak_product_bytes))
+    );
+    if let Some(first) = first {
+        println!(
+            "  warm-up run (includes pipeline compilation): fit {:.1} ms",
+            first.fit_total
+        );
+    }
+    Ok(samples)
+}
+
+struct Args {
+    size: Size,
+    workloads: Vec<WorkloadKind>,
+    runs: Option<usize>,
+    write_inputs: Option<PathBuf>,
+}
+
+fn parse_args() -> Result<Args> {
+    let usage =
+        "usage: bench [--quick | --smoke] [--workload mlp|cnn] [--runs N] [--write-inputs DIR]";
+    let mut args = Args {
+        size: Size::Full,
+        workloads: vec![WorkloadKind::Mlp, WorkloadKind::Cnn],
+        runs: None,
+        write_inputs: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--quick" => args.size = Size::Quick,
+            "--smoke" => args.size = Size::Smoke,
+            "--workload" => {
+                args.workloads = match it.next().as_deref() {
+                    Some("mlp") => vec![WorkloadKind::Mlp],
+                    Some("cnn") => vec![WorkloadKind::Cnn],
+                    other => {
+                        return Err(Error::Options(format!(
+                            "--workload expects mlp or cnn, found {other:?}; {usage}"
+                        )));
+                    }
+                }
+            }
+            "--runs" => {
+                let value = it.next();
+                args.runs = Some(
+                    value
+                        .as_deref()
+                        .and_then(|v| v.parse().ok())
+                        .filter(|&r: &usize| r > 0)
+                        .ok_or_else(|| {
+                            Error::Options(format!(
+                                "--runs expects a positive integer, found {value:?}; {usage}"
+                            ))
+                        })?,
+                );
+            }
+            "--write-inputs" => {
+                let dir = it.next().ok_or_else(|| {
+                    Error::Options(format!("--write-inputs expects a directory; {usage}"))
+                })?;
+                args.write_inputs = Some(PathBuf::from(dir));
+            }
+            other => {
+                return Err(Error::Options(format!(
+                    "unknown argument {other:?}; {usage}"
+                )));
+            }
+        }
+    }
+    Ok(args)
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    let runs = args
+        .runs
+        .unwrap_or(if args.size == Size::Full { 5 } else { 2 });
+    let ctx = GpuContext::new()?;
+    let a = ctx.adapter_summary();
+    println!(
+        "adapter: {} ({}, {}, {}); GPU timestamps {} (phases are timed on the host)",
+        a.name,
+        a.backend,
+        a.driver,
+        a.device_type,
+        if ctx.has_timestamps() {
+            "available"
+        } else {
+            "not available"
+        }
+    );
+    for kind in args.workloads {
+        let w = Workload::new(kind, args.size)?;
+        if let Some(dir) = &args.write_inputs {
+            let dir = dir.join(w.name());
+            w.write_inputs(&dir, &Flops::of(&w)?)?;
+            println!("wrote the {} inputs to {}", w.name(), dir.display());
+        }
+        bench(&ctx, &w, 1, runs)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The device, or `None` (skipped loudly) without one unless `EKFAC_REQUIRE_GPU=1`.
+    fn gpu() -> Option<GpuContext> {
+        match GpuContext::new() {
+            Ok(ctx) => Some(ctx),
+            Err(e) => {
+                if std::env::var("EKFAC_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                    panic!("EKFAC_REQUIRE_GPU=1 but no GPU is available: {e}");
+                }
+                eprintln!("SKIPPING GPU TEST: {e}");
+                None
+            }
+        }
+    }
+
+    /// The benchmark end to end on tiny workloads: one run each, every phase timed,
+    /// memory counted, products finite (checked in `run_once`). No timing assertions.
+    #[test]
+    fn smoke() {
+        let Some(ctx) = gpu() else { return };
+        for kind in [WorkloadKind::Mlp, WorkloadKind::Cnn] {
+            let w = Workload::new(kind, Size::Smoke).unwrap();
+            let samples = bench(&ctx, &w, 0, 1).unwrap();
+            let s = &samples[0];
+            assert_eq!(s.products.len(), 2 * PRODUCT_COLUMNS.len());
+            assert!(s.peak_fit_bytes > 0 && s.peak_product_bytes > 0);
+            for t in [s.factors, s.eigendecomposition, s.correction, s.fit_total] {
+                assert!(t.is_finite() && t >= 0.0, "{t}");
+            }
+        }
+    }
+
+    /// `--write-inputs` round-trips through the crate's own loaders unchanged.
+    #[test]
+    fn written_inputs_load_back() {
+        let dir = tempfile::tempdir().unwrap();
+        for kind in [WorkloadKind::Mlp, WorkloadKind::Cnn] {
+            let w = Workload::new(kind, Size::Smoke).unwrap();
+            let sub = dir.path().join(w.name());
+            w.write_inputs(&sub, &Flops::of(&w).unwrap()).unwrap();
+            let model =
+                Model::load(sub.join("model.json"), sub.join("weights.safetensors")).unwrap();
+            assert_eq!(model, w.model);
+            let data =
+                Dataset::load_checked(sub.join("data.safetensors"), &model.spec, true).unwrap();
+            assert_eq!(data, w.data);
+            let bench: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(sub.join("bench.json")).unwrap()).unwrap();
+            assert_eq!(bench["batch_size"], w.options.batch_size);
+            assert_eq!(bench["num_params"], w.num_params());
+        }
+    }
+
+    /// The FLOP count of the full mlp, by hand: layers (784→512), (512→512), (512→10),
+    /// N = 8192, V = 1, separate bias.
+    #[test]
+    fn flop_count_of_the_mlp() {
+        let w = Workload::new(WorkloadKind::Mlp, Size::Full).unwrap();
+        let f = Flops::of(&w).unwrap();
+        let n = 8192.0;
+        let layers = [
+            (784.0, 512.0, false),
+            (512.0, 512.0, true),
+            (512.0, 10.0, true),
+        ];
+        let (mut factors, mut eig, mut corr, mut prod) = (0.0, 0.0, 0.0, 0.0);
+        for (d, o, backward) in layers {
+            let pass = 2.0 * n * d * o * if backward { 2.0 } else { 1.0 };
+            factors += pass + 2.0 * n * (d * d + o * o);
+            eig += 9.0 * (d * d * d + o * o * o);
+            corr += pass + 2.0 * n * (d * d + o * o + o * d) + 2.0 * n * o * o;
+            prod += 4.0 * o * d * (o + d) + 4.0 * o * o;
+        }
+        for (got, want) in [
+            (f.factors, factors),
+            (f.eigendecomposition, eig),
+            (f.correction, corr),
+            (f.product_per_column, prod),
+        ] {
+            assert!((got - want).abs() <= 1e-12 * want, "{got} vs {want}");
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! The GPU network (`ekfac::model::sequential::Sequential`): forward and stacked backward
+//! (`V = 3`, with parameter gradients) against
+//! (a) the committed PyTorch fixtures under `tests/fixtures/nn/` (float64 on the same
+//!     float32 weights and inputs), and
+//! (b) the f64 CPU reference `ekfac::cpu::nn` on a random MLP and CNN.
+//!
+//! Tolerance: relative Frobenius error `1e-5` per tensor. The GPU computes in f32
+//! (unit roundoff 6e-8); each value is a few chains of dot products of length ≤ 72 with
+//! O(1) condition (random weights scaled by 1/√fan_in, smooth activations), so the
+//! accumulated relative error is a few hundred ulps at worst (observed ≤ 3.1e-7), while a
+//! wrong index, stride or tie-break gives O(1). In `cnn`'s max-pool tie windows the
+//! fixture's first conv is exact in f32 (see the fixtures README), so the tied values are
+//! bit-identical and the gradient must go to the same (first, row-major) element as in
+//! PyTorch; picking another one would move whole gradient entries and fail by O(1).
+//!
+//! Also run by hand under `EKFAC_FEATURES=none` (portable features/limits path).
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use common::TestRng;
+use ekfac::cpu::nn;
+use ekfac::gpu::GpuContext;
+use ekfac::model::sequential::Sequential;
+use ekfac::model::{Dataset, Model, ModelSpec, TensorFile};
+
+const TOL: f64 = 1e-5;
+
+/// Forward and stacked backward on the GPU: the network output `[B, C]`, then per
+/// linear/conv2d layer (model order) its input, output, output gradient `[V, B, *out]`,
+/// weight gradient and bias gradient.
+struct GpuRun {
+    output: Vec<f32>,
+    layers: Vec<GpuLayerRun>,
+}
+
+struct GpuLayerRun {
+    layer: usize,
+    input: Vec<f32>,
+    output: Vec<f32>,
+    output_grad: Vec<f32>,
+    weight_grad: Vec<f32>,
+    bias_grad: Option<Vec<f32>>,
+}
+
+fn run_gpu(
+    ctx: &GpuContext,
+    model: &Model,
+    x: &[f32],
+    grad_output: &[f32],
+    stack: usize,
+) -> GpuRun {
+    let network = Sequential::new(ctx, model).unwrap();
+    let shapes = model.shapes();
+    let batch = x.len() / shapes[0].iter().product::<usize>();
+    let mut shape = vec![batch];
+    shape.extend(&shapes[0]);
+    let forward = network
+        .forward(ctx, ctx.upload(x, &shape).unwrap())
+        .unwrap();
+    let c = network.num_outputs();
+    let g = ctx.upload(grad_output, &[stack, batch, c]).unwrap();
+    let backward = network.backward(ctx, &forward, &g, stack, true).unwrap();
+    assert_eq!(backward.stack(), stack);
+    let layers = model
+        .curvature_layers()
+        .into_iter()
+        .map(|l| {
+            let (w, b) = backward
+                .param_grads(l)
+                .expect("parameter gradients were requested");
+            GpuLayerRun {
+                layer: l,
+                input: ctx.read(forward.layer_input(l)).unwrap(),
+                output: ctx.read(forward.layer_output(l)).unwrap(),
+                output_grad: ctx.read(backward.output_grad(l)).unwrap(),
+                weight_grad: ctx.read(w).unwrap(),
+                bias_grad: b.map(|b| ctx.read(b).unwrap()),
+            }
+        })
+        .collect();
+    GpuRun {
+        output: ctx.read(forward.output()).unwrap(),
+        layers,
+    }
+}
+
+fn check(failures: &mut Vec<String>, what: String, got: &[f32], want: &[f64]) {
+    if got.len() != want.len() {
+        failures.push(format!("{what}: {} values, want {}", got.len(), want.len()));
+        return;
+    }
+    let e = common::rel_err(got, want);
+    if e.is_nan() || e > TOL {
+        failures.push(format!("{what}: relative error {e:.3e} > {TOL:e}"));
+    }
+}
+
+fn check_fixture(ctx: &GpuContext, case: &str) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/nn")
+        .join(case);
+    let model = Model::load(dir.join("model.json"), dir.join("weights.safetensors")).unwrap();
+    let data = Dataset::load_checked(dir.join("data.safetensors"), &model.spec, true).unwrap();
+    let expected = TensorFile::load(dir.join("expected.safetensors")).unwrap();
+    let get = |key: &str| {
+        expected
+            .get(key)
+            .unwrap_or_else(|| panic!("{case}: no {key}"))
+            .to_f64()
+            .unwrap()
+    };
+    let grad_ref = expected.get("grad_output").unwrap();
+    let stack = grad_ref.shape[0];
+    assert_eq!(stack, 3);
+    // grad_output is float32-representable (fixtures README), so the cast is exact.
+    let grad_output = grad_ref.to_f32().unwrap();
+    let run = run_gpu(ctx, &model, &data.x, &grad_output, stack);
+    let mut failures = Vec::new();
+    check(
+        &mut failures,
+        format!("{case}: output"),
+        &run.output,
+        &get("output"),
+    );
+    for l in &run.layers {
+        let name = model.spec.layers[l.layer].name().unwrap();
+        for (what, got) in [
+            ("input", &l.input),
+            ("output", &l.output),
+            ("output_grad", &l.output_grad),
+        ] {
+            let want = get(&format!("layers.{name}.{what}"));
+            check(&mut failures, format!("{case}: {name}.{what}"), got, &want);
+        }
+        let want = get(&format!("grads.{name}.weight"));
+        check(
+            &mut failures,
+            format!("{case}: grads.{name}.weight"),
+            &l.weight_grad,
+            &want,
+        );
+        match (&l.bias_grad, expected.get(&format!("grads.{name}.bias"))) {
+            (Some(got), Some(want)) => check(
+                &mut failures,
+                format!("{case}: grads.{name}.bias"),
+                got,
+                &want.to_f64().unwrap(),
+            ),
+            (None, None) => {}
+            _ => failures.push(format!("{case}: {name}: bias gradient on one side only")),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn mlp_matches_pytorch_fixture() {
+    let Some(ctx) = common::gpu() else { return };
+    check_fixture(&ctx, "mlp");
+}
+
+#[test]
+fn cnn_with_max_pool_ties_matches_pytorch_fixture() {
+    let Some(ctx) = common::gpu() else { return };
+    check_fixture(&ctx, "cnn");
+}
+
+#[test]
+fn cnn_b_matches_pytorch_fixture() {
+    let Some(ctx) = common::gpu() else { return };
+    check_fixture(&ctx, "cnn_b");
+}
+
+/// A model with random weights in [-1, 1) scaled by 1.5/√fan_in, biases in [-1, 1).
+fn random_model(json: &str, rng: &mut TestRng) -> Model {
+    let spec = ModelSpec::from_json_str(json, "test model").unwrap();
+    let mut tensors = HashMap::new();
+    for layer in &spec.layers {
+        let (Some(name), Some(shape)) = (layer.name(), layer.weight_shape()) else {
+            continue;
+        };
+        let fan_in: usize = shape[1..].iter().product();
+        let scale = 1.5 / (fan_in as f64).sqrt();
+        let n: usize = shape.iter().product();
+        let w = (0..n).map(|_| (rng.uniform() * scale) as f32).collect();
+        tensors.insert(format!("{name}.weight"), (shape, w));
+        if let Some(shape) = layer.bias_shape() {
+            tensors.insert(format!("{name}.bias"), (shape.clone(), rng.vec(shape[0])));
+        }
+    }
+    Model::new(spec, tensors).unwrap()
+}
+
+/// GPU against `cpu::nn` on random inputs and output gradients. Random f32 inputs put
+/// no ReLU input within f32 rounding of 0 and no max-pool near-tie with overwhelming
+/// probability (the seeds are fixed, so the test is deterministic).
+fn check_against_cpu(ctx: &GpuContext, model: &Model, batch: usize, seed: u64) {
+    let stack = 3;
+    let mut rng = TestRng::new(seed);
+    let shapes = model.shapes();
+    let x = rng.vec(batch * shapes[0].iter().product::<usize>());
+    let grad_output = rng.vec(stack * batch * model.num_outputs());
+    let to64 = |v: &[f32]| v.iter().map(|&a| f64::from(a)).collect::<Vec<_>>();
+    let trace = nn::forward(model, &to64(&x), batch);
+    let back = nn::backward(model, &trace, &to64(&grad_output), stack);
+    let run = run_gpu(ctx, model, &x, &grad_output, stack);
+    let mut failures = Vec::new();
+    check(
+        &mut failures,
+        "output".into(),
+        &run.output,
+        trace.activations.last().unwrap(),
+    );
+    for (slot, l) in run.layers.iter().enumerate() {
+        let label = model.spec.label(l.layer);
+        check(
+            &mut failures,
+            format!("{label} output"),
+            &l.output,
+            &trace.activations[l.layer + 1],
+        );
+        check(
+            &mut failures,
+            format!("{label} output_grad"),
+            &l.output_grad,
+            &back.output_grads[slot],
+        );
+        check(
+            &mut failures,
+            format!("{label} weight grad"),
+            &l.weight_grad,
+            &back.weight_grads[slot],
+        );
+        match (&l.bias_grad, &back.bias_grads[slot]) {
+            (Some(got), Some(want)) => {
+                check(&mut failures, format!("{label} bias grad"), got, want)
+            }
+            (None, None) => {}
+            _ => failures.push(format!("{label}: bias gradient on one side only")),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn random_mlp_matches_cpu_reference() {
+    let Some(ctx) = common::gpu() else { return };
+    let mut rng = TestRng::new(21);
+    let model = random_model(
+        r#"{"input_shape": [6], "layers": [
+        {"type": "linear", "name": "fc1", "in_features": 6, "out_features": 9},
+        {"type": "sigmoid"},
+        {"type": "linear", "name": "fc2", "in_features": 9, "out_features": 7, "bias": false},
+        {"type": "relu"},
+        {"type": "linear", "name": "fc3", "in_features": 7, "out_features": 5},
+        {"type": "tanh"},
+        {"type": "linear", "name": "out", "in_features": 5, "out_features": 4}]}"#,
+        &mut rng,
+    );
+    check_against_cpu(&ctx, &model, 7, 22);
+}
+
+#[test]
+fn random_cnn_matches_cpu_reference() {
+    let Some(ctx) = common::gpu() else { return };
+    let mut rng = TestRng::new(31);
+    // Every layer type: grouped conv with a rectangular kernel and stride 2, tanh before
+    // an overlapping max-pool, dilated bias-free conv, avg-pool with padding.
+    // Shapes: [4,9,8] → [6,5,4] → max-pool [6,6,5] → conv [4,4,3] → avg-pool [4,5,4]
+    // → flatten [80] → linear [5].
+    let model = random_model(
+        r#"{"input_shape": [4, 9, 8], "layers": [
+        {"type": "conv2d", "name": "c1", "in_channels": 4, "out_channels": 6,
+         "kernel_size": [3, 2], "stride": 2, "padding": [1, 0], "groups": 2},
+        {"type": "tanh"},
+        {"type": "max_pool2d", "kernel_size": 2, "stride": 1, "padding": 1},
+        {"type": "conv2d", "name": "c2", "in_channels": 6, "out_channels": 4,
+         "kernel_size": 3, "dilation": 2, "padding": 1, "bias": false},
+        {"type": "relu"},
+        {"type": "avg_pool2d", "kernel_size": 2, "stride": 1, "padding": 1},
+        {"type": "sigmoid"},
+        {"type": "flatten"},
+        {"type": "linear", "name": "fc", "in_features": 80, "out_features": 5}]}"#,
+        &mut rng,
+    );
+    check_against_cpu(&ctx, &model, 3, 32);
+}
