@@ -181,7 +181,13 @@ fn run_fit(args: &FitArgs) -> Result<()> {
         .as_deref()
         .map(CurvatureState::load)
         .transpose()?;
-    let data = Dataset::load(&args.data)?;
+    // Checked against the model here so that errors name the data file and come before
+    // the GPU is opened.
+    let data = Dataset::load_checked(
+        &args.data,
+        &model.spec,
+        options.loss == LossKind::CrossEntropy,
+    )?;
     let ctx = GpuContext::new()?;
     if let Some(mib) = args.memory_budget_mib {
         ctx.set_memory_budget(mib << 20);
