@@ -77,6 +77,15 @@ const CASES: &[Case] = &[
         trans_b: false,
         batch: 16,
     },
+    Case {
+        label: "1×n (sum over rows)",
+        m: 1,
+        n: 512,
+        k: 65536,
+        trans_a: false,
+        trans_b: false,
+        batch: 1,
+    },
 ];
 
 fn main() -> ekfac::Result<()> {
@@ -114,7 +123,7 @@ fn main() -> ekfac::Result<()> {
     );
     let shrink = if quick { 4 } else { 1 };
     for case in CASES {
-        let (m, n, k) = (case.m / shrink, case.n / shrink, case.k / shrink);
+        let [m, n, k] = [case.m, case.n, case.k].map(|d| (d / shrink).max(1));
         let g = Gemm::new(m, n, k, case.trans_a, case.trans_b).batched(case.batch);
         let fill = |len: usize| {
             (0..len)

@@ -269,3 +269,43 @@ fn chunking_to_the_memory_budget_changes_nothing() {
         .to_string();
     assert!(err.contains("budget"), "{err}");
 }
+
+/// Refitting from an earlier state's eigenbases (`ekfac fit --init-state`) gives the
+/// same curvature: Jacobi converges to the same factors' eigenpairs from any start, so
+/// the products agree to f32 round-off (1e-5 relative; the case's eigengaps are
+/// ≥ 3e-3, so eigenvectors are determined to ~1e-5).
+#[test]
+fn warm_start_from_a_previous_state_gives_the_same_curvature() {
+    let Some(ctx) = common::gpu() else { return };
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/curvature/mlp_tanh_ce_mean_type2_sep");
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let model = Model::load(dir.join("model.json"), dir.join("weights.safetensors")).unwrap();
+    let data = Dataset::load(dir.join("data.safetensors")).unwrap();
+    let opts = options(&expected);
+    let cold = fit(&ctx, &model, &data, &opts, Some(1e-2)).unwrap();
+    let warm =
+        ekfac::curvature::fit::fit_from(&ctx, &model, &data, &opts, Some(1e-2), Some(&cold.state))
+            .unwrap();
+    let products = TensorFile::load(dir.join("expected.safetensors")).unwrap();
+    let vectors = products.require("vectors", "test vectors").unwrap();
+    let columns = vectors.shape[1];
+    let v = vectors.to_f32().unwrap();
+    for approx in [Approximation::Kfac, Approximation::Ekfac] {
+        let a = Operator::new(&ctx, &cold.state)
+            .unwrap()
+            .apply(&v, columns, approx, Transform::Forward)
+            .unwrap();
+        let b = Operator::new(&ctx, &warm.state)
+            .unwrap()
+            .apply(&v, columns, approx, Transform::Forward)
+            .unwrap();
+        let reference: Vec<f64> = a.iter().map(|&x| f64::from(x)).collect();
+        let err = common::rel_err(&b, &reference);
+        assert!(
+            err < 1e-5,
+            "{approx:?}: warm vs cold relative error {err:e}"
+        );
+    }
+}

@@ -9,7 +9,7 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand};
 
 use ekfac::Result;
-use ekfac::curvature::fit::fit;
+use ekfac::curvature::fit::fit_from;
 use ekfac::curvature::operator::{Approximation, Operator, Transform};
 use ekfac::curvature::options::{
     DampingMode, FisherType, KfacApprox, LossKind, Options, Reduction,
@@ -91,6 +91,10 @@ struct FitArgs {
     /// to 4 GiB).
     #[arg(long)]
     memory_budget_mib: Option<u64>,
+    /// Warm-start the eigendecompositions from this earlier state (refitting after the
+    /// weights moved).
+    #[arg(long)]
+    init_state: Option<PathBuf>,
     /// Fit twice and require bitwise-equal results.
     #[arg(long)]
     check_deterministic: bool,
@@ -172,15 +176,40 @@ fn run_fit(args: &FitArgs) -> Result<()> {
         )));
     }
     let model = Model::load(&args.model, &args.weights)?;
-    let data = Dataset::load(&args.data)?;
+    let previous = args
+        .init_state
+        .as_deref()
+        .map(CurvatureState::load)
+        .transpose()?;
+    // Checked against the model here so that errors name the data file and come before
+    // the GPU is opened.
+    let data = Dataset::load_checked(
+        &args.data,
+        &model.spec,
+        options.loss == LossKind::CrossEntropy,
+    )?;
     let ctx = GpuContext::new()?;
     if let Some(mib) = args.memory_budget_mib {
         ctx.set_memory_budget(mib << 20);
     }
     let load_ms = ms(start);
-    let mut fitted = fit(&ctx, &model, &data, &options, Some(args.damping))?;
+    let mut fitted = fit_from(
+        &ctx,
+        &model,
+        &data,
+        &options,
+        Some(args.damping),
+        previous.as_ref(),
+    )?;
     if args.check_deterministic {
-        let again = fit(&ctx, &model, &data, &options, Some(args.damping))?;
+        let again = fit_from(
+            &ctx,
+            &model,
+            &data,
+            &options,
+            Some(args.damping),
+            previous.as_ref(),
+        )?;
         if again.state != fitted.state {
             return Err(Error::gpu(
                 "--check-deterministic",

@@ -117,6 +117,15 @@ fn block_suffix(kind: BlockKind) -> &'static str {
 }
 
 impl CurvatureState {
+    /// The factors of the curvature layer called `name`, if it has one.
+    pub fn layer_factors(&self, name: &str) -> Option<&LayerFactors> {
+        self.layout
+            .layers
+            .iter()
+            .position(|l| l.name == name)
+            .map(|i| &self.layers[i])
+    }
+
     /// Whether EKFAC's corrected eigenvalues are present.
     pub fn has_ekfac(&self) -> bool {
         self.corrected.is_some()

@@ -6,6 +6,10 @@
 //! (`ldc ≥ n`). Matrix `b` of a batch starts at element `offset + b·stride` of its
 //! tensor, so a caller can address a sub-matrix or a chunk of a larger tensor without
 //! copying; a batch stride of 0 broadcasts one matrix over the batch.
+//!
+//! [`gemm`] picks the kernel from the shape alone (so results are deterministic):
+//! 64×64 register-tiled workgroups with vec4 or scalar loads per operand; split-K when
+//! there are few tiles and a long K; matrix-vector kernels when `m = 1` or `n = 1`.
 
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor, Kernel, Recorder, grid_1d};
@@ -94,7 +98,7 @@ impl Gemm {
         self
     }
 
-    /// Multiply-adds of the whole product (`batch·m·n·k`).
+    /// Floating-point operations of the whole product (`2·batch·m·n·k`).
     pub fn flops(&self) -> f64 {
         2.0 * self.batch as f64 * self.m as f64 * self.n as f64 * self.k as f64
     }
