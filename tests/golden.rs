@@ -49,6 +49,15 @@ fn close(got: Option<f64>, want: f64, what: &str) {
     );
 }
 
+/// approx, fisher, separate bias, KFAC [trace, ‖·‖_F], EKFAC (trace, ‖·‖_F if compared).
+type CnnRow = (
+    KfacApprox,
+    FisherType,
+    bool,
+    [f64; 2],
+    Option<(f64, Option<f64>)>,
+);
+
 #[test]
 fn spec_section_8_cnn_rows() {
     let Some(ctx) = common::gpu() else { return };
@@ -78,7 +87,7 @@ fn spec_section_8_cnn_rows() {
     // (approx, fisher, separate bias, KFAC [trace, ‖·‖_F], EKFAC [trace, ‖·‖_F or None]);
     // the reduce EKFAC Frobenius norm depends on the eigenbasis (SPEC §9.1).
     #[rustfmt::skip]
-    let rows: [(KfacApprox, FisherType, bool, [f64; 2], Option<(f64, Option<f64>)>); 5] = [
+    let rows: [CnnRow; 5] = [
         (Expand, Type2, true, [382.8636581032, 172.1190080319], Some((779.5879884411, Some(273.5694546285)))),
         (Expand, Type2, false, [382.8636581032, 178.0065111650], Some((779.5879884411, Some(343.2108265559)))),
         (Reduce, Type2, true, [772.5843550338, 273.0698862742], Some((779.5879884411, None))),
