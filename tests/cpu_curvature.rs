@@ -1058,7 +1058,11 @@ fn scalars_match_dense_matrices() {
 /// between non-zero factor eigenvalues (or exact degeneracy where EKFAC is
 /// basis-independent), so eigenvector perturbations are ≲ 1e-16/3e-3 ≈ 3e-14: products,
 /// inverses and factors are compared to 1e-8 relative (Frobenius over the whole
-/// output), scalars to 1e-9, zero-eigenvalue counts exactly.
+/// output), scalars to 1e-9, zero-eigenvalue counts exactly. The large case (more than
+/// 4096 parameters; its smallest relative eigengap is 4e-6, so perturbations stay
+/// ≲ 3e-11) skips the exact KFAC inverse (this reference solves the dense
+/// `(d_out·D)²` Kronecker block, 16128 rows there) and the inverse traces (P columns);
+/// the GPU test checks both against curvlinops.
 #[test]
 fn curvlinops_fixtures() {
     use ekfac::model::TensorFile;
@@ -1128,6 +1132,7 @@ fn curvlinops_fixtures() {
         let fit = CpuCurvature::fit(&net, &data, &o, has_ekfac).unwrap();
         let p = fit.layout.num_params;
         assert_eq!(p as u64, exp["num_params"].as_u64().unwrap(), "{case}: P");
+        let large = p > 4096;
         assert_eq!(
             fit.layout.param_names(),
             o.params.clone().unwrap(),
@@ -1152,6 +1157,9 @@ fn curvlinops_fixtures() {
             ("kfac_inv_plain_mv", DampingMode::Plain),
             ("kfac_inv_heuristic_mv", DampingMode::Heuristic),
         ] {
+            if large && mode == DampingMode::Exact {
+                continue;
+            }
             let got = fit
                 .inverse_matmat(Approximation::Kfac, &v, k, delta, mode)
                 .unwrap();
@@ -1251,6 +1259,9 @@ fn curvlinops_fixtures() {
                     assert_eq!(sc.logdet, f64::NEG_INFINITY, "{case} {name} logdet");
                     assert_eq!(sc.det, 0.0, "{case} {name} det");
                 }
+            }
+            if large {
+                continue;
             }
             let inv_traces = &exp["inverse_trace"];
             let eye = identity(p);
