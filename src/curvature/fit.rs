@@ -653,12 +653,7 @@ fn factor_pass(
         .layers
         .iter()
         .map(|layer| {
-            let input_dim = layer
-                .blocks
-                .iter()
-                .map(|&b| &layout.blocks[b])
-                .find(|b| b.has_input_factor())
-                .map(|b| b.d_in);
+            let input_dim = layer.input_dim(layout);
             Ok(LayerAccumulators {
                 input: input_dim.map(|d| ctx.zeros(&[d, d])).transpose()?,
                 gradient: (options.fisher != FisherType::ForwardOnly)
