@@ -134,9 +134,6 @@ pub fn fit_from(
     if data.len == 0 {
         return Err(Error::Options("the dataset has no examples".into()));
     }
-    if options.batch_size == 0 {
-        return Err(Error::Options("batch size must be at least 1".into()));
-    }
     check_all_targets(data, options, model.num_outputs())?;
     ctx.memory().reset_peak();
     let network = Sequential::new(ctx, model)?;
