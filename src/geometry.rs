@@ -4,7 +4,6 @@
 //! Every tensor is batch-major and row-major: an image batch is `[B, C, H, W]`.
 
 use crate::error::{Error, Result};
-use crate::model::spec::{Conv2dSpec, LinearSpec, PoolSpec};
 
 /// One linear layer applied to a batch: input `[batch, in_features]`, weight
 /// `[out_features, in_features]`, bias `[out_features]`, output `[batch, out_features]`.
@@ -13,17 +12,6 @@ pub struct LinearGeometry {
     pub batch: usize,
     pub in_features: usize,
     pub out_features: usize,
-}
-
-impl LinearGeometry {
-    /// The layer `spec` on a batch of `batch` rows.
-    pub fn of(spec: &LinearSpec, batch: usize) -> Self {
-        Self {
-            batch,
-            in_features: spec.in_features,
-            out_features: spec.out_features,
-        }
-    }
 }
 
 /// One conv2d application to a batch: PyTorch's `Conv2d` hyper-parameters plus the
@@ -67,21 +55,6 @@ fn window_count(
 }
 
 impl Conv2dGeometry {
-    /// The layer `spec` on a batch of `batch` images of size `in_size = [H, W]`.
-    pub fn of(spec: &Conv2dSpec, batch: usize, in_size: [usize; 2]) -> Self {
-        Self {
-            batch,
-            in_channels: spec.in_channels,
-            out_channels: spec.out_channels,
-            in_size,
-            kernel_size: spec.kernel_size,
-            stride: spec.stride,
-            padding: spec.padding,
-            dilation: spec.dilation,
-            groups: spec.groups,
-        }
-    }
-
     /// Checks that channels divide into groups and that every size is positive;
     /// errors name `layer`.
     pub fn validate(&self, layer: &str) -> Result<()> {
@@ -208,19 +181,6 @@ pub struct Pool2dGeometry {
 }
 
 impl Pool2dGeometry {
-    /// The pooling `spec` on a batch of `batch` images of `channels` channels and size
-    /// `in_size = [H, W]`.
-    pub fn of(spec: &PoolSpec, batch: usize, channels: usize, in_size: [usize; 2]) -> Self {
-        Self {
-            batch,
-            channels,
-            in_size,
-            kernel_size: spec.kernel_size,
-            stride: spec.stride,
-            padding: spec.padding,
-        }
-    }
-
     /// Checks positive sizes, an output size ≥ 1, and PyTorch's rule that padding is
     /// at most half the kernel; errors name `layer`.
     pub fn validate(&self, layer: &str) -> Result<()> {

@@ -10,47 +10,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-
-use ekfac::curvature::fit::fit;
+use ekfac::curvature::fit::{fit, fit_from};
 use ekfac::curvature::operator::{Approximation, Operator, Transform};
-use ekfac::curvature::options::{DampingMode, Options};
+use ekfac::curvature::options::DampingMode;
 use ekfac::curvature::summary::{ScalarsJson, Summary};
-use ekfac::model::data::Dataset;
-use ekfac::model::{Model, TensorFile};
 use serde_json::Value;
-
-fn cases() -> Vec<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/curvature");
-    let mut cases: Vec<PathBuf> = std::fs::read_dir(&root)
-        .expect("fixture directory")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.join("expected.json").exists())
-        .collect();
-    cases.sort();
-    assert!(!cases.is_empty(), "no fixtures under {}", root.display());
-    cases
-}
-
-fn options(expected: &Value) -> Options {
-    Options {
-        loss: expected["loss"].as_str().unwrap().parse().unwrap(),
-        reduction: expected["reduction"].as_str().unwrap().parse().unwrap(),
-        fisher: expected["fisher"].as_str().unwrap().parse().unwrap(),
-        approx: expected["approx"].as_str().unwrap().parse().unwrap(),
-        joint_bias: expected["joint_bias"].as_bool().unwrap(),
-        params: Some(
-            expected["params"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|p| p.as_str().unwrap().to_string())
-                .collect(),
-        ),
-        batch_size: expected["batch_size"].as_u64().unwrap() as usize,
-        ..Options::default()
-    }
-}
 
 /// The bound for a quantity: the tolerance, or twice curvlinops' own float32
 /// error on this case when that is larger.
@@ -107,46 +71,37 @@ fn got_value(s: &ScalarsJson, key: &str) -> Option<f64> {
 fn gpu_matches_curvlinops_on_every_fixture() {
     let Some(ctx) = common::gpu() else { return };
     let mut failures = Vec::new();
-    for dir in cases() {
-        let case = dir.file_name().unwrap().to_string_lossy().to_string();
-        let expected: Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap())
-                .unwrap();
-        let model = Model::load(dir.join("model.json"), dir.join("weights.safetensors")).unwrap();
-        let data = Dataset::load(dir.join("data.safetensors")).unwrap();
-        let opts = options(&expected);
-        let damping = expected["damping"].as_f64().unwrap();
-        let fitted = fit(&ctx, &model, &data, &opts, Some(damping))
-            .unwrap_or_else(|e| panic!("{case}: fit failed: {e}"));
+    for name in common::fixture_names() {
+        let case = common::fixture(&name);
+        let expected = &case.expected;
+        let damping = case.damping;
+        let fitted = fit(&ctx, &case.model, &case.data, &case.options, Some(damping))
+            .unwrap_or_else(|e| panic!("{name}: fit failed: {e}"));
         let summary = Summary::new(&fitted.state, damping, fitted.timings.clone(), 0);
         assert_eq!(
             summary.num_params,
             expected["num_params"].as_u64().unwrap() as usize,
-            "{case}"
+            "{name}"
         );
         failures.extend(check_scalars(
-            &case,
+            &name,
             "kfac",
             &summary.kfac,
             &expected["kfac"],
-            &expected,
+            expected,
         ));
         match (&summary.ekfac, expected["ekfac"].is_null()) {
             (Some(e), false) => failures.extend(check_scalars(
-                &case,
+                &name,
                 "ekfac",
                 e,
                 &expected["ekfac"],
-                &expected,
+                expected,
             )),
             (None, true) => {}
-            _ => failures.push(format!("{case}: EKFAC presence differs")),
+            _ => failures.push(format!("{name}: EKFAC presence differs")),
         }
 
-        let products = TensorFile::load(dir.join("expected.safetensors")).unwrap();
-        let vectors = products.require("vectors", "test vectors").unwrap();
-        let columns = vectors.shape[1];
-        let v = vectors.to_f32().unwrap();
         let operator = Operator::new(&ctx, &fitted.state).unwrap();
         let inverse = |mode| Transform::Inverse { damping, mode };
         let checks = [
@@ -194,16 +149,18 @@ fn gpu_matches_curvlinops_on_every_fixture() {
             ),
         ];
         for (key, error_key, approx, transform, tolerance) in checks {
-            let Some(want) = products.get(key) else {
+            let Some(want) = case.products.get(key) else {
                 continue;
             };
             let want = want.to_f64().unwrap();
-            let got = operator.apply(&v, columns, approx, transform).unwrap();
+            let got = operator
+                .apply(&case.vectors, case.columns, approx, transform)
+                .unwrap();
             let err = common::rel_err(&got, &want);
-            let tol = bound(&expected, error_key, tolerance);
+            let tol = bound(expected, error_key, tolerance);
             if err.is_nan() || err > tol {
                 failures.push(format!(
-                    "{case}: {key}: relative error {err:.3e} > {tol:.1e}"
+                    "{name}: {key}: relative error {err:.3e} > {tol:.1e}"
                 ));
             }
         }
@@ -223,24 +180,19 @@ fn gpu_matches_curvlinops_on_every_fixture() {
 #[test]
 fn chunking_to_the_memory_budget_changes_nothing() {
     let Some(ctx) = common::gpu() else { return };
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/curvature/cnn_a_ce_mean_type2_expand_sep");
-    let expected: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
-    let model = Model::load(dir.join("model.json"), dir.join("weights.safetensors")).unwrap();
-    let data = Dataset::load(dir.join("data.safetensors")).unwrap();
-    let opts = options(&expected);
+    let case = common::fixture("cnn_a_ce_mean_type2_expand_sep");
+    let (model, data, opts) = (&case.model, &case.data, &case.options);
     assert!(opts.batch_size > 1, "the case must have batches to split");
-    let whole = fit(&ctx, &model, &data, &opts, Some(1e-2)).unwrap();
+    let whole = fit(&ctx, model, data, opts, Some(1e-2)).unwrap();
 
-    let per_example = 4 * ekfac::model::sequential::Sequential::new(&ctx, &model)
+    let per_example = 4 * ekfac::model::sequential::Sequential::new(&ctx, model)
         .unwrap()
         .activation_elements() as u64;
     let default_budget = ctx.memory_budget();
     ctx.set_memory_budget(4 * per_example);
-    let chunked = fit(&ctx, &model, &data, &opts, Some(1e-2));
+    let chunked = fit(&ctx, model, data, opts, Some(1e-2));
     ctx.set_memory_budget(per_example);
-    let too_small = fit(&ctx, &model, &data, &opts, Some(1e-2));
+    let too_small = fit(&ctx, model, data, opts, Some(1e-2));
     ctx.set_memory_budget(default_budget);
 
     let chunked = chunked.unwrap();
@@ -277,29 +229,19 @@ fn chunking_to_the_memory_budget_changes_nothing() {
 #[test]
 fn warm_start_from_a_previous_state_gives_the_same_curvature() {
     let Some(ctx) = common::gpu() else { return };
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/curvature/mlp_tanh_ce_mean_type2_sep");
-    let expected: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
-    let model = Model::load(dir.join("model.json"), dir.join("weights.safetensors")).unwrap();
-    let data = Dataset::load(dir.join("data.safetensors")).unwrap();
-    let opts = options(&expected);
-    let cold = fit(&ctx, &model, &data, &opts, Some(1e-2)).unwrap();
-    let warm =
-        ekfac::curvature::fit::fit_from(&ctx, &model, &data, &opts, Some(1e-2), Some(&cold.state))
-            .unwrap();
-    let products = TensorFile::load(dir.join("expected.safetensors")).unwrap();
-    let vectors = products.require("vectors", "test vectors").unwrap();
-    let columns = vectors.shape[1];
-    let v = vectors.to_f32().unwrap();
+    let case = common::fixture("mlp_tanh_ce_mean_type2_sep");
+    let (model, data, opts) = (&case.model, &case.data, &case.options);
+    let cold = fit(&ctx, model, data, opts, Some(1e-2)).unwrap();
+    let warm = fit_from(&ctx, model, data, opts, Some(1e-2), Some(&cold.state)).unwrap();
+    let (v, columns) = (&case.vectors, case.columns);
     for approx in [Approximation::Kfac, Approximation::Ekfac] {
         let a = Operator::new(&ctx, &cold.state)
             .unwrap()
-            .apply(&v, columns, approx, Transform::Forward)
+            .apply(v, columns, approx, Transform::Forward)
             .unwrap();
         let b = Operator::new(&ctx, &warm.state)
             .unwrap()
-            .apply(&v, columns, approx, Transform::Forward)
+            .apply(v, columns, approx, Transform::Forward)
             .unwrap();
         let reference: Vec<f64> = a.iter().map(|&x| f64::from(x)).collect();
         let err = common::rel_err(&b, &reference);

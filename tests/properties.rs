@@ -8,8 +8,6 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-
 use ekfac::cpu::curvature::{Dataset as CpuDataset, Network64, exact_block_diagonal};
 use ekfac::curvature::fit::{Fitted, fit};
 use ekfac::curvature::operator::{Approximation, Operator, Transform};
@@ -19,54 +17,9 @@ use ekfac::curvature::summary::Summary;
 use ekfac::gpu::GpuContext;
 use ekfac::loss::{SampledTargets, Targets as LossTargets, sample_targets};
 use ekfac::model::sequential::Sequential;
-use ekfac::model::{Dataset, Model, Targets, TensorFile};
-use serde_json::Value;
+use ekfac::model::{Dataset, Targets};
 
-struct Case {
-    model: Model,
-    data: Dataset,
-    options: Options,
-    damping: f64,
-    /// The fixture's random `[P, 3]` test vectors, rounded to f32 (they are
-    /// float32-representable, so exactly).
-    vectors: Vec<f32>,
-}
-
-fn case(name: &str) -> Case {
-    let dir: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/curvature")
-        .join(name);
-    let expected: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
-    let model = Model::load(dir.join("model.json"), dir.join("weights.safetensors")).unwrap();
-    let data = Dataset::load(dir.join("data.safetensors")).unwrap();
-    let options = Options {
-        loss: expected["loss"].as_str().unwrap().parse().unwrap(),
-        reduction: expected["reduction"].as_str().unwrap().parse().unwrap(),
-        fisher: expected["fisher"].as_str().unwrap().parse().unwrap(),
-        approx: expected["approx"].as_str().unwrap().parse().unwrap(),
-        joint_bias: expected["joint_bias"].as_bool().unwrap(),
-        params: Some(
-            expected["params"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|p| p.as_str().unwrap().to_string())
-                .collect(),
-        ),
-        batch_size: expected["batch_size"].as_u64().unwrap() as usize,
-        ..Options::default()
-    };
-    let products = TensorFile::load(dir.join("expected.safetensors")).unwrap();
-    let vectors = products.get("vectors").unwrap().to_f32().unwrap();
-    Case {
-        model,
-        data,
-        options,
-        damping: expected["damping"].as_f64().unwrap(),
-        vectors,
-    }
-}
+use common::{FixtureCase as Case, fixture as case};
 
 fn fit_case(ctx: &GpuContext, case: &Case, options: &Options) -> Fitted {
     fit(ctx, &case.model, &case.data, options, Some(case.damping)).unwrap()
@@ -312,13 +265,9 @@ fn mc_with_one_sample_is_the_empirical_fisher_of_the_sampled_labels() {
                 cols: outputs,
             },
         };
-        let sampled = Case {
-            data: Dataset::new(case.data.x.clone(), case.data.example_shape.clone(), y).unwrap(),
-            model: case.model.clone(),
-            options: case.options.clone(),
-            damping: case.damping,
-            vectors: case.vectors.clone(),
-        };
+        let mut sampled = common::fixture(name);
+        sampled.data =
+            Dataset::new(case.data.x.clone(), case.data.example_shape.clone(), y).unwrap();
         assert_ne!(
             sampled.data.y, case.data.y,
             "{name}: the sampled labels should differ from the data's somewhere"

@@ -144,6 +144,16 @@ pub struct CurvatureLayer {
 }
 
 impl CurvatureLayer {
+    /// `D` of the layer's input factor `A` (`d_in`, plus one when joint), or `None` when
+    /// only the bias is selected and `A` is not needed.
+    pub fn input_dim(&self, layout: &ParamLayout) -> Option<usize> {
+        self.blocks
+            .iter()
+            .map(|&b| &layout.blocks[b])
+            .find(|b| b.has_input_factor())
+            .map(|b| b.d_in)
+    }
+
     /// Whether any block of the layer needs the input factor `A` (not if only the bias is
     /// selected).
     pub fn needs_input_factor(&self, layout: &ParamLayout) -> bool {

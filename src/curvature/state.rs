@@ -142,7 +142,7 @@ impl CurvatureState {
             ));
         }
         for (layer, factors) in self.layout.layers.iter().zip(&self.layers) {
-            let d_in = self.input_dim(layer.layer);
+            let d_in = layer.input_dim(&self.layout);
             let check = |what: &str, e: &FactorEigen, n: usize| {
                 if e.values.len() != n || e.vectors.len() != n * n {
                     return Err(Error::input(
@@ -194,16 +194,6 @@ impl CurvatureState {
             }
         }
         Ok(())
-    }
-
-    /// `D` of the input factor of model layer `layer`, if one is needed.
-    fn input_dim(&self, layer: usize) -> Option<usize> {
-        let l = self.layout.layer(layer)?;
-        l.blocks
-            .iter()
-            .map(|&b| &self.layout.blocks[b])
-            .find(|b| b.has_input_factor())
-            .map(|b| b.d_in)
     }
 
     /// Writes the state file atomically (a temporary file next to `path`, then rename).
@@ -316,12 +306,7 @@ impl CurvatureState {
         let forward_only = meta.options.fisher == FisherType::ForwardOnly;
         let mut layers = Vec::new();
         for layer in &layout.layers {
-            let input_dim = layer
-                .blocks
-                .iter()
-                .map(|&b| &layout.blocks[b])
-                .find(|b| b.has_input_factor())
-                .map(|b| b.d_in);
+            let input_dim = layer.input_dim(&layout);
             let input = input_dim
                 .map(|n| -> Result<FactorEigen> {
                     Ok(FactorEigen {

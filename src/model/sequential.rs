@@ -9,7 +9,7 @@
 use std::rc::Rc;
 
 use crate::error::{Error, Result};
-use crate::geometry::{Conv2dGeometry, LinearGeometry, Pool2dGeometry};
+use crate::geometry::{Conv2dGeometry, Pool2dGeometry};
 use crate::gpu::{GpuContext, GpuTensor, Recorder};
 use crate::model::{Conv2dSpec, Layer, LinearSpec, Model, PoolSpec};
 use crate::ops::conv::{ConvBackward, ConvWorkspace, conv2d_backward, conv2d_forward};
@@ -50,7 +50,7 @@ pub struct Sequential {
 pub struct Forward {
     batch: usize,
     /// `activations[i]` is the input of layer `i` (`[B, *shape_i]`); the last entry is
-    /// the network output `[B, C]`. Flatten shares its input's buffer.
+    /// the network output `[B, C]`. Flatten's output is a view of its input's buffer.
     activations: Vec<Rc<GpuTensor>>,
 }
 
@@ -109,11 +109,11 @@ impl Backward {
 }
 
 fn conv_geometry(spec: &Conv2dSpec, batch: usize, input: &[usize]) -> Conv2dGeometry {
-    Conv2dGeometry::of(spec, batch, [input[1], input[2]])
+    spec.geometry(batch, [input[1], input[2]])
 }
 
 fn pool_geometry(spec: &PoolSpec, batch: usize, input: &[usize]) -> Pool2dGeometry {
-    Pool2dGeometry::of(spec, batch, input[0], [input[1], input[2]])
+    spec.geometry(batch, input[0], [input[1], input[2]])
 }
 
 fn batched(batch: usize, shape: &[usize]) -> Vec<usize> {
@@ -214,13 +214,13 @@ impl Sequential {
             let x = activations[i].clone();
             let out_shape = batched(batch, &self.shapes[i + 1]);
             if let GpuLayer::Flatten = layer {
-                activations.push(x);
+                activations.push(Rc::new(x.view(&out_shape)?));
                 continue;
             }
             let y = ctx.zeros(&out_shape)?;
             match layer {
                 GpuLayer::Linear { spec, weight, bias } => {
-                    let geo = LinearGeometry::of(spec, batch);
+                    let geo = spec.geometry(batch);
                     linear_forward(&mut rec, &geo, &x, weight, bias.as_ref(), &y)?;
                 }
                 GpuLayer::Conv2d { spec, weight, bias } => {
@@ -306,7 +306,7 @@ impl Sequential {
                     } else {
                         None
                     };
-                    let geo = LinearGeometry::of(spec, rows);
+                    let geo = spec.geometry(rows);
                     let grad_in = needs_input_grad.then(|| ctx.zeros(&in_shape)).transpose()?;
                     let param = param_grads
                         .then(|| parameter_grads(ctx, weight, bias.as_ref()))

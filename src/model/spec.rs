@@ -18,7 +18,7 @@ use std::path::Path;
 use serde_json::{Map, Value, json};
 
 use crate::error::{Error, Result};
-use crate::geometry::{Conv2dGeometry, Pool2dGeometry};
+use crate::geometry::{Conv2dGeometry, LinearGeometry, Pool2dGeometry};
 
 /// A sequential network: the per-example input shape and the layers in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -92,6 +92,15 @@ impl LinearSpec {
             in_features,
             out_features,
             bias: true,
+        }
+    }
+
+    /// The sizes of this layer applied to `batch` rows.
+    pub fn geometry(&self, batch: usize) -> LinearGeometry {
+        LinearGeometry {
+            batch,
+            in_features: self.in_features,
+            out_features: self.out_features,
         }
     }
 

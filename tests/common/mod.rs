@@ -61,3 +61,81 @@ pub fn rel_err(got: &[f32], want: &[f64]) -> f64 {
     let den: f64 = want.iter().map(|w| w * w).sum();
     (num / den.max(1e-300)).sqrt()
 }
+
+/// One case of `tests/fixtures/curvature/` (see its README): the model, data and
+/// options curvlinops was run with, and its expected values.
+pub struct FixtureCase {
+    pub name: String,
+    pub expected: serde_json::Value,
+    pub model: ekfac::model::Model,
+    pub data: ekfac::model::Dataset,
+    pub options: ekfac::curvature::options::Options,
+    pub damping: f64,
+    /// `expected.safetensors`: `vectors` and the expected products (F64).
+    pub products: ekfac::model::TensorFile,
+    /// The fixture's random `[P, K]` test vectors as f32 (they are f32-representable).
+    pub vectors: Vec<f32>,
+    /// `K`.
+    pub columns: usize,
+}
+
+fn fixture_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/curvature")
+}
+
+/// The names of every curvature fixture case, sorted.
+pub fn fixture_names() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(fixture_root())
+        .expect("fixture directory")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.join("expected.json").exists())
+        .map(|p| p.file_name().unwrap().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    assert!(!names.is_empty(), "no curvature fixtures");
+    names
+}
+
+/// Loads the curvature fixture case `name`.
+pub fn fixture(name: &str) -> FixtureCase {
+    let dir = fixture_root().join(name);
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let text = |key: &str| expected[key].as_str().unwrap().to_string();
+    let options = ekfac::curvature::options::Options {
+        loss: text("loss").parse().unwrap(),
+        reduction: text("reduction").parse().unwrap(),
+        fisher: text("fisher").parse().unwrap(),
+        approx: text("approx").parse().unwrap(),
+        joint_bias: expected["joint_bias"].as_bool().unwrap(),
+        params: Some(
+            expected["params"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p.as_str().unwrap().to_string())
+                .collect(),
+        ),
+        batch_size: expected["batch_size"].as_u64().unwrap() as usize,
+        ..Default::default()
+    };
+    let model =
+        ekfac::model::Model::load(dir.join("model.json"), dir.join("weights.safetensors")).unwrap();
+    let data = ekfac::model::Dataset::load(dir.join("data.safetensors")).unwrap();
+    let products = ekfac::model::TensorFile::load(dir.join("expected.safetensors")).unwrap();
+    let (vectors, columns) = {
+        let v = products.require("vectors", "test vectors").unwrap();
+        (v.to_f32().unwrap(), v.shape[1])
+    };
+    FixtureCase {
+        name: name.to_string(),
+        damping: expected["damping"].as_f64().unwrap(),
+        expected,
+        model,
+        data,
+        options,
+        products,
+        vectors,
+        columns,
+    }
+}
