@@ -654,8 +654,10 @@ fn global_gather(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
 //   `block_solve`: per pair slot, the L × L sub-matrix S = A[I, I] of the pair's index
 //     set I (L = 2·BLOCK; local index l < BLOCK is block p's l-th index, l ≥ BLOCK block
 //     q's) is diagonalised in workgroup memory by cyclic Jacobi sweeps (`shared_sweep`)
-//     until ‖offdiag(S)‖_F ≤ INNER_TOL·‖S‖_F or INNER_SWEEPS sweeps; writes S' = Rᵀ S R
-//     back to A[I, I] and the rotation Rᵀ (rows rotated like W) to rot.
+//     until ‖offdiag(S)‖_F ≤ threshold[matrix] (tol·‖A‖_F / blocks, from the host) or
+//     INNER_SWEEPS sweeps, then its real indices are sorted by their diagonal entries;
+//     writes S' = Rᵀ S R back to A[I, I] and the rotation Rᵀ (rows rotated like W) to
+//     rot.
 //   `block_apply`: A[I, J] ← R_Iᵀ A[I, J] R_J (and its mirror A[J, I]) for every pair of
 //     slots I < J, and W[I, :] ← R_Iᵀ W[I, :], as L × L tile products.
 // Together: A ← Jᵀ A J and W ← Jᵀ W for the block-diagonal orthogonal J of the round.
@@ -675,9 +677,8 @@ struct BlockParams {
 
 // Indices per block; a block pair (L = 2·BLOCK = SHARED_N indices) fits wg_a.
 const BLOCK: u32 = SHARED_N / 2u;
-// Most inner sweeps per block pair and their relative off-diagonal target.
+// Most inner sweeps per block pair.
 const INNER_SWEEPS: u32 = 8u;
-const INNER_TOL: f32 = 1e-7;
 // Elements of one L × L tile per invocation.
 const TILE_ITEMS: u32 = SHARED_N * SHARED_N / WG;
 
@@ -689,9 +690,10 @@ fn block_index(pair: vec2<u32>, l: u32) -> u32 {
     return select(pair.y * BLOCK + l - BLOCK, pair.x * BLOCK + l, l < BLOCK);
 }
 
-@group(0) @binding(0) var<storage, read_write> bs_work_a: array<f32>;
-@group(0) @binding(1) var<storage, read_write> bs_rot: array<f32>;
-@group(0) @binding(2) var<uniform> bs_params: BlockParams;
+@group(0) @binding(0) var<storage, read> bs_threshold: array<f32>;
+@group(0) @binding(1) var<storage, read_write> bs_work_a: array<f32>;
+@group(0) @binding(2) var<storage, read_write> bs_rot: array<f32>;
+@group(0) @binding(3) var<uniform> bs_params: BlockParams;
 
 // One workgroup per (matrix, slot) of the round.
 @compute @workgroup_size(256)
@@ -729,7 +731,8 @@ fn block_solve(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         wg_tot[lid] = tot;
         reduce_norms(lid);
         if (lid == 0u) {
-            wg_done = select(0u, 1u, wg_off[0] <= INNER_TOL * INNER_TOL * wg_tot[0]);
+            let theta = bs_threshold[g / h];
+            wg_done = select(0u, 1u, wg_off[0] <= theta * theta);
         }
         if (workgroupUniformLoad(&wg_done) != 0u) {
             break;
@@ -783,9 +786,40 @@ fn block_solve(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
 @group(0) @binding(2) var<storage, read_write> bp_work_w: array<f32>;
 @group(0) @binding(3) var<uniform> bp_params: BlockParams;
 
+// Two L × L operands of `block_apply`, row-major, L/4 vec4 per row.
+var<workgroup> wg_p: array<vec4<f32>, 256>;
+var<workgroup> wg_q: array<vec4<f32>, 256>;
+// vec4 per row of an L × L operand.
+const ROW4: u32 = SHARED_N / 4u;
+
+fn set_p(e: u32, x: f32) {
+    wg_p[e / 4u][e % 4u] = x;
+}
+
+fn set_q(e: u32, x: f32) {
+    wg_q[e / 4u][e % 4u] = x;
+}
+
+// The 2 × 2 micro-tile of C = P Qᵀ (P = wg_p, Q = wg_q) of invocation lid: rows
+// r, r + 1 and columns c, c + 1 with r = 2·(lid / 16), c = 2·(lid % 16), as
+// (C[r, c], C[r, c + 1], C[r + 1, c], C[r + 1, c + 1]).
+fn tile_product(lid: u32) -> vec4<f32> {
+    let r = (lid / 16u) * 2u;
+    let c = (lid % 16u) * 2u;
+    var acc = vec4<f32>(0.0);
+    for (var k = 0u; k < ROW4; k++) {
+        let p0 = wg_p[r * ROW4 + k];
+        let p1 = wg_p[(r + 1u) * ROW4 + k];
+        let q0 = wg_q[c * ROW4 + k];
+        let q1 = wg_q[(c + 1u) * ROW4 + k];
+        acc += vec4<f32>(dot(p0, q0), dot(p0, q1), dot(p1, q0), dot(p1, q1));
+    }
+    return acc;
+}
 
 // Per matrix, workgroups [0, h²) are the A tiles (I, J) = (t / h, t % h) (I ≥ J idles),
-// workgroups [h², h² + h·⌈n/L⌉) the W tiles (slot I, columns [c·L, c·L + L)).
+// workgroups [h², h² + h·⌈n/L⌉) the W tiles (slot I, columns [c·L, c·L + L)). Every
+// product is P Qᵀ of two row-major tiles in workgroup memory (`tile_product`).
 @compute @workgroup_size(256)
 fn block_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                @builtin(local_invocation_index) lid: u32) {
@@ -801,7 +835,8 @@ fn block_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     let t = g % per_matrix;
     let base = b * n * n;
     let ll = SHARED_N * SHARED_N;
-    var out: array<f32, TILE_ITEMS>;
+    let r = (lid / 16u) * 2u;
+    let c = (lid % 16u) * 2u;
     if (t < h * h) {
         let si = t / h;
         let sj = t % h;
@@ -810,7 +845,7 @@ fn block_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         }
         let pi = pair_of(bp_params.round, si, bp_params.blocks);
         let pj = pair_of(bp_params.round, sj, bp_params.blocks);
-        // X = A[I, J] in wg_a, R_Jᵀ in wg_w.
+        // P = A[I, J], Q = R_Jᵀ: T = P Qᵀ = A[I, J] R_J.
         for (var e = lid; e < ll; e += WG) {
             let i = block_index(pi, e / SHARED_N);
             let j = block_index(pj, e % SHARED_N);
@@ -818,74 +853,71 @@ fn block_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
             if (i < n && j < n) {
                 x = bp_work_a[base + i * n + j];
             }
-            wg_a[e] = x;
-            wg_w[e] = bp_rot[(b * h + sj) * ll + e];
+            set_p(e, x);
+            set_q(e, bp_rot[(b * h + sj) * ll + e]);
         }
         workgroupBarrier();
-        // T = X R_J: T[l, l'] = Σ_k X[l, k] R_Jᵀ[l', k].
-        for (var q = 0u; q < TILE_ITEMS; q++) {
-            let e = lid + q * WG;
-            let row = (e / SHARED_N) * SHARED_N;
-            let col = (e % SHARED_N) * SHARED_N;
-            var acc = 0.0;
-            for (var k = 0u; k < SHARED_N; k++) {
-                acc += wg_a[row + k] * wg_w[col + k];
-            }
-            out[q] = acc;
+        let tt = tile_product(lid);
+        workgroupBarrier();
+        // P = R_Iᵀ, Q = Tᵀ: P Qᵀ = R_Iᵀ A[I, J] R_J.
+        set_q(c * SHARED_N + r, tt.x);
+        set_q((c + 1u) * SHARED_N + r, tt.y);
+        set_q(c * SHARED_N + r + 1u, tt.z);
+        set_q((c + 1u) * SHARED_N + r + 1u, tt.w);
+        for (var e = lid; e < ll; e += WG) {
+            set_p(e, bp_rot[(b * h + si) * ll + e]);
         }
         workgroupBarrier();
-        // T in wg_a, R_Iᵀ in wg_w.
-        for (var q = 0u; q < TILE_ITEMS; q++) {
-            let e = lid + q * WG;
-            wg_a[e] = out[q];
-            wg_w[e] = bp_rot[(b * h + si) * ll + e];
-        }
-        workgroupBarrier();
-        // A[I, J] = R_Iᵀ T: [l, l'] = Σ_k R_Iᵀ[l, k] T[k, l'], written with its mirror.
-        for (var q = 0u; q < TILE_ITEMS; q++) {
-            let e = lid + q * WG;
-            let l = e / SHARED_N;
-            let lc = e % SHARED_N;
-            var acc = 0.0;
-            for (var k = 0u; k < SHARED_N; k++) {
-                acc += wg_w[l * SHARED_N + k] * wg_a[k * SHARED_N + lc];
-            }
-            let i = block_index(pi, l);
-            let j = block_index(pj, lc);
-            if (i < n && j < n) {
-                bp_work_a[base + i * n + j] = acc;
-                bp_work_a[base + j * n + i] = acc;
-            }
-        }
+        let out = tile_product(lid);
+        let i0 = block_index(pi, r);
+        let i1 = block_index(pi, r + 1u);
+        let j0 = block_index(pj, c);
+        let j1 = block_index(pj, c + 1u);
+        write_symmetric(base, n, i0, j0, out.x);
+        write_symmetric(base, n, i0, j1, out.y);
+        write_symmetric(base, n, i1, j0, out.z);
+        write_symmetric(base, n, i1, j1, out.w);
         return;
     }
     let si = (t - h * h) / chunks;
     let c0 = ((t - h * h) % chunks) * SHARED_N;
     let pi = pair_of(bp_params.round, si, bp_params.blocks);
-    // X = W[I, c0 .. c0 + L] in wg_a, R_Iᵀ in wg_w.
+    // P = R_Iᵀ, Q = W[I, c0 .. c0 + L]ᵀ: P Qᵀ = R_Iᵀ W[I, c0 .. c0 + L].
     for (var e = lid; e < ll; e += WG) {
-        let i = block_index(pi, e / SHARED_N);
-        let c = c0 + e % SHARED_N;
+        let k = e / SHARED_N;
+        let col = e % SHARED_N;
+        let i = block_index(pi, k);
         var x = 0.0;
-        if (i < n && c < n) {
-            x = bp_work_w[base + i * n + c];
+        if (i < n && c0 + col < n) {
+            x = bp_work_w[base + i * n + c0 + col];
         }
-        wg_a[e] = x;
-        wg_w[e] = bp_rot[(b * h + si) * ll + e];
+        set_q(col * SHARED_N + k, x);
+        set_p(e, bp_rot[(b * h + si) * ll + e]);
     }
     workgroupBarrier();
-    for (var q = 0u; q < TILE_ITEMS; q++) {
-        let e = lid + q * WG;
-        let l = e / SHARED_N;
-        let lc = e % SHARED_N;
-        var acc = 0.0;
-        for (var k = 0u; k < SHARED_N; k++) {
-            acc += wg_w[l * SHARED_N + k] * wg_a[k * SHARED_N + lc];
-        }
-        let i = block_index(pi, l);
-        let c = c0 + lc;
-        if (i < n && c < n) {
-            bp_work_w[base + i * n + c] = acc;
-        }
+    let out = tile_product(lid);
+    let i0 = block_index(pi, r);
+    let i1 = block_index(pi, r + 1u);
+    let col0 = c0 + c;
+    let col1 = c0 + c + 1u;
+    if (i0 < n && col0 < n) {
+        bp_work_w[base + i0 * n + col0] = out.x;
+    }
+    if (i0 < n && col1 < n) {
+        bp_work_w[base + i0 * n + col1] = out.y;
+    }
+    if (i1 < n && col0 < n) {
+        bp_work_w[base + i1 * n + col0] = out.z;
+    }
+    if (i1 < n && col1 < n) {
+        bp_work_w[base + i1 * n + col1] = out.w;
+    }
+}
+
+// A[i, j] = A[j, i] = x when both indices are real.
+fn write_symmetric(base: u32, n: u32, i: u32, j: u32, x: f32) {
+    if (i < n && j < n) {
+        bp_work_a[base + i * n + j] = x;
+        bp_work_a[base + j * n + i] = x;
     }
 }

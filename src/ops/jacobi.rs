@@ -29,10 +29,11 @@
 //!   past `n` are phantoms that never mix with real ones), and a sweep is the
 //!   round-robin over blocks: `blocks − 1` rounds, each pairing all blocks disjointly.
 //!   Per round, `block_solve` diagonalises each pair's 32 × 32 sub-matrix in workgroup
-//!   memory (inner cyclic Jacobi sweeps until its off-diagonal is below 1e-7 of its
-//!   norm, at most 8), sorts the pair's diagonal ascending and stores the rotation;
+//!   memory (inner cyclic Jacobi sweeps until its off-diagonal norm is below
+//!   `tol · ‖A‖_F / blocks`, so a sweep that leaves every pair alone has converged; at
+//!   most 8), sorts the pair's diagonal ascending and stores the rotation;
 //!   `block_apply` then applies the rotations to the other 32 × 32 tiles of `A`
-//!   (`R_Iᵀ A_IJ R_J`) and to the eigenbasis. Two dispatches per round instead of two
+//!   (`R_Iᵀ A_IJ R_J`) and to the eigenbasis (2 × 2 register tiles, vec4 operands). Two dispatches per round instead of two
 //!   per step, each tile product in workgroup memory; the sweep loop, readback and
 //!   convergence test are the global path's.
 //!
@@ -445,7 +446,7 @@ fn global_path(
     let h = m / 2;
     let rotations = ctx.zeros(&[batch, h, 4])?;
     let kernel = |entry| Kernel::new(&super::JACOBI, entry);
-    sweep_until_done(ctx, rec, problem, opts, |rec, work| {
+    sweep_until_done(ctx, rec, problem, opts, |rec, work, _| {
         for step in 0..m - 1 {
             rec.dispatch(
                 &kernel("global_rotations"),
@@ -481,12 +482,19 @@ fn blocked_path(
     let tiles = h * h + h * n.div_ceil(pair);
     let rotations = ctx.zeros(&[batch, h, pair, pair])?;
     let kernel = |entry| Kernel::new(&super::JACOBI, entry);
-    sweep_until_done(ctx, rec, problem, opts, |rec, work| {
+    sweep_until_done(ctx, rec, problem, opts, |rec, work, norms| {
+        // A block pair is solved once its off-diagonal norm is below
+        // tol · ‖A‖_F / blocks: when all pairs of a sweep are, A has converged.
+        let thresholds: Vec<f32> = norms
+            .iter()
+            .map(|&norm| (f64::from(opts.tol) * norm / blocks as f64) as f32)
+            .collect();
+        let thresholds = ctx.upload(&thresholds, &[batch])?;
         for round in 0..blocks - 1 {
             let words = [n as u32, batch as u32, round as u32, blocks as u32];
             rec.dispatch(
                 &kernel("block_solve"),
-                &[],
+                &[&thresholds],
                 &[&work.a, &rotations],
                 &words,
                 grid_1d((batch * h) as u32),
@@ -506,13 +514,13 @@ fn blocked_path(
 /// The host-driven sweep loop of the global and blocked paths: records
 /// `global_init`, then per sweep `record_sweep` and `global_norms` into one pass,
 /// reads the off-diagonal norms back (per-workgroup partial sums added by the host in
-/// a fixed order) and stops once every matrix meets [`stop`]; then sorts.
+/// a fixed order; `record_sweep` also gets each matrix's `‖A‖_F`) and stops once every matrix meets [`stop`]; then sorts.
 fn sweep_until_done(
     ctx: &GpuContext,
     mut rec: Recorder,
     problem: &Problem,
     opts: &JacobiOptions,
-    record_sweep: impl Fn(&mut Recorder, &Work) -> Result<()>,
+    record_sweep: impl Fn(&mut Recorder, &Work, &[f64]) -> Result<()>,
 ) -> Result<Decomposition> {
     let Problem { batch, n, .. } = *problem;
     let chunks = (n * n).div_ceil(NORM_CHUNK);
@@ -527,12 +535,13 @@ fn sweep_until_done(
             grid_1d((batch * chunks) as u32),
         )
     };
-    // ‖offdiag(A)‖_F / ‖A‖_F per matrix, from the partial sums in a fixed order; an
-    // error for NaN or Inf.
-    let read_off_diagonal = || -> Result<Vec<f64>> {
+    // ‖offdiag(A)‖_F / ‖A‖_F and ‖A‖_F per matrix, from the partial sums in a fixed
+    // order; an error for NaN or Inf.
+    let read_off_diagonal = || -> Result<(Vec<f64>, Vec<f64>)> {
         let sums = ctx.read(&partials)?;
         let mut off = Vec::with_capacity(batch);
         let mut bad = Vec::with_capacity(batch);
+        let mut norms = Vec::with_capacity(batch);
         for matrix in sums.chunks(3 * chunks) {
             let (mut off_sq, mut total_sq) = (0.0f64, 0.0f64);
             for part in matrix.chunks(3) {
@@ -540,22 +549,23 @@ fn sweep_until_done(
                 total_sq += f64::from(part[1]);
             }
             off.push((off_sq / total_sq.max(f64::MIN_POSITIVE)).sqrt());
+            norms.push(total_sq.sqrt());
             bad.push(matrix.chunks(3).any(|part| part[2] != 0.0));
         }
         worst_off_diagonal(&off, &bad)?;
-        Ok(off)
+        Ok((off, norms))
     };
     record_norms(&mut rec)?;
     rec.submit()?;
-    let mut off = read_off_diagonal()?;
+    let (mut off, norms) = read_off_diagonal()?;
     let mut done: Vec<bool> = off.iter().map(|&x| stop(x, 0, opts)).collect();
     let mut sweeps = 0;
     while done.iter().any(|d| !d) {
         let mut rec = ctx.recorder();
-        record_sweep(&mut rec, &work)?;
+        record_sweep(&mut rec, &work, &norms)?;
         record_norms(&mut rec)?;
         rec.submit()?;
-        off = read_off_diagonal()?;
+        off = read_off_diagonal()?.0;
         sweeps += 1;
         for (d, &x) in done.iter_mut().zip(&off) {
             *d = *d || stop(x, sweeps, opts);
