@@ -37,7 +37,7 @@ use crate::ops::gemm::{Gemm, gemm};
 use crate::ops::im2col::im2col_group_mean;
 use crate::ops::jacobi::{JacobiOptions, eigh};
 use crate::ops::loss::{GpuTargets, record_backprop_vectors};
-use crate::ops::reduce::{append_ones_column, copy, square, transpose};
+use crate::ops::reduce::{Sum, append_ones_column, copy, square, sum_cols, sum_rows, transpose};
 
 /// Wall-clock milliseconds of the phases of a fit.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq)]
@@ -577,28 +577,16 @@ impl<'a> LayerView<'a> {
         Ok(Held::Owned(out))
     }
 
-    /// Output gradients summed over positions, `[V·B, d_out]`.
-    fn summed_grads<'t>(
-        &self,
-        rec: &mut Recorder,
-        keep: &mut Vec<Held<'t>>,
-        grads: &'t GpuTensor,
-    ) -> Result<Held<'t>> {
+    /// Output gradients summed over positions, `[V·B, d_out]` (the NCHW gradients as
+    /// `[V·B·d_out, S]` rows, each summed).
+    fn summed_grads<'t>(&self, rec: &mut Recorder, grads: &'t GpuTensor) -> Result<Held<'t>> {
         if self.conv.is_none() {
             return Ok(Held::Borrowed(grads));
         }
         let (s, d_out) = (self.layer.positions, self.layer.d_out);
         let rows = grads.len() / s;
-        let ones = self.ctx.upload(&vec![1.0; s], &[s, 1])?;
         let out = self.ctx.zeros(&[rows / d_out, d_out])?;
-        gemm(
-            rec,
-            &Gemm::new(rows, 1, s, false, false),
-            grads,
-            &ones,
-            &out,
-        )?;
-        keep.push(Held::Owned(ones));
+        sum_cols(rec, grads, &out, &Sum::new(rows, s))?;
         Ok(Held::Owned(out))
     }
 
@@ -607,13 +595,12 @@ impl<'a> LayerView<'a> {
     fn factor_grads<'t>(
         &self,
         rec: &mut Recorder,
-        keep: &mut Vec<Held<'t>>,
         grads: &'t GpuTensor,
         approx: KfacApprox,
     ) -> Result<Held<'t>> {
         match approx {
             KfacApprox::Expand => self.expand_grads(rec, grads),
-            KfacApprox::Reduce => self.summed_grads(rec, keep, grads),
+            KfacApprox::Reduce => self.summed_grads(rec, grads),
         }
     }
 }
@@ -691,7 +678,6 @@ fn factor_pass(
                 if let Some(g) = &acc.gradient {
                     let grads = view.factor_grads(
                         &mut rec,
-                        &mut keep,
                         backward.output_grad(layer.layer),
                         options.approx,
                     )?;
@@ -729,7 +715,6 @@ fn correction_pass(
         let len = chunks.examples.min(data.len - start);
         let pass = run_batch(ctx, network, data, options, start, len)?;
         let kappa = pass.kappa as f32;
-        let ones = ctx.upload(&vec![1.0; len], &[1, len])?;
         let views: Vec<LayerView> = layout
             .layers
             .iter()
@@ -824,17 +809,16 @@ fn correction_pass(
                         }
                         (BlockKind::Bias, _) => {
                             // λ += κ 1ᵀ Σ_v (Q_Gᵀ Σ_s g_{v,s})^∘2.
-                            let summed = view.summed_grads(&mut rec, &mut keep, grads)?;
+                            let summed = view.summed_grads(&mut rec, grads)?;
                             let h = rotated_square_sum(
                                 ctx, &mut rec, &mut keep, &summed, q_g, nv, len, d_out,
                             )?;
-                            gemm(
-                                &mut rec,
-                                &Gemm::new(1, d_out, len, false, false).scaled(kappa, 1.0),
-                                &ones,
-                                &h,
-                                &corrected[b],
-                            )?;
+                            let sum = Sum {
+                                alpha: kappa,
+                                beta: 1.0,
+                                ..Sum::new(len, d_out)
+                            };
+                            sum_rows(ctx, &mut rec, &h, &corrected[b], &sum)?;
                             keep.push(summed);
                             keep.push(Held::Owned(h));
                         }
