@@ -20,19 +20,25 @@
 //! one pass, readback and the host-side gather/scatter included). One warm-up run
 //! (pipeline compilation) is not counted; the table shows medians over `--runs` runs
 //! (default 5, 2 with `--quick` or `--smoke`). Peak GPU memory is the crate's own count of the
-//! bytes of its live buffers. No GPU timestamps are used (the adapter's support is
-//! printed); GFLOP/s are the analytic counts of [`Flops`] divided by the median times.
+//! bytes of its live buffers. GFLOP/s are the analytic counts of [`Flops`] divided by
+//! the median wall-clock times.
+//!
+//! Where the device has `TIMESTAMP_QUERY` the benchmark turns GPU profiling on
+//! ([`GpuContext::set_profiling`]) and prints, next to each wall-clock time, the GPU
+//! time spent inside the crate's compute passes of that phase (timestamps at the
+//! beginning and end of each pass; uploads, readbacks and host work excluded). Without
+//! it (or with `EKFAC_FEATURES=none`) it says so and prints wall-clock times only.
 //!
 //! `--write-inputs DIR` also writes `DIR/<workload>/{model.json, weights.safetensors,
 //! data.safetensors, bench.json}` (our model format, PyTorch `state_dict` names, `x`
 //! F32, `y` I64, and the options plus FLOP counts) for `tools/bench_curvlinops.py`.
 //! The adapter is chosen as by the crate (`WGPU_BACKEND`, `EKFAC_ADAPTER`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use ekfac::curvature::fit::fit;
+use ekfac::curvature::fit::{GpuTimings, fit};
 use ekfac::curvature::operator::{Approximation, Operator, Transform};
 use ekfac::curvature::{FisherType, KfacApprox, LossKind, Options, Reduction};
 use ekfac::gpu::GpuContext;
@@ -389,6 +395,15 @@ impl Flops {
     }
 }
 
+/// A timed product: wall-clock ms and, when profiling, GPU ms.
+#[derive(Clone, Debug)]
+struct ProductTime {
+    approx: Approximation,
+    columns: usize,
+    ms: f64,
+    gpu_ms: Option<f64>,
+}
+
 /// Timings (ms) and memory of one run.
 #[derive(Clone, Debug, Default)]
 struct Sample {
@@ -396,14 +411,29 @@ struct Sample {
     eigendecomposition: f64,
     correction: f64,
     fit_total: f64,
-    /// `(approximation, columns, ms)` for KFAC and EKFAC with each of [`PRODUCT_COLUMNS`].
-    products: Vec<(Approximation, usize, f64)>,
+    /// GPU times of the fit's phases when profiling.
+    gpu: Option<GpuTimings>,
+    /// KFAC and EKFAC with each of [`PRODUCT_COLUMNS`].
+    products: Vec<ProductTime>,
     peak_fit_bytes: u64,
     peak_product_bytes: u64,
 }
 
 fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
+}
+
+/// GPU phase label of the benchmark's products.
+const PRODUCT_PHASE: &str = "benchmark product";
+
+/// GPU ms of `label` between two totals of [`GpuContext::gpu_times_ms`].
+fn gpu_delta(
+    before: Option<BTreeMap<String, f64>>,
+    after: Option<BTreeMap<String, f64>>,
+    label: &str,
+) -> Option<f64> {
+    let (before, after) = (before?, after?);
+    Some(after.get(label).copied().unwrap_or(0.0) - before.get(label).copied().unwrap_or(0.0))
 }
 
 /// One fit plus the timed products; checks every product is finite.
@@ -420,16 +450,25 @@ fn run_once(ctx: &GpuContext, w: &Workload) -> Result<Sample> {
     for approx in [Approximation::Kfac, Approximation::Ekfac] {
         for columns in PRODUCT_COLUMNS {
             let v: Vec<f32> = (0..p * columns).map(|_| rng.normal()).collect();
+            let gpu_before = ctx.gpu_times_ms()?;
             let start = Instant::now();
+            let phase = ctx.gpu_phase(PRODUCT_PHASE);
             let out = operator.apply(&v, columns, approx, Transform::Forward)?;
+            drop(phase);
             let elapsed = ms(start);
+            let gpu_ms = gpu_delta(gpu_before, ctx.gpu_times_ms()?, PRODUCT_PHASE);
             if let Some(i) = out.iter().position(|x| !x.is_finite()) {
                 return Err(Error::gpu(
                     "benchmark product",
                     format!("{approx:?} product with {columns} columns: entry {i} is not finite"),
                 ));
             }
-            products.push((approx, columns, elapsed));
+            products.push(ProductTime {
+                approx,
+                columns,
+                ms: elapsed,
+                gpu_ms,
+            });
         }
     }
     Ok(Sample {
@@ -437,6 +476,7 @@ fn run_once(ctx: &GpuContext, w: &Workload) -> Result<Sample> {
         eigendecomposition: t.eigendecomposition,
         correction: t.correction,
         fit_total,
+        gpu: fitted.gpu_timings_ms.clone(),
         products,
         peak_fit_bytes: fitted.peak_gpu_bytes,
         peak_product_bytes: ctx.memory().peak_bytes(),
@@ -486,38 +526,71 @@ fn bench(ctx: &GpuContext, w: &Workload, warmup: usize, runs: usize) -> Result<V
         .map(|_| run_once(ctx, w))
         .collect::<Result<Vec<_>>>()?;
     let med = |f: &dyn Fn(&Sample) -> f64| median(samples.iter().map(f).collect());
-    println!(
-        "  {:<22} {:>11} {:>10} {:>9}",
-        "phase", "median ms", "GFLOP", "GFLOP/s"
-    );
-    let row = |label: &str, ms: f64, flop: Option<f64>| match flop {
-        Some(flop) => println!(
-            "  {label:<22} {ms:>11.2} {:>10.4} {:>9.2}",
-            flop / 1e9,
-            flop / (ms * 1e-3) / 1e9
-        ),
-        None => println!("  {label:<22} {ms:>11.2} {:>10} {:>9}", "-", "-"),
+    // GPU medians only when every run was profiled.
+    let gpu_med = |f: &dyn Fn(&Sample) -> Option<f64>| {
+        samples
+            .iter()
+            .map(f)
+            .collect::<Option<Vec<_>>>()
+            .map(median)
     };
-    row("factors", med(&|s| s.factors), Some(flops.factors));
+    println!(
+        "  {:<22} {:>11} {:>10} {:>10} {:>9}",
+        "phase", "median ms", "GPU ms", "GFLOP", "GFLOP/s"
+    );
+    let row = |label: &str, ms: f64, gpu: Option<f64>, flop: Option<f64>| {
+        let gpu = gpu.map_or("-".to_string(), |g| format!("{g:.2}"));
+        match flop {
+            Some(flop) => println!(
+                "  {label:<22} {ms:>11.2} {gpu:>10} {:>10.4} {:>9.2}",
+                flop / 1e9,
+                flop / (ms * 1e-3) / 1e9
+            ),
+            None => println!("  {label:<22} {ms:>11.2} {gpu:>10} {:>10} {:>9}", "-", "-"),
+        }
+    };
+    row(
+        "factors",
+        med(&|s| s.factors),
+        gpu_med(&|s| s.gpu.as_ref().map(|g| g.factors)),
+        Some(flops.factors),
+    );
     row(
         "eigendecomposition",
         med(&|s| s.eigendecomposition),
+        gpu_med(&|s| s.gpu.as_ref().map(|g| g.eigendecomposition)),
         Some(flops.eigendecomposition),
     );
-    row("correction", med(&|s| s.correction), Some(flops.correction));
-    row("fit total", med(&|s| s.fit_total), None);
-    for (j, &(approx, columns, _)) in samples[0].products.iter().enumerate() {
+    row(
+        "correction",
+        med(&|s| s.correction),
+        gpu_med(&|s| s.gpu.as_ref().map(|g| g.correction)),
+        Some(flops.correction),
+    );
+    row(
+        "fit total",
+        med(&|s| s.fit_total),
+        gpu_med(&|s| {
+            s.gpu
+                .as_ref()
+                .map(|g| g.factors + g.eigendecomposition + g.correction)
+        }),
+        None,
+    );
+    for (j, p) in samples[0].products.iter().enumerate() {
         let label = format!(
-            "{} product K={columns}",
-            match approx {
+            "{} product K={}",
+            match p.approx {
                 Approximation::Kfac => "KFAC",
                 Approximation::Ekfac => "EKFAC",
-            }
+            },
+            p.columns
         );
         row(
             &label,
-            med(&|s| s.products[j].2),
-            Some(flops.product_per_column * columns as f64),
+            med(&|s| s.products[j].ms),
+            gpu_med(&|s| s.products[j].gpu_ms),
+            Some(flops.product_per_column * p.columns as f64),
         );
     }
     let peak = |f: &dyn Fn(&Sample) -> u64| samples.iter().map(f).max().unwrap_or(0);
@@ -605,17 +678,21 @@ fn main() -> Result<()> {
     let ctx = GpuContext::new()?;
     let a = ctx.adapter_summary();
     println!(
-        "adapter: {} ({}, {}, {}); GPU timestamps {} (phases are timed on the host)",
-        a.name,
-        a.backend,
-        a.driver,
-        a.device_type,
-        if ctx.has_timestamps() {
-            "available"
-        } else {
-            "not available"
-        }
+        "adapter: {} ({}, {}, {})",
+        a.name, a.backend, a.driver, a.device_type
     );
+    if ctx.has_timestamps() {
+        ctx.set_profiling(true)?;
+        println!(
+            "GPU timestamps: on (\"GPU ms\": time inside the crate's compute passes; \
+             \"median ms\": wall clock on the host)"
+        );
+    } else {
+        println!(
+            "GPU timestamps: not available on this adapter (no TIMESTAMP_QUERY, or \
+             EKFAC_FEATURES=none); phases are timed on the host only"
+        );
+    }
     for kind in args.workloads {
         let w = Workload::new(kind, args.size)?;
         if let Some(dir) = &args.write_inputs {
@@ -651,6 +728,9 @@ mod tests {
     #[test]
     fn smoke() {
         let Some(ctx) = gpu() else { return };
+        if ctx.has_timestamps() {
+            ctx.set_profiling(true).unwrap();
+        }
         for kind in [WorkloadKind::Mlp, WorkloadKind::Cnn] {
             let w = Workload::new(kind, Size::Smoke).unwrap();
             let samples = bench(&ctx, &w, 0, 1).unwrap();
@@ -659,6 +739,12 @@ mod tests {
             assert!(s.peak_fit_bytes > 0 && s.peak_product_bytes > 0);
             for t in [s.factors, s.eigendecomposition, s.correction, s.fit_total] {
                 assert!(t.is_finite() && t >= 0.0, "{t}");
+            }
+            assert_eq!(s.gpu.is_some(), ctx.has_timestamps());
+            if let Some(g) = &s.gpu {
+                for t in [g.factors, g.eigendecomposition, g.correction] {
+                    assert!(t.is_finite() && t >= 0.0, "{t}");
+                }
             }
         }
     }

@@ -166,35 +166,11 @@ fn already_done(lid: u32, b: u32) -> bool {
 var<workgroup> wg_a: array<f32, SHARED_N * SHARED_N>;
 var<workgroup> wg_w: array<f32, SHARED_N * SHARED_N>;
 
-// n ≤ 32: one sweep with A and W copied into workgroup memory (stride n) and back.
-@compute @workgroup_size(256)
-fn jacobi_sweep_shared(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                       @builtin(local_invocation_index) lid: u32) {
-    let b = wid.x + wid.y * nwg.x;
-    let n = ws_params.n;
-    if (b >= ws_params.batch || n > SHARED_N || already_done(lid, b)) {
-        return;
-    }
-    let nn = n * n;
-    let base = b * nn;
-    var off = 0.0;
-    var tot = 0.0;
-    for (var e = lid; e < nn; e += WG) {
-        let x = ws_work_a[base + e];
-        wg_a[e] = x;
-        wg_w[e] = ws_work_w[base + e];
-        tot += x * x;
-        off += select(x * x, 0.0, e / n == e % n);
-        if (!finite(x)) {
-            atomicOr(&wg_bad, 1u);
-        }
-    }
-    wg_off[lid] = off;
-    wg_tot[lid] = tot;
-    reduce_norms(lid);
-    if (test_convergence(lid, b, ws_params)) {
-        return;
-    }
+// One sweep (m − 1 round-robin steps) on the n × n matrix in wg_a (stride n), rows of
+// its basis in wg_w rotated alongside (n ≤ SHARED_N). Starts and ends with a barrier
+// between all reads and writes of wg_a and wg_w.
+fn shared_sweep(n: u32, lid: u32) {
+    workgroupBarrier();
     let m = n + (n & 1u);
     let h = m / 2u;
     for (var k = 0u; k + 1u < m; k++) {
@@ -266,6 +242,38 @@ fn jacobi_sweep_shared(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workg
         }
         workgroupBarrier();
     }
+}
+
+// n ≤ 32: one sweep with A and W copied into workgroup memory (stride n) and back.
+@compute @workgroup_size(256)
+fn jacobi_sweep_shared(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                       @builtin(local_invocation_index) lid: u32) {
+    let b = wid.x + wid.y * nwg.x;
+    let n = ws_params.n;
+    if (b >= ws_params.batch || n > SHARED_N || already_done(lid, b)) {
+        return;
+    }
+    let nn = n * n;
+    let base = b * nn;
+    var off = 0.0;
+    var tot = 0.0;
+    for (var e = lid; e < nn; e += WG) {
+        let x = ws_work_a[base + e];
+        wg_a[e] = x;
+        wg_w[e] = ws_work_w[base + e];
+        tot += x * x;
+        off += select(x * x, 0.0, e / n == e % n);
+        if (!finite(x)) {
+            atomicOr(&wg_bad, 1u);
+        }
+    }
+    wg_off[lid] = off;
+    wg_tot[lid] = tot;
+    reduce_norms(lid);
+    if (test_convergence(lid, b, ws_params)) {
+        return;
+    }
+    shared_sweep(n, lid);
     for (var e = lid; e < nn; e += WG) {
         ws_work_a[base + e] = wg_a[e];
         ws_work_w[base + e] = wg_w[e];
@@ -634,4 +642,282 @@ fn global_gather(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
         v += gg_params.b * gg_p[g];
     }
     gg_vectors[b * nn + r * n + gg_ranks[b * n + i]] = v;
+}
+
+// ---------------------------------------------------------------------------------
+// Blocked path (any size): the indices are cut into `blocks` (even) blocks of BLOCK
+// consecutive indices (the last ones partly or wholly beyond n: phantom indices, which
+// read as zero and are never written). A sweep is blocks − 1 rounds; round r pairs the
+// blocks by the round-robin `pair_of(r, slot, blocks)`, so the h = blocks/2 block pairs
+// of a round are disjoint, and every pair of blocks meets once per sweep. A round is two
+// dispatches:
+//   `block_solve`: per pair slot, the L × L sub-matrix S = A[I, I] of the pair's index
+//     set I (L = 2·BLOCK; local index l < BLOCK is block p's l-th index, l ≥ BLOCK block
+//     q's) is diagonalised in workgroup memory by cyclic Jacobi sweeps (`shared_sweep`)
+//     until ‖offdiag(S)‖_F ≤ threshold[matrix] (tol·‖A‖_F / blocks, from the host) or
+//     INNER_SWEEPS sweeps, then its real indices are sorted by their diagonal entries;
+//     writes S' = Rᵀ S R back to A[I, I] and the rotation Rᵀ (rows rotated like W) to
+//     rot.
+//   `block_apply`: A[I, J] ← R_Iᵀ A[I, J] R_J (and its mirror A[J, I]) for every pair of
+//     slots I < J, and W[I, :] ← R_Iᵀ W[I, :], as L × L tile products.
+// Together: A ← Jᵀ A J and W ← Jᵀ W for the block-diagonal orthogonal J of the round.
+// A zero entry between a real and a phantom index gives the identity rotation, so
+// phantom indices never mix with real ones.
+//
+//   rot [batch, blocks/2, L, L]  R_Iᵀ of each slot of the current round, row-major
+
+struct BlockParams {
+    n: u32,
+    batch: u32,
+    // The round r of the sweep.
+    round: u32,
+    // Number of blocks (even, ≥ 2).
+    blocks: u32,
+}
+
+// Indices per block; a block pair (L = 2·BLOCK = SHARED_N indices) fits wg_a.
+const BLOCK: u32 = SHARED_N / 2u;
+// Most inner sweeps per block pair.
+const INNER_SWEEPS: u32 = 8u;
+// Elements of one L × L tile per invocation.
+const TILE_ITEMS: u32 = SHARED_N * SHARED_N / WG;
+
+// Where block_solve moves each local index of the pair (its sort).
+var<workgroup> wg_target: array<u32, SHARED_N>;
+
+// The matrix index of local index l of the block pair (p, q).
+fn block_index(pair: vec2<u32>, l: u32) -> u32 {
+    return select(pair.y * BLOCK + l - BLOCK, pair.x * BLOCK + l, l < BLOCK);
+}
+
+@group(0) @binding(0) var<storage, read> bs_threshold: array<f32>;
+@group(0) @binding(1) var<storage, read_write> bs_work_a: array<f32>;
+@group(0) @binding(2) var<storage, read_write> bs_rot: array<f32>;
+@group(0) @binding(3) var<uniform> bs_params: BlockParams;
+
+// One workgroup per (matrix, slot) of the round.
+@compute @workgroup_size(256)
+fn block_solve(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let h = bs_params.blocks / 2u;
+    let g = wid.x + wid.y * nwg.x;
+    if (g >= bs_params.batch * h) {
+        return;
+    }
+    let n = bs_params.n;
+    let base = (g / h) * n * n;
+    let pair = pair_of(bs_params.round, g % h, bs_params.blocks);
+    let ll = SHARED_N * SHARED_N;
+    for (var e = lid; e < ll; e += WG) {
+        let i = block_index(pair, e / SHARED_N);
+        let j = block_index(pair, e % SHARED_N);
+        var x = 0.0;
+        if (i < n && j < n) {
+            x = bs_work_a[base + i * n + j];
+        }
+        wg_a[e] = x;
+        wg_w[e] = select(0.0, 1.0, e / SHARED_N == e % SHARED_N);
+    }
+    workgroupBarrier();
+    for (var sweep = 0u; sweep < INNER_SWEEPS; sweep++) {
+        var off = 0.0;
+        var tot = 0.0;
+        for (var e = lid; e < ll; e += WG) {
+            let x = wg_a[e];
+            tot += x * x;
+            off += select(x * x, 0.0, e / SHARED_N == e % SHARED_N);
+        }
+        wg_off[lid] = off;
+        wg_tot[lid] = tot;
+        reduce_norms(lid);
+        if (lid == 0u) {
+            let theta = bs_threshold[g / h];
+            wg_done = select(0u, 1u, wg_off[0] <= theta * theta);
+        }
+        if (workgroupUniformLoad(&wg_done) != 0u) {
+            break;
+        }
+        shared_sweep(SHARED_N, lid);
+    }
+    // Sort the pair's real indices by their diagonal entries, ascending (ties by index),
+    // so that the whole diagonal tends to ascending order and the rotations of later
+    // rounds stay close to the identity. Phantom indices keep their places. The real
+    // local indices are [0, real_p) and [BLOCK, BLOCK + real count of block q).
+    let real_p = min(BLOCK, n - min(n, pair.x * BLOCK));
+    if (lid < SHARED_N) {
+        var place = lid;
+        if (block_index(pair, lid) < n) {
+            let key = sort_key(wg_a[lid * SHARED_N + lid]);
+            var rank = 0u;
+            for (var j = 0u; j < SHARED_N; j++) {
+                let real = block_index(pair, j) < n;
+                rank += select(0u, 1u, real && before(sort_key(wg_a[j * SHARED_N + j]), j, key, lid));
+            }
+            place = select(BLOCK + rank - real_p, rank, rank < real_p);
+        }
+        wg_target[lid] = place;
+    }
+    var a_items: array<f32, TILE_ITEMS>;
+    var w_items: array<f32, TILE_ITEMS>;
+    for (var q = 0u; q < TILE_ITEMS; q++) {
+        a_items[q] = wg_a[lid + q * WG];
+        w_items[q] = wg_w[lid + q * WG];
+    }
+    workgroupBarrier();
+    for (var q = 0u; q < TILE_ITEMS; q++) {
+        let e = lid + q * WG;
+        let ti = wg_target[e / SHARED_N];
+        wg_a[ti * SHARED_N + wg_target[e % SHARED_N]] = a_items[q];
+        wg_w[ti * SHARED_N + e % SHARED_N] = w_items[q];
+    }
+    workgroupBarrier();
+    for (var e = lid; e < ll; e += WG) {
+        let i = block_index(pair, e / SHARED_N);
+        let j = block_index(pair, e % SHARED_N);
+        if (i < n && j < n) {
+            bs_work_a[base + i * n + j] = wg_a[e];
+        }
+        bs_rot[g * ll + e] = wg_w[e];
+    }
+}
+
+@group(0) @binding(0) var<storage, read> bp_rot: array<f32>;
+@group(0) @binding(1) var<storage, read_write> bp_work_a: array<f32>;
+@group(0) @binding(2) var<storage, read_write> bp_work_w: array<f32>;
+@group(0) @binding(3) var<uniform> bp_params: BlockParams;
+
+// Two L × L operands of `block_apply`, row-major, L/4 vec4 per row.
+var<workgroup> wg_p: array<vec4<f32>, 256>;
+var<workgroup> wg_q: array<vec4<f32>, 256>;
+// vec4 per row of an L × L operand.
+const ROW4: u32 = SHARED_N / 4u;
+
+fn set_p(e: u32, x: f32) {
+    wg_p[e / 4u][e % 4u] = x;
+}
+
+fn set_q(e: u32, x: f32) {
+    wg_q[e / 4u][e % 4u] = x;
+}
+
+// The 2 × 2 micro-tile of C = P Qᵀ (P = wg_p, Q = wg_q) of invocation lid: rows
+// r, r + 1 and columns c, c + 1 with r = 2·(lid / 16), c = 2·(lid % 16), as
+// (C[r, c], C[r, c + 1], C[r + 1, c], C[r + 1, c + 1]).
+fn tile_product(lid: u32) -> vec4<f32> {
+    let r = (lid / 16u) * 2u;
+    let c = (lid % 16u) * 2u;
+    var acc = vec4<f32>(0.0);
+    for (var k = 0u; k < ROW4; k++) {
+        let p0 = wg_p[r * ROW4 + k];
+        let p1 = wg_p[(r + 1u) * ROW4 + k];
+        let q0 = wg_q[c * ROW4 + k];
+        let q1 = wg_q[(c + 1u) * ROW4 + k];
+        acc += vec4<f32>(dot(p0, q0), dot(p0, q1), dot(p1, q0), dot(p1, q1));
+    }
+    return acc;
+}
+
+// Per matrix, workgroups [0, h²) are the A tiles (I, J) = (t / h, t % h) (I ≥ J idles),
+// workgroups [h², h² + h·⌈n/L⌉) the W tiles (slot I, columns [c·L, c·L + L)). Every
+// product is P Qᵀ of two row-major tiles in workgroup memory (`tile_product`).
+@compute @workgroup_size(256)
+fn block_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let n = bp_params.n;
+    let h = bp_params.blocks / 2u;
+    let chunks = (n + SHARED_N - 1u) / SHARED_N;
+    let per_matrix = h * h + h * chunks;
+    let g = wid.x + wid.y * nwg.x;
+    if (g >= bp_params.batch * per_matrix) {
+        return;
+    }
+    let b = g / per_matrix;
+    let t = g % per_matrix;
+    let base = b * n * n;
+    let ll = SHARED_N * SHARED_N;
+    let r = (lid / 16u) * 2u;
+    let c = (lid % 16u) * 2u;
+    if (t < h * h) {
+        let si = t / h;
+        let sj = t % h;
+        if (si >= sj) {
+            return;
+        }
+        let pi = pair_of(bp_params.round, si, bp_params.blocks);
+        let pj = pair_of(bp_params.round, sj, bp_params.blocks);
+        // P = A[I, J], Q = R_Jᵀ: T = P Qᵀ = A[I, J] R_J.
+        for (var e = lid; e < ll; e += WG) {
+            let i = block_index(pi, e / SHARED_N);
+            let j = block_index(pj, e % SHARED_N);
+            var x = 0.0;
+            if (i < n && j < n) {
+                x = bp_work_a[base + i * n + j];
+            }
+            set_p(e, x);
+            set_q(e, bp_rot[(b * h + sj) * ll + e]);
+        }
+        workgroupBarrier();
+        let tt = tile_product(lid);
+        workgroupBarrier();
+        // P = R_Iᵀ, Q = Tᵀ: P Qᵀ = R_Iᵀ A[I, J] R_J.
+        set_q(c * SHARED_N + r, tt.x);
+        set_q((c + 1u) * SHARED_N + r, tt.y);
+        set_q(c * SHARED_N + r + 1u, tt.z);
+        set_q((c + 1u) * SHARED_N + r + 1u, tt.w);
+        for (var e = lid; e < ll; e += WG) {
+            set_p(e, bp_rot[(b * h + si) * ll + e]);
+        }
+        workgroupBarrier();
+        let out = tile_product(lid);
+        let i0 = block_index(pi, r);
+        let i1 = block_index(pi, r + 1u);
+        let j0 = block_index(pj, c);
+        let j1 = block_index(pj, c + 1u);
+        write_symmetric(base, n, i0, j0, out.x);
+        write_symmetric(base, n, i0, j1, out.y);
+        write_symmetric(base, n, i1, j0, out.z);
+        write_symmetric(base, n, i1, j1, out.w);
+        return;
+    }
+    let si = (t - h * h) / chunks;
+    let c0 = ((t - h * h) % chunks) * SHARED_N;
+    let pi = pair_of(bp_params.round, si, bp_params.blocks);
+    // P = R_Iᵀ, Q = W[I, c0 .. c0 + L]ᵀ: P Qᵀ = R_Iᵀ W[I, c0 .. c0 + L].
+    for (var e = lid; e < ll; e += WG) {
+        let k = e / SHARED_N;
+        let col = e % SHARED_N;
+        let i = block_index(pi, k);
+        var x = 0.0;
+        if (i < n && c0 + col < n) {
+            x = bp_work_w[base + i * n + c0 + col];
+        }
+        set_q(col * SHARED_N + k, x);
+        set_p(e, bp_rot[(b * h + si) * ll + e]);
+    }
+    workgroupBarrier();
+    let out = tile_product(lid);
+    let i0 = block_index(pi, r);
+    let i1 = block_index(pi, r + 1u);
+    let col0 = c0 + c;
+    let col1 = c0 + c + 1u;
+    if (i0 < n && col0 < n) {
+        bp_work_w[base + i0 * n + col0] = out.x;
+    }
+    if (i0 < n && col1 < n) {
+        bp_work_w[base + i0 * n + col1] = out.y;
+    }
+    if (i1 < n && col0 < n) {
+        bp_work_w[base + i1 * n + col0] = out.z;
+    }
+    if (i1 < n && col1 < n) {
+        bp_work_w[base + i1 * n + col1] = out.w;
+    }
+}
+
+// A[i, j] = A[j, i] = x when both indices are real.
+fn write_symmetric(base: u32, n: u32, i: u32, j: u32, x: f32) {
+    if (i < n && j < n) {
+        bp_work_a[base + i * n + j] = x;
+        bp_work_a[base + j * n + i] = x;
+    }
 }

@@ -101,6 +101,11 @@ pub fn run_digits() -> Result<String> {
                 );
             }
         }
+        let _ = writeln!(
+            report,
+            "  {name:<6} zero eigenvalues ours {} curvlinops {}",
+            ours.zero_eigenvalues, theirs["zero_eigenvalues"]
+        );
     };
     compare(&mut report, "KFAC", &summary.kfac, &reference["kfac"]);
     if let Some(e) = &summary.ekfac {

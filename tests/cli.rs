@@ -572,3 +572,33 @@ fn apply_rejects_bad_inputs() {
     let out = apply(&state, &vectors, &["--inverse", "--damping-mode", "plain"]);
     assert_fails(&out, "exact", &[&out_path]);
 }
+
+/// `--check-deterministic` fits twice and requires bitwise-equal results (no float
+/// atomics anywhere, so this must pass), and `--init-state` warm-starts from an
+/// earlier state; both write a state that loads.
+#[test]
+fn fit_checks_determinism_and_warm_starts() {
+    let dir = fixture("cnn_c_mse_mean_type2_expand_sep");
+    let expected = expected_json(&dir);
+    let tmp = tempfile::tempdir().unwrap();
+    let first = tmp.path().join("first.safetensors");
+    let out = run(&with(
+        fit_args(&dir, &expected),
+        &["--check-deterministic", "--out", s(&first)],
+    ));
+    assert_success(&out, "fit --check-deterministic");
+    let second = tmp.path().join("second.safetensors");
+    let out = run(&with(
+        fit_args(&dir, &expected),
+        &["--init-state", s(&first), "--out", s(&second)],
+    ));
+    assert_success(&out, "fit --init-state");
+    assert!(ekfac::curvature::state::CurvatureState::load(&second).is_ok());
+    let missing = tmp.path().join("nope.safetensors");
+    let third = tmp.path().join("third.safetensors");
+    let out = run(&with(
+        fit_args(&dir, &expected),
+        &["--init-state", s(&missing), "--out", s(&third)],
+    ));
+    assert_fails(&out, "nope.safetensors", &[&third]);
+}

@@ -3,8 +3,10 @@
 //! Every input is rounded to f32 first and the reference is computed in f64 on exactly
 //! those f32 values, so the comparison measures the GPU solver alone. Tolerances are the
 //! accuracy targets of the issue: an f32 solver can reach `‖AV−VΛ‖_F/‖A‖_F` and
-//! `‖VᵀV−I‖_F` of a few `n·ε_f32` (ε ≈ 6e-8, so ~1e-5 at n = 256), eigenvalue errors
-//! of a few `ε·‖A‖_2` (Weyl's bound for a backward-stable method).
+//! `‖VᵀV−I‖_F` of a few `n·ε_f32` (ε ≈ 6e-8, so ~1e-5 at n = 256). Eigenvalues follow
+//! from the residual: for symmetric `A` and (nearly) orthonormal `V`, every computed
+//! eigenvalue lies within `‖AV−VΛ‖_F` of an exact one (Bauer–Fike), so the eigenvalue
+//! errors are held to the residual target times `‖A‖_F`.
 
 mod common;
 
@@ -89,18 +91,20 @@ struct Accuracy {
     residual: f64,
     /// ‖VᵀV − I‖_F
     orthogonality: f64,
-    /// max |λ − λ_ref| / ‖A‖_2
+    /// max |λ − λ_ref| / ‖A‖_F
     eigenvalues: f64,
 }
 
 impl Accuracy {
+    /// The eigenvalue errors get the residual's bound (1e-5 up to n = 256, 3e-5 above),
+    /// both relative to `‖A‖_F` (module doc).
     fn assert_within(&self, residual: f64, orthogonality: f64, what: &str) {
         assert!(
             self.residual <= residual
                 && self.orthogonality <= orthogonality
-                && self.eigenvalues <= 1e-5,
-            "{what}: {self:?} exceeds residual {residual:e}, orthogonality {orthogonality:e}, \
-             eigenvalues 1e-5"
+                && self.eigenvalues <= residual,
+            "{what}: {self:?} exceeds residual and eigenvalues {residual:e}, orthogonality \
+             {orthogonality:e}"
         );
     }
 }
@@ -113,7 +117,6 @@ fn accuracy(a: &[f32], n: usize, values: &[f32], vectors: &[f32]) -> Accuracy {
         .self_adjoint_eigen(Side::Lower)
         .expect("faer reference eigendecomposition");
     let lambda_ref = reference.S().column_vector();
-    let norm2 = (0..n).map(|i| lambda_ref[i].abs()).fold(0.0, f64::max);
     let norm_f = am.norm_l2();
     assert!(
         values.windows(2).all(|w| w[0] <= w[1]),
@@ -129,7 +132,7 @@ fn accuracy(a: &[f32], n: usize, values: &[f32], vectors: &[f32]) -> Accuracy {
     Accuracy {
         residual: residual.norm_l2() / norm_f.max(f64::MIN_POSITIVE),
         orthogonality: gram_error.norm_l2(),
-        eigenvalues: eigenvalues / norm2.max(f64::MIN_POSITIVE),
+        eigenvalues: eigenvalues / norm_f.max(f64::MIN_POSITIVE),
     }
 }
 
@@ -260,6 +263,45 @@ fn global_path_large() {
     }
 }
 
+/// The blocked path at n = 300: 19 blocks of 16 indices (the last one partial) plus a
+/// phantom block, so 10 block pairs per round, on every kind of spectrum.
+#[test]
+fn blocked_path_n300() {
+    for spectrum in ALL {
+        check_one(300, spectrum, JacobiPath::Blocked, 1e-5, 1e-4);
+    }
+}
+
+/// The blocked path on sizes below, at and just above one block pair (2 · 16 indices).
+#[test]
+fn blocked_path_small_sizes() {
+    check_sizes(&[1, 2, 17, 32, 33, 70], JacobiPath::Blocked, 1e-5, 1e-4);
+}
+
+/// Slow on the software driver: run with `--ignored` on a real GPU. Looser targets
+/// for large n (issue 4): rounding grows with the number of rotations per entry.
+#[test]
+#[ignore]
+fn blocked_path_large() {
+    for n in [1024, 2048] {
+        for spectrum in ALL {
+            check_one(n, spectrum, JacobiPath::Blocked, 3e-5, 2e-4);
+        }
+    }
+}
+
+/// Times the blocked and global paths at n = 300 and 512 (prints the times; checks
+/// only the accuracy targets of large n).
+#[test]
+#[ignore]
+fn blocked_and_global_timings() {
+    for n in [300, 512] {
+        for path in [JacobiPath::Blocked, JacobiPath::Global] {
+            check_one(n, Spectrum::Spread, path, 3e-5, 2e-4);
+        }
+    }
+}
+
 /// A symmetric perturbation of relative Frobenius size `eps`.
 fn perturb(a: &[f32], n: usize, eps: f64, rng: &mut TestRng) -> Vec<f32> {
     let norm = a.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
@@ -284,6 +326,7 @@ fn warm_start_needs_fewer_sweeps_than_cold() {
         (24, JacobiPath::Workgroup),
         (64, JacobiPath::Workgroup),
         (40, JacobiPath::Global),
+        (150, JacobiPath::Blocked),
     ] {
         let opts = JacobiOptions {
             path,
@@ -376,7 +419,11 @@ fn bad_inputs_are_errors() {
     let err = eigh(&ctx, &square, &warm).unwrap_err().to_string();
     assert!(err.contains("[4, 4]") && err.contains("[3, 3]"), "{err}");
 
-    for path in [JacobiPath::Workgroup, JacobiPath::Global] {
+    for path in [
+        JacobiPath::Workgroup,
+        JacobiPath::Global,
+        JacobiPath::Blocked,
+    ] {
         let mut a = vec![0f32; 2 * 4 * 4];
         a[16 + 5] = f32::NAN;
         let t = ctx.upload(&a, &[2, 4, 4]).unwrap();

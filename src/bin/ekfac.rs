@@ -219,20 +219,16 @@ fn run_fit(args: &FitArgs) -> Result<()> {
     }
     fitted.timings.load = load_ms;
     let start = Instant::now();
-    let summary = Summary::new(
+    let mut summary = Summary::new(
         &fitted.state,
         args.damping,
         fitted.timings.clone(),
         fitted.peak_gpu_bytes,
     );
-    fitted.timings.scalars = ms(start);
+    summary.timings_ms.scalars = ms(start);
     let start = Instant::now();
     fitted.state.save(&args.out)?;
-    fitted.timings.save = ms(start);
-    let summary = Summary {
-        timings_ms: fitted.timings.clone(),
-        ..summary
-    };
+    summary.timings_ms.save = ms(start);
     print!("{}", summary.render());
     if let Some(path) = &args.summary {
         write_json(path, &summary)?;

@@ -18,6 +18,7 @@
 //! the Philox contract of [`crate::rng`]), so the logits never leave the GPU, and both
 //! passes see the same samples.
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use crate::curvature::layout::{BlockKind, CurvatureLayer, ParamLayout};
@@ -36,7 +37,7 @@ use crate::ops::gemm::{Gemm, gemm};
 use crate::ops::im2col::im2col_group_mean;
 use crate::ops::jacobi::{JacobiOptions, eigh};
 use crate::ops::loss::{GpuTargets, record_backprop_vectors};
-use crate::ops::reduce::{append_ones_column, copy, square, transpose};
+use crate::ops::reduce::{Sum, append_ones_column, copy, square, sum_cols, sum_rows, transpose};
 
 /// Wall-clock milliseconds of the phases of a fit.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq)]
@@ -49,10 +50,43 @@ pub struct Timings {
     pub save: f64,
 }
 
+/// GPU milliseconds of the compute passes of each phase of a fit, from timestamp
+/// queries ([`GpuContext::set_profiling`]). Only the time the GPU spends inside the
+/// crate's compute passes: uploads, readbacks, host work and gaps between passes are
+/// not included, so each phase is at most about its wall-clock time in [`Timings`].
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct GpuTimings {
+    pub factors: f64,
+    pub eigendecomposition: f64,
+    pub correction: f64,
+}
+
+/// GPU phase labels of a fit ([`GpuContext::gpu_phase`]).
+const FACTORS_PHASE: &str = "factors";
+const EIGENDECOMPOSITION_PHASE: &str = "eigendecomposition";
+const CORRECTION_PHASE: &str = "correction";
+
+impl GpuTimings {
+    /// The fit's phases from the context's GPU totals before and after the fit.
+    fn between(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> Self {
+        let phase = |label: &str| {
+            after.get(label).copied().unwrap_or(0.0) - before.get(label).copied().unwrap_or(0.0)
+        };
+        Self {
+            factors: phase(FACTORS_PHASE),
+            eigendecomposition: phase(EIGENDECOMPOSITION_PHASE),
+            correction: phase(CORRECTION_PHASE),
+        }
+    }
+}
+
 /// What a fit produced besides the state.
 pub struct Fitted {
     pub state: CurvatureState,
+    /// Wall-clock times of the phases.
     pub timings: Timings,
+    /// GPU times of the phases when the context was profiling, otherwise `None`.
+    pub gpu_timings_ms: Option<GpuTimings>,
     /// Largest number of bytes of GPU buffers the crate held at once during the fit.
     pub peak_gpu_bytes: u64,
 }
@@ -100,15 +134,14 @@ pub fn fit_from(
     if data.len == 0 {
         return Err(Error::Options("the dataset has no examples".into()));
     }
-    if options.batch_size == 0 {
-        return Err(Error::Options("batch size must be at least 1".into()));
-    }
     check_all_targets(data, options, model.num_outputs())?;
     ctx.memory().reset_peak();
     let network = Sequential::new(ctx, model)?;
     let mut timings = Timings::default();
+    let gpu_before = ctx.gpu_times_ms()?;
 
     let start = Instant::now();
+    let phase = ctx.gpu_phase(FACTORS_PHASE);
     let chunks = chunking(
         ctx,
         &network,
@@ -117,8 +150,10 @@ pub fn fit_from(
     )?;
     let accumulators = factor_pass(ctx, &network, &model.spec, data, options, &layout, chunks)?;
     timings.factors = ms(start);
+    drop(phase);
 
     let start = Instant::now();
+    let phase = ctx.gpu_phase(EIGENDECOMPOSITION_PHASE);
     let bases = layout
         .layers
         .iter()
@@ -143,8 +178,10 @@ pub fn fit_from(
         .collect::<Result<Vec<_>>>()?;
     drop(accumulators);
     timings.eigendecomposition = ms(start);
+    drop(phase);
 
     let start = Instant::now();
+    let phase = ctx.gpu_phase(CORRECTION_PHASE);
     let corrected = if options.fisher == FisherType::ForwardOnly {
         None
     } else {
@@ -160,6 +197,11 @@ pub fn fit_from(
         )?)
     };
     timings.correction = ms(start);
+    drop(phase);
+    let gpu_timings_ms = match (gpu_before, ctx.gpu_times_ms()?) {
+        (Some(before), Some(after)) => Some(GpuTimings::between(&before, &after)),
+        _ => None,
+    };
 
     let meta = StateMeta {
         format: FORMAT_NAME.into(),
@@ -199,6 +241,7 @@ pub fn fit_from(
     Ok(Fitted {
         state,
         timings,
+        gpu_timings_ms,
         peak_gpu_bytes: ctx.memory().peak_bytes(),
     })
 }
@@ -534,28 +577,16 @@ impl<'a> LayerView<'a> {
         Ok(Held::Owned(out))
     }
 
-    /// Output gradients summed over positions, `[V·B, d_out]`.
-    fn summed_grads<'t>(
-        &self,
-        rec: &mut Recorder,
-        keep: &mut Vec<Held<'t>>,
-        grads: &'t GpuTensor,
-    ) -> Result<Held<'t>> {
+    /// Output gradients summed over positions, `[V·B, d_out]` (the NCHW gradients as
+    /// `[V·B·d_out, S]` rows, each summed).
+    fn summed_grads<'t>(&self, rec: &mut Recorder, grads: &'t GpuTensor) -> Result<Held<'t>> {
         if self.conv.is_none() {
             return Ok(Held::Borrowed(grads));
         }
         let (s, d_out) = (self.layer.positions, self.layer.d_out);
         let rows = grads.len() / s;
-        let ones = self.ctx.upload(&vec![1.0; s], &[s, 1])?;
         let out = self.ctx.zeros(&[rows / d_out, d_out])?;
-        gemm(
-            rec,
-            &Gemm::new(rows, 1, s, false, false),
-            grads,
-            &ones,
-            &out,
-        )?;
-        keep.push(Held::Owned(ones));
+        sum_cols(rec, grads, &out, &Sum::new(rows, s))?;
         Ok(Held::Owned(out))
     }
 
@@ -564,13 +595,12 @@ impl<'a> LayerView<'a> {
     fn factor_grads<'t>(
         &self,
         rec: &mut Recorder,
-        keep: &mut Vec<Held<'t>>,
         grads: &'t GpuTensor,
         approx: KfacApprox,
     ) -> Result<Held<'t>> {
         match approx {
             KfacApprox::Expand => self.expand_grads(rec, grads),
-            KfacApprox::Reduce => self.summed_grads(rec, keep, grads),
+            KfacApprox::Reduce => self.summed_grads(rec, grads),
         }
     }
 }
@@ -648,7 +678,6 @@ fn factor_pass(
                 if let Some(g) = &acc.gradient {
                     let grads = view.factor_grads(
                         &mut rec,
-                        &mut keep,
                         backward.output_grad(layer.layer),
                         options.approx,
                     )?;
@@ -686,7 +715,6 @@ fn correction_pass(
         let len = chunks.examples.min(data.len - start);
         let pass = run_batch(ctx, network, data, options, start, len)?;
         let kappa = pass.kappa as f32;
-        let ones = ctx.upload(&vec![1.0; len], &[1, len])?;
         let views: Vec<LayerView> = layout
             .layers
             .iter()
@@ -781,17 +809,16 @@ fn correction_pass(
                         }
                         (BlockKind::Bias, _) => {
                             // λ += κ 1ᵀ Σ_v (Q_Gᵀ Σ_s g_{v,s})^∘2.
-                            let summed = view.summed_grads(&mut rec, &mut keep, grads)?;
+                            let summed = view.summed_grads(&mut rec, grads)?;
                             let h = rotated_square_sum(
                                 ctx, &mut rec, &mut keep, &summed, q_g, nv, len, d_out,
                             )?;
-                            gemm(
-                                &mut rec,
-                                &Gemm::new(1, d_out, len, false, false).scaled(kappa, 1.0),
-                                &ones,
-                                &h,
-                                &corrected[b],
-                            )?;
+                            let sum = Sum {
+                                alpha: kappa,
+                                beta: 1.0,
+                                ..Sum::new(len, d_out)
+                            };
+                            sum_rows(ctx, &mut rec, &h, &corrected[b], &sum)?;
                             keep.push(summed);
                             keep.push(Held::Owned(h));
                         }

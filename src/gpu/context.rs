@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::gpu::pipeline::PipelineCache;
+use crate::gpu::profiler::Profiler;
 
 /// Counts the bytes of GPU buffers the crate has allocated: what is live now and the peak.
 #[derive(Debug, Default)]
@@ -67,6 +68,8 @@ pub struct GpuContext {
     lost: Arc<Mutex<Option<String>>>,
     pub(crate) memory: Arc<MemoryCounter>,
     memory_budget: AtomicU64,
+    /// Timestamp bookkeeping while GPU profiling is on; `None` (no queries) while off.
+    profiler: Mutex<Option<Profiler>>,
 }
 
 /// How `EKFAC_FEATURES` restricts the device.
@@ -194,6 +197,7 @@ impl GpuContext {
             lost,
             memory: Arc::new(MemoryCounter::default()),
             memory_budget,
+            profiler: Mutex::new(None),
         }
     }
 
@@ -226,9 +230,14 @@ impl GpuContext {
         &self.memory
     }
 
-    /// Whether GPU timestamp queries are available for phase timing.
+    /// Whether GPU timestamp queries are available for phase timing
+    /// ([`GpuContext::set_profiling`]).
     pub fn has_timestamps(&self) -> bool {
         self.features.contains(wgpu::Features::TIMESTAMP_QUERY)
+    }
+
+    pub(crate) fn profiler_lock(&self) -> std::sync::MutexGuard<'_, Option<Profiler>> {
+        self.profiler.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Returns the first error the uncaptured-error handler or the device-lost callback

@@ -339,7 +339,9 @@ impl<'a> Recorder<'a> {
     }
 
     /// Encodes every recorded dispatch into one compute pass and submits it. Does not
-    /// wait; reading a tensor back (or [`GpuContext::wait`]) synchronises.
+    /// wait; reading a tensor back (or [`GpuContext::wait`]) synchronises. While GPU
+    /// profiling is on the pass writes timestamps at its beginning and end
+    /// ([`crate::gpu::profiler`]).
     pub fn submit(self) -> Result<()> {
         if self.steps.is_empty() {
             return Ok(());
@@ -348,8 +350,14 @@ impl<'a> Recorder<'a> {
             .ctx
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
+        let mut profiler = self.ctx.profiler_lock();
         {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: None,
+                timestamp_writes: profiler
+                    .as_mut()
+                    .map(|p| p.timestamp_writes(&self.ctx.device)),
+            });
             for step in &self.steps {
                 pass.set_pipeline(&step.pipeline.pipeline);
                 pass.set_bind_group(0, &step.bind_group, &[]);
@@ -357,6 +365,10 @@ impl<'a> Recorder<'a> {
                 pass.dispatch_workgroups(x, y, z);
             }
         }
+        if let Some(p) = profiler.as_mut() {
+            p.after_pass(&self.ctx.device, &mut encoder);
+        }
+        drop(profiler);
         self.ctx.queue.submit([encoder.finish()]);
         self.ctx.check_errors("submitting GPU work")
     }

@@ -5,25 +5,30 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::gpu::context::{GpuContext, MemoryCounter};
 
-/// A dense, row-major array of 4-byte elements (`f32`, or `u32` where a kernel says so)
-/// in one storage buffer. The buffer is counted by the context's [`MemoryCounter`]
-/// while it lives.
-pub struct GpuTensor {
+/// One storage buffer, counted by the context's [`MemoryCounter`] while it lives.
+struct Allocation {
     buffer: wgpu::Buffer,
-    shape: Vec<usize>,
     bytes: u64,
     memory: Arc<MemoryCounter>,
+}
+
+impl Drop for Allocation {
+    fn drop(&mut self) {
+        self.memory.release(self.bytes);
+    }
+}
+
+/// A dense, row-major array of 4-byte elements (`f32`, or `u32` where a kernel says so)
+/// in one storage buffer. Several tensors may view the same buffer with different
+/// shapes ([`GpuTensor::view`]); the buffer lives, and is counted, until the last goes.
+pub struct GpuTensor {
+    allocation: Arc<Allocation>,
+    shape: Vec<usize>,
 }
 
 impl std::fmt::Debug for GpuTensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "GpuTensor{:?}", self.shape)
-    }
-}
-
-impl Drop for GpuTensor {
-    fn drop(&mut self) {
-        self.memory.release(self.bytes);
     }
 }
 
@@ -45,20 +50,26 @@ impl GpuTensor {
 
     /// The underlying buffer (`STORAGE | COPY_SRC | COPY_DST`).
     pub fn buffer(&self) -> &wgpu::Buffer {
-        &self.buffer
+        &self.allocation.buffer
     }
 
-    /// Changes the shape without moving data; the element count must stay the same.
-    pub fn reshape(mut self, shape: &[usize]) -> Result<Self> {
-        let len: usize = shape.iter().product();
-        if len != self.len() {
+    /// The same buffer seen with another shape of the same element count (no copy).
+    pub fn view(&self, shape: &[usize]) -> Result<Self> {
+        if shape.iter().product::<usize>() != self.len() {
             return Err(Error::gpu(
                 "reshape",
                 format!("cannot view {:?} as {shape:?}", self.shape),
             ));
         }
-        self.shape = shape.to_vec();
-        Ok(self)
+        Ok(Self {
+            allocation: self.allocation.clone(),
+            shape: shape.to_vec(),
+        })
+    }
+
+    /// Changes the shape without moving data; the element count must stay the same.
+    pub fn reshape(self, shape: &[usize]) -> Result<Self> {
+        self.view(shape)
     }
 }
 
@@ -92,10 +103,12 @@ impl GpuContext {
         }
         self.memory.allocate(bytes);
         Ok(GpuTensor {
-            buffer,
+            allocation: Arc::new(Allocation {
+                buffer,
+                bytes,
+                memory: self.memory.clone(),
+            }),
             shape: shape.to_vec(),
-            bytes,
-            memory: self.memory.clone(),
         })
     }
 

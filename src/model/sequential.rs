@@ -50,7 +50,7 @@ pub struct Sequential {
 pub struct Forward {
     batch: usize,
     /// `activations[i]` is the input of layer `i` (`[B, *shape_i]`); the last entry is
-    /// the network output `[B, C]`. Flatten shares its input's buffer.
+    /// the network output `[B, C]`. Flatten's output is a view of its input's buffer.
     activations: Vec<Rc<GpuTensor>>,
 }
 
@@ -214,7 +214,7 @@ impl Sequential {
             let x = activations[i].clone();
             let out_shape = batched(batch, &self.shapes[i + 1]);
             if let GpuLayer::Flatten = layer {
-                activations.push(x);
+                activations.push(Rc::new(x.view(&out_shape)?));
                 continue;
             }
             let y = ctx.zeros(&out_shape)?;

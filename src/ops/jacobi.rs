@@ -24,6 +24,18 @@
 //!   (rotation parameters, then their application to `A` and the eigenbasis), all steps
 //!   of a sweep go into one pass, and the off-diagonal norm is read back once per sweep
 //!   as per-workgroup partial sums that the host adds in a fixed order.
+//! - [`JacobiPath::Blocked`] (automatic above `n = 128`, any size): block Jacobi. The
+//!   indices are cut into blocks of 16 (rounded up to an even number of blocks; indices
+//!   past `n` are phantoms that never mix with real ones), and a sweep is the
+//!   round-robin over blocks: `blocks − 1` rounds, each pairing all blocks disjointly.
+//!   Per round, `block_solve` diagonalises each pair's 32 × 32 sub-matrix in workgroup
+//!   memory (inner cyclic Jacobi sweeps until its off-diagonal norm is below
+//!   `tol · ‖A‖_F / blocks`, so a sweep that leaves every pair alone has converged; at
+//!   most 8), sorts the pair's diagonal ascending and stores the rotation;
+//!   `block_apply` then applies the rotations to the other 32 × 32 tiles of `A`
+//!   (`R_Iᵀ A_IJ R_J`) and to the eigenbasis (2 × 2 register tiles, vec4 operands). Two dispatches per round instead of two
+//!   per step, each tile product in workgroup memory; the sweep loop, readback and
+//!   convergence test are the global path's.
 //!
 //! Both are deterministic: fixed reduction orders, no float atomics (only an integer OR
 //! that flags NaN or Inf). Limit: a batch whose `batch · n² · 4` bytes
@@ -43,6 +55,8 @@ const SHARED_MAX_N: usize = 32;
 const WORKGROUP_MAX_N: usize = 256;
 /// Largest `n` for which [`JacobiPath::Auto`] picks one workgroup per matrix.
 const AUTO_WORKGROUP_MAX_N: usize = 128;
+/// Indices per block of the blocked path (`BLOCK` in the shader, half of `SHARED_N`).
+const BLOCK: usize = 16;
 /// Elements of one matrix summed per workgroup by `global_norms` (`NORM_CHUNK`).
 const NORM_CHUNK: usize = 4096;
 /// Invocations per workgroup of every kernel in the shader.
@@ -51,7 +65,7 @@ const WORKGROUP_SIZE: usize = 256;
 /// Which kernel runs the sweeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum JacobiPath {
-    /// [`JacobiPath::Workgroup`] up to `n = 128`, [`JacobiPath::Global`] above.
+    /// [`JacobiPath::Workgroup`] up to `n = 128`, [`JacobiPath::Blocked`] above.
     #[default]
     Auto,
     /// One workgroup per matrix and one dispatch per sweep (`n ≤ 256`; workgroup memory
@@ -59,6 +73,9 @@ pub enum JacobiPath {
     Workgroup,
     /// Two dispatches per step over the whole batch; any `n` that fits one binding.
     Global,
+    /// Block pairs of 32 indices diagonalised in workgroup memory, two dispatches per
+    /// round of block pairs; any `n` that fits one binding (meant for `n` above 128).
+    Blocked,
 }
 
 /// Options of [`eigh`].
@@ -160,10 +177,10 @@ pub fn eigh(ctx: &GpuContext, matrices: &GpuTensor, opts: &JacobiOptions) -> Res
         }
         None => (matrices, None),
     };
-    let use_workgroup = match opts.path {
-        JacobiPath::Auto => n <= AUTO_WORKGROUP_MAX_N,
-        JacobiPath::Workgroup => true,
-        JacobiPath::Global => false,
+    let path = match opts.path {
+        JacobiPath::Auto if n <= AUTO_WORKGROUP_MAX_N => JacobiPath::Workgroup,
+        JacobiPath::Auto => JacobiPath::Blocked,
+        path => path,
     };
     let problem = Problem {
         batch,
@@ -171,10 +188,10 @@ pub fn eigh(ctx: &GpuContext, matrices: &GpuTensor, opts: &JacobiOptions) -> Res
         input,
         start,
     };
-    let (values, vectors, sweeps, off_diagonal) = if use_workgroup {
-        workgroup_path(ctx, rec, &problem, opts)?
-    } else {
-        global_path(ctx, rec, &problem, opts)?
+    let (values, vectors, sweeps, off_diagonal) = match path {
+        JacobiPath::Workgroup => workgroup_path(ctx, rec, &problem, opts)?,
+        JacobiPath::Global => global_path(ctx, rec, &problem, opts)?,
+        JacobiPath::Blocked | JacobiPath::Auto => blocked_path(ctx, rec, &problem, opts)?,
     };
     Ok(Eigen {
         values: values.reshape(&values_shape)?,
@@ -420,52 +437,16 @@ fn workgroup_path(
 /// Two dispatches per step over the whole batch, one pass and one readback per sweep.
 fn global_path(
     ctx: &GpuContext,
-    mut rec: Recorder,
+    rec: Recorder,
     problem: &Problem,
     opts: &JacobiOptions,
 ) -> Result<Decomposition> {
     let Problem { batch, n, .. } = *problem;
     let m = n + (n & 1);
     let h = m / 2;
-    let chunks = (n * n).div_ceil(NORM_CHUNK);
-    let work = problem.record_init(ctx, &mut rec)?;
     let rotations = ctx.zeros(&[batch, h, 4])?;
-    let partials = ctx.zeros(&[batch, chunks, 3])?;
     let kernel = |entry| Kernel::new(&super::JACOBI, entry);
-    let record_norms = |rec: &mut Recorder| {
-        rec.dispatch(
-            &kernel("global_norms"),
-            &[&work.a],
-            &[&partials],
-            &problem.words(0),
-            grid_1d((batch * chunks) as u32),
-        )
-    };
-    // ‖offdiag(A)‖_F / ‖A‖_F per matrix, from the partial sums in a fixed order; an
-    // error for NaN or Inf.
-    let read_off_diagonal = || -> Result<Vec<f64>> {
-        let sums = ctx.read(&partials)?;
-        let mut off = Vec::with_capacity(batch);
-        let mut bad = Vec::with_capacity(batch);
-        for matrix in sums.chunks(3 * chunks) {
-            let (mut off_sq, mut total_sq) = (0.0f64, 0.0f64);
-            for part in matrix.chunks(3) {
-                off_sq += f64::from(part[0]);
-                total_sq += f64::from(part[1]);
-            }
-            off.push((off_sq / total_sq.max(f64::MIN_POSITIVE)).sqrt());
-            bad.push(matrix.chunks(3).any(|part| part[2] != 0.0));
-        }
-        worst_off_diagonal(&off, &bad)?;
-        Ok(off)
-    };
-    record_norms(&mut rec)?;
-    rec.submit()?;
-    let mut off = read_off_diagonal()?;
-    let mut done: Vec<bool> = off.iter().map(|&x| stop(x, 0, opts)).collect();
-    let mut sweeps = 0;
-    while done.iter().any(|d| !d) {
-        let mut rec = ctx.recorder();
+    sweep_until_done(ctx, rec, problem, opts, |rec, work, _| {
         for step in 0..m - 1 {
             rec.dispatch(
                 &kernel("global_rotations"),
@@ -482,9 +463,109 @@ fn global_path(
                 groups(batch * (h * h + h * n)),
             )?;
         }
+        Ok(())
+    })
+}
+
+/// Block pairs of `2 · BLOCK` indices, two dispatches per round (`blocks − 1` rounds
+/// per sweep), one pass and one readback per sweep.
+fn blocked_path(
+    ctx: &GpuContext,
+    rec: Recorder,
+    problem: &Problem,
+    opts: &JacobiOptions,
+) -> Result<Decomposition> {
+    let Problem { batch, n, .. } = *problem;
+    let pair = 2 * BLOCK;
+    let blocks = n.div_ceil(pair) * 2;
+    let h = blocks / 2;
+    let tiles = h * h + h * n.div_ceil(pair);
+    let rotations = ctx.zeros(&[batch, h, pair, pair])?;
+    let kernel = |entry| Kernel::new(&super::JACOBI, entry);
+    sweep_until_done(ctx, rec, problem, opts, |rec, work, norms| {
+        // A block pair is solved once its off-diagonal norm is below
+        // tol · ‖A‖_F / blocks: when all pairs of a sweep are, A has converged.
+        let thresholds: Vec<f32> = norms
+            .iter()
+            .map(|&norm| (f64::from(opts.tol) * norm / blocks as f64) as f32)
+            .collect();
+        let thresholds = ctx.upload(&thresholds, &[batch])?;
+        for round in 0..blocks - 1 {
+            let words = [n as u32, batch as u32, round as u32, blocks as u32];
+            rec.dispatch(
+                &kernel("block_solve"),
+                &[&thresholds],
+                &[&work.a, &rotations],
+                &words,
+                grid_1d((batch * h) as u32),
+            )?;
+            rec.dispatch(
+                &kernel("block_apply"),
+                &[&rotations],
+                &[&work.a, &work.w],
+                &words,
+                grid_1d((batch * tiles) as u32),
+            )?;
+        }
+        Ok(())
+    })
+}
+
+/// The host-driven sweep loop of the global and blocked paths: records
+/// `global_init`, then per sweep `record_sweep` and `global_norms` into one pass,
+/// reads the off-diagonal norms back (per-workgroup partial sums added by the host in
+/// a fixed order; `record_sweep` also gets each matrix's `‖A‖_F`) and stops once every matrix meets [`stop`]; then sorts.
+fn sweep_until_done(
+    ctx: &GpuContext,
+    mut rec: Recorder,
+    problem: &Problem,
+    opts: &JacobiOptions,
+    record_sweep: impl Fn(&mut Recorder, &Work, &[f64]) -> Result<()>,
+) -> Result<Decomposition> {
+    let Problem { batch, n, .. } = *problem;
+    let chunks = (n * n).div_ceil(NORM_CHUNK);
+    let work = problem.record_init(ctx, &mut rec)?;
+    let partials = ctx.zeros(&[batch, chunks, 3])?;
+    let record_norms = |rec: &mut Recorder| {
+        rec.dispatch(
+            &Kernel::new(&super::JACOBI, "global_norms"),
+            &[&work.a],
+            &[&partials],
+            &problem.words(0),
+            grid_1d((batch * chunks) as u32),
+        )
+    };
+    // ‖offdiag(A)‖_F / ‖A‖_F and ‖A‖_F per matrix, from the partial sums in a fixed
+    // order; an error for NaN or Inf.
+    let read_off_diagonal = || -> Result<(Vec<f64>, Vec<f64>)> {
+        let sums = ctx.read(&partials)?;
+        let mut off = Vec::with_capacity(batch);
+        let mut bad = Vec::with_capacity(batch);
+        let mut norms = Vec::with_capacity(batch);
+        for matrix in sums.chunks(3 * chunks) {
+            let (mut off_sq, mut total_sq) = (0.0f64, 0.0f64);
+            for part in matrix.chunks(3) {
+                off_sq += f64::from(part[0]);
+                total_sq += f64::from(part[1]);
+            }
+            off.push((off_sq / total_sq.max(f64::MIN_POSITIVE)).sqrt());
+            norms.push(total_sq.sqrt());
+            bad.push(matrix.chunks(3).any(|part| part[2] != 0.0));
+        }
+        worst_off_diagonal(&off, &bad)?;
+        Ok((off, norms))
+    };
+    record_norms(&mut rec)?;
+    rec.submit()?;
+    let (mut off, norms) = read_off_diagonal()?;
+    let mut done: Vec<bool> = off.iter().map(|&x| stop(x, 0, opts)).collect();
+    let mut sweeps = 0;
+    while done.iter().any(|d| !d) {
+        let mut rec = ctx.recorder();
+        record_sweep(&mut rec, &work, &norms)?;
         record_norms(&mut rec)?;
         rec.submit()?;
-        off = read_off_diagonal()?;
+        off = read_off_diagonal()?.0;
         sweeps += 1;
         for (d, &x) in done.iter_mut().zip(&off) {
             *d = *d || stop(x, sweeps, opts);
