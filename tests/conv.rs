@@ -9,59 +9,32 @@ use ekfac::cpu::ops;
 use ekfac::geometry::Conv2dGeometry;
 use ekfac::ops::conv::{ConvBackward, ConvWorkspace, conv2d_backward, conv2d_forward};
 
-#[allow(clippy::too_many_arguments)]
-fn geometry(
-    batch: usize,
-    in_channels: usize,
-    out_channels: usize,
-    in_size: [usize; 2],
-    kernel_size: [usize; 2],
-    stride: [usize; 2],
-    padding: [usize; 2],
-    dilation: [usize; 2],
-    groups: usize,
-) -> Conv2dGeometry {
-    let geo = Conv2dGeometry {
-        batch,
-        in_channels,
-        out_channels,
-        in_size,
-        kernel_size,
-        stride,
-        padding,
-        dilation,
-        groups,
-    };
-    geo.validate("test").expect("valid test geometry");
-    geo
-}
-
 /// Awkward shapes with a bias flag: padding, stride 2, dilation 2, groups 2 and 4,
 /// rectangular kernels, 1×1 images (also padded).
 fn cases() -> Vec<(Conv2dGeometry, bool)> {
     vec![
         (
-            geometry(2, 3, 4, [5, 5], [3, 3], [1, 1], [1, 1], [1, 1], 1),
+            common::conv_geometry(2, 3, 4, [5, 5], [3, 3], [1, 1], [1, 1], [1, 1], 1),
             true,
         ),
         (
-            geometry(2, 4, 6, [7, 6], [2, 3], [2, 1], [1, 0], [1, 1], 2),
+            common::conv_geometry(2, 4, 6, [7, 6], [2, 3], [2, 1], [1, 0], [1, 1], 2),
             false,
         ),
         (
-            geometry(1, 2, 2, [8, 7], [3, 2], [1, 1], [2, 1], [2, 2], 1),
+            common::conv_geometry(1, 2, 2, [8, 7], [3, 2], [1, 1], [2, 1], [2, 2], 1),
             true,
         ),
         (
-            geometry(3, 2, 3, [1, 1], [1, 1], [1, 1], [0, 0], [1, 1], 1),
+            common::conv_geometry(3, 2, 3, [1, 1], [1, 1], [1, 1], [0, 0], [1, 1], 1),
             true,
         ),
         (
-            geometry(2, 4, 4, [1, 1], [3, 3], [1, 1], [1, 1], [1, 1], 4),
+            common::conv_geometry(2, 4, 4, [1, 1], [3, 3], [1, 1], [1, 1], [1, 1], 4),
             false,
         ),
         (
-            geometry(1, 6, 4, [9, 9], [3, 3], [2, 2], [1, 1], [2, 2], 2),
+            common::conv_geometry(1, 6, 4, [9, 9], [3, 3], [2, 2], [1, 1], [2, 2], 2),
             true,
         ),
     ]

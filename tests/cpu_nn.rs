@@ -27,25 +27,6 @@ fn spec(text: &str) -> ModelSpec {
     ModelSpec::from_json_str(text, "test model").unwrap()
 }
 
-/// A model with random weights in [-1, 1) scaled by 1/√fan_in.
-fn random_model(spec: ModelSpec, rng: &mut TestRng) -> Model {
-    let mut tensors = std::collections::HashMap::new();
-    for layer in &spec.layers {
-        let (Some(name), Some(shape)) = (layer.name(), layer.weight_shape()) else {
-            continue;
-        };
-        let fan_in: usize = shape[1..].iter().product();
-        let scale = 1.5 / (fan_in as f64).sqrt();
-        let n: usize = shape.iter().product();
-        let w = (0..n).map(|_| (rng.uniform() * scale) as f32).collect();
-        tensors.insert(format!("{name}.weight"), (shape, w));
-        if let Some(shape) = layer.bias_shape() {
-            tensors.insert(format!("{name}.bias"), (shape.clone(), rng.vec(shape[0])));
-        }
-    }
-    Model::new(spec, tensors).unwrap()
-}
-
 /// Relative Frobenius error of two f64 vectors.
 fn rel(got: &[f64], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len());
@@ -225,7 +206,7 @@ fn assert_no_kinks(model: &Model, trace: &nn::ForwardTrace) {
 #[test]
 fn mlp_backward_matches_finite_differences() {
     let mut rng = TestRng::new(1);
-    let model = random_model(
+    let model = common::random_model(
         spec(
             r#"{"input_shape": [5], "layers": [
             {"type": "linear", "name": "fc1", "in_features": 5, "out_features": 7},
@@ -248,7 +229,7 @@ fn cnn_backward_matches_finite_differences() {
     // → tanh → max-pool (2, stride 1, padding 1) [6,6,5] → conv (3, dilation 2,
     // padding 1, no bias) [4,4,3] → relu → avg-pool (2, stride 1, padding 1) [4,5,4]
     // → sigmoid → flatten [80] → linear [5].
-    let model = random_model(
+    let model = common::random_model(
         spec(
             r#"{"input_shape": [4, 9, 8], "layers": [
             {"type": "conv2d", "name": "c1", "in_channels": 4, "out_channels": 6,
@@ -274,7 +255,7 @@ fn cnn_backward_matches_finite_differences() {
 #[test]
 fn mlp_forward_matches_plain_loops() {
     let mut rng = TestRng::new(3);
-    let model = random_model(
+    let model = common::random_model(
         spec(
             r#"{"input_shape": [4], "layers": [
             {"type": "linear", "name": "a", "in_features": 4, "out_features": 3},

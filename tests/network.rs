@@ -17,7 +17,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use common::TestRng;
@@ -176,22 +175,7 @@ fn cnn_b_matches_pytorch_fixture() {
 
 /// A model with random weights in [-1, 1) scaled by 1.5/√fan_in, biases in [-1, 1).
 fn random_model(json: &str, rng: &mut TestRng) -> Model {
-    let spec = ModelSpec::from_json_str(json, "test model").unwrap();
-    let mut tensors = HashMap::new();
-    for layer in &spec.layers {
-        let (Some(name), Some(shape)) = (layer.name(), layer.weight_shape()) else {
-            continue;
-        };
-        let fan_in: usize = shape[1..].iter().product();
-        let scale = 1.5 / (fan_in as f64).sqrt();
-        let n: usize = shape.iter().product();
-        let w = (0..n).map(|_| (rng.uniform() * scale) as f32).collect();
-        tensors.insert(format!("{name}.weight"), (shape, w));
-        if let Some(shape) = layer.bias_shape() {
-            tensors.insert(format!("{name}.bias"), (shape.clone(), rng.vec(shape[0])));
-        }
-    }
-    Model::new(spec, tensors).unwrap()
+    common::random_model(ModelSpec::from_json_str(json, "test model").unwrap(), rng)
 }
 
 /// GPU against `cpu::nn` on random inputs and output gradients. Random f32 inputs put

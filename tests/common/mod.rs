@@ -139,3 +139,50 @@ pub fn fixture(name: &str) -> FixtureCase {
         columns,
     }
 }
+
+/// A model with random weights in [-1.5, 1.5)/√fan_in and biases in [-1, 1).
+pub fn random_model(spec: ekfac::model::ModelSpec, rng: &mut TestRng) -> ekfac::model::Model {
+    let mut tensors = std::collections::HashMap::new();
+    for layer in &spec.layers {
+        let (Some(name), Some(shape)) = (layer.name(), layer.weight_shape()) else {
+            continue;
+        };
+        let fan_in: usize = shape[1..].iter().product();
+        let scale = 1.5 / (fan_in as f64).sqrt();
+        let n: usize = shape.iter().product();
+        let w = (0..n).map(|_| (rng.uniform() * scale) as f32).collect();
+        tensors.insert(format!("{name}.weight"), (shape, w));
+        if let Some(shape) = layer.bias_shape() {
+            tensors.insert(format!("{name}.bias"), (shape.clone(), rng.vec(shape[0])));
+        }
+    }
+    ekfac::model::Model::new(spec, tensors).unwrap()
+}
+
+/// A validated conv2d geometry for kernel tests.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_geometry(
+    batch: usize,
+    in_channels: usize,
+    out_channels: usize,
+    in_size: [usize; 2],
+    kernel_size: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 2],
+    dilation: [usize; 2],
+    groups: usize,
+) -> ekfac::geometry::Conv2dGeometry {
+    let geo = ekfac::geometry::Conv2dGeometry {
+        batch,
+        in_channels,
+        out_channels,
+        in_size,
+        kernel_size,
+        stride,
+        padding,
+        dilation,
+        groups,
+    };
+    geo.validate("test").expect("valid test geometry");
+    geo
+}
