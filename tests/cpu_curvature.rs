@@ -289,6 +289,13 @@ fn golden_cnn() -> (Model, Vec<Option<LayerWeights>>) {
     )
 }
 
+/// The three examples of §8's CNN problem: inputs `[3, 2, 3, 3]` and MSE targets `[3, 2]`.
+fn golden_cnn_data() -> (Vec<f64>, [f64; 6]) {
+    let mut x = linspace(0.0, 1.0, 18);
+    x.extend(linspace(1.0, -1.0, 36));
+    (x, [1.0, -1.0, 0.5, 0.5, 0.0, 2.0])
+}
+
 /// approx, fisher, separate bias, KFAC [trace, ‖·‖_F], EKFAC [trace, ‖·‖_F] (`None`: not
 /// compared).
 type CnnRow = (
@@ -301,9 +308,7 @@ type CnnRow = (
 
 #[test]
 fn golden_cnn_traces_and_frobenius_norms() {
-    let mut x = linspace(0.0, 1.0, 18);
-    x.extend(linspace(1.0, -1.0, 36));
-    let y = [1.0, -1.0, 0.5, 0.5, 0.0, 2.0];
+    let (x, y) = golden_cnn_data();
     let data = Dataset {
         x: &x,
         targets: Targets::Dense(&y),
@@ -766,9 +771,7 @@ fn ekfac_trace_and_closer_than_kfac() {
 /// Trace identity with weight sharing (conv, groups = 1) in expand and reduce mode.
 #[test]
 fn conv_ekfac_trace_equals_ggn_trace() {
-    let mut x = linspace(0.0, 1.0, 18);
-    x.extend(linspace(1.0, -1.0, 36));
-    let y = [1.0, -1.0, 0.5, 0.5, 0.0, 2.0];
+    let (x, y) = golden_cnn_data();
     let data = Dataset {
         x: &x,
         targets: Targets::Dense(&y),
