@@ -10,8 +10,15 @@
 //   values  [batch, n]     eigenvalues, ascending
 //   vectors [batch, n, n]  column j is the eigenvector of values[j]
 //
-// Every path: `global_init` (work_a, work_w), sweeps, then `global_rank` and
-// `global_gather` (sort). The warm start's V0ᵀ A V0 and the Newton–Schulz products are
+// Every path: `global_init_a` and `global_init_w` (work_a, work_w), sweeps, then
+// `global_rank`, optionally `global_combine` (re-orthogonalisation) and `global_gather`
+// (sort).
+//
+// Windows: a matrix larger than one storage binding is bound as three windows of
+// `window` elements each (consecutive ranges of its flat index; a matrix that fits is
+// bound three times, and only the first is read). The kernels of the global and blocked
+// paths reach such tensors through `*_get` / `*_set`, which pick the window of a flat
+// index; the workgroup path and `global_rotations` / `global_apply` bind one window. The warm start's V0ᵀ A V0 and the Newton–Schulz products are
 // GEMMs of shaders/gemm.wgsl. One sweep is m - 1 steps (m = n rounded up to even). Step k
 // pairs the indices by the round-robin tournament of `pair_of`, so the h = m/2
 // rotations of a step are disjoint and run in parallel; over a sweep every pair (p, q)
@@ -399,33 +406,105 @@ struct GlobalParams {
     step: u32,
     has_v0: u32,
     v0_stride: u32,
+    // Elements per binding window (see the header).
+    window: u32,
 }
 
-@group(0) @binding(0) var<storage, read> gi_a: array<f32>;
-@group(0) @binding(1) var<storage, read> gi_v0: array<f32>;
-@group(0) @binding(2) var<storage, read_write> gi_work_a: array<f32>;
-@group(0) @binding(3) var<storage, read_write> gi_work_w: array<f32>;
-@group(0) @binding(4) var<uniform> gi_params: GlobalParams;
+@group(0) @binding(0) var<storage, read> ia_a0: array<f32>;
+@group(0) @binding(1) var<storage, read> ia_a1: array<f32>;
+@group(0) @binding(2) var<storage, read> ia_a2: array<f32>;
+@group(0) @binding(3) var<storage, read_write> ia_work0: array<f32>;
+@group(0) @binding(4) var<storage, read_write> ia_work1: array<f32>;
+@group(0) @binding(5) var<storage, read_write> ia_work2: array<f32>;
+@group(0) @binding(6) var<uniform> ia_params: GlobalParams;
 
-// work_a = (A + Aᵀ)/2 and work_w = V0ᵀ (or I), one invocation per element.
+fn ia_get(i: u32) -> f32 {
+    let w = ia_params.window;
+    if (i < w) {
+        return ia_a0[i];
+    }
+    if (i < 2u * w) {
+        return ia_a1[i - w];
+    }
+    return ia_a2[i - 2u * w];
+}
+
+fn ia_set(i: u32, x: f32) {
+    let w = ia_params.window;
+    if (i < w) {
+        ia_work0[i] = x;
+    } else if (i < 2u * w) {
+        ia_work1[i - w] = x;
+    } else {
+        ia_work2[i - 2u * w] = x;
+    }
+}
+
+// work_a = (A + Aᵀ)/2, one invocation per element.
 @compute @workgroup_size(256)
-fn global_init(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-               @builtin(local_invocation_index) lid: u32) {
-    let n = gi_params.n;
+fn global_init_a(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    let n = ia_params.n;
     let nn = n * n;
     let g = (wid.x + wid.y * nwg.x) * WG + lid;
-    if (g >= gi_params.batch * nn) {
+    if (g >= ia_params.batch * nn) {
         return;
     }
     let b = g / nn;
     let e = g % nn;
     let i = e / n;
     let r = e % n;
-    gi_work_a[g] = 0.5 * (gi_a[g] + gi_a[b * nn + r * n + i]);
-    if (gi_params.has_v0 != 0u) {
-        gi_work_w[g] = gi_v0[b * gi_params.v0_stride + r * n + i];
+    ia_set(g, 0.5 * (ia_get(g) + ia_get(b * nn + r * n + i)));
+}
+
+@group(0) @binding(0) var<storage, read> iw_v0: array<f32>;
+@group(0) @binding(1) var<storage, read> iw_v1: array<f32>;
+@group(0) @binding(2) var<storage, read> iw_v2: array<f32>;
+@group(0) @binding(3) var<storage, read_write> iw_work0: array<f32>;
+@group(0) @binding(4) var<storage, read_write> iw_work1: array<f32>;
+@group(0) @binding(5) var<storage, read_write> iw_work2: array<f32>;
+@group(0) @binding(6) var<uniform> iw_params: GlobalParams;
+
+fn iw_get(i: u32) -> f32 {
+    let w = iw_params.window;
+    if (i < w) {
+        return iw_v0[i];
+    }
+    if (i < 2u * w) {
+        return iw_v1[i - w];
+    }
+    return iw_v2[i - 2u * w];
+}
+
+fn iw_set(i: u32, x: f32) {
+    let w = iw_params.window;
+    if (i < w) {
+        iw_work0[i] = x;
+    } else if (i < 2u * w) {
+        iw_work1[i - w] = x;
     } else {
-        gi_work_w[g] = select(0.0, 1.0, i == r);
+        iw_work2[i - 2u * w] = x;
+    }
+}
+
+// work_w = V0ᵀ (or I), one invocation per element.
+@compute @workgroup_size(256)
+fn global_init_w(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    let n = iw_params.n;
+    let nn = n * n;
+    let g = (wid.x + wid.y * nwg.x) * WG + lid;
+    if (g >= iw_params.batch * nn) {
+        return;
+    }
+    let b = g / nn;
+    let e = g % nn;
+    let i = e / n;
+    let r = e % n;
+    if (iw_params.has_v0 != 0u) {
+        iw_set(g, iw_get(b * iw_params.v0_stride + r * n + i));
+    } else {
+        iw_set(g, select(0.0, 1.0, i == r));
     }
 }
 
@@ -539,9 +618,22 @@ fn global_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 // Elements of one matrix summed by one workgroup of `global_norms`.
 const NORM_CHUNK: u32 = 4096u;
 
-@group(0) @binding(0) var<storage, read> gn_work_a: array<f32>;
-@group(0) @binding(1) var<storage, read_write> gn_partials: array<f32>;
-@group(0) @binding(2) var<uniform> gn_params: GlobalParams;
+@group(0) @binding(0) var<storage, read> gn_a0: array<f32>;
+@group(0) @binding(1) var<storage, read> gn_a1: array<f32>;
+@group(0) @binding(2) var<storage, read> gn_a2: array<f32>;
+@group(0) @binding(3) var<storage, read_write> gn_partials: array<f32>;
+@group(0) @binding(4) var<uniform> gn_params: GlobalParams;
+
+fn gn_get(i: u32) -> f32 {
+    let w = gn_params.window;
+    if (i < w) {
+        return gn_a0[i];
+    }
+    if (i < 2u * w) {
+        return gn_a1[i - w];
+    }
+    return gn_a2[i - 2u * w];
+}
 
 // partials[b, chunk] = (Σ off-diagonal a², Σ a², 1 if any element is NaN or Inf else 0)
 // over elements [chunk·4096, +4096) of matrix b, summed in a fixed order.
@@ -565,7 +657,7 @@ fn global_norms(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     var off = 0.0;
     var tot = 0.0;
     for (var e = start + lid; e < end; e += WG) {
-        let x = gn_work_a[b * nn + e];
+        let x = gn_get(b * nn + e);
         tot += x * x;
         off += select(x * x, 0.0, e / n == e % n);
         if (!finite(x)) {
@@ -582,10 +674,23 @@ fn global_norms(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     }
 }
 
-@group(0) @binding(0) var<storage, read> gs_work_a: array<f32>;
-@group(0) @binding(1) var<storage, read_write> gs_values: array<f32>;
-@group(0) @binding(2) var<storage, read_write> gs_ranks: array<u32>;
-@group(0) @binding(3) var<uniform> gs_params: GlobalParams;
+@group(0) @binding(0) var<storage, read> gs_a0: array<f32>;
+@group(0) @binding(1) var<storage, read> gs_a1: array<f32>;
+@group(0) @binding(2) var<storage, read> gs_a2: array<f32>;
+@group(0) @binding(3) var<storage, read_write> gs_values: array<f32>;
+@group(0) @binding(4) var<storage, read_write> gs_ranks: array<u32>;
+@group(0) @binding(5) var<uniform> gs_params: GlobalParams;
+
+fn gs_get(i: u32) -> f32 {
+    let w = gs_params.window;
+    if (i < w) {
+        return gs_a0[i];
+    }
+    if (i < 2u * w) {
+        return gs_a1[i - w];
+    }
+    return gs_a2[i - 2u * w];
+}
 
 // ranks[b, i] = position of a_ii in ascending order (ties by index); values[b, rank] = a_ii.
 @compute @workgroup_size(256)
@@ -599,32 +704,110 @@ fn global_rank(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     let b = g / n;
     let i = g % n;
     let base = b * n * n;
-    let d = gs_work_a[base + i * n + i];
+    let d = gs_get(base + i * n + i);
     let ki = sort_key(d);
     var rank = 0u;
     for (var j = 0u; j < n; j++) {
-        rank += select(0u, 1u, before(sort_key(gs_work_a[base + j * n + j]), j, ki, i));
+        rank += select(0u, 1u, before(sort_key(gs_get(base + j * n + j)), j, ki, i));
     }
     gs_ranks[g] = rank;
     gs_values[b * n + rank] = d;
 }
 
-struct GatherParams {
-    n: u32,
-    batch: u32,
-    // vectors = a·W + b·P gathered: (1, 0) copies W; (1.5, −0.5) with P = (W Wᵀ) W is one
-    // Newton–Schulz step towards the nearest orthogonal basis.
+struct CombineParams {
+    // Elements of the batch (batch · n²).
+    len: u32,
+    // W ← a·W + b·P; (1.5, −0.5) with P = (W Wᵀ) W is one Newton–Schulz step towards the
+    // nearest orthogonal basis.
     a: f32,
     b: f32,
+    window: u32,
 }
 
-@group(0) @binding(0) var<storage, read> gg_work_w: array<f32>;
-@group(0) @binding(1) var<storage, read> gg_p: array<f32>;
-@group(0) @binding(2) var<storage, read> gg_ranks: array<u32>;
-@group(0) @binding(3) var<storage, read_write> gg_vectors: array<f32>;
-@group(0) @binding(4) var<uniform> gg_params: GatherParams;
+@group(0) @binding(0) var<storage, read> gc_p0: array<f32>;
+@group(0) @binding(1) var<storage, read> gc_p1: array<f32>;
+@group(0) @binding(2) var<storage, read> gc_p2: array<f32>;
+@group(0) @binding(3) var<storage, read_write> gc_w0: array<f32>;
+@group(0) @binding(4) var<storage, read_write> gc_w1: array<f32>;
+@group(0) @binding(5) var<storage, read_write> gc_w2: array<f32>;
+@group(0) @binding(6) var<uniform> gc_params: CombineParams;
 
-// vectors[b, r, ranks[b, i]] = a·W[b, i, r] + b·P[b, i, r], one invocation per element.
+fn gc_p_get(i: u32) -> f32 {
+    let w = gc_params.window;
+    if (i < w) {
+        return gc_p0[i];
+    }
+    if (i < 2u * w) {
+        return gc_p1[i - w];
+    }
+    return gc_p2[i - 2u * w];
+}
+
+fn gc_w_get(i: u32) -> f32 {
+    let w = gc_params.window;
+    if (i < w) {
+        return gc_w0[i];
+    }
+    if (i < 2u * w) {
+        return gc_w1[i - w];
+    }
+    return gc_w2[i - 2u * w];
+}
+
+fn gc_w_set(i: u32, x: f32) {
+    let w = gc_params.window;
+    if (i < w) {
+        gc_w0[i] = x;
+    } else if (i < 2u * w) {
+        gc_w1[i - w] = x;
+    } else {
+        gc_w2[i - 2u * w] = x;
+    }
+}
+
+// W[g] = a·W[g] + b·P[g], one invocation per element.
+@compute @workgroup_size(256)
+fn global_combine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) lid: u32) {
+    let g = (wid.x + wid.y * nwg.x) * WG + lid;
+    if (g >= gc_params.len) {
+        return;
+    }
+    gc_w_set(g, gc_params.a * gc_w_get(g) + gc_params.b * gc_p_get(g));
+}
+
+@group(0) @binding(0) var<storage, read> gg_w0: array<f32>;
+@group(0) @binding(1) var<storage, read> gg_w1: array<f32>;
+@group(0) @binding(2) var<storage, read> gg_w2: array<f32>;
+@group(0) @binding(3) var<storage, read> gg_ranks: array<u32>;
+@group(0) @binding(4) var<storage, read_write> gg_v0: array<f32>;
+@group(0) @binding(5) var<storage, read_write> gg_v1: array<f32>;
+@group(0) @binding(6) var<storage, read_write> gg_v2: array<f32>;
+@group(0) @binding(7) var<uniform> gg_params: GlobalParams;
+
+fn gg_get(i: u32) -> f32 {
+    let w = gg_params.window;
+    if (i < w) {
+        return gg_w0[i];
+    }
+    if (i < 2u * w) {
+        return gg_w1[i - w];
+    }
+    return gg_w2[i - 2u * w];
+}
+
+fn gg_set(i: u32, x: f32) {
+    let w = gg_params.window;
+    if (i < w) {
+        gg_v0[i] = x;
+    } else if (i < 2u * w) {
+        gg_v1[i - w] = x;
+    } else {
+        gg_v2[i - 2u * w] = x;
+    }
+}
+
+// vectors[b, r, ranks[b, i]] = W[b, i, r], one invocation per element.
 @compute @workgroup_size(256)
 fn global_gather(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) lid: u32) {
@@ -637,11 +820,7 @@ fn global_gather(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     let b = g / nn;
     let i = (g % nn) / n;
     let r = g % n;
-    var v = gg_params.a * gg_work_w[g];
-    if (gg_params.b != 0.0) {
-        v += gg_params.b * gg_p[g];
-    }
-    gg_vectors[b * nn + r * n + gg_ranks[b * n + i]] = v;
+    gg_set(b * nn + r * n + gg_ranks[b * n + i], gg_get(g));
 }
 
 // ---------------------------------------------------------------------------------
@@ -673,6 +852,8 @@ struct BlockParams {
     round: u32,
     // Number of blocks (even, ≥ 2).
     blocks: u32,
+    // Elements per binding window (see the header).
+    window: u32,
 }
 
 // Indices per block; a block pair (L = 2·BLOCK = SHARED_N indices) fits wg_a.
@@ -691,9 +872,33 @@ fn block_index(pair: vec2<u32>, l: u32) -> u32 {
 }
 
 @group(0) @binding(0) var<storage, read> bs_threshold: array<f32>;
-@group(0) @binding(1) var<storage, read_write> bs_work_a: array<f32>;
-@group(0) @binding(2) var<storage, read_write> bs_rot: array<f32>;
-@group(0) @binding(3) var<uniform> bs_params: BlockParams;
+@group(0) @binding(1) var<storage, read_write> bs_a0: array<f32>;
+@group(0) @binding(2) var<storage, read_write> bs_a1: array<f32>;
+@group(0) @binding(3) var<storage, read_write> bs_a2: array<f32>;
+@group(0) @binding(4) var<storage, read_write> bs_rot: array<f32>;
+@group(0) @binding(5) var<uniform> bs_params: BlockParams;
+
+fn bs_get(i: u32) -> f32 {
+    let w = bs_params.window;
+    if (i < w) {
+        return bs_a0[i];
+    }
+    if (i < 2u * w) {
+        return bs_a1[i - w];
+    }
+    return bs_a2[i - 2u * w];
+}
+
+fn bs_set(i: u32, x: f32) {
+    let w = bs_params.window;
+    if (i < w) {
+        bs_a0[i] = x;
+    } else if (i < 2u * w) {
+        bs_a1[i - w] = x;
+    } else {
+        bs_a2[i - 2u * w] = x;
+    }
+}
 
 // One workgroup per (matrix, slot) of the round.
 @compute @workgroup_size(256)
@@ -713,7 +918,7 @@ fn block_solve(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         let j = block_index(pair, e % SHARED_N);
         var x = 0.0;
         if (i < n && j < n) {
-            x = bs_work_a[base + i * n + j];
+            x = bs_get(base + i * n + j);
         }
         wg_a[e] = x;
         wg_w[e] = select(0.0, 1.0, e / SHARED_N == e % SHARED_N);
@@ -775,16 +980,64 @@ fn block_solve(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         let i = block_index(pair, e / SHARED_N);
         let j = block_index(pair, e % SHARED_N);
         if (i < n && j < n) {
-            bs_work_a[base + i * n + j] = wg_a[e];
+            bs_set(base + i * n + j, wg_a[e]);
         }
         bs_rot[g * ll + e] = wg_w[e];
     }
 }
 
 @group(0) @binding(0) var<storage, read> bp_rot: array<f32>;
-@group(0) @binding(1) var<storage, read_write> bp_work_a: array<f32>;
-@group(0) @binding(2) var<storage, read_write> bp_work_w: array<f32>;
-@group(0) @binding(3) var<uniform> bp_params: BlockParams;
+@group(0) @binding(1) var<storage, read_write> bp_a0: array<f32>;
+@group(0) @binding(2) var<storage, read_write> bp_a1: array<f32>;
+@group(0) @binding(3) var<storage, read_write> bp_a2: array<f32>;
+@group(0) @binding(4) var<storage, read_write> bp_w0: array<f32>;
+@group(0) @binding(5) var<storage, read_write> bp_w1: array<f32>;
+@group(0) @binding(6) var<storage, read_write> bp_w2: array<f32>;
+@group(0) @binding(7) var<uniform> bp_params: BlockParams;
+
+fn bp_a_get(i: u32) -> f32 {
+    let w = bp_params.window;
+    if (i < w) {
+        return bp_a0[i];
+    }
+    if (i < 2u * w) {
+        return bp_a1[i - w];
+    }
+    return bp_a2[i - 2u * w];
+}
+
+fn bp_a_set(i: u32, x: f32) {
+    let w = bp_params.window;
+    if (i < w) {
+        bp_a0[i] = x;
+    } else if (i < 2u * w) {
+        bp_a1[i - w] = x;
+    } else {
+        bp_a2[i - 2u * w] = x;
+    }
+}
+
+fn bp_w_get(i: u32) -> f32 {
+    let w = bp_params.window;
+    if (i < w) {
+        return bp_w0[i];
+    }
+    if (i < 2u * w) {
+        return bp_w1[i - w];
+    }
+    return bp_w2[i - 2u * w];
+}
+
+fn bp_w_set(i: u32, x: f32) {
+    let w = bp_params.window;
+    if (i < w) {
+        bp_w0[i] = x;
+    } else if (i < 2u * w) {
+        bp_w1[i - w] = x;
+    } else {
+        bp_w2[i - 2u * w] = x;
+    }
+}
 
 // Two L × L operands of `block_apply`, row-major, L/4 vec4 per row.
 var<workgroup> wg_p: array<vec4<f32>, 256>;
@@ -851,7 +1104,7 @@ fn block_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
             let j = block_index(pj, e % SHARED_N);
             var x = 0.0;
             if (i < n && j < n) {
-                x = bp_work_a[base + i * n + j];
+                x = bp_a_get(base + i * n + j);
             }
             set_p(e, x);
             set_q(e, bp_rot[(b * h + sj) * ll + e]);
@@ -889,7 +1142,7 @@ fn block_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         let i = block_index(pi, k);
         var x = 0.0;
         if (i < n && c0 + col < n) {
-            x = bp_work_w[base + i * n + c0 + col];
+            x = bp_w_get(base + i * n + c0 + col);
         }
         set_q(col * SHARED_N + k, x);
         set_p(e, bp_rot[(b * h + si) * ll + e]);
@@ -901,23 +1154,23 @@ fn block_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     let col0 = c0 + c;
     let col1 = c0 + c + 1u;
     if (i0 < n && col0 < n) {
-        bp_work_w[base + i0 * n + col0] = out.x;
+        bp_w_set(base + i0 * n + col0, out.x);
     }
     if (i0 < n && col1 < n) {
-        bp_work_w[base + i0 * n + col1] = out.y;
+        bp_w_set(base + i0 * n + col1, out.y);
     }
     if (i1 < n && col0 < n) {
-        bp_work_w[base + i1 * n + col0] = out.z;
+        bp_w_set(base + i1 * n + col0, out.z);
     }
     if (i1 < n && col1 < n) {
-        bp_work_w[base + i1 * n + col1] = out.w;
+        bp_w_set(base + i1 * n + col1, out.w);
     }
 }
 
 // A[i, j] = A[j, i] = x when both indices are real.
 fn write_symmetric(base: u32, n: u32, i: u32, j: u32, x: f32) {
     if (i < n && j < n) {
-        bp_work_a[base + i * n + j] = x;
-        bp_work_a[base + j * n + i] = x;
+        bp_a_set(base + i * n + j, x);
+        bp_a_set(base + j * n + i, x);
     }
 }

@@ -352,3 +352,27 @@ fn invalid_problems_are_errors() {
     let err = matmul(&ctx, &a, &a, false, false).unwrap_err().to_string();
     assert!(err.contains("inner dimensions differ"), "{err}");
 }
+
+/// Operands larger than one storage binding (16384 floats on the small-binding device)
+/// are bound as windows and the product cut until every part fits: every transposition,
+/// a batch, α/β, matrix-vector products and a single row longer than a binding.
+#[test]
+fn operands_larger_than_one_binding() {
+    let Some(ctx) = common::small_binding_gpu() else {
+        return;
+    };
+    let cases = [
+        Gemm::new(200, 200, 300, true, false),
+        Gemm::new(200, 180, 150, false, false),
+        Gemm::new(150, 210, 190, false, true),
+        Gemm::new(130, 140, 150, true, true).scaled(0.5, 1.0),
+        Gemm::new(90, 100, 110, false, false).batched(4),
+        Gemm::new(1, 300, 250, false, false),
+        Gemm::new(260, 1, 240, false, false),
+        Gemm::new(1, 3, 20000, false, false),
+        Gemm::new(2, 2, 20000, false, false),
+    ];
+    for (i, g) in cases.iter().enumerate() {
+        check(&ctx, g, packed(g), 40 + i as u64);
+    }
+}

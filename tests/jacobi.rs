@@ -11,6 +11,7 @@
 mod common;
 
 use common::TestRng;
+use ekfac::error::Error;
 use ekfac::gpu::GpuContext;
 use ekfac::ops::jacobi::{Eigen, JacobiOptions, JacobiPath, eigh, eigh_each};
 use faer::{Mat, Side};
@@ -249,6 +250,56 @@ fn global_path_n256() {
 #[test]
 fn global_path_n300() {
     check_one(300, Spectrum::RankDeficient, JacobiPath::Global, 1e-5, 1e-4);
+}
+
+/// Batches larger than one storage binding (16384 floats on the small-binding device)
+/// run on the blocked path with each tensor bound as up to three windows: one matrix of
+/// n = 200 (40000 floats) of each spectrum, refined by a warm restart (whose products
+/// are cut into windows too), and a batch of three n = 100 (30000 floats, two windows)
+/// that `Auto` sends to the blocked path. The targets are those of `blocked_path_n300`.
+/// Larger batches, and the paths that bind one window, are refused.
+#[test]
+fn matrices_larger_than_one_binding() {
+    let Some(ctx) = common::small_binding_gpu() else {
+        return;
+    };
+    let mut rng = TestRng::new(11);
+    let opts = JacobiOptions {
+        refine_min_n: 150,
+        ..JacobiOptions::default()
+    };
+    for spectrum in ALL {
+        let a = test_matrix(200, spectrum, &mut rng);
+        let (_, acc) = run_batch(&ctx, &[a], 200, &opts);
+        eprintln!("windowed n=200 {spectrum:?}: {:?}", acc[0]);
+        acc[0].assert_within(1e-5, 1e-4, &format!("windowed n=200 {spectrum:?}"));
+    }
+    let matrices: Vec<Vec<f32>> = ALL.iter().map(|&s| test_matrix(100, s, &mut rng)).collect();
+    let (_, acc) = run_batch(&ctx, &matrices, 100, &opts);
+    for (spectrum, a) in ALL.iter().zip(&acc) {
+        a.assert_within(1e-5, 1e-4, &format!("windowed batch n=100 {spectrum:?}"));
+    }
+    let too_big = ctx.zeros(&[260, 260]).unwrap();
+    let one_window = ctx.zeros(&[200, 200]).unwrap();
+    for (a, path) in [
+        (&too_big, JacobiPath::Auto),
+        (&one_window, JacobiPath::Global),
+        (&one_window, JacobiPath::Workgroup),
+    ] {
+        let opts = JacobiOptions {
+            path,
+            ..JacobiOptions::default()
+        };
+        match eigh(&ctx, a, &opts) {
+            Err(Error::Memory(msg)) => {
+                assert!(msg.contains("max_storage_buffer_binding_size"), "{msg}")
+            }
+            other => panic!(
+                "{path:?} on {:?}: expected Error::Memory, got {other:?}",
+                a.shape()
+            ),
+        }
+    }
 }
 
 /// Slow on the software driver: run with `--ignored` on a real GPU. Looser targets

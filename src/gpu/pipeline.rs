@@ -276,6 +276,21 @@ impl<'a> Recorder<'a> {
                 format!("workgroup grid {workgroups:?} exceeds the limit of {max} per dimension"),
             ));
         }
+        let limit = self.ctx.limits.max_storage_buffer_binding_size;
+        if let Some(t) = reads
+            .iter()
+            .chain(writes)
+            .find(|t| t.binding_size() > limit)
+        {
+            return Err(Error::Memory(format!(
+                "{}::{} would bind a tensor of shape {:?} ({} bytes), more than the adapter's \
+                 max_storage_buffer_binding_size of {limit} bytes",
+                kernel.shader.name,
+                kernel.entry,
+                t.shape(),
+                t.binding_size()
+            )));
+        }
         let pipeline = self
             .ctx
             .pipeline(kernel, reads.len(), writes.len(), !params.is_empty())?;
@@ -296,7 +311,7 @@ impl<'a> Recorder<'a> {
             .enumerate()
             .map(|(i, t)| wgpu::BindGroupEntry {
                 binding: i as u32,
-                resource: t.buffer().as_entire_binding(),
+                resource: t.binding(),
             })
             .collect();
         if let Some(u) = &uniform {

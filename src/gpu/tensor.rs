@@ -24,6 +24,8 @@ impl Drop for Allocation {
 pub struct GpuTensor {
     allocation: Arc<Allocation>,
     shape: Vec<usize>,
+    /// Byte offset of element 0 in the buffer: non-zero only for a [`GpuTensor::window`].
+    offset: u64,
 }
 
 impl std::fmt::Debug for GpuTensor {
@@ -53,6 +55,49 @@ impl GpuTensor {
         &self.allocation.buffer
     }
 
+    /// Bytes a kernel binding this tensor binds: its elements (at least 16 bytes for a
+    /// whole buffer, which zero-sized bindings would make invalid).
+    pub fn binding_size(&self) -> u64 {
+        if self.offset == 0 && self.len() * 4 < 16 {
+            self.allocation.bytes
+        } else {
+            (self.len() * 4) as u64
+        }
+    }
+
+    /// How a kernel binds this tensor: its elements only, which for a
+    /// [`GpuTensor::window`] is a range of the buffer.
+    pub fn binding(&self) -> wgpu::BindingResource<'_> {
+        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer: self.buffer(),
+            offset: self.offset,
+            size: std::num::NonZeroU64::new(self.binding_size()),
+        })
+    }
+
+    /// A flat view of `len` elements starting at element `start`, for binding part of
+    /// a tensor larger than one storage binding. `start · 4` must be a multiple of
+    /// `alignment` bytes (the adapter's `min_storage_buffer_offset_alignment`).
+    pub fn window(&self, start: usize, len: usize, alignment: u64) -> Result<Self> {
+        let offset = self.offset + (start * 4) as u64;
+        if len == 0 || start + len > self.len() || !offset.is_multiple_of(alignment) {
+            return Err(Error::gpu(
+                "window",
+                format!(
+                    "cannot bind elements {start}..{} of {:?} at byte offset {offset} \
+                     (alignment {alignment})",
+                    start + len,
+                    self.shape
+                ),
+            ));
+        }
+        Ok(Self {
+            allocation: self.allocation.clone(),
+            shape: vec![len],
+            offset,
+        })
+    }
+
     /// The same buffer seen with another shape of the same element count (no copy).
     pub fn view(&self, shape: &[usize]) -> Result<Self> {
         if shape.iter().product::<usize>() != self.len() {
@@ -64,6 +109,7 @@ impl GpuTensor {
         Ok(Self {
             allocation: self.allocation.clone(),
             shape: shape.to_vec(),
+            offset: self.offset,
         })
     }
 
@@ -109,6 +155,7 @@ impl GpuContext {
                 memory: self.memory.clone(),
             }),
             shape: shape.to_vec(),
+            offset: 0,
         })
     }
 
@@ -134,7 +181,7 @@ impl GpuContext {
         check_len(data.len(), tensor.shape())?;
         if !data.is_empty() {
             self.queue
-                .write_buffer(tensor.buffer(), 0, bytemuck::cast_slice(data));
+                .write_buffer(tensor.buffer(), tensor.offset, bytemuck::cast_slice(data));
         }
         Ok(())
     }
@@ -163,7 +210,7 @@ impl GpuContext {
         let mut encoder = self
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
-        encoder.copy_buffer_to_buffer(tensor.buffer(), 0, &staging, 0, len);
+        encoder.copy_buffer_to_buffer(tensor.buffer(), tensor.offset, &staging, 0, len);
         self.queue.submit([encoder.finish()]);
         let (sender, receiver) = std::sync::mpsc::channel();
         staging.map_async(wgpu::MapMode::Read, .., move |r| {

@@ -195,13 +195,15 @@ const MAX_SPLITS: usize = 64;
 /// occupy only a few workgroups; cutting K into slices whose partial products are then
 /// added in slice order fills the GPU. The plan depends only on the shape, so results
 /// stay deterministic. The partial products take at most about
-/// `2·SPLIT_TARGET_GROUPS` tiles of 64×64 floats (16 MiB).
-fn k_slices(g: &Gemm) -> (usize, usize) {
+/// `2·SPLIT_TARGET_GROUPS` tiles of 64×64 floats (16 MiB), and at most `max_partial`
+/// elements (one storage binding).
+fn k_slices(g: &Gemm, max_partial: usize) -> (usize, usize) {
     let tiles = g.batch * g.m.div_ceil(TILE) * g.n.div_ceil(TILE);
     let wanted = SPLIT_TARGET_GROUPS
         .div_ceil(tiles)
         .min(g.k / SPLIT_MIN_K)
-        .min(MAX_SPLITS);
+        .min(MAX_SPLITS)
+        .min(max_partial / (g.batch * g.m * g.n));
     if wanted <= 1 {
         return (1, g.k);
     }
@@ -256,6 +258,14 @@ impl Words {
 /// them in a fixed order. The plan depends only on the shape, so results are
 /// deterministic. Problems whose grid would exceed 65535 workgroups in a dimension are
 /// split into several dispatches.
+///
+/// Operands larger than one storage binding (the adapter's
+/// `max_storage_buffer_binding_size`, e.g. a factor of more than about 5790 rows on
+/// WebGPU's default 128 MiB) are bound as windows of their buffers: the product is cut
+/// in halves (the batch first, then the dimension along the stored rows of the operand
+/// that does not fit, or along its columns once one row is left; K parts after the
+/// first accumulate with `β = 1`) until the elements every part addresses fit one
+/// binding.
 pub fn gemm(
     rec: &mut Recorder,
     g: &Gemm,
@@ -267,6 +277,154 @@ pub fn gemm(
         return Ok(());
     }
     g.validate(a, b, c)?;
+    gemm_in_windows(rec, g, [a, b, c])
+}
+
+/// Elements of one storage binding and the element alignment of a binding's offset.
+fn binding_elements(ctx: &GpuContext) -> (usize, usize) {
+    let limits = &ctx.limits;
+    (
+        (limits.max_storage_buffer_binding_size / 4) as usize,
+        (limits.min_storage_buffer_offset_alignment as usize / 4).max(1),
+    )
+}
+
+/// Which dimension of a product to cut.
+#[derive(Clone, Copy)]
+enum Cut {
+    Batch,
+    M,
+    N,
+    K,
+}
+
+impl Gemm {
+    /// First and last element of A, B and C the product addresses.
+    fn spans(&self) -> [(usize, usize); 3] {
+        let operands = [
+            (self.offset_a, self.stride_a, self.lda),
+            (self.offset_b, self.stride_b, self.ldb),
+            (self.offset_c, self.stride_c, self.ldc),
+        ];
+        let mut spans = [(0, 0); 3];
+        for (span, ((offset, stride, ld), (rows, cols))) in spans
+            .iter_mut()
+            .zip(operands.into_iter().zip(self.stored()))
+        {
+            *span = (
+                offset,
+                offset + (self.batch - 1) * stride + (rows - 1) * ld + cols - 1,
+            );
+        }
+        spans
+    }
+
+    /// The two halves of the product cut along `cut` at `at`.
+    fn cut(&self, cut: Cut, at: usize) -> (Self, Self) {
+        let (mut first, mut second) = (self.clone(), self.clone());
+        match cut {
+            Cut::Batch => {
+                first.batch = at;
+                second.batch -= at;
+                second.offset_a += at * self.stride_a;
+                second.offset_b += at * self.stride_b;
+                second.offset_c += at * self.stride_c;
+            }
+            Cut::M => {
+                first.m = at;
+                second.m -= at;
+                second.offset_a += at * if self.trans_a { 1 } else { self.lda };
+                second.offset_c += at * self.ldc;
+            }
+            Cut::N => {
+                first.n = at;
+                second.n -= at;
+                second.offset_b += at * if self.trans_b { self.ldb } else { 1 };
+                second.offset_c += at;
+            }
+            Cut::K => {
+                first.k = at;
+                second.k -= at;
+                second.offset_a += at * if self.trans_a { self.lda } else { 1 };
+                second.offset_b += at * if self.trans_b { 1 } else { self.ldb };
+                second.beta = 1.0;
+            }
+        }
+        (first, second)
+    }
+}
+
+/// Records `g` with every operand bound as a window that fits one storage binding,
+/// cutting the product in halves until it does (see [`gemm`]).
+fn gemm_in_windows(rec: &mut Recorder, g: &Gemm, operands: [&GpuTensor; 3]) -> Result<()> {
+    let (limit, align) = binding_elements(rec.context());
+    let spans = g.spans();
+    // An operand fits when the whole tensor does, or the window from its first element
+    // (rounded down to the alignment) to its last.
+    let fits = |t: &GpuTensor, (first, last): (usize, usize)| {
+        t.len() <= limit || last + 1 - first / align * align <= limit
+    };
+    let misfit = (0..3).find(|&i| !fits(operands[i], spans[i]));
+    let Some(which) = misfit else {
+        let mut windowed = g.clone();
+        let mut views = Vec::with_capacity(3);
+        for (i, (t, (first, last))) in operands.into_iter().zip(spans).enumerate() {
+            if t.len() <= limit {
+                views.push(t.view(t.shape())?);
+                continue;
+            }
+            let start = first / align * align;
+            views.push(t.window(start, last + 1 - start, (align * 4) as u64)?);
+            match i {
+                0 => windowed.offset_a -= start,
+                1 => windowed.offset_b -= start,
+                _ => windowed.offset_c -= start,
+            }
+        }
+        return gemm_kernel(rec, &windowed, [&views[0], &views[1], &views[2]]);
+    };
+    // The dimensions along the stored rows and columns of the operand that does not
+    // fit: cutting its rows shrinks its span, cutting its columns does once one row is
+    // left.
+    let (rows, cols) = match which {
+        0 if g.trans_a => (Cut::K, Cut::M),
+        0 => (Cut::M, Cut::K),
+        1 if g.trans_b => (Cut::N, Cut::K),
+        1 => (Cut::K, Cut::N),
+        _ => (Cut::M, Cut::N),
+    };
+    let size = |cut| match cut {
+        Cut::Batch => g.batch,
+        Cut::M => g.m,
+        Cut::N => g.n,
+        Cut::K => g.k,
+    };
+    let cut = [Cut::Batch, rows, cols]
+        .into_iter()
+        .find(|&cut| size(cut) > 1)
+        .unwrap_or(cols);
+    let size = size(cut);
+    if size < 2 {
+        return Err(Error::Memory(format!(
+            "an element of {} of a matrix product cannot be bound in \
+             max_storage_buffer_binding_size ({} bytes): {g:?}",
+            ["A", "B", "C"][which],
+            limit * 4
+        )));
+    }
+    // Halves on multiples of the tile where the dimension allows.
+    let at = if size > 2 * TILE {
+        (size / 2).next_multiple_of(TILE)
+    } else {
+        size / 2
+    };
+    let (first, second) = g.cut(cut, at);
+    gemm_in_windows(rec, &first, operands)?;
+    gemm_in_windows(rec, &second, operands)
+}
+
+/// Records `g` on operands that each fit one binding.
+fn gemm_kernel(rec: &mut Recorder, g: &Gemm, [a, b, c]: [&GpuTensor; 3]) -> Result<()> {
     if g.m == 1 || g.n == 1 {
         return gemv(rec, g, [a, b, c]);
     }
@@ -282,7 +440,7 @@ pub fn gemm(
     let kernel = Kernel::new(&super::GEMM, entry)
         .with("TRANS_A", f64::from(u8::from(g.trans_a)))
         .with("TRANS_B", f64::from(u8::from(g.trans_b)));
-    let (splits, k_split) = k_slices(g);
+    let (splits, k_split) = k_slices(g, binding_elements(rec.context()).0);
     if splits > 1 {
         return gemm_split_k(rec, g, &kernel, [a, b, c], splits, k_split);
     }
@@ -419,6 +577,7 @@ fn gemv(rec: &mut Recorder, g: &Gemm, [a, b, c]: [&GpuTensor; 3]) -> Result<()> 
     let splits = SPLIT_TARGET_GROUPS
         .div_ceil(g.batch * groups)
         .min(g.k / GEMV_MIN_K)
+        .min(binding_elements(rec.context()).0 / (g.batch * o.outputs))
         .clamp(1, MAX_SPLITS);
     let k_split = g.k.div_ceil(splits);
     let splits = if splits > 1 { g.k.div_ceil(k_split) } else { 1 };

@@ -38,10 +38,16 @@
 //!   convergence test are the global path's.
 //!
 //! Both are deterministic: fixed reduction orders, no float atomics (only an integer OR
-//! that flags NaN or Inf). Limit: a batch whose `batch · n² · 4` bytes
-//! exceed the adapter's `max_storage_buffer_binding_size` (128 MiB on WebGPU's
-//! defaults, i.e. a single matrix of `n` above about 5790) is refused with
-//! [`Error::Memory`]; splitting such matrices over several bindings is not implemented.
+//! that flags NaN or Inf).
+//!
+//! Matrices larger than one storage binding (the adapter's
+//! `max_storage_buffer_binding_size`, 128 MiB on WebGPU's defaults: a single matrix of
+//! `n` above about 5790) run on the blocked path with each `[batch, n, n]` tensor bound
+//! as three windows of its buffer (see `shaders/jacobi.wgsl`), and the products of the
+//! warm start and the re-orthogonalisation as GEMMs cut into windows: up to three
+//! bindings per matrix (`n` up to about 10000 on the defaults, where the buffer itself,
+//! `max_buffer_size`, also allows it). Larger batches are refused with
+//! [`Error::Memory`].
 
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor, Kernel, Recorder, grid_1d};
@@ -65,16 +71,18 @@ const WORKGROUP_SIZE: usize = 256;
 /// Which kernel runs the sweeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum JacobiPath {
-    /// [`JacobiPath::Workgroup`] up to `n = 128`, [`JacobiPath::Blocked`] above.
+    /// [`JacobiPath::Workgroup`] up to `n = 128` (when the batch fits one binding),
+    /// [`JacobiPath::Blocked`] otherwise.
     #[default]
     Auto,
     /// One workgroup per matrix and one dispatch per sweep (`n ≤ 256`; workgroup memory
     /// for `n ≤ 32`).
     Workgroup,
-    /// Two dispatches per step over the whole batch; any `n` that fits one binding.
+    /// Two dispatches per step over the whole batch; a batch that fits one binding.
     Global,
     /// Block pairs of 32 indices diagonalised in workgroup memory, two dispatches per
-    /// round of block pairs; any `n` that fits one binding (meant for `n` above 128).
+    /// round of block pairs; meant for `n` above 128, and the only path for batches
+    /// larger than one binding (up to three).
     Blocked,
 }
 
@@ -137,7 +145,8 @@ pub struct Eigen {
 ///
 /// Returns an [`Error::Gpu`] naming the matrix when the input holds NaN or Inf (or
 /// entries so large, above about 1e19, that their squares overflow f32), and
-/// [`Error::Memory`] when the batch does not fit one storage binding.
+/// [`Error::Memory`] when the batch does not fit three storage bindings (one for the
+/// workgroup and global paths).
 pub fn eigh(ctx: &GpuContext, matrices: &GpuTensor, opts: &JacobiOptions) -> Result<Eigen> {
     let (batch, n) = match *matrices.shape() {
         [r, c] if r == c => (1, r),
@@ -151,10 +160,19 @@ pub fn eigh(ctx: &GpuContext, matrices: &GpuTensor, opts: &JacobiOptions) -> Res
     };
     let batched = matrices.shape().len() == 3;
     let values_shape: Vec<usize> = if batched { vec![batch, n] } else { vec![n] };
-    check_fits(ctx, batch, n)?;
+    let window = window_elements(ctx);
+    let windowed = check_fits(ctx, batch, n, window)?;
     if opts.path == JacobiPath::Workgroup && n > WORKGROUP_MAX_N {
         return Err(Error::Options(format!(
             "the workgroup Jacobi path handles n ≤ {WORKGROUP_MAX_N}, found n = {n}"
+        )));
+    }
+    if windowed && matches!(opts.path, JacobiPath::Workgroup | JacobiPath::Global) {
+        return Err(Error::Memory(format!(
+            "{batch} matrices of size {n}×{n} exceed one storage binding \
+             (max_storage_buffer_binding_size {} bytes); only the blocked Jacobi path \
+             binds them in windows",
+            ctx.limits.max_storage_buffer_binding_size
         )));
     }
     if batch == 0 || n == 0 {
@@ -185,7 +203,7 @@ pub fn eigh(ctx: &GpuContext, matrices: &GpuTensor, opts: &JacobiOptions) -> Res
         None => (matrices, None),
     };
     let path = match opts.path {
-        JacobiPath::Auto if n <= AUTO_WORKGROUP_MAX_N => JacobiPath::Workgroup,
+        JacobiPath::Auto if n <= AUTO_WORKGROUP_MAX_N && !windowed => JacobiPath::Workgroup,
         JacobiPath::Auto => JacobiPath::Blocked,
         path => path,
     };
@@ -194,6 +212,7 @@ pub fn eigh(ctx: &GpuContext, matrices: &GpuTensor, opts: &JacobiOptions) -> Res
         n,
         input,
         start,
+        window,
     };
     let (values, vectors, sweeps, off_diagonal) = match path {
         JacobiPath::Workgroup => workgroup_path(ctx, rec, &problem, opts)?,
@@ -236,12 +255,14 @@ pub fn eigh_each(
 }
 
 /// One call's matrices: `input` `[batch, n, n]` (already rotated into the warm start
-/// basis, if any) and the warm start basis with its batch stride in elements.
+/// basis, if any), the warm start basis with its batch stride in elements, and the
+/// elements per binding window.
 struct Problem<'a> {
     batch: usize,
     n: usize,
     input: &'a GpuTensor,
     start: Option<(&'a GpuTensor, usize)>,
+    window: usize,
 }
 
 impl Problem<'_> {
@@ -259,17 +280,26 @@ impl Problem<'_> {
     }
 }
 
-/// Refuses batches that do not fit one storage binding or overflow the kernels' u32
-/// element indices.
-fn check_fits(ctx: &GpuContext, batch: usize, n: usize) -> Result<()> {
+/// Elements of one binding window: the largest multiple of the offset alignment that
+/// fits `max_storage_buffer_binding_size`.
+fn window_elements(ctx: &GpuContext) -> usize {
+    let limits = &ctx.limits;
+    let align = (limits.min_storage_buffer_offset_alignment as usize / 4).max(1);
+    let limit = (limits.max_storage_buffer_binding_size / 4).min(u64::from(u32::MAX) / 2);
+    limit as usize / align * align
+}
+
+/// Refuses batches that do not fit three binding windows or overflow the kernels' u32
+/// element indices; returns whether the batch needs more than one window.
+fn check_fits(ctx: &GpuContext, batch: usize, n: usize, window: usize) -> Result<bool> {
     let elements = batch as u64 * n as u64 * n as u64;
     let bytes = elements * 4;
-    let limit = ctx.limits.max_storage_buffer_binding_size;
-    if bytes > limit {
+    if elements > 3 * window as u64 {
         return Err(Error::Memory(format!(
             "the Jacobi eigendecomposition of {batch} matrices of size {n}×{n} needs \
-             {bytes}-byte buffers, more than the adapter's max_storage_buffer_binding_size \
-             of {limit} bytes (matrices split over several bindings are not supported)"
+             {bytes}-byte buffers, more than three storage bindings of the adapter's \
+             max_storage_buffer_binding_size ({} bytes)",
+            ctx.limits.max_storage_buffer_binding_size
         )));
     }
     // global_apply indexes batch · (h² + h·n) items, about 1.5 · batch · n².
@@ -280,7 +310,23 @@ fn check_fits(ctx: &GpuContext, batch: usize, n: usize) -> Result<()> {
              kernels' 32-bit index range; split the batch"
         )));
     }
-    Ok(())
+    Ok(elements > window as u64)
+}
+
+/// The three binding windows of a `[batch, n, n]` tensor (see the shader's header):
+/// consecutive ranges of `window` elements, or the whole tensor three times when it
+/// fits one.
+fn windows(ctx: &GpuContext, t: &GpuTensor, window: usize) -> Result<[GpuTensor; 3]> {
+    let len = t.len();
+    if len <= window {
+        return Ok([t.view(t.shape())?, t.view(t.shape())?, t.view(t.shape())?]);
+    }
+    let align = u64::from(ctx.limits.min_storage_buffer_offset_alignment);
+    let part = |k: usize| -> Result<GpuTensor> {
+        let start = (k * window).min(len - 1) / window * window;
+        t.window(start, window.min(len - start), align)
+    };
+    Ok([part(0)?, part(1)?, part(2)?])
 }
 
 /// Records `A' = V₀ᵀ A V₀` for the warm start and returns `A'` `[batch, n, n]`.
@@ -333,8 +379,8 @@ struct Work {
 }
 
 impl Problem<'_> {
-    /// `global_init`/`global_rank`/`global_gather` parameters (`GlobalParams`).
-    fn words(&self, step: usize) -> [u32; 5] {
+    /// Parameters of the global kernels (`GlobalParams`).
+    fn words(&self, step: usize) -> [u32; 6] {
         let [has_v0, v0_stride] = self.start_words();
         [
             self.n as u32,
@@ -342,23 +388,38 @@ impl Problem<'_> {
             step as u32,
             has_v0,
             v0_stride,
+            self.window as u32,
         ]
     }
 
-    /// Records `global_init`: the work buffers from the input and the starting basis.
+    /// The binding windows of a `[batch, n, n]` tensor of this problem.
+    fn windows(&self, ctx: &GpuContext, t: &GpuTensor) -> Result<[GpuTensor; 3]> {
+        windows(ctx, t, self.window)
+    }
+
+    /// Records `global_init_a` and `global_init_w`: the work buffers from the input and
+    /// the starting basis.
     fn record_init(&self, ctx: &GpuContext, rec: &mut Recorder) -> Result<Work> {
         let shape = [self.batch, self.n, self.n];
         let work = Work {
             a: ctx.zeros(&shape)?,
             w: ctx.zeros(&shape)?,
         };
-        rec.dispatch(
-            &Kernel::new(&super::JACOBI, "global_init"),
-            &[self.input, self.v0()],
-            &[&work.a, &work.w],
-            &self.words(0),
-            groups(self.batch * self.n * self.n),
-        )?;
+        let items = groups(self.batch * self.n * self.n);
+        for (entry, from, to) in [
+            ("global_init_a", self.input, &work.a),
+            ("global_init_w", self.v0(), &work.w),
+        ] {
+            let [f0, f1, f2] = self.windows(ctx, from)?;
+            let [t0, t1, t2] = self.windows(ctx, to)?;
+            rec.dispatch(
+                &Kernel::new(&super::JACOBI, entry),
+                &[&f0, &f1, &f2],
+                &[&t0, &t1, &t2],
+                &self.words(0),
+                items,
+            )?;
+        }
         Ok(work)
     }
 
@@ -376,32 +437,43 @@ impl Problem<'_> {
         let values = ctx.zeros(&[batch, n])?;
         let vectors = ctx.zeros(&[batch, n, n])?;
         let ranks = ctx.zeros(&[batch, n])?;
+        let [a0, a1, a2] = self.windows(ctx, &work.a)?;
         rec.dispatch(
             &Kernel::new(&super::JACOBI, "global_rank"),
-            &[&work.a],
+            &[&a0, &a1, &a2],
             &[&values, &ranks],
             &self.words(0),
             groups(batch * n),
         )?;
+        let [w0, w1, w2] = self.windows(ctx, &work.w)?;
         // One Newton–Schulz step towards the nearest orthogonal basis,
-        // W ← 1.5 W − 0.5 P with P = (W Wᵀ) W, W Wᵀ in the no longer needed work.a;
-        // the gather forms the combination.
-        let product;
-        let (p, [a, b]) = if reorthogonalize && n > 1 {
-            product = ctx.zeros(&[batch, n, n])?;
+        // W ← 1.5 W − 0.5 P with P = (W Wᵀ) W, W Wᵀ in the no longer needed work.a.
+        if reorthogonalize && n > 1 {
+            let product = ctx.zeros(&[batch, n, n])?;
             let gram = Gemm::new(n, n, n, false, true).batched(batch);
             gemm(rec, &gram, &work.w, &work.w, &work.a)?;
             let step = Gemm::new(n, n, n, false, false).batched(batch);
             gemm(rec, &step, &work.a, &work.w, &product)?;
-            (&product, [1.5f32, -0.5])
-        } else {
-            (&work.w, [1.0, 0.0])
-        };
+            let [p0, p1, p2] = self.windows(ctx, &product)?;
+            rec.dispatch(
+                &Kernel::new(&super::JACOBI, "global_combine"),
+                &[&p0, &p1, &p2],
+                &[&w0, &w1, &w2],
+                &[
+                    (batch * n * n) as u32,
+                    1.5f32.to_bits(),
+                    (-0.5f32).to_bits(),
+                    self.window as u32,
+                ],
+                groups(batch * n * n),
+            )?;
+        }
+        let [v0, v1, v2] = self.windows(ctx, &vectors)?;
         rec.dispatch(
             &Kernel::new(&super::JACOBI, "global_gather"),
-            &[&work.w, p, &ranks],
-            &[&vectors],
-            &[n as u32, batch as u32, a.to_bits(), b.to_bits()],
+            &[&w0, &w1, &w2, &ranks],
+            &[&v0, &v1, &v2],
+            &self.words(0),
             groups(batch * n * n),
         )?;
         Ok((values, vectors))
@@ -506,6 +578,8 @@ fn blocked_path(
     let rotations = ctx.zeros(&[batch, h, pair, pair])?;
     let kernel = |entry| Kernel::new(&super::JACOBI, entry);
     sweep_until_done(ctx, rec, problem, opts, |rec, work, norms| {
+        let [a0, a1, a2] = problem.windows(ctx, &work.a)?;
+        let [w0, w1, w2] = problem.windows(ctx, &work.w)?;
         // A block pair is solved once its off-diagonal norm is below
         // tol · ‖A‖_F / blocks: when all pairs of a sweep are, A has converged.
         let thresholds: Vec<f32> = norms
@@ -514,18 +588,24 @@ fn blocked_path(
             .collect();
         let thresholds = ctx.upload(&thresholds, &[batch])?;
         for round in 0..blocks - 1 {
-            let words = [n as u32, batch as u32, round as u32, blocks as u32];
+            let words = [
+                n as u32,
+                batch as u32,
+                round as u32,
+                blocks as u32,
+                problem.window as u32,
+            ];
             rec.dispatch(
                 &kernel("block_solve"),
                 &[&thresholds],
-                &[&work.a, &rotations],
+                &[&a0, &a1, &a2, &rotations],
                 &words,
                 grid_1d((batch * h) as u32),
             )?;
             rec.dispatch(
                 &kernel("block_apply"),
                 &[&rotations],
-                &[&work.a, &work.w],
+                &[&a0, &a1, &a2, &w0, &w1, &w2],
                 &words,
                 grid_1d((batch * tiles) as u32),
             )?;
@@ -549,10 +629,11 @@ fn sweep_until_done(
     let chunks = (n * n).div_ceil(NORM_CHUNK);
     let work = problem.record_init(ctx, &mut rec)?;
     let partials = ctx.zeros(&[batch, chunks, 3])?;
+    let [a0, a1, a2] = problem.windows(ctx, &work.a)?;
     let record_norms = |rec: &mut Recorder| {
         rec.dispatch(
             &Kernel::new(&super::JACOBI, "global_norms"),
-            &[&work.a],
+            &[&a0, &a1, &a2],
             &[&partials],
             &problem.words(0),
             grid_1d((batch * chunks) as u32),

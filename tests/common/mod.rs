@@ -24,6 +24,59 @@ pub fn gpu() -> Option<MutexGuard<'static, GpuContext>> {
         .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
 }
 
+static SMALL_BINDING_GPU: OnceLock<Option<Mutex<GpuContext>>> = OnceLock::new();
+
+/// Bytes of one storage binding on [`small_binding_gpu`]: 16384 floats, so that a
+/// factor of `n > 128` needs several binding windows, as `n > 5790` does on WebGPU's
+/// default 128 MiB.
+pub const SMALL_BINDING: u64 = 64 << 10;
+
+/// A second device of the test binary (same adapter choice as the crate's) whose
+/// `max_storage_buffer_binding_size` is lowered to [`SMALL_BINDING`], to test the paths
+/// for tensors larger than one binding at sizes the software driver runs quickly.
+pub fn small_binding_gpu() -> Option<MutexGuard<'static, GpuContext>> {
+    let slot = SMALL_BINDING_GPU.get_or_init(|| {
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
+            power_preference: wgpu::PowerPreference::HighPerformance,
+            force_fallback_adapter: false,
+            compatible_surface: None,
+            apply_limit_buckets: false,
+        }));
+        let adapter = match adapter {
+            Ok(a) => a,
+            Err(e) => {
+                if std::env::var("EKFAC_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                    panic!("EKFAC_REQUIRE_GPU=1 but no GPU is available: {e}");
+                }
+                eprintln!("SKIPPING GPU TEST: {e}");
+                return None;
+            }
+        };
+        let limits = wgpu::Limits {
+            max_storage_buffer_binding_size: SMALL_BINDING,
+            ..wgpu::Limits::default()
+        };
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("ekfac tests, small bindings"),
+            required_features: wgpu::Features::empty(),
+            required_limits: limits,
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .expect("a device with small bindings");
+        Some(Mutex::new(GpuContext::from_device(
+            device,
+            queue,
+            adapter.get_info(),
+        )))
+    });
+    slot.as_ref()
+        .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
 /// A small deterministic generator (SplitMix64) for test inputs.
 pub struct TestRng(u64);
 
