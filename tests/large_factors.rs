@@ -8,9 +8,7 @@
 
 mod common;
 
-use ekfac::cpu::curvature::{
-    Approximation as CpuApproximation, CpuCurvature, Dataset as CpuDataset, Network64,
-};
+use ekfac::cpu::curvature::{CpuCurvature, Dataset as CpuDataset, Network64};
 use ekfac::curvature::fit::{Fitted, fit};
 use ekfac::curvature::operator::{Approximation, Operator, Transform};
 use ekfac::curvature::options::{DampingMode, Options};
@@ -108,7 +106,7 @@ fn factors_larger_than_one_binding_match_the_reference() {
     let reference = CpuCurvature::fit(&net, &cpu_data, &options, true).unwrap();
     let v64: Vec<f64> = v.iter().map(|&x| f64::from(x)).collect();
     let mut want = Vec::new();
-    for approx in [CpuApproximation::Kfac, CpuApproximation::Ekfac] {
+    for approx in [Approximation::Kfac, Approximation::Ekfac] {
         want.push(reference.matmat(approx, &v64, K).unwrap());
         let mode = DampingMode::Exact;
         want.push(

@@ -18,6 +18,7 @@ use faer::{Mat, Side};
 
 use crate::cpu::ops;
 use crate::curvature::layout::{BlockKind, ParamKind, ParamLayout};
+pub use crate::curvature::operator::Approximation;
 use crate::curvature::scalars::{self, Scalars};
 use crate::curvature::{DampingMode, FisherType, KfacApprox, MIN_DAMPING, Options};
 use crate::error::{Error, Result};
@@ -56,13 +57,6 @@ pub struct BlockFactors {
     /// EKFAC's corrected eigenvalues `Λ [d_out, D]`, row-major, indexed
     /// `[G-eigenvector, A-eigenvector]`.
     pub corrected: Option<Vec<f64>>,
-}
-
-/// Which operator a product or scalar refers to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Approximation {
-    Kfac,
-    Ekfac,
 }
 
 /// A fitted KFAC (and optionally EKFAC) in f64.

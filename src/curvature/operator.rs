@@ -28,7 +28,8 @@ use crate::gpu::{GpuContext, GpuTensor};
 use crate::ops::eigencorrect::scale_broadcast;
 use crate::ops::gemm::{Gemm, gemm};
 
-/// Which approximation to apply.
+/// Which approximation a product or scalar refers to (on the GPU and in the CPU
+/// reference).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Approximation {
     Kfac,
