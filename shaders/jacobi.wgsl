@@ -17,12 +17,14 @@
 // Windows: a matrix larger than one storage binding is bound as three windows of
 // `window` elements each (consecutive ranges of its flat index; a matrix that fits is
 // bound three times, and only the first is read). The kernels of the global and blocked
-// paths reach such tensors through `*_get` / `*_set`, which pick the window of a flat
-// index; the workgroup path and `global_rotations` / `global_apply` bind one window. The warm start's V0ᵀ A V0 and the Newton–Schulz products are
-// GEMMs of shaders/gemm.wgsl. One sweep is m - 1 steps (m = n rounded up to even). Step k
-// pairs the indices by the round-robin tournament of `pair_of`, so the h = m/2
-// rotations of a step are disjoint and run in parallel; over a sweep every pair (p, q)
-// meets exactly once. For odd n the index n is a phantom whose rotation is the identity.
+// paths reach such tensors through the accessors of the "Binding windows" section; the
+// workgroup path and `global_rotations` / `global_apply` bind one window.
+//
+// The warm start's V0ᵀ A V0 and the Newton–Schulz products are GEMMs of
+// shaders/gemm.wgsl (cut into windows there too). One sweep is m - 1 steps (m = n
+// rounded up to even). Step k pairs the indices by the round-robin tournament of
+// `pair_of`, so the h = m/2 rotations of a step are disjoint and run in parallel; over a
+// sweep every pair (p, q) meets exactly once. For odd n the index n is a phantom whose rotation is the identity.
 // A step updates A ← Jᵀ A J and W ← Jᵀ W for the product J of the step's rotations.
 //
 // The rotation that zeroes a_pq is Rutishauser's stable form:
@@ -395,6 +397,98 @@ fn jacobi_sweep_storage(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_work
 }
 
 // ---------------------------------------------------------------------------------
+// Binding windows of the global and blocked kernels (see the header): four sets of
+// three windows, each at the same binding slots in every kernel that uses it, read and
+// written through `*_get(i, window)` / `*_set(i, x, window)` with a flat index i.
+//   src    bindings 0–2, read:  the input, V0, A, P or W (init, norms, rank, combine, gather)
+//   dst    bindings 3–5:        work_a, work_w or W (init, combine)
+//   mat_a  bindings 1–3:        work_a (block_solve, block_apply)
+//   mat_b  bindings 4–6:        work_w (block_apply) or vectors (gather)
+
+@group(0) @binding(0) var<storage, read> src0: array<f32>;
+@group(0) @binding(1) var<storage, read> src1: array<f32>;
+@group(0) @binding(2) var<storage, read> src2: array<f32>;
+@group(0) @binding(3) var<storage, read_write> dst0: array<f32>;
+@group(0) @binding(4) var<storage, read_write> dst1: array<f32>;
+@group(0) @binding(5) var<storage, read_write> dst2: array<f32>;
+@group(0) @binding(1) var<storage, read_write> mat_a0: array<f32>;
+@group(0) @binding(2) var<storage, read_write> mat_a1: array<f32>;
+@group(0) @binding(3) var<storage, read_write> mat_a2: array<f32>;
+@group(0) @binding(4) var<storage, read_write> mat_b0: array<f32>;
+@group(0) @binding(5) var<storage, read_write> mat_b1: array<f32>;
+@group(0) @binding(6) var<storage, read_write> mat_b2: array<f32>;
+
+fn src_get(i: u32, w: u32) -> f32 {
+    if (i < w) {
+        return src0[i];
+    }
+    if (i < 2u * w) {
+        return src1[i - w];
+    }
+    return src2[i - 2u * w];
+}
+
+fn dst_get(i: u32, w: u32) -> f32 {
+    if (i < w) {
+        return dst0[i];
+    }
+    if (i < 2u * w) {
+        return dst1[i - w];
+    }
+    return dst2[i - 2u * w];
+}
+
+fn dst_set(i: u32, x: f32, w: u32) {
+    if (i < w) {
+        dst0[i] = x;
+    } else if (i < 2u * w) {
+        dst1[i - w] = x;
+    } else {
+        dst2[i - 2u * w] = x;
+    }
+}
+
+fn mat_a_get(i: u32, w: u32) -> f32 {
+    if (i < w) {
+        return mat_a0[i];
+    }
+    if (i < 2u * w) {
+        return mat_a1[i - w];
+    }
+    return mat_a2[i - 2u * w];
+}
+
+fn mat_a_set(i: u32, x: f32, w: u32) {
+    if (i < w) {
+        mat_a0[i] = x;
+    } else if (i < 2u * w) {
+        mat_a1[i - w] = x;
+    } else {
+        mat_a2[i - 2u * w] = x;
+    }
+}
+
+fn mat_b_get(i: u32, w: u32) -> f32 {
+    if (i < w) {
+        return mat_b0[i];
+    }
+    if (i < 2u * w) {
+        return mat_b1[i - w];
+    }
+    return mat_b2[i - 2u * w];
+}
+
+fn mat_b_set(i: u32, x: f32, w: u32) {
+    if (i < w) {
+        mat_b0[i] = x;
+    } else if (i < 2u * w) {
+        mat_b1[i - w] = x;
+    } else {
+        mat_b2[i - 2u * w] = x;
+    }
+}
+
+// ---------------------------------------------------------------------------------
 // Global (any-size) path: every step is two dispatches over all matrices of the batch
 // (`global_rotations`, then `global_apply`); a sweep is recorded into one pass followed
 // by `global_norms`, whose partial sums the host adds up to test convergence.
@@ -410,35 +504,7 @@ struct GlobalParams {
     window: u32,
 }
 
-@group(0) @binding(0) var<storage, read> ia_a0: array<f32>;
-@group(0) @binding(1) var<storage, read> ia_a1: array<f32>;
-@group(0) @binding(2) var<storage, read> ia_a2: array<f32>;
-@group(0) @binding(3) var<storage, read_write> ia_work0: array<f32>;
-@group(0) @binding(4) var<storage, read_write> ia_work1: array<f32>;
-@group(0) @binding(5) var<storage, read_write> ia_work2: array<f32>;
 @group(0) @binding(6) var<uniform> ia_params: GlobalParams;
-
-fn ia_get(i: u32) -> f32 {
-    let w = ia_params.window;
-    if (i < w) {
-        return ia_a0[i];
-    }
-    if (i < 2u * w) {
-        return ia_a1[i - w];
-    }
-    return ia_a2[i - 2u * w];
-}
-
-fn ia_set(i: u32, x: f32) {
-    let w = ia_params.window;
-    if (i < w) {
-        ia_work0[i] = x;
-    } else if (i < 2u * w) {
-        ia_work1[i - w] = x;
-    } else {
-        ia_work2[i - 2u * w] = x;
-    }
-}
 
 // work_a = (A + Aᵀ)/2, one invocation per element.
 @compute @workgroup_size(256)
@@ -454,38 +520,11 @@ fn global_init_a(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     let e = g % nn;
     let i = e / n;
     let r = e % n;
-    ia_set(g, 0.5 * (ia_get(g) + ia_get(b * nn + r * n + i)));
+    let w = ia_params.window;
+    dst_set(g, 0.5 * (src_get(g, w) + src_get(b * nn + r * n + i, w)), w);
 }
 
-@group(0) @binding(0) var<storage, read> iw_v0: array<f32>;
-@group(0) @binding(1) var<storage, read> iw_v1: array<f32>;
-@group(0) @binding(2) var<storage, read> iw_v2: array<f32>;
-@group(0) @binding(3) var<storage, read_write> iw_work0: array<f32>;
-@group(0) @binding(4) var<storage, read_write> iw_work1: array<f32>;
-@group(0) @binding(5) var<storage, read_write> iw_work2: array<f32>;
 @group(0) @binding(6) var<uniform> iw_params: GlobalParams;
-
-fn iw_get(i: u32) -> f32 {
-    let w = iw_params.window;
-    if (i < w) {
-        return iw_v0[i];
-    }
-    if (i < 2u * w) {
-        return iw_v1[i - w];
-    }
-    return iw_v2[i - 2u * w];
-}
-
-fn iw_set(i: u32, x: f32) {
-    let w = iw_params.window;
-    if (i < w) {
-        iw_work0[i] = x;
-    } else if (i < 2u * w) {
-        iw_work1[i - w] = x;
-    } else {
-        iw_work2[i - 2u * w] = x;
-    }
-}
 
 // work_w = V0ᵀ (or I), one invocation per element.
 @compute @workgroup_size(256)
@@ -501,10 +540,11 @@ fn global_init_w(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     let e = g % nn;
     let i = e / n;
     let r = e % n;
+    let w = iw_params.window;
     if (iw_params.has_v0 != 0u) {
-        iw_set(g, iw_get(b * iw_params.v0_stride + r * n + i));
+        dst_set(g, src_get(b * iw_params.v0_stride + r * n + i, w), w);
     } else {
-        iw_set(g, select(0.0, 1.0, i == r));
+        dst_set(g, select(0.0, 1.0, i == r), w);
     }
 }
 
@@ -618,22 +658,8 @@ fn global_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 // Elements of one matrix summed by one workgroup of `global_norms`.
 const NORM_CHUNK: u32 = 4096u;
 
-@group(0) @binding(0) var<storage, read> gn_a0: array<f32>;
-@group(0) @binding(1) var<storage, read> gn_a1: array<f32>;
-@group(0) @binding(2) var<storage, read> gn_a2: array<f32>;
 @group(0) @binding(3) var<storage, read_write> gn_partials: array<f32>;
 @group(0) @binding(4) var<uniform> gn_params: GlobalParams;
-
-fn gn_get(i: u32) -> f32 {
-    let w = gn_params.window;
-    if (i < w) {
-        return gn_a0[i];
-    }
-    if (i < 2u * w) {
-        return gn_a1[i - w];
-    }
-    return gn_a2[i - 2u * w];
-}
 
 // partials[b, chunk] = (Σ off-diagonal a², Σ a², 1 if any element is NaN or Inf else 0)
 // over elements [chunk·4096, +4096) of matrix b, summed in a fixed order.
@@ -657,7 +683,7 @@ fn global_norms(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     var off = 0.0;
     var tot = 0.0;
     for (var e = start + lid; e < end; e += WG) {
-        let x = gn_get(b * nn + e);
+        let x = src_get(b * nn + e, gn_params.window);
         tot += x * x;
         off += select(x * x, 0.0, e / n == e % n);
         if (!finite(x)) {
@@ -674,23 +700,9 @@ fn global_norms(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     }
 }
 
-@group(0) @binding(0) var<storage, read> gs_a0: array<f32>;
-@group(0) @binding(1) var<storage, read> gs_a1: array<f32>;
-@group(0) @binding(2) var<storage, read> gs_a2: array<f32>;
 @group(0) @binding(3) var<storage, read_write> gs_values: array<f32>;
 @group(0) @binding(4) var<storage, read_write> gs_ranks: array<u32>;
 @group(0) @binding(5) var<uniform> gs_params: GlobalParams;
-
-fn gs_get(i: u32) -> f32 {
-    let w = gs_params.window;
-    if (i < w) {
-        return gs_a0[i];
-    }
-    if (i < 2u * w) {
-        return gs_a1[i - w];
-    }
-    return gs_a2[i - 2u * w];
-}
 
 // ranks[b, i] = position of a_ii in ascending order (ties by index); values[b, rank] = a_ii.
 @compute @workgroup_size(256)
@@ -704,11 +716,12 @@ fn global_rank(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     let b = g / n;
     let i = g % n;
     let base = b * n * n;
-    let d = gs_get(base + i * n + i);
+    let d = src_get(base + i * n + i, gs_params.window);
     let ki = sort_key(d);
     var rank = 0u;
     for (var j = 0u; j < n; j++) {
-        rank += select(0u, 1u, before(sort_key(gs_get(base + j * n + j)), j, ki, i));
+        let kj = sort_key(src_get(base + j * n + j, gs_params.window));
+        rank += select(0u, 1u, before(kj, j, ki, i));
     }
     gs_ranks[g] = rank;
     gs_values[b * n + rank] = d;
@@ -724,46 +737,7 @@ struct CombineParams {
     window: u32,
 }
 
-@group(0) @binding(0) var<storage, read> gc_p0: array<f32>;
-@group(0) @binding(1) var<storage, read> gc_p1: array<f32>;
-@group(0) @binding(2) var<storage, read> gc_p2: array<f32>;
-@group(0) @binding(3) var<storage, read_write> gc_w0: array<f32>;
-@group(0) @binding(4) var<storage, read_write> gc_w1: array<f32>;
-@group(0) @binding(5) var<storage, read_write> gc_w2: array<f32>;
 @group(0) @binding(6) var<uniform> gc_params: CombineParams;
-
-fn gc_p_get(i: u32) -> f32 {
-    let w = gc_params.window;
-    if (i < w) {
-        return gc_p0[i];
-    }
-    if (i < 2u * w) {
-        return gc_p1[i - w];
-    }
-    return gc_p2[i - 2u * w];
-}
-
-fn gc_w_get(i: u32) -> f32 {
-    let w = gc_params.window;
-    if (i < w) {
-        return gc_w0[i];
-    }
-    if (i < 2u * w) {
-        return gc_w1[i - w];
-    }
-    return gc_w2[i - 2u * w];
-}
-
-fn gc_w_set(i: u32, x: f32) {
-    let w = gc_params.window;
-    if (i < w) {
-        gc_w0[i] = x;
-    } else if (i < 2u * w) {
-        gc_w1[i - w] = x;
-    } else {
-        gc_w2[i - 2u * w] = x;
-    }
-}
 
 // W[g] = a·W[g] + b·P[g], one invocation per element.
 @compute @workgroup_size(256)
@@ -773,39 +747,12 @@ fn global_combine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     if (g >= gc_params.len) {
         return;
     }
-    gc_w_set(g, gc_params.a * gc_w_get(g) + gc_params.b * gc_p_get(g));
+    let w = gc_params.window;
+    dst_set(g, gc_params.a * dst_get(g, w) + gc_params.b * src_get(g, w), w);
 }
 
-@group(0) @binding(0) var<storage, read> gg_w0: array<f32>;
-@group(0) @binding(1) var<storage, read> gg_w1: array<f32>;
-@group(0) @binding(2) var<storage, read> gg_w2: array<f32>;
 @group(0) @binding(3) var<storage, read> gg_ranks: array<u32>;
-@group(0) @binding(4) var<storage, read_write> gg_v0: array<f32>;
-@group(0) @binding(5) var<storage, read_write> gg_v1: array<f32>;
-@group(0) @binding(6) var<storage, read_write> gg_v2: array<f32>;
 @group(0) @binding(7) var<uniform> gg_params: GlobalParams;
-
-fn gg_get(i: u32) -> f32 {
-    let w = gg_params.window;
-    if (i < w) {
-        return gg_w0[i];
-    }
-    if (i < 2u * w) {
-        return gg_w1[i - w];
-    }
-    return gg_w2[i - 2u * w];
-}
-
-fn gg_set(i: u32, x: f32) {
-    let w = gg_params.window;
-    if (i < w) {
-        gg_v0[i] = x;
-    } else if (i < 2u * w) {
-        gg_v1[i - w] = x;
-    } else {
-        gg_v2[i - 2u * w] = x;
-    }
-}
 
 // vectors[b, r, ranks[b, i]] = W[b, i, r], one invocation per element.
 @compute @workgroup_size(256)
@@ -820,7 +767,8 @@ fn global_gather(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     let b = g / nn;
     let i = (g % nn) / n;
     let r = g % n;
-    gg_set(b * nn + r * n + gg_ranks[b * n + i], gg_get(g));
+    let w = gg_params.window;
+    mat_b_set(b * nn + r * n + gg_ranks[b * n + i], src_get(g, w), w);
 }
 
 // ---------------------------------------------------------------------------------
@@ -872,33 +820,8 @@ fn block_index(pair: vec2<u32>, l: u32) -> u32 {
 }
 
 @group(0) @binding(0) var<storage, read> bs_threshold: array<f32>;
-@group(0) @binding(1) var<storage, read_write> bs_a0: array<f32>;
-@group(0) @binding(2) var<storage, read_write> bs_a1: array<f32>;
-@group(0) @binding(3) var<storage, read_write> bs_a2: array<f32>;
 @group(0) @binding(4) var<storage, read_write> bs_rot: array<f32>;
 @group(0) @binding(5) var<uniform> bs_params: BlockParams;
-
-fn bs_get(i: u32) -> f32 {
-    let w = bs_params.window;
-    if (i < w) {
-        return bs_a0[i];
-    }
-    if (i < 2u * w) {
-        return bs_a1[i - w];
-    }
-    return bs_a2[i - 2u * w];
-}
-
-fn bs_set(i: u32, x: f32) {
-    let w = bs_params.window;
-    if (i < w) {
-        bs_a0[i] = x;
-    } else if (i < 2u * w) {
-        bs_a1[i - w] = x;
-    } else {
-        bs_a2[i - 2u * w] = x;
-    }
-}
 
 // One workgroup per (matrix, slot) of the round.
 @compute @workgroup_size(256)
@@ -918,7 +841,7 @@ fn block_solve(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         let j = block_index(pair, e % SHARED_N);
         var x = 0.0;
         if (i < n && j < n) {
-            x = bs_get(base + i * n + j);
+            x = mat_a_get(base + i * n + j, bs_params.window);
         }
         wg_a[e] = x;
         wg_w[e] = select(0.0, 1.0, e / SHARED_N == e % SHARED_N);
@@ -980,64 +903,14 @@ fn block_solve(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         let i = block_index(pair, e / SHARED_N);
         let j = block_index(pair, e % SHARED_N);
         if (i < n && j < n) {
-            bs_set(base + i * n + j, wg_a[e]);
+            mat_a_set(base + i * n + j, wg_a[e], bs_params.window);
         }
         bs_rot[g * ll + e] = wg_w[e];
     }
 }
 
 @group(0) @binding(0) var<storage, read> bp_rot: array<f32>;
-@group(0) @binding(1) var<storage, read_write> bp_a0: array<f32>;
-@group(0) @binding(2) var<storage, read_write> bp_a1: array<f32>;
-@group(0) @binding(3) var<storage, read_write> bp_a2: array<f32>;
-@group(0) @binding(4) var<storage, read_write> bp_w0: array<f32>;
-@group(0) @binding(5) var<storage, read_write> bp_w1: array<f32>;
-@group(0) @binding(6) var<storage, read_write> bp_w2: array<f32>;
 @group(0) @binding(7) var<uniform> bp_params: BlockParams;
-
-fn bp_a_get(i: u32) -> f32 {
-    let w = bp_params.window;
-    if (i < w) {
-        return bp_a0[i];
-    }
-    if (i < 2u * w) {
-        return bp_a1[i - w];
-    }
-    return bp_a2[i - 2u * w];
-}
-
-fn bp_a_set(i: u32, x: f32) {
-    let w = bp_params.window;
-    if (i < w) {
-        bp_a0[i] = x;
-    } else if (i < 2u * w) {
-        bp_a1[i - w] = x;
-    } else {
-        bp_a2[i - 2u * w] = x;
-    }
-}
-
-fn bp_w_get(i: u32) -> f32 {
-    let w = bp_params.window;
-    if (i < w) {
-        return bp_w0[i];
-    }
-    if (i < 2u * w) {
-        return bp_w1[i - w];
-    }
-    return bp_w2[i - 2u * w];
-}
-
-fn bp_w_set(i: u32, x: f32) {
-    let w = bp_params.window;
-    if (i < w) {
-        bp_w0[i] = x;
-    } else if (i < 2u * w) {
-        bp_w1[i - w] = x;
-    } else {
-        bp_w2[i - 2u * w] = x;
-    }
-}
 
 // Two L × L operands of `block_apply`, row-major, L/4 vec4 per row.
 var<workgroup> wg_p: array<vec4<f32>, 256>;
@@ -1104,7 +977,7 @@ fn block_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
             let j = block_index(pj, e % SHARED_N);
             var x = 0.0;
             if (i < n && j < n) {
-                x = bp_a_get(base + i * n + j);
+                x = mat_a_get(base + i * n + j, bp_params.window);
             }
             set_p(e, x);
             set_q(e, bp_rot[(b * h + sj) * ll + e]);
@@ -1142,7 +1015,7 @@ fn block_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         let i = block_index(pi, k);
         var x = 0.0;
         if (i < n && c0 + col < n) {
-            x = bp_w_get(base + i * n + c0 + col);
+            x = mat_b_get(base + i * n + c0 + col, bp_params.window);
         }
         set_q(col * SHARED_N + k, x);
         set_p(e, bp_rot[(b * h + si) * ll + e]);
@@ -1154,23 +1027,23 @@ fn block_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     let col0 = c0 + c;
     let col1 = c0 + c + 1u;
     if (i0 < n && col0 < n) {
-        bp_w_set(base + i0 * n + col0, out.x);
+        mat_b_set(base + i0 * n + col0, out.x, bp_params.window);
     }
     if (i0 < n && col1 < n) {
-        bp_w_set(base + i0 * n + col1, out.y);
+        mat_b_set(base + i0 * n + col1, out.y, bp_params.window);
     }
     if (i1 < n && col0 < n) {
-        bp_w_set(base + i1 * n + col0, out.z);
+        mat_b_set(base + i1 * n + col0, out.z, bp_params.window);
     }
     if (i1 < n && col1 < n) {
-        bp_w_set(base + i1 * n + col1, out.w);
+        mat_b_set(base + i1 * n + col1, out.w, bp_params.window);
     }
 }
 
 // A[i, j] = A[j, i] = x when both indices are real.
 fn write_symmetric(base: u32, n: u32, i: u32, j: u32, x: f32) {
     if (i < n && j < n) {
-        bp_a_set(base + i * n + j, x);
-        bp_a_set(base + j * n + i, x);
+        mat_a_set(base + i * n + j, x, bp_params.window);
+        mat_a_set(base + j * n + i, x, bp_params.window);
     }
 }

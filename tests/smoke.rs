@@ -12,18 +12,8 @@ fn relu_runs_on_the_device() {
 #[test]
 fn adopts_a_device_the_host_application_created() {
     let Some(_shared) = common::gpu() else { return };
-    let instance =
-        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
-        power_preference: wgpu::PowerPreference::HighPerformance,
-        force_fallback_adapter: false,
-        compatible_surface: None,
-        apply_limit_buckets: false,
-    }))
-    .expect("an adapter exists: the shared device was created");
-    let (device, queue) =
-        pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor::default())).unwrap();
-    let ctx = ekfac::gpu::GpuContext::from_device(device, queue, adapter.get_info());
+    let ctx = common::host_device(wgpu::Limits::default())
+        .expect("an adapter exists: the shared device was created");
     let x = ctx.upload(&[-3.0, 1.5], &[2]).unwrap();
     let y = ekfac::ops::activation::relu(&ctx, &x).unwrap();
     assert_eq!(ctx.read(&y).unwrap(), vec![0.0, 1.5]);

@@ -10,7 +10,16 @@ static GPU: OnceLock<Option<Mutex<GpuContext>>> = OnceLock::new();
 /// The test binary's shared device, locked for the calling test. Without an adapter
 /// the test is skipped loudly, unless `EKFAC_REQUIRE_GPU=1`, where it fails.
 pub fn gpu() -> Option<MutexGuard<'static, GpuContext>> {
-    let slot = GPU.get_or_init(|| match GpuContext::new() {
+    shared(&GPU, || GpuContext::new().map_err(|e| e.to_string()))
+}
+
+/// The device in `slot`, opened by `open` on first use, locked for the calling test;
+/// `None` (skip) or a panic under `EKFAC_REQUIRE_GPU=1` when it cannot be opened.
+fn shared(
+    slot: &'static OnceLock<Option<Mutex<GpuContext>>>,
+    open: impl FnOnce() -> Result<GpuContext, String>,
+) -> Option<MutexGuard<'static, GpuContext>> {
+    let slot = slot.get_or_init(|| match open() {
         Ok(ctx) => Some(Mutex::new(ctx)),
         Err(e) => {
             if std::env::var("EKFAC_REQUIRE_GPU").is_ok_and(|v| v == "1") {
@@ -31,50 +40,37 @@ static SMALL_BINDING_GPU: OnceLock<Option<Mutex<GpuContext>>> = OnceLock::new();
 /// default 128 MiB.
 pub const SMALL_BINDING: u64 = 64 << 10;
 
-/// A second device of the test binary (same adapter choice as the crate's) whose
-/// `max_storage_buffer_binding_size` is lowered to [`SMALL_BINDING`], to test the paths
-/// for tensors larger than one binding at sizes the software driver runs quickly.
+/// A device the way a host application would open one (high-performance adapter of
+/// the backends in `WGPU_BACKEND`), with `limits`, wrapped by
+/// `GpuContext::from_device`; an error when there is no adapter.
+pub fn host_device(limits: wgpu::Limits) -> Result<GpuContext, String> {
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
+        power_preference: wgpu::PowerPreference::HighPerformance,
+        force_fallback_adapter: false,
+        compatible_surface: None,
+        apply_limit_buckets: false,
+    }))
+    .map_err(|e| e.to_string())?;
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        required_limits: limits,
+        ..wgpu::DeviceDescriptor::default()
+    }))
+    .map_err(|e| e.to_string())?;
+    Ok(GpuContext::from_device(device, queue, adapter.get_info()))
+}
+
+/// A second device of the test binary whose `max_storage_buffer_binding_size` is
+/// lowered to [`SMALL_BINDING`], to test the paths for tensors larger than one binding
+/// at sizes the software driver runs quickly. Skipped or failed like [`gpu`].
 pub fn small_binding_gpu() -> Option<MutexGuard<'static, GpuContext>> {
-    let slot = SMALL_BINDING_GPU.get_or_init(|| {
-        let instance =
-            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-        let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
-            power_preference: wgpu::PowerPreference::HighPerformance,
-            force_fallback_adapter: false,
-            compatible_surface: None,
-            apply_limit_buckets: false,
-        }));
-        let adapter = match adapter {
-            Ok(a) => a,
-            Err(e) => {
-                if std::env::var("EKFAC_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                    panic!("EKFAC_REQUIRE_GPU=1 but no GPU is available: {e}");
-                }
-                eprintln!("SKIPPING GPU TEST: {e}");
-                return None;
-            }
-        };
-        let limits = wgpu::Limits {
+    shared(&SMALL_BINDING_GPU, || {
+        host_device(wgpu::Limits {
             max_storage_buffer_binding_size: SMALL_BINDING,
             ..wgpu::Limits::default()
-        };
-        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-            label: Some("ekfac tests, small bindings"),
-            required_features: wgpu::Features::empty(),
-            required_limits: limits,
-            experimental_features: wgpu::ExperimentalFeatures::disabled(),
-            memory_hints: wgpu::MemoryHints::Performance,
-            trace: wgpu::Trace::Off,
-        }))
-        .expect("a device with small bindings");
-        Some(Mutex::new(GpuContext::from_device(
-            device,
-            queue,
-            adapter.get_info(),
-        )))
-    });
-    slot.as_ref()
-        .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
+        })
+    })
 }
 
 /// A small deterministic generator (SplitMix64) for test inputs.
