@@ -146,6 +146,7 @@ pub fn fit_from(
         ctx,
         &network,
         options,
+        &layout,
         options.num_vectors(network.num_outputs()),
     )?;
     let accumulators = factor_pass(ctx, &network, &model.spec, data, options, &layout, chunks)?;
@@ -338,19 +339,33 @@ struct Chunking {
 }
 
 /// Splits batches and stacks of vectors so that one pass fits the memory budget and
-/// every tensor fits one storage binding. A backward pass holds roughly three tensors
-/// the size of the layer activations per stacked vector (gradients, repeated saved
-/// activations, rotated gradients); the forward pass keeps one set.
+/// every tensor fits one storage binding. The conv layers' im2col workspaces are
+/// bounded by the budget on their own ([`Sequential::workspace_bytes`]) and come off it
+/// first. Per example, a pass holds the forward activations, about three tensors the
+/// size of the activations per stacked vector (gradients, repeated saved activations,
+/// rotated gradients), and per layer with an input factor three `[S, D]` input
+/// matrices (the expand-format inputs, their copy with a ones column, and their
+/// rotation in the correction pass).
 fn chunking(
     ctx: &GpuContext,
     network: &Sequential,
     options: &Options,
+    layout: &ParamLayout,
     nv: usize,
 ) -> Result<Chunking> {
-    let budget = ctx.memory_budget();
+    let workspaces = network.workspace_bytes(ctx);
+    let budget = ctx.memory_budget().saturating_sub(workspaces);
     let binding = ctx.limits.max_storage_buffer_binding_size;
-    let per_example = 4 * network.activation_elements() as u64;
-    let largest = 4 * network.largest_activation().max(1) as u64;
+    let inputs = layout
+        .layers
+        .iter()
+        .filter_map(|layer| Some(layer.positions * layer.input_dim(layout)?));
+    let per_example =
+        4 * (network.activation_elements() + 3 * inputs.clone().sum::<usize>()) as u64;
+    let largest = 4 * network
+        .largest_activation()
+        .max(inputs.max().unwrap_or(0))
+        .max(1) as u64;
     let stack = nv.max(1) as u64;
     // Per example: the forward set plus three backward sets per stacked vector.
     let fits = |examples: u64, vectors: u64| {
@@ -360,12 +375,12 @@ fn chunking(
     };
     if !fits(1, 1) {
         return Err(Error::Memory(format!(
-            "one example with one backpropagated vector needs about {} bytes of GPU memory              ({} per activation set, largest tensor {} bytes), more than the budget of {}              bytes or the adapter's binding limit of {} bytes",
+            "one example with one backpropagated vector needs about {} bytes of GPU memory \
+             ({per_example} per example and vector, largest tensor {largest} bytes), more than \
+             the memory budget of {} bytes less {workspaces} bytes of conv workspaces, or the \
+             adapter's binding limit of {binding} bytes",
             per_example * 4,
-            per_example,
-            largest,
-            budget,
-            binding
+            ctx.memory_budget(),
         )));
     }
     let mut examples = options.batch_size as u64;

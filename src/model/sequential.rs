@@ -16,8 +16,15 @@ use crate::ops::conv::{ConvBackward, ConvWorkspace, conv2d_backward, conv2d_forw
 use crate::ops::linear::{LinearBackward, linear_backward, linear_forward};
 use crate::ops::{activation, pool, reduce};
 
-/// Scratch memory a conv layer may use for its im2col patches per chunk of examples.
-const CONV_WORKSPACE_BYTES: usize = 64 << 20;
+/// Scratch memory a conv layer may use for its im2col patches per chunk of examples
+/// (less when the context's memory budget is small, see [`conv_workspace_bytes`]).
+const CONV_WORKSPACE_BYTES: u64 = 64 << 20;
+
+/// Bytes of im2col scratch one conv layer may hold during a pass: 64 MiB, or a
+/// sixteenth of the context's memory budget when that is less.
+fn conv_workspace_bytes(ctx: &GpuContext) -> usize {
+    CONV_WORKSPACE_BYTES.min(ctx.memory_budget() / 16) as usize
+}
 
 /// A layer with its parameters on the GPU.
 enum GpuLayer {
@@ -177,6 +184,16 @@ impl Sequential {
             .sum()
     }
 
+    /// Most bytes the conv layers' im2col workspaces hold at once during a pass.
+    pub fn workspace_bytes(&self, ctx: &GpuContext) -> u64 {
+        let convs = self
+            .layers
+            .iter()
+            .filter(|l| matches!(l, GpuLayer::Conv2d { .. }))
+            .count();
+        convs as u64 * conv_workspace_bytes(ctx) as u64
+    }
+
     /// Elements of the largest layer input or output of one example.
     pub fn largest_activation(&self) -> usize {
         self.shapes
@@ -225,7 +242,7 @@ impl Sequential {
                 }
                 GpuLayer::Conv2d { spec, weight, bias } => {
                     let geo = conv_geometry(spec, batch, &self.shapes[i]);
-                    let ws = ConvWorkspace::new(ctx, &geo, CONV_WORKSPACE_BYTES)?;
+                    let ws = ConvWorkspace::new(ctx, &geo, conv_workspace_bytes(ctx))?;
                     conv2d_forward(&mut rec, &geo, &ws, &x, weight, bias.as_ref(), &y)?;
                     workspaces.push(ws);
                 }
@@ -336,7 +353,7 @@ impl Sequential {
                         None
                     };
                     let geo = conv_geometry(spec, rows, &self.shapes[i]);
-                    let ws = ConvWorkspace::new(ctx, &geo, CONV_WORKSPACE_BYTES)?;
+                    let ws = ConvWorkspace::new(ctx, &geo, conv_workspace_bytes(ctx))?;
                     let grad_in = needs_input_grad.then(|| ctx.zeros(&in_shape)).transpose()?;
                     let param = param_grads
                         .then(|| parameter_grads(ctx, weight, bias.as_ref()))
