@@ -3,8 +3,10 @@
 //! rows (WebGPU's default 128 MiB binding); here a second device whose bindings hold
 //! 16384 floats (`common::small_binding_gpu`) makes a 200 × 200 input factor (40000
 //! floats) take three binding windows, at a size the software driver runs quickly. The
-//! whole pipeline runs on it: factor GEMMs, the windowed blocked Jacobi, the correction
-//! and the operator's products.
+//! whole pipeline runs on it: the network (whose first weight, 19900 floats, takes two
+//! windows), factor GEMMs, the windowed blocked Jacobi, the correction and the
+//! operator's products (whose eigenvalue scaling is cut into pieces: the first layer's
+//! block has 20000 entries).
 
 mod common;
 
@@ -23,16 +25,16 @@ const DAMPING: f64 = 1e-3;
 /// Columns of the test vectors.
 const K: usize = 3;
 
-/// `Linear(199, 12) Tanh Linear(12, 5)`, cross-entropy, with joint bias blocks: the
+/// `Linear(199, 100) Tanh Linear(100, 5)`, cross-entropy, with joint bias blocks: the
 /// first layer's input factor is 200 × 200. 300 examples make it full rank (so EKFAC
 /// does not depend on a choice inside a null space), in batches of 64 so that every
 /// activation tensor fits one small binding.
 fn case(rng: &mut TestRng) -> (Model, Dataset, Options) {
     let spec = ModelSpec::from_json_str(
         r#"{"input_shape": [199], "layers": [
-        {"type": "linear", "name": "fc1", "in_features": 199, "out_features": 12},
+        {"type": "linear", "name": "fc1", "in_features": 199, "out_features": 100},
         {"type": "tanh"},
-        {"type": "linear", "name": "fc2", "in_features": 12, "out_features": 5}]}"#,
+        {"type": "linear", "name": "fc2", "in_features": 100, "out_features": 5}]}"#,
         "large factor model",
     )
     .unwrap();
@@ -53,27 +55,46 @@ fn fit_on(ctx: &GpuContext, model: &Model, data: &Dataset, options: &Options) ->
     fit(ctx, model, data, options, Some(DAMPING)).unwrap()
 }
 
+/// The damping mode of each approximation's inverse: the CPU reference's exact KFAC
+/// inverse is a dense solve of the whole Kronecker block (20000 × 20000 here, minutes
+/// on the CPU), so KFAC is checked with the plain Kronecker-factored damping; EKFAC
+/// only has the exact one.
+fn inverse_mode(approx: Approximation) -> DampingMode {
+    match approx {
+        Approximation::Kfac => DampingMode::Plain,
+        Approximation::Ekfac => DampingMode::Exact,
+    }
+}
+
 /// Forward products and damped inverses of KFAC and EKFAC on `v` (`[P, K]`).
 fn products(ctx: &GpuContext, fitted: &Fitted, v: &[f32]) -> Vec<Vec<f32>> {
     let operator = Operator::new(ctx, &fitted.state).unwrap();
-    let inverse = Transform::Inverse {
-        damping: DAMPING,
-        mode: DampingMode::Exact,
-    };
     [Approximation::Kfac, Approximation::Ekfac]
         .into_iter()
-        .flat_map(|a| [(a, Transform::Forward), (a, inverse)])
+        .flat_map(|a| {
+            let inverse = Transform::Inverse {
+                damping: DAMPING,
+                mode: inverse_mode(a),
+            };
+            [(a, Transform::Forward), (a, inverse)]
+        })
         .map(|(a, t)| operator.apply(v, K, a, t).unwrap())
         .collect()
 }
 
-/// The windowed fit against the f64 CPU reference, and against the same fit on the
-/// default device (one binding per tensor). Tolerances: 1e-4 relative Frobenius
-/// against the reference, the product tolerance of issue 3 for f32 eigenvectors; 1e-5
-/// between the two devices, which run the same kernels on the same f32 data except for
-/// the order in which cut GEMMs add up K, as in `results_do_not_depend_on_the_batch_size`
-/// (observed on lavapipe: at most 5.4e-6 against the reference, 2.1e-6 between the
-/// devices, both from the damped inverses).
+/// Relative Frobenius tolerances between the windowed and the one-binding fit, for
+/// KFAC, KFAC⁻¹, EKFAC and EKFAC⁻¹. The two devices run the same kernels on the same
+/// f32 data except for the order in which cut GEMMs add up K, as in
+/// `results_do_not_depend_on_the_batch_size`: 1e-5 for the products; the damped
+/// inverses amplify the resulting eigenvalue differences by up to `λ_max / δ`, so they
+/// get the reference tolerance, 1e-4.
+const DEVICE_TOLERANCE: [f64; 4] = [1e-5, 1e-4, 1e-5, 1e-4];
+
+/// The windowed fit against the f64 CPU reference (1e-4 relative Frobenius, the
+/// product tolerance of issue 3 for f32 eigenvectors), and against the same fit on the
+/// default device (one binding per tensor; `DEVICE_TOLERANCE`). Observed on lavapipe:
+/// the inverses at most 2.3e-5 from the reference and 1.7e-5 between the devices, the
+/// products 1.2e-6 and 6.2e-7.
 #[test]
 fn factors_larger_than_one_binding_match_the_reference() {
     let Some(small) = common::small_binding_gpu() else {
@@ -108,10 +129,9 @@ fn factors_larger_than_one_binding_match_the_reference() {
     let mut want = Vec::new();
     for approx in [Approximation::Kfac, Approximation::Ekfac] {
         want.push(reference.matmat(approx, &v64, K).unwrap());
-        let mode = DampingMode::Exact;
         want.push(
             reference
-                .inverse_matmat(approx, &v64, K, DAMPING, mode)
+                .inverse_matmat(approx, &v64, K, DAMPING, inverse_mode(approx))
                 .unwrap(),
         );
     }
@@ -128,12 +148,12 @@ fn factors_larger_than_one_binding_match_the_reference() {
     let Some(ctx) = common::gpu() else { return };
     let whole = fit_on(&ctx, &model, &data, &options);
     let baseline = products(&ctx, &whole, &v);
-    for ((name, g), b) in names.iter().zip(&got).zip(&baseline) {
+    for (((name, g), b), tol) in names.iter().zip(&got).zip(&baseline).zip(DEVICE_TOLERANCE) {
         let b: Vec<f64> = b.iter().map(|&x| f64::from(x)).collect();
         let e = common::rel_err(g, &b);
         eprintln!("{name}: windowed vs one binding {e:.2e}");
-        if e > 1e-5 {
-            failures.push(format!("{name}: windowed vs one binding {e:.3e} > 1e-5"));
+        if e > tol {
+            failures.push(format!("{name}: windowed vs one binding {e:.3e} > {tol:e}"));
         }
     }
     let scalars = |f: &Fitted| block_scalars(&f.state, DAMPING);

@@ -119,6 +119,46 @@ impl GpuTensor {
     }
 }
 
+impl GpuContext {
+    /// Elements of one storage binding (`max_storage_buffer_binding_size / 4`) and the
+    /// element alignment of a binding's offset (`min_storage_buffer_offset_alignment / 4`).
+    pub fn binding_elements(&self) -> (usize, usize) {
+        (
+            (self.limits.max_storage_buffer_binding_size / 4) as usize,
+            (self.limits.min_storage_buffer_offset_alignment as usize / 4).max(1),
+        )
+    }
+
+    /// How to bind elements `first .. first + len` of `t`: the whole tensor when it fits
+    /// one binding, otherwise the window from `first` rounded down to the offset
+    /// alignment; returns the tensor to bind and the element index its element 0 has in
+    /// `t` (subtract it from offsets into `t`). An error when the window does not fit.
+    pub fn binding_window(
+        &self,
+        t: &GpuTensor,
+        first: usize,
+        len: usize,
+    ) -> Result<(GpuTensor, usize)> {
+        let (limit, align) = self.binding_elements();
+        if t.len() <= limit {
+            return Ok((t.view(t.shape())?, 0));
+        }
+        let start = first / align * align;
+        let count = first + len - start;
+        if count > limit {
+            return Err(Error::Memory(format!(
+                "elements {first}..{} of a tensor of shape {:?} span {} bytes, more than \
+                 the adapter's max_storage_buffer_binding_size of {} bytes",
+                first + len,
+                t.shape(),
+                count * 4,
+                limit * 4
+            )));
+        }
+        Ok((t.window(start, count, (align * 4) as u64)?, start))
+    }
+}
+
 fn byte_len(shape: &[usize]) -> u64 {
     // Zero-sized bindings are invalid; every buffer holds at least 16 bytes.
     ((shape.iter().product::<usize>() * 4) as u64).max(16)

@@ -6,7 +6,9 @@ use crate::gpu::{GpuTensor, Kernel, Recorder, grid_1d};
 
 /// Records `x[x_offset + i] *= m[m_offset + i mod period]` for `i < len`: one
 /// `[d_out, D]` eigenvalue matrix (`period = d_out·D`) applied elementwise to `K`
-/// stacked `[d_out, D]` matrices (`len = K·d_out·D`).
+/// stacked `[d_out, D]` matrices (`len = K·d_out·D`). When `x` or `m` is larger than
+/// one storage binding, the range is cut into pieces within one period whose windows
+/// fit.
 pub fn scale_broadcast(
     rec: &mut Recorder,
     x: &GpuTensor,
@@ -26,12 +28,42 @@ pub fn scale_broadcast(
             ),
         ));
     }
+    let ctx = rec.context();
+    let (limit, align) = ctx.binding_elements();
+    if x.len() <= limit && m.len() <= limit {
+        return scale_piece(rec, [x, m], [x_offset, len, m_offset, period]);
+    }
+    // Pieces of at most `limit − align` elements, so that their aligned windows fit.
+    let piece = limit - align;
+    let mut i = 0;
+    while i < len {
+        let at = i % period;
+        let count = piece.min(period - at).min(len - i);
+        let (xw, x_start) = ctx.binding_window(x, x_offset + i, count)?;
+        let (mw, m_start) = ctx.binding_window(m, m_offset + at, count)?;
+        scale_piece(
+            rec,
+            [&xw, &mw],
+            [
+                x_offset + i - x_start,
+                count,
+                m_offset + at - m_start,
+                count,
+            ],
+        )?;
+        i += count;
+    }
+    Ok(())
+}
+
+/// One `scale_broadcast` dispatch: words `[x_offset, len, m_offset, period]`.
+fn scale_piece(rec: &mut Recorder, [x, m]: [&GpuTensor; 2], words: [usize; 4]) -> Result<()> {
     rec.dispatch(
         &Kernel::new(&super::EIGENCORRECT, "scale_broadcast"),
         &[m],
         &[x],
-        &[x_offset as u32, len as u32, m_offset as u32, period as u32],
-        grid_1d((len as u32).div_ceil(256)),
+        &words.map(|w| w as u32),
+        grid_1d((words[1] as u32).div_ceil(256)),
     )
 }
 

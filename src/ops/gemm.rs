@@ -280,15 +280,6 @@ pub fn gemm(
     gemm_in_windows(rec, g, [a, b, c])
 }
 
-/// Elements of one storage binding and the element alignment of a binding's offset.
-fn binding_elements(ctx: &GpuContext) -> (usize, usize) {
-    let limits = &ctx.limits;
-    (
-        (limits.max_storage_buffer_binding_size / 4) as usize,
-        (limits.min_storage_buffer_offset_alignment as usize / 4).max(1),
-    )
-}
-
 /// Which dimension of a product to cut.
 #[derive(Clone, Copy)]
 enum Cut {
@@ -357,7 +348,8 @@ impl Gemm {
 /// Records `g` with every operand bound as a window that fits one storage binding,
 /// cutting the product in halves until it does (see [`gemm`]).
 fn gemm_in_windows(rec: &mut Recorder, g: &Gemm, operands: [&GpuTensor; 3]) -> Result<()> {
-    let (limit, align) = binding_elements(rec.context());
+    let ctx = rec.context();
+    let (limit, align) = ctx.binding_elements();
     let spans = g.spans();
     // An operand fits when the whole tensor does, or the window from its first element
     // (rounded down to the alignment) to its last.
@@ -369,12 +361,8 @@ fn gemm_in_windows(rec: &mut Recorder, g: &Gemm, operands: [&GpuTensor; 3]) -> R
         let mut windowed = g.clone();
         let mut views = Vec::with_capacity(3);
         for (i, (t, (first, last))) in operands.into_iter().zip(spans).enumerate() {
-            if t.len() <= limit {
-                views.push(t.view(t.shape())?);
-                continue;
-            }
-            let start = first / align * align;
-            views.push(t.window(start, last + 1 - start, (align * 4) as u64)?);
+            let (view, start) = ctx.binding_window(t, first, last + 1 - first)?;
+            views.push(view);
             match i {
                 0 => windowed.offset_a -= start,
                 1 => windowed.offset_b -= start,
@@ -440,7 +428,7 @@ fn gemm_kernel(rec: &mut Recorder, g: &Gemm, [a, b, c]: [&GpuTensor; 3]) -> Resu
     let kernel = Kernel::new(&super::GEMM, entry)
         .with("TRANS_A", f64::from(u8::from(g.trans_a)))
         .with("TRANS_B", f64::from(u8::from(g.trans_b)));
-    let (splits, k_split) = k_slices(g, binding_elements(rec.context()).0);
+    let (splits, k_split) = k_slices(g, rec.context().binding_elements().0);
     if splits > 1 {
         return gemm_split_k(rec, g, &kernel, [a, b, c], splits, k_split);
     }
@@ -577,7 +565,7 @@ fn gemv(rec: &mut Recorder, g: &Gemm, [a, b, c]: [&GpuTensor; 3]) -> Result<()> 
     let splits = SPLIT_TARGET_GROUPS
         .div_ceil(g.batch * groups)
         .min(g.k / GEMV_MIN_K)
-        .min(binding_elements(rec.context()).0 / (g.batch * o.outputs))
+        .min(rec.context().binding_elements().0 / (g.batch * o.outputs))
         .clamp(1, MAX_SPLITS);
     let k_split = g.k.div_ceil(splits);
     let splits = if splits > 1 { g.k.div_ceil(k_split) } else { 1 };
