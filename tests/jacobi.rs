@@ -330,7 +330,9 @@ fn blocked_path_small_sizes() {
 }
 
 /// Slow on the software driver: run with `--ignored` on a real GPU. Looser targets
-/// for large n (issue 4): rounding grows with the number of rotations per entry.
+/// for large n (issue 4): rounding grows with the number of rotations per entry. Run
+/// once on lavapipe (about 80 minutes in all); every case met the targets (README,
+/// "Eigenbases").
 #[test]
 #[ignore]
 fn blocked_path_large() {
