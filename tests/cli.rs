@@ -602,3 +602,21 @@ fn fit_checks_determinism_and_warm_starts() {
     ));
     assert_fails(&out, "nope.safetensors", &[&third]);
 }
+
+/// `ekfac info` describes the adapter and says how large a Kronecker factor the
+/// eigendecomposition takes there and what the memory budget is.
+#[test]
+fn info_describes_the_adapter_and_its_limits() {
+    let Some(ctx) = common::gpu() else { return };
+    let out = ekfac(&["info"]);
+    assert_success(&out, "ekfac info");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let n = ekfac::ops::jacobi::max_dimension(&ctx);
+    for line in [
+        format!("adapter:      {}", ctx.info.name),
+        format!("largest Kronecker factor: {n} × {n}"),
+        format!("memory budget: {} bytes", ctx.memory_budget()),
+    ] {
+        assert!(text.contains(&line), "missing {line:?} in:\n{text}");
+    }
+}

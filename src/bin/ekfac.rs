@@ -38,7 +38,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print the adapter, backend, driver, device type, limits and features in use.
+    /// Print the adapter, backend, driver, device type, limits and features in use, the
+    /// largest Kronecker factor the eigendecomposition takes and the memory budget.
     Info,
     /// Fit KFAC and EKFAC and write a state file.
     Fit(FitArgs),
@@ -138,7 +139,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         None => main_job(),
-        Some(Command::Info) => GpuContext::new().map(|ctx| println!("{}", ctx.describe())),
+        Some(Command::Info) => GpuContext::new().map(|ctx| {
+            println!(
+                "{}\nlargest Kronecker factor: {} × {} (Jacobi in up to three storage \
+                 bindings)\nmemory budget: {} bytes",
+                ctx.describe(),
+                ekfac::ops::jacobi::max_dimension(&ctx),
+                ekfac::ops::jacobi::max_dimension(&ctx),
+                ctx.memory_budget()
+            )
+        }),
         Some(Command::Fit(args)) => run_fit(&args),
         Some(Command::Apply(args)) => run_apply(&args),
     };

@@ -289,6 +289,23 @@ fn window_elements(ctx: &GpuContext) -> usize {
     limit as usize / align * align
 }
 
+/// The largest `n` whose `n × n` matrix [`eigh`] decomposes on this context: three
+/// binding windows (see the module docs), one buffer of `max_buffer_size`, and the
+/// kernels' 32-bit indices.
+pub fn max_dimension(ctx: &GpuContext) -> usize {
+    let elements = (3 * window_elements(ctx) as u64)
+        .min(ctx.limits.max_buffer_size / 4)
+        .min(u64::from(u32::MAX) / 2);
+    let mut n = (elements as f64).sqrt() as u64;
+    while n * n > elements {
+        n -= 1;
+    }
+    while (n + 1) * (n + 1) <= elements {
+        n += 1;
+    }
+    n as usize
+}
+
 /// Refuses batches that do not fit three binding windows or overflow the kernels' u32
 /// element indices; returns whether the batch needs more than one window.
 fn check_fits(ctx: &GpuContext, batch: usize, n: usize, window: usize) -> Result<bool> {
