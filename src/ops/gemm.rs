@@ -125,12 +125,11 @@ impl Gemm {
         if std::ptr::eq(a, c) || std::ptr::eq(b, c) {
             return fail("C must not be the same tensor as A or B".into());
         }
-        let operands = [
-            ("A", a, self.lda, self.offset_a, self.stride_a),
-            ("B", b, self.ldb, self.offset_b, self.stride_b),
-            ("C", c, self.ldc, self.offset_c, self.stride_c),
-        ];
-        for ((name, t, ld, offset, stride), (rows, cols)) in operands.into_iter().zip(self.stored())
+        for (((name, t), [ld, _, stride]), ((rows, cols), extent)) in ["A", "B", "C"]
+            .into_iter()
+            .zip([a, b, c])
+            .zip(self.layouts())
+            .zip(self.stored().into_iter().zip(self.extents()))
         {
             if ld < cols {
                 return fail(format!(
@@ -138,14 +137,9 @@ impl Gemm {
                      ({self:?})"
                 ));
             }
-            if rows == 0 || cols == 0 {
+            let Some((_, last)) = extent else {
                 continue;
-            }
-            let last = offset as u128
-                + (self.batch - 1) as u128 * stride as u128
-                + (rows - 1) as u128 * ld as u128
-                + cols as u128
-                - 1;
+            };
             if last >= t.len() as u128 {
                 return fail(format!(
                     "{name} needs elements up to index {last}, but its tensor {:?} has {} \
@@ -290,24 +284,33 @@ enum Cut {
 }
 
 impl Gemm {
-    /// First and last element of A, B and C the product addresses.
-    fn spans(&self) -> [(usize, usize); 3] {
-        let operands = [
-            (self.offset_a, self.stride_a, self.lda),
-            (self.offset_b, self.stride_b, self.ldb),
-            (self.offset_c, self.stride_c, self.ldc),
-        ];
-        let mut spans = [(0, 0); 3];
-        for (span, ((offset, stride, ld), (rows, cols))) in spans
+    /// `[leading dimension, offset, batch stride]` of A, B and C.
+    fn layouts(&self) -> [[usize; 3]; 3] {
+        [
+            [self.lda, self.offset_a, self.stride_a],
+            [self.ldb, self.offset_b, self.stride_b],
+            [self.ldc, self.offset_c, self.stride_c],
+        ]
+    }
+
+    /// First and last element of A, B and C the product addresses (`None` for an empty
+    /// operand), in u128 so that invalid parameters cannot overflow.
+    fn extents(&self) -> [Option<(u128, u128)>; 3] {
+        let mut out = [None; 3];
+        for (e, ([ld, offset, stride], (rows, cols))) in out
             .iter_mut()
-            .zip(operands.into_iter().zip(self.stored()))
+            .zip(self.layouts().into_iter().zip(self.stored()))
         {
-            *span = (
-                offset,
-                offset + (self.batch - 1) * stride + (rows - 1) * ld + cols - 1,
-            );
+            if rows > 0 && cols > 0 && self.batch > 0 {
+                let last = offset as u128
+                    + (self.batch - 1) as u128 * stride as u128
+                    + (rows - 1) as u128 * ld as u128
+                    + cols as u128
+                    - 1;
+                *e = Some((offset as u128, last));
+            }
         }
-        spans
+        out
     }
 
     /// The two halves of the product cut along `cut` at `at`.
@@ -349,28 +352,32 @@ impl Gemm {
 /// cutting the product in halves until it does (see [`gemm`]).
 fn gemm_in_windows(rec: &mut Recorder, g: &Gemm, operands: [&GpuTensor; 3]) -> Result<()> {
     let ctx = rec.context();
-    let (limit, align) = ctx.binding_elements();
-    let spans = g.spans();
-    // An operand fits when the whole tensor does, or the window from its first element
-    // (rounded down to the alignment) to its last.
-    let fits = |t: &GpuTensor, (first, last): (usize, usize)| {
-        t.len() <= limit || last + 1 - first / align * align <= limit
-    };
-    let misfit = (0..3).find(|&i| !fits(operands[i], spans[i]));
-    let Some(which) = misfit else {
-        let mut windowed = g.clone();
-        let mut views = Vec::with_capacity(3);
-        for (i, (t, (first, last))) in operands.into_iter().zip(spans).enumerate() {
-            let (view, start) = ctx.binding_window(t, first, last + 1 - first)?;
-            views.push(view);
-            match i {
-                0 => windowed.offset_a -= start,
-                1 => windowed.offset_b -= start,
-                _ => windowed.offset_c -= start,
+    let mut windowed = g.clone();
+    let mut views = Vec::with_capacity(3);
+    let mut misfit = None;
+    for (i, (t, extent)) in operands.into_iter().zip(g.extents()).enumerate() {
+        // An empty operand is never read: its first element (or the tensor) will do.
+        let (first, last) = extent.map_or((0, 0), |(f, l)| (f as usize, l as usize));
+        match ctx.binding_window(t, first, last + 1 - first) {
+            Ok((view, start)) => {
+                views.push(view);
+                match i {
+                    0 => windowed.offset_a -= start,
+                    1 => windowed.offset_b -= start,
+                    _ => windowed.offset_c -= start,
+                }
             }
+            Err(Error::Memory(_)) => {
+                misfit = Some(i);
+                break;
+            }
+            Err(e) => return Err(e),
         }
+    }
+    let Some(which) = misfit else {
         return gemm_kernel(rec, &windowed, [&views[0], &views[1], &views[2]]);
     };
+    let limit = ctx.binding_elements().0;
     // The dimensions along the stored rows and columns of the operand that does not
     // fit: cutting its rows shrinks its span, cutting its columns does once one row is
     // left.

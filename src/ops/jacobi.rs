@@ -282,11 +282,10 @@ impl Problem<'_> {
 
 /// Elements of one binding window: the largest multiple of the offset alignment that
 /// fits `max_storage_buffer_binding_size`.
+/// (The shader computes `2 · window` in u32, so a window stays below 2³¹ elements.)
 fn window_elements(ctx: &GpuContext) -> usize {
-    let limits = &ctx.limits;
-    let align = (limits.min_storage_buffer_offset_alignment as usize / 4).max(1);
-    let limit = (limits.max_storage_buffer_binding_size / 4).min(u64::from(u32::MAX) / 2);
-    limit as usize / align * align
+    let (limit, align) = ctx.binding_elements();
+    limit.min(u32::MAX as usize / 2) / align * align
 }
 
 /// The largest `n` whose `n × n` matrix [`eigh`] decomposes on this context: three
@@ -296,14 +295,7 @@ pub fn max_dimension(ctx: &GpuContext) -> usize {
     let elements = (3 * window_elements(ctx) as u64)
         .min(ctx.limits.max_buffer_size / 4)
         .min(u64::from(u32::MAX) / 2);
-    let mut n = (elements as f64).sqrt() as u64;
-    while n * n > elements {
-        n -= 1;
-    }
-    while (n + 1) * (n + 1) <= elements {
-        n += 1;
-    }
-    n as usize
+    elements.isqrt() as usize
 }
 
 /// Refuses batches that do not fit three binding windows or overflow the kernels' u32
@@ -338,7 +330,7 @@ fn windows(ctx: &GpuContext, t: &GpuTensor, window: usize) -> Result<[GpuTensor;
     if len <= window {
         return Ok([t.view(t.shape())?, t.view(t.shape())?, t.view(t.shape())?]);
     }
-    let align = u64::from(ctx.limits.min_storage_buffer_offset_alignment);
+    let align = 4 * ctx.binding_elements().1 as u64;
     let part = |k: usize| -> Result<GpuTensor> {
         let start = (k * window).min(len - 1) / window * window;
         t.window(start, window.min(len - start), align)
