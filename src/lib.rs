@@ -1,6 +1,6 @@
 //! ekfac: KFAC and EKFAC curvature of neural networks on any GPU through wgpu.
 //!
-//! Data flows one way: model spec + weights → [`model::Sequential`] → batches →
+//! Data flows one way: model spec + weights → [`model::sequential::Sequential`] → batches →
 //! (layer inputs, output gradients) → Kronecker factors → eigenbases → corrected
 //! eigenvalues → operator. [`cpu`] holds the f64 reference of the same maths.
 

@@ -4,7 +4,7 @@
 //! `TIMESTAMP_QUERY`. While on, every [`crate::gpu::Recorder::submit`] writes a
 //! timestamp at the beginning and at the end of its compute pass into a query set and
 //! charges the elapsed ticks to the current phase label ([`GpuContext::gpu_phase`]).
-//! Nothing is read back per pass: query sets hold [`PASSES_PER_SET`] passes each, a
+//! Nothing is read back per pass: query sets hold 256 passes each (`PASSES_PER_SET`), a
 //! full set is resolved into a buffer by the command encoder of the pass that filled
 //! it, and the buffers are mapped and summed only when [`GpuContext::gpu_times_ms`]
 //! asks for the totals. Uploads and readbacks are copies, not compute passes, and are

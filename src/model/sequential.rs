@@ -184,7 +184,9 @@ impl Sequential {
             .sum()
     }
 
-    /// Most bytes the conv layers' im2col workspaces hold at once during a pass.
+    /// Bytes the conv layers' im2col workspaces hold at once during a pass: each
+    /// 64 MiB or a sixteenth of the memory budget, unless one example's patches alone
+    /// need more.
     pub fn workspace_bytes(&self, ctx: &GpuContext) -> u64 {
         let convs = self
             .layers
