@@ -155,28 +155,35 @@ pub fn fit_from(
 
     let start = Instant::now();
     let phase = ctx.gpu_phase(EIGENDECOMPOSITION_PHASE);
-    let bases = layout
-        .layers
-        .iter()
-        .zip(&accumulators)
-        .map(|(layer, acc)| {
-            let warm = previous.and_then(|p| p.layer_factors(&layer.name));
-            Ok(LayerBasis {
-                input: acc
-                    .input
-                    .as_ref()
-                    .map(|a| eigendecompose(ctx, a, warm.and_then(|w| w.input.as_ref())))
-                    .transpose()?,
-                gradient: match &acc.gradient {
-                    Some(g) => {
-                        let (e, t) = eigendecompose(ctx, g, warm.map(|w| &w.gradient))?;
-                        (e, Some(t))
-                    }
-                    None => (FactorEigen::identity(layer.d_out), None),
-                },
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    // Every factor with its warm start, layer by layer: A (if any), then G (if any).
+    let mut factors = Vec::new();
+    for (layer, acc) in layout.layers.iter().zip(&accumulators) {
+        let warm = previous.and_then(|p| p.layer_factors(&layer.name));
+        if let Some(a) = &acc.input {
+            factors.push((a, warm.and_then(|w| w.input.as_ref())));
+        }
+        if let Some(g) = &acc.gradient {
+            factors.push((g, warm.map(|w| &w.gradient)));
+        }
+    }
+    let mut decomposed = eigendecompose_all(ctx, &factors)?.into_iter();
+    let mut next = || {
+        decomposed
+            .next()
+            .ok_or_else(|| Error::gpu("the eigendecomposition", "a factor has no result"))
+    };
+    let mut bases = Vec::with_capacity(layout.layers.len());
+    for (layer, acc) in layout.layers.iter().zip(&accumulators) {
+        let input = acc.input.as_ref().map(|_| next()).transpose()?;
+        let gradient = match &acc.gradient {
+            Some(_) => {
+                let (e, t) = next()?;
+                (e, Some(t))
+            }
+            None => (FactorEigen::identity(layer.d_out), None),
+        };
+        bases.push(LayerBasis { input, gradient });
+    }
     drop(accumulators);
     timings.eigendecomposition = ms(start);
     drop(phase);
@@ -254,29 +261,102 @@ struct LayerBasis {
     gradient: (FactorEigen, Option<GpuTensor>),
 }
 
-/// Eigendecomposition of a symmetric factor on the GPU; eigenvalues ascending. With
-/// `warm_start` (a previous eigenbasis of the same size) Jacobi starts from it.
-fn eigendecompose(
+/// A symmetric `[n, n]` factor and the previous eigenbasis to warm-start it from.
+type Factor<'a> = (&'a GpuTensor, Option<&'a FactorEigen>);
+
+/// Eigendecompositions of every factor on the GPU (eigenvalues ascending), with the
+/// eigenbasis also as a GPU tensor `[n, n]`. A warm start of the factor's size makes
+/// Jacobi start from it. Factors of the same size and warm-start status are stacked
+/// into one batched [`eigh`] while the stack fits one storage binding: one sweep loop
+/// and one readback per sweep, and `k` times the workgroups per dispatch, instead of
+/// `k` calls one after the other. (A stacked factor keeps sweeping until the whole
+/// stack has converged, so it may differ from a lone decomposition in the last bits.)
+fn eigendecompose_all(
     ctx: &GpuContext,
-    factor: &GpuTensor,
-    warm_start: Option<&FactorEigen>,
-) -> Result<(FactorEigen, GpuTensor)> {
-    let n = factor.shape()[0];
-    let start = warm_start
-        .filter(|e| e.dim() == n)
-        .map(|e| ctx.upload(&e.vectors, &[n, n]))
+    factors: &[Factor],
+) -> Result<Vec<(FactorEigen, GpuTensor)>> {
+    let warm_dim = |&(f, warm): &Factor| warm.is_some_and(|w| w.dim() == f.shape()[0]);
+    // Groups by (n, warm), in order of first appearance.
+    let mut groups: Vec<((usize, bool), Vec<usize>)> = Vec::new();
+    for (i, factor) in factors.iter().enumerate() {
+        let key = (factor.0.shape()[0], warm_dim(factor));
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, members)) => members.push(i),
+            None => groups.push((key, vec![i])),
+        }
+    }
+    let limit = ctx.binding_elements().0;
+    let mut results = Vec::with_capacity(factors.len());
+    for ((n, warm), members) in groups {
+        for stack in members.chunks((limit / (n * n).max(1)).max(1)) {
+            let stacked: Vec<Factor> = stack.iter().map(|&i| factors[i]).collect();
+            let decomposed = eigendecompose_stack(ctx, n, warm, &stacked)?;
+            results.extend(stack.iter().copied().zip(decomposed));
+        }
+    }
+    results.sort_by_key(|(i, _)| *i);
+    Ok(results.into_iter().map(|(_, r)| r).collect())
+}
+
+/// One batched [`eigh`] of `k` factors of size `n` (with their warm starts when `warm`).
+fn eigendecompose_stack(
+    ctx: &GpuContext,
+    n: usize,
+    warm: bool,
+    factors: &[Factor],
+) -> Result<Vec<(FactorEigen, GpuTensor)>> {
+    let k = factors.len();
+    let nn = n * n;
+    let stacked;
+    let matrices = if let [(factor, _)] = factors {
+        factor
+    } else {
+        stacked = ctx.zeros(&[k, n, n])?;
+        let mut rec = ctx.recorder();
+        for (j, (factor, _)) in factors.iter().enumerate() {
+            copy(&mut rec, factor, 0, &stacked, j * nn, nn)?;
+        }
+        rec.submit()?;
+        &stacked
+    };
+    let start = warm
+        .then(|| {
+            let bases: Vec<f32> = factors
+                .iter()
+                .flat_map(|(_, w)| w.map_or(&[][..], |w| &w.vectors[..]))
+                .copied()
+                .collect();
+            ctx.upload(&bases, matrices.shape())
+        })
         .transpose()?;
     let eigen = eigh(
         ctx,
-        factor,
+        matrices,
         &JacobiOptions {
             warm_start: start.as_ref(),
             ..JacobiOptions::default()
         },
     )?;
+    if k == 1 {
+        let values = ctx.read(&eigen.values)?;
+        let vectors = ctx.read(&eigen.vectors)?;
+        return Ok(vec![(FactorEigen { values, vectors }, eigen.vectors)]);
+    }
     let values = ctx.read(&eigen.values)?;
     let vectors = ctx.read(&eigen.vectors)?;
-    Ok((FactorEigen { values, vectors }, eigen.vectors))
+    values
+        .chunks(n)
+        .zip(vectors.chunks(nn))
+        .map(|(values, vectors)| {
+            Ok((
+                FactorEigen {
+                    values: values.to_vec(),
+                    vectors: vectors.to_vec(),
+                },
+                ctx.upload(vectors, &[n, n])?,
+            ))
+        })
+        .collect()
 }
 
 /// The GPU tensors of one batch after the forward pass, with its `V` backpropagated
