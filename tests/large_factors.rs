@@ -39,10 +39,7 @@ fn case(rng: &mut TestRng) -> (Model, Dataset, Options) {
     )
     .unwrap();
     let model = common::random_model(spec, rng);
-    let n = 300;
-    let x = rng.vec(n * 199);
-    let y = (0..n).map(|_| (rng.next_u64() % 5) as i64).collect();
-    let data = Dataset::new(x, vec![199], Targets::Classes(y)).unwrap();
+    let data = common::random_classification(rng, 300, &[199], 5);
     let options = Options {
         joint_bias: true,
         batch_size: 64,

@@ -8,7 +8,7 @@ mod common;
 use ekfac::curvature::fit::fit;
 use ekfac::curvature::options::Options;
 use ekfac::gpu::GpuContext;
-use ekfac::model::{Dataset, Model, ModelSpec, Targets};
+use ekfac::model::{Dataset, Model, ModelSpec};
 
 use common::TestRng;
 
@@ -28,12 +28,9 @@ fn case(rng: &mut TestRng) -> (Model, Dataset) {
     )
     .unwrap();
     let model = common::random_model(spec, rng);
-    let n = 128;
-    let x = rng.vec(n * 8 * 8 * 8);
-    let y = (0..n).map(|_| (rng.next_u64() % 10) as i64).collect();
     (
         model,
-        Dataset::new(x, vec![8, 8, 8], Targets::Classes(y)).unwrap(),
+        common::random_classification(rng, 128, &[8, 8, 8], 10),
     )
 }
 

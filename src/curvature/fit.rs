@@ -337,26 +337,25 @@ fn eigendecompose_stack(
             ..JacobiOptions::default()
         },
     )?;
-    if k == 1 {
-        let values = ctx.read(&eigen.values)?;
-        let vectors = ctx.read(&eigen.vectors)?;
-        return Ok(vec![(FactorEigen { values, vectors }, eigen.vectors)]);
-    }
     let values = ctx.read(&eigen.values)?;
     let vectors = ctx.read(&eigen.vectors)?;
-    values
-        .chunks(n)
-        .zip(vectors.chunks(nn))
-        .map(|(values, vectors)| {
-            Ok((
-                FactorEigen {
-                    values: values.to_vec(),
-                    vectors: vectors.to_vec(),
-                },
-                ctx.upload(vectors, &[n, n])?,
-            ))
-        })
-        .collect()
+    if k == 1 {
+        return Ok(vec![(FactorEigen { values, vectors }, eigen.vectors)]);
+    }
+    // Each factor's basis as its own GPU tensor, copied on the GPU.
+    let mut rec = ctx.recorder();
+    let mut out = Vec::with_capacity(k);
+    for (j, (values, vectors)) in values.chunks(n).zip(vectors.chunks(nn)).enumerate() {
+        let basis = ctx.zeros(&[n, n])?;
+        copy(&mut rec, &eigen.vectors, j * nn, &basis, 0, nn)?;
+        let eigen = FactorEigen {
+            values: values.to_vec(),
+            vectors: vectors.to_vec(),
+        };
+        out.push((eigen, basis));
+    }
+    rec.submit()?;
+    Ok(out)
 }
 
 /// The GPU tensors of one batch after the forward pass, with its `V` backpropagated

@@ -208,6 +208,20 @@ pub fn random_model(spec: ekfac::model::ModelSpec, rng: &mut TestRng) -> ekfac::
     ekfac::model::Model::new(spec, tensors).unwrap()
 }
 
+/// `n` examples of `example_shape` with inputs uniform in [-1, 1) and class targets
+/// uniform over `classes`.
+pub fn random_classification(
+    rng: &mut TestRng,
+    n: usize,
+    example_shape: &[usize],
+    classes: u64,
+) -> ekfac::model::Dataset {
+    let x = rng.vec(n * example_shape.iter().product::<usize>());
+    let y = (0..n).map(|_| (rng.next_u64() % classes) as i64).collect();
+    ekfac::model::Dataset::new(x, example_shape.to_vec(), ekfac::model::Targets::Classes(y))
+        .unwrap()
+}
+
 /// A validated conv2d geometry for kernel tests.
 #[allow(clippy::too_many_arguments)]
 pub fn conv_geometry(
