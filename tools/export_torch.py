@@ -245,14 +245,20 @@ aten = torch.ops.aten
 
 def _refuse_training(model: nn.Module) -> None:
     """Refuse a model with any submodule in training mode (BatchNorm would use batch
-    statistics and update its buffers, Dropout would drop)."""
-    for path, m in model.named_modules():
-        if m.training:
-            raise ExportError(
-                f"module {path or '<root>'} ({type(m).__name__}) is in training mode; "
-                "call model.eval() first (ekfac evaluates BatchNorm with its running "
-                "statistics and Dropout as the identity)"
-            )
+    statistics and update its buffers, Dropout would drop). The message names a
+    module whose behaviour depends on the mode when there is one."""
+    training = [(p, m) for p, m in model.named_modules() if m.training]
+    if not training:
+        return
+    mode_dependent = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
+    path, m = next(((p, m) for p, m in training if isinstance(m, mode_dependent)), training[0])
+    others = len(training) - 1
+    raise ExportError(
+        f"module {path or '<root>'} ({type(m).__name__}) is in training mode"
+        + (f" (and {others} other module{'s' if others > 1 else ''})" if others else "")
+        + "; call model.eval() first (ekfac evaluates BatchNorm with its running "
+        "statistics and Dropout as the identity)"
+    )
 
 
 def _bind(node) -> Dict[str, Any]:
@@ -484,6 +490,7 @@ class _GraphMapper:
         add(["add.Tensor", "add_.Tensor"], self.add)
         add(["batch_norm", "_native_batch_norm_legit_no_training"], self.batch_norm)
         add(["_native_batch_norm_legit"], self.batch_norm_training)
+        add(["_native_batch_norm_legit.no_stats"], self.batch_norm_no_stats)
         add(["layer_norm"], self.layer_norm)
         add(["cat"], self.cat)
         add(["upsample_nearest2d.vec", "upsample_nearest2d"], self.upsample_nearest2d)
@@ -719,6 +726,12 @@ class _GraphMapper:
             "eps": float(b["eps"]),
             "affine": weight is not None,
         }, module=module)
+
+    def batch_norm_no_stats(self, node) -> None:
+        raise self.fail(
+            node,
+            "batch norm without running statistics (track_running_stats=False) is not supported",
+        )
 
     def batch_norm_training(self, node) -> None:
         raise self.fail(node, "batch norm in training mode; call model.eval() first")
