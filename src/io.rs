@@ -171,7 +171,10 @@ pub fn read_json_text(path: &Path, what: &str) -> Result<String> {
     String::from_utf8(bytes).map_err(|e| {
         Error::input(
             path.display(),
-            format!("{what} is not UTF-8 text (byte {})", e.utf8_error().valid_up_to()),
+            format!(
+                "{what} is not UTF-8 text (byte {})",
+                e.utf8_error().valid_up_to()
+            ),
         )
     })
 }

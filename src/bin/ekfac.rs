@@ -292,6 +292,7 @@ fn run_fit(args: &FitArgs) -> Result<()> {
             .map_err(|e| Error::input(path.display(), format!("serialising JSON: {e}")))?;
         out.stage(path, text.as_bytes())?;
     }
+    stall_for_tests();
     out.commit()?;
     print!("{}", summary.render());
     Ok(())
@@ -359,9 +360,24 @@ fn run_apply(args: &ApplyArgs) -> Result<()> {
     let mut out = Outputs::new();
     out.stage(
         &args.out,
-        &ekfac::io::tensor_bytes(&args.out, &[("out".into(), v.shape.clone(), &product)], None)?,
+        &ekfac::io::tensor_bytes(
+            &args.out,
+            &[("out".into(), v.shape.clone(), &product)],
+            None,
+        )?,
     )?;
     out.commit()
+}
+
+/// Waits `EKFAC_TEST_STALL_BEFORE_COMMIT_MS` milliseconds (if set) between writing the
+/// temporary outputs and renaming them, so that tests can interrupt a run there.
+fn stall_for_tests() {
+    if let Some(ms) = std::env::var("EKFAC_TEST_STALL_BEFORE_COMMIT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
 }
 
 /// On SIGINT or SIGTERM, removes the temporary output files in flight and exits with

@@ -47,7 +47,8 @@ impl TensorFile {
     /// Parses the bytes of a safetensors file; `label` names it in errors.
     pub fn from_bytes(bytes: Vec<u8>, label: impl std::fmt::Display) -> Result<Self> {
         let label = label.to_string();
-        let fail = |msg: String| Error::input(&label, format!("not a valid safetensors file: {msg}"));
+        let fail =
+            |msg: String| Error::input(&label, format!("not a valid safetensors file: {msg}"));
         let Some(prefix) = bytes.get(..8) else {
             return Err(fail(format!(
                 "{} bytes, shorter than the 8-byte header length",
@@ -77,9 +78,7 @@ impl TensorFile {
         for (key, value) in header {
             if key == "__metadata__" {
                 metadata = serde_json::from_value(value).map_err(|e| {
-                    fail(format!(
-                        "\"__metadata__\" must map strings to strings: {e}"
-                    ))
+                    fail(format!("\"__metadata__\" must map strings to strings: {e}"))
                 })?;
                 continue;
             }
@@ -125,7 +124,11 @@ impl TensorFile {
                 });
                 return Err(fail(format!(
                     "\"{key}\" starts at byte {start} of the data, but {after} ({})",
-                    if start < covered { "they overlap" } else { "a gap lies between" }
+                    if start < covered {
+                        "they overlap"
+                    } else {
+                        "a gap lies between"
+                    }
                 )));
             }
             covered = end;
