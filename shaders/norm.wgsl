@@ -45,12 +45,12 @@ struct RowParams {
 @group(0) @binding(2) var<storage, read> bias: array<f32>;
 @group(0) @binding(2) var<storage, read> grad_ln: array<f32>;
 @group(0) @binding(2) var<storage, read_write> out2: array<f32>;
-@group(0) @binding(2) var<uniform> row_params2: RowParams;
+@group(0) @binding(2) var<storage, read> row_params2: RowParams;
 @group(0) @binding(3) var<storage, read_write> out3: array<f32>;
-@group(0) @binding(3) var<uniform> affine_params3: AffineParams;
-@group(0) @binding(3) var<uniform> row_params3: RowParams;
-@group(0) @binding(4) var<uniform> affine_params4: AffineParams;
-@group(0) @binding(4) var<uniform> row_params4: RowParams;
+@group(0) @binding(3) var<storage, read> affine_params3: AffineParams;
+@group(0) @binding(3) var<storage, read> row_params3: RowParams;
+@group(0) @binding(4) var<storage, read> affine_params4: AffineParams;
+@group(0) @binding(4) var<storage, read> row_params4: RowParams;
 
 var<workgroup> partial_a: array<f32, 256>;
 var<workgroup> partial_b: array<f32, 256>;
