@@ -1,16 +1,19 @@
 // BatchNorm in eval mode and LayerNorm, forward and input backward, over f32 tensors.
 // Bindings follow src/gpu/pipeline.rs (reads, then writes, then params), each entry
 // point through its own globals:
-//   channel_affine_forward:    src = x, scale, shift;    out3 = y;       affine_params4
-//   channel_affine_backward:   src = grad_out, scale;    out2 = grad_in; affine_params3
+//   batch_norm_forward:        src = x, mean, var2, bn_weight, bn_bias; out5 = y; bn_params6
+//   batch_norm_forward_plain:  src = x, mean, var2;      out3 = y;       bn_params4
+//   batch_norm_backward:       src = grad_out, weight, var2; out3 = grad_in; bn_params4
+//   batch_norm_backward_plain: src = grad_out, var1;     out2 = grad_in; bn_params3
 //   layer_norm_forward:        src = x, weight, bias;    out3 = y;       row_params4
 //   layer_norm_forward_plain:  src = x;                  out1 = y;       row_params2
 //   layer_norm_backward:       src = x, weight, grad_ln; out3 = grad_in; row_params4
 //   layer_norm_backward_plain: src = x, grad_plain;      out2 = grad_in; row_params3
 //
-// BatchNorm in eval mode is a per-channel affine map y = x * scale[c] + shift[c] with
-// scale and shift folded on the host (src/ops/norm.rs); its input gradient is
-// grad_out * scale[c]. Tensors are [N, C, S] (S = H * W, or 1), one invocation per
+// BatchNorm in eval mode is a per-channel affine map,
+// y = (x - mean[c]) / sqrt(var[c] + eps) * weight[c] + bias[c] (weight 1 and bias 0
+// without affine parameters); its input gradient is grad_out * weight[c] /
+// sqrt(var[c] + eps). Tensors are [N, C, S] (S = H * W, or 1), one invocation per
 // element, grid_1d(ceil(N * C * S / 256)) workgroups of 256.
 //
 // LayerNorm normalises each row of the last `d` elements: mean and biased variance of
@@ -21,10 +24,11 @@
 // r % x_rows, so the saved input is never repeated. With g = grad_out * weight,
 // grad_in = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(var + eps).
 
-struct AffineParams {
+struct ChannelParams {
     len: u32,
     channels: u32,
     spatial: u32,
+    eps: f32,
 }
 
 struct RowParams {
@@ -37,20 +41,25 @@ struct RowParams {
 }
 
 @group(0) @binding(0) var<storage, read> src: array<f32>;
-@group(0) @binding(1) var<storage, read> scale: array<f32>;
+@group(0) @binding(1) var<storage, read> mean: array<f32>;
+@group(0) @binding(1) var<storage, read> var1: array<f32>;
 @group(0) @binding(1) var<storage, read> weight: array<f32>;
 @group(0) @binding(1) var<storage, read> grad_plain: array<f32>;
 @group(0) @binding(1) var<storage, read_write> out1: array<f32>;
-@group(0) @binding(2) var<storage, read> shift: array<f32>;
+@group(0) @binding(2) var<storage, read> var2: array<f32>;
 @group(0) @binding(2) var<storage, read> bias: array<f32>;
 @group(0) @binding(2) var<storage, read> grad_ln: array<f32>;
 @group(0) @binding(2) var<storage, read_write> out2: array<f32>;
 @group(0) @binding(2) var<storage, read> row_params2: RowParams;
+@group(0) @binding(3) var<storage, read> bn_weight: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out3: array<f32>;
-@group(0) @binding(3) var<storage, read> affine_params3: AffineParams;
+@group(0) @binding(3) var<storage, read> bn_params3: ChannelParams;
 @group(0) @binding(3) var<storage, read> row_params3: RowParams;
-@group(0) @binding(4) var<storage, read> affine_params4: AffineParams;
+@group(0) @binding(4) var<storage, read> bn_bias: array<f32>;
+@group(0) @binding(4) var<storage, read> bn_params4: ChannelParams;
 @group(0) @binding(4) var<storage, read> row_params4: RowParams;
+@group(0) @binding(5) var<storage, read_write> out5: array<f32>;
+@group(0) @binding(6) var<storage, read> bn_params6: ChannelParams;
 
 var<workgroup> partial_a: array<f32, 256>;
 var<workgroup> partial_b: array<f32, 256>;
@@ -59,31 +68,55 @@ fn flat(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.x + wid.y * nwg.x) * 256u + lid;
 }
 
-fn channel_of(i: u32, p: AffineParams) -> u32 {
+fn channel_of(i: u32, p: ChannelParams) -> u32 {
     return (i / p.spatial) % p.channels;
 }
 
 @compute @workgroup_size(256)
-fn channel_affine_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                          @builtin(local_invocation_index) lid: u32) {
-    let p = affine_params4;
+fn batch_norm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(local_invocation_index) lid: u32) {
+    let p = bn_params6;
     let i = flat(wid, nwg, lid);
     if (i >= p.len) {
         return;
     }
     let c = channel_of(i, p);
-    out3[i] = src[i] * scale[c] + shift[c];
+    out5[i] = (src[i] - mean[c]) * inverseSqrt(var2[c] + p.eps) * bn_weight[c] + bn_bias[c];
 }
 
 @compute @workgroup_size(256)
-fn channel_affine_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                           @builtin(local_invocation_index) lid: u32) {
-    let p = affine_params3;
+fn batch_norm_forward_plain(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                            @builtin(local_invocation_index) lid: u32) {
+    let p = bn_params4;
     let i = flat(wid, nwg, lid);
     if (i >= p.len) {
         return;
     }
-    out2[i] = src[i] * scale[channel_of(i, p)];
+    let c = channel_of(i, p);
+    out3[i] = (src[i] - mean[c]) * inverseSqrt(var2[c] + p.eps);
+}
+
+@compute @workgroup_size(256)
+fn batch_norm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                       @builtin(local_invocation_index) lid: u32) {
+    let p = bn_params4;
+    let i = flat(wid, nwg, lid);
+    if (i >= p.len) {
+        return;
+    }
+    let c = channel_of(i, p);
+    out3[i] = src[i] * (weight[c] * inverseSqrt(var2[c] + p.eps));
+}
+
+@compute @workgroup_size(256)
+fn batch_norm_backward_plain(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                             @builtin(local_invocation_index) lid: u32) {
+    let p = bn_params3;
+    let i = flat(wid, nwg, lid);
+    if (i >= p.len) {
+        return;
+    }
+    out2[i] = src[i] * inverseSqrt(var1[channel_of(i, p)] + p.eps);
 }
 
 // Sums (a, b) over the workgroup; every invocation gets the totals. Must be called in

@@ -13,13 +13,12 @@ use op_fixtures::{OpFixture, rel_err64};
 /// The reference reproduces PyTorch's float64 autograd up to float64 rounding.
 const REFERENCE_TOL: f64 = 1e-12;
 
-/// BatchNorm in eval mode on the GPU: folding `scale`, `shift` in f64 rounds each once
-/// (2⁻²⁴ relative); `x·scale + shift` adds two f32 roundings. Relative to
-/// `‖|x·scale| + |shift|‖`, which exceeds `‖y‖` by at most a few times on these inputs,
-/// that is below 3·2⁻²⁴·3 ≈ 5e-7: 1e-6. Backward is one product of two rounded factors:
-/// 2·2⁻²⁴ ≈ 1.2e-7 relative per element: 3e-7.
+/// BatchNorm in eval mode on the GPU: `(x − mean)·rsqrt(var + eps)·weight + bias` in
+/// f32, about six roundings (WGSL's `inverseSqrt` is within 2 ulp), relative to the
+/// magnitudes of `x − mean` and of the result, which are alike on these inputs:
+/// 1e-6 (observed ≤ 8e-8). Backward is a product of three factors: 5e-7.
 const BN_FORWARD_TOL: f64 = 1e-6;
-const BN_BACKWARD_TOL: f64 = 3e-7;
+const BN_BACKWARD_TOL: f64 = 5e-7;
 
 /// LayerNorm on the GPU: the row mean and variance are f32 tree sums of ≤ 600 terms
 /// (relative error ≲ log₂(600)·2⁻²⁴ ≈ 6e-7); `x − mean` loses a further factor
@@ -38,6 +37,68 @@ fn optional_pair<'a>(affine: bool, w: &'a [f64], b: &'a [f64]) -> Option<(&'a [f
     affine.then_some((w, b))
 }
 
+/// GPU BatchNorm of `x` (shape `shape`) and its backward for `grad` (a stack of
+/// `grad.len()/x.len()` gradients), against `want` (output, input gradient) or the f64
+/// reference.
+#[allow(clippy::too_many_arguments)]
+fn check_batch_norm(
+    ctx: &GpuContext,
+    what: &str,
+    x: &[f32],
+    shape: &[usize],
+    (mean, var): (&[f32], &[f32]),
+    affine: Option<(&[f32], &[f32])>,
+    eps: f64,
+    grad: &[f32],
+    want: Option<(&[f64], &[f64])>,
+) {
+    let c = shape[1];
+    let to64 = |v: &[f32]| -> Vec<f64> { v.iter().map(|&a| f64::from(a)).collect() };
+    let mut stacked = shape.to_vec();
+    stacked[0] *= grad.len() / x.len();
+    let affine64 = affine.map(|(w, b)| (to64(w), to64(b)));
+    let (want_y, want_dx) = match want {
+        Some((y, dx)) => (y.to_vec(), dx.to_vec()),
+        None => (
+            reference::batch_norm_eval_forward(
+                &to64(x),
+                shape,
+                &to64(mean),
+                &to64(var),
+                affine64.as_ref().map(|(w, b)| (&w[..], &b[..])),
+                eps,
+            ),
+            reference::batch_norm_eval_backward(
+                &to64(grad),
+                &stacked,
+                &to64(var),
+                affine64.as_ref().map(|(w, _)| &w[..]),
+                eps,
+            ),
+        ),
+    };
+    let up = |v: &[f32], s: &[usize]| ctx.upload(v, s).unwrap();
+    let (mean, var) = (up(mean, &[c]), up(var, &[c]));
+    let affine = affine.map(|(w, b)| (up(w, &[c]), up(b, &[c])));
+    let params = norm::BatchNormParams {
+        running_mean: &mean,
+        running_var: &var,
+        affine: affine.as_ref().map(|(w, b)| (w, b)),
+        eps: eps as f32,
+    };
+    let (xg, gg) = (up(x, shape), up(grad, &stacked));
+    let yg = ctx.zeros(shape).unwrap();
+    let dxg = ctx.zeros(&stacked).unwrap();
+    let mut rec = ctx.recorder();
+    norm::batch_norm_forward(&mut rec, &xg, &params, &yg).unwrap();
+    norm::batch_norm_backward(&mut rec, &gg, &params, &dxg).unwrap();
+    rec.submit().unwrap();
+    let e = rel_err64(&read64(ctx, &yg), &want_y);
+    assert!(e < BN_FORWARD_TOL, "{what}: forward error {e:e}");
+    let e = rel_err64(&read64(ctx, &dxg), &want_dx);
+    assert!(e < BN_BACKWARD_TOL, "{what}: backward error {e:e}");
+}
+
 #[test]
 fn batch_norm_matches_pytorch() {
     for name in ["batch_norm2d_affine", "batch_norm2d_plain"] {
@@ -45,6 +106,7 @@ fn batch_norm_matches_pytorch() {
         assert_eq!(f.op, "batch_norm2d");
         let (eps, affine) = (f.attr_f64("eps"), f.attr_bool("affine"));
         let (x, shape) = f.get("x");
+        assert_eq!(f.attrs["num_features"], serde_json::json!(shape[1]));
         let (mean, var) = (f.values("running_mean"), f.values("running_var"));
         let (w, b) = if affine {
             (f.values("weight"), f.values("bias"))
@@ -75,30 +137,22 @@ fn batch_norm_matches_pytorch() {
         );
 
         let Some(ctx) = common::gpu() else { return };
-        let to32 = |v: &[f64]| -> Vec<f32> { v.iter().map(|&a| a as f32).collect() };
-        let (w32, b32) = (to32(&w), to32(&b));
-        let (scale, shift) = norm::fold_batch_norm(
-            &f.f32("running_mean"),
-            &f.f32("running_var"),
+        let (w32, b32) = if affine {
+            (f.f32("weight"), f.f32("bias"))
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        check_batch_norm(
+            &ctx,
+            name,
+            &f.f32("x"),
+            &shape,
+            (&f.f32("running_mean"), &f.f32("running_var")),
             affine.then_some((&w32[..], &b32[..])),
             eps,
-        )
-        .unwrap();
-        let c = shape[1];
-        let xg = ctx.upload(&f.f32("x"), &shape).unwrap();
-        let scale = ctx.upload(&scale, &[c]).unwrap();
-        let shift = ctx.upload(&shift, &[c]).unwrap();
-        let yg = ctx.zeros(&shape).unwrap();
-        let gg = ctx.upload(&f.f32("grad_output"), &stacked).unwrap();
-        let dxg = ctx.zeros(&stacked).unwrap();
-        let mut rec = ctx.recorder();
-        norm::batch_norm_forward(&mut rec, &xg, &scale, &shift, &yg).unwrap();
-        norm::batch_norm_backward(&mut rec, &gg, &scale, &dxg).unwrap();
-        rec.submit().unwrap();
-        let e = rel_err64(&read64(&ctx, &yg), &f.values("output"));
-        assert!(e < BN_FORWARD_TOL, "{name}: forward error {e:e}");
-        let e = rel_err64(&read64(&ctx, &dxg), &f.values("grad_x"));
-        assert!(e < BN_BACKWARD_TOL, "{name}: backward error {e:e}");
+            &f.f32("grad_output"),
+            Some((&f.values("output"), &f.values("grad_x"))),
+        );
     }
 }
 
@@ -234,67 +288,65 @@ fn layer_norm_gpu_matches_reference() {
     }
 }
 
-/// BatchNorm on `[N, C]` (no spatial axes) and a stack of gradients larger than the
-/// batch, against the f64 reference.
+/// BatchNorm on `[N, C]` (no spatial axes) and on images with more elements than one
+/// workgroup, with and without affine parameters, for stacks of 1 to 3 gradients,
+/// against the f64 reference.
 #[test]
-fn batch_norm_gpu_matches_reference_on_flat_features() {
+fn batch_norm_gpu_matches_reference() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = TestRng::new(4);
-    let (n, c, stack, eps) = (7, 5, 3, 1e-5);
-    let x = rng.vec(n * c);
-    let grad = rng.vec(stack * n * c);
-    let mean = rng.vec(c);
-    let var: Vec<f32> = rng.vec(c).iter().map(|v| v.abs() + 0.1).collect();
-    let (w, b) = (rng.vec(c), rng.vec(c));
-    let to64 = |v: &[f32]| -> Vec<f64> { v.iter().map(|&a| f64::from(a)).collect() };
-    let want_y = reference::batch_norm_eval_forward(
-        &to64(&x),
-        &[n, c],
-        &to64(&mean),
-        &to64(&var),
-        Some((&to64(&w), &to64(&b))),
-        eps,
-    );
-    let want_dx = reference::batch_norm_eval_backward(
-        &to64(&grad),
-        &[stack * n, c],
-        &to64(&var),
-        Some(&to64(&w)),
-        eps,
-    );
-    let (scale, shift) = norm::fold_batch_norm(&mean, &var, Some((&w, &b)), eps).unwrap();
-    let xg = ctx.upload(&x, &[n, c]).unwrap();
-    let yg = ctx.zeros(&[n, c]).unwrap();
-    let gg = ctx.upload(&grad, &[stack * n, c]).unwrap();
-    let dxg = ctx.zeros(&[stack * n, c]).unwrap();
-    let scale = ctx.upload(&scale, &[c]).unwrap();
-    let shift = ctx.upload(&shift, &[c]).unwrap();
-    let mut rec = ctx.recorder();
-    norm::batch_norm_forward(&mut rec, &xg, &scale, &shift, &yg).unwrap();
-    norm::batch_norm_backward(&mut rec, &gg, &scale, &dxg).unwrap();
-    rec.submit().unwrap();
-    assert!(rel_err64(&read64(&ctx, &yg), &want_y) < BN_FORWARD_TOL);
-    assert!(rel_err64(&read64(&ctx, &dxg), &want_dx) < BN_BACKWARD_TOL);
+    for (shape, stack, affine) in [
+        (vec![7, 5], 3, true),
+        (vec![4, 6], 1, false),
+        (vec![2, 3, 9, 11], 2, true),
+    ] {
+        let c = shape[1];
+        let x = rng.vec(shape.iter().product());
+        let grad = rng.vec(x.len() * stack);
+        let mean = rng.vec(c);
+        let var: Vec<f32> = rng.vec(c).iter().map(|v| v.abs() + 0.1).collect();
+        let (w, b) = (rng.vec(c), rng.vec(c));
+        check_batch_norm(
+            &ctx,
+            &format!("{shape:?} stack {stack}"),
+            &x,
+            &shape,
+            (&mean, &var),
+            affine.then_some((&w[..], &b[..])),
+            1e-5,
+            &grad,
+            None,
+        );
+    }
 }
 
-/// Mismatched shapes and bad statistics are errors that name what is wrong, not panics.
+/// Mismatched shapes and a bad eps are errors that name what is wrong, not panics.
 #[test]
 fn bad_arguments_are_errors() {
-    let err = norm::fold_batch_norm(&[0.0; 3], &[1.0; 2], None, 1e-5).unwrap_err();
-    assert!(
-        err.to_string().contains("running_var has 2 elements"),
-        "{err}"
-    );
-    let err = norm::fold_batch_norm(&[0.0; 2], &[1.0, -1.0], None, 1e-5).unwrap_err();
-    assert!(err.to_string().contains("channel 1"), "{err}");
-
     let Some(ctx) = common::gpu() else { return };
     let x = ctx.zeros(&[2, 3, 4]).unwrap();
-    let c4 = ctx.zeros(&[4]).unwrap();
+    let (c3, c4) = (ctx.zeros(&[3]).unwrap(), ctx.zeros(&[4]).unwrap());
     let y = ctx.zeros(&[2, 3, 4]).unwrap();
     let mut rec = ctx.recorder();
-    let err = norm::batch_norm_forward(&mut rec, &x, &c4, &c4, &y).unwrap_err();
+    let params = |mean, var, affine| norm::BatchNormParams {
+        running_mean: mean,
+        running_var: var,
+        affine,
+        eps: 1e-5,
+    };
+    let err = norm::batch_norm_forward(&mut rec, &x, &params(&c4, &c4, None), &y).unwrap_err();
     assert!(err.to_string().contains("[N, 4, ...]"), "{err}");
+    let err = norm::batch_norm_forward(&mut rec, &x, &params(&c3, &c4, None), &y).unwrap_err();
+    assert!(
+        err.to_string().contains("running_var must have 3 elements"),
+        "{err}"
+    );
+    let affine = Some((&c3, &c4));
+    let err = norm::batch_norm_backward(&mut rec, &x, &params(&c3, &c3, affine), &y).unwrap_err();
+    assert!(
+        err.to_string().contains("bias must have 3 elements"),
+        "{err}"
+    );
     let w3 = ctx.zeros(&[3]).unwrap();
     let err = norm::layer_norm_forward(&mut rec, &x, Some((&w3, &w3)), 1e-5, &y).unwrap_err();
     assert!(

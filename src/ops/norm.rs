@@ -9,112 +9,113 @@ use super::check::{expect_len, expect_u32, grid};
 use crate::error::{Error, Result};
 use crate::gpu::{GpuTensor, Kernel, Recorder, grid_1d};
 
-/// BatchNorm's eval-mode map `y = (x − running_mean)/√(running_var + eps)·weight + bias`
-/// folded into one per-channel `y = x·scale + shift`: `scale = weight/√(running_var +
-/// eps)`, `shift = bias − running_mean·scale`, computed in f64 and rounded once to f32.
-/// Without affine weights (`affine = false`) `weight` is 1 and `bias` 0. Every slice is
-/// `[C]`; returns `(scale, shift)`.
-pub fn fold_batch_norm(
-    running_mean: &[f32],
-    running_var: &[f32],
-    affine: Option<(&[f32], &[f32])>,
-    eps: f64,
-) -> Result<(Vec<f32>, Vec<f32>)> {
-    let op = "batch_norm fold";
-    let c = running_mean.len();
-    let mut lengths = vec![("running_var", running_var.len())];
-    if let Some((w, b)) = affine {
-        lengths.extend([("weight", w.len()), ("bias", b.len())]);
-    }
-    if let Some((name, len)) = lengths.iter().find(|(_, len)| *len != c) {
-        return Err(Error::gpu(
-            op,
-            format!("{name} has {len} elements, running_mean {c}"),
-        ));
-    }
-    let mut scale = Vec::with_capacity(c);
-    let mut shift = Vec::with_capacity(c);
-    for ch in 0..c {
-        let denominator = f64::from(running_var[ch]) + eps;
-        if !(denominator > 0.0 && denominator.is_finite()) {
+/// BatchNorm's eval-mode parameters and buffers on the GPU, each `[C]`.
+pub struct BatchNormParams<'a> {
+    pub running_mean: &'a GpuTensor,
+    pub running_var: &'a GpuTensor,
+    /// `(weight, bias)`, or `None` without affine parameters (`affine = false`).
+    pub affine: Option<(&'a GpuTensor, &'a GpuTensor)>,
+    pub eps: f32,
+}
+
+impl BatchNormParams<'_> {
+    /// Checks every tensor has `C = running_mean.len()` elements and `t` (`[N, C,
+    /// ...]`) has `C` channels; returns the kernels' parameter words `[len, C, S, eps]`
+    /// (`S` the elements per channel and example: `H·W`, or 1 for `[N, C]`).
+    fn words(&self, op: &str, name: &str, t: &GpuTensor) -> Result<[u32; 4]> {
+        let c = self.running_mean.len();
+        expect_len(op, "running_var", self.running_var, c)?;
+        if let Some((w, b)) = self.affine {
+            expect_len(op, "weight", w, c)?;
+            expect_len(op, "bias", b, c)?;
+        }
+        let shape = t.shape();
+        if shape.len() < 2 || shape[1] != c || c == 0 {
             return Err(Error::gpu(
                 op,
-                format!(
-                    "channel {ch}: running_var + eps = {denominator} must be positive and finite"
-                ),
+                format!("{name} must be [N, {c}, ...], found shape {shape:?}"),
             ));
         }
-        let (w, b) = affine.map_or((1.0, 0.0), |(w, b)| (f64::from(w[ch]), f64::from(b[ch])));
-        let s = w / denominator.sqrt();
-        scale.push(s as f32);
-        shift.push((b - f64::from(running_mean[ch]) * s) as f32);
+        expect_u32(op, &[t.len()])?;
+        check_eps(op, self.eps)?;
+        let spatial: usize = shape[2..].iter().product();
+        Ok([
+            t.len() as u32,
+            c as u32,
+            spatial.max(1) as u32,
+            self.eps.to_bits(),
+        ])
     }
-    Ok((scale, shift))
 }
 
-/// The channel count of `t` (`[N, C, ...]`) must be `channels`; returns the elements per
-/// channel and example (`H·W`, or 1 for `[N, C]`).
-fn channel_layout(op: &str, name: &str, t: &GpuTensor, channels: usize) -> Result<usize> {
-    let shape = t.shape();
-    if shape.len() < 2 || shape[1] != channels {
+fn check_eps(op: &str, eps: f32) -> Result<()> {
+    if !(eps >= 0.0 && eps.is_finite()) {
         return Err(Error::gpu(
             op,
-            format!("{name} must be [N, {channels}, ...], found shape {shape:?}"),
+            format!("eps must be finite and ≥ 0, got {eps}"),
         ));
     }
-    Ok(shape[2..].iter().product())
+    Ok(())
 }
 
-fn affine_words(op: &str, t: &GpuTensor, channels: usize, spatial: usize) -> Result<Vec<u32>> {
-    expect_u32(op, &[t.len()])?;
-    Ok(vec![t.len() as u32, channels as u32, spatial.max(1) as u32])
-}
-
-/// Records BatchNorm in eval mode, `y = x·scale[c] + shift[c]`: `x [N, C, H, W]` (or
-/// `[N, C]`), `scale` and `shift` `[C]` from [`fold_batch_norm`], `y` shaped like `x`.
+/// Records BatchNorm in eval mode, `y = (x − running_mean)/√(running_var + eps)·weight
+/// + bias` per channel: `x [N, C, H, W]` (or `[N, C]`), `y` shaped like `x`.
 pub fn batch_norm_forward(
     rec: &mut Recorder,
     x: &GpuTensor,
-    scale: &GpuTensor,
-    shift: &GpuTensor,
+    params: &BatchNormParams,
     y: &GpuTensor,
 ) -> Result<()> {
     let op = "batch_norm forward";
-    let c = scale.len();
-    expect_len(op, "shift", shift, c)?;
-    let spatial = channel_layout(op, "x", x, c)?;
+    let words = params.words(op, "x", x)?;
     expect_len(op, "y", y, x.len())?;
-    let words = affine_words(op, x, c, spatial)?;
-    rec.dispatch(
-        &Kernel::new(&super::NORM, "channel_affine_forward"),
-        &[x, scale, shift],
-        &[y],
-        &words,
-        grid(x.len()),
-    )
+    let (mean, var) = (params.running_mean, params.running_var);
+    match params.affine {
+        Some((w, b)) => rec.dispatch(
+            &Kernel::new(&super::NORM, "batch_norm_forward"),
+            &[x, mean, var, w, b],
+            &[y],
+            &words,
+            grid(x.len()),
+        ),
+        None => rec.dispatch(
+            &Kernel::new(&super::NORM, "batch_norm_forward_plain"),
+            &[x, mean, var],
+            &[y],
+            &words,
+            grid(x.len()),
+        ),
+    }
 }
 
-/// Records BatchNorm's eval-mode input gradient `grad_in = grad_out·scale[c]`:
-/// `grad_out [V·B, C, H, W]` (or `[V·B, C]`), `scale [C]`, `grad_in` shaped like
-/// `grad_out` (overwritten).
+/// Records BatchNorm's eval-mode input gradient `grad_in = grad_out·weight/√(running_var
+/// + eps)` per channel: `grad_out [V·B, C, H, W]` (or `[V·B, C]`), `grad_in` shaped
+/// like `grad_out` (overwritten).
 pub fn batch_norm_backward(
     rec: &mut Recorder,
     grad_out: &GpuTensor,
-    scale: &GpuTensor,
+    params: &BatchNormParams,
     grad_in: &GpuTensor,
 ) -> Result<()> {
     let op = "batch_norm backward";
-    let c = scale.len();
-    let spatial = channel_layout(op, "grad_out", grad_out, c)?;
+    let words = params.words(op, "grad_out", grad_out)?;
     expect_len(op, "grad_in", grad_in, grad_out.len())?;
-    let words = affine_words(op, grad_out, c, spatial)?;
-    rec.dispatch(
-        &Kernel::new(&super::NORM, "channel_affine_backward"),
-        &[grad_out, scale],
-        &[grad_in],
-        &words,
-        grid(grad_out.len()),
-    )
+    match params.affine {
+        Some((w, _)) => rec.dispatch(
+            &Kernel::new(&super::NORM, "batch_norm_backward"),
+            &[grad_out, w, params.running_var],
+            &[grad_in],
+            &words,
+            grid(grad_out.len()),
+        ),
+        None => rec.dispatch(
+            &Kernel::new(&super::NORM, "batch_norm_backward_plain"),
+            &[grad_out, params.running_var],
+            &[grad_in],
+            &words,
+            grid(grad_out.len()),
+        ),
+    }
 }
 
 /// The normalised size `D` (the last dimension of `x`) and the row count of `x`.
