@@ -1,5 +1,6 @@
 //! The f64 CPU reference of the crate's maths: the test oracle.
 
 pub mod curvature;
+pub mod graph_ops;
 pub mod nn;
 pub mod ops;

@@ -1,6 +1,7 @@
 //! The curvature maths shared by the CPU reference and the GPU pipeline: options,
 //! the parameter/block layout, and the scalar properties from eigenvalues.
 
+pub mod eigen;
 pub mod fit;
 pub mod layout;
 pub mod operator;
@@ -8,6 +9,7 @@ pub mod options;
 pub mod scalars;
 pub mod state;
 pub mod summary;
+pub mod validate;
 
 pub use options::{DampingMode, FisherType, KfacApprox, LossKind, MIN_DAMPING, Options, Reduction};
 pub use scalars::Scalars;

@@ -181,7 +181,10 @@ fn check_extra_keys(
     let hint = extra_key_hint(spec, key);
     Err(Error::input(
         file,
-        format!("unexpected key \"{key}\"{hint} (keys not belonging to any layer: {extra:?})"),
+        format!(
+            "unexpected key \"{key}\"{hint} (keys not belonging to any layer: {})",
+            crate::io::cut_list(&extra)
+        ),
     ))
 }
 
