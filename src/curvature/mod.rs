@@ -2,6 +2,7 @@
 //! the parameter/block layout, and the scalar properties from eigenvalues.
 
 pub mod fit;
+pub mod layer;
 pub mod layout;
 pub mod operator;
 pub mod options;
