@@ -21,6 +21,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+use crate::curvature::eigen::{EigenSolver, Factor, JacobiSolver};
 use crate::curvature::layout::{BlockKind, CurvatureLayer, ParamLayout};
 use crate::curvature::options::{FisherType, KfacApprox, LossKind, Options};
 use crate::curvature::state::{
@@ -35,7 +36,6 @@ use crate::model::{Conv2dSpec, Layer, Model, ModelSpec};
 use crate::ops::eigencorrect::{correct_shared, square_sum_stack};
 use crate::ops::gemm::{Gemm, gemm};
 use crate::ops::im2col::im2col_group_mean;
-use crate::ops::jacobi::{JacobiOptions, eigh};
 use crate::ops::loss::{GpuTargets, record_backprop_vectors};
 use crate::ops::reduce::{Sum, append_ones_column, copy, square, sum_cols, sum_rows, transpose};
 
@@ -128,6 +128,28 @@ pub fn fit_from(
     damping: Option<f64>,
     previous: Option<&CurvatureState>,
 ) -> Result<Fitted> {
+    fit_with(
+        ctx,
+        model,
+        data,
+        options,
+        damping,
+        previous,
+        &JacobiSolver::default(),
+    )
+}
+
+/// [`fit_from`] with the factors eigendecomposed by `solver` (the others use
+/// [`JacobiSolver::default`]).
+pub fn fit_with(
+    ctx: &GpuContext,
+    model: &Model,
+    data: &Dataset,
+    options: &Options,
+    damping: Option<f64>,
+    previous: Option<&CurvatureState>,
+    solver: &dyn EigenSolver,
+) -> Result<Fitted> {
     options.validate()?;
     let layout = ParamLayout::from_options(model, options)?;
     data.check(&model.spec, options.loss == LossKind::CrossEntropy)?;
@@ -160,13 +182,19 @@ pub fn fit_from(
     for (layer, acc) in layout.layers.iter().zip(&accumulators) {
         let warm = previous.and_then(|p| p.layer_factors(&layer.name));
         if let Some(a) = &acc.input {
-            factors.push((a, warm.and_then(|w| w.input.as_ref())));
+            factors.push(Factor {
+                matrix: a,
+                warm_start: warm.and_then(|w| w.input.as_ref()),
+            });
         }
         if let Some(g) = &acc.gradient {
-            factors.push((g, warm.map(|w| &w.gradient)));
+            factors.push(Factor {
+                matrix: g,
+                warm_start: warm.map(|w| &w.gradient),
+            });
         }
     }
-    let mut decomposed = eigendecompose_all(ctx, &factors)?.into_iter();
+    let mut decomposed = solver.eigendecompose(ctx, &factors)?.into_iter();
     let mut next = || {
         decomposed
             .next()
@@ -259,103 +287,6 @@ pub fn fit_from(
 struct LayerBasis {
     input: Option<(FactorEigen, GpuTensor)>,
     gradient: (FactorEigen, Option<GpuTensor>),
-}
-
-/// A symmetric `[n, n]` factor and the previous eigenbasis to warm-start it from.
-type Factor<'a> = (&'a GpuTensor, Option<&'a FactorEigen>);
-
-/// Eigendecompositions of every factor on the GPU (eigenvalues ascending), with the
-/// eigenbasis also as a GPU tensor `[n, n]`. A warm start of the factor's size makes
-/// Jacobi start from it. Factors of the same size and warm-start status are stacked
-/// into one batched [`eigh`] while the stack fits one storage binding: one sweep loop
-/// and one readback per sweep, and `k` times the workgroups per dispatch, instead of
-/// `k` calls one after the other. (A stacked factor keeps sweeping until the whole
-/// stack has converged, so it may differ from a lone decomposition in the last bits.)
-fn eigendecompose_all(
-    ctx: &GpuContext,
-    factors: &[Factor],
-) -> Result<Vec<(FactorEigen, GpuTensor)>> {
-    let warm_dim = |&(f, warm): &Factor| warm.is_some_and(|w| w.dim() == f.shape()[0]);
-    // Groups by (n, warm), in order of first appearance.
-    let mut groups: Vec<((usize, bool), Vec<usize>)> = Vec::new();
-    for (i, factor) in factors.iter().enumerate() {
-        let key = (factor.0.shape()[0], warm_dim(factor));
-        match groups.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, members)) => members.push(i),
-            None => groups.push((key, vec![i])),
-        }
-    }
-    let limit = ctx.binding_elements().0;
-    let mut results = Vec::with_capacity(factors.len());
-    for ((n, warm), members) in groups {
-        for stack in members.chunks((limit / (n * n).max(1)).max(1)) {
-            let stacked: Vec<Factor> = stack.iter().map(|&i| factors[i]).collect();
-            let decomposed = eigendecompose_stack(ctx, n, warm, &stacked)?;
-            results.extend(stack.iter().copied().zip(decomposed));
-        }
-    }
-    results.sort_by_key(|(i, _)| *i);
-    Ok(results.into_iter().map(|(_, r)| r).collect())
-}
-
-/// One batched [`eigh`] of `k` factors of size `n` (with their warm starts when `warm`).
-fn eigendecompose_stack(
-    ctx: &GpuContext,
-    n: usize,
-    warm: bool,
-    factors: &[Factor],
-) -> Result<Vec<(FactorEigen, GpuTensor)>> {
-    let k = factors.len();
-    let nn = n * n;
-    let stacked;
-    let matrices = if let [(factor, _)] = factors {
-        factor
-    } else {
-        stacked = ctx.zeros(&[k, n, n])?;
-        let mut rec = ctx.recorder();
-        for (j, (factor, _)) in factors.iter().enumerate() {
-            copy(&mut rec, factor, 0, &stacked, j * nn, nn)?;
-        }
-        rec.submit()?;
-        &stacked
-    };
-    let start = warm
-        .then(|| {
-            let bases: Vec<f32> = factors
-                .iter()
-                .flat_map(|(_, w)| w.map_or(&[][..], |w| &w.vectors[..]))
-                .copied()
-                .collect();
-            ctx.upload(&bases, matrices.shape())
-        })
-        .transpose()?;
-    let eigen = eigh(
-        ctx,
-        matrices,
-        &JacobiOptions {
-            warm_start: start.as_ref(),
-            ..JacobiOptions::default()
-        },
-    )?;
-    let values = ctx.read(&eigen.values)?;
-    let vectors = ctx.read(&eigen.vectors)?;
-    if k == 1 {
-        return Ok(vec![(FactorEigen { values, vectors }, eigen.vectors)]);
-    }
-    // Each factor's basis as its own GPU tensor, copied on the GPU.
-    let mut rec = ctx.recorder();
-    let mut out = Vec::with_capacity(k);
-    for (j, (values, vectors)) in values.chunks(n).zip(vectors.chunks(nn)).enumerate() {
-        let basis = ctx.zeros(&[n, n])?;
-        copy(&mut rec, &eigen.vectors, j * nn, &basis, 0, nn)?;
-        let eigen = FactorEigen {
-            values: values.to_vec(),
-            vectors: vectors.to_vec(),
-        };
-        out.push((eigen, basis));
-    }
-    rec.submit()?;
-    Ok(out)
 }
 
 /// The GPU tensors of one batch after the forward pass, with its `V` backpropagated

@@ -1,6 +1,7 @@
 //! The curvature maths shared by the CPU reference and the GPU pipeline: options,
 //! the parameter/block layout, and the scalar properties from eigenvalues.
 
+pub mod eigen;
 pub mod fit;
 pub mod layer;
 pub mod layout;

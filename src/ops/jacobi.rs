@@ -13,7 +13,7 @@
 //! ascending on the GPU (each diagonal entry's rank by comparison, ties by index, then a
 //! gather), after an optional Newton–Schulz re-orthogonalisation of the eigenbasis.
 //!
-//! Two ways to run the sweeps:
+//! Three ways to run the sweeps:
 //! - [`JacobiPath::Workgroup`] (automatic up to `n = 128`, possible up to `n = 256`):
 //!   one workgroup per matrix of the batch does a whole sweep in one dispatch, with `A`
 //!   and the eigenbasis in workgroup memory for `n ≤ 32` and in storage buffers above;
@@ -33,12 +33,12 @@
 //!   `tol · ‖A‖_F / blocks`, so a sweep that leaves every pair alone has converged; at
 //!   most 8), sorts the pair's diagonal ascending and stores the rotation;
 //!   `block_apply` then applies the rotations to the other 32 × 32 tiles of `A`
-//!   (`R_Iᵀ A_IJ R_J`) and to the eigenbasis (2 × 2 register tiles, vec4 operands). Two dispatches per round instead of two
-//!   per step, each tile product in workgroup memory; the sweep loop, readback and
-//!   convergence test are the global path's.
+//!   (`R_Iᵀ A_IJ R_J`) and to the eigenbasis (2 × 2 register tiles, vec4 operands).
+//!   Two dispatches per round instead of two per step, each tile product in workgroup
+//!   memory; the sweep loop, readback and convergence test are the global path's.
 //!
-//! Both are deterministic: fixed reduction orders, no float atomics (only an integer OR
-//! that flags NaN or Inf).
+//! All three are deterministic: fixed reduction orders, no float atomics (only an
+//! integer OR that flags NaN or Inf).
 //!
 //! Matrices larger than one storage binding (the adapter's
 //! `max_storage_buffer_binding_size`, 128 MiB on WebGPU's defaults: a single matrix of

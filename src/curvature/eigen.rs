@@ -1,0 +1,176 @@
+//! Eigendecomposition of the Kronecker factors behind one seam: [`EigenSolver`] takes
+//! every factor of a fit at once (so an implementation may batch them) and returns
+//! each factor's eigenbasis on the host (for the state) and on the GPU (for the
+//! correction pass). [`JacobiSolver`], the parallel Jacobi of [`crate::ops::jacobi`],
+//! is the GPU implementation.
+
+use crate::curvature::state::FactorEigen;
+use crate::error::Result;
+use crate::gpu::{GpuContext, GpuTensor};
+use crate::ops::jacobi::{JacobiOptions, JacobiPath, eigh};
+use crate::ops::reduce::copy;
+
+/// A symmetric Kronecker factor to eigendecompose.
+#[derive(Clone, Copy, Debug)]
+pub struct Factor<'a> {
+    /// The factor, `[n, n]`, row-major and symmetric.
+    pub matrix: &'a GpuTensor,
+    /// A previous eigenbasis to start from (e.g. the same layer's factor before the
+    /// weights moved). A solver may ignore it, and ignores one that is not `n × n`.
+    pub warm_start: Option<&'a FactorEigen>,
+}
+
+impl Factor<'_> {
+    /// `n`, the factor's side.
+    pub fn dim(&self) -> usize {
+        self.matrix.shape()[0]
+    }
+
+    /// Whether the warm start exists and has the factor's size.
+    fn has_warm_start(&self) -> bool {
+        self.warm_start.is_some_and(|w| w.dim() == self.dim())
+    }
+}
+
+/// Symmetric eigendecomposition of many Kronecker factors.
+pub trait EigenSolver {
+    /// The eigendecomposition `F = Q diag(λ) Qᵀ` of every factor, in the order given:
+    /// eigenvalues ascending, the eigenbasis `Q` (`[n, n]`, row-major, column `j` the
+    /// unit eigenvector of `λ_j`) both on the host ([`FactorEigen`]) and as a GPU tensor.
+    fn eigendecompose(
+        &self,
+        ctx: &GpuContext,
+        factors: &[Factor],
+    ) -> Result<Vec<(FactorEigen, GpuTensor)>>;
+}
+
+/// Parallel Jacobi on the GPU ([`eigh`]). Factors of the same size and warm-start
+/// status are stacked into one batched [`eigh`] while the stack fits one storage
+/// binding: one sweep loop and one readback per sweep, and `k` times the workgroups per
+/// dispatch, instead of `k` calls one after the other. (A stacked factor keeps sweeping
+/// until the whole stack has converged, so it may differ from a lone decomposition in
+/// the last bits.)
+#[derive(Debug, Clone, Copy)]
+pub struct JacobiSolver {
+    /// [`JacobiOptions::max_sweeps`].
+    pub max_sweeps: usize,
+    /// [`JacobiOptions::tol`].
+    pub tol: f32,
+    /// [`JacobiOptions::path`].
+    pub path: JacobiPath,
+    /// [`JacobiOptions::reorthogonalize`].
+    pub reorthogonalize: bool,
+    /// [`JacobiOptions::refine_min_n`].
+    pub refine_min_n: usize,
+}
+
+impl Default for JacobiSolver {
+    /// [`JacobiOptions::default`]'s settings.
+    fn default() -> Self {
+        let o = JacobiOptions::default();
+        Self {
+            max_sweeps: o.max_sweeps,
+            tol: o.tol,
+            path: o.path,
+            reorthogonalize: o.reorthogonalize,
+            refine_min_n: o.refine_min_n,
+        }
+    }
+}
+
+impl EigenSolver for JacobiSolver {
+    fn eigendecompose(
+        &self,
+        ctx: &GpuContext,
+        factors: &[Factor],
+    ) -> Result<Vec<(FactorEigen, GpuTensor)>> {
+        // Groups by (n, warm), in order of first appearance.
+        let mut groups: Vec<((usize, bool), Vec<usize>)> = Vec::new();
+        for (i, factor) in factors.iter().enumerate() {
+            let key = (factor.dim(), factor.has_warm_start());
+            match groups.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, members)) => members.push(i),
+                None => groups.push((key, vec![i])),
+            }
+        }
+        let limit = ctx.binding_elements().0;
+        let mut results = Vec::with_capacity(factors.len());
+        for ((n, warm), members) in groups {
+            for stack in members.chunks((limit / (n * n).max(1)).max(1)) {
+                let stacked: Vec<Factor> = stack.iter().map(|&i| factors[i]).collect();
+                let decomposed = self.eigendecompose_stack(ctx, n, warm, &stacked)?;
+                results.extend(stack.iter().copied().zip(decomposed));
+            }
+        }
+        results.sort_by_key(|(i, _)| *i);
+        Ok(results.into_iter().map(|(_, r)| r).collect())
+    }
+}
+
+impl JacobiSolver {
+    /// One batched [`eigh`] of `k` factors of size `n` (with their warm starts when
+    /// `warm`).
+    fn eigendecompose_stack(
+        &self,
+        ctx: &GpuContext,
+        n: usize,
+        warm: bool,
+        factors: &[Factor],
+    ) -> Result<Vec<(FactorEigen, GpuTensor)>> {
+        let k = factors.len();
+        let nn = n * n;
+        let stacked;
+        let matrices = if let [factor] = factors {
+            factor.matrix
+        } else {
+            stacked = ctx.zeros(&[k, n, n])?;
+            let mut rec = ctx.recorder();
+            for (j, factor) in factors.iter().enumerate() {
+                copy(&mut rec, factor.matrix, 0, &stacked, j * nn, nn)?;
+            }
+            rec.submit()?;
+            &stacked
+        };
+        let start = warm
+            .then(|| {
+                let bases: Vec<f32> = factors
+                    .iter()
+                    .flat_map(|f| f.warm_start.map_or(&[][..], |w| &w.vectors[..]))
+                    .copied()
+                    .collect();
+                ctx.upload(&bases, matrices.shape())
+            })
+            .transpose()?;
+        let eigen = eigh(
+            ctx,
+            matrices,
+            &JacobiOptions {
+                max_sweeps: self.max_sweeps,
+                tol: self.tol,
+                warm_start: start.as_ref(),
+                path: self.path,
+                reorthogonalize: self.reorthogonalize,
+                refine_min_n: self.refine_min_n,
+            },
+        )?;
+        let values = ctx.read(&eigen.values)?;
+        let vectors = ctx.read(&eigen.vectors)?;
+        if k == 1 {
+            return Ok(vec![(FactorEigen { values, vectors }, eigen.vectors)]);
+        }
+        // Each factor's basis as its own GPU tensor, copied on the GPU.
+        let mut rec = ctx.recorder();
+        let mut out = Vec::with_capacity(k);
+        for (j, (values, vectors)) in values.chunks(n).zip(vectors.chunks(nn)).enumerate() {
+            let basis = ctx.zeros(&[n, n])?;
+            copy(&mut rec, &eigen.vectors, j * nn, &basis, 0, nn)?;
+            let eigen = FactorEigen {
+                values: values.to_vec(),
+                vectors: vectors.to_vec(),
+            };
+            out.push((eigen, basis));
+        }
+        rec.submit()?;
+        Ok(out)
+    }
+}
