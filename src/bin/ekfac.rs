@@ -18,7 +18,7 @@ use ekfac::curvature::state::CurvatureState;
 use ekfac::curvature::summary::Summary;
 use ekfac::error::Error;
 use ekfac::gpu::GpuContext;
-use ekfac::model::Model;
+use ekfac::graph::Model;
 use ekfac::model::data::Dataset;
 
 #[derive(Parser)]
@@ -195,7 +195,7 @@ fn run_fit(args: &FitArgs) -> Result<()> {
     // the GPU is opened.
     let data = Dataset::load_checked(
         &args.data,
-        &model.spec,
+        &model.graph,
         options.loss == LossKind::CrossEntropy,
     )?;
     let ctx = GpuContext::new()?;

@@ -27,12 +27,10 @@ pub trait CurvatureLayer {
     fn weight_shape(&self) -> Vec<usize>;
 
     /// Expand-format inputs `[B·S, D]` from the layer input `[B, *in]`.
-    fn expand_inputs(&self, pass: &mut Pass, input: &GpuTensor, batch: usize)
-    -> Result<GpuTensor>;
+    fn expand_inputs(&self, pass: &mut Pass, input: &GpuTensor, batch: usize) -> Result<GpuTensor>;
 
     /// Reduce-format inputs, the mean over positions, `[B, D]`.
-    fn reduce_inputs(&self, pass: &mut Pass, input: &GpuTensor, batch: usize)
-    -> Result<GpuTensor>;
+    fn reduce_inputs(&self, pass: &mut Pass, input: &GpuTensor, batch: usize) -> Result<GpuTensor>;
 
     /// Output gradients as rows, `[V·B·S, d_out]`, from `[V·B, *out]`.
     fn expand_grads(&self, pass: &mut Pass, grads: &GpuTensor) -> Result<GpuTensor>;

@@ -128,7 +128,7 @@ impl Param {
 
 /// A curvature layer (linear, conv2d) with at least one selected parameter.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CurvatureLayer {
+pub struct LayerBlocks {
     /// Index of the layer's node in the graph.
     pub layer: usize,
     /// The parameter prefix (the PyTorch module path).
@@ -142,7 +142,7 @@ pub struct CurvatureLayer {
     pub blocks: Vec<usize>,
 }
 
-impl CurvatureLayer {
+impl LayerBlocks {
     /// `D` of the layer's input factor `A` (`d_in`, plus one when joint), or `None` when
     /// only the bias is selected and `A` is not needed.
     pub fn input_dim(&self, layout: &ParamLayout) -> Option<usize> {
@@ -166,7 +166,7 @@ impl CurvatureLayer {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ParamLayout {
     /// Curvature layers with a selected parameter, in model order.
-    pub layers: Vec<CurvatureLayer>,
+    pub layers: Vec<LayerBlocks>,
     /// The blocks, in model order (weight block before bias block).
     pub blocks: Vec<Block>,
     /// The selected parameters in model order.
@@ -196,8 +196,11 @@ impl ParamLayout {
             }
         }
         if let Some(order) = &graph.parameters {
-            let rank: HashMap<&str, usize> =
-                order.iter().enumerate().map(|(k, n)| (n.as_str(), k)).collect();
+            let rank: HashMap<&str, usize> = order
+                .iter()
+                .enumerate()
+                .map(|(k, n)| (n.as_str(), k))
+                .collect();
             available.sort_by_key(|(_, _, n)| rank.get(n.as_str()).copied().unwrap_or(usize::MAX));
         }
         let chosen: HashSet<String> = match selected {
@@ -242,7 +245,7 @@ impl ParamLayout {
                     .map(|p| p.offset)
             };
             let (weight, bias) = (find(ParamKind::Weight), find(ParamKind::Bias));
-            let mut cl = CurvatureLayer {
+            let mut cl = LayerBlocks {
                 layer: i,
                 name: name.clone(),
                 d_out,
@@ -299,7 +302,7 @@ impl ParamLayout {
     }
 
     /// The curvature layer entry of model layer `layer`, if it has selected parameters.
-    pub fn layer(&self, layer: usize) -> Option<&CurvatureLayer> {
+    pub fn layer(&self, layer: usize) -> Option<&LayerBlocks> {
         self.layers.iter().find(|l| l.layer == layer)
     }
 
@@ -363,7 +366,9 @@ fn check_selection(
     let mut chosen = HashSet::new();
     for name in names {
         if !known.contains(name.as_str()) {
-            return Err(Error::Options(unknown_param_message(graph, available, name)));
+            return Err(Error::Options(unknown_param_message(
+                graph, available, name,
+            )));
         }
         if !chosen.insert(name.clone()) {
             return Err(Error::Options(format!(

@@ -272,7 +272,6 @@ impl Layer {
     }
 }
 
-
 impl ModelSpec {
     /// Reads and parses a model JSON file (see the module docs for the format).
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
@@ -376,8 +375,6 @@ impl ModelSpec {
             .filter(|&i| self.layers[i].name().is_some())
             .collect()
     }
-
-    /// Checks the whole network; the same as `shapes().map(|_| ())`.
 
     /// Checks the whole network; the same as `shapes().map(|_| ())`.
     pub fn validate(&self) -> Result<()> {

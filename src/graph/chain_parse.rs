@@ -6,7 +6,6 @@ use serde_json::{Map, Value, json};
 use super::chain::{Conv2dSpec, Layer, LinearSpec, PoolSpec};
 use crate::error::{Error, Result};
 
-
 /// A short rendering of a JSON value for error messages.
 pub(super) fn brief(v: &Value) -> String {
     let s = v.to_string();

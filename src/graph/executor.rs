@@ -86,9 +86,7 @@ impl Backward {
 
     /// Weight and bias gradients of node `layer`, if parameter gradients were requested.
     pub fn param_grads(&self, layer: usize) -> Option<(&GpuTensor, Option<&GpuTensor>)> {
-        self.param_grads[layer]
-            .as_ref()
-            .map(|p| (&p[0], p.get(1)))
+        self.param_grads[layer].as_ref().map(|p| (&p[0], p.get(1)))
     }
 }
 
@@ -236,8 +234,8 @@ impl Network {
         // it depends on.
         let mut requires = vec![false; nodes + 1];
         for i in 0..nodes {
-            requires[i + 1] = !self.params[i].is_empty()
-                || graph.node_inputs(i).iter().any(|&v| requires[v]);
+            requires[i + 1] =
+                !self.params[i].is_empty() || graph.node_inputs(i).iter().any(|&v| requires[v]);
         }
         let mut output_grads: Vec<Option<GpuTensor>> = (0..nodes).map(|_| None).collect();
         let mut all_param_grads: Vec<Option<Vec<GpuTensor>>> = (0..nodes).map(|_| None).collect();

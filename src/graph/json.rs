@@ -29,8 +29,8 @@ pub fn load(path: impl AsRef<Path>) -> Result<Graph> {
 /// errors.
 pub fn from_json_str(text: &str, file_label: impl std::fmt::Display) -> Result<Graph> {
     let file = file_label.to_string();
-    let root: Value =
-        serde_json::from_str(text).map_err(|e| Error::input(&file, format!("invalid JSON: {e}")))?;
+    let root: Value = serde_json::from_str(text)
+        .map_err(|e| Error::input(&file, format!("invalid JSON: {e}")))?;
     match &root {
         Value::Object(obj) if obj.contains_key("format") => parse_graph(&file, obj),
         _ => ModelSpec::from_json_str(text, &file)?.to_graph(),
@@ -39,7 +39,14 @@ pub fn from_json_str(text: &str, file_label: impl std::fmt::Display) -> Result<G
 
 fn parse_graph(file: &str, root: &Map<String, Value>) -> Result<Graph> {
     let err = |msg: String| Error::input(file, msg);
-    const KEYS: [&str; 6] = ["format", "version", "inputs", "nodes", "output", "parameters"];
+    const KEYS: [&str; 6] = [
+        "format",
+        "version",
+        "inputs",
+        "nodes",
+        "output",
+        "parameters",
+    ];
     if let Some(key) = root.keys().find(|k| !KEYS.contains(&k.as_str())) {
         return Err(err(format!(
             "unknown key \"{key}\" (allowed: {})",
@@ -83,7 +90,12 @@ fn parse_graph(file: &str, root: &Map<String, Value>) -> Result<Graph> {
                 nodes.len()
             )));
         }
-        Some(v) => return Err(err(format!("\"nodes\": expected a list, found {}", brief(v)))),
+        Some(v) => {
+            return Err(err(format!(
+                "\"nodes\": expected a list, found {}",
+                brief(v)
+            )));
+        }
         None => return Err(err("missing key \"nodes\"".into())),
     };
     let output = match root.get("output") {
@@ -126,7 +138,10 @@ fn parse_input(file: &str, v: &Value) -> Result<GraphInput> {
     let Value::Object(obj) = v else {
         return Err(err(format!("expected an object, found {}", brief(v))));
     };
-    if let Some(key) = obj.keys().find(|k| !["name", "shape", "dtype"].contains(&k.as_str())) {
+    if let Some(key) = obj
+        .keys()
+        .find(|k| !["name", "shape", "dtype"].contains(&k.as_str()))
+    {
         return Err(err(format!(
             "unknown key \"{key}\" (allowed: name, shape, dtype)"
         )));

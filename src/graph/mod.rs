@@ -137,7 +137,12 @@ impl Graph {
         }
         let nodes = topological_order(&input, nodes)?;
         let index: HashMap<&str, usize> = std::iter::once((input.name.as_str(), 0))
-            .chain(nodes.iter().enumerate().map(|(i, n)| (n.name.as_str(), i + 1)))
+            .chain(
+                nodes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| (n.name.as_str(), i + 1)),
+            )
             .collect();
         let mut shapes = vec![input.shape.clone()];
         let mut layers: Vec<Arc<dyn Layer>> = Vec::with_capacity(nodes.len());

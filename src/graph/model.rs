@@ -139,6 +139,11 @@ impl Model {
         Ok(Self { graph, params })
     }
 
+    /// The chain the model was read from, if it is one.
+    pub fn chain(&self) -> Option<&super::ModelSpec> {
+        self.graph.chain.as_ref()
+    }
+
     /// Indices of the curvature layers (linear, conv2d), in order.
     pub fn curvature_layers(&self) -> Vec<usize> {
         self.graph.curvature_layers()

@@ -105,7 +105,10 @@ impl<'a> Attrs<'a> {
         match self.node.attrs.get(key) {
             None => Ok(default),
             Some(v) => v.as_i64().ok_or_else(|| {
-                self.err(format!("\"{key}\": expected an integer, found {}", brief(v)))
+                self.err(format!(
+                    "\"{key}\": expected an integer, found {}",
+                    brief(v)
+                ))
             }),
         }
     }

@@ -137,7 +137,11 @@ pub fn build(node: &Node, inputs: &[&[usize]]) -> Result<Box<dyn Layer>> {
         .checked_mul(kernel_size[0])
         .and_then(|v| v.checked_mul(kernel_size[1]))
         .and_then(|v| v.checked_mul(out_channels));
-    if positions.and_then(|s| s.checked_mul(out_channels)).is_none() || weight.is_none() {
+    if positions
+        .and_then(|s| s.checked_mul(out_channels))
+        .is_none()
+        || weight.is_none()
+    {
         return Err(a.err("the output or the weight has more elements than fit in memory"));
     }
     Ok(Box::new(Conv2d {
@@ -315,24 +319,14 @@ impl CurvatureLayer for Conv2d {
         ]
     }
 
-    fn expand_inputs(
-        &self,
-        pass: &mut Pass,
-        input: &GpuTensor,
-        batch: usize,
-    ) -> Result<GpuTensor> {
+    fn expand_inputs(&self, pass: &mut Pass, input: &GpuTensor, batch: usize) -> Result<GpuTensor> {
         let geo = self.geometry(batch);
         let patches = pass.zeros(&[batch * self.positions(), self.in_features()])?;
         im2col_group_mean(&mut pass.rec, &geo, input, 0..batch, &patches)?;
         Ok(patches)
     }
 
-    fn reduce_inputs(
-        &self,
-        pass: &mut Pass,
-        input: &GpuTensor,
-        batch: usize,
-    ) -> Result<GpuTensor> {
+    fn reduce_inputs(&self, pass: &mut Pass, input: &GpuTensor, batch: usize) -> Result<GpuTensor> {
         let (s, d) = (self.positions(), self.in_features());
         let patches = self.expand_inputs(pass, input, batch)?;
         let mean = pass.zeros(&[batch, d])?;

@@ -57,11 +57,7 @@ impl Layer for Flatten {
         true
     }
 
-    fn forward(
-        &self,
-        _: &mut Pass,
-        args: &ForwardArgs<GpuTensor, GpuTensor>,
-    ) -> Result<GpuTensor> {
+    fn forward(&self, _: &mut Pass, args: &ForwardArgs<GpuTensor, GpuTensor>) -> Result<GpuTensor> {
         args.inputs[0].view(&batched(args.batch, &self.output))
     }
 

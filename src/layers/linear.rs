@@ -160,15 +160,20 @@ impl Layer for Linear {
         let (n_in, n_out) = (self.in_features, self.out_features);
         let params = args.param_grads.then(|| {
             let x = args.inputs[0].repeat(args.stack);
-            let mut p = vec![ops::linear_backward_weight(args.grad_out, &x, rows, n_in, n_out)];
+            let mut p = vec![ops::linear_backward_weight(
+                args.grad_out,
+                &x,
+                rows,
+                n_in,
+                n_out,
+            )];
             if self.bias {
                 p.push(ops::linear_backward_bias(args.grad_out, rows, n_out));
             }
             p
         });
-        let input = args.input_grads[0].then(|| {
-            ops::linear_backward_input(args.grad_out, &args.params[0], rows, n_in, n_out)
-        });
+        let input = args.input_grads[0]
+            .then(|| ops::linear_backward_input(args.grad_out, &args.params[0], rows, n_in, n_out));
         Grads {
             inputs: vec![input],
             params,

@@ -156,8 +156,11 @@ pub trait Layer: std::fmt::Debug {
     }
 
     /// Records the forward pass; returns the output `[B, *out]`.
-    fn forward(&self, pass: &mut Pass, args: &ForwardArgs<GpuTensor, GpuTensor>)
-    -> Result<GpuTensor>;
+    fn forward(
+        &self,
+        pass: &mut Pass,
+        args: &ForwardArgs<GpuTensor, GpuTensor>,
+    ) -> Result<GpuTensor>;
 
     /// Records the backward pass of a stack of vectors.
     fn backward(

@@ -10,8 +10,7 @@ use crate::gpu::GpuTensor;
 use crate::graph::Node;
 use crate::layers::attrs::Attrs;
 use crate::layers::{
-    BackwardArgs, ForwardArgs, Grads, Layer, Pass, batched, batched_shape, one_input,
-    spatial_input,
+    BackwardArgs, ForwardArgs, Grads, Layer, Pass, batched, batched_shape, one_input, spatial_input,
 };
 use crate::ops::pool;
 use crate::reference::ops;
@@ -155,7 +154,10 @@ impl Layer for Pool2d {
         }
         let rows = args.stack * args.batch;
         let geo = self.geometry(rows);
-        let gx = pass.zeros(&batched(rows, &[geo.channels, geo.in_size[0], geo.in_size[1]]))?;
+        let gx = pass.zeros(&batched(
+            rows,
+            &[geo.channels, geo.in_size[0], geo.in_size[1]],
+        ))?;
         if self.max {
             // The argmax of the repeated input is the repeated argmax.
             let x = pass.repeat(args.inputs[0], args.stack)?;

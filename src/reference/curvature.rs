@@ -21,8 +21,8 @@ pub use crate::curvature::operator::Approximation;
 use crate::curvature::scalars::{self, Scalars};
 use crate::curvature::{DampingMode, FisherType, KfacApprox, MIN_DAMPING, Options};
 use crate::error::{Error, Result};
-use crate::loss::{self, BatchVectors, Targets};
 use crate::layers::BackwardArgs;
+use crate::loss::{self, BatchVectors, Targets};
 pub use crate::reference::nn::{LayerWeights, Network64};
 
 /// A symmetric matrix's eigendecomposition: eigenvalues ascending, eigenvectors as the
@@ -618,23 +618,26 @@ pub fn exact_block_diagonal(
                 let lio = &io.layers[li];
                 let out_len = lio.raw_grads.len() / io.vectors.num_vectors;
                 let g = &lio.raw_grads[v * out_len..(v + 1) * out_len];
-                let grads = model.graph.layer(cl.layer).reference_backward(&BackwardArgs {
-                    stack: 1,
-                    batch: 1,
-                    grad_out: g,
-                    inputs: &[&lio.input],
-                    output: &[],
-                    params: net.weights(cl.layer),
-                    input_grads: &[false],
-                    param_grads: true,
-                });
+                let grads = model
+                    .graph
+                    .layer(cl.layer)
+                    .reference_backward(&BackwardArgs {
+                        stack: 1,
+                        batch: 1,
+                        grad_out: g,
+                        inputs: &[&lio.input],
+                        output: &[],
+                        params: net.weights(cl.layer),
+                        input_grads: &[false],
+                        param_grads: true,
+                    });
                 let tensors = grads.params.unwrap_or_default();
                 for param in layout.params.iter().filter(|q| q.layer == cl.layer) {
                     let values = match param.kind {
                         ParamKind::Weight => &tensors[0],
                         ParamKind::Bias => &tensors[1],
                     };
-                    grad[param.offset..param.offset + values.len()].copy_from_slice(&values);
+                    grad[param.offset..param.offset + values.len()].copy_from_slice(values);
                 }
             }
             for i in 0..p {

@@ -35,6 +35,10 @@ pub struct Backward {
     pub bias_grads: Vec<Option<Vec<f64>>>,
 }
 
+/// Per node: the gradient w.r.t. its output (empty where none flows) and its
+/// parameter gradients (where asked for).
+pub type NodeGrads = (Vec<Vec<f64>>, Vec<Option<Vec<Vec<f64>>>>);
+
 /// A node's weight and optional bias in f64, PyTorch layouts, row-major.
 pub type LayerWeights = (Vec<f64>, Option<Vec<f64>>);
 
@@ -75,7 +79,8 @@ impl<'m> Network64<'m> {
                 .all(|(w, p)| match (w, p) {
                     (None, None) => true,
                     (Some((w, b)), Some(p)) => {
-                        w.len() == p.weight().len() && b.as_ref().map(Vec::len) == p.bias().map(<[f32]>::len)
+                        w.len() == p.weight().len()
+                            && b.as_ref().map(Vec::len) == p.bias().map(<[f32]>::len)
                     }
                     _ => false,
                 });
@@ -138,13 +143,13 @@ impl<'m> Network64<'m> {
         batch: usize,
         stack: usize,
         param_grads: bool,
-    ) -> (Vec<Vec<f64>>, Vec<Option<Vec<Vec<f64>>>>) {
+    ) -> NodeGrads {
         let graph = &self.model.graph;
         let nodes = graph.nodes.len();
         let mut requires = vec![false; nodes + 1];
         for i in 0..nodes {
-            requires[i + 1] = !self.weights[i].is_empty()
-                || graph.node_inputs(i).iter().any(|&v| requires[v]);
+            requires[i + 1] =
+                !self.weights[i].is_empty() || graph.node_inputs(i).iter().any(|&v| requires[v]);
         }
         let mut grads: Vec<Vec<f64>> = vec![Vec::new(); nodes + 1];
         let mut params = vec![None; nodes];
