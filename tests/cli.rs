@@ -552,7 +552,7 @@ fn apply_rejects_bad_inputs() {
     let nan = tmp.path().join("nan.safetensors");
     write_f64(&nan, &[("V", vec![p, 2], &nan_v)]);
     let out = apply(&state, &nan, &[]);
-    assert_fails(&out, "element 5 is not finite", &[&out_path]);
+    assert_fails(&out, "\"V\": V[2, 1] is NaN", &[&out_path]);
 
     let weights = dir.join("weights.safetensors");
     let out = apply(&weights, &vectors, &[]);

@@ -2,7 +2,7 @@
 //! job (KFAC/EKFAC of a small network on the bundled digits data, compared with a
 //! committed curvlinops reference).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -19,6 +19,8 @@ use ekfac::curvature::summary::Summary;
 use ekfac::error::Error;
 use ekfac::gpu::GpuContext;
 use ekfac::graph::Model;
+use ekfac::io::Outputs;
+use ekfac::model::TensorFile;
 use ekfac::model::data::Dataset;
 
 #[derive(Parser)]
@@ -68,7 +70,7 @@ struct FitArgs {
     #[arg(long, default_value = "mc")]
     fisher: FisherType,
     /// Monte-Carlo samples per example (only with --fisher mc).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     mc_samples: usize,
     /// expand | reduce (weight-sharing layers).
     #[arg(long, default_value = "expand")]
@@ -79,18 +81,18 @@ struct FitArgs {
     /// Comma-separated parameter names (default: all).
     #[arg(long, value_delimiter = ',')]
     params: Option<Vec<String>>,
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
     batch_size: usize,
     /// Seed of the Monte-Carlo generator.
-    #[arg(long, default_value_t = 2147483647)]
+    #[arg(long, default_value_t = 2147483647, allow_negative_numbers = true)]
     seed: u64,
     /// δ for the damped logdet and the default of inverse products.
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, allow_negative_numbers = true)]
     damping: f64,
     /// GPU memory a fit may plan for, in MiB; batches and stacks of backpropagated
     /// vectors are split to fit (default: half the adapter's max buffer size, 256 MiB
     /// to 4 GiB).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     memory_budget_mib: Option<u64>,
     /// Warm-start the eigendecompositions from this earlier state (refitting after the
     /// weights moved).
@@ -125,11 +127,15 @@ struct ApplyArgs {
     #[arg(long)]
     inverse: bool,
     /// δ of the inverse (default: the value stored at fit time).
-    #[arg(long, requires = "inverse")]
+    #[arg(long, requires = "inverse", allow_negative_numbers = true)]
     damping: Option<f64>,
     /// exact | plain | heuristic (plain and heuristic: KFAC only).
     #[arg(long, default_value = "exact", requires = "inverse")]
     damping_mode: DampingMode,
+    /// GPU memory the products may plan for, in MiB; columns of --vectors are taken in
+    /// chunks that fit (default: as for fit).
+    #[arg(long, allow_negative_numbers = true)]
+    memory_budget_mib: Option<u64>,
     /// Output safetensors file with key `out`.
     #[arg(long)]
     out: PathBuf,
@@ -137,6 +143,7 @@ struct ApplyArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    remove_temporaries_on_signals();
     let result = match cli.command {
         None => main_job(),
         Some(Command::Info) => GpuContext::new().map(|ctx| {
@@ -165,6 +172,27 @@ fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
 }
 
+/// The memory budget in bytes for `--memory-budget-mib`.
+fn budget_bytes(mib: u64) -> Result<u64> {
+    mib.checked_mul(1 << 20).ok_or_else(|| {
+        Error::Options(format!(
+            "--memory-budget-mib {mib} is too large: at most {} MiB (2^64 bytes) can be \
+             counted",
+            u64::MAX >> 20
+        ))
+    })
+}
+
+/// The damping as given on the command line, refused unless finite and non-negative.
+fn check_damping(damping: f64) -> Result<()> {
+    if !(damping.is_finite() && damping >= 0.0) {
+        return Err(Error::Options(format!(
+            "--damping must be a finite non-negative number, found {damping}"
+        )));
+    }
+    Ok(())
+}
+
 fn run_fit(args: &FitArgs) -> Result<()> {
     let start = Instant::now();
     let options = Options {
@@ -179,13 +207,30 @@ fn run_fit(args: &FitArgs) -> Result<()> {
         seed: args.seed,
     };
     options.validate()?;
-    if !(args.damping.is_finite() && args.damping >= 0.0) {
-        return Err(Error::Options(format!(
-            "--damping must be a finite non-negative number, found {}",
-            args.damping
-        )));
+    check_damping(args.damping)?;
+    let budget = args.memory_budget_mib.map(budget_bytes).transpose()?;
+    let mut inputs = vec![
+        ("--model", args.model.as_path()),
+        ("--weights", args.weights.as_path()),
+        ("--data", args.data.as_path()),
+    ];
+    if let Some(p) = &args.init_state {
+        inputs.push(("--init-state", p.as_path()));
     }
-    let model = Model::load(&args.model, &args.weights)?;
+    for &(name, path) in &inputs {
+        let limit = (name == "--model").then_some(ekfac::io::MAX_JSON_BYTES);
+        ekfac::io::check_input(path, name, limit)?;
+    }
+    let mut outputs = vec![("--out", args.out.as_path())];
+    if let Some(p) = &args.summary {
+        outputs.push(("--summary", p.as_path()));
+    }
+    ekfac::io::check_outputs(&inputs, &outputs)?;
+    let graph = ekfac::graph::json::from_json_str(
+        &ekfac::io::read_json_text(&args.model, "--model")?,
+        args.model.display(),
+    )?;
+    let model = Model::from_tensor_file(graph, &TensorFile::load(&args.weights)?)?;
     let previous = args
         .init_state
         .as_deref()
@@ -199,8 +244,8 @@ fn run_fit(args: &FitArgs) -> Result<()> {
         options.loss == LossKind::CrossEntropy,
     )?;
     let ctx = GpuContext::new()?;
-    if let Some(mib) = args.memory_budget_mib {
-        ctx.set_memory_budget(mib << 20);
+    if let Some(bytes) = budget {
+        ctx.set_memory_budget(bytes);
     }
     let load_ms = ms(start);
     let mut fitted = fit_from(
@@ -236,23 +281,36 @@ fn run_fit(args: &FitArgs) -> Result<()> {
         fitted.peak_gpu_bytes,
     );
     summary.timings_ms.scalars = ms(start);
+    // Every output is written to a temporary file first; all are renamed into place
+    // only once all of them were written.
     let start = Instant::now();
-    fitted.state.save(&args.out)?;
+    let mut out = Outputs::new();
+    out.stage(&args.out, &fitted.state.to_bytes(&args.out)?)?;
     summary.timings_ms.save = ms(start);
-    print!("{}", summary.render());
     if let Some(path) = &args.summary {
-        write_json(path, &summary)?;
+        let text = serde_json::to_string_pretty(&summary)
+            .map_err(|e| Error::input(path.display(), format!("serialising JSON: {e}")))?;
+        out.stage(path, text.as_bytes())?;
     }
+    stall_for_tests();
+    out.commit()?;
+    print!("{}", summary.render());
     Ok(())
 }
 
-fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
-    let text = serde_json::to_string_pretty(value)
-        .map_err(|e| Error::input(path.display(), format!("serialising JSON: {e}")))?;
-    ekfac::io::write_atomic(path, text.as_bytes())
-}
-
 fn run_apply(args: &ApplyArgs) -> Result<()> {
+    if let Some(d) = args.damping {
+        check_damping(d)?;
+    }
+    let budget = args.memory_budget_mib.map(budget_bytes).transpose()?;
+    let inputs = [
+        ("--state", args.state.as_path()),
+        ("--vectors", args.vectors.as_path()),
+    ];
+    for &(name, path) in &inputs {
+        ekfac::io::check_input(path, name, None)?;
+    }
+    ekfac::io::check_outputs(&inputs, &[("--out", args.out.as_path())])?;
     let state = CurvatureState::load(&args.state)?;
     let approx = if args.kfac {
         Approximation::Kfac
@@ -294,9 +352,51 @@ fn run_apply(args: &ApplyArgs) -> Result<()> {
         ));
     }
     let ctx = GpuContext::new()?;
+    if let Some(bytes) = budget {
+        ctx.set_memory_budget(bytes);
+    }
     let operator = Operator::new(&ctx, &state)?;
-    let out = operator.apply(&v.data, v.cols(), approx, transform)?;
-    ekfac::io::write_tensors(&args.out, &[("out".into(), v.shape.clone(), &out)], None)
+    let product = operator.apply(&v.data, v.cols(), approx, transform)?;
+    let mut out = Outputs::new();
+    out.stage(
+        &args.out,
+        &ekfac::io::tensor_bytes(
+            &args.out,
+            &[("out".into(), v.shape.clone(), &product)],
+            None,
+        )?,
+    )?;
+    out.commit()
+}
+
+/// Waits `EKFAC_TEST_STALL_BEFORE_COMMIT_MS` milliseconds (if set) between writing the
+/// temporary outputs and renaming them, so that tests can interrupt a run there.
+fn stall_for_tests() {
+    if let Some(ms) = std::env::var("EKFAC_TEST_STALL_BEFORE_COMMIT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+}
+
+/// On SIGINT or SIGTERM, removes the temporary output files in flight and exits with
+/// 128 + the signal's number (the shells' convention).
+fn remove_temporaries_on_signals() {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) else {
+        return;
+    };
+    std::thread::spawn(move || {
+        if let Some(signal) = signals.forever().next() {
+            let removed = ekfac::io::remove_temporaries();
+            eprintln!(
+                "error: interrupted by signal {signal}; removed {removed} temporary file(s), \
+                 no output was replaced"
+            );
+            std::process::exit(128 + signal);
+        }
+    });
 }
 
 fn main_job() -> Result<()> {

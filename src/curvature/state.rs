@@ -198,6 +198,11 @@ impl CurvatureState {
 
     /// Writes the state file atomically (a temporary file next to `path`, then rename).
     pub fn save(&self, path: &Path) -> Result<()> {
+        crate::io::write_atomic(path, &self.to_bytes(path)?)
+    }
+
+    /// The bytes of the state file; `path` names it in errors.
+    pub fn to_bytes(&self, path: &Path) -> Result<Vec<u8>> {
         let mut tensors: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
         for (layer, factors) in self.layout.layers.iter().zip(&self.layers) {
             if let Some(a) = &factors.input {
@@ -243,7 +248,7 @@ impl CurvatureState {
         }
         let meta = serde_json::to_string(&self.meta)
             .map_err(|e| Error::input(path.display(), format!("serialising metadata: {e}")))?;
-        crate::io::write_tensors(
+        crate::io::tensor_bytes(
             path,
             &tensors,
             Some(HashMap::from([(METADATA_KEY.into(), meta)])),

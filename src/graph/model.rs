@@ -218,7 +218,10 @@ fn check_extra_keys(graph: &Graph, keys: impl Iterator<Item = String>, file: &st
     let hint = extra_key_hint(graph, key);
     Err(Error::input(
         file,
-        format!("unexpected key \"{key}\"{hint} (keys not belonging to any layer: {extra:?})"),
+        format!(
+            "unexpected key \"{key}\"{hint} (keys not belonging to any layer: {})",
+            crate::io::cut_list(&extra)
+        ),
     ))
 }
 

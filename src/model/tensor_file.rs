@@ -1,18 +1,30 @@
 //! Reading safetensors files with errors that name the file, the key and what was expected.
+//!
+//! The header is parsed here rather than by the `safetensors` crate so that every error
+//! names the tensor at fault: its dtype, shape and offsets are checked one key at a time
+//! (sizes in checked arithmetic), then the offsets must tile the data section exactly,
+//! in order, naming the two keys that overlap or leave a gap. Headers larger than
+//! [`MAX_HEADER_BYTES`] are refused before they are read.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use safetensors::tensor::{Metadata, TensorInfo};
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
+use safetensors::tensor::TensorInfo;
 
 use crate::error::{Error, Result};
+use crate::io::{cut_list, thousands};
+
+/// The largest safetensors header read (the `safetensors` crate's own cap, 100 MB).
+pub const MAX_HEADER_BYTES: u64 = 100_000_000;
 
 /// A safetensors file held in memory (header parsed once, tensors read on demand).
 pub struct TensorFile {
     label: String,
     bytes: Vec<u8>,
     data_start: usize,
-    metadata: Metadata,
+    tensors: BTreeMap<String, TensorInfo>,
+    metadata: HashMap<String, String>,
 }
 
 /// One tensor of a [`TensorFile`]: its dtype, shape and little-endian row-major bytes.
@@ -25,22 +37,114 @@ pub struct TensorRef<'a> {
 }
 
 impl TensorFile {
-    /// Reads and parses `path`.
+    /// Reads and parses `path`, which must be a regular file (see [`crate::io`]).
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::io::read_input(path, "a safetensors file", None)?;
         Self::from_bytes(bytes, path.display())
     }
 
     /// Parses the bytes of a safetensors file; `label` names it in errors.
     pub fn from_bytes(bytes: Vec<u8>, label: impl std::fmt::Display) -> Result<Self> {
         let label = label.to_string();
-        let (header, metadata) = SafeTensors::read_metadata(&bytes)
-            .map_err(|e| Error::input(&label, format!("not a valid safetensors file: {e:?}")))?;
+        let fail =
+            |msg: String| Error::input(&label, format!("not a valid safetensors file: {msg}"));
+        let Some(prefix) = bytes.get(..8) else {
+            return Err(fail(format!(
+                "{} bytes, shorter than the 8-byte header length",
+                bytes.len()
+            )));
+        };
+        let header_len = u64::from_le_bytes(prefix.try_into().expect("8 bytes"));
+        if header_len > MAX_HEADER_BYTES {
+            return Err(fail(format!(
+                "the header length is {header_len} bytes, more than the limit of {} bytes",
+                thousands(MAX_HEADER_BYTES as usize)
+            )));
+        }
+        let available = bytes.len() as u64 - 8;
+        if header_len > available {
+            return Err(fail(format!(
+                "the header length is {header_len} bytes but only {available} bytes follow"
+            )));
+        }
+        let data_start = 8 + header_len as usize;
+        let header: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&bytes[8..data_start])
+                .map_err(|e| fail(format!("the header is not a JSON object: {e}")))?;
+        let data_len = bytes.len() - data_start;
+        let mut tensors = BTreeMap::new();
+        let mut metadata = HashMap::new();
+        for (key, value) in header {
+            if key == "__metadata__" {
+                metadata = serde_json::from_value(value).map_err(|e| {
+                    fail(format!("\"__metadata__\" must map strings to strings: {e}"))
+                })?;
+                continue;
+            }
+            let info: TensorInfo = serde_json::from_value(value).map_err(|e| {
+                fail(format!(
+                    "\"{key}\": expected {{\"dtype\", \"shape\", \"data_offsets\"}}: {e}"
+                ))
+            })?;
+            let (start, end) = info.data_offsets;
+            let bytes_needed = info
+                .shape
+                .iter()
+                .try_fold(1usize, |n, &d| n.checked_mul(d))
+                .and_then(|n| n.checked_mul(info.dtype.bitsize()))
+                .filter(|bits| bits % 8 == 0)
+                .map(|bits| bits / 8);
+            let Some(bytes_needed) = bytes_needed else {
+                return Err(fail(format!(
+                    "\"{key}\": shape {:?} of {:?} is not a whole number of bytes that fits \
+                     in memory",
+                    info.shape, info.dtype
+                )));
+            };
+            if end < start || end - start != bytes_needed || end > data_len {
+                return Err(fail(format!(
+                    "\"{key}\": data_offsets [{start}, {end}] do not hold {:?} {:?} \
+                     ({bytes_needed} bytes) inside the {data_len} bytes of data",
+                    info.dtype, info.shape
+                )));
+            }
+            tensors.insert(key, info);
+        }
+        // The tensors must tile the data section in offset order.
+        let mut order: Vec<(&String, &TensorInfo)> = tensors.iter().collect();
+        order.sort_by_key(|(_, info)| info.data_offsets);
+        let mut covered = 0;
+        let mut previous: Option<&str> = None;
+        for (key, info) in &order {
+            let (start, end) = info.data_offsets;
+            if start != covered {
+                let after = previous.map_or("the start of the data".to_string(), |p| {
+                    format!("\"{p}\", which ends at byte {covered}")
+                });
+                return Err(fail(format!(
+                    "\"{key}\" starts at byte {start} of the data, but {after} ({})",
+                    if start < covered {
+                        "they overlap"
+                    } else {
+                        "a gap lies between"
+                    }
+                )));
+            }
+            covered = end;
+            previous = Some(key);
+        }
+        if covered != data_len {
+            return Err(fail(format!(
+                "the tensors cover {covered} bytes of data but {data_len} bytes follow the \
+                 header"
+            )));
+        }
         Ok(Self {
             label,
             bytes,
-            data_start: 8 + header,
+            data_start,
+            tensors,
             metadata,
         })
     }
@@ -52,23 +156,17 @@ impl TensorFile {
 
     /// The value of `key` in the file's string metadata (`__metadata__`), if any.
     pub fn string_metadata(&self, key: &str) -> Option<&str> {
-        self.metadata
-            .metadata()
-            .as_ref()?
-            .get(key)
-            .map(String::as_str)
+        self.metadata.get(key).map(String::as_str)
     }
 
     /// The tensor names, sorted.
     pub fn keys(&self) -> Vec<String> {
-        let mut keys: Vec<String> = self.metadata.tensors().into_keys().collect();
-        keys.sort();
-        keys
+        self.tensors.keys().cloned().collect()
     }
 
     /// The tensor called `key`, if present.
     pub fn get<'a>(&'a self, key: &'a str) -> Option<TensorRef<'a>> {
-        let info: &TensorInfo = self.metadata.info(key)?;
+        let info = self.tensors.get(key)?;
         let (start, end) = info.data_offsets;
         Some(TensorRef {
             file: &self.label,
@@ -90,7 +188,7 @@ impl TensorFile {
                     if keys.is_empty() {
                         "no tensors".to_string()
                     } else {
-                        format!("keys {keys:?}")
+                        format!("keys {}", cut_list(&keys))
                     }
                 ),
             )
@@ -115,31 +213,79 @@ impl TensorRef<'_> {
         Ok(())
     }
 
-    /// The values as f32: F32 as is, F16/BF16/F64 converted (F64 rounds to nearest);
-    /// any other dtype is an error.
+    /// The values as f32: F32 as is, F16/BF16/F64 converted (F64 rounds to nearest).
+    /// Every value must be finite and, from F64, within f32's range: the error names
+    /// the key and the first offending index. Any other dtype is an error.
     pub fn to_f32(&self) -> Result<Vec<f32>> {
-        match self.dtype {
-            Dtype::F32 => Ok(le_words::<4>(self.data).map(f32::from_le_bytes).collect()),
-            Dtype::F64 => Ok(le_words::<8>(self.data)
-                .map(|b| f64::from_le_bytes(b) as f32)
-                .collect()),
-            Dtype::F16 => Ok(le_words::<2>(self.data)
+        let values: Vec<f32> = match self.dtype {
+            Dtype::F32 => le_words::<4>(self.data).map(f32::from_le_bytes).collect(),
+            Dtype::F64 => {
+                let wide: Vec<f64> = le_words::<8>(self.data).map(f64::from_le_bytes).collect();
+                self.check_finite(&wide, |v| v.is_finite())?;
+                let narrow: Vec<f32> = wide.iter().map(|&v| v as f32).collect();
+                if let Some(i) = narrow.iter().position(|v| !v.is_finite()) {
+                    return Err(self.err(format!(
+                        "{} = {:e} overflows f32 (largest {:e})",
+                        self.index_name(i),
+                        wide[i],
+                        f32::MAX
+                    )));
+                }
+                return Ok(narrow);
+            }
+            Dtype::F16 => le_words::<2>(self.data)
                 .map(|b| half::f16::from_le_bytes(b).to_f32())
-                .collect()),
-            Dtype::BF16 => Ok(le_words::<2>(self.data)
+                .collect(),
+            Dtype::BF16 => le_words::<2>(self.data)
                 .map(|b| half::bf16::from_le_bytes(b).to_f32())
-                .collect()),
-            other => Err(self.err(format!(
-                "expected a floating-point dtype (F32, or F16/BF16/F64 to convert), found \
-                 {other:?}"
+                .collect(),
+            other => {
+                return Err(self.err(format!(
+                    "expected a floating-point dtype (F32, or F16/BF16/F64 to convert), found \
+                     {other:?}"
+                )));
+            }
+        };
+        self.check_finite(&values, |v| v.is_finite())?;
+        Ok(values)
+    }
+
+    /// Errors on the first value that is not `finite`, naming its index.
+    fn check_finite<T: Copy + std::fmt::Display>(
+        &self,
+        values: &[T],
+        finite: impl Fn(T) -> bool,
+    ) -> Result<()> {
+        match values.iter().position(|&v| !finite(v)) {
+            None => Ok(()),
+            Some(i) => Err(self.err(format!(
+                "{} is {} (values must be finite)",
+                self.index_name(i),
+                values[i]
             ))),
         }
+    }
+
+    /// `key[i, j, …]` for the flat row-major index `flat`.
+    pub fn index_name(&self, flat: usize) -> String {
+        let mut index = vec![0; self.shape.len()];
+        let mut rest = flat;
+        for (slot, &dim) in index.iter_mut().zip(self.shape).rev() {
+            *slot = rest % dim.max(1);
+            rest /= dim.max(1);
+        }
+        let index: Vec<String> = index.iter().map(usize::to_string).collect();
+        format!("{}[{}]", self.key, index.join(", "))
     }
 
     /// The values as f64 from any floating-point dtype (exact conversion).
     pub fn to_f64(&self) -> Result<Vec<f64>> {
         match self.dtype {
-            Dtype::F64 => Ok(le_words::<8>(self.data).map(f64::from_le_bytes).collect()),
+            Dtype::F64 => {
+                let values: Vec<f64> = le_words::<8>(self.data).map(f64::from_le_bytes).collect();
+                self.check_finite(&values, f64::is_finite)?;
+                Ok(values)
+            }
             _ => Ok(self.to_f32()?.into_iter().map(f64::from).collect()),
         }
     }

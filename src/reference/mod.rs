@@ -2,5 +2,6 @@
 //! through the layers' f64 methods and shares no GPU code.
 
 pub mod curvature;
+pub mod graph_ops;
 pub mod nn;
 pub mod ops;

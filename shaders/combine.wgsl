@@ -1,0 +1,76 @@
+// Combining activations: elementwise sums (the graph's `add` and the backward pass's
+// sum where a value fans out) and slab copies (`cat` forward and its splitting
+// backward). Flat f32 arrays; bindings follow src/gpu/pipeline.rs (reads, then writes,
+// then params), each entry point through its own globals:
+//   add:        a, b;  sum_out = a + b;  len_params3
+//   accumulate: g;     acc += g;         len_params2
+//   copy_slab:  a;     dst;              slab_params2
+//
+// copy_slab copies `outer` slabs of `inner` contiguous elements:
+//   dst[o * dst_stride + dst_offset + j] = a[o * src_stride + src_offset + j]
+// for o < outer, j < inner. Concatenating along an axis copies each input as the slabs
+// (everything before the axis) x (its extent along the axis times everything after),
+// at its offset in the output; splitting is the same copy the other way.
+//
+// One invocation per element: grid_1d(ceil(n / 256)) workgroups of 256, element
+// (wid.x + wid.y * nwg.x) * 256 + lid.
+
+struct LenParams {
+    len: u32,
+}
+
+struct SlabParams {
+    outer: u32,
+    inner: u32,
+    src_stride: u32,
+    src_offset: u32,
+    dst_stride: u32,
+    dst_offset: u32,
+}
+
+@group(0) @binding(0) var<storage, read> a: array<f32>;
+@group(0) @binding(0) var<storage, read> g: array<f32>;
+@group(0) @binding(1) var<storage, read> b: array<f32>;
+@group(0) @binding(1) var<storage, read_write> acc: array<f32>;
+@group(0) @binding(1) var<storage, read_write> dst: array<f32>;
+@group(0) @binding(2) var<storage, read_write> sum_out: array<f32>;
+@group(0) @binding(2) var<uniform> len_params2: LenParams;
+@group(0) @binding(2) var<uniform> slab_params2: SlabParams;
+@group(0) @binding(3) var<uniform> len_params3: LenParams;
+
+fn flat(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return (wid.x + wid.y * nwg.x) * 256u + lid;
+}
+
+@compute @workgroup_size(256)
+fn add(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+       @builtin(local_invocation_index) lid: u32) {
+    let i = flat(wid, nwg, lid);
+    if (i >= len_params3.len) {
+        return;
+    }
+    sum_out[i] = a[i] + b[i];
+}
+
+@compute @workgroup_size(256)
+fn accumulate(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let i = flat(wid, nwg, lid);
+    if (i >= len_params2.len) {
+        return;
+    }
+    acc[i] += g[i];
+}
+
+@compute @workgroup_size(256)
+fn copy_slab(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) lid: u32) {
+    let p = slab_params2;
+    let i = flat(wid, nwg, lid);
+    if (i >= p.outer * p.inner) {
+        return;
+    }
+    let o = i / p.inner;
+    let j = i % p.inner;
+    dst[o * p.dst_stride + p.dst_offset + j] = a[o * p.src_stride + p.src_offset + j];
+}

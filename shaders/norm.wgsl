@@ -1,0 +1,240 @@
+// BatchNorm in eval mode and LayerNorm, forward and input backward, over f32 tensors.
+// Bindings follow src/gpu/pipeline.rs (reads, then writes, then params), each entry
+// point through its own globals:
+//   batch_norm_forward:        src = x, mean, var2, bn_weight, bn_bias; out5 = y; bn_params6
+//   batch_norm_forward_plain:  src = x, mean, var2;      out3 = y;       bn_params4
+//   batch_norm_backward:       src = grad_out, weight, var2; out3 = grad_in; bn_params4
+//   batch_norm_backward_plain: src = grad_out, var1;     out2 = grad_in; bn_params3
+//   layer_norm_forward:        src = x, weight, bias;    out3 = y;       row_params4
+//   layer_norm_forward_plain:  src = x;                  out1 = y;       row_params2
+//   layer_norm_backward:       src = x, weight, grad_ln; out3 = grad_in; row_params4
+//   layer_norm_backward_plain: src = x, grad_plain;      out2 = grad_in; row_params3
+//
+// BatchNorm in eval mode is a per-channel affine map,
+// y = (x - mean[c]) / sqrt(var[c] + eps) * weight[c] + bias[c] (weight 1 and bias 0
+// without affine parameters); its input gradient is grad_out * weight[c] /
+// sqrt(var[c] + eps). Tensors are [N, C, S] (S = H * W, or 1), one invocation per
+// element, grid_1d(ceil(N * C * S / 256)) workgroups of 256.
+//
+// LayerNorm normalises each row of the last `d` elements: mean and biased variance of
+// the row, xhat = (x - mean) / sqrt(var + eps), y = xhat * weight + bias. One workgroup
+// of 256 per row, grid_1d(rows) workgroups; the row statistics are reduced in
+// workgroup memory (two passes: the mean, then the mean squared deviation). Backward
+// rows are V-major stacks of the forward rows: grad row r belongs to forward row
+// r % x_rows, so the saved input is never repeated. With g = grad_out * weight,
+// grad_in = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(var + eps).
+
+struct ChannelParams {
+    len: u32,
+    channels: u32,
+    spatial: u32,
+    eps: f32,
+}
+
+struct RowParams {
+    // Rows of the tensor this dispatch writes (V * x_rows in backward).
+    rows: u32,
+    // Rows of the saved forward input x.
+    x_rows: u32,
+    d: u32,
+    eps: f32,
+}
+
+@group(0) @binding(0) var<storage, read> src: array<f32>;
+@group(0) @binding(1) var<storage, read> mean: array<f32>;
+@group(0) @binding(1) var<storage, read> var1: array<f32>;
+@group(0) @binding(1) var<storage, read> weight: array<f32>;
+@group(0) @binding(1) var<storage, read> grad_plain: array<f32>;
+@group(0) @binding(1) var<storage, read_write> out1: array<f32>;
+@group(0) @binding(2) var<storage, read> var2: array<f32>;
+@group(0) @binding(2) var<storage, read> bias: array<f32>;
+@group(0) @binding(2) var<storage, read> grad_ln: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out2: array<f32>;
+@group(0) @binding(2) var<uniform> row_params2: RowParams;
+@group(0) @binding(3) var<storage, read> bn_weight: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out3: array<f32>;
+@group(0) @binding(3) var<uniform> bn_params3: ChannelParams;
+@group(0) @binding(3) var<uniform> row_params3: RowParams;
+@group(0) @binding(4) var<storage, read> bn_bias: array<f32>;
+@group(0) @binding(4) var<uniform> bn_params4: ChannelParams;
+@group(0) @binding(4) var<uniform> row_params4: RowParams;
+@group(0) @binding(5) var<storage, read_write> out5: array<f32>;
+@group(0) @binding(6) var<uniform> bn_params6: ChannelParams;
+
+var<workgroup> partial_a: array<f32, 256>;
+var<workgroup> partial_b: array<f32, 256>;
+
+fn flat(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return (wid.x + wid.y * nwg.x) * 256u + lid;
+}
+
+fn channel_of(i: u32, p: ChannelParams) -> u32 {
+    return (i / p.spatial) % p.channels;
+}
+
+@compute @workgroup_size(256)
+fn batch_norm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(local_invocation_index) lid: u32) {
+    let p = bn_params6;
+    let i = flat(wid, nwg, lid);
+    if (i >= p.len) {
+        return;
+    }
+    let c = channel_of(i, p);
+    out5[i] = (src[i] - mean[c]) * inverseSqrt(var2[c] + p.eps) * bn_weight[c] + bn_bias[c];
+}
+
+@compute @workgroup_size(256)
+fn batch_norm_forward_plain(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                            @builtin(local_invocation_index) lid: u32) {
+    let p = bn_params4;
+    let i = flat(wid, nwg, lid);
+    if (i >= p.len) {
+        return;
+    }
+    let c = channel_of(i, p);
+    out3[i] = (src[i] - mean[c]) * inverseSqrt(var2[c] + p.eps);
+}
+
+@compute @workgroup_size(256)
+fn batch_norm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                       @builtin(local_invocation_index) lid: u32) {
+    let p = bn_params4;
+    let i = flat(wid, nwg, lid);
+    if (i >= p.len) {
+        return;
+    }
+    let c = channel_of(i, p);
+    out3[i] = src[i] * (weight[c] * inverseSqrt(var2[c] + p.eps));
+}
+
+@compute @workgroup_size(256)
+fn batch_norm_backward_plain(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                             @builtin(local_invocation_index) lid: u32) {
+    let p = bn_params3;
+    let i = flat(wid, nwg, lid);
+    if (i >= p.len) {
+        return;
+    }
+    out2[i] = src[i] * inverseSqrt(var1[channel_of(i, p)] + p.eps);
+}
+
+// Sums (a, b) over the workgroup; every invocation gets the totals. Must be called in
+// uniform control flow.
+fn workgroup_sum2(lid: u32, a: f32, b: f32) -> vec2<f32> {
+    partial_a[lid] = a;
+    partial_b[lid] = b;
+    workgroupBarrier();
+    for (var half = 128u; half > 0u; half >>= 1u) {
+        if (lid < half) {
+            partial_a[lid] += partial_a[lid + half];
+            partial_b[lid] += partial_b[lid + half];
+        }
+        workgroupBarrier();
+    }
+    let total = vec2<f32>(partial_a[0], partial_b[0]);
+    // Nobody overwrites the totals before everyone has read them.
+    workgroupBarrier();
+    return total;
+}
+
+// Mean and 1 / sqrt(var + eps) of the `d` elements of src starting at `base`.
+fn row_statistics(lid: u32, base: u32, d: u32, eps: f32) -> vec2<f32> {
+    var s = 0.0;
+    for (var j = lid; j < d; j += 256u) {
+        s += src[base + j];
+    }
+    let mean = workgroup_sum2(lid, s, 0.0).x / f32(d);
+    var q = 0.0;
+    for (var j = lid; j < d; j += 256u) {
+        let t = src[base + j] - mean;
+        q += t * t;
+    }
+    let var_ = workgroup_sum2(lid, q, 0.0).x / f32(d);
+    return vec2<f32>(mean, inverseSqrt(var_ + eps));
+}
+
+fn row_index(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return wid.x + wid.y * nwg.x;
+}
+
+@compute @workgroup_size(256)
+fn layer_norm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(local_invocation_index) lid: u32) {
+    let p = row_params4;
+    let row = row_index(wid, nwg);
+    if (row >= p.rows) {
+        return;
+    }
+    let base = row * p.d;
+    let stats = row_statistics(lid, base, p.d, p.eps);
+    for (var j = lid; j < p.d; j += 256u) {
+        out3[base + j] = (src[base + j] - stats.x) * stats.y * weight[j] + bias[j];
+    }
+}
+
+@compute @workgroup_size(256)
+fn layer_norm_forward_plain(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                            @builtin(local_invocation_index) lid: u32) {
+    let p = row_params2;
+    let row = row_index(wid, nwg);
+    if (row >= p.rows) {
+        return;
+    }
+    let base = row * p.d;
+    let stats = row_statistics(lid, base, p.d, p.eps);
+    for (var j = lid; j < p.d; j += 256u) {
+        out1[base + j] = (src[base + j] - stats.x) * stats.y;
+    }
+}
+
+@compute @workgroup_size(256)
+fn layer_norm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                       @builtin(local_invocation_index) lid: u32) {
+    let p = row_params4;
+    let row = row_index(wid, nwg);
+    if (row >= p.rows || p.x_rows == 0u) {
+        return;
+    }
+    let base = row * p.d;
+    let x_base = (row % p.x_rows) * p.d;
+    let stats = row_statistics(lid, x_base, p.d, p.eps);
+    var sg = 0.0;
+    var sgx = 0.0;
+    for (var j = lid; j < p.d; j += 256u) {
+        let g = grad_ln[base + j] * weight[j];
+        sg += g;
+        sgx += g * (src[x_base + j] - stats.x) * stats.y;
+    }
+    let sums = workgroup_sum2(lid, sg, sgx) / f32(p.d);
+    for (var j = lid; j < p.d; j += 256u) {
+        let g = grad_ln[base + j] * weight[j];
+        let xhat = (src[x_base + j] - stats.x) * stats.y;
+        out3[base + j] = (g - sums.x - xhat * sums.y) * stats.y;
+    }
+}
+
+@compute @workgroup_size(256)
+fn layer_norm_backward_plain(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                             @builtin(local_invocation_index) lid: u32) {
+    let p = row_params3;
+    let row = row_index(wid, nwg);
+    if (row >= p.rows || p.x_rows == 0u) {
+        return;
+    }
+    let base = row * p.d;
+    let x_base = (row % p.x_rows) * p.d;
+    let stats = row_statistics(lid, x_base, p.d, p.eps);
+    var sg = 0.0;
+    var sgx = 0.0;
+    for (var j = lid; j < p.d; j += 256u) {
+        let g = grad_plain[base + j];
+        sg += g;
+        sgx += g * (src[x_base + j] - stats.x) * stats.y;
+    }
+    let sums = workgroup_sum2(lid, sg, sgx) / f32(p.d);
+    for (var j = lid; j < p.d; j += 256u) {
+        let xhat = (src[x_base + j] - stats.x) * stats.y;
+        out2[base + j] = (grad_plain[base + j] - sums.x - xhat * sums.y) * stats.y;
+    }
+}

@@ -1,0 +1,137 @@
+//! Combining activations (`shaders/combine.wgsl`): the elementwise sum of two tensors
+//! (`add`; its backward passes the gradient to both inputs unchanged), accumulating a
+//! gradient where a value fans out, and concatenation along an axis with its
+//! splitting backward. Tensors are row-major; axes count from the outermost (for NCHW
+//! activations axis 1 is channels).
+
+use super::check::{expect_len, expect_u32, grid};
+use crate::error::{Error, Result};
+use crate::gpu::{GpuTensor, Kernel, Recorder};
+
+/// Records `y = a + b` (elementwise, any shape; all three have the same length).
+pub fn add(rec: &mut Recorder, a: &GpuTensor, b: &GpuTensor, y: &GpuTensor) -> Result<()> {
+    let op = "add";
+    expect_len(op, "b", b, a.len())?;
+    expect_len(op, "y", y, a.len())?;
+    expect_u32(op, &[a.len()])?;
+    rec.dispatch(
+        &Kernel::new(&super::COMBINE, "add"),
+        &[a, b],
+        &[y],
+        &[a.len() as u32],
+        grid(a.len()),
+    )
+}
+
+/// Records `acc += g` (elementwise, same length): summing the gradients that reach a
+/// value used by several nodes.
+pub fn accumulate(rec: &mut Recorder, acc: &GpuTensor, g: &GpuTensor) -> Result<()> {
+    let op = "accumulate";
+    expect_len(op, "g", g, acc.len())?;
+    expect_u32(op, &[acc.len()])?;
+    rec.dispatch(
+        &Kernel::new(&super::COMBINE, "accumulate"),
+        &[g],
+        &[acc],
+        &[acc.len() as u32],
+        grid(acc.len()),
+    )
+}
+
+/// For each part, `(outer, part_inner, whole_inner, offset)`: the whole tensor is
+/// `outer` slabs of `whole_inner` elements, of which the part's slab of `part_inner`
+/// starts at `offset`. Checks that the parts concatenate to `whole` along `axis`.
+fn slabs(
+    op: &str,
+    whole_name: &str,
+    whole: &GpuTensor,
+    parts: &[&GpuTensor],
+    axis: usize,
+) -> Result<Vec<[usize; 4]>> {
+    let shape = whole.shape();
+    if axis >= shape.len() || parts.is_empty() {
+        return Err(Error::gpu(
+            op,
+            format!(
+                "cannot concatenate {} tensors along axis {axis} of {whole_name} {shape:?}",
+                parts.len()
+            ),
+        ));
+    }
+    let outer: usize = shape[..axis].iter().product();
+    let after: usize = shape[axis + 1..].iter().product();
+    let mut offset = 0;
+    let mut layout = Vec::with_capacity(parts.len());
+    for (i, part) in parts.iter().enumerate() {
+        let p = part.shape();
+        let fits = p.len() == shape.len()
+            && p[..axis] == shape[..axis]
+            && p[axis + 1..] == shape[axis + 1..];
+        if !fits {
+            return Err(Error::gpu(
+                op,
+                format!(
+                    "part {i} {p:?} must match {whole_name} {shape:?} on every axis but {axis}"
+                ),
+            ));
+        }
+        layout.push([outer, p[axis] * after, shape[axis] * after, offset]);
+        offset += p[axis] * after;
+    }
+    if offset != shape[axis] * after {
+        let sizes: Vec<usize> = parts.iter().map(|p| p.shape()[axis]).collect();
+        return Err(Error::gpu(
+            op,
+            format!(
+                "parts of sizes {sizes:?} along axis {axis} do not add up to {whole_name} {shape:?}"
+            ),
+        ));
+    }
+    expect_u32(op, &[whole.len()])?;
+    Ok(layout)
+}
+
+/// Records `y = cat(inputs, axis)`: every input has `y`'s shape except along `axis`,
+/// where their sizes add up to `y`'s. One dispatch per input.
+pub fn cat_forward(
+    rec: &mut Recorder,
+    inputs: &[&GpuTensor],
+    axis: usize,
+    y: &GpuTensor,
+) -> Result<()> {
+    let layout = slabs("cat forward", "y", y, inputs, axis)?;
+    for (x, [outer, part, whole, offset]) in inputs.iter().zip(layout) {
+        let words = [outer, part, part, 0, whole, offset].map(|v| v as u32);
+        rec.dispatch(
+            &Kernel::new(&super::COMBINE, "copy_slab"),
+            &[x],
+            &[y],
+            &words,
+            grid(outer * part),
+        )?;
+    }
+    Ok(())
+}
+
+/// Records the backward of `cat` along `axis`: `grad_out` (shaped like the forward
+/// output, or a `V`-major stack of it) is split into `grads_in` (shaped like the
+/// forward inputs, or the same stack of them; overwritten). One dispatch per part.
+pub fn cat_backward(
+    rec: &mut Recorder,
+    grad_out: &GpuTensor,
+    axis: usize,
+    grads_in: &[&GpuTensor],
+) -> Result<()> {
+    let layout = slabs("cat backward", "grad_out", grad_out, grads_in, axis)?;
+    for (g, [outer, part, whole, offset]) in grads_in.iter().zip(layout) {
+        let words = [outer, part, whole, offset, part, 0].map(|v| v as u32);
+        rec.dispatch(
+            &Kernel::new(&super::COMBINE, "copy_slab"),
+            &[grad_out],
+            &[g],
+            &words,
+            grid(outer * part),
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,233 @@
+//! BatchNorm in eval mode and LayerNorm, forward and input backward
+//! (`shaders/norm.wgsl`). Neither op's parameters are curvature parameters, so only
+//! input gradients are computed.
+//!
+//! Backward passes take a stack of `V` backpropagated vectors at once: gradients are
+//! `[V·B, ...]`, `V`-major, as everywhere in the crate.
+
+use super::check::{expect_len, expect_u32, grid};
+use crate::error::{Error, Result};
+use crate::gpu::{GpuTensor, Kernel, Recorder, grid_1d};
+
+/// BatchNorm's eval-mode parameters and buffers on the GPU, each `[C]`.
+pub struct BatchNormParams<'a> {
+    pub running_mean: &'a GpuTensor,
+    pub running_var: &'a GpuTensor,
+    /// `(weight, bias)`, or `None` without affine parameters (`affine = false`).
+    pub affine: Option<(&'a GpuTensor, &'a GpuTensor)>,
+    pub eps: f32,
+}
+
+impl BatchNormParams<'_> {
+    /// Checks every tensor has `C = running_mean.len()` elements and `t` (`[N, C,
+    /// ...]`) has `C` channels; returns the kernels' parameter words `[len, C, S, eps]`
+    /// (`S` the elements per channel and example: `H·W`, or 1 for `[N, C]`).
+    fn words(&self, op: &str, name: &str, t: &GpuTensor) -> Result<[u32; 4]> {
+        let c = self.running_mean.len();
+        expect_len(op, "running_var", self.running_var, c)?;
+        if let Some((w, b)) = self.affine {
+            expect_len(op, "weight", w, c)?;
+            expect_len(op, "bias", b, c)?;
+        }
+        let shape = t.shape();
+        if shape.len() < 2 || shape[1] != c || c == 0 {
+            return Err(Error::gpu(
+                op,
+                format!("{name} must be [N, {c}, ...], found shape {shape:?}"),
+            ));
+        }
+        expect_u32(op, &[t.len()])?;
+        check_eps(op, self.eps)?;
+        let spatial: usize = shape[2..].iter().product();
+        Ok([
+            t.len() as u32,
+            c as u32,
+            spatial.max(1) as u32,
+            self.eps.to_bits(),
+        ])
+    }
+}
+
+fn check_eps(op: &str, eps: f32) -> Result<()> {
+    if !(eps >= 0.0 && eps.is_finite()) {
+        return Err(Error::gpu(
+            op,
+            format!("eps must be finite and ≥ 0, got {eps}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Records BatchNorm in eval mode, `y = (x − running_mean)/√(running_var + eps)·weight
+/// + bias` per channel: `x [N, C, H, W]` (or `[N, C]`), `y` shaped like `x`.
+pub fn batch_norm_forward(
+    rec: &mut Recorder,
+    x: &GpuTensor,
+    params: &BatchNormParams,
+    y: &GpuTensor,
+) -> Result<()> {
+    let op = "batch_norm forward";
+    let words = params.words(op, "x", x)?;
+    expect_len(op, "y", y, x.len())?;
+    let (mean, var) = (params.running_mean, params.running_var);
+    match params.affine {
+        Some((w, b)) => rec.dispatch(
+            &Kernel::new(&super::NORM, "batch_norm_forward"),
+            &[x, mean, var, w, b],
+            &[y],
+            &words,
+            grid(x.len()),
+        ),
+        None => rec.dispatch(
+            &Kernel::new(&super::NORM, "batch_norm_forward_plain"),
+            &[x, mean, var],
+            &[y],
+            &words,
+            grid(x.len()),
+        ),
+    }
+}
+
+/// Records BatchNorm's eval-mode input gradient `grad_in = grad_out·weight/√(running_var
+/// + eps)` per channel: `grad_out [V·B, C, H, W]` (or `[V·B, C]`), `grad_in` shaped
+/// like `grad_out` (overwritten).
+pub fn batch_norm_backward(
+    rec: &mut Recorder,
+    grad_out: &GpuTensor,
+    params: &BatchNormParams,
+    grad_in: &GpuTensor,
+) -> Result<()> {
+    let op = "batch_norm backward";
+    let words = params.words(op, "grad_out", grad_out)?;
+    expect_len(op, "grad_in", grad_in, grad_out.len())?;
+    match params.affine {
+        Some((w, _)) => rec.dispatch(
+            &Kernel::new(&super::NORM, "batch_norm_backward"),
+            &[grad_out, w, params.running_var],
+            &[grad_in],
+            &words,
+            grid(grad_out.len()),
+        ),
+        None => rec.dispatch(
+            &Kernel::new(&super::NORM, "batch_norm_backward_plain"),
+            &[grad_out, params.running_var],
+            &[grad_in],
+            &words,
+            grid(grad_out.len()),
+        ),
+    }
+}
+
+/// The normalised size `D` (the last dimension of `x`) and the row count of `x`.
+fn rows(op: &str, x: &GpuTensor) -> Result<(usize, usize)> {
+    let d = x.shape().last().copied().unwrap_or(0);
+    if d == 0 {
+        return Err(Error::gpu(
+            op,
+            format!(
+                "x must have a non-empty last dimension, found shape {:?}",
+                x.shape()
+            ),
+        ));
+    }
+    Ok((x.len() / d, d))
+}
+
+fn row_words(op: &str, rows: usize, x_rows: usize, d: usize, eps: f32) -> Result<Vec<u32>> {
+    expect_u32(op, &[rows * d])?;
+    if !(eps >= 0.0 && eps.is_finite()) {
+        return Err(Error::gpu(
+            op,
+            format!("eps must be finite and ≥ 0, got {eps}"),
+        ));
+    }
+    Ok(vec![rows as u32, x_rows as u32, d as u32, eps.to_bits()])
+}
+
+/// Records LayerNorm over the last dimension `D` of `x [..., D]`:
+/// `y = (x − mean)/√(var + eps)·weight + bias` with each row's mean and biased variance;
+/// `affine` is `(weight, bias)`, each `[D]`, or `None` (`elementwise_affine = false`).
+/// `y` is shaped like `x`.
+pub fn layer_norm_forward(
+    rec: &mut Recorder,
+    x: &GpuTensor,
+    affine: Option<(&GpuTensor, &GpuTensor)>,
+    eps: f32,
+    y: &GpuTensor,
+) -> Result<()> {
+    let op = "layer_norm forward";
+    let (rows, d) = rows(op, x)?;
+    expect_len(op, "y", y, x.len())?;
+    let words = row_words(op, rows, rows, d, eps)?;
+    let workgroups = grid_1d(u32::try_from(rows).unwrap_or(u32::MAX));
+    match affine {
+        Some((weight, bias)) => {
+            expect_len(op, "weight", weight, d)?;
+            expect_len(op, "bias", bias, d)?;
+            rec.dispatch(
+                &Kernel::new(&super::NORM, "layer_norm_forward"),
+                &[x, weight, bias],
+                &[y],
+                &words,
+                workgroups,
+            )
+        }
+        None => rec.dispatch(
+            &Kernel::new(&super::NORM, "layer_norm_forward_plain"),
+            &[x],
+            &[y],
+            &words,
+            workgroups,
+        ),
+    }
+}
+
+/// Records LayerNorm's input gradient for a stack of `V` backpropagated vectors: `x
+/// [..., D]` is the saved forward input (`R` rows), `grad_out [V·R·D]` (`V`-major, any
+/// shape ending in `D`), `weight [D]` or `None`, `grad_in` shaped like `grad_out`
+/// (overwritten). Row statistics are recomputed from `x`; with `g = grad_out·weight`
+/// and `x̂` the normalised input, `grad_in = (g − mean(g) − x̂·mean(g·x̂))/√(var + eps)`.
+pub fn layer_norm_backward(
+    rec: &mut Recorder,
+    x: &GpuTensor,
+    weight: Option<&GpuTensor>,
+    eps: f32,
+    grad_out: &GpuTensor,
+    grad_in: &GpuTensor,
+) -> Result<()> {
+    let op = "layer_norm backward";
+    let (x_rows, d) = rows(op, x)?;
+    if !grad_out.len().is_multiple_of(x.len()) || grad_out.shape().last() != Some(&d) {
+        return Err(Error::gpu(
+            op,
+            format!(
+                "grad_out {:?} must be a stack of gradients shaped like x {:?}",
+                grad_out.shape(),
+                x.shape()
+            ),
+        ));
+    }
+    expect_len(op, "grad_in", grad_in, grad_out.len())?;
+    let rows = grad_out.len() / d;
+    let words = row_words(op, rows, x_rows, d, eps)?;
+    let workgroups = grid_1d(u32::try_from(rows).unwrap_or(u32::MAX));
+    match weight {
+        Some(weight) => {
+            expect_len(op, "weight", weight, d)?;
+            rec.dispatch(
+                &Kernel::new(&super::NORM, "layer_norm_backward"),
+                &[x, weight, grad_out],
+                &[grad_in],
+                &words,
+                workgroups,
+            )
+        }
+        None => rec.dispatch(
+            &Kernel::new(&super::NORM, "layer_norm_backward_plain"),
+            &[x, grad_out],
+            &[grad_in],
+            &words,
+            workgroups,
+        ),
+    }
+}

@@ -1,0 +1,590 @@
+//! Issue 10: the `ekfac` binary against hostile or careless inputs. Every case runs the
+//! built binary and checks it exits non-zero (or zero where the input is valid) with a
+//! message naming the file, key, layer or option, never panics, never blocks, never
+//! replaces an input or half-writes an output.
+//!
+//! Cases that fail before the GPU is opened run without an adapter; the others skip
+//! without one (or fail under `EKFAC_REQUIRE_GPU=1`).
+
+#![cfg(unix)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use safetensors::Dtype;
+use safetensors::tensor::TensorView;
+
+/// Longest any refused run may take: refusals come before any work.
+const REFUSAL_SECONDS: u64 = 20;
+
+const CASE: &str = "mlp_tanh_ce_mean_type2_sep";
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/curvature")
+        .join(CASE)
+        .join(name)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+fn spawn(args: &[&str], env: &[(&str, &str)]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_ekfac"))
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running the ekfac binary")
+}
+
+/// Runs the binary, killing it (and failing) if it takes longer than `seconds`.
+fn ekfac_within(args: &[&str], seconds: u64) -> Output {
+    let mut child = spawn(args, &[]);
+    let start = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if start.elapsed() > Duration::from_secs(seconds) {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "ekfac {args:?} did not finish within {seconds} s (blocked?); stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn assert_success(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}",
+        out.status,
+        stderr(out)
+    );
+}
+
+/// Asserts a failed run whose stderr contains every one of `needles` and no panic.
+fn assert_fails(out: &Output, needles: &[&str]) {
+    let err = stderr(out);
+    assert!(
+        !out.status.success(),
+        "expected a failure mentioning {needles:?}, but the command succeeded"
+    );
+    for needle in needles {
+        assert!(
+            err.contains(needle),
+            "stderr does not mention {needle:?}:\n{err}"
+        );
+    }
+    assert!(!err.contains("panicked"), "the binary panicked:\n{err}");
+    assert!(
+        err.len() < 2000,
+        "the message is {} bytes long:\n{}",
+        err.len(),
+        &err[..2000]
+    );
+}
+
+/// `fit` arguments for the fixture case with `model`, `weights` and `data` replaced where
+/// given, then `extra`.
+fn fit_args<'a>(inputs: [Option<&'a str>; 3], extra: &[&'a str]) -> Vec<String> {
+    let [model, weights, data] = inputs;
+    let mut args: Vec<String> = vec![
+        "fit".into(),
+        "--model".into(),
+        model.map_or_else(|| s(&fixture("model.json")).to_string(), String::from),
+        "--weights".into(),
+        weights.map_or_else(
+            || s(&fixture("weights.safetensors")).to_string(),
+            String::from,
+        ),
+        "--data".into(),
+        data.map_or_else(|| s(&fixture("data.safetensors")).to_string(), String::from),
+        "--loss".into(),
+        "cross_entropy".into(),
+        "--fisher".into(),
+        "type-2".into(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+fn refuse(args: &[String], needles: &[&str]) {
+    let out = ekfac_within(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        REFUSAL_SECONDS,
+    );
+    assert_fails(&out, needles);
+}
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(s(path)).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0, "mkfifo");
+}
+
+/// Writes a safetensors file of `(key, dtype, shape, bytes)`.
+fn write_safetensors(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) {
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(k, dtype, shape, bytes)| {
+            (
+                k.to_string(),
+                TensorView::new(*dtype, shape.clone(), bytes).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+/// The fixture's weights with `edit` applied to the list of tensors.
+fn edited_weights(path: &Path, edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>)) {
+    let bytes = std::fs::read(fixture("weights.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = file
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (k, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    edit(&mut tensors);
+    let refs: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(k, d, sh, b)| (k.as_str(), *d, sh.clone(), b.clone()))
+        .collect();
+    write_safetensors(path, &refs);
+}
+
+/// Endless, blocking and oversized inputs are refused at once, naming the option and
+/// the file.
+#[test]
+fn inputs_must_be_bounded_regular_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("state.safetensors");
+    let fifo = tmp.path().join("fifo");
+    mkfifo(&fifo);
+    let o = ["--out", s(&out)];
+    refuse(
+        &fit_args([Some("/dev/zero"), None, None], &o),
+        &[
+            "/dev/zero",
+            "--model must be a regular file",
+            "character device",
+        ],
+    );
+    refuse(
+        &fit_args([None, Some("/dev/urandom"), None], &o),
+        &["/dev/urandom", "--weights must be a regular file"],
+    );
+    refuse(
+        &fit_args([None, None, Some("/dev/zero")], &o),
+        &["--data must be a regular file"],
+    );
+    refuse(
+        &fit_args([None, None, Some(s(&fifo))], &o),
+        &["fifo", "--data must be a regular file", "FIFO"],
+    );
+    refuse(
+        &fit_args([None, None, Some(s(tmp.path()))], &o),
+        &["--data must be a regular file", "directory"],
+    );
+    refuse(
+        &fit_args(
+            [None, None, None],
+            &["--init-state", "/dev/zero", "--out", s(&out)],
+        ),
+        &["--init-state must be a regular file"],
+    );
+    refuse(
+        &[
+            "apply",
+            "--state",
+            "/dev/urandom",
+            "--vectors",
+            s(&fifo),
+            "--out",
+            s(&out),
+        ]
+        .map(String::from),
+        &["--state must be a regular file"],
+    );
+    refuse(
+        &[
+            "apply",
+            "--state",
+            s(&fixture("weights.safetensors")),
+            "--vectors",
+            s(&fifo),
+            "--out",
+            s(&out),
+        ]
+        .map(String::from),
+        &["--vectors must be a regular file", "FIFO"],
+    );
+    // A model description over 64 MiB (sparse: no disk space used).
+    let big = tmp.path().join("big.json");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len((64 << 20) + 1)
+        .unwrap();
+    refuse(
+        &fit_args([Some(s(&big)), None, None], &o),
+        &[
+            "big.json",
+            "--model is 67,108,865 bytes",
+            "limit of 67,108,864",
+        ],
+    );
+    assert!(!out.exists());
+}
+
+/// Malformed safetensors files: errors name the file and the key at fault.
+#[test]
+fn safetensors_errors_name_file_and_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("state.safetensors");
+    let o = ["--out", s(&out)];
+    let weights = tmp.path().join("w.safetensors");
+    let with_header = |header: &str, data: usize| {
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend(std::iter::repeat_n(0u8, data));
+        std::fs::write(&weights, bytes).unwrap();
+    };
+    // A header length of 2^40.
+    let mut huge = (1u64 << 40).to_le_bytes().to_vec();
+    huge.extend_from_slice(b"{}");
+    std::fs::write(&weights, huge).unwrap();
+    refuse(
+        &fit_args([None, Some(s(&weights)), None], &o),
+        &["w.safetensors", "header length", "limit"],
+    );
+    // A shape whose size overflows.
+    with_header(
+        r#"{"0.weight":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,0]}}"#,
+        0,
+    );
+    refuse(
+        &fit_args([None, Some(s(&weights)), None], &o),
+        &[
+            "w.safetensors",
+            "\"0.weight\"",
+            "[4294967296, 4294967296, 16]",
+        ],
+    );
+    // Offsets that do not hold the shape.
+    with_header(
+        r#"{"0.bias":{"dtype":"F32","shape":[5],"data_offsets":[0,16]}}"#,
+        16,
+    );
+    refuse(
+        &fit_args([None, Some(s(&weights)), None], &o),
+        &["\"0.bias\"", "data_offsets [0, 16]", "20 bytes"],
+    );
+    // Overlapping tensors: both keys named.
+    with_header(
+        r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
+        12,
+    );
+    refuse(
+        &fit_args([None, Some(s(&weights)), None], &o),
+        &[
+            "\"b\" starts at byte 4",
+            "\"a\", which ends at byte 8",
+            "overlap",
+        ],
+    );
+    // An unknown dtype.
+    with_header(
+        r#"{"0.weight":{"dtype":"F99","shape":[2],"data_offsets":[0,8]}}"#,
+        8,
+    );
+    refuse(
+        &fit_args([None, Some(s(&weights)), None], &o),
+        &["w.safetensors", "\"0.weight\"", "F99"],
+    );
+    // An F64 weight of 1e300 is Inf in f32.
+    edited_weights(&weights, |t| {
+        let w = t.iter_mut().find(|t| t.0 == "0.weight").unwrap();
+        let mut values: Vec<f64> = bytemuck::cast_slice::<u8, f32>(&w.3)
+            .iter()
+            .map(|&v| f64::from(v))
+            .collect();
+        values[7] = 1e300;
+        w.1 = Dtype::F64;
+        w.3 = bytemuck::cast_slice(&values).to_vec();
+    });
+    refuse(
+        &fit_args([None, Some(s(&weights)), None], &o),
+        &[
+            "w.safetensors",
+            "\"0.weight\"",
+            "0.weight[1, 3] = 1e300 overflows f32",
+        ],
+    );
+    // A NaN bias.
+    edited_weights(&weights, |t| {
+        let b = t.iter_mut().find(|t| t.0 == "2.bias").unwrap();
+        b.3[4..8].copy_from_slice(&f32::NAN.to_le_bytes());
+    });
+    refuse(
+        &fit_args([None, Some(s(&weights)), None], &o),
+        &["\"2.bias\"", "2.bias[1] is NaN"],
+    );
+    // 300,000 extra keys: one short message.
+    edited_weights(&weights, |t| {
+        for i in 0..300_000 {
+            t.push((format!("extra{i:06}"), Dtype::F32, vec![0], vec![]));
+        }
+    });
+    refuse(
+        &fit_args([None, Some(s(&weights)), None], &o),
+        &["unexpected key \"extra000000\"", "… and 299,990 more"],
+    );
+    assert!(!out.exists());
+}
+
+/// Option values: negative numbers are values, refused by their own checks.
+#[test]
+fn numeric_options_are_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("state.safetensors");
+    refuse(
+        &fit_args([None, None, None], &["--damping", "-1", "--out", s(&out)]),
+        &["--damping must be a finite non-negative number, found -1"],
+    );
+    refuse(
+        &fit_args(
+            [None, None, None],
+            &["--memory-budget-mib", "17592186044416", "--out", s(&out)],
+        ),
+        &["--memory-budget-mib 17592186044416 is too large"],
+    );
+    refuse(
+        &fit_args(
+            [None, None, None],
+            &["--batch-size", "-3", "--out", s(&out)],
+        ),
+        &["'-3'", "--batch-size"],
+    );
+    refuse(
+        &[
+            "apply",
+            "--state",
+            s(&fixture("weights.safetensors")),
+            "--vectors",
+            s(&fixture("weights.safetensors")),
+            "--inverse",
+            "--damping",
+            "-0.5",
+            "--out",
+            s(&out),
+        ]
+        .map(String::from),
+        &["--damping must be a finite non-negative number, found -0.5"],
+    );
+}
+
+/// Outputs never destroy inputs, other outputs or what is not a regular file.
+#[test]
+fn outputs_never_replace_inputs_or_special_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    // Copies of the inputs, so that a failure of this test cannot destroy fixtures.
+    for name in ["model.json", "weights.safetensors", "data.safetensors"] {
+        std::fs::copy(fixture(name), t.join(name)).unwrap();
+    }
+    let model = t.join("model.json");
+    let weights = t.join("weights.safetensors");
+    let data = t.join("data.safetensors");
+    let inputs = [Some(s(&model)), Some(s(&weights)), Some(s(&data))];
+    let before = |p: &Path| std::fs::read(p).unwrap();
+    let (model_bytes, weights_bytes) = (before(&model), before(&weights));
+    let out = t.join("state.safetensors");
+    refuse(
+        &fit_args(inputs, &["--out", s(&weights)]),
+        &["--out", "is the same file as the input --weights"],
+    );
+    refuse(
+        &fit_args(inputs, &["--out", s(&data)]),
+        &["is the same file as the input --data"],
+    );
+    refuse(
+        &fit_args(inputs, &["--out", s(&out), "--summary", s(&model)]),
+        &["--summary", "is the same file as the input --model"],
+    );
+    refuse(
+        &fit_args(inputs, &["--out", s(&out), "--summary", s(&out)]),
+        &["--summary", "and --out", "are the same file"],
+    );
+    // The same file through `..`, a symbolic link and a hard link.
+    let dotted = t.join("sub");
+    std::fs::create_dir(&dotted).unwrap();
+    let via_dots = dotted.join("../weights.safetensors");
+    refuse(
+        &fit_args(inputs, &["--out", s(&via_dots)]),
+        &["is the same file as the input --weights"],
+    );
+    let link = t.join("link.safetensors");
+    std::os::unix::fs::symlink(&data, &link).unwrap();
+    refuse(
+        &fit_args(inputs, &["--out", s(&link)]),
+        &["is the same file as the input --data"],
+    );
+    let hard = t.join("hard.json");
+    std::fs::hard_link(&model, &hard).unwrap();
+    refuse(
+        &fit_args(inputs, &["--out", s(&out), "--summary", s(&hard)]),
+        &["is the same file as the input --model"],
+    );
+    // Not regular files, read-only files, missing directories.
+    let fifo = t.join("fifo");
+    mkfifo(&fifo);
+    refuse(
+        &fit_args(inputs, &["--out", s(&fifo)]),
+        &["--out exists and is a FIFO", "not a regular file"],
+    );
+    refuse(
+        &fit_args(inputs, &["--out", s(&dotted)]),
+        &["--out exists and is a directory"],
+    );
+    refuse(
+        &fit_args(inputs, &["--out", "/dev/null"]),
+        &["--out exists and is a character device"],
+    );
+    let readonly = t.join("readonly.safetensors");
+    std::fs::write(&readonly, b"keep me").unwrap();
+    let mut perm = std::fs::metadata(&readonly).unwrap().permissions();
+    perm.set_readonly(true);
+    std::fs::set_permissions(&readonly, perm).unwrap();
+    refuse(
+        &fit_args(inputs, &["--out", s(&readonly)]),
+        &["--out exists and is read-only"],
+    );
+    assert_eq!(std::fs::read(&readonly).unwrap(), b"keep me");
+    refuse(
+        &fit_args(
+            inputs,
+            &["--out", s(&out), "--summary", s(&t.join("no/s.json"))],
+        ),
+        &["the directory of --summary", "No such file"],
+    );
+    // apply: --out may be neither --state nor --vectors.
+    let vectors = t.join("v.safetensors");
+    std::fs::write(&vectors, b"x").unwrap();
+    refuse(
+        &[
+            "apply",
+            "--state",
+            s(&weights),
+            "--vectors",
+            s(&vectors),
+            "--out",
+            s(&weights),
+        ]
+        .map(String::from),
+        &["is the same file as the input --state"],
+    );
+    refuse(
+        &[
+            "apply",
+            "--state",
+            s(&weights),
+            "--vectors",
+            s(&vectors),
+            "--out",
+            s(&vectors),
+        ]
+        .map(String::from),
+        &["is the same file as the input --vectors"],
+    );
+    assert!(!fifo.is_file() && !out.exists());
+    assert_eq!(before(&model), model_bytes);
+    assert_eq!(before(&weights), weights_bytes);
+    let leftovers: Vec<_> = std::fs::read_dir(t)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}
+
+fn temporaries_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".ekfac-"))
+        .collect()
+}
+
+/// Outputs are written all or nothing, with the umask's mode; SIGINT and SIGTERM while
+/// they are being saved leave neither the outputs nor temporary files.
+#[test]
+fn outputs_are_all_or_nothing() {
+    let Some(ctx) = common::gpu() else { return };
+    drop(ctx);
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let out = t.join("state.safetensors");
+    let summary = t.join("summary.json");
+    // Created with the umask's mode, replacing an old file.
+    std::fs::write(&out, b"old state").unwrap();
+    let args = fit_args(
+        [None, None, None],
+        &["--out", s(&out), "--summary", s(&summary)],
+    );
+    let cmd = format!(
+        "umask 027; exec {} {}",
+        env!("CARGO_BIN_EXE_ekfac"),
+        args.join(" ")
+    );
+    let result = Command::new("sh").args(["-c", &cmd]).output().unwrap();
+    assert_success(&result, "fit under umask 027");
+    use std::os::unix::fs::PermissionsExt;
+    for p in [&out, &summary] {
+        let mode = std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640, "{} has mode {mode:o}", p.display());
+    }
+    let fitted = std::fs::read(&out).unwrap();
+    assert_ne!(fitted, b"old state");
+
+    // Interrupted between writing the temporaries and renaming them.
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        std::fs::write(&out, b"old state").unwrap();
+        std::fs::remove_file(&summary).unwrap_or(());
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut child = spawn(&refs, &[("EKFAC_TEST_STALL_BEFORE_COMMIT_MS", "60000")]);
+        let start = Instant::now();
+        while temporaries_in(t).len() < 2 {
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "the temporaries never appeared"
+            );
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("fit exited early: {status}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // SAFETY: signalling our own child.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(128 + signal), "exit status {status}");
+        assert_eq!(temporaries_in(t), Vec::<String>::new());
+        assert_eq!(std::fs::read(&out).unwrap(), b"old state");
+        assert!(!summary.exists());
+    }
+}

@@ -1,0 +1,362 @@
+//! BatchNorm (eval mode) and LayerNorm: the f64 reference against PyTorch autograd
+//! fixtures, then the GPU kernels against both, for a stack of backpropagated vectors.
+
+mod common;
+mod op_fixtures;
+
+use common::TestRng;
+use ekfac::gpu::GpuContext;
+use ekfac::ops::norm;
+use ekfac::reference::graph_ops as reference;
+use op_fixtures::{OpFixture, rel_err64};
+
+/// The reference reproduces PyTorch's float64 autograd up to float64 rounding.
+const REFERENCE_TOL: f64 = 1e-12;
+
+/// BatchNorm in eval mode on the GPU: `(x − mean)·rsqrt(var + eps)·weight + bias` in
+/// f32, about six roundings (WGSL's `inverseSqrt` is within 2 ulp), relative to the
+/// magnitudes of `x − mean` and of the result, which are alike on these inputs:
+/// 1e-6 (observed ≤ 8e-8). Backward is a product of three factors: 5e-7.
+const BN_FORWARD_TOL: f64 = 1e-6;
+const BN_BACKWARD_TOL: f64 = 5e-7;
+
+/// LayerNorm on the GPU: the row mean and variance are f32 tree sums of ≤ 600 terms
+/// (relative error ≲ log₂(600)·2⁻²⁴ ≈ 6e-7); `x − mean` loses a further factor
+/// `|mean|/σ` of the row (≤ 3 here: rows offset by 3 with unit spread), and the
+/// backward's two extra row reductions and `x̂·mean(g·x̂)` add as much again: 2e-6 for
+/// both (observed ≤ 1.6e-7). Rows whose spread σ is tiny against their values lose
+/// accuracy in proportion, in PyTorch's f32 kernel as well; the tests avoid them.
+const LN_FORWARD_TOL: f64 = 2e-6;
+const LN_BACKWARD_TOL: f64 = 2e-6;
+
+fn read64(ctx: &GpuContext, t: &ekfac::gpu::GpuTensor) -> Vec<f64> {
+    ctx.read(t).unwrap().into_iter().map(f64::from).collect()
+}
+
+fn optional_pair<'a>(affine: bool, w: &'a [f64], b: &'a [f64]) -> Option<(&'a [f64], &'a [f64])> {
+    affine.then_some((w, b))
+}
+
+/// GPU BatchNorm of `x` (shape `shape`) and its backward for `grad` (a stack of
+/// `grad.len()/x.len()` gradients), against `want` (output, input gradient) or the f64
+/// reference.
+#[allow(clippy::too_many_arguments)]
+fn check_batch_norm(
+    ctx: &GpuContext,
+    what: &str,
+    x: &[f32],
+    shape: &[usize],
+    (mean, var): (&[f32], &[f32]),
+    affine: Option<(&[f32], &[f32])>,
+    eps: f64,
+    grad: &[f32],
+    want: Option<(&[f64], &[f64])>,
+) {
+    let c = shape[1];
+    let to64 = |v: &[f32]| -> Vec<f64> { v.iter().map(|&a| f64::from(a)).collect() };
+    let mut stacked = shape.to_vec();
+    stacked[0] *= grad.len() / x.len();
+    let affine64 = affine.map(|(w, b)| (to64(w), to64(b)));
+    let (want_y, want_dx) = match want {
+        Some((y, dx)) => (y.to_vec(), dx.to_vec()),
+        None => (
+            reference::batch_norm_eval_forward(
+                &to64(x),
+                shape,
+                &to64(mean),
+                &to64(var),
+                affine64.as_ref().map(|(w, b)| (&w[..], &b[..])),
+                eps,
+            ),
+            reference::batch_norm_eval_backward(
+                &to64(grad),
+                &stacked,
+                &to64(var),
+                affine64.as_ref().map(|(w, _)| &w[..]),
+                eps,
+            ),
+        ),
+    };
+    let up = |v: &[f32], s: &[usize]| ctx.upload(v, s).unwrap();
+    let (mean, var) = (up(mean, &[c]), up(var, &[c]));
+    let affine = affine.map(|(w, b)| (up(w, &[c]), up(b, &[c])));
+    let params = norm::BatchNormParams {
+        running_mean: &mean,
+        running_var: &var,
+        affine: affine.as_ref().map(|(w, b)| (w, b)),
+        eps: eps as f32,
+    };
+    let (xg, gg) = (up(x, shape), up(grad, &stacked));
+    let yg = ctx.zeros(shape).unwrap();
+    let dxg = ctx.zeros(&stacked).unwrap();
+    let mut rec = ctx.recorder();
+    norm::batch_norm_forward(&mut rec, &xg, &params, &yg).unwrap();
+    norm::batch_norm_backward(&mut rec, &gg, &params, &dxg).unwrap();
+    rec.submit().unwrap();
+    let e = rel_err64(&read64(ctx, &yg), &want_y);
+    assert!(e < BN_FORWARD_TOL, "{what}: forward error {e:e}");
+    let e = rel_err64(&read64(ctx, &dxg), &want_dx);
+    assert!(e < BN_BACKWARD_TOL, "{what}: backward error {e:e}");
+}
+
+#[test]
+fn batch_norm_matches_pytorch() {
+    for name in ["batch_norm2d_affine", "batch_norm2d_plain"] {
+        let f = OpFixture::load(name);
+        assert_eq!(f.op, "batch_norm2d");
+        let (eps, affine) = (f.attr_f64("eps"), f.attr_bool("affine"));
+        let (x, shape) = f.get("x");
+        assert_eq!(f.attrs["num_features"], serde_json::json!(shape[1]));
+        let (mean, var) = (f.values("running_mean"), f.values("running_var"));
+        let (w, b) = if affine {
+            (f.values("weight"), f.values("bias"))
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let y = reference::batch_norm_eval_forward(
+            &x,
+            &shape,
+            &mean,
+            &var,
+            optional_pair(affine, &w, &b),
+            eps,
+        );
+        assert!(rel_err64(&y, &f.values("output")) < REFERENCE_TOL, "{name}");
+        let stacked = f.stacked(&shape);
+        let grad = f.values("grad_output");
+        let dx = reference::batch_norm_eval_backward(
+            &grad,
+            &stacked,
+            &var,
+            affine.then_some(&w[..]),
+            eps,
+        );
+        assert!(
+            rel_err64(&dx, &f.values("grad_x")) < REFERENCE_TOL,
+            "{name}"
+        );
+
+        let Some(ctx) = common::gpu() else { return };
+        let (w32, b32) = if affine {
+            (f.f32("weight"), f.f32("bias"))
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        check_batch_norm(
+            &ctx,
+            name,
+            &f.f32("x"),
+            &shape,
+            (&f.f32("running_mean"), &f.f32("running_var")),
+            affine.then_some((&w32[..], &b32[..])),
+            eps,
+            &f.f32("grad_output"),
+            Some((&f.values("output"), &f.values("grad_x"))),
+        );
+    }
+}
+
+/// GPU LayerNorm of `x` (shape `shape`) and its backward for `grad` (a stack of
+/// `grad.len()/x.len()` gradients), against the f64 reference.
+#[allow(clippy::too_many_arguments)]
+fn check_layer_norm(
+    ctx: &GpuContext,
+    what: &str,
+    x: &[f32],
+    shape: &[usize],
+    affine: Option<(&[f32], &[f32])>,
+    eps: f64,
+    grad: &[f32],
+    want: Option<(&[f64], &[f64])>,
+) {
+    let d = *shape.last().unwrap();
+    let to64 = |v: &[f32]| -> Vec<f64> { v.iter().map(|&a| f64::from(a)).collect() };
+    let (x64, g64) = (to64(x), to64(grad));
+    let affine64 = affine.map(|(w, b)| (to64(w), to64(b)));
+    let (want_y, want_dx) = match want {
+        Some((y, dx)) => (y.to_vec(), dx.to_vec()),
+        None => (
+            reference::layer_norm_forward(
+                &x64,
+                d,
+                affine64.as_ref().map(|(w, b)| (&w[..], &b[..])),
+                eps,
+            ),
+            reference::layer_norm_backward(
+                &x64,
+                d,
+                affine64.as_ref().map(|(w, _)| &w[..]),
+                eps,
+                &g64,
+            ),
+        ),
+    };
+    let mut stacked = shape.to_vec();
+    stacked[0] *= grad.len() / x.len();
+    let xg = ctx.upload(x, shape).unwrap();
+    let yg = ctx.zeros(shape).unwrap();
+    let gg = ctx.upload(grad, &stacked).unwrap();
+    let dxg = ctx.zeros(&stacked).unwrap();
+    let params = affine.map(|(w, b)| (ctx.upload(w, &[d]).unwrap(), ctx.upload(b, &[d]).unwrap()));
+    let mut rec = ctx.recorder();
+    let pair = params.as_ref().map(|(w, b)| (w, b));
+    norm::layer_norm_forward(&mut rec, &xg, pair, eps as f32, &yg).unwrap();
+    norm::layer_norm_backward(&mut rec, &xg, pair.map(|(w, _)| w), eps as f32, &gg, &dxg).unwrap();
+    rec.submit().unwrap();
+    let e = rel_err64(&read64(ctx, &yg), &want_y);
+    assert!(e < LN_FORWARD_TOL, "{what}: forward error {e:e}");
+    let e = rel_err64(&read64(ctx, &dxg), &want_dx);
+    assert!(e < LN_BACKWARD_TOL, "{what}: backward error {e:e}");
+}
+
+#[test]
+fn layer_norm_matches_pytorch() {
+    for name in ["layer_norm_affine", "layer_norm_plain", "layer_norm_wide"] {
+        let f = OpFixture::load(name);
+        assert_eq!(f.op, "layer_norm");
+        let (eps, affine) = (f.attr_f64("eps"), f.attr_bool("elementwise_affine"));
+        let (x, shape) = f.get("x");
+        let d = *shape.last().unwrap();
+        assert_eq!(f.attrs["normalized_shape"], serde_json::json!([d]));
+        let (w, b) = if affine {
+            (f.values("weight"), f.values("bias"))
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let y = reference::layer_norm_forward(&x, d, optional_pair(affine, &w, &b), eps);
+        assert!(rel_err64(&y, &f.values("output")) < REFERENCE_TOL, "{name}");
+        let dx = reference::layer_norm_backward(
+            &x,
+            d,
+            affine.then_some(&w[..]),
+            eps,
+            &f.values("grad_output"),
+        );
+        assert!(
+            rel_err64(&dx, &f.values("grad_x")) < REFERENCE_TOL,
+            "{name}"
+        );
+
+        let Some(ctx) = common::gpu() else { return };
+        let (w32, b32) = if affine {
+            (f.f32("weight"), f.f32("bias"))
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        check_layer_norm(
+            &ctx,
+            name,
+            &f.f32("x"),
+            &shape,
+            affine.then_some((&w32[..], &b32[..])),
+            eps,
+            &f.f32("grad_output"),
+            Some((&f.values("output"), &f.values("grad_x"))),
+        );
+    }
+}
+
+/// Row sizes around the workgroup's 256 (1, 255, 256, 257, 600), many short rows,
+/// stacks of one to four vectors, with and without affine weights.
+#[test]
+fn layer_norm_gpu_matches_reference() {
+    let Some(ctx) = common::gpu() else { return };
+    let mut rng = TestRng::new(3);
+    for (shape, stack, affine) in [
+        (vec![5, 1], 2, true),
+        (vec![3, 255], 1, false),
+        (vec![2, 2, 256], 4, true),
+        (vec![3, 257], 3, true),
+        (vec![2, 600], 2, false),
+        (vec![70, 8], 4, true),
+    ] {
+        let d = *shape.last().unwrap();
+        let n: usize = shape.iter().product();
+        let x = rng.vec(n);
+        let grad = rng.vec(n * stack);
+        let (w, b) = (rng.vec(d), rng.vec(d));
+        check_layer_norm(
+            &ctx,
+            &format!("{shape:?} stack {stack}"),
+            &x,
+            &shape,
+            affine.then_some((&w[..], &b[..])),
+            1e-5,
+            &grad,
+            None,
+        );
+    }
+}
+
+/// BatchNorm on `[N, C]` (no spatial axes) and on images with more elements than one
+/// workgroup, with and without affine parameters, for stacks of 1 to 3 gradients,
+/// against the f64 reference.
+#[test]
+fn batch_norm_gpu_matches_reference() {
+    let Some(ctx) = common::gpu() else { return };
+    let mut rng = TestRng::new(4);
+    for (shape, stack, affine) in [
+        (vec![7, 5], 3, true),
+        (vec![4, 6], 1, false),
+        (vec![2, 3, 9, 11], 2, true),
+    ] {
+        let c = shape[1];
+        let x = rng.vec(shape.iter().product());
+        let grad = rng.vec(x.len() * stack);
+        let mean = rng.vec(c);
+        let var: Vec<f32> = rng.vec(c).iter().map(|v| v.abs() + 0.1).collect();
+        let (w, b) = (rng.vec(c), rng.vec(c));
+        check_batch_norm(
+            &ctx,
+            &format!("{shape:?} stack {stack}"),
+            &x,
+            &shape,
+            (&mean, &var),
+            affine.then_some((&w[..], &b[..])),
+            1e-5,
+            &grad,
+            None,
+        );
+    }
+}
+
+/// Mismatched shapes and a bad eps are errors that name what is wrong, not panics.
+#[test]
+fn bad_arguments_are_errors() {
+    let Some(ctx) = common::gpu() else { return };
+    let x = ctx.zeros(&[2, 3, 4]).unwrap();
+    let (c3, c4) = (ctx.zeros(&[3]).unwrap(), ctx.zeros(&[4]).unwrap());
+    let y = ctx.zeros(&[2, 3, 4]).unwrap();
+    let mut rec = ctx.recorder();
+    let params = |mean, var, affine| norm::BatchNormParams {
+        running_mean: mean,
+        running_var: var,
+        affine,
+        eps: 1e-5,
+    };
+    let err = norm::batch_norm_forward(&mut rec, &x, &params(&c4, &c4, None), &y).unwrap_err();
+    assert!(err.to_string().contains("[N, 4, ...]"), "{err}");
+    let err = norm::batch_norm_forward(&mut rec, &x, &params(&c3, &c4, None), &y).unwrap_err();
+    assert!(
+        err.to_string().contains("running_var must have 3 elements"),
+        "{err}"
+    );
+    let affine = Some((&c3, &c4));
+    let err = norm::batch_norm_backward(&mut rec, &x, &params(&c3, &c3, affine), &y).unwrap_err();
+    assert!(
+        err.to_string().contains("bias must have 3 elements"),
+        "{err}"
+    );
+    let w3 = ctx.zeros(&[3]).unwrap();
+    let err = norm::layer_norm_forward(&mut rec, &x, Some((&w3, &w3)), 1e-5, &y).unwrap_err();
+    assert!(
+        err.to_string().contains("weight must have 4 elements"),
+        "{err}"
+    );
+    let g = ctx.zeros(&[5, 4]).unwrap();
+    let err = norm::layer_norm_backward(&mut rec, &x, None, 1e-5, &g, &g).unwrap_err();
+    assert!(err.to_string().contains("stack of gradients"), "{err}");
+    let err = norm::layer_norm_forward(&mut rec, &x, None, f32::NAN, &y).unwrap_err();
+    assert!(err.to_string().contains("eps"), "{err}");
+    assert!(rec.is_empty());
+}
