@@ -16,6 +16,7 @@ use ekfac::curvature::options::{
 };
 use ekfac::curvature::state::CurvatureState;
 use ekfac::curvature::summary::Summary;
+use ekfac::curvature::validate::check_eigenvectors;
 use ekfac::error::Error;
 use ekfac::gpu::GpuContext;
 use ekfac::graph::Model;
@@ -247,6 +248,9 @@ fn run_fit(args: &FitArgs) -> Result<()> {
     if let Some(bytes) = budget {
         ctx.set_memory_budget(bytes);
     }
+    if let (Some(state), Some(path)) = (&previous, &args.init_state) {
+        check_eigenvectors(&ctx, state, &path.display().to_string())?;
+    }
     let load_ms = ms(start);
     let mut fitted = fit_from(
         &ctx,
@@ -355,6 +359,7 @@ fn run_apply(args: &ApplyArgs) -> Result<()> {
     if let Some(bytes) = budget {
         ctx.set_memory_budget(bytes);
     }
+    check_eigenvectors(&ctx, &state, &args.state.display().to_string())?;
     let operator = Operator::new(&ctx, &state)?;
     let product = operator.apply(&v.data, v.cols(), approx, transform)?;
     let mut out = Outputs::new();

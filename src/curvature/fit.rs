@@ -145,6 +145,14 @@ pub fn fit_with(
         options.num_vectors(network.num_outputs()),
     )?;
     let accumulators = factor_pass(ctx, &network, data, options, &layout, chunks)?;
+    crate::curvature::validate::check_factors_finite(
+        ctx,
+        layout
+            .layers
+            .iter()
+            .zip(&accumulators)
+            .map(|(l, a)| (l.name.as_str(), a.input.as_ref(), a.gradient.as_ref())),
+    )?;
     timings.factors = ms(start);
     drop(phase);
 

@@ -13,6 +13,7 @@ pub mod options;
 pub mod scalars;
 pub mod state;
 pub mod summary;
+pub mod validate;
 
 pub use options::{DampingMode, FisherType, KfacApprox, LossKind, MIN_DAMPING, Options, Reduction};
 pub use scalars::Scalars;
