@@ -18,8 +18,10 @@ use std::time::{Duration, Instant};
 use ekfac::curvature::operator::{Approximation, Transform, eigenbasis_scaling};
 use ekfac::curvature::options::{DampingMode, FisherType, Options};
 use ekfac::curvature::state::CurvatureState;
+use ekfac::graph::Model;
+use ekfac::graph::json::from_json_str;
+use ekfac::model::TensorFile;
 use ekfac::model::data::Dataset;
-use ekfac::model::{Model, ModelSpec, TensorFile};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use serde_json::{Value, json};
@@ -313,20 +315,38 @@ fn assert_memory_bounded() {
 
 /// Loads a (possibly mutated) model description and weights the way `ekfac fit` does.
 fn load_model(spec_text: &str, weights: Vec<u8>) -> ekfac::Result<Model> {
-    let spec = ModelSpec::from_json_str(spec_text, "model.json")?;
-    spec.validate()?;
-    spec.shapes()?;
+    let graph = from_json_str(spec_text, "model.json")?;
     Model::from_tensor_file(
-        spec,
+        graph,
         &TensorFile::from_bytes(weights, "weights.safetensors")?,
     )
 }
 
+/// The first chain case as a graph-format (format 2) file, mutated as well.
+const GRAPH_MLP: &str = r#"{"format": "ekfac-graph", "version": 2,
+  "inputs": [{"name": "x", "shape": [4], "dtype": "f32"}],
+  "nodes": [
+    {"name": "0", "op": "linear", "inputs": ["x"],
+     "attrs": {"in_features": 4, "out_features": 5, "bias": true}},
+    {"name": "1", "op": "tanh", "inputs": ["0"]},
+    {"name": "2", "op": "linear", "inputs": ["1"],
+     "attrs": {"in_features": 5, "out_features": 3, "bias": true}}],
+  "output": "2",
+  "parameters": ["0.weight", "0.bias", "2.weight", "2.bias"]}"#;
+
 #[test]
 fn mutated_models_and_weights_give_clean_errors() {
-    for case in CASES {
-        let spec_text = std::fs::read_to_string(fixture(case, "model.json")).unwrap();
-        let weights = std::fs::read(fixture(case, "weights.safetensors")).unwrap();
+    let mut files: Vec<(String, Vec<u8>)> = CASES
+        .iter()
+        .map(|c| {
+            (
+                std::fs::read_to_string(fixture(c, "model.json")).unwrap(),
+                std::fs::read(fixture(c, "weights.safetensors")).unwrap(),
+            )
+        })
+        .collect();
+    files.push((GRAPH_MLP.to_string(), files[0].1.clone()));
+    for (spec_text, weights) in files {
         load_model(&spec_text, weights.clone()).expect("the unmutated inputs load");
         let strategy = (mutations(), any::<bool>());
         runner(CASES_PER_FILE)
@@ -351,7 +371,7 @@ fn mutated_models_and_weights_give_clean_errors() {
 #[test]
 fn mutated_data_give_clean_errors() {
     for case in CASES {
-        let spec = ModelSpec::from_json_str(
+        let spec = from_json_str(
             &std::fs::read_to_string(fixture(case, "model.json")).unwrap(),
             case,
         )
