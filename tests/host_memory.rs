@@ -21,7 +21,7 @@ use std::process::Command;
 
 use ekfac::curvature::fit::fit;
 use ekfac::curvature::options::Options;
-use ekfac::model::ModelSpec;
+use ekfac::graph::ModelSpec;
 
 use common::TestRng;
 

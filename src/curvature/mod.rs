@@ -1,8 +1,12 @@
 //! The curvature maths shared by the CPU reference and the GPU pipeline: options,
 //! the parameter/block layout, and the scalar properties from eigenvalues.
 
+mod batches;
+mod correction;
 pub mod eigen;
+mod factors;
 pub mod fit;
+pub mod layer;
 pub mod layout;
 pub mod operator;
 pub mod options;
