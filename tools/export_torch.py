@@ -56,7 +56,7 @@ import json
 import operator
 import os
 import sys
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -278,10 +278,11 @@ def _bind(node) -> Dict[str, Any]:
 
 
 def _op_name(node) -> str:
+    """``aten.linear.default`` for an ATen operator, the function's name otherwise."""
     target = node.target
-    return str(target) if not callable(target) or hasattr(target, "_schema") else getattr(
-        target, "__name__", str(target)
-    )
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target)
+    return getattr(target, "__name__", str(target))
 
 
 def _int_list(value: Any, n: int, default: Sequence[int]) -> List[int]:
@@ -852,8 +853,13 @@ def _check_rebuild(model: nn.Module, spec: Dict[str, Any], state: Dict[str, torc
     """Rebuild the exported model with graph_torch and compare outputs on a probe
     batch of 3: a mapping error must not go unnoticed."""
     probe_dtype = next((p.dtype for p in model.parameters()), torch.float32)
-    rebuilt = graph_torch.build(spec)
-    graph_torch.load_weights(rebuilt, {k: v.to(probe_dtype) if v.is_floating_point() else v for k, v in state.items()})
+    try:
+        rebuilt = graph_torch.build(spec)
+        graph_torch.load_weights(
+            rebuilt, {k: v.to(probe_dtype) if v.is_floating_point() else v for k, v in state.items()}
+        )
+    except ValueError as e:
+        raise ExportError(f"the exported graph cannot be rebuilt ({e}); please report this model") from e
     rebuilt = rebuilt.to(probe_dtype).eval()
     generator = torch.Generator().manual_seed(0)
     shape = spec["inputs"][0]["shape"] if "inputs" in spec else spec["input_shape"]
