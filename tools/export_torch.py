@@ -981,8 +981,26 @@ def _main() -> None:
         default="auto",
         help="model.json format (default auto: chain for a plain nn.Sequential, else graph)",
     )
+    parser.add_argument(
+        "--eval",
+        action="store_true",
+        help="call model.eval() before exporting (a module in training mode is refused)",
+    )
     args = parser.parse_args()
-    model = torch.load(args.model, weights_only=False)
+    try:
+        model = torch.load(args.model, weights_only=False)
+    except (ModuleNotFoundError, AttributeError) as e:
+        raise SystemExit(
+            f"export_torch: {args.model}: cannot unpickle the model ({e}); the module's class "
+            "must be importable: add the directory of its source file to PYTHONPATH"
+        )
+    if not isinstance(model, nn.Module):
+        raise SystemExit(
+            f"export_torch: {args.model} holds a {type(model).__name__}, not a torch.nn.Module "
+            "(save the whole module with torch.save(model, PATH), not its state_dict)"
+        )
+    if args.eval:
+        model.eval()
     input_shape = [int(s) for s in args.input_shape.split(",") if s]
     x = y = None
     if args.data:
