@@ -43,31 +43,6 @@ fn add_matches_pytorch() {
     }
 }
 
-/// Accumulating three gradients into one, as the executor does where a value fans out
-/// to three nodes, over more than one workgroup: each step rounds once, so the result
-/// is the f32 sum in that order exactly.
-#[test]
-fn accumulate_sums_in_order() {
-    let Some(ctx) = common::gpu() else { return };
-    let mut rng = TestRng::new(5);
-    let n = 1000;
-    let parts: Vec<Vec<f32>> = (0..3).map(|_| rng.vec(n)).collect();
-    let acc = ctx.upload(&parts[0], &[n]).unwrap();
-    let others: Vec<GpuTensor> = parts[1..]
-        .iter()
-        .map(|p| ctx.upload(p, &[n]).unwrap())
-        .collect();
-    let mut rec = ctx.recorder();
-    for g in &others {
-        combine::accumulate(&mut rec, &acc, g).unwrap();
-    }
-    rec.submit().unwrap();
-    let want: Vec<f32> = (0..n)
-        .map(|i| parts[0][i] + parts[1][i] + parts[2][i])
-        .collect();
-    assert_eq!(ctx.read(&acc).unwrap(), want);
-}
-
 /// GPU cat of `inputs` (values and shapes) along `axis`, and its backward for a stack of
 /// `stack` gradients: copies, so both must equal the reference exactly. Returns the
 /// forward output.
