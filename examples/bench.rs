@@ -42,8 +42,9 @@ use ekfac::curvature::fit::{GpuTimings, fit};
 use ekfac::curvature::operator::{Approximation, Operator, Transform};
 use ekfac::curvature::{FisherType, KfacApprox, LossKind, Options, Reduction};
 use ekfac::gpu::GpuContext;
+use ekfac::graph::chain::{Conv2dSpec, Layer, LinearSpec};
+use ekfac::graph::{Model, ModelSpec};
 use ekfac::model::data::{Dataset, Targets};
-use ekfac::model::{Conv2dSpec, Layer, LinearSpec, Model, ModelSpec};
 use ekfac::{Error, Result};
 
 /// Seed of the weights, the data and the product vectors.
@@ -229,9 +230,18 @@ impl Workload {
         }
     }
 
+    /// The chain the workload's model was built from.
+    fn spec(&self) -> &ModelSpec {
+        self.model
+            .graph
+            .chain
+            .as_ref()
+            .expect("the benchmark models are chains")
+    }
+
     /// The network in PyTorch's notation, e.g. `Linear(784,512) ReLU ...`.
     fn describe(&self) -> String {
-        let spec = &self.model.spec;
+        let spec = self.spec();
         let mut parts = vec![format!(
             "input {}",
             spec.input_shape
@@ -256,8 +266,7 @@ impl Workload {
     }
 
     fn num_params(&self) -> usize {
-        self.model
-            .spec
+        self.spec()
             .layers
             .iter()
             .map(|l| {
@@ -270,7 +279,7 @@ impl Workload {
     /// Writes the model, weights, data and options (see the module docs) into `dir`.
     fn write_inputs(&self, dir: &Path, flops: &Flops) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let spec = &self.model.spec;
+        let spec = self.spec();
         ekfac::io::write_atomic(&dir.join("model.json"), spec.to_json().as_bytes())?;
         let mut weights: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
         for (layer, params) in spec.layers.iter().zip(&self.model.params) {
@@ -278,8 +287,8 @@ impl Workload {
                 continue;
             };
             let shape = layer.weight_shape().expect("a layer with parameters");
-            weights.push((format!("{name}.weight"), shape, &params.weight));
-            if let (Some(bias), Some(shape)) = (&params.bias, layer.bias_shape()) {
+            weights.push((format!("{name}.weight"), shape, params.weight()));
+            if let (Some(bias), Some(shape)) = (params.bias(), layer.bias_shape()) {
                 weights.push((format!("{name}.bias"), shape, bias));
             }
         }
@@ -367,7 +376,7 @@ struct Flops {
 
 impl Flops {
     fn of(w: &Workload) -> Result<Self> {
-        let spec = &w.model.spec;
+        let spec = w.spec();
         let shapes = spec.shapes()?;
         let n = w.data.len as f64;
         let v = w.options.num_vectors(w.model.num_outputs()) as f64;
@@ -761,7 +770,7 @@ mod tests {
                 Model::load(sub.join("model.json"), sub.join("weights.safetensors")).unwrap();
             assert_eq!(model, w.model);
             let data =
-                Dataset::load_checked(sub.join("data.safetensors"), &model.spec, true).unwrap();
+                Dataset::load_checked(sub.join("data.safetensors"), &model.graph, true).unwrap();
             assert_eq!(data, w.data);
             let bench: serde_json::Value =
                 serde_json::from_slice(&std::fs::read(sub.join("bench.json")).unwrap()).unwrap();

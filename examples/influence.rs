@@ -43,8 +43,8 @@ use ekfac::curvature::operator::{Approximation, Operator, Transform};
 use ekfac::curvature::{DampingMode, FisherType, Options, Reduction};
 use ekfac::demo::{digits_options, digits_problem};
 use ekfac::gpu::{GpuContext, GpuTensor};
+use ekfac::graph::Network;
 use ekfac::model::data::{Dataset, Targets};
-use ekfac::model::sequential::Sequential;
 use ekfac::ops::gemm::{Gemm, gemm};
 use ekfac::ops::loss::{GpuTargets, record_backprop_vectors};
 use ekfac::{Error, Result};
@@ -94,11 +94,11 @@ fn gradient_options() -> Options {
 /// `∂ℓ_n/∂f_n` (`[1, len, C]`) of their own labels.
 fn forward_with_loss_vectors(
     ctx: &GpuContext,
-    net: &Sequential,
+    net: &Network,
     data: &Dataset,
     start: usize,
     len: usize,
-) -> Result<(ekfac::model::sequential::Forward, GpuTensor)> {
+) -> Result<(ekfac::graph::Forward, GpuTensor)> {
     let e = data.example_len();
     let x = ctx.upload(&data.x[start * e..(start + len) * e], &[len, e])?;
     let y: Vec<u32> = labels(data)[start..start + len]
@@ -126,7 +126,7 @@ fn forward_with_loss_vectors(
 /// with parameter gradients.
 fn example_gradient(
     ctx: &GpuContext,
-    net: &Sequential,
+    net: &Network,
     layout: &ParamLayout,
     data: &Dataset,
     n: usize,
@@ -151,7 +151,7 @@ fn example_gradient(
 /// `w` (`[K, P]` on the GPU, model order), as row-major `[N, K]`.
 fn influence_scores(
     ctx: &GpuContext,
-    net: &Sequential,
+    net: &Network,
     layout: &ParamLayout,
     data: &Dataset,
     w: &GpuTensor,
@@ -274,7 +274,7 @@ fn main() -> Result<()> {
     );
 
     // Test gradients g_t, then w_t = (F + δI)⁻¹ g_t for all queries in one product.
-    let net = Sequential::new(&ctx, &model)?;
+    let net = Network::new(&ctx, &model)?;
     let mut g_test = Vec::with_capacity(k * p);
     for t in 0..k {
         g_test.extend(example_gradient(&ctx, &net, layout, &test, t)?);

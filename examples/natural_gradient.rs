@@ -33,9 +33,9 @@ use ekfac::curvature::state::CurvatureState;
 use ekfac::curvature::{DampingMode, FisherType, Options, Reduction};
 use ekfac::demo::{digits_options, digits_problem};
 use ekfac::gpu::GpuContext;
+use ekfac::graph::Model;
+use ekfac::graph::Network;
 use ekfac::model::data::{Dataset, Targets};
-use ekfac::model::sequential::Sequential;
-use ekfac::model::{LayerParams, Model};
 use ekfac::ops::loss::{GpuTargets, record_backprop_vectors};
 use ekfac::{Error, Result};
 
@@ -123,14 +123,13 @@ fn labels(data: &Dataset) -> &[i64] {
 fn fresh_model(model: &Model, seed: u64) -> Model {
     let mut rng = SplitMix64(seed);
     let mut fresh = model.clone();
-    for (layer, params) in model.spec.layers.iter().zip(&mut fresh.params) {
+    for (layer, params) in model.chain().unwrap().layers.iter().zip(&mut fresh.params) {
         let (Some(p), Some(shape)) = (params.as_mut(), layer.weight_shape()) else {
             continue;
         };
         let bound = 1.0 / (shape[1..].iter().product::<usize>() as f64).sqrt();
-        p.weight.iter_mut().for_each(|w| *w = rng.uniform(bound));
-        if let Some(b) = p.bias.as_mut() {
-            b.iter_mut().for_each(|v| *v = rng.uniform(bound));
+        for (_, values) in &mut p.tensors {
+            values.iter_mut().for_each(|w| *w = rng.uniform(bound));
         }
     }
     fresh
@@ -141,12 +140,15 @@ fn with_params(model: &Model, layout: &ParamLayout, theta: &[f32]) -> Model {
     let mut out = model.clone();
     for p in &layout.params {
         let values = &theta[p.offset..p.offset + p.len()];
-        if let Some(LayerParams { weight, bias }) = out.params[p.layer].as_mut() {
-            match (p.kind, bias) {
-                (ParamKind::Weight, _) => weight.copy_from_slice(values),
-                (ParamKind::Bias, Some(b)) => b.copy_from_slice(values),
-                (ParamKind::Bias, None) => {}
-            }
+        let suffix = match p.kind {
+            ParamKind::Weight => "weight",
+            ParamKind::Bias => "bias",
+        };
+        if let Some(t) = out.params[p.layer]
+            .as_mut()
+            .and_then(|params| params.get_mut(suffix))
+        {
+            t.copy_from_slice(values);
         }
     }
     out
@@ -156,7 +158,7 @@ fn with_params(model: &Model, layout: &ParamLayout, theta: &[f32]) -> Model {
 /// in model order (`[P]`).
 fn minibatch_gradient(
     ctx: &GpuContext,
-    net: &Sequential,
+    net: &Network,
     layout: &ParamLayout,
     batch: &Dataset,
 ) -> Result<Vec<f32>> {
@@ -198,7 +200,7 @@ fn minibatch_gradient(
 }
 
 /// Mean cross-entropy over `data` and the fraction classified correctly.
-fn evaluate(ctx: &GpuContext, net: &Sequential, data: &Dataset) -> Result<(f64, f64)> {
+fn evaluate(ctx: &GpuContext, net: &Network, data: &Dataset) -> Result<(f64, f64)> {
     let logits = ctx.read(
         net.forward(ctx, ctx.upload(&data.x, &[data.len, data.example_len()])?)?
             .output(),
@@ -236,7 +238,7 @@ fn train(
     let mut history = Vec::with_capacity(STEPS + 1);
     for step in 0..=STEPS {
         let model = with_params(init, &layout, &theta);
-        let net = Sequential::new(ctx, &model)?;
+        let net = Network::new(ctx, &model)?;
         let (train_loss, _) = evaluate(ctx, &net, train)?;
         let (_, test_accuracy) = evaluate(ctx, &net, test)?;
         history.push(Progress {

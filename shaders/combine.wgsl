@@ -31,8 +31,8 @@ struct SlabParams {
 @group(0) @binding(1) var<storage, read> b: array<f32>;
 @group(0) @binding(1) var<storage, read_write> dst: array<f32>;
 @group(0) @binding(2) var<storage, read_write> sum_out: array<f32>;
-@group(0) @binding(2) var<uniform> slab_params2: SlabParams;
-@group(0) @binding(3) var<uniform> len_params3: LenParams;
+@group(0) @binding(2) var<storage, read> slab_params2: SlabParams;
+@group(0) @binding(3) var<storage, read> len_params3: LenParams;
 
 fn flat(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.x + wid.y * nwg.x) * 256u + lid;

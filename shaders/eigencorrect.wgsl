@@ -11,7 +11,7 @@ struct ScaleParams {
 
 @group(0) @binding(0) var<storage, read> scale_m: array<f32>;
 @group(0) @binding(1) var<storage, read_write> scale_x: array<f32>;
-@group(0) @binding(2) var<uniform> scale_params: ScaleParams;
+@group(0) @binding(2) var<storage, read> scale_params: ScaleParams;
 
 // x[x_offset + i] *= m[m_offset + i % period]: an eigenvalue matrix [d_out, D] applied
 // to K stacked [d_out, D] matrices.
@@ -35,7 +35,7 @@ struct StackParams {
 
 @group(0) @binding(0) var<storage, read> stack_x: array<f32>;
 @group(0) @binding(1) var<storage, read_write> stack_sum: array<f32>;
-@group(0) @binding(2) var<uniform> stack_params: StackParams;
+@group(0) @binding(2) var<storage, read> stack_params: StackParams;
 
 // sum[i] = Σ_v x[v·len + i]², in v order: the squared projections of the V
 // backpropagated vectors of one example, summed before the correction GEMM.
@@ -68,7 +68,7 @@ struct SharedParams {
 @group(0) @binding(0) var<storage, read> shared_g: array<f32>;
 @group(0) @binding(1) var<storage, read> shared_x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> shared_lambda: array<f32>;
-@group(0) @binding(3) var<uniform> shared_params: SharedParams;
+@group(0) @binding(3) var<storage, read> shared_params: SharedParams;
 
 const TILE: u32 = 16u;
 var<workgroup> g_tile: array<array<f32, 16>, 16>;

@@ -66,7 +66,7 @@ const ROW4: u32 = 17u;
 @group(0) @binding(1) var<storage, read> b_s: array<f32>;
 @group(0) @binding(1) var<storage, read> b_v: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> c: array<f32>;
-@group(0) @binding(3) var<uniform> p: Params;
+@group(0) @binding(3) var<storage, read> p: Params;
 
 // a_tile[k * ROW4 + i / 4][i % 4] = op(A)[m0 + i, k0 + k]
 var<workgroup> a_tile: array<vec4<f32>, 272>;
@@ -381,7 +381,7 @@ struct SumParams {
 }
 
 @group(0) @binding(1) var<storage, read_write> c_sum: array<f32>;
-@group(0) @binding(2) var<uniform> sp: SumParams;
+@group(0) @binding(2) var<storage, read> sp: SumParams;
 
 @compute @workgroup_size(256)
 fn split_k_sum(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -430,7 +430,7 @@ struct GemvParams {
 
 override MATRIX_IS_B: bool = false;
 
-@group(0) @binding(3) var<uniform> gp: GemvParams;
+@group(0) @binding(3) var<storage, read> gp: GemvParams;
 
 var<workgroup> gemv_sums: array<f32, 256>;
 

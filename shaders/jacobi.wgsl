@@ -170,7 +170,7 @@ fn already_done(lid: u32, b: u32) -> bool {
 @group(0) @binding(0) var<storage, read_write> ws_work_a: array<f32>;
 @group(0) @binding(1) var<storage, read_write> ws_work_w: array<f32>;
 @group(0) @binding(2) var<storage, read_write> ws_info: array<f32>;
-@group(0) @binding(3) var<uniform> ws_params: SweepParams;
+@group(0) @binding(3) var<storage, read> ws_params: SweepParams;
 
 var<workgroup> wg_a: array<f32, SHARED_N * SHARED_N>;
 var<workgroup> wg_w: array<f32, SHARED_N * SHARED_N>;
@@ -504,7 +504,7 @@ struct GlobalParams {
     window: u32,
 }
 
-@group(0) @binding(6) var<uniform> ia_params: GlobalParams;
+@group(0) @binding(6) var<storage, read> ia_params: GlobalParams;
 
 // work_a = (A + Aᵀ)/2, one invocation per element.
 @compute @workgroup_size(256)
@@ -524,7 +524,7 @@ fn global_init_a(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     dst_set(g, 0.5 * (src_get(g, w) + src_get(b * nn + r * n + i, w)), w);
 }
 
-@group(0) @binding(6) var<uniform> iw_params: GlobalParams;
+@group(0) @binding(6) var<storage, read> iw_params: GlobalParams;
 
 // work_w = V0ᵀ (or I), one invocation per element.
 @compute @workgroup_size(256)
@@ -550,7 +550,7 @@ fn global_init_w(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
 
 @group(0) @binding(0) var<storage, read> gr_work_a: array<f32>;
 @group(0) @binding(1) var<storage, read_write> gr_rot: array<vec4<f32>>;
-@group(0) @binding(2) var<uniform> gr_params: GlobalParams;
+@group(0) @binding(2) var<storage, read> gr_params: GlobalParams;
 
 // rot[b, j] = the rotation of slot j of the step, one invocation per (matrix, slot).
 @compute @workgroup_size(256)
@@ -577,7 +577,7 @@ fn global_rotations(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
 @group(0) @binding(0) var<storage, read> ga_rot: array<vec4<f32>>;
 @group(0) @binding(1) var<storage, read_write> ga_work_a: array<f32>;
 @group(0) @binding(2) var<storage, read_write> ga_work_w: array<f32>;
-@group(0) @binding(3) var<uniform> ga_params: GlobalParams;
+@group(0) @binding(3) var<storage, read> ga_params: GlobalParams;
 
 // Applies the step's rotations: per matrix, items [0, h²) are 2×2 blocks (i, j) of A
 // (i ≤ j computes block and mirror, i > j idles), items [h², h² + h·n) are (slot, column)
@@ -659,7 +659,7 @@ fn global_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 const NORM_CHUNK: u32 = 4096u;
 
 @group(0) @binding(3) var<storage, read_write> gn_partials: array<f32>;
-@group(0) @binding(4) var<uniform> gn_params: GlobalParams;
+@group(0) @binding(4) var<storage, read> gn_params: GlobalParams;
 
 // partials[b, chunk] = (Σ off-diagonal a², Σ a², 1 if any element is NaN or Inf else 0)
 // over elements [chunk·4096, +4096) of matrix b, summed in a fixed order.
@@ -702,7 +702,7 @@ fn global_norms(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 
 @group(0) @binding(3) var<storage, read_write> gs_values: array<f32>;
 @group(0) @binding(4) var<storage, read_write> gs_ranks: array<u32>;
-@group(0) @binding(5) var<uniform> gs_params: GlobalParams;
+@group(0) @binding(5) var<storage, read> gs_params: GlobalParams;
 
 // ranks[b, i] = position of a_ii in ascending order (ties by index); values[b, rank] = a_ii.
 @compute @workgroup_size(256)
@@ -737,7 +737,7 @@ struct CombineParams {
     window: u32,
 }
 
-@group(0) @binding(6) var<uniform> gc_params: CombineParams;
+@group(0) @binding(6) var<storage, read> gc_params: CombineParams;
 
 // W[g] = a·W[g] + b·P[g], one invocation per element.
 @compute @workgroup_size(256)
@@ -752,7 +752,7 @@ fn global_combine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
 }
 
 @group(0) @binding(3) var<storage, read> gg_ranks: array<u32>;
-@group(0) @binding(7) var<uniform> gg_params: GlobalParams;
+@group(0) @binding(7) var<storage, read> gg_params: GlobalParams;
 
 // vectors[b, r, ranks[b, i]] = W[b, i, r], one invocation per element.
 @compute @workgroup_size(256)
@@ -821,7 +821,7 @@ fn block_index(pair: vec2<u32>, l: u32) -> u32 {
 
 @group(0) @binding(0) var<storage, read> bs_threshold: array<f32>;
 @group(0) @binding(4) var<storage, read_write> bs_rot: array<f32>;
-@group(0) @binding(5) var<uniform> bs_params: BlockParams;
+@group(0) @binding(5) var<storage, read> bs_params: BlockParams;
 
 // One workgroup per (matrix, slot) of the round.
 @compute @workgroup_size(256)
@@ -910,7 +910,7 @@ fn block_solve(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
 }
 
 @group(0) @binding(0) var<storage, read> bp_rot: array<f32>;
-@group(0) @binding(7) var<uniform> bp_params: BlockParams;
+@group(0) @binding(7) var<storage, read> bp_params: BlockParams;
 
 // Two L × L operands of `block_apply`, row-major, L/4 vec4 per row.
 var<workgroup> wg_p: array<vec4<f32>, 256>;

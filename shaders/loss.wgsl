@@ -29,10 +29,10 @@ struct Params {
 @group(0) @binding(1) var<storage, read> labels: array<u32>;
 @group(0) @binding(2) var<storage, read> targets: array<f32>;
 @group(0) @binding(3) var<storage, read_write> vectors: array<f32>;
-@group(0) @binding(4) var<uniform> params: Params;
+@group(0) @binding(4) var<storage, read> params: Params;
 
 @group(0) @binding(0) var<storage, read_write> words: array<u32>;
-@group(0) @binding(1) var<uniform> pparams: Params;
+@group(0) @binding(1) var<storage, read> pparams: Params;
 
 // ---- Philox4x32-10 -------------------------------------------------------------
 

@@ -50,16 +50,16 @@ struct RowParams {
 @group(0) @binding(2) var<storage, read> bias: array<f32>;
 @group(0) @binding(2) var<storage, read> grad_ln: array<f32>;
 @group(0) @binding(2) var<storage, read_write> out2: array<f32>;
-@group(0) @binding(2) var<uniform> row_params2: RowParams;
+@group(0) @binding(2) var<storage, read> row_params2: RowParams;
 @group(0) @binding(3) var<storage, read> bn_weight: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out3: array<f32>;
-@group(0) @binding(3) var<uniform> bn_params3: ChannelParams;
-@group(0) @binding(3) var<uniform> row_params3: RowParams;
+@group(0) @binding(3) var<storage, read> bn_params3: ChannelParams;
+@group(0) @binding(3) var<storage, read> row_params3: RowParams;
 @group(0) @binding(4) var<storage, read> bn_bias: array<f32>;
-@group(0) @binding(4) var<uniform> bn_params4: ChannelParams;
-@group(0) @binding(4) var<uniform> row_params4: RowParams;
+@group(0) @binding(4) var<storage, read> bn_params4: ChannelParams;
+@group(0) @binding(4) var<storage, read> row_params4: RowParams;
 @group(0) @binding(5) var<storage, read_write> out5: array<f32>;
-@group(0) @binding(6) var<uniform> bn_params6: ChannelParams;
+@group(0) @binding(6) var<storage, read> bn_params6: ChannelParams;
 
 var<workgroup> partial_a: array<f32, 256>;
 var<workgroup> partial_b: array<f32, 256>;

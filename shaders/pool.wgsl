@@ -34,8 +34,8 @@ struct Params {
 @group(0) @binding(1) var<storage, read> argmax_in: array<u32>;
 @group(0) @binding(2) var<storage, read_write> argmax_out: array<u32>;
 @group(0) @binding(2) var<storage, read_write> out2: array<f32>;
-@group(0) @binding(2) var<uniform> params2: Params;
-@group(0) @binding(3) var<uniform> params3: Params;
+@group(0) @binding(2) var<storage, read> params2: Params;
+@group(0) @binding(3) var<storage, read> params3: Params;
 
 fn flat(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.x + wid.y * nwg.x) * 256u + lid;

@@ -27,7 +27,7 @@ struct RangeParams {
     value: f32,
 }
 
-@group(0) @binding(1) var<uniform> range_p: RangeParams;
+@group(0) @binding(1) var<storage, read> range_p: RangeParams;
 
 // y[offset + i] = value
 @compute @workgroup_size(256)
@@ -57,7 +57,7 @@ struct DiagonalParams {
     delta: f32,
 }
 
-@group(0) @binding(1) var<uniform> diag_p: DiagonalParams;
+@group(0) @binding(1) var<storage, read> diag_p: DiagonalParams;
 
 @compute @workgroup_size(256)
 fn add_diagonal(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -82,7 +82,7 @@ struct MapParams {
     beta: f32,
 }
 
-@group(0) @binding(2) var<uniform> map_p: MapParams;
+@group(0) @binding(2) var<storage, read> map_p: MapParams;
 
 // y = alpha * x + beta * y
 @compute @workgroup_size(256)
@@ -141,7 +141,7 @@ struct TransposeParams {
     stride_y: u32,
 }
 
-@group(0) @binding(2) var<uniform> tr_p: TransposeParams;
+@group(0) @binding(2) var<storage, read> tr_p: TransposeParams;
 
 var<workgroup> tr_tile: array<f32, 272>; // 16 x 17, padded against bank conflicts
 
@@ -170,7 +170,7 @@ struct AppendParams {
     cols: u32,
 }
 
-@group(0) @binding(2) var<uniform> app_p: AppendParams;
+@group(0) @binding(2) var<storage, read> app_p: AppendParams;
 
 @compute @workgroup_size(256)
 fn append_ones_column(@builtin(workgroup_id) wid: vec3<u32>,
@@ -200,7 +200,7 @@ struct SumParams {
     beta: f32,
 }
 
-@group(0) @binding(2) var<uniform> sum_p: SumParams;
+@group(0) @binding(2) var<storage, read> sum_p: SumParams;
 
 var<workgroup> partial: array<f32, 256>;
 

@@ -12,8 +12,9 @@ use crate::curvature::options::{FisherType, LossKind, Options, Reduction};
 use crate::curvature::summary::{ScalarsJson, Summary};
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
+use crate::graph::Model;
+use crate::model::TensorFile;
 use crate::model::data::Dataset;
-use crate::model::{Model, ModelSpec, TensorFile};
 
 const MODEL: &str = include_str!("../assets/digits/model.json");
 const WEIGHTS: &[u8] = include_bytes!("../assets/digits/weights.safetensors");
@@ -35,7 +36,7 @@ pub fn digits_options() -> Options {
 
 /// The bundled digits model and data.
 pub fn digits_problem() -> Result<(Model, Dataset)> {
-    let spec = ModelSpec::from_json_str(MODEL, "assets/digits/model.json")?;
+    let spec = crate::graph::json::from_json_str(MODEL, "assets/digits/model.json")?;
     let weights = TensorFile::from_bytes(WEIGHTS.to_vec(), "assets/digits/weights.safetensors")?;
     let model = Model::from_tensor_file(spec, &weights)?;
     let data = Dataset::from_tensor_file(&TensorFile::from_bytes(

@@ -4,8 +4,8 @@
 mod common;
 
 use common::TestRng;
-use ekfac::cpu::ops;
 use ekfac::ops::activation;
+use ekfac::reference::ops;
 
 /// Inputs spanning the interesting ranges: exact zeros (ReLU's kink), tiny values
 /// (tanh's cancellation region), moderate values, and ±1e4 / ±88 where a naive tanh or

@@ -5,9 +5,9 @@ mod common;
 mod op_fixtures;
 
 use common::TestRng;
-use ekfac::cpu::graph_ops as reference;
 use ekfac::gpu::{GpuContext, GpuTensor};
 use ekfac::ops::combine;
+use ekfac::reference::graph_ops as reference;
 use op_fixtures::OpFixture;
 
 fn read64(ctx: &GpuContext, t: &GpuTensor) -> Vec<f64> {

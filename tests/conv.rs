@@ -5,9 +5,9 @@
 mod common;
 
 use common::TestRng;
-use ekfac::cpu::ops;
 use ekfac::geometry::Conv2dGeometry;
 use ekfac::ops::conv::{ConvBackward, ConvWorkspace, conv2d_backward, conv2d_forward};
+use ekfac::reference::ops;
 
 /// Awkward shapes with a bias flag: padding, stride 2, dilation 2, groups 2 and 4,
 /// rectangular kernels, 1×1 images (also padded).

@@ -11,13 +11,14 @@
 
 use std::collections::HashMap;
 
-use ekfac::cpu::curvature::{
-    Approximation, CpuCurvature, Dataset, LayerWeights, Network64, exact_block_diagonal,
-};
 use ekfac::curvature::layout::{BlockKind, ParamLayout};
 use ekfac::curvature::{DampingMode, FisherType, KfacApprox, LossKind, Options, Reduction};
+use ekfac::graph::chain::{Conv2dSpec, Layer, LinearSpec};
+use ekfac::graph::{Model, ModelSpec};
 use ekfac::loss::{self, SampledTargets, Targets};
-use ekfac::model::{Conv2dSpec, Layer, LinearSpec, Model, ModelSpec};
+use ekfac::reference::curvature::{
+    Approximation, CpuCurvature, Dataset, LayerWeights, Network64, exact_block_diagonal,
+};
 
 /// A model from f64 weights (`name → (shape, values)`): the `Model` holds their f32
 /// roundings, the returned layer weights the exact f64 values.
@@ -848,7 +849,7 @@ fn names(v: &[&str]) -> Vec<String> {
 #[test]
 fn layout_selection_and_model_order() {
     let (model, _) = golden_mlp();
-    let spec = &model.spec;
+    let spec = &model.graph;
     let all = ParamLayout::new(spec, None, false).unwrap();
     assert_eq!(
         all.param_names(),
@@ -893,7 +894,7 @@ fn layout_selection_and_model_order() {
         })],
         &[("fc.weight", vec![2, 2], vec![1.0, 2.0, 3.0, 4.0])],
     );
-    let err = ParamLayout::new(&nobias.spec, Some(&names(&["fc.bias"])), false)
+    let err = ParamLayout::new(&nobias.graph, Some(&names(&["fc.bias"])), false)
         .unwrap_err()
         .to_string();
     assert!(err.contains("has no bias"), "{err}");
@@ -904,7 +905,7 @@ fn layout_selection_and_model_order() {
 #[test]
 fn layout_gather_scatter_joint() {
     let (model, _) = golden_mlp();
-    let layout = ParamLayout::new(&model.spec, None, true).unwrap();
+    let layout = ParamLayout::new(&model.graph, None, true).unwrap();
     let p = layout.num_params;
     let k = 2;
     let x: Vec<f64> = (0..p * k).map(|i| i as f64).collect();

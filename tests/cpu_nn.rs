@@ -1,4 +1,4 @@
-//! The f64 whole-network reference (`ekfac::cpu::nn`): backward against central finite
+//! The f64 whole-network reference (`ekfac::reference::nn`): backward against central finite
 //! differences of the forward, for an MLP and a CNN with every layer type.
 //!
 //! For a stack of output gradients `g [V, B, C]`, the backward's output gradient of layer
@@ -17,8 +17,9 @@
 mod common;
 
 use common::TestRng;
-use ekfac::cpu::{nn, ops};
-use ekfac::model::{Layer, Model, ModelSpec};
+use ekfac::graph::chain::Layer;
+use ekfac::graph::{Model, ModelSpec};
+use ekfac::reference::{nn, ops};
 
 const H: f64 = 1e-6;
 const TOL: f64 = 1e-6;
@@ -37,15 +38,17 @@ fn rel(got: &[f64], want: &[f64]) -> f64 {
 
 /// Layers `l+1..` of `model` applied to `z [rows, *shapes[l+1]]` (identity after the last).
 fn tail(model: &Model, l: usize, z: &[f64], rows: usize) -> Vec<f64> {
-    if l + 1 == model.spec.layers.len() {
+    if l + 1 == model.chain().unwrap().layers.len() {
         return z.to_vec();
     }
     let shapes = model.shapes();
     let tail = Model {
-        spec: ModelSpec {
+        graph: ModelSpec {
             input_shape: shapes[l + 1].clone(),
-            layers: model.spec.layers[l + 1..].to_vec(),
-        },
+            layers: model.chain().unwrap().layers[l + 1..].to_vec(),
+        }
+        .to_graph()
+        .unwrap(),
         params: model.params[l + 1..].to_vec(),
     };
     nn::forward(&tail, z, rows).activations.pop().unwrap()
@@ -75,7 +78,7 @@ fn layer_out(
     b: Option<&[f64]>,
 ) -> Vec<f64> {
     let input = &model.shapes()[l];
-    match &model.spec.layers[l] {
+    match &model.chain().unwrap().layers[l] {
         Layer::Linear(s) => ops::linear_forward(x, w, b, batch, s.in_features, s.out_features),
         Layer::Conv2d(c) => ops::conv2d_forward(x, w, b, &c.geometry(batch, [input[1], input[2]])),
         other => panic!("{} has no parameters", other.kind()),
@@ -93,7 +96,10 @@ fn check_against_finite_differences(model: &Model, batch: usize, stack: usize, s
     let c = model.num_outputs();
     let g: Vec<f64> = (0..stack * batch * c).map(|_| rng.uniform()).collect();
     let trace = nn::forward(model, &x, batch);
-    assert_eq!(trace.activations.len(), model.spec.layers.len() + 1);
+    assert_eq!(
+        trace.activations.len(),
+        model.chain().unwrap().layers.len() + 1
+    );
     for (a, s) in trace.activations.iter().zip(&shapes) {
         assert_eq!(a.len(), batch * s.iter().product::<usize>());
     }
@@ -103,7 +109,7 @@ fn check_against_finite_differences(model: &Model, batch: usize, stack: usize, s
     assert_eq!(back.output_grads.len(), curvature.len());
 
     for (slot, &l) in curvature.iter().enumerate() {
-        let label = model.spec.label(l);
+        let label = model.graph.label(l);
         // Output gradient, per stack entry.
         let z = &trace.activations[l + 1];
         let mut fd = vec![0.0; stack * z.len()];
@@ -123,9 +129,9 @@ fn check_against_finite_differences(model: &Model, batch: usize, stack: usize, s
 
         // Parameter gradients, summed over the stack.
         let p = model.params[l].as_ref().unwrap();
-        let w: Vec<f64> = p.weight.iter().map(|&v| v as f64).collect();
+        let w: Vec<f64> = p.weight().iter().map(|&v| v as f64).collect();
         let b: Option<Vec<f64>> = p
-            .bias
+            .bias()
             .as_ref()
             .map(|b| b.iter().map(|&v| v as f64).collect());
         let x_l = &trace.activations[l];
@@ -169,7 +175,7 @@ fn check_against_finite_differences(model: &Model, batch: usize, stack: usize, s
 /// function.
 fn assert_no_kinks(model: &Model, trace: &nn::ForwardTrace) {
     let shapes = model.shapes();
-    for (l, layer) in model.spec.layers.iter().enumerate() {
+    for (l, layer) in model.chain().unwrap().layers.iter().enumerate() {
         let x = &trace.activations[l];
         match layer {
             Layer::Relu => assert!(x.iter().all(|v| v.abs() > 100.0 * H), "ReLU input near 0"),
@@ -273,13 +279,15 @@ fn mlp_forward_matches_plain_loops() {
         let hidden: Vec<f64> = (0..3)
             .map(|o| {
                 let s: f64 = (0..4)
-                    .map(|i| a.weight[o * 4 + i] as f64 * x[n * 4 + i])
+                    .map(|i| a.weight()[o * 4 + i] as f64 * x[n * 4 + i])
                     .sum();
-                (s + a.bias.as_ref().unwrap()[o] as f64).tanh()
+                (s + a.bias().as_ref().unwrap()[o] as f64).tanh()
             })
             .collect();
         for o in 0..2 {
-            let want: f64 = (0..3).map(|i| b.weight[o * 3 + i] as f64 * hidden[i]).sum();
+            let want: f64 = (0..3)
+                .map(|i| b.weight()[o * 3 + i] as f64 * hidden[i])
+                .sum();
             assert!((out[n * 2 + o] - want).abs() < 1e-14, "output [{n}, {o}]");
         }
     }
@@ -296,7 +304,7 @@ fn check_fixture(case: &str) {
         .join("tests/fixtures/nn")
         .join(case);
     let model = Model::load(dir.join("model.json"), dir.join("weights.safetensors")).unwrap();
-    let data = Dataset::load_checked(dir.join("data.safetensors"), &model.spec, true).unwrap();
+    let data = Dataset::load_checked(dir.join("data.safetensors"), &model.graph, true).unwrap();
     let expected = TensorFile::load(dir.join("expected.safetensors")).unwrap();
     let get = |key: &str| {
         let t = expected
@@ -316,7 +324,7 @@ fn check_fixture(case: &str) {
     let stack = shape[0];
     let back = nn::backward(&model, &trace, &grad_output, stack);
     for (slot, &l) in model.curvature_layers().iter().enumerate() {
-        let name = model.spec.layers[l].name().unwrap();
+        let name = model.chain().unwrap().layers[l].name().unwrap();
         let checks = [
             ("input", &trace.activations[l]),
             ("output", &trace.activations[l + 1]),
@@ -331,7 +339,7 @@ fn check_fixture(case: &str) {
             );
         }
         let (shape, want) = get(&format!("grads.{name}.weight"));
-        assert_eq!(Some(shape), model.spec.layers[l].weight_shape());
+        assert_eq!(Some(shape), model.chain().unwrap().layers[l].weight_shape());
         let e = rel(&back.weight_grads[slot], &want);
         assert!(
             e < FIXTURE_TOL,

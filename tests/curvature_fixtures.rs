@@ -187,7 +187,7 @@ fn chunking_to_the_memory_budget_changes_nothing() {
     assert!(opts.batch_size > 1, "the case must have batches to split");
     let whole = fit(&ctx, model, data, opts, Some(1e-2)).unwrap();
 
-    let per_example = 4 * ekfac::model::sequential::Sequential::new(&ctx, model)
+    let per_example = 4 * ekfac::graph::Network::new(&ctx, model)
         .unwrap()
         .activation_elements() as u64;
     let default_budget = ctx.memory_budget();

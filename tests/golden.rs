@@ -16,8 +16,9 @@ use ekfac::curvature::fit::fit;
 use ekfac::curvature::operator::{Approximation, Operator, Transform};
 use ekfac::curvature::options::{FisherType, KfacApprox, LossKind, Options, Reduction};
 use ekfac::curvature::summary::Summary;
+use ekfac::graph::chain::{Conv2dSpec, Layer, LinearSpec};
+use ekfac::graph::{Model, ModelSpec};
 use ekfac::model::data::{Dataset, Targets};
-use ekfac::model::{Conv2dSpec, Layer, LinearSpec, Model, ModelSpec};
 
 fn linspace(a: f64, b: f64, n: usize) -> Vec<f32> {
     (0..n)

@@ -588,3 +588,390 @@ fn outputs_are_all_or_nothing() {
         assert!(!summary.exists());
     }
 }
+
+fn case_file(case: &str, name: &str) -> String {
+    s(&Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/curvature")
+        .join(case)
+        .join(name))
+    .to_string()
+}
+
+/// Fits fixture `case` (type-2 or the given fisher, cross-entropy unless `loss`) into
+/// `out`, with `extra` arguments.
+fn fit_case(case: &str, loss: &str, fisher: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "fit".to_string(),
+        "--model".into(),
+        case_file(case, "model.json"),
+        "--weights".into(),
+        case_file(case, "weights.safetensors"),
+        "--data".into(),
+        case_file(case, "data.safetensors"),
+        "--loss".into(),
+        loss.into(),
+        "--fisher".into(),
+        fisher.into(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    ekfac_within(&args.iter().map(String::as_str).collect::<Vec<_>>(), 300)
+}
+
+/// Copies the state file `src` to `dst` with `edit` applied to the f32 values of `key`.
+fn edit_state(src: &Path, dst: &Path, key: &str, edit: impl FnOnce(&mut Vec<f32>)) {
+    let bytes = std::fs::read(src).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = file
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            let values = bytemuck::pod_collect_to_vec::<u8, f32>(v.data());
+            (k, v.shape().to_vec(), values)
+        })
+        .collect();
+    let t = tensors
+        .iter_mut()
+        .find(|t| t.0 == key)
+        .unwrap_or_else(|| panic!("no key {key}"));
+    edit(&mut t.2);
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(k, shape, v)| {
+            (
+                k.clone(),
+                TensorView::new(Dtype::F32, shape.clone(), bytemuck::cast_slice(v)).unwrap(),
+            )
+        })
+        .collect();
+    let bytes = safetensors::serialize(views, meta.metadata().clone()).unwrap();
+    std::fs::write(dst, bytes).unwrap();
+}
+
+/// States are validated at load: finite tensors, orthonormal eigenvectors (apply and
+/// --init-state); inverses that would divide by an eigenvalue counting as zero are
+/// refused naming the layer and suggesting a damping.
+#[test]
+fn states_are_validated() {
+    let Some(ctx) = common::gpu() else { return };
+    drop(ctx);
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let case = "mlp_relu_ce_mean_type2_joint";
+    let state = t.join("state.safetensors");
+    let out = fit_case(
+        case,
+        "cross_entropy",
+        "type-2",
+        &["--joint-bias", "--out", s(&state)],
+    );
+    assert_success(&out, "fit");
+    let p = 43;
+    let vectors = t.join("v.safetensors");
+    let ones = vec![1.0f32; p * 2];
+    write_safetensors(
+        &vectors,
+        &[(
+            "V",
+            Dtype::F32,
+            vec![p, 2],
+            bytemuck::cast_slice(&ones).to_vec(),
+        )],
+    );
+    let product = t.join("out.safetensors");
+    let apply = |state: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "apply",
+            "--state",
+            s(state),
+            "--vectors",
+            s(&vectors),
+            "--out",
+            s(&product),
+        ];
+        args.extend(extra);
+        ekfac_within(&args, 120)
+    };
+    assert_success(&apply(&state, &[]), "apply on the valid state");
+    std::fs::remove_file(&product).unwrap();
+
+    // A NaN eigenvalue and an Inf corrected eigenvalue.
+    let bad = t.join("bad.safetensors");
+    edit_state(&state, &bad, "0.input_eigenvalues", |v| v[2] = f32::NAN);
+    assert_fails(
+        &apply(&bad, &[]),
+        &[
+            "bad.safetensors",
+            "\"0.input_eigenvalues\"",
+            "0.input_eigenvalues[2] is NaN",
+        ],
+    );
+    edit_state(&state, &bad, "2.joint.corrected_eigenvalues", |v| {
+        v[7] = f32::INFINITY
+    });
+    assert_fails(
+        &apply(&bad, &[]),
+        &["\"2.joint.corrected_eigenvalues\"", "[1, 1] is inf"],
+    );
+    // Eigenvectors that are all zero, or one column doubled: refused by apply and as
+    // a warm start.
+    edit_state(&state, &bad, "0.input_eigenvectors", |v| v.fill(0.0));
+    assert_fails(
+        &apply(&bad, &[]),
+        &[
+            "bad.safetensors",
+            "\"0.input_eigenvectors\"",
+            "not orthonormal",
+        ],
+    );
+    let refit = t.join("refit.safetensors");
+    assert_fails(
+        &fit_case(
+            case,
+            "cross_entropy",
+            "type-2",
+            &["--joint-bias", "--init-state", s(&bad), "--out", s(&refit)],
+        ),
+        &["\"0.input_eigenvectors\"", "not orthonormal"],
+    );
+    edit_state(&state, &bad, "2.gradient_eigenvectors", |v| {
+        for row in 0..3 {
+            v[row * 3 + 1] *= 2.0;
+        }
+    });
+    assert_fails(
+        &apply(&bad, &[]),
+        &["\"2.gradient_eigenvectors\"", "not orthonormal"],
+    );
+    assert!(!product.exists() && !refit.exists());
+
+    // Layer 2's G is singular here (curvlinops counts 6 zero eigenvalues).
+    for extra in [
+        &["--kfac", "--inverse", "--damping", "0"][..],
+        &["--inverse", "--damping", "0"],
+        &["--inverse", "--damping", "1e-30"],
+        &[
+            "--kfac",
+            "--inverse",
+            "--damping",
+            "0",
+            "--damping-mode",
+            "plain",
+        ],
+    ] {
+        let out = apply(&state, extra);
+        assert_fails(
+            &out,
+            &[
+                "layer 2",
+                "would divide by",
+                "count as zero",
+                "pass a damping above",
+                "--damping ",
+            ],
+        );
+        assert!(!product.exists());
+    }
+    assert_success(
+        &apply(&state, &["--inverse", "--damping", "1e-3"]),
+        "a damped inverse",
+    );
+    let (_, values) = {
+        let file = ekfac::model::TensorFile::load(&product).unwrap();
+        let t = file.require("out", "the product").unwrap();
+        (t.shape.to_vec(), t.to_f32().unwrap())
+    };
+    assert!(values.iter().all(|v| v.is_finite()));
+}
+
+/// A fit whose factors overflow names the layer and what was too large.
+#[test]
+fn overflowing_factors_name_the_layer() {
+    let Some(ctx) = common::gpu() else { return };
+    drop(ctx);
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let out = t.join("state.safetensors");
+    // Inputs of 3e38 are finite f32, but their squares are not.
+    let n = 6;
+    let x: Vec<f32> = (0..n * 4)
+        .map(|i| if i % 5 == 0 { 3e38 } else { 0.5 })
+        .collect();
+    let y: Vec<i64> = (0..n as i64).map(|i| i % 3).collect();
+    let data = t.join("data.safetensors");
+    write_safetensors(
+        &data,
+        &[
+            (
+                "x",
+                Dtype::F32,
+                vec![n, 4],
+                bytemuck::cast_slice(&x).to_vec(),
+            ),
+            ("y", Dtype::I64, vec![n], bytemuck::cast_slice(&y).to_vec()),
+        ],
+    );
+    let args = fit_args([None, None, Some(s(&data))], &["--out", s(&out)]);
+    let result = ekfac_within(&args.iter().map(String::as_str).collect::<Vec<_>>(), 120);
+    assert_fails(
+        &result,
+        &[
+            "layer 0",
+            "input covariance A is not finite",
+            "inputs",
+            "too large",
+        ],
+    );
+    // Huge last-layer weights: the backpropagated MSE gradients overflow.
+    let weights = t.join("weights.safetensors");
+    let case = "mlp_relu_mse_sum_empirical_sep";
+    let bytes = std::fs::read(case_file(case, "weights.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = file
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            let mut values = bytemuck::pod_collect_to_vec::<u8, f32>(v.data());
+            if k == "2.weight" {
+                values.iter_mut().for_each(|w| *w *= 1e25);
+            }
+            (
+                k,
+                v.dtype(),
+                v.shape().to_vec(),
+                bytemuck::cast_slice(&values).to_vec(),
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(k, d, sh, b)| (k.as_str(), *d, sh.clone(), b.clone()))
+        .collect();
+    write_safetensors(&weights, &refs);
+    let args = [
+        "fit",
+        "--model",
+        &case_file(case, "model.json"),
+        "--weights",
+        s(&weights),
+        "--data",
+        &case_file(case, "data.safetensors"),
+        "--loss",
+        "mse",
+        "--reduction",
+        "sum",
+        "--fisher",
+        "empirical",
+        "--out",
+        s(&out),
+    ];
+    assert_fails(
+        &ekfac_within(&args, 120),
+        &[
+            "gradient covariance G is not finite",
+            "gradients are too large",
+        ],
+    );
+    assert!(!out.exists());
+}
+
+/// `apply` takes the columns of --vectors in chunks that fit the memory budget: the
+/// peak GPU memory stays within the budget and the products agree with one pass
+/// (relative Frobenius error 1e-6: the chunks' GEMMs may split their reductions
+/// differently, so bitwise equality is not promised).
+#[test]
+fn apply_chunks_columns_by_the_memory_budget() {
+    use ekfac::curvature::operator::{Approximation, Operator, Transform};
+    use ekfac::curvature::state::CurvatureState;
+    let Some(ctx) = common::gpu() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let case = "mlp_relu_ce_mean_type2_joint";
+    let state_path = t.join("state.safetensors");
+    let out = fit_case(
+        case,
+        "cross_entropy",
+        "type-2",
+        &["--joint-bias", "--out", s(&state_path)],
+    );
+    assert_success(&out, "fit");
+    let state = CurvatureState::load(&state_path).unwrap();
+    let p = state.layout.num_params;
+    let k = 3000;
+    let v: Vec<f32> = (0..p * k)
+        .map(|i| ((i * 37) % 17) as f32 / 8.0 - 1.0)
+        .collect();
+
+    // Library: a budget of about eight columns above what the operator holds.
+    let operator = Operator::new(&ctx, &state).unwrap();
+    let default_budget = ctx.memory_budget();
+    ctx.memory().reset_peak();
+    let held = ctx.memory().current_bytes();
+    let whole = operator
+        .apply(&v, k, Approximation::Ekfac, Transform::Forward)
+        .unwrap();
+    let peak_whole = ctx.memory().peak_bytes() - held;
+    let budget = held + (8 * 3 * 4 * p) as u64;
+    ctx.set_memory_budget(budget);
+    ctx.memory().reset_peak();
+    let chunked = operator.apply(&v, k, Approximation::Ekfac, Transform::Forward);
+    let peak_chunked = ctx.memory().peak_bytes();
+    ctx.set_memory_budget(default_budget);
+    let chunked = chunked.unwrap();
+    assert!(
+        common::rel_err(
+            &chunked,
+            &whole.iter().map(|&x| f64::from(x)).collect::<Vec<_>>()
+        ) < 1e-6
+    );
+    assert!(
+        peak_chunked <= budget,
+        "peak {peak_chunked} bytes over the budget {budget}"
+    );
+    assert!(
+        peak_whole > 100 * (peak_chunked - held),
+        "{peak_whole} vs {peak_chunked}"
+    );
+    drop(operator);
+    drop(ctx);
+
+    // Command line: --memory-budget-mib 1 splits 3000 columns; same products.
+    let vectors = t.join("v.safetensors");
+    write_safetensors(
+        &vectors,
+        &[(
+            "V",
+            Dtype::F32,
+            vec![p, k],
+            bytemuck::cast_slice(&v).to_vec(),
+        )],
+    );
+    let read = |path: &Path| {
+        let file = ekfac::model::TensorFile::load(path).unwrap();
+        file.require("out", "the product")
+            .unwrap()
+            .to_f32()
+            .unwrap()
+    };
+    let mut results = Vec::new();
+    for budget in [None, Some("1")] {
+        let product = t.join(format!("out{}.safetensors", results.len()));
+        let mut args = vec![
+            "apply",
+            "--state",
+            s(&state_path),
+            "--vectors",
+            s(&vectors),
+            "--inverse",
+            "--out",
+            s(&product),
+        ];
+        if let Some(mib) = budget {
+            args.extend(["--memory-budget-mib", mib]);
+        }
+        assert_success(&ekfac_within(&args, 120), "apply");
+        results.push(read(&product));
+    }
+    let reference: Vec<f64> = results[0].iter().map(|&x| f64::from(x)).collect();
+    assert!(common::rel_err(&results[1], &reference) < 1e-6);
+}

@@ -4,9 +4,9 @@
 mod common;
 
 use common::TestRng;
-use ekfac::cpu::ops;
 use ekfac::geometry::Conv2dGeometry;
 use ekfac::ops::im2col;
+use ekfac::reference::ops;
 
 /// A conv geometry from `(B, C, Cout, [H, W], [KH, KW], stride, padding, dilation, groups)`.
 /// Awkward shapes: padding, stride 2, dilation 2, groups 2 and 4, rectangular

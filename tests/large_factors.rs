@@ -10,14 +10,15 @@
 
 mod common;
 
-use ekfac::cpu::curvature::{CpuCurvature, Dataset as CpuDataset, Network64};
 use ekfac::curvature::fit::{Fitted, fit};
 use ekfac::curvature::operator::{Approximation, Operator, Transform};
 use ekfac::curvature::options::{DampingMode, Options};
 use ekfac::curvature::summary::block_scalars;
 use ekfac::gpu::GpuContext;
+use ekfac::graph::{Model, ModelSpec};
 use ekfac::loss::Targets as LossTargets;
-use ekfac::model::{Dataset, Model, ModelSpec, Targets};
+use ekfac::model::{Dataset, Targets};
+use ekfac::reference::curvature::{CpuCurvature, Dataset as CpuDataset, Network64};
 
 use common::TestRng;
 

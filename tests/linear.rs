@@ -3,9 +3,9 @@
 mod common;
 
 use common::TestRng;
-use ekfac::cpu::ops;
 use ekfac::geometry::LinearGeometry;
 use ekfac::ops::linear::{LinearBackward, linear_backward, linear_forward};
+use ekfac::reference::ops;
 
 fn to_f64(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&a| f64::from(a)).collect()

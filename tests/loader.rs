@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use ekfac::model::{
-    Conv2dSpec, Dataset, Layer, LinearSpec, Model, ModelSpec, PoolSpec, Targets, TargetsSlice,
-};
+use ekfac::graph::chain::{Conv2dSpec, Layer, LinearSpec, PoolSpec};
+use ekfac::graph::{Model, ModelSpec};
+use ekfac::model::{Dataset, Targets, TargetsSlice};
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
 
@@ -380,12 +380,12 @@ fn weights_load_and_convert() {
     assert_eq!(model.curvature_layers(), vec![0, 2]);
     assert_eq!(model.num_outputs(), 3);
     let conv = model.params[0].as_ref().unwrap();
-    assert_eq!(conv.weight[3], 1.5);
-    assert!(conv.bias.is_none());
+    assert_eq!(conv.weight()[3], 1.5);
+    assert!(conv.bias().is_none());
     assert!(model.params[1].is_none());
     assert_eq!(
-        model.params[2].as_ref().unwrap().bias,
-        Some(vec![0.0, 1.0, 2.0])
+        model.params[2].as_ref().unwrap().bias(),
+        Some(&[0.0, 1.0, 2.0][..])
     );
 
     // F64, F16 and BF16 weights are converted to f32 (0.25·i is exact in all of them).
@@ -416,25 +416,28 @@ fn weights_load_and_convert() {
     let tensors: HashMap<String, (Vec<usize>, Vec<f32>)> = model
         .params
         .iter()
-        .zip(&model.spec.layers)
+        .zip(&model.chain().unwrap().layers)
         .filter_map(|(p, l)| Some((p.as_ref()?, l.name()?, l)))
         .flat_map(|(p, name, l)| {
             let mut v = vec![(
                 format!("{name}.weight"),
-                (l.weight_shape().unwrap(), p.weight.clone()),
+                (l.weight_shape().unwrap(), p.weight().to_vec()),
             )];
-            if let Some(b) = &p.bias {
-                v.push((format!("{name}.bias"), (l.bias_shape().unwrap(), b.clone())));
+            if let Some(b) = p.bias() {
+                v.push((
+                    format!("{name}.bias"),
+                    (l.bias_shape().unwrap(), b.to_vec()),
+                ));
             }
             v
         })
         .collect();
-    let built = Model::new(model.spec.clone(), tensors).unwrap();
+    let built = Model::new(model.graph.clone(), tensors).unwrap();
     assert_eq!(built, model);
 
     // Changing one weight changes the fingerprint.
     let mut other = model.clone();
-    other.params[2].as_mut().unwrap().weight[7] += 1.0;
+    other.params[2].as_mut().unwrap().get_mut("weight").unwrap()[7] += 1.0;
     assert_ne!(other.fingerprint(), model.fingerprint());
 }
 
@@ -541,7 +544,7 @@ fn data_loads_and_batches() {
         (Dtype::I64, vec![5], i64_bytes(&[0, 3, 1, 2, 3])),
     );
     let data = Dataset::load(&path).unwrap();
-    data.check(&spec, true).unwrap();
+    data.check(&spec.to_graph().unwrap(), true).unwrap();
     assert_eq!((data.len, data.example_shape.clone()), (5, vec![2, 3]));
     assert_eq!(data.y, Targets::Classes(vec![0, 3, 1, 2, 3]));
     let batches: Vec<_> = data.batches(2).collect();
@@ -556,11 +559,11 @@ fn data_loads_and_batches() {
         .flat_map(|k| k.to_le_bytes())
         .collect();
     let path = data_file(dir.path(), (Dtype::I32, vec![5, 1], i32_bytes));
-    let data = Dataset::load_checked(&path, &spec, true).unwrap();
+    let data = Dataset::load_checked(&path, &spec.to_graph().unwrap(), true).unwrap();
     assert_eq!(data.y, Targets::Classes(vec![3, 2, 1, 0, 0]));
     // F32 [N, C] values.
     let path = data_file(dir.path(), (Dtype::F32, vec![5, 4], f32_bytes(20, 0.5)));
-    let data = Dataset::load_checked(&path, &spec, false).unwrap();
+    let data = Dataset::load_checked(&path, &spec.to_graph().unwrap(), false).unwrap();
     let b = data.batches(3).nth(1).unwrap();
     assert_eq!(
         b.y,
@@ -647,8 +650,9 @@ fn bad_data_is_rejected() {
     let check = |tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)], classes: bool| {
         let path = write_safetensors(d, "misfit.safetensors", tensors);
         let data = Dataset::load(&path).unwrap();
-        assert!(data.check(&spec, classes).is_err());
-        err_text(Dataset::load_checked(&path, &spec, classes))
+        let graph = spec.to_graph().unwrap();
+        assert!(data.check(&graph, classes).is_err());
+        err_text(Dataset::load_checked(&path, &graph, classes))
     };
     assert_mentions(
         &check(

@@ -8,7 +8,8 @@ mod common;
 use ekfac::curvature::fit::fit;
 use ekfac::curvature::options::Options;
 use ekfac::gpu::GpuContext;
-use ekfac::model::{Dataset, Model, ModelSpec};
+use ekfac::graph::{Model, ModelSpec};
+use ekfac::model::Dataset;
 
 use common::TestRng;
 

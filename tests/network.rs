@@ -1,8 +1,8 @@
-//! The GPU network (`ekfac::model::sequential::Sequential`): forward and stacked backward
+//! The GPU network (`ekfac::graph::Network`): forward and stacked backward
 //! (`V = 3`, with parameter gradients) against
 //! (a) the committed PyTorch fixtures under `tests/fixtures/nn/` (float64 on the same
 //!     float32 weights and inputs), and
-//! (b) the f64 CPU reference `ekfac::cpu::nn` on a random MLP and CNN.
+//! (b) the f64 CPU reference `ekfac::reference::nn` on a random MLP and CNN.
 //!
 //! Tolerance: relative Frobenius error `1e-5` per tensor. The GPU computes in f32
 //! (unit roundoff 6e-8); each value is a few chains of dot products of length ≤ 72 with
@@ -20,10 +20,11 @@ mod common;
 use std::path::Path;
 
 use common::TestRng;
-use ekfac::cpu::nn;
 use ekfac::gpu::GpuContext;
-use ekfac::model::sequential::Sequential;
-use ekfac::model::{Dataset, Model, ModelSpec, TensorFile};
+use ekfac::graph::Network;
+use ekfac::graph::{Model, ModelSpec};
+use ekfac::model::{Dataset, TensorFile};
+use ekfac::reference::nn;
 
 const TOL: f64 = 1e-5;
 
@@ -51,7 +52,7 @@ fn run_gpu(
     grad_output: &[f32],
     stack: usize,
 ) -> GpuRun {
-    let network = Sequential::new(ctx, model).unwrap();
+    let network = Network::new(ctx, model).unwrap();
     let shapes = model.shapes();
     let batch = x.len() / shapes[0].iter().product::<usize>();
     let mut shape = vec![batch];
@@ -102,7 +103,7 @@ fn check_fixture(ctx: &GpuContext, case: &str) {
         .join("tests/fixtures/nn")
         .join(case);
     let model = Model::load(dir.join("model.json"), dir.join("weights.safetensors")).unwrap();
-    let data = Dataset::load_checked(dir.join("data.safetensors"), &model.spec, true).unwrap();
+    let data = Dataset::load_checked(dir.join("data.safetensors"), &model.graph, true).unwrap();
     let expected = TensorFile::load(dir.join("expected.safetensors")).unwrap();
     let get = |key: &str| {
         expected
@@ -125,7 +126,7 @@ fn check_fixture(ctx: &GpuContext, case: &str) {
         &get("output"),
     );
     for l in &run.layers {
-        let name = model.spec.layers[l.layer].name().unwrap();
+        let name = model.chain().unwrap().layers[l.layer].name().unwrap();
         for (what, got) in [
             ("input", &l.input),
             ("output", &l.output),
@@ -199,7 +200,7 @@ fn check_against_cpu(ctx: &GpuContext, model: &Model, batch: usize, seed: u64) {
         trace.activations.last().unwrap(),
     );
     for (slot, l) in run.layers.iter().enumerate() {
-        let label = model.spec.label(l.layer);
+        let label = model.graph.label(l.layer);
         check(
             &mut failures,
             format!("{label} output"),

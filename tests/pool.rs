@@ -3,9 +3,9 @@
 
 mod common;
 
-use ekfac::cpu::ops;
 use ekfac::geometry::Pool2dGeometry;
 use ekfac::ops::pool as pool_ops;
+use ekfac::reference::ops;
 
 fn pool(
     batch: usize,

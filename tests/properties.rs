@@ -8,16 +8,16 @@
 
 mod common;
 
-use ekfac::cpu::curvature::{Dataset as CpuDataset, Network64, exact_block_diagonal};
 use ekfac::curvature::fit::{Fitted, fit};
 use ekfac::curvature::operator::{Approximation, Operator, Transform};
 use ekfac::curvature::options::{DampingMode, FisherType, LossKind, Options};
 use ekfac::curvature::state::CurvatureState;
 use ekfac::curvature::summary::Summary;
 use ekfac::gpu::GpuContext;
+use ekfac::graph::Network;
 use ekfac::loss::{SampledTargets, Targets as LossTargets, sample_targets};
-use ekfac::model::sequential::Sequential;
 use ekfac::model::{Dataset, Targets};
+use ekfac::reference::curvature::{Dataset as CpuDataset, Network64, exact_block_diagonal};
 
 use common::{FixtureCase as Case, fixture as case};
 
@@ -242,7 +242,7 @@ fn mc_with_one_sample_is_the_empirical_fisher_of_the_sampled_labels() {
             seed: 0x5eed_1234_abcd,
             ..case.options.clone()
         };
-        let network = Sequential::new(&ctx, &case.model).unwrap();
+        let network = Network::new(&ctx, &case.model).unwrap();
         let outputs = network.num_outputs();
         let mut classes = Vec::new();
         let mut values = Vec::new();

@@ -5,9 +5,9 @@ mod common;
 mod op_fixtures;
 
 use common::TestRng;
-use ekfac::cpu::graph_ops as reference;
 use ekfac::gpu::{GpuContext, GpuTensor};
 use ekfac::ops::resample;
+use ekfac::reference::graph_ops as reference;
 use op_fixtures::{OpFixture, rel_err64};
 
 /// The reference reproduces PyTorch's float64 autograd up to float64 rounding.

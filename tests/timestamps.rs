@@ -12,7 +12,8 @@ use std::time::Instant;
 use ekfac::curvature::fit::{Fitted, fit};
 use ekfac::curvature::options::Options;
 use ekfac::gpu::GpuContext;
-use ekfac::model::{Dataset, Model};
+use ekfac::graph::Model;
+use ekfac::model::Dataset;
 use ekfac::ops::reduce::copy;
 use serde_json::Value;
 

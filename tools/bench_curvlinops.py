@@ -9,10 +9,33 @@ then time curvlinops on them::
 
     python tools/bench_curvlinops.py /tmp/bench/mlp [--runs 5] [--device cuda|cpu]
 
-The directory holds ``model.json`` (ekfac's model format), ``weights.safetensors``
-(``state_dict`` names, F32), ``data.safetensors`` (``x`` F32, ``y`` I64) and
+The directory holds ``model.json`` (ekfac's model format, chain or graph: the module is
+rebuilt by ``tools/graph_torch.py``), ``weights.safetensors`` (``state_dict`` names,
+F32; BatchNorm buffers included), ``data.safetensors`` (``x`` F32, ``y`` I64) and
 ``bench.json`` (batch size, options and the benchmark's analytic FLOP counts, so the
 GFLOP/s columns use the same counts as the Rust table).
+
+The ``resnet`` workload (issue 9) can also be written from Python, with the same
+files (``bench.json`` without FLOP counts, so the GFLOP/s columns show ``-``)::
+
+    python tools/bench_curvlinops.py --write-inputs /tmp/bench [--quick | --smoke]
+    python tools/bench_curvlinops.py /tmp/bench/resnet
+
+It is a CIFAR-style ResNet (He et al. 2016, §4.2) in torchvision's naming:
+``conv1`` Conv2d(3,w,3,p=1,no bias) → ``bn1`` → ReLU → ``layer1`` / ``layer2`` /
+``layer3`` of ``n`` BasicBlocks each with ``w``, ``2w``, ``4w`` channels (block
+``layer<s>.<i>``: ``conv1`` 3×3 (stride 2 in the first block of layers 2 and 3),
+``bn1``, ReLU, ``conv2`` 3×3, ``bn2``, plus the input or, where the shape changes,
+``downsample.0`` Conv2d 1×1 stride 2 (no bias) + ``downsample.1`` BatchNorm2d, then
+ReLU) → AdaptiveAvgPool2d(1) → flatten → ``fc`` Linear(4w,10). All convs without bias.
+Sizes (``RESNET_SIZES``): default ``w = 16, n = 3`` (ResNet-20, 270,906 curvature
+parameters, 3×32×32 inputs, N = 2048, batch 128); ``--quick`` ``w = 8, n = 1``
+(ResNet-8, 19,618 curvature parameters, 3×16×16, N = 512, batch 128); ``--smoke``
+``w = 4, n = 1`` (5,046, 3×8×8, N = 32, batch 16). Weights: PyTorch's default initialisation under ``torch.manual_seed(SEED)``;
+BatchNorm running statistics and affine weights randomised as in the fixtures
+(mean 0.3·N(0,1), var 0.5+U(0,1), weight 0.6+0.8·U(0,1), bias 0.2·N(0,1)); data
+``x`` ~ N(0,1), ``y`` uniform over 10 classes. Curvature parameters are the Linear
+and Conv2d ones only (BatchNorm's are not), in ``named_parameters()`` order.
 
 Per run, on CUDA when available (else CPU), in float32, with the options of
 ``bench.json`` (cross-entropy mean, MC with one sample, expand, separate bias):
@@ -35,6 +58,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from typing import Any, Callable, Dict, List
 
@@ -42,59 +66,125 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-def _pair(value: Any) -> tuple:
-    return tuple(value) if isinstance(value, list) else (value, value)
+import graph_torch  # noqa: E402
+
+SEED = 20240611
+# (width w, blocks per stage n, image side, N, batch size) of the resnet workload.
+RESNET_SIZES = {
+    "full": dict(width=16, blocks=3, image=32, num_data=2048, batch_size=128),
+    "quick": dict(width=8, blocks=1, image=16, num_data=512, batch_size=128),
+    "smoke": dict(width=4, blocks=1, image=8, num_data=32, batch_size=16),
+}
 
 
-def build_model(spec: Dict[str, Any]) -> nn.Sequential:
-    """The ``torch.nn.Sequential`` described by an ekfac ``model.json``.
+class BasicBlock(nn.Module):
+    """torchvision's BasicBlock (expansion 1) with a 1x1-conv + BN ``downsample``."""
 
-    Linear and Conv2d entries must be named by their index in the Sequential (as
-    ``examples/bench.rs`` and ``tools/export_torch.py`` write them), so the
-    ``state_dict`` keys match.
-    """
-    modules: List[nn.Module] = []
-    for i, layer in enumerate(spec["layers"]):
-        kind = layer["type"]
-        if kind in ("linear", "conv2d") and layer.get("name", str(i)) != str(i):
-            raise ValueError(
-                f"layers[{i}] ({kind}): name {layer['name']!r} is not its index {i}"
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
             )
-        if kind == "linear":
-            modules.append(
-                nn.Linear(
-                    layer["in_features"], layer["out_features"], bias=layer.get("bias", True)
-                )
-            )
-        elif kind == "conv2d":
-            modules.append(
-                nn.Conv2d(
-                    layer["in_channels"],
-                    layer["out_channels"],
-                    _pair(layer["kernel_size"]),
-                    stride=_pair(layer.get("stride", 1)),
-                    padding=_pair(layer.get("padding", 0)),
-                    dilation=_pair(layer.get("dilation", 1)),
-                    groups=layer.get("groups", 1),
-                    bias=layer.get("bias", True),
-                )
-            )
-        elif kind in ("relu", "sigmoid", "tanh", "flatten"):
-            modules.append(
-                {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "flatten": nn.Flatten}[
-                    kind
-                ]()
-            )
-        elif kind in ("max_pool2d", "avg_pool2d"):
-            k = _pair(layer["kernel_size"])
-            stride = _pair(layer.get("stride", layer["kernel_size"]))
-            padding = _pair(layer.get("padding", 0))
-            pool = nn.MaxPool2d if kind == "max_pool2d" else nn.AvgPool2d
-            modules.append(pool(k, stride=stride, padding=padding))
-        else:
-            raise ValueError(f"layers[{i}]: unknown layer type {kind!r}")
-    return nn.Sequential(*modules)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class CifarResNet(nn.Module):
+    """The ``resnet`` workload (see the module docstring)."""
+
+    def __init__(self, width: int, blocks: int, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        c_in = width
+        for stage, c_out in enumerate((width, 2 * width, 4 * width), start=1):
+            layers = []
+            for i in range(blocks):
+                stride = 2 if stage > 1 and i == 0 else 1
+                layers.append(BasicBlock(c_in, c_out, stride))
+                c_in = c_out
+            setattr(self, f"layer{stage}", nn.Sequential(*layers))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def write_resnet_inputs(out_root: str, size: str) -> str:
+    """Write ``out_root/resnet/{model.json, weights.safetensors, data.safetensors,
+    bench.json}``; return the directory."""
+    from export_torch import export
+
+    cfg = RESNET_SIZES[size]
+    torch.manual_seed(SEED)
+    model = CifarResNet(cfg["width"], cfg["blocks"])
+    g = torch.Generator().manual_seed(SEED + 1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(0.3 * torch.randn(c, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
+                m.weight.copy_(0.6 + 0.8 * torch.rand(c, generator=g))
+                m.bias.copy_(0.2 * torch.randn(c, generator=g))
+    model.eval()
+    n, side = cfg["num_data"], cfg["image"]
+    x = torch.randn(n, 3, side, side, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    out_dir = os.path.join(out_root, "resnet")
+    export(model, [3, side, side], out_dir, x=x, y=y)
+    params = curvature_parameters(model)
+    bench = {
+        "workload": "resnet",
+        "description": (
+            f"CIFAR-style ResNet-{6 * cfg['blocks'] + 2} (BasicBlocks, width {cfg['width']}, "
+            f"BatchNorm, 1x1 stride-2 shortcuts) on 3x{side}x{side}, 10 classes"
+        ),
+        "num_data": n,
+        "num_params": sum(p.numel() for p in params),
+        "batch_size": cfg["batch_size"],
+        "loss": "cross_entropy",
+        "reduction": "mean",
+        "fisher_type": "mc",
+        "mc_samples": 1,
+        "kfac_approx": "expand",
+        "separate_weight_and_bias": True,
+        "flops": None,
+    }
+    with open(os.path.join(out_dir, "bench.json"), "w") as f:
+        json.dump(bench, f, indent=2)
+        f.write("\n")
+    return out_dir
+
+
+def curvature_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The Linear and Conv2d parameters (curvlinops takes no others), in
+    ``named_parameters()`` order."""
+    ids = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d))
+        for p in m.parameters()
+    }
+    return [p for p in model.parameters() if id(p) in ids and p.requires_grad]
 
 
 def _median_ms(samples: List[float]) -> float:
@@ -103,10 +193,25 @@ def _median_ms(samples: List[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("inputs", help="a directory written by bench --write-inputs")
+    parser.add_argument("inputs", nargs="?", help="a directory written by bench --write-inputs")
     parser.add_argument("--runs", type=int, default=5, help="counted runs (default 5)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None)
+    parser.add_argument(
+        "--write-inputs", metavar="DIR",
+        help="write the resnet workload to DIR/resnet instead of timing anything",
+    )
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="with --write-inputs: the quick size")
+    size.add_argument("--smoke", action="store_true", help="with --write-inputs: the smoke size")
     args = parser.parse_args()
+    if args.write_inputs:
+        out = write_resnet_inputs(
+            args.write_inputs, "quick" if args.quick else "smoke" if args.smoke else "full"
+        )
+        print(f"wrote {out}")
+        return
+    if args.inputs is None:
+        parser.error("give an inputs directory (or --write-inputs DIR)")
     if args.runs < 1:
         parser.error("--runs must be at least 1")
 
@@ -119,8 +224,8 @@ def main() -> None:
         spec = json.load(f)
     with open(os.path.join(args.inputs, "bench.json")) as f:
         bench = json.load(f)
-    model = build_model(spec)
-    model.load_state_dict(load_file(os.path.join(args.inputs, "weights.safetensors")))
+    model = graph_torch.build(spec)
+    graph_torch.load_weights(model, load_file(os.path.join(args.inputs, "weights.safetensors")))
     model = model.to(device).eval()
     tensors = load_file(os.path.join(args.inputs, "data.safetensors"))
     x, y = tensors["x"].to(device), tensors["y"].to(device)
@@ -128,7 +233,7 @@ def main() -> None:
         raise ValueError(f"bench.json: expected loss cross_entropy, found {bench['loss']!r}")
     b = bench["batch_size"]
     data = [(x[i : i + b], y[i : i + b]) for i in range(0, x.shape[0], b)]
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = curvature_parameters(model)
     loss_func = nn.CrossEntropyLoss(reduction=bench["reduction"])
     options = dict(
         fisher_type=bench["fisher_type"],
@@ -186,15 +291,17 @@ def main() -> None:
     )
     warmup = run_once()
     runs = [run_once() for _ in range(args.runs)]
-    flops = bench["flops"]
-    counts = {
-        "factors": flops["factors"],
-        "eigendecomposition": flops["eigendecomposition"],
-        "correction": flops["correction"],
-    }
-    for name in ("KFAC", "EKFAC"):
-        for k in vectors:
-            counts[f"{name} product K={k}"] = flops["product_per_column"] * k
+    flops = bench.get("flops")
+    counts = {}
+    if flops:  # written by examples/bench.rs (absent for --write-inputs from here)
+        counts = {
+            "factors": flops["factors"],
+            "eigendecomposition": flops["eigendecomposition"],
+            "correction": flops["correction"],
+        }
+        for name in ("KFAC", "EKFAC"):
+            for k in vectors:
+                counts[f"{name} product K={k}"] = flops["product_per_column"] * k
     print(f"  {'phase':<22} {'median ms':>11} {'GFLOP':>10} {'GFLOP/s':>9}")
     for phase in runs[0]:
         ms = _median_ms([r[phase] for r in runs])

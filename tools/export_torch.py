@@ -1,21 +1,51 @@
 #!/usr/bin/env python3
-"""Export a ``torch.nn.Sequential`` to ekfac's model format.
+"""Export a PyTorch model to ekfac's model format.
+
+Tested with torch 2.15.0 (CPU) and curvlinops-for-pytorch 3.0.1; ``torch.export``'s IR
+changes between torch releases, so other versions may name operators differently.
 
 Writes, into ``out_dir``:
 
-- ``model.json``: ``{"input_shape": [...], "layers": [...]}``, one entry per module of
-  the Sequential, in order. Linear and Conv2d entries carry ``"name"`` = the module's
-  index in the Sequential, so its parameters are ``"<name>.weight"`` / ``"<name>.bias"``.
-  Every pair (kernel size, stride, padding, dilation) is written as a two-element list.
-- ``weights.safetensors``: the ``state_dict`` (``"<i>.weight"``, ``"<i>.bias"``) as F32,
-  in PyTorch layouts (linear ``[out, in]``, conv ``[out, in/groups, kh, kw]``).
-- ``data.safetensors`` (only when ``x`` is given): ``x`` F32 ``[N, *input_shape]`` and,
-  when ``y`` is given, ``y`` as I64 (integer targets, i.e. class indices) or F32.
+- ``model.json``, in one of the two formats of the README ("Inputs" and "Graph models"):
+  - the **chain** format ``{"input_shape": [...], "layers": [...]}`` for a
+    ``torch.nn.Sequential`` of Linear, Conv2d, ReLU, Sigmoid, Tanh, Flatten, MaxPool2d
+    and AvgPool2d modules (one entry per module, linear and conv entries named by their
+    index, every pair written as a two-element list). This is what earlier versions
+    wrote, and the committed chain fixtures are byte-identical under it;
+  - the **graph** format (``"format": "ekfac-graph", "version": 2``) for any other
+    ``torch.nn.Module`` in eval mode. The model is traced with ``torch.export`` with a
+    dynamic batch dimension (so no batch size is baked into a ``view``), functionalised
+    without decompositions (``run_decompositions({})``: a ``linear`` stays ``linear``
+    and keeps its sequence axes), and every ATen operator is mapped to one graph node.
+    Lifted parameters and buffers are mapped back to their module paths: a node of a
+    parameterised op (``linear``, ``conv2d``, ``batch_norm2d``, ``layer_norm``) is
+    named by its module path (``layer1.0.conv1``), other nodes by their op
+    (``relu``, ``relu_1``, ``add``, ...). A module called twice (tied weights) gives
+    two nodes with the same ``"module"`` (the second named ``<module>_1``); ekfac
+    refuses such graphs by name. No-ops (eval-mode ``Dropout``, ``nn.Identity``, an
+    empty ``nn.Sequential``, ``clone``, a ``view`` to the same shape) are elided: the
+    consumer reads the no-op's input directly. ``x.view(x.size(0), -1)``,
+    ``reshape`` and ``torch.flatten`` become ``flatten`` when they merge consecutive
+    axes after the batch axis; ``x.mean((2, 3), keepdim=...)`` becomes
+    ``adaptive_avg_pool2d`` to 1×1 (and a ``flatten`` without ``keepdim``).
+  ``"parameters"`` lists ``model.named_parameters()`` in order.
+- ``weights.safetensors``: the full ``state_dict`` (BatchNorm's running statistics and
+  ``num_batches_tracked`` included), floating tensors as F32, integer ones as I64, in
+  PyTorch layouts (linear ``[out, in]``, conv ``[out, in/groups, kh, kw]``).
+- ``data.safetensors`` (only when ``x`` is given): ``x`` ``[N, *input_shape]`` in its
+  own kind (floating as F32, integer as I64) and, when ``y`` is given, ``y`` as I64
+  (integer targets, i.e. class indices) or F32.
 
-Modules that ekfac cannot represent exactly are refused with a ``ValueError`` naming
-the module index and the reason, rather than exported with silently changed meaning.
+Anything ekfac cannot represent exactly is refused with an ``ExportError`` naming the
+node (or module) and the PyTorch operator, rather than exported with silently changed
+meaning: a module in training mode, an operator without a mapping, an ``add`` of
+differently shaped tensors, a value whose first axis is not the batch axis. Before
+anything is written, the exported graph is rebuilt with ``tools/graph_torch.py`` and
+its outputs are compared with the model's on a probe batch.
 
-Usage as a library: ``export(model, input_shape, out_dir, x=None, y=None)``.
+Usage as a library: ``export(model, input_shape, out_dir, x=None, y=None)`` (keyword
+``format="auto" | "chain" | "graph"``; ``auto`` writes the chain format when the model
+is a chain-expressible ``nn.Sequential``).
 Usage from the command line: ``python tools/export_torch.py --help``.
 """
 
@@ -23,16 +53,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import operator
 import os
-from typing import Any, Dict, List, Optional, Sequence
+import sys
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import graph_torch  # noqa: E402
+
 
 class ExportError(ValueError):
     """A module (or input) that ekfac's model format cannot represent."""
+
+
+###############################################################################
+#                 the chain format (a torch.nn.Sequential)                    #
+###############################################################################
 
 
 def _pair(value: Any, what: str, index: int) -> List[int]:
@@ -192,45 +233,717 @@ def model_json(spec: Dict[str, Any]) -> str:
     )
 
 
+###############################################################################
+#                 the graph format (any module, torch.export)                 #
+###############################################################################
+
+GRAPH_FORMAT = "ekfac-graph"
+GRAPH_VERSION = 2
+INPUT_NAME = "x"
+aten = torch.ops.aten
+
+
+def _refuse_training(model: nn.Module) -> None:
+    """Refuse a model with any submodule in training mode (BatchNorm would use batch
+    statistics and update its buffers, Dropout would drop). The message names a
+    module whose behaviour depends on the mode when there is one."""
+    training = [(p, m) for p, m in model.named_modules() if m.training]
+    if not training:
+        return
+    mode_dependent = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
+    path, m = next(((p, m) for p, m in training if isinstance(m, mode_dependent)), training[0])
+    others = len(training) - 1
+    raise ExportError(
+        f"module {path or '<root>'} ({type(m).__name__}) is in training mode"
+        + (f" (and {others} other module{'s' if others > 1 else ''})" if others else "")
+        + "; call model.eval() first (ekfac evaluates BatchNorm with its running "
+        "statistics and Dropout as the identity)"
+    )
+
+
+def _bind(node) -> Dict[str, Any]:
+    """The node's arguments by schema name, defaults filled in."""
+    schema = node.target._schema
+    bound: Dict[str, Any] = {}
+    for i, arg in enumerate(schema.arguments):
+        if i < len(node.args):
+            bound[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            bound[arg.name] = node.kwargs[arg.name]
+        elif arg.has_default_value():
+            bound[arg.name] = arg.default_value
+        else:
+            bound[arg.name] = None
+    return bound
+
+
+def _op_name(node) -> str:
+    target = node.target
+    return str(target) if not callable(target) or hasattr(target, "_schema") else getattr(
+        target, "__name__", str(target)
+    )
+
+
+def _int_list(value: Any, n: int, default: Sequence[int]) -> List[int]:
+    """An int or a list of 1 or ``n`` ints, as ATen's ``int[2]`` arguments."""
+    if value is None or (isinstance(value, (list, tuple)) and len(value) == 0):
+        return [int(v) for v in default]
+    if isinstance(value, int):
+        return [value] * n
+    value = [int(v) for v in value]
+    return value * n if len(value) == 1 else value
+
+
+class _GraphMapper:
+    """Maps a functionalised ``torch.export`` program to the graph format."""
+
+    def __init__(self, model: nn.Module, program, input_shape: List[int], dtype: str):
+        self.model = model
+        self.program = program
+        self.input_shape = input_shape
+        self.dtype = dtype
+        sig = program.graph_signature
+        self.parameters = dict(sig.inputs_to_parameters)  # placeholder -> "a.b.weight"
+        self.buffers = dict(sig.inputs_to_buffers)
+        self.values: Dict[Any, str] = {}  # fx node -> graph value name
+        self.nodes: List[Dict[str, Any]] = []
+        # Paths of modules with tensors are reserved for the nodes of parameterised ops.
+        self.taken = {INPUT_NAME} | {
+            p for p, m in model.named_modules()
+            if p and (m._parameters or m._buffers)
+        }
+        self.calls: Dict[str, int] = {}  # module path -> nodes emitted for it
+        self.batch = None
+
+    # -- helpers ---------------------------------------------------------------
+
+    def fail(self, node, message: str) -> ExportError:
+        stack = node.meta.get("nn_module_stack") or {}
+        where = ""
+        if stack:
+            path, kind = list(stack.values())[-1]
+            if path:
+                where = f" in module {path} ({kind.rsplit('.', 1)[-1]})"
+        return ExportError(f"node {node.name} (PyTorch operator {_op_name(node)}){where}: {message}")
+
+    def fresh(self, base: str) -> str:
+        name, k = base, 0
+        while name in self.taken:
+            k += 1
+            name = f"{base}_{k}"
+        self.taken.add(name)
+        return name
+
+    def shape(self, node) -> List[int]:
+        """Per-example shape of a tensor-valued fx node (its first axis must be the
+        batch axis and the others static)."""
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            raise self.fail(node, "does not produce a single tensor")
+        if val.dim() == 0 or str(val.shape[0]) != str(self.batch):
+            raise self.fail(
+                node,
+                f"its value has shape {list(val.shape)} whose first axis is not the batch "
+                "axis; ekfac's graphs keep the batch axis first everywhere",
+            )
+        try:
+            return [int(d) for d in val.shape[1:]]
+        except (TypeError, ValueError):
+            raise self.fail(node, f"per-example shape {list(val.shape[1:])} depends on the batch size")
+
+    def value(self, node, arg, what: str) -> str:
+        """The graph value name of a tensor argument."""
+        if arg in self.values:
+            return self.values[arg]
+        if getattr(arg, "op", None) == "placeholder" and (
+            arg.name in self.parameters or arg.name in self.buffers
+        ):
+            target = self.parameters.get(arg.name) or self.buffers[arg.name]
+            raise self.fail(node, f"uses the tensor {target} as its {what}; only activations can be")
+        raise self.fail(node, f"its {what} is {arg!r}, not a tensor computed from the input")
+
+    def param(self, node, arg, what: str, buffer: bool = False) -> Optional[str]:
+        """The state_dict name of a lifted parameter (or buffer) argument, or None."""
+        if arg is None:
+            return None
+        table = self.buffers if buffer else self.parameters
+        if getattr(arg, "op", None) != "placeholder" or arg.name not in table:
+            kind = "buffer" if buffer else "parameter"
+            raise self.fail(node, f"its {what} is not a module {kind} (computed weights are not supported)")
+        return table[arg.name]
+
+    def module_of(self, node, target: str, leaf: str) -> str:
+        module, _, name = target.rpartition(".")
+        if name != leaf:
+            raise self.fail(
+                node, f"its {leaf} is the tensor {target!r}, not a module's {leaf!r}"
+            )
+        return module
+
+    def emit(self, node, op: str, inputs: List[str], attrs=None, module: Optional[str] = None) -> None:
+        entry: Dict[str, Any] = {}
+        if module is not None:
+            if module == "":
+                raise self.fail(node, "the root module itself holds the parameters; wrap them in a submodule")
+            count = self.calls.get(module, 0)
+            self.calls[module] = count + 1
+            # A tied layer's later calls get fresh names; all keep "module".
+            entry["name"] = module if count == 0 else self.fresh(f"{module}_{count}")
+        else:
+            entry["name"] = self.fresh(op)
+        entry["op"] = op
+        entry["inputs"] = inputs
+        if module is not None and entry["name"] != module:
+            entry["module"] = module
+        if attrs is not None:
+            entry["attrs"] = attrs
+        self.nodes.append(entry)
+        self.values[node] = entry["name"]
+
+    # -- the mapping -------------------------------------------------------------
+
+    def run(self) -> Dict[str, Any]:
+        handlers = self.handlers()
+        output = None
+        for node in self.program.graph.nodes:
+            if node.op == "placeholder":
+                if node.name in self.parameters or node.name in self.buffers:
+                    continue
+                val = node.meta.get("val")
+                self.batch = val.shape[0]
+                self.values[node] = INPUT_NAME
+                continue
+            if node.op == "output":
+                outs = node.args[0]
+                if not isinstance(outs, (list, tuple)) or len(outs) != 1:
+                    raise ExportError(
+                        f"the model returns {len(outs)} values; ekfac needs exactly one tensor"
+                    )
+                out = outs[0]
+                if not hasattr(out, "op"):
+                    raise ExportError(f"the model returns {out!r}, not a tensor")
+                self.shape(out)
+                if self.values.get(out) == INPUT_NAME:
+                    self.emit(out, "identity", [INPUT_NAME])
+                output = self.values[out]
+                continue
+            if node.op != "call_function":
+                raise self.fail(node, f"{node.op} nodes are not supported")
+            handler = handlers.get(node.target)
+            if handler is None:
+                raise self.fail(
+                    node,
+                    "is not supported by ekfac's graph format (supported: linear, conv2d, "
+                    "relu, sigmoid, tanh, gelu, silu, max_pool2d, avg_pool2d, "
+                    "adaptive_avg_pool2d, flatten/view/reshape, add, batch_norm (eval), "
+                    "layer_norm, cat, upsample_nearest2d, dropout (eval))",
+                )
+            handler(node)
+        assert output is not None
+        used = {v for n in self.nodes for v in n["inputs"]} | {output}
+        dead = [n["name"] for n in self.nodes if n["name"] not in used]
+        if dead:
+            # Values the output does not depend on (e.g. a computed but unused branch).
+            keep = self.live(output)
+            self.nodes = [n for n in self.nodes if n["name"] in keep]
+        return {
+            "format": GRAPH_FORMAT,
+            "version": GRAPH_VERSION,
+            "inputs": [{"name": INPUT_NAME, "shape": self.input_shape, "dtype": self.dtype}],
+            "nodes": self.nodes,
+            "output": output,
+            "parameters": [n for n, _ in self.model.named_parameters()],
+        }
+
+    def live(self, output: str) -> set:
+        by_name = {n["name"]: n for n in self.nodes}
+        keep, stack = set(), [output]
+        while stack:
+            name = stack.pop()
+            if name in keep or name not in by_name:
+                continue
+            keep.add(name)
+            stack.extend(by_name[name]["inputs"])
+        return keep
+
+    def handlers(self) -> Dict[Any, Callable]:
+        table: Dict[Any, Callable] = {}
+
+        def add(names: Sequence[str], fn: Callable) -> None:
+            for name in names:
+                packet, _, overload = name.partition(".")
+                op = getattr(getattr(aten, packet, None), overload or "default", None)
+                if op is not None:
+                    table[op] = fn
+
+        add(["linear"], self.linear)
+        add(["conv2d"], self.conv2d)
+        add(["conv2d.padding"], self.conv2d_string_padding)
+        for op in ("relu", "sigmoid", "tanh", "silu"):
+            add([op, f"{op}_"], self.unary(op))
+        add(["gelu", "gelu_"], self.gelu)
+        add(["max_pool2d", "max_pool2d_with_indices"], self.max_pool2d)
+        add(["avg_pool2d"], self.avg_pool2d)
+        add(["adaptive_avg_pool2d"], self.adaptive_avg_pool2d)
+        add(["mean.dim"], self.mean)
+        add(["flatten.using_ints", "view", "reshape", "_unsafe_view"], self.flatten)
+        add(["add.Tensor", "add_.Tensor"], self.add)
+        add(["batch_norm", "_native_batch_norm_legit_no_training"], self.batch_norm)
+        add(["_native_batch_norm_legit"], self.batch_norm_training)
+        add(["_native_batch_norm_legit.no_stats"], self.batch_norm_no_stats)
+        add(["layer_norm"], self.layer_norm)
+        add(["cat"], self.cat)
+        add(["upsample_nearest2d.vec", "upsample_nearest2d"], self.upsample_nearest2d)
+        add(["dropout", "clone", "alias", "contiguous", "lift_fresh_copy"], self.identity)
+        add(["sym_size.int"], lambda node: None)
+        table[operator.getitem] = self.getitem
+        return table
+
+    def identity(self, node) -> None:
+        b = _bind(node)
+        if node.target == aten.dropout.default and b.get("train"):
+            raise self.fail(node, "dropout in training mode; call model.eval() first")
+        first = next(iter(b.values()))
+        self.shape(node)
+        self.values[node] = self.value(node, first, "input")
+
+    def getitem(self, node) -> None:
+        source, index = node.args
+        if source.target in (
+            aten._native_batch_norm_legit_no_training.default,
+            aten.batch_norm.default,
+            aten.max_pool2d_with_indices.default,
+        ) and index == 0:
+            self.values[node] = self.values[source]
+            return
+        if source.target in (
+            aten._native_batch_norm_legit_no_training.default,
+            aten.max_pool2d_with_indices.default,
+        ):
+            # The saved statistics / indices: not a value of the graph.
+            if node.users:
+                raise self.fail(node, f"output {index} of {_op_name(source)} is used; only output 0 can be")
+            return
+        raise self.fail(node, f"indexing the result of {_op_name(source)} is not supported")
+
+    def linear(self, node) -> None:
+        b = _bind(node)
+        x = self.value(node, b["input"], "input")
+        in_shape = self.shape(b["input"])
+        w = self.param(node, b["weight"], "weight")
+        module = self.module_of(node, w, "weight")
+        bias = self.param(node, b["bias"], "bias")
+        if bias is not None and bias != f"{module}.bias":
+            raise self.fail(node, f"weight {w} and bias {bias} belong to different modules")
+        weight = b["weight"].meta["val"]
+        if not in_shape:
+            raise self.fail(node, "linear of a per-example scalar")
+        self.shape(node)
+        self.emit(node, "linear", [x], {
+            "in_features": int(weight.shape[1]),
+            "out_features": int(weight.shape[0]),
+            "bias": bias is not None,
+        }, module=module)
+
+    def conv2d(self, node) -> None:
+        b = _bind(node)
+        x = self.value(node, b["input"], "input")
+        in_shape = self.shape(b["input"])
+        if len(in_shape) != 3:
+            raise self.fail(node, f"conv2d input has per-example shape {in_shape}, expected [C, H, W]")
+        w = self.param(node, b["weight"], "weight")
+        module = self.module_of(node, w, "weight")
+        bias = self.param(node, b["bias"], "bias")
+        if bias is not None and bias != f"{module}.bias":
+            raise self.fail(node, f"weight {w} and bias {bias} belong to different modules")
+        weight = b["weight"].meta["val"]
+        groups = int(b["groups"])
+        self.shape(node)
+        self.emit(node, "conv2d", [x], {
+            "in_channels": int(weight.shape[1]) * groups,
+            "out_channels": int(weight.shape[0]),
+            "kernel_size": [int(weight.shape[2]), int(weight.shape[3])],
+            "stride": _int_list(b["stride"], 2, [1, 1]),
+            "padding": _int_list(b["padding"], 2, [0, 0]),
+            "dilation": _int_list(b["dilation"], 2, [1, 1]),
+            "groups": groups,
+            "bias": bias is not None,
+        }, module=module)
+
+    def conv2d_string_padding(self, node) -> None:
+        raise self.fail(
+            node, f"string padding {_bind(node)['padding']!r} is not supported; give explicit integer padding"
+        )
+
+    def unary(self, op: str) -> Callable:
+        def handler(node) -> None:
+            x = self.value(node, node.args[0], "input")
+            self.shape(node)
+            self.emit(node, op, [x])
+
+        return handler
+
+    def gelu(self, node) -> None:
+        b = _bind(node)
+        approximate = b.get("approximate") or "none"
+        if approximate not in ("none", "tanh"):
+            raise self.fail(node, f"approximate={approximate!r} is not supported")
+        x = self.value(node, b["self"], "input")
+        self.shape(node)
+        self.emit(node, "gelu", [x], {"approximate": approximate})
+
+    def pool_input(self, node, b) -> str:
+        x = self.value(node, b["self"], "input")
+        if len(self.shape(b["self"])) != 3:
+            raise self.fail(node, f"pooling input has per-example shape {self.shape(b['self'])}, expected [C, H, W]")
+        if b.get("ceil_mode"):
+            raise self.fail(node, "ceil_mode=True is not supported")
+        return x
+
+    def max_pool2d(self, node) -> None:
+        b = _bind(node)
+        x = self.pool_input(node, b)
+        kernel = _int_list(b["kernel_size"], 2, [])
+        dilation = _int_list(b["dilation"], 2, [1, 1])
+        if dilation != [1, 1]:
+            raise self.fail(node, f"dilation={dilation} is not supported, only 1")
+        self.emit(node, "max_pool2d", [x], {
+            "kernel_size": kernel,
+            "stride": _int_list(b["stride"], 2, kernel),
+            "padding": _int_list(b["padding"], 2, [0, 0]),
+        })
+
+    def avg_pool2d(self, node) -> None:
+        b = _bind(node)
+        x = self.pool_input(node, b)
+        if not b["count_include_pad"]:
+            raise self.fail(node, "count_include_pad=False is not supported")
+        if b["divisor_override"] is not None:
+            raise self.fail(node, f"divisor_override={b['divisor_override']} is not supported")
+        kernel = _int_list(b["kernel_size"], 2, [])
+        self.emit(node, "avg_pool2d", [x], {
+            "kernel_size": kernel,
+            "stride": _int_list(b["stride"], 2, kernel),
+            "padding": _int_list(b["padding"], 2, [0, 0]),
+        })
+
+    def adaptive_avg_pool2d(self, node) -> None:
+        b = _bind(node)
+        x = self.value(node, b["self"], "input")
+        if len(self.shape(b["self"])) != 3:
+            raise self.fail(node, f"input has per-example shape {self.shape(b['self'])}, expected [C, H, W]")
+        self.shape(node)
+        self.emit(node, "adaptive_avg_pool2d", [x], {"output_size": _int_list(b["output_size"], 2, [])})
+
+    def mean(self, node) -> None:
+        """``x.mean((2, 3), keepdim)`` of a 4-D value: a global average pool."""
+        b = _bind(node)
+        in_shape = self.shape(b["self"])
+        dims = sorted(d % (len(in_shape) + 1) for d in (b["dim"] or []))
+        if len(in_shape) != 3 or dims != [2, 3] or b.get("dtype") is not None:
+            raise self.fail(node, "only the mean over the two spatial axes of a [N, C, H, W] value is supported")
+        x = self.value(node, b["self"], "input")
+        self.shape(node)
+        if b["keepdim"]:
+            self.emit(node, "adaptive_avg_pool2d", [x], {"output_size": [1, 1]})
+            return
+        self.emit(node, "adaptive_avg_pool2d", [x], {"output_size": [1, 1]})
+        self.emit(node, "flatten", [self.values[node]], {"start_dim": 1, "end_dim": -1})
+
+    def flatten(self, node) -> None:
+        """``flatten``, ``view`` and ``reshape`` that merge consecutive axes after the
+        batch axis (or change nothing)."""
+        source = node.args[0]
+        x = self.value(node, source, "input")
+        before, after = self.shape(source), self.shape(node)
+        if before == after:
+            self.values[node] = x
+            return
+        # Find the merged range [i, j) of the per-example axes.
+        i = 0
+        while i < min(len(before), len(after)) and before[i] == after[i]:
+            i += 1
+        i = min(i, len(after) - 1)
+        tail = len(after) - i - 1
+        j = len(before) - tail
+        ok = (
+            i < len(after)
+            and j > i + 1
+            and before[:i] == after[:i]
+            and before[j:] == after[i + 1:]
+        )
+        if ok:
+            merged = 1
+            for d in before[i:j]:
+                merged *= d
+            ok = merged == after[i]
+        if not ok:
+            raise self.fail(
+                node,
+                f"reshapes [N, {', '.join(map(str, before))}] to [N, {', '.join(map(str, after))}], "
+                "which is not a flatten of consecutive axes after the batch axis",
+            )
+        end = -1 if j == len(before) else j  # PyTorch dims count the batch axis
+        self.emit(node, "flatten", [x], {"start_dim": i + 1, "end_dim": end})
+
+    def add(self, node) -> None:
+        b = _bind(node)
+        if b.get("alpha", 1) != 1:
+            raise self.fail(node, f"alpha={b['alpha']} is not supported")
+        other = b["other"]
+        if not hasattr(other, "op"):
+            raise self.fail(node, f"adding the constant {other!r} is not supported; only two activations")
+        a, c = self.value(node, b["self"], "first input"), self.value(node, other, "second input")
+        sa, sc = self.shape(b["self"]), self.shape(other)
+        if sa != sc:
+            raise self.fail(node, f"adds values of per-example shapes {sa} and {sc}; they must be equal")
+        self.shape(node)
+        self.emit(node, "add", [a, c])
+
+    def batch_norm(self, node) -> None:
+        b = _bind(node)
+        if b.get("training"):
+            raise self.fail(node, "batch norm in training mode; call model.eval() first")
+        in_shape = self.shape(b["input"])
+        if len(in_shape) != 3:
+            raise self.fail(node, f"batch norm of per-example shape {in_shape}; only BatchNorm2d ([C, H, W]) is supported")
+        x = self.value(node, b["input"], "input")
+        if b["running_mean"] is None or b["running_var"] is None:
+            raise self.fail(node, "batch norm without running statistics (track_running_stats=False) is not supported")
+        mean = self.param(node, b["running_mean"], "running mean", buffer=True)
+        var = self.param(node, b["running_var"], "running variance", buffer=True)
+        module = self.module_of(node, mean, "running_mean")
+        if var != f"{module}.running_var":
+            raise self.fail(node, f"running statistics {mean} and {var} belong to different modules")
+        weight = self.param(node, b["weight"], "weight")
+        bias = self.param(node, b["bias"], "bias")
+        if (weight is None) != (bias is None) or (
+            weight is not None and (weight, bias) != (f"{module}.weight", f"{module}.bias")
+        ):
+            raise self.fail(node, f"affine parameters {weight}, {bias} do not belong to module {module}")
+        self.emit(node, "batch_norm2d", [x], {
+            "num_features": in_shape[0],
+            "eps": float(b["eps"]),
+            "affine": weight is not None,
+        }, module=module)
+
+    def batch_norm_no_stats(self, node) -> None:
+        raise self.fail(
+            node,
+            "batch norm without running statistics (track_running_stats=False) is not supported",
+        )
+
+    def batch_norm_training(self, node) -> None:
+        raise self.fail(node, "batch norm in training mode; call model.eval() first")
+
+    def layer_norm(self, node) -> None:
+        b = _bind(node)
+        in_shape = self.shape(b["input"])
+        shape = [int(s) for s in b["normalized_shape"]]
+        if len(shape) != 1 or not in_shape or shape[0] != in_shape[-1]:
+            raise self.fail(node, f"normalized_shape={shape} on per-example shape {in_shape}; only the last dimension is supported")
+        x = self.value(node, b["input"], "input")
+        weight = self.param(node, b["weight"], "weight")
+        bias = self.param(node, b["bias"], "bias")
+        if weight is None and bias is None:
+            module = None
+        else:
+            if weight is None or bias is None:
+                raise self.fail(node, "layer norm with only one of weight and bias (bias=False) is not supported")
+            module = self.module_of(node, weight, "weight")
+            if bias != f"{module}.bias":
+                raise self.fail(node, f"weight {weight} and bias {bias} belong to different modules")
+        attrs = {"normalized_shape": shape, "eps": float(b["eps"]), "elementwise_affine": module is not None}
+        self.shape(node)
+        self.emit(node, "layer_norm", [x], attrs, module=module)
+
+    def cat(self, node) -> None:
+        b = _bind(node)
+        tensors = list(b["tensors"])
+        shapes = [self.shape(t) for t in tensors]
+        rank = len(shapes[0]) + 1
+        dim = int(b["dim"])
+        if not -rank <= dim < rank:
+            raise self.fail(node, f"dim={dim} out of range for rank {rank}")
+        dim %= rank
+        if dim == 0:
+            raise self.fail(node, "concatenation along the batch axis is not supported")
+        for s in shapes:
+            if len(s) != len(shapes[0]) or any(
+                a != c for k, (a, c) in enumerate(zip(s, shapes[0])) if k != dim - 1
+            ):
+                raise self.fail(node, f"inputs of per-example shapes {shapes} differ outside dim {dim}")
+        inputs = [self.value(node, t, f"input {k}") for k, t in enumerate(tensors)]
+        self.shape(node)
+        self.emit(node, "cat", inputs, {"dim": dim})
+
+    def upsample_nearest2d(self, node) -> None:
+        source = node.args[0]
+        x = self.value(node, source, "input")
+        before, after = self.shape(source), self.shape(node)
+        if len(before) != 3:
+            raise self.fail(node, f"input has per-example shape {before}, expected [C, H, W]")
+        factors = []
+        for a, c in zip(before[1:], after[1:]):
+            if c % a:
+                raise self.fail(node, f"resizes {before[1:]} to {after[1:]}, not by an integer factor")
+            factors.append(c // a)
+        b = _bind(node)
+        scales = [s for k, s in b.items() if k.startswith("scale") and s is not None]
+        flat = []
+        for s in scales:
+            flat.extend(s if isinstance(s, (list, tuple)) else [s])
+        if any(float(s) != round(float(s)) for s in flat):
+            raise self.fail(node, f"scale factors {flat} are not integers")
+        factor = factors[0] if factors[0] == factors[1] else factors
+        self.emit(node, "upsample_nearest2d", [x], {"scale_factor": factor})
+
+
+def describe_graph(
+    model: nn.Module, input_shape: Sequence[int], input_dtype: torch.dtype = torch.float32
+) -> Dict[str, Any]:
+    """Return the graph-format ``model.json`` dictionary of ``model`` (any module in
+    eval mode); raise ``ExportError`` naming the node and operator it cannot map."""
+    if not isinstance(model, nn.Module):
+        raise ExportError(f"expected a torch.nn.Module, found {type(model).__name__}")
+    input_shape = [int(s) for s in input_shape]
+    if not input_shape or any(s <= 0 for s in input_shape):
+        raise ExportError(f"input_shape must be non-empty and positive, found {input_shape}")
+    _refuse_training(model)
+    if input_dtype.is_floating_point:
+        probe_dtype = next((p.dtype for p in model.parameters()), torch.float32)
+        example = torch.randn(2, *input_shape, dtype=probe_dtype)
+        dtype = "f32"
+    elif input_dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        example = torch.zeros(2, *input_shape, dtype=torch.int64)
+        dtype = "i64"
+    else:
+        raise ExportError(f"input dtype {input_dtype} is not supported")
+    batch = torch.export.Dim("batch")
+    try:
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+        program = program.run_decompositions({})  # functionalise, decompose nothing
+    except Exception as e:  # torch raises many kinds; report them uniformly
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ExportError(
+            f"torch.export could not trace {type(model).__name__} with a dynamic batch "
+            f"dimension on input shape {input_shape}: {type(e).__name__}: {first}"
+        ) from e
+    return _GraphMapper(model, program, input_shape, dtype).run()
+
+
+def graph_json(spec: Dict[str, Any]) -> str:
+    """Serialise a graph-format ``model.json`` dictionary with one node per line."""
+    nodes = ",\n".join("    " + json.dumps(node) for node in spec["nodes"])
+    params = ",\n".join("    " + json.dumps(p) for p in spec["parameters"])
+    return (
+        "{\n"
+        f'  "format": {json.dumps(spec["format"])},\n'
+        f'  "version": {spec["version"]},\n'
+        f'  "inputs": {json.dumps(spec["inputs"])},\n'
+        f'  "nodes": [\n{nodes}\n  ],\n'
+        f'  "output": {json.dumps(spec["output"])},\n'
+        f'  "parameters": [\n{params}\n  ]\n'
+        "}\n"
+    )
+
+
+def _check_rebuild(model: nn.Module, spec: Dict[str, Any], state: Dict[str, torch.Tensor], dtype: str) -> None:
+    """Rebuild the exported model with graph_torch and compare outputs on a probe
+    batch of 3: a mapping error must not go unnoticed."""
+    probe_dtype = next((p.dtype for p in model.parameters()), torch.float32)
+    rebuilt = graph_torch.build(spec)
+    graph_torch.load_weights(rebuilt, {k: v.to(probe_dtype) if v.is_floating_point() else v for k, v in state.items()})
+    rebuilt = rebuilt.to(probe_dtype).eval()
+    generator = torch.Generator().manual_seed(0)
+    shape = spec["inputs"][0]["shape"] if "inputs" in spec else spec["input_shape"]
+    if dtype == "i64":
+        probe = torch.randint(0, 2, (3, *shape), generator=generator)
+    else:
+        probe = torch.randn(3, *shape, generator=generator).to(probe_dtype)
+    with torch.no_grad():
+        want, got = model(probe), rebuilt(probe)
+    if want.shape != got.shape or not torch.allclose(got, want, rtol=1e-5, atol=1e-6):
+        diff = (got - want).abs().max().item() if want.shape == got.shape else None
+        raise ExportError(
+            f"the exported graph does not reproduce the model (output shapes {list(want.shape)} "
+            f"vs {list(got.shape)}, largest difference {diff}); please report this model"
+        )
+
+
+###############################################################################
+#                                  export                                     #
+###############################################################################
+
+
+def _data(x: Optional[torch.Tensor], y: Optional[torch.Tensor], input_shape: List[int]):
+    if y is not None and x is None:
+        raise ExportError("y given without x")
+    if x is None:
+        return None
+    if list(x.shape[1:]) != input_shape:
+        raise ExportError(f"x has shape {list(x.shape)}, expected [N, {input_shape}]")
+    if x.dtype.is_floating_point:
+        data = {"x": x.detach().to(torch.float32).contiguous().cpu()}
+    elif x.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        data = {"x": x.detach().to(torch.int64).contiguous().cpu()}
+    else:
+        raise ExportError(f"x has unsupported dtype {x.dtype}")
+    if y is not None:
+        if y.shape[0] != x.shape[0]:
+            raise ExportError(f"y has {y.shape[0]} rows but x has {x.shape[0]}")
+        if y.dtype.is_floating_point:
+            data["y"] = y.detach().to(torch.float32).contiguous().cpu()
+        elif y.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            data["y"] = y.detach().to(torch.int64).contiguous().cpu()
+        else:
+            raise ExportError(f"y has unsupported dtype {y.dtype}")
+    return data
+
+
 def export(
-    model: nn.Sequential,
+    model: nn.Module,
     input_shape: Sequence[int],
     out_dir: str,
     x: Optional[torch.Tensor] = None,
     y: Optional[torch.Tensor] = None,
+    *,
+    format: str = "auto",
 ) -> Dict[str, Any]:
     """Write ``model.json``, ``weights.safetensors`` and (if ``x`` is given)
-    ``data.safetensors`` into ``out_dir``; return the ``model.json`` dictionary."""
-    spec = describe(model, input_shape)
-    os.makedirs(out_dir, exist_ok=True)
+    ``data.safetensors`` into ``out_dir``; return the ``model.json`` dictionary.
 
+    ``format``: ``"chain"`` (a ``torch.nn.Sequential`` of chain layers only),
+    ``"graph"`` (any module in eval mode) or ``"auto"`` (chain when possible, else
+    graph). Nothing is written when the model or data is refused."""
+    if format not in ("auto", "chain", "graph"):
+        raise ExportError(f"format must be auto, chain or graph, found {format!r}")
+    input_shape = [int(s) for s in input_shape]
+    spec = None
+    if format in ("auto", "chain"):
+        try:
+            spec = describe(model, input_shape)
+        except ExportError:
+            if format == "chain":
+                raise
+    dtype = "f32"
+    if spec is None:
+        input_dtype = x.dtype if x is not None else torch.float32
+        spec = describe_graph(model, input_shape, input_dtype)
+        dtype = spec["inputs"][0]["dtype"]
+    data = _data(x, y, input_shape)
     weights = {
-        k: v.detach().to(torch.float32).contiguous().cpu()
+        k: (v.detach().to(torch.float32) if v.is_floating_point() else v.detach().to(torch.int64))
+        .contiguous()
+        .cpu()
         for k, v in model.state_dict().items()
     }
-    if y is not None and x is None:
-        raise ExportError("y given without x")
-    data = None
-    if x is not None:
-        if list(x.shape[1:]) != spec["input_shape"]:
-            raise ExportError(
-                f"x has shape {list(x.shape)}, expected [N, {spec['input_shape']}]"
-            )
-        data = {"x": x.detach().to(torch.float32).contiguous().cpu()}
-        if y is not None:
-            if y.shape[0] != x.shape[0]:
-                raise ExportError(
-                    f"y has {y.shape[0]} rows but x has {x.shape[0]}"
-                )
-            if y.dtype.is_floating_point:
-                data["y"] = y.detach().to(torch.float32).contiguous().cpu()
-            elif y.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-                data["y"] = y.detach().to(torch.int64).contiguous().cpu()
-            else:
-                raise ExportError(f"y has unsupported dtype {y.dtype}")
+    _check_rebuild(model, spec, model.state_dict(), dtype)
 
+    os.makedirs(out_dir, exist_ok=True)
+    text = graph_json(spec) if "nodes" in spec else model_json(spec)
     with open(os.path.join(out_dir, "model.json"), "w") as f:
-        f.write(model_json(spec))
+        f.write(text)
     save_file(weights, os.path.join(out_dir, "weights.safetensors"))
     if data is not None:
         save_file(data, os.path.join(out_dir, "data.safetensors"))
@@ -240,9 +953,9 @@ def export(
 def _main() -> None:
     parser = argparse.ArgumentParser(
         description=(
-            "Export a torch.nn.Sequential saved with torch.save(model, PATH) "
-            "(a whole module, not a state_dict) to ekfac's model.json + "
-            "weights.safetensors (+ data.safetensors)."
+            "Export a torch.nn.Module saved with torch.save(model, PATH) (a whole module "
+            "in eval mode, not a state_dict) to ekfac's model.json + weights.safetensors "
+            "(+ data.safetensors)."
         )
     )
     parser.add_argument("model", help="file written by torch.save(model, PATH)")
@@ -256,6 +969,12 @@ def _main() -> None:
         "--data",
         help="optional file written by torch.save({'x': X, 'y': Y}, PATH)",
     )
+    parser.add_argument(
+        "--format",
+        choices=["auto", "chain", "graph"],
+        default="auto",
+        help="model.json format (default auto: chain for a plain nn.Sequential, else graph)",
+    )
     args = parser.parse_args()
     model = torch.load(args.model, weights_only=False)
     input_shape = [int(s) for s in args.input_shape.split(",") if s]
@@ -264,7 +983,7 @@ def _main() -> None:
         d = torch.load(args.data, weights_only=False)
         x, y = d["x"], d.get("y")
     try:
-        export(model, input_shape, args.out, x=x, y=y)
+        export(model, input_shape, args.out, x=x, y=y, format=args.format)
     except ExportError as e:
         raise SystemExit(f"export_torch: {e}")
     print(f"wrote {args.out}")

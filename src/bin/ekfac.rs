@@ -16,11 +16,13 @@ use ekfac::curvature::options::{
 };
 use ekfac::curvature::state::CurvatureState;
 use ekfac::curvature::summary::Summary;
+use ekfac::curvature::validate::check_eigenvectors;
 use ekfac::error::Error;
 use ekfac::gpu::GpuContext;
+use ekfac::graph::Model;
 use ekfac::io::Outputs;
+use ekfac::model::TensorFile;
 use ekfac::model::data::Dataset;
-use ekfac::model::{Model, ModelSpec, TensorFile};
 
 #[derive(Parser)]
 #[command(
@@ -225,12 +227,11 @@ fn run_fit(args: &FitArgs) -> Result<()> {
         outputs.push(("--summary", p.as_path()));
     }
     ekfac::io::check_outputs(&inputs, &outputs)?;
-    let spec = ModelSpec::from_json_str(
+    let graph = ekfac::graph::json::from_json_str(
         &ekfac::io::read_json_text(&args.model, "--model")?,
         args.model.display(),
     )?;
-    spec.validate()?;
-    let model = Model::from_tensor_file(spec, &TensorFile::load(&args.weights)?)?;
+    let model = Model::from_tensor_file(graph, &TensorFile::load(&args.weights)?)?;
     let previous = args
         .init_state
         .as_deref()
@@ -240,12 +241,15 @@ fn run_fit(args: &FitArgs) -> Result<()> {
     // the GPU is opened.
     let data = Dataset::load_checked(
         &args.data,
-        &model.spec,
+        &model.graph,
         options.loss == LossKind::CrossEntropy,
     )?;
     let ctx = GpuContext::new()?;
     if let Some(bytes) = budget {
         ctx.set_memory_budget(bytes);
+    }
+    if let (Some(state), Some(path)) = (&previous, &args.init_state) {
+        check_eigenvectors(&ctx, state, &path.display().to_string())?;
     }
     let load_ms = ms(start);
     let mut fitted = fit_from(
@@ -355,6 +359,7 @@ fn run_apply(args: &ApplyArgs) -> Result<()> {
     if let Some(bytes) = budget {
         ctx.set_memory_budget(bytes);
     }
+    check_eigenvectors(&ctx, &state, &args.state.display().to_string())?;
     let operator = Operator::new(&ctx, &state)?;
     let product = operator.apply(&v.data, v.cols(), approx, transform)?;
     let mut out = Outputs::new();

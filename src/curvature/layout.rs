@@ -17,11 +17,11 @@
 //! A block's `[d_out, D]` slice of a `[P, K]` matrix is gathered as `[K, d_out, D]`
 //! (column `k` of the input becomes the matrix `V_k` of SPEC §4.1).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use crate::curvature::Options;
 use crate::error::{Error, Result};
-use crate::model::{Layer, Model, ModelSpec};
+use crate::graph::{Graph, Model};
 
 /// What a block covers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -37,9 +37,9 @@ pub enum BlockKind {
 /// One diagonal block of the operator.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Block {
-    /// Index of the layer in the model.
+    /// Index of the layer's node in the graph.
     pub layer: usize,
-    /// The layer's name (parameter prefix).
+    /// The layer's name (parameter prefix, the PyTorch module path).
     pub name: String,
     pub kind: BlockKind,
     /// `out_features` / `out_channels`.
@@ -126,14 +126,13 @@ impl Param {
     }
 }
 
-/// A linear or conv2d layer with at least one selected parameter.
+/// A curvature layer (linear, conv2d) with at least one selected parameter.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CurvatureLayer {
-    /// Index of the layer in the model.
+pub struct LayerBlocks {
+    /// Index of the layer's node in the graph.
     pub layer: usize,
+    /// The parameter prefix (the PyTorch module path).
     pub name: String,
-    /// Whether it is a conv2d layer (inputs go through im2col).
-    pub conv: bool,
     pub d_out: usize,
     /// `in_features` / `(C_in/groups)·KH·KW` (no ones column).
     pub d_in: usize,
@@ -143,7 +142,7 @@ pub struct CurvatureLayer {
     pub blocks: Vec<usize>,
 }
 
-impl CurvatureLayer {
+impl LayerBlocks {
     /// `D` of the layer's input factor `A` (`d_in`, plus one when joint), or `None` when
     /// only the bias is selected and `A` is not needed.
     pub fn input_dim(&self, layout: &ParamLayout) -> Option<usize> {
@@ -167,7 +166,7 @@ impl CurvatureLayer {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ParamLayout {
     /// Curvature layers with a selected parameter, in model order.
-    pub layers: Vec<CurvatureLayer>,
+    pub layers: Vec<LayerBlocks>,
     /// The blocks, in model order (weight block before bias block).
     pub blocks: Vec<Block>,
     /// The selected parameters in model order.
@@ -179,29 +178,34 @@ pub struct ParamLayout {
 impl ParamLayout {
     /// The layout of `opts.params` (all parameters if `None`) with `opts.joint_bias`.
     pub fn from_options(model: &Model, opts: &Options) -> Result<Self> {
-        Self::new(&model.spec, opts.params.as_deref(), opts.joint_bias)
+        Self::new(&model.graph, opts.params.as_deref(), opts.joint_bias)
     }
 
-    /// Validates the selection (unknown, duplicate or empty names, names of layers
-    /// without parameters or without bias are errors) and builds the layout.
-    pub fn new(spec: &ModelSpec, selected: Option<&[String]>, joint_bias: bool) -> Result<Self> {
-        let shapes = spec.shapes()?;
-        let available: Vec<(usize, ParamKind, String)> = spec
-            .layers
-            .iter()
-            .enumerate()
-            .filter_map(|(i, l)| l.name().map(|n| (i, l, n)))
-            .flat_map(|(i, l, n)| {
-                let mut v = vec![(i, ParamKind::Weight, format!("{n}.weight"))];
-                if l.has_bias() {
-                    v.push((i, ParamKind::Bias, format!("{n}.bias")));
-                }
-                v
-            })
-            .collect();
+    /// Validates the selection (unknown, duplicate or empty names, and names of
+    /// parameters KFAC does not approximate are errors) and builds the layout. The
+    /// parameters are ordered as the graph's `parameters` list where it has one, else
+    /// in node order (weight before bias).
+    pub fn new(graph: &Graph, selected: Option<&[String]>, joint_bias: bool) -> Result<Self> {
+        let mut available: Vec<(usize, ParamKind, String)> = Vec::new();
+        for i in graph.curvature_layers() {
+            let layer = graph.layer(i).curvature().expect("a curvature layer");
+            let module = graph.nodes[i].module();
+            available.push((i, ParamKind::Weight, format!("{module}.weight")));
+            if layer.has_bias() {
+                available.push((i, ParamKind::Bias, format!("{module}.bias")));
+            }
+        }
+        if let Some(order) = &graph.parameters {
+            let rank: HashMap<&str, usize> = order
+                .iter()
+                .enumerate()
+                .map(|(k, n)| (n.as_str(), k))
+                .collect();
+            available.sort_by_key(|(_, _, n)| rank.get(n.as_str()).copied().unwrap_or(usize::MAX));
+        }
         let chosen: HashSet<String> = match selected {
             None => available.iter().map(|(_, _, n)| n.clone()).collect(),
-            Some(names) => check_selection(spec, &available, names)?,
+            Some(names) => check_selection(graph, &available, names)?,
         };
 
         let mut layout = ParamLayout {
@@ -210,63 +214,65 @@ impl ParamLayout {
             params: Vec::new(),
             num_params: 0,
         };
-        for (i, layer) in spec.layers.iter().enumerate() {
-            let Some(name) = layer.name() else { continue };
-            let (conv, d_out, d_in) = match layer {
-                Layer::Linear(l) => (false, l.out_features, l.in_features),
-                Layer::Conv2d(c) => (
-                    true,
-                    c.out_channels,
-                    c.in_channels / c.groups * c.kernel_size[0] * c.kernel_size[1],
-                ),
-                _ => continue,
-            };
-            let positions = if conv {
-                shapes[i + 1][1..].iter().product()
-            } else {
-                1
-            };
-            let weight = chosen.contains(&format!("{name}.weight"));
-            let bias = chosen.contains(&format!("{name}.bias"));
-            if !weight && !bias {
+        for &(i, kind, ref name) in &available {
+            if !chosen.contains(name) {
                 continue;
             }
-            let mut cl = CurvatureLayer {
+            let layer = graph.layer(i).curvature().expect("a curvature layer");
+            let shape = match kind {
+                ParamKind::Weight => layer.weight_shape(),
+                ParamKind::Bias => vec![layer.out_features()],
+            };
+            layout.push_param(i, graph.nodes[i].module(), kind, shape);
+        }
+        // Blocks per layer, in the order of each layer's first selected parameter.
+        let mut seen = HashSet::new();
+        let order: Vec<usize> = layout
+            .params
+            .iter()
+            .map(|p| p.layer)
+            .filter(|&i| seen.insert(i))
+            .collect();
+        for i in order {
+            let layer = graph.layer(i).curvature().expect("a curvature layer");
+            let name = graph.nodes[i].module().to_string();
+            let (d_out, d_in) = (layer.out_features(), layer.in_features());
+            let find = |kind| {
+                layout
+                    .params
+                    .iter()
+                    .find(|p| p.layer == i && p.kind == kind)
+                    .map(|p| p.offset)
+            };
+            let (weight, bias) = (find(ParamKind::Weight), find(ParamKind::Bias));
+            let mut cl = LayerBlocks {
                 layer: i,
-                name: name.to_string(),
-                conv,
+                name: name.clone(),
                 d_out,
                 d_in,
-                positions,
+                positions: layer.positions(),
                 blocks: Vec::new(),
             };
-            let weight_offset = layout.num_params;
-            if weight {
-                layout.push_param(i, name, ParamKind::Weight, layer.weight_shape());
-            }
-            let bias_offset = layout.num_params;
-            if bias {
-                layout.push_param(i, name, ParamKind::Bias, layer.bias_shape());
-            }
             let mut push_block = |kind, d, offset| {
                 cl.blocks.push(layout.blocks.len());
                 layout.blocks.push(Block {
                     layer: i,
-                    name: name.to_string(),
+                    name: name.clone(),
                     kind,
                     d_out,
                     d_in: d,
                     offset,
                 });
             };
-            if weight && bias && joint_bias {
-                push_block(BlockKind::Joint, d_in + 1, weight_offset);
-            } else {
-                if weight {
-                    push_block(BlockKind::Weight, d_in, weight_offset);
-                }
-                if bias {
-                    push_block(BlockKind::Bias, 1, bias_offset);
+            match (weight, bias) {
+                (Some(w), Some(_)) if joint_bias => push_block(BlockKind::Joint, d_in + 1, w),
+                _ => {
+                    if let Some(w) = weight {
+                        push_block(BlockKind::Weight, d_in, w);
+                    }
+                    if let Some(b) = bias {
+                        push_block(BlockKind::Bias, 1, b);
+                    }
                 }
             }
             layout.layers.push(cl);
@@ -274,8 +280,7 @@ impl ParamLayout {
         Ok(layout)
     }
 
-    fn push_param(&mut self, layer: usize, name: &str, kind: ParamKind, shape: Option<Vec<usize>>) {
-        let shape = shape.unwrap_or_default();
+    fn push_param(&mut self, layer: usize, name: &str, kind: ParamKind, shape: Vec<usize>) {
         let suffix = match kind {
             ParamKind::Weight => "weight",
             ParamKind::Bias => "bias",
@@ -297,7 +302,7 @@ impl ParamLayout {
     }
 
     /// The curvature layer entry of model layer `layer`, if it has selected parameters.
-    pub fn layer(&self, layer: usize) -> Option<&CurvatureLayer> {
+    pub fn layer(&self, layer: usize) -> Option<&LayerBlocks> {
         self.layers.iter().find(|l| l.layer == layer)
     }
 
@@ -337,8 +342,8 @@ impl ParamLayout {
         for p in &self.params {
             if let Some(lp) = model.layer_params(p.layer) {
                 match p.kind {
-                    ParamKind::Weight => out.extend_from_slice(&lp.weight),
-                    ParamKind::Bias => out.extend_from_slice(lp.bias.as_deref().unwrap_or(&[])),
+                    ParamKind::Weight => out.extend_from_slice(lp.weight()),
+                    ParamKind::Bias => out.extend_from_slice(lp.bias().unwrap_or(&[])),
                 }
             }
         }
@@ -346,9 +351,9 @@ impl ParamLayout {
     }
 }
 
-/// Checks user-given names against the model's parameters.
+/// Checks user-given names against the model's curvature parameters.
 fn check_selection(
-    spec: &ModelSpec,
+    graph: &Graph,
     available: &[(usize, ParamKind, String)],
     names: &[String],
 ) -> Result<HashSet<String>> {
@@ -357,10 +362,13 @@ fn check_selection(
             "the parameter selection is empty: name at least one parameter".into(),
         ));
     }
+    let known: HashSet<&str> = available.iter().map(|(_, _, n)| n.as_str()).collect();
     let mut chosen = HashSet::new();
     for name in names {
-        if !available.iter().any(|(_, _, n)| n == name) {
-            return Err(Error::Options(unknown_param_message(spec, available, name)));
+        if !known.contains(name.as_str()) {
+            return Err(Error::Options(unknown_param_message(
+                graph, available, name,
+            )));
         }
         if !chosen.insert(name.clone()) {
             return Err(Error::Options(format!(
@@ -372,7 +380,7 @@ fn check_selection(
 }
 
 fn unknown_param_message(
-    spec: &ModelSpec,
+    graph: &Graph,
     available: &[(usize, ParamKind, String)],
     name: &str,
 ) -> String {
@@ -382,22 +390,24 @@ fn unknown_param_message(
         .collect::<Vec<_>>()
         .join(", ");
     let (prefix, suffix) = name.rsplit_once('.').unwrap_or((name, ""));
-    if let Some(i) = spec.layers.iter().position(|l| l.name() == Some(prefix)) {
-        if suffix == "bias" {
-            return format!(
-                "parameter \"{name}\": {} has no bias (available: {list})",
-                spec.label(i)
-            );
-        }
-    } else if let Ok(i) = prefix.parse::<usize>()
-        && i < spec.layers.len()
-        && spec.layers[i].name().is_none()
-    {
-        return format!(
-            "parameter \"{name}\": {} has no parameters; only linear and conv2d layers \
-             do (available: {list})",
-            spec.label(i)
-        );
+    let Some(i) = graph.nodes.iter().position(|n| n.module() == prefix) else {
+        return format!("unknown parameter \"{name}\" (available: {list})");
+    };
+    let label = graph.label(i);
+    let layer = graph.layer(i);
+    if layer.curvature().is_some() && suffix == "bias" {
+        format!("parameter \"{name}\": {label} has no bias (available: {list})")
+    } else if layer.params().is_empty() {
+        format!(
+            "parameter \"{name}\": {label} has no parameters; only linear and conv2d layers \
+             do (available: {list})"
+        )
+    } else if layer.curvature().is_none() && layer.params().iter().any(|p| p.suffix == suffix) {
+        format!(
+            "parameter \"{name}\" of {label} is not a curvature parameter: KFAC approximates \
+             only linear and conv2d layers (available: {list})"
+        )
+    } else {
+        format!("unknown parameter \"{name}\" (available: {list})")
     }
-    format!("unknown parameter \"{name}\" (available: {list})")
 }

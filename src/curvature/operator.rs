@@ -22,6 +22,7 @@
 
 use crate::curvature::layout::BlockKind;
 use crate::curvature::options::{DampingMode, MIN_DAMPING};
+use crate::curvature::scalars::{EKFAC_ZERO_THRESHOLD, KFAC_ZERO_THRESHOLD};
 use crate::curvature::state::CurvatureState;
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor};
@@ -74,6 +75,7 @@ pub fn eigenbasis_scaling(
         let lambda_g = &factors.gradient.values;
         let ones = [1.0f32];
         let lambda_a: &[f32] = factors.input.as_ref().map_or(&ones, |a| &a.values);
+        let (max_g, max_a) = (largest(lambda_g), largest(lambda_a));
         let (delta_a, delta_g) = match transform {
             Transform::Inverse {
                 damping,
@@ -100,6 +102,13 @@ pub fn eigenbasis_scaling(
             } else {
                 lambda_a
             };
+            let max_a = if block.kind == BlockKind::Bias {
+                1.0
+            } else {
+                max_a
+            };
+            let max_corrected = corrected.map_or(0.0, |c| largest(&c[b]));
+            let mut singular = Singular::default();
             let mut m = Vec::with_capacity(block.len());
             for (k, &g) in lambda_g.iter().enumerate() {
                 for (l, &a_l) in a.iter().enumerate() {
@@ -115,24 +124,113 @@ pub fn eigenbasis_scaling(
                                     "only exact damping is supported for EKFAC".into(),
                                 ));
                             }
-                            1.0 / (f64::from(corrected.expect("EKFAC")[b][k * block.d_in + l])
-                                + damping)
+                            let lambda =
+                                f64::from(corrected.expect("EKFAC")[b][k * block.d_in + l]);
+                            let threshold = EKFAC_ZERO_THRESHOLD * max_corrected;
+                            singular.check(lambda <= threshold, lambda + damping, threshold);
+                            1.0 / (lambda + damping)
                         }
                         (Approximation::Kfac, Transform::Inverse { damping, mode }) => {
+                            let zero_g = g <= KFAC_ZERO_THRESHOLD * max_g;
+                            let zero_a = a_l <= KFAC_ZERO_THRESHOLD * max_a;
                             match (mode, block.kind) {
-                                (DampingMode::Exact, _) => 1.0 / (g * a_l + damping),
-                                (_, BlockKind::Bias) => 1.0 / (g + delta_g),
-                                _ => 1.0 / ((g + delta_g) * (a_l + delta_a)),
+                                (DampingMode::Exact, _) => {
+                                    let threshold = KFAC_ZERO_THRESHOLD * max_g * max_a;
+                                    singular.check(zero_g || zero_a, g * a_l + damping, threshold);
+                                    1.0 / (g * a_l + damping)
+                                }
+                                (_, BlockKind::Bias) => {
+                                    let threshold = KFAC_ZERO_THRESHOLD * max_g;
+                                    singular.check(zero_g, g + delta_g, threshold);
+                                    1.0 / (g + delta_g)
+                                }
+                                _ => {
+                                    let (t_g, t_a) =
+                                        (KFAC_ZERO_THRESHOLD * max_g, KFAC_ZERO_THRESHOLD * max_a);
+                                    singular.check(zero_g, g + delta_g, t_g);
+                                    singular.check(zero_a, a_l + delta_a, t_a);
+                                    1.0 / ((g + delta_g) * (a_l + delta_a))
+                                }
                             }
                         }
                     };
                     m.push(value as f32);
                 }
             }
+            if singular.count > 0 {
+                let (what, rule, largest) = match approx {
+                    Approximation::Kfac => (
+                        "KFAC",
+                        "1e-6 of the largest eigenvalue of its Kronecker factor",
+                        max_g * max_a,
+                    ),
+                    Approximation::Ekfac => (
+                        "EKFAC",
+                        "1e-10 of the block's largest corrected eigenvalue",
+                        max_corrected,
+                    ),
+                };
+                let (damping, mode) = match transform {
+                    Transform::Inverse { damping, mode } => (damping, mode),
+                    Transform::Forward => unreachable!("only inverses divide"),
+                };
+                return Err(Error::model(
+                    &layer.name,
+                    format!(
+                        "the damped inverse of {what} ({} damping, δ = {damping}) would \
+                         divide by {} eigenvalue(s) of the {} block that count as zero (at most \
+                         {rule}), leaving (eigenvalue + damping) ≤ {:.3e}; pass a damping \
+                         above that, e.g. --damping {:.1e}",
+                        format!("{mode:?}").to_lowercase(),
+                        crate::io::thousands(singular.count),
+                        block_suffix(block.kind),
+                        singular.threshold,
+                        suggested_damping(largest, singular.threshold)
+                    ),
+                ));
+            }
             out[b] = m;
         }
     }
     Ok(out)
+}
+
+/// The largest of `values` in f64 (0 when there are none or all are negative).
+fn largest(values: &[f32]) -> f64 {
+    values.iter().map(|&v| f64::from(v)).fold(0.0, f64::max)
+}
+
+/// A damping to suggest: 1e-3 of the block's largest eigenvalue (the crate's default
+/// damping relative to it), at least ten times the zero threshold, at least 1e-8.
+fn suggested_damping(largest: f64, threshold: f64) -> f64 {
+    (1e-3 * largest).max(10.0 * threshold).max(1e-8)
+}
+
+/// Eigenvalues that count as zero whose damped denominator is no larger than the zero
+/// threshold: an inverse would divide by (almost) nothing.
+#[derive(Default)]
+struct Singular {
+    count: usize,
+    threshold: f64,
+}
+
+impl Singular {
+    /// Records a direction that counts as zero (`zero`) whose denominator is at most
+    /// `threshold`.
+    fn check(&mut self, zero: bool, denominator: f64, threshold: f64) {
+        if zero && (denominator <= threshold || denominator.is_nan()) {
+            self.count += 1;
+            self.threshold = self.threshold.max(threshold);
+        }
+    }
+}
+
+fn block_suffix(kind: BlockKind) -> &'static str {
+    match kind {
+        BlockKind::Weight => "weight",
+        BlockKind::Bias => "bias",
+        BlockKind::Joint => "joint",
+    }
 }
 
 /// The eigenbases of a [`CurvatureState`] uploaded to the GPU, ready for products.
@@ -164,7 +262,9 @@ impl<'a> Operator<'a> {
 
     /// `X·V` for the row-major `[P, K]` matrix `v` (model-order parameters), where `X`
     /// is the approximation (or its damped inverse) chosen by `approx` and `transform`.
-    /// Returns the row-major `[P, K]` result. One upload, one compute pass, one readback.
+    /// Returns the row-major `[P, K]` result. Columns are taken in chunks that fit the
+    /// memory budget and one storage binding; per chunk one
+    /// upload, one compute pass, one readback.
     pub fn apply(
         &self,
         v: &[f32],
@@ -183,16 +283,57 @@ impl<'a> Operator<'a> {
             )));
         }
         let scaling = eigenbasis_scaling(self.state, approx, transform)?;
+        let m_host: Vec<f32> = scaling.concat();
+        let m = self.ctx.upload(&m_host, &[m_host.len()])?;
+        drop(m_host);
+        let chunk = self.columns_per_chunk(columns);
+        if chunk >= columns {
+            return self.apply_chunk(v, columns, &m);
+        }
+        let p = layout.num_params;
+        let mut out = vec![0.0; v.len()];
+        let mut part = Vec::with_capacity(p * chunk);
+        for first in (0..columns).step_by(chunk) {
+            let c = chunk.min(columns - first);
+            part.clear();
+            for row in v.chunks_exact(columns) {
+                part.extend_from_slice(&row[first..first + c]);
+            }
+            let result = self.apply_chunk(&part, c, &m)?;
+            for (row, r) in out.chunks_exact_mut(columns).zip(result.chunks_exact(c)) {
+                row[first..first + c].copy_from_slice(r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// How many columns one pass takes: as many as fit the memory budget left after
+    /// what is allocated (the bases, `M`), at three `[P]` vectors per column (`X`, `T`
+    /// and room for GEMM temporaries), and as keep `X` within one storage binding;
+    /// at least one.
+    fn columns_per_chunk(&self, columns: usize) -> usize {
+        let p = self.state.layout.num_params.max(1);
+        let free = self
+            .ctx
+            .memory_budget()
+            .saturating_sub(self.ctx.memory().current_bytes());
+        let by_budget = usize::try_from(free / (3 * 4 * p as u64)).unwrap_or(usize::MAX);
+        let by_binding = self.ctx.binding_elements().0 / p;
+        by_budget.min(by_binding).clamp(1, columns)
+    }
+
+    /// One pass over `columns` columns of `v` (`[P, columns]`) with the scaling `m`.
+    fn apply_chunk(&self, v: &[f32], columns: usize, m: &GpuTensor) -> Result<Vec<f32>> {
+        let layout = &self.state.layout;
         let mut x_host = Vec::with_capacity(v.len());
         let mut offsets = Vec::with_capacity(layout.blocks.len());
         for b in 0..layout.blocks.len() {
             offsets.push(x_host.len());
             x_host.extend(layout.gather(b, v, columns));
         }
-        let m_host: Vec<f32> = scaling.concat();
         let x = self.ctx.upload(&x_host, &[x_host.len()])?;
         let t = self.ctx.zeros(&[x_host.len()])?;
-        let m = self.ctx.upload(&m_host, &[m_host.len()])?;
+        drop(x_host);
         let mut rec = self.ctx.recorder();
         let mut m_offset = 0;
         for (layer, (q_a, q_g)) in layout.layers.iter().zip(&self.bases) {
@@ -223,7 +364,7 @@ impl<'a> Operator<'a> {
                     scaled,
                     off,
                     columns * per_column,
-                    &m,
+                    m,
                     m_offset,
                     per_column,
                 )?;

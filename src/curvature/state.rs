@@ -25,7 +25,7 @@ use crate::curvature::layout::{BlockKind, ParamLayout};
 use crate::curvature::options::{FisherType, Options};
 use crate::error::{Error, Result};
 use crate::gpu::AdapterSummary;
-use crate::model::{ModelSpec, TensorFile};
+use crate::model::TensorFile;
 
 /// Written into every state file; loading refuses other names.
 pub const FORMAT_NAME: &str = "ekfac-state";
@@ -288,7 +288,7 @@ impl CurvatureState {
         let meta: StateMeta = serde_json::from_value(probe)
             .map_err(|e| fail(format!("metadata `{METADATA_KEY}`: {e}")))?;
         let names: Vec<String> = meta.params.iter().map(|p| p.name.clone()).collect();
-        let model = ModelSpec::from_json_str(
+        let model = crate::graph::json::from_json_str(
             &meta.model.to_string(),
             format!("{origin} (recorded model)"),
         )?;

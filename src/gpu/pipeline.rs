@@ -2,8 +2,14 @@
 //!
 //! Binding convention shared by every kernel in `shaders/`: bind group 0 holds the
 //! read-only storage inputs at bindings `0..r`, then the read-write outputs at
-//! `r..r+w`, then (if the kernel takes parameters) a uniform buffer of 32-bit words at
-//! binding `r+w`.
+//! `r..r+w`, then (if the kernel takes parameters) a read-only storage buffer of 32-bit
+//! words at binding `r+w`.
+//!
+//! Parameters are a storage buffer, not a uniform buffer: the software Vulkan driver
+//! (lavapipe, Mesa 22.3) specialises a kernel on its uniform values at every pipeline
+//! bind when that removes most of its code, and keeps each specialisation until the
+//! pipeline is destroyed; the loss kernel leaked about 600 KiB per dispatch that way
+//! (`tests/host_memory.rs`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -169,7 +175,7 @@ impl GpuContext {
                 binding: (reads + writes) as u32,
                 visibility: wgpu::ShaderStages::COMPUTE,
                 ty: wgpu::BindingType::Buffer {
-                    ty: wgpu::BufferBindingType::Uniform,
+                    ty: wgpu::BufferBindingType::Storage { read_only: true },
                     has_dynamic_offset: false,
                     min_binding_size: None,
                 },
@@ -294,7 +300,7 @@ impl<'a> Recorder<'a> {
         let pipeline = self
             .ctx
             .pipeline(kernel, reads.len(), writes.len(), !params.is_empty())?;
-        let uniform = (!params.is_empty()).then(|| {
+        let param_buffer = (!params.is_empty()).then(|| {
             let mut words = params.to_vec();
             words.resize(params.len().div_ceil(4) * 4, 0);
             self.ctx
@@ -302,7 +308,7 @@ impl<'a> Recorder<'a> {
                 .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                     label: Some("params"),
                     contents: bytemuck::cast_slice(&words),
-                    usage: wgpu::BufferUsages::UNIFORM,
+                    usage: wgpu::BufferUsages::STORAGE,
                 })
         });
         let mut entries: Vec<wgpu::BindGroupEntry> = reads
@@ -314,7 +320,7 @@ impl<'a> Recorder<'a> {
                 resource: t.binding(),
             })
             .collect();
-        if let Some(u) = &uniform {
+        if let Some(u) = &param_buffer {
             entries.push(wgpu::BindGroupEntry {
                 binding: (reads.len() + writes.len()) as u32,
                 resource: u.as_entire_binding(),

@@ -8,9 +8,10 @@ use std::path::Path;
 
 use safetensors::Dtype;
 
-use super::spec::{ModelSpec, batched_shape};
 use super::tensor_file::TensorFile;
 use crate::error::{Error, Result};
+use crate::graph::Graph;
+use crate::layers::batched_shape;
 
 /// The whole data set, row-major and example-major.
 #[derive(Clone, Debug, PartialEq)]
@@ -69,7 +70,7 @@ impl Dataset {
     }
 
     /// Like [`Dataset::load`], then [`Dataset::check`] with errors naming the file.
-    pub fn load_checked(path: impl AsRef<Path>, spec: &ModelSpec, classes: bool) -> Result<Self> {
+    pub fn load_checked(path: impl AsRef<Path>, spec: &Graph, classes: bool) -> Result<Self> {
         let file = TensorFile::load(path)?;
         let data = Self::from_tensor_file(&file)?;
         data.check_as(spec, classes, file.label())?;
@@ -200,18 +201,18 @@ impl Dataset {
     /// Checks the data fits `spec`: the example shape is the model's input shape, and
     /// the targets are class indices in `0..C` (`classes`, cross-entropy) or values
     /// `[N, C]` (otherwise), `C` being the model's number of outputs.
-    pub fn check(&self, spec: &ModelSpec, classes: bool) -> Result<()> {
+    pub fn check(&self, spec: &Graph, classes: bool) -> Result<()> {
         self.check_as(spec, classes, "data")
     }
 
-    fn check_as(&self, spec: &ModelSpec, classes: bool, label: &str) -> Result<()> {
-        if self.example_shape != spec.input_shape {
+    fn check_as(&self, spec: &Graph, classes: bool, label: &str) -> Result<()> {
+        if self.example_shape != spec.input.shape {
             return Err(Error::input(
                 label,
                 format!(
                     "\"x\": the model's input_shape is {:?}, so x must be {}, found [{}, {}]",
-                    spec.input_shape,
-                    batched_shape(&spec.input_shape).replacen('B', "N", 1),
+                    spec.input.shape,
+                    batched_shape(&spec.input.shape).replacen('B', "N", 1),
                     self.len,
                     self.example_shape
                         .iter()
@@ -221,7 +222,7 @@ impl Dataset {
                 ),
             ));
         }
-        let shapes = spec.shapes()?;
+        let shapes = spec.shapes();
         let c: usize = shapes.last().map_or(0, |s| s.iter().product());
         match (&self.y, classes) {
             (Targets::Classes(labels), true) => {

@@ -116,7 +116,7 @@ pub fn rel_err(got: &[f32], want: &[f64]) -> f64 {
 pub struct FixtureCase {
     pub name: String,
     pub expected: serde_json::Value,
-    pub model: ekfac::model::Model,
+    pub model: ekfac::graph::Model,
     pub data: ekfac::model::Dataset,
     pub options: ekfac::curvature::options::Options,
     pub damping: f64,
@@ -169,7 +169,7 @@ pub fn fixture(name: &str) -> FixtureCase {
         ..Default::default()
     };
     let model =
-        ekfac::model::Model::load(dir.join("model.json"), dir.join("weights.safetensors")).unwrap();
+        ekfac::graph::Model::load(dir.join("model.json"), dir.join("weights.safetensors")).unwrap();
     let data = ekfac::model::Dataset::load(dir.join("data.safetensors")).unwrap();
     let products = ekfac::model::TensorFile::load(dir.join("expected.safetensors")).unwrap();
     let (vectors, columns) = {
@@ -190,7 +190,7 @@ pub fn fixture(name: &str) -> FixtureCase {
 }
 
 /// A model with random weights in [-1.5, 1.5)/√fan_in and biases in [-1, 1).
-pub fn random_model(spec: ekfac::model::ModelSpec, rng: &mut TestRng) -> ekfac::model::Model {
+pub fn random_model(spec: ekfac::graph::ModelSpec, rng: &mut TestRng) -> ekfac::graph::Model {
     let mut tensors = std::collections::HashMap::new();
     for layer in &spec.layers {
         let (Some(name), Some(shape)) = (layer.name(), layer.weight_shape()) else {
@@ -205,7 +205,7 @@ pub fn random_model(spec: ekfac::model::ModelSpec, rng: &mut TestRng) -> ekfac::
             tensors.insert(format!("{name}.bias"), (shape.clone(), rng.vec(shape[0])));
         }
     }
-    ekfac::model::Model::new(spec, tensors).unwrap()
+    ekfac::graph::Model::new(spec, tensors).unwrap()
 }
 
 /// `n` examples of `example_shape` with inputs uniform in [-1, 1) and class targets

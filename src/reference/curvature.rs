@@ -16,15 +16,14 @@
 use faer::prelude::*;
 use faer::{Mat, Side};
 
-use crate::cpu::ops;
 use crate::curvature::layout::{BlockKind, ParamKind, ParamLayout};
 pub use crate::curvature::operator::Approximation;
 use crate::curvature::scalars::{self, Scalars};
 use crate::curvature::{DampingMode, FisherType, KfacApprox, MIN_DAMPING, Options};
 use crate::error::{Error, Result};
-use crate::geometry::{Conv2dGeometry, Pool2dGeometry};
+use crate::layers::BackwardArgs;
 use crate::loss::{self, BatchVectors, Targets};
-use crate::model::{Layer, Model, PoolSpec};
+pub use crate::reference::nn::{LayerWeights, Network64};
 
 /// A symmetric matrix's eigendecomposition: eigenvalues ascending, eigenvectors as the
 /// columns of `vectors`.
@@ -116,161 +115,6 @@ struct BatchIo {
     vectors: BatchVectors,
 }
 
-/// Geometry of conv layer `i` for a batch (`None` for other layers).
-fn conv_geometry(
-    model: &Model,
-    i: usize,
-    batch: usize,
-    in_shape: &[usize],
-) -> Option<Conv2dGeometry> {
-    match &model.spec.layers[i] {
-        Layer::Conv2d(c) => Some(c.geometry(batch, [in_shape[1], in_shape[2]])),
-        _ => None,
-    }
-}
-
-fn pool_geometry(p: &PoolSpec, batch: usize, in_shape: &[usize]) -> Pool2dGeometry {
-    p.geometry(batch, in_shape[0], [in_shape[1], in_shape[2]])
-}
-
-/// A layer's weight and optional bias in f64, PyTorch layouts, row-major.
-pub type LayerWeights = (Vec<f64>, Option<Vec<f64>>);
-
-/// The network in f64: forward keeping every layer's input, backward of one
-/// output-space vector keeping every layer's output gradient. Its weights are exact f64
-/// copies of the model's f32 weights, or any f64 values of the same shapes: problems
-/// stated in f64 (SPEC §8's golden numbers, 12 digits) need weights that f32 cannot
-/// hold, which is why the oracle does not use [`crate::cpu::nn`] (f32 model weights).
-pub struct Network64<'m> {
-    model: &'m Model,
-    shapes: Vec<Vec<usize>>,
-    weights: Vec<Option<LayerWeights>>,
-}
-
-impl<'m> Network64<'m> {
-    /// The model with its own weights.
-    pub fn new(model: &'m Model) -> Self {
-        let weights = model
-            .params
-            .iter()
-            .map(|p| {
-                p.as_ref().map(|lp| {
-                    (
-                        lp.weight.iter().map(|&v| f64::from(v)).collect(),
-                        lp.bias
-                            .as_ref()
-                            .map(|b| b.iter().map(|&v| f64::from(v)).collect()),
-                    )
-                })
-            })
-            .collect();
-        Network64 {
-            model,
-            shapes: model.shapes(),
-            weights,
-        }
-    }
-
-    /// The model's architecture with f64 weights, indexed by layer (`None` for
-    /// parameter-free layers); every shape must match the model's.
-    pub fn with_weights(model: &'m Model, weights: Vec<Option<LayerWeights>>) -> Result<Self> {
-        let fits = weights.len() == model.params.len()
-            && weights
-                .iter()
-                .zip(&model.params)
-                .all(|(w, p)| match (w, p) {
-                    (None, None) => true,
-                    (Some((w, b)), Some(p)) => {
-                        w.len() == p.weight.len()
-                            && b.as_ref().map(Vec::len) == p.bias.as_ref().map(Vec::len)
-                    }
-                    _ => false,
-                });
-        if !fits {
-            return Err(Error::model(
-                "weights",
-                "f64 weights do not match the model's parameter shapes",
-            ));
-        }
-        Ok(Network64 {
-            model,
-            shapes: model.shapes(),
-            weights,
-        })
-    }
-
-    /// The network outputs `[B, C]` of `x [B, *input_shape]`.
-    pub fn outputs(&self, x: &[f64], batch: usize) -> Vec<f64> {
-        self.forward(x, batch).pop().unwrap_or_default()
-    }
-
-    /// Inputs of every layer then the output: `layers.len() + 1` tensors `[B, *shape]`.
-    fn forward(&self, x: &[f64], batch: usize) -> Vec<Vec<f64>> {
-        let mut acts = vec![x.to_vec()];
-        for (i, layer) in self.model.spec.layers.iter().enumerate() {
-            let a = &acts[i];
-            let shape = &self.shapes[i];
-            let y = match layer {
-                Layer::Linear(l) => {
-                    let (w, b) = self.weights[i].as_ref().expect("linear layer has weights");
-                    ops::linear_forward(a, w, b.as_deref(), batch, l.in_features, l.out_features)
-                }
-                Layer::Conv2d(_) => {
-                    let (w, b) = self.weights[i].as_ref().expect("conv layer has weights");
-                    let geo = conv_geometry(self.model, i, batch, shape).expect("conv");
-                    ops::conv2d_forward(a, w, b.as_deref(), &geo)
-                }
-                Layer::Relu => ops::relu_forward(a),
-                Layer::Sigmoid => ops::sigmoid_forward(a),
-                Layer::Tanh => ops::tanh_forward(a),
-                Layer::Flatten => a.clone(),
-                Layer::MaxPool2d(p) => {
-                    ops::max_pool2d_forward(a, &pool_geometry(p, batch, shape)).0
-                }
-                Layer::AvgPool2d(p) => ops::avg_pool2d_forward(a, &pool_geometry(p, batch, shape)),
-            };
-            acts.push(y);
-        }
-        acts
-    }
-
-    /// Output gradients `[B, *out]` of every layer for one output-space vector
-    /// `grad_output [B, C]`, given the activations of [`Network64::forward`].
-    fn backward(&self, acts: &[Vec<f64>], grad_output: &[f64], batch: usize) -> Vec<Vec<f64>> {
-        let layers = &self.model.spec.layers;
-        let mut out_grads = vec![Vec::new(); layers.len()];
-        let mut g = grad_output.to_vec();
-        for i in (0..layers.len()).rev() {
-            out_grads[i] = g.clone();
-            let (x, y, shape) = (&acts[i], &acts[i + 1], &self.shapes[i]);
-            g = match &layers[i] {
-                Layer::Linear(l) => {
-                    let (w, _) = self.weights[i].as_ref().expect("linear layer has weights");
-                    ops::linear_backward_input(&g, w, batch, l.in_features, l.out_features)
-                }
-                Layer::Conv2d(_) => {
-                    let (w, _) = self.weights[i].as_ref().expect("conv layer has weights");
-                    let geo = conv_geometry(self.model, i, batch, shape).expect("conv");
-                    ops::conv2d_backward_input(&g, w, &geo)
-                }
-                Layer::Relu => ops::relu_backward(x, &g),
-                Layer::Sigmoid => ops::sigmoid_backward(y, &g),
-                Layer::Tanh => ops::tanh_backward(y, &g),
-                Layer::Flatten => g,
-                Layer::MaxPool2d(p) => {
-                    let geo = pool_geometry(p, batch, shape);
-                    let (_, argmax) = ops::max_pool2d_forward(x, &geo);
-                    ops::max_pool2d_backward(&g, &argmax, &geo)
-                }
-                Layer::AvgPool2d(p) => {
-                    ops::avg_pool2d_backward(&g, &pool_geometry(p, batch, shape))
-                }
-            };
-        }
-        out_grads
-    }
-}
-
 /// Runs one batch through the network: layer inputs, backpropagated vectors and the
 /// curvature layers' output gradients (none for forward-only).
 fn batch_io(
@@ -285,43 +129,32 @@ fn batch_io(
     let outputs = net.model.num_outputs();
     let (x, targets) = data.batch(start, end, outputs);
     let acts = net.forward(x, batch);
-    let logits = &acts[acts.len() - 1];
+    let logits = &acts[net.model.graph.output + 1];
     let vectors = loss::backprop_vectors(opts, logits, outputs, targets, start, data.num_data)?;
     let nv = vectors.num_vectors;
     let per_vector: Vec<Vec<Vec<f64>>> = (0..nv)
         .map(|v| {
             let gv = &vectors.values[v * batch * outputs..(v + 1) * batch * outputs];
-            net.backward(&acts, gv, batch)
+            net.backward(&acts, gv, batch, 1, false).0
         })
         .collect();
+    let graph = &net.model.graph;
     let layers = layout
         .layers
         .iter()
         .map(|cl| {
             let i = cl.layer;
-            let input = acts[i].clone();
+            let layer = graph
+                .layer(i)
+                .curvature()
+                .expect("the layout holds curvature layers");
+            let input = acts[graph.node_inputs(i)[0]].clone();
             let raw_grads: Vec<f64> = per_vector.iter().flat_map(|g| g[i].clone()).collect();
-            let (patches, grads) = match conv_geometry(net.model, i, batch, &net.shapes[i]) {
-                None => (input.clone(), raw_grads.clone()),
-                Some(geo) => {
-                    let s = geo.positions();
-                    let mut grads = vec![0.0; raw_grads.len()];
-                    for vb in 0..nv * batch {
-                        for o in 0..cl.d_out {
-                            for p in 0..s {
-                                grads[(vb * s + p) * cl.d_out + o] =
-                                    raw_grads[(vb * cl.d_out + o) * s + p];
-                            }
-                        }
-                    }
-                    (ops::im2col_group_mean(&input, &geo), grads)
-                }
-            };
             LayerIo {
+                patches: layer.reference_expand_inputs(&input, batch),
+                grads: layer.reference_expand_grads(&raw_grads),
                 input,
-                patches,
                 raw_grads,
-                grads,
             }
         })
         .collect();
@@ -785,19 +618,26 @@ pub fn exact_block_diagonal(
                 let lio = &io.layers[li];
                 let out_len = lio.raw_grads.len() / io.vectors.num_vectors;
                 let g = &lio.raw_grads[v * out_len..(v + 1) * out_len];
-                let geo = conv_geometry(model, cl.layer, 1, &net.shapes[cl.layer]);
+                let grads = model
+                    .graph
+                    .layer(cl.layer)
+                    .reference_backward(&BackwardArgs {
+                        stack: 1,
+                        batch: 1,
+                        grad_out: g,
+                        inputs: &[&lio.input],
+                        output: &[],
+                        params: net.weights(cl.layer),
+                        input_grads: &[false],
+                        param_grads: true,
+                    });
+                let tensors = grads.params.unwrap_or_default();
                 for param in layout.params.iter().filter(|q| q.layer == cl.layer) {
-                    let values = match (param.kind, &geo) {
-                        (ParamKind::Weight, None) => {
-                            ops::linear_backward_weight(g, &lio.input, 1, cl.d_in, cl.d_out)
-                        }
-                        (ParamKind::Weight, Some(geo)) => {
-                            ops::conv2d_backward_weight(g, &lio.input, geo)
-                        }
-                        (ParamKind::Bias, None) => ops::linear_backward_bias(g, 1, cl.d_out),
-                        (ParamKind::Bias, Some(geo)) => ops::conv2d_backward_bias(g, geo),
+                    let values = match param.kind {
+                        ParamKind::Weight => &tensors[0],
+                        ParamKind::Bias => &tensors[1],
                     };
-                    grad[param.offset..param.offset + values.len()].copy_from_slice(&values);
+                    grad[param.offset..param.offset + values.len()].copy_from_slice(values);
                 }
             }
             for i in 0..p {

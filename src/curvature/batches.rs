@@ -1,0 +1,359 @@
+//! The batch loop both passes over the data share: per batch of examples (split to
+//! fit the memory budget) a forward pass and the GPU loss kernel's backpropagated
+//! vectors ([`record_backprop_vectors`], the Philox contract of [`crate::rng`], so the
+//! logits never leave the GPU and both passes see the same samples), then stacked
+//! backward passes over chunks of vectors. A [`BatchStage`] records its work on the
+//! layer inputs once per batch and on the output gradients once per chunk.
+
+use crate::curvature::layer::CurvatureLayer;
+use crate::curvature::layout::{BlockKind, LayerBlocks, ParamLayout};
+use crate::curvature::options::{FisherType, KfacApprox, Options};
+use crate::error::{Error, Result};
+use crate::gpu::{GpuContext, GpuTensor};
+use crate::graph::{Backward, Forward, Graph, Network};
+use crate::layers::Pass;
+use crate::loss::{Targets, check_targets};
+use crate::model::data::{Dataset, TargetsSlice};
+use crate::ops::loss::{GpuTargets, record_backprop_vectors};
+use crate::ops::reduce::{append_ones_column, copy};
+
+/// One pass over the data: work on each batch's layer inputs, then on each chunk of
+/// its output gradients.
+pub(super) trait BatchStage {
+    /// What the input side keeps for the gradient side of the same batch.
+    type Inputs;
+
+    /// What the GPU is waiting for, for errors.
+    const WORK: &'static str;
+
+    /// Records the work on the layer inputs of a batch of `batch` examples.
+    fn inputs(
+        &mut self,
+        pass: &mut Pass,
+        layers: &[LayerRows],
+        batch: &BatchPass,
+    ) -> Result<Self::Inputs>;
+
+    /// Records the work on the output gradients of one chunk of `stack` vectors.
+    fn gradients(
+        &mut self,
+        pass: &mut Pass,
+        layers: &[LayerRows],
+        inputs: &Self::Inputs,
+        backward: &Backward,
+        stack: usize,
+        batch: &BatchPass,
+    ) -> Result<()>;
+}
+
+/// Runs `stage` over every batch of `data`.
+pub(super) fn for_each_batch<S: BatchStage>(
+    ctx: &GpuContext,
+    network: &Network,
+    data: &Dataset,
+    options: &Options,
+    layout: &ParamLayout,
+    chunks: Chunking,
+    stage: &mut S,
+) -> Result<()> {
+    let layers: Vec<LayerRows> = layout
+        .layers
+        .iter()
+        .map(|layer| LayerRows::new(network.graph(), layout, layer))
+        .collect();
+    for start in (0..data.len).step_by(chunks.examples) {
+        let len = chunks.examples.min(data.len - start);
+        let batch = run_batch(ctx, network, data, options, start, len)?;
+        let mut pass = Pass::new(ctx);
+        let inputs = stage.inputs(&mut pass, &layers, &batch)?;
+        pass.submit()?;
+        batch.for_each_chunk(ctx, network, chunks.vectors, |backward, stack| {
+            let mut pass = Pass::new(ctx);
+            stage.gradients(&mut pass, &layers, &inputs, backward, stack, &batch)?;
+            pass.submit()?;
+            ctx.wait(S::WORK)
+        })?;
+        ctx.wait(S::WORK)?;
+        drop(inputs);
+    }
+    Ok(())
+}
+
+/// One curvature layer's rows in one batch, as the factors and the correction take
+/// them (SPEC §2–§3).
+pub(super) struct LayerRows<'a> {
+    pub blocks: &'a LayerBlocks,
+    layer: &'a dyn CurvatureLayer,
+    /// Whether the layer is one joint weight-and-bias block (inputs get a ones column).
+    joint: bool,
+}
+
+impl<'a> LayerRows<'a> {
+    fn new(graph: &'a Graph, layout: &ParamLayout, blocks: &'a LayerBlocks) -> Self {
+        let joint = blocks
+            .blocks
+            .iter()
+            .any(|&b| layout.blocks[b].kind == BlockKind::Joint);
+        Self {
+            blocks,
+            layer: graph
+                .layer(blocks.layer)
+                .curvature()
+                .expect("the layout holds curvature layers"),
+            joint,
+        }
+    }
+
+    /// `x` with a ones column appended when the layer is joint: `[rows, d_in(+1)]`.
+    fn with_ones(&self, pass: &mut Pass, x: GpuTensor) -> Result<GpuTensor> {
+        if !self.joint {
+            return Ok(x);
+        }
+        let d_in = self.blocks.d_in;
+        let rows = x.len() / d_in;
+        let out = pass.zeros(&[rows, d_in + 1])?;
+        append_ones_column(&mut pass.rec, &x, &out, rows, d_in)?;
+        pass.keep(x);
+        Ok(out)
+    }
+
+    /// Expand-format inputs `ã` `[B·S, D]` (a ones column for a joint block).
+    pub fn expand_inputs(&self, pass: &mut Pass, forward: &Forward) -> Result<GpuTensor> {
+        let input = forward.layer_input(self.blocks.layer);
+        let x = self.layer.expand_inputs(pass, input, forward.batch())?;
+        self.with_ones(pass, x)
+    }
+
+    /// The rows whose Gram matrix gives `A` (scaled by `1/(N·S)` for expand, `1/N` for
+    /// reduce): expand `ã` `[B·S, D]`, or reduce `[mean_s a; 1]` `[B, D]`.
+    pub fn factor_inputs(
+        &self,
+        pass: &mut Pass,
+        forward: &Forward,
+        approx: KfacApprox,
+    ) -> Result<GpuTensor> {
+        if approx == KfacApprox::Expand || self.blocks.positions == 1 {
+            return self.expand_inputs(pass, forward);
+        }
+        let input = forward.layer_input(self.blocks.layer);
+        let x = self.layer.reduce_inputs(pass, input, forward.batch())?;
+        self.with_ones(pass, x)
+    }
+
+    /// Output gradients as rows, `[V·B·S, d_out]`.
+    pub fn expand_grads(&self, pass: &mut Pass, backward: &Backward) -> Result<GpuTensor> {
+        let grads = backward.output_grad(self.blocks.layer);
+        self.layer.expand_grads(pass, grads)
+    }
+
+    /// Output gradients summed over positions, `[V·B, d_out]`.
+    pub fn summed_grads(&self, pass: &mut Pass, backward: &Backward) -> Result<GpuTensor> {
+        let grads = backward.output_grad(self.blocks.layer);
+        self.layer.summed_grads(pass, grads)
+    }
+
+    /// The rows whose Gram matrix (times κ) gives `G`: expand `[V·B·S, d_out]`, reduce
+    /// position sums `[V·B, d_out]`.
+    pub fn factor_grads(
+        &self,
+        pass: &mut Pass,
+        backward: &Backward,
+        approx: KfacApprox,
+    ) -> Result<GpuTensor> {
+        match approx {
+            KfacApprox::Expand => self.expand_grads(pass, backward),
+            KfacApprox::Reduce => self.summed_grads(pass, backward),
+        }
+    }
+}
+
+/// The GPU tensors of one batch after the forward pass, with its `V` backpropagated
+/// vectors (none for forward-only).
+pub(super) struct BatchPass {
+    pub forward: Forward,
+    /// `[V, B, C]`.
+    pub vectors: Option<GpuTensor>,
+    /// κ_b.
+    pub kappa: f64,
+}
+
+impl BatchPass {
+    /// Runs the stacked backward pass over chunks of at most `chunk` vectors and calls
+    /// `f(backward, stack)` for each; every per-vector quantity of the curvature is a
+    /// sum over vectors, so the chunks' contributions simply add up.
+    fn for_each_chunk(
+        &self,
+        ctx: &GpuContext,
+        network: &Network,
+        chunk: usize,
+        mut f: impl FnMut(&Backward, usize) -> Result<()>,
+    ) -> Result<()> {
+        let Some(vectors) = &self.vectors else {
+            return Ok(());
+        };
+        let [nv, batch, outputs] = [vectors.shape()[0], vectors.shape()[1], vectors.shape()[2]];
+        let per_vector = batch * outputs;
+        for v0 in (0..nv).step_by(chunk.max(1)) {
+            let stack = chunk.min(nv - v0);
+            let backward = if stack == nv {
+                network.backward(ctx, &self.forward, vectors, nv, false)?
+            } else {
+                let slice = ctx.zeros(&[stack, batch, outputs])?;
+                let mut rec = ctx.recorder();
+                copy(
+                    &mut rec,
+                    vectors,
+                    v0 * per_vector,
+                    &slice,
+                    0,
+                    stack * per_vector,
+                )?;
+                rec.submit()?;
+                network.backward(ctx, &self.forward, &slice, stack, false)?
+            };
+            f(&backward, stack)?;
+        }
+        Ok(())
+    }
+}
+
+/// How a batch is processed within the context's memory budget.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Chunking {
+    /// Examples per pass over the network (at most the batch size).
+    pub examples: usize,
+    /// Backpropagated vectors per stacked backward pass.
+    pub vectors: usize,
+}
+
+/// Splits batches and stacks of vectors so that one pass fits the memory budget and
+/// every tensor fits one storage binding. The conv layers' im2col workspaces are
+/// bounded by the budget on their own ([`Network::workspace_bytes`]) and come off it
+/// first. Per example, a pass holds the forward activations, about three tensors the
+/// size of the activations per stacked vector (gradients, repeated saved activations,
+/// rotated gradients), and per layer with an input factor three `[S, D]` input
+/// matrices (the expand-format inputs, their copy with a ones column, and their
+/// rotation in the correction pass).
+pub(super) fn chunking(
+    ctx: &GpuContext,
+    network: &Network,
+    options: &Options,
+    layout: &ParamLayout,
+    nv: usize,
+) -> Result<Chunking> {
+    let workspaces = network.workspace_bytes(ctx);
+    let budget = ctx.memory_budget().saturating_sub(workspaces);
+    let binding = ctx.limits.max_storage_buffer_binding_size;
+    let inputs = layout
+        .layers
+        .iter()
+        .filter_map(|layer| Some(layer.positions * layer.input_dim(layout)?));
+    let per_example =
+        4 * (network.activation_elements() + 3 * inputs.clone().sum::<usize>()) as u64;
+    let largest = 4 * network
+        .largest_activation()
+        .max(inputs.max().unwrap_or(0))
+        .max(1) as u64;
+    let stack = nv.max(1) as u64;
+    // Per example: the forward set plus three backward sets per stacked vector.
+    let fits = |examples: u64, vectors: u64| {
+        examples * per_example * (1 + 3 * vectors) <= budget
+            && examples * vectors * largest <= binding
+            && examples * largest <= binding
+    };
+    if !fits(1, 1) {
+        return Err(Error::Memory(format!(
+            "one example with one backpropagated vector needs about {} bytes of GPU memory \
+             ({per_example} per example and vector, largest tensor {largest} bytes), more than \
+             the memory budget of {} bytes less {workspaces} bytes of conv workspaces, or the \
+             adapter's binding limit of {binding} bytes",
+            per_example * 4,
+            ctx.memory_budget(),
+        )));
+    }
+    let mut examples = options.batch_size as u64;
+    while examples > 1 && !fits(examples, 1) {
+        examples = examples.div_ceil(2);
+    }
+    let mut vectors = stack;
+    while vectors > 1 && !fits(examples, vectors) {
+        vectors = vectors.div_ceil(2);
+    }
+    Ok(Chunking {
+        examples: examples as usize,
+        vectors: vectors as usize,
+    })
+}
+
+/// Runs the network on one batch and computes its backpropagated vectors, all on the
+/// GPU: upload `x` and `y`, forward, loss vectors, with no readback in between.
+fn run_batch(
+    ctx: &GpuContext,
+    network: &Network,
+    data: &Dataset,
+    options: &Options,
+    start: usize,
+    len: usize,
+) -> Result<BatchPass> {
+    let batch = data.batch(start, len);
+    let mut shape = vec![len];
+    shape.extend(&data.example_shape);
+    let x = ctx.upload(batch.x, &shape)?;
+    let forward = network.forward(ctx, x)?;
+    if options.fisher == FisherType::ForwardOnly {
+        return Ok(BatchPass {
+            forward,
+            vectors: None,
+            kappa: 1.0,
+        });
+    }
+    let outputs = network.num_outputs();
+    let targets = match batch.y {
+        TargetsSlice::Classes(y) => {
+            let classes: Vec<u32> = y.iter().map(|&c| c as u32).collect();
+            ctx.upload_u32(&classes, &[len])?
+        }
+        TargetsSlice::Values { data: y, .. } => ctx.upload(y, &[len, outputs])?,
+    };
+    let gpu_targets = match batch.y {
+        TargetsSlice::Classes(_) => GpuTargets::Classes(&targets),
+        TargetsSlice::Values { .. } => GpuTargets::Dense(&targets),
+    };
+    let nv = options.num_vectors(outputs);
+    let vectors = ctx.zeros(&[nv, len, outputs])?;
+    let mut rec = ctx.recorder();
+    let kappa = record_backprop_vectors(
+        &mut rec,
+        options,
+        forward.output(),
+        gpu_targets,
+        start,
+        data.len,
+        &vectors,
+    )?;
+    rec.submit()?;
+    Ok(BatchPass {
+        forward,
+        vectors: Some(vectors),
+        kappa,
+    })
+}
+
+/// Checks every target once before the passes: class indices below `C` for
+/// cross-entropy, finite values for MSE/BCE, {0, 1} for BCE with type-2.
+pub(super) fn check_all_targets(data: &Dataset, options: &Options, outputs: usize) -> Result<()> {
+    let batch = data.batch(0, data.len);
+    let classes: Vec<usize>;
+    let values: Vec<f64>;
+    let targets = match batch.y {
+        TargetsSlice::Classes(y) => {
+            classes = y.iter().map(|&c| c as usize).collect();
+            Targets::Classes(&classes)
+        }
+        TargetsSlice::Values { data: y, .. } => {
+            values = y.iter().map(|&v| f64::from(v)).collect();
+            Targets::Dense(&values)
+        }
+    };
+    check_targets(options.loss, options.fisher, targets, data.len, outputs)
+}

@@ -1,0 +1,270 @@
+#!/usr/bin/env python3
+"""Round-trip and refusal tests of tools/export_torch.py and tools/graph_torch.py
+(issue 9, items 5 and 6). Run with the fixture venv (torch 2.15, curvlinops 3.0.1):
+
+    /work/venv/bin/python tools/test_graph_roundtrip.py
+
+CI does not run it (CI never needs Python); run it after touching either tool or the
+fixture models. It checks:
+
+1. export → rebuild → identical outputs (``torch.equal`` in float32) for every model
+   of tests/fixtures/generate.py (the chain models in both formats, the graph models
+   in the graph format), each on batches of 1, 5 and 12 (one export serves every
+   batch size);
+2. every committed fixture's model.json + weights, rebuilt, reproduces the
+   fixture: nn/ cases their float64 ``output`` (to 1e-12); curvature_graph/ cases the
+   exact bytes of a fresh export of their model, and curvlinops run on the rebuilt
+   graph with batch sizes 1, 5 and N gives the stored KFAC/EKFAC products (1e-12);
+3. refusals, each an ``ExportError`` naming the node or module and nothing written:
+   training mode, an unmappable operator, an ``add`` of different shapes, a
+   batch-size-specialised ``view``, BatchNorm without running statistics, string
+   padding; a tied layer exports as two nodes sharing ``"module"``;
+4. graph_torch's own errors (cycle, unknown input, duplicate name) name the node.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import sys
+import tempfile
+import traceback
+from typing import Callable, Dict, List, Tuple
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+FIXTURES = os.path.join(REPO, "tests", "fixtures")
+sys.path.insert(0, HERE)
+sys.path.insert(0, FIXTURES)
+
+import generate as G  # noqa: E402
+import graph_torch  # noqa: E402
+from export_torch import ExportError, export  # noqa: E402
+
+FAILURES: List[str] = []
+
+
+def check(name: str, fn: Callable[[], None]) -> None:
+    try:
+        fn()
+        print(f"ok    {name}")
+    except Exception as e:  # report every failure, then exit non-zero
+        FAILURES.append(name)
+        print(f"FAIL  {name}: {type(e).__name__}: {e}")
+        traceback.print_exc(limit=3)
+
+
+def fixture_models() -> Dict[str, Tuple[nn.Module, List[int]]]:
+    """Every model of tests/fixtures/generate.py, float32."""
+    models: Dict[str, Tuple[nn.Module, List[int]]] = {}
+    for case, build in G.NN_CASES.items():
+        model, shape, _ = build()
+        models[f"nn_{case}"] = (model, shape)
+    models["golden_mlp"] = (G.golden_mlp(), [3])
+    models["mlp_tanh"] = (G.mlp(nn.Tanh(), seed=10), [4])
+    models["mlp_relu"] = (G.mlp(nn.ReLU(), seed=11), [4])
+    models["mlp_sigmoid"] = (G.mlp(nn.Sigmoid(), seed=12, scale=3.0), [4])
+    for name, build in (("cnn_a", G.cnn_a), ("cnn_b", G.cnn_b), ("cnn_c", G.cnn_c), ("cnn_large", G.cnn_large)):
+        models[name] = build()
+    for name, (build, seed, shape) in G.GRAPH_MODELS.items():
+        models[name] = (G.graph_model(build, seed), shape)
+    return {k: (m.to(torch.float32).eval(), s) for k, (m, s) in models.items()}
+
+
+def roundtrip(model: nn.Module, shape: List[int], fmt: str) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        spec = export(model, shape, d, format=fmt)
+        if fmt == "graph":
+            assert spec.get("format") == "ekfac-graph", "graph format expected"
+            names = [n for n, _ in model.named_parameters()]
+            assert spec["parameters"] == names, (spec["parameters"], names)
+        rebuilt = graph_torch.load(d)
+        if fmt == "graph":
+            got = [n for n, _ in rebuilt.named_parameters()]
+            assert got == spec["parameters"], f"rebuilt parameter order {got}"
+        g = torch.Generator().manual_seed(3)
+        for n in (1, 5, 12):
+            x = torch.randn(n, *shape, generator=g)
+            with torch.no_grad():
+                want, have = model(x), rebuilt(x)
+            assert torch.equal(want, have), (
+                f"batch {n}: outputs differ by {(want - have).abs().max().item():.3e}"
+            )
+
+
+def committed_fixture(case_dir: str) -> None:
+    rebuilt = graph_torch.load(case_dir).to(torch.float64)
+    x = load_file(os.path.join(case_dir, "data.safetensors"))["x"].to(torch.float64)
+    with torch.no_grad():
+        out = rebuilt(x)
+    expected = os.path.join(case_dir, "expected.safetensors")
+    ref = load_file(expected)
+    if "output" in ref:
+        err = (out - ref["output"]).abs().max().item()
+        assert err <= 1e-12 * max(1.0, ref["output"].abs().max().item()), f"output differs by {err:.3e}"
+    spec = json.load(open(os.path.join(case_dir, "model.json")))
+    if "nodes" in spec and "output" not in ref:
+        exp = json.load(open(os.path.join(case_dir, "expected.json")))
+        model_name = next(m for m in G.GRAPH_MODELS if os.path.basename(case_dir).startswith(m + "_"))
+        build, seed, shape = G.GRAPH_MODELS[model_name]
+        with tempfile.TemporaryDirectory() as d:
+            export(G.graph_model(build, seed), shape, d)
+            for f in ("model.json", "weights.safetensors"):
+                assert filecmp.cmp(os.path.join(d, f), os.path.join(case_dir, f), shallow=False), (
+                    f"{f} differs from a fresh export of {model_name}"
+                )
+        assert exp["params"] == [p for p in spec["parameters"] if p in exp["params"]], "params order"
+        curvlinops_on_rebuilt(case_dir, exp, ref)
+
+
+def curvlinops_on_rebuilt(case_dir: str, exp: dict, ref: Dict[str, torch.Tensor]) -> None:
+    """curvlinops on the *rebuilt* graph (what ekfac reads), in float64, with batch
+    sizes 1, 5 and N, reproduces the case's KFAC and EKFAC products (to 1e-12): the
+    exported graph means the same model, and the references hold for any batch size."""
+    from curvlinops import EKFACLinearOperator, KFACLinearOperator
+
+    model = graph_torch.load(case_dir).to(torch.float64)
+    data = load_file(os.path.join(case_dir, "data.safetensors"))
+    X = data["x"].to(torch.float64)
+    Y = data["y"] if exp["loss"] == "cross_entropy" else data["y"].to(torch.float64)
+    named = dict(model.named_parameters())
+    params = [named[n] for n in exp["params"]]
+    loss = G.LOSSES[exp["loss"]](reduction=exp["reduction"])
+    options = dict(
+        fisher_type=exp["fisher"], kfac_approx=exp["approx"],
+        separate_weight_and_bias=not exp["joint_bias"], check_deterministic=False,
+    )
+    V = ref["vectors"]
+    for bs in (1, 5, X.shape[0]):
+        batches = [(X[i:i + bs], Y[i:i + bs]) for i in range(0, X.shape[0], bs)]
+        ops = [("kfac_mv", KFACLinearOperator)]
+        if exp["ekfac"] is not None:
+            ops.append(("ekfac_mv", EKFACLinearOperator))
+        for key, cls in ops:
+            got = cls(model, loss, params, batches, **options) @ V
+            err = float((got - ref[key]).norm() / ref[key].norm())
+            assert err <= 1e-12, f"batch size {bs}: {key} relative error {err:.1e}"
+
+
+def refused(model: nn.Module, shape: List[int], *needles: str) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "out")
+        try:
+            export(model, shape, out, x=torch.randn(2, *shape))
+        except ExportError as e:
+            msg = str(e)
+            for needle in needles:
+                assert needle in msg, f"{needle!r} not in {msg!r}"
+            assert not os.path.exists(out), "something was written"
+            print(f"      -> {msg[:160]}")
+            return
+        raise AssertionError("not refused")
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(x) * 2.0
+
+
+class Broadcast(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 2)
+        self.b = nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+class FixedBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).view(2, -1))
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.fc(torch.tanh(self.fc(x)))))
+
+
+def tied() -> None:
+    model = Tied().eval()
+    with tempfile.TemporaryDirectory() as d:
+        spec = export(model, [3], d)
+        nodes = [n for n in spec["nodes"] if n.get("module", n["name"]) == "fc"]
+        assert [n["name"] for n in nodes] == ["fc", "fc_1"], nodes
+        assert nodes[1]["module"] == "fc" and "module" not in nodes[0], nodes
+        rebuilt = graph_torch.load(d)
+        x = torch.randn(4, 3)
+        with torch.no_grad():
+            assert torch.equal(model(x), rebuilt(x))
+
+
+def graph_errors() -> None:
+    base = {
+        "format": "ekfac-graph", "version": 2,
+        "inputs": [{"name": "x", "shape": [3], "dtype": "f32"}],
+        "output": "b", "parameters": [],
+    }
+    cases = [
+        ([{"name": "a", "op": "relu", "inputs": ["b"]}, {"name": "b", "op": "tanh", "inputs": ["a"]}], "cycle"),
+        ([{"name": "a", "op": "relu", "inputs": ["y"]}, {"name": "b", "op": "tanh", "inputs": ["a"]}], "unknown input 'y'"),
+        ([{"name": "b", "op": "relu", "inputs": ["x"]}, {"name": "b", "op": "tanh", "inputs": ["x"]}], "duplicate"),
+        ([{"name": "b", "op": "softmax", "inputs": ["x"]}], "unknown op"),
+    ]
+    for nodes, needle in cases:
+        try:
+            graph_torch.build({**base, "nodes": nodes})
+        except ValueError as e:
+            assert needle in str(e) and "node " in str(e), str(e)
+            continue
+        raise AssertionError(f"not refused: {needle}")
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    for name, (model, shape) in fixture_models().items():
+        formats = ["auto", "graph"] if isinstance(model, nn.Sequential) else ["auto"]
+        for fmt in formats:
+            check(f"roundtrip {name} ({fmt})", lambda m=model, s=shape, f=fmt: roundtrip(m, s, f))
+    for kind in ("nn", "curvature", "curvature_graph"):
+        root = os.path.join(FIXTURES, kind)
+        for case in sorted(os.listdir(root)):
+            check(f"fixture {kind}/{case}", lambda d=os.path.join(root, case): committed_fixture(d))
+
+    bn_train = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 2))
+    check("refuse training mode", lambda: refused(bn_train, [1, 4, 4], "module 1", "training mode"))
+    check("refuse unmappable operator", lambda: refused(Scaled().eval(), [3], "aten.mul.Tensor", "node mul"))
+    check("refuse add of different shapes", lambda: refused(Broadcast().eval(), [3], "node add", "[2] and [1]"))
+    check("refuse batch-specialised view", lambda: refused(FixedBatch().eval(), [1, 4, 4], "torch.export"))
+    no_stats = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, track_running_stats=False),
+                             nn.Flatten(), nn.Linear(8, 2)).eval()
+    check("refuse BatchNorm without running statistics", lambda: refused(no_stats, [1, 4, 4], "running statistics"))
+    same = nn.Sequential(nn.Conv2d(1, 2, 3, padding="same"), nn.Flatten(), nn.Linear(32, 2)).eval()
+    check("refuse string padding", lambda: refused(same, [1, 4, 4], "string padding"))
+    check("tied layer: two nodes sharing module", tied)
+    check("graph_torch errors name the node", graph_errors)
+    print(f"\n{len(FAILURES)} failure(s)" + (": " + ", ".join(FAILURES) if FAILURES else ""))
+    sys.exit(1 if FAILURES else 0)
+
+
+if __name__ == "__main__":
+    main()
