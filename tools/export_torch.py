@@ -56,7 +56,7 @@ import json
 import operator
 import os
 import sys
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -278,10 +278,11 @@ def _bind(node) -> Dict[str, Any]:
 
 
 def _op_name(node) -> str:
+    """``aten.linear.default`` for an ATen operator, the function's name otherwise."""
     target = node.target
-    return str(target) if not callable(target) or hasattr(target, "_schema") else getattr(
-        target, "__name__", str(target)
-    )
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target)
+    return getattr(target, "__name__", str(target))
 
 
 def _int_list(value: Any, n: int, default: Sequence[int]) -> List[int]:
@@ -852,8 +853,13 @@ def _check_rebuild(model: nn.Module, spec: Dict[str, Any], state: Dict[str, torc
     """Rebuild the exported model with graph_torch and compare outputs on a probe
     batch of 3: a mapping error must not go unnoticed."""
     probe_dtype = next((p.dtype for p in model.parameters()), torch.float32)
-    rebuilt = graph_torch.build(spec)
-    graph_torch.load_weights(rebuilt, {k: v.to(probe_dtype) if v.is_floating_point() else v for k, v in state.items()})
+    try:
+        rebuilt = graph_torch.build(spec)
+        graph_torch.load_weights(
+            rebuilt, {k: v.to(probe_dtype) if v.is_floating_point() else v for k, v in state.items()}
+        )
+    except ValueError as e:
+        raise ExportError(f"the exported graph cannot be rebuilt ({e}); please report this model") from e
     rebuilt = rebuilt.to(probe_dtype).eval()
     generator = torch.Generator().manual_seed(0)
     shape = spec["inputs"][0]["shape"] if "inputs" in spec else spec["input_shape"]
@@ -975,8 +981,26 @@ def _main() -> None:
         default="auto",
         help="model.json format (default auto: chain for a plain nn.Sequential, else graph)",
     )
+    parser.add_argument(
+        "--eval",
+        action="store_true",
+        help="call model.eval() before exporting (a module in training mode is refused)",
+    )
     args = parser.parse_args()
-    model = torch.load(args.model, weights_only=False)
+    try:
+        model = torch.load(args.model, weights_only=False)
+    except (ModuleNotFoundError, AttributeError) as e:
+        raise SystemExit(
+            f"export_torch: {args.model}: cannot unpickle the model ({e}); the module's class "
+            "must be importable: add the directory of its source file to PYTHONPATH"
+        )
+    if not isinstance(model, nn.Module):
+        raise SystemExit(
+            f"export_torch: {args.model} holds a {type(model).__name__}, not a torch.nn.Module "
+            "(save the whole module with torch.save(model, PATH), not its state_dict)"
+        )
+    if args.eval:
+        model.eval()
     input_shape = [int(s) for s in args.input_shape.split(",") if s]
     x = y = None
     if args.data:

@@ -288,18 +288,20 @@ def build(spec: Dict[str, Any]) -> nn.Module:
     return GraphModule(spec).eval()
 
 
-def load_weights(module: nn.Module, state: Dict[str, torch.Tensor]) -> None:
-    """Load a state_dict; a missing ``num_batches_tracked`` is fine (ekfac ignores it),
-    any other missing or unexpected key is a ValueError naming it."""
+def load_weights(module: nn.Module, state: Dict[str, torch.Tensor]) -> List[str]:
+    """Load a state_dict; return the keys no node uses (e.g. a module whose output
+    the graph does not need: the exporter keeps the full state_dict). A missing key
+    (other than ``num_batches_tracked``, which ekfac ignores) or a wrong shape is a
+    ValueError naming it."""
     expected = module.state_dict()
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        raise ValueError(f"weights: missing {missing}, unexpected {unexpected}")
+    if missing:
+        raise ValueError(f"weights: missing {missing}")
     for k, v in state.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape):
             raise ValueError(f"weights: {k} has shape {list(v.shape)}, expected {list(expected[k].shape)}")
-    module.load_state_dict(state, strict=False)
+    module.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+    return [k for k in state if k not in expected]
 
 
 def load(model_dir: str) -> nn.Module:

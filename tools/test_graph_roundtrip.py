@@ -84,9 +84,9 @@ def roundtrip(model: nn.Module, shape: List[int], fmt: str) -> None:
             names = [n for n, _ in model.named_parameters()]
             assert spec["parameters"] == names, (spec["parameters"], names)
         rebuilt = graph_torch.load(d)
-        if fmt == "graph":
+        if fmt == "graph":  # the same order (parameters of unused modules aside)
             got = [n for n, _ in rebuilt.named_parameters()]
-            assert got == spec["parameters"], f"rebuilt parameter order {got}"
+            assert got == [p for p in spec["parameters"] if p in got], f"rebuilt parameter order {got}"
         g = torch.Generator().manual_seed(3)
         for n in (1, 5, 12):
             x = torch.randn(n, *shape, generator=g)
@@ -164,6 +164,38 @@ def refused(model: nn.Module, shape: List[int], *needles: str) -> None:
             print(f"      -> {msg[:160]}")
             return
         raise AssertionError("not refused")
+
+
+class Everything(nn.Module):
+    """Every mapping path of the exporter not in the fixture models: in-place ReLU and
+    ``+=``, ``view(x.size(0), -1)``, ``reshape``, ``flatten(2)`` then a linear layer
+    over a sequence axis, ``mean(keepdim=True)``, ``interpolate(size=...)``,
+    ``cat(dim=-3)``, tanh-GELU, ``nn.Identity``, an unused branch, LayerNorm without
+    affine weights, BatchNorm without affine weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4, affine=False)
+        self.relu = nn.ReLU(inplace=True)
+        self.short = nn.Conv2d(2, 4, 1)
+        self.ident = nn.Identity()
+        self.seq = nn.Linear(16, 5)
+        self.ln = nn.LayerNorm(5, elementwise_affine=False)
+        self.unused = nn.Linear(5, 5)
+        self.fc = nn.Linear(8 * 5 + 8, 3)
+
+    def forward(self, x):
+        h = self.relu(self.bn(self.conv(x)))
+        h += self.short(x)
+        g = h.mean((2, 3), keepdim=True)  # [N, 4, 1, 1]
+        u = nn.functional.interpolate(g, size=(4, 4), mode="nearest")  # [N, 4, 4, 4]
+        c = torch.cat([self.ident(h), u], dim=-3)  # [N, 8, 4, 4]
+        s = self.ln(nn.functional.gelu(self.seq(c.flatten(2)), approximate="tanh"))  # [N, 8, 5]
+        _ = self.unused(s)  # computed, never used
+        flat = s.reshape(s.shape[0], -1)
+        pooled = c.mean((2, 3)).view(c.size(0), -1)
+        return self.fc(torch.cat([flat, pooled], dim=1))
 
 
 class Scaled(nn.Module):
@@ -245,6 +277,11 @@ def main() -> None:
         formats = ["auto", "graph"] if isinstance(model, nn.Sequential) else ["auto"]
         for fmt in formats:
             check(f"roundtrip {name} ({fmt})", lambda m=model, s=shape, f=fmt: roundtrip(m, s, f))
+    everything = Everything().eval()
+    with torch.no_grad():
+        everything.bn.running_mean.uniform_(-0.5, 0.5)
+        everything.bn.running_var.uniform_(0.5, 1.5)
+    check("roundtrip every mapping path", lambda: roundtrip(everything, [2, 4, 4], "graph"))
     for kind in ("nn", "curvature", "curvature_graph"):
         root = os.path.join(FIXTURES, kind)
         for case in sorted(os.listdir(root)):
