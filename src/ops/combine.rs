@@ -1,7 +1,6 @@
 //! Combining activations (`shaders/combine.wgsl`): the elementwise sum of two tensors
-//! (`add`; its backward passes the gradient to both inputs unchanged), accumulating a
-//! gradient where a value fans out, and concatenation along an axis with its
-//! splitting backward. Tensors are row-major; axes count from the outermost (for NCHW
+//! (`add`; its backward passes the gradient to both inputs unchanged) and concatenation
+//! along an axis with its splitting backward. Tensors are row-major; axes count from the outermost (for NCHW
 //! activations axis 1 is channels).
 
 use super::check::{expect_len, expect_u32, grid};
@@ -20,21 +19,6 @@ pub fn add(rec: &mut Recorder, a: &GpuTensor, b: &GpuTensor, y: &GpuTensor) -> R
         &[y],
         &[a.len() as u32],
         grid(a.len()),
-    )
-}
-
-/// Records `acc += g` (elementwise, same length): summing the gradients that reach a
-/// value used by several nodes.
-pub fn accumulate(rec: &mut Recorder, acc: &GpuTensor, g: &GpuTensor) -> Result<()> {
-    let op = "accumulate";
-    expect_len(op, "g", g, acc.len())?;
-    expect_u32(op, &[acc.len()])?;
-    rec.dispatch_words(
-        &Kernel::new(&super::COMBINE, "accumulate"),
-        &[g],
-        &[acc],
-        &[acc.len() as u32],
-        grid(acc.len()),
     )
 }
 
