@@ -32,6 +32,10 @@ pub const FORMAT_NAME: &str = "ekfac-state";
 /// The newest state format this crate reads and the one it writes.
 pub const FORMAT_VERSION: u32 = 1;
 const METADATA_KEY: &str = "ekfac";
+/// The largest forward-only identity factor built when a state is loaded (1 GiB of f32;
+/// larger than the largest factor the GPU's eigendecomposition takes at 128 MiB
+/// bindings, 10033).
+pub const MAX_IDENTITY_DIM: usize = 16384;
 
 /// Eigendecomposition of a symmetric factor: `vectors` is row-major `[n, n]` with column
 /// `j` the eigenvector of `values[j]`; `values` ascending.
@@ -258,7 +262,13 @@ impl CurvatureState {
     /// Reads a state file written by [`Self::save`], refusing files that are not ours,
     /// newer format versions and tensors whose sizes do not fit the recorded layout.
     pub fn load(path: &Path) -> Result<Self> {
-        let file = TensorFile::load(path)?;
+        Self::from_tensor_file(&TensorFile::load(path)?)
+    }
+
+    /// [`Self::load`] from a parsed safetensors file. Every tensor must be finite; the
+    /// orthonormality of the eigenvectors is checked on the GPU by
+    /// [`crate::curvature::validate::check_eigenvectors`].
+    pub fn from_tensor_file(file: &TensorFile) -> Result<Self> {
         let origin = file.label().to_string();
         let fail = |msg: String| Error::input(&origin, msg);
         let raw = file.string_metadata(METADATA_KEY).ok_or_else(|| {
@@ -322,6 +332,16 @@ impl CurvatureState {
                 .transpose()?;
             let n = layer.d_out;
             let gradient = if forward_only {
+                // Forward-only's G = I is built here from the recorded model alone; its
+                // size is bounded so that a corrupt description cannot allocate without
+                // end.
+                if n > MAX_IDENTITY_DIM {
+                    return Err(fail(format!(
+                        "layer {}: forward-only G = I of size {n} × {n} is larger than the \
+                         {MAX_IDENTITY_DIM} × {MAX_IDENTITY_DIM} this crate builds",
+                        layer.name
+                    )));
+                }
                 FactorEigen::identity(n)
             } else {
                 FactorEigen {
