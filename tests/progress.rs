@@ -169,7 +169,10 @@ fn piped_stderr_gets_one_plain_line_per_pass() {
     }
     assert!(lines[1].contains("sweeps"), "{err}");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("EKFAC"), "the summary is missing:\n{stdout}");
+    assert!(
+        stdout.contains("EKFAC"),
+        "the summary is missing:\n{stdout}"
+    );
     assert!(
         stdout.trim_end().ends_with("state.safetensors"),
         "the run does not end with where it wrote:\n{stdout}"
