@@ -211,8 +211,8 @@ fn check_case(name: &str) {
             );
             // The queries are training examples 0..4: their own scores are their
             // self-influence.
-            for q in 0..4 {
-                let (a, b) = (got.scores[q * n + q], diag[q]);
+            for (q, &b) in diag.iter().enumerate().take(4) {
+                let a = got.scores[q * n + q];
                 assert!(
                     (a - b).abs() <= 1e-3 * b.abs().max(1e-6),
                     "{name}: score[{q}, {q}] = {a} but self-influence {b}"
