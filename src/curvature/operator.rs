@@ -307,11 +307,11 @@ impl<'a> Operator<'a> {
         Ok(out)
     }
 
-    /// How many columns one pass takes: as many as fit the memory budget left after
+    /// How many columns one pass of [`Self::apply`] takes: as many as fit the memory budget left after
     /// what is allocated (the bases, `M`), at three `[P]` vectors per column (`X`, `T`
     /// and room for GEMM temporaries), and as keep `X` within one storage binding;
     /// at least one.
-    fn columns_per_chunk(&self, columns: usize) -> usize {
+    pub fn columns_per_chunk(&self, columns: usize) -> usize {
         let p = self.state.layout.num_params.max(1);
         let free = self
             .ctx
