@@ -109,6 +109,7 @@ fn a_graph_state_round_trips_through_its_file() {
     let model = Model::new(graph, tensors).unwrap();
     let data = common::random_classification(&mut rng, 9, &[3], 2);
     let options = ekfac::curvature::Options {
+        fisher: ekfac::curvature::FisherType::Type2,
         batch_size: 4,
         ..Default::default()
     };

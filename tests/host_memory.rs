@@ -20,7 +20,7 @@ mod common;
 use std::process::Command;
 
 use ekfac::curvature::fit::fit;
-use ekfac::curvature::options::Options;
+use ekfac::curvature::options::{FisherType, Options};
 use ekfac::graph::ModelSpec;
 
 use common::TestRng;
@@ -67,6 +67,7 @@ fn fit_in_child() {
     let model = common::random_model(spec, &mut rng);
     let data = common::random_classification(&mut rng, examples, &[4], 3);
     let options = Options {
+        fisher: FisherType::Type2,
         batch_size: 16,
         ..Options::default()
     };

@@ -12,7 +12,7 @@ mod common;
 
 use ekfac::curvature::fit::{Fitted, fit};
 use ekfac::curvature::operator::{Approximation, Operator, Transform};
-use ekfac::curvature::options::{DampingMode, Options};
+use ekfac::curvature::options::{DampingMode, FisherType, Options};
 use ekfac::curvature::summary::block_scalars;
 use ekfac::gpu::GpuContext;
 use ekfac::graph::{Model, ModelSpec};
@@ -42,6 +42,7 @@ fn case(rng: &mut TestRng) -> (Model, Dataset, Options) {
     let model = common::random_model(spec, rng);
     let data = common::random_classification(rng, 300, &[199], 5);
     let options = Options {
+        fisher: FisherType::Type2,
         joint_bias: true,
         batch_size: 64,
         ..Options::default()

@@ -175,6 +175,7 @@ fn bad_arguments_are_errors() {
     let classes = ctx.upload_u32(&[0, 1], &[2]).unwrap();
     let opts = Options {
         loss: LossKind::Mse,
+        fisher: FisherType::Type2,
         ..Options::default()
     };
     let err =
@@ -190,7 +191,10 @@ fn bad_arguments_are_errors() {
     let short = ctx.upload_u32(&[0], &[1]).unwrap();
     let err = backprop_vectors(
         &ctx,
-        &Options::default(),
+        &Options {
+            fisher: FisherType::Type2,
+            ..Options::default()
+        },
         &logits,
         GpuTargets::Classes(&short),
         0,

@@ -6,7 +6,7 @@
 mod common;
 
 use ekfac::curvature::fit::fit;
-use ekfac::curvature::options::Options;
+use ekfac::curvature::options::{FisherType, Options};
 use ekfac::gpu::GpuContext;
 use ekfac::graph::{Model, ModelSpec};
 use ekfac::model::Dataset;
@@ -38,6 +38,7 @@ fn case(rng: &mut TestRng) -> (Model, Dataset) {
 /// Peak GPU bytes of an EKFAC fit (type-2, 10 backpropagated vectors per example).
 fn peak(ctx: &GpuContext, model: &Model, data: &Dataset, batch_size: usize) -> u64 {
     let options = Options {
+        fisher: FisherType::Type2,
         batch_size,
         ..Options::default()
     };

@@ -65,16 +65,16 @@ struct FitArgs {
     #[arg(long)]
     loss: LossKind,
     /// mean | sum.
-    #[arg(long, default_value = "mean")]
+    #[arg(long, default_value_t = Options::DEFAULTS.reduction)]
     reduction: Reduction,
     /// type-2 | mc | empirical | forward-only (forward-only: KFAC only).
-    #[arg(long, default_value = "mc")]
+    #[arg(long, default_value_t = Options::DEFAULTS.fisher)]
     fisher: FisherType,
     /// Monte-Carlo samples per example (only with --fisher mc).
-    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = Options::DEFAULTS.mc_samples, allow_negative_numbers = true)]
     mc_samples: usize,
     /// expand | reduce (weight-sharing layers).
-    #[arg(long, default_value = "expand")]
+    #[arg(long, default_value_t = Options::DEFAULTS.approx)]
     approx: KfacApprox,
     /// Treat each layer's weight and bias as one block.
     #[arg(long)]
@@ -82,10 +82,10 @@ struct FitArgs {
     /// Comma-separated parameter names (default: all).
     #[arg(long, value_delimiter = ',')]
     params: Option<Vec<String>>,
-    #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = Options::DEFAULTS.batch_size, allow_negative_numbers = true)]
     batch_size: usize,
     /// Seed of the Monte-Carlo generator.
-    #[arg(long, default_value_t = 2147483647, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = Options::DEFAULTS.seed, allow_negative_numbers = true)]
     seed: u64,
     /// δ for the damped logdet and the default of inverse products.
     #[arg(long, default_value_t = 1e-3, allow_negative_numbers = true)]
@@ -207,7 +207,7 @@ fn run_fit(args: &FitArgs) -> Result<()> {
         batch_size: args.batch_size,
         seed: args.seed,
     };
-    options.validate()?;
+    // The options are validated once, by the fit.
     check_damping(args.damping)?;
     let budget = args.memory_budget_mib.map(budget_bytes).transpose()?;
     let mut inputs = vec![

@@ -97,8 +97,8 @@ string_enum!(FisherType, "fisher type", Type2 => "type-2", Mc => "mc",
     Empirical => "empirical", ForwardOnly => "forward-only");
 string_enum!(KfacApprox, "KFAC approximation", Expand => "expand", Reduce => "reduce");
 
-/// Everything that determines a fit, with curvlinops' defaults (`Options::default()`:
-/// cross-entropy, mean, type-2, 1 MC sample, expand, separate weight and bias, all
+/// Everything that determines a fit, with curvlinops' defaults ([`Options::DEFAULTS`]:
+/// cross-entropy, mean, MC with 1 sample, expand, separate weight and bias, all
 /// parameters, batch size 128, seed 2147483647).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Options {
@@ -120,19 +120,27 @@ pub struct Options {
     pub seed: u64,
 }
 
+impl Options {
+    /// The defaults, the one source of them (the command line's too): curvlinops'
+    /// (`fisher_type="mc"` with one sample, `mean`, `expand`, separate bias), with
+    /// cross-entropy, batches of 128 and curvlinops' seed.
+    pub const DEFAULTS: Options = Options {
+        loss: LossKind::CrossEntropy,
+        reduction: Reduction::Mean,
+        fisher: FisherType::Mc,
+        mc_samples: 1,
+        approx: KfacApprox::Expand,
+        joint_bias: false,
+        params: None,
+        batch_size: 128,
+        seed: 2147483647,
+    };
+}
+
 impl Default for Options {
+    /// [`Options::DEFAULTS`].
     fn default() -> Self {
-        Options {
-            loss: LossKind::CrossEntropy,
-            reduction: Reduction::Mean,
-            fisher: FisherType::Type2,
-            mc_samples: 1,
-            approx: KfacApprox::Expand,
-            joint_bias: false,
-            params: None,
-            batch_size: 128,
-            seed: 2147483647,
-        }
+        Self::DEFAULTS
     }
 }
 
@@ -237,6 +245,7 @@ mod tests {
     fn validation() {
         assert!(Options::default().validate().is_ok());
         let o = Options {
+            fisher: FisherType::Type2,
             mc_samples: 2,
             ..Options::default()
         };
