@@ -20,6 +20,7 @@ pub mod batch_norm;
 pub mod cat;
 pub mod conv2d;
 pub mod flatten;
+pub mod gelu;
 pub mod layer_norm;
 pub mod linear;
 pub mod pool;
@@ -206,6 +207,7 @@ pub static REGISTRY: &[(&str, Constructor)] = &[
     ("cat", cat::build),
     ("layer_norm", layer_norm::build),
     ("upsample_nearest2d", upsample::build),
+    ("gelu", gelu::build),
 ];
 
 /// Builds `node`'s layer through [`REGISTRY`].

@@ -5,6 +5,7 @@ mod check;
 pub mod combine;
 pub mod conv;
 pub mod eigencorrect;
+pub mod gelu;
 pub mod gemm;
 pub mod im2col;
 pub mod jacobi;
@@ -21,6 +22,7 @@ pub(crate) static ACTIVATION: Shader = crate::shader!("activation");
 pub(crate) static COMBINE: Shader = crate::shader!("combine");
 pub(crate) static CONV: Shader = crate::shader!("conv");
 pub(crate) static EIGENCORRECT: Shader = crate::shader!("eigencorrect");
+pub(crate) static GELU: Shader = crate::shader!("gelu");
 pub(crate) static GEMM: Shader = crate::shader!("gemm");
 pub(crate) static IM2COL: Shader = crate::shader!("im2col");
 pub(crate) static JACOBI: Shader = crate::shader!("jacobi");
@@ -36,6 +38,7 @@ pub(crate) static SHADERS: &[&Shader] = &[
     &COMBINE,
     &CONV,
     &EIGENCORRECT,
+    &GELU,
     &GEMM,
     &IM2COL,
     &JACOBI,
