@@ -24,6 +24,7 @@ pub mod gelu;
 pub mod layer_norm;
 pub mod linear;
 pub mod pool;
+pub mod silu;
 pub mod upsample;
 
 use std::any::Any;
@@ -208,6 +209,7 @@ pub static REGISTRY: &[(&str, Constructor)] = &[
     ("layer_norm", layer_norm::build),
     ("upsample_nearest2d", upsample::build),
     ("gelu", gelu::build),
+    ("silu", silu::build),
 ];
 
 /// Builds `node`'s layer through [`REGISTRY`].

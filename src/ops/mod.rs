@@ -15,6 +15,7 @@ pub mod norm;
 pub mod pool;
 pub mod reduce;
 pub mod resample;
+pub mod silu;
 
 use crate::gpu::Shader;
 
@@ -31,6 +32,7 @@ pub(crate) static NORM: Shader = crate::shader!("norm");
 pub(crate) static POOL: Shader = crate::shader!("pool");
 pub(crate) static REDUCE: Shader = crate::shader!("reduce");
 pub(crate) static RESAMPLE: Shader = crate::shader!("resample");
+pub(crate) static SILU: Shader = crate::shader!("silu");
 
 /// Every WGSL file of the crate.
 pub(crate) static SHADERS: &[&Shader] = &[
@@ -47,4 +49,5 @@ pub(crate) static SHADERS: &[&Shader] = &[
     &POOL,
     &REDUCE,
     &RESAMPLE,
+    &SILU,
 ];

@@ -1,7 +1,7 @@
 //! The f64 reference of the graph ops that only shape the forward and backward pass:
 //! BatchNorm in eval mode, LayerNorm, `add`, `cat`, nearest upsampling, adaptive
-//! average pooling and GELU. Forward functions and input vector–Jacobian products, written
-//! plainly (no GPU code).
+//! average pooling, GELU and SiLU. Forward functions and input vector–Jacobian
+//! products, written plainly (no GPU code).
 //!
 //! Tensors are flat, row-major `[f64]` with their shapes passed alongside; images are
 //! NCHW. Backward functions take a stack of `V` output gradients as a batch of `V·B`
@@ -361,4 +361,28 @@ fn stacked_elementwise(x: &[f64], grad_out: &[f64], derivative: impl Fn(f64) -> 
         .zip(d.iter().cycle())
         .map(|(g, d)| g * d)
         .collect()
+}
+
+/// `σ(v) = 1/(1 + e^{−v})` without overflow.
+fn logistic(v: f64) -> f64 {
+    let e = (-v.abs()).exp();
+    if v >= 0.0 {
+        1.0 / (1.0 + e)
+    } else {
+        e / (1.0 + e)
+    }
+}
+
+/// SiLU, `x·σ(x)` elementwise.
+pub fn silu_forward(x: &[f64]) -> Vec<f64> {
+    x.iter().map(|&v| v * logistic(v)).collect()
+}
+
+/// SiLU's input gradient for a stack of output gradients: `x` the forward input,
+/// `grad_out` `V` times as long (`V`-major); the derivative is `σ(x)·(1 + x·(1 − σ(x)))`.
+pub fn silu_backward(x: &[f64], grad_out: &[f64]) -> Vec<f64> {
+    stacked_elementwise(x, grad_out, |v| {
+        let s = logistic(v);
+        s * (1.0 + v * (1.0 - s))
+    })
 }
