@@ -13,7 +13,7 @@ pub fn add(rec: &mut Recorder, a: &GpuTensor, b: &GpuTensor, y: &GpuTensor) -> R
     expect_len(op, "b", b, a.len())?;
     expect_len(op, "y", y, a.len())?;
     expect_u32(op, &[a.len()])?;
-    rec.dispatch(
+    rec.dispatch_words(
         &Kernel::new(&super::COMBINE, "add"),
         &[a, b],
         &[y],
@@ -86,7 +86,7 @@ pub fn cat_forward(
     let layout = slabs("cat forward", "y", y, inputs, axis)?;
     for (x, [outer, part, whole, offset]) in inputs.iter().zip(layout) {
         let words = [outer, part, part, 0, whole, offset].map(|v| v as u32);
-        rec.dispatch(
+        rec.dispatch_words(
             &Kernel::new(&super::COMBINE, "copy_slab"),
             &[x],
             &[y],
@@ -109,7 +109,7 @@ pub fn cat_backward(
     let layout = slabs("cat backward", "grad_out", grad_out, grads_in, axis)?;
     for (g, [outer, part, whole, offset]) in grads_in.iter().zip(layout) {
         let words = [outer, part, whole, offset, part, 0].map(|v| v as u32);
-        rec.dispatch(
+        rec.dispatch_words(
             &Kernel::new(&super::COMBINE, "copy_slab"),
             &[grad_out],
             &[g],

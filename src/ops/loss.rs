@@ -102,7 +102,7 @@ pub fn record_backprop_vectors(
         LossKind::BceWithLogits => 2,
     };
     let threads = (nv * batch) as u32;
-    rec.dispatch(
+    rec.dispatch_words(
         &Kernel::new(&super::LOSS, "backprop_vectors"),
         &[logits, labels, values],
         &[vectors],
@@ -173,7 +173,7 @@ pub fn philox_blocks(
     expect_u32(OP, &[count * 4, batch_start + batch])?;
     let words = ctx.zeros(&[count * 4])?;
     let mut rec = ctx.recorder();
-    rec.dispatch(
+    rec.dispatch_words(
         &Kernel::new(&super::LOSS, "philox_blocks"),
         &[],
         &[&words],
