@@ -11,11 +11,11 @@
 // Dispatch: grid_1d(ceil(len / 256)) workgroups of 256; element i is
 // (wid.x + wid.y * nwg.x) * 256 + lid.
 
-struct ForwardParams {
+struct ElementwiseParams {
     len: u32,
 }
 
-struct BackwardParams {
+struct StackedParams {
     len: u32,
     x_len: u32,
 }
@@ -23,9 +23,9 @@ struct BackwardParams {
 @group(0) @binding(0) var<storage, read> x: array<f32>;
 @group(0) @binding(1) var<storage, read_write> y: array<f32>;
 @group(0) @binding(1) var<storage, read> grad_out: array<f32>;
-@group(0) @binding(2) var<storage, read> fparams: ForwardParams;
+@group(0) @binding(2) var<storage, read> fparams: ElementwiseParams;
 @group(0) @binding(2) var<storage, read_write> grad_in: array<f32>;
-@group(0) @binding(3) var<storage, read> bparams: BackwardParams;
+@group(0) @binding(3) var<storage, read> bparams: StackedParams;
 
 const FRAC_1_SQRT_2: f32 = 0.70710678118654752;
 const FRAC_1_SQRT_2PI: f32 = 0.39894228040143268;

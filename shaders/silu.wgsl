@@ -9,11 +9,11 @@
 // Dispatch: grid_1d(ceil(len / 256)) workgroups of 256; element i is
 // (wid.x + wid.y * nwg.x) * 256 + lid.
 
-struct ForwardParams {
+struct ElementwiseParams {
     len: u32,
 }
 
-struct BackwardParams {
+struct StackedParams {
     len: u32,
     x_len: u32,
 }
@@ -21,9 +21,9 @@ struct BackwardParams {
 @group(0) @binding(0) var<storage, read> x: array<f32>;
 @group(0) @binding(1) var<storage, read_write> y: array<f32>;
 @group(0) @binding(1) var<storage, read> grad_out: array<f32>;
-@group(0) @binding(2) var<storage, read> fparams: ForwardParams;
+@group(0) @binding(2) var<storage, read> fparams: ElementwiseParams;
 @group(0) @binding(2) var<storage, read_write> grad_in: array<f32>;
-@group(0) @binding(3) var<storage, read> bparams: BackwardParams;
+@group(0) @binding(3) var<storage, read> bparams: StackedParams;
 
 fn index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.x + wid.y * nwg.x) * 256u + lid;

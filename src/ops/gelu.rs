@@ -5,6 +5,23 @@
 use super::check::{expect_len, expect_u32, grid};
 use crate::error::{Error, Result};
 use crate::gpu::{GpuTensor, Kernel, Recorder};
+use crate::kernel_params;
+
+kernel_params! {
+    /// Forward: `len` elements.
+    pub struct ElementwiseParams {
+        len: u32,
+    }
+}
+
+kernel_params! {
+    /// Backward: `len` gradient elements, a stack of gradients of the `x_len` saved
+    /// inputs (element `i` reads `x[i mod x_len]`).
+    pub struct StackedParams {
+        len: u32,
+        x_len: u32,
+    }
+}
 
 /// Which GELU: PyTorch's `approximate="none"` or `"tanh"`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,7 +45,9 @@ pub fn gelu_forward(rec: &mut Recorder, form: Gelu, x: &GpuTensor, y: &GpuTensor
         &Kernel::new(&super::GELU, entry),
         &[x],
         &[y],
-        &[x.len() as u32],
+        &ElementwiseParams {
+            len: x.len() as u32,
+        },
         grid(x.len()),
     )
 }
@@ -64,7 +83,10 @@ pub fn gelu_backward(
         &Kernel::new(&super::GELU, entry),
         &[x, grad_out],
         &[grad_in],
-        &[grad_out.len() as u32, x.len() as u32],
+        &StackedParams {
+            len: grad_out.len() as u32,
+            x_len: x.len() as u32,
+        },
         grid(grad_out.len()),
     )
 }

@@ -62,10 +62,14 @@ pub fn all_params() -> Vec<ParamsLayout> {
     use ParamsLayout as L;
     vec![
         L::of::<activation::ActivationParams>(&ACTIVATION),
+        L::of::<combine::LenParams>(&COMBINE),
+        L::of::<combine::SlabParams>(&COMBINE),
         L::of::<conv::ConvParams>(&CONV),
         L::of::<eigencorrect::ScaleParams>(&EIGENCORRECT),
         L::of::<eigencorrect::StackParams>(&EIGENCORRECT),
         L::of::<eigencorrect::SharedParams>(&EIGENCORRECT),
+        L::of::<gelu::ElementwiseParams>(&GELU),
+        L::of::<gelu::StackedParams>(&GELU),
         L::of::<gemm::GemmParams>(&GEMM),
         L::of::<gemm::SplitKSumParams>(&GEMM),
         L::of::<gemm::GemvParams>(&GEMM),
@@ -74,6 +78,8 @@ pub fn all_params() -> Vec<ParamsLayout> {
         L::of::<jacobi::GlobalParams>(&JACOBI),
         L::of::<jacobi::CombineParams>(&JACOBI),
         L::of::<jacobi::BlockParams>(&JACOBI),
+        L::of::<norm::ChannelParams>(&NORM),
+        L::of::<norm::RowParams>(&NORM),
         L::of::<pool::PoolParams>(&POOL),
         L::of::<reduce::RangeParams>(&REDUCE),
         L::of::<reduce::DiagonalParams>(&REDUCE),
@@ -81,5 +87,8 @@ pub fn all_params() -> Vec<ParamsLayout> {
         L::of::<reduce::TransposeParams>(&REDUCE),
         L::of::<reduce::AppendParams>(&REDUCE),
         L::of::<reduce::SumParams>(&REDUCE),
+        L::of::<resample::ResampleParams>(&RESAMPLE),
+        L::of::<silu::ElementwiseParams>(&SILU),
+        L::of::<silu::StackedParams>(&SILU),
     ]
 }

@@ -5,6 +5,23 @@
 use super::check::{expect_len, expect_u32, grid};
 use crate::error::{Error, Result};
 use crate::gpu::{GpuTensor, Kernel, Recorder};
+use crate::kernel_params;
+
+kernel_params! {
+    /// Forward: `len` elements.
+    pub struct ElementwiseParams {
+        len: u32,
+    }
+}
+
+kernel_params! {
+    /// Backward: `len` gradient elements, a stack of gradients of the `x_len` saved
+    /// inputs (element `i` reads `x[i mod x_len]`).
+    pub struct StackedParams {
+        len: u32,
+        x_len: u32,
+    }
+}
 
 /// Records `y = x·σ(x)`; `y` has as many elements as `x`.
 pub fn silu_forward(rec: &mut Recorder, x: &GpuTensor, y: &GpuTensor) -> Result<()> {
@@ -15,7 +32,9 @@ pub fn silu_forward(rec: &mut Recorder, x: &GpuTensor, y: &GpuTensor) -> Result<
         &Kernel::new(&super::SILU, "silu_forward"),
         &[x],
         &[y],
-        &[x.len() as u32],
+        &ElementwiseParams {
+            len: x.len() as u32,
+        },
         grid(x.len()),
     )
 }
@@ -46,7 +65,10 @@ pub fn silu_backward(
         &Kernel::new(&super::SILU, "silu_backward"),
         &[x, grad_out],
         &[grad_in],
-        &[grad_out.len() as u32, x.len() as u32],
+        &StackedParams {
+            len: grad_out.len() as u32,
+            x_len: x.len() as u32,
+        },
         grid(grad_out.len()),
     )
 }
