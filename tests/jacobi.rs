@@ -16,6 +16,7 @@ use ekfac::curvature::state::FactorEigen;
 use ekfac::error::Error;
 use ekfac::gpu::GpuContext;
 use ekfac::ops::jacobi::{Eigen, JacobiOptions, JacobiPath, eigh, eigh_each};
+use ekfac::progress::Silent;
 use faer::{Mat, Side};
 
 /// The kinds of spectra the tests use.
@@ -517,7 +518,7 @@ fn check_solver(ctx: &GpuContext, sizes: &[usize], what: &str) {
         })
         .collect();
     let results = JacobiSolver::default()
-        .eigendecompose(ctx, &factors)
+        .eigendecompose(ctx, &factors, &Silent)
         .unwrap();
     assert_eq!(results.len(), sizes.len());
     for (i, ((m, &n), (eigen, basis))) in matrices.iter().zip(sizes).zip(&results).enumerate() {
