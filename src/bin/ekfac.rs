@@ -21,7 +21,7 @@ use ekfac::curvature::validate::check_eigenvectors;
 use ekfac::error::Error;
 use ekfac::gpu::GpuContext;
 use ekfac::graph::Model;
-use ekfac::io::Outputs;
+use ekfac::io::{MatrixReader, MatrixWriter, Outputs};
 use ekfac::model::TensorFile;
 use ekfac::model::data::Dataset;
 use ekfac::progress::{Console, ConsoleMode};
@@ -397,7 +397,7 @@ fn run_apply(args: &ApplyArgs) -> Result<()> {
     } else {
         Transform::Forward
     };
-    let v = ekfac::io::read_matrix(&args.vectors, &args.key)?;
+    let v = MatrixReader::open(&args.vectors, &args.key, "--vectors")?;
     if v.rows() != state.layout.num_params {
         return Err(Error::input(
             args.vectors.display(),
@@ -416,16 +416,21 @@ fn run_apply(args: &ApplyArgs) -> Result<()> {
     }
     check_eigenvectors(&ctx, &state, &args.state.display().to_string())?;
     let operator = Operator::new(&ctx, &state)?;
-    let product = operator.apply(&v.data, v.cols(), approx, transform)?;
+    // Columns are read, multiplied and written a chunk at a time: host and GPU memory
+    // hold one chunk, however many columns --vectors has.
+    let columns = v.cols();
+    let chunk = operator.columns_per_chunk(columns);
     let mut out = Outputs::new();
-    out.stage(
-        &args.out,
-        &ekfac::io::tensor_bytes(
-            &args.out,
-            &[("out".into(), v.shape.clone(), &product)],
-            None,
-        )?,
-    )?;
+    out.stage_with(&args.out, |file| {
+        let writer = MatrixWriter::new(file, &args.out, "out", &v.shape)?;
+        for first in (0..columns).step_by(chunk) {
+            let count = chunk.min(columns - first);
+            let part = v.read_columns(first, count)?;
+            let product = operator.apply(&part, count, approx, transform)?;
+            writer.write_columns(first, count, &product)?;
+        }
+        Ok(())
+    })?;
     out.commit()
 }
 
