@@ -290,7 +290,7 @@ impl<'a> Recorder<'a> {
 
     /// [`Recorder::dispatch`] with the parameters as positional 32-bit words (floats
     /// as `f32::to_bits`). Transitional, for the kernels not yet given a
-    /// [`KernelParams`] struct (loss, norm, combine, resample); to be removed.
+    /// [`KernelParams`] struct (the loss kernel); to be removed.
     pub fn dispatch_words(
         &mut self,
         kernel: &Kernel,
