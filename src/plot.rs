@@ -303,7 +303,7 @@ fn panel(
         (a.min(x), b.max(x))
     });
     let x0 = if x0.is_finite() { x0 } else { 0.0 };
-    if !(x1 > x0) {
+    if !x1.is_finite() || x1 <= x0 {
         x1 = x0 + 1.0;
     }
     let px = |x: f64| left + ((x - x0) / (x1 - x0) * f64::from(right - left)).round() as i32;
