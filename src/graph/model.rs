@@ -65,7 +65,11 @@ impl Model {
 
     /// Builds a model from a graph and the weights of a safetensors file.
     pub fn from_tensor_file(graph: Graph, file: &TensorFile) -> Result<Self> {
-        let keys = file.keys();
+        let keys: Vec<String> = file
+            .keys()
+            .into_iter()
+            .filter(|k| !ignored_key(&graph, k))
+            .collect();
         check_extra_keys(&graph, keys.iter().cloned(), file.label())?;
         let mut tensors = HashMap::new();
         for key in keys {
@@ -201,6 +205,18 @@ impl From<super::ModelSpec> for Describe {
     }
 }
 
+/// Whether `key` is a buffer the model accepts and ignores: BatchNorm's
+/// `<module>.num_batches_tracked` (an I64 counter of training steps).
+fn ignored_key(graph: &Graph, key: &str) -> bool {
+    key.strip_suffix(".num_batches_tracked")
+        .is_some_and(|module| {
+            graph
+                .nodes
+                .iter()
+                .any(|n| n.op == "batch_norm2d" && n.module() == module)
+        })
+}
+
 /// Errors on keys that are no parameter of a node.
 fn check_extra_keys(graph: &Graph, keys: impl Iterator<Item = String>, file: &str) -> Result<()> {
     let mut expected = std::collections::HashSet::new();
@@ -209,7 +225,9 @@ fn check_extra_keys(graph: &Graph, keys: impl Iterator<Item = String>, file: &st
             expected.insert(format!("{}.{}", node.module(), spec.suffix));
         }
     }
-    let mut extra: Vec<String> = keys.filter(|k| !expected.contains(k)).collect();
+    let mut extra: Vec<String> = keys
+        .filter(|k| !expected.contains(k) && !ignored_key(graph, k))
+        .collect();
     if extra.is_empty() {
         return Ok(());
     }
