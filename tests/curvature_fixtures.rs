@@ -112,7 +112,7 @@ fn check_case(ctx: &ekfac::gpu::GpuContext, name: &str, case: &common::FixtureCa
         "{name}"
     );
     failures.extend(check_scalars(
-        &name,
+        name,
         "kfac",
         &summary.kfac,
         &expected["kfac"],
@@ -120,7 +120,7 @@ fn check_case(ctx: &ekfac::gpu::GpuContext, name: &str, case: &common::FixtureCa
     ));
     match (&summary.ekfac, expected["ekfac"].is_null()) {
         (Some(e), false) => failures.extend(check_scalars(
-            &name,
+            name,
             "ekfac",
             e,
             &expected["ekfac"],
