@@ -65,10 +65,11 @@ impl Model {
 
     /// Builds a model from a graph and the weights of a safetensors file.
     pub fn from_tensor_file(graph: Graph, file: &TensorFile) -> Result<Self> {
+        let ignored = ignored_keys(&graph);
         let keys: Vec<String> = file
             .keys()
             .into_iter()
-            .filter(|k| !ignored_key(&graph, k))
+            .filter(|k| !ignored.contains(k))
             .collect();
         check_extra_keys(&graph, keys.iter().cloned(), file.label())?;
         let mut tensors = HashMap::new();
@@ -95,6 +96,8 @@ impl Model {
         mut tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
         file: &str,
     ) -> Result<Self> {
+        let ignored = ignored_keys(&graph);
+        tensors.retain(|k, _| !ignored.contains(k));
         check_extra_keys(&graph, tensors.keys().cloned(), file)?;
         let mut params = Vec::with_capacity(graph.nodes.len());
         for (i, node) in graph.nodes.iter().enumerate() {
@@ -205,16 +208,16 @@ impl From<super::ModelSpec> for Describe {
     }
 }
 
-/// Whether `key` is a buffer the model accepts and ignores: BatchNorm's
-/// `<module>.num_batches_tracked` (an I64 counter of training steps).
-fn ignored_key(graph: &Graph, key: &str) -> bool {
-    key.strip_suffix(".num_batches_tracked")
-        .is_some_and(|module| {
-            graph
-                .nodes
-                .iter()
-                .any(|n| n.op == "batch_norm2d" && n.module() == module)
-        })
+/// The weights-file keys of entries the nodes accept and ignore
+/// ([`crate::layers::Layer::ignored_params`]).
+fn ignored_keys(graph: &Graph) -> std::collections::HashSet<String> {
+    let mut ignored = std::collections::HashSet::new();
+    for (i, node) in graph.nodes.iter().enumerate() {
+        for suffix in graph.layer(i).ignored_params() {
+            ignored.insert(format!("{}.{suffix}", node.module()));
+        }
+    }
+    ignored
 }
 
 /// Errors on keys that are no parameter of a node.
@@ -225,9 +228,7 @@ fn check_extra_keys(graph: &Graph, keys: impl Iterator<Item = String>, file: &st
             expected.insert(format!("{}.{}", node.module(), spec.suffix));
         }
     }
-    let mut extra: Vec<String> = keys
-        .filter(|k| !expected.contains(k) && !ignored_key(graph, k))
-        .collect();
+    let mut extra: Vec<String> = keys.filter(|k| !expected.contains(k)).collect();
     if extra.is_empty() {
         return Ok(());
     }

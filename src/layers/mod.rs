@@ -21,6 +21,7 @@ pub mod cat;
 pub mod conv2d;
 pub mod flatten;
 pub mod gelu;
+pub mod identity;
 pub mod layer_norm;
 pub mod linear;
 pub mod pool;
@@ -152,6 +153,12 @@ pub trait Layer: std::fmt::Debug {
         Vec::new()
     }
 
+    /// Suffixes of `state_dict` entries the layer does not use, accepted in a weights
+    /// file and ignored, whatever their dtype (BatchNorm's `num_batches_tracked`).
+    fn ignored_params(&self) -> &'static [&'static str] {
+        &[]
+    }
+
     /// Bytes of scratch memory the layer holds during a GPU pass (conv im2col).
     fn workspace_bytes(&self, _ctx: &GpuContext) -> u64 {
         0
@@ -210,6 +217,7 @@ pub static REGISTRY: &[(&str, Constructor)] = &[
     ("upsample_nearest2d", upsample::build),
     ("gelu", gelu::build),
     ("silu", silu::build),
+    ("identity", identity::build),
 ];
 
 /// Builds `node`'s layer through [`REGISTRY`].
