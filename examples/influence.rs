@@ -44,9 +44,9 @@ use ekfac::curvature::{DampingMode, FisherType, Options, Reduction};
 use ekfac::demo::{digits_options, digits_problem};
 use ekfac::gpu::{GpuContext, GpuTensor};
 use ekfac::graph::Network;
+use ekfac::loss::gpu::{GpuTargets, record_backprop_vectors};
 use ekfac::model::data::{Dataset, Targets};
 use ekfac::ops::gemm::{Gemm, gemm};
-use ekfac::ops::loss::{GpuTargets, record_backprop_vectors};
 use ekfac::{Error, Result};
 
 /// Examples `0..TRAIN` are the training set, `TRAIN..` the test queries.

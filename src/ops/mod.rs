@@ -24,7 +24,6 @@ pub(crate) static EIGENCORRECT: Shader = crate::shader!("eigencorrect");
 pub(crate) static GEMM: Shader = crate::shader!("gemm");
 pub(crate) static IM2COL: Shader = crate::shader!("im2col");
 pub(crate) static JACOBI: Shader = crate::shader!("jacobi");
-pub(crate) static LOSS: Shader = crate::shader!("loss");
 pub(crate) static NORM: Shader = crate::shader!("norm");
 pub(crate) static POOL: Shader = crate::shader!("pool");
 pub(crate) static REDUCE: Shader = crate::shader!("reduce");
@@ -39,7 +38,9 @@ pub(crate) static SHADERS: &[&Shader] = &[
     &GEMM,
     &IM2COL,
     &JACOBI,
-    &LOSS,
+    &loss::LOSS_BCE,
+    &loss::LOSS_CROSS_ENTROPY,
+    &loss::LOSS_MSE,
     &NORM,
     &POOL,
     &REDUCE,
