@@ -6,21 +6,21 @@
 // Dispatch: grid_1d(ceil(len / 256)) workgroups of 256; element i is
 // (wid.x + wid.y * nwg.x) * 256 + lid.
 
-struct Params {
+struct ActivationParams {
     len: u32,
 }
 
 // Forward: y = f(x).
 @group(0) @binding(0) var<storage, read> x: array<f32>;
 @group(0) @binding(1) var<storage, read_write> y: array<f32>;
-@group(0) @binding(2) var<storage, read> params: Params;
+@group(0) @binding(2) var<storage, read> params: ActivationParams;
 
 // Backward: grad_in = grad_out * f'(.), with f' computed from `saved` (the forward
 // input for relu, the forward output for sigmoid and tanh).
 @group(0) @binding(0) var<storage, read> saved: array<f32>;
 @group(0) @binding(1) var<storage, read> grad_out: array<f32>;
 @group(0) @binding(2) var<storage, read_write> grad_in: array<f32>;
-@group(0) @binding(3) var<storage, read> bparams: Params;
+@group(0) @binding(3) var<storage, read> bparams: ActivationParams;
 
 fn index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.x + wid.y * nwg.x) * 256u + lid;

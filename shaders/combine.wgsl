@@ -1,9 +1,8 @@
-// Combining activations: elementwise sums (the graph's `add` and the backward pass's
-// sum where a value fans out) and slab copies (`cat` forward and its splitting
-// backward). Flat f32 arrays; bindings follow src/gpu/pipeline.rs (reads, then writes,
-// then params), each entry point through its own globals:
+// Combining activations: the elementwise sum of the graph's `add` and slab copies
+// (`cat` forward and its splitting backward). Flat f32 arrays; bindings follow
+// src/gpu/pipeline.rs (reads, then writes, then params), each entry point through its
+// own globals:
 //   add:        a, b;  sum_out = a + b;  len_params3
-//   accumulate: g;     acc += g;         len_params2
 //   copy_slab:  a;     dst;              slab_params2
 //
 // copy_slab copies `outer` slabs of `inner` contiguous elements:
@@ -29,12 +28,9 @@ struct SlabParams {
 }
 
 @group(0) @binding(0) var<storage, read> a: array<f32>;
-@group(0) @binding(0) var<storage, read> g: array<f32>;
 @group(0) @binding(1) var<storage, read> b: array<f32>;
-@group(0) @binding(1) var<storage, read_write> acc: array<f32>;
 @group(0) @binding(1) var<storage, read_write> dst: array<f32>;
 @group(0) @binding(2) var<storage, read_write> sum_out: array<f32>;
-@group(0) @binding(2) var<storage, read> len_params2: LenParams;
 @group(0) @binding(2) var<storage, read> slab_params2: SlabParams;
 @group(0) @binding(3) var<storage, read> len_params3: LenParams;
 
@@ -50,16 +46,6 @@ fn add(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         return;
     }
     sum_out[i] = a[i] + b[i];
-}
-
-@compute @workgroup_size(256)
-fn accumulate(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-              @builtin(local_invocation_index) lid: u32) {
-    let i = flat(wid, nwg, lid);
-    if (i >= len_params2.len) {
-        return;
-    }
-    acc[i] += g[i];
 }
 
 @compute @workgroup_size(256)

@@ -14,7 +14,7 @@
 // workgroups of 256); bias_grad runs one workgroup per channel (grid_1d(C)) and reduces
 // in a fixed order (strided partial sums, then a tree), so it is deterministic.
 
-struct Params {
+struct ConvParams {
     first: u32,
     count: u32,
     c: u32,
@@ -25,7 +25,7 @@ struct Params {
 
 @group(0) @binding(0) var<storage, read> src: array<f32>;
 @group(0) @binding(1) var<storage, read_write> dst: array<f32>;
-@group(0) @binding(2) var<storage, read> params: Params;
+@group(0) @binding(2) var<storage, read> params: ConvParams;
 
 var<workgroup> partial: array<f32, 256>;
 

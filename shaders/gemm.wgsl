@@ -28,7 +28,7 @@
 // K for B^T), its leading dimension, offset and batch stride all multiples of 4; the
 // host picks the entry point.
 
-struct Params {
+struct GemmParams {
     m: u32,
     n: u32,
     k: u32,
@@ -66,7 +66,7 @@ const ROW4: u32 = 17u;
 @group(0) @binding(1) var<storage, read> b_s: array<f32>;
 @group(0) @binding(1) var<storage, read> b_v: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> c: array<f32>;
-@group(0) @binding(3) var<storage, read> p: Params;
+@group(0) @binding(3) var<storage, read> p: GemmParams;
 
 // a_tile[k * ROW4 + i / 4][i % 4] = op(A)[m0 + i, k0 + k]
 var<workgroup> a_tile: array<vec4<f32>, 272>;
@@ -368,7 +368,7 @@ fn gemm_vv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
 // partial products P (packed m x n matrices, binding 0) added in slice order.
 // Grid as in `grid_1d`: one invocation per element of the batch of C matrices.
 
-struct SumParams {
+struct SplitKSumParams {
     m: u32,
     n: u32,
     batch: u32,
@@ -381,7 +381,7 @@ struct SumParams {
 }
 
 @group(0) @binding(1) var<storage, read_write> c_sum: array<f32>;
-@group(0) @binding(2) var<storage, read> sp: SumParams;
+@group(0) @binding(2) var<storage, read> sp: SplitKSumParams;
 
 @compute @workgroup_size(256)
 fn split_k_sum(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,

@@ -16,7 +16,7 @@
 // Bindings: src (read), dst (read_write), params. One invocation per output element:
 // grid_1d(ceil(n / 256)) workgroups of 256.
 
-struct Params {
+struct Im2colParams {
     first: u32,
     count: u32,
     c: u32,
@@ -37,7 +37,7 @@ struct Params {
 
 @group(0) @binding(0) var<storage, read> src: array<f32>;
 @group(0) @binding(1) var<storage, read_write> dst: array<f32>;
-@group(0) @binding(2) var<storage, read> params: Params;
+@group(0) @binding(2) var<storage, read> params: Im2colParams;
 
 fn flat(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.x + wid.y * nwg.x) * 256u + lid;

@@ -10,7 +10,7 @@
 // philox_blocks: (; words [B, M, Cc, 4] u32; params): the raw Philox blocks of counters
 //   (batch_start + n, m, c, 0), one invocation per counter (verification of the contract).
 
-struct Params {
+struct LossParams {
     batch: u32,
     classes: u32,
     num_vectors: u32,
@@ -28,10 +28,10 @@ struct Params {
 @group(0) @binding(1) var<storage, read> labels: array<u32>;
 @group(0) @binding(2) var<storage, read> targets: array<f32>;
 @group(0) @binding(3) var<storage, read_write> vectors: array<f32>;
-@group(0) @binding(4) var<storage, read> params: Params;
+@group(0) @binding(4) var<storage, read> params: LossParams;
 
 @group(0) @binding(0) var<storage, read_write> words: array<u32>;
-@group(0) @binding(1) var<storage, read> pparams: Params;
+@group(0) @binding(1) var<storage, read> pparams: LossParams;
 
 // ---- Philox4x32-10 -------------------------------------------------------------
 

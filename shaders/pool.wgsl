@@ -15,7 +15,7 @@
 // input element sums, in increasing output order, the outputs whose window holds it,
 // so results are deterministic and no atomics are needed.
 
-struct Params {
+struct PoolParams {
     planes: u32,
     h: u32,
     w: u32,
@@ -34,8 +34,8 @@ struct Params {
 @group(0) @binding(1) var<storage, read> argmax_in: array<u32>;
 @group(0) @binding(2) var<storage, read_write> argmax_out: array<u32>;
 @group(0) @binding(2) var<storage, read_write> out2: array<f32>;
-@group(0) @binding(2) var<storage, read> params2: Params;
-@group(0) @binding(3) var<storage, read> params3: Params;
+@group(0) @binding(2) var<storage, read> params2: PoolParams;
+@group(0) @binding(3) var<storage, read> params3: PoolParams;
 
 fn flat(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.x + wid.y * nwg.x) * 256u + lid;

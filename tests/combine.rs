@@ -8,64 +8,36 @@ use common::TestRng;
 use ekfac::gpu::{GpuContext, GpuTensor};
 use ekfac::ops::combine;
 use ekfac::reference::graph_ops as reference;
-use op_fixtures::OpFixture;
+use op_fixtures::{OpFixture, Tolerances};
+use serde_json::json;
 
 fn read64(ctx: &GpuContext, t: &GpuTensor) -> Vec<f64> {
     ctx.read(t).unwrap().into_iter().map(f64::from).collect()
 }
 
-/// `a + b` of two f32 values is their exact sum rounded once: every element within
-/// 2⁻²⁴ relative of PyTorch's float64 sum. The backward of `add` is the identity,
-/// which PyTorch's gradients confirm exactly.
+/// The add layer against PyTorch: `a + b` of two f32 values is their exact sum rounded
+/// once, within 2⁻²⁴ relative of PyTorch's float64 sum element by element; the backward
+/// passes the gradient to both inputs exactly.
 #[test]
-fn add_matches_pytorch() {
+fn add_layer_matches_pytorch() {
     let f = OpFixture::load("add");
     assert_eq!(f.op, "add");
-    let (a, shape) = f.get("x0");
-    let b = f.values("x1");
-    let want = f.values("output");
-    assert_eq!(reference::add_forward(&a, &b), want);
-    assert_eq!(f.values("grad_x0"), f.values("grad_output"));
-    assert_eq!(f.values("grad_x1"), f.values("grad_output"));
-
-    let Some(ctx) = common::gpu() else { return };
-    let ag = ctx.upload(&f.f32("x0"), &shape).unwrap();
-    let bg = ctx.upload(&f.f32("x1"), &shape).unwrap();
-    let y = ctx.zeros(&shape).unwrap();
-    let mut rec = ctx.recorder();
-    combine::add(&mut rec, &ag, &bg, &y).unwrap();
-    rec.submit().unwrap();
-    for (g, w) in read64(&ctx, &y).iter().zip(&want) {
+    let tol = Tolerances {
+        forward: 1e-7,
+        backward: 0.0,
+    };
+    let Some((y, grads)) = op_fixtures::check_layer(&f, tol) else {
+        return;
+    };
+    for (g, w) in y.iter().zip(&f.values("output")) {
         assert!(
             (g - w).abs() <= w.abs() * f64::from(f32::EPSILON) / 2.0,
             "{g} vs {w}"
         );
     }
-}
-
-/// Accumulating three gradients into one, as the executor does where a value fans out
-/// to three nodes, over more than one workgroup: each step rounds once, so the result
-/// is the f32 sum in that order exactly.
-#[test]
-fn accumulate_sums_in_order() {
-    let Some(ctx) = common::gpu() else { return };
-    let mut rng = TestRng::new(5);
-    let n = 1000;
-    let parts: Vec<Vec<f32>> = (0..3).map(|_| rng.vec(n)).collect();
-    let acc = ctx.upload(&parts[0], &[n]).unwrap();
-    let others: Vec<GpuTensor> = parts[1..]
-        .iter()
-        .map(|p| ctx.upload(p, &[n]).unwrap())
-        .collect();
-    let mut rec = ctx.recorder();
-    for g in &others {
-        combine::accumulate(&mut rec, &acc, g).unwrap();
+    for g in grads {
+        assert_eq!(g, f.values("grad_output"));
     }
-    rec.submit().unwrap();
-    let want: Vec<f32> = (0..n)
-        .map(|i| parts[0][i] + parts[1][i] + parts[2][i])
-        .collect();
-    assert_eq!(ctx.read(&acc).unwrap(), want);
 }
 
 /// GPU cat of `inputs` (values and shapes) along `axis`, and its backward for a stack of
@@ -113,31 +85,100 @@ fn check_cat(
     ctx.read(&y).unwrap()
 }
 
+/// The cat layer against PyTorch: copies, exact both ways.
 #[test]
-fn cat_matches_pytorch() {
+fn cat_layer_matches_pytorch() {
     let f = OpFixture::load("cat_channels");
     assert_eq!(f.op, "cat");
-    let axis = f.attrs["dim"].as_u64().unwrap() as usize;
-    let names = ["x0", "x1", "x2"];
-    let inputs: Vec<(Vec<f64>, Vec<usize>)> = names.iter().map(|n| f.get(n)).collect();
-    let views: Vec<(&[f64], &[usize])> = inputs.iter().map(|(v, s)| (&v[..], &s[..])).collect();
-    let (y, shape) = reference::cat_forward(&views, axis);
-    assert_eq!(y, f.values("output"));
-    let sizes: Vec<usize> = inputs.iter().map(|(_, s)| s[axis]).collect();
-    let grads = reference::cat_backward(&f.values("grad_output"), &f.stacked(&shape), axis, &sizes);
-    for (name, g) in names.iter().zip(&grads) {
-        assert_eq!(g, &f.values(&format!("grad_{name}")), "grad_{name}");
-    }
+    let tol = Tolerances {
+        forward: 0.0,
+        backward: 0.0,
+    };
+    op_fixtures::check_layer(&f, tol);
+}
 
+/// Gradients of an add whose two inputs are the same value, and of an add fed by a
+/// value that also feeds a second node: the executor sums each value's gradients in
+/// place, so the add must not hand out two views of one buffer.
+#[test]
+fn add_gradients_do_not_share_buffers() {
+    use ekfac::layers::{BackwardArgs, Pass};
     let Some(ctx) = common::gpu() else { return };
-    let inputs32: Vec<(Vec<f32>, Vec<usize>)> = names
-        .iter()
-        .zip(&inputs)
-        .map(|(n, (_, s))| (f.f32(n), s.clone()))
-        .collect();
-    let y = check_cat(&ctx, &inputs32, axis, &f.f32("grad_output"), f.vectors);
-    let y: Vec<f64> = y.into_iter().map(f64::from).collect();
-    assert_eq!(y, f.values("output"));
+    let node = ekfac::graph::Node::new(
+        "add",
+        "add",
+        vec!["x".into(), "x".into()],
+        Default::default(),
+    );
+    let layer = ekfac::layers::build(&node, &[&[3], &[3]]).unwrap();
+    let x = ctx.upload(&[1.0, 2.0, 3.0], &[1, 3]).unwrap();
+    let g = ctx
+        .upload(&[1.0, -1.0, 0.5, 2.0, 4.0, 8.0], &[2, 3])
+        .unwrap();
+    let mut pass = Pass::new(&ctx);
+    let grads = layer
+        .backward(
+            &mut pass,
+            &BackwardArgs {
+                stack: 2,
+                batch: 1,
+                grad_out: &g,
+                inputs: &[&x, &x],
+                output: &x,
+                params: &[],
+                input_grads: &[true, true],
+                param_grads: false,
+            },
+        )
+        .unwrap();
+    let [Some(a), Some(b)] = &grads.inputs[..] else {
+        panic!("both inputs need gradients")
+    };
+    // What the executor does where a value fans out: add one gradient into the other.
+    ekfac::ops::reduce::axpy(&mut pass.rec, 1.0, b, 1.0, a).unwrap();
+    pass.submit().unwrap();
+    assert_eq!(ctx.read(a).unwrap(), [2.0, -2.0, 1.0, 4.0, 8.0, 16.0]);
+    assert_eq!(ctx.read(b).unwrap(), [1.0, -1.0, 0.5, 2.0, 4.0, 8.0]);
+}
+
+/// Shapes and attributes the layers cannot take are errors naming the node.
+#[test]
+fn bad_layers_are_refused_by_name() {
+    let cases: [(&str, serde_json::Value, Vec<Vec<usize>>, &str); 6] = [
+        ("add", json!({}), vec![vec![3, 4], vec![3, 5]], "same shape"),
+        ("add", json!({}), vec![vec![3, 4]], "two inputs"),
+        (
+            "add",
+            json!({"alpha": 2}),
+            vec![vec![3], vec![3]],
+            "unknown attribute",
+        ),
+        (
+            "cat",
+            json!({"dim": 0}),
+            vec![vec![3, 4], vec![2, 4]],
+            "dim 0, cannot",
+        ),
+        (
+            "cat",
+            json!({"dim": 1}),
+            vec![vec![3, 4], vec![2, 5]],
+            "every dimension but dim 1",
+        ),
+        ("cat", json!({}), vec![vec![3]], "missing attribute \"dim\""),
+    ];
+    for (op, attrs, shapes, message) in cases {
+        let inputs: Vec<String> = (0..shapes.len()).map(|i| format!("v{i}")).collect();
+        let node = ekfac::graph::Node::new("merge", op, inputs, attrs.as_object().unwrap().clone());
+        let shapes: Vec<&[usize]> = shapes.iter().map(|s| &s[..]).collect();
+        let err = ekfac::layers::build(&node, &shapes)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("node \"merge\"") && err.contains(message),
+            "{op} {attrs}: {err}"
+        );
+    }
 }
 
 /// Every axis of a 4-D tensor (the batch axis too), parts of size 1, two parts and

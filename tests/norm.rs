@@ -8,10 +8,8 @@ use common::TestRng;
 use ekfac::gpu::GpuContext;
 use ekfac::ops::norm;
 use ekfac::reference::graph_ops as reference;
-use op_fixtures::{OpFixture, rel_err64};
-
-/// The reference reproduces PyTorch's float64 autograd up to float64 rounding.
-const REFERENCE_TOL: f64 = 1e-12;
+use op_fixtures::{OpFixture, Tolerances, rel_err64};
+use serde_json::json;
 
 /// BatchNorm in eval mode on the GPU: `(x − mean)·rsqrt(var + eps)·weight + bias` in
 /// f32, about six roundings (WGSL's `inverseSqrt` is within 2 ulp), relative to the
@@ -31,10 +29,6 @@ const LN_BACKWARD_TOL: f64 = 2e-6;
 
 fn read64(ctx: &GpuContext, t: &ekfac::gpu::GpuTensor) -> Vec<f64> {
     ctx.read(t).unwrap().into_iter().map(f64::from).collect()
-}
-
-fn optional_pair<'a>(affine: bool, w: &'a [f64], b: &'a [f64]) -> Option<(&'a [f64], &'a [f64])> {
-    affine.then_some((w, b))
 }
 
 /// GPU BatchNorm of `x` (shape `shape`) and its backward for `grad` (a stack of
@@ -99,60 +93,18 @@ fn check_batch_norm(
     assert!(e < BN_BACKWARD_TOL, "{what}: backward error {e:e}");
 }
 
+/// The batch_norm2d layer, built from the fixtures' `model.json` attributes, against
+/// PyTorch: eval mode with and without affine weights.
 #[test]
-fn batch_norm_matches_pytorch() {
+fn batch_norm_layer_matches_pytorch() {
     for name in ["batch_norm2d_affine", "batch_norm2d_plain"] {
         let f = OpFixture::load(name);
         assert_eq!(f.op, "batch_norm2d");
-        let (eps, affine) = (f.attr_f64("eps"), f.attr_bool("affine"));
-        let (x, shape) = f.get("x");
-        assert_eq!(f.attrs["num_features"], serde_json::json!(shape[1]));
-        let (mean, var) = (f.values("running_mean"), f.values("running_var"));
-        let (w, b) = if affine {
-            (f.values("weight"), f.values("bias"))
-        } else {
-            (Vec::new(), Vec::new())
+        let tol = Tolerances {
+            forward: BN_FORWARD_TOL,
+            backward: BN_BACKWARD_TOL,
         };
-        let y = reference::batch_norm_eval_forward(
-            &x,
-            &shape,
-            &mean,
-            &var,
-            optional_pair(affine, &w, &b),
-            eps,
-        );
-        assert!(rel_err64(&y, &f.values("output")) < REFERENCE_TOL, "{name}");
-        let stacked = f.stacked(&shape);
-        let grad = f.values("grad_output");
-        let dx = reference::batch_norm_eval_backward(
-            &grad,
-            &stacked,
-            &var,
-            affine.then_some(&w[..]),
-            eps,
-        );
-        assert!(
-            rel_err64(&dx, &f.values("grad_x")) < REFERENCE_TOL,
-            "{name}"
-        );
-
-        let Some(ctx) = common::gpu() else { return };
-        let (w32, b32) = if affine {
-            (f.f32("weight"), f.f32("bias"))
-        } else {
-            (Vec::new(), Vec::new())
-        };
-        check_batch_norm(
-            &ctx,
-            name,
-            &f.f32("x"),
-            &shape,
-            (&f.f32("running_mean"), &f.f32("running_var")),
-            affine.then_some((&w32[..], &b32[..])),
-            eps,
-            &f.f32("grad_output"),
-            Some((&f.values("output"), &f.values("grad_x"))),
-        );
+        op_fixtures::check_layer(&f, tol);
     }
 }
 
@@ -209,49 +161,76 @@ fn check_layer_norm(
     assert!(e < LN_BACKWARD_TOL, "{what}: backward error {e:e}");
 }
 
+/// The layer_norm layer against PyTorch: a sequence axis, no affine weights, and rows
+/// longer than a workgroup offset far from zero.
 #[test]
-fn layer_norm_matches_pytorch() {
+fn layer_norm_layer_matches_pytorch() {
     for name in ["layer_norm_affine", "layer_norm_plain", "layer_norm_wide"] {
         let f = OpFixture::load(name);
         assert_eq!(f.op, "layer_norm");
-        let (eps, affine) = (f.attr_f64("eps"), f.attr_bool("elementwise_affine"));
-        let (x, shape) = f.get("x");
-        let d = *shape.last().unwrap();
-        assert_eq!(f.attrs["normalized_shape"], serde_json::json!([d]));
-        let (w, b) = if affine {
-            (f.values("weight"), f.values("bias"))
-        } else {
-            (Vec::new(), Vec::new())
+        let tol = Tolerances {
+            forward: LN_FORWARD_TOL,
+            backward: LN_BACKWARD_TOL,
         };
-        let y = reference::layer_norm_forward(&x, d, optional_pair(affine, &w, &b), eps);
-        assert!(rel_err64(&y, &f.values("output")) < REFERENCE_TOL, "{name}");
-        let dx = reference::layer_norm_backward(
-            &x,
-            d,
-            affine.then_some(&w[..]),
-            eps,
-            &f.values("grad_output"),
-        );
-        assert!(
-            rel_err64(&dx, &f.values("grad_x")) < REFERENCE_TOL,
-            "{name}"
-        );
+        op_fixtures::check_layer(&f, tol);
+    }
+}
 
-        let Some(ctx) = common::gpu() else { return };
-        let (w32, b32) = if affine {
-            (f.f32("weight"), f.f32("bias"))
-        } else {
-            (Vec::new(), Vec::new())
-        };
-        check_layer_norm(
-            &ctx,
-            name,
-            &f.f32("x"),
-            &shape,
-            affine.then_some((&w32[..], &b32[..])),
-            eps,
-            &f.f32("grad_output"),
-            Some((&f.values("output"), &f.values("grad_x"))),
+/// Attributes and input shapes the layers cannot take are errors naming the node.
+#[test]
+fn bad_layers_are_refused_by_name() {
+    let cases = [
+        (
+            "batch_norm2d",
+            json!({"num_features": 4}),
+            vec![3, 5, 5],
+            "num_features = 4",
+        ),
+        (
+            "batch_norm2d",
+            json!({"num_features": 3}),
+            vec![3, 5],
+            "4-D input",
+        ),
+        (
+            "batch_norm2d",
+            json!({"num_features": 3, "track_running_stats": false}),
+            vec![3, 5, 5],
+            "track_running_stats",
+        ),
+        (
+            "batch_norm2d",
+            json!({"num_features": 3, "eps": "x"}),
+            vec![3, 5, 5],
+            "\"eps\"",
+        ),
+        (
+            "layer_norm",
+            json!({"normalized_shape": [4]}),
+            vec![2, 5],
+            "trailing dimensions",
+        ),
+        (
+            "layer_norm",
+            json!({"normalized_shape": [5], "bias": false}),
+            vec![2, 5],
+            "bias",
+        ),
+        ("layer_norm", json!({}), vec![2, 5], "normalized_shape"),
+    ];
+    for (op, attrs, shape, message) in cases {
+        let node = ekfac::graph::Node::new(
+            "block.norm",
+            op,
+            vec!["x".into()],
+            attrs.as_object().unwrap().clone(),
+        );
+        let err = ekfac::layers::build(&node, &[&shape])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("node \"block.norm\"") && err.contains(message),
+            "{op} {attrs}: {err}"
         );
     }
 }

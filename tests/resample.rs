@@ -8,10 +8,8 @@ use common::TestRng;
 use ekfac::gpu::{GpuContext, GpuTensor};
 use ekfac::ops::resample;
 use ekfac::reference::graph_ops as reference;
-use op_fixtures::{OpFixture, rel_err64};
-
-/// The reference reproduces PyTorch's float64 autograd up to float64 rounding.
-const REFERENCE_TOL: f64 = 1e-12;
+use op_fixtures::{OpFixture, Tolerances, rel_err64};
+use serde_json::json;
 
 /// GPU sums of at most `k` f32 terms (upsampling's `SH·SW` block, a pooling window) in
 /// the reference's order, and one division: at most `k·2⁻²⁴` relative to the sum of
@@ -28,10 +26,6 @@ fn read64(ctx: &GpuContext, t: &GpuTensor) -> Vec<f64> {
 
 fn to64(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&a| f64::from(a)).collect()
-}
-
-fn nchw(shape: &[usize]) -> [usize; 4] {
-    shape.try_into().unwrap()
 }
 
 /// How one op resizes planes: upsampling by a factor or adaptive pooling to a size.
@@ -101,28 +95,10 @@ impl Resize {
     }
 }
 
-fn fixture_resize(f: &OpFixture) -> Resize {
-    let pair = |v: &serde_json::Value| -> [usize; 2] {
-        match v.as_u64() {
-            Some(k) => [k as usize; 2],
-            None => {
-                let a = v.as_array().unwrap();
-                [
-                    a[0].as_u64().unwrap() as usize,
-                    a[1].as_u64().unwrap() as usize,
-                ]
-            }
-        }
-    };
-    match f.op.as_str() {
-        "upsample_nearest2d" => Resize::Upsample(pair(&f.attrs["scale_factor"])),
-        "adaptive_avg_pool2d" => Resize::AdaptivePool(pair(&f.attrs["output_size"])),
-        other => panic!("{}: unexpected op {other}", f.name),
-    }
-}
-
+/// The upsample_nearest2d and adaptive_avg_pool2d layers, built from the fixtures'
+/// `model.json` attributes, against PyTorch; upsampling copies exactly.
 #[test]
-fn resampling_matches_pytorch() {
+fn resampling_layers_match_pytorch() {
     for name in [
         "upsample_nearest2d_2",
         "upsample_nearest2d_2x3",
@@ -131,24 +107,109 @@ fn resampling_matches_pytorch() {
         "adaptive_avg_pool2d_5x4",
     ] {
         let f = OpFixture::load(name);
-        let resize = fixture_resize(&f);
-        let (x, shape) = f.get("x");
-        let shape = nchw(&shape);
-        let (want_y, want_dx) = (f.values("output"), f.values("grad_x"));
-        let (y, dx) = resize.reference(&x, shape, &f.values("grad_output"));
-        assert!(rel_err64(&y, &want_y) < REFERENCE_TOL, "{name} forward");
-        assert!(rel_err64(&dx, &want_dx) < REFERENCE_TOL, "{name} backward");
-
-        let Some(ctx) = common::gpu() else { return };
-        let (y, dx) = resize.gpu(&ctx, &f.f32("x"), shape, &f.f32("grad_output"));
-        let e = rel_err64(&y, &want_y);
-        assert!(e < GPU_TOL, "{name}: forward error {e:e}");
-        let e = rel_err64(&dx, &want_dx);
-        assert!(e < GPU_TOL, "{name}: backward error {e:e}");
-        if let Resize::Upsample(_) = resize {
-            assert_eq!(y, want_y, "{name}: upsampling copies");
+        let tol = Tolerances {
+            forward: GPU_TOL,
+            backward: GPU_TOL,
+        };
+        let Some((y, _)) = op_fixtures::check_layer(&f, tol) else {
+            return;
+        };
+        if f.op == "upsample_nearest2d" {
+            assert_eq!(y, f.values("output"), "{name}: upsampling copies");
         }
     }
+}
+
+/// Attributes and input shapes the layers cannot take are errors naming the node.
+#[test]
+fn bad_layers_are_refused_by_name() {
+    let cases = [
+        (
+            "upsample_nearest2d",
+            json!({"scale_factor": 1.5}),
+            vec![3, 4, 4],
+            "positive integer",
+        ),
+        (
+            "upsample_nearest2d",
+            json!({"scale_factor": [2, 0]}),
+            vec![3, 4, 4],
+            "positive integer",
+        ),
+        (
+            "upsample_nearest2d",
+            json!({"scale_factor": 2, "mode": "bilinear"}),
+            vec![3, 4, 4],
+            "mode",
+        ),
+        (
+            "upsample_nearest2d",
+            json!({"scale_factor": 2}),
+            vec![3, 4],
+            "4-D input",
+        ),
+        (
+            "upsample_nearest2d",
+            json!({}),
+            vec![3, 4, 4],
+            "scale_factor",
+        ),
+        (
+            "adaptive_avg_pool2d",
+            json!({"output_size": 0}),
+            vec![3, 4, 4],
+            "positive integer",
+        ),
+        (
+            "adaptive_avg_pool2d",
+            json!({"output_size": [2, 2, 2]}),
+            vec![3, 4, 4],
+            "list of 2",
+        ),
+        (
+            "adaptive_avg_pool2d",
+            json!({"output_size": 1}),
+            vec![48],
+            "4-D input",
+        ),
+    ];
+    for (op, attrs, shape, message) in cases {
+        let node = ekfac::graph::Node::new(
+            "resize",
+            op,
+            vec!["x".into()],
+            attrs.as_object().unwrap().clone(),
+        );
+        let err = ekfac::layers::build(&node, &[&shape])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("node \"resize\"") && err.contains(message),
+            "{op} {attrs}: {err}"
+        );
+    }
+    // Integral floats (PyTorch writes scale_factor=2.0) and null sizes (keep the input's)
+    // are accepted.
+    let build = |op: &str, attrs: serde_json::Value| {
+        let node = ekfac::graph::Node::new(
+            "r",
+            op,
+            vec!["x".into()],
+            attrs.as_object().unwrap().clone(),
+        );
+        ekfac::layers::build(&node, &[&[3, 4, 5]])
+            .unwrap()
+            .output_shape()
+            .to_vec()
+    };
+    assert_eq!(
+        build("upsample_nearest2d", json!({"scale_factor": [2.0, 3]})),
+        [3, 8, 15]
+    );
+    assert_eq!(
+        build("adaptive_avg_pool2d", json!({"output_size": [null, 2]})),
+        [3, 4, 2]
+    );
 }
 
 /// Factors 1, unequal and large; pooled sizes 1×1, equal to the input, larger than

@@ -17,7 +17,7 @@ fn validate(name: &str, source: &str) -> (naga::Module, naga::valid::ModuleInfo)
 
 #[test]
 fn every_shader_validates_and_translates() {
-    let shaders = ekfac::gpu::all_shaders();
+    let shaders = ekfac::ops::all_shaders();
     assert!(!shaders.is_empty());
     for shader in shaders {
         let (module, info) = validate(shader.name, shader.source);
@@ -68,7 +68,7 @@ fn every_shader_validates_and_translates() {
 /// both, so only this check keeps them out.
 #[test]
 fn no_shader_uses_f64_or_float_atomics() {
-    for shader in ekfac::gpu::all_shaders() {
+    for shader in ekfac::ops::all_shaders() {
         let (module, _) = validate(shader.name, shader.source);
         for (_, ty) in module.types.iter() {
             match &ty.inner {
@@ -92,5 +92,82 @@ fn no_shader_uses_f64_or_float_atomics() {
             "shaders/{}.wgsl enables an extension",
             shader.name
         );
+    }
+}
+
+/// The WGSL scalar type of a kernel parameter field's Rust type.
+fn wgsl_scalar(rust: &str) -> naga::Scalar {
+    match rust {
+        "u32" => naga::Scalar::U32,
+        "i32" => naga::Scalar::I32,
+        "f32" => naga::Scalar::F32,
+        other => panic!("kernel parameters hold only u32, i32 and f32, found {other}"),
+    }
+}
+
+/// Every Rust kernel parameter struct has a WGSL twin of the same name in its shader:
+/// the same fields in the same order with the same scalar types, and the same size.
+#[test]
+fn kernel_params_match_their_wgsl_structs() {
+    let layouts = ekfac::ops::all_params();
+    assert!(!layouts.is_empty());
+    for layout in layouts {
+        let shader = layout.shader.name;
+        let (module, _) = validate(shader, layout.shader.source);
+        let (members, span) = module
+            .types
+            .iter()
+            .find_map(|(_, ty)| match (&ty.name, &ty.inner) {
+                (Some(name), naga::TypeInner::Struct { members, span }) if name == layout.name => {
+                    Some((members, *span))
+                }
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("shaders/{shader}.wgsl declares no struct {}", layout.name));
+        let wgsl: Vec<(String, naga::TypeInner)> = members
+            .iter()
+            .map(|m| (m.name.clone().unwrap(), module.types[m.ty].inner.clone()))
+            .collect();
+        let rust: Vec<(String, naga::TypeInner)> = layout
+            .fields
+            .iter()
+            .map(|&(name, ty)| (name.to_string(), naga::TypeInner::Scalar(wgsl_scalar(ty))))
+            .collect();
+        assert_eq!(
+            wgsl, rust,
+            "shaders/{shader}.wgsl struct {} differs from its Rust twin",
+            layout.name
+        );
+        assert_eq!(span as usize, layout.size, "{} sizes differ", layout.name);
+    }
+}
+
+/// Shaders whose wrappers still pass positional words (`Recorder::dispatch_words`),
+/// exempt from [`every_parameter_struct_has_a_rust_twin`] until converted.
+const POSITIONAL: &[&str] = &["loss", "norm", "combine", "resample"];
+
+/// Every struct a kernel reads its parameters from (a read-only storage variable of a
+/// struct type) is one of [`ekfac::ops::all_params`].
+#[test]
+fn every_parameter_struct_has_a_rust_twin() {
+    let layouts = ekfac::ops::all_params();
+    for shader in ekfac::ops::all_shaders() {
+        if POSITIONAL.contains(&shader.name) {
+            continue;
+        }
+        let (module, _) = validate(shader.name, shader.source);
+        for (_, var) in module.global_variables.iter() {
+            let ty = &module.types[var.ty];
+            if let (naga::TypeInner::Struct { .. }, Some(name)) = (&ty.inner, &ty.name) {
+                assert!(
+                    layouts
+                        .iter()
+                        .any(|l| l.shader.name == shader.name && l.name == name),
+                    "shaders/{}.wgsl reads parameters from struct {name}, which no Rust \
+                     KernelParams struct mirrors (ekfac::ops::all_params)",
+                    shader.name
+                );
+            }
+        }
     }
 }

@@ -1,9 +1,13 @@
 //! Shader sources, the pipeline cache, and recording dispatches into one compute pass.
 //!
+//! The runtime knows no kernels: a [`Kernel`] names a [`Shader`] (WGSL source) and an
+//! entry point, and its parameters are any [`KernelParams`] struct.
+//!
 //! Binding convention shared by every kernel in `shaders/`: bind group 0 holds the
 //! read-only storage inputs at bindings `0..r`, then the read-write outputs at
-//! `r..r+w`, then (if the kernel takes parameters) a read-only storage buffer of 32-bit
-//! words at binding `r+w`.
+//! `r..r+w`, then (if the kernel takes parameters) its parameter struct at binding
+//! `r+w`: a read-only storage binding at a dynamic offset into the one parameter
+//! buffer of its [`Recorder`].
 //!
 //! Parameters are a storage buffer, not a uniform buffer: the software Vulkan driver
 //! (lavapipe, Mesa 22.3) specialises a kernel on its uniform values at every pipeline
@@ -14,10 +18,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use wgpu::util::DeviceExt;
-
 use crate::error::{Error, Result};
 use crate::gpu::context::GpuContext;
+use crate::gpu::params::KernelParams;
 use crate::gpu::tensor::GpuTensor;
 
 /// One WGSL file of `shaders/`.
@@ -41,11 +44,6 @@ macro_rules! shader {
             )),
         }
     };
-}
-
-/// Every shader of the crate, for validation tests and `ekfac info`.
-pub fn all_shaders() -> Vec<&'static Shader> {
-    crate::ops::SHADERS.to_vec()
 }
 
 /// A compute entry point with its pipeline-overridable constants (WGSL `override`).
@@ -176,7 +174,7 @@ impl GpuContext {
                 visibility: wgpu::ShaderStages::COMPUTE,
                 ty: wgpu::BindingType::Buffer {
                     ty: wgpu::BufferBindingType::Storage { read_only: true },
-                    has_dynamic_offset: false,
+                    has_dynamic_offset: true,
                     min_binding_size: None,
                 },
                 count: None,
@@ -229,42 +227,77 @@ impl GpuContext {
         Recorder {
             ctx: self,
             steps: Vec::new(),
+            params: Vec::new(),
         }
     }
+}
 
-    /// Records and submits a single dispatch (convenience for one-off kernels).
-    pub fn run(
-        &self,
+/// A storage binding of one recorded dispatch: a range of a buffer.
+struct Bound {
+    buffer: wgpu::Buffer,
+    offset: u64,
+    size: Option<std::num::NonZeroU64>,
+}
+
+struct Step {
+    pipeline: Arc<CachedPipeline>,
+    label: &'static str,
+    bindings: Vec<Bound>,
+    /// Byte offset and size of the dispatch's parameters in the recorder's parameter
+    /// buffer; size 0 for a kernel without parameters.
+    params: (u32, u64),
+    workgroups: [u32; 3],
+}
+
+/// Dispatches recorded in order and submitted together as one compute pass. wgpu
+/// orders the dispatches of a pass, so each may read what the previous ones wrote.
+///
+/// The parameters of all dispatches are packed into one buffer, each at a multiple of
+/// the adapter's `min_storage_buffer_offset_alignment`, uploaded once at
+/// [`Recorder::submit`] and bound at a dynamic offset per dispatch.
+pub struct Recorder<'a> {
+    ctx: &'a GpuContext,
+    steps: Vec<Step>,
+    /// The packed parameters, 32-bit words.
+    params: Vec<u32>,
+}
+
+impl<'a> Recorder<'a> {
+    /// Records `kernel` over `workgroups`, binding `reads`, then `writes`, then
+    /// `params` as described in the module docs. A dispatch with zero workgroups in any
+    /// dimension is skipped.
+    pub fn dispatch<P: KernelParams>(
+        &mut self,
+        kernel: &Kernel,
+        reads: &[&GpuTensor],
+        writes: &[&GpuTensor],
+        params: &P,
+        workgroups: [u32; 3],
+    ) -> Result<()> {
+        self.record(
+            kernel,
+            reads,
+            writes,
+            bytemuck::cast_slice(bytemuck::bytes_of(params)),
+            workgroups,
+        )
+    }
+
+    /// [`Recorder::dispatch`] with the parameters as positional 32-bit words (floats
+    /// as `f32::to_bits`). Transitional, for the kernels not yet given a
+    /// [`KernelParams`] struct (loss, norm, combine, resample); to be removed.
+    pub fn dispatch_words(
+        &mut self,
         kernel: &Kernel,
         reads: &[&GpuTensor],
         writes: &[&GpuTensor],
         params: &[u32],
         workgroups: [u32; 3],
     ) -> Result<()> {
-        let mut r = self.recorder();
-        r.dispatch(kernel, reads, writes, params, workgroups)?;
-        r.submit()
+        self.record(kernel, reads, writes, params, workgroups)
     }
-}
 
-struct Step {
-    pipeline: Arc<CachedPipeline>,
-    bind_group: wgpu::BindGroup,
-    workgroups: [u32; 3],
-}
-
-/// Dispatches recorded in order and submitted together as one compute pass. wgpu
-/// orders the dispatches of a pass, so each may read what the previous ones wrote.
-pub struct Recorder<'a> {
-    ctx: &'a GpuContext,
-    steps: Vec<Step>,
-}
-
-impl<'a> Recorder<'a> {
-    /// Records `kernel` over `workgroups`, binding `reads`, then `writes`, then
-    /// `params` (32-bit words; floats as `f32::to_bits`) as described in the module
-    /// docs. A dispatch with zero workgroups in any dimension is skipped.
-    pub fn dispatch(
+    fn record(
         &mut self,
         kernel: &Kernel,
         reads: &[&GpuTensor],
@@ -300,43 +333,29 @@ impl<'a> Recorder<'a> {
         let pipeline = self
             .ctx
             .pipeline(kernel, reads.len(), writes.len(), !params.is_empty())?;
-        let param_buffer = (!params.is_empty()).then(|| {
-            let mut words = params.to_vec();
-            words.resize(params.len().div_ceil(4) * 4, 0);
-            self.ctx
-                .device
-                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some("params"),
-                    contents: bytemuck::cast_slice(&words),
-                    usage: wgpu::BufferUsages::STORAGE,
-                })
-        });
-        let mut entries: Vec<wgpu::BindGroupEntry> = reads
+        let bindings = reads
             .iter()
             .chain(writes)
-            .enumerate()
-            .map(|(i, t)| wgpu::BindGroupEntry {
-                binding: i as u32,
-                resource: t.binding(),
+            .map(|t| match t.binding() {
+                wgpu::BindingResource::Buffer(b) => Bound {
+                    buffer: b.buffer.clone(),
+                    offset: b.offset,
+                    size: b.size,
+                },
+                _ => unreachable!("tensors bind buffers"),
             })
             .collect();
-        if let Some(u) = &param_buffer {
-            entries.push(wgpu::BindGroupEntry {
-                binding: (reads.len() + writes.len()) as u32,
-                resource: u.as_entire_binding(),
-            });
+        let align = (self.ctx.limits.min_storage_buffer_offset_alignment as usize / 4).max(1);
+        let offset = self.params.len().next_multiple_of(align);
+        if !params.is_empty() {
+            self.params.resize(offset, 0);
+            self.params.extend_from_slice(params);
         }
-        let bind_group = self
-            .ctx
-            .device
-            .create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some(kernel.entry),
-                layout: &pipeline.layout,
-                entries: &entries,
-            });
         self.steps.push(Step {
             pipeline,
-            bind_group,
+            label: kernel.entry,
+            bindings,
+            params: ((offset * 4) as u32, (params.len() * 4) as u64),
             workgroups,
         });
         Ok(())
@@ -359,14 +378,54 @@ impl<'a> Recorder<'a> {
         self.ctx
     }
 
-    /// Encodes every recorded dispatch into one compute pass and submits it. Does not
-    /// wait; reading a tensor back (or [`GpuContext::wait`]) synchronises. While GPU
-    /// profiling is on the pass writes timestamps at its beginning and end
-    /// ([`crate::gpu::profiler`]).
+    /// Uploads the parameters, encodes every recorded dispatch into one compute pass
+    /// and submits it. Does not wait; reading a tensor back (or [`GpuContext::wait`])
+    /// synchronises. While GPU profiling is on the pass writes timestamps at its
+    /// beginning and end ([`crate::gpu::profiler`]).
     pub fn submit(self) -> Result<()> {
         if self.steps.is_empty() {
             return Ok(());
         }
+        let len = self.params.len();
+        let param_buffer = (len > 0)
+            .then(|| self.ctx.upload_u32(&self.params, &[len]))
+            .transpose()?;
+        let bind_groups: Vec<wgpu::BindGroup> = self
+            .steps
+            .iter()
+            .map(|step| {
+                let mut entries: Vec<wgpu::BindGroupEntry> = step
+                    .bindings
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| wgpu::BindGroupEntry {
+                        binding: i as u32,
+                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: &b.buffer,
+                            offset: b.offset,
+                            size: b.size,
+                        }),
+                    })
+                    .collect();
+                if let (Some(buffer), size @ 1..) = (&param_buffer, step.params.1) {
+                    entries.push(wgpu::BindGroupEntry {
+                        binding: step.bindings.len() as u32,
+                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: buffer.buffer(),
+                            offset: 0,
+                            size: std::num::NonZeroU64::new(size),
+                        }),
+                    });
+                }
+                self.ctx
+                    .device
+                    .create_bind_group(&wgpu::BindGroupDescriptor {
+                        label: Some(step.label),
+                        layout: &step.pipeline.layout,
+                        entries: &entries,
+                    })
+            })
+            .collect();
         let mut encoder = self
             .ctx
             .device
@@ -379,9 +438,14 @@ impl<'a> Recorder<'a> {
                     .as_mut()
                     .map(|p| p.timestamp_writes(&self.ctx.device)),
             });
-            for step in &self.steps {
+            for (step, bind_group) in self.steps.iter().zip(&bind_groups) {
                 pass.set_pipeline(&step.pipeline.pipeline);
-                pass.set_bind_group(0, &step.bind_group, &[]);
+                let offsets: &[u32] = if step.params.1 > 0 {
+                    &[step.params.0]
+                } else {
+                    &[]
+                };
+                pass.set_bind_group(0, bind_group, offsets);
                 let [x, y, z] = step.workgroups;
                 pass.dispatch_workgroups(x, y, z);
             }

@@ -113,6 +113,16 @@ impl<'a> Attrs<'a> {
         }
     }
 
+    /// A number with a default.
+    pub fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
+        match self.node.attrs.get(key) {
+            None => Ok(default),
+            Some(v) => v.as_f64().ok_or_else(|| {
+                self.err(format!("\"{key}\": expected a number, found {}", brief(v)))
+            }),
+        }
+    }
+
     /// A PyTorch option implemented only at one value: absent or equal to `supported`.
     pub fn only(&self, key: &str, supported: Value) -> Result<()> {
         match self.node.attrs.get(key) {

@@ -13,11 +13,17 @@
 //! [`CurvatureLayer`] if KFAC should approximate it), one line in [`REGISTRY`].
 
 pub mod activation;
+pub mod adaptive_avg_pool;
+pub mod add;
 pub mod attrs;
+pub mod batch_norm;
+pub mod cat;
 pub mod conv2d;
 pub mod flatten;
+pub mod layer_norm;
 pub mod linear;
 pub mod pool;
+pub mod upsample;
 
 use std::any::Any;
 
@@ -194,6 +200,12 @@ pub static REGISTRY: &[(&str, Constructor)] = &[
     ("flatten", flatten::build),
     ("max_pool2d", pool::build_max),
     ("avg_pool2d", pool::build_avg),
+    ("adaptive_avg_pool2d", adaptive_avg_pool::build),
+    ("add", add::build),
+    ("batch_norm2d", batch_norm::build),
+    ("cat", cat::build),
+    ("layer_norm", layer_norm::build),
+    ("upsample_nearest2d", upsample::build),
 ];
 
 /// Builds `node`'s layer through [`REGISTRY`].

@@ -5,7 +5,7 @@
 use crate::curvature::{FisherType, Options};
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor, Recorder};
-use crate::ops::loss::{LossParams, Vectors};
+use crate::ops::loss::{BackpropVectors, Vectors};
 
 pub use crate::ops::loss::GpuTargets;
 
@@ -60,7 +60,7 @@ pub fn record_backprop_vectors(
     let scale = loss.kernel_scale(opts.fisher, opts.reduction, batch, outputs);
     crate::ops::loss::record_backprop_vectors(
         rec,
-        &LossParams {
+        &BackpropVectors {
             kernel: loss.kernel(),
             vectors: kind,
             num_vectors: opts.num_vectors(outputs),

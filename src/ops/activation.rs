@@ -3,6 +3,14 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor, Kernel, Recorder, grid_1d};
+use crate::kernel_params;
+
+kernel_params! {
+    /// Every activation entry point: elements of the tensors.
+    pub struct ActivationParams {
+        len: u32,
+    }
+}
 
 /// Errors unless every tensor has the length of the first, and that fits in `u32`.
 fn same_len(op: &str, tensors: &[(&str, &GpuTensor)]) -> Result<u32> {
@@ -30,7 +38,7 @@ fn forward(rec: &mut Recorder, entry: &'static str, x: &GpuTensor, y: &GpuTensor
         &Kernel::new(&super::ACTIVATION, entry),
         &[x],
         &[y],
-        &[len],
+        &ActivationParams { len },
         grid_1d(len.div_ceil(256)),
     )
 }
@@ -54,7 +62,7 @@ fn backward(
         &Kernel::new(&super::ACTIVATION, entry),
         &[saved, grad_out],
         &[grad_in],
-        &[len],
+        &ActivationParams { len },
         grid_1d(len.div_ceil(256)),
     )
 }

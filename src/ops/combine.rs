@@ -1,7 +1,6 @@
 //! Combining activations (`shaders/combine.wgsl`): the elementwise sum of two tensors
-//! (`add`; its backward passes the gradient to both inputs unchanged), accumulating a
-//! gradient where a value fans out, and concatenation along an axis with its
-//! splitting backward. Tensors are row-major; axes count from the outermost (for NCHW
+//! (`add`; its backward passes the gradient to both inputs unchanged) and concatenation
+//! along an axis with its splitting backward. Tensors are row-major; axes count from the outermost (for NCHW
 //! activations axis 1 is channels).
 
 use super::check::{expect_len, expect_u32, grid};
@@ -14,27 +13,12 @@ pub fn add(rec: &mut Recorder, a: &GpuTensor, b: &GpuTensor, y: &GpuTensor) -> R
     expect_len(op, "b", b, a.len())?;
     expect_len(op, "y", y, a.len())?;
     expect_u32(op, &[a.len()])?;
-    rec.dispatch(
+    rec.dispatch_words(
         &Kernel::new(&super::COMBINE, "add"),
         &[a, b],
         &[y],
         &[a.len() as u32],
         grid(a.len()),
-    )
-}
-
-/// Records `acc += g` (elementwise, same length): summing the gradients that reach a
-/// value used by several nodes.
-pub fn accumulate(rec: &mut Recorder, acc: &GpuTensor, g: &GpuTensor) -> Result<()> {
-    let op = "accumulate";
-    expect_len(op, "g", g, acc.len())?;
-    expect_u32(op, &[acc.len()])?;
-    rec.dispatch(
-        &Kernel::new(&super::COMBINE, "accumulate"),
-        &[g],
-        &[acc],
-        &[acc.len() as u32],
-        grid(acc.len()),
     )
 }
 
@@ -102,7 +86,7 @@ pub fn cat_forward(
     let layout = slabs("cat forward", "y", y, inputs, axis)?;
     for (x, [outer, part, whole, offset]) in inputs.iter().zip(layout) {
         let words = [outer, part, part, 0, whole, offset].map(|v| v as u32);
-        rec.dispatch(
+        rec.dispatch_words(
             &Kernel::new(&super::COMBINE, "copy_slab"),
             &[x],
             &[y],
@@ -125,7 +109,7 @@ pub fn cat_backward(
     let layout = slabs("cat backward", "grad_out", grad_out, grads_in, axis)?;
     for (g, [outer, part, whole, offset]) in grads_in.iter().zip(layout) {
         let words = [outer, part, whole, offset, part, 0].map(|v| v as u32);
-        rec.dispatch(
+        rec.dispatch_words(
             &Kernel::new(&super::COMBINE, "copy_slab"),
             &[grad_out],
             &[g],

@@ -22,6 +22,23 @@ use super::im2col::{col2im, im2col, patches_len};
 use crate::error::{Error, Result};
 use crate::geometry::Conv2dGeometry;
 use crate::gpu::{GpuContext, GpuTensor, Kernel, Recorder, grid_1d};
+use crate::kernel_params;
+
+kernel_params! {
+    /// Every entry point of `shaders/conv.wgsl`: examples `first .. first + count` of
+    /// `[B, c, s]` in `groups` channel groups.
+    pub struct ConvParams {
+        first: u32,
+        count: u32,
+        /// Channels `C`.
+        c: u32,
+        /// Positions `S`.
+        s: u32,
+        groups: u32,
+        /// `bias_grad`: `db = beta·db + Σ`; unused elsewhere.
+        beta: f32,
+    }
+}
 
 /// A batch of activations `[B, channels, positions]` (NCHW conv activations with
 /// `positions = H·W`, or `[B, features]` with `positions = 1`) whose channels form
@@ -46,14 +63,14 @@ impl ChannelGroups {
     }
 
     /// Checks the tensor `y` (`[B, channels, positions]`), the group split and the
-    /// example range, and returns the parameter words of `shaders/conv.wgsl`.
+    /// example range, and returns the parameters of `shaders/conv.wgsl`.
     fn params(
         &self,
         op: &str,
         y: &GpuTensor,
         examples: &Range<usize>,
         beta: f32,
-    ) -> Result<[u32; 6]> {
+    ) -> Result<ConvParams> {
         let example_len = self.channels * self.positions;
         if self.groups == 0 || !self.channels.is_multiple_of(self.groups) || example_len == 0 {
             return Err(Error::gpu(
@@ -78,14 +95,14 @@ impl ChannelGroups {
             ));
         }
         expect_u32(op, &[y.len()])?;
-        Ok([
-            examples.start as u32,
-            examples.len() as u32,
-            self.channels as u32,
-            self.positions as u32,
-            self.groups as u32,
-            beta.to_bits(),
-        ])
+        Ok(ConvParams {
+            first: examples.start as u32,
+            count: examples.len() as u32,
+            c: self.channels as u32,
+            s: self.positions as u32,
+            groups: self.groups as u32,
+            beta,
+        })
     }
 }
 
@@ -103,10 +120,10 @@ pub fn groups_to_nchw(
     y: &GpuTensor,
 ) -> Result<()> {
     let op = "groups_to_nchw";
-    let words = layout.params(op, y, &examples, 0.0)?;
+    let params = layout.params(op, y, &examples, 0.0)?;
     let len = layout.len(examples.len());
     expect_at_least(op, "rows", rows, len)?;
-    rec.dispatch(&conv_kernel(op), &[rows], &[y], &words, grid(len))
+    rec.dispatch(&conv_kernel(op), &[rows], &[y], &params, grid(len))
 }
 
 /// Records the grouped rows of examples `examples` of `y [B, C, S]` into the first
@@ -119,10 +136,10 @@ pub fn nchw_to_groups(
     rows: &GpuTensor,
 ) -> Result<()> {
     let op = "nchw_to_groups";
-    let words = layout.params(op, y, &examples, 0.0)?;
+    let params = layout.params(op, y, &examples, 0.0)?;
     let len = layout.len(examples.len());
     expect_at_least(op, "rows", rows, len)?;
-    rec.dispatch(&conv_kernel(op), &[y], &[rows], &words, grid(len))
+    rec.dispatch(&conv_kernel(op), &[y], &[rows], &params, grid(len))
 }
 
 /// Records `y[b, c, s] += bias[c]` over all of `y [B, C, S]`; `bias [C]`.
@@ -140,9 +157,9 @@ pub fn add_bias(
         groups: 1,
     };
     let batch = y.len() / (channels * positions).max(1);
-    let words = layout.params(op, y, &(0..batch), 0.0)?;
+    let params = layout.params(op, y, &(0..batch), 0.0)?;
     expect_len(op, "bias", bias, channels)?;
-    rec.dispatch(&conv_kernel(op), &[bias], &[y], &words, grid(y.len()))
+    rec.dispatch(&conv_kernel(op), &[bias], &[y], &params, grid(y.len()))
 }
 
 /// Records `db[c] = Σ_{b,s} dy[b, c, s]` (or `db += …` with `accumulate`) for
@@ -163,13 +180,13 @@ pub fn bias_grad(
     };
     let batch = dy.len() / (channels * positions).max(1);
     let beta = if accumulate { 1.0 } else { 0.0 };
-    let words = layout.params(op, dy, &(0..batch), beta)?;
+    let params = layout.params(op, dy, &(0..batch), beta)?;
     expect_len(op, "db", db, channels)?;
     rec.dispatch(
         &conv_kernel(op),
         &[dy],
         &[db],
-        &words,
+        &params,
         grid_1d(channels as u32),
     )
 }

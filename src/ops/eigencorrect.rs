@@ -3,6 +3,40 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{GpuTensor, Kernel, Recorder, grid_1d};
+use crate::kernel_params;
+
+kernel_params! {
+    /// `scale_broadcast`: `x[x_offset + i] *= m[m_offset + i mod period]`, `i < len`.
+    pub struct ScaleParams {
+        x_offset: u32,
+        len: u32,
+        m_offset: u32,
+        period: u32,
+    }
+}
+
+kernel_params! {
+    /// `square_sum_stack`: `sum[i] = Σ_{v < stack} x[v·len + i]²`, `i < len`.
+    pub struct StackParams {
+        /// Elements of one stacked matrix.
+        len: u32,
+        /// Stacked matrices `V`.
+        stack: u32,
+    }
+}
+
+kernel_params! {
+    /// `correct_shared`: `Λ [d_out, d] += κ Σ_{v,n} (Σ_s g̃[v, n, s] x̃[n, s]ᵀ)^∘2` over
+    /// `stack` vectors, `batch` examples and `positions` positions.
+    pub struct SharedParams {
+        stack: u32,
+        batch: u32,
+        positions: u32,
+        d_out: u32,
+        d: u32,
+        kappa: f32,
+    }
+}
 
 /// Records `x[x_offset + i] *= m[m_offset + i mod period]` for `i < len`: one
 /// `[d_out, D]` eigenvalue matrix (`period = d_out·D`) applied elementwise to `K`
@@ -31,7 +65,7 @@ pub fn scale_broadcast(
     let ctx = rec.context();
     let (limit, align) = ctx.binding_elements();
     if x.len() <= limit && m.len() <= limit {
-        return scale_piece(rec, [x, m], [x_offset, len, m_offset, period]);
+        return scale_piece(rec, [x, m], (x_offset, len, m_offset, period));
     }
     // Pieces of at most `limit − align` elements, so that their aligned windows fit.
     let piece = limit - align;
@@ -44,26 +78,36 @@ pub fn scale_broadcast(
         scale_piece(
             rec,
             [&xw, &mw],
-            [
+            (
                 x_offset + i - x_start,
                 count,
                 m_offset + at - m_start,
                 count,
-            ],
+            ),
         )?;
         i += count;
     }
     Ok(())
 }
 
-/// One `scale_broadcast` dispatch: words `[x_offset, len, m_offset, period]`.
-fn scale_piece(rec: &mut Recorder, [x, m]: [&GpuTensor; 2], words: [usize; 4]) -> Result<()> {
+/// One `scale_broadcast` dispatch of `(x_offset, len, m_offset, period)`.
+fn scale_piece(
+    rec: &mut Recorder,
+    [x, m]: [&GpuTensor; 2],
+    (x_offset, len, m_offset, period): (usize, usize, usize, usize),
+) -> Result<()> {
+    let params = ScaleParams {
+        x_offset: x_offset as u32,
+        len: len as u32,
+        m_offset: m_offset as u32,
+        period: period as u32,
+    };
     rec.dispatch(
         &Kernel::new(&super::EIGENCORRECT, "scale_broadcast"),
         &[m],
         &[x],
-        &words.map(|w| w as u32),
-        grid_1d((words[1] as u32).div_ceil(256)),
+        &params,
+        grid_1d((len as u32).div_ceil(256)),
     )
 }
 
@@ -85,7 +129,10 @@ pub fn square_sum_stack(rec: &mut Recorder, x: &GpuTensor, sum: &GpuTensor) -> R
         &Kernel::new(&super::EIGENCORRECT, "square_sum_stack"),
         &[x],
         &[sum],
-        &[len as u32, (x.len() / len) as u32],
+        &StackParams {
+            len: len as u32,
+            stack: (x.len() / len) as u32,
+        },
         grid_1d((len as u32).div_ceil(256)),
     )
 }
@@ -133,14 +180,14 @@ pub fn correct_shared(
         &Kernel::new(&super::EIGENCORRECT, "correct_shared"),
         &[rotated_grads, rotated_patches],
         &[lambda],
-        &[
-            stack as u32,
-            batch as u32,
-            positions as u32,
-            d_out as u32,
-            d as u32,
-            kappa.to_bits(),
-        ],
+        &SharedParams {
+            stack: stack as u32,
+            batch: batch as u32,
+            positions: positions as u32,
+            d_out: d_out as u32,
+            d: d as u32,
+            kappa,
+        },
         [d.div_ceil(16) as u32, d_out.div_ceil(16) as u32, 1],
     )
 }

@@ -13,6 +13,75 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor, Kernel, Recorder, grid_1d};
+use crate::kernel_params;
+
+kernel_params! {
+    /// The tiled GEMM entry points `gemm_<a><b>`: `C = α·op(A)·op(B) + β·C` on an
+    /// `m × n × k` part; matrix `z` of the grid starts at `offset + z·stride` in each
+    /// operand (leading dimensions `lda`, `ldb`, `ldc`). Split-K cuts K into `splits`
+    /// slices of `k_split` values (a multiple of the kernel's BK) and writes the
+    /// partial product of slice `s` of batch entry `b` to C matrix `b·splits + s`;
+    /// without split-K `splits = 1` and `k_split ≥ k`.
+    pub struct GemmParams {
+        m: u32,
+        n: u32,
+        k: u32,
+        lda: u32,
+        ldb: u32,
+        ldc: u32,
+        offset_a: u32,
+        offset_b: u32,
+        offset_c: u32,
+        stride_a: u32,
+        stride_b: u32,
+        stride_c: u32,
+        alpha: f32,
+        beta: f32,
+        splits: u32,
+        k_split: u32,
+    }
+}
+
+kernel_params! {
+    /// `split_k_sum`: `C[b] = α·Σ_{s < splits} P[b·splits + s] + β·C[b]` for the
+    /// packed `m × n` partial products `P`; C matrix `b` at `offset_c + b·stride_c`,
+    /// row length `ldc`.
+    pub struct SplitKSumParams {
+        m: u32,
+        n: u32,
+        batch: u32,
+        splits: u32,
+        ldc: u32,
+        offset_c: u32,
+        stride_c: u32,
+        alpha: f32,
+        beta: f32,
+    }
+}
+
+kernel_params! {
+    /// `gemv_t` and `gemv_n`: `y = α·M·x + β·y` over `outputs` entries of `y`, inner
+    /// dimension `k` (cut into `splits` slices of `k_split` as for split-K). `M` has
+    /// leading dimension `ld_m`; `x` steps by `inc_x`, `y` by `inc_y`; matrix `z` of the
+    /// grid starts at `offset + z·stride` in each.
+    pub struct GemvParams {
+        outputs: u32,
+        k: u32,
+        ld_m: u32,
+        offset_m: u32,
+        stride_m: u32,
+        offset_x: u32,
+        inc_x: u32,
+        stride_x: u32,
+        offset_y: u32,
+        inc_y: u32,
+        stride_y: u32,
+        alpha: f32,
+        beta: f32,
+        splits: u32,
+        k_split: u32,
+    }
+}
 
 /// Rows and columns of C one workgroup computes.
 const TILE: usize = 64;
@@ -205,10 +274,9 @@ fn k_slices(g: &Gemm, max_partial: usize) -> (usize, usize) {
     (g.k.div_ceil(k_split), k_split)
 }
 
-/// The kernel's parameter words (`Params` in `shaders/gemm.wgsl`) for an `m × n`
-/// part of `g` whose matrices start at `offsets` (A, B, C), writing C with row length
-/// `ldc`, batch stride `stride_c` and the given `α`, `β` and K slices.
-struct Words {
+/// An `m × n` part of `g` whose matrices start at `offsets` (A, B, C), writing C with
+/// row length `ldc`, batch stride `stride_c` and the given `α`, `β` and K slices.
+struct Part {
     m: usize,
     n: usize,
     offsets: [usize; 3],
@@ -220,26 +288,26 @@ struct Words {
     k_split: usize,
 }
 
-impl Words {
-    fn encode(&self, g: &Gemm) -> [u32; 16] {
-        [
-            self.m as u32,
-            self.n as u32,
-            g.k as u32,
-            g.lda as u32,
-            g.ldb as u32,
-            self.ldc as u32,
-            self.offsets[0] as u32,
-            self.offsets[1] as u32,
-            self.offsets[2] as u32,
-            g.stride_a as u32,
-            g.stride_b as u32,
-            self.stride_c as u32,
-            self.alpha.to_bits(),
-            self.beta.to_bits(),
-            self.splits as u32,
-            self.k_split as u32,
-        ]
+impl Part {
+    fn params(&self, g: &Gemm) -> GemmParams {
+        GemmParams {
+            m: self.m as u32,
+            n: self.n as u32,
+            k: g.k as u32,
+            lda: g.lda as u32,
+            ldb: g.ldb as u32,
+            ldc: self.ldc as u32,
+            offset_a: self.offsets[0] as u32,
+            offset_b: self.offsets[1] as u32,
+            offset_c: self.offsets[2] as u32,
+            stride_a: g.stride_a as u32,
+            stride_b: g.stride_b as u32,
+            stride_c: self.stride_c as u32,
+            alpha: self.alpha,
+            beta: self.beta,
+            splits: self.splits as u32,
+            k_split: self.k_split as u32,
+        }
     }
 }
 
@@ -449,7 +517,7 @@ fn gemm_kernel(rec: &mut Recorder, g: &Gemm, [a, b, c]: [&GpuTensor; 3]) -> Resu
             let m = (g.m - m0).min(rows_per_chunk);
             for n0 in (0..g.n).step_by(rows_per_chunk) {
                 let n = (g.n - n0).min(rows_per_chunk);
-                let words = Words {
+                let part = Part {
                     m,
                     n,
                     offsets: [
@@ -469,7 +537,7 @@ fn gemm_kernel(rec: &mut Recorder, g: &Gemm, [a, b, c]: [&GpuTensor; 3]) -> Resu
                     m.div_ceil(TILE) as u32,
                     batch as u32,
                 ];
-                rec.dispatch(&kernel, &[a, b], &[c], &words.encode(g), groups)?;
+                rec.dispatch(&kernel, &[a, b], &[c], &part.params(g), groups)?;
             }
         }
     }
@@ -489,7 +557,7 @@ fn gemm_split_k(
 ) -> Result<()> {
     let (m, n) = (g.m, g.n);
     let partial = rec.context().zeros(&[g.batch * splits, m, n])?;
-    let words = Words {
+    let part = Part {
         m,
         n,
         offsets: [g.offset_a, g.offset_b, 0],
@@ -505,7 +573,7 @@ fn gemm_split_k(
         m.div_ceil(TILE) as u32,
         (g.batch * splits) as u32,
     ];
-    rec.dispatch(kernel, &[a, b], &[&partial], &words.encode(g), groups)?;
+    rec.dispatch(kernel, &[a, b], &[&partial], &part.params(g), groups)?;
     split_k_sum(rec, g, &partial, c, splits)
 }
 
@@ -577,29 +645,28 @@ fn gemv(rec: &mut Recorder, g: &Gemm, [a, b, c]: [&GpuTensor; 3]) -> Result<()> 
     let k_split = g.k.div_ceil(splits);
     let splits = if splits > 1 { g.k.div_ceil(k_split) } else { 1 };
     let [gx, gy, _] = grid_1d(groups as u32);
-    let words = |offset_m: usize, offset_x: usize, y: [usize; 3], alpha: f32, beta: f32| {
-        [
-            o.outputs as u32,
-            g.k as u32,
-            o.ld_m as u32,
-            offset_m as u32,
-            o.stride_m as u32,
-            offset_x as u32,
-            o.inc_x as u32,
-            o.stride_x as u32,
-            y[0] as u32,
-            y[1] as u32,
-            y[2] as u32,
-            alpha.to_bits(),
-            beta.to_bits(),
-            splits as u32,
-            k_split as u32,
-        ]
-    };
+    let params =
+        |offset_m: usize, offset_x: usize, y: [usize; 3], alpha: f32, beta: f32| GemvParams {
+            outputs: o.outputs as u32,
+            k: g.k as u32,
+            ld_m: o.ld_m as u32,
+            offset_m: offset_m as u32,
+            stride_m: o.stride_m as u32,
+            offset_x: offset_x as u32,
+            inc_x: o.inc_x as u32,
+            stride_x: o.stride_x as u32,
+            offset_y: y[0] as u32,
+            inc_y: y[1] as u32,
+            stride_y: y[2] as u32,
+            alpha,
+            beta,
+            splits: splits as u32,
+            k_split: k_split as u32,
+        };
     if splits == 1 {
         for b0 in (0..g.batch).step_by(MAX_GROUPS) {
             let batch = (g.batch - b0).min(MAX_GROUPS);
-            let w = words(
+            let w = params(
                 o.offset_m + b0 * o.stride_m,
                 o.offset_x + b0 * o.stride_x,
                 [g.offset_c + b0 * g.stride_c, o.inc_y, g.stride_c],
@@ -613,7 +680,7 @@ fn gemv(rec: &mut Recorder, g: &Gemm, [a, b, c]: [&GpuTensor; 3]) -> Result<()> 
     // Few groups, long K: at most SPLIT_TARGET_GROUPS·2 slices of groups in all, far
     // below the grid limit.
     let partial = rec.context().zeros(&[g.batch * splits, o.outputs])?;
-    let w = words(o.offset_m, o.offset_x, [0, 1, o.outputs], 1.0, 0.0);
+    let w = params(o.offset_m, o.offset_x, [0, 1, o.outputs], 1.0, 0.0);
     let z = (g.batch * splits) as u32;
     rec.dispatch(&kernel, &[a, b], &[&partial], &w, [gx, gy, z])?;
     split_k_sum(rec, g, &partial, c, splits)
@@ -628,23 +695,23 @@ fn split_k_sum(
     c: &GpuTensor,
     splits: usize,
 ) -> Result<()> {
-    let words = [
-        g.m as u32,
-        g.n as u32,
-        g.batch as u32,
-        splits as u32,
-        g.ldc as u32,
-        g.offset_c as u32,
-        g.stride_c as u32,
-        g.alpha.to_bits(),
-        g.beta.to_bits(),
-    ];
+    let params = SplitKSumParams {
+        m: g.m as u32,
+        n: g.n as u32,
+        batch: g.batch as u32,
+        splits: splits as u32,
+        ldc: g.ldc as u32,
+        offset_c: g.offset_c as u32,
+        stride_c: g.stride_c as u32,
+        alpha: g.alpha,
+        beta: g.beta,
+    };
     let len = g.batch * g.m * g.n;
     rec.dispatch(
         &Kernel::new(&super::GEMM, "split_k_sum"),
         &[partial],
         &[c],
-        &words,
+        &params,
         grid_1d(len.div_ceil(256) as u32),
     )
 }

@@ -15,10 +15,35 @@ use super::check::{expect_at_least, expect_len, expect_u32, grid};
 use crate::error::{Error, Result};
 use crate::geometry::Conv2dGeometry;
 use crate::gpu::{GpuTensor, Kernel, Recorder};
+use crate::kernel_params;
+
+kernel_params! {
+    /// Every entry point of `shaders/im2col.wgsl`: examples `first .. first + count`
+    /// of `x [B, c, h, w]` and the conv geometry (output size `oh × ow`, kernel
+    /// `kh × kw`, stride, padding, dilation, groups).
+    pub struct Im2colParams {
+        first: u32,
+        count: u32,
+        c: u32,
+        h: u32,
+        w: u32,
+        oh: u32,
+        ow: u32,
+        kh: u32,
+        kw: u32,
+        sh: u32,
+        sw: u32,
+        ph: u32,
+        pw: u32,
+        dh: u32,
+        dw: u32,
+        groups: u32,
+    }
+}
 
 /// Checks `x` against the geometry and `examples` against the batch, and returns the
-/// kernels' parameter words.
-fn params(op: &str, geo: &Conv2dGeometry, examples: &Range<usize>) -> Result<[u32; 16]> {
+/// kernels' parameters.
+fn params(op: &str, geo: &Conv2dGeometry, examples: &Range<usize>) -> Result<Im2colParams> {
     if examples.start > examples.end || examples.end > geo.batch {
         return Err(Error::gpu(
             op,
@@ -31,25 +56,25 @@ fn params(op: &str, geo: &Conv2dGeometry, examples: &Range<usize>) -> Result<[u3
     let n = examples.len();
     expect_u32(op, &[geo.input_len(), patches_len(geo, n)])?;
     let [oh, ow] = geo.out_size();
-    Ok([
-        examples.start,
-        n,
-        geo.in_channels,
-        geo.in_size[0],
-        geo.in_size[1],
-        oh,
-        ow,
-        geo.kernel_size[0],
-        geo.kernel_size[1],
-        geo.stride[0],
-        geo.stride[1],
-        geo.padding[0],
-        geo.padding[1],
-        geo.dilation[0],
-        geo.dilation[1],
-        geo.groups,
-    ]
-    .map(|v| v as u32))
+    let u = |v: usize| v as u32;
+    Ok(Im2colParams {
+        first: u(examples.start),
+        count: u(n),
+        c: u(geo.in_channels),
+        h: u(geo.in_size[0]),
+        w: u(geo.in_size[1]),
+        oh: u(oh),
+        ow: u(ow),
+        kh: u(geo.kernel_size[0]),
+        kw: u(geo.kernel_size[1]),
+        sh: u(geo.stride[0]),
+        sw: u(geo.stride[1]),
+        ph: u(geo.padding[0]),
+        pw: u(geo.padding[1]),
+        dh: u(geo.dilation[0]),
+        dw: u(geo.dilation[1]),
+        groups: u(geo.groups),
+    })
 }
 
 /// Elements of the patches of `n` examples for all groups, `G·n·S·D`.
@@ -67,7 +92,7 @@ pub fn im2col(
     patches: &GpuTensor,
 ) -> Result<()> {
     let op = "im2col";
-    let words = params(op, geo, &examples)?;
+    let params = params(op, geo, &examples)?;
     let len = patches_len(geo, examples.len());
     expect_len(op, "x", x, geo.input_len())?;
     expect_at_least(op, "patches", patches, len)?;
@@ -75,7 +100,7 @@ pub fn im2col(
         &Kernel::new(&super::IM2COL, "im2col"),
         &[x],
         &[patches],
-        &words,
+        &params,
         grid(len),
     )
 }
@@ -92,7 +117,7 @@ pub fn im2col_group_mean(
     patches: &GpuTensor,
 ) -> Result<()> {
     let op = "im2col_group_mean";
-    let words = params(op, geo, &examples)?;
+    let params = params(op, geo, &examples)?;
     let len = examples.len() * geo.positions() * geo.patch_len();
     expect_len(op, "x", x, geo.input_len())?;
     expect_at_least(op, "patches", patches, len)?;
@@ -100,7 +125,7 @@ pub fn im2col_group_mean(
         &Kernel::new(&super::IM2COL, "im2col_group_mean"),
         &[x],
         &[patches],
-        &words,
+        &params,
         grid(len),
     )
 }
@@ -116,7 +141,7 @@ pub fn col2im(
     grad_in: &GpuTensor,
 ) -> Result<()> {
     let op = "col2im";
-    let words = params(op, geo, &examples)?;
+    let params = params(op, geo, &examples)?;
     expect_at_least(op, "patches", patches, patches_len(geo, examples.len()))?;
     expect_len(op, "grad_in", grad_in, geo.input_len())?;
     let len = examples.len() * geo.in_channels * geo.in_size[0] * geo.in_size[1];
@@ -124,7 +149,7 @@ pub fn col2im(
         &Kernel::new(&super::IM2COL, "col2im"),
         &[patches],
         &[grad_in],
-        &words,
+        &params,
         grid(len),
     )
 }

@@ -51,7 +51,57 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor, Kernel, Recorder, grid_1d};
+use crate::kernel_params;
 use crate::ops::gemm::{Gemm, gemm};
+
+kernel_params! {
+    /// `jacobi_sweep_shared` and `jacobi_sweep_storage`: one sweep of each of `batch`
+    /// matrices `[n, n]` not yet done (`max_sweeps`, `tol`: the stopping rule).
+    pub struct SweepParams {
+        n: u32,
+        batch: u32,
+        max_sweeps: u32,
+        tol: f32,
+    }
+}
+
+kernel_params! {
+    /// The `global_*` kernels on `batch` matrices `[n, n]` bound as windows of
+    /// `window` elements.
+    pub struct GlobalParams {
+        n: u32,
+        batch: u32,
+        /// The step of the sweep (`global_rotations`, `global_apply`); 0 elsewhere.
+        step: u32,
+        /// 1 when `v0` holds a warm start (`global_init_w`), else 0.
+        has_v0: u32,
+        /// Elements between the warm start's matrices (0: one shared basis).
+        v0_stride: u32,
+        window: u32,
+    }
+}
+
+kernel_params! {
+    /// `global_combine`: `W[g] = a·W[g] + b·P[g]` for `g < len`.
+    pub struct CombineParams {
+        len: u32,
+        a: f32,
+        b: f32,
+        window: u32,
+    }
+}
+
+kernel_params! {
+    /// `block_solve` and `block_apply`: round `round` of a blocked sweep over `blocks`
+    /// blocks (even, ≥ 2) of `batch` matrices `[n, n]`.
+    pub struct BlockParams {
+        n: u32,
+        batch: u32,
+        round: u32,
+        blocks: u32,
+        window: u32,
+    }
+}
 
 /// Largest `n` of the workgroup-memory kernel (must match `SHARED_N` in the shader).
 const SHARED_MAX_N: usize = 32;
@@ -266,14 +316,6 @@ struct Problem<'a> {
 }
 
 impl Problem<'_> {
-    /// `(has_v0, v0_stride)` words of the shader's parameter structs.
-    fn start_words(&self) -> [u32; 2] {
-        match self.start {
-            Some((_, stride)) => [1, stride as u32],
-            None => [0, 0],
-        }
-    }
-
     /// The tensor bound as `v0` (the input itself when there is no warm start; unread).
     fn v0(&self) -> &GpuTensor {
         self.start.map_or(self.input, |(v0, _)| v0)
@@ -388,17 +430,20 @@ struct Work {
 }
 
 impl Problem<'_> {
-    /// Parameters of the global kernels (`GlobalParams`).
-    fn words(&self, step: usize) -> [u32; 6] {
-        let [has_v0, v0_stride] = self.start_words();
-        [
-            self.n as u32,
-            self.batch as u32,
-            step as u32,
+    /// Parameters of the global kernels at step `step`.
+    fn params(&self, step: usize) -> GlobalParams {
+        let (has_v0, v0_stride) = match self.start {
+            Some((_, stride)) => (1, stride as u32),
+            None => (0, 0),
+        };
+        GlobalParams {
+            n: self.n as u32,
+            batch: self.batch as u32,
+            step: step as u32,
             has_v0,
             v0_stride,
-            self.window as u32,
-        ]
+            window: self.window as u32,
+        }
     }
 
     /// The binding windows of a `[batch, n, n]` tensor of this problem.
@@ -425,7 +470,7 @@ impl Problem<'_> {
                 &Kernel::new(&super::JACOBI, entry),
                 &[&f0, &f1, &f2],
                 &[&t0, &t1, &t2],
-                &self.words(0),
+                &self.params(0),
                 items,
             )?;
         }
@@ -451,7 +496,7 @@ impl Problem<'_> {
             &Kernel::new(&super::JACOBI, "global_rank"),
             &[&a0, &a1, &a2],
             &[&values, &ranks],
-            &self.words(0),
+            &self.params(0),
             groups(batch * n),
         )?;
         let [w0, w1, w2] = self.windows(ctx, &work.w)?;
@@ -468,12 +513,12 @@ impl Problem<'_> {
                 &Kernel::new(&super::JACOBI, "global_combine"),
                 &[&p0, &p1, &p2],
                 &[&w0, &w1, &w2],
-                &[
-                    (batch * n * n) as u32,
-                    1.5f32.to_bits(),
-                    (-0.5f32).to_bits(),
-                    self.window as u32,
-                ],
+                &CombineParams {
+                    len: (batch * n * n) as u32,
+                    a: 1.5,
+                    b: -0.5,
+                    window: self.window as u32,
+                },
                 groups(batch * n * n),
             )?;
         }
@@ -482,7 +527,7 @@ impl Problem<'_> {
             &Kernel::new(&super::JACOBI, "global_gather"),
             &[&w0, &w1, &w2, &ranks],
             &[&v0, &v1, &v2],
-            &self.words(0),
+            &self.params(0),
             groups(batch * n * n),
         )?;
         Ok((values, vectors))
@@ -519,12 +564,12 @@ fn workgroup_path(
             &Kernel::new(&super::JACOBI, entry),
             &[],
             &[&work.a, &work.w, &info],
-            &[
-                n as u32,
-                batch as u32,
-                max_sweeps as u32,
-                opts.tol.to_bits(),
-            ],
+            &SweepParams {
+                n: n as u32,
+                batch: batch as u32,
+                max_sweeps: max_sweeps as u32,
+                tol: opts.tol,
+            },
             grid_1d(batch as u32),
         )?;
     }
@@ -556,14 +601,14 @@ fn global_path(
                 &kernel("global_rotations"),
                 &[&work.a],
                 &[&rotations],
-                &problem.words(step),
+                &problem.params(step),
                 groups(batch * h),
             )?;
             rec.dispatch(
                 &kernel("global_apply"),
                 &[&rotations],
                 &[&work.a, &work.w],
-                &problem.words(step),
+                &problem.params(step),
                 groups(batch * (h * h + h * n)),
             )?;
         }
@@ -597,25 +642,25 @@ fn blocked_path(
             .collect();
         let thresholds = ctx.upload(&thresholds, &[batch])?;
         for round in 0..blocks - 1 {
-            let words = [
-                n as u32,
-                batch as u32,
-                round as u32,
-                blocks as u32,
-                problem.window as u32,
-            ];
+            let params = BlockParams {
+                n: n as u32,
+                batch: batch as u32,
+                round: round as u32,
+                blocks: blocks as u32,
+                window: problem.window as u32,
+            };
             rec.dispatch(
                 &kernel("block_solve"),
                 &[&thresholds],
                 &[&a0, &a1, &a2, &rotations],
-                &words,
+                &params,
                 grid_1d((batch * h) as u32),
             )?;
             rec.dispatch(
                 &kernel("block_apply"),
                 &[&rotations],
                 &[&a0, &a1, &a2, &w0, &w1, &w2],
-                &words,
+                &params,
                 grid_1d((batch * tiles) as u32),
             )?;
         }
@@ -644,7 +689,7 @@ fn sweep_until_done(
             &Kernel::new(&super::JACOBI, "global_norms"),
             &[&a0, &a1, &a2],
             &[&partials],
-            &problem.words(0),
+            &problem.params(0),
             grid_1d((batch * chunks) as u32),
         )
     };

@@ -7,6 +7,27 @@
 use super::check::{expect_len, expect_u32};
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor, Kernel, Recorder, Shader, grid_1d};
+use crate::kernel_params;
+
+kernel_params! {
+    /// Every loss kernel's parameters (`shaders/loss_common.wgsl`).
+    pub struct LossParams {
+        /// `B`.
+        batch: u32,
+        /// `C`.
+        classes: u32,
+        /// `nv`.
+        num_vectors: u32,
+        /// Global index of the first example (the MC counter).
+        batch_start: u32,
+        /// [`Vectors`] as its discriminant.
+        mode: u32,
+        seed_lo: u32,
+        seed_hi: u32,
+        /// The factor every vector is multiplied with.
+        scale: f32,
+    }
+}
 
 macro_rules! loss_shader {
     ($name:literal) => {
@@ -76,7 +97,7 @@ pub enum GpuTargets<'a> {
 
 /// What one call of a loss kernel computes.
 #[derive(Clone, Copy, Debug)]
-pub struct LossParams {
+pub struct BackpropVectors {
     pub kernel: LossKernel,
     pub vectors: Vectors,
     /// `nv`: `C` for [`Vectors::HessianSqrt`].
@@ -93,7 +114,7 @@ pub struct LossParams {
 /// `vectors [nv, B, C]`.
 pub fn record_backprop_vectors(
     rec: &mut Recorder,
-    p: &LossParams,
+    p: &BackpropVectors,
     logits: &GpuTensor,
     targets: GpuTargets<'_>,
     vectors: &GpuTensor,
@@ -130,16 +151,16 @@ pub fn record_backprop_vectors(
         &Kernel::new(p.kernel.shader(), "backprop_vectors"),
         &[logits, labels, values],
         &[vectors],
-        &[
-            batch as u32,
-            outputs as u32,
-            nv as u32,
-            p.batch_start as u32,
-            p.vectors as u32,
-            p.seed as u32,
-            (p.seed >> 32) as u32,
-            p.scale.to_bits(),
-        ],
+        &LossParams {
+            batch: batch as u32,
+            classes: outputs as u32,
+            num_vectors: nv as u32,
+            batch_start: p.batch_start as u32,
+            mode: p.vectors as u32,
+            seed_lo: p.seed as u32,
+            seed_hi: (p.seed >> 32) as u32,
+            scale: p.scale,
+        },
         grid_1d(threads.div_ceil(256)),
     )
 }
@@ -164,16 +185,15 @@ pub fn philox_blocks(
         &Kernel::new(&LOSS_MSE, "philox_blocks"),
         &[],
         &[&words],
-        &[
-            batch as u32,
-            outputs as u32,
-            samples as u32,
-            batch_start as u32,
-            0,
-            seed as u32,
-            (seed >> 32) as u32,
-            0,
-        ],
+        &LossParams {
+            batch: batch as u32,
+            classes: outputs as u32,
+            num_vectors: samples as u32,
+            batch_start: batch_start as u32,
+            seed_lo: seed as u32,
+            seed_hi: (seed >> 32) as u32,
+            ..LossParams::default()
+        },
         grid_1d((count as u32).div_ceil(256)),
     )?;
     rec.submit()?;

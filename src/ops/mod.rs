@@ -15,7 +15,7 @@ pub mod pool;
 pub mod reduce;
 pub mod resample;
 
-use crate::gpu::Shader;
+use crate::gpu::{ParamsLayout, Shader};
 
 pub(crate) static ACTIVATION: Shader = crate::shader!("activation");
 pub(crate) static COMBINE: Shader = crate::shader!("combine");
@@ -29,8 +29,12 @@ pub(crate) static POOL: Shader = crate::shader!("pool");
 pub(crate) static REDUCE: Shader = crate::shader!("reduce");
 pub(crate) static RESAMPLE: Shader = crate::shader!("resample");
 
-/// Every WGSL file of the crate.
-pub(crate) static SHADERS: &[&Shader] = &[
+/// Every WGSL file of the crate, for validation tests.
+pub fn all_shaders() -> &'static [&'static Shader] {
+    SHADERS
+}
+
+static SHADERS: &[&Shader] = &[
     &ACTIVATION,
     &COMBINE,
     &CONV,
@@ -46,3 +50,34 @@ pub(crate) static SHADERS: &[&Shader] = &[
     &REDUCE,
     &RESAMPLE,
 ];
+
+/// Every kernel parameter struct with the shader that declares its WGSL twin, for
+/// checking the two against each other (`tests/shaders.rs`).
+pub fn all_params() -> Vec<ParamsLayout> {
+    use ParamsLayout as L;
+    vec![
+        L::of::<activation::ActivationParams>(&ACTIVATION),
+        L::of::<conv::ConvParams>(&CONV),
+        L::of::<eigencorrect::ScaleParams>(&EIGENCORRECT),
+        L::of::<eigencorrect::StackParams>(&EIGENCORRECT),
+        L::of::<eigencorrect::SharedParams>(&EIGENCORRECT),
+        L::of::<gemm::GemmParams>(&GEMM),
+        L::of::<gemm::SplitKSumParams>(&GEMM),
+        L::of::<gemm::GemvParams>(&GEMM),
+        L::of::<im2col::Im2colParams>(&IM2COL),
+        L::of::<loss::LossParams>(&loss::LOSS_BCE),
+        L::of::<loss::LossParams>(&loss::LOSS_CROSS_ENTROPY),
+        L::of::<loss::LossParams>(&loss::LOSS_MSE),
+        L::of::<jacobi::SweepParams>(&JACOBI),
+        L::of::<jacobi::GlobalParams>(&JACOBI),
+        L::of::<jacobi::CombineParams>(&JACOBI),
+        L::of::<jacobi::BlockParams>(&JACOBI),
+        L::of::<pool::PoolParams>(&POOL),
+        L::of::<reduce::RangeParams>(&REDUCE),
+        L::of::<reduce::DiagonalParams>(&REDUCE),
+        L::of::<reduce::MapParams>(&REDUCE),
+        L::of::<reduce::TransposeParams>(&REDUCE),
+        L::of::<reduce::AppendParams>(&REDUCE),
+        L::of::<reduce::SumParams>(&REDUCE),
+    ]
+}

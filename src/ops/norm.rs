@@ -71,14 +71,14 @@ pub fn batch_norm_forward(
     expect_len(op, "y", y, x.len())?;
     let (mean, var) = (params.running_mean, params.running_var);
     match params.affine {
-        Some((w, b)) => rec.dispatch(
+        Some((w, b)) => rec.dispatch_words(
             &Kernel::new(&super::NORM, "batch_norm_forward"),
             &[x, mean, var, w, b],
             &[y],
             &words,
             grid(x.len()),
         ),
-        None => rec.dispatch(
+        None => rec.dispatch_words(
             &Kernel::new(&super::NORM, "batch_norm_forward_plain"),
             &[x, mean, var],
             &[y],
@@ -101,14 +101,14 @@ pub fn batch_norm_backward(
     let words = params.words(op, "grad_out", grad_out)?;
     expect_len(op, "grad_in", grad_in, grad_out.len())?;
     match params.affine {
-        Some((w, _)) => rec.dispatch(
+        Some((w, _)) => rec.dispatch_words(
             &Kernel::new(&super::NORM, "batch_norm_backward"),
             &[grad_out, w, params.running_var],
             &[grad_in],
             &words,
             grid(grad_out.len()),
         ),
-        None => rec.dispatch(
+        None => rec.dispatch_words(
             &Kernel::new(&super::NORM, "batch_norm_backward_plain"),
             &[grad_out, params.running_var],
             &[grad_in],
@@ -164,7 +164,7 @@ pub fn layer_norm_forward(
         Some((weight, bias)) => {
             expect_len(op, "weight", weight, d)?;
             expect_len(op, "bias", bias, d)?;
-            rec.dispatch(
+            rec.dispatch_words(
                 &Kernel::new(&super::NORM, "layer_norm_forward"),
                 &[x, weight, bias],
                 &[y],
@@ -172,7 +172,7 @@ pub fn layer_norm_forward(
                 workgroups,
             )
         }
-        None => rec.dispatch(
+        None => rec.dispatch_words(
             &Kernel::new(&super::NORM, "layer_norm_forward_plain"),
             &[x],
             &[y],
@@ -214,7 +214,7 @@ pub fn layer_norm_backward(
     match weight {
         Some(weight) => {
             expect_len(op, "weight", weight, d)?;
-            rec.dispatch(
+            rec.dispatch_words(
                 &Kernel::new(&super::NORM, "layer_norm_backward"),
                 &[x, weight, grad_out],
                 &[grad_in],
@@ -222,7 +222,7 @@ pub fn layer_norm_backward(
                 workgroups,
             )
         }
-        None => rec.dispatch(
+        None => rec.dispatch_words(
             &Kernel::new(&super::NORM, "layer_norm_backward_plain"),
             &[x, grad_out],
             &[grad_in],

@@ -6,26 +6,44 @@ use super::check::{expect_len, expect_u32, grid};
 use crate::error::Result;
 use crate::geometry::Pool2dGeometry;
 use crate::gpu::{GpuTensor, Kernel, Recorder};
+use crate::kernel_params;
 
-/// The kernels' parameter words, after checking the geometry fits 32-bit indices.
-fn params(op: &str, geo: &Pool2dGeometry) -> Result<Vec<u32>> {
+kernel_params! {
+    /// Every entry point of `shaders/pool.wgsl`: `planes = B·C` planes `h × w` pooled
+    /// to `oh × ow` by `kh × kw` windows with stride `sh, sw` and padding `ph, pw`.
+    pub struct PoolParams {
+        planes: u32,
+        h: u32,
+        w: u32,
+        oh: u32,
+        ow: u32,
+        kh: u32,
+        kw: u32,
+        sh: u32,
+        sw: u32,
+        ph: u32,
+        pw: u32,
+    }
+}
+
+/// The kernels' parameters, after checking the geometry fits 32-bit indices.
+fn params(op: &str, geo: &Pool2dGeometry) -> Result<PoolParams> {
     let [oh, ow] = geo.out_size();
     expect_u32(op, &[geo.input_len(), geo.output_len()])?;
-    Ok([
-        geo.batch * geo.channels,
-        geo.in_size[0],
-        geo.in_size[1],
-        oh,
-        ow,
-        geo.kernel_size[0],
-        geo.kernel_size[1],
-        geo.stride[0],
-        geo.stride[1],
-        geo.padding[0],
-        geo.padding[1],
-    ]
-    .map(|v| v as u32)
-    .to_vec())
+    let u = |v: usize| v as u32;
+    Ok(PoolParams {
+        planes: u(geo.batch * geo.channels),
+        h: u(geo.in_size[0]),
+        w: u(geo.in_size[1]),
+        oh: u(oh),
+        ow: u(ow),
+        kh: u(geo.kernel_size[0]),
+        kw: u(geo.kernel_size[1]),
+        sh: u(geo.stride[0]),
+        sw: u(geo.stride[1]),
+        ph: u(geo.padding[0]),
+        pw: u(geo.padding[1]),
+    })
 }
 
 /// Records max pooling: `x [B, C, H, W]` → `y [B, C, OH, OW]` and `argmax` (u32,
@@ -42,12 +60,12 @@ pub fn max_pool2d_forward(
     expect_len(op, "x", x, geo.input_len())?;
     expect_len(op, "y", y, geo.output_len())?;
     expect_len(op, "argmax", argmax, geo.output_len())?;
-    let words = params(op, geo)?;
+    let params = params(op, geo)?;
     rec.dispatch(
         &Kernel::new(&super::POOL, "max_pool_forward"),
         &[x],
         &[y, argmax],
-        &words,
+        &params,
         grid(geo.output_len()),
     )
 }
@@ -66,12 +84,12 @@ pub fn max_pool2d_backward(
     expect_len(op, "grad_out", grad_out, geo.output_len())?;
     expect_len(op, "argmax", argmax, geo.output_len())?;
     expect_len(op, "grad_in", grad_in, geo.input_len())?;
-    let words = params(op, geo)?;
+    let params = params(op, geo)?;
     rec.dispatch(
         &Kernel::new(&super::POOL, "max_pool_backward"),
         &[grad_out, argmax],
         &[grad_in],
-        &words,
+        &params,
         grid(geo.input_len()),
     )
 }
@@ -87,12 +105,12 @@ pub fn avg_pool2d_forward(
     let op = "avg_pool2d forward";
     expect_len(op, "x", x, geo.input_len())?;
     expect_len(op, "y", y, geo.output_len())?;
-    let words = params(op, geo)?;
+    let params = params(op, geo)?;
     rec.dispatch(
         &Kernel::new(&super::POOL, "avg_pool_forward"),
         &[x],
         &[y],
-        &words,
+        &params,
         grid(geo.output_len()),
     )
 }
@@ -109,12 +127,12 @@ pub fn avg_pool2d_backward(
     let op = "avg_pool2d backward";
     expect_len(op, "grad_out", grad_out, geo.output_len())?;
     expect_len(op, "grad_in", grad_in, geo.input_len())?;
-    let words = params(op, geo)?;
+    let params = params(op, geo)?;
     rec.dispatch(
         &Kernel::new(&super::POOL, "avg_pool_backward"),
         &[grad_out],
         &[grad_in],
-        &words,
+        &params,
         grid(geo.input_len()),
     )
 }

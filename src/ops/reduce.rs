@@ -7,6 +7,78 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor, Kernel, Recorder, grid_1d};
+use crate::kernel_params;
+
+kernel_params! {
+    /// `fill` and `scale` of `y[offset .. offset + len]` in place.
+    pub struct RangeParams {
+        /// First element.
+        offset: u32,
+        /// Elements.
+        len: u32,
+        /// The value (`fill`) or the factor (`scale`).
+        value: f32,
+    }
+}
+
+kernel_params! {
+    /// `add_diagonal` on `count` matrices `[n, n]`.
+    pub struct DiagonalParams {
+        n: u32,
+        count: u32,
+        /// Added to each diagonal entry.
+        delta: f32,
+    }
+}
+
+kernel_params! {
+    /// The elementwise maps `y[offset_y + i] = alpha·f(x[offset_x + i]) + beta·y[..]`
+    /// for `i < len` (`axpy`, `square`; `copy` ignores `alpha` and `beta`).
+    pub struct MapParams {
+        len: u32,
+        offset_x: u32,
+        offset_y: u32,
+        alpha: f32,
+        /// 0 overwrites `y` without reading it.
+        beta: f32,
+    }
+}
+
+kernel_params! {
+    /// One window of the batched `transpose`: `rows × cols` of each matrix of `x`
+    /// (leading dimension `ld_x`) into `y` (leading dimension `ld_y`), matrix `z` of
+    /// the grid at `offset + z·stride` in each.
+    pub struct TransposeParams {
+        rows: u32,
+        cols: u32,
+        ld_x: u32,
+        ld_y: u32,
+        offset_x: u32,
+        offset_y: u32,
+        stride_x: u32,
+        stride_y: u32,
+    }
+}
+
+kernel_params! {
+    /// `append_ones_column`: `x` is `rows × cols`, `y` `rows × (cols + 1)`.
+    pub struct AppendParams {
+        rows: u32,
+        cols: u32,
+    }
+}
+
+kernel_params! {
+    /// `sum_rows` and `sum_cols` of a `rows × cols` matrix.
+    pub struct SumParams {
+        rows: u32,
+        cols: u32,
+        /// `sum_rows`: rows summed by one workgroup; `sum_cols`: unused.
+        rows_per_group: u32,
+        alpha: f32,
+        beta: f32,
+    }
+}
 
 /// WebGPU's default limit of workgroups per grid dimension.
 const MAX_GROUPS: usize = 65535;
@@ -78,19 +150,27 @@ pub fn fill_range(
     value: f32,
 ) -> Result<()> {
     expect_range("fill", "y", y, offset, len)?;
-    let words = [offset as u32, len as u32, value.to_bits()];
-    rec.dispatch(&kernel("fill"), &[], &[y], &words, elementwise_grid(len))
+    let params = RangeParams {
+        offset: offset as u32,
+        len: len as u32,
+        value,
+    };
+    rec.dispatch(&kernel("fill"), &[], &[y], &params, elementwise_grid(len))
 }
 
 /// Records `y = alpha·y` elementwise.
 pub fn scale(rec: &mut Recorder, y: &GpuTensor, alpha: f32) -> Result<()> {
     expect_u32("scale", y.len())?;
-    let words = [0, y.len() as u32, alpha.to_bits()];
+    let params = RangeParams {
+        offset: 0,
+        len: y.len() as u32,
+        value: alpha,
+    };
     rec.dispatch(
         &kernel("scale"),
         &[],
         &[y],
-        &words,
+        &params,
         elementwise_grid(y.len()),
     )
 }
@@ -123,12 +203,18 @@ fn map(
 ) -> Result<()> {
     expect_len(entry, "y", y, x.len())?;
     expect_u32(entry, x.len())?;
-    let words = [x.len() as u32, 0, 0, alpha.to_bits(), beta.to_bits()];
+    let params = MapParams {
+        len: x.len() as u32,
+        offset_x: 0,
+        offset_y: 0,
+        alpha,
+        beta,
+    };
     rec.dispatch(
         &kernel(entry),
         &[x],
         &[y],
-        &words,
+        &params,
         elementwise_grid(x.len()),
     )
 }
@@ -144,8 +230,13 @@ pub fn copy(
 ) -> Result<()> {
     expect_range("copy", "x", x, offset_x, len)?;
     expect_range("copy", "y", y, offset_y, len)?;
-    let words = [len as u32, offset_x as u32, offset_y as u32, 0, 0];
-    rec.dispatch(&kernel("copy"), &[x], &[y], &words, elementwise_grid(len))
+    let params = MapParams {
+        len: len as u32,
+        offset_x: offset_x as u32,
+        offset_y: offset_y as u32,
+        ..MapParams::default()
+    };
+    rec.dispatch(&kernel("copy"), &[x], &[y], &params, elementwise_grid(len))
 }
 
 /// Records `y[b][i][i] += delta` for a tensor `y` of shape `[..., n, n]` (any number
@@ -166,12 +257,16 @@ pub fn add_diagonal(rec: &mut Recorder, y: &GpuTensor, delta: f32) -> Result<()>
     }
     let count = y.len() / (n * n);
     expect_u32("add_diagonal", y.len())?;
-    let words = [n as u32, count as u32, delta.to_bits()];
+    let params = DiagonalParams {
+        n: n as u32,
+        count: count as u32,
+        delta,
+    };
     rec.dispatch(
         &kernel("add_diagonal"),
         &[],
         &[y],
-        &words,
+        &params,
         elementwise_grid(n * count),
     )
 }
@@ -200,18 +295,18 @@ pub fn transpose(
             for c0 in (0..cols).step_by(span) {
                 let nc = (cols - c0).min(span);
                 let base = b0 * rows * cols;
-                let words = [
-                    nr as u32,
-                    nc as u32,
-                    cols as u32,
-                    rows as u32,
-                    (base + r0 * cols + c0) as u32,
-                    (base + c0 * rows + r0) as u32,
-                    (rows * cols) as u32,
-                    (rows * cols) as u32,
-                ];
+                let params = TransposeParams {
+                    rows: nr as u32,
+                    cols: nc as u32,
+                    ld_x: cols as u32,
+                    ld_y: rows as u32,
+                    offset_x: (base + r0 * cols + c0) as u32,
+                    offset_y: (base + c0 * rows + r0) as u32,
+                    stride_x: (rows * cols) as u32,
+                    stride_y: (rows * cols) as u32,
+                };
                 let groups = [nc.div_ceil(16) as u32, nr.div_ceil(16) as u32, nb as u32];
-                rec.dispatch(&kernel("transpose"), &[x], &[y], &words, groups)?;
+                rec.dispatch(&kernel("transpose"), &[x], &[y], &params, groups)?;
             }
         }
     }
@@ -230,12 +325,15 @@ pub fn append_ones_column(
     expect_len("append_ones_column", "x", x, rows * cols)?;
     expect_len("append_ones_column", "y", y, rows * (cols + 1))?;
     expect_u32("append_ones_column", rows * (cols + 1))?;
-    let words = [rows as u32, cols as u32];
+    let params = AppendParams {
+        rows: rows as u32,
+        cols: cols as u32,
+    };
     rec.dispatch(
         &kernel("append_ones_column"),
         &[x],
         &[y],
-        &words,
+        &params,
         elementwise_grid(rows * (cols + 1)),
     )
 }
@@ -261,14 +359,14 @@ impl Sum {
         }
     }
 
-    fn words(&self, rows: usize, rows_per_group: usize, alpha: f32, beta: f32) -> [u32; 5] {
-        [
-            rows as u32,
-            self.cols as u32,
-            rows_per_group as u32,
-            alpha.to_bits(),
-            beta.to_bits(),
-        ]
+    fn params(&self, rows: usize, rows_per_group: usize, alpha: f32, beta: f32) -> SumParams {
+        SumParams {
+            rows: rows as u32,
+            cols: self.cols as u32,
+            rows_per_group: rows_per_group as u32,
+            alpha,
+            beta,
+        }
     }
 }
 
@@ -301,16 +399,16 @@ pub fn sum_rows(
         let input = temp.as_ref().unwrap_or(x);
         let [gx, gy, _] = col_groups;
         if blocks == 1 {
-            let words = s.words(rows, rows_per_group, s.alpha, s.beta);
-            return rec.dispatch(&kernel("sum_rows"), &[input], &[y], &words, [gx, gy, 1]);
+            let params = s.params(rows, rows_per_group, s.alpha, s.beta);
+            return rec.dispatch(&kernel("sum_rows"), &[input], &[y], &params, [gx, gy, 1]);
         }
         let out = ctx.zeros(&[blocks, s.cols])?;
-        let words = s.words(rows, rows_per_group, 1.0, 0.0);
+        let params = s.params(rows, rows_per_group, 1.0, 0.0);
         rec.dispatch(
             &kernel("sum_rows"),
             &[input],
             &[&out],
-            &words,
+            &params,
             [gx, gy, blocks as u32],
         )?;
         temp = Some(out);
@@ -325,12 +423,12 @@ pub fn sum_cols(rec: &mut Recorder, x: &GpuTensor, y: &GpuTensor, s: &Sum) -> Re
     expect_len("sum_cols", "x", x, s.rows * s.cols)?;
     expect_len("sum_cols", "y", y, s.rows)?;
     expect_u32("sum_cols", s.rows * s.cols)?;
-    let words = s.words(s.rows, 0, s.alpha, s.beta);
+    let params = s.params(s.rows, 0, s.alpha, s.beta);
     rec.dispatch(
         &kernel("sum_cols"),
         &[x],
         &[y],
-        &words,
+        &params,
         grid_1d(s.rows as u32),
     )
 }

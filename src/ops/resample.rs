@@ -75,7 +75,7 @@ pub fn upsample_nearest2d_forward(
     let words = plane_words(op, ("x", x), ("y", y))?;
     let [_, h, w, oh, ow] = words.map(|v| v as usize);
     expect_scaled(op, [h, w], factor, [oh, ow])?;
-    rec.dispatch(
+    rec.dispatch_words(
         &Kernel::new(&super::RESAMPLE, "upsample_nearest_forward"),
         &[x],
         &[y],
@@ -97,7 +97,7 @@ pub fn upsample_nearest2d_backward(
     let words = plane_words(op, ("grad_in", grad_in), ("grad_out", grad_out))?;
     let [_, h, w, oh, ow] = words.map(|v| v as usize);
     expect_scaled(op, [h, w], factor, [oh, ow])?;
-    rec.dispatch(
+    rec.dispatch_words(
         &Kernel::new(&super::RESAMPLE, "upsample_nearest_backward"),
         &[grad_out],
         &[grad_in],
@@ -112,7 +112,7 @@ pub fn upsample_nearest2d_backward(
 /// larger than the input too).
 pub fn adaptive_avg_pool2d_forward(rec: &mut Recorder, x: &GpuTensor, y: &GpuTensor) -> Result<()> {
     let words = plane_words("adaptive_avg_pool2d forward", ("x", x), ("y", y))?;
-    rec.dispatch(
+    rec.dispatch_words(
         &Kernel::new(&super::RESAMPLE, "adaptive_avg_pool_forward"),
         &[x],
         &[y],
@@ -134,7 +134,7 @@ pub fn adaptive_avg_pool2d_backward(
         ("grad_in", grad_in),
         ("grad_out", grad_out),
     )?;
-    rec.dispatch(
+    rec.dispatch_words(
         &Kernel::new(&super::RESAMPLE, "adaptive_avg_pool_backward"),
         &[grad_out],
         &[grad_in],

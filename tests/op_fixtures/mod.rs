@@ -58,6 +58,17 @@ impl OpFixture {
         f
     }
 
+    /// The names of the op's inputs: `x`, or `x0`, `x1`, … for several.
+    pub fn input_names(&self) -> Vec<String> {
+        if self.file.get("x").is_some() {
+            return vec!["x".to_string()];
+        }
+        (0..)
+            .map(|i| format!("x{i}"))
+            .take_while(|k| self.file.get(k).is_some())
+            .collect()
+    }
+
     /// The attribute `key` as f64.
     pub fn attr_f64(&self, key: &str) -> f64 {
         self.attrs[key].as_f64().unwrap()
@@ -83,4 +94,141 @@ pub fn rel_err64(got: &[f64], want: &[f64]) -> f64 {
     let num: f64 = got.iter().zip(want).map(|(g, w)| (g - w).powi(2)).sum();
     let den: f64 = want.iter().map(|w| w * w).sum();
     (num / den.max(1e-300)).sqrt()
+}
+
+/// Tolerances of a layer against a fixture, relative Frobenius errors (0: exact).
+pub struct Tolerances {
+    pub forward: f64,
+    pub backward: f64,
+}
+
+/// The reference reproduces PyTorch's float64 autograd up to float64 rounding.
+pub const REFERENCE_TOL: f64 = 1e-12;
+
+/// Builds the fixture's op as a layer through the registry (its attributes are
+/// `model.json`'s) and checks it against PyTorch: the f64 reference forward and
+/// backward to [`REFERENCE_TOL`], the GPU forward and the backward of the stack of `V`
+/// backpropagated vectors to `tol`. Parameters come from the fixture by their suffix
+/// (`weight`, `bias`, `running_mean`, `running_var`). Returns the GPU results
+/// `(output, input gradients)` for op-specific checks, or `None` without a GPU.
+pub fn check_layer(f: &OpFixture, tol: Tolerances) -> Option<(Vec<f64>, Vec<Vec<f64>>)> {
+    use ekfac::layers::{BackwardArgs, ForwardArgs, Pass};
+
+    let names = f.input_names();
+    let inputs: Vec<(Vec<f64>, Vec<usize>)> = names.iter().map(|n| f.get(n)).collect();
+    let batch = inputs[0].1[0];
+    let example_shapes: Vec<&[usize]> = inputs.iter().map(|(_, s)| &s[1..]).collect();
+    let attrs = f.attrs.as_object().cloned().unwrap_or_default();
+    let node = ekfac::graph::Node::new(&f.name, &f.op, names.clone(), attrs);
+    let layer =
+        ekfac::layers::build(&node, &example_shapes).unwrap_or_else(|e| panic!("{}: {e}", f.name));
+    let (output, out_shape) = f.get("output");
+    assert_eq!(
+        layer.output_shape(),
+        &out_shape[1..],
+        "{}: output shape",
+        f.name
+    );
+    let specs = layer.params();
+    let params: Vec<Vec<f64>> = specs
+        .iter()
+        .map(|spec| {
+            let (v, shape) = f.get(spec.suffix);
+            assert_eq!(shape, spec.shape, "{}: {}", f.name, spec.suffix);
+            v
+        })
+        .collect();
+    let want_grads: Vec<Vec<f64>> = names
+        .iter()
+        .map(|n| f.values(&format!("grad_{n}")))
+        .collect();
+    let grad_out = f.values("grad_output");
+    let all = vec![true; names.len()];
+
+    let x64: Vec<&[f64]> = inputs.iter().map(|(v, _)| &v[..]).collect();
+    let y = layer.reference_forward(&ForwardArgs {
+        batch,
+        inputs: &x64,
+        params: &params,
+    });
+    let e = rel_err64(&y, &output);
+    assert!(
+        e < REFERENCE_TOL,
+        "{}: reference forward error {e:e}",
+        f.name
+    );
+    let grads = layer.reference_backward(&BackwardArgs {
+        stack: f.vectors,
+        batch,
+        grad_out: &grad_out,
+        inputs: &x64,
+        output: &y,
+        params: &params,
+        input_grads: &all,
+        param_grads: false,
+    });
+    for ((name, got), want) in names.iter().zip(&grads.inputs).zip(&want_grads) {
+        let e = rel_err64(got.as_ref().expect("input gradient"), want);
+        assert!(
+            e < REFERENCE_TOL,
+            "{}: reference grad_{name} error {e:e}",
+            f.name
+        );
+    }
+
+    let ctx = super::common::gpu()?;
+    let xs: Vec<_> = names
+        .iter()
+        .zip(&inputs)
+        .map(|(n, (_, s))| ctx.upload(&f.f32(n), s).unwrap())
+        .collect();
+    let ps: Vec<_> = specs
+        .iter()
+        .map(|spec| ctx.upload(&f.f32(spec.suffix), &spec.shape).unwrap())
+        .collect();
+    let g = ctx
+        .upload(&f.f32("grad_output"), &f.stacked(&out_shape))
+        .unwrap();
+    let x_refs: Vec<&ekfac::gpu::GpuTensor> = xs.iter().collect();
+    let mut pass = Pass::new(&ctx);
+    let y = layer
+        .forward(
+            &mut pass,
+            &ForwardArgs {
+                batch,
+                inputs: &x_refs,
+                params: &ps,
+            },
+        )
+        .unwrap();
+    let grads = layer
+        .backward(
+            &mut pass,
+            &BackwardArgs {
+                stack: f.vectors,
+                batch,
+                grad_out: &g,
+                inputs: &x_refs,
+                output: &y,
+                params: &ps,
+                input_grads: &all,
+                param_grads: false,
+            },
+        )
+        .unwrap();
+    pass.submit().unwrap();
+    let read = |t: &ekfac::gpu::GpuTensor| -> Vec<f64> {
+        ctx.read(t).unwrap().into_iter().map(f64::from).collect()
+    };
+    let y = read(&y);
+    let e = rel_err64(&y, &output);
+    assert!(e <= tol.forward, "{}: GPU forward error {e:e}", f.name);
+    let mut got_grads = Vec::new();
+    for ((name, got), want) in names.iter().zip(&grads.inputs).zip(&want_grads) {
+        let got = read(got.as_ref().expect("input gradient"));
+        let e = rel_err64(&got, want);
+        assert!(e <= tol.backward, "{}: GPU grad_{name} error {e:e}", f.name);
+        got_grads.push(got);
+    }
+    Some((y, got_grads))
 }
