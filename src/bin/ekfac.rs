@@ -9,7 +9,8 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand};
 
 use ekfac::Result;
-use ekfac::curvature::fit::fit_from;
+use ekfac::curvature::eigen::JacobiSolver;
+use ekfac::curvature::fit::{FitRun, fit_run};
 use ekfac::curvature::operator::{Approximation, Operator, Transform};
 use ekfac::curvature::options::{
     DampingMode, FisherType, KfacApprox, LossKind, Options, Reduction,
@@ -23,6 +24,7 @@ use ekfac::graph::Model;
 use ekfac::io::Outputs;
 use ekfac::model::TensorFile;
 use ekfac::model::data::Dataset;
+use ekfac::progress::{Console, ConsoleMode};
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +37,9 @@ use ekfac::model::data::Dataset;
                   reference."
 )]
 struct Cli {
+    /// Print nothing on success (no progress, no summary); errors still print.
+    #[arg(long, global = true)]
+    quiet: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -143,11 +148,18 @@ struct ApplyArgs {
 }
 
 fn main() -> ExitCode {
+    // SAFETY: no other thread exists yet.
+    unsafe { ekfac::progress::quiet_headless_vulkan() };
     let cli = Cli::parse();
     remove_temporaries_on_signals();
+    let console = Console::new(ConsoleMode::detect(cli.quiet));
+    let quiet = cli.quiet;
     let result = match cli.command {
-        None => main_job(),
+        None => main_job(quiet),
         Some(Command::Info) => GpuContext::new().map(|ctx| {
+            if quiet {
+                return;
+            }
             println!(
                 "{}\nlargest Kronecker factor: {} × {} (Jacobi in up to three storage \
                  bindings)\nmemory budget: {} bytes",
@@ -157,7 +169,7 @@ fn main() -> ExitCode {
                 ctx.memory_budget()
             )
         }),
-        Some(Command::Fit(args)) => run_fit(&args),
+        Some(Command::Fit(args)) => run_fit(&args, &console, quiet),
         Some(Command::Apply(args)) => run_apply(&args),
     };
     match result {
@@ -194,7 +206,7 @@ fn check_damping(damping: f64) -> Result<()> {
     Ok(())
 }
 
-fn run_fit(args: &FitArgs) -> Result<()> {
+fn run_fit(args: &FitArgs, console: &Console, quiet: bool) -> Result<()> {
     let start = Instant::now();
     let options = Options {
         loss: args.loss,
@@ -252,23 +264,15 @@ fn run_fit(args: &FitArgs) -> Result<()> {
         check_eigenvectors(&ctx, state, &path.display().to_string())?;
     }
     let load_ms = ms(start);
-    let mut fitted = fit_from(
-        &ctx,
-        &model,
-        &data,
-        &options,
-        Some(args.damping),
-        previous.as_ref(),
-    )?;
+    let run = FitRun {
+        damping: Some(args.damping),
+        previous: previous.as_ref(),
+        solver: &JacobiSolver::default(),
+        progress: console,
+    };
+    let mut fitted = fit_run(&ctx, &model, &data, &options, &run)?;
     if args.check_deterministic {
-        let again = fit_from(
-            &ctx,
-            &model,
-            &data,
-            &options,
-            Some(args.damping),
-            previous.as_ref(),
-        )?;
+        let again = fit_run(&ctx, &model, &data, &options, &run)?;
         if again.state != fitted.state {
             return Err(Error::gpu(
                 "--check-deterministic",
@@ -298,7 +302,10 @@ fn run_fit(args: &FitArgs) -> Result<()> {
     }
     stall_for_tests();
     out.commit()?;
-    print!("{}", summary.render());
+    if !quiet {
+        print!("{}", summary.render());
+        println!("wrote {}", written(&outputs));
+    }
     Ok(())
 }
 
@@ -404,8 +411,19 @@ fn remove_temporaries_on_signals() {
     });
 }
 
-fn main_job() -> Result<()> {
+fn main_job(quiet: bool) -> Result<()> {
     let report = ekfac::demo::run_digits()?;
-    print!("{report}");
+    if !quiet {
+        print!("{report}");
+    }
     Ok(())
+}
+
+/// The output paths, for the closing "wrote …" line.
+fn written(outputs: &[(&str, &std::path::Path)]) -> String {
+    outputs
+        .iter()
+        .map(|(_, p)| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -16,6 +16,7 @@ use crate::loss::gpu::{GpuTargets, record_backprop_vectors};
 use crate::loss::{Targets, check_targets};
 use crate::model::data::{Dataset, TargetsSlice};
 use crate::ops::reduce::{append_ones_column, copy};
+use crate::progress::{Event, Progress, Stage};
 
 /// One pass over the data: work on each batch's layer inputs, then on each chunk of
 /// its output gradients.
@@ -25,6 +26,12 @@ pub(super) trait BatchStage {
 
     /// What the GPU is waiting for, for errors.
     const WORK: &'static str;
+
+    /// The stage this pass reports its batches as.
+    const STAGE: Stage;
+
+    /// Where this pass reports its progress.
+    fn progress(&self) -> &dyn Progress;
 
     /// Records the work on the layer inputs of a batch of `batch` examples.
     fn inputs(
@@ -46,7 +53,8 @@ pub(super) trait BatchStage {
     ) -> Result<()>;
 }
 
-/// Runs `stage` over every batch of `data`.
+/// Runs `stage` over every batch of `data`, reporting each batch to
+/// [`BatchStage::progress`] (an `Advanced` event between `Started` and `Finished`).
 pub(super) fn for_each_batch<S: BatchStage>(
     ctx: &GpuContext,
     network: &Network,
@@ -61,7 +69,12 @@ pub(super) fn for_each_batch<S: BatchStage>(
         .iter()
         .map(|layer| LayerRows::new(network.graph(), layout, layer))
         .collect();
-    for start in (0..data.len).step_by(chunks.examples) {
+    let total = data.len.div_ceil(chunks.examples);
+    stage.progress().report(&Event::Started {
+        stage: S::STAGE,
+        total,
+    });
+    for (done, start) in (0..data.len).step_by(chunks.examples).enumerate() {
         let len = chunks.examples.min(data.len - start);
         let batch = run_batch(ctx, network, data, options, start, len)?;
         let mut pass = Pass::new(ctx);
@@ -75,7 +88,17 @@ pub(super) fn for_each_batch<S: BatchStage>(
         })?;
         ctx.wait(S::WORK)?;
         drop(inputs);
+        stage.progress().report(&Event::Advanced {
+            stage: S::STAGE,
+            done: done + 1,
+            total,
+            examples: start + len,
+            sweeps: None,
+        });
     }
+    stage
+        .progress()
+        .report(&Event::Finished { stage: S::STAGE });
     Ok(())
 }
 

@@ -16,6 +16,7 @@ use crate::model::data::Dataset;
 use crate::ops::eigencorrect::{correct_shared, square_sum_stack};
 use crate::ops::gemm::{Gemm, gemm};
 use crate::ops::reduce::{Sum, square, sum_rows};
+use crate::progress::{Progress, Stage};
 
 /// The eigenbases of one layer: host copies (for the state) and GPU copies (for the
 /// correction pass). `gradient.1` is `None` for forward-only's identity `G`.
@@ -25,6 +26,7 @@ pub(super) struct LayerBasis {
 }
 
 /// EKFAC's corrected eigenvalues of every block of `layout`, `[d_out, D]` each.
+#[allow(clippy::too_many_arguments)] // the factor pass's arguments, the bases and progress
 pub(super) fn correction_pass(
     ctx: &GpuContext,
     network: &Network,
@@ -33,6 +35,7 @@ pub(super) fn correction_pass(
     layout: &ParamLayout,
     bases: &[LayerBasis],
     chunks: Chunking,
+    progress: &dyn Progress,
 ) -> Result<Vec<Vec<f32>>> {
     let corrected = layout
         .blocks
@@ -40,6 +43,7 @@ pub(super) fn correction_pass(
         .map(|b| ctx.zeros(&[b.d_out, b.d_in]))
         .collect::<Result<Vec<_>>>()?;
     let mut stage = Correction {
+        progress,
         layout,
         bases,
         corrected,
@@ -49,6 +53,7 @@ pub(super) fn correction_pass(
 }
 
 struct Correction<'a> {
+    progress: &'a dyn Progress,
     layout: &'a ParamLayout,
     bases: &'a [LayerBasis],
     /// `Λ` per block.
@@ -59,7 +64,12 @@ impl BatchStage for Correction<'_> {
     /// Per layer, the rotated expand-format inputs `x̃ = ã Q_A` `[B·S, D]`, squared for
     /// layers without weight sharing.
     type Inputs = Vec<Option<GpuTensor>>;
+    const STAGE: Stage = Stage::Correction;
     const WORK: &'static str = "correcting eigenvalues";
+
+    fn progress(&self) -> &dyn Progress {
+        self.progress
+    }
 
     fn inputs(
         &mut self,

@@ -9,6 +9,7 @@ use crate::error::Result;
 use crate::gpu::{GpuContext, GpuTensor};
 use crate::ops::jacobi::{JacobiOptions, JacobiPath, eigh};
 use crate::ops::reduce::copy;
+use crate::progress::{Event, Progress, Stage, Sweeps};
 
 /// A symmetric Kronecker factor to eigendecompose.
 #[derive(Clone, Copy, Debug)]
@@ -37,10 +38,13 @@ pub trait EigenSolver {
     /// The eigendecomposition `F = Q diag(λ) Qᵀ` of every factor, in the order given:
     /// eigenvalues ascending, the eigenbasis `Q` (`[n, n]`, row-major, column `j` the
     /// unit eigenvector of `λ_j`) both on the host ([`FactorEigen`]) and as a GPU tensor.
+    /// Reports [`Stage::Eigendecomposition`] `Advanced` events to `progress` as factors
+    /// are done (the caller reports `Started` and `Finished`).
     fn eigendecompose(
         &self,
         ctx: &GpuContext,
         factors: &[Factor],
+        progress: &dyn Progress,
     ) -> Result<Vec<(FactorEigen, GpuTensor)>>;
 }
 
@@ -83,6 +87,7 @@ impl EigenSolver for JacobiSolver {
         &self,
         ctx: &GpuContext,
         factors: &[Factor],
+        progress: &dyn Progress,
     ) -> Result<Vec<(FactorEigen, GpuTensor)>> {
         // Groups by (n, warm), in order of first appearance.
         let mut groups: Vec<((usize, bool), Vec<usize>)> = Vec::new();
@@ -98,8 +103,15 @@ impl EigenSolver for JacobiSolver {
         for ((n, warm), members) in groups {
             for stack in members.chunks((limit / (n * n).max(1)).max(1)) {
                 let stacked: Vec<Factor> = stack.iter().map(|&i| factors[i]).collect();
-                let decomposed = self.eigendecompose_stack(ctx, n, warm, &stacked)?;
+                let (decomposed, sweeps) = self.eigendecompose_stack(ctx, n, warm, &stacked)?;
                 results.extend(stack.iter().copied().zip(decomposed));
+                progress.report(&Event::Advanced {
+                    stage: Stage::Eigendecomposition,
+                    done: results.len(),
+                    total: factors.len(),
+                    examples: 0,
+                    sweeps: Some(sweeps),
+                });
             }
         }
         results.sort_by_key(|(i, _)| *i);
@@ -109,14 +121,14 @@ impl EigenSolver for JacobiSolver {
 
 impl JacobiSolver {
     /// One batched [`eigh`] of `k` factors of size `n` (with their warm starts when
-    /// `warm`).
+    /// `warm`), and its sweeps.
     fn eigendecompose_stack(
         &self,
         ctx: &GpuContext,
         n: usize,
         warm: bool,
         factors: &[Factor],
-    ) -> Result<Vec<(FactorEigen, GpuTensor)>> {
+    ) -> Result<(Vec<(FactorEigen, GpuTensor)>, Sweeps)> {
         let k = factors.len();
         let nn = n * n;
         let stacked;
@@ -155,8 +167,15 @@ impl JacobiSolver {
         )?;
         let values = ctx.read(&eigen.values)?;
         let vectors = ctx.read(&eigen.vectors)?;
+        let sweeps = Sweeps {
+            sweeps: eigen.sweeps,
+            off_diagonal: f64::from(eigen.off_diagonal),
+        };
         if k == 1 {
-            return Ok(vec![(FactorEigen { values, vectors }, eigen.vectors)]);
+            return Ok((
+                vec![(FactorEigen { values, vectors }, eigen.vectors)],
+                sweeps,
+            ));
         }
         // Each factor's basis as its own GPU tensor, copied on the GPU.
         let mut rec = ctx.recorder();
@@ -171,6 +190,6 @@ impl JacobiSolver {
             out.push((eigen, basis));
         }
         rec.submit()?;
-        Ok(out)
+        Ok((out, sweeps))
     }
 }

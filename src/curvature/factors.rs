@@ -14,6 +14,7 @@ use crate::graph::{Backward, Network};
 use crate::layers::Pass;
 use crate::model::data::Dataset;
 use crate::ops::gemm::{Gemm, gemm};
+use crate::progress::{Progress, Stage};
 
 /// The factor accumulators of one curvature layer.
 pub(super) struct LayerAccumulators {
@@ -31,6 +32,7 @@ pub(super) fn factor_pass(
     options: &Options,
     layout: &ParamLayout,
     chunks: Chunking,
+    progress: &dyn Progress,
 ) -> Result<Vec<LayerAccumulators>> {
     let accumulators = layout
         .layers
@@ -46,6 +48,7 @@ pub(super) fn factor_pass(
         })
         .collect::<Result<Vec<_>>>()?;
     let mut stage = Factors {
+        progress,
         accumulators,
         approx: options.approx,
         num_data: data.len as f64,
@@ -54,15 +57,21 @@ pub(super) fn factor_pass(
     Ok(stage.accumulators)
 }
 
-struct Factors {
+struct Factors<'a> {
+    progress: &'a dyn Progress,
     accumulators: Vec<LayerAccumulators>,
     approx: KfacApprox,
     num_data: f64,
 }
 
-impl BatchStage for Factors {
+impl BatchStage for Factors<'_> {
     type Inputs = ();
+    const STAGE: Stage = Stage::Factors;
     const WORK: &'static str = "accumulating Kronecker factors";
+
+    fn progress(&self) -> &dyn Progress {
+        self.progress
+    }
 
     fn inputs(&mut self, pass: &mut Pass, layers: &[LayerRows], batch: &BatchPass) -> Result<()> {
         for (rows, acc) in layers.iter().zip(&self.accumulators) {

@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
 use crate::graph::{Model, Network};
 use crate::model::data::Dataset;
+use crate::progress::{Event, Progress, Silent, Stage};
 
 /// Wall-clock milliseconds of the phases of a fit.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq)]
@@ -123,6 +124,44 @@ pub fn fit_with(
     previous: Option<&CurvatureState>,
     solver: &dyn EigenSolver,
 ) -> Result<Fitted> {
+    let run = FitRun {
+        damping,
+        previous,
+        solver,
+        progress: &Silent,
+    };
+    fit_run(ctx, model, data, options, &run)
+}
+
+/// How a fit runs, besides the [`Options`] that determine what it computes.
+pub struct FitRun<'a> {
+    /// Recorded in the state as the default damping of inverse products.
+    pub damping: Option<f64>,
+    /// A state to warm-start the eigendecompositions from (see [`fit_from`]).
+    pub previous: Option<&'a CurvatureState>,
+    /// The eigensolver of the factors (e.g. [`JacobiSolver`]).
+    pub solver: &'a dyn EigenSolver,
+    /// Receives the progress of each stage: [`Stage::Factors`] (batches),
+    /// [`Stage::Eigendecomposition`] (factors), [`Stage::Correction`] (batches; not for
+    /// forward-only), each `Started`, `Advanced` per unit, `Finished`.
+    pub progress: &'a dyn Progress,
+}
+
+/// The fit of [`fit_with`] with everything that shapes the run in `run`, progress
+/// included.
+pub fn fit_run(
+    ctx: &GpuContext,
+    model: &Model,
+    data: &Dataset,
+    options: &Options,
+    run: &FitRun,
+) -> Result<Fitted> {
+    let FitRun {
+        damping,
+        previous,
+        solver,
+        progress,
+    } = *run;
     options.validate()?;
     let layout = ParamLayout::from_options(model, options)?;
     data.check(&model.graph, options.loss == LossKind::CrossEntropy)?;
@@ -144,7 +183,7 @@ pub fn fit_with(
         &layout,
         options.num_vectors(network.num_outputs()),
     )?;
-    let accumulators = factor_pass(ctx, &network, data, options, &layout, chunks)?;
+    let accumulators = factor_pass(ctx, &network, data, options, &layout, chunks, progress)?;
     crate::curvature::validate::check_factors_finite(
         ctx,
         layout
@@ -158,7 +197,7 @@ pub fn fit_with(
 
     let start = Instant::now();
     let phase = ctx.gpu_phase(EIGENDECOMPOSITION_PHASE);
-    let bases = eigenbases(ctx, solver, &layout, &accumulators, previous)?;
+    let bases = eigenbases(ctx, solver, &layout, &accumulators, previous, progress)?;
     drop(accumulators);
     timings.eigendecomposition = ms(start);
     drop(phase);
@@ -169,7 +208,7 @@ pub fn fit_with(
         None
     } else {
         Some(correction_pass(
-            ctx, &network, data, options, &layout, &bases, chunks,
+            ctx, &network, data, options, &layout, &bases, chunks, progress,
         )?)
     };
     timings.correction = ms(start);
@@ -230,6 +269,7 @@ fn eigenbases(
     layout: &ParamLayout,
     accumulators: &[LayerAccumulators],
     previous: Option<&CurvatureState>,
+    progress: &dyn Progress,
 ) -> Result<Vec<LayerBasis>> {
     // Every factor with its warm start, layer by layer: A (if any), then G (if any).
     let mut factors = Vec::new();
@@ -248,7 +288,14 @@ fn eigenbases(
             });
         }
     }
-    let mut decomposed = solver.eigendecompose(ctx, &factors)?.into_iter();
+    progress.report(&Event::Started {
+        stage: Stage::Eigendecomposition,
+        total: factors.len(),
+    });
+    let mut decomposed = solver.eigendecompose(ctx, &factors, progress)?.into_iter();
+    progress.report(&Event::Finished {
+        stage: Stage::Eigendecomposition,
+    });
     let mut next = || {
         decomposed
             .next()
