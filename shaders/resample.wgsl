@@ -16,7 +16,7 @@
 // grid_1d(ceil(n / 256)) workgroups of 256. Backward passes gather in increasing
 // output order, so results are deterministic and need no atomics.
 
-struct Params {
+struct ResampleParams {
     planes: u32,
     h: u32,
     w: u32,
@@ -26,7 +26,7 @@ struct Params {
 
 @group(0) @binding(0) var<storage, read> src: array<f32>;
 @group(0) @binding(1) var<storage, read_write> dst: array<f32>;
-@group(0) @binding(2) var<storage, read> params: Params;
+@group(0) @binding(2) var<storage, read> params: ResampleParams;
 
 fn flat(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.x + wid.y * nwg.x) * 256u + lid;

@@ -11,9 +11,12 @@
 mod common;
 
 use common::TestRng;
+use ekfac::curvature::eigen::{EigenSolver, Factor, JacobiSolver};
+use ekfac::curvature::state::FactorEigen;
 use ekfac::error::Error;
 use ekfac::gpu::GpuContext;
 use ekfac::ops::jacobi::{Eigen, JacobiOptions, JacobiPath, eigh, eigh_each};
+use ekfac::progress::Silent;
 use faer::{Mat, Side};
 
 /// The kinds of spectra the tests use.
@@ -488,6 +491,65 @@ fn factors_of_different_sizes_in_one_call() {
         );
         acc.assert_within(1e-5, 1e-4, &format!("eigh_each n={n}"));
     }
+}
+
+/// [`JacobiSolver`] through the [`EigenSolver`] seam on factors of two sizes given
+/// interleaved, one with a warm start of its size and one with a warm start of another
+/// size (ignored): each result belongs to its own factor, in the order given, and its
+/// GPU eigenbasis equals the host copy.
+fn check_solver(ctx: &GpuContext, sizes: &[usize], what: &str) {
+    let mut rng = TestRng::new(12);
+    let matrices: Vec<Vec<f32>> = sizes
+        .iter()
+        .map(|&n| test_matrix(n, Spectrum::Spread, &mut rng))
+        .collect();
+    let tensors: Vec<_> = matrices
+        .iter()
+        .zip(sizes)
+        .map(|(m, &n)| ctx.upload(m, &[n, n]).unwrap())
+        .collect();
+    let identity = FactorEigen::identity(sizes[0]);
+    let factors: Vec<Factor> = tensors
+        .iter()
+        .enumerate()
+        .map(|(i, matrix)| Factor {
+            matrix,
+            warm_start: (i < 2).then_some(&identity),
+        })
+        .collect();
+    let results = JacobiSolver::default()
+        .eigendecompose(ctx, &factors, &Silent)
+        .unwrap();
+    assert_eq!(results.len(), sizes.len());
+    for (i, ((m, &n), (eigen, basis))) in matrices.iter().zip(sizes).zip(&results).enumerate() {
+        assert_eq!(basis.shape(), &[n, n], "{what}: factor {i}");
+        assert_eq!(
+            ctx.read(basis).unwrap(),
+            eigen.vectors,
+            "{what}: factor {i}"
+        );
+        accuracy(m, n, &eigen.values, &eigen.vectors).assert_within(
+            1e-5,
+            1e-4,
+            &format!("{what}: factor {i} (n = {n})"),
+        );
+    }
+}
+
+#[test]
+fn jacobi_solver_keeps_each_factor_its_result() {
+    let Some(ctx) = common::gpu() else { return };
+    check_solver(&ctx, &[5, 3, 5, 3, 5, 1], "stacked");
+}
+
+/// On a device whose storage bindings hold 16384 floats, the factors of size 100 are
+/// too large to stack two at a time: the stacks are cut.
+#[test]
+fn jacobi_solver_cuts_stacks_that_exceed_a_binding() {
+    let Some(ctx) = common::small_binding_gpu() else {
+        return;
+    };
+    check_solver(&ctx, &[100, 7, 100, 100, 7], "small bindings");
 }
 
 #[test]

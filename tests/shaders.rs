@@ -144,7 +144,7 @@ fn kernel_params_match_their_wgsl_structs() {
 
 /// Shaders whose wrappers still pass positional words (`Recorder::dispatch_words`),
 /// exempt from [`every_parameter_struct_has_a_rust_twin`] until converted.
-const POSITIONAL: &[&str] = &["loss", "norm", "combine", "resample"];
+const POSITIONAL: &[&str] = &["loss"];
 
 /// Every struct a kernel reads its parameters from (a read-only storage variable of a
 /// struct type) is one of [`ekfac::ops::all_params`].

@@ -20,9 +20,11 @@ pub mod batch_norm;
 pub mod cat;
 pub mod conv2d;
 pub mod flatten;
+pub mod gelu;
 pub mod layer_norm;
 pub mod linear;
 pub mod pool;
+pub mod silu;
 pub mod upsample;
 
 use std::any::Any;
@@ -206,6 +208,8 @@ pub static REGISTRY: &[(&str, Constructor)] = &[
     ("cat", cat::build),
     ("layer_norm", layer_norm::build),
     ("upsample_nearest2d", upsample::build),
+    ("gelu", gelu::build),
+    ("silu", silu::build),
 ];
 
 /// Builds `node`'s layer through [`REGISTRY`].

@@ -6,6 +6,27 @@
 use super::check::{expect_len, expect_u32, grid};
 use crate::error::{Error, Result};
 use crate::gpu::{GpuTensor, Kernel, Recorder};
+use crate::kernel_params;
+
+kernel_params! {
+    /// `add`: `len` elements.
+    pub struct LenParams {
+        len: u32,
+    }
+}
+
+kernel_params! {
+    /// `copy_slab`: `outer` slabs of `inner` elements,
+    /// `dst[o·dst_stride + dst_offset + j] = src[o·src_stride + src_offset + j]`.
+    pub struct SlabParams {
+        outer: u32,
+        inner: u32,
+        src_stride: u32,
+        src_offset: u32,
+        dst_stride: u32,
+        dst_offset: u32,
+    }
+}
 
 /// Records `y = a + b` (elementwise, any shape; all three have the same length).
 pub fn add(rec: &mut Recorder, a: &GpuTensor, b: &GpuTensor, y: &GpuTensor) -> Result<()> {
@@ -13,11 +34,13 @@ pub fn add(rec: &mut Recorder, a: &GpuTensor, b: &GpuTensor, y: &GpuTensor) -> R
     expect_len(op, "b", b, a.len())?;
     expect_len(op, "y", y, a.len())?;
     expect_u32(op, &[a.len()])?;
-    rec.dispatch_words(
+    rec.dispatch(
         &Kernel::new(&super::COMBINE, "add"),
         &[a, b],
         &[y],
-        &[a.len() as u32],
+        &LenParams {
+            len: a.len() as u32,
+        },
         grid(a.len()),
     )
 }
@@ -85,12 +108,20 @@ pub fn cat_forward(
 ) -> Result<()> {
     let layout = slabs("cat forward", "y", y, inputs, axis)?;
     for (x, [outer, part, whole, offset]) in inputs.iter().zip(layout) {
-        let words = [outer, part, part, 0, whole, offset].map(|v| v as u32);
-        rec.dispatch_words(
+        let u = |v: usize| v as u32;
+        let slab = SlabParams {
+            outer: u(outer),
+            inner: u(part),
+            src_stride: u(part),
+            src_offset: 0,
+            dst_stride: u(whole),
+            dst_offset: u(offset),
+        };
+        rec.dispatch(
             &Kernel::new(&super::COMBINE, "copy_slab"),
             &[x],
             &[y],
-            &words,
+            &slab,
             grid(outer * part),
         )?;
     }
@@ -108,12 +139,20 @@ pub fn cat_backward(
 ) -> Result<()> {
     let layout = slabs("cat backward", "grad_out", grad_out, grads_in, axis)?;
     for (g, [outer, part, whole, offset]) in grads_in.iter().zip(layout) {
-        let words = [outer, part, whole, offset, part, 0].map(|v| v as u32);
-        rec.dispatch_words(
+        let u = |v: usize| v as u32;
+        let slab = SlabParams {
+            outer: u(outer),
+            inner: u(part),
+            src_stride: u(whole),
+            src_offset: u(offset),
+            dst_stride: u(part),
+            dst_offset: 0,
+        };
+        rec.dispatch(
             &Kernel::new(&super::COMBINE, "copy_slab"),
             &[grad_out],
             &[g],
-            &words,
+            &slab,
             grid(outer * part),
         )?;
     }

@@ -5,6 +5,7 @@ mod check;
 pub mod combine;
 pub mod conv;
 pub mod eigencorrect;
+pub mod gelu;
 pub mod gemm;
 pub mod im2col;
 pub mod jacobi;
@@ -14,6 +15,7 @@ pub mod norm;
 pub mod pool;
 pub mod reduce;
 pub mod resample;
+pub mod silu;
 
 use crate::gpu::{ParamsLayout, Shader};
 
@@ -21,6 +23,7 @@ pub(crate) static ACTIVATION: Shader = crate::shader!("activation");
 pub(crate) static COMBINE: Shader = crate::shader!("combine");
 pub(crate) static CONV: Shader = crate::shader!("conv");
 pub(crate) static EIGENCORRECT: Shader = crate::shader!("eigencorrect");
+pub(crate) static GELU: Shader = crate::shader!("gelu");
 pub(crate) static GEMM: Shader = crate::shader!("gemm");
 pub(crate) static IM2COL: Shader = crate::shader!("im2col");
 pub(crate) static JACOBI: Shader = crate::shader!("jacobi");
@@ -28,6 +31,7 @@ pub(crate) static NORM: Shader = crate::shader!("norm");
 pub(crate) static POOL: Shader = crate::shader!("pool");
 pub(crate) static REDUCE: Shader = crate::shader!("reduce");
 pub(crate) static RESAMPLE: Shader = crate::shader!("resample");
+pub(crate) static SILU: Shader = crate::shader!("silu");
 
 /// Every WGSL file of the crate, for validation tests.
 pub fn all_shaders() -> &'static [&'static Shader] {
@@ -39,6 +43,7 @@ static SHADERS: &[&Shader] = &[
     &COMBINE,
     &CONV,
     &EIGENCORRECT,
+    &GELU,
     &GEMM,
     &IM2COL,
     &JACOBI,
@@ -49,6 +54,7 @@ static SHADERS: &[&Shader] = &[
     &POOL,
     &REDUCE,
     &RESAMPLE,
+    &SILU,
 ];
 
 /// Every kernel parameter struct with the shader that declares its WGSL twin, for
@@ -57,10 +63,14 @@ pub fn all_params() -> Vec<ParamsLayout> {
     use ParamsLayout as L;
     vec![
         L::of::<activation::ActivationParams>(&ACTIVATION),
+        L::of::<combine::LenParams>(&COMBINE),
+        L::of::<combine::SlabParams>(&COMBINE),
         L::of::<conv::ConvParams>(&CONV),
         L::of::<eigencorrect::ScaleParams>(&EIGENCORRECT),
         L::of::<eigencorrect::StackParams>(&EIGENCORRECT),
         L::of::<eigencorrect::SharedParams>(&EIGENCORRECT),
+        L::of::<gelu::ElementwiseParams>(&GELU),
+        L::of::<gelu::StackedParams>(&GELU),
         L::of::<gemm::GemmParams>(&GEMM),
         L::of::<gemm::SplitKSumParams>(&GEMM),
         L::of::<gemm::GemvParams>(&GEMM),
@@ -72,6 +82,8 @@ pub fn all_params() -> Vec<ParamsLayout> {
         L::of::<jacobi::GlobalParams>(&JACOBI),
         L::of::<jacobi::CombineParams>(&JACOBI),
         L::of::<jacobi::BlockParams>(&JACOBI),
+        L::of::<norm::ChannelParams>(&NORM),
+        L::of::<norm::RowParams>(&NORM),
         L::of::<pool::PoolParams>(&POOL),
         L::of::<reduce::RangeParams>(&REDUCE),
         L::of::<reduce::DiagonalParams>(&REDUCE),
@@ -79,5 +91,8 @@ pub fn all_params() -> Vec<ParamsLayout> {
         L::of::<reduce::TransposeParams>(&REDUCE),
         L::of::<reduce::AppendParams>(&REDUCE),
         L::of::<reduce::SumParams>(&REDUCE),
+        L::of::<resample::ResampleParams>(&RESAMPLE),
+        L::of::<silu::ElementwiseParams>(&SILU),
+        L::of::<silu::StackedParams>(&SILU),
     ]
 }

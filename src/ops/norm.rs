@@ -8,6 +8,28 @@
 use super::check::{expect_len, expect_u32, grid};
 use crate::error::{Error, Result};
 use crate::gpu::{GpuTensor, Kernel, Recorder, grid_1d};
+use crate::kernel_params;
+
+kernel_params! {
+    /// The BatchNorm entry points: `len` elements of `[N, channels, spatial]`.
+    pub struct ChannelParams {
+        len: u32,
+        channels: u32,
+        spatial: u32,
+        eps: f32,
+    }
+}
+
+kernel_params! {
+    /// The LayerNorm entry points: `rows` rows of `d` elements written, read against
+    /// `x_rows` rows of the saved input (`rows = V·x_rows` in backward).
+    pub struct RowParams {
+        rows: u32,
+        x_rows: u32,
+        d: u32,
+        eps: f32,
+    }
+}
 
 /// BatchNorm's eval-mode parameters and buffers on the GPU, each `[C]`.
 pub struct BatchNormParams<'a> {
@@ -20,9 +42,9 @@ pub struct BatchNormParams<'a> {
 
 impl BatchNormParams<'_> {
     /// Checks every tensor has `C = running_mean.len()` elements and `t` (`[N, C,
-    /// ...]`) has `C` channels; returns the kernels' parameter words `[len, C, S, eps]`
-    /// (`S` the elements per channel and example: `H·W`, or 1 for `[N, C]`).
-    fn words(&self, op: &str, name: &str, t: &GpuTensor) -> Result<[u32; 4]> {
+    /// ...]`) has `C` channels; returns the kernels' parameters (`spatial`: the elements
+    /// per channel and example, `H·W`, or 1 for `[N, C]`).
+    fn kernel_params(&self, op: &str, name: &str, t: &GpuTensor) -> Result<ChannelParams> {
         let c = self.running_mean.len();
         expect_len(op, "running_var", self.running_var, c)?;
         if let Some((w, b)) = self.affine {
@@ -39,12 +61,12 @@ impl BatchNormParams<'_> {
         expect_u32(op, &[t.len()])?;
         check_eps(op, self.eps)?;
         let spatial: usize = shape[2..].iter().product();
-        Ok([
-            t.len() as u32,
-            c as u32,
-            spatial.max(1) as u32,
-            self.eps.to_bits(),
-        ])
+        Ok(ChannelParams {
+            len: t.len() as u32,
+            channels: c as u32,
+            spatial: spatial.max(1) as u32,
+            eps: self.eps,
+        })
     }
 }
 
@@ -67,22 +89,22 @@ pub fn batch_norm_forward(
     y: &GpuTensor,
 ) -> Result<()> {
     let op = "batch_norm forward";
-    let words = params.words(op, "x", x)?;
+    let kernel_params = params.kernel_params(op, "x", x)?;
     expect_len(op, "y", y, x.len())?;
     let (mean, var) = (params.running_mean, params.running_var);
     match params.affine {
-        Some((w, b)) => rec.dispatch_words(
+        Some((w, b)) => rec.dispatch(
             &Kernel::new(&super::NORM, "batch_norm_forward"),
             &[x, mean, var, w, b],
             &[y],
-            &words,
+            &kernel_params,
             grid(x.len()),
         ),
-        None => rec.dispatch_words(
+        None => rec.dispatch(
             &Kernel::new(&super::NORM, "batch_norm_forward_plain"),
             &[x, mean, var],
             &[y],
-            &words,
+            &kernel_params,
             grid(x.len()),
         ),
     }
@@ -98,21 +120,21 @@ pub fn batch_norm_backward(
     grad_in: &GpuTensor,
 ) -> Result<()> {
     let op = "batch_norm backward";
-    let words = params.words(op, "grad_out", grad_out)?;
+    let kernel_params = params.kernel_params(op, "grad_out", grad_out)?;
     expect_len(op, "grad_in", grad_in, grad_out.len())?;
     match params.affine {
-        Some((w, _)) => rec.dispatch_words(
+        Some((w, _)) => rec.dispatch(
             &Kernel::new(&super::NORM, "batch_norm_backward"),
             &[grad_out, w, params.running_var],
             &[grad_in],
-            &words,
+            &kernel_params,
             grid(grad_out.len()),
         ),
-        None => rec.dispatch_words(
+        None => rec.dispatch(
             &Kernel::new(&super::NORM, "batch_norm_backward_plain"),
             &[grad_out, params.running_var],
             &[grad_in],
-            &words,
+            &kernel_params,
             grid(grad_out.len()),
         ),
     }
@@ -133,7 +155,7 @@ fn rows(op: &str, x: &GpuTensor) -> Result<(usize, usize)> {
     Ok((x.len() / d, d))
 }
 
-fn row_words(op: &str, rows: usize, x_rows: usize, d: usize, eps: f32) -> Result<Vec<u32>> {
+fn row_params(op: &str, rows: usize, x_rows: usize, d: usize, eps: f32) -> Result<RowParams> {
     expect_u32(op, &[rows * d])?;
     if !(eps >= 0.0 && eps.is_finite()) {
         return Err(Error::gpu(
@@ -141,7 +163,12 @@ fn row_words(op: &str, rows: usize, x_rows: usize, d: usize, eps: f32) -> Result
             format!("eps must be finite and ≥ 0, got {eps}"),
         ));
     }
-    Ok(vec![rows as u32, x_rows as u32, d as u32, eps.to_bits()])
+    Ok(RowParams {
+        rows: rows as u32,
+        x_rows: x_rows as u32,
+        d: d as u32,
+        eps,
+    })
 }
 
 /// Records LayerNorm over the last dimension `D` of `x [..., D]`:
@@ -158,25 +185,25 @@ pub fn layer_norm_forward(
     let op = "layer_norm forward";
     let (rows, d) = rows(op, x)?;
     expect_len(op, "y", y, x.len())?;
-    let words = row_words(op, rows, rows, d, eps)?;
+    let kernel_params = row_params(op, rows, rows, d, eps)?;
     let workgroups = grid_1d(u32::try_from(rows).unwrap_or(u32::MAX));
     match affine {
         Some((weight, bias)) => {
             expect_len(op, "weight", weight, d)?;
             expect_len(op, "bias", bias, d)?;
-            rec.dispatch_words(
+            rec.dispatch(
                 &Kernel::new(&super::NORM, "layer_norm_forward"),
                 &[x, weight, bias],
                 &[y],
-                &words,
+                &kernel_params,
                 workgroups,
             )
         }
-        None => rec.dispatch_words(
+        None => rec.dispatch(
             &Kernel::new(&super::NORM, "layer_norm_forward_plain"),
             &[x],
             &[y],
-            &words,
+            &kernel_params,
             workgroups,
         ),
     }
@@ -209,24 +236,24 @@ pub fn layer_norm_backward(
     }
     expect_len(op, "grad_in", grad_in, grad_out.len())?;
     let rows = grad_out.len() / d;
-    let words = row_words(op, rows, x_rows, d, eps)?;
+    let kernel_params = row_params(op, rows, x_rows, d, eps)?;
     let workgroups = grid_1d(u32::try_from(rows).unwrap_or(u32::MAX));
     match weight {
         Some(weight) => {
             expect_len(op, "weight", weight, d)?;
-            rec.dispatch_words(
+            rec.dispatch(
                 &Kernel::new(&super::NORM, "layer_norm_backward"),
                 &[x, weight, grad_out],
                 &[grad_in],
-                &words,
+                &kernel_params,
                 workgroups,
             )
         }
-        None => rec.dispatch_words(
+        None => rec.dispatch(
             &Kernel::new(&super::NORM, "layer_norm_backward_plain"),
             &[x, grad_out],
             &[grad_in],
-            &words,
+            &kernel_params,
             workgroups,
         ),
     }

@@ -6,6 +6,19 @@
 use super::check::{expect_u32, grid};
 use crate::error::{Error, Result};
 use crate::gpu::{GpuTensor, Kernel, Recorder};
+use crate::kernel_params;
+
+kernel_params! {
+    /// Every entry point of `shaders/resample.wgsl`: `planes = N·C` planes, input
+    /// `h × w`, output `oh × ow`.
+    pub struct ResampleParams {
+        planes: u32,
+        h: u32,
+        w: u32,
+        oh: u32,
+        ow: u32,
+    }
+}
 
 /// `t`'s shape as `[N, C, H, W]`.
 fn nchw(op: &str, name: &str, t: &GpuTensor) -> Result<[usize; 4]> {
@@ -18,13 +31,12 @@ fn nchw(op: &str, name: &str, t: &GpuTensor) -> Result<[usize; 4]> {
 }
 
 /// Checks that `input` and `output` share `N` and `C` and have non-empty planes, and
-/// that every index fits 32 bits; returns the kernels' parameter words
-/// `[planes, H, W, OH, OW]`.
-fn plane_words(
+/// that every index fits 32 bits; returns the kernels' parameters.
+fn plane_params(
     op: &str,
     (input_name, input): (&str, &GpuTensor),
     (output_name, output): (&str, &GpuTensor),
-) -> Result<[u32; 5]> {
+) -> Result<ResampleParams> {
     let [n, c, h, w] = nchw(op, input_name, input)?;
     let [on, oc, oh, ow] = nchw(op, output_name, output)?;
     if (on, oc) != (n, c) || h * w == 0 || oh * ow == 0 {
@@ -40,16 +52,21 @@ fn plane_words(
     }
     // The adaptive windows compute (o + 1)·H along each axis.
     expect_u32(op, &[input.len(), output.len(), (oh + 1) * h, (ow + 1) * w])?;
-    Ok([n * c, h, w, oh, ow].map(|v| v as u32))
+    let u = |v: usize| v as u32;
+    Ok(ResampleParams {
+        planes: u(n * c),
+        h: u(h),
+        w: u(w),
+        oh: u(oh),
+        ow: u(ow),
+    })
 }
 
-/// Errors unless `out_plane` is `in_plane` scaled by `factor` (each factor ≥ 1).
-fn expect_scaled(
-    op: &str,
-    in_plane: [usize; 2],
-    factor: [usize; 2],
-    out_plane: [usize; 2],
-) -> Result<()> {
+/// Errors unless the output plane of `p` is its input plane scaled by `factor` (each
+/// factor ≥ 1).
+fn expect_scaled(op: &str, p: &ResampleParams, factor: [usize; 2]) -> Result<()> {
+    let in_plane = [p.h as usize, p.w as usize];
+    let out_plane = [p.oh as usize, p.ow as usize];
     let want = [in_plane[0] * factor[0], in_plane[1] * factor[1]];
     if factor.contains(&0) || out_plane != want {
         return Err(Error::gpu(
@@ -72,14 +89,13 @@ pub fn upsample_nearest2d_forward(
     y: &GpuTensor,
 ) -> Result<()> {
     let op = "upsample_nearest2d forward";
-    let words = plane_words(op, ("x", x), ("y", y))?;
-    let [_, h, w, oh, ow] = words.map(|v| v as usize);
-    expect_scaled(op, [h, w], factor, [oh, ow])?;
-    rec.dispatch_words(
+    let p = plane_params(op, ("x", x), ("y", y))?;
+    expect_scaled(op, &p, factor)?;
+    rec.dispatch(
         &Kernel::new(&super::RESAMPLE, "upsample_nearest_forward"),
         &[x],
         &[y],
-        &words,
+        &p,
         grid(y.len()),
     )
 }
@@ -94,14 +110,13 @@ pub fn upsample_nearest2d_backward(
     grad_in: &GpuTensor,
 ) -> Result<()> {
     let op = "upsample_nearest2d backward";
-    let words = plane_words(op, ("grad_in", grad_in), ("grad_out", grad_out))?;
-    let [_, h, w, oh, ow] = words.map(|v| v as usize);
-    expect_scaled(op, [h, w], factor, [oh, ow])?;
-    rec.dispatch_words(
+    let p = plane_params(op, ("grad_in", grad_in), ("grad_out", grad_out))?;
+    expect_scaled(op, &p, factor)?;
+    rec.dispatch(
         &Kernel::new(&super::RESAMPLE, "upsample_nearest_backward"),
         &[grad_out],
         &[grad_in],
-        &words,
+        &p,
         grid(grad_in.len()),
     )
 }
@@ -111,12 +126,12 @@ pub fn upsample_nearest2d_backward(
 /// ⌈(oh+1)·H/OH⌉` and the columns likewise (PyTorch's windows; any `OH, OW ≥ 1`,
 /// larger than the input too).
 pub fn adaptive_avg_pool2d_forward(rec: &mut Recorder, x: &GpuTensor, y: &GpuTensor) -> Result<()> {
-    let words = plane_words("adaptive_avg_pool2d forward", ("x", x), ("y", y))?;
-    rec.dispatch_words(
+    let p = plane_params("adaptive_avg_pool2d forward", ("x", x), ("y", y))?;
+    rec.dispatch(
         &Kernel::new(&super::RESAMPLE, "adaptive_avg_pool_forward"),
         &[x],
         &[y],
-        &words,
+        &p,
         grid(y.len()),
     )
 }
@@ -129,16 +144,16 @@ pub fn adaptive_avg_pool2d_backward(
     grad_out: &GpuTensor,
     grad_in: &GpuTensor,
 ) -> Result<()> {
-    let words = plane_words(
+    let p = plane_params(
         "adaptive_avg_pool2d backward",
         ("grad_in", grad_in),
         ("grad_out", grad_out),
     )?;
-    rec.dispatch_words(
+    rec.dispatch(
         &Kernel::new(&super::RESAMPLE, "adaptive_avg_pool_backward"),
         &[grad_out],
         &[grad_in],
-        &words,
+        &p,
         grid(grad_in.len()),
     )
 }

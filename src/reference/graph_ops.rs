@@ -1,7 +1,7 @@
 //! The f64 reference of the graph ops that only shape the forward and backward pass:
-//! BatchNorm in eval mode, LayerNorm, `add`, `cat`, nearest upsampling and adaptive
-//! average pooling. Forward functions and input vector–Jacobian products, written
-//! plainly (no GPU code).
+//! BatchNorm in eval mode, LayerNorm, `add`, `cat`, nearest upsampling, adaptive
+//! average pooling, GELU and SiLU. Forward functions and input vector–Jacobian
+//! products, written plainly (no GPU code).
 //!
 //! Tensors are flat, row-major `[f64]` with their shapes passed alongside; images are
 //! NCHW. Backward functions take a stack of `V` output gradients as a batch of `V·B`
@@ -290,4 +290,99 @@ pub fn adaptive_avg_pool2d_backward(
         }
     }
     grad_in
+}
+
+/// `Φ(v)`, the standard normal CDF, accurate in both tails: `erfc(−v/√2)/2`.
+fn normal_cdf(v: f64) -> f64 {
+    0.5 * libm::erfc(-v * std::f64::consts::FRAC_1_SQRT_2)
+}
+
+/// `√(2/π)`, the tanh form's scale.
+const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+
+/// The tanh form's `(1 + tanh(u))/2 = σ(2u)` with `u = √(2/π)(v + 0.044715v³)`, and
+/// its derivative in `v`, without cancellation in either tail.
+fn tanh_cdf(v: f64) -> (f64, f64) {
+    let two_u = 2.0 * SQRT_2_OVER_PI * (v + 0.044715 * v.powi(3));
+    let e = (-two_u.abs()).exp();
+    let s = if two_u >= 0.0 {
+        1.0 / (1.0 + e)
+    } else {
+        e / (1.0 + e)
+    };
+    // σ′ = e/(1 + e)²; where e underflows the cubic may have overflowed: σ′ is 0.
+    let ds = if e == 0.0 {
+        0.0
+    } else {
+        e / (1.0 + e).powi(2) * 2.0 * SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * v * v)
+    };
+    (s, ds)
+}
+
+/// GELU, `x·Φ(x)` elementwise (PyTorch's `approximate="none"`), or its tanh form
+/// `x·(1 + tanh(√(2/π)(x + 0.044715x³)))/2` with `tanh_form`.
+pub fn gelu_forward(x: &[f64], tanh_form: bool) -> Vec<f64> {
+    x.iter()
+        .map(|&v| {
+            v * if tanh_form {
+                tanh_cdf(v).0
+            } else {
+                normal_cdf(v)
+            }
+        })
+        .collect()
+}
+
+/// GELU's input gradient for a stack of output gradients: `x` the forward input,
+/// `grad_out` `V` times as long (`V`-major). The exact form's derivative is
+/// `Φ(x) + x·φ(x)`.
+pub fn gelu_backward(x: &[f64], grad_out: &[f64], tanh_form: bool) -> Vec<f64> {
+    stacked_elementwise(x, grad_out, |v| {
+        if tanh_form {
+            let (s, ds) = tanh_cdf(v);
+            s + v * ds
+        } else {
+            let pdf = (-0.5 * v * v).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            normal_cdf(v) + v * pdf
+        }
+    })
+}
+
+/// `grad_out[i]·derivative(x[i mod len(x)])`: a stack of gradients through an
+/// elementwise function of the saved input `x`.
+fn stacked_elementwise(x: &[f64], grad_out: &[f64], derivative: impl Fn(f64) -> f64) -> Vec<f64> {
+    assert!(
+        !x.is_empty() && grad_out.len().is_multiple_of(x.len()),
+        "grad_out must stack gradients shaped like x"
+    );
+    let d: Vec<f64> = x.iter().map(|&v| derivative(v)).collect();
+    grad_out
+        .iter()
+        .zip(d.iter().cycle())
+        .map(|(g, d)| g * d)
+        .collect()
+}
+
+/// `σ(v) = 1/(1 + e^{−v})` without overflow.
+fn logistic(v: f64) -> f64 {
+    let e = (-v.abs()).exp();
+    if v >= 0.0 {
+        1.0 / (1.0 + e)
+    } else {
+        e / (1.0 + e)
+    }
+}
+
+/// SiLU, `x·σ(x)` elementwise.
+pub fn silu_forward(x: &[f64]) -> Vec<f64> {
+    x.iter().map(|&v| v * logistic(v)).collect()
+}
+
+/// SiLU's input gradient for a stack of output gradients: `x` the forward input,
+/// `grad_out` `V` times as long (`V`-major); the derivative is `σ(x)·(1 + x·(1 − σ(x)))`.
+pub fn silu_backward(x: &[f64], grad_out: &[f64]) -> Vec<f64> {
+    stacked_elementwise(x, grad_out, |v| {
+        let s = logistic(v);
+        s * (1.0 + v * (1.0 - s))
+    })
 }
