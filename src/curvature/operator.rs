@@ -195,6 +195,10 @@ pub fn eigenbasis_scaling(
     Ok(out)
 }
 
+/// GPU memory [`Operator::columns_per_chunk`] keeps free for a submission's parameter
+/// buffer (256 bytes per dispatch at most) and small temporaries.
+const SUBMISSION_RESERVE_BYTES: u64 = 64 << 10;
+
 /// The largest of `values` in f64 (0 when there are none or all are negative).
 fn largest(values: &[f32]) -> f64 {
     values.iter().map(|&v| f64::from(v)).fold(0.0, f64::max)
@@ -307,16 +311,17 @@ impl<'a> Operator<'a> {
         Ok(out)
     }
 
-    /// How many columns one pass takes: as many as fit the memory budget left after
-    /// what is allocated (the bases, `M`), at three `[P]` vectors per column (`X`, `T`
-    /// and room for GEMM temporaries), and as keep `X` within one storage binding;
-    /// at least one.
-    fn columns_per_chunk(&self, columns: usize) -> usize {
+    /// How many columns one pass of [`Self::apply`] takes: as many as fit the memory
+    /// budget left after what is allocated (the bases, `M`) and a reserve for the
+    /// submission's parameter buffer, at three `[P]` vectors per column (`X`, `T` and room
+    /// for GEMM temporaries), and as keep `X` within one storage binding; at least one.
+    pub fn columns_per_chunk(&self, columns: usize) -> usize {
         let p = self.state.layout.num_params.max(1);
         let free = self
             .ctx
             .memory_budget()
-            .saturating_sub(self.ctx.memory().current_bytes());
+            .saturating_sub(self.ctx.memory().current_bytes())
+            .saturating_sub(SUBMISSION_RESERVE_BYTES);
         let by_budget = usize::try_from(free / (3 * 4 * p as u64)).unwrap_or(usize::MAX);
         let by_binding = self.ctx.binding_elements().0 / p;
         by_budget.min(by_binding).clamp(1, columns)

@@ -47,32 +47,145 @@ impl TensorFile {
     /// Parses the bytes of a safetensors file; `label` names it in errors.
     pub fn from_bytes(bytes: Vec<u8>, label: impl std::fmt::Display) -> Result<Self> {
         let label = label.to_string();
-        let fail =
-            |msg: String| Error::input(&label, format!("not a valid safetensors file: {msg}"));
         let Some(prefix) = bytes.get(..8) else {
-            return Err(fail(format!(
-                "{} bytes, shorter than the 8-byte header length",
-                bytes.len()
-            )));
+            return Err(invalid(
+                &label,
+                format!(
+                    "{} bytes, shorter than the 8-byte header length",
+                    bytes.len()
+                ),
+            ));
         };
-        let header_len = u64::from_le_bytes(prefix.try_into().expect("8 bytes"));
-        if header_len > MAX_HEADER_BYTES {
-            return Err(fail(format!(
+        let header_len = header_length(prefix, bytes.len() as u64, &label)?;
+        let header = Header::parse(
+            &bytes[8..8 + header_len],
+            bytes.len() - 8 - header_len,
+            &label,
+        )?;
+        Ok(Self {
+            label,
+            bytes,
+            data_start: 8 + header_len,
+            tensors: header.tensors,
+            metadata: header.metadata,
+        })
+    }
+
+    /// The file's name as errors show it.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// The value of `key` in the file's string metadata (`__metadata__`), if any.
+    pub fn string_metadata(&self, key: &str) -> Option<&str> {
+        self.metadata.get(key).map(String::as_str)
+    }
+
+    /// The tensor names, sorted.
+    pub fn keys(&self) -> Vec<String> {
+        self.tensors.keys().cloned().collect()
+    }
+
+    /// The tensor called `key`, if present.
+    pub fn get<'a>(&'a self, key: &'a str) -> Option<TensorRef<'a>> {
+        let info = self.tensors.get(key)?;
+        let (start, end) = info.data_offsets;
+        Some(TensorRef {
+            file: &self.label,
+            key,
+            dtype: info.dtype,
+            shape: &info.shape,
+            data: &self.bytes[self.data_start + start..self.data_start + end],
+        })
+    }
+
+    /// The tensor called `key`, or an error saying it is missing and what it should hold.
+    pub fn require<'a>(&'a self, key: &'a str, what: &str) -> Result<TensorRef<'a>> {
+        self.get(key).ok_or_else(|| {
+            let keys = self.keys();
+            Error::input(
+                &self.label,
+                format!(
+                    "missing key \"{key}\" ({what}); the file has {}",
+                    if keys.is_empty() {
+                        "no tensors".to_string()
+                    } else {
+                        format!("keys {}", cut_list(&keys))
+                    }
+                ),
+            )
+        })
+    }
+}
+
+/// `<label>: not a valid safetensors file: <msg>`.
+fn invalid(label: &str, msg: String) -> Error {
+    Error::input(label, format!("not a valid safetensors file: {msg}"))
+}
+
+/// The header length from the 8-byte prefix of a file of `file_len` bytes, checked
+/// against [`MAX_HEADER_BYTES`] and the bytes that follow.
+fn header_length(prefix: &[u8], file_len: u64, label: &str) -> Result<usize> {
+    let header_len = u64::from_le_bytes(prefix.try_into().expect("8 bytes"));
+    if header_len > MAX_HEADER_BYTES {
+        return Err(invalid(
+            label,
+            format!(
                 "the header length is {header_len} bytes, more than the limit of {} bytes",
                 thousands(MAX_HEADER_BYTES as usize)
-            )));
+            ),
+        ));
+    }
+    let available = file_len.saturating_sub(8);
+    if header_len > available {
+        return Err(invalid(
+            label,
+            format!("the header length is {header_len} bytes but only {available} bytes follow"),
+        ));
+    }
+    Ok(header_len as usize)
+}
+
+/// The parsed header of a safetensors file: every tensor's dtype, shape and offsets
+/// (checked against each other and the data section), and the string metadata.
+pub struct Header {
+    /// Byte offset of the data section in the file.
+    pub data_start: u64,
+    pub tensors: BTreeMap<String, TensorInfo>,
+    pub metadata: HashMap<String, String>,
+}
+
+impl Header {
+    /// Reads only the header of the regular file `path` (see [`crate::io::read_input`]),
+    /// returning the open file to read tensors from.
+    pub fn read(path: &Path, what: &str) -> Result<(std::fs::File, Self)> {
+        use std::io::Read;
+        let label = path.display().to_string();
+        let len = crate::io::check_input(path, what, None)?;
+        let mut file = crate::io::open_regular(path, what)?;
+        let mut prefix = [0u8; 8];
+        if len < 8 {
+            return Err(invalid(
+                &label,
+                format!("{len} bytes, shorter than the 8-byte header length"),
+            ));
         }
-        let available = bytes.len() as u64 - 8;
-        if header_len > available {
-            return Err(fail(format!(
-                "the header length is {header_len} bytes but only {available} bytes follow"
-            )));
-        }
-        let data_start = 8 + header_len as usize;
-        let header: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(&bytes[8..data_start])
-                .map_err(|e| fail(format!("the header is not a JSON object: {e}")))?;
-        let data_len = bytes.len() - data_start;
+        file.read_exact(&mut prefix)
+            .map_err(|e| Error::io(path, e))?;
+        let header_len = header_length(&prefix, len, &label)?;
+        let mut json = vec![0u8; header_len];
+        file.read_exact(&mut json).map_err(|e| Error::io(path, e))?;
+        let data_len = usize::try_from(len - 8 - header_len as u64).unwrap_or(usize::MAX);
+        let mut header = Self::parse(&json, data_len, &label)?;
+        header.data_start = 8 + header_len as u64;
+        Ok((file, header))
+    }
+
+    /// Parses the header JSON of a file whose data section has `data_len` bytes.
+    fn parse(json: &[u8], data_len: usize, label: &str) -> Result<Self> {
+        let fail = |msg: String| invalid(label, msg);
+        let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(json)
+            .map_err(|e| fail(format!("the header is not a JSON object: {e}")))?;
         let mut tensors = BTreeMap::new();
         let mut metadata = HashMap::new();
         for (key, value) in header {
@@ -141,57 +254,9 @@ impl TensorFile {
             )));
         }
         Ok(Self {
-            label,
-            bytes,
-            data_start,
+            data_start: 0,
             tensors,
             metadata,
-        })
-    }
-
-    /// The file's name as errors show it.
-    pub fn label(&self) -> &str {
-        &self.label
-    }
-
-    /// The value of `key` in the file's string metadata (`__metadata__`), if any.
-    pub fn string_metadata(&self, key: &str) -> Option<&str> {
-        self.metadata.get(key).map(String::as_str)
-    }
-
-    /// The tensor names, sorted.
-    pub fn keys(&self) -> Vec<String> {
-        self.tensors.keys().cloned().collect()
-    }
-
-    /// The tensor called `key`, if present.
-    pub fn get<'a>(&'a self, key: &'a str) -> Option<TensorRef<'a>> {
-        let info = self.tensors.get(key)?;
-        let (start, end) = info.data_offsets;
-        Some(TensorRef {
-            file: &self.label,
-            key,
-            dtype: info.dtype,
-            shape: &info.shape,
-            data: &self.bytes[self.data_start + start..self.data_start + end],
-        })
-    }
-
-    /// The tensor called `key`, or an error saying it is missing and what it should hold.
-    pub fn require<'a>(&'a self, key: &'a str, what: &str) -> Result<TensorRef<'a>> {
-        self.get(key).ok_or_else(|| {
-            let keys = self.keys();
-            Error::input(
-                &self.label,
-                format!(
-                    "missing key \"{key}\" ({what}); the file has {}",
-                    if keys.is_empty() {
-                        "no tensors".to_string()
-                    } else {
-                        format!("keys {}", cut_list(&keys))
-                    }
-                ),
-            )
         })
     }
 }
