@@ -35,8 +35,8 @@ use ekfac::demo::{digits_options, digits_problem};
 use ekfac::gpu::GpuContext;
 use ekfac::graph::Model;
 use ekfac::graph::Network;
+use ekfac::loss::gpu::{GpuTargets, record_backprop_vectors};
 use ekfac::model::data::{Dataset, Targets};
-use ekfac::ops::loss::{GpuTargets, record_backprop_vectors};
 use ekfac::{Error, Result};
 
 /// Training examples (`0..TRAIN`); the rest of the bundled 1024 are held out.
