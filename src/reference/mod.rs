@@ -4,4 +4,5 @@
 pub mod curvature;
 pub mod graph_ops;
 pub mod nn;
+pub mod operator;
 pub mod ops;
