@@ -23,30 +23,21 @@
 //!    proponent: more weight on it lowers the query's loss), a **negative** score a
 //!    *harmful* one (an opponent).
 //!
-//! Step 3 never forms per-example gradients. For a linear layer the gradient of `ℓ_n`
-//! with respect to the weight is `g_n a_nᵀ` and with respect to the bias `g_n`, where
-//! `a_n` is the layer input and `g_n` the gradient of `ℓ_n` with respect to the layer
-//! output, so with `W_t`, `b_t` the layer's slices of `w_t`,
-//! `s(n, t) = Σ_layers g_nᵀ (W_t a_n + b_t)`. Per batch of training examples: one
-//! forward pass (keeps `a_n`), the empirical-Fisher loss vectors of `reduction = sum`
-//! (`p_n − e_{y_n}`, exactly `∂ℓ_n/∂f_n`), one backward pass (gives `g_n`), then per
-//! layer a batched GEMM `U[t] = A W_tᵀ + 1 b_tᵀ` (`[K, B, d_out]`) and a batched
-//! matrix-vector product `s(n, :) += U[:, n, :] g_n`, all on the GPU.
-//!
-//! The example checks the GEMM scores against explicit batch-of-one gradients for a few
-//! training examples, reports how often the top proponents share the query's label, and
-//! compares the rankings of KFAC and EKFAC scores (Spearman's rank correlation).
+//! The scores come from the library ([`ekfac::curvature::influence`]): GEMMs on the
+//! layer inputs and output gradients of one forward and one backward pass per batch,
+//! without per-example training gradients (`tests/influence.rs` checks them against
+//! explicit f64 gradients). The example reports how often the top proponents share the
+//! query's label and compares the rankings of KFAC and EKFAC scores (Spearman's rank
+//! correlation).
 
 use ekfac::curvature::fit::fit;
-use ekfac::curvature::layout::{ParamKind, ParamLayout};
-use ekfac::curvature::operator::{Approximation, Operator, Transform};
-use ekfac::curvature::{DampingMode, FisherType, Options, Reduction};
+use ekfac::curvature::influence::{InfluenceOptions, influence};
+use ekfac::curvature::operator::Approximation;
 use ekfac::demo::{digits_options, digits_problem};
-use ekfac::gpu::{GpuContext, GpuTensor};
+use ekfac::gpu::GpuContext;
 use ekfac::graph::Network;
 use ekfac::model::data::{Dataset, Targets};
-use ekfac::ops::gemm::{Gemm, gemm};
-use ekfac::ops::loss::{GpuTargets, record_backprop_vectors};
+use ekfac::progress::Silent;
 use ekfac::{Error, Result};
 
 /// Examples `0..TRAIN` are the training set, `TRAIN..` the test queries.
@@ -57,8 +48,6 @@ const DAMPING: f64 = 1e-3;
 const SCORE_BATCH: usize = 250;
 /// Proponents and opponents listed per query.
 const TOP: usize = 5;
-/// Training examples whose GEMM scores are checked against explicit gradients.
-const CHECKED: [usize; 3] = [0, 417, 999];
 
 /// Examples `start .. start + len` of `data` as a data set of their own.
 fn subset(data: &Dataset, start: usize, len: usize) -> Result<Dataset> {
@@ -78,146 +67,6 @@ fn labels(data: &Dataset) -> &[i64] {
         Targets::Classes(y) => y,
         Targets::Values { .. } => &[],
     }
-}
-
-/// Options of the loss gradients: the empirical Fisher's vector with `reduction = sum`
-/// is `∂ℓ_n/∂f_n = p_n − e_{y_n}` for every example of a batch, unscaled.
-fn gradient_options() -> Options {
-    Options {
-        fisher: FisherType::Empirical,
-        reduction: Reduction::Sum,
-        ..digits_options()
-    }
-}
-
-/// The forward pass of examples `start .. start + len` and the loss vectors
-/// `∂ℓ_n/∂f_n` (`[1, len, C]`) of their own labels.
-fn forward_with_loss_vectors(
-    ctx: &GpuContext,
-    net: &Network,
-    data: &Dataset,
-    start: usize,
-    len: usize,
-) -> Result<(ekfac::graph::Forward, GpuTensor)> {
-    let e = data.example_len();
-    let x = ctx.upload(&data.x[start * e..(start + len) * e], &[len, e])?;
-    let y: Vec<u32> = labels(data)[start..start + len]
-        .iter()
-        .map(|&c| c as u32)
-        .collect();
-    let y = ctx.upload_u32(&y, &[len])?;
-    let forward = net.forward(ctx, x)?;
-    let vectors = ctx.zeros(&[1, len, net.num_outputs()])?;
-    let mut rec = ctx.recorder();
-    record_backprop_vectors(
-        &mut rec,
-        &gradient_options(),
-        forward.output(),
-        GpuTargets::Classes(&y),
-        start,
-        data.len,
-        &vectors,
-    )?;
-    rec.submit()?;
-    Ok((forward, vectors))
-}
-
-/// `∇_θ ℓ(f(x_n), y_n)` flattened in model order (`[P]`): a batch-of-one backward pass
-/// with parameter gradients.
-fn example_gradient(
-    ctx: &GpuContext,
-    net: &Network,
-    layout: &ParamLayout,
-    data: &Dataset,
-    n: usize,
-) -> Result<Vec<f32>> {
-    let (forward, vectors) = forward_with_loss_vectors(ctx, net, data, n, 1)?;
-    let backward = net.backward(ctx, &forward, &vectors, 1, true)?;
-    let mut grad = Vec::with_capacity(layout.num_params);
-    for p in &layout.params {
-        let (weight, bias) = backward
-            .param_grads(p.layer)
-            .ok_or_else(|| Error::model(&p.name, "no parameter gradient"))?;
-        let t = match p.kind {
-            ParamKind::Weight => weight,
-            ParamKind::Bias => bias.ok_or_else(|| Error::model(&p.name, "no bias gradient"))?,
-        };
-        grad.extend(ctx.read(t)?);
-    }
-    Ok(grad)
-}
-
-/// Scores `s(n, t) = ∇ℓ_nᵀ w_t` of every example of `data` against the `K` rows of
-/// `w` (`[K, P]` on the GPU, model order), as row-major `[N, K]`.
-fn influence_scores(
-    ctx: &GpuContext,
-    net: &Network,
-    layout: &ParamLayout,
-    data: &Dataset,
-    w: &GpuTensor,
-    k: usize,
-) -> Result<Vec<f32>> {
-    let p_all = layout.num_params;
-    let mut scores = Vec::with_capacity(data.len * k);
-    for start in (0..data.len).step_by(SCORE_BATCH) {
-        let b = SCORE_BATCH.min(data.len - start);
-        let (forward, vectors) = forward_with_loss_vectors(ctx, net, data, start, b)?;
-        let backward = net.backward(ctx, &forward, &vectors, 1, false)?;
-        let ones = ctx.upload(&vec![1.0; b], &[b, 1])?;
-        let s = ctx.zeros(&[b, k])?;
-        let mut temporaries = Vec::new();
-        let mut rec = ctx.recorder();
-        for layer in &layout.layers {
-            let (d_in, d_out) = (layer.d_in, layer.d_out);
-            let a = forward.layer_input(layer.layer);
-            let g = backward.output_grad(layer.layer);
-            // U[t] = A W_tᵀ + 1 b_tᵀ, [K, B, d_out].
-            let u = ctx.zeros(&[k, b, d_out])?;
-            for p in layout.params.iter().filter(|p| p.layer == layer.layer) {
-                let mut step = match p.kind {
-                    ParamKind::Weight => Gemm::new(b, d_out, d_in, false, true),
-                    ParamKind::Bias => Gemm::new(b, d_out, 1, false, false),
-                }
-                .batched(k);
-                step.stride_a = 0;
-                step.offset_b = p.offset;
-                step.stride_b = p_all;
-                step.beta = 1.0;
-                let a_operand = match p.kind {
-                    ParamKind::Weight => a,
-                    ParamKind::Bias => &ones,
-                };
-                gemm(&mut rec, &step, a_operand, w, &u)?;
-            }
-            // s(n, :) += U[:, n, :] g_n, one matrix-vector product per example.
-            let mut contract = Gemm::new(k, 1, d_out, false, false)
-                .batched(b)
-                .scaled(1.0, 1.0);
-            contract.lda = b * d_out;
-            contract.stride_a = d_out;
-            contract.ldb = 1;
-            contract.stride_b = d_out;
-            contract.ldc = 1;
-            contract.stride_c = k;
-            gemm(&mut rec, &contract, &u, g, &s)?;
-            temporaries.push(u);
-        }
-        rec.submit()?;
-        drop(temporaries);
-        scores.extend(ctx.read(&s)?);
-    }
-    Ok(scores)
-}
-
-/// Row-major `[rows, cols]` → row-major `[cols, rows]`.
-fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut t = vec![0.0; m.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            t[c * rows + r] = m[r * cols + c];
-        }
-    }
-    t
 }
 
 /// Ranks `0..n` of `values` (ascending; ties are broken by index).
@@ -246,6 +95,8 @@ fn spearman(x: &[f32], y: &[f32]) -> f64 {
 }
 
 fn main() -> Result<()> {
+    // SAFETY: the first statement of main: no other thread exists.
+    unsafe { ekfac::progress::quiet_headless_vulkan() };
     let (model, data) = digits_problem()?;
     let ctx = GpuContext::new()?;
     let train = subset(&data, 0, TRAIN)?;
@@ -273,51 +124,25 @@ fn main() -> Result<()> {
         options.fisher, options.loss, options.reduction
     );
 
-    // Test gradients g_t, then w_t = (F + δI)⁻¹ g_t for all queries in one product.
+    // Scores [K, N] per approximation: queries preconditioned once, the training set
+    // streamed in batches.
     let net = Network::new(&ctx, &model)?;
-    let mut g_test = Vec::with_capacity(k * p);
-    for t in 0..k {
-        g_test.extend(example_gradient(&ctx, &net, layout, &test, t)?);
-    }
-    let operator = Operator::new(&ctx, state)?;
-    let inverse = Transform::Inverse {
-        damping: DAMPING,
-        mode: DampingMode::Exact,
-    };
-    let g_columns = transpose(&g_test, k, p);
     let mut scores = Vec::new();
     for approx in [Approximation::Ekfac, Approximation::Kfac] {
-        let w = operator.apply(&g_columns, k, approx, inverse)?;
-        let w_rows = transpose(&w, p, k);
-        let w_gpu = ctx.upload(&w_rows, &[k, p])?;
-        let s = influence_scores(&ctx, &net, layout, &train, &w_gpu, k)?;
-        if approx == Approximation::Ekfac {
-            // The GEMM scores against explicit per-example gradients (f64 dot products).
-            let mut worst: f64 = 0.0;
-            let scale = s.iter().fold(0.0f64, |m, &x| m.max(f64::from(x.abs())));
-            for &n in &CHECKED {
-                let g_n = example_gradient(&ctx, &net, layout, &train, n)?;
-                for t in 0..k {
-                    let exact: f64 = g_n
-                        .iter()
-                        .zip(&w_rows[t * p..(t + 1) * p])
-                        .map(|(&a, &b)| f64::from(a) * f64::from(b))
-                        .sum();
-                    worst = worst.max((exact - f64::from(s[n * k + t])).abs() / scale);
-                }
-            }
-            println!(
-                "check: GEMM scores of training examples {CHECKED:?} against explicit \
-                 batch-of-one gradients: largest difference {worst:.1e} of the largest |score|\n"
-            );
-        }
-        scores.push(s);
+        let options = InfluenceOptions {
+            damping: Some(DAMPING),
+            approx,
+            batch_size: SCORE_BATCH,
+            self_influence: false,
+        };
+        let result = influence(&ctx, &model, state, [&train, &test], &options, &Silent)?;
+        scores.push(result.scores);
     }
     let (ekfac_scores, kfac_scores) = (&scores[0], &scores[1]);
 
     let y_train = labels(&train);
     let y_test = labels(&test);
-    let column = |s: &[f32], t: usize| -> Vec<f32> { (0..TRAIN).map(|n| s[n * k + t]).collect() };
+    let column = |s: &[f32], t: usize| -> Vec<f32> { s[t * TRAIN..(t + 1) * TRAIN].to_vec() };
     let c = net.num_outputs();
     let logits = ctx.read(
         net.forward(&ctx, ctx.upload(&test.x, &[k, test.example_len()])?)?

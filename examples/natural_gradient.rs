@@ -282,6 +282,8 @@ fn train(
 }
 
 fn main() -> Result<()> {
+    // SAFETY: the first statement of main: no other thread exists.
+    unsafe { ekfac::progress::quiet_headless_vulkan() };
     let (bundled, data) = digits_problem()?;
     let ctx = GpuContext::new()?;
     let init = fresh_model(&bundled, SEED);

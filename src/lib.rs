@@ -17,6 +17,7 @@ pub mod model;
 pub mod ops;
 pub mod progress;
 pub mod reference;
+pub mod report;
 pub mod rng;
 
 pub use error::{Error, Result};

@@ -339,3 +339,61 @@ fn bad_arguments_are_errors() {
     assert!(err.to_string().contains("eps"), "{err}");
     assert!(rec.is_empty());
 }
+
+/// An exported ResNet's weights hold every BatchNorm's `num_batches_tracked` (I64,
+/// shape `[]`): accepted and ignored. A missing running statistic is an error naming
+/// the key and the node; any other unknown key is still refused.
+#[test]
+fn batch_norm_weights_from_a_state_dict() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let resnet = root.join("curvature_graph/resnet_bn_ce_mean_type2_expand_sep");
+    let model = ekfac::graph::Model::load(
+        resnet.join("model.json"),
+        resnet.join("weights.safetensors"),
+    )
+    .unwrap();
+    let bn = model
+        .graph
+        .nodes
+        .iter()
+        .position(|n| n.name == "bn1")
+        .unwrap();
+    let suffixes: Vec<&str> = model
+        .layer_params(bn)
+        .unwrap()
+        .tensors
+        .iter()
+        .map(|(s, _)| *s)
+        .collect();
+    assert_eq!(suffixes, ["weight", "bias", "running_mean", "running_var"]);
+
+    let refused = root.join("graph_refused/missing_batch_norm_buffer");
+    let err = ekfac::graph::Model::load(
+        refused.join("model.json"),
+        refused.join("weights.safetensors"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("missing key \"layer1.0.bn2.running_var\"")
+            && err.contains("\"layer1.0.bn2\""),
+        "{err}"
+    );
+
+    let graph = ekfac::graph::json::load(resnet.join("model.json")).unwrap();
+    let file = ekfac::model::TensorFile::load(resnet.join("weights.safetensors")).unwrap();
+    let mut tensors = std::collections::HashMap::new();
+    for key in file
+        .keys()
+        .into_iter()
+        .filter(|k| !k.ends_with("num_batches_tracked"))
+    {
+        let t = file.get(&key).unwrap();
+        tensors.insert(key.clone(), (t.shape.to_vec(), t.to_f32().unwrap()));
+    }
+    tensors.insert("bn1.momentum".into(), (vec![1], vec![0.1]));
+    let err = ekfac::graph::Model::new(graph, tensors)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unexpected key \"bn1.momentum\""), "{err}");
+}

@@ -310,7 +310,7 @@ pub(super) fn chunking(
 
 /// Runs the network on one batch and computes its backpropagated vectors, all on the
 /// GPU: upload `x` and `y`, forward, loss vectors, with no readback in between.
-fn run_batch(
+pub(super) fn run_batch(
     ctx: &GpuContext,
     network: &Network,
     data: &Dataset,

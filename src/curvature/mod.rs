@@ -6,6 +6,7 @@ mod correction;
 pub mod eigen;
 mod factors;
 pub mod fit;
+pub mod influence;
 pub mod layer;
 pub mod layout;
 pub mod operator;

@@ -75,7 +75,8 @@ impl Kernel {
 struct PipelineKey {
     shader: &'static str,
     entry: &'static str,
-    constants: String,
+    /// Each constant's name and value bits.
+    constants: Vec<(&'static str, u64)>,
     reads: usize,
     writes: usize,
     params: bool,
@@ -150,7 +151,11 @@ impl GpuContext {
         let key = PipelineKey {
             shader: kernel.shader.name,
             entry: kernel.entry,
-            constants: format!("{:?}", kernel.constants),
+            constants: kernel
+                .constants
+                .iter()
+                .map(|&(name, value)| (name, value.to_bits()))
+                .collect(),
             reads,
             writes,
             params,
@@ -285,7 +290,7 @@ impl<'a> Recorder<'a> {
 
     /// [`Recorder::dispatch`] with the parameters as positional 32-bit words (floats
     /// as `f32::to_bits`). Transitional, for the kernels not yet given a
-    /// [`KernelParams`] struct (loss, norm, combine, resample); to be removed.
+    /// [`KernelParams`] struct (the loss kernel); to be removed.
     pub fn dispatch_words(
         &mut self,
         kernel: &Kernel,

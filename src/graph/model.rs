@@ -65,7 +65,12 @@ impl Model {
 
     /// Builds a model from a graph and the weights of a safetensors file.
     pub fn from_tensor_file(graph: Graph, file: &TensorFile) -> Result<Self> {
-        let keys = file.keys();
+        let ignored = ignored_keys(&graph);
+        let keys: Vec<String> = file
+            .keys()
+            .into_iter()
+            .filter(|k| !ignored.contains(k))
+            .collect();
         check_extra_keys(&graph, keys.iter().cloned(), file.label())?;
         let mut tensors = HashMap::new();
         for key in keys {
@@ -91,6 +96,8 @@ impl Model {
         mut tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
         file: &str,
     ) -> Result<Self> {
+        let ignored = ignored_keys(&graph);
+        tensors.retain(|k, _| !ignored.contains(k));
         check_extra_keys(&graph, tensors.keys().cloned(), file)?;
         let mut params = Vec::with_capacity(graph.nodes.len());
         for (i, node) in graph.nodes.iter().enumerate() {
@@ -199,6 +206,18 @@ impl From<super::ModelSpec> for Describe {
     fn from(spec: super::ModelSpec) -> Self {
         Self(spec.to_graph())
     }
+}
+
+/// The weights-file keys of entries the nodes accept and ignore
+/// ([`crate::layers::Layer::ignored_params`]).
+fn ignored_keys(graph: &Graph) -> std::collections::HashSet<String> {
+    let mut ignored = std::collections::HashSet::new();
+    for (i, node) in graph.nodes.iter().enumerate() {
+        for suffix in graph.layer(i).ignored_params() {
+            ignored.insert(format!("{}.{suffix}", node.module()));
+        }
+    }
+    ignored
 }
 
 /// Errors on keys that are no parameter of a node.

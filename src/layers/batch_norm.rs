@@ -1,7 +1,9 @@
 //! `torch.nn.BatchNorm2d` in eval mode:
 //! `y = (x − running_mean)/√(running_var + eps)·weight + bias` per channel with the
-//! running statistics (and, with `affine`, the weights) of the weights file; `[B, C, H, W] → [B, C, H, W]`. Its parameters and buffers are
-//! not curvature parameters: backward computes the input gradient only.
+//! running statistics (and, with `affine`, the weights) of the weights file
+//! (`num_batches_tracked` is accepted and ignored); `[B, C, H, W] → [B, C, H, W]`. Its
+//! parameters and buffers are not curvature parameters: backward computes the input
+//! gradient only.
 
 use serde_json::json;
 
@@ -135,6 +137,11 @@ impl Layer for BatchNorm2d {
                 shape: c.clone(),
             })
             .collect()
+    }
+
+    /// PyTorch's counter of training batches, unused in eval mode.
+    fn ignored_params(&self) -> &'static [&'static str] {
+        &["num_batches_tracked"]
     }
 
     fn forward(

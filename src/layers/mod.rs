@@ -152,6 +152,12 @@ pub trait Layer: std::fmt::Debug {
         Vec::new()
     }
 
+    /// Suffixes of `state_dict` entries the layer does not use, accepted in a weights
+    /// file and ignored, whatever their dtype (BatchNorm's `num_batches_tracked`).
+    fn ignored_params(&self) -> &'static [&'static str] {
+        &[]
+    }
+
     /// Bytes of scratch memory the layer holds during a GPU pass (conv im2col).
     fn workspace_bytes(&self, _ctx: &GpuContext) -> u64 {
         0
