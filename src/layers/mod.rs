@@ -21,6 +21,7 @@ pub mod cat;
 pub mod conv2d;
 pub mod flatten;
 pub mod gelu;
+pub mod identity;
 pub mod layer_norm;
 pub mod linear;
 pub mod pool;
@@ -216,6 +217,7 @@ pub static REGISTRY: &[(&str, Constructor)] = &[
     ("upsample_nearest2d", upsample::build),
     ("gelu", gelu::build),
     ("silu", silu::build),
+    ("identity", identity::build),
 ];
 
 /// Builds `node`'s layer through [`REGISTRY`].
