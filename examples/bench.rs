@@ -1,18 +1,29 @@
 //! End-to-end benchmark of the GPU pipeline: KFAC/EKFAC fit phases and operator
-//! products on two fixed workloads (issue 4, item 5).
+//! products on fixed workloads (issue 4, item 5; issue 9, item 7).
 //!
-//! `cargo run --release --example bench -- [--quick | --smoke] [--workload mlp|cnn]
+//! `cargo run --release --example bench -- [--quick | --smoke] [--workload mlp|cnn|resnet]
 //! [--runs N] [--write-inputs DIR]`
 //!
 //! Workloads (random PyTorch-like weights and random data from a fixed seed):
 //! - `mlp`: `Linear(784,512) ReLU Linear(512,512) ReLU Linear(512,10)`, N = 8192, batch 512;
 //! - `cnn`: `Conv2d(3,16,3,s=2,p=1) ReLU Conv2d(16,32,3,s=2,p=1) ReLU Flatten
-//!   Linear(2048,10)` on `3×32×32` inputs, N = 2048, batch 128.
+//!   Linear(2048,10)` on `3×32×32` inputs, N = 2048, batch 128;
+//! - `resnet` (only with `--workload resnet`): the CIFAR-style ResNet of
+//!   `tools/bench_curvlinops.py`, a graph in torchvision's naming: `conv1`
+//!   Conv2d(3,w,3,p=1) → `bn1` → ReLU → stages `layer1`, `layer2`, `layer3` of `n`
+//!   BasicBlocks with `w`, `2w`, `4w` channels (`conv1` 3×3, stride 2 in the first
+//!   block of `layer2` and `layer3`, `bn1`, ReLU, `conv2` 3×3, `bn2`, plus the input or,
+//!   where the shape changes, `downsample.0` Conv2d 1×1 stride 2 + `downsample.1`
+//!   BatchNorm; add; ReLU) → AdaptiveAvgPool2d(1) → flatten → `fc` Linear(4w,10); no
+//!   conv has a bias. `w = 16, n = 3` (ResNet-20) on `3×32×32`, N = 2048, batch 128.
+//!   Weights as PyTorch initialises them; BatchNorm running statistics and affine
+//!   weights random as in the fixtures (mean 0.3·N(0,1), var 0.5+U(0,1), weight
+//!   0.6+0.8·U(0,1), bias 0.2·N(0,1)).
 //!
-//! Both: cross-entropy with mean reduction, `fisher = mc` with one sample, `expand`,
+//! All: cross-entropy with mean reduction, `fisher = mc` with one sample, `expand`,
 //! separate weight and bias. `--quick` shrinks them for the software driver (see
-//! [`Size::Quick`]), `--smoke` to tiny sizes (the CI smoke test's). Default: both
-//! workloads.
+//! [`Size::Quick`]), `--smoke` to tiny sizes (the CI smoke test's). Default: mlp and
+//! cnn.
 //!
 //! Each run fits the state ([`ekfac::curvature::fit::fit`], whose phase timings are
 //! wall-clock on the host, each ending with a wait for the GPU), then times one KFAC
@@ -43,7 +54,7 @@ use ekfac::curvature::operator::{Approximation, Operator, Transform};
 use ekfac::curvature::{FisherType, KfacApprox, LossKind, Options, Reduction};
 use ekfac::gpu::GpuContext;
 use ekfac::graph::chain::{Conv2dSpec, Layer, LinearSpec};
-use ekfac::graph::{Model, ModelSpec};
+use ekfac::graph::{Graph, GraphInput, Model, ModelSpec, Node};
 use ekfac::model::data::{Dataset, Targets};
 use ekfac::{Error, Result};
 
@@ -89,9 +100,11 @@ enum Size {
     Full,
     /// For the software driver: mlp `Linear(196,128) ReLU Linear(128,128) ReLU
     /// Linear(128,10)`, N = 1024, batch 256; cnn on `3×16×16` with 8 and 16 channels
-    /// (`Linear(256,10)`), N = 512, batch 128.
+    /// (`Linear(256,10)`), N = 512, batch 128; resnet `w = 8, n = 1` (ResNet-8) on
+    /// `3×16×16`, N = 512, batch 128.
     Quick,
-    /// For the CI smoke test: tiny layers, N = 64 (mlp) / 32 (cnn).
+    /// For the CI smoke test: tiny layers, N = 64 (mlp) / 32 (cnn, and resnet with
+    /// `w = 4, n = 1` on `3×8×8`, batch 16).
     Smoke,
 }
 
@@ -99,11 +112,14 @@ enum Size {
 enum WorkloadKind {
     Mlp,
     Cnn,
+    Resnet,
 }
 
 /// A network, its data and the fit options.
 struct Workload {
     kind: WorkloadKind,
+    /// The network in PyTorch's notation, e.g. `Linear(784,512) ReLU ...`.
+    description: String,
     model: Model,
     data: Dataset,
     options: Options,
@@ -127,83 +143,281 @@ fn fan_in(layer: &Layer) -> Option<usize> {
     layer.weight_shape().map(|s| s[1..].iter().product())
 }
 
+const CLASSES: usize = 10;
+
+/// The chain of the `mlp` or `cnn` workload with its N and batch size.
+fn chain_workload(kind: WorkloadKind, size: Size) -> (ModelSpec, usize, usize) {
+    match kind {
+        WorkloadKind::Mlp => {
+            let (d, h, n, batch) = match size {
+                Size::Full => (784, 512, 8192, 512),
+                Size::Quick => (196, 128, 1024, 256),
+                Size::Smoke => (32, 16, 64, 32),
+            };
+            let layers = vec![
+                linear(0, d, h),
+                Layer::Relu,
+                linear(2, h, h),
+                Layer::Relu,
+                linear(4, h, CLASSES),
+            ];
+            (
+                ModelSpec {
+                    input_shape: vec![d],
+                    layers,
+                },
+                n,
+                batch,
+            )
+        }
+        WorkloadKind::Cnn => {
+            let (side, c1, c2, n, batch) = match size {
+                Size::Full => (32, 16, 32, 2048, 128),
+                Size::Quick => (16, 8, 16, 512, 128),
+                Size::Smoke => (8, 4, 8, 32, 16),
+            };
+            // Two stride-2 convolutions quarter each side.
+            let flat = c2 * (side / 4) * (side / 4);
+            let layers = vec![
+                conv_s2(0, 3, c1),
+                Layer::Relu,
+                conv_s2(2, c1, c2),
+                Layer::Relu,
+                Layer::Flatten,
+                linear(5, flat, CLASSES),
+            ];
+            (
+                ModelSpec {
+                    input_shape: vec![3, side, side],
+                    layers,
+                },
+                n,
+                batch,
+            )
+        }
+        WorkloadKind::Resnet => unreachable!("the resnet is a graph"),
+    }
+}
+
+/// PyTorch's default init: weight and bias uniform in ±1/√fan_in.
+fn chain_model(spec: ModelSpec, rng: &mut SplitMix64) -> Result<Model> {
+    let mut tensors = HashMap::new();
+    for layer in &spec.layers {
+        let (Some(name), Some(shape), Some(fan)) =
+            (layer.name(), layer.weight_shape(), fan_in(layer))
+        else {
+            continue;
+        };
+        let bound = 1.0 / (fan as f64).sqrt();
+        let len = shape.iter().product();
+        let weight = (0..len).map(|_| rng.uniform(bound)).collect();
+        tensors.insert(format!("{name}.weight"), (shape, weight));
+        if let Some(shape) = layer.bias_shape() {
+            let bias = (0..shape[0]).map(|_| rng.uniform(bound)).collect();
+            tensors.insert(format!("{name}.bias"), (shape, bias));
+        }
+    }
+    Model::new(spec, tensors)
+}
+
+/// The chain in PyTorch's notation, e.g. `Linear(784,512) ReLU ...`.
+fn describe_chain(spec: &ModelSpec) -> String {
+    let mut parts = vec![format!(
+        "input {}",
+        spec.input_shape
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("×")
+    )];
+    for layer in &spec.layers {
+        parts.push(match layer {
+            Layer::Linear(l) => format!("Linear({},{})", l.in_features, l.out_features),
+            Layer::Conv2d(c) => format!(
+                "Conv2d({},{},{},s={},p={})",
+                c.in_channels, c.out_channels, c.kernel_size[0], c.stride[0], c.padding[0]
+            ),
+            Layer::Relu => "ReLU".into(),
+            Layer::Flatten => "Flatten".into(),
+            other => other.kind().into(),
+        });
+    }
+    parts.join(" ")
+}
+
+/// Builds the graph of `nodes` one at a time, naming the values.
+struct GraphBuilder {
+    nodes: Vec<Node>,
+    parameters: Vec<String>,
+    tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+}
+
+impl GraphBuilder {
+    fn node(&mut self, name: &str, op: &str, inputs: &[&str], attrs: serde_json::Value) -> String {
+        let attrs = match attrs {
+            serde_json::Value::Object(map) => map,
+            _ => serde_json::Map::new(),
+        };
+        let inputs = inputs.iter().map(ToString::to_string).collect();
+        self.nodes.push(Node::new(name, op, inputs, attrs));
+        name.to_string()
+    }
+
+    fn param(&mut self, key: String, shape: Vec<usize>, values: Vec<f32>) {
+        self.parameters.push(key.clone());
+        self.tensors.insert(key, (shape, values));
+    }
+
+    /// Conv2d without bias, PyTorch's default init (uniform ±1/√fan_in).
+    #[allow(clippy::too_many_arguments)]
+    fn conv(
+        &mut self,
+        rng: &mut SplitMix64,
+        name: &str,
+        input: &str,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+    ) -> String {
+        let padding = kernel / 2;
+        let attrs = serde_json::json!({
+            "in_channels": c_in, "out_channels": c_out, "kernel_size": [kernel, kernel],
+            "stride": [stride, stride], "padding": [padding, padding], "bias": false,
+        });
+        let bound = 1.0 / ((c_in * kernel * kernel) as f64).sqrt();
+        let len = c_out * c_in * kernel * kernel;
+        let weight = (0..len).map(|_| rng.uniform(bound)).collect();
+        self.param(
+            format!("{name}.weight"),
+            vec![c_out, c_in, kernel, kernel],
+            weight,
+        );
+        self.node(name, "conv2d", &[input], attrs)
+    }
+
+    /// BatchNorm2d in eval mode with random running statistics and affine weights.
+    fn batch_norm(&mut self, rng: &mut SplitMix64, name: &str, input: &str, c: usize) -> String {
+        let attrs = serde_json::json!({"num_features": c, "eps": 1e-5, "affine": true});
+        let weight = (0..c).map(|_| 0.6 + 0.8 * rng.unit() as f32).collect();
+        let bias = (0..c).map(|_| 0.2 * rng.normal()).collect();
+        self.param(format!("{name}.weight"), vec![c], weight);
+        self.param(format!("{name}.bias"), vec![c], bias);
+        let mean = (0..c).map(|_| 0.3 * rng.normal()).collect();
+        let var = (0..c).map(|_| 0.5 + rng.unit() as f32).collect();
+        self.tensors
+            .insert(format!("{name}.running_mean"), (vec![c], mean));
+        self.tensors
+            .insert(format!("{name}.running_var"), (vec![c], var));
+        self.node(name, "batch_norm2d", &[input], attrs)
+    }
+}
+
+/// The `resnet` workload's model (see the module docs): `width` channels in the first
+/// stage, `blocks` BasicBlocks per stage, `3×side×side` inputs; parameters listed in
+/// `named_parameters()` order (a block's `downsample` after its `conv2`/`bn2`, as
+/// torchvision registers it).
+fn resnet(width: usize, blocks: usize, side: usize, rng: &mut SplitMix64) -> Result<Model> {
+    let mut g = GraphBuilder {
+        nodes: Vec::new(),
+        parameters: Vec::new(),
+        tensors: HashMap::new(),
+    };
+    let none = serde_json::Value::Null;
+    let x = g.conv(rng, "conv1", "x", 3, width, 3, 1);
+    let x = g.batch_norm(rng, "bn1", &x, width);
+    let mut x = g.node("relu", "relu", &[&x], none.clone());
+    let mut c_in = width;
+    for (stage, c_out) in [(1, width), (2, 2 * width), (3, 4 * width)] {
+        for i in 0..blocks {
+            let stride = if stage > 1 && i == 0 { 2 } else { 1 };
+            let b = format!("layer{stage}.{i}");
+            let h = g.conv(rng, &format!("{b}.conv1"), &x, c_in, c_out, 3, stride);
+            let h = g.batch_norm(rng, &format!("{b}.bn1"), &h, c_out);
+            let h = g.node(&format!("{b}.relu"), "relu", &[&h], none.clone());
+            let h = g.conv(rng, &format!("{b}.conv2"), &h, c_out, c_out, 3, 1);
+            let h = g.batch_norm(rng, &format!("{b}.bn2"), &h, c_out);
+            let shortcut = if stride != 1 || c_in != c_out {
+                let s = g.conv(
+                    rng,
+                    &format!("{b}.downsample.0"),
+                    &x,
+                    c_in,
+                    c_out,
+                    1,
+                    stride,
+                );
+                g.batch_norm(rng, &format!("{b}.downsample.1"), &s, c_out)
+            } else {
+                x.clone()
+            };
+            let sum = g.node(&format!("{b}.add"), "add", &[&h, &shortcut], none.clone());
+            x = g.node(&format!("{b}.relu_1"), "relu", &[&sum], none.clone());
+            c_in = c_out;
+        }
+    }
+    let pooled = g.node(
+        "avgpool",
+        "adaptive_avg_pool2d",
+        &[&x],
+        serde_json::json!({"output_size": [1, 1]}),
+    );
+    let flat = g.node(
+        "flatten",
+        "flatten",
+        &[&pooled],
+        serde_json::json!({"start_dim": 1}),
+    );
+    let d = 4 * width;
+    g.node(
+        "fc",
+        "linear",
+        &[&flat],
+        serde_json::json!({"in_features": d, "out_features": CLASSES, "bias": true}),
+    );
+    let bound = 1.0 / (d as f64).sqrt();
+    let weight = (0..CLASSES * d).map(|_| rng.uniform(bound)).collect();
+    let bias = (0..CLASSES).map(|_| rng.uniform(bound)).collect();
+    g.param("fc.weight".into(), vec![CLASSES, d], weight);
+    g.param("fc.bias".into(), vec![CLASSES], bias);
+    let input = GraphInput {
+        name: "x".into(),
+        shape: vec![3, side, side],
+    };
+    let graph = Graph::new(input, g.nodes, "fc", Some(g.parameters))?;
+    Model::new(graph, g.tensors)
+}
+
 impl Workload {
     fn new(kind: WorkloadKind, size: Size) -> Result<Self> {
-        const CLASSES: usize = 10;
-        let (spec, n, batch) = match kind {
-            WorkloadKind::Mlp => {
-                let (d, h, n, batch) = match size {
-                    Size::Full => (784, 512, 8192, 512),
-                    Size::Quick => (196, 128, 1024, 256),
-                    Size::Smoke => (32, 16, 64, 32),
+        let mut rng = SplitMix64(SEED ^ kind as u64);
+        let (model, description, n, batch) = match kind {
+            WorkloadKind::Resnet => {
+                let (width, blocks, side, n, batch) = match size {
+                    Size::Full => (16, 3, 32, 2048, 128),
+                    Size::Quick => (8, 1, 16, 512, 128),
+                    Size::Smoke => (4, 1, 8, 32, 16),
                 };
-                let layers = vec![
-                    linear(0, d, h),
-                    Layer::Relu,
-                    linear(2, h, h),
-                    Layer::Relu,
-                    linear(4, h, CLASSES),
-                ];
-                (
-                    ModelSpec {
-                        input_shape: vec![d],
-                        layers,
-                    },
-                    n,
-                    batch,
-                )
+                let model = resnet(width, blocks, side, &mut rng)?;
+                let description = format!(
+                    "CIFAR-style ResNet-{} (BasicBlocks, width {width}, BatchNorm, 1x1 \
+                     stride-2 shortcuts) on 3×{side}×{side}, {CLASSES} classes",
+                    6 * blocks + 2
+                );
+                (model, description, n, batch)
             }
-            WorkloadKind::Cnn => {
-                let (side, c1, c2, n, batch) = match size {
-                    Size::Full => (32, 16, 32, 2048, 128),
-                    Size::Quick => (16, 8, 16, 512, 128),
-                    Size::Smoke => (8, 4, 8, 32, 16),
-                };
-                // Two stride-2 convolutions quarter each side.
-                let flat = c2 * (side / 4) * (side / 4);
-                let layers = vec![
-                    conv_s2(0, 3, c1),
-                    Layer::Relu,
-                    conv_s2(2, c1, c2),
-                    Layer::Relu,
-                    Layer::Flatten,
-                    linear(5, flat, CLASSES),
-                ];
-                (
-                    ModelSpec {
-                        input_shape: vec![3, side, side],
-                        layers,
-                    },
-                    n,
-                    batch,
-                )
+            _ => {
+                let (spec, n, batch) = chain_workload(kind, size);
+                let description = describe_chain(&spec);
+                (chain_model(spec, &mut rng)?, description, n, batch)
             }
         };
-        let mut rng = SplitMix64(SEED ^ kind as u64);
-        // PyTorch's default init: weight and bias uniform in ±1/√fan_in.
-        let mut tensors = HashMap::new();
-        for layer in &spec.layers {
-            let (Some(name), Some(shape), Some(fan)) =
-                (layer.name(), layer.weight_shape(), fan_in(layer))
-            else {
-                continue;
-            };
-            let bound = 1.0 / (fan as f64).sqrt();
-            let len = shape.iter().product();
-            let weight = (0..len).map(|_| rng.uniform(bound)).collect();
-            tensors.insert(format!("{name}.weight"), (shape, weight));
-            if let Some(shape) = layer.bias_shape() {
-                let bias = (0..shape[0]).map(|_| rng.uniform(bound)).collect();
-                tensors.insert(format!("{name}.bias"), (shape, bias));
-            }
-        }
-        let example: usize = spec.input_shape.iter().product();
+        let example: usize = model.shapes()[0].iter().product();
         let x = (0..n * example).map(|_| rng.normal()).collect();
         let y = (0..n)
             .map(|_| (rng.next_u64() % CLASSES as u64) as i64)
             .collect();
-        let data = Dataset::new(x, spec.input_shape.clone(), Targets::Classes(y))?;
-        let model = Model::new(spec, tensors)?;
+        let data = Dataset::new(x, model.shapes()[0].clone(), Targets::Classes(y))?;
         let options = Options {
             loss: LossKind::CrossEntropy,
             reduction: Reduction::Mean,
@@ -217,6 +431,7 @@ impl Workload {
         };
         Ok(Self {
             kind,
+            description,
             model,
             data,
             options,
@@ -227,69 +442,39 @@ impl Workload {
         match self.kind {
             WorkloadKind::Mlp => "mlp",
             WorkloadKind::Cnn => "cnn",
+            WorkloadKind::Resnet => "resnet",
         }
     }
 
-    /// The chain the workload's model was built from.
-    fn spec(&self) -> &ModelSpec {
-        self.model
-            .graph
-            .chain
-            .as_ref()
-            .expect("the benchmark models are chains")
+    /// The network in PyTorch's notation.
+    fn describe(&self) -> &str {
+        &self.description
     }
 
-    /// The network in PyTorch's notation, e.g. `Linear(784,512) ReLU ...`.
-    fn describe(&self) -> String {
-        let spec = self.spec();
-        let mut parts = vec![format!(
-            "input {}",
-            spec.input_shape
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("×")
-        )];
-        for layer in &spec.layers {
-            parts.push(match layer {
-                Layer::Linear(l) => format!("Linear({},{})", l.in_features, l.out_features),
-                Layer::Conv2d(c) => format!(
-                    "Conv2d({},{},{},s={},p={})",
-                    c.in_channels, c.out_channels, c.kernel_size[0], c.stride[0], c.padding[0]
-                ),
-                Layer::Relu => "ReLU".into(),
-                Layer::Flatten => "Flatten".into(),
-                other => other.kind().into(),
-            });
-        }
-        parts.join(" ")
-    }
-
+    /// Parameters of the curvature layers (Linear, Conv2d).
     fn num_params(&self) -> usize {
-        self.spec()
-            .layers
-            .iter()
-            .map(|l| {
-                l.weight_shape().map_or(0, |s| s.iter().product())
-                    + l.bias_shape().map_or(0, |s| s.iter().product())
-            })
+        let graph = &self.model.graph;
+        graph
+            .curvature_layers()
+            .into_iter()
+            .flat_map(|i| graph.layer(i).params())
+            .map(|p| p.shape.iter().product::<usize>())
             .sum()
     }
 
     /// Writes the model, weights, data and options (see the module docs) into `dir`.
     fn write_inputs(&self, dir: &Path, flops: &Flops) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let spec = self.spec();
-        ekfac::io::write_atomic(&dir.join("model.json"), spec.to_json().as_bytes())?;
+        let graph = &self.model.graph;
+        ekfac::io::write_atomic(&dir.join("model.json"), graph.to_json().as_bytes())?;
+        // Every node's tensors (BatchNorm's buffers too), `<module>.<suffix>`.
         let mut weights: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
-        for (layer, params) in spec.layers.iter().zip(&self.model.params) {
-            let (Some(name), Some(params)) = (layer.name(), params) else {
-                continue;
-            };
-            let shape = layer.weight_shape().expect("a layer with parameters");
-            weights.push((format!("{name}.weight"), shape, params.weight()));
-            if let (Some(bias), Some(shape)) = (params.bias(), layer.bias_shape()) {
-                weights.push((format!("{name}.bias"), shape, bias));
+        for (i, params) in self.model.params.iter().enumerate() {
+            let Some(params) = params else { continue };
+            let module = graph.nodes[i].module();
+            for (spec, (suffix, values)) in graph.layer(i).params().into_iter().zip(&params.tensors)
+            {
+                weights.push((format!("{module}.{suffix}"), spec.shape, values));
             }
         }
         ekfac::io::write_tensors(&dir.join("weights.safetensors"), &weights, None)?;
@@ -376,14 +561,14 @@ struct Flops {
 
 impl Flops {
     fn of(w: &Workload) -> Result<Self> {
-        let spec = w.spec();
-        let shapes = spec.shapes()?;
+        let graph = &w.model.graph;
+        let shapes = graph.shapes();
         let n = w.data.len as f64;
         let v = w.options.num_vectors(w.model.num_outputs()) as f64;
         let mut f = Flops::default();
-        for (k, &i) in spec.curvature_layers().iter().enumerate() {
-            let layer = &spec.layers[i];
-            let d = fan_in(layer).expect("a curvature layer has a weight") as f64;
+        for (k, &i) in graph.curvature_layers().iter().enumerate() {
+            let params = graph.layer(i).params();
+            let d = params[0].shape[1..].iter().product::<usize>() as f64;
             let out_shape = &shapes[i + 1];
             let d_out = out_shape[0] as f64;
             let s: usize = out_shape[1..].iter().product();
@@ -395,7 +580,7 @@ impl Flops {
             f.correction +=
                 data_pass + 2.0 * r * d * d + 2.0 * v * r * d_out * d_out + 2.0 * v * r * d_out * d;
             f.product_per_column += 4.0 * d_out * d * (d_out + d);
-            if layer.has_bias() {
+            if params.len() > 1 {
                 f.correction += 2.0 * v * n * d_out * d_out;
                 f.product_per_column += 4.0 * d_out * d_out;
             }
@@ -625,8 +810,8 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args> {
-    let usage =
-        "usage: bench [--quick | --smoke] [--workload mlp|cnn] [--runs N] [--write-inputs DIR]";
+    let usage = "usage: bench [--quick | --smoke] [--workload mlp|cnn|resnet] [--runs N] \
+         [--write-inputs DIR]";
     let mut args = Args {
         size: Size::Full,
         workloads: vec![WorkloadKind::Mlp, WorkloadKind::Cnn],
@@ -642,9 +827,10 @@ fn parse_args() -> Result<Args> {
                 args.workloads = match it.next().as_deref() {
                     Some("mlp") => vec![WorkloadKind::Mlp],
                     Some("cnn") => vec![WorkloadKind::Cnn],
+                    Some("resnet") => vec![WorkloadKind::Resnet],
                     other => {
                         return Err(Error::Options(format!(
-                            "--workload expects mlp or cnn, found {other:?}; {usage}"
+                            "--workload expects mlp, cnn or resnet, found {other:?}; {usage}"
                         )));
                     }
                 }
@@ -740,6 +926,10 @@ mod tests {
         if ctx.has_timestamps() {
             ctx.set_profiling(true).unwrap();
         }
+        // Not the resnet: its smoke size takes about 7 s on lavapipe (5 s of it the
+        // Jacobi eigendecomposition of its 144×144 factors), too long for CI; its
+        // structure is checked by `resnet_matches_the_python_baseline` and its files by
+        // `written_inputs_load_back`.
         for kind in [WorkloadKind::Mlp, WorkloadKind::Cnn] {
             let w = Workload::new(kind, Size::Smoke).unwrap();
             let samples = bench(&ctx, &w, 0, 1).unwrap();
@@ -762,7 +952,7 @@ mod tests {
     #[test]
     fn written_inputs_load_back() {
         let dir = tempfile::tempdir().unwrap();
-        for kind in [WorkloadKind::Mlp, WorkloadKind::Cnn] {
+        for kind in [WorkloadKind::Mlp, WorkloadKind::Cnn, WorkloadKind::Resnet] {
             let w = Workload::new(kind, Size::Smoke).unwrap();
             let sub = dir.path().join(w.name());
             w.write_inputs(&sub, &Flops::of(&w).unwrap()).unwrap();
@@ -777,6 +967,31 @@ mod tests {
             assert_eq!(bench["batch_size"], w.options.batch_size);
             assert_eq!(bench["num_params"], w.num_params());
         }
+    }
+
+    /// The resnet has the curvature parameters of `tools/bench_curvlinops.py`'s (its
+    /// docstring: 270,906 / 19,618 / 5,046), in `named_parameters()` order, with
+    /// torchvision's module names, and its 1×1 shortcut only where the shape changes.
+    #[test]
+    fn resnet_matches_the_python_baseline() {
+        for (size, params) in [
+            (Size::Full, 270_906),
+            (Size::Quick, 19_618),
+            (Size::Smoke, 5_046),
+        ] {
+            let w = Workload::new(WorkloadKind::Resnet, size).unwrap();
+            assert_eq!(w.num_params(), params, "{size:?}");
+        }
+        let w = Workload::new(WorkloadKind::Resnet, Size::Smoke).unwrap();
+        let names = w.model.graph.parameters.clone().unwrap();
+        let at = |key: &str| names.iter().position(|n| n == key).unwrap();
+        assert_eq!(names[..3], ["conv1.weight", "bn1.weight", "bn1.bias"]);
+        assert!(at("layer2.0.bn2.bias") < at("layer2.0.downsample.0.weight"));
+        assert!(at("layer2.0.downsample.1.bias") < at("layer3.0.conv1.weight"));
+        assert_eq!(names[names.len() - 2..], ["fc.weight", "fc.bias"]);
+        assert!(!names.iter().any(|n| n.starts_with("layer1.0.downsample")));
+        assert_eq!(names.len(), 3 + 3 * 6 + 2 * 3 + 2);
+        assert_eq!(w.model.shapes()[0], [3, 8, 8]);
     }
 
     /// The FLOP count of the full mlp, by hand: layers (784→512), (512→512), (512→10),

@@ -1069,11 +1069,27 @@ fn scalars_match_dense_matrices() {
 /// the GPU test checks both against curvlinops.
 #[test]
 fn curvlinops_fixtures() {
+    curvlinops_fixtures_in("curvature", 30);
+}
+
+/// The graph models of issue 9 (`tests/fixtures/curvature_graph`: BatchNorm, residual
+/// additions, LayerNorm, cat, upsample) under the same checks and tolerances: the
+/// generator holds them to the same eigengap rules.
+#[test]
+fn curvlinops_graph_fixtures() {
+    curvlinops_fixtures_in("curvature_graph", 14);
+}
+
+/// Every case of `tests/fixtures/<folder>` (at least `min_cases`) through the CPU
+/// reference.
+fn curvlinops_fixtures_in(folder: &str, min_cases: usize) {
     use ekfac::model::TensorFile;
     use ekfac::model::data::{Dataset as FileData, Targets as FileTargets};
     use serde_json::Value;
 
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/curvature");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(folder);
     let mut cases: Vec<_> = std::fs::read_dir(&root)
         .expect("fixture directory")
         .map(|e| e.unwrap().path())
@@ -1081,8 +1097,8 @@ fn curvlinops_fixtures() {
         .collect();
     cases.sort();
     assert!(
-        cases.len() >= 30,
-        "found only {} fixture cases",
+        cases.len() >= min_cases,
+        "found only {} fixture cases in {folder}",
         cases.len()
     );
     let mut worst: Vec<(f64, String)> = Vec::new();
@@ -1290,7 +1306,7 @@ fn curvlinops_fixtures() {
         }
     }
     worst.sort_by(|a, b| b.0.total_cmp(&a.0));
-    eprintln!("largest relative errors against curvlinops:");
+    eprintln!("largest relative errors against curvlinops ({folder}):");
     for (e, what) in worst.iter().take(5) {
         eprintln!("  {e:.2e}  {what}");
     }

@@ -69,101 +69,24 @@ fn got_value(s: &ScalarsJson, key: &str) -> Option<f64> {
 
 #[test]
 fn gpu_matches_curvlinops_on_every_fixture() {
+    check_folder(common::CHAIN_FIXTURES);
+}
+
+/// The graph models (issue 9: BatchNorm, residual additions, LayerNorm, cat, upsample)
+/// under the same tolerances as the chains.
+#[test]
+fn gpu_matches_curvlinops_on_every_graph_fixture() {
+    check_folder(common::GRAPH_FIXTURES);
+}
+
+/// Every case of `tests/fixtures/<folder>/` fitted on the GPU against curvlinops;
+/// prints each case's largest error as a fraction of its bound.
+fn check_folder(folder: &str) {
     let Some(ctx) = common::gpu() else { return };
     let mut failures = Vec::new();
-    for name in common::fixture_names() {
-        let case = common::fixture(&name);
-        let expected = &case.expected;
-        let damping = case.damping;
-        let fitted = fit(&ctx, &case.model, &case.data, &case.options, Some(damping))
-            .unwrap_or_else(|e| panic!("{name}: fit failed: {e}"));
-        let summary = Summary::new(&fitted.state, damping, fitted.timings.clone(), 0);
-        assert_eq!(
-            summary.num_params,
-            expected["num_params"].as_u64().unwrap() as usize,
-            "{name}"
-        );
-        failures.extend(check_scalars(
-            &name,
-            "kfac",
-            &summary.kfac,
-            &expected["kfac"],
-            expected,
-        ));
-        match (&summary.ekfac, expected["ekfac"].is_null()) {
-            (Some(e), false) => failures.extend(check_scalars(
-                &name,
-                "ekfac",
-                e,
-                &expected["ekfac"],
-                expected,
-            )),
-            (None, true) => {}
-            _ => failures.push(format!("{name}: EKFAC presence differs")),
-        }
-
-        let operator = Operator::new(&ctx, &fitted.state).unwrap();
-        let inverse = |mode| Transform::Inverse { damping, mode };
-        let checks = [
-            (
-                "kfac_mv",
-                "product.kfac_mv",
-                Approximation::Kfac,
-                Transform::Forward,
-                1e-5,
-            ),
-            (
-                "ekfac_mv",
-                "ekfac_product.ekfac_mv",
-                Approximation::Ekfac,
-                Transform::Forward,
-                1e-4,
-            ),
-            (
-                "kfac_inv_exact_mv",
-                "inverse.kfac_exact",
-                Approximation::Kfac,
-                inverse(DampingMode::Exact),
-                1e-3,
-            ),
-            (
-                "kfac_inv_plain_mv",
-                "inverse.kfac_plain",
-                Approximation::Kfac,
-                inverse(DampingMode::Plain),
-                1e-3,
-            ),
-            (
-                "kfac_inv_heuristic_mv",
-                "inverse.kfac_heuristic",
-                Approximation::Kfac,
-                inverse(DampingMode::Heuristic),
-                1e-3,
-            ),
-            (
-                "ekfac_inv_mv",
-                "inverse.ekfac",
-                Approximation::Ekfac,
-                inverse(DampingMode::Exact),
-                1e-3,
-            ),
-        ];
-        for (key, error_key, approx, transform, tolerance) in checks {
-            let Some(want) = case.products.get(key) else {
-                continue;
-            };
-            let want = want.to_f64().unwrap();
-            let got = operator
-                .apply(&case.vectors, case.columns, approx, transform)
-                .unwrap();
-            let err = common::rel_err(&got, &want);
-            let tol = bound(expected, error_key, tolerance);
-            if err.is_nan() || err > tol {
-                failures.push(format!(
-                    "{name}: {key}: relative error {err:.3e} > {tol:.1e}"
-                ));
-            }
-        }
+    for name in common::fixture_names_in(folder) {
+        let case = common::fixture_in(folder, &name);
+        failures.extend(check_case(&ctx, &format!("{folder}/{name}"), &case));
     }
     assert!(
         failures.is_empty(),
@@ -171,6 +94,133 @@ fn gpu_matches_curvlinops_on_every_fixture() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+/// One case fitted on the GPU with its options against curvlinops: the failures,
+/// each naming `name`; prints the largest product error as a fraction of its bound.
+fn check_case(ctx: &ekfac::gpu::GpuContext, name: &str, case: &common::FixtureCase) -> Vec<String> {
+    let mut failures = Vec::new();
+    let mut worst = (0.0f64, String::new());
+    let expected = &case.expected;
+    let damping = case.damping;
+    let fitted = fit(ctx, &case.model, &case.data, &case.options, Some(damping))
+        .unwrap_or_else(|e| panic!("{name}: fit failed: {e}"));
+    let summary = Summary::new(&fitted.state, damping, fitted.timings.clone(), 0);
+    assert_eq!(
+        summary.num_params,
+        expected["num_params"].as_u64().unwrap() as usize,
+        "{name}"
+    );
+    failures.extend(check_scalars(
+        name,
+        "kfac",
+        &summary.kfac,
+        &expected["kfac"],
+        expected,
+    ));
+    match (&summary.ekfac, expected["ekfac"].is_null()) {
+        (Some(e), false) => failures.extend(check_scalars(
+            name,
+            "ekfac",
+            e,
+            &expected["ekfac"],
+            expected,
+        )),
+        (None, true) => {}
+        _ => failures.push(format!("{name}: EKFAC presence differs")),
+    }
+
+    let operator = Operator::new(ctx, &fitted.state).unwrap();
+    let inverse = |mode| Transform::Inverse { damping, mode };
+    let checks = [
+        (
+            "kfac_mv",
+            "product.kfac_mv",
+            Approximation::Kfac,
+            Transform::Forward,
+            1e-5,
+        ),
+        (
+            "ekfac_mv",
+            "ekfac_product.ekfac_mv",
+            Approximation::Ekfac,
+            Transform::Forward,
+            1e-4,
+        ),
+        (
+            "kfac_inv_exact_mv",
+            "inverse.kfac_exact",
+            Approximation::Kfac,
+            inverse(DampingMode::Exact),
+            1e-3,
+        ),
+        (
+            "kfac_inv_plain_mv",
+            "inverse.kfac_plain",
+            Approximation::Kfac,
+            inverse(DampingMode::Plain),
+            1e-3,
+        ),
+        (
+            "kfac_inv_heuristic_mv",
+            "inverse.kfac_heuristic",
+            Approximation::Kfac,
+            inverse(DampingMode::Heuristic),
+            1e-3,
+        ),
+        (
+            "ekfac_inv_mv",
+            "inverse.ekfac",
+            Approximation::Ekfac,
+            inverse(DampingMode::Exact),
+            1e-3,
+        ),
+    ];
+    for (key, error_key, approx, transform, tolerance) in checks {
+        let Some(want) = case.products.get(key) else {
+            continue;
+        };
+        let want = want.to_f64().unwrap();
+        let got = operator
+            .apply(&case.vectors, case.columns, approx, transform)
+            .unwrap();
+        let err = common::rel_err(&got, &want);
+        let tol = bound(expected, error_key, tolerance);
+        if err / tol > worst.0 {
+            worst = (err / tol, format!("{key} {err:.2e} (bound {tol:.0e})"));
+        }
+        if err.is_nan() || err > tol {
+            failures.push(format!(
+                "{name}: {key}: relative error {err:.3e} > {tol:.1e}"
+            ));
+        }
+    }
+    eprintln!("{name}: largest product error {}", worst.1);
+    failures
+}
+
+/// KFAC and EKFAC do not depend on the batch size (type-2 and empirical sum over
+/// examples), so one exported `model.json` fitted with batches of 1, of an uneven 3
+/// (11 = 3+3+3+2) and of all 11 examples must each match curvlinops (which used 4)
+/// within the same tolerances.
+#[test]
+fn a_graph_model_fits_the_same_with_any_batch_size() {
+    let Some(ctx) = common::gpu() else { return };
+    let mut case = common::fixture_in(
+        common::GRAPH_FIXTURES,
+        "resnet_down_ce_sum_type2_expand_joint",
+    );
+    assert_eq!(case.data.len, 11);
+    let mut failures = Vec::new();
+    for batch_size in [1, 3, 11] {
+        case.options.batch_size = batch_size;
+        failures.extend(check_case(
+            &ctx,
+            &format!("{} (batch size {batch_size})", case.name),
+            &case,
+        ));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 /// A memory budget that only fits about one example with one backpropagated vector

@@ -273,3 +273,167 @@ fn random_cnn_matches_cpu_reference() {
     );
     check_against_cpu(&ctx, &model, 3, 32);
 }
+
+/// The graph fixtures `nn/diamond` (a value read by three nodes, `add`, `cat`) and
+/// `nn/resnet` (BatchNorm in eval mode, a residual `add` with a strided 1×1 conv
+/// shortcut, adaptive average pooling): every node's output, on the GPU executor and
+/// on the f64 reference; every node's output gradient (summed over all its uses) on
+/// the reference, and on the GPU for the curvature layers (the executor keeps only
+/// those; each one lies behind the fan-outs, so a wrong sum would show there); the
+/// Linear/Conv2d parameter gradients on both. BatchNorm's own parameter gradients are
+/// not computed by ekfac (they are not curvature parameters). Same tolerance as the
+/// chain cases on the GPU (1e-5); the f64 reference to 1e-10 (both sides f64 on the
+/// same inputs: only summation order differs).
+fn check_graph_fixture(ctx: &GpuContext, case: &str) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/nn")
+        .join(case);
+    let model = Model::load(dir.join("model.json"), dir.join("weights.safetensors")).unwrap();
+    assert!(model.chain().is_none(), "{case} is a graph");
+    let data = Dataset::load_checked(dir.join("data.safetensors"), &model.graph, true).unwrap();
+    let expected = TensorFile::load(dir.join("expected.safetensors")).unwrap();
+    let get = |key: &str| {
+        expected
+            .get(key)
+            .unwrap_or_else(|| panic!("{case}: no {key}"))
+            .to_f64()
+            .unwrap()
+    };
+    let grad_ref = expected.get("grad_output").unwrap();
+    let stack = grad_ref.shape[0];
+    let grad_output = grad_ref.to_f32().unwrap();
+    let graph = &model.graph;
+    let batch = data.len;
+    let mut failures = Vec::new();
+
+    // GPU.
+    let network = Network::new(ctx, &model).unwrap();
+    let mut shape = vec![batch];
+    shape.extend(&graph.shapes()[0]);
+    let forward = network
+        .forward(ctx, ctx.upload(&data.x, &shape).unwrap())
+        .unwrap();
+    let g = ctx
+        .upload(&grad_output, &[stack, batch, network.num_outputs()])
+        .unwrap();
+    let backward = network.backward(ctx, &forward, &g, stack, true).unwrap();
+    check(
+        &mut failures,
+        format!("{case}: GPU output"),
+        &ctx.read(forward.output()).unwrap(),
+        &get("output"),
+    );
+    for (i, node) in graph.nodes.iter().enumerate() {
+        let got = ctx.read(forward.value(i + 1)).unwrap();
+        let want = get(&format!("nodes.{}.output", node.name));
+        check(
+            &mut failures,
+            format!("{case}: GPU {}", node.name),
+            &got,
+            &want,
+        );
+    }
+    let curvature = model.curvature_layers();
+    assert!(curvature.len() >= 4, "{case}: curvature layers");
+    for &l in &curvature {
+        let (name, module) = (&graph.nodes[l].name, graph.nodes[l].module());
+        let got = ctx.read(backward.output_grad(l)).unwrap();
+        let want = get(&format!("nodes.{name}.output_grad"));
+        check(
+            &mut failures,
+            format!("{case}: GPU {name} output_grad"),
+            &got,
+            &want,
+        );
+        let got = ctx.read(forward.layer_input(l)).unwrap();
+        let want = get(&format!("layers.{module}.input"));
+        check(
+            &mut failures,
+            format!("{case}: GPU {module} input"),
+            &got,
+            &want,
+        );
+        let (w, b) = backward.param_grads(l).expect("parameter gradients");
+        let want = get(&format!("grads.{module}.weight"));
+        let got = ctx.read(w).unwrap();
+        check(
+            &mut failures,
+            format!("{case}: GPU grads.{module}.weight"),
+            &got,
+            &want,
+        );
+        match (b, expected.get(&format!("grads.{module}.bias"))) {
+            (Some(b), Some(want)) => check(
+                &mut failures,
+                format!("{case}: GPU grads.{module}.bias"),
+                &ctx.read(b).unwrap(),
+                &want.to_f64().unwrap(),
+            ),
+            (None, None) => {}
+            _ => failures.push(format!("{case}: {module}: bias gradient on one side only")),
+        }
+    }
+
+    // f64 reference.
+    let net = nn::Network64::new(&model);
+    let x: Vec<f64> = data.x.iter().map(|&v| f64::from(v)).collect();
+    let g64: Vec<f64> = grad_output.iter().map(|&v| f64::from(v)).collect();
+    let values = net.forward(&x, batch);
+    let (node_grads, param_grads) = net.backward(&values, &g64, batch, stack, true);
+    let mut check64 = |what: String, got: &[f64], want: &[f64]| {
+        let e = if got.len() == want.len() {
+            let num: f64 = got.iter().zip(want).map(|(a, b)| (a - b).powi(2)).sum();
+            let den: f64 = want.iter().map(|b| b * b).sum();
+            (num / den.max(1e-300)).sqrt()
+        } else {
+            f64::INFINITY
+        };
+        if e.is_nan() || e > 1e-10 {
+            failures.push(format!(
+                "{case}: reference {what}: relative error {e:.3e} > 1e-10"
+            ));
+        }
+    };
+    for (i, node) in graph.nodes.iter().enumerate() {
+        let name = &node.name;
+        check64(
+            format!("{name} output"),
+            &values[i + 1],
+            &get(&format!("nodes.{name}.output")),
+        );
+        check64(
+            format!("{name} output_grad"),
+            &node_grads[i],
+            &get(&format!("nodes.{name}.output_grad")),
+        );
+    }
+    for &l in &curvature {
+        let module = graph.nodes[l].module();
+        let p = param_grads[l].as_ref().expect("parameter gradients");
+        check64(
+            format!("grads.{module}.weight"),
+            &p[0],
+            &get(&format!("grads.{module}.weight")),
+        );
+        if let Some(want) = expected.get(&format!("grads.{module}.bias")) {
+            check64(
+                format!("grads.{module}.bias"),
+                p.get(1).map_or(&[][..], |b| &b[..]),
+                &want.to_f64().unwrap(),
+            );
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn diamond_graph_matches_pytorch_fixture() {
+    let Some(ctx) = common::gpu() else { return };
+    check_graph_fixture(&ctx, "diamond");
+}
+
+#[test]
+fn resnet_graph_matches_pytorch_fixture() {
+    let Some(ctx) = common::gpu() else { return };
+    check_graph_fixture(&ctx, "resnet");
+}

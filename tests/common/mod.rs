@@ -128,26 +128,43 @@ pub struct FixtureCase {
     pub columns: usize,
 }
 
-fn fixture_root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/curvature")
+/// The chain cases (`torch.nn.Sequential` models, issues 3 and 4).
+pub const CHAIN_FIXTURES: &str = "curvature";
+/// The graph cases (residual networks, BatchNorm, LayerNorm, cat, upsample; issue 9).
+pub const GRAPH_FIXTURES: &str = "curvature_graph";
+
+fn fixture_root(folder: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(folder)
 }
 
-/// The names of every curvature fixture case, sorted.
+/// The names of every chain curvature fixture case, sorted.
 pub fn fixture_names() -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(fixture_root())
+    fixture_names_in(CHAIN_FIXTURES)
+}
+
+/// The names of every case under `tests/fixtures/<folder>/`, sorted.
+pub fn fixture_names_in(folder: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(fixture_root(folder))
         .expect("fixture directory")
         .map(|e| e.expect("entry").path())
         .filter(|p| p.join("expected.json").exists())
         .map(|p| p.file_name().unwrap().to_string_lossy().to_string())
         .collect();
     names.sort();
-    assert!(!names.is_empty(), "no curvature fixtures");
+    assert!(!names.is_empty(), "no curvature fixtures in {folder}");
     names
 }
 
-/// Loads the curvature fixture case `name`.
+/// Loads the chain curvature fixture case `name`.
 pub fn fixture(name: &str) -> FixtureCase {
-    let dir = fixture_root().join(name);
+    fixture_in(CHAIN_FIXTURES, name)
+}
+
+/// Loads the case `name` of `tests/fixtures/<folder>/`.
+pub fn fixture_in(folder: &str, name: &str) -> FixtureCase {
+    let dir = fixture_root(folder).join(name);
     let expected: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let text = |key: &str| expected[key].as_str().unwrap().to_string();
