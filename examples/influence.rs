@@ -136,6 +136,20 @@ fn main() -> Result<()> {
             self_influence: false,
         };
         let result = influence(&ctx, &model, state, [&train, &test], &options, &Silent)?;
+        if approx == Approximation::Ekfac {
+            // The first query's grid: the 8×8 images of the query and its top helpful and
+            // harmful training examples.
+            let top = ekfac::report::TopK::new(&result, TRAIN, TOP)?;
+            let grid = ekfac::report::influence_grid(&train, &test, &top, 0, [1, 8, 8]);
+            let path = std::env::temp_dir().join("ekfac-influence-query0.png");
+            ekfac::io::write_atomic(&path, &grid.encode(ekfac::plot::Format::Png, &path)?)?;
+            println!(
+                "wrote the image grid of the first query to {} ({} × {} pixels)\n",
+                path.display(),
+                grid.width,
+                grid.height
+            );
+        }
         scores.push(result.scores);
     }
     let (ekfac_scores, kfac_scores) = (&scores[0], &scores[1]);

@@ -35,8 +35,8 @@ use ekfac::demo::{digits_options, digits_problem};
 use ekfac::gpu::GpuContext;
 use ekfac::graph::Model;
 use ekfac::graph::Network;
+use ekfac::loss::gpu::{GpuTargets, record_backprop_vectors};
 use ekfac::model::data::{Dataset, Targets};
-use ekfac::ops::loss::{GpuTargets, record_backprop_vectors};
 use ekfac::{Error, Result};
 
 /// Training examples (`0..TRAIN`); the rest of the bundled 1024 are held out.
@@ -371,6 +371,41 @@ fn main() -> Result<()> {
         "(per step, not per second: a natural-gradient step also fits KFAC/EKFAC on its \
          minibatch, two passes and four eigendecompositions, where an SGD step is one \
          forward and backward pass)"
+    );
+    // The curves as a picture: training loss (log scale) and held-out accuracy.
+    let series = |value: fn(&Progress) -> f64| -> Vec<ekfac::plot::Series> {
+        best.iter()
+            .enumerate()
+            .map(|(i, (method, lr, history))| ekfac::plot::Series {
+                label: format!("{} η={lr}", method.name()),
+                color: ekfac::plot::PALETTE[i % ekfac::plot::PALETTE.len()],
+                points: history
+                    .iter()
+                    .enumerate()
+                    .map(|(s, p)| (s as f64, value(p)))
+                    .collect(),
+            })
+            .collect()
+    };
+    let picture = ekfac::plot::curves(&[
+        (
+            "mean training loss by step".into(),
+            series(|p| p.train_loss),
+            true,
+        ),
+        (
+            "held-out accuracy by step".into(),
+            series(|p| p.test_accuracy),
+            false,
+        ),
+    ]);
+    let path = std::env::temp_dir().join("ekfac-natural-gradient.png");
+    ekfac::io::write_atomic(&path, &picture.encode(ekfac::plot::Format::Png, &path)?)?;
+    println!(
+        "wrote the curves to {} ({} × {} pixels)",
+        path.display(),
+        picture.width,
+        picture.height
     );
     Ok(())
 }

@@ -5,7 +5,8 @@
 use std::fmt::Write;
 use std::time::Instant;
 
-use crate::curvature::fit::fit;
+use crate::curvature::eigen::JacobiSolver;
+use crate::curvature::fit::{FitRun, fit_run};
 use crate::curvature::operator::{Approximation, Operator, Transform};
 use crate::curvature::options::DampingMode;
 use crate::curvature::options::{FisherType, LossKind, Options, Reduction};
@@ -15,6 +16,7 @@ use crate::gpu::GpuContext;
 use crate::graph::Model;
 use crate::model::TensorFile;
 use crate::model::data::Dataset;
+use crate::progress::Progress;
 
 const MODEL: &str = include_str!("../assets/digits/model.json");
 const WEIGHTS: &[u8] = include_bytes!("../assets/digits/weights.safetensors");
@@ -60,8 +62,10 @@ fn relative_frobenius(got: &[f32], want: &[f64]) -> f64 {
     (num / den).sqrt()
 }
 
-/// Runs the main job and returns its report.
-pub fn run_digits() -> Result<String> {
+/// Runs the main job and returns its report, reporting the fit's progress to
+/// `progress`; with `spectrum`, also draws the layers' eigenvalue spectra there
+/// ([`crate::plot::spectrum`], PNG or SVG by the name) and says so in the report.
+pub fn run_digits(spectrum: Option<&std::path::Path>, progress: &dyn Progress) -> Result<String> {
     let start = Instant::now();
     let (model, data) = digits_problem()?;
     let reference: serde_json::Value = serde_json::from_str(REFERENCE)
@@ -70,7 +74,13 @@ pub fn run_digits() -> Result<String> {
     let ctx = GpuContext::new()?;
     let load_ms = start.elapsed().as_secs_f64() * 1e3;
     let options = digits_options();
-    let mut fitted = fit(&ctx, &model, &data, &options, Some(damping))?;
+    let run = FitRun {
+        damping: Some(damping),
+        previous: None,
+        solver: &JacobiSolver::default(),
+        progress,
+    };
+    let mut fitted = fit_run(&ctx, &model, &data, &options, &run)?;
     fitted.timings.load = load_ms;
     let summary = Summary::new(
         &fitted.state,
@@ -139,6 +149,18 @@ pub fn run_digits() -> Result<String> {
             report,
             "  product {key:<13} relative Frobenius error {:.2e}",
             relative_frobenius(&got, &want)
+        );
+    }
+    if let Some(path) = spectrum {
+        let picture = crate::plot::spectrum(&fitted.state, damping);
+        crate::io::write_atomic(path, &picture.encode(crate::plot::Format::of(path), path)?)?;
+        let _ = writeln!(
+            report,
+            "\nwrote the eigenvalue spectra of every layer (KFAC, EKFAC, damping) to {} \
+             ({} × {} pixels)",
+            path.display(),
+            picture.width,
+            picture.height
         );
     }
     Ok(report)

@@ -15,6 +15,7 @@ pub mod layers;
 pub mod loss;
 pub mod model;
 pub mod ops;
+pub mod plot;
 pub mod progress;
 pub mod reference;
 pub mod report;

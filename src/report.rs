@@ -191,3 +191,42 @@ pub fn influence_markdown(
     }
     md
 }
+
+/// The image grid of query `q`: the query, then its top helpful and its top harmful
+/// training images with labels and scores, in one row (`shape` = `[C, H, W]`).
+pub fn influence_grid(
+    train: &Dataset,
+    query: &Dataset,
+    top: &TopK,
+    q: usize,
+    shape: [usize; 3],
+) -> crate::plot::Picture {
+    let e = shape.iter().product::<usize>();
+    let k = top.k;
+    let mut tiles = vec![crate::plot::Tile {
+        pixels: &query.x[q * e..(q + 1) * e],
+        shape,
+        caption: ["query".into(), format!("label {}", label(query, q))],
+    }];
+    for (indices, scores) in [
+        (&top.helpful_indices, &top.helpful_scores),
+        (&top.harmful_indices, &top.harmful_scores),
+    ] {
+        for r in 0..k {
+            let n = indices[q * k + r] as usize;
+            tiles.push(crate::plot::Tile {
+                pixels: &train.x[n * e..(n + 1) * e],
+                shape,
+                caption: [
+                    format!("{:+.2e}", scores[q * k + r]),
+                    format!("#{n} label {}", label(train, n)),
+                ],
+            });
+        }
+    }
+    crate::plot::image_grid(
+        &format!("query {q}: the query, its {k} most helpful, then its {k} most harmful"),
+        &tiles,
+        tiles.len(),
+    )
+}

@@ -13,8 +13,9 @@
 mod common;
 
 use ekfac::curvature::{FisherType, LossKind, Options, Reduction};
+use ekfac::loss::gpu::{GpuTargets, backprop_vectors};
 use ekfac::loss::{self, Targets, sigmoid, softmax};
-use ekfac::ops::loss::{GpuTargets, backprop_vectors, philox_blocks};
+use ekfac::ops::loss::philox_blocks;
 use ekfac::rng::{Philox, philox4x32_10};
 
 #[test]

@@ -56,6 +56,21 @@ enum Command {
     /// Influence of every training example on every query:
     /// score[q, n] = ∇ℓ_qᵀ (EKFAC + δI)⁻¹ ∇ℓ_n.
     Influence(InfluenceArgs),
+    /// Draw each layer's KFAC and EKFAC eigenvalues (sorted, log scale) and the damping.
+    Plot(PlotArgs),
+}
+
+#[derive(Args)]
+struct PlotArgs {
+    /// State file written by `ekfac fit`.
+    #[arg(long)]
+    state: PathBuf,
+    /// Output picture: PNG, or SVG when the name ends in .svg.
+    #[arg(long)]
+    out: PathBuf,
+    /// The damping line (default: the value stored at fit time).
+    #[arg(long, allow_negative_numbers = true)]
+    damping: Option<f64>,
 }
 
 #[derive(Args)]
@@ -202,7 +217,7 @@ fn main() -> ExitCode {
     let console = Console::new(ConsoleMode::detect(cli.quiet));
     let quiet = cli.quiet;
     let result = match cli.command {
-        None => main_job(quiet),
+        None => main_job(&console, quiet),
         Some(Command::Info) => GpuContext::new().map(|ctx| {
             if quiet {
                 return;
@@ -219,6 +234,7 @@ fn main() -> ExitCode {
         Some(Command::Fit(args)) => run_fit(&args, &console, quiet),
         Some(Command::Apply(args)) => run_apply(&args),
         Some(Command::Influence(args)) => run_influence(&args, &console, quiet),
+        Some(Command::Plot(args)) => run_plot(&args, quiet),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -531,7 +547,16 @@ fn run_influence(args: &InfluenceArgs, console: &Console, quiet: bool) -> Result
     )?;
     out.stage(&args.out, &bytes)?;
     if let (Some(file), Some(top)) = (&report_file, &top) {
-        let images = vec![None; query.len];
+        let mut images = vec![None; query.len];
+        if let [c @ (1 | 3), h, w] = train.example_shape[..] {
+            for (q, name) in images.iter_mut().enumerate() {
+                let file_name = format!("query_{q}.png");
+                let path = file.with_file_name(&file_name);
+                let grid = ekfac::report::influence_grid(&train, &query, top, q, [c, h, w]);
+                out.stage(&path, &grid.encode(ekfac::plot::Format::Png, &path)?)?;
+                *name = Some(file_name);
+            }
+        }
         let md = influence_markdown(&train, &query, &result, top, &images);
         out.stage(file, md.as_bytes())?;
     }
@@ -539,6 +564,31 @@ fn run_influence(args: &InfluenceArgs, console: &Console, quiet: bool) -> Result
     out.commit()?;
     if !quiet {
         println!("wrote {}", written(&outputs));
+    }
+    Ok(())
+}
+
+fn run_plot(args: &PlotArgs, quiet: bool) -> Result<()> {
+    if let Some(d) = args.damping {
+        check_damping(d)?;
+    }
+    let inputs = [("--state", args.state.as_path())];
+    ekfac::io::check_input(&args.state, "--state", None)?;
+    ekfac::io::check_outputs(&inputs, &[("--out", args.out.as_path())])?;
+    let state = CurvatureState::load(&args.state)?;
+    let damping = args.damping.or(state.meta.damping).unwrap_or(0.0);
+    let picture = ekfac::plot::spectrum(&state, damping);
+    let bytes = picture.encode(ekfac::plot::Format::of(&args.out), &args.out)?;
+    let mut out = Outputs::new();
+    out.stage(&args.out, &bytes)?;
+    out.commit()?;
+    if !quiet {
+        println!(
+            "wrote {} ({} × {} pixels)",
+            args.out.display(),
+            picture.width,
+            picture.height
+        );
     }
     Ok(())
 }
@@ -573,8 +623,16 @@ fn remove_temporaries_on_signals() {
     });
 }
 
-fn main_job(quiet: bool) -> Result<()> {
-    let report = ekfac::demo::run_digits()?;
+fn main_job(console: &Console, quiet: bool) -> Result<()> {
+    // Next to the build's other outputs when run from the repository (`cargo run`),
+    // else in the temporary directory.
+    let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+    let dir = if target.is_dir() {
+        target
+    } else {
+        std::env::temp_dir()
+    };
+    let report = ekfac::demo::run_digits(Some(&dir.join("digits-spectrum.png")), console)?;
     if !quiet {
         print!("{report}");
     }

@@ -12,9 +12,9 @@ use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor};
 use crate::graph::{Backward, Forward, Graph, Network};
 use crate::layers::Pass;
+use crate::loss::gpu::{GpuTargets, record_backprop_vectors};
 use crate::loss::{Targets, check_targets};
 use crate::model::data::{Dataset, TargetsSlice};
-use crate::ops::loss::{GpuTargets, record_backprop_vectors};
 use crate::ops::reduce::{append_ones_column, copy};
 use crate::progress::{Event, Progress, Stage};
 

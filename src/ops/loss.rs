@@ -1,12 +1,89 @@
-//! The loss kernel (`shaders/loss.wgsl`): the backpropagated output-space vectors
-//! `V [nv, B, C]` of one batch for type-2, MC and empirical Fisher, matching the f64
-//! reference [`crate::loss::backprop_vectors`], and the raw Philox blocks of the MC
-//! contract ([`crate::rng`]).
+//! The loss kernels (`shaders/loss_<loss>.wgsl`, each prefixed with
+//! `shaders/loss_common.wgsl`): the backpropagated output-space vectors `V [nv, B, C]`
+//! of one batch, and the raw Philox blocks of the MC contract ([`crate::rng`]). They
+//! know nothing of the pipeline: the caller says which loss, which vectors and their
+//! scale ([`crate::loss`] does, from the options).
 
 use super::check::{expect_len, expect_u32};
-use crate::curvature::{FisherType, LossKind, Options, Reduction};
 use crate::error::{Error, Result};
-use crate::gpu::{GpuContext, GpuTensor, Kernel, Recorder, grid_1d};
+use crate::gpu::{GpuContext, GpuTensor, Kernel, Recorder, Shader, grid_1d};
+use crate::kernel_params;
+
+kernel_params! {
+    /// Every loss kernel's parameters (`shaders/loss_common.wgsl`).
+    pub struct LossParams {
+        /// `B`.
+        batch: u32,
+        /// `C`.
+        classes: u32,
+        /// `nv`.
+        num_vectors: u32,
+        /// Global index of the first example (the MC counter).
+        batch_start: u32,
+        /// [`Vectors`] as its discriminant.
+        mode: u32,
+        seed_lo: u32,
+        seed_hi: u32,
+        /// The factor every vector is multiplied with.
+        scale: f32,
+    }
+}
+
+macro_rules! loss_shader {
+    ($name:literal) => {
+        Shader {
+            name: $name,
+            source: concat!(
+                include_str!(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/shaders/loss_common.wgsl"
+                )),
+                include_str!(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/shaders/",
+                    $name,
+                    ".wgsl"
+                ))
+            ),
+        }
+    };
+}
+
+pub(crate) static LOSS_MSE: Shader = loss_shader!("loss_mse");
+pub(crate) static LOSS_CROSS_ENTROPY: Shader = loss_shader!("loss_cross_entropy");
+pub(crate) static LOSS_BCE: Shader = loss_shader!("loss_bce");
+
+/// Which loss kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LossKernel {
+    /// `shaders/loss_mse.wgsl`, dense targets.
+    Mse,
+    /// `shaders/loss_cross_entropy.wgsl`, class-index targets.
+    CrossEntropy,
+    /// `shaders/loss_bce.wgsl`, dense targets.
+    Bce,
+}
+
+impl LossKernel {
+    fn shader(self) -> &'static Shader {
+        match self {
+            LossKernel::Mse => &LOSS_MSE,
+            LossKernel::CrossEntropy => &LOSS_CROSS_ENTROPY,
+            LossKernel::Bce => &LOSS_BCE,
+        }
+    }
+}
+
+/// Which vectors the kernel writes (the kernels' `mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Vectors {
+    /// Column `v` of the loss Hessian's square root, `v < C`.
+    HessianSqrt = 0,
+    /// The gradient at the true targets.
+    Gradient = 1,
+    /// The gradient at targets drawn for MC sample `v`.
+    Sampled = 2,
+}
 
 /// The targets of one batch on the GPU.
 #[derive(Clone, Copy, Debug)]
@@ -18,37 +95,30 @@ pub enum GpuTargets<'a> {
     Dense(&'a GpuTensor),
 }
 
-/// The kernel's `scale` (see `shaders/loss.wgsl`): type-2 MSE `σ_b·√(2c_C)`, CE `σ_b`,
-/// BCE `σ_b·√c_C`; empirical/MC MSE `2σ'`, CE `σ_b`, BCE `σ'`.
-fn scale(opts: &Options, batch: usize, outputs: usize) -> f64 {
-    let (b, c) = (batch as f64, outputs as f64);
-    let mean = opts.reduction == Reduction::Mean;
-    let sigma_b = if mean { 1.0 / b } else { 1.0 };
-    let c_c = if mean { 1.0 / c } else { 1.0 };
-    let sigma_prime = if mean { 1.0 / (b * c.sqrt()) } else { 1.0 };
-    match (opts.fisher, opts.loss) {
-        (FisherType::Type2, LossKind::Mse) => sigma_b * (2.0 * c_c).sqrt(),
-        (FisherType::Type2, LossKind::CrossEntropy) => sigma_b,
-        (FisherType::Type2, LossKind::BceWithLogits) => sigma_b * c_c.sqrt(),
-        (_, LossKind::Mse) => 2.0 * sigma_prime,
-        (_, LossKind::CrossEntropy) => sigma_b,
-        (_, LossKind::BceWithLogits) => sigma_prime,
-    }
+/// What one call of a loss kernel computes.
+#[derive(Clone, Copy, Debug)]
+pub struct BackpropVectors {
+    pub kernel: LossKernel,
+    pub vectors: Vectors,
+    /// `nv`: `C` for [`Vectors::HessianSqrt`].
+    pub num_vectors: usize,
+    /// Global index of the batch's first example (the MC counter).
+    pub batch_start: usize,
+    /// Key of the MC generator.
+    pub seed: u64,
+    /// The factor every vector is multiplied with.
+    pub scale: f32,
 }
 
-/// Records the backpropagated vectors of the batch `logits [B, C]` whose first example
-/// has global index `batch_start`, into `vectors [nv, B, C]` (`nv` from
-/// [`Options::num_vectors`]), and returns κ_b ([`crate::loss::kappa`]) for a data set
-/// of `num_data` examples. Forward-only has no vectors and is an error here.
+/// Records the vectors `p` asks for of the batch `logits [B, C]` into
+/// `vectors [nv, B, C]`.
 pub fn record_backprop_vectors(
     rec: &mut Recorder,
-    opts: &Options,
+    p: &BackpropVectors,
     logits: &GpuTensor,
     targets: GpuTargets<'_>,
-    batch_start: usize,
-    num_data: usize,
     vectors: &GpuTensor,
-) -> Result<f64> {
+) -> Result<()> {
     const OP: &str = "loss::backprop_vectors";
     let [batch, outputs] = logits.shape() else {
         return Err(Error::gpu(
@@ -56,105 +126,43 @@ pub fn record_backprop_vectors(
             format!("logits must be [B, C], found shape {:?}", logits.shape()),
         ));
     };
-    let (batch, outputs) = (*batch, *outputs);
-    let nv = opts.num_vectors(outputs);
-    let mode = match opts.fisher {
-        FisherType::Type2 => 0u32,
-        FisherType::Empirical => 1,
-        FisherType::Mc => 2,
-        FisherType::ForwardOnly => {
-            return Err(Error::gpu(
-                OP,
-                "the forward-only Fisher has no backpropagated vectors",
-            ));
-        }
-    };
-    let (labels, values) = match (opts.loss, targets) {
-        (LossKind::CrossEntropy, GpuTargets::Classes(t)) => {
+    let (batch, outputs, nv) = (*batch, *outputs, p.num_vectors);
+    let (labels, values) = match (p.kernel, targets) {
+        (LossKernel::CrossEntropy, GpuTargets::Classes(t)) => {
             expect_len(OP, "class indices", t, batch)?;
             (t, logits)
         }
-        (LossKind::Mse | LossKind::BceWithLogits, GpuTargets::Dense(t)) => {
+        (LossKernel::Mse | LossKernel::Bce, GpuTargets::Dense(t)) => {
             expect_len(OP, "targets", t, batch * outputs)?;
             (logits, t)
         }
-        (loss, _) => {
-            return Err(Error::gpu(
-                OP,
-                format!(
-                    "{loss} needs {} targets",
-                    match loss {
-                        LossKind::CrossEntropy => "class-index",
-                        _ => "dense [B, C]",
-                    }
-                ),
-            ));
+        (LossKernel::CrossEntropy, _) => {
+            return Err(Error::gpu(OP, "cross-entropy needs class-index targets"));
         }
+        _ => return Err(Error::gpu(OP, "this loss needs dense [B, C] targets")),
     };
     expect_len(OP, "vectors", vectors, nv * batch * outputs)?;
-    expect_u32(OP, &[nv * batch * outputs, batch_start + batch])?;
+    expect_u32(OP, &[nv * batch * outputs, p.batch_start + batch])?;
     if outputs == 0 || batch == 0 {
         return Err(Error::gpu(OP, "empty batch or no outputs"));
     }
-    let loss = match opts.loss {
-        LossKind::Mse => 0u32,
-        LossKind::CrossEntropy => 1,
-        LossKind::BceWithLogits => 2,
-    };
     let threads = (nv * batch) as u32;
-    rec.dispatch_words(
-        &Kernel::new(&super::LOSS, "backprop_vectors"),
+    rec.dispatch(
+        &Kernel::new(p.kernel.shader(), "backprop_vectors"),
         &[logits, labels, values],
         &[vectors],
-        &[
-            batch as u32,
-            outputs as u32,
-            nv as u32,
-            batch_start as u32,
-            loss,
-            mode,
-            opts.seed as u32,
-            (opts.seed >> 32) as u32,
-            (scale(opts, batch, outputs) as f32).to_bits(),
-        ],
+        &LossParams {
+            batch: batch as u32,
+            classes: outputs as u32,
+            num_vectors: nv as u32,
+            batch_start: p.batch_start as u32,
+            mode: p.vectors as u32,
+            seed_lo: p.seed as u32,
+            seed_hi: (p.seed >> 32) as u32,
+            scale: p.scale,
+        },
         grid_1d(threads.div_ceil(256)),
-    )?;
-    Ok(crate::loss::kappa(
-        opts.reduction,
-        batch,
-        num_data,
-        opts.mc_samples,
-    ))
-}
-
-/// [`record_backprop_vectors`] into a new tensor, submitted at once: `(V, κ_b)`.
-pub fn backprop_vectors(
-    ctx: &GpuContext,
-    opts: &Options,
-    logits: &GpuTensor,
-    targets: GpuTargets<'_>,
-    batch_start: usize,
-    num_data: usize,
-) -> Result<(GpuTensor, f64)> {
-    let [batch, outputs] = logits.shape() else {
-        return Err(Error::gpu(
-            "loss::backprop_vectors",
-            format!("logits must be [B, C], found shape {:?}", logits.shape()),
-        ));
-    };
-    let vectors = ctx.zeros(&[opts.num_vectors(*outputs), *batch, *outputs])?;
-    let mut rec = ctx.recorder();
-    let kappa = record_backprop_vectors(
-        &mut rec,
-        opts,
-        logits,
-        targets,
-        batch_start,
-        num_data,
-        &vectors,
-    )?;
-    rec.submit()?;
-    Ok((vectors, kappa))
+    )
 }
 
 /// The Philox4x32-10 blocks of counters `(batch_start + n, m, c, 0)` under `seed`, for
@@ -173,21 +181,19 @@ pub fn philox_blocks(
     expect_u32(OP, &[count * 4, batch_start + batch])?;
     let words = ctx.zeros(&[count * 4])?;
     let mut rec = ctx.recorder();
-    rec.dispatch_words(
-        &Kernel::new(&super::LOSS, "philox_blocks"),
+    rec.dispatch(
+        &Kernel::new(&LOSS_MSE, "philox_blocks"),
         &[],
         &[&words],
-        &[
-            batch as u32,
-            outputs as u32,
-            samples as u32,
-            batch_start as u32,
-            0,
-            0,
-            seed as u32,
-            (seed >> 32) as u32,
-            0,
-        ],
+        &LossParams {
+            batch: batch as u32,
+            classes: outputs as u32,
+            num_vectors: samples as u32,
+            batch_start: batch_start as u32,
+            seed_lo: seed as u32,
+            seed_hi: (seed >> 32) as u32,
+            ..LossParams::default()
+        },
         grid_1d((count as u32).div_ceil(256)),
     )?;
     rec.submit()?;

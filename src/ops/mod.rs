@@ -27,7 +27,6 @@ pub(crate) static GELU: Shader = crate::shader!("gelu");
 pub(crate) static GEMM: Shader = crate::shader!("gemm");
 pub(crate) static IM2COL: Shader = crate::shader!("im2col");
 pub(crate) static JACOBI: Shader = crate::shader!("jacobi");
-pub(crate) static LOSS: Shader = crate::shader!("loss");
 pub(crate) static NORM: Shader = crate::shader!("norm");
 pub(crate) static POOL: Shader = crate::shader!("pool");
 pub(crate) static REDUCE: Shader = crate::shader!("reduce");
@@ -48,7 +47,9 @@ static SHADERS: &[&Shader] = &[
     &GEMM,
     &IM2COL,
     &JACOBI,
-    &LOSS,
+    &loss::LOSS_BCE,
+    &loss::LOSS_CROSS_ENTROPY,
+    &loss::LOSS_MSE,
     &NORM,
     &POOL,
     &REDUCE,
@@ -74,6 +75,9 @@ pub fn all_params() -> Vec<ParamsLayout> {
         L::of::<gemm::SplitKSumParams>(&GEMM),
         L::of::<gemm::GemvParams>(&GEMM),
         L::of::<im2col::Im2colParams>(&IM2COL),
+        L::of::<loss::LossParams>(&loss::LOSS_BCE),
+        L::of::<loss::LossParams>(&loss::LOSS_CROSS_ENTROPY),
+        L::of::<loss::LossParams>(&loss::LOSS_MSE),
         L::of::<jacobi::SweepParams>(&JACOBI),
         L::of::<jacobi::GlobalParams>(&JACOBI),
         L::of::<jacobi::CombineParams>(&JACOBI),

@@ -1,21 +1,20 @@
-// Backpropagated output-space vectors of one batch (SPEC §3.2, src/loss.rs is the f64
-// reference) and the Philox4x32-10 generator of the MC contract (src/rng.rs).
-// Bindings follow src/gpu/pipeline.rs: reads, then writes, then params.
+// The part every loss kernel shares (src/ops/loss.rs prepends it to shaders/loss_<loss>.wgsl):
+// the parameters and bindings of the backpropagated output-space vectors of one batch
+// (SPEC §3.2; src/loss/ is the f64 reference) and the Philox4x32-10 generator of the MC
+// contract (src/rng.rs). Bindings follow src/gpu/pipeline.rs: reads, writes, params.
 //
-// backprop_vectors: (logits [B, C] f32, labels [B] u32, targets [B, C] f32;
-//   vectors [nv, B, C] f32; params). One invocation per (v, n), v-major; grid_1d over
-//   ceil(nv·B / 256) workgroups of 256. `labels` is read for cross-entropy, `targets`
-//   for MSE/BCE (the wrapper binds the logits in place of the unused one).
+// backprop_vectors (in each loss file): (logits [B, C] f32, labels [B] u32, targets
+//   [B, C] f32; vectors [nv, B, C] f32; params). One invocation per (v, n), v-major;
+//   grid_1d over ceil(nv·B / 256) workgroups of 256. `labels` is read for cross-entropy,
+//   `targets` for MSE/BCE (the wrapper binds the logits in place of the unused one).
 // philox_blocks: (; words [B, M, Cc, 4] u32; params): the raw Philox blocks of counters
 //   (batch_start + n, m, c, 0), one invocation per counter (verification of the contract).
 
-struct Params {
+struct LossParams {
     batch: u32,
     classes: u32,
     num_vectors: u32,
     batch_start: u32,
-    // 0 mse, 1 cross_entropy, 2 bce_with_logits
-    loss: u32,
     // 0 type-2, 1 empirical, 2 mc
     mode: u32,
     seed_lo: u32,
@@ -29,10 +28,10 @@ struct Params {
 @group(0) @binding(1) var<storage, read> labels: array<u32>;
 @group(0) @binding(2) var<storage, read> targets: array<f32>;
 @group(0) @binding(3) var<storage, read_write> vectors: array<f32>;
-@group(0) @binding(4) var<storage, read> params: Params;
+@group(0) @binding(4) var<storage, read> params: LossParams;
 
 @group(0) @binding(0) var<storage, read_write> words: array<u32>;
-@group(0) @binding(1) var<storage, read> pparams: Params;
+@group(0) @binding(1) var<storage, read> pparams: LossParams;
 
 // ---- Philox4x32-10 -------------------------------------------------------------
 
@@ -139,7 +138,7 @@ fn gaussian(n: u32, m: u32, c: u32) -> f32 {
     return r * cos_two_pi(to_uniform(x.y));
 }
 
-// ---- losses ----------------------------------------------------------------------
+// ---- shared by the losses ---------------------------------------------------------
 
 fn sigmoid(v: f32) -> f32 {
     let e = exp(-abs(v));
@@ -151,96 +150,6 @@ fn sigmoid(v: f32) -> f32 {
 
 fn logit(n: u32, i: u32) -> f32 {
     return logits[n * params.classes + i];
-}
-
-@compute @workgroup_size(256)
-fn backprop_vectors(@builtin(workgroup_id) wid: vec3<u32>,
-                    @builtin(num_workgroups) nwg: vec3<u32>,
-                    @builtin(local_invocation_index) lid: u32) {
-    let t = (wid.x + wid.y * nwg.x) * 256u + lid;
-    let b = params.batch;
-    let cc = params.classes;
-    if (t >= params.num_vectors * b) {
-        return;
-    }
-    let v = t / b;
-    let n = t % b;
-    let global_n = params.batch_start + n;
-    let out = (v * b + n) * cc;
-    let scale = params.scale;
-
-    // Softmax statistics for cross-entropy.
-    var max_f = logit(n, 0u);
-    var denom = 0.0;
-    if (params.loss == 1u) {
-        for (var i = 1u; i < cc; i++) {
-            max_f = max(max_f, logit(n, i));
-        }
-        for (var i = 0u; i < cc; i++) {
-            denom += exp(logit(n, i) - max_f);
-        }
-    }
-
-    if (params.mode == 0u) {
-        // type-2: column v of the loss Hessian's square root.
-        let c = v;
-        for (var i = 0u; i < cc; i++) {
-            var value = 0.0;
-            if (params.loss == 1u) {
-                let pc = exp(logit(n, c) - max_f) / denom;
-                let pi = exp(logit(n, i) - max_f) / denom;
-                value = scale * sqrt(pc) * (select(0.0, 1.0, i == c) - pi);
-            } else if (i == c) {
-                if (params.loss == 0u) {
-                    value = scale;
-                } else {
-                    let p = sigmoid(logit(n, c));
-                    value = scale * sqrt(p * (1.0 - p));
-                }
-            }
-            vectors[out + i] = value;
-        }
-        return;
-    }
-
-    // Empirical (true labels) or MC sample v (labels drawn from the model).
-    let mc = params.mode == 2u;
-    if (params.loss == 1u) {
-        var label = labels[n];
-        if (mc) {
-            let u = to_uniform(block(global_n, v, 0u).x);
-            label = cc - 1u;
-            var cdf = 0.0;
-            for (var i = 0u; i < cc; i++) {
-                cdf += exp(logit(n, i) - max_f) / denom;
-                if (u < cdf) {
-                    label = i;
-                    break;
-                }
-            }
-        }
-        for (var i = 0u; i < cc; i++) {
-            let p = exp(logit(n, i) - max_f) / denom;
-            vectors[out + i] = scale * (p - select(0.0, 1.0, i == label));
-        }
-        return;
-    }
-    for (var i = 0u; i < cc; i++) {
-        let f = logit(n, i);
-        var y = targets[n * cc + i];
-        if (params.loss == 0u) {
-            if (mc) {
-                y = f + 0.7071067811865476 * gaussian(global_n, v, i);
-            }
-            vectors[out + i] = scale * (f - y);
-        } else {
-            let p = sigmoid(f);
-            if (mc) {
-                y = select(0.0, 1.0, to_uniform(block(global_n, v, i).x) < p);
-            }
-            vectors[out + i] = scale * (p - y);
-        }
-    }
 }
 
 @compute @workgroup_size(256)

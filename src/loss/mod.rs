@@ -1,6 +1,9 @@
-//! The loss side of KFAC in f64 (host reference; the GPU has `shaders/loss.wgsl`): loss
-//! values and the backpropagated output-space vectors `V [nv, B, C]` of one batch
-//! (SPEC §3.2) with their correction factor κ_b (§3.5).
+//! Losses behind one trait, [`Loss`], one file per loss ([`mse`], [`cross_entropy`],
+//! [`bce`]) with its kernel `shaders/loss_<loss>.wgsl`: its value, gradient, the
+//! square root of its Hessian and its MC sampling. This module composes them into the
+//! backpropagated output-space vectors `V [nv, B, C]` of one batch (SPEC §3.2) with
+//! their correction factor κ_b (§3.5), in f64 (the host reference) and on the GPU
+//! ([`gpu`]).
 //!
 //! Outputs are 2-D `[B, C]` (one loss term per example, `R = 1`), so `M_b = B_b`.
 //! With `σ_b = 1` (sum) or `1/B_b` (mean) and `c_C = 1` (sum, and always for CE) or
@@ -13,9 +16,19 @@
 //!   global example index `batch_start + n`: MSE `ŷ = f + √0.5·ε`, CE categorical,
 //!   BCE Bernoulli.
 //! - κ_b = `1/mc` (sum) or `B_b²/(N·mc)` (mean).
+//!
+//! Adding a loss: a file here implementing [`Loss`], its kernel
+//! `shaders/loss_<name>.wgsl` (one `LossKernel` line in [`crate::ops::loss`]), its name
+//! in [`LossKind`] and [`of`].
+
+pub mod bce;
+pub mod cross_entropy;
+pub mod gpu;
+pub mod mse;
 
 use crate::curvature::{FisherType, LossKind, Options, Reduction};
 use crate::error::{Error, Result};
+use crate::ops::loss::LossKernel;
 use crate::rng::Philox;
 
 /// The targets of one batch.
@@ -25,6 +38,99 @@ pub enum Targets<'a> {
     Classes(&'a [usize]),
     /// Row-major `[B, C]` values (MSE, BCE).
     Dense(&'a [f64]),
+}
+
+/// The target of one example.
+#[derive(Clone, Copy, Debug)]
+pub enum Target<'a> {
+    Class(usize),
+    Values(&'a [f64]),
+}
+
+impl<'a> Targets<'a> {
+    /// Example `n`'s target (`outputs` values per example for dense targets).
+    pub fn row(&self, n: usize, outputs: usize) -> Target<'a> {
+        match *self {
+            Targets::Classes(y) => Target::Class(y[n]),
+            Targets::Dense(y) => Target::Values(&y[n * outputs..(n + 1) * outputs]),
+        }
+    }
+}
+
+/// The target drawn for one example in one MC sample.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SampledTarget {
+    Class(usize),
+    Values(Vec<f64>),
+}
+
+/// One loss `ℓ(f, y)` of a network output `f ∈ R^C` (one example).
+pub trait Loss: Sync {
+    /// Its option value.
+    fn kind(&self) -> LossKind;
+
+    /// Whether its targets are class indices (else `[B, C]` values).
+    fn class_targets(&self) -> bool;
+
+    /// `C'`, the mean reduction's normaliser besides `N`: 1 (CE) or `C` (MSE, BCE).
+    fn mean_normaliser(&self, outputs: usize) -> f64;
+
+    /// Checks dense targets for the Fisher type beyond finiteness (BCE type-2: binary).
+    fn check_values(&self, _fisher: FisherType, _y: &[f64]) -> Result<()> {
+        Ok(())
+    }
+
+    /// `ℓ(f, y)`.
+    fn value(&self, f: &[f64], y: Target) -> f64;
+
+    /// Appends `s·∇_f ℓ(f, y)` (MSE `2(f − y)`, CE `p − e_y`, BCE `σ(f) − y`) to `out`.
+    fn push_gradient(&self, f: &[f64], y: Target, s: f64, out: &mut Vec<f64>);
+
+    /// Writes column `c` of `σ_b·S` (`S Sᵀ = c_C·∇²ℓ`) into `column` (zeros given).
+    fn hessian_sqrt_column(&self, f: &[f64], c: usize, sigma_b: f64, c_c: f64, column: &mut [f64]);
+
+    /// The target of MC sample `m` of global example `n`: the contract of [`crate::rng`].
+    fn sample(&self, f: &[f64], rng: &Philox, n: u32, m: u32) -> SampledTarget;
+
+    /// `σ_b` (CE) or `σ'` (MSE, BCE) of the empirical gradient: 1 for sum, `1/B` (CE
+    /// mean) or `1/(B√C)` (MSE/BCE mean).
+    fn gradient_scale(&self, reduction: Reduction, batch: usize, outputs: usize) -> f64 {
+        match reduction {
+            Reduction::Sum => 1.0,
+            Reduction::Mean => 1.0 / (batch as f64 * (outputs as f64).sqrt()),
+        }
+    }
+
+    /// The factor the GPU kernel multiplies its vectors with (see `shaders/`): type-2
+    /// `σ_b·√(2c_C)` (MSE), `σ_b` (CE), `σ_b·√c_C` (BCE); empirical and MC `2σ'`
+    /// (MSE), `σ_b` (CE), `σ'` (BCE).
+    fn kernel_scale(
+        &self,
+        fisher: FisherType,
+        reduction: Reduction,
+        batch: usize,
+        outputs: usize,
+    ) -> f64;
+
+    /// Its GPU kernel.
+    fn kernel(&self) -> LossKernel;
+}
+
+/// The loss of `kind`.
+pub fn of(kind: LossKind) -> &'static dyn Loss {
+    match kind {
+        LossKind::Mse => &mse::Mse,
+        LossKind::CrossEntropy => &cross_entropy::CrossEntropy,
+        LossKind::BceWithLogits => &bce::Bce,
+    }
+}
+
+/// `σ_b` and `c_C` of a batch.
+fn type2_scales(loss: &dyn Loss, reduction: Reduction, batch: usize, outputs: usize) -> (f64, f64) {
+    match reduction {
+        Reduction::Sum => (1.0, 1.0),
+        Reduction::Mean => (1.0 / batch as f64, 1.0 / loss.mean_normaliser(outputs)),
+    }
 }
 
 /// The backpropagated vectors of one batch.
@@ -77,22 +183,22 @@ pub fn check_targets(
     batch: usize,
     outputs: usize,
 ) -> Result<()> {
-    match (loss, targets) {
-        (LossKind::CrossEntropy, Targets::Classes(y)) => {
+    let l = of(loss);
+    match (l.class_targets(), targets) {
+        (true, Targets::Classes(y)) => {
             if y.len() != batch {
                 return Err(Error::Options(format!(
-                    "cross_entropy: expected {batch} class indices, found {}",
+                    "{loss}: expected {batch} class indices, found {}",
                     y.len()
                 )));
             }
             if let Some((n, &c)) = y.iter().enumerate().find(|&(_, &c)| c >= outputs) {
                 return Err(Error::Options(format!(
-                    "cross_entropy: label {c} of example {n} is out of range for {outputs} \
-                     classes"
+                    "{loss}: label {c} of example {n} is out of range for {outputs} classes"
                 )));
             }
         }
-        (LossKind::Mse | LossKind::BceWithLogits, Targets::Dense(y)) => {
+        (false, Targets::Dense(y)) => {
             if y.len() != batch * outputs {
                 return Err(Error::Options(format!(
                     "{loss}: expected {batch}×{outputs} targets, found {}",
@@ -105,23 +211,14 @@ pub fn check_targets(
                     y[i]
                 )));
             }
-            if loss == LossKind::BceWithLogits
-                && fisher == FisherType::Type2
-                && let Some(i) = y.iter().position(|&v| v != 0.0 && v != 1.0)
-            {
-                return Err(Error::Options(format!(
-                    "bce_with_logits with fisher type 'type-2' needs binary targets \
-                     (0 or 1); target {i} is {}",
-                    y[i]
-                )));
-            }
+            l.check_values(fisher, y)?;
         }
-        (LossKind::CrossEntropy, Targets::Dense(_)) => {
-            return Err(Error::Options(
-                "cross_entropy needs class-index targets, found dense values".into(),
-            ));
+        (true, Targets::Dense(_)) => {
+            return Err(Error::Options(format!(
+                "{loss} needs class-index targets, found dense values"
+            )));
         }
-        (_, Targets::Classes(_)) => {
+        (false, Targets::Classes(_)) => {
             return Err(Error::Options(format!(
                 "{loss} needs dense [B, C] targets, found class indices"
             )));
@@ -142,34 +239,15 @@ pub fn loss_value(
 ) -> Result<f64> {
     let batch = logits.len() / outputs.max(1);
     check_targets(loss, FisherType::Empirical, targets, batch, outputs)?;
-    let mut total = 0.0;
-    for (n, f) in logits.chunks_exact(outputs).enumerate() {
-        total += match (loss, targets) {
-            (LossKind::CrossEntropy, Targets::Classes(y)) => {
-                let max = f.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let lse = max + f.iter().map(|&x| (x - max).exp()).sum::<f64>().ln();
-                lse - f[y[n]]
-            }
-            (LossKind::Mse, Targets::Dense(y)) => f
-                .iter()
-                .zip(&y[n * outputs..(n + 1) * outputs])
-                .map(|(a, b)| (a - b).powi(2))
-                .sum(),
-            (LossKind::BceWithLogits, Targets::Dense(y)) => f
-                .iter()
-                .zip(&y[n * outputs..(n + 1) * outputs])
-                .map(|(&x, &t)| x.max(0.0) - x * t + (-x.abs()).exp().ln_1p())
-                .sum(),
-            _ => unreachable!("check_targets accepted the pairing"),
-        };
-    }
-    let c_prime = match loss {
-        LossKind::CrossEntropy => 1.0,
-        _ => outputs as f64,
-    };
+    let l = of(loss);
+    let total: f64 = logits
+        .chunks_exact(outputs)
+        .enumerate()
+        .map(|(n, f)| l.value(f, targets.row(n, outputs)))
+        .sum();
     Ok(match reduction {
         Reduction::Sum => total,
-        Reduction::Mean => total / (num_data as f64 * c_prime),
+        Reduction::Mean => total / (num_data as f64 * l.mean_normaliser(outputs)),
     })
 }
 
@@ -201,46 +279,34 @@ pub fn sample_targets(
     m: usize,
 ) -> SampledTargets {
     let rng = Philox::new(seed);
-    let m = m as u32;
-    let rows = logits.chunks_exact(outputs).enumerate();
-    match loss {
-        LossKind::CrossEntropy => SampledTargets::Classes(
-            rows.map(|(n, f)| rng.categorical((batch_start + n) as u32, m, &softmax(f)))
-                .collect(),
-        ),
-        LossKind::Mse => SampledTargets::Dense(
-            rows.flat_map(|(n, f)| {
-                f.iter().enumerate().map(move |(c, &x)| {
-                    x + 0.5f64.sqrt() * rng.gaussian((batch_start + n) as u32, m, c as u32)
-                })
+    let l = of(loss);
+    let rows = logits
+        .chunks_exact(outputs)
+        .enumerate()
+        .map(|(n, f)| l.sample(f, &rng, (batch_start + n) as u32, m as u32));
+    if l.class_targets() {
+        SampledTargets::Classes(
+            rows.map(|t| match t {
+                SampledTarget::Class(c) => c,
+                SampledTarget::Values(_) => unreachable!("a class loss samples classes"),
             })
             .collect(),
-        ),
-        LossKind::BceWithLogits => SampledTargets::Dense(
-            rows.flat_map(|(n, f)| {
-                f.iter().enumerate().map(move |(c, &x)| {
-                    rng.bernoulli((batch_start + n) as u32, m, c as u32, sigmoid(x))
-                })
+        )
+    } else {
+        SampledTargets::Dense(
+            rows.flat_map(|t| match t {
+                SampledTarget::Values(v) => v,
+                SampledTarget::Class(_) => unreachable!("a dense loss samples values"),
             })
             .collect(),
-        ),
-    }
-}
-
-/// `σ_b` (CE) or `σ'` (MSE/BCE) of the empirical gradient: 1 for sum, `1/B` (CE mean)
-/// or `1/(B√C)` (MSE/BCE mean).
-fn gradient_scale(loss: LossKind, reduction: Reduction, batch: usize, outputs: usize) -> f64 {
-    match (reduction, loss) {
-        (Reduction::Sum, _) => 1.0,
-        (Reduction::Mean, LossKind::CrossEntropy) => 1.0 / batch as f64,
-        (Reduction::Mean, _) => 1.0 / (batch as f64 * (outputs as f64).sqrt()),
+        )
     }
 }
 
 /// The empirical vector `[B, C]` of one batch for the given (true or sampled) labels,
 /// appended to `out`.
-fn push_gradient(
-    loss: LossKind,
+fn push_gradients(
+    l: &dyn Loss,
     reduction: Reduction,
     logits: &[f64],
     targets: Targets<'_>,
@@ -248,29 +314,9 @@ fn push_gradient(
     out: &mut Vec<f64>,
 ) {
     let batch = logits.len() / outputs;
-    let s = gradient_scale(loss, reduction, batch, outputs);
+    let s = l.gradient_scale(reduction, batch, outputs);
     for (n, f) in logits.chunks_exact(outputs).enumerate() {
-        match (loss, targets) {
-            (LossKind::CrossEntropy, Targets::Classes(y)) => {
-                let p = softmax(f);
-                out.extend(
-                    p.iter()
-                        .enumerate()
-                        .map(|(c, &pc)| (pc - f64::from(u8::from(c == y[n]))) * s),
-                );
-            }
-            (LossKind::Mse, Targets::Dense(y)) => out.extend(
-                f.iter()
-                    .zip(&y[n * outputs..(n + 1) * outputs])
-                    .map(|(&x, &t)| 2.0 * (x - t) * s),
-            ),
-            (LossKind::BceWithLogits, Targets::Dense(y)) => out.extend(
-                f.iter()
-                    .zip(&y[n * outputs..(n + 1) * outputs])
-                    .map(|(&x, &t)| (sigmoid(x) - t) * s),
-            ),
-            _ => unreachable!("check_targets accepted the pairing"),
-        }
+        l.push_gradient(f, targets.row(n, outputs), s, out);
     }
 }
 
@@ -292,23 +338,19 @@ pub fn backprop_vectors(
     }
     let batch = logits.len() / outputs;
     check_targets(opts.loss, opts.fisher, targets, batch, outputs)?;
+    let l = of(opts.loss);
     let nv = opts.num_vectors(outputs);
     let mut values = Vec::with_capacity(nv * batch * outputs);
     match opts.fisher {
         FisherType::ForwardOnly => {}
-        FisherType::Empirical => push_gradient(
-            opts.loss,
-            opts.reduction,
-            logits,
-            targets,
-            outputs,
-            &mut values,
-        ),
+        FisherType::Empirical => {
+            push_gradients(l, opts.reduction, logits, targets, outputs, &mut values)
+        }
         FisherType::Mc => {
             for m in 0..opts.mc_samples {
                 let y = sample_targets(opts.loss, logits, outputs, opts.seed, batch_start, m);
-                push_gradient(
-                    opts.loss,
+                push_gradients(
+                    l,
                     opts.reduction,
                     logits,
                     y.as_targets(),
@@ -319,39 +361,11 @@ pub fn backprop_vectors(
         }
         FisherType::Type2 => {
             values.resize(nv * batch * outputs, 0.0);
-            let sigma_b = match opts.reduction {
-                Reduction::Sum => 1.0,
-                Reduction::Mean => 1.0 / batch as f64,
-            };
-            let c_c = match (opts.reduction, opts.loss) {
-                (Reduction::Mean, LossKind::Mse | LossKind::BceWithLogits) => 1.0 / outputs as f64,
-                _ => 1.0,
-            };
+            let (sigma_b, c_c) = type2_scales(l, opts.reduction, batch, outputs);
             for (n, f) in logits.chunks_exact(outputs).enumerate() {
-                let at = |c: usize, i: usize| (c * batch + n) * outputs + i;
-                match opts.loss {
-                    LossKind::Mse => {
-                        let v = sigma_b * (2.0 * c_c).sqrt();
-                        for c in 0..outputs {
-                            values[at(c, c)] = v;
-                        }
-                    }
-                    LossKind::BceWithLogits => {
-                        for (c, &x) in f.iter().enumerate() {
-                            let p = sigmoid(x);
-                            values[at(c, c)] = sigma_b * (c_c * p * (1.0 - p)).sqrt();
-                        }
-                    }
-                    LossKind::CrossEntropy => {
-                        let p = softmax(f);
-                        for c in 0..outputs {
-                            let sp = p[c].sqrt();
-                            for i in 0..outputs {
-                                let e = f64::from(u8::from(i == c));
-                                values[at(c, i)] = sigma_b * sp * (e - p[i]);
-                            }
-                        }
-                    }
+                for c in 0..outputs {
+                    let at = (c * batch + n) * outputs;
+                    l.hessian_sqrt_column(f, c, sigma_b, c_c, &mut values[at..at + outputs]);
                 }
             }
         }
