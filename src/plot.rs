@@ -347,7 +347,7 @@ fn panel(
             pic.text((right - 4, py(y) - 9), 12.0, label.clone(), 1);
         }
     }
-    for (i, s) in series.iter().enumerate() {
+    for s in series {
         let points: Vec<(i32, i32)> = s
             .points
             .iter()
@@ -355,6 +355,20 @@ fn panel(
             .map(|&(x, y)| (px(x), py(fy(y).max(y0))))
             .collect();
         pic.line(points, s.color, 2);
+    }
+    // The legend on a white box over the top left corner.
+    let longest = series
+        .iter()
+        .map(|s| s.label.chars().count())
+        .max()
+        .unwrap_or(0);
+    if longest > 0 {
+        let box_right = left + 40 + 8 * longest as i32;
+        let box_bottom = top + 4 + 16 * series.len() as i32;
+        pic.rect([(left + 2, top + 2), (box_right, box_bottom)], WHITE, true);
+        pic.rect([(left + 2, top + 2), (box_right, box_bottom)], GREY, false);
+    }
+    for (i, s) in series.iter().enumerate() {
         let ly = top + 12 + 16 * i as i32;
         pic.line(vec![(left + 8, ly), (left + 28, ly)], s.color, 3);
         pic.text((left + 34, ly), 12.0, s.label.clone(), -1);

@@ -474,3 +474,77 @@ fn the_command_line_refuses_bad_inputs() {
     args.extend(["--report", blocker.join("report").to_str().unwrap()].map(String::from));
     fails(args, "report directory");
 }
+
+/// Image inputs (`[3, 8, 8]`) get a PNG grid per query in the report; grouped
+/// convolutions are refused by node name.
+#[test]
+fn the_report_draws_image_grids_and_grouped_convolutions_are_refused() {
+    let Some(_ctx) = common::gpu() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let case = "cnn_large_ce_mean_type2_expand_sep";
+    let state = fit_state(case, dir.path());
+    let out = dir.path().join("scores.safetensors");
+    let report = dir.path().join("report");
+    let data = fixture_file(case, "data.safetensors");
+    let args: Vec<String> = [
+        "influence",
+        "--state",
+        &state,
+        "--model",
+        &fixture_file(case, "model.json"),
+        "--weights",
+        &fixture_file(case, "weights.safetensors"),
+        "--train",
+        &data,
+        "--query",
+        &data,
+        "--out",
+        out.to_str().unwrap(),
+        "--top-k",
+        "2",
+        "--report",
+        report.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let result = run(&args);
+    assert!(result.status.success(), "{result:?}");
+    let n = ekfac::model::Dataset::load(&data).unwrap().len;
+    for q in [0, n - 1] {
+        let bytes = std::fs::read(report.join(format!("query_{q}.png"))).unwrap();
+        let mut reader = png::Decoder::new(std::io::Cursor::new(bytes))
+            .read_info()
+            .unwrap();
+        let mut rgb = vec![0; reader.output_buffer_size()];
+        let info = reader.next_frame(&mut rgb).unwrap();
+        // The query and 2 + 2 training images, 120 pixels each, one row.
+        assert_eq!((info.width, info.height), (600, 168));
+        let inked = rgb.chunks(3).filter(|p| p.iter().any(|&c| c < 200)).count();
+        assert!(inked * 10 > rgb.len() / 3, "query_{q}.png is nearly blank");
+    }
+    let md = std::fs::read_to_string(report.join("README.md")).unwrap();
+    assert!(md.contains("(query_0.png)"), "{md}");
+
+    let grouped = "cnn_b_ce_sum_type2_expand_joint";
+    let state = fit_state(grouped, dir.path());
+    let out = dir.path().join("grouped.safetensors");
+    let data = fixture_file(grouped, "data.safetensors");
+    let result = ekfac(&[
+        "influence",
+        "--state",
+        &state,
+        "--model",
+        &fixture_file(grouped, "model.json"),
+        "--weights",
+        &fixture_file(grouped, "weights.safetensors"),
+        "--train",
+        &data,
+        "--query",
+        &data,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success() && err.contains("grouped"), "{err}");
+    assert!(!out.exists());
+}

@@ -232,7 +232,7 @@ fn main() -> ExitCode {
             )
         }),
         Some(Command::Fit(args)) => run_fit(&args, &console, quiet),
-        Some(Command::Apply(args)) => run_apply(&args),
+        Some(Command::Apply(args)) => run_apply(&args, quiet),
         Some(Command::Influence(args)) => run_influence(&args, &console, quiet),
         Some(Command::Plot(args)) => run_plot(&args, quiet),
     };
@@ -373,7 +373,7 @@ fn run_fit(args: &FitArgs, console: &Console, quiet: bool) -> Result<()> {
     Ok(())
 }
 
-fn run_apply(args: &ApplyArgs) -> Result<()> {
+fn run_apply(args: &ApplyArgs, quiet: bool) -> Result<()> {
     if let Some(d) = args.damping {
         check_damping(d)?;
     }
@@ -447,7 +447,11 @@ fn run_apply(args: &ApplyArgs) -> Result<()> {
         }
         Ok(())
     })?;
-    out.commit()
+    out.commit()?;
+    if !quiet {
+        println!("wrote {}", args.out.display());
+    }
+    Ok(())
 }
 
 fn run_influence(args: &InfluenceArgs, console: &Console, quiet: bool) -> Result<()> {
