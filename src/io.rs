@@ -45,6 +45,21 @@ pub fn cut_list<T: std::fmt::Debug>(items: &[T]) -> String {
     }
 }
 
+/// Like [`cut_list`] for names shown as they are: `a, b, c, … and N more`.
+pub fn cut_names<S: AsRef<str>>(names: &[S]) -> String {
+    let mut out: Vec<&str> = names
+        .iter()
+        .take(LIST_ITEMS_SHOWN)
+        .map(AsRef::as_ref)
+        .collect();
+    let rest = names.len().saturating_sub(LIST_ITEMS_SHOWN);
+    let more = format!("… and {} more", thousands(rest));
+    if rest > 0 {
+        out.push(&more);
+    }
+    out.join(", ")
+}
+
 /// `n` with a comma every three digits (`299990` → `299,990`).
 pub fn thousands(n: usize) -> String {
     let digits = n.to_string();

@@ -1055,3 +1055,82 @@ fn apply_host_memory_is_flat_in_the_columns() {
         peaks[1]
     );
 }
+
+/// Long lists are cut in messages and in the printed summary: a model with 16
+/// parameter tensors.
+#[test]
+fn long_lists_are_cut() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let layers: Vec<String> = (0..8)
+        .map(|i| {
+            format!(r#"{{"type": "linear", "name": "l{i}", "in_features": 3, "out_features": 3}}"#)
+        })
+        .collect();
+    let model = t.join("model.json");
+    std::fs::write(
+        &model,
+        format!(
+            r#"{{"input_shape": [3], "layers": [{}]}}"#,
+            layers.join(", ")
+        ),
+    )
+    .unwrap();
+    let mut tensors = Vec::new();
+    for i in 0..8 {
+        let w: Vec<f32> = (0..9)
+            .map(|j| ((i * 9 + j) % 7) as f32 / 7.0 - 0.4)
+            .collect();
+        let b = vec![0.1f32; 3];
+        tensors.push((format!("l{i}.weight"), vec![3, 3], w));
+        tensors.push((format!("l{i}.bias"), vec![3], b));
+    }
+    let weights = t.join("weights.safetensors");
+    let refs: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(k, sh, v)| {
+            (
+                k.as_str(),
+                Dtype::F32,
+                sh.clone(),
+                bytemuck::cast_slice(v).to_vec(),
+            )
+        })
+        .collect();
+    write_safetensors(&weights, &refs);
+    let x: Vec<f32> = (0..12).map(|i| (i % 5) as f32 / 5.0).collect();
+    let y: Vec<i64> = vec![0, 1, 2, 1];
+    let data = t.join("data.safetensors");
+    write_safetensors(
+        &data,
+        &[
+            (
+                "x",
+                Dtype::F32,
+                vec![4, 3],
+                bytemuck::cast_slice(&x).to_vec(),
+            ),
+            ("y", Dtype::I64, vec![4], bytemuck::cast_slice(&y).to_vec()),
+        ],
+    );
+    let out = t.join("state.safetensors");
+    let inputs = [Some(s(&model)), Some(s(&weights)), Some(s(&data))];
+    refuse(
+        &fit_args(inputs, &["--params", "nope", "--out", s(&out)]),
+        &[
+            "unknown parameter \"nope\"",
+            "l0.weight, l0.bias",
+            "… and 6 more",
+        ],
+    );
+    let Some(ctx) = common::gpu() else { return };
+    drop(ctx);
+    let args = fit_args(inputs, &["--out", s(&out)]);
+    let result = ekfac_within(&args.iter().map(String::as_str).collect::<Vec<_>>(), 120);
+    assert_success(&result, "fit");
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert!(
+        stdout.contains("96 parameters") && stdout.contains("… and 6 more"),
+        "{stdout}"
+    );
+}

@@ -384,11 +384,12 @@ fn unknown_param_message(
     available: &[(usize, ParamKind, String)],
     name: &str,
 ) -> String {
-    let list = available
-        .iter()
-        .map(|(_, _, n)| n.as_str())
-        .collect::<Vec<_>>()
-        .join(", ");
+    let list = crate::io::cut_names(
+        &available
+            .iter()
+            .map(|(_, _, n)| n.as_str())
+            .collect::<Vec<_>>(),
+    );
     let (prefix, suffix) = name.rsplit_once('.').unwrap_or((name, ""));
     let Some(i) = graph.nodes.iter().position(|n| n.module() == prefix) else {
         return format!("unknown parameter \"{name}\" (available: {list})");

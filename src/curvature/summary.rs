@@ -154,7 +154,7 @@ impl Summary {
             self.adapter.device_type,
             self.num_data,
             self.num_params,
-            self.params.join(", "),
+            crate::io::cut_names(&self.params),
             self.damping
         );
         out += &row("KFAC", &self.kfac);
