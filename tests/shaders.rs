@@ -142,19 +142,12 @@ fn kernel_params_match_their_wgsl_structs() {
     }
 }
 
-/// Shaders whose wrappers still pass positional words (`Recorder::dispatch_words`),
-/// exempt from [`every_parameter_struct_has_a_rust_twin`] until converted.
-const POSITIONAL: &[&str] = &["loss"];
-
 /// Every struct a kernel reads its parameters from (a read-only storage variable of a
 /// struct type) is one of [`ekfac::ops::all_params`].
 #[test]
 fn every_parameter_struct_has_a_rust_twin() {
     let layouts = ekfac::ops::all_params();
     for shader in ekfac::ops::all_shaders() {
-        if POSITIONAL.contains(&shader.name) {
-            continue;
-        }
         let (module, _) = validate(shader.name, shader.source);
         for (_, var) in module.global_variables.iter() {
             let ty = &module.types[var.ty];

@@ -288,20 +288,6 @@ impl<'a> Recorder<'a> {
         )
     }
 
-    /// [`Recorder::dispatch`] with the parameters as positional 32-bit words (floats
-    /// as `f32::to_bits`). Transitional, for the kernels not yet given a
-    /// [`KernelParams`] struct (the loss kernel); to be removed.
-    pub fn dispatch_words(
-        &mut self,
-        kernel: &Kernel,
-        reads: &[&GpuTensor],
-        writes: &[&GpuTensor],
-        params: &[u32],
-        workgroups: [u32; 3],
-    ) -> Result<()> {
-        self.record(kernel, reads, writes, params, workgroups)
-    }
-
     fn record(
         &mut self,
         kernel: &Kernel,
