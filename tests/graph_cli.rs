@@ -1,8 +1,9 @@
 //! `ekfac fit` on graph models that must be refused (issue 9, "Bad input"): a cycle,
 //! an unknown input name, mismatched shapes at an `add`, a missing BatchNorm buffer
-//! (`tests/fixtures/graph_refused/missing_batch_norm_buffer`) and a layer called twice
-//! (`graph_refused/tied`). Each exits non-zero with a message naming the node (and the
-//! file or key), without a panic, and writes neither the state nor the summary.
+//! (`tests/fixtures/graph_refused/missing_batch_norm_buffer`), a layer called twice
+//! (`graph_refused/tied`) and `--params` naming a BatchNorm weight. Each exits non-zero
+//! with a message naming the node (and the file or key), without a panic, and writes
+//! neither the state nor the summary.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -148,5 +149,41 @@ fn bad_graphs_are_refused_by_the_cli_naming_the_node() {
             tmp.path(),
         ),
         &["node \"fc_1\"", "module \"fc\"", "tied"],
+    );
+}
+
+/// `--params` naming a BatchNorm weight (a parameter of the model, but not of a layer
+/// KFAC approximates) is refused, naming the parameter and its node and listing the
+/// parameters that can be chosen; nothing is written.
+#[test]
+fn non_curvature_params_are_refused_listing_the_curvature_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let case = fixtures().join("curvature_graph/resnet_bn_ce_mean_type2_expand_sep");
+    let state = tmp.path().join("state.safetensors");
+    let out = Command::new(env!("CARGO_BIN_EXE_ekfac"))
+        .arg("fit")
+        .arg("--model")
+        .arg(case.join("model.json"))
+        .arg("--weights")
+        .arg(case.join("weights.safetensors"))
+        .arg("--data")
+        .arg(case.join("data.safetensors"))
+        .args(["--loss", "cross_entropy", "--quiet"])
+        .args(["--params", "conv1.weight,bn1.weight"])
+        .arg("--out")
+        .arg(&state)
+        .output()
+        .expect("running the ekfac binary");
+    let summary = tmp.path().join("summary.json");
+    assert_refused(
+        "--params bn1.weight",
+        (out, [state, summary]),
+        &[
+            "\"bn1.weight\"",
+            "node \"bn1\"",
+            "not a curvature parameter",
+            "conv1.weight, layer1.0.conv1.weight",
+            "fc.bias",
+        ],
     );
 }
