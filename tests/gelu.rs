@@ -5,7 +5,7 @@ mod common;
 mod op_fixtures;
 
 use common::TestRng;
-use ekfac::layers::{BackwardArgs, ForwardArgs, Pass};
+use ekfac::layers::ForwardArgs;
 use ekfac::reference::graph_ops as reference;
 use op_fixtures::{OpFixture, Tolerances};
 use serde_json::json;
@@ -93,35 +93,8 @@ fn gelu_gpu_matches_reference_elementwise() {
         let layer = ekfac::layers::build(&gelu_node(Some(approximate)), &[&[n]]).unwrap();
         let xg = ctx.upload(&x, &[1, n]).unwrap();
         let gg = ctx.upload(&grad, &[2, n]).unwrap();
-        let mut pass = Pass::new(&ctx);
-        let y = layer
-            .forward(
-                &mut pass,
-                &ForwardArgs {
-                    batch: 1,
-                    inputs: &[&xg],
-                    params: &[],
-                },
-            )
-            .unwrap();
-        let grads = layer
-            .backward(
-                &mut pass,
-                &BackwardArgs {
-                    stack: 2,
-                    batch: 1,
-                    grad_out: &gg,
-                    inputs: &[&xg],
-                    output: &y,
-                    params: &[],
-                    input_grads: &[true],
-                    param_grads: false,
-                },
-            )
-            .unwrap();
-        pass.submit().unwrap();
-        let y = ctx.read(&y).unwrap();
-        let dx = ctx.read(grads.inputs[0].as_ref().unwrap()).unwrap();
+        let (y, dx) = op_fixtures::run_gpu(&ctx, layer.as_ref(), 1, 2, &[&xg], &[], &gg);
+        let dx = &dx[0];
         let want_y = reference::gelu_forward(&x64, tanh_form);
         let want_dx = reference::gelu_backward(&x64, &g64, tanh_form);
         for (i, &v) in x64.iter().enumerate() {

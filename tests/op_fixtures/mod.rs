@@ -1,6 +1,7 @@
 //! Reading `tests/fixtures/ops/` (see its README): one PyTorch autograd case per file.
 #![allow(dead_code)]
 
+use ekfac::layers::{BackwardArgs, ForwardArgs, Pass};
 use ekfac::model::TensorFile;
 
 /// One case: the op, its attributes and its tensors (all F64).
@@ -112,8 +113,6 @@ pub const REFERENCE_TOL: f64 = 1e-12;
 /// (`weight`, `bias`, `running_mean`, `running_var`). Returns the GPU results
 /// `(output, input gradients)` for op-specific checks, or `None` without a GPU.
 pub fn check_layer(f: &OpFixture, tol: Tolerances) -> Option<(Vec<f64>, Vec<Vec<f64>>)> {
-    use ekfac::layers::{BackwardArgs, ForwardArgs, Pass};
-
     let names = f.input_names();
     let inputs: Vec<(Vec<f64>, Vec<usize>)> = names.iter().map(|n| f.get(n)).collect();
     let batch = inputs[0].1[0];
@@ -190,14 +189,41 @@ pub fn check_layer(f: &OpFixture, tol: Tolerances) -> Option<(Vec<f64>, Vec<Vec<
         .upload(&f.f32("grad_output"), &f.stacked(&out_shape))
         .unwrap();
     let x_refs: Vec<&ekfac::gpu::GpuTensor> = xs.iter().collect();
-    let mut pass = Pass::new(&ctx);
+    let (y, input_grads) = run_gpu(&ctx, layer.as_ref(), batch, f.vectors, &x_refs, &ps, &g);
+    let read = |v: Vec<f32>| -> Vec<f64> { v.into_iter().map(f64::from).collect() };
+    let y = read(y);
+    let e = rel_err64(&y, &output);
+    assert!(e <= tol.forward, "{}: GPU forward error {e:e}", f.name);
+    let mut got_grads = Vec::new();
+    for ((name, got), want) in names.iter().zip(input_grads).zip(&want_grads) {
+        let got = read(got);
+        let e = rel_err64(&got, want);
+        assert!(e <= tol.backward, "{}: GPU grad_{name} error {e:e}", f.name);
+        got_grads.push(got);
+    }
+    Some((y, got_grads))
+}
+
+/// Runs `layer` forward on the GPU over `inputs` (`batch` examples) and then backward for
+/// the `stack` vectors `grad_out` (`[stack·batch, *output]`) in one pass; returns the
+/// output and the gradient w.r.t. every input, read back.
+pub fn run_gpu(
+    ctx: &ekfac::gpu::GpuContext,
+    layer: &dyn ekfac::layers::Layer,
+    batch: usize,
+    stack: usize,
+    inputs: &[&ekfac::gpu::GpuTensor],
+    params: &[ekfac::gpu::GpuTensor],
+    grad_out: &ekfac::gpu::GpuTensor,
+) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let mut pass = Pass::new(ctx);
     let y = layer
         .forward(
             &mut pass,
             &ForwardArgs {
                 batch,
-                inputs: &x_refs,
-                params: &ps,
+                inputs,
+                params,
             },
         )
         .unwrap();
@@ -205,30 +231,22 @@ pub fn check_layer(f: &OpFixture, tol: Tolerances) -> Option<(Vec<f64>, Vec<Vec<
         .backward(
             &mut pass,
             &BackwardArgs {
-                stack: f.vectors,
+                stack,
                 batch,
-                grad_out: &g,
-                inputs: &x_refs,
+                grad_out,
+                inputs,
                 output: &y,
-                params: &ps,
-                input_grads: &all,
+                params,
+                input_grads: &vec![true; inputs.len()],
                 param_grads: false,
             },
         )
         .unwrap();
     pass.submit().unwrap();
-    let read = |t: &ekfac::gpu::GpuTensor| -> Vec<f64> {
-        ctx.read(t).unwrap().into_iter().map(f64::from).collect()
-    };
-    let y = read(&y);
-    let e = rel_err64(&y, &output);
-    assert!(e <= tol.forward, "{}: GPU forward error {e:e}", f.name);
-    let mut got_grads = Vec::new();
-    for ((name, got), want) in names.iter().zip(&grads.inputs).zip(&want_grads) {
-        let got = read(got.as_ref().expect("input gradient"));
-        let e = rel_err64(&got, want);
-        assert!(e <= tol.backward, "{}: GPU grad_{name} error {e:e}", f.name);
-        got_grads.push(got);
-    }
-    Some((y, got_grads))
+    let input_grads = grads
+        .inputs
+        .iter()
+        .map(|g| ctx.read(g.as_ref().expect("input gradient")).unwrap())
+        .collect();
+    (ctx.read(&y).unwrap(), input_grads)
 }
