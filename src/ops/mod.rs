@@ -1,6 +1,7 @@
 //! One typed wrapper per kernel family of `shaders/`.
 
 pub mod activation;
+pub mod attention;
 mod check;
 pub mod combine;
 pub mod conv;
@@ -11,6 +12,7 @@ pub mod im2col;
 pub mod jacobi;
 pub mod linear;
 pub mod loss;
+pub mod masked_fill;
 pub mod matmul;
 pub mod norm;
 pub mod pool;
@@ -35,6 +37,7 @@ pub(crate) static REDUCE: Shader = crate::shader!("reduce");
 pub(crate) static RESAMPLE: Shader = crate::shader!("resample");
 pub(crate) static SILU: Shader = crate::shader!("silu");
 pub(crate) static SOFTMAX: Shader = crate::shader!("softmax");
+pub(crate) static MASKED_FILL: Shader = crate::shader!("masked_fill");
 
 /// Every WGSL file of the crate, for validation tests.
 pub fn all_shaders() -> &'static [&'static Shader] {
@@ -59,6 +62,7 @@ static SHADERS: &[&Shader] = &[
     &RESAMPLE,
     &SILU,
     &SOFTMAX,
+    &MASKED_FILL,
 ];
 
 /// Every kernel parameter struct with the shader that declares its WGSL twin, for
@@ -99,5 +103,6 @@ pub fn all_params() -> Vec<ParamsLayout> {
         L::of::<silu::ElementwiseParams>(&SILU),
         L::of::<silu::StackedParams>(&SILU),
         L::of::<softmax::SoftmaxParams>(&SOFTMAX),
+        L::of::<masked_fill::MaskedFillParams>(&MASKED_FILL),
     ]
 }
