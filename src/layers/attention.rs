@@ -17,7 +17,7 @@ use crate::gpu::{GpuContext, GpuTensor};
 use crate::graph::Node;
 use crate::layers::attrs::{Attrs, brief};
 use crate::layers::masked_fill::ConstMask;
-use crate::layers::{BackwardArgs, ForwardArgs, Grads, Layer, Pass, batched, batched_shape};
+use crate::layers::{BackwardArgs, ForwardArgs, Grads, Layer, Pass, Saved, batched, batched_shape};
 use crate::ops::attention::{Attention as Sizes, AttentionWorkspace, workspace_bytes_per_problem};
 use crate::reference::attention::{self, AttentionDims};
 
@@ -193,6 +193,10 @@ impl ScaledDotProductAttention {
 impl Layer for ScaledDotProductAttention {
     fn op(&self) -> &'static str {
         "scaled_dot_product_attention"
+    }
+
+    fn saved(&self) -> Saved {
+        Saved::INPUTS
     }
 
     fn output_shape(&self) -> &[usize] {

@@ -16,7 +16,7 @@ use crate::gpu::GpuTensor;
 use crate::graph::Node;
 use crate::layers::attrs::{Attrs, brief};
 use crate::layers::{
-    BackwardArgs, ForwardArgs, Grads, Layer, Pass, batched, batched_shape, one_input,
+    BackwardArgs, ForwardArgs, Grads, Layer, Pass, Saved, batched, batched_shape, one_input,
 };
 use crate::ops::masked_fill;
 use crate::reference::attention;
@@ -206,6 +206,10 @@ pub fn build(node: &Node, inputs: &[&[usize]]) -> Result<Box<dyn Layer>> {
 impl Layer for MaskedFill {
     fn op(&self) -> &'static str {
         "masked_fill"
+    }
+
+    fn saved(&self) -> Saved {
+        Saved::NOTHING
     }
 
     fn output_shape(&self) -> &[usize] {
