@@ -15,6 +15,7 @@ pub mod norm;
 pub mod pool;
 pub mod reduce;
 pub mod resample;
+pub mod shape;
 pub mod silu;
 
 use crate::gpu::{ParamsLayout, Shader};
@@ -32,6 +33,7 @@ pub(crate) static POOL: Shader = crate::shader!("pool");
 pub(crate) static REDUCE: Shader = crate::shader!("reduce");
 pub(crate) static RESAMPLE: Shader = crate::shader!("resample");
 pub(crate) static SILU: Shader = crate::shader!("silu");
+pub(crate) static SHAPE: Shader = crate::shader!("shape");
 
 /// Every WGSL file of the crate, for validation tests.
 pub fn all_shaders() -> &'static [&'static Shader] {
@@ -55,6 +57,7 @@ static SHADERS: &[&Shader] = &[
     &REDUCE,
     &RESAMPLE,
     &SILU,
+    &SHAPE,
 ];
 
 /// Every kernel parameter struct with the shader that declares its WGSL twin, for
@@ -94,5 +97,6 @@ pub fn all_params() -> Vec<ParamsLayout> {
         L::of::<resample::ResampleParams>(&RESAMPLE),
         L::of::<silu::ElementwiseParams>(&SILU),
         L::of::<silu::StackedParams>(&SILU),
+        L::of::<shape::GatherParams>(&SHAPE),
     ]
 }

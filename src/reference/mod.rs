@@ -6,3 +6,4 @@ pub mod graph_ops;
 pub mod nn;
 pub mod operator;
 pub mod ops;
+pub mod shape;
