@@ -24,11 +24,13 @@ pub mod gelu;
 pub mod identity;
 pub mod layer_norm;
 pub mod linear;
+pub mod matmul;
 pub mod mean;
 pub mod pool;
 pub mod scale;
 pub mod shape;
 pub mod silu;
+pub mod softmax;
 pub mod upsample;
 
 use std::any::Any;
@@ -227,6 +229,8 @@ pub static REGISTRY: &[(&str, Constructor)] = &[
     ("mean", mean::build),
     ("mul_constant", scale::build_mul),
     ("div_constant", scale::build_div),
+    ("matmul", matmul::build),
+    ("softmax", softmax::build),
 ];
 
 /// Builds `node`'s layer through [`REGISTRY`].

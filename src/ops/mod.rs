@@ -11,12 +11,14 @@ pub mod im2col;
 pub mod jacobi;
 pub mod linear;
 pub mod loss;
+pub mod matmul;
 pub mod norm;
 pub mod pool;
 pub mod reduce;
 pub mod resample;
 pub mod shape;
 pub mod silu;
+pub mod softmax;
 
 use crate::gpu::{ParamsLayout, Shader};
 
@@ -34,6 +36,7 @@ pub(crate) static REDUCE: Shader = crate::shader!("reduce");
 pub(crate) static RESAMPLE: Shader = crate::shader!("resample");
 pub(crate) static SILU: Shader = crate::shader!("silu");
 pub(crate) static SHAPE: Shader = crate::shader!("shape");
+pub(crate) static SOFTMAX: Shader = crate::shader!("softmax");
 
 /// Every WGSL file of the crate, for validation tests.
 pub fn all_shaders() -> &'static [&'static Shader] {
@@ -58,6 +61,7 @@ static SHADERS: &[&Shader] = &[
     &RESAMPLE,
     &SILU,
     &SHAPE,
+    &SOFTMAX,
 ];
 
 /// Every kernel parameter struct with the shader that declares its WGSL twin, for
@@ -98,5 +102,6 @@ pub fn all_params() -> Vec<ParamsLayout> {
         L::of::<silu::ElementwiseParams>(&SILU),
         L::of::<silu::StackedParams>(&SILU),
         L::of::<shape::GatherParams>(&SHAPE),
+        L::of::<softmax::SoftmaxParams>(&SOFTMAX),
     ]
 }
