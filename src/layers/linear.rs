@@ -12,7 +12,8 @@ use crate::graph::Node;
 use crate::layers::attrs::Attrs;
 use crate::layers::mean::sum_middle;
 use crate::layers::{
-    BackwardArgs, ForwardArgs, Grads, Layer, ParamSpec, Pass, batched, batched_shape, one_input,
+    BackwardArgs, ForwardArgs, Grads, Layer, ParamSpec, Pass, Saved, batched, batched_shape,
+    one_input,
 };
 use crate::ops::linear::{LinearBackward, linear_backward, linear_forward};
 use crate::reference::ops;
@@ -90,6 +91,10 @@ impl Linear {
 impl Layer for Linear {
     fn op(&self) -> &'static str {
         "linear"
+    }
+
+    fn saved(&self) -> Saved {
+        Saved::INPUTS
     }
 
     fn output_shape(&self) -> &[usize] {
