@@ -9,7 +9,7 @@ use crate::gpu::GpuTensor;
 use crate::graph::Node;
 use crate::layers::attrs::Attrs;
 use crate::layers::shape::{check_rank, example_dim, int_list};
-use crate::layers::{BackwardArgs, ForwardArgs, Grads, Layer, Pass, batched, one_input};
+use crate::layers::{BackwardArgs, ForwardArgs, Grads, Layer, Pass, Saved, batched, one_input};
 use crate::ops::gemm::{Gemm, gemm};
 use crate::ops::reduce::{Sum, sum_cols};
 use crate::ops::shape::{Gather, gather, strides};
@@ -112,6 +112,10 @@ impl Mean {
 impl Layer for Mean {
     fn op(&self) -> &'static str {
         "mean"
+    }
+
+    fn saved(&self) -> Saved {
+        Saved::NOTHING
     }
 
     fn output_shape(&self) -> &[usize] {

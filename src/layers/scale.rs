@@ -6,7 +6,7 @@ use crate::error::Result;
 use crate::gpu::GpuTensor;
 use crate::graph::Node;
 use crate::layers::attrs::{Attrs, brief};
-use crate::layers::{BackwardArgs, ForwardArgs, Grads, Layer, Pass, batched, one_input};
+use crate::layers::{BackwardArgs, ForwardArgs, Grads, Layer, Pass, Saved, batched, one_input};
 use crate::ops::shape::{Gather, gather};
 use crate::reference::shape as reference;
 
@@ -71,6 +71,10 @@ impl Layer for Scale {
         } else {
             "mul_constant"
         }
+    }
+
+    fn saved(&self) -> Saved {
+        Saved::NOTHING
     }
 
     fn output_shape(&self) -> &[usize] {

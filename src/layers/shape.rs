@@ -9,7 +9,7 @@ use crate::gpu::GpuTensor;
 use crate::graph::Node;
 use crate::layers::attrs::{Attrs, brief};
 use crate::layers::{
-    BackwardArgs, ForwardArgs, Grads, Layer, Pass, batched, batched_shape, one_input,
+    BackwardArgs, ForwardArgs, Grads, Layer, Pass, Saved, batched, batched_shape, one_input,
 };
 use crate::ops::shape::{Gather, MAX_RANK, gather};
 use crate::reference::shape as reference;
@@ -100,6 +100,10 @@ pub fn build_reshape(node: &Node, inputs: &[&[usize]]) -> Result<Box<dyn Layer>>
 impl Layer for Reshape {
     fn op(&self) -> &'static str {
         "reshape"
+    }
+
+    fn saved(&self) -> Saved {
+        Saved::NOTHING
     }
 
     fn output_shape(&self) -> &[usize] {
@@ -238,6 +242,10 @@ impl Permute {
 impl Layer for Permute {
     fn op(&self) -> &'static str {
         self.op
+    }
+
+    fn saved(&self) -> Saved {
+        Saved::NOTHING
     }
 
     fn output_shape(&self) -> &[usize] {
