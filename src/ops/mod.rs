@@ -18,6 +18,7 @@ pub mod norm;
 pub mod pool;
 pub mod reduce;
 pub mod resample;
+pub mod shape;
 pub mod silu;
 pub mod softmax;
 
@@ -36,6 +37,7 @@ pub(crate) static POOL: Shader = crate::shader!("pool");
 pub(crate) static REDUCE: Shader = crate::shader!("reduce");
 pub(crate) static RESAMPLE: Shader = crate::shader!("resample");
 pub(crate) static SILU: Shader = crate::shader!("silu");
+pub(crate) static SHAPE: Shader = crate::shader!("shape");
 pub(crate) static SOFTMAX: Shader = crate::shader!("softmax");
 pub(crate) static MASKED_FILL: Shader = crate::shader!("masked_fill");
 
@@ -61,6 +63,7 @@ static SHADERS: &[&Shader] = &[
     &REDUCE,
     &RESAMPLE,
     &SILU,
+    &SHAPE,
     &SOFTMAX,
     &MASKED_FILL,
 ];
@@ -102,6 +105,7 @@ pub fn all_params() -> Vec<ParamsLayout> {
         L::of::<resample::ResampleParams>(&RESAMPLE),
         L::of::<silu::ElementwiseParams>(&SILU),
         L::of::<silu::StackedParams>(&SILU),
+        L::of::<shape::GatherParams>(&SHAPE),
         L::of::<softmax::SoftmaxParams>(&SOFTMAX),
         L::of::<masked_fill::MaskedFillParams>(&MASKED_FILL),
     ]
