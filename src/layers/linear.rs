@@ -11,7 +11,8 @@ use crate::gpu::GpuTensor;
 use crate::graph::Node;
 use crate::layers::attrs::Attrs;
 use crate::layers::{
-    BackwardArgs, ForwardArgs, Grads, Layer, ParamSpec, Pass, batched, batched_shape, one_input,
+    BackwardArgs, ForwardArgs, Grads, Layer, ParamSpec, Pass, Saved, batched, batched_shape,
+    one_input,
 };
 use crate::ops::gemm::{Gemm, gemm};
 use crate::ops::linear::{LinearBackward, linear_backward, linear_forward};
@@ -111,6 +112,10 @@ fn sum_positions(
 impl Layer for Linear {
     fn op(&self) -> &'static str {
         "linear"
+    }
+
+    fn saved(&self) -> Saved {
+        Saved::INPUTS
     }
 
     fn output_shape(&self) -> &[usize] {
