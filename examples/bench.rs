@@ -860,19 +860,21 @@ fn bench(
             first.fit_total
         );
     }
-    print_cost_drivers(&samples[0], &flops, &|f| med(f), eigensolver);
+    let medians = (med(&|s| s.factors), med(&|s| s.eigendecomposition));
+    print_cost_drivers(&samples[0], &flops, medians, eigensolver);
     Ok(samples)
 }
 
 /// The second table: per phase the dispatches, submissions (compute passes) and host
 /// readbacks of one fit (the same in every run), the eigendecomposition's sweeps per
-/// factor size, and the ratios the issue's targets are stated in (eigendecomposition
+/// factor size, and the ratios the issue's targets are stated in, from the median
+/// factor and eigendecomposition times in ms (eigendecomposition
 /// time over factor time, eigendecomposition GFLOP/s at the nominal `9n³` over the
 /// factor pass's GEMM-bound GFLOP/s). No row starts with a phase name.
 fn print_cost_drivers(
     sample: &Sample,
     flops: &Flops,
-    med: &dyn Fn(&dyn Fn(&Sample) -> f64) -> f64,
+    (factors, eigen): (f64, f64),
     eigensolver: EigensolverKind,
 ) {
     println!(
@@ -901,7 +903,6 @@ fn print_cost_drivers(
         "  sweeps by factor group ({eigensolver} solver): {}",
         groups.join(", ")
     );
-    let (factors, eigen) = (med(&|s| s.factors), med(&|s| s.eigendecomposition));
     let rate = |flop: f64, ms: f64| flop / (ms * 1e-3) / 1e9;
     println!(
         "  ratios: eigendecomposition / factors time {:.2}×; eigendecomposition GFLOP/s \
