@@ -15,11 +15,24 @@ F32; BatchNorm buffers included), ``data.safetensors`` (``x`` F32, ``y`` I64) an
 ``bench.json`` (batch size, options and the benchmark's analytic FLOP counts, so the
 GFLOP/s columns use the same counts as the Rust table).
 
-The ``resnet`` workload (issue 9) can also be written from Python, with the same
-files (``bench.json`` without FLOP counts, so the GFLOP/s columns show ``-``)::
+The ``resnet`` workload (issue 9) and the ``transformer`` workload (issue 11) can
+also be written from Python, with the same files (``bench.json`` without FLOP counts,
+so the GFLOP/s columns show ``-``)::
 
-    python tools/bench_curvlinops.py --write-inputs /tmp/bench [--quick | --smoke]
+    python tools/bench_curvlinops.py --write-inputs /tmp/bench [--workload transformer] [--quick | --smoke]
     python tools/bench_curvlinops.py /tmp/bench/resnet
+
+The transformer (``TRANSFORMER_SIZES``; its ``x`` is I64 token ids ``[N, T]``):
+``emb`` Embedding(vocab, d) + ``pos`` (learned, ``[1, T, d]``, 0.02·N(0,1)) →
+``blocks.<i>`` pre-LN blocks (``ln1``, ``attn`` with ``q``, ``k``, ``v``, ``o``
+Linear(d,d) and non-causal ``scaled_dot_product_attention`` over ``heads`` heads,
+residual add, ``ln2``, ``mlp.fc1`` Linear(d,4d), GELU, ``mlp.fc2`` Linear(4d,d),
+residual add) → ``ln_f`` → mean over the tokens → ``head`` Linear(d,10). Default 4
+blocks, d = 256, 4 heads, T = 128, vocabulary 1000, N = 1024, batch 32 (3,157,514
+curvature parameters); ``--quick`` 2 blocks, d = 64, 4 heads, T = 32, vocabulary 100,
+N = 256, batch 64; ``--smoke`` 1 block, d = 16, 2 heads, T = 8, vocabulary 50, N = 32,
+batch 16. Weights: PyTorch's default initialisation under ``torch.manual_seed(SEED)``
+(LayerNorms 1 and 0); ``x`` uniform over the vocabulary, ``y`` over 10 classes.
 
 It is a CIFAR-style ResNet (He et al. 2016, §4.2) in torchvision's naming:
 ``conv1`` Conv2d(3,w,3,p=1,no bias) → ``bn1`` → ReLU → ``layer1`` / ``layer2`` /
@@ -128,6 +141,109 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+# (blocks, d_model, heads, tokens T, vocabulary, N, batch size) of the transformer workload.
+TRANSFORMER_SIZES = {
+    "full": dict(blocks=4, d=256, heads=4, tokens=128, vocab=1000, num_data=1024, batch_size=32),
+    "quick": dict(blocks=2, d=64, heads=4, tokens=32, vocab=100, num_data=256, batch_size=64),
+    "smoke": dict(blocks=1, d=16, heads=2, tokens=8, vocab=50, num_data=32, batch_size=16),
+}
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention from ``nn.Linear`` q/k/v/o and
+    ``F.scaled_dot_product_attention`` (not causal), heads split by ``view`` +
+    ``transpose`` and merged back."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = (
+            f(x).view(B, T, self.heads, C // self.heads).transpose(1, 2) for f in (self.q, self.k, self.v)
+        )
+        y = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    """Pre-LN block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))`` with ``mlp`` =
+    ``fc1`` Linear(d, 4d) - GELU - ``fc2`` Linear(4d, d)."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = Attention(d, heads)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("fc1", nn.Linear(d, 4 * d))
+        self.mlp.add_module("gelu", nn.GELU())
+        self.mlp.add_module("fc2", nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class TransformerClassifier(nn.Module):
+    """The ``transformer`` workload (see the module docstring)."""
+
+    def __init__(self, blocks: int, d: int, heads: int, tokens: int, vocab: int, num_classes: int = 10):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(0.02 * torch.randn(1, tokens, d))
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(blocks))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x) + self.pos
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.ln_f(h).mean(dim=1))
+
+
+def write_transformer_inputs(out_root: str, size: str) -> str:
+    """Write ``out_root/transformer/{model.json, weights.safetensors,
+    data.safetensors, bench.json}``; return the directory."""
+    from export_torch import export
+
+    cfg = TRANSFORMER_SIZES[size]
+    torch.manual_seed(SEED)
+    model = TransformerClassifier(cfg["blocks"], cfg["d"], cfg["heads"], cfg["tokens"], cfg["vocab"]).eval()
+    g = torch.Generator().manual_seed(SEED + 1)
+    n, t = cfg["num_data"], cfg["tokens"]
+    x = torch.randint(0, cfg["vocab"], (n, t), generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    out_dir = os.path.join(out_root, "transformer")
+    export(model, [t], out_dir, x=x, y=y)
+    params = curvature_parameters(model)
+    bench = {
+        "workload": "transformer",
+        "description": (
+            f"transformer classifier: Embedding({cfg['vocab']},{cfg['d']}) + learned positions, "
+            f"{cfg['blocks']} pre-LN blocks (d = {cfg['d']}, {cfg['heads']} heads, SDPA, GELU MLP "
+            f"{4 * cfg['d']}), mean over T = {t} tokens, Linear({cfg['d']},10)"
+        ),
+        "num_data": n,
+        "num_params": sum(p.numel() for p in params),
+        "batch_size": cfg["batch_size"],
+        "loss": "cross_entropy",
+        "reduction": "mean",
+        "fisher_type": "mc",
+        "mc_samples": 1,
+        "kfac_approx": "expand",
+        "separate_weight_and_bias": True,
+        "flops": None,
+    }
+    with open(os.path.join(out_dir, "bench.json"), "w") as f:
+        json.dump(bench, f, indent=2)
+        f.write("\n")
+    return out_dir
+
+
 def write_resnet_inputs(out_root: str, size: str) -> str:
     """Write ``out_root/resnet/{model.json, weights.safetensors, data.safetensors,
     bench.json}``; return the directory."""
@@ -198,16 +314,19 @@ def main() -> None:
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None)
     parser.add_argument(
         "--write-inputs", metavar="DIR",
-        help="write the resnet workload to DIR/resnet instead of timing anything",
+        help="write a workload (--workload) to DIR/<workload> instead of timing anything",
+    )
+    parser.add_argument(
+        "--workload", choices=["resnet", "transformer"], default="resnet",
+        help="with --write-inputs: which workload (default resnet)",
     )
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="with --write-inputs: the quick size")
     size.add_argument("--smoke", action="store_true", help="with --write-inputs: the smoke size")
     args = parser.parse_args()
     if args.write_inputs:
-        out = write_resnet_inputs(
-            args.write_inputs, "quick" if args.quick else "smoke" if args.smoke else "full"
-        )
+        write = write_transformer_inputs if args.workload == "transformer" else write_resnet_inputs
+        out = write(args.write_inputs, "quick" if args.quick else "smoke" if args.smoke else "full")
         print(f"wrote {out}")
         return
     if args.inputs is None:
