@@ -25,7 +25,10 @@ pub mod identity;
 pub mod layer_norm;
 pub mod linear;
 pub mod matmul;
+pub mod mean;
 pub mod pool;
+pub mod scale;
+pub mod shape;
 pub mod silu;
 pub mod softmax;
 pub mod upsample;
@@ -262,6 +265,12 @@ pub static REGISTRY: &[(&str, Constructor)] = &[
     ("gelu", gelu::build),
     ("silu", silu::build),
     ("identity", identity::build),
+    ("reshape", shape::build_reshape),
+    ("transpose", shape::build_transpose),
+    ("permute", shape::build_permute),
+    ("mean", mean::build),
+    ("mul_constant", scale::build_mul),
+    ("div_constant", scale::build_div),
     ("matmul", matmul::build),
     ("softmax", softmax::build),
 ];
