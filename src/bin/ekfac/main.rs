@@ -26,7 +26,6 @@ use ekfac::gpu::GpuContext;
 use ekfac::graph::Model;
 use ekfac::io::{MatrixReader, MatrixWriter, Outputs};
 use ekfac::model::TensorFile;
-use ekfac::model::data::Dataset;
 use ekfac::progress::{Console, ConsoleMode};
 
 #[derive(Parser)]
@@ -71,7 +70,8 @@ struct FitArgs {
     /// Weights (safetensors, PyTorch state_dict names and layouts).
     #[arg(long)]
     weights: PathBuf,
-    /// Data (safetensors with `x` and `y`).
+    /// Data: a safetensors file with `x` and `y`, or a directory of `*.safetensors`
+    /// shards (read in file-name order as one data set).
     #[arg(long)]
     data: PathBuf,
     /// mse | cross_entropy | bce_with_logits.
@@ -240,13 +240,17 @@ fn run_fit(args: &FitArgs, console: &Console, quiet: bool) -> Result<()> {
     if let Some(p) = &args.init_state {
         inputs.push(("--init-state", p.as_path()));
     }
-    for &(name, path) in &inputs {
-        let limit = (name == "--model").then_some(ekfac::io::MAX_JSON_BYTES);
-        ekfac::io::check_input(path, name, limit)?;
-    }
     let mut outputs = vec![("--out", args.out.as_path())];
     if let Some(p) = &args.summary {
         outputs.push(("--summary", p.as_path()));
+    }
+    for &(name, path) in &inputs {
+        if name == "--data" {
+            ekfac::io::check_data_input(path, &outputs)?;
+            continue;
+        }
+        let limit = (name == "--model").then_some(ekfac::io::MAX_JSON_BYTES);
+        ekfac::io::check_input(path, name, limit)?;
     }
     ekfac::io::check_outputs(&inputs, &outputs)?;
     let graph = ekfac::graph::json::from_json_str(
@@ -259,13 +263,11 @@ fn run_fit(args: &FitArgs, console: &Console, quiet: bool) -> Result<()> {
         .as_deref()
         .map(CurvatureState::load)
         .transpose()?;
-    // Checked against the model here so that errors name the data file and come before
-    // the GPU is opened.
-    let data = Dataset::load_checked(
-        &args.data,
-        &model.graph,
-        options.loss == LossKind::CrossEntropy,
-    )?;
+    // Opened (memory-mapped, or every shard of a directory) and its shapes checked
+    // against the model here, so that errors name the data file and come before the GPU
+    // is opened; the fit checks the values as it streams over them.
+    let data = ekfac::data::open(&args.data)?;
+    ekfac::data::check_layout(data.as_ref(), &model.graph, options.loss)?;
     let ctx = GpuContext::new()?;
     if let Some(bytes) = budget {
         ctx.set_memory_budget(bytes);
@@ -280,9 +282,9 @@ fn run_fit(args: &FitArgs, console: &Console, quiet: bool) -> Result<()> {
         solver: &JacobiSolver::default(),
         progress: console,
     };
-    let mut fitted = fit_run(&ctx, &model, &data, &options, &run)?;
+    let mut fitted = fit_run(&ctx, &model, data.as_ref(), &options, &run)?;
     if args.check_deterministic {
-        let again = fit_run(&ctx, &model, &data, &options, &run)?;
+        let again = fit_run(&ctx, &model, data.as_ref(), &options, &run)?;
         if again.state != fitted.state {
             return Err(Error::gpu(
                 "--check-deterministic",
