@@ -82,12 +82,13 @@ pub fn run_digits(spectrum: Option<&std::path::Path>, progress: &dyn Progress) -
     };
     let mut fitted = fit_run(&ctx, &model, &data, &options, &run)?;
     fitted.timings.load = load_ms;
-    let summary = Summary::new(
+    let mut summary = Summary::new(
         &fitted.state,
         damping,
         fitted.timings,
         fitted.peak_gpu_bytes,
     );
+    summary.eigensolver = Some(run.solver.name().to_string());
 
     let mut report = String::from(
         "Main job: KFAC and EKFAC (type-2 Fisher, cross-entropy, mean) of Linear(64,32)-tanh-\

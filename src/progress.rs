@@ -6,7 +6,10 @@
 //!
 //! Every stage reports `Started`, then `Advanced` after each unit of work (a batch of
 //! examples, a group of factors decomposed together, a chunk of queries), then
-//! `Finished`, in this order; units are counted from 1 to `total`.
+//! `Finished`, in this order; units are counted from 1 to `total`. The
+//! eigendecomposition also reports `Advanced` after each sweep of the Jacobi solver
+//! (its [`Sweeps`]: the current sweep and off-diagonal norm) with `done` unchanged, so
+//! `done` never decreases and ends at `total`.
 
 use std::cell::RefCell;
 use std::io::{IsTerminal, Write};
@@ -67,7 +70,8 @@ pub enum Event {
     Started { stage: Stage, total: usize },
     /// `done` of `total` units of `stage` are finished; `examples` examples (of the
     /// data, or queries) are done so far in this stage (0 where the stage does not
-    /// count examples); `sweeps` for the eigendecomposition's last group.
+    /// count examples); `sweeps` for the eigendecomposition: of its last group, or of
+    /// the group in progress (then `done` repeats the previous event's).
     Advanced {
         stage: Stage,
         done: usize,

@@ -11,7 +11,9 @@
 mod common;
 
 use common::TestRng;
-use ekfac::curvature::eigen::{EigenSolver, Factor, JacobiSolver};
+use ekfac::curvature::eigen::{EigenSolver, Factor, HostSolver, JacobiSolver};
+use ekfac::curvature::fit::{FitRun, fit_run};
+use ekfac::curvature::operator::{Approximation, Operator, Transform};
 use ekfac::curvature::state::FactorEigen;
 use ekfac::error::Error;
 use ekfac::gpu::GpuContext;
@@ -588,4 +590,145 @@ fn bad_inputs_are_errors() {
             "{path:?}: {err}"
         );
     }
+}
+
+/// One fixture case fitted with `solver`: its KFAC and EKFAC products of the
+/// fixture's vectors (EKFAC `None` for forward-only).
+fn fixture_products(
+    ctx: &GpuContext,
+    case: &common::FixtureCase,
+    solver: &dyn EigenSolver,
+) -> (Vec<f32>, Option<Vec<f32>>) {
+    let run = FitRun {
+        damping: Some(case.damping),
+        previous: None,
+        solver,
+        progress: &Silent,
+    };
+    let fitted = fit_run(ctx, &case.model, &case.data, &case.options, &run)
+        .unwrap_or_else(|e| panic!("{}: {} fit failed: {e}", case.name, solver.name()));
+    let operator = Operator::new(ctx, &fitted.state).unwrap();
+    let product = |approx| {
+        operator
+            .apply(&case.vectors, case.columns, approx, Transform::Forward)
+            .unwrap()
+    };
+    let ekfac = fitted
+        .state
+        .has_ekfac()
+        .then(|| product(Approximation::Ekfac));
+    (product(Approximation::Kfac), ekfac)
+}
+
+/// `--eigensolver host` (faer, f64) and the GPU Jacobi give the same KFAC and EKFAC
+/// products on every committed curvlinops fixture, chains and graphs, within the EKFAC
+/// product tolerance of tests/curvature_fixtures.rs (relative 1e-4, or twice
+/// curvlinops' own float32 error on the case where that is larger: two f32 bases of a
+/// nearly degenerate factor may differ as much as curvlinops' f32 and f64 do). Both
+/// are also held to curvlinops' f64 products within those bounds.
+#[test]
+fn host_and_jacobi_solvers_give_the_same_products_on_the_fixtures() {
+    let Some(ctx) = common::gpu() else { return };
+    let mut failures = Vec::new();
+    let mut cases = 0;
+    for folder in [common::CHAIN_FIXTURES, common::GRAPH_FIXTURES] {
+        for name in common::fixture_names_in(folder) {
+            let case = common::fixture_in(folder, &name);
+            let (host_kfac, host_ekfac) = fixture_products(&ctx, &case, &HostSolver);
+            let (gpu_kfac, gpu_ekfac) = fixture_products(&ctx, &case, &JacobiSolver::default());
+            let bound = |key: &str, tolerance: f64| {
+                let f32_error = case.expected["float32_curvlinops_error"][key]
+                    .as_f64()
+                    .unwrap_or(0.0);
+                tolerance.max(2.0 * f32_error)
+            };
+            let as_f64 = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
+            let mut check = |what: &str, got: &[f32], want: &[f64], tol: f64| {
+                let err = common::rel_err(got, want);
+                if err.is_nan() || err > tol {
+                    failures.push(format!("{folder}/{name}: {what}: {err:.3e} > {tol:.1e}"));
+                }
+            };
+            let ekfac_tol = bound("ekfac_product.ekfac_mv", 1e-4);
+            check(
+                "KFAC host vs jacobi",
+                &host_kfac,
+                &as_f64(&gpu_kfac),
+                ekfac_tol,
+            );
+            if let Some(want) = case.products.get("kfac_mv") {
+                let want = want.to_f64().unwrap();
+                let tol = bound("product.kfac_mv", 1e-5);
+                check("KFAC host vs curvlinops", &host_kfac, &want, tol);
+            }
+            match (&host_ekfac, &gpu_ekfac) {
+                (Some(host), Some(gpu)) => {
+                    check("EKFAC host vs jacobi", host, &as_f64(gpu), ekfac_tol);
+                    if let Some(want) = case.products.get("ekfac_mv") {
+                        let want = want.to_f64().unwrap();
+                        check("EKFAC host vs curvlinops", host, &want, ekfac_tol);
+                    }
+                }
+                (None, None) => {}
+                _ => failures.push(format!("{folder}/{name}: EKFAC presence differs")),
+            }
+            cases += 1;
+        }
+    }
+    assert!(cases >= 14, "only {cases} fixture cases found");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// `ekfac fit --eigensolver host` runs and its summary names the solver; the default
+/// names `jacobi`; an unknown solver is a clear error naming the option's values.
+#[test]
+fn the_command_line_names_the_eigensolver() {
+    let Some(_ctx) = common::gpu() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/curvature/mlp_tanh_ce_mean_type2_sep");
+    let run = |solver: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ekfac"));
+        cmd.arg("fit");
+        for (flag, file) in [
+            ("--model", "model.json"),
+            ("--weights", "weights.safetensors"),
+            ("--data", "data.safetensors"),
+        ] {
+            cmd.arg(flag).arg(fixture.join(file));
+        }
+        cmd.args(["--loss", "cross_entropy", "--out"])
+            .arg(dir.path().join("state.safetensors"))
+            .arg("--summary")
+            .arg(dir.path().join("summary.json"));
+        if let Some(s) = solver {
+            cmd.args(["--eigensolver", s]);
+        }
+        cmd.output().unwrap()
+    };
+    for (solver, name) in [
+        (None, "jacobi"),
+        (Some("host"), "host"),
+        (Some("jacobi"), "jacobi"),
+    ] {
+        let out = run(solver);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{solver:?}: {out:?}");
+        assert!(
+            stdout.contains(&format!("eigensolver: {name}")),
+            "{solver:?}:\n{stdout}"
+        );
+        let summary: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("summary.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(summary["eigensolver"], name, "{solver:?}");
+    }
+    let out = run(Some("lapack"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("lapack") && err.contains("jacobi, host, auto"),
+        "{err}"
+    );
 }

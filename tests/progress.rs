@@ -8,9 +8,10 @@ use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ekfac::curvature::eigen::JacobiSolver;
+use ekfac::curvature::eigen::{EigenSolver, JacobiSolver};
 use ekfac::curvature::fit::{FitRun, fit_run};
 use ekfac::curvature::options::FisherType;
+use ekfac::ops::jacobi::JacobiPath;
 use ekfac::progress::{Event, Stage};
 
 const CASE: &str = "mlp_tanh_ce_mean_type2_sep";
@@ -21,8 +22,12 @@ fn fixture_dir(case: &str) -> PathBuf {
         .join(case)
 }
 
-/// The events of a fit of `case` with `fisher`, in order.
-fn fit_events(ctx: &ekfac::gpu::GpuContext, fisher: FisherType) -> (Vec<Event>, usize, usize) {
+/// The events of a fit of `case` with `fisher` and `solver`, in order.
+fn fit_events(
+    ctx: &ekfac::gpu::GpuContext,
+    fisher: FisherType,
+    solver: &dyn EigenSolver,
+) -> (Vec<Event>, usize, usize) {
     let case = common::fixture(CASE);
     let options = ekfac::curvature::Options {
         fisher,
@@ -34,7 +39,7 @@ fn fit_events(ctx: &ekfac::gpu::GpuContext, fisher: FisherType) -> (Vec<Event>, 
     let run = FitRun {
         damping: Some(case.damping),
         previous: None,
-        solver: &JacobiSolver::default(),
+        solver,
         progress: &record,
     };
     let fitted = fit_run(ctx, &case.model, &case.data, &options, &run).unwrap();
@@ -48,8 +53,9 @@ fn fit_events(ctx: &ekfac::gpu::GpuContext, fisher: FisherType) -> (Vec<Event>, 
 }
 
 /// Checks one stage's events at the front of `events`: `Started` with `total`, then
-/// `Advanced` with `done` = 1, 2, … ending at `total`, then `Finished`. Returns the
-/// `Advanced` events and the rest.
+/// `Advanced` with `done` = 1, 2, … ending at `total` (the eigendecomposition may repeat
+/// a `done` for its per-sweep events), then `Finished`. Returns the `Advanced` events
+/// and the rest.
 fn take_stage(events: &[Event], stage: Stage, total: usize) -> (Vec<Event>, &[Event]) {
     assert_eq!(
         events.first(),
@@ -73,7 +79,8 @@ fn take_stage(events: &[Event], stage: Stage, total: usize) -> (Vec<Event>, &[Ev
             panic!("expected Advanced events of {stage:?}, found {e:?}");
         };
         assert_eq!((*s, *t), (stage, total));
-        assert!(*done > last && *done <= total, "{advanced:#?}");
+        let repeats = stage == Stage::Eigendecomposition && *done == last;
+        assert!((*done > last || repeats) && *done <= total, "{advanced:#?}");
         last = *done;
     }
     assert_eq!(last, total, "{stage:?} ended at {last} of {total}");
@@ -83,7 +90,13 @@ fn take_stage(events: &[Event], stage: Stage, total: usize) -> (Vec<Event>, &[Ev
 #[test]
 fn a_fit_reports_every_stage_in_order() {
     let Some(ctx) = common::gpu() else { return };
-    let (events, n, factors) = fit_events(&ctx, FisherType::Type2);
+    // The blocked path reads the off-diagonal norm back after every sweep, so the
+    // eigendecomposition reports each sweep live.
+    let blocked = JacobiSolver {
+        path: JacobiPath::Blocked,
+        ..JacobiSolver::default()
+    };
+    let (events, n, factors) = fit_events(&ctx, FisherType::Type2, &blocked);
     let batches = n.div_ceil(3);
     let (advanced, rest) = take_stage(&events, Stage::Factors, batches);
     // One event per batch, counting the examples done so far.
@@ -97,15 +110,29 @@ fn a_fit_reports_every_stage_in_order() {
     let want: Vec<usize> = (1..=batches).map(|b| (3 * b).min(n)).collect();
     assert_eq!(examples, want);
     let (advanced, rest) = take_stage(rest, Stage::Eigendecomposition, factors);
+    // Per group of factors: its per-sweep events (`done` still that of the previous
+    // group, sweeps 1, 2, …), then its final event (`done` advanced, the last count).
+    let (mut group_start, mut counted, mut live) = (0, 0, 0);
     for e in &advanced {
         let Event::Advanced {
-            sweeps: Some(s), ..
+            done,
+            sweeps: Some(s),
+            ..
         } = e
         else {
             panic!("an eigendecomposition event without sweeps: {e:?}");
         };
         assert!(s.off_diagonal.is_finite() && s.off_diagonal >= 0.0, "{s:?}");
+        if *done == group_start {
+            assert_eq!(s.sweeps, counted + 1, "{advanced:#?}");
+            counted += 1;
+            live += 1;
+        } else {
+            assert_eq!(s.sweeps, counted, "{advanced:#?}");
+            (group_start, counted) = (*done, 0);
+        }
     }
+    assert!(live > 0, "no per-sweep events: {advanced:#?}");
     let (advanced, rest) = take_stage(rest, Stage::Correction, batches);
     assert_eq!(advanced.len(), batches);
     assert!(rest.is_empty(), "events after the correction: {rest:#?}");
@@ -114,7 +141,7 @@ fn a_fit_reports_every_stage_in_order() {
 #[test]
 fn forward_only_has_no_correction_pass() {
     let Some(ctx) = common::gpu() else { return };
-    let (events, n, factors) = fit_events(&ctx, FisherType::ForwardOnly);
+    let (events, n, factors) = fit_events(&ctx, FisherType::ForwardOnly, &JacobiSolver::default());
     let (_, rest) = take_stage(&events, Stage::Factors, n.div_ceil(3));
     let (_, rest) = take_stage(rest, Stage::Eigendecomposition, factors);
     assert!(rest.is_empty(), "{rest:#?}");

@@ -18,16 +18,33 @@ Writes, into ``out_dir``:
     without decompositions (``run_decompositions({})``: a ``linear`` stays ``linear``
     and keeps its sequence axes), and every ATen operator is mapped to one graph node.
     Lifted parameters and buffers are mapped back to their module paths: a node of a
-    parameterised op (``linear``, ``conv2d``, ``batch_norm2d``, ``layer_norm``) is
-    named by its module path (``layer1.0.conv1``), other nodes by their op
-    (``relu``, ``relu_1``, ``add``, ...). A module called twice (tied weights) gives
-    two nodes with the same ``"module"`` (the second named ``<module>_1``); ekfac
-    refuses such graphs by name. No-ops (eval-mode ``Dropout``, ``nn.Identity``, an
+    parameterised op (``linear``, ``conv2d``, ``batch_norm2d``, ``layer_norm``,
+    ``embedding``) is named by its module path (``layer1.0.conv1``), other nodes by
+    their op (``relu``, ``relu_1``, ``add``, ...). A module called twice (tied
+    weights) is refused; with ``allow_tied=True`` (only for the fixture that checks
+    ekfac's own refusal) it gives two nodes with the same ``"module"`` (the second
+    named ``<module>_1``). No-ops (eval-mode ``Dropout``, ``nn.Identity``, an
     empty ``nn.Sequential``, ``clone``, a ``view`` to the same shape) are elided: the
     consumer reads the no-op's input directly. ``x.view(x.size(0), -1)``,
     ``reshape`` and ``torch.flatten`` become ``flatten`` when they merge consecutive
     axes after the batch axis; ``x.mean((2, 3), keepdim=...)`` becomes
     ``adaptive_avg_pool2d`` to 1×1 (and a ``flatten`` without ``keepdim``).
+    Transformers (issue 11; the op spec is in the README): integer inputs are token
+    ids (graph input dtype ``i64``) for ``embedding``; any other ``view``/``reshape``/
+    ``unsqueeze``/``squeeze`` becomes ``reshape`` with its per-example target shape
+    (``x.shape`` arithmetic is resolved by tracing), ``transpose``/``permute`` keep
+    their dims (the batch axis must stay first), ``x * c`` and ``x / c`` become
+    ``mul_constant``/``div_constant``, other means ``mean``; a learned tensor added to
+    an activation (positional embeddings: ``self.pos``, ``self.pos[:, :T]`` when that is
+    all of it, or ``self.wpe(torch.arange(T))`` when the table has exactly T rows)
+    becomes ``add_parameter``. Subgraphs computed from constants only (buffers,
+    ``torch.ones(T, T).tril() == 0``, ``torch.arange``) are evaluated at export time, so
+    ``masked_fill`` and ``scaled_dot_product_attention``'s ``attn_mask`` get constant
+    0/1 masks (a 0/-inf float ``attn_mask`` becomes boolean). ``nn.MultiheadAttention``
+    is refused by name (its ``in_proj_weight`` is no ``nn.Linear`` and it applies
+    ``out_proj`` functionally, so curvlinops' hooks never see it), and so are tied
+    weights: one parameter under two names (GPT-2's ``lm_head.weight = wte.weight``) or
+    used by two nodes (a module called twice).
   ``"parameters"`` lists ``model.named_parameters()`` in order.
 - ``weights.safetensors``: the full ``state_dict`` (BatchNorm's running statistics and
   ``num_batches_tracked`` included), floating tensors as F32, integer ones as I64, in
@@ -53,6 +70,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import operator
 import os
 import sys
@@ -298,7 +316,9 @@ def _int_list(value: Any, n: int, default: Sequence[int]) -> List[int]:
 class _GraphMapper:
     """Maps a functionalised ``torch.export`` program to the graph format."""
 
-    def __init__(self, model: nn.Module, program, input_shape: List[int], dtype: str):
+    def __init__(
+        self, model: nn.Module, program, input_shape: List[int], dtype: str, allow_tied: bool = False
+    ):
         self.model = model
         self.program = program
         self.input_shape = input_shape
@@ -315,17 +335,27 @@ class _GraphMapper:
         }
         self.calls: Dict[str, int] = {}  # module path -> nodes emitted for it
         self.batch = None
+        # Constant tensors: buffers, lifted constants and every node computed from
+        # constants only (a causal mask built by ``torch.ones(T, T).tril() == 0``).
+        self.consts: Dict[Any, torch.Tensor] = {}
+        tensors = {**program.state_dict, **program.constants}
+        self.const_placeholders = {
+            placeholder: tensors[target]
+            for placeholder, target in {
+                **self.buffers, **dict(sig.inputs_to_lifted_tensor_constants)
+            }.items()
+            if target in tensors
+        }
+        # Views of a whole parameter (an alias, a full slice, an embedding of
+        # ``arange(num_embeddings)``): fx node -> the parameter's state_dict name.
+        self.param_views: Dict[Any, str] = {}
+        self.param_users: Dict[str, Any] = {}  # parameter -> the fx node that uses it
+        self.allow_tied = allow_tied
 
     # -- helpers ---------------------------------------------------------------
 
     def fail(self, node, message: str) -> ExportError:
-        stack = node.meta.get("nn_module_stack") or {}
-        where = ""
-        if stack:
-            path, kind = list(stack.values())[-1]
-            if path:
-                where = f" in module {path} ({kind.rsplit('.', 1)[-1]})"
-        return ExportError(f"node {node.name} (PyTorch operator {_op_name(node)}){where}: {message}")
+        return ExportError(f"node {node.name} (PyTorch operator {_op_name(node)}){self.where(node)}: {message}")
 
     def fresh(self, base: str) -> str:
         name, k = base, 0
@@ -361,17 +391,49 @@ class _GraphMapper:
         ):
             target = self.parameters.get(arg.name) or self.buffers[arg.name]
             raise self.fail(node, f"uses the tensor {target} as its {what}; only activations can be")
+        if arg in self.param_views:
+            raise self.fail(node, f"uses the parameter {self.param_views[arg]} as its {what}; only activations can be")
+        if arg in self.consts:
+            raise self.fail(
+                node,
+                f"its {what} is a constant tensor of shape {list(self.consts[arg].shape)}, not computed "
+                "from the input; only activations can be",
+            )
         raise self.fail(node, f"its {what} is {arg!r}, not a tensor computed from the input")
 
     def param(self, node, arg, what: str, buffer: bool = False) -> Optional[str]:
-        """The state_dict name of a lifted parameter (or buffer) argument, or None."""
+        """The state_dict name of a lifted parameter (or buffer) argument, or None.
+        A parameter used by a second node (tied weights) is refused by name."""
         if arg is None:
             return None
-        table = self.buffers if buffer else self.parameters
-        if getattr(arg, "op", None) != "placeholder" or arg.name not in table:
-            kind = "buffer" if buffer else "parameter"
-            raise self.fail(node, f"its {what} is not a module {kind} (computed weights are not supported)")
-        return table[arg.name]
+        if not buffer and arg in self.param_views:
+            name = self.param_views[arg]
+        else:
+            table = self.buffers if buffer else self.parameters
+            if getattr(arg, "op", None) != "placeholder" or arg.name not in table:
+                kind = "buffer" if buffer else "parameter"
+                raise self.fail(node, f"its {what} is not a module {kind} (computed weights are not supported)")
+            name = table[arg.name]
+        if not buffer:
+            first = self.param_users.setdefault(name, node)
+            if first is not node and not self.allow_tied:
+                raise self.fail(
+                    node,
+                    f"uses the parameter {name} that node {first.name}{self.where(first)} uses too: "
+                    "tied weights (a module called twice, or one parameter in two layers as "
+                    "GPT-2's lm_head shares wte's weight) are not supported; KFAC gives each "
+                    "layer its own block, so untie them (a separate module per call)",
+                )
+        return name
+
+    def where(self, node) -> str:
+        """`` in module <path> (<Kind>)`` for a node with a module stack, else empty."""
+        stack = node.meta.get("nn_module_stack") or {}
+        if stack:
+            path, kind = list(stack.values())[-1]
+            if path:
+                return f" in module {path} ({kind.rsplit('.', 1)[-1]})"
+        return ""
 
     def module_of(self, node, target: str, leaf: str) -> str:
         module, _, name = target.rpartition(".")
@@ -408,6 +470,9 @@ class _GraphMapper:
         output = None
         for node in self.program.graph.nodes:
             if node.op == "placeholder":
+                if node.name in self.const_placeholders:
+                    self.consts[node] = self.const_placeholders[node.name]
+                    continue
                 if node.name in self.parameters or node.name in self.buffers:
                     continue
                 val = node.meta.get("val")
@@ -430,14 +495,19 @@ class _GraphMapper:
                 continue
             if node.op != "call_function":
                 raise self.fail(node, f"{node.op} nodes are not supported")
+            if self.fold(node):
+                continue
             handler = handlers.get(node.target)
             if handler is None:
                 raise self.fail(
                     node,
                     "is not supported by ekfac's graph format (supported: linear, conv2d, "
                     "relu, sigmoid, tanh, gelu, silu, max_pool2d, avg_pool2d, "
-                    "adaptive_avg_pool2d, flatten/view/reshape, add, batch_norm (eval), "
-                    "layer_norm, cat, upsample_nearest2d, dropout (eval))",
+                    "adaptive_avg_pool2d, flatten/view/reshape/unsqueeze/squeeze, "
+                    "transpose, permute, add, add of a parameter, mul/div by a constant, "
+                    "mean, batch_norm (eval), layer_norm, cat, upsample_nearest2d, "
+                    "embedding, matmul, softmax, masked_fill with a constant mask, "
+                    "scaled_dot_product_attention, dropout (eval))",
                 )
             handler(node)
         assert output is not None
@@ -495,16 +565,337 @@ class _GraphMapper:
         add(["layer_norm"], self.layer_norm)
         add(["cat"], self.cat)
         add(["upsample_nearest2d.vec", "upsample_nearest2d"], self.upsample_nearest2d)
-        add(["dropout", "clone", "alias", "contiguous", "lift_fresh_copy"], self.identity)
+        add(["dropout", "clone", "alias", "contiguous", "lift_fresh_copy", "detach"], self.identity)
         add(["sym_size.int"], lambda node: None)
         table[operator.getitem] = self.getitem
+        # Arithmetic on sizes (``B * T``, ``C // h``): a shape that depends on it is
+        # checked where it is used (its first axis must stay the batch axis).
+        for op in (operator.mul, operator.floordiv, operator.add, operator.sub, operator.truediv):
+            table[op] = lambda node: None
+        # Transformers (issue 11).
+        add(["unsqueeze", "squeeze", "squeeze.dim", "squeeze.dims"], self.flatten)
+        add(["transpose.int"], self.transpose)
+        add(["permute"], self.permute)
+        add(["slice.Tensor"], self.slice)
+        add(["embedding"], self.embedding)
+        add(["mul.Tensor", "mul.Scalar", "mul_.Tensor"], self.scale("mul_constant"))
+        add(["div.Tensor", "div.Scalar", "div_.Tensor"], self.scale("div_constant"))
+        add(["softmax.int", "_softmax"], self.softmax)
+        add(["masked_fill.Scalar", "masked_fill.Tensor", "masked_fill_.Scalar"], self.masked_fill)
+        add(["matmul", "bmm"], self.matmul)
+        add(["scaled_dot_product_attention"], self.attention)
+        comparisons = ["eq", "ne", "gt", "ge", "lt", "le"]
+        add([f"{op}.{kind}" for op in comparisons for kind in ("Scalar", "Tensor")]
+            + ["logical_not", "logical_and", "logical_or", "bitwise_not", "bitwise_and.Tensor",
+               "bitwise_or.Tensor"], self.data_mask)
         return table
+
+    def data_mask(self, node) -> None:
+        raise self.fail(
+            node,
+            "computes a mask from the input (or from parameters); only constant masks (buffers, "
+            "or tensors built from constants such as torch.ones(T, T).tril()) are supported",
+        )
+
+    # -- constants and parameter views ---------------------------------------------
+
+    def fold(self, node) -> bool:
+        """Evaluate ``node`` now when it is computed from constants only (a mask from
+        ``torch.ones(T, T).tril() == 0`` or a buffer); True when it was."""
+        inputs = node.all_input_nodes
+        if any(n not in self.consts for n in inputs):
+            return False
+        if not isinstance(node.meta.get("val"), torch.Tensor):
+            return False
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: self.consts[n])
+        try:
+            with torch.no_grad():
+                result = node.target(*args, **kwargs)
+        except Exception as e:  # report, whatever the operator raises
+            raise self.fail(node, f"cannot evaluate this constant ({type(e).__name__}: {e})") from e
+        if not isinstance(result, torch.Tensor):
+            return False
+        self.consts[node] = result
+        return True
+
+    def param_name(self, arg) -> Optional[str]:
+        """The state_dict name when ``arg`` is a whole parameter (or a view of all of
+        it), else None."""
+        if arg in self.param_views:
+            return self.param_views[arg]
+        if getattr(arg, "op", None) == "placeholder":
+            return self.parameters.get(arg.name)
+        return None
+
+    def constant(self, node, arg, what: str) -> Optional[float]:
+        """A Python number, or a one-element constant tensor, as a float; None when
+        ``arg`` is neither."""
+        if isinstance(arg, bool):
+            return None
+        if isinstance(arg, (int, float)):
+            value = float(arg)
+        elif arg in self.consts and self.consts[arg].numel() == 1:
+            value = float(self.consts[arg].item())
+        else:
+            return None
+        if not math.isfinite(value):
+            raise self.fail(node, f"its {what} {value} is not finite")
+        return value
+
+    def mask(self, node, arg, what: str, target: List[int]) -> torch.Tensor:
+        """A constant mask broadcasting against the per-example shape ``target``, its
+        leading axes of size 1 removed (``[1, 1, T, T]`` -> ``[T, T]``)."""
+        if arg not in self.consts:
+            raise self.fail(
+                node,
+                f"its {what} is computed from the input (or from parameters); only constant masks "
+                "(buffers, or tensors built from constants such as torch.ones(T, T).tril()) are supported",
+            )
+        mask = self.consts[arg]
+        while mask.dim() > 1 and mask.shape[0] == 1:
+            mask = mask[0]
+        shape = list(mask.shape)
+        if mask.dim() > len(target) or any(
+            m not in (1, t) for m, t in zip(reversed(shape), reversed(target))
+        ):
+            raise self.fail(
+                node,
+                f"its {what} of shape {list(self.consts[arg].shape)} does not broadcast against the "
+                f"per-example shape {target} (it may not vary over the batch)",
+            )
+        return mask
+
+    def slice(self, node) -> None:
+        """A slice that keeps all of a parameter (``pos[:, :T]`` with T the whole
+        length) is that parameter; any other slice is refused."""
+        b = _bind(node)
+        source = b["self"]
+        name = self.param_name(source)
+        if name is not None and list(node.meta["val"].shape) == list(source.meta["val"].shape):
+            self.param_views[node] = name
+            return
+        if name is not None:
+            raise self.fail(
+                node,
+                f"slices the parameter {name} of shape {list(source.meta['val'].shape)} to "
+                f"{list(node.meta['val'].shape)}; only whole parameters can be used (make its "
+                "length equal to the sequence length)",
+            )
+        before, after = self.shape(source), self.shape(node)
+        if before != after:
+            raise self.fail(node, f"slicing [N, {before}] to [N, {after}] is not supported")
+        self.values[node] = self.value(node, source, "input")
+
+    # -- transformer ops (issue 11) --------------------------------------------------
+
+    def embedding(self, node) -> None:
+        b = _bind(node)
+        weight, indices = b["weight"], b["indices"]
+        num, dim = (int(d) for d in weight.meta["val"].shape)
+        if indices in self.consts:
+            ids = self.consts[indices]
+            name = self.param_name(weight)
+            if name is not None and ids.dim() == 1 and torch.equal(ids, torch.arange(num)):
+                self.param_views[node] = name  # the whole table: a learned [T, D] tensor
+                return
+            raise self.fail(
+                node,
+                f"looks up the constant positions {list(ids.shape)} in a table of {num} rows; only "
+                f"all rows in order (torch.arange({num})) can be exported, as a learned positional "
+                "tensor: give the table exactly T rows",
+            )
+        x = self.value(node, indices, "indices")
+        if x != INPUT_NAME or self.dtype != "i64":
+            raise self.fail(
+                node,
+                "looks up indices that are not the model's integer input; only the token ids x "
+                "(an integer tensor [N, T]) can be embedded",
+            )
+        w = self.param(node, weight, "weight")
+        module = self.module_of(node, w, "weight")
+        padding = b["padding_idx"]
+        self.shape(node)
+        self.emit(node, "embedding", [x], {
+            "num_embeddings": num,
+            "embedding_dim": dim,
+            "padding_idx": None if padding is None or int(padding) < 0 else int(padding),
+        }, module=module)
+
+    def add_parameter(self, node, activation, parameter) -> None:
+        x = self.value(node, activation, "input")
+        name = self.param(node, parameter, "parameter")
+        in_shape, shape = self.shape(activation), [int(d) for d in parameter.meta["val"].shape]
+        rank = len(in_shape) + 1
+        if len(shape) > rank or (len(shape) == rank and shape[0] != 1) or self.shape(node) != in_shape:
+            raise self.fail(
+                node,
+                f"adds the parameter {name} of shape {shape} to a value of per-example shape "
+                f"{in_shape}; it must broadcast to the value's shape without a batch axis",
+            )
+        self.emit(node, "add_parameter", [x], {"parameter": name, "shape": shape})
+
+    def scale(self, op: str) -> Callable:
+        """``x * c`` / ``x / c`` (and ``c * x``) for a constant number ``c``."""
+
+        def handler(node) -> None:
+            b = _bind(node)
+            a, c = b["self"], b["other"]
+            if op == "mul_constant" and self.constant(node, a, "factor") is not None:
+                a, c = c, a
+            value = self.constant(node, c, "factor" if op == "mul_constant" else "divisor")
+            if value is None:
+                kind = "multiplies" if op == "mul_constant" else "divides"
+                raise self.fail(
+                    node,
+                    f"{kind} by a tensor; only multiplication and division of an activation by a "
+                    "constant number are supported",
+                )
+            if b.get("rounding_mode") is not None:
+                raise self.fail(node, f"rounding_mode={b['rounding_mode']!r} is not supported")
+            if op == "div_constant" and value == 0:
+                raise self.fail(node, "divides by zero")
+            x = self.value(node, a, "input")
+            self.shape(node)
+            self.emit(node, op, [x], {"value": value})
+
+        return handler
+
+    def softmax(self, node) -> None:
+        b = _bind(node)
+        x = self.value(node, b["self"], "input")
+        rank = len(self.shape(b["self"])) + 1
+        dim = int(b["dim"])
+        if dim % rank != rank - 1 or not -rank <= dim < rank:
+            raise self.fail(node, f"softmax over dim={dim} of a rank-{rank} value; only the last dim is supported")
+        if b.get("dtype") is not None or b.get("half_to_float"):
+            raise self.fail(node, "softmax with a dtype conversion is not supported")
+        self.shape(node)
+        self.emit(node, "softmax", [x], {"dim": dim})
+
+    def masked_fill(self, node) -> None:
+        b = _bind(node)
+        x = self.value(node, b["self"], "input")
+        in_shape = self.shape(b["self"])
+        mask = self.mask(node, b["mask"], "mask", in_shape)
+        value = b["value"]
+        if isinstance(value, torch.fx.Node):
+            if value not in self.consts or self.consts[value].numel() != 1:
+                raise self.fail(node, "the fill value is not a constant number")
+            value = self.consts[value].item()
+        value = float(value)
+        if math.isnan(value):
+            raise self.fail(node, "the fill value is NaN")
+        if self.shape(node) != in_shape:
+            raise self.fail(node, "the mask broadcasts the input to a larger shape")
+        self.emit(node, "masked_fill", [x], {
+            "mask_shape": list(mask.shape),
+            "mask": [int(v) for v in mask.bool().flatten().tolist()],
+            "value": value if math.isfinite(value) else ("inf" if value > 0 else "-inf"),
+        })
+
+    def matmul(self, node) -> None:
+        a, c = node.args[0], node.args[1]
+        for arg, what in ((a, "first"), (c, "second")):
+            name = self.param_name(arg)
+            if name is not None:
+                raise self.fail(
+                    node,
+                    f"multiplies by the parameter {name}; write it as an nn.Linear (a curvature layer) "
+                    "rather than a matmul with a parameter",
+                )
+        sa, sc = self.shape(a), self.shape(c)
+        if len(sa) < 2 or len(sc) < 2 or sa[:-2] != sc[:-2] or sa[-1] != sc[-2]:
+            raise self.fail(
+                node,
+                f"multiplies values of per-example shapes {sa} and {sc}; only [*, M, K] @ [*, K, N] "
+                "with equal leading dims (no broadcasting, no vectors) is supported",
+            )
+        inputs = [self.value(node, a, "first input"), self.value(node, c, "second input")]
+        self.shape(node)
+        self.emit(node, "matmul", inputs)
+
+    def attention(self, node) -> None:
+        b = _bind(node)
+        q, k, v = b["query"], b["key"], b["value"]
+        sq, sk, sv = self.shape(q), self.shape(k), self.shape(v)
+        if (
+            min(len(sq), len(sk), len(sv)) < 2
+            or not sq[:-2] == sk[:-2] == sv[:-2]
+            or sq[-1] != sk[-1]
+            or sk[-2] != sv[-2]
+        ):
+            raise self.fail(
+                node,
+                f"attention of per-example shapes q {sq}, k {sk}, v {sv}; expected [*, L, E], [*, S, E], "
+                "[*, S, Ev] with equal leading dims",
+            )
+        if float(b.get("dropout_p") or 0.0) != 0.0:
+            raise self.fail(node, f"dropout_p={b['dropout_p']}; export in eval mode with dropout_p=0")
+        if b.get("enable_gqa"):
+            raise self.fail(node, "enable_gqa=True is not supported")
+        inputs = [self.value(node, t, what) for t, what in ((q, "query"), (k, "key"), (v, "value"))]
+        scale = b.get("scale")
+        attrs: Dict[str, Any] = {
+            "is_causal": bool(b.get("is_causal")),
+            "scale": None if scale is None else float(scale),
+        }
+        if b.get("attn_mask") is not None:
+            target = sq[:-1] + [sk[-2]]
+            mask = self.mask(node, b["attn_mask"], "attn_mask", target)
+            if mask.dtype != torch.bool:
+                if not bool(((mask == 0) | (mask == -math.inf)).all()):
+                    raise self.fail(
+                        node,
+                        "attn_mask is a float mask with values other than 0 and -inf; only boolean "
+                        "masks (or 0/-inf masks) are supported",
+                    )
+                mask = mask == 0
+            if not bool(mask.broadcast_to(target).any(-1).all()):
+                raise self.fail(node, "attn_mask masks every key of some query (PyTorch gives NaN there)")
+            attrs["attn_mask_shape"] = list(mask.shape)
+            attrs["attn_mask"] = [int(t) for t in mask.flatten().tolist()]
+        self.shape(node)
+        self.emit(node, "scaled_dot_product_attention", inputs, attrs)
+
+    def transpose(self, node) -> None:
+        b = _bind(node)
+        x = self.value(node, b["self"], "input")
+        rank = len(self.shape(b["self"])) + 1
+        d0, d1 = int(b["dim0"]), int(b["dim1"])
+        if not (-rank <= d0 < rank and -rank <= d1 < rank):
+            raise self.fail(node, f"dims ({d0}, {d1}) out of range for rank {rank}")
+        if d0 % rank == d1 % rank:
+            self.values[node] = x
+            return
+        if d0 % rank == 0 or d1 % rank == 0:
+            raise self.fail(node, f"transposes the batch axis (dims {d0}, {d1}); the batch axis must stay first")
+        self.shape(node)
+        self.emit(node, "transpose", [x], {"dim0": d0, "dim1": d1})
+
+    def permute(self, node) -> None:
+        b = _bind(node)
+        x = self.value(node, b["self"], "input")
+        rank = len(self.shape(b["self"])) + 1
+        dims = [int(d) % rank for d in b["dims"]]
+        if sorted(dims) != list(range(rank)):
+            raise self.fail(node, f"dims {list(b['dims'])} are not a permutation of rank {rank}")
+        if dims[0] != 0:
+            raise self.fail(node, f"permutes the batch axis (dims {dims}); the batch axis must stay first")
+        self.shape(node)
+        if dims == list(range(rank)):
+            self.values[node] = x
+            return
+        self.emit(node, "permute", [x], {"dims": dims})
 
     def identity(self, node) -> None:
         b = _bind(node)
         if node.target == aten.dropout.default and b.get("train"):
             raise self.fail(node, "dropout in training mode; call model.eval() first")
         first = next(iter(b.values()))
+        name = self.param_name(first)
+        if name is not None:  # an alias of a parameter, e.g. ``self.pos`` read twice
+            self.param_views[node] = name
+            return
         self.shape(node)
         self.values[node] = self.value(node, first, "input")
 
@@ -637,14 +1028,25 @@ class _GraphMapper:
         self.emit(node, "adaptive_avg_pool2d", [x], {"output_size": _int_list(b["output_size"], 2, [])})
 
     def mean(self, node) -> None:
-        """``x.mean((2, 3), keepdim)`` of a 4-D value: a global average pool."""
+        """``x.mean((2, 3), keepdim)`` of a 4-D value: a global average pool; any
+        other mean over per-example dims (token pooling): ``mean``."""
         b = _bind(node)
         in_shape = self.shape(b["self"])
-        dims = sorted(d % (len(in_shape) + 1) for d in (b["dim"] or []))
-        if len(in_shape) != 3 or dims != [2, 3] or b.get("dtype") is not None:
-            raise self.fail(node, "only the mean over the two spatial axes of a [N, C, H, W] value is supported")
+        rank = len(in_shape) + 1
+        given = list(b["dim"] or [])
+        dims = sorted(d % rank for d in given)
+        if b.get("dtype") is not None:
+            raise self.fail(node, "mean with a dtype conversion is not supported")
+        if not given or 0 in dims or any(not -rank <= d < rank for d in given):
+            raise self.fail(node, f"mean over dims {given} of a rank-{rank} value; the batch axis cannot be reduced")
         x = self.value(node, b["self"], "input")
         self.shape(node)
+        if len(in_shape) != 3 or dims != [2, 3]:
+            self.emit(node, "mean", [x], {
+                "dim": int(given[0]) if len(given) == 1 else [int(d) for d in given],
+                "keepdim": bool(b["keepdim"]),
+            })
+            return
         if b["keepdim"]:
             self.emit(node, "adaptive_avg_pool2d", [x], {"output_size": [1, 1]})
             return
@@ -679,11 +1081,11 @@ class _GraphMapper:
                 merged *= d
             ok = merged == after[i]
         if not ok:
-            raise self.fail(
-                node,
-                f"reshapes [N, {', '.join(map(str, before))}] to [N, {', '.join(map(str, after))}], "
-                "which is not a flatten of consecutive axes after the batch axis",
-            )
+            # Any other per-example reshape (a head split [T, D] -> [T, h, D/h]); its
+            # first axis is the batch axis (checked by self.shape), so nothing crosses
+            # examples.
+            self.emit(node, "reshape", [x], {"shape": after})
+            return
         end = -1 if j == len(before) else j  # PyTorch dims count the batch axis
         self.emit(node, "flatten", [x], {"start_dim": i + 1, "end_dim": end})
 
@@ -694,6 +1096,10 @@ class _GraphMapper:
         other = b["other"]
         if not hasattr(other, "op"):
             raise self.fail(node, f"adding the constant {other!r} is not supported; only two activations")
+        if self.param_name(other) is not None:
+            return self.add_parameter(node, b["self"], other)
+        if self.param_name(b["self"]) is not None:
+            return self.add_parameter(node, other, b["self"])
         a, c = self.value(node, b["self"], "first input"), self.value(node, other, "second input")
         sa, sc = self.shape(b["self"]), self.shape(other)
         if sa != sc:
@@ -800,17 +1206,54 @@ class _GraphMapper:
         self.emit(node, "upsample_nearest2d", [x], {"scale_factor": factor})
 
 
+def _refuse_multihead_attention(model: nn.Module) -> None:
+    """``nn.MultiheadAttention`` (also inside ``nn.TransformerEncoderLayer``) is
+    refused by name: curvlinops' KFAC could not see it either."""
+    for path, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            raise ExportError(
+                f"module {path or '<root>'} (MultiheadAttention) is not supported: its q/k/v "
+                "projection in_proj_weight is a plain parameter, not an nn.Linear, and it applies "
+                "out_proj functionally, so curvlinops' hooks never see out_proj either; write the "
+                "attention from nn.Linear q/k/v/o layers and F.scaled_dot_product_attention"
+            )
+
+
+def _refuse_tied_parameters(model: nn.Module) -> None:
+    """One parameter under two names (GPT-2's ``lm_head.weight = wte.weight``)."""
+    seen: Dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            raise ExportError(
+                f"parameter {name} is the same tensor as {seen[id(p)]} (tied weights, as GPT-2's "
+                "lm_head shares wte's weight): not supported; KFAC gives each layer its own "
+                "block, so untie them (a separate parameter per layer)"
+            )
+        seen[id(p)] = name
+
+
 def describe_graph(
-    model: nn.Module, input_shape: Sequence[int], input_dtype: torch.dtype = torch.float32
+    model: nn.Module,
+    input_shape: Sequence[int],
+    input_dtype: torch.dtype = torch.float32,
+    *,
+    allow_tied: bool = False,
 ) -> Dict[str, Any]:
     """Return the graph-format ``model.json`` dictionary of ``model`` (any module in
-    eval mode); raise ``ExportError`` naming the node and operator it cannot map."""
+    eval mode); raise ``ExportError`` naming the node and operator it cannot map.
+
+    ``allow_tied=True`` exports a module called twice as two nodes sharing
+    ``"module"`` instead of refusing it (only to write the fixture that checks
+    ekfac's own refusal of such graphs)."""
     if not isinstance(model, nn.Module):
         raise ExportError(f"expected a torch.nn.Module, found {type(model).__name__}")
     input_shape = [int(s) for s in input_shape]
     if not input_shape or any(s <= 0 for s in input_shape):
         raise ExportError(f"input_shape must be non-empty and positive, found {input_shape}")
     _refuse_training(model)
+    _refuse_multihead_attention(model)
+    if not allow_tied:
+        _refuse_tied_parameters(model)
     if input_dtype.is_floating_point:
         probe_dtype = next((p.dtype for p in model.parameters()), torch.float32)
         example = torch.randn(2, *input_shape, dtype=probe_dtype)
@@ -830,7 +1273,7 @@ def describe_graph(
             f"torch.export could not trace {type(model).__name__} with a dynamic batch "
             f"dimension on input shape {input_shape}: {type(e).__name__}: {first}"
         ) from e
-    return _GraphMapper(model, program, input_shape, dtype).run()
+    return _GraphMapper(model, program, input_shape, dtype, allow_tied).run()
 
 
 def graph_json(spec: Dict[str, Any]) -> str:
@@ -864,7 +1307,11 @@ def _check_rebuild(model: nn.Module, spec: Dict[str, Any], state: Dict[str, torc
     generator = torch.Generator().manual_seed(0)
     shape = spec["inputs"][0]["shape"] if "inputs" in spec else spec["input_shape"]
     if dtype == "i64":
-        probe = torch.randint(0, 2, (3, *shape), generator=generator)
+        vocab = min(
+            (n["attrs"]["num_embeddings"] for n in spec.get("nodes", []) if n["op"] == "embedding"),
+            default=2,
+        )
+        probe = torch.randint(0, vocab, (3, *shape), generator=generator)
     else:
         probe = torch.randn(3, *shape, generator=generator).to(probe_dtype)
     with torch.no_grad():
@@ -915,13 +1362,15 @@ def export(
     y: Optional[torch.Tensor] = None,
     *,
     format: str = "auto",
+    allow_tied: bool = False,
 ) -> Dict[str, Any]:
     """Write ``model.json``, ``weights.safetensors`` and (if ``x`` is given)
     ``data.safetensors`` into ``out_dir``; return the ``model.json`` dictionary.
 
     ``format``: ``"chain"`` (a ``torch.nn.Sequential`` of chain layers only),
     ``"graph"`` (any module in eval mode) or ``"auto"`` (chain when possible, else
-    graph). Nothing is written when the model or data is refused."""
+    graph). Nothing is written when the model or data is refused. ``allow_tied``: see
+    ``describe_graph``."""
     if format not in ("auto", "chain", "graph"):
         raise ExportError(f"format must be auto, chain or graph, found {format!r}")
     input_shape = [int(s) for s in input_shape]
@@ -935,7 +1384,7 @@ def export(
     dtype = "f32"
     if spec is None:
         input_dtype = x.dtype if x is not None else torch.float32
-        spec = describe_graph(model, input_shape, input_dtype)
+        spec = describe_graph(model, input_shape, input_dtype, allow_tied=allow_tied)
         dtype = spec["inputs"][0]["dtype"]
     data = _data(x, y, input_shape)
     weights = {

@@ -6,8 +6,10 @@ Both formats of the README are read: the chain format
 layers sit at their index (their ``name`` must be that index, as ``examples/bench.rs``
 and ``tools/export_torch.py`` write them); the graph format (``"format":
 "ekfac-graph"``, version 2) becomes a :class:`GraphModule` whose parameterised nodes
-are real ``nn.Linear`` / ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``nn.LayerNorm`` modules
-at their module paths (``layer1.0.conv1``), so ``state_dict`` names, curvlinops' layer
+are real ``nn.Linear`` / ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``nn.LayerNorm`` /
+``nn.Embedding`` modules at their module paths (``layer1.0.conv1``), and every
+``add_parameter`` tensor an ``nn.Parameter`` at its ``state_dict`` name
+(``blocks.0.pos``), so ``state_dict`` names, curvlinops' layer
 detection and ``named_parameters()`` order (``model.json``'s ``"parameters"``) are
 those of the exported model. A module named by several nodes (tied weights) is one
 module called several times.
@@ -32,7 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 GRAPH_FORMAT = "ekfac-graph"
-PARAMETERISED = ("linear", "conv2d", "batch_norm2d", "layer_norm")
+PARAMETERISED = ("linear", "conv2d", "batch_norm2d", "layer_norm", "embedding")
 
 
 def _pair(value: Any) -> tuple:
@@ -156,6 +158,20 @@ def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
     parent.add_module(parts[-1], module)
 
 
+def _set_parameter(root: nn.Module, path: str, parameter: nn.Parameter) -> None:
+    """Register ``parameter`` at the dotted ``path``, creating empty containers."""
+    module, _, leaf = path.rpartition(".")
+    parent = root
+    if module:
+        parent = _get_module(root, module)
+        if parent is None:
+            parent = nn.Module()
+            _set_module(root, module, parent)
+    if leaf in parent._parameters or leaf in parent._modules:
+        raise ValueError(f"parameter {path}: registered twice")
+    parent.register_parameter(leaf, parameter)
+
+
 def _get_module(root: nn.Module, path: str) -> Optional[nn.Module]:
     m: Optional[nn.Module] = root
     for part in path.split("."):
@@ -171,6 +187,8 @@ def _make_module(node: Dict[str, Any]) -> nn.Module:
         return _conv2d(a)
     if op == "batch_norm2d":
         return nn.BatchNorm2d(a["num_features"], eps=a.get("eps", 1e-5), affine=a.get("affine", True))
+    if op == "embedding":
+        return nn.Embedding(a["num_embeddings"], a["embedding_dim"], padding_idx=a.get("padding_idx"))
     if op == "layer_norm":
         shape = a["normalized_shape"]
         shape = [shape] if isinstance(shape, int) else list(shape)
@@ -210,7 +228,64 @@ def _stateless(node: Dict[str, Any]):
     if op == "upsample_nearest2d":
         factor = _pair(a["scale_factor"])
         return lambda xs: F.interpolate(xs[0], scale_factor=[float(f) for f in factor], mode="nearest")
+    # Transformers (issue 11).
+    if op == "reshape":
+        shape = [int(d) for d in a["shape"]]
+        return lambda xs: xs[0].reshape(xs[0].shape[0], *shape)
+    if op == "transpose":
+        d0, d1 = int(a["dim0"]), int(a["dim1"])
+        return lambda xs: xs[0].transpose(d0, d1)
+    if op == "permute":
+        dims = [int(d) for d in a["dims"]]
+        return lambda xs: xs[0].permute(*dims)
+    if op == "mean":
+        dim, keepdim = a["dim"], bool(a.get("keepdim", False))
+        return lambda xs: xs[0].mean(dim=dim, keepdim=keepdim)
+    if op == "mul_constant":
+        value = float(a["value"])
+        return lambda xs: xs[0] * value
+    if op == "div_constant":
+        value = float(a["value"])
+        return lambda xs: xs[0] / value
+    if op == "softmax":
+        dim = int(a["dim"])
+        return lambda xs: torch.softmax(xs[0], dim)
+    if op == "matmul":
+        return lambda xs: torch.matmul(xs[0], xs[1])
+    if op == "masked_fill":
+        mask = _mask(name, a["mask"], a["mask_shape"])
+        value = _number(name, a["value"])
+        return lambda xs: xs[0].masked_fill(mask.to(xs[0].device), value)
+    if op == "scaled_dot_product_attention":
+        mask = None
+        if a.get("attn_mask") is not None:
+            mask = _mask(name, a["attn_mask"], a["attn_mask_shape"])
+        causal, scale = bool(a.get("is_causal", False)), a.get("scale")
+        return lambda xs: F.scaled_dot_product_attention(
+            xs[0], xs[1], xs[2], attn_mask=mask, is_causal=causal,
+            scale=None if scale is None else float(scale),
+        )
     raise ValueError(f"node {name}: unknown op {op!r}")
+
+
+def _mask(name: str, flat: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+    """A flat 0/1 list as a boolean tensor of ``shape``."""
+    mask = torch.tensor([bool(v) for v in flat], dtype=torch.bool)
+    count = 1
+    for d in shape:
+        count *= int(d)
+    if mask.numel() != count:
+        raise ValueError(f"node {name}: mask has {mask.numel()} entries, its shape {list(shape)} needs {count}")
+    return mask.reshape([int(d) for d in shape])
+
+
+def _number(name: str, value: Any) -> float:
+    """A number, or the strings ``"inf"`` / ``"-inf"``."""
+    if value in ("inf", "-inf"):
+        return float(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise ValueError(f"node {name}: value {value!r} is not a number")
 
 
 class GraphModule(nn.Module):
@@ -238,7 +313,7 @@ class GraphModule(nn.Module):
         # the exported model's order; modules without parameters follow in node order.
         param_nodes = [
             n for n in nodes
-            if n["op"] in ("linear", "conv2d", "batch_norm2d")
+            if n["op"] in ("linear", "conv2d", "batch_norm2d", "embedding")
             or (n["op"] == "layer_norm" and n.get("attrs", {}).get("elementwise_affine", True))
         ]
         modules = {}
@@ -249,13 +324,30 @@ class GraphModule(nn.Module):
                     raise ValueError(f"node {n['name']}: module {module} is used with other attributes by node {modules[module]['name']}")
                 continue
             modules[module] = n
-        rank = {p.rsplit(".", 1)[0]: i for i, p in reversed(list(enumerate(spec.get("parameters", []))))}
-        for module in sorted(modules, key=lambda m: rank.get(m, len(rank))):
-            _set_module(self, module, _make_module(modules[module]))
+        # Learned tensors of add_parameter nodes, by state_dict name.
+        learned: Dict[str, List[int]] = {}
+        for n in nodes:
+            if n["op"] == "add_parameter":
+                a = n.get("attrs", {})
+                name, shape = a["parameter"], [int(d) for d in a["shape"]]
+                if learned.setdefault(name, shape) != shape:
+                    raise ValueError(f"node {n['name']}: parameter {name} is used with another shape")
+        names = list(spec.get("parameters", []))
+        rank = {p.rsplit(".", 1)[0]: i for i, p in reversed(list(enumerate(names)))}
+        rank.update({p: i for i, p in enumerate(names) if p in learned})
+        items = [(m, True) for m in modules] + [(p, False) for p in learned]
+        for key, is_module in sorted(items, key=lambda item: rank.get(item[0], len(names))):
+            if is_module:
+                _set_module(self, key, _make_module(modules[key]))
+            else:
+                _set_parameter(self, key, nn.Parameter(torch.zeros(learned[key])))
         self.calls = []
         for n in self.order:
             module = n.get("module", n["name"])
-            if module in modules:
+            if n["op"] == "add_parameter":
+                path = n["attrs"]["parameter"]
+                self.calls.append((n["name"], list(n["inputs"]), lambda xs, p=path: xs[0] + self.get_parameter(p)))
+            elif module in modules:
                 self.calls.append((n["name"], list(n["inputs"]), _get_module(self, module)))
             elif n["op"] == "layer_norm":  # no affine parameters
                 a = n.get("attrs", {})

@@ -15,10 +15,19 @@ fixture models. It checks:
    fixture: nn/ cases their float64 ``output`` (to 1e-12); curvature_graph/ cases the
    exact bytes of a fresh export of their model, and curvlinops run on the rebuilt
    graph with batch sizes 1, 5 and N gives the stored KFAC/EKFAC products (1e-12);
+   The transformer models of tests/fixtures/generate_transformer.py (token ids in,
+   hand-written and SDPA attention, causal masks from buffers and from ``forward``,
+   a ViT) and ``TokenEverything`` (permute, unsqueeze/squeeze, float SDPA masks,
+   positions from ``nn.Embedding(arange(T))``) are among them; committed
+   curvature_transformer/ cases are checked as curvature_graph/ ones;
 3. refusals, each an ``ExportError`` naming the node or module and nothing written:
    training mode, an unmappable operator, an ``add`` of different shapes, a
    batch-size-specialised ``view``, BatchNorm without running statistics, string
-   padding; a tied layer exports as two nodes sharing ``"module"``;
+   padding, a tied layer (which exports as two nodes sharing ``"module"`` only with
+   ``allow_tied=True``); for transformers (issue 11) ``nn.MultiheadAttention`` by
+   name, GPT-2's tied ``lm_head``, a slice of a positional parameter or table, a mask
+   computed from the input, a matmul with a parameter, softmax over another dim, a
+   transposed batch axis, an attention row with every key masked;
 4. graph_torch's own errors (cycle, unknown input, duplicate name) name the node.
 """
 
@@ -43,6 +52,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, FIXTURES)
 
 import generate as G  # noqa: E402
+import generate_transformer as GT  # noqa: E402
 import graph_torch  # noqa: E402
 from export_torch import ExportError, export  # noqa: E402
 
@@ -73,12 +83,24 @@ def fixture_models() -> Dict[str, Tuple[nn.Module, List[int]]]:
         models[name] = build()
     for name, (build, seed, shape) in G.GRAPH_MODELS.items():
         models[name] = (G.graph_model(build, seed), shape)
+    for name, (_, _, shape) in GT.MODELS.items():
+        models[name] = (GT.transformer_model(name), shape)
     return {k: (m.to(torch.float32).eval(), s) for k, (m, s) in models.items()}
 
 
+def probe(model: nn.Module, shape: List[int], n: int, g: torch.Generator) -> torch.Tensor:
+    """``n`` inputs: token ids in every embedding's range for a model with an
+    ``nn.Embedding``, standard normal values otherwise."""
+    vocab = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
+    if vocab:
+        return torch.randint(0, min(vocab), (n, *shape), generator=g)
+    return torch.randn(n, *shape, generator=g)
+
+
 def roundtrip(model: nn.Module, shape: List[int], fmt: str) -> None:
+    g = torch.Generator().manual_seed(3)
     with tempfile.TemporaryDirectory() as d:
-        spec = export(model, shape, d, format=fmt)
+        spec = export(model, shape, d, probe(model, shape, 2, g), format=fmt)
         if fmt == "graph":
             assert spec.get("format") == "ekfac-graph", "graph format expected"
             names = [n for n, _ in model.named_parameters()]
@@ -87,9 +109,8 @@ def roundtrip(model: nn.Module, shape: List[int], fmt: str) -> None:
         if fmt == "graph":  # the same order (parameters of unused modules aside)
             got = [n for n, _ in rebuilt.named_parameters()]
             assert got == [p for p in spec["parameters"] if p in got], f"rebuilt parameter order {got}"
-        g = torch.Generator().manual_seed(3)
         for n in (1, 5, 12):
-            x = torch.randn(n, *shape, generator=g)
+            x = probe(model, shape, n, g)
             with torch.no_grad():
                 want, have = model(x), rebuilt(x)
             assert torch.equal(want, have), (
@@ -99,7 +120,8 @@ def roundtrip(model: nn.Module, shape: List[int], fmt: str) -> None:
 
 def committed_fixture(case_dir: str) -> None:
     rebuilt = graph_torch.load(case_dir).to(torch.float64)
-    x = load_file(os.path.join(case_dir, "data.safetensors"))["x"].to(torch.float64)
+    x = load_file(os.path.join(case_dir, "data.safetensors"))["x"]
+    x = x.to(torch.float64) if x.is_floating_point() else x
     with torch.no_grad():
         out = rebuilt(x)
     expected = os.path.join(case_dir, "expected.safetensors")
@@ -110,10 +132,17 @@ def committed_fixture(case_dir: str) -> None:
     spec = json.load(open(os.path.join(case_dir, "model.json")))
     if "nodes" in spec and "output" not in ref:
         exp = json.load(open(os.path.join(case_dir, "expected.json")))
-        model_name = next(m for m in G.GRAPH_MODELS if os.path.basename(case_dir).startswith(m + "_"))
-        build, seed, shape = G.GRAPH_MODELS[model_name]
+        case = os.path.basename(case_dir)
+        if os.path.basename(os.path.dirname(case_dir)) == "curvature_transformer":
+            model_name = GT.CASES[case]["model"]
+            model, shape = GT.transformer_model(model_name), GT.MODELS[model_name][2]
+        else:
+            model_name = next(m for m in G.GRAPH_MODELS if case.startswith(m + "_"))
+            build, seed, shape = G.GRAPH_MODELS[model_name]
+            model = G.graph_model(build, seed)
+        x = load_file(os.path.join(case_dir, "data.safetensors"))["x"]
         with tempfile.TemporaryDirectory() as d:
-            export(G.graph_model(build, seed), shape, d)
+            export(model, shape, d, x=x)
             for f in ("model.json", "weights.safetensors"):
                 assert filecmp.cmp(os.path.join(d, f), os.path.join(case_dir, f), shallow=False), (
                     f"{f} differs from a fresh export of {model_name}"
@@ -130,7 +159,7 @@ def curvlinops_on_rebuilt(case_dir: str, exp: dict, ref: Dict[str, torch.Tensor]
 
     model = graph_torch.load(case_dir).to(torch.float64)
     data = load_file(os.path.join(case_dir, "data.safetensors"))
-    X = data["x"].to(torch.float64)
+    X = data["x"].to(torch.float64) if data["x"].is_floating_point() else data["x"]
     Y = data["y"] if exp["loss"] == "cross_entropy" else data["y"].to(torch.float64)
     named = dict(model.named_parameters())
     params = [named[n] for n in exp["params"]]
@@ -198,13 +227,13 @@ class Everything(nn.Module):
         return self.fc(torch.cat([flat, pooled], dim=1))
 
 
-class Scaled(nn.Module):
+class Exp(nn.Module):
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(3, 2)
 
     def forward(self, x):
-        return self.fc(x) * 2.0
+        return torch.exp(self.fc(x))
 
 
 class Broadcast(nn.Module):
@@ -237,10 +266,117 @@ class Tied(nn.Module):
         return self.out(torch.tanh(self.fc(torch.tanh(self.fc(x)))))
 
 
+class TokenModel(nn.Module):
+    """Embedding + learned positions + one attention-like step + mean + head; ``variant``
+    picks one thing the exporter must refuse (or, ``"ok"``, nothing)."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.variant = variant
+        self.emb = nn.Embedding(10, 4)
+        self.pos = nn.Parameter(torch.randn(1, 8 if variant == "pos_slice" else 5, 4))
+        self.wpe = nn.Embedding(8 if variant == "wpe_slice" else 5, 4)
+        self.q = nn.Linear(4, 4)
+        self.w = nn.Parameter(torch.randn(4, 4))
+        self.head = nn.Linear(4, 3)
+        if variant == "gpt2_tied":
+            self.lm = nn.Linear(4, 10, bias=False)
+            self.lm.weight = self.emb.weight
+
+    def forward(self, x):
+        T = x.shape[1]
+        h = self.emb(x) + self.pos[:, :T] + self.wpe(torch.arange(T))
+        q = self.q(h)
+        if self.variant == "input_mask":
+            att = q @ h.transpose(1, 2)
+            att = att.masked_fill(att > 0, float("-inf"))
+        elif self.variant == "param_matmul":
+            att = (h @ self.w) @ q.transpose(1, 2)
+        elif self.variant == "softmax_dim1":
+            att = (q @ h.transpose(1, 2)).softmax(dim=1)
+        elif self.variant == "batch_transpose":
+            return self.head(q.transpose(0, 1).mean(0))
+        elif self.variant == "sdpa_all_masked":
+            mask = torch.ones(T, T, dtype=torch.bool).tril()
+            mask[0, 0] = False
+            return self.head(nn.functional.scaled_dot_product_attention(q, h, h, attn_mask=mask).mean(1))
+        elif self.variant == "gpt2_tied":
+            return self.head(h.mean(1)) + self.lm(h).mean(1)[:, :3]
+        else:
+            att = (q @ h.transpose(1, 2)).softmax(-1)
+        return self.head((att @ h).mean(1))
+
+
+class WithMHA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.mha = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.emb(x)
+        return self.head(self.mha(h, h, h, need_weights=False)[0].mean(1))
+
+
+class TokenEverything(nn.Module):
+    """Mapping paths of issue 11 not in the fixture models: ``permute``,
+    ``unsqueeze``/``squeeze``, ``2.0 * x`` (constant on the left), SDPA with a float
+    0/-inf mask and an explicit ``scale``, a mean over two dims with ``keepdim``,
+    ``torch.where``-free causal ``masked_fill`` from a ``[1, 1, T, T]`` buffer with a
+    finite fill value, and positions from an ``nn.Embedding`` of ``arange(T)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 6, padding_idx=0)
+        self.wpe = nn.Embedding(5, 6)
+        self.q = nn.Linear(6, 6)
+        self.k = nn.Linear(6, 6, bias=False)
+        self.head = nn.Linear(3, 3)
+        self.register_buffer("bias", torch.ones(5, 5).tril().view(1, 1, 5, 5))
+
+    def forward(self, x):
+        B, T = x.size()
+        h = self.emb(x) + self.wpe(torch.arange(T))
+        q = self.q(h).view(B, T, 2, 3).permute(0, 2, 1, 3)  # [B, 2, T, 3]
+        k = self.k(h).view(B, T, 2, 3).permute(0, 2, 1, 3)
+        additive = torch.zeros(T, T).masked_fill(torch.ones(T, T).triu(1) == 1, float("-inf"))
+        y = nn.functional.scaled_dot_product_attention(q, k, k, attn_mask=additive, scale=0.3)
+        att = (2.0 * (q @ k.transpose(-1, -2))).masked_fill(self.bias[:, :, :T, :T] == 0, -1e4)
+        y = y + att.softmax(-1) @ k  # [B, 2, T, 3]
+        y = y.unsqueeze(1).squeeze(1)
+        return self.head(y.mean((1, 2), keepdim=True).squeeze(1).squeeze(1))
+
+
+def refused_tokens(variant: str, *needles: str) -> None:
+    torch.manual_seed(0)
+    model = TokenModel(variant).eval() if variant != "mha" else WithMHA().eval()
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "out")
+        try:
+            export(model, [5], out, x=torch.randint(0, 10, (3, 5)))
+        except ExportError as e:
+            msg = str(e)
+            for needle in needles:
+                assert needle in msg, f"{needle!r} not in {msg!r}"
+            assert not os.path.exists(out), "something was written"
+            print(f"      -> {msg[:200]}")
+            return
+        raise AssertionError("not refused")
+
+
+def token_model_exports() -> None:
+    """The refusal tests' model without its defect exports and round-trips (so each
+    refusal is caused by its variant alone)."""
+    torch.manual_seed(0)
+    roundtrip(TokenModel("ok").eval(), [5], "auto")
+
+
 def tied() -> None:
     model = Tied().eval()
+    refused(model, [3], "node linear_1", "parameter fc.weight", "tied weights")
     with tempfile.TemporaryDirectory() as d:
-        spec = export(model, [3], d)
+        spec = export(model, [3], d, allow_tied=True)
         nodes = [n for n in spec["nodes"] if n.get("module", n["name"]) == "fc"]
         assert [n["name"] for n in nodes] == ["fc", "fc_1"], nodes
         assert nodes[1]["module"] == "fc" and "module" not in nodes[0], nodes
@@ -260,7 +396,7 @@ def graph_errors() -> None:
         ([{"name": "a", "op": "relu", "inputs": ["b"]}, {"name": "b", "op": "tanh", "inputs": ["a"]}], "cycle"),
         ([{"name": "a", "op": "relu", "inputs": ["y"]}, {"name": "b", "op": "tanh", "inputs": ["a"]}], "unknown input 'y'"),
         ([{"name": "b", "op": "relu", "inputs": ["x"]}, {"name": "b", "op": "tanh", "inputs": ["x"]}], "duplicate"),
-        ([{"name": "b", "op": "softmax", "inputs": ["x"]}], "unknown op"),
+        ([{"name": "b", "op": "frobnicate", "inputs": ["x"]}], "unknown op"),
     ]
     for nodes, needle in cases:
         try:
@@ -282,14 +418,14 @@ def main() -> None:
         everything.bn.running_mean.uniform_(-0.5, 0.5)
         everything.bn.running_var.uniform_(0.5, 1.5)
     check("roundtrip every mapping path", lambda: roundtrip(everything, [2, 4, 4], "graph"))
-    for kind in ("nn", "curvature", "curvature_graph"):
+    for kind in ("nn", "curvature", "curvature_graph", "curvature_transformer"):
         root = os.path.join(FIXTURES, kind)
-        for case in sorted(os.listdir(root)):
+        for case in sorted(os.listdir(root)) if os.path.isdir(root) else []:
             check(f"fixture {kind}/{case}", lambda d=os.path.join(root, case): committed_fixture(d))
 
     bn_train = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 2))
     check("refuse training mode", lambda: refused(bn_train, [1, 4, 4], "module 1", "training mode"))
-    check("refuse unmappable operator", lambda: refused(Scaled().eval(), [3], "aten.mul.Tensor", "node mul"))
+    check("refuse unmappable operator", lambda: refused(Exp().eval(), [3], "aten.exp.default", "node exp"))
     check("refuse add of different shapes", lambda: refused(Broadcast().eval(), [3], "node add", "[2] and [1]"))
     check("refuse batch-specialised view", lambda: refused(FixedBatch().eval(), [1, 4, 4], "torch.export"))
     no_stats = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, track_running_stats=False),
@@ -297,7 +433,27 @@ def main() -> None:
     check("refuse BatchNorm without running statistics", lambda: refused(no_stats, [1, 4, 4], "running statistics"))
     same = nn.Sequential(nn.Conv2d(1, 2, 3, padding="same"), nn.Flatten(), nn.Linear(32, 2)).eval()
     check("refuse string padding", lambda: refused(same, [1, 4, 4], "string padding"))
-    check("tied layer: two nodes sharing module", tied)
+    check("tied layer: refused, or two nodes sharing module with allow_tied", tied)
+    check("token model without defects exports", token_model_exports)
+    check("roundtrip every transformer mapping path", lambda: roundtrip(TokenEverything().eval(), [5], "auto"))
+    check("refuse nn.MultiheadAttention by name", lambda: refused_tokens(
+        "mha", "module mha (MultiheadAttention)", "in_proj_weight", "out_proj"))
+    check("refuse GPT-2 tied lm_head", lambda: refused_tokens(
+        "gpt2_tied", "lm.weight is the same tensor as emb.weight", "tied weights"))
+    check("refuse a slice of a positional parameter", lambda: refused_tokens(
+        "pos_slice", "slices the parameter pos of shape [1, 8, 4] to [1, 5, 4]"))
+    check("refuse a slice of a positional embedding table", lambda: refused_tokens(
+        "wpe_slice", "constant positions [5] in a table of 8 rows"))
+    check("refuse a mask computed from the input", lambda: refused_tokens(
+        "input_mask", "node gt", "computes a mask from the input", "only constant masks"))
+    check("refuse a matmul with a parameter", lambda: refused_tokens(
+        "param_matmul", "node matmul", "parameter w", "nn.Linear"))
+    check("refuse softmax over another dim", lambda: refused_tokens(
+        "softmax_dim1", "node softmax", "dim=1", "only the last dim"))
+    check("refuse transposing the batch axis", lambda: refused_tokens(
+        "batch_transpose", "transposes the batch axis"))
+    check("refuse an attention row with every key masked", lambda: refused_tokens(
+        "sdpa_all_masked", "scaled_dot_product_attention", "masks every key"))
     check("graph_torch errors name the node", graph_errors)
     print(f"\n{len(FAILURES)} failure(s)" + (": " + ", ".join(FAILURES) if FAILURES else ""))
     sys.exit(1 if FAILURES else 0)

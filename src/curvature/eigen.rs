@@ -2,12 +2,17 @@
 //! every factor of a fit at once (so an implementation may batch them) and returns
 //! each factor's eigenbasis on the host (for the state) and on the GPU (for the
 //! correction pass). [`JacobiSolver`], the parallel Jacobi of [`crate::ops::jacobi`],
-//! is the GPU implementation.
+//! is the GPU implementation (the default); [`HostSolver`] reads each factor back and
+//! decomposes it with faer in f64 on the CPU (for comparison, and for adapters that
+//! are CPUs). [`solver_for`] maps the `--eigensolver` option to one of them.
 
+use faer::{Mat, Side};
+
+use crate::curvature::options::EigensolverKind;
 use crate::curvature::state::FactorEigen;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor};
-use crate::ops::jacobi::{JacobiOptions, JacobiPath, eigh};
+use crate::ops::jacobi::{JacobiOptions, JacobiPath, SweepObserver, eigh};
 use crate::ops::reduce::copy;
 use crate::progress::{Event, Progress, Stage, Sweeps};
 
@@ -35,11 +40,16 @@ impl Factor<'_> {
 
 /// Symmetric eigendecomposition of many Kronecker factors.
 pub trait EigenSolver {
+    /// The solver's name as the `--eigensolver` option spells it (`jacobi`, `host`).
+    fn name(&self) -> &'static str;
+
     /// The eigendecomposition `F = Q diag(λ) Qᵀ` of every factor, in the order given:
     /// eigenvalues ascending, the eigenbasis `Q` (`[n, n]`, row-major, column `j` the
     /// unit eigenvector of `λ_j`) both on the host ([`FactorEigen`]) and as a GPU tensor.
     /// Reports [`Stage::Eigendecomposition`] `Advanced` events to `progress` as factors
-    /// are done (the caller reports `Started` and `Finished`).
+    /// are done, and may report more in between with `done` unchanged (e.g. after each
+    /// sweep of an iterative solver, with its [`Sweeps`]); the caller reports `Started`
+    /// and `Finished`.
     fn eigendecompose(
         &self,
         ctx: &GpuContext,
@@ -83,6 +93,10 @@ impl Default for JacobiSolver {
 }
 
 impl EigenSolver for JacobiSolver {
+    fn name(&self) -> &'static str {
+        EigensolverKind::Jacobi.as_str()
+    }
+
     fn eigendecompose(
         &self,
         ctx: &GpuContext,
@@ -103,7 +117,19 @@ impl EigenSolver for JacobiSolver {
         for ((n, warm), members) in groups {
             for stack in members.chunks((limit / (n * n).max(1)).max(1)) {
                 let stacked: Vec<Factor> = stack.iter().map(|&i| factors[i]).collect();
-                let (decomposed, sweeps) = self.eigendecompose_stack(ctx, n, warm, &stacked)?;
+                // Live progress per sweep: no factor more done yet, the current sweep.
+                let done = results.len();
+                let on_sweep = |sweeps: Sweeps| {
+                    progress.report(&Event::Advanced {
+                        stage: Stage::Eigendecomposition,
+                        done,
+                        total: factors.len(),
+                        examples: 0,
+                        sweeps: Some(sweeps),
+                    })
+                };
+                let (decomposed, sweeps) =
+                    self.eigendecompose_stack(ctx, n, warm, &stacked, &on_sweep)?;
                 results.extend(stack.iter().copied().zip(decomposed));
                 progress.report(&Event::Advanced {
                     stage: Stage::Eigendecomposition,
@@ -128,6 +154,7 @@ impl JacobiSolver {
         n: usize,
         warm: bool,
         factors: &[Factor],
+        on_sweep: &dyn Fn(Sweeps),
     ) -> Result<(Vec<(FactorEigen, GpuTensor)>, Sweeps)> {
         let k = factors.len();
         let nn = n * n;
@@ -163,6 +190,7 @@ impl JacobiSolver {
                 path: self.path,
                 reorthogonalize: self.reorthogonalize,
                 refine_min_n: self.refine_min_n,
+                on_sweep: Some(SweepObserver(on_sweep)),
             },
         )?;
         let values = ctx.read(&eigen.values)?;
@@ -191,5 +219,78 @@ impl JacobiSolver {
         }
         rec.submit()?;
         Ok((out, sweeps))
+    }
+}
+
+/// faer's self-adjoint eigensolver in f64 on the CPU: each factor is read back, made
+/// exactly symmetric (`(F + Fᵀ)/2` in f64), decomposed, rounded to f32 and uploaded.
+/// Warm starts are ignored (the solver is direct). One `Advanced` event per factor.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostSolver;
+
+impl EigenSolver for HostSolver {
+    fn name(&self) -> &'static str {
+        EigensolverKind::Host.as_str()
+    }
+
+    fn eigendecompose(
+        &self,
+        ctx: &GpuContext,
+        factors: &[Factor],
+        progress: &dyn Progress,
+    ) -> Result<Vec<(FactorEigen, GpuTensor)>> {
+        let mut results = Vec::with_capacity(factors.len());
+        for (i, factor) in factors.iter().enumerate() {
+            let n = factor.dim();
+            let a = ctx.read(factor.matrix)?;
+            if let Some(k) = a.iter().position(|x| !x.is_finite()) {
+                return Err(Error::gpu(
+                    "the host eigendecomposition",
+                    format!(
+                        "factor {i} ({n}×{n}) has a NaN or Inf entry at ({}, {})",
+                        k / n,
+                        k % n
+                    ),
+                ));
+            }
+            let sym = Mat::from_fn(n, n, |r, c| {
+                0.5 * (f64::from(a[r * n + c]) + f64::from(a[c * n + r]))
+            });
+            let eigen = sym.self_adjoint_eigen(Side::Lower).map_err(|e| {
+                Error::gpu(
+                    "the host eigendecomposition",
+                    format!("factor {i} ({n}×{n}): faer did not converge ({e:?})"),
+                )
+            })?;
+            // faer returns the eigenvalues ascending, the eigenvectors as columns.
+            let values: Vec<f32> = (0..n).map(|j| eigen.S()[j] as f32).collect();
+            let u = eigen.U();
+            let vectors: Vec<f32> = (0..n * n).map(|k| u[(k / n, k % n)] as f32).collect();
+            let basis = ctx.upload(&vectors, &[n, n])?;
+            results.push((FactorEigen { values, vectors }, basis));
+            progress.report(&Event::Advanced {
+                stage: Stage::Eigendecomposition,
+                done: i + 1,
+                total: factors.len(),
+                examples: 0,
+                sweeps: None,
+            });
+        }
+        Ok(results)
+    }
+}
+
+/// The solver `kind` names: [`EigensolverKind::Auto`] is [`HostSolver`] on an adapter
+/// whose device type is CPU (a software driver) and `jacobi` elsewhere.
+pub fn solver_for(kind: EigensolverKind, ctx: &GpuContext) -> Box<dyn EigenSolver> {
+    let host = match kind {
+        EigensolverKind::Jacobi => false,
+        EigensolverKind::Host => true,
+        EigensolverKind::Auto => ctx.info.device_type == wgpu::DeviceType::Cpu,
+    };
+    if host {
+        Box::new(HostSolver)
+    } else {
+        Box::new(JacobiSolver::default())
     }
 }

@@ -211,6 +211,25 @@ pub enum DampingMode {
 string_enum!(DampingMode, "damping mode", Exact => "exact", Plain => "plain",
     Heuristic => "heuristic");
 
+/// Which eigensolver decomposes the Kronecker factors (`--eigensolver`; see
+/// [`crate::curvature::eigen::solver_for`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum EigensolverKind {
+    /// The parallel Jacobi on the GPU in f32 (the default; the only GPU path).
+    #[default]
+    #[serde(rename = "jacobi")]
+    Jacobi,
+    /// faer in f64 on the CPU.
+    #[serde(rename = "host")]
+    Host,
+    /// `host` when the adapter's device type is CPU, `jacobi` otherwise.
+    #[serde(rename = "auto")]
+    Auto,
+}
+
+string_enum!(EigensolverKind, "eigensolver", Jacobi => "jacobi", Host => "host",
+    Auto => "auto");
+
 /// curvlinops' `min_damping` of the heuristic damping mode.
 pub const MIN_DAMPING: f64 = 1e-8;
 
@@ -237,6 +256,14 @@ mod tests {
         for s in ["exact", "plain", "heuristic"] {
             assert_eq!(s.parse::<DampingMode>().unwrap().to_string(), s);
         }
+        for s in ["jacobi", "host", "auto"] {
+            assert_eq!(s.parse::<EigensolverKind>().unwrap().to_string(), s);
+        }
+        let err = "lapack".parse::<EigensolverKind>().unwrap_err().to_string();
+        assert!(
+            err.contains("lapack") && err.contains("jacobi, host, auto"),
+            "{err}"
+        );
         let err = "type2".parse::<FisherType>().unwrap_err().to_string();
         assert!(err.contains("type2") && err.contains("type-2"), "{err}");
     }

@@ -57,6 +57,12 @@ pub struct Summary {
     pub adapter: AdapterSummary,
     pub timings_ms: Timings,
     pub peak_gpu_bytes: u64,
+    /// The eigensolver that decomposed the factors ([`EigenSolver::name`]), where the
+    /// caller says.
+    ///
+    /// [`EigenSolver::name`]: crate::curvature::eigen::EigenSolver::name
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eigensolver: Option<String>,
 }
 
 /// KFAC and EKFAC scalars of every block of `state`, in layout order, with the damped
@@ -131,6 +137,7 @@ impl Summary {
             adapter: state.meta.adapter.clone(),
             timings_ms: timings,
             peak_gpu_bytes,
+            eigensolver: None,
         }
     }
 
@@ -157,6 +164,9 @@ impl Summary {
             crate::io::cut_names(&self.params),
             self.damping
         );
+        if let Some(solver) = &self.eigensolver {
+            out += &format!("eigensolver: {solver}\n");
+        }
         out += &row("KFAC", &self.kfac);
         if let Some(e) = &self.ekfac {
             out += &row("EKFAC", e);

@@ -1,5 +1,8 @@
-//! `torch.nn.Linear`: `[B, in] → [B, out]`, `y = x Wᵀ + b`, weight `[out, in]`, bias
-//! `[out]`. A curvature layer without weight sharing (`S = 1`).
+//! `torch.nn.Linear`: `[B, *shared, in] → [B, *shared, out]`, `y = x Wᵀ + b`, weight
+//! `[out, in]`, bias `[out]`. A curvature layer sharing its weight over the
+//! `S = Π shared` positions (SPEC §2.1; `S = 1` for a 2-D input): its expand-format
+//! inputs are the input rows `[B·S, in]` as they lie in memory, and its output
+//! gradients `[V·B, *shared, out]` are already the rows `[V·B·S, out]`.
 
 use crate::curvature::layer::CurvatureLayer;
 use crate::error::Result;
@@ -10,6 +13,7 @@ use crate::layers::attrs::Attrs;
 use crate::layers::{
     BackwardArgs, ForwardArgs, Grads, Layer, ParamSpec, Pass, batched, batched_shape, one_input,
 };
+use crate::ops::gemm::{Gemm, gemm};
 use crate::ops::linear::{LinearBackward, linear_backward, linear_forward};
 use crate::reference::ops;
 
@@ -19,10 +23,13 @@ pub struct Linear {
     in_features: usize,
     out_features: usize,
     bias: bool,
+    /// `S`, the product of the input's leading per-example dims.
+    positions: usize,
     output: Vec<usize>,
 }
 
-/// Builds a linear layer from `in_features`, `out_features`, `bias` (default true).
+/// Builds a linear layer from `in_features`, `out_features`, `bias` (default true); the
+/// input is `[B, *shared, in_features]` with any number of shared dims.
 pub fn build(node: &Node, inputs: &[&[usize]]) -> Result<Box<dyn Layer>> {
     let input = one_input(node, inputs)?;
     let a = Attrs::new(node, &["in_features", "out_features", "bias"])?;
@@ -34,36 +41,71 @@ pub fn build(node: &Node, inputs: &[&[usize]]) -> Result<Box<dyn Layer>> {
              {out_features}"
         )));
     }
-    if input.len() != 1 {
+    let Some((&features, shared)) = input.split_last() else {
+        return Err(a.err("a linear layer needs an input [B, *, in_features]"));
+    };
+    if features != in_features {
+        let hint = if shared.is_empty() {
+            ""
+        } else {
+            "; a linear layer acts on the last dimension (add a flatten before it to \
+             take several)"
+        };
         return Err(a.err(format!(
-            "a linear layer takes a 2-D input [B, in_features], but its input is {}; add a \
-             flatten before it",
+            "in_features is {in_features} but the input's last dimension is {features} \
+             (input {}){hint}",
             batched_shape(input)
         )));
     }
-    if input[0] != in_features {
-        return Err(a.err(format!(
-            "in_features is {in_features} but the input has {} features (input {})",
-            input[0],
-            batched_shape(input)
-        )));
+    let positions = shared.iter().product();
+    let mut output = shared.to_vec();
+    output.push(out_features);
+    if output
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .is_none()
+    {
+        return Err(a.err("the output has more elements than fit in memory"));
     }
     Ok(Box::new(Linear {
         in_features,
         out_features,
         bias,
-        output: vec![out_features],
+        positions,
+        output,
     }))
 }
 
 impl Linear {
-    fn geometry(&self, batch: usize) -> LinearGeometry {
+    /// The GEMM geometry of `examples` examples: `examples·S` rows.
+    fn geometry(&self, examples: usize) -> LinearGeometry {
         LinearGeometry {
-            batch,
+            batch: examples * self.positions,
             in_features: self.in_features,
             out_features: self.out_features,
         }
     }
+}
+
+/// `y[r] = alpha·Σ_s x[r, s, :]` for `x` `[R, S, n]` and `y` `[R, n]` (overwritten): one
+/// batched GEMM of a shared ones row `[1, S]` with each `[S, n]` slice.
+fn sum_positions(
+    pass: &mut Pass,
+    x: &GpuTensor,
+    positions: usize,
+    n: usize,
+    alpha: f32,
+) -> Result<GpuTensor> {
+    let rows = x.len() / (positions * n);
+    let y = pass.zeros(&[rows, n])?;
+    let ones = pass.ctx().upload(&vec![1.0; positions], &[1, positions])?;
+    let mut sum = Gemm::new(1, n, positions, false, false)
+        .batched(rows)
+        .scaled(alpha, 0.0);
+    sum.stride_a = 0;
+    gemm(&mut pass.rec, &sum, &ones, x, &y)?;
+    pass.keep(ones);
+    Ok(y)
 }
 
 impl Layer for Linear {
@@ -118,7 +160,12 @@ impl Layer for Linear {
             .then(|| pass.repeat(args.inputs[0], args.stack))
             .transpose()?;
         let grad_in = args.input_grads[0]
-            .then(|| pass.zeros(&[rows, self.in_features]))
+            .then(|| {
+                pass.zeros(&batched(
+                    rows,
+                    args.inputs[0].shape().get(1..).unwrap_or(&[]),
+                ))
+            })
             .transpose()?;
         let params = args
             .param_grads
@@ -149,14 +196,14 @@ impl Layer for Linear {
             args.inputs[0],
             &args.params[0],
             args.params.get(1).map(Vec::as_slice),
-            args.batch,
+            args.batch * self.positions,
             self.in_features,
             self.out_features,
         )
     }
 
     fn reference_backward(&self, args: &BackwardArgs<[f64], Vec<f64>>) -> Grads<Vec<f64>> {
-        let rows = args.stack * args.batch;
+        let rows = args.stack * args.batch * self.positions;
         let (n_in, n_out) = (self.in_features, self.out_features);
         let params = args.param_grads.then(|| {
             let x = args.inputs[0].repeat(args.stack);
@@ -200,7 +247,7 @@ impl CurvatureLayer for Linear {
     }
 
     fn positions(&self) -> usize {
-        1
+        self.positions
     }
 
     fn has_bias(&self) -> bool {
@@ -211,20 +258,27 @@ impl CurvatureLayer for Linear {
         vec![self.out_features, self.in_features]
     }
 
-    fn expand_inputs(&self, _: &mut Pass, input: &GpuTensor, _: usize) -> Result<GpuTensor> {
-        input.view(input.shape())
+    fn expand_inputs(&self, _: &mut Pass, input: &GpuTensor, batch: usize) -> Result<GpuTensor> {
+        input.view(&[batch * self.positions, self.in_features])
     }
 
-    fn reduce_inputs(&self, _: &mut Pass, input: &GpuTensor, _: usize) -> Result<GpuTensor> {
-        input.view(input.shape())
+    fn reduce_inputs(&self, pass: &mut Pass, input: &GpuTensor, batch: usize) -> Result<GpuTensor> {
+        if self.positions == 1 {
+            return input.view(&[batch, self.in_features]);
+        }
+        let s = self.positions;
+        sum_positions(pass, input, s, self.in_features, 1.0 / s as f32)
     }
 
     fn expand_grads(&self, _: &mut Pass, grads: &GpuTensor) -> Result<GpuTensor> {
-        grads.view(grads.shape())
+        grads.view(&[grads.len() / self.out_features, self.out_features])
     }
 
-    fn summed_grads(&self, _: &mut Pass, grads: &GpuTensor) -> Result<GpuTensor> {
-        grads.view(grads.shape())
+    fn summed_grads(&self, pass: &mut Pass, grads: &GpuTensor) -> Result<GpuTensor> {
+        if self.positions == 1 {
+            return grads.view(&[grads.len() / self.out_features, self.out_features]);
+        }
+        sum_positions(pass, grads, self.positions, self.out_features, 1.0)
     }
 
     fn reference_expand_inputs(&self, input: &[f64], _: usize) -> Vec<f64> {

@@ -24,8 +24,10 @@ pub mod gelu;
 pub mod identity;
 pub mod layer_norm;
 pub mod linear;
+pub mod matmul;
 pub mod pool;
 pub mod silu;
+pub mod softmax;
 pub mod upsample;
 
 use std::any::Any;
@@ -218,6 +220,8 @@ pub static REGISTRY: &[(&str, Constructor)] = &[
     ("gelu", gelu::build),
     ("silu", silu::build),
     ("identity", identity::build),
+    ("matmul", matmul::build),
+    ("softmax", softmax::build),
 ];
 
 /// Builds `node`'s layer through [`REGISTRY`].

@@ -11,11 +11,13 @@ pub mod im2col;
 pub mod jacobi;
 pub mod linear;
 pub mod loss;
+pub mod matmul;
 pub mod norm;
 pub mod pool;
 pub mod reduce;
 pub mod resample;
 pub mod silu;
+pub mod softmax;
 
 use crate::gpu::{ParamsLayout, Shader};
 
@@ -32,6 +34,7 @@ pub(crate) static POOL: Shader = crate::shader!("pool");
 pub(crate) static REDUCE: Shader = crate::shader!("reduce");
 pub(crate) static RESAMPLE: Shader = crate::shader!("resample");
 pub(crate) static SILU: Shader = crate::shader!("silu");
+pub(crate) static SOFTMAX: Shader = crate::shader!("softmax");
 
 /// Every WGSL file of the crate, for validation tests.
 pub fn all_shaders() -> &'static [&'static Shader] {
@@ -55,6 +58,7 @@ static SHADERS: &[&Shader] = &[
     &REDUCE,
     &RESAMPLE,
     &SILU,
+    &SOFTMAX,
 ];
 
 /// Every kernel parameter struct with the shader that declares its WGSL twin, for
@@ -94,5 +98,6 @@ pub fn all_params() -> Vec<ParamsLayout> {
         L::of::<resample::ResampleParams>(&RESAMPLE),
         L::of::<silu::ElementwiseParams>(&SILU),
         L::of::<silu::StackedParams>(&SILU),
+        L::of::<softmax::SoftmaxParams>(&SOFTMAX),
     ]
 }

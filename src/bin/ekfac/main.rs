@@ -12,11 +12,11 @@ mod influence;
 use influence::{InfluenceArgs, PlotArgs, run_influence, run_plot};
 
 use ekfac::Result;
-use ekfac::curvature::eigen::JacobiSolver;
+use ekfac::curvature::eigen::solver_for;
 use ekfac::curvature::fit::{FitRun, fit_run};
 use ekfac::curvature::operator::{Approximation, Operator, Transform};
 use ekfac::curvature::options::{
-    DampingMode, FisherType, KfacApprox, LossKind, Options, Reduction,
+    DampingMode, EigensolverKind, FisherType, KfacApprox, LossKind, Options, Reduction,
 };
 use ekfac::curvature::state::CurvatureState;
 use ekfac::curvature::summary::Summary;
@@ -112,6 +112,11 @@ struct FitArgs {
     /// weights moved).
     #[arg(long)]
     init_state: Option<PathBuf>,
+    /// jacobi | host | auto: the eigensolver of the Kronecker factors. `jacobi`: parallel
+    /// Jacobi on the GPU in f32; `host`: faer in f64 on the CPU; `auto`: `host` when
+    /// the adapter is a CPU (a software driver), else `jacobi`.
+    #[arg(long, default_value_t = EigensolverKind::default())]
+    eigensolver: EigensolverKind,
     /// Fit twice and require bitwise-equal results.
     #[arg(long)]
     check_deterministic: bool,
@@ -276,10 +281,11 @@ fn run_fit(args: &FitArgs, console: &Console, quiet: bool) -> Result<()> {
         check_eigenvectors(&ctx, state, &path.display().to_string())?;
     }
     let load_ms = ms(start);
+    let solver = solver_for(args.eigensolver, &ctx);
     let run = FitRun {
         damping: Some(args.damping),
         previous: previous.as_ref(),
-        solver: &JacobiSolver::default(),
+        solver: solver.as_ref(),
         progress: console,
     };
     let mut fitted = fit_run(&ctx, &model, data.as_ref(), &options, &run)?;
@@ -301,6 +307,7 @@ fn run_fit(args: &FitArgs, console: &Console, quiet: bool) -> Result<()> {
         fitted.peak_gpu_bytes,
     );
     summary.timings_ms.scalars = ms(start);
+    summary.eigensolver = Some(solver.name().to_string());
     // Every output is written to a temporary file first; all are renamed into place
     // only once all of them were written.
     let start = Instant::now();

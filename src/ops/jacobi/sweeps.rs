@@ -6,6 +6,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor, Kernel, Recorder, grid_1d};
 use crate::kernel_params;
 use crate::ops::gemm::{Gemm, gemm};
+use crate::progress::Sweeps;
 
 kernel_params! {
     /// `jacobi_sweep_shared` and `jacobi_sweep_storage`: one sweep of each of `batch`
@@ -417,6 +418,12 @@ fn sweep_until_done(
         rec.submit()?;
         off = read_off_diagonal()?.0;
         sweeps += 1;
+        if let Some(observe) = opts.on_sweep {
+            (observe.0)(Sweeps {
+                sweeps,
+                off_diagonal: off.iter().copied().fold(0.0, f64::max),
+            });
+        }
         for (d, &x) in done.iter_mut().zip(&off) {
             *d = *d || stop(x, sweeps, opts);
         }

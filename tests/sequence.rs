@@ -1,0 +1,234 @@
+//! Linear layers over sequences (issue 11): a `linear` on `[B, T, F]` inputs is a
+//! curvature layer sharing its weight over the `S = T` positions (SPEC §2.1–§2.3,
+//! §3.4, §4.3). GPU fits of small sequence graphs against the crate's f64 reference,
+//! KFAC and EKFAC, expand and reduce, separate and joint bias.
+
+mod common;
+
+use std::collections::HashMap;
+
+use ekfac::curvature::fit::fit;
+use ekfac::curvature::operator::{Approximation, Operator, Transform};
+use ekfac::curvature::options::{
+    DampingMode, FisherType, KfacApprox, LossKind, Options, Reduction,
+};
+use ekfac::graph::Model;
+use ekfac::graph::json::from_json_str;
+use ekfac::loss::Targets as LossTargets;
+use ekfac::model::{Dataset, Targets};
+use ekfac::reference::curvature::{CpuCurvature, Dataset as CpuDataset, Network64};
+
+use common::TestRng;
+
+const DAMPING: f64 = 1e-2;
+/// Columns of the test vectors.
+const K: usize = 2;
+
+/// `[T, F] = [5, 3] → linear(3→4) → relu → linear(4→4) over [5, 4] → tanh → flatten →
+/// linear(20→3)`: two shared linear layers (S = 5) and a plain head.
+const SEQ_FLATTEN: &str = r#"{
+  "format": "ekfac-graph", "version": 2,
+  "inputs": [{"name": "x", "shape": [5, 3], "dtype": "f32"}],
+  "nodes": [
+    {"name": "proj", "op": "linear", "inputs": ["x"],
+     "attrs": {"in_features": 3, "out_features": 4, "bias": true}},
+    {"name": "act", "op": "relu", "inputs": ["proj"]},
+    {"name": "mix", "op": "linear", "inputs": ["act"],
+     "attrs": {"in_features": 4, "out_features": 4, "bias": true}},
+    {"name": "act2", "op": "tanh", "inputs": ["mix"]},
+    {"name": "flat", "op": "flatten", "inputs": ["act2"], "attrs": {"start_dim": 1}},
+    {"name": "head", "op": "linear", "inputs": ["flat"],
+     "attrs": {"in_features": 20, "out_features": 3}}
+  ],
+  "output": "head"
+}"#;
+
+/// Random weights for every parameter of `graph_json`, scaled by 1/√fan_in.
+fn random_model(graph_json: &str, rng: &mut TestRng) -> Model {
+    let graph = from_json_str(graph_json, "sequence.json").unwrap();
+    let mut tensors = HashMap::new();
+    for i in 0..graph.nodes.len() {
+        for spec in graph.layer(i).params() {
+            let n: usize = spec.shape.iter().product();
+            let fan_in: usize = spec.shape.get(1..).unwrap_or(&[]).iter().product();
+            let scale = 1.5 / (fan_in.max(1) as f64).sqrt();
+            let values = (0..n).map(|_| (rng.uniform() * scale) as f32).collect();
+            let key = format!("{}.{}", graph.nodes[i].module(), spec.suffix);
+            tensors.insert(key, (spec.shape, values));
+        }
+    }
+    Model::new(graph, tensors).unwrap()
+}
+
+/// KFAC and EKFAC, forward and damped inverse, on `v` (`[P, K]`): GPU and reference.
+/// `shared` is the number of leading parameters that belong to shared layers.
+fn compare(model: &Model, data: &Dataset, options: &Options, shared: usize, what: &str) {
+    let Some(ctx) = common::gpu() else { return };
+    let fitted = fit(&ctx, model, data, options, Some(DAMPING)).unwrap();
+    let mut rng = TestRng::new(3);
+    let v = rng.vec(fitted.state.layout.num_params * K);
+    let operator = Operator::new(&ctx, &fitted.state).unwrap();
+
+    let net = Network64::new(model);
+    let x: Vec<f64> = data.x.iter().map(|&x| f64::from(x)).collect();
+    let Targets::Classes(y) = &data.y else {
+        unreachable!("class targets")
+    };
+    let classes: Vec<usize> = y.iter().map(|&c| c as usize).collect();
+    let cpu_data = CpuDataset {
+        x: &x,
+        targets: LossTargets::Classes(&classes),
+        num_data: data.len,
+    };
+    let reference = CpuCurvature::fit(&net, &cpu_data, options, true).unwrap();
+    assert_eq!(reference.layout, fitted.state.layout, "{what}: layout");
+    let v64: Vec<f64> = v.iter().map(|&x| f64::from(x)).collect();
+    // Relative Frobenius tolerances as against curvlinops: products 1e-4 (f32
+    // eigenvectors), damped inverses 1e-3.
+    for approx in [Approximation::Kfac, Approximation::Ekfac] {
+        let mode = match approx {
+            Approximation::Kfac => DampingMode::Plain,
+            Approximation::Ekfac => DampingMode::Exact,
+        };
+        let cases = [
+            (
+                Transform::Forward,
+                reference.matmat(approx, &v64, K).unwrap(),
+                1e-4,
+            ),
+            (
+                Transform::Inverse {
+                    damping: DAMPING,
+                    mode,
+                },
+                reference
+                    .inverse_matmat(approx, &v64, K, DAMPING, mode)
+                    .unwrap(),
+                1e-3,
+            ),
+        ];
+        for (transform, want, tol) in cases {
+            let got = operator.apply(&v, K, approx, transform).unwrap();
+            // The whole vector, and the rows of the shared layers alone (the head's
+            // block would otherwise dominate the norm).
+            for (part, rows) in [("all", got.len()), ("shared layers", shared * K)] {
+                let e = common::rel_err(&got[..rows], &want[..rows]);
+                assert!(
+                    e < tol,
+                    "{what}: {approx:?} {transform:?} ({part}): relative error {e:.2e} ≥ \
+                     {tol:.0e}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn linear_over_a_sequence_matches_the_reference() {
+    let mut rng = TestRng::new(11);
+    let model = random_model(SEQ_FLATTEN, &mut rng);
+    let graph = &model.graph;
+    assert_eq!(graph.shapes()[1], [5, 4]);
+    for &i in &graph.curvature_layers()[..2] {
+        assert_eq!(graph.layer(i).curvature().unwrap().positions(), 5);
+    }
+    let data = common::random_classification(&mut rng, 7, &[5, 3], 3);
+    // proj.weight, proj.bias, mix.weight, mix.bias.
+    let shared = 12 + 4 + 16 + 4;
+    for approx in [KfacApprox::Expand, KfacApprox::Reduce] {
+        for (joint_bias, fisher) in [(false, FisherType::Type2), (true, FisherType::Empirical)] {
+            let options = Options {
+                fisher,
+                approx,
+                joint_bias,
+                batch_size: 4,
+                ..Options::default()
+            };
+            let what = format!("{approx:?} joint_bias={joint_bias} {fisher:?}");
+            compare(&model, &data, &options, shared, &what);
+        }
+    }
+}
+
+/// SPEC E6/E7 through a linear layer on a sequence: `Linear(2→1, no bias)` on
+/// `x = [[1,0],[0,1],[1,1]]` (`B = 1`, `S = 3`), the output `[3, 1]` flattened to
+/// `C = 3`, MSE type-2. A expand = (1/3)[[2,1],[1,2]], A reduce = (4/9)·ones (E6).
+/// Hessian column `c` gives `g_s = √(2 c_C)·δ_{sc}`, so G = Σ_c Σ_s g_s² = 6 (sum) and
+/// 2 (mean, `c_C = 1/3`) in both modes: reduce's position sum `(Σ_s g_s)²` has one
+/// nonzero term per column (E7's reduce values need `R = 3` loss terms per example,
+/// which 2-D outputs do not have).
+#[test]
+fn spec_e6_e7_on_the_gpu() {
+    let Some(ctx) = common::gpu() else { return };
+    let graph = from_json_str(
+        r#"{"format": "ekfac-graph", "version": 2,
+            "inputs": [{"name": "x", "shape": [3, 2], "dtype": "f32"}],
+            "nodes": [
+              {"name": "fc", "op": "linear", "inputs": ["x"],
+               "attrs": {"in_features": 2, "out_features": 1, "bias": false}},
+              {"name": "flat", "op": "flatten", "inputs": ["fc"]}],
+            "output": "flat"}"#,
+        "e6.json",
+    )
+    .unwrap();
+    let tensors = HashMap::from([("fc.weight".to_string(), (vec![1, 2], vec![0.3, -0.7]))]);
+    let model = Model::new(graph, tensors).unwrap();
+    let data = Dataset::new(
+        vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0],
+        vec![3, 2],
+        Targets::Values {
+            data: vec![0.0; 3],
+            cols: 3,
+        },
+    )
+    .unwrap();
+    for (approx, a_want) in [
+        (
+            KfacApprox::Expand,
+            [2.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0, 2.0 / 3.0],
+        ),
+        (KfacApprox::Reduce, [4.0 / 9.0; 4]),
+    ] {
+        for (reduction, g_want) in [(Reduction::Sum, 6.0), (Reduction::Mean, 2.0)] {
+            let options = Options {
+                loss: LossKind::Mse,
+                reduction,
+                fisher: FisherType::Type2,
+                approx,
+                ..Options::default()
+            };
+            let fitted = fit(&ctx, &model, &data, &options, None).unwrap();
+            let layer = &fitted.state.layers[0];
+            let a = dense(layer.input.as_ref().unwrap());
+            for (got, want) in a.iter().zip(a_want) {
+                assert!((got - want).abs() < 1e-6, "{approx:?}: A = {a:?}");
+            }
+            let g = dense(&layer.gradient);
+            // Reduce sums the three positions' gradients: one Hessian column per
+            // output position, so the sum of squares is the same as expand's.
+            assert!(
+                (g[0] - g_want).abs() < 1e-5,
+                "{approx:?} {reduction:?}: G = {g:?}"
+            );
+        }
+    }
+}
+
+/// `Q diag(λ) Qᵀ`, row-major, from a factor's eigendecomposition (column `j` of the
+/// row-major `Q` is eigenvector `j`).
+fn dense(e: &ekfac::curvature::state::FactorEigen) -> Vec<f64> {
+    let n = e.values.len();
+    let mut m = vec![0.0; n * n];
+    for i in 0..n {
+        for j in 0..n {
+            m[i * n + j] = (0..n)
+                .map(|k| {
+                    f64::from(e.vectors[i * n + k])
+                        * f64::from(e.values[k])
+                        * f64::from(e.vectors[j * n + k])
+                })
+                .sum();
+        }
+    }
+    m
+}
