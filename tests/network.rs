@@ -13,6 +13,9 @@
 //! bit-identical and the gradient must go to the same (first, row-major) element as in
 //! PyTorch; picking another one would move whole gradient entries and fail by O(1).
 //!
+//! Backward always runs on what `Network::forward` keeps (the other values are
+//! released: a layer whose backward reads an undeclared value fails).
+//!
 //! Also run by hand under `EKFAC_FEATURES=none` (portable features/limits path).
 
 mod common;
@@ -57,8 +60,13 @@ fn run_gpu(
     let batch = x.len() / shapes[0].iter().product::<usize>();
     let mut shape = vec![batch];
     shape.extend(&shapes[0]);
+    // Backward runs on what a forward pass keeps; the values are read from a second
+    // forward pass that keeps them all.
     let forward = network
         .forward(ctx, ctx.upload(x, &shape).unwrap())
+        .unwrap();
+    let values = network
+        .forward_keeping_all(ctx, ctx.upload(x, &shape).unwrap())
         .unwrap();
     let c = network.num_outputs();
     let g = ctx.upload(grad_output, &[stack, batch, c]).unwrap();
@@ -74,7 +82,7 @@ fn run_gpu(
             GpuLayerRun {
                 layer: l,
                 input: ctx.read(forward.layer_input(l)).unwrap(),
-                output: ctx.read(forward.layer_output(l)).unwrap(),
+                output: ctx.read(values.layer_output(l)).unwrap(),
                 output_grad: ctx.read(backward.output_grad(l)).unwrap(),
                 weight_grad: ctx.read(w).unwrap(),
                 bias_grad: b.map(|b| ctx.read(b).unwrap()),
@@ -310,9 +318,23 @@ fn check_graph_fixture(ctx: &GpuContext, case: &str) {
     let network = Network::new(ctx, &model).unwrap();
     let mut shape = vec![batch];
     shape.extend(&graph.shapes()[0]);
+    // Backward runs on what a forward pass keeps (the rest is released, so a layer that
+    // reads a value it did not declare fails); the values are read from a forward pass
+    // that keeps them all.
     let forward = network
         .forward(ctx, ctx.upload(&data.x, &shape).unwrap())
         .unwrap();
+    let kept = network.kept_values();
+    assert!(
+        kept.iter().any(|&k| !k),
+        "{case}: the forward pass releases some values"
+    );
+    let values = network
+        .forward_keeping_all(ctx, ctx.upload(&data.x, &shape).unwrap())
+        .unwrap();
+    for (v, &k) in kept.iter().enumerate() {
+        assert_eq!(forward.value(v).is_released(), !k, "{case}: value {v}");
+    }
     let g = ctx
         .upload(&grad_output, &[stack, batch, network.num_outputs()])
         .unwrap();
@@ -324,7 +346,7 @@ fn check_graph_fixture(ctx: &GpuContext, case: &str) {
         &get("output"),
     );
     for (i, node) in graph.nodes.iter().enumerate() {
-        let got = ctx.read(forward.value(i + 1)).unwrap();
+        let got = ctx.read(values.value(i + 1)).unwrap();
         let want = get(&format!("nodes.{}.output", node.name));
         check(
             &mut failures,
@@ -436,4 +458,22 @@ fn diamond_graph_matches_pytorch_fixture() {
 fn resnet_graph_matches_pytorch_fixture() {
     let Some(ctx) = common::gpu() else { return };
     check_graph_fixture(&ctx, "resnet");
+}
+
+/// A released forward value keeps its shape but no memory: binding it in a kernel or
+/// reading it back is an error naming it, never a read of stale memory.
+#[test]
+fn a_released_tensor_cannot_be_bound_or_read() {
+    let Some(ctx) = common::gpu() else { return };
+    let t = ctx.upload(&[1.0, 2.0, 3.0], &[3]).unwrap().released();
+    assert!(t.is_released());
+    assert_eq!(t.shape(), &[3]);
+    let err = ctx.read(&t).unwrap_err().to_string();
+    assert!(err.contains("released"), "{err}");
+    let out = ctx.zeros(&[3]).unwrap();
+    let mut rec = ctx.recorder();
+    let err = ekfac::ops::reduce::copy(&mut rec, &t, 0, &out, 0, 3)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("released") && err.contains("[3]"), "{err}");
 }

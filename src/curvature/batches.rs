@@ -269,11 +269,13 @@ pub(super) struct Chunking {
 /// Splits batches and stacks of vectors so that one pass fits the memory budget and
 /// every tensor fits one storage binding. The conv layers' im2col workspaces are
 /// bounded by the budget on their own ([`Network::workspace_bytes`]) and come off it
-/// first. Per example, a pass holds the forward activations, about three tensors the
-/// size of the activations per stacked vector (gradients, repeated saved activations,
-/// rotated gradients), and per layer with an input factor three `[S, D]` input
-/// matrices (the expand-format inputs, their copy with a ones column, and their
-/// rotation in the correction pass).
+/// first. Per example, a pass holds the forward values backward and the curvature read
+/// ([`Network::kept_elements`]; the forward pass itself holds every activation, which
+/// one stacked vector's share below covers), about three tensors the size of the
+/// activations per stacked vector (gradients, repeated saved activations, rotated
+/// gradients), and per layer with an input factor three `[S, D]` input matrices (the
+/// expand-format inputs, their copy with a ones column, and their rotation in the
+/// correction pass).
 pub(super) fn chunking(
     ctx: &GpuContext,
     network: &Network,
@@ -288,16 +290,17 @@ pub(super) fn chunking(
         .layers
         .iter()
         .filter_map(|layer| Some(layer.positions * layer.input_dim(layout)?));
-    let per_example =
-        4 * (network.activation_elements() + 3 * inputs.clone().sum::<usize>()) as u64;
+    let input_rows = 3 * inputs.clone().sum::<usize>();
+    let per_example = 4 * (network.activation_elements() + input_rows) as u64;
+    let held = 4 * (network.kept_elements() + input_rows) as u64;
     let largest = 4 * network
         .largest_activation()
         .max(inputs.max().unwrap_or(0))
         .max(1) as u64;
     let stack = nv.max(1) as u64;
-    // Per example: the forward set plus three backward sets per stacked vector.
+    // Per example: the kept forward set plus three backward sets per stacked vector.
     let fits = |examples: u64, vectors: u64| {
-        examples * per_example * (1 + 3 * vectors) <= budget
+        examples * (held + 3 * vectors * per_example) <= budget
             && examples * vectors * largest <= binding
             && examples * largest <= binding
     };
@@ -307,7 +310,7 @@ pub(super) fn chunking(
              ({per_example} per example and vector, largest tensor {largest} bytes), more than \
              the memory budget of {} bytes less {workspaces} bytes of conv workspaces, or the \
              adapter's binding limit of {binding} bytes",
-            per_example * 4,
+            held + 3 * per_example,
             ctx.memory_budget(),
         )));
     }

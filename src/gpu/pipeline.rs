@@ -306,6 +306,16 @@ impl<'a> Recorder<'a> {
                 format!("workgroup grid {workgroups:?} exceeds the limit of {max} per dimension"),
             ));
         }
+        if let Some(t) = reads.iter().chain(writes).find(|t| t.is_released()) {
+            return Err(Error::gpu(
+                format!("dispatching {}::{}", kernel.shader.name, kernel.entry),
+                format!(
+                    "it binds a released tensor of shape {:?}: a forward value that the \
+                     layer's Layer::saved does not declare",
+                    t.shape()
+                ),
+            ));
+        }
         let limit = self.ctx.limits.max_storage_buffer_binding_size;
         if let Some(t) = reads
             .iter()
@@ -327,15 +337,15 @@ impl<'a> Recorder<'a> {
         let bindings = reads
             .iter()
             .chain(writes)
-            .map(|t| match t.binding() {
-                wgpu::BindingResource::Buffer(b) => Bound {
+            .map(|t| match t.binding()? {
+                wgpu::BindingResource::Buffer(b) => Ok(Bound {
                     buffer: b.buffer.clone(),
                     offset: b.offset,
                     size: b.size,
-                },
+                }),
                 _ => unreachable!("tensors bind buffers"),
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let align = (self.ctx.limits.min_storage_buffer_offset_alignment as usize / 4).max(1);
         let offset = self.params.len().next_multiple_of(align);
         if !params.is_empty() {
@@ -381,6 +391,7 @@ impl<'a> Recorder<'a> {
         let param_buffer = (len > 0)
             .then(|| self.ctx.upload_u32(&self.params, &[len]))
             .transpose()?;
+        let param_buffer = param_buffer.as_ref().map(|t| t.buffer()).transpose()?;
         let bind_groups: Vec<wgpu::BindGroup> = self
             .steps
             .iter()
@@ -398,11 +409,11 @@ impl<'a> Recorder<'a> {
                         }),
                     })
                     .collect();
-                if let (Some(buffer), size @ 1..) = (&param_buffer, step.params.1) {
+                if let (Some(buffer), size @ 1..) = (param_buffer, step.params.1) {
                     entries.push(wgpu::BindGroupEntry {
                         binding: step.bindings.len() as u32,
                         resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                            buffer: buffer.buffer(),
+                            buffer,
                             offset: 0,
                             size: std::num::NonZeroU64::new(size),
                         }),
@@ -446,6 +457,7 @@ impl<'a> Recorder<'a> {
         }
         drop(profiler);
         self.ctx.queue.submit([encoder.finish()]);
+        self.ctx.work.submitted(self.steps.len());
         self.ctx.check_errors("submitting GPU work")
     }
 }

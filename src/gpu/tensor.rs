@@ -21,8 +21,11 @@ impl Drop for Allocation {
 /// A dense, row-major array of 4-byte elements (`f32`, or `u32` where a kernel says so)
 /// in one storage buffer. Several tensors may view the same buffer with different
 /// shapes ([`GpuTensor::view`]); the buffer lives, and is counted, until the last goes.
+/// A [`GpuTensor::released`] tensor keeps only its shape: binding or reading it is an
+/// error.
 pub struct GpuTensor {
-    allocation: Arc<Allocation>,
+    /// `None` once released.
+    allocation: Option<Arc<Allocation>>,
     shape: Vec<usize>,
     /// Byte offset of element 0 in the buffer: non-zero only for a [`GpuTensor::window`].
     offset: u64,
@@ -50,29 +53,52 @@ impl GpuTensor {
         self.len() == 0
     }
 
-    /// The underlying buffer (`STORAGE | COPY_SRC | COPY_DST`).
-    pub fn buffer(&self) -> &wgpu::Buffer {
-        &self.allocation.buffer
+    /// The underlying buffer (`STORAGE | COPY_SRC | COPY_DST`); an error once released.
+    pub fn buffer(&self) -> Result<&wgpu::Buffer> {
+        self.allocation.as_ref().map(|a| &a.buffer).ok_or_else(|| {
+            Error::gpu(
+                "binding a tensor",
+                format!(
+                    "the tensor of shape {:?} was released (a forward value no backward \
+                         declared it reads, see Layer::saved)",
+                    self.shape
+                ),
+            )
+        })
+    }
+
+    /// Whether the tensor was released: it has a shape and no buffer.
+    pub fn is_released(&self) -> bool {
+        self.allocation.is_none()
+    }
+
+    /// The same shape without the buffer: this handle no longer keeps the memory alive
+    /// (other views of the buffer still do).
+    pub fn released(&self) -> Self {
+        Self {
+            allocation: None,
+            shape: self.shape.clone(),
+            offset: 0,
+        }
     }
 
     /// Bytes a kernel binding this tensor binds: its elements (at least 16 bytes for a
     /// whole buffer, which zero-sized bindings would make invalid).
     pub fn binding_size(&self) -> u64 {
-        if self.offset == 0 && self.len() * 4 < 16 {
-            self.allocation.bytes
-        } else {
-            (self.len() * 4) as u64
+        match &self.allocation {
+            Some(a) if self.offset == 0 && self.len() * 4 < 16 => a.bytes,
+            _ => (self.len() * 4) as u64,
         }
     }
 
     /// How a kernel binds this tensor: its elements only, which for a
-    /// [`GpuTensor::window`] is a range of the buffer.
-    pub fn binding(&self) -> wgpu::BindingResource<'_> {
-        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-            buffer: self.buffer(),
+    /// [`GpuTensor::window`] is a range of the buffer; an error once released.
+    pub fn binding(&self) -> Result<wgpu::BindingResource<'_>> {
+        Ok(wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer: self.buffer()?,
             offset: self.offset,
             size: std::num::NonZeroU64::new(self.binding_size()),
-        })
+        }))
     }
 
     /// A flat view of `len` elements starting at element `start`, for binding part of
@@ -189,11 +215,11 @@ impl GpuContext {
         }
         self.memory.allocate(bytes);
         Ok(GpuTensor {
-            allocation: Arc::new(Allocation {
+            allocation: Some(Arc::new(Allocation {
                 buffer,
                 bytes,
                 memory: self.memory.clone(),
-            }),
+            })),
             shape: shape.to_vec(),
             offset: 0,
         })
@@ -221,7 +247,7 @@ impl GpuContext {
         check_len(data.len(), tensor.shape())?;
         if !data.is_empty() {
             self.queue
-                .write_buffer(tensor.buffer(), tensor.offset, bytemuck::cast_slice(data));
+                .write_buffer(tensor.buffer()?, tensor.offset, bytemuck::cast_slice(data));
         }
         Ok(())
     }
@@ -237,10 +263,12 @@ impl GpuContext {
     }
 
     fn read_bytes(&self, tensor: &GpuTensor) -> Result<Vec<u8>> {
+        self.work.read_back();
         let len = (tensor.len() * 4) as u64;
         if len == 0 {
             return Ok(Vec::new());
         }
+        let buffer = tensor.buffer()?;
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("readback"),
             size: len,
@@ -250,7 +278,7 @@ impl GpuContext {
         let mut encoder = self
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
-        encoder.copy_buffer_to_buffer(tensor.buffer(), tensor.offset, &staging, 0, len);
+        encoder.copy_buffer_to_buffer(buffer, tensor.offset, &staging, 0, len);
         self.queue.submit([encoder.finish()]);
         let (sender, receiver) = std::sync::mpsc::channel();
         staging.map_async(wgpu::MapMode::Read, .., move |r| {

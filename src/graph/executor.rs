@@ -1,5 +1,6 @@
-//! The graph on the GPU: forward over a batch in topological order keeping every
-//! value, and backward of a stack of output gradients in reverse order, summing
+//! The graph on the GPU: forward over a batch in topological order keeping what
+//! backward and the curvature read (each layer declares it, [`crate::layers::Saved`]),
+//! and backward of a stack of output gradients in reverse order, summing
 //! gradients where a value fans out; each pass is recorded into one compute pass.
 //!
 //! Layouts: activations are batch-major, NCHW for images and `[B, features]` after a
@@ -22,7 +23,9 @@ pub struct Network {
     params: Vec<Vec<GpuTensor>>,
 }
 
-/// What a forward pass over one batch keeps: every value.
+/// What a forward pass over one batch keeps: the network output, the curvature layers'
+/// inputs and what the layers' backward reads; every other value is released (its
+/// shape stays, binding it is an error).
 pub struct Forward {
     batch: usize,
     /// `values[0]` is the input, `values[i + 1]` node `i`'s output, `[B, *shape]`.
@@ -120,13 +123,55 @@ impl Network {
         &self.graph
     }
 
-    /// Elements of every value of one example: what a forward pass keeps, and about
-    /// what a backward pass holds per stacked vector.
+    /// Elements of every value of one example: what a forward pass holds while it
+    /// runs, and about what a backward pass holds per stacked vector.
     pub fn activation_elements(&self) -> usize {
         self.graph
             .shapes()
             .iter()
             .map(|s| s.iter().product::<usize>())
+            .sum()
+    }
+
+    /// Per value (0: the input, `i + 1`: node `i`'s output), whether a forward pass
+    /// keeps it for backward and the curvature: the network output, every curvature
+    /// layer's first input, and the values the layers' [`crate::layers::Layer::saved`]
+    /// declare.
+    pub fn kept_values(&self) -> Vec<bool> {
+        let graph = &self.graph;
+        let nodes = graph.nodes.len();
+        let mut kept = vec![false; nodes + 1];
+        kept[graph.output + 1] = true;
+        for i in 0..nodes {
+            let layer = graph.layer(i);
+            let saved = layer.saved();
+            let reads = graph.node_inputs(i);
+            if saved.inputs {
+                for &v in reads {
+                    kept[v] = true;
+                }
+            }
+            if saved.output {
+                kept[i + 1] = true;
+            }
+            if layer.curvature().is_some()
+                && let Some(&v) = reads.first()
+            {
+                kept[v] = true;
+            }
+        }
+        kept
+    }
+
+    /// Elements of the values one example keeps between forward and backward
+    /// ([`Self::kept_values`]; a kept view counts as if it were a copy).
+    pub fn kept_elements(&self) -> usize {
+        let shapes = self.graph.shapes();
+        self.kept_values()
+            .iter()
+            .zip(shapes)
+            .filter(|&(&kept, _)| kept)
+            .map(|(_, s)| s.iter().product::<usize>())
             .sum()
     }
 
@@ -155,8 +200,20 @@ impl Network {
     }
 
     /// Runs the network on `x` (`[B, *input_shape]`), recording every node into one
-    /// compute pass, and keeps every value (`x` becomes the first).
+    /// compute pass, and keeps what backward and the curvature read
+    /// ([`Self::kept_values`]; `x` is the first value).
     pub fn forward(&self, ctx: &GpuContext, x: GpuTensor) -> Result<Forward> {
+        let mut forward = self.forward_keeping_all(ctx, x)?;
+        for (value, kept) in forward.values.iter_mut().zip(self.kept_values()) {
+            if !kept {
+                *value = Rc::new(value.released());
+            }
+        }
+        Ok(forward)
+    }
+
+    /// Like [`Self::forward`], keeping every value (to inspect them).
+    pub fn forward_keeping_all(&self, ctx: &GpuContext, x: GpuTensor) -> Result<Forward> {
         let shapes = self.graph.shapes();
         let example: usize = shapes[0].iter().product();
         if example == 0 || !x.len().is_multiple_of(example) {

@@ -5,7 +5,7 @@ use crate::error::Result;
 use crate::gpu::{GpuTensor, Recorder};
 use crate::graph::Node;
 use crate::layers::attrs::Attrs;
-use crate::layers::{BackwardArgs, ForwardArgs, Grads, Layer, Pass, batched, one_input};
+use crate::layers::{BackwardArgs, ForwardArgs, Grads, Layer, Pass, Saved, batched, one_input};
 use crate::ops::activation;
 use crate::reference::ops;
 
@@ -90,6 +90,14 @@ pub fn build_tanh(node: &Node, inputs: &[&[usize]]) -> Result<Box<dyn Layer>> {
 impl Layer for Activation {
     fn op(&self) -> &'static str {
         self.op
+    }
+
+    fn saved(&self) -> Saved {
+        if self.from_output {
+            Saved::OUTPUT
+        } else {
+            Saved::INPUTS
+        }
     }
 
     fn output_shape(&self) -> &[usize] {

@@ -12,7 +12,7 @@ use crate::gpu::GpuTensor;
 use crate::graph::Node;
 use crate::layers::attrs::Attrs;
 use crate::layers::{
-    BackwardArgs, ForwardArgs, Grads, Layer, ParamSpec, Pass, batched_shape, one_input,
+    BackwardArgs, ForwardArgs, Grads, Layer, ParamSpec, Pass, Saved, batched_shape, one_input,
 };
 use crate::ops::norm::{self, BatchNormParams};
 use crate::reference::graph_ops;
@@ -115,6 +115,10 @@ impl BatchNorm2d {
 impl Layer for BatchNorm2d {
     fn op(&self) -> &'static str {
         "batch_norm2d"
+    }
+
+    fn saved(&self) -> Saved {
+        Saved::NOTHING
     }
 
     fn output_shape(&self) -> &[usize] {

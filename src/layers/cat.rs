@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::gpu::GpuTensor;
 use crate::graph::Node;
 use crate::layers::attrs::Attrs;
-use crate::layers::{BackwardArgs, ForwardArgs, Grads, Layer, Pass, batched, batched_shape};
+use crate::layers::{BackwardArgs, ForwardArgs, Grads, Layer, Pass, Saved, batched, batched_shape};
 use crate::ops::combine;
 use crate::reference::graph_ops;
 
@@ -66,6 +66,10 @@ pub fn build(node: &Node, inputs: &[&[usize]]) -> Result<Box<dyn Layer>> {
 impl Layer for Cat {
     fn op(&self) -> &'static str {
         "cat"
+    }
+
+    fn saved(&self) -> Saved {
+        Saved::NOTHING
     }
 
     fn output_shape(&self) -> &[usize] {

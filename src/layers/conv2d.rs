@@ -11,8 +11,8 @@ use crate::graph::Node;
 use crate::layers::attrs::Attrs;
 use crate::layers::linear::zeros_like;
 use crate::layers::{
-    BackwardArgs, ForwardArgs, Grads, Layer, ParamSpec, Pass, batched, batched_shape, one_input,
-    spatial_input,
+    BackwardArgs, ForwardArgs, Grads, Layer, ParamSpec, Pass, Saved, batched, batched_shape,
+    one_input, spatial_input,
 };
 use crate::ops::conv::{ConvBackward, ConvWorkspace, conv2d_backward, conv2d_forward};
 use crate::ops::gemm::{Gemm, gemm};
@@ -200,6 +200,10 @@ impl Conv2d {
 impl Layer for Conv2d {
     fn op(&self) -> &'static str {
         "conv2d"
+    }
+
+    fn saved(&self) -> Saved {
+        Saved::INPUTS
     }
 
     fn output_shape(&self) -> &[usize] {

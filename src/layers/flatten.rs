@@ -5,7 +5,7 @@ use crate::error::Result;
 use crate::gpu::GpuTensor;
 use crate::graph::Node;
 use crate::layers::attrs::Attrs;
-use crate::layers::{BackwardArgs, ForwardArgs, Grads, Layer, Pass, batched, one_input};
+use crate::layers::{BackwardArgs, ForwardArgs, Grads, Layer, Pass, Saved, batched, one_input};
 
 /// A flatten of dims `start..=end` of the batched shape.
 #[derive(Debug)]
@@ -47,6 +47,10 @@ pub fn build(node: &Node, inputs: &[&[usize]]) -> Result<Box<dyn Layer>> {
 impl Layer for Flatten {
     fn op(&self) -> &'static str {
         "flatten"
+    }
+
+    fn saved(&self) -> Saved {
+        Saved::NOTHING
     }
 
     fn output_shape(&self) -> &[usize] {

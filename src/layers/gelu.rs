@@ -6,7 +6,7 @@ use crate::error::Result;
 use crate::gpu::GpuTensor;
 use crate::graph::Node;
 use crate::layers::attrs::{Attrs, brief};
-use crate::layers::{BackwardArgs, ForwardArgs, Grads, Layer, Pass, batched, one_input};
+use crate::layers::{BackwardArgs, ForwardArgs, Grads, Layer, Pass, Saved, batched, one_input};
 use crate::ops::gelu::{self, Gelu as Form};
 use crate::reference::graph_ops;
 
@@ -41,6 +41,10 @@ pub fn build(node: &Node, inputs: &[&[usize]]) -> Result<Box<dyn Layer>> {
 impl Layer for Gelu {
     fn op(&self) -> &'static str {
         "gelu"
+    }
+
+    fn saved(&self) -> Saved {
+        Saved::INPUTS
     }
 
     fn output_shape(&self) -> &[usize] {

@@ -10,7 +10,8 @@ use crate::gpu::GpuTensor;
 use crate::graph::Node;
 use crate::layers::attrs::{Attrs, brief};
 use crate::layers::{
-    BackwardArgs, ForwardArgs, Grads, Layer, ParamSpec, Pass, batched, batched_shape, one_input,
+    BackwardArgs, ForwardArgs, Grads, Layer, ParamSpec, Pass, Saved, batched, batched_shape,
+    one_input,
 };
 use crate::ops::norm;
 use crate::reference::graph_ops;
@@ -82,6 +83,10 @@ impl LayerNorm {
 impl Layer for LayerNorm {
     fn op(&self) -> &'static str {
         "layer_norm"
+    }
+
+    fn saved(&self) -> Saved {
+        Saved::INPUTS
     }
 
     fn output_shape(&self) -> &[usize] {

@@ -10,10 +10,11 @@ use crate::geometry::LinearGeometry;
 use crate::gpu::GpuTensor;
 use crate::graph::Node;
 use crate::layers::attrs::Attrs;
+use crate::layers::mean::sum_middle;
 use crate::layers::{
-    BackwardArgs, ForwardArgs, Grads, Layer, ParamSpec, Pass, batched, batched_shape, one_input,
+    BackwardArgs, ForwardArgs, Grads, Layer, ParamSpec, Pass, Saved, batched, batched_shape,
+    one_input,
 };
-use crate::ops::gemm::{Gemm, gemm};
 use crate::ops::linear::{LinearBackward, linear_backward, linear_forward};
 use crate::reference::ops;
 
@@ -87,30 +88,13 @@ impl Linear {
     }
 }
 
-/// `y[r] = alpha·Σ_s x[r, s, :]` for `x` `[R, S, n]` and `y` `[R, n]` (overwritten): one
-/// batched GEMM of a shared ones row `[1, S]` with each `[S, n]` slice.
-fn sum_positions(
-    pass: &mut Pass,
-    x: &GpuTensor,
-    positions: usize,
-    n: usize,
-    alpha: f32,
-) -> Result<GpuTensor> {
-    let rows = x.len() / (positions * n);
-    let y = pass.zeros(&[rows, n])?;
-    let ones = pass.ctx().upload(&vec![1.0; positions], &[1, positions])?;
-    let mut sum = Gemm::new(1, n, positions, false, false)
-        .batched(rows)
-        .scaled(alpha, 0.0);
-    sum.stride_a = 0;
-    gemm(&mut pass.rec, &sum, &ones, x, &y)?;
-    pass.keep(ones);
-    Ok(y)
-}
-
 impl Layer for Linear {
     fn op(&self) -> &'static str {
         "linear"
+    }
+
+    fn saved(&self) -> Saved {
+        Saved::INPUTS
     }
 
     fn output_shape(&self) -> &[usize] {
@@ -266,8 +250,8 @@ impl CurvatureLayer for Linear {
         if self.positions == 1 {
             return input.view(&[batch, self.in_features]);
         }
-        let s = self.positions;
-        sum_positions(pass, input, s, self.in_features, 1.0 / s as f32)
+        let (s, d) = (self.positions, self.in_features);
+        sum_middle(pass, input, [batch, s, d], 1.0 / s as f32)
     }
 
     fn expand_grads(&self, _: &mut Pass, grads: &GpuTensor) -> Result<GpuTensor> {
@@ -278,7 +262,8 @@ impl CurvatureLayer for Linear {
         if self.positions == 1 {
             return grads.view(&[grads.len() / self.out_features, self.out_features]);
         }
-        sum_positions(pass, grads, self.positions, self.out_features, 1.0)
+        let (s, d_out) = (self.positions, self.out_features);
+        sum_middle(pass, grads, [grads.len() / (s * d_out), s, d_out], 1.0)
     }
 
     fn reference_expand_inputs(&self, input: &[f64], _: usize) -> Vec<f64> {

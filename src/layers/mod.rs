@@ -25,7 +25,10 @@ pub mod identity;
 pub mod layer_norm;
 pub mod linear;
 pub mod matmul;
+pub mod mean;
 pub mod pool;
+pub mod scale;
+pub mod shape;
 pub mod silu;
 pub mod softmax;
 pub mod upsample;
@@ -141,6 +144,42 @@ pub fn repeat64(t: &[f64], stack: usize) -> Vec<f64> {
     t.repeat(stack)
 }
 
+/// The forward values a layer's backward reads. The executor releases every other
+/// value after the forward pass (keeping the network output and the curvature layers'
+/// inputs, which the curvature reads); a backward that binds a value it did not
+/// declare fails with an error, never with a wrong number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Saved {
+    /// The node's inputs, `[B, *in]` each.
+    pub inputs: bool,
+    /// The node's output, `[B, *out]`.
+    pub output: bool,
+}
+
+impl Saved {
+    /// Backward reads no forward value (linear maps of the gradient: add, pools that
+    /// average, reshapes).
+    pub const NOTHING: Saved = Saved {
+        inputs: false,
+        output: false,
+    };
+    /// Backward reads the inputs.
+    pub const INPUTS: Saved = Saved {
+        inputs: true,
+        output: false,
+    };
+    /// Backward reads the output.
+    pub const OUTPUT: Saved = Saved {
+        inputs: false,
+        output: true,
+    };
+    /// Backward may read everything.
+    pub const ALL: Saved = Saved {
+        inputs: true,
+        output: true,
+    };
+}
+
 /// A layer type. Built from a graph node and its input shapes by a constructor in
 /// [`REGISTRY`]; shapes are per example (no batch axis).
 pub trait Layer: std::fmt::Debug {
@@ -170,6 +209,12 @@ pub trait Layer: std::fmt::Debug {
     /// needs nothing of the forward pass, and the activation costs no memory.
     fn is_view(&self) -> bool {
         false
+    }
+
+    /// Which forward values backward reads ([`BackwardArgs::inputs`],
+    /// [`BackwardArgs::output`]); the others are released after the forward pass.
+    fn saved(&self) -> Saved {
+        Saved::ALL
     }
 
     /// Records the forward pass; returns the output `[B, *out]`.
@@ -220,6 +265,12 @@ pub static REGISTRY: &[(&str, Constructor)] = &[
     ("gelu", gelu::build),
     ("silu", silu::build),
     ("identity", identity::build),
+    ("reshape", shape::build_reshape),
+    ("transpose", shape::build_transpose),
+    ("permute", shape::build_permute),
+    ("mean", mean::build),
+    ("mul_constant", scale::build_mul),
+    ("div_constant", scale::build_div),
     ("matmul", matmul::build),
     ("softmax", softmax::build),
 ];

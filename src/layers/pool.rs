@@ -10,7 +10,8 @@ use crate::gpu::GpuTensor;
 use crate::graph::Node;
 use crate::layers::attrs::Attrs;
 use crate::layers::{
-    BackwardArgs, ForwardArgs, Grads, Layer, Pass, batched, batched_shape, one_input, spatial_input,
+    BackwardArgs, ForwardArgs, Grads, Layer, Pass, Saved, batched, batched_shape, one_input,
+    spatial_input,
 };
 use crate::ops::pool;
 use crate::reference::ops;
@@ -117,6 +118,14 @@ impl Pool2d {
 impl Layer for Pool2d {
     fn op(&self) -> &'static str {
         if self.max { "max_pool2d" } else { "avg_pool2d" }
+    }
+
+    fn saved(&self) -> Saved {
+        if self.max {
+            Saved::INPUTS
+        } else {
+            Saved::NOTHING
+        }
     }
 
     fn output_shape(&self) -> &[usize] {

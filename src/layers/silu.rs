@@ -5,7 +5,7 @@ use crate::error::Result;
 use crate::gpu::GpuTensor;
 use crate::graph::Node;
 use crate::layers::attrs::Attrs;
-use crate::layers::{BackwardArgs, ForwardArgs, Grads, Layer, Pass, batched, one_input};
+use crate::layers::{BackwardArgs, ForwardArgs, Grads, Layer, Pass, Saved, batched, one_input};
 use crate::ops::silu;
 use crate::reference::graph_ops;
 
@@ -27,6 +27,10 @@ pub fn build(node: &Node, inputs: &[&[usize]]) -> Result<Box<dyn Layer>> {
 impl Layer for Silu {
     fn op(&self) -> &'static str {
         "silu"
+    }
+
+    fn saved(&self) -> Saved {
+        Saved::INPUTS
     }
 
     fn output_shape(&self) -> &[usize] {

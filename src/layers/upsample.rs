@@ -9,7 +9,8 @@ use crate::gpu::GpuTensor;
 use crate::graph::Node;
 use crate::layers::attrs::{Attrs, brief};
 use crate::layers::{
-    BackwardArgs, ForwardArgs, Grads, Layer, Pass, batched, batched_shape, one_input, spatial_input,
+    BackwardArgs, ForwardArgs, Grads, Layer, Pass, Saved, batched, batched_shape, one_input,
+    spatial_input,
 };
 use crate::ops::resample;
 use crate::reference::graph_ops;
@@ -72,6 +73,10 @@ impl UpsampleNearest2d {
 impl Layer for UpsampleNearest2d {
     fn op(&self) -> &'static str {
         "upsample_nearest2d"
+    }
+
+    fn saved(&self) -> Saved {
+        Saved::NOTHING
     }
 
     fn output_shape(&self) -> &[usize] {

@@ -16,6 +16,7 @@ pub mod norm;
 pub mod pool;
 pub mod reduce;
 pub mod resample;
+pub mod shape;
 pub mod silu;
 pub mod softmax;
 
@@ -34,6 +35,7 @@ pub(crate) static POOL: Shader = crate::shader!("pool");
 pub(crate) static REDUCE: Shader = crate::shader!("reduce");
 pub(crate) static RESAMPLE: Shader = crate::shader!("resample");
 pub(crate) static SILU: Shader = crate::shader!("silu");
+pub(crate) static SHAPE: Shader = crate::shader!("shape");
 pub(crate) static SOFTMAX: Shader = crate::shader!("softmax");
 
 /// Every WGSL file of the crate, for validation tests.
@@ -58,6 +60,7 @@ static SHADERS: &[&Shader] = &[
     &REDUCE,
     &RESAMPLE,
     &SILU,
+    &SHAPE,
     &SOFTMAX,
 ];
 
@@ -98,6 +101,7 @@ pub fn all_params() -> Vec<ParamsLayout> {
         L::of::<resample::ResampleParams>(&RESAMPLE),
         L::of::<silu::ElementwiseParams>(&SILU),
         L::of::<silu::StackedParams>(&SILU),
+        L::of::<shape::GatherParams>(&SHAPE),
         L::of::<softmax::SoftmaxParams>(&SOFTMAX),
     ]
 }

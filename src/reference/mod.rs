@@ -7,3 +7,4 @@ pub mod graph_ops;
 pub mod nn;
 pub mod operator;
 pub mod ops;
+pub mod shape;
