@@ -39,7 +39,9 @@ fn mpi_binary() -> Option<PathBuf> {
                  (mpirun found: {mpirun})",
                 std::env::var_os("EKFAC_MPI_BIN")
             );
-            eprintln!("SKIPPING: set EKFAC_MPI_BIN to an ekfac built with --features mpi and install mpirun");
+            eprintln!(
+                "SKIPPING: set EKFAC_MPI_BIN to an ekfac built with --features mpi and install mpirun"
+            );
             None
         }
     }
@@ -123,7 +125,9 @@ fn mpirun(bin: &Path, ranks: usize, args: &[Vec<String>]) -> Output {
     let mut cmd = Command::new("mpirun");
     cmd.args(["--allow-run-as-root", "--oversubscribe"]);
     if args.len() == 1 {
-        cmd.args(["-np", &ranks.to_string()]).arg(bin).args(&args[0]);
+        cmd.args(["-np", &ranks.to_string()])
+            .arg(bin)
+            .args(&args[0]);
     } else {
         for (i, a) in args.iter().enumerate() {
             if i > 0 {
@@ -195,8 +199,14 @@ fn fits_over_two_and_three_ranks_match_one_process() {
             let ranks = s["ranks"].as_array().unwrap();
             assert_eq!(ranks.len(), k, "{s}");
             // 6 batches of 8 (the last of 5), batch b on rank b mod K.
-            let examples: Vec<u64> = ranks.iter().map(|r| r["examples"].as_u64().unwrap()).collect();
-            let batches: Vec<u64> = ranks.iter().map(|r| r["batches"].as_u64().unwrap()).collect();
+            let examples: Vec<u64> = ranks
+                .iter()
+                .map(|r| r["examples"].as_u64().unwrap())
+                .collect();
+            let batches: Vec<u64> = ranks
+                .iter()
+                .map(|r| r["batches"].as_u64().unwrap())
+                .collect();
             assert_eq!(examples.iter().sum::<u64>(), N as u64);
             match k {
                 2 => assert_eq!((examples, batches), (vec![24, 21], vec![3, 3])),
@@ -209,7 +219,10 @@ fn fits_over_two_and_three_ranks_match_one_process() {
                 let b = want_op.apply(&v, 3, approx, Transform::Forward).unwrap();
                 let err = rel(&a, &b);
                 eprintln!("{fisher} K = {k} {approx:?}: relative error {err:.2e}");
-                assert!(err <= tol, "{fisher} K = {k} {approx:?}: relative error {err:.2e} > {tol:e}");
+                assert!(
+                    err <= tol,
+                    "{fisher} K = {k} {approx:?}: relative error {err:.2e} > {tol:e}"
+                );
             }
         }
     }
@@ -255,7 +268,9 @@ fn a_failing_rank_ends_every_rank_with_its_message_and_no_output() {
     assert!(!out.status.success(), "the job succeeded: {stderr}");
     let message = "rank 1 of 2: ";
     assert!(
-        stderr.matches(message).count() >= 2 && stderr.contains("b.safetensors") && stderr.contains("x[30, 1] is NaN"),
+        stderr.matches(message).count() >= 2
+            && stderr.contains("b.safetensors")
+            && stderr.contains("x[30, 1] is NaN"),
         "every rank must report rank 1's failure: {stderr}"
     );
     let left: Vec<String> = std::fs::read_dir(dir)
@@ -263,5 +278,8 @@ fn a_failing_rank_ends_every_rank_with_its_message_and_no_output() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with("failed") || n.starts_with('.'))
         .collect();
-    assert!(left.is_empty(), "outputs or temporaries left behind: {left:?}");
+    assert!(
+        left.is_empty(),
+        "outputs or temporaries left behind: {left:?}"
+    );
 }
