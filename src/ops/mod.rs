@@ -1,6 +1,7 @@
 //! One typed wrapper per kernel family of `shaders/`.
 
 pub mod activation;
+pub mod attention;
 mod check;
 pub mod combine;
 pub mod conv;
@@ -11,6 +12,7 @@ pub mod im2col;
 pub mod jacobi;
 pub mod linear;
 pub mod loss;
+pub mod masked_fill;
 pub mod matmul;
 pub mod norm;
 pub mod pool;
@@ -37,6 +39,7 @@ pub(crate) static RESAMPLE: Shader = crate::shader!("resample");
 pub(crate) static SILU: Shader = crate::shader!("silu");
 pub(crate) static SHAPE: Shader = crate::shader!("shape");
 pub(crate) static SOFTMAX: Shader = crate::shader!("softmax");
+pub(crate) static MASKED_FILL: Shader = crate::shader!("masked_fill");
 
 /// Every WGSL file of the crate, for validation tests.
 pub fn all_shaders() -> &'static [&'static Shader] {
@@ -62,6 +65,7 @@ static SHADERS: &[&Shader] = &[
     &SILU,
     &SHAPE,
     &SOFTMAX,
+    &MASKED_FILL,
 ];
 
 /// Every kernel parameter struct with the shader that declares its WGSL twin, for
@@ -103,5 +107,6 @@ pub fn all_params() -> Vec<ParamsLayout> {
         L::of::<silu::StackedParams>(&SILU),
         L::of::<shape::GatherParams>(&SHAPE),
         L::of::<softmax::SoftmaxParams>(&SOFTMAX),
+        L::of::<masked_fill::MaskedFillParams>(&MASKED_FILL),
     ]
 }
