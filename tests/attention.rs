@@ -462,15 +462,26 @@ impl Problem {
 
 /// The GPU layer against the f64 reference on a larger problem than the fixtures
 /// (more than one 64-row tile of scores, heads, a stack of 3), with and without a
-/// causal mask.
+/// causal mask, and on degenerate sizes where the GEMMs become matrix–vector products
+/// (one query, one key, value width 1; rows of 300 keys, longer than the softmax's
+/// workgroup).
 #[test]
 fn sdpa_gpu_matches_reference() {
     let Some(ctx) = common::gpu() else { return };
-    let p = Problem::new(31, 2, &[3], [70, 66, 16, 8], 3);
-    for attrs in [
-        json!({"is_causal": false}),
-        json!({"is_causal": true, "scale": 0.2}),
-    ] {
+    let cases = [
+        (31, &[3][..], [70, 66, 16, 8], json!({"is_causal": false})),
+        (
+            31,
+            &[3],
+            [70, 66, 16, 8],
+            json!({"is_causal": true, "scale": 0.2}),
+        ),
+        (32, &[], [1, 7, 3, 1], json!({})),
+        (33, &[2, 2], [6, 1, 5, 2], json!({"is_causal": true})),
+        (34, &[], [3, 300, 4, 2], json!({})),
+    ];
+    for (seed, lead, sizes, attrs) in cases {
+        let p = Problem::new(seed, 2, lead, sizes, 3);
         let layer = p.layer(attrs.clone());
         let (y, grads) = p.run_gpu(&ctx, layer.as_ref());
         let f64s = |t: &[f32]| t.iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
