@@ -84,7 +84,11 @@ pub fn check_folder(folder: &str) {
 
 /// One case fitted on the GPU with its options against curvlinops: the failures,
 /// each naming `name`; prints the largest product error as a fraction of its bound.
-pub fn check_case(ctx: &ekfac::gpu::GpuContext, name: &str, case: &super::FixtureCase) -> Vec<String> {
+pub fn check_case(
+    ctx: &ekfac::gpu::GpuContext,
+    name: &str,
+    case: &super::FixtureCase,
+) -> Vec<String> {
     let mut failures = Vec::new();
     let mut worst = (0.0f64, String::new());
     let expected = &case.expected;
@@ -184,4 +188,3 @@ pub fn check_case(ctx: &ekfac::gpu::GpuContext, name: &str, case: &super::Fixtur
     eprintln!("{name}: largest product error {}", worst.1);
     failures
 }
-
