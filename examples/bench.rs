@@ -532,7 +532,7 @@ impl Workload {
             WorkloadKind::Transformer => {
                 let (blocks, width, heads, tokens, n, batch) = match size {
                     Size::Full => (4, 256, 4, 128, 1024, 32),
-                    Size::Quick => (2, 64, 4, 32, 256, 64),
+                    Size::Quick => (2, 32, 4, 16, 256, 64),
                     Size::Smoke => (1, 8, 2, 4, 16, 8),
                 };
                 let shape = TransformerShape {
@@ -1205,8 +1205,12 @@ mod tests {
         // Not the resnet: its smoke size takes about 7 s on lavapipe (5 s of it the
         // Jacobi eigendecomposition of its 144×144 factors), too long for CI; its
         // structure is checked by `resnet_matches_the_python_baseline` and its files by
-        // `written_inputs_load_back`.
-        for kind in [WorkloadKind::Mlp, WorkloadKind::Cnn] {
+        // `written_inputs_load_back`. The transformer's smoke size takes about 1 s.
+        for kind in [
+            WorkloadKind::Mlp,
+            WorkloadKind::Cnn,
+            WorkloadKind::Transformer,
+        ] {
             let w = Workload::new(kind, Size::Smoke).unwrap();
             let samples = bench(&ctx, &w, 0, 1, EigensolverKind::Jacobi).unwrap();
             let s = &samples[0];
@@ -1300,7 +1304,7 @@ mod tests {
     fn transformer_structure_and_outputs() {
         for (size, blocks, d) in [
             (Size::Full, 4, 256),
-            (Size::Quick, 2, 64),
+            (Size::Quick, 2, 32),
             (Size::Smoke, 1, 8),
         ] {
             let w = Workload::new(WorkloadKind::Transformer, size).unwrap();
