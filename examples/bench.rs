@@ -1,8 +1,9 @@
 //! End-to-end benchmark of the GPU pipeline: KFAC/EKFAC fit phases and operator
 //! products on fixed workloads (issue 4, item 5; issue 9, item 7).
 //!
-//! `cargo run --release --example bench -- [--quick | --smoke] [--workload mlp|cnn|resnet]
-//! [--runs N] [--write-inputs DIR] [--eigensolver jacobi|host|auto]`
+//! `cargo run --release --example bench -- [--quick | --smoke]
+//! [--workload mlp|cnn|resnet|transformer] [--runs N] [--write-inputs DIR]
+//! [--eigensolver jacobi|host|auto]`
 //!
 //! Workloads (random PyTorch-like weights and random data from a fixed seed):
 //! - `mlp`: `Linear(784,512) ReLU Linear(512,512) ReLU Linear(512,10)`, N = 8192, batch 512;
@@ -19,6 +20,16 @@
 //!   Weights as PyTorch initialises them; BatchNorm running statistics and affine
 //!   weights random as in the fixtures (mean 0.3·N(0,1), var 0.5+U(0,1), weight
 //!   0.6+0.8·U(0,1), bias 0.2·N(0,1)).
+//! - `transformer` (only with `--workload transformer`): a pre-LN transformer
+//!   classifier in the naming of `tools/bench_curvlinops.py`'s `Transformer`: inputs
+//!   `[T, d]` (float), `n` blocks `blocks.<i>` of `ln1` LayerNorm(d) → `attn.q`,
+//!   `attn.k`, `attn.v` Linear(d,d) over the tokens → heads by `reshape [T, H, d/H]` +
+//!   `transpose(1, 2)` → `scaled_dot_product_attention` (non-causal, scale 1/√(d/H)) →
+//!   `transpose(1, 2)` + `reshape [T, d]` → `attn.o` Linear(d,d) → add; `ln2` →
+//!   `mlp.fc1` Linear(d,4d) → GELU → `mlp.fc2` Linear(4d,d) → add; then `ln_f`, the
+//!   mean over tokens and `head` Linear(d,10). `n = 4, d = 256, H = 4, T = 128`,
+//!   N = 1024, batch 32. Linear weights as PyTorch initialises them, LayerNorm affine
+//!   weights as the BatchNorm's above.
 //!
 //! All: cross-entropy with mean reduction, `fisher = mc` with one sample, `expand`,
 //! separate weight and bias. `--quick` shrinks them for the software driver (see
@@ -50,7 +61,9 @@
 //!
 //! `--write-inputs DIR` also writes `DIR/<workload>/{model.json, weights.safetensors,
 //! data.safetensors, bench.json}` (our model format, PyTorch `state_dict` names, `x`
-//! F32, `y` I64, and the options plus FLOP counts) for `tools/bench_curvlinops.py`.
+//! F32, `y` I64, and the options, the FLOP counts and the GPU outputs of the first
+//! [`CHECK_ROWS`] examples) for `tools/bench_curvlinops.py`, which checks its rebuilt
+//! model against those outputs before timing.
 //! The adapter is chosen as by the crate (`WGPU_BACKEND`, `EKFAC_ADAPTER`).
 
 use std::collections::{BTreeMap, HashMap};
@@ -114,10 +127,12 @@ enum Size {
     /// For the software driver: mlp `Linear(196,128) ReLU Linear(128,128) ReLU
     /// Linear(128,10)`, N = 1024, batch 256; cnn on `3×16×16` with 8 and 16 channels
     /// (`Linear(256,10)`), N = 512, batch 128; resnet `w = 8, n = 1` (ResNet-8) on
-    /// `3×16×16`, N = 512, batch 128.
+    /// `3×16×16`, N = 512, batch 128; transformer 2 blocks, `d = 32`, 4 heads,
+    /// `T = 16`, N = 256, batch 64.
     Quick,
     /// For the CI smoke test: tiny layers, N = 64 (mlp) / 32 (cnn, and resnet with
-    /// `w = 4, n = 1` on `3×8×8`, batch 16).
+    /// `w = 4, n = 1` on `3×8×8`, batch 16) / 16 (transformer: 1 block, `d = 8`, 2
+    /// heads, `T = 4`, batch 8).
     Smoke,
 }
 
@@ -700,8 +715,10 @@ impl Workload {
 }
 
 /// Analytic FLOP counts (a multiply-add is 2 FLOPs; elementwise work, reductions over
-/// positions, softmax/sampling and transfers are left out). Per curvature layer with
-/// `N` examples, `S` positions (`OH·OW` for conv2d, 1 for linear), `R = N·S` rows,
+/// positions, softmax/sampling, attention's own GEMMs and transfers are left out).
+/// Per curvature layer with
+/// `N` examples, `S` positions (`OH·OW` for conv2d; for linear the product of the
+/// leading per-example dims, e.g. `T` tokens, 1 on flat inputs), `R = N·S` rows,
 /// `D = d_in` (`in_features` or `C_in/groups·KH·KW`; bias separate), `d_out` and `V`
 /// backpropagated vectors (1 for MC with one sample):
 /// - one data pass = forward `2·R·D·d_out` + backward to the layer input `2·V·R·D·d_out`
