@@ -15,24 +15,11 @@ F32; BatchNorm buffers included), ``data.safetensors`` (``x`` F32, ``y`` I64) an
 ``bench.json`` (batch size, options and the benchmark's analytic FLOP counts, so the
 GFLOP/s columns use the same counts as the Rust table).
 
-The ``resnet`` workload (issue 9) and the ``transformer`` workload (issue 11) can
-also be written from Python, with the same files (``bench.json`` without FLOP counts,
-so the GFLOP/s columns show ``-``)::
+The ``resnet`` workload (issue 9) can also be written from Python, with the same
+files (``bench.json`` without FLOP counts, so the GFLOP/s columns show ``-``)::
 
-    python tools/bench_curvlinops.py --write-inputs /tmp/bench [--workload transformer] [--quick | --smoke]
+    python tools/bench_curvlinops.py --write-inputs /tmp/bench [--quick | --smoke]
     python tools/bench_curvlinops.py /tmp/bench/resnet
-
-The transformer (``TRANSFORMER_SIZES``; its ``x`` is I64 token ids ``[N, T]``):
-``emb`` Embedding(vocab, d) + ``pos`` (learned, ``[1, T, d]``, 0.02·N(0,1)) →
-``blocks.<i>`` pre-LN blocks (``ln1``, ``attn`` with ``q``, ``k``, ``v``, ``o``
-Linear(d,d) and non-causal ``scaled_dot_product_attention`` over ``heads`` heads,
-residual add, ``ln2``, ``mlp.fc1`` Linear(d,4d), GELU, ``mlp.fc2`` Linear(4d,d),
-residual add) → ``ln_f`` → mean over the tokens → ``head`` Linear(d,10). Default 4
-blocks, d = 256, 4 heads, T = 128, vocabulary 1000, N = 1024, batch 32 (3,157,514
-curvature parameters); ``--quick`` 2 blocks, d = 64, 4 heads, T = 32, vocabulary 100,
-N = 256, batch 64; ``--smoke`` 1 block, d = 16, 2 heads, T = 8, vocabulary 50, N = 32,
-batch 16. Weights: PyTorch's default initialisation under ``torch.manual_seed(SEED)``
-(LayerNorms 1 and 0); ``x`` uniform over the vocabulary, ``y`` over 10 classes.
 
 It is a CIFAR-style ResNet (He et al. 2016, §4.2) in torchvision's naming:
 ``conv1`` Conv2d(3,w,3,p=1,no bias) → ``bn1`` → ReLU → ``layer1`` / ``layer2`` /
@@ -49,6 +36,21 @@ BatchNorm running statistics and affine weights randomised as in the fixtures
 (mean 0.3·N(0,1), var 0.5+U(0,1), weight 0.6+0.8·U(0,1), bias 0.2·N(0,1)); data
 ``x`` ~ N(0,1), ``y`` uniform over 10 classes. Curvature parameters are the Linear
 and Conv2d ones only (BatchNorm's are not), in ``named_parameters()`` order.
+
+The ``transformer`` workload (issue 11) is written by the Rust benchmark only
+(``--workload transformer``). Its model is also written here by hand as
+:class:`Transformer` (pre-LN blocks ``blocks.<i>`` of ``ln1``, ``attn.{q,k,v,o}``
+``nn.Linear``\ s around ``F.scaled_dot_product_attention`` over ``heads`` heads,
+``ln2``, ``mlp.fc1`` / GELU / ``mlp.fc2`` with ``4d`` hidden; ``ln_f``, the mean over
+tokens, ``head``), with the same ``state_dict`` names and ``named_parameters()``
+order; ``--check`` loads the weights into it (strictly) and compares its outputs with
+the rebuilt ``model.json`` and with ekfac's GPU outputs::
+
+    python tools/bench_curvlinops.py /tmp/bench/transformer --check
+
+Before timing, every workload whose ``bench.json`` carries ``outputs`` (ekfac's GPU
+outputs on the first examples, written by ``examples/bench.rs``) is checked against
+the rebuilt module (relative error below 1e-4, else the run stops).
 
 Per run, on CUDA when available (else CPU), in float32, with the options of
 ``bench.json`` (cross-entropy mean, MC with one sample, expand, separate bias):
@@ -78,6 +80,7 @@ from typing import Any, Callable, Dict, List
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -141,107 +144,106 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-# (blocks, d_model, heads, tokens T, vocabulary, N, batch size) of the transformer workload.
-TRANSFORMER_SIZES = {
-    "full": dict(blocks=4, d=256, heads=4, tokens=128, vocab=1000, num_data=1024, batch_size=32),
-    "quick": dict(blocks=2, d=64, heads=4, tokens=32, vocab=100, num_data=256, batch_size=64),
-    "smoke": dict(blocks=1, d=16, heads=2, tokens=8, vocab=50, num_data=32, batch_size=16),
-}
+class Block(nn.Module):
+    """A pre-LN transformer block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``."""
 
-
-class Attention(nn.Module):
-    """Multi-head self-attention from ``nn.Linear`` q/k/v/o and
-    ``F.scaled_dot_product_attention`` (not causal), heads split by ``view`` +
-    ``transpose`` and merged back."""
-
-    def __init__(self, d: int, heads: int):
+    def __init__(self, width: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.ln1 = nn.LayerNorm(width)
+        self.attn = nn.Module()
+        for name in ("q", "k", "v", "o"):
+            setattr(self.attn, name, nn.Linear(width, width))
+        self.ln2 = nn.LayerNorm(width)
+        self.mlp = nn.Module()
+        self.mlp.fc1 = nn.Linear(width, 4 * width)
+        self.mlp.fc2 = nn.Linear(4 * width, width)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        return x.reshape(n, t, self.heads, d // self.heads).transpose(1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = (
-            f(x).view(B, T, self.heads, C // self.heads).transpose(1, 2) for f in (self.q, self.k, self.v)
-        )
-        y = nn.functional.scaled_dot_product_attention(q, k, v)
-        return self.o(y.transpose(1, 2).reshape(B, T, C))
+        h = self.ln1(x)
+        q, k, v = (self._split(getattr(self.attn, p)(h)) for p in ("q", "k", "v"))
+        a = F.scaled_dot_product_attention(q, k, v)
+        x = x + self.attn.o(a.transpose(1, 2).reshape(x.shape))
+        return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.ln2(x))))
 
 
-class Block(nn.Module):
-    """Pre-LN block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))`` with ``mlp`` =
-    ``fc1`` Linear(d, 4d) - GELU - ``fc2`` Linear(4d, d)."""
+class Transformer(nn.Module):
+    """The ``transformer`` workload of ``examples/bench.rs`` on float inputs
+    ``[N, T, d]``: ``blocks`` pre-LN blocks, ``ln_f``, the mean over tokens and a
+    classification ``head``."""
 
-    def __init__(self, d: int, heads: int):
+    def __init__(self, blocks: int, width: int, heads: int, num_classes: int = 10):
         super().__init__()
-        self.ln1 = nn.LayerNorm(d)
-        self.attn = Attention(d, heads)
-        self.ln2 = nn.LayerNorm(d)
-        self.mlp = nn.Sequential()
-        self.mlp.add_module("fc1", nn.Linear(d, 4 * d))
-        self.mlp.add_module("gelu", nn.GELU())
-        self.mlp.add_module("fc2", nn.Linear(4 * d, d))
+        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(blocks))
+        self.ln_f = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
-
-
-class TransformerClassifier(nn.Module):
-    """The ``transformer`` workload (see the module docstring)."""
-
-    def __init__(self, blocks: int, d: int, heads: int, tokens: int, vocab: int, num_classes: int = 10):
-        super().__init__()
-        self.emb = nn.Embedding(vocab, d)
-        self.pos = nn.Parameter(0.02 * torch.randn(1, tokens, d))
-        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(blocks))
-        self.ln_f = nn.LayerNorm(d)
-        self.head = nn.Linear(d, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.emb(x) + self.pos
         for block in self.blocks:
-            h = block(h)
-        return self.head(self.ln_f(h).mean(dim=1))
+            x = block(x)
+        return self.head(self.ln_f(x).mean(dim=1))
 
 
-def write_transformer_inputs(out_root: str, size: str) -> str:
-    """Write ``out_root/transformer/{model.json, weights.safetensors,
-    data.safetensors, bench.json}``; return the directory."""
-    from export_torch import export
+def transformer_from_spec(spec: Dict[str, Any]) -> Transformer:
+    """The :class:`Transformer` of a ``model.json`` written by ``examples/bench.rs``
+    (blocks, width and heads read off its nodes)."""
+    nodes = {n["name"]: n for n in spec["nodes"]}
+    blocks = sum(1 for name in nodes if name.endswith(".ln1"))
+    width = nodes["head"]["attrs"]["in_features"]
+    heads = nodes["blocks.0.attn.q_split"]["attrs"]["shape"][1]
+    return Transformer(blocks, width, heads)
 
-    cfg = TRANSFORMER_SIZES[size]
-    torch.manual_seed(SEED)
-    model = TransformerClassifier(cfg["blocks"], cfg["d"], cfg["heads"], cfg["tokens"], cfg["vocab"]).eval()
-    g = torch.Generator().manual_seed(SEED + 1)
-    n, t = cfg["num_data"], cfg["tokens"]
-    x = torch.randint(0, cfg["vocab"], (n, t), generator=g)
-    y = torch.randint(0, 10, (n,), generator=g)
-    out_dir = os.path.join(out_root, "transformer")
-    export(model, [t], out_dir, x=x, y=y)
-    params = curvature_parameters(model)
-    bench = {
-        "workload": "transformer",
-        "description": (
-            f"transformer classifier: Embedding({cfg['vocab']},{cfg['d']}) + learned positions, "
-            f"{cfg['blocks']} pre-LN blocks (d = {cfg['d']}, {cfg['heads']} heads, SDPA, GELU MLP "
-            f"{4 * cfg['d']}), mean over T = {t} tokens, Linear({cfg['d']},10)"
-        ),
-        "num_data": n,
-        "num_params": sum(p.numel() for p in params),
-        "batch_size": cfg["batch_size"],
-        "loss": "cross_entropy",
-        "reduction": "mean",
-        "fisher_type": "mc",
-        "mc_samples": 1,
-        "kfac_approx": "expand",
-        "separate_weight_and_bias": True,
-        "flops": None,
-    }
-    with open(os.path.join(out_dir, "bench.json"), "w") as f:
-        json.dump(bench, f, indent=2)
-        f.write("\n")
-    return out_dir
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).norm() / want.double().norm())
+
+
+def check_outputs(model: nn.Module, x: torch.Tensor, bench: Dict[str, Any], what: str) -> float:
+    """The relative error of ``model`` against ekfac's GPU outputs in ``bench.json``
+    (ValueError above 1e-4: the baseline would time another model)."""
+    rows, values = bench["outputs"]["rows"], bench["outputs"]["values"]
+    with torch.no_grad():
+        got = model(x[:rows])
+    want = torch.tensor(values, dtype=torch.float64).reshape(got.shape)
+    err = relative_error(got, want)
+    if not err < 1e-4:
+        raise ValueError(
+            f"{what}: outputs on the first {rows} examples differ from ekfac's by "
+            f"{err:.2e} (relative), above 1e-4"
+        )
+    return err
+
+
+def check_transformer(inputs: str) -> None:
+    """``--check``: the hand-written :class:`Transformer` with the written weights
+    against the rebuilt ``model.json`` (all examples) and ekfac's GPU outputs."""
+    with open(os.path.join(inputs, "model.json")) as f:
+        spec = json.load(f)
+    with open(os.path.join(inputs, "bench.json")) as f:
+        bench = json.load(f)
+    state = load_file(os.path.join(inputs, "weights.safetensors"))
+    model = transformer_from_spec(spec)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    rebuilt = graph_torch.build(spec)
+    graph_torch.load_weights(rebuilt, state)
+    rebuilt.eval()
+    names = [n for n, _ in model.named_parameters()]
+    if names != spec["parameters"]:
+        raise ValueError(f"named_parameters() {names} differ from model.json's {spec['parameters']}")
+    x = load_file(os.path.join(inputs, "data.safetensors"))["x"]
+    with torch.no_grad():
+        err = relative_error(model(x), rebuilt(x))
+    if not err < 1e-6:
+        raise ValueError(f"Transformer vs rebuilt model.json: relative error {err:.2e}")
+    print(f"Transformer vs rebuilt model.json on {x.shape[0]} examples: relative error {err:.2e}")
+    for what, m in (("Transformer", model), ("rebuilt model.json", rebuilt)):
+        err = check_outputs(m, x, bench, what)
+        print(f"{what} vs ekfac's GPU outputs ({bench['outputs']['rows']} examples): relative error {err:.2e}")
 
 
 def write_resnet_inputs(out_root: str, size: str) -> str:
@@ -314,19 +316,26 @@ def main() -> None:
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None)
     parser.add_argument(
         "--write-inputs", metavar="DIR",
-        help="write a workload (--workload) to DIR/<workload> instead of timing anything",
-    )
-    parser.add_argument(
-        "--workload", choices=["resnet", "transformer"], default="resnet",
-        help="with --write-inputs: which workload (default resnet)",
+        help="write the resnet workload to DIR/resnet instead of timing anything",
     )
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="with --write-inputs: the quick size")
     size.add_argument("--smoke", action="store_true", help="with --write-inputs: the smoke size")
+    parser.add_argument(
+        "--check", action="store_true",
+        help="transformer inputs: check the hand-written Transformer against the "
+        "rebuilt model.json and ekfac's outputs instead of timing anything",
+    )
     args = parser.parse_args()
+    if args.check:
+        if args.inputs is None:
+            parser.error("--check needs an inputs directory")
+        check_transformer(args.inputs)
+        return
     if args.write_inputs:
-        write = write_transformer_inputs if args.workload == "transformer" else write_resnet_inputs
-        out = write(args.write_inputs, "quick" if args.quick else "smoke" if args.smoke else "full")
+        out = write_resnet_inputs(
+            args.write_inputs, "quick" if args.quick else "smoke" if args.smoke else "full"
+        )
         print(f"wrote {out}")
         return
     if args.inputs is None:
@@ -348,6 +357,8 @@ def main() -> None:
     model = model.to(device).eval()
     tensors = load_file(os.path.join(args.inputs, "data.safetensors"))
     x, y = tensors["x"].to(device), tensors["y"].to(device)
+    if bench.get("outputs"):  # ekfac's GPU outputs on the first examples
+        check_outputs(model, x, bench, "the rebuilt model.json")
     if bench["loss"] != "cross_entropy":
         raise ValueError(f"bench.json: expected loss cross_entropy, found {bench['loss']!r}")
     b = bench["batch_size"]
