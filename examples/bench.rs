@@ -54,7 +54,7 @@ use ekfac::curvature::operator::{Approximation, Operator, Transform};
 use ekfac::curvature::{FisherType, KfacApprox, LossKind, Options, Reduction};
 use ekfac::gpu::GpuContext;
 use ekfac::graph::chain::{Conv2dSpec, Layer, LinearSpec};
-use ekfac::graph::{Graph, GraphInput, Model, ModelSpec, Node};
+use ekfac::graph::{Graph, GraphInput, InputDtype, Model, ModelSpec, Node};
 use ekfac::model::data::{Dataset, Targets};
 use ekfac::{Error, Result};
 
@@ -383,6 +383,7 @@ fn resnet(width: usize, blocks: usize, side: usize, rng: &mut SplitMix64) -> Res
     let input = GraphInput {
         name: "x".into(),
         shape: vec![3, side, side],
+        dtype: InputDtype::F32,
     };
     let graph = Graph::new(input, g.nodes, "fc", Some(g.parameters))?;
     Model::new(graph, g.tensors)

@@ -324,7 +324,10 @@ pub(super) fn run_batch(
     let batch = data.batch(start, len);
     let mut shape = vec![len];
     shape.extend(&data.example_shape);
-    let x = ctx.upload(batch.x, &shape)?;
+    let x = match batch.ids {
+        Some(ids) => ctx.upload_u32(ids, &shape)?,
+        None => ctx.upload(batch.x, &shape)?,
+    };
     let forward = network.forward(ctx, x)?;
     if options.fisher == FisherType::ForwardOnly {
         return Ok(BatchPass {

@@ -414,6 +414,7 @@ impl ModelSpec {
         let input = GraphInput {
             name: INPUT.into(),
             shape: self.input_shape.clone(),
+            dtype: super::InputDtype::F32,
         };
         let mut graph = Graph::new(input, nodes, &previous, None)?;
         graph.chain = Some(self.clone());

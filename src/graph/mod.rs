@@ -76,12 +76,34 @@ impl Node {
     }
 }
 
-/// The graph input: one example's shape.
+/// The element type of the graph input.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum InputDtype {
+    /// Float inputs (`"f32"`).
+    #[default]
+    F32,
+    /// Token ids (`"i64"`): the data file's `x` is I64 or I32, uploaded as u32 words;
+    /// only `embedding` nodes may read them.
+    I64,
+}
+
+impl InputDtype {
+    /// The name in `model.json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            InputDtype::F32 => "f32",
+            InputDtype::I64 => "i64",
+        }
+    }
+}
+
+/// The graph input: one example's shape and element type.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GraphInput {
     pub name: String,
     /// Per-example shape, e.g. `[3, 32, 32]`.
     pub shape: Vec<usize>,
+    pub dtype: InputDtype,
 }
 
 /// A validated graph: nodes in topological order with their layers and shapes.
@@ -149,6 +171,7 @@ impl Graph {
         let mut node_inputs = Vec::with_capacity(nodes.len());
         for node in &nodes {
             let reads: Vec<usize> = node.inputs.iter().map(|n| index[n.as_str()]).collect();
+            check_token_reads(&input, node, &reads)?;
             let in_shapes: Vec<&[usize]> = reads.iter().map(|&v| shapes[v].as_slice()).collect();
             let layer = layers::build(node, &in_shapes)?;
             shapes.push(layer.output_shape().to_vec());
@@ -243,6 +266,40 @@ impl Graph {
             None => json::to_json(self),
         }
     }
+}
+
+/// Token ids (an `i64` graph input) are read by `embedding` nodes only, and an
+/// `embedding` reads nothing else: any other op would take the ids' u32 words for
+/// floats.
+fn check_token_reads(input: &GraphInput, node: &Node, reads: &[usize]) -> Result<()> {
+    let embedding = node.op == "embedding";
+    let tokens = input.dtype == InputDtype::I64;
+    if tokens && !embedding && reads.contains(&0) {
+        return Err(Error::model(
+            node.label(),
+            format!(
+                "reads the token ids \"{}\" (dtype i64); only an embedding may read token ids",
+                input.name
+            ),
+        ));
+    }
+    if embedding && (!tokens || reads.iter().any(|&v| v != 0)) {
+        return Err(Error::model(
+            node.label(),
+            format!(
+                "an embedding reads the graph input's token ids: its input must be \"{}\" \
+                 with dtype \"i64\" (found {} of dtype \"{}\")",
+                input.name,
+                node.inputs.join(", "),
+                if reads.iter().all(|&v| v == 0) {
+                    input.dtype.name()
+                } else {
+                    "f32"
+                }
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Kahn's algorithm, keeping the given order among ready nodes. Errors on duplicate

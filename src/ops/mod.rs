@@ -5,6 +5,7 @@ mod check;
 pub mod combine;
 pub mod conv;
 pub mod eigencorrect;
+pub mod embedding;
 pub mod gelu;
 pub mod gemm;
 pub mod im2col;
@@ -36,6 +37,7 @@ pub(crate) static REDUCE: Shader = crate::shader!("reduce");
 pub(crate) static RESAMPLE: Shader = crate::shader!("resample");
 pub(crate) static SILU: Shader = crate::shader!("silu");
 pub(crate) static SHAPE: Shader = crate::shader!("shape");
+pub(crate) static EMBEDDING: Shader = crate::shader!("embedding");
 pub(crate) static SOFTMAX: Shader = crate::shader!("softmax");
 
 /// Every WGSL file of the crate, for validation tests.
@@ -61,6 +63,7 @@ static SHADERS: &[&Shader] = &[
     &RESAMPLE,
     &SILU,
     &SHAPE,
+    &EMBEDDING,
     &SOFTMAX,
 ];
 
@@ -102,6 +105,7 @@ pub fn all_params() -> Vec<ParamsLayout> {
         L::of::<silu::ElementwiseParams>(&SILU),
         L::of::<silu::StackedParams>(&SILU),
         L::of::<shape::GatherParams>(&SHAPE),
+        L::of::<embedding::EmbeddingParams>(&EMBEDDING),
         L::of::<softmax::SoftmaxParams>(&SOFTMAX),
     ]
 }
