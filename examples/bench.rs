@@ -2,7 +2,7 @@
 //! products on fixed workloads (issue 4, item 5; issue 9, item 7).
 //!
 //! `cargo run --release --example bench -- [--quick | --smoke] [--workload mlp|cnn|resnet]
-//! [--runs N] [--write-inputs DIR]`
+//! [--runs N] [--write-inputs DIR] [--eigensolver jacobi|host|auto]`
 //!
 //! Workloads (random PyTorch-like weights and random data from a fixed seed):
 //! - `mlp`: `Linear(784,512) ReLU Linear(512,512) ReLU Linear(512,10)`, N = 8192, batch 512;
@@ -40,6 +40,14 @@
 //! beginning and end of each pass; uploads, readbacks and host work excluded). Without
 //! it (or with `EKFAC_FEATURES=none`) it says so and prints wall-clock times only.
 //!
+//! Below the timing table, the cost drivers of one fit, which do not depend on the
+//! driver or the machine's load: per phase the dispatches, submissions (compute passes)
+//! and host readbacks ([`GpuContext::work_counts`]), the eigendecomposition's sweeps
+//! per group of factors of one size, and the two ratios of issue 13's targets
+//! (eigendecomposition over factor time, and its nominal GFLOP/s over the factor
+//! pass's). The eigendecomposition is the GPU Jacobi unless `--eigensolver` says
+//! otherwise.
+//!
 //! `--write-inputs DIR` also writes `DIR/<workload>/{model.json, weights.safetensors,
 //! data.safetensors, bench.json}` (our model format, PyTorch `state_dict` names, `x`
 //! F32, `y` I64, and the options plus FLOP counts) for `tools/bench_curvlinops.py`.
@@ -49,13 +57,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use ekfac::curvature::fit::{GpuTimings, fit};
+use ekfac::curvature::eigen::solver_for;
+use ekfac::curvature::fit::{FitRun, GpuTimings, fit_run};
 use ekfac::curvature::operator::{Approximation, Operator, Transform};
+use ekfac::curvature::options::EigensolverKind;
 use ekfac::curvature::{FisherType, KfacApprox, LossKind, Options, Reduction};
-use ekfac::gpu::GpuContext;
+use ekfac::gpu::{GpuContext, WorkCounts};
 use ekfac::graph::chain::{Conv2dSpec, Layer, LinearSpec};
 use ekfac::graph::{Graph, GraphInput, InputDtype, Model, ModelSpec, Node};
 use ekfac::model::data::{Dataset, Targets};
+use ekfac::progress::{Event, Stage};
 use ekfac::{Error, Result};
 
 /// Seed of the weights, the data and the product vectors.
@@ -612,6 +623,12 @@ struct Sample {
     products: Vec<ProductTime>,
     peak_fit_bytes: u64,
     peak_product_bytes: u64,
+    /// Dispatches, submissions and readbacks of the fit's phases (factors,
+    /// eigendecomposition, correction).
+    work: [WorkCounts; 3],
+    /// The eigendecomposition's groups of factors in order: (factor size, factors in
+    /// the group, sweeps; 0 sweeps for a direct solver).
+    sweeps: Vec<(usize, usize, usize)>,
 }
 
 fn ms(since: Instant) -> f64 {
@@ -631,11 +648,46 @@ fn gpu_delta(
     Some(after.get(label).copied().unwrap_or(0.0) - before.get(label).copied().unwrap_or(0.0))
 }
 
+/// The fit's phase labels, in the order of [`Sample::work`].
+const FIT_PHASES: [&str; 3] = ["factors", "eigendecomposition", "correction"];
+
 /// One fit plus the timed products; checks every product is finite.
-fn run_once(ctx: &GpuContext, w: &Workload) -> Result<Sample> {
+fn run_once(ctx: &GpuContext, w: &Workload, eigensolver: EigensolverKind) -> Result<Sample> {
+    let solver = solver_for(eigensolver, ctx);
+    // Each group's last event advances `done` and carries the group's final sweeps.
+    let groups = std::cell::RefCell::new((0usize, Vec::new()));
+    let record = |e: &Event| {
+        if let Event::Advanced {
+            stage: Stage::Eigendecomposition,
+            done,
+            sweeps,
+            ..
+        } = e
+        {
+            let mut g = groups.borrow_mut();
+            if *done > g.0 {
+                let (dim, count) = sweeps.map_or((0, 0), |s| (s.dim, s.sweeps));
+                let factors = *done - g.0;
+                g.1.push((dim, factors, count));
+                g.0 = *done;
+            }
+        }
+    };
+    let run = FitRun {
+        damping: None,
+        previous: None,
+        solver: solver.as_ref(),
+        progress: &record,
+    };
+    let work_before = ctx.work_counts();
     let start = Instant::now();
-    let fitted = fit(ctx, &w.model, &w.data, &w.options, None)?;
+    let fitted = fit_run(ctx, &w.model, &w.data, &w.options, &run)?;
     let fit_total = ms(start);
+    let work_after = ctx.work_counts();
+    let work = FIT_PHASES.map(|label| {
+        let get = |m: &BTreeMap<String, WorkCounts>| m.get(label).copied().unwrap_or_default();
+        get(&work_after).since(&get(&work_before))
+    });
     let t = &fitted.timings;
     ctx.memory().reset_peak();
     let operator = Operator::new(ctx, &fitted.state)?;
@@ -675,6 +727,8 @@ fn run_once(ctx: &GpuContext, w: &Workload) -> Result<Sample> {
         products,
         peak_fit_bytes: fitted.peak_gpu_bytes,
         peak_product_bytes: ctx.memory().peak_bytes(),
+        work,
+        sweeps: groups.into_inner().1,
     })
 }
 
@@ -696,8 +750,15 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
-/// Runs `warmup` uncounted runs and `runs` counted ones and prints the table.
-fn bench(ctx: &GpuContext, w: &Workload, warmup: usize, runs: usize) -> Result<Vec<Sample>> {
+/// Runs `warmup` uncounted runs and `runs` counted ones and prints the timing table,
+/// then the cost drivers (counts that do not depend on the driver or the load).
+fn bench(
+    ctx: &GpuContext,
+    w: &Workload,
+    warmup: usize,
+    runs: usize,
+    eigensolver: EigensolverKind,
+) -> Result<Vec<Sample>> {
     let flops = Flops::of(w)?;
     println!(
         "\nworkload {}: {}\n  N = {}, batch {}, {} parameters; fisher {} ({} sample), {} {}, \
@@ -715,10 +776,10 @@ fn bench(ctx: &GpuContext, w: &Workload, warmup: usize, runs: usize) -> Result<V
     );
     let mut first = None;
     for _ in 0..warmup {
-        first.get_or_insert(run_once(ctx, w)?);
+        first.get_or_insert(run_once(ctx, w, eigensolver)?);
     }
     let samples = (0..runs)
-        .map(|_| run_once(ctx, w))
+        .map(|_| run_once(ctx, w, eigensolver))
         .collect::<Result<Vec<_>>>()?;
     let med = |f: &dyn Fn(&Sample) -> f64| median(samples.iter().map(f).collect());
     // GPU medians only when every run was profiled.
@@ -800,7 +861,56 @@ fn bench(ctx: &GpuContext, w: &Workload, warmup: usize, runs: usize) -> Result<V
             first.fit_total
         );
     }
+    let medians = (med(&|s| s.factors), med(&|s| s.eigendecomposition));
+    print_cost_drivers(&samples[0], &flops, medians, eigensolver);
     Ok(samples)
+}
+
+/// The second table: per phase the dispatches, submissions (compute passes) and host
+/// readbacks of one fit (the same in every run), the eigendecomposition's sweeps per
+/// factor size, and the ratios the issue's targets are stated in, from the median
+/// factor and eigendecomposition times in ms (eigendecomposition
+/// time over factor time, eigendecomposition GFLOP/s at the nominal `9n³` over the
+/// factor pass's GEMM-bound GFLOP/s). No row starts with a phase name.
+fn print_cost_drivers(
+    sample: &Sample,
+    flops: &Flops,
+    (factors, eigen): (f64, f64),
+    eigensolver: EigensolverKind,
+) {
+    println!(
+        "  cost drivers of one fit  {:>11} {:>11} {:>10}",
+        "dispatches", "submissions", "readbacks"
+    );
+    for (label, w) in FIT_PHASES.iter().zip(&sample.work) {
+        println!(
+            "  - {label:<21} {:>11} {:>11} {:>10}",
+            w.dispatches, w.submissions, w.readbacks
+        );
+    }
+    let groups: Vec<String> = sample
+        .sweeps
+        .iter()
+        .map(|&(n, k, s)| {
+            let times = if k > 1 {
+                format!(" ×{k}")
+            } else {
+                String::new()
+            };
+            format!("n = {n}{times}: {s}")
+        })
+        .collect();
+    println!(
+        "  sweeps by factor group ({eigensolver} solver): {}",
+        groups.join(", ")
+    );
+    let rate = |flop: f64, ms: f64| flop / (ms * 1e-3) / 1e9;
+    println!(
+        "  ratios: eigendecomposition / factors time {:.2}×; eigendecomposition GFLOP/s \
+         (nominal 9n³) {:.1} % of the factor pass's",
+        eigen / factors,
+        100.0 * rate(flops.eigendecomposition, eigen) / rate(flops.factors, factors)
+    );
 }
 
 struct Args {
@@ -808,16 +918,18 @@ struct Args {
     workloads: Vec<WorkloadKind>,
     runs: Option<usize>,
     write_inputs: Option<PathBuf>,
+    eigensolver: EigensolverKind,
 }
 
 fn parse_args() -> Result<Args> {
     let usage = "usage: bench [--quick | --smoke] [--workload mlp|cnn|resnet] [--runs N] \
-         [--write-inputs DIR]";
+         [--write-inputs DIR] [--eigensolver jacobi|host|auto]";
     let mut args = Args {
         size: Size::Full,
         workloads: vec![WorkloadKind::Mlp, WorkloadKind::Cnn],
         runs: None,
         write_inputs: None,
+        eigensolver: EigensolverKind::Jacobi,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -849,6 +961,12 @@ fn parse_args() -> Result<Args> {
                             ))
                         })?,
                 );
+            }
+            "--eigensolver" => {
+                let value = it.next().unwrap_or_default();
+                args.eigensolver = value
+                    .parse()
+                    .map_err(|e| Error::Options(format!("--eigensolver: {e}; {usage}")))?;
             }
             "--write-inputs" => {
                 let dir = it.next().ok_or_else(|| {
@@ -896,7 +1014,7 @@ fn main() -> Result<()> {
             w.write_inputs(&dir, &Flops::of(&w)?)?;
             println!("wrote the {} inputs to {}", w.name(), dir.display());
         }
-        bench(&ctx, &w, 1, runs)?;
+        bench(&ctx, &w, 1, runs, args.eigensolver)?;
     }
     Ok(())
 }
@@ -933,8 +1051,23 @@ mod tests {
         // `written_inputs_load_back`.
         for kind in [WorkloadKind::Mlp, WorkloadKind::Cnn] {
             let w = Workload::new(kind, Size::Smoke).unwrap();
-            let samples = bench(&ctx, &w, 0, 1).unwrap();
+            let samples = bench(&ctx, &w, 0, 1, EigensolverKind::Jacobi).unwrap();
             let s = &samples[0];
+            // The cost drivers: every phase dispatches and submits; the Jacobi reports
+            // one group per factor size with its sweeps.
+            for (phase, work) in FIT_PHASES.iter().zip(&s.work) {
+                assert!(
+                    work.dispatches > 0 && work.submissions > 0,
+                    "{phase}: {work:?}"
+                );
+                assert!(work.dispatches >= work.submissions, "{phase}: {work:?}");
+            }
+            let factors: usize = s.sweeps.iter().map(|g| g.1).sum();
+            assert!(
+                factors > 0 && s.sweeps.iter().all(|g| g.0 > 0),
+                "{:?}",
+                s.sweeps
+            );
             assert_eq!(s.products.len(), 2 * PRODUCT_COLUMNS.len());
             assert!(s.peak_fit_bytes > 0 && s.peak_product_bytes > 0);
             for t in [s.factors, s.eigendecomposition, s.correction, s.fit_total] {

@@ -57,6 +57,8 @@ impl Stage {
 /// Convergence of an iterative step (the Jacobi eigensolver's).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Sweeps {
+    /// `n`, the side of the matrices (factors) being decomposed.
+    pub dim: usize,
     /// Sweeps run.
     pub sweeps: usize,
     /// `‖offdiag‖_F / ‖A‖_F` after them.
@@ -162,8 +164,8 @@ impl Console {
                 }
                 if let Some(s) = sweeps {
                     parts.push(format!(
-                        "{} sweeps, off-diagonal {:.1e}",
-                        s.sweeps, s.off_diagonal
+                        "n = {}: {} sweeps, off-diagonal {:.1e}",
+                        s.dim, s.sweeps, s.off_diagonal
                     ));
                 }
                 parts.join(", ")

@@ -13,19 +13,23 @@
 //! [`fit_in_child`]) so that its peak resident set (`VmHWM` of `/proc/self/status`)
 //! is its own: N = 16000 must stay within 1.5 × the peak of N = 1000 plus 32 MiB
 //! (the data themselves are 0.3 MiB), and the GPU memory the crate counts must have the
-//! same peak for both and be back to its start after each fit.
+//! same peak for both and be back to its start after each fit. Influence is held to
+//! the same bounds ([`influence_in_child`]: 4 queries scored against N training
+//! examples; its `[4, N]` scores are 0.25 MiB at N = 16000).
 
 mod common;
 
 use std::process::Command;
 
 use ekfac::curvature::fit::fit;
+use ekfac::curvature::influence::{InfluenceOptions, influence};
 use ekfac::curvature::options::{FisherType, Options};
 use ekfac::graph::ModelSpec;
+use ekfac::progress::Silent;
 
 use common::TestRng;
 
-/// The child's environment variable: how many examples to fit.
+/// The child's environment variable: how many examples to fit (or score).
 const EXAMPLES_VAR: &str = "EKFAC_HOST_MEMORY_EXAMPLES";
 
 /// What a child reports.
@@ -45,16 +49,8 @@ fn vm_hwm_kib() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Fits `Linear(4, 5) ReLU Linear(5, 3)` (cross-entropy, type-2, batch 16) on the
-/// number of random examples in [`EXAMPLES_VAR`] and prints its [`Usage`].
-#[test]
-#[ignore = "run in a child process by fit_memory_does_not_grow_with_the_examples"]
-fn fit_in_child() {
-    let examples: usize = std::env::var(EXAMPLES_VAR)
-        .expect("the parent sets the number of examples")
-        .parse()
-        .expect("a number of examples");
-    let ctx = common::gpu().expect("the parent checked for a GPU");
+/// The model of both children: `Linear(4, 5) ReLU Linear(5, 3)`.
+fn model(rng: &mut TestRng) -> ekfac::graph::Model {
     let spec = ModelSpec::from_json_str(
         r#"{"input_shape": [4], "layers": [
         {"type": "linear", "name": "0", "in_features": 4, "out_features": 5},
@@ -63,16 +59,36 @@ fn fit_in_child() {
         "host memory test model",
     )
     .unwrap();
-    let mut rng = TestRng::new(10);
-    let model = common::random_model(spec, &mut rng);
-    let data = common::random_classification(&mut rng, examples, &[4], 3);
-    let options = Options {
+    common::random_model(spec, rng)
+}
+
+fn examples() -> usize {
+    std::env::var(EXAMPLES_VAR)
+        .expect("the parent sets the number of examples")
+        .parse()
+        .expect("a number of examples")
+}
+
+fn options() -> Options {
+    Options {
         fisher: FisherType::Type2,
         batch_size: 16,
         ..Options::default()
-    };
+    }
+}
+
+/// Fits the [`model`] (cross-entropy, type-2, batch 16) on the number of random
+/// examples in [`EXAMPLES_VAR`] and prints its [`Usage`].
+#[test]
+#[ignore = "run in a child process by fit_memory_does_not_grow_with_the_examples"]
+fn fit_in_child() {
+    let examples = examples();
+    let ctx = common::gpu().expect("the parent checked for a GPU");
+    let mut rng = TestRng::new(10);
+    let model = model(&mut rng);
+    let data = common::random_classification(&mut rng, examples, &[4], 3);
     let before = ctx.memory().current_bytes();
-    let fitted = fit(&ctx, &model, &data, &options, Some(1e-3)).unwrap();
+    let fitted = fit(&ctx, &model, &data, &options(), Some(1e-3)).unwrap();
     drop(fitted);
     let after = ctx.memory().current_bytes();
     println!(
@@ -82,17 +98,56 @@ fn fit_in_child() {
     );
 }
 
-/// Runs [`fit_in_child`] on `examples` examples in a child process.
-fn child(examples: usize) -> Usage {
+/// Fits the [`model`] on 64 examples, then scores 4 queries against the number of
+/// random training examples in [`EXAMPLES_VAR`] (batch 16) and prints the [`Usage`]
+/// of the scoring.
+#[test]
+#[ignore = "run in a child process by influence_memory_does_not_grow_with_the_examples"]
+fn influence_in_child() {
+    let examples = examples();
+    let ctx = common::gpu().expect("the parent checked for a GPU");
+    let mut rng = TestRng::new(11);
+    let model = model(&mut rng);
+    let fit_data = common::random_classification(&mut rng, 64, &[4], 3);
+    let fitted = fit(&ctx, &model, &fit_data, &options(), Some(1e-3)).unwrap();
+    let queries = common::random_classification(&mut rng, 4, &[4], 3);
+    let train = common::random_classification(&mut rng, examples, &[4], 3);
+    let before = ctx.memory().current_bytes();
+    ctx.memory().reset_peak();
+    let options = InfluenceOptions {
+        batch_size: 16,
+        ..InfluenceOptions::default()
+    };
+    let scores = influence(
+        &ctx,
+        &model,
+        &fitted.state,
+        [&train, &queries],
+        &options,
+        &Silent,
+    )
+    .unwrap();
+    assert_eq!(scores.scores.len(), 4 * examples);
+    drop(scores);
+    let after = ctx.memory().current_bytes();
+    println!(
+        "usage {} {} {before} {after}",
+        vm_hwm_kib().unwrap(),
+        ctx.memory().peak_bytes()
+    );
+}
+
+/// Runs the ignored test `name` on `examples` examples in a child process.
+fn child(name: &str, examples: usize) -> Usage {
     let output = Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", "fit_in_child", "--nocapture"])
+        .args(["--ignored", "--exact", name, "--nocapture"])
         .env(EXAMPLES_VAR, examples.to_string())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
-        "the child fit of {examples} examples failed: {stdout}{}",
+        "the child {name} of {examples} examples failed: {stdout}{}",
         String::from_utf8_lossy(&output.stderr)
     );
     let line = stdout
@@ -110,8 +165,8 @@ fn child(examples: usize) -> Usage {
     }
 }
 
-#[test]
-fn fit_memory_does_not_grow_with_the_examples() {
+/// Runs `name` at N = 1000 and N = 16000 and checks the bounds of the module docs.
+fn check_flat(name: &str) {
     if vm_hwm_kib().is_none() {
         eprintln!("SKIPPING: no /proc/self/status to read the peak resident set from");
         return;
@@ -119,9 +174,9 @@ fn fit_memory_does_not_grow_with_the_examples() {
     if common::gpu().is_none() {
         return;
     }
-    let small = child(1000);
-    let large = child(16000);
-    eprintln!("N = 1000: {small:?}\nN = 16000: {large:?}");
+    let small = child(name, 1000);
+    let large = child(name, 16000);
+    eprintln!("{name}: N = 1000: {small:?}\nN = 16000: {large:?}");
     let bound = small.vm_hwm_kib * 3 / 2 + (32 << 10);
     assert!(
         large.vm_hwm_kib <= bound,
@@ -136,7 +191,17 @@ fn fit_memory_does_not_grow_with_the_examples() {
     for usage in [&small, &large] {
         assert_eq!(
             usage.gpu_live[0], usage.gpu_live[1],
-            "GPU memory left allocated by a fit: {usage:?}"
+            "GPU memory left allocated by {name}: {usage:?}"
         );
     }
+}
+
+#[test]
+fn fit_memory_does_not_grow_with_the_examples() {
+    check_flat("fit_in_child");
+}
+
+#[test]
+fn influence_memory_does_not_grow_with_the_examples() {
+    check_flat("influence_in_child");
 }

@@ -293,7 +293,7 @@ fn shape_mismatches_name_the_layer() {
         &[
             "layers[1] \"1\" (linear)",
             "in_features is 30",
-            "32 features",
+            "last dimension is 32",
         ],
     );
     assert_mentions(
@@ -710,4 +710,34 @@ fn bad_data_is_rejected() {
         ]),
         &["no examples"],
     );
+}
+
+/// The library's loaders read model descriptions as the CLI does: a device or a FIFO is
+/// refused by name without being read (no endless read, no hang), an oversized file
+/// without being parsed.
+#[test]
+fn library_loaders_refuse_devices_fifos_and_oversized_json() {
+    for path in ["/dev/zero", "/dev/urandom"] {
+        for err in [
+            ekfac::graph::json::load(path).unwrap_err().to_string(),
+            ModelSpec::load(path).unwrap_err().to_string(),
+        ] {
+            assert!(
+                err.contains(path) && err.contains("must be a regular file"),
+                "{err}"
+            );
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("model.json");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: `c` is a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0, "mkfifo");
+    let err = ekfac::graph::json::load(&fifo).unwrap_err().to_string();
+    assert!(err.contains("a FIFO") || err.contains("regular"), "{err}");
+    let big = dir.path().join("big.json");
+    let file = std::fs::File::create(&big).unwrap();
+    file.set_len(ekfac::io::MAX_JSON_BYTES + 1).unwrap();
+    let err = ekfac::graph::json::load(&big).unwrap_err().to_string();
+    assert!(err.contains("more than the limit"), "{err}");
 }

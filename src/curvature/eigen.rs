@@ -196,6 +196,7 @@ impl JacobiSolver {
         let values = ctx.read(&eigen.values)?;
         let vectors = ctx.read(&eigen.vectors)?;
         let sweeps = Sweeps {
+            dim: n,
             sweeps: eigen.sweeps,
             off_diagonal: f64::from(eigen.off_diagonal),
         };

@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
+use crate::gpu::counters::WorkCounter;
 use crate::gpu::pipeline::PipelineCache;
 use crate::gpu::profiler::Profiler;
 
@@ -70,6 +71,8 @@ pub struct GpuContext {
     memory_budget: AtomicU64,
     /// Timestamp bookkeeping while GPU profiling is on; `None` (no queries) while off.
     profiler: Mutex<Option<Profiler>>,
+    /// Dispatches, submissions and readbacks per phase ([`crate::gpu::counters`]).
+    pub(crate) work: WorkCounter,
 }
 
 /// How `EKFAC_FEATURES` restricts the device.
@@ -198,6 +201,7 @@ impl GpuContext {
             memory: Arc::new(MemoryCounter::default()),
             memory_budget,
             profiler: Mutex::new(None),
+            work: WorkCounter::default(),
         }
     }
 

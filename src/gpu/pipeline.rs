@@ -457,6 +457,7 @@ impl<'a> Recorder<'a> {
         }
         drop(profiler);
         self.ctx.queue.submit([encoder.finish()]);
+        self.ctx.work.submitted(self.steps.len());
         self.ctx.check_errors("submitting GPU work")
     }
 }

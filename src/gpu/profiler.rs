@@ -146,10 +146,15 @@ impl Profiler {
 pub struct PhaseGuard<'a> {
     ctx: &'a GpuContext,
     previous: Option<String>,
+    /// The work counter's previous phase ([`crate::gpu::counters`]).
+    previous_work: Option<String>,
 }
 
 impl Drop for PhaseGuard<'_> {
     fn drop(&mut self) {
+        if let Some(previous) = self.previous_work.take() {
+            self.ctx.work.set_phase(&previous);
+        }
         if let Some(previous) = self.previous.take()
             && let Some(p) = self.ctx.profiler_lock().as_mut()
         {
@@ -192,13 +197,14 @@ impl GpuContext {
     }
 
     /// Charges the compute passes submitted until the guard is dropped to the phase
-    /// `label` (phases nest: dropping the guard restores the enclosing label). Costs
-    /// nothing while profiling is off.
+    /// `label` (phases nest: dropping the guard restores the enclosing label). The work
+    /// counts of [`GpuContext::work_counts`] follow the same labels, profiling or not.
     pub fn gpu_phase(&self, label: &str) -> PhaseGuard<'_> {
         let previous = self.profiler_lock().as_mut().map(|p| p.set_phase(label));
         PhaseGuard {
             ctx: self,
             previous,
+            previous_work: Some(self.work.set_phase(label)),
         }
     }
 

@@ -263,6 +263,7 @@ impl GpuContext {
     }
 
     fn read_bytes(&self, tensor: &GpuTensor) -> Result<Vec<u8>> {
+        self.work.read_back();
         let len = (tensor.len() * 4) as u64;
         if len == 0 {
             return Ok(Vec::new());

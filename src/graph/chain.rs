@@ -273,10 +273,11 @@ impl Layer {
 }
 
 impl ModelSpec {
-    /// Reads and parses a model JSON file (see the module docs for the format).
+    /// Reads and parses a model JSON file (see the module docs for the format), bounded
+    /// as [`crate::graph::json::load`].
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::io::read_json_text(path, "a model description")?;
         Self::from_json_str(&text, path.display())
     }
 

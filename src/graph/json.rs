@@ -18,10 +18,12 @@ pub const VERSION: u64 = 2;
 /// The most nodes a graph file may have.
 pub const MAX_NODES: usize = 1_000_000;
 
-/// Reads a model description file, either format.
+/// Reads a model description file, either format: a regular UTF-8 file of at most
+/// [`crate::io::MAX_JSON_BYTES`] (anything else is an error naming the file, without
+/// blocking on FIFOs or reading endless devices).
 pub fn load(path: impl AsRef<Path>) -> Result<Graph> {
     let path = path.as_ref();
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::io::read_json_text(path, "a model description")?;
     from_json_str(&text, path.display())
 }
 

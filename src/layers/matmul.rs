@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::gpu::GpuTensor;
 use crate::graph::Node;
 use crate::layers::attrs::Attrs;
-use crate::layers::{BackwardArgs, ForwardArgs, Grads, Layer, Pass, batched, batched_shape};
+use crate::layers::{BackwardArgs, ForwardArgs, Grads, Layer, Pass, Saved, batched, batched_shape};
 use crate::ops::matmul::BatchedMatmul;
 use crate::reference::attention;
 
@@ -81,6 +81,10 @@ impl Matmul {
 impl Layer for Matmul {
     fn op(&self) -> &'static str {
         "matmul"
+    }
+
+    fn saved(&self) -> Saved {
+        Saved::INPUTS
     }
 
     fn output_shape(&self) -> &[usize] {

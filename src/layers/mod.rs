@@ -16,6 +16,7 @@ pub mod activation;
 pub mod adaptive_avg_pool;
 pub mod add;
 pub mod add_parameter;
+pub mod attention;
 pub mod attrs;
 pub mod batch_norm;
 pub mod cat;
@@ -26,6 +27,7 @@ pub mod gelu;
 pub mod identity;
 pub mod layer_norm;
 pub mod linear;
+pub mod masked_fill;
 pub mod matmul;
 pub mod mean;
 pub mod pool;
@@ -283,6 +285,8 @@ pub static REGISTRY: &[(&str, Constructor)] = &[
     ("add_parameter", add_parameter::build),
     ("matmul", matmul::build),
     ("softmax", softmax::build),
+    ("masked_fill", masked_fill::build),
+    ("scaled_dot_product_attention", attention::build),
 ];
 
 /// Builds `node`'s layer through [`REGISTRY`].

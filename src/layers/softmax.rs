@@ -8,7 +8,7 @@ use crate::gpu::GpuTensor;
 use crate::graph::Node;
 use crate::layers::attrs::Attrs;
 use crate::layers::{
-    BackwardArgs, ForwardArgs, Grads, Layer, Pass, batched, batched_shape, one_input,
+    BackwardArgs, ForwardArgs, Grads, Layer, Pass, Saved, batched, batched_shape, one_input,
 };
 use crate::ops::softmax;
 use crate::reference::attention;
@@ -56,6 +56,10 @@ impl Softmax {
 impl Layer for Softmax {
     fn op(&self) -> &'static str {
         "softmax"
+    }
+
+    fn saved(&self) -> Saved {
+        Saved::OUTPUT
     }
 
     fn output_shape(&self) -> &[usize] {

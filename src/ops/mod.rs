@@ -1,6 +1,7 @@
 //! One typed wrapper per kernel family of `shaders/`.
 
 pub mod activation;
+pub mod attention;
 mod check;
 pub mod combine;
 pub mod conv;
@@ -12,6 +13,7 @@ pub mod im2col;
 pub mod jacobi;
 pub mod linear;
 pub mod loss;
+pub mod masked_fill;
 pub mod matmul;
 pub mod norm;
 pub mod pool;
@@ -39,6 +41,7 @@ pub(crate) static SILU: Shader = crate::shader!("silu");
 pub(crate) static SHAPE: Shader = crate::shader!("shape");
 pub(crate) static EMBEDDING: Shader = crate::shader!("embedding");
 pub(crate) static SOFTMAX: Shader = crate::shader!("softmax");
+pub(crate) static MASKED_FILL: Shader = crate::shader!("masked_fill");
 
 /// Every WGSL file of the crate, for validation tests.
 pub fn all_shaders() -> &'static [&'static Shader] {
@@ -65,6 +68,7 @@ static SHADERS: &[&Shader] = &[
     &SHAPE,
     &EMBEDDING,
     &SOFTMAX,
+    &MASKED_FILL,
 ];
 
 /// Every kernel parameter struct with the shader that declares its WGSL twin, for
@@ -107,5 +111,6 @@ pub fn all_params() -> Vec<ParamsLayout> {
         L::of::<shape::GatherParams>(&SHAPE),
         L::of::<embedding::EmbeddingParams>(&EMBEDDING),
         L::of::<softmax::SoftmaxParams>(&SOFTMAX),
+        L::of::<masked_fill::MaskedFillParams>(&MASKED_FILL),
     ]
 }

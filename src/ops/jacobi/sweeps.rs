@@ -420,6 +420,7 @@ fn sweep_until_done(
         sweeps += 1;
         if let Some(observe) = opts.on_sweep {
             (observe.0)(Sweeps {
+                dim: n,
                 sweeps,
                 off_diagonal: off.iter().copied().fold(0.0, f64::max),
             });
