@@ -191,8 +191,9 @@ impl Graph {
             return Err(Error::model(
                 nodes[out].label(),
                 format!(
-                    "the network output must be 2-D [B, C], but the last layer gives {}; add a \
-                     flatten at the end",
+                    "the network output must be 2-D [B, C] (KFAC and EKFAC take one vector of \
+                     C outputs per example, as curvlinops 3.0.1's EKFAC; per-token outputs are \
+                     not supported), but this node gives {}; pool it (mean) or add a flatten",
                     batched_shape(&shapes[out + 1])
                 ),
             ));

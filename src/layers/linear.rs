@@ -53,8 +53,8 @@ pub fn build(node: &Node, inputs: &[&[usize]]) -> Result<Box<dyn Layer>> {
              take several)"
         };
         return Err(a.err(format!(
-            "in_features is {in_features} but the input has {features} features in its \
-             last dimension (input {}){hint}",
+            "in_features is {in_features} but the input's last dimension is {features} \
+             (input {}){hint}",
             batched_shape(input)
         )));
     }
