@@ -64,7 +64,7 @@ use ekfac::curvature::options::EigensolverKind;
 use ekfac::curvature::{FisherType, KfacApprox, LossKind, Options, Reduction};
 use ekfac::gpu::{GpuContext, WorkCounts};
 use ekfac::graph::chain::{Conv2dSpec, Layer, LinearSpec};
-use ekfac::graph::{Graph, GraphInput, InputDtype, Model, ModelSpec, Node};
+use ekfac::graph::{Graph, GraphInput, InputType, Model, ModelSpec, Node};
 use ekfac::model::data::{Dataset, Targets};
 use ekfac::progress::{Event, Stage};
 use ekfac::{Error, Result};
@@ -394,7 +394,7 @@ fn resnet(width: usize, blocks: usize, side: usize, rng: &mut SplitMix64) -> Res
     let input = GraphInput {
         name: "x".into(),
         shape: vec![3, side, side],
-        dtype: InputDtype::F32,
+        dtype: InputType::F32,
     };
     let graph = Graph::new(input, g.nodes, "fc", Some(g.parameters))?;
     Model::new(graph, g.tensors)

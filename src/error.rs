@@ -28,6 +28,13 @@ pub enum Error {
     /// A requested computation does not fit into the memory the crate may use.
     #[error("out of memory budget: {0}")]
     Memory(String),
+    /// A rank of a distributed fit failed (every rank reports the first failure).
+    #[error("rank {rank} of {size}: {message}")]
+    Distributed {
+        rank: usize,
+        size: usize,
+        message: String,
+    },
     /// File-system failure.
     #[error("{path}: {source}")]
     Io {

@@ -5,7 +5,9 @@
 //! eigenvalues → operator. [`reference`] holds the f64 reference of the same maths.
 
 pub mod curvature;
+pub mod data;
 pub mod demo;
+pub mod distributed;
 pub mod error;
 pub mod geometry;
 pub mod gpu;

@@ -197,9 +197,12 @@ fn inputs_must_be_bounded_regular_files() {
         &fit_args([None, None, Some(s(&fifo))], &o),
         &["fifo", "--data must be a regular file", "FIFO"],
     );
+    // A directory is read as data shards (issue 14); one without any is refused.
+    let no_shards = tmp.path().join("no-shards");
+    std::fs::create_dir(&no_shards).unwrap();
     refuse(
-        &fit_args([None, None, Some(s(tmp.path()))], &o),
-        &["--data must be a regular file", "directory"],
+        &fit_args([None, None, Some(s(&no_shards))], &o),
+        &["no-shards", "without any *.safetensors shard"],
     );
     refuse(
         &fit_args(

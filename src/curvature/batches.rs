@@ -8,6 +8,8 @@
 use crate::curvature::layer::CurvatureLayer;
 use crate::curvature::layout::{BlockKind, LayerBlocks, ParamLayout};
 use crate::curvature::options::{FisherType, KfacApprox, Options};
+use crate::data::{BatchBuffer, DataSource, TargetBuffer};
+use crate::distributed::Partition;
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor};
 use crate::graph::{Backward, Forward, Graph, Network};
@@ -53,15 +55,19 @@ pub(super) trait BatchStage {
     ) -> Result<()>;
 }
 
-/// Runs `stage` over every batch of `data`, reporting each batch to
+/// Runs `stage` over this rank's batches of `data` (batch `b` covers examples
+/// `b·chunks.examples ..`; rank `r` of `K` takes `b ≡ r mod K`), reporting each batch to
 /// [`BatchStage::progress`] (an `Advanced` event between `Started` and `Finished`).
+/// Each batch is read from the source into one reused host buffer just before it runs.
+#[allow(clippy::too_many_arguments)] // the pass's context, its data and its share
 pub(super) fn for_each_batch<S: BatchStage>(
     ctx: &GpuContext,
     network: &Network,
-    data: &Dataset,
+    data: &dyn DataSource,
     options: &Options,
     layout: &ParamLayout,
     chunks: Chunking,
+    partition: Partition,
     stage: &mut S,
 ) -> Result<()> {
     let layers: Vec<LayerRows> = layout
@@ -69,14 +75,24 @@ pub(super) fn for_each_batch<S: BatchStage>(
         .iter()
         .map(|layer| LayerRows::new(network.graph(), layout, layer))
         .collect();
-    let total = data.len.div_ceil(chunks.examples);
+    let n = data.len();
+    let mine: Vec<usize> = (0..n)
+        .step_by(chunks.examples)
+        .enumerate()
+        .filter(|&(index, _)| partition.takes(index))
+        .map(|(_, start)| start)
+        .collect();
+    let total = mine.len();
     stage.progress().report(&Event::Started {
         stage: S::STAGE,
         total,
     });
-    for (done, start) in (0..data.len).step_by(chunks.examples).enumerate() {
-        let len = chunks.examples.min(data.len - start);
-        let batch = run_batch(ctx, network, data, options, start, len)?;
+    let mut buffer = BatchBuffer::new(data);
+    let mut examples = 0;
+    for (done, start) in mine.into_iter().enumerate() {
+        let len = chunks.examples.min(n - start);
+        buffer.read(data, start, start + len)?;
+        let batch = run_buffer(ctx, network, &buffer, n, options)?;
         let mut pass = Pass::new(ctx);
         let inputs = stage.inputs(&mut pass, &layers, &batch)?;
         pass.submit()?;
@@ -88,11 +104,12 @@ pub(super) fn for_each_batch<S: BatchStage>(
         })?;
         ctx.wait(S::WORK)?;
         drop(inputs);
+        examples += len;
         stage.progress().report(&Event::Advanced {
             stage: S::STAGE,
             done: done + 1,
             total,
-            examples: start + len,
+            examples,
             sweeps: None,
         });
     }
@@ -311,23 +328,37 @@ pub(super) fn chunking(
     })
 }
 
-/// Runs the network on one batch and computes its backpropagated vectors, all on the
-/// GPU: upload `x` and `y`, forward, loss vectors, with no readback in between.
+/// Runs the network on examples `start .. start + len` of `data` and computes their
+/// backpropagated vectors ([`run_buffer`]).
 pub(super) fn run_batch(
     ctx: &GpuContext,
     network: &Network,
-    data: &Dataset,
+    data: &dyn DataSource,
     options: &Options,
     start: usize,
     len: usize,
 ) -> Result<BatchPass> {
-    let batch = data.batch(start, len);
+    let mut buffer = BatchBuffer::new(data);
+    buffer.read(data, start, start + len)?;
+    run_buffer(ctx, network, &buffer, data.len(), options)
+}
+
+/// Runs the network on one batch of a source of `num_data` examples and computes its
+/// backpropagated vectors, all on the GPU: upload `x` (f32 values, or token ids as u32
+/// words) and `y`, forward, loss vectors, with no readback in between. The MC samples
+/// are keyed by the batch's global example indices.
+fn run_buffer(
+    ctx: &GpuContext,
+    network: &Network,
+    batch: &BatchBuffer,
+    num_data: usize,
+    options: &Options,
+) -> Result<BatchPass> {
+    let len = batch.len;
     let mut shape = vec![len];
-    shape.extend(&data.example_shape);
-    let x = match batch.ids {
-        Some(ids) => ctx.upload_u32(ids, &shape)?,
-        None => ctx.upload(batch.x, &shape)?,
-    };
+    shape.extend(network.graph().input.shape.iter());
+    // The words as they are: f32 bits, or token ids (the buffer is untyped).
+    let x = ctx.upload_u32(&batch.x, &shape)?;
     let forward = network.forward(ctx, x)?;
     if options.fisher == FisherType::ForwardOnly {
         return Ok(BatchPass {
@@ -337,16 +368,16 @@ pub(super) fn run_batch(
         });
     }
     let outputs = network.num_outputs();
-    let targets = match batch.y {
-        TargetsSlice::Classes(y) => {
+    let targets = match &batch.y {
+        TargetBuffer::Classes(y) => {
             let classes: Vec<u32> = y.iter().map(|&c| c as u32).collect();
             ctx.upload_u32(&classes, &[len])?
         }
-        TargetsSlice::Values { data: y, .. } => ctx.upload(y, &[len, outputs])?,
+        TargetBuffer::Values { data: y, .. } => ctx.upload(y, &[len, outputs])?,
     };
     let gpu_targets = match batch.y {
-        TargetsSlice::Classes(_) => GpuTargets::Classes(&targets),
-        TargetsSlice::Values { .. } => GpuTargets::Dense(&targets),
+        TargetBuffer::Classes(_) => GpuTargets::Classes(&targets),
+        TargetBuffer::Values { .. } => GpuTargets::Dense(&targets),
     };
     let nv = options.num_vectors(outputs);
     let vectors = ctx.zeros(&[nv, len, outputs])?;
@@ -356,8 +387,8 @@ pub(super) fn run_batch(
         options,
         forward.output(),
         gpu_targets,
-        start,
-        data.len,
+        batch.start,
+        num_data,
         &vectors,
     )?;
     rec.submit()?;

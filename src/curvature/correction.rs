@@ -8,11 +8,12 @@ use crate::curvature::batches::{BatchPass, BatchStage, Chunking, LayerRows, for_
 use crate::curvature::layout::{BlockKind, ParamLayout};
 use crate::curvature::options::Options;
 use crate::curvature::state::FactorEigen;
+use crate::data::DataSource;
+use crate::distributed::Partition;
 use crate::error::Result;
 use crate::gpu::{GpuContext, GpuTensor};
 use crate::graph::{Backward, Network};
 use crate::layers::Pass;
-use crate::model::data::Dataset;
 use crate::ops::eigencorrect::{correct_shared, square_sum_stack};
 use crate::ops::gemm::{Gemm, gemm};
 use crate::ops::reduce::{Sum, square, sum_rows};
@@ -30,11 +31,12 @@ pub(super) struct LayerBasis {
 pub(super) fn correction_pass(
     ctx: &GpuContext,
     network: &Network,
-    data: &Dataset,
+    data: &dyn DataSource,
     options: &Options,
     layout: &ParamLayout,
     bases: &[LayerBasis],
     chunks: Chunking,
+    partition: Partition,
     progress: &dyn Progress,
 ) -> Result<Vec<Vec<f32>>> {
     let corrected = layout
@@ -48,7 +50,9 @@ pub(super) fn correction_pass(
         bases,
         corrected,
     };
-    for_each_batch(ctx, network, data, options, layout, chunks, &mut stage)?;
+    for_each_batch(
+        ctx, network, data, options, layout, chunks, partition, &mut stage,
+    )?;
     stage.corrected.iter().map(|t| ctx.read(t)).collect()
 }
 

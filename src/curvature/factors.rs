@@ -8,11 +8,12 @@
 use crate::curvature::batches::{BatchPass, BatchStage, Chunking, LayerRows, for_each_batch};
 use crate::curvature::layout::ParamLayout;
 use crate::curvature::options::{FisherType, KfacApprox, Options};
+use crate::data::DataSource;
+use crate::distributed::Partition;
 use crate::error::Result;
 use crate::gpu::{GpuContext, GpuTensor, Recorder};
 use crate::graph::{Backward, Network};
 use crate::layers::Pass;
-use crate::model::data::Dataset;
 use crate::ops::gemm::{Gemm, gemm};
 use crate::progress::{Progress, Stage};
 
@@ -24,14 +25,16 @@ pub(super) struct LayerAccumulators {
     pub gradient: Option<GpuTensor>,
 }
 
-/// Accumulates every layer's Kronecker factors over `data`.
+/// Accumulates every layer's Kronecker factors over this rank's batches of `data`.
+#[allow(clippy::too_many_arguments)] // the pass's context, its data and its share
 pub(super) fn factor_pass(
     ctx: &GpuContext,
     network: &Network,
-    data: &Dataset,
+    data: &dyn DataSource,
     options: &Options,
     layout: &ParamLayout,
     chunks: Chunking,
+    partition: Partition,
     progress: &dyn Progress,
 ) -> Result<Vec<LayerAccumulators>> {
     let accumulators = layout
@@ -51,9 +54,11 @@ pub(super) fn factor_pass(
         progress,
         accumulators,
         approx: options.approx,
-        num_data: data.len as f64,
+        num_data: data.len() as f64,
     };
-    for_each_batch(ctx, network, data, options, layout, chunks, &mut stage)?;
+    for_each_batch(
+        ctx, network, data, options, layout, chunks, partition, &mut stage,
+    )?;
     Ok(stage.accumulators)
 }
 

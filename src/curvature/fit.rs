@@ -6,19 +6,20 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use crate::curvature::batches::{check_all_targets, chunking};
+use crate::curvature::batches::chunking;
 use crate::curvature::correction::{LayerBasis, correction_pass};
 use crate::curvature::eigen::{EigenSolver, Factor, JacobiSolver};
 use crate::curvature::factors::{LayerAccumulators, factor_pass};
 use crate::curvature::layout::ParamLayout;
-use crate::curvature::options::{FisherType, LossKind, Options};
+use crate::curvature::options::{FisherType, Options};
 use crate::curvature::state::{
     CurvatureState, FORMAT_NAME, FORMAT_VERSION, FactorEigen, LayerFactors, ParamEntry, StateMeta,
 };
+use crate::data::DataSource;
+use crate::distributed::{Communicator, Partition, RankShare, Single, agree, sum_f32};
 use crate::error::{Error, Result};
-use crate::gpu::GpuContext;
+use crate::gpu::{GpuContext, GpuTensor};
 use crate::graph::{Model, Network};
-use crate::model::data::Dataset;
 use crate::progress::{Event, Progress, Silent, Stage};
 
 /// Wall-clock milliseconds of the phases of a fit.
@@ -71,6 +72,8 @@ pub struct Fitted {
     pub gpu_timings_ms: Option<GpuTimings>,
     /// Largest number of bytes of GPU buffers the crate held at once during the fit.
     pub peak_gpu_bytes: u64,
+    /// Each rank's share of the batches (one entry for a single-process fit).
+    pub ranks: Vec<RankShare>,
 }
 
 fn ms(since: Instant) -> f64 {
@@ -82,7 +85,7 @@ fn ms(since: Instant) -> f64 {
 pub fn fit(
     ctx: &GpuContext,
     model: &Model,
-    data: &Dataset,
+    data: &dyn DataSource,
     options: &Options,
     damping: Option<f64>,
 ) -> Result<Fitted> {
@@ -97,7 +100,7 @@ pub fn fit(
 pub fn fit_from(
     ctx: &GpuContext,
     model: &Model,
-    data: &Dataset,
+    data: &dyn DataSource,
     options: &Options,
     damping: Option<f64>,
     previous: Option<&CurvatureState>,
@@ -118,7 +121,7 @@ pub fn fit_from(
 pub fn fit_with(
     ctx: &GpuContext,
     model: &Model,
-    data: &Dataset,
+    data: &dyn DataSource,
     options: &Options,
     damping: Option<f64>,
     previous: Option<&CurvatureState>,
@@ -152,9 +155,25 @@ pub struct FitRun<'a> {
 pub fn fit_run(
     ctx: &GpuContext,
     model: &Model,
-    data: &Dataset,
+    data: &dyn DataSource,
     options: &Options,
     run: &FitRun,
+) -> Result<Fitted> {
+    fit_distributed(ctx, model, data, options, run, &Single)
+}
+
+/// [`fit_run`] as one rank of a distributed fit (see [`crate::distributed`]): this
+/// rank runs its share of the batches, and the factors and corrected eigenvalues are
+/// summed over the ranks of `comm`; the eigendecomposition runs on rank 0 and its
+/// bases are broadcast. Every rank returns the same state, or the same error when any
+/// rank failed. With [`Single`] this is exactly [`fit_run`].
+pub fn fit_distributed(
+    ctx: &GpuContext,
+    model: &Model,
+    data: &dyn DataSource,
+    options: &Options,
+    run: &FitRun,
+    comm: &dyn Communicator,
 ) -> Result<Fitted> {
     let FitRun {
         damping,
@@ -162,42 +181,63 @@ pub fn fit_run(
         solver,
         progress,
     } = *run;
-    options.validate()?;
-    let layout = ParamLayout::from_options(model, options)?;
-    data.check(&model.graph, options.loss == LossKind::CrossEntropy)?;
-    if data.len == 0 {
-        return Err(Error::Options("the dataset has no examples".into()));
-    }
-    check_all_targets(data, options, model.num_outputs())?;
-    ctx.memory().reset_peak();
-    let network = Network::new(ctx, model)?;
+    let prepared = (|| {
+        options.validate()?;
+        let layout = ParamLayout::from_options(model, options)?;
+        crate::data::check(data, &model.graph, options.loss, options.fisher)?;
+        ctx.memory().reset_peak();
+        let network = Network::new(ctx, model)?;
+        let chunks = chunking(
+            ctx,
+            &network,
+            options,
+            &layout,
+            options.num_vectors(network.num_outputs()),
+        )?;
+        Ok((layout, network, chunks))
+    })();
+    let (layout, network, mut chunks) = agree(comm, prepared)?;
+    // Every rank splits the data into the same batches (the smallest any adapter's
+    // memory budget allows).
+    chunks.examples = comm.min(chunks.examples as u64)? as usize;
+    let partition = Partition::of(comm);
     let mut timings = Timings::default();
     let gpu_before = ctx.gpu_times_ms()?;
 
     let start = Instant::now();
     let phase = ctx.gpu_phase(FACTORS_PHASE);
-    let chunks = chunking(
-        ctx,
-        &network,
-        options,
-        &layout,
-        options.num_vectors(network.num_outputs()),
+    let accumulators = agree(
+        comm,
+        factor_pass(
+            ctx, &network, data, options, &layout, chunks, partition, progress,
+        )
+        .and_then(|acc| sum_factors(ctx, comm, acc)),
     )?;
-    let accumulators = factor_pass(ctx, &network, data, options, &layout, chunks, progress)?;
-    crate::curvature::validate::check_factors_finite(
-        ctx,
-        layout
-            .layers
-            .iter()
-            .zip(&accumulators)
-            .map(|(l, a)| (l.name.as_str(), a.input.as_ref(), a.gradient.as_ref())),
+    agree(
+        comm,
+        crate::curvature::validate::check_factors_finite(
+            ctx,
+            layout
+                .layers
+                .iter()
+                .zip(&accumulators)
+                .map(|(l, a)| (l.name.as_str(), a.input.as_ref(), a.gradient.as_ref())),
+        ),
     )?;
     timings.factors = ms(start);
     drop(phase);
 
     let start = Instant::now();
     let phase = ctx.gpu_phase(EIGENDECOMPOSITION_PHASE);
-    let bases = eigenbases(ctx, solver, &layout, &accumulators, previous, progress)?;
+    let bases = if comm.rank() == 0 {
+        agree(
+            comm,
+            eigenbases(ctx, solver, &layout, &accumulators, previous, progress),
+        )?
+    } else {
+        agree(comm, Ok(Vec::new()))?
+    };
+    let bases = broadcast_bases(ctx, comm, &layout, &accumulators, bases)?;
     drop(accumulators);
     timings.eigendecomposition = ms(start);
     drop(phase);
@@ -207,9 +247,16 @@ pub fn fit_run(
     let corrected = if options.fisher == FisherType::ForwardOnly {
         None
     } else {
-        Some(correction_pass(
-            ctx, &network, data, options, &layout, &bases, chunks, progress,
-        )?)
+        let corrected = correction_pass(
+            ctx, &network, data, options, &layout, &bases, chunks, partition, progress,
+        )
+        .and_then(|mut blocks| {
+            for block in &mut blocks {
+                sum_f32(comm, block)?;
+            }
+            Ok(blocks)
+        });
+        Some(agree(comm, corrected)?)
     };
     timings.correction = ms(start);
     drop(phase);
@@ -224,7 +271,7 @@ pub fn fit_run(
         crate_version: env!("CARGO_PKG_VERSION").into(),
         options: options.clone(),
         damping,
-        num_data: data.len,
+        num_data: data.len(),
         num_params: layout.num_params,
         params: layout
             .params
@@ -252,13 +299,92 @@ pub fn fit_run(
             .collect(),
         corrected,
     };
-    state.validate("fit")?;
+    agree(comm, state.validate("fit"))?;
     Ok(Fitted {
         state,
         timings,
         gpu_timings_ms,
         peak_gpu_bytes: ctx.memory().peak_bytes(),
+        ranks: partition.shares(data.len(), chunks.examples),
     })
+}
+
+/// Sums every factor over the ranks (f64 in rank order, rounded once to f32). With one
+/// rank the factors are left as they are.
+fn sum_factors(
+    ctx: &GpuContext,
+    comm: &dyn Communicator,
+    accumulators: Vec<LayerAccumulators>,
+) -> Result<Vec<LayerAccumulators>> {
+    if comm.size() == 1 {
+        return Ok(accumulators);
+    }
+    for acc in &accumulators {
+        for factor in [&acc.input, &acc.gradient].into_iter().flatten() {
+            let mut values = ctx.read(factor)?;
+            sum_f32(comm, &mut values)?;
+            ctx.write(factor, &values)?;
+        }
+    }
+    Ok(accumulators)
+}
+
+/// Rank 0's eigenbases on every rank: the other ranks receive the eigenvalues and
+/// eigenvectors of each factor (the sizes of `accumulators`) and upload the vectors.
+/// With one rank `bases` is returned as it is.
+fn broadcast_bases(
+    ctx: &GpuContext,
+    comm: &dyn Communicator,
+    layout: &ParamLayout,
+    accumulators: &[LayerAccumulators],
+    bases: Vec<LayerBasis>,
+) -> Result<Vec<LayerBasis>> {
+    if comm.size() == 1 {
+        return Ok(bases);
+    }
+    let received = |n: usize| -> Result<(FactorEigen, GpuTensor)> {
+        let mut eigen = FactorEigen {
+            values: vec![0.0; n],
+            vectors: vec![0.0; n * n],
+        };
+        comm.broadcast(&mut eigen.values)?;
+        comm.broadcast(&mut eigen.vectors)?;
+        let tensor = ctx.upload(&eigen.vectors, &[n, n])?;
+        Ok((eigen, tensor))
+    };
+    if comm.rank() == 0 {
+        for basis in &bases {
+            let sent = basis
+                .input
+                .iter()
+                .map(|(e, _)| e)
+                .chain(basis.gradient.1.as_ref().map(|_| &basis.gradient.0));
+            for eigen in sent {
+                let mut values = eigen.values.clone();
+                let mut vectors = eigen.vectors.clone();
+                comm.broadcast(&mut values)?;
+                comm.broadcast(&mut vectors)?;
+            }
+        }
+        return Ok(bases);
+    }
+    let mut out = Vec::with_capacity(layout.layers.len());
+    for (layer, acc) in layout.layers.iter().zip(accumulators) {
+        let input = acc
+            .input
+            .as_ref()
+            .map(|a| received(a.shape()[0]))
+            .transpose()?;
+        let gradient = match &acc.gradient {
+            Some(g) => {
+                let (e, t) = received(g.shape()[0])?;
+                (e, Some(t))
+            }
+            None => (FactorEigen::identity(layer.d_out), None),
+        };
+        out.push(LayerBasis { input, gradient });
+    }
+    Ok(out)
 }
 
 /// The eigenbases of every layer's factors by `solver`, each warm-started from the

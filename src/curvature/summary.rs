@@ -63,6 +63,17 @@ pub struct Summary {
     /// [`EigenSolver::name`]: crate::curvature::eigen::EigenSolver::name
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eigensolver: Option<String>,
+    /// `K`, the number of ranks that ran the fit (1 unless distributed).
+    #[serde(default = "one")]
+    pub world_size: usize,
+    /// Each rank's batches and examples, where the caller says (their examples add up
+    /// to `num_data`).
+    #[serde(default)]
+    pub ranks: Vec<crate::distributed::RankShare>,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// KFAC and EKFAC scalars of every block of `state`, in layout order, with the damped
@@ -138,6 +149,8 @@ impl Summary {
             timings_ms: timings,
             peak_gpu_bytes,
             eigensolver: None,
+            world_size: 1,
+            ranks: Vec::new(),
         }
     }
 
@@ -166,6 +179,18 @@ impl Summary {
         );
         if let Some(solver) = &self.eigensolver {
             out += &format!("eigensolver: {solver}\n");
+        }
+        if self.world_size > 1 {
+            let shares: Vec<String> = self
+                .ranks
+                .iter()
+                .map(|r| format!("{} ({} batches)", r.examples, r.batches))
+                .collect();
+            out += &format!(
+                "ranks: {}, examples per rank {}\n",
+                self.world_size,
+                shares.join(", ")
+            );
         }
         out += &row("KFAC", &self.kfac);
         if let Some(e) = &self.ekfac {

@@ -109,7 +109,10 @@ impl GpuContext {
     ///
     /// `WGPU_BACKEND` restricts the backends (e.g. `vulkan`, `metal`, `dx12`),
     /// `EKFAC_ADAPTER=<substring>` picks the first adapter whose name contains the
-    /// substring (case-insensitive), otherwise the high-performance adapter is used.
+    /// substring (case-insensitive); `EKFAC_ADAPTER_INDEX=<i>`, or under OpenMPI the
+    /// node-local rank modulo the number of GPUs, picks one of the GPUs by position
+    /// ([`crate::distributed::adapter_index`]); otherwise the high-performance adapter
+    /// is used.
     /// `EKFAC_FEATURES=none` requests only WebGPU's default features and limits.
     pub fn new() -> Result<Self> {
         pollster::block_on(Self::new_async())
@@ -136,6 +139,24 @@ impl GpuContext {
                             "EKFAC_ADAPTER={wanted:?} matches none of the adapters {names:?}"
                         ))
                     })?
+            }
+            Err(_) if crate::distributed::adapter_by_rank() => {
+                // One rank per adapter (issue 14): the GPUs (or, without any, every
+                // adapter) in the order the instance lists them.
+                let mut adapters = instance.enumerate_adapters(backends).await;
+                if adapters
+                    .iter()
+                    .any(|a| a.get_info().device_type != wgpu::DeviceType::Cpu)
+                {
+                    adapters.retain(|a| a.get_info().device_type != wgpu::DeviceType::Cpu);
+                }
+                let index = crate::distributed::adapter_index(adapters.len())?.unwrap_or(0);
+                if adapters.is_empty() {
+                    return Err(Error::NoAdapter(format!(
+                        "backends {backends:?}: none found"
+                    )));
+                }
+                adapters.swap_remove(index)
             }
             Err(_) => instance
                 .request_adapter(&wgpu::RequestAdapterOptions {

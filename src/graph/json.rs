@@ -7,7 +7,7 @@ use std::path::Path;
 use serde_json::{Map, Value, json};
 
 use super::chain::ModelSpec;
-use super::{Graph, GraphInput, InputDtype, Node};
+use super::{Graph, GraphInput, InputType, Node};
 use crate::error::{Error, Result};
 use crate::layers::attrs::brief;
 
@@ -180,9 +180,9 @@ fn parse_input(file: &str, v: &Value) -> Result<GraphInput> {
         }
     };
     let dtype = match obj.get("dtype") {
-        None => InputDtype::F32,
-        Some(v) if *v == json!("f32") => InputDtype::F32,
-        Some(v) if *v == json!("i64") => InputDtype::I64,
+        None => InputType::F32,
+        Some(v) if *v == json!("f32") => InputType::F32,
+        Some(v) if *v == json!("i64") => InputType::I64,
         Some(v) => {
             return Err(err(format!(
                 "\"dtype\": expected \"f32\" or \"i64\" (token ids), found {}",

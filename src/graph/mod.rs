@@ -78,7 +78,7 @@ impl Node {
 
 /// The element type of the graph input.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum InputDtype {
+pub enum InputType {
     /// Float inputs (`"f32"`).
     #[default]
     F32,
@@ -87,12 +87,12 @@ pub enum InputDtype {
     I64,
 }
 
-impl InputDtype {
+impl InputType {
     /// The name in `model.json`.
     pub fn name(self) -> &'static str {
         match self {
-            InputDtype::F32 => "f32",
-            InputDtype::I64 => "i64",
+            InputType::F32 => "f32",
+            InputType::I64 => "i64",
         }
     }
 }
@@ -103,7 +103,7 @@ pub struct GraphInput {
     pub name: String,
     /// Per-example shape, e.g. `[3, 32, 32]`.
     pub shape: Vec<usize>,
-    pub dtype: InputDtype,
+    pub dtype: InputType,
 }
 
 /// A validated graph: nodes in topological order with their layers and shapes.
@@ -253,6 +253,16 @@ impl Graph {
         self.shapes[self.output + 1].iter().product()
     }
 
+    /// For token inputs, the smallest table that reads them: the embedding node and its
+    /// `num_embeddings` (every id must lie in `[0, num_embeddings)`).
+    pub fn token_limit(&self) -> Option<(&Node, u64)> {
+        self.nodes
+            .iter()
+            .filter(|n| n.op == "embedding")
+            .filter_map(|n| Some((n, n.attrs.get("num_embeddings")?.as_u64()?)))
+            .min_by_key(|&(_, k)| k)
+    }
+
     /// Indices of the nodes KFAC approximates (linear, conv2d), in order.
     pub fn curvature_layers(&self) -> Vec<usize> {
         (0..self.nodes.len())
@@ -274,7 +284,7 @@ impl Graph {
 /// floats.
 fn check_token_reads(input: &GraphInput, node: &Node, reads: &[usize]) -> Result<()> {
     let embedding = node.op == "embedding";
-    let tokens = input.dtype == InputDtype::I64;
+    let tokens = input.dtype == InputType::I64;
     if tokens && !embedding && reads.contains(&0) {
         return Err(Error::model(
             node.label(),

@@ -110,15 +110,7 @@ pub fn check_input(path: &Path, what: &str, max_bytes: Option<u64>) -> Result<u6
     if !meta.is_file() {
         return Err(Error::input(
             path.display(),
-            format!(
-                "{what} must be a regular file, found {}{}",
-                kind_of(&meta),
-                if meta.is_dir() && what == "--data" {
-                    " (directories of data shards are not read yet)"
-                } else {
-                    ""
-                }
-            ),
+            format!("{what} must be a regular file, found {}", kind_of(&meta)),
         ));
     }
     if let Some(max) = max_bytes
@@ -134,6 +126,32 @@ pub fn check_input(path: &Path, what: &str, max_bytes: Option<u64>) -> Result<u6
         ));
     }
     Ok(meta.len())
+}
+
+/// Checks, without opening anything, that `--data` is a regular file or a directory
+/// (of shards: see [`crate::data::ShardDirectory`]), and that no output would land in
+/// that directory as a `*.safetensors` file (it would be read as a shard next time).
+pub fn check_data_input(path: &Path, outputs: &[(&str, &Path)]) -> Result<()> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_dir() {
+        check_input(path, "--data", None)?;
+        return Ok(());
+    }
+    let dir = path.canonicalize().map_err(|e| Error::io(path, e))?;
+    for &(name, out) in outputs {
+        let inside = canonical(out)
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .is_some_and(|parent| parent == dir);
+        if inside && out.extension().is_some_and(|e| e == "safetensors") {
+            return Err(Error::Options(format!(
+                "{name} {} is inside the --data directory {}, where it would be read as a data \
+                 shard; write it elsewhere",
+                out.display(),
+                path.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Opens `path` for reading without blocking (a FIFO swapped in after the check cannot

@@ -11,7 +11,7 @@ use safetensors::Dtype;
 
 use super::tensor_file::TensorFile;
 use crate::error::{Error, Result};
-use crate::graph::{Graph, InputDtype};
+use crate::graph::{Graph, InputType};
 use crate::layers::batched_shape;
 
 /// The whole data set, row-major and example-major.
@@ -321,7 +321,7 @@ impl Dataset {
     /// Checks that token ids come exactly for a graph input of dtype `i64`, and that
     /// every id indexes each embedding that reads them (`0 ≤ id < num_embeddings`).
     fn check_inputs(&self, spec: &Graph, label: &str) -> Result<()> {
-        let tokens = spec.input.dtype == InputDtype::I64;
+        let tokens = spec.input.dtype == InputType::I64;
         let Some(ids) = &self.ids else {
             if tokens {
                 return Err(Error::input(
@@ -338,13 +338,7 @@ impl Dataset {
                 "\"x\": the model's input is F32, found integer token ids",
             ));
         }
-        let limit = spec
-            .nodes
-            .iter()
-            .filter(|n| n.op == "embedding")
-            .filter_map(|n| Some((n, n.attrs.get("num_embeddings")?.as_u64()?)))
-            .min_by_key(|&(_, k)| k);
-        let Some((node, limit)) = limit else {
+        let Some((node, limit)) = spec.token_limit() else {
             return Ok(());
         };
         let example = self.example_len();

@@ -13,7 +13,7 @@ use influence::{InfluenceArgs, PlotArgs, run_influence, run_plot};
 
 use ekfac::Result;
 use ekfac::curvature::eigen::solver_for;
-use ekfac::curvature::fit::{FitRun, fit_run};
+use ekfac::curvature::fit::{FitRun, fit_distributed};
 use ekfac::curvature::operator::{Approximation, Operator, Transform};
 use ekfac::curvature::options::{
     DampingMode, EigensolverKind, FisherType, KfacApprox, LossKind, Options, Reduction,
@@ -21,13 +21,14 @@ use ekfac::curvature::options::{
 use ekfac::curvature::state::CurvatureState;
 use ekfac::curvature::summary::Summary;
 use ekfac::curvature::validate::check_eigenvectors;
+use ekfac::data::DataSource;
+use ekfac::distributed::{Communicator, agree};
 use ekfac::error::Error;
 use ekfac::gpu::GpuContext;
 use ekfac::graph::Model;
 use ekfac::io::{MatrixReader, MatrixWriter, Outputs};
 use ekfac::model::TensorFile;
-use ekfac::model::data::Dataset;
-use ekfac::progress::{Console, ConsoleMode};
+use ekfac::progress::{Console, ConsoleMode, Silent};
 
 #[derive(Parser)]
 #[command(
@@ -71,7 +72,8 @@ struct FitArgs {
     /// Weights (safetensors, PyTorch state_dict names and layouts).
     #[arg(long)]
     weights: PathBuf,
-    /// Data (safetensors with `x` and `y`).
+    /// Data: a safetensors file with `x` and `y`, or a directory of `*.safetensors`
+    /// shards (read in file-name order as one data set).
     #[arg(long)]
     data: PathBuf,
     /// mse | cross_entropy | bce_with_logits.
@@ -234,6 +236,96 @@ fn run_fit(args: &FitArgs, console: &Console, quiet: bool) -> Result<()> {
         batch_size: args.batch_size,
         seed: args.seed,
     };
+    // One rank, or with the `mpi` feature every rank of `mpirun -np K`: each loads
+    // the inputs and runs its share of the batches; a failure on any rank ends every
+    // rank with that rank's message (`ekfac::distributed::agree`), and only rank 0
+    // writes outputs.
+    let comm = communicator()?;
+    let comm = comm.as_ref();
+    let Loaded {
+        model,
+        previous,
+        data,
+        ctx,
+    } = agree(comm, load_fit_inputs(args, &options))?;
+    let load_ms = ms(start);
+    let solver = solver_for(args.eigensolver, &ctx);
+    let run = FitRun {
+        damping: Some(args.damping),
+        previous: previous.as_ref(),
+        solver: solver.as_ref(),
+        progress: if comm.rank() == 0 { console } else { &Silent },
+    };
+    let mut fitted = fit_distributed(&ctx, &model, data.as_ref(), &options, &run, comm)?;
+    if args.check_deterministic {
+        let again = fit_distributed(&ctx, &model, data.as_ref(), &options, &run, comm)?;
+        if again.state != fitted.state {
+            return Err(Error::gpu(
+                "--check-deterministic",
+                "two fits on the same adapter gave different results",
+            ));
+        }
+    }
+    if comm.rank() != 0 {
+        // Waits for rank 0's outputs, so that its failure is every rank's.
+        return agree(comm, Ok(()));
+    }
+    fitted.timings.load = load_ms;
+    let start = Instant::now();
+    let mut summary = Summary::new(
+        &fitted.state,
+        args.damping,
+        fitted.timings.clone(),
+        fitted.peak_gpu_bytes,
+    );
+    summary.timings_ms.scalars = ms(start);
+    summary.eigensolver = Some(solver.name().to_string());
+    summary.world_size = comm.size();
+    summary.ranks = fitted.ranks.clone();
+    // Every output is written to a temporary file first; all are renamed into place
+    // only once all of them were written.
+    let staged = (|| {
+        let start = Instant::now();
+        let mut out = Outputs::new();
+        out.stage(&args.out, &fitted.state.to_bytes(&args.out)?)?;
+        summary.timings_ms.save = ms(start);
+        if let Some(path) = &args.summary {
+            let text = serde_json::to_string_pretty(&summary)
+                .map_err(|e| Error::input(path.display(), format!("serialising JSON: {e}")))?;
+            out.stage(path, text.as_bytes())?;
+        }
+        Ok(out)
+    })();
+    let out = agree(comm, staged)?;
+    stall_for_tests();
+    out.commit()?;
+    if !quiet {
+        print!("{}", summary.render());
+        println!("wrote {}", written(&outputs(args)));
+    }
+    Ok(())
+}
+
+/// What a fit reads before it starts, loaded and checked on every rank.
+struct Loaded {
+    model: Model,
+    previous: Option<CurvatureState>,
+    data: Box<dyn DataSource>,
+    ctx: GpuContext,
+}
+
+/// `--out` and `--summary`.
+fn outputs(args: &FitArgs) -> Vec<(&'static str, &std::path::Path)> {
+    let mut outputs = vec![("--out", args.out.as_path())];
+    if let Some(p) = &args.summary {
+        outputs.push(("--summary", p.as_path()));
+    }
+    outputs
+}
+
+/// Checks the fit's inputs and outputs, reads the model, weights, warm start and data
+/// (memory-mapped, or every shard of a directory), and opens the GPU.
+fn load_fit_inputs(args: &FitArgs, options: &Options) -> Result<Loaded> {
     // The options are validated once, by the fit.
     check_damping(args.damping)?;
     let budget = args.memory_budget_mib.map(budget_bytes).transpose()?;
@@ -245,13 +337,14 @@ fn run_fit(args: &FitArgs, console: &Console, quiet: bool) -> Result<()> {
     if let Some(p) = &args.init_state {
         inputs.push(("--init-state", p.as_path()));
     }
+    let outputs = outputs(args);
     for &(name, path) in &inputs {
+        if name == "--data" {
+            ekfac::io::check_data_input(path, &outputs)?;
+            continue;
+        }
         let limit = (name == "--model").then_some(ekfac::io::MAX_JSON_BYTES);
         ekfac::io::check_input(path, name, limit)?;
-    }
-    let mut outputs = vec![("--out", args.out.as_path())];
-    if let Some(p) = &args.summary {
-        outputs.push(("--summary", p.as_path()));
     }
     ekfac::io::check_outputs(&inputs, &outputs)?;
     let graph = ekfac::graph::json::from_json_str(
@@ -264,13 +357,11 @@ fn run_fit(args: &FitArgs, console: &Console, quiet: bool) -> Result<()> {
         .as_deref()
         .map(CurvatureState::load)
         .transpose()?;
-    // Checked against the model here so that errors name the data file and come before
-    // the GPU is opened.
-    let data = Dataset::load_checked(
-        &args.data,
-        &model.graph,
-        options.loss == LossKind::CrossEntropy,
-    )?;
+    // The data's shapes are checked against the model here, so that errors name the
+    // data file and come before the GPU is opened; the fit checks the values as it
+    // streams over them.
+    let data = ekfac::data::open(&args.data)?;
+    ekfac::data::check_layout(data.as_ref(), &model.graph, options.loss)?;
     let ctx = GpuContext::new()?;
     if let Some(bytes) = budget {
         ctx.set_memory_budget(bytes);
@@ -278,52 +369,25 @@ fn run_fit(args: &FitArgs, console: &Console, quiet: bool) -> Result<()> {
     if let (Some(state), Some(path)) = (&previous, &args.init_state) {
         check_eigenvectors(&ctx, state, &path.display().to_string())?;
     }
-    let load_ms = ms(start);
-    let solver = solver_for(args.eigensolver, &ctx);
-    let run = FitRun {
-        damping: Some(args.damping),
-        previous: previous.as_ref(),
-        solver: solver.as_ref(),
-        progress: console,
-    };
-    let mut fitted = fit_run(&ctx, &model, &data, &options, &run)?;
-    if args.check_deterministic {
-        let again = fit_run(&ctx, &model, &data, &options, &run)?;
-        if again.state != fitted.state {
-            return Err(Error::gpu(
-                "--check-deterministic",
-                "two fits on the same adapter gave different results",
-            ));
-        }
+    Ok(Loaded {
+        model,
+        previous,
+        data,
+        ctx,
+    })
+}
+
+/// The ranks of this fit: MPI's world with the `mpi` feature (one rank without
+/// `mpirun`), else one process.
+fn communicator() -> Result<Box<dyn Communicator>> {
+    #[cfg(feature = "mpi")]
+    {
+        Ok(Box::new(ekfac::distributed::mpi::MpiCommunicator::init()?))
     }
-    fitted.timings.load = load_ms;
-    let start = Instant::now();
-    let mut summary = Summary::new(
-        &fitted.state,
-        args.damping,
-        fitted.timings.clone(),
-        fitted.peak_gpu_bytes,
-    );
-    summary.timings_ms.scalars = ms(start);
-    summary.eigensolver = Some(solver.name().to_string());
-    // Every output is written to a temporary file first; all are renamed into place
-    // only once all of them were written.
-    let start = Instant::now();
-    let mut out = Outputs::new();
-    out.stage(&args.out, &fitted.state.to_bytes(&args.out)?)?;
-    summary.timings_ms.save = ms(start);
-    if let Some(path) = &args.summary {
-        let text = serde_json::to_string_pretty(&summary)
-            .map_err(|e| Error::input(path.display(), format!("serialising JSON: {e}")))?;
-        out.stage(path, text.as_bytes())?;
+    #[cfg(not(feature = "mpi"))]
+    {
+        Ok(Box::new(ekfac::distributed::Single))
     }
-    stall_for_tests();
-    out.commit()?;
-    if !quiet {
-        print!("{}", summary.render());
-        println!("wrote {}", written(&outputs));
-    }
-    Ok(())
 }
 
 fn run_apply(args: &ApplyArgs, quiet: bool) -> Result<()> {

@@ -1,0 +1,285 @@
+//! Fits spread over MPI ranks (issue 14): `mpirun -np 2` and `-np 3` of the `ekfac`
+//! binary built with `--features mpi` against the same binary run alone (one rank):
+//! KFAC products within 1e-5 and EKFAC products within 1e-4 relative (Frobenius), for
+//! type-2 and MC; the summary's `world_size` and `ranks`; and a failing rank ending
+//! every rank with its message and no output.
+//!
+//! The binary is `EKFAC_MPI_BIN` (`.ci/run` builds it into its own target directory:
+//! `CARGO_TARGET_DIR=target/mpi cargo build --release --features mpi --bin ekfac`) and
+//! `mpirun` must be on the `PATH`; without either the tests skip, unless
+//! `EKFAC_REQUIRE_MPI=1`, which makes them fail.
+//!
+//! Tolerances: the ranks' f32 partial sums of the factors and corrected eigenvalues
+//! are added in f64, so they differ from one rank's f32 running sum by f32 round-off
+//! (~1e-7 relative); EKFAC's eigenbasis may rotate within near-degenerate eigenspaces
+//! of the factors with that round-off, hence the looser 1e-4.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use ekfac::curvature::operator::{Approximation, Operator, Transform};
+use ekfac::curvature::state::CurvatureState;
+use safetensors::{Dtype, tensor::TensorView};
+
+use common::TestRng;
+
+/// The MPI build of `ekfac` and whether `mpirun` runs, or `None` (skip) when missing.
+fn mpi_binary() -> Option<PathBuf> {
+    let required = std::env::var("EKFAC_REQUIRE_MPI").is_ok_and(|v| v == "1");
+    let bin = std::env::var_os("EKFAC_MPI_BIN").map(PathBuf::from);
+    let mpirun = Command::new("mpirun").arg("--version").output().is_ok();
+    match bin {
+        Some(bin) if bin.is_file() && mpirun => Some(bin),
+        _ => {
+            assert!(
+                !required,
+                "EKFAC_REQUIRE_MPI=1 but EKFAC_MPI_BIN ({:?}) is not a file or mpirun is missing \
+                 (mpirun found: {mpirun})",
+                std::env::var_os("EKFAC_MPI_BIN")
+            );
+            eprintln!(
+                "SKIPPING: set EKFAC_MPI_BIN to an ekfac built with --features mpi and install mpirun"
+            );
+            None
+        }
+    }
+}
+
+fn write_safetensors(path: &Path, tensors: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)>) {
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(k, d, s, b)| (k.to_string(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+const N: usize = 45;
+const MODEL: &str = r#"{"input_shape": [6], "layers": [
+    {"type": "linear", "name": "0", "in_features": 6, "out_features": 8},
+    {"type": "relu"},
+    {"type": "linear", "name": "2", "in_features": 8, "out_features": 4}]}"#;
+
+/// Writes the model, weights and data (`N` examples, 4 classes) into `dir`.
+fn write_problem(dir: &Path, rng: &mut TestRng) {
+    std::fs::write(dir.join("model.json"), MODEL).unwrap();
+    let f32s = |n: usize, rng: &mut TestRng| -> Vec<u8> {
+        let v: Vec<f32> = rng.vec(n).into_iter().map(|x| x * 0.8).collect();
+        bytemuck::cast_slice(&v).to_vec()
+    };
+    write_safetensors(
+        &dir.join("weights.safetensors"),
+        vec![
+            ("0.weight", Dtype::F32, vec![8, 6], f32s(48, rng)),
+            ("0.bias", Dtype::F32, vec![8], f32s(8, rng)),
+            ("2.weight", Dtype::F32, vec![4, 8], f32s(32, rng)),
+            ("2.bias", Dtype::F32, vec![4], f32s(4, rng)),
+        ],
+    );
+    let y: Vec<i64> = (0..N).map(|_| (rng.next_u64() % 4) as i64).collect();
+    write_safetensors(
+        &dir.join("data.safetensors"),
+        vec![
+            ("x", Dtype::F32, vec![N, 6], f32s(N * 6, rng)),
+            ("y", Dtype::I64, vec![N], bytemuck::cast_slice(&y).to_vec()),
+        ],
+    );
+}
+
+/// `ekfac fit` arguments writing `out.safetensors` and `out.json` beside `name`.
+fn fit_args(dir: &Path, data: &Path, fisher: &str, name: &str) -> Vec<String> {
+    let p = |f: &str| dir.join(f).display().to_string();
+    let mut args: Vec<String> = [
+        "fit",
+        "--quiet",
+        "--model",
+        &p("model.json"),
+        "--weights",
+        &p("weights.safetensors"),
+        "--data",
+        &data.display().to_string(),
+        "--loss",
+        "cross_entropy",
+        "--fisher",
+        fisher,
+        "--batch-size",
+        "8",
+        "--out",
+        &p(&format!("{name}.safetensors")),
+        "--summary",
+        &p(&format!("{name}.json")),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if fisher == "mc" {
+        args.extend(["--mc-samples".to_string(), "2".to_string()]);
+    }
+    args
+}
+
+/// `mpirun -np ranks` over the argument lists (one list: every rank; several: MPMD,
+/// one rank each).
+fn mpirun(bin: &Path, ranks: usize, args: &[Vec<String>]) -> Output {
+    let mut cmd = Command::new("mpirun");
+    cmd.args(["--allow-run-as-root", "--oversubscribe"]);
+    if args.len() == 1 {
+        cmd.args(["-np", &ranks.to_string()])
+            .arg(bin)
+            .args(&args[0]);
+    } else {
+        for (i, a) in args.iter().enumerate() {
+            if i > 0 {
+                cmd.arg(":");
+            }
+            cmd.args(["-np", "1"]).arg(bin).args(a);
+        }
+    }
+    cmd.output().unwrap()
+}
+
+fn check_ok(what: &str, out: &Output) {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn summary(dir: &Path, name: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap())
+        .unwrap()
+}
+
+fn rel(got: &[f32], want: &[f32]) -> f64 {
+    let diff: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2))
+        .sum();
+    let norm: f64 = want.iter().map(|&b| f64::from(b).powi(2)).sum();
+    (diff / norm).sqrt()
+}
+
+#[test]
+fn fits_over_two_and_three_ranks_match_one_process() {
+    let Some(bin) = mpi_binary() else { return };
+    let Some(ctx) = common::gpu() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut rng = TestRng::new(41);
+    write_problem(dir, &mut rng);
+    let data = dir.join("data.safetensors");
+    for fisher in ["type-2", "mc"] {
+        // The MPI build run without mpirun: one rank.
+        let single = format!("{fisher}-1");
+        check_ok(
+            "the single-process fit",
+            &Command::new(&bin)
+                .args(fit_args(dir, &data, fisher, &single))
+                .output()
+                .unwrap(),
+        );
+        let s = summary(dir, &single);
+        assert_eq!(s["world_size"], 1, "{s}");
+        let want = CurvatureState::load(&dir.join(format!("{single}.safetensors"))).unwrap();
+        let p = want.layout.num_params;
+        let v = rng.vec(p * 3);
+        let want_op = Operator::new(&ctx, &want).unwrap();
+        for k in [2usize, 3] {
+            let name = format!("{fisher}-{k}");
+            check_ok(
+                &format!("mpirun -np {k}"),
+                &mpirun(&bin, k, &[fit_args(dir, &data, fisher, &name)]),
+            );
+            let s = summary(dir, &name);
+            assert_eq!(s["world_size"], k, "{s}");
+            let ranks = s["ranks"].as_array().unwrap();
+            assert_eq!(ranks.len(), k, "{s}");
+            // 6 batches of 8 (the last of 5), batch b on rank b mod K.
+            let examples: Vec<u64> = ranks
+                .iter()
+                .map(|r| r["examples"].as_u64().unwrap())
+                .collect();
+            let batches: Vec<u64> = ranks
+                .iter()
+                .map(|r| r["batches"].as_u64().unwrap())
+                .collect();
+            assert_eq!(examples.iter().sum::<u64>(), N as u64);
+            match k {
+                2 => assert_eq!((examples, batches), (vec![24, 21], vec![3, 3])),
+                _ => assert_eq!((examples, batches), (vec![16, 16, 13], vec![2, 2, 2])),
+            }
+            let got = CurvatureState::load(&dir.join(format!("{name}.safetensors"))).unwrap();
+            let got_op = Operator::new(&ctx, &got).unwrap();
+            for (approx, tol) in [(Approximation::Kfac, 1e-5), (Approximation::Ekfac, 1e-4)] {
+                let a = got_op.apply(&v, 3, approx, Transform::Forward).unwrap();
+                let b = want_op.apply(&v, 3, approx, Transform::Forward).unwrap();
+                let err = rel(&a, &b);
+                eprintln!("{fisher} K = {k} {approx:?}: relative error {err:.2e}");
+                assert!(
+                    err <= tol,
+                    "{fisher} K = {k} {approx:?}: relative error {err:.2e} > {tol:e}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_failing_rank_ends_every_rank_with_its_message_and_no_output() {
+    let Some(bin) = mpi_binary() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut rng = TestRng::new(42);
+    write_problem(dir, &mut rng);
+    // Rank 1 reads a shard directory whose second shard holds a NaN input.
+    let bad = dir.join("bad");
+    std::fs::create_dir(&bad).unwrap();
+    let x: Vec<f32> = (0..N * 6)
+        .map(|i| if i == 30 * 6 + 1 { f32::NAN } else { 0.5 })
+        .collect();
+    let y: Vec<i64> = vec![1; N];
+    for (name, range) in [("a", 0..20), ("b", 20..N)] {
+        write_safetensors(
+            &bad.join(format!("{name}.safetensors")),
+            vec![
+                (
+                    "x",
+                    Dtype::F32,
+                    vec![range.len(), 6],
+                    bytemuck::cast_slice(&x[range.start * 6..range.end * 6]).to_vec(),
+                ),
+                (
+                    "y",
+                    Dtype::I64,
+                    vec![range.len()],
+                    bytemuck::cast_slice(&y[range]).to_vec(),
+                ),
+            ],
+        );
+    }
+    let good = fit_args(dir, &dir.join("data.safetensors"), "type-2", "failed");
+    let failing = fit_args(dir, &bad, "type-2", "failed");
+    let out = mpirun(&bin, 2, &[good, failing]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the job succeeded: {stderr}");
+    let message = "rank 1 of 2: ";
+    assert!(
+        stderr.matches(message).count() >= 2
+            && stderr.contains("b.safetensors")
+            && stderr.contains("x[30, 1] is NaN"),
+        "every rank must report rank 1's failure: {stderr}"
+    );
+    let left: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("failed") || n.starts_with('.'))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "outputs or temporaries left behind: {left:?}"
+    );
+}
