@@ -19,7 +19,6 @@ use ekfac::curvature::operator::{Approximation, Operator, Transform};
 const FIXTURES: &str = "curvature_transformer";
 
 #[test]
-#[ignore = "needs ops embedding and add_parameter (issue 11)"]
 fn gpu_matches_curvlinops_on_every_transformer_fixture() {
     check_folder(FIXTURES);
 }
@@ -28,7 +27,6 @@ fn gpu_matches_curvlinops_on_every_transformer_fixture() {
 /// SDPA, N = 11, fixture batches of 4) fitted with batches of 1, of an uneven 3
 /// (11 = 3+3+3+2) and of all 11 examples must each match curvlinops.
 #[test]
-#[ignore = "needs ops embedding and add_parameter (issue 11)"]
 fn a_transformer_fits_the_same_with_any_batch_size() {
     let Some(ctx) = common::gpu() else { return };
     let mut case = common::fixture_in(FIXTURES, "tf_sdpa_causal_ce_sum_type2_expand_joint");
@@ -53,7 +51,6 @@ fn a_transformer_fits_the_same_with_any_batch_size() {
 /// (`mc_convergence`); ekfac's MC must land within twice that. A wrong sampler (say,
 /// uniform labels, or the true labels: the empirical Fisher) misses by far more.
 #[test]
-#[ignore = "needs ops embedding and add_parameter (issue 11)"]
 fn monte_carlo_fisher_lands_as_near_type2_as_curvlinops_does() {
     let Some(ctx) = common::gpu() else { return };
     let mut case = common::fixture_in(FIXTURES, "tf_hand_ce_mean_type2_expand_sep");
