@@ -439,6 +439,110 @@ fn cli_fits_token_data_and_refuses_an_id_out_of_range() {
     assert!(!state.exists());
 }
 
+/// Influence on token data: the library's scores (queries and training examples read
+/// as ids) against explicit f64 per-example gradients of the reference network and the
+/// reference EKFAC's damped inverse, relative Frobenius 1e-3 as in tests/influence.rs.
+#[test]
+fn influence_on_token_data_matches_f64() {
+    use ekfac::curvature::influence::{InfluenceOptions, influence};
+    use ekfac::curvature::layout::{ParamKind, ParamLayout};
+    use ekfac::curvature::options::Reduction;
+    use ekfac::loss::backprop_vectors;
+    use ekfac::reference::nn;
+
+    let Some(ctx) = common::gpu() else { return };
+    let mut rng = TestRng::new(24);
+    let model = token_model(&mut rng);
+    let (ids, y) = token_data(&mut rng, 9);
+    let train = Dataset::tokens(ids.clone(), vec![6], Targets::Classes(y.clone())).unwrap();
+    let query = Dataset::tokens(
+        ids[..12].to_vec(),
+        vec![6],
+        Targets::Classes(y[..2].to_vec()),
+    )
+    .unwrap();
+    let options = Options {
+        fisher: FisherType::Type2,
+        batch_size: 4,
+        ..Options::default()
+    };
+    let damping = 1e-2;
+    let fitted = fit(&ctx, &model, &train, &options, Some(damping)).unwrap();
+    let got = influence(
+        &ctx,
+        &model,
+        &fitted.state,
+        [&train, &query],
+        &InfluenceOptions {
+            batch_size: 4,
+            ..Default::default()
+        },
+        &ekfac::progress::Silent,
+    )
+    .unwrap();
+
+    // f64: ∇ℓ_n (sum reduction, true labels) by batches of one, in model order.
+    let layout = ParamLayout::from_options(&model, &options).unwrap();
+    let empirical = Options {
+        fisher: FisherType::Empirical,
+        reduction: Reduction::Sum,
+        ..options.clone()
+    };
+    let curvature = model.curvature_layers();
+    let x64: Vec<f64> = ids.iter().map(|&i| f64::from(i)).collect();
+    let classes: Vec<usize> = y.iter().map(|&c| c as usize).collect();
+    let grad = |n: usize| -> Vec<f64> {
+        let trace = nn::forward(&model, &x64[n * 6..(n + 1) * 6], 1);
+        let logits = &trace.activations[model.graph.output + 1];
+        let t = LossTargets::Classes(&classes[n..n + 1]);
+        let v = backprop_vectors(&empirical, logits, 3, t, n, 9).unwrap();
+        let back = nn::backward(&model, &trace, &v.values, 1);
+        let mut g = vec![0.0; layout.num_params];
+        for p in &layout.params {
+            let i = curvature.iter().position(|&l| l == p.layer).unwrap();
+            let src = match p.kind {
+                ParamKind::Weight => &back.weight_grads[i],
+                ParamKind::Bias => back.bias_grads[i].as_ref().unwrap(),
+            };
+            g[p.offset..p.offset + p.len()].copy_from_slice(src);
+        }
+        g
+    };
+    let g: Vec<Vec<f64>> = (0..9).map(grad).collect();
+    let p = layout.num_params;
+    let net = Network64::new(&model);
+    let cpu_data = CpuDataset {
+        x: &x64,
+        targets: LossTargets::Classes(&classes),
+        num_data: 9,
+    };
+    let reference = CpuCurvature::fit(&net, &cpu_data, &options, true).unwrap();
+    let mut cols = vec![0.0; p * 2];
+    for (q, gq) in g.iter().take(2).enumerate() {
+        for i in 0..p {
+            cols[i * 2 + q] = gq[i];
+        }
+    }
+    let w = reference
+        .inverse_matmat(
+            Approximation::Ekfac,
+            &cols,
+            2,
+            damping,
+            ekfac::curvature::options::DampingMode::Exact,
+        )
+        .unwrap();
+    let want: Vec<f64> = (0..2)
+        .flat_map(|q| {
+            let w = &w;
+            g.iter()
+                .map(move |gn| (0..p).map(|i| gn[i] * w[i * 2 + q]).sum::<f64>())
+        })
+        .collect();
+    let e = common::rel_err(&got.scores, &want);
+    assert!(e < 1e-3, "token influence scores: relative error {e:.2e}");
+}
+
 /// The graph input's dtype survives writing the graph back to JSON.
 #[test]
 fn token_graphs_round_trip_through_json() {
