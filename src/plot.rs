@@ -298,6 +298,13 @@ fn panel(
     if y1 - y0 < 1e-12 {
         (y0, y1) = (y0 - 0.5, y1 + 0.5);
     }
+    let y_step = if log_y {
+        1.0
+    } else {
+        let step = nice_step(y1 - y0, 5);
+        (y0, y1) = ((y0 / step).floor() * step, (y1 / step).ceil() * step);
+        step
+    };
     let xs = series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
     let (x0, mut x1) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
         (a.min(x), b.max(x))
@@ -306,6 +313,7 @@ fn panel(
     if !x1.is_finite() || x1 <= x0 {
         x1 = x0 + 1.0;
     }
+    let x_step = nice_step(x1 - x0, 5);
     let px = |x: f64| left + ((x - x0) / (x1 - x0) * f64::from(right - left)).round() as i32;
     let py = |y: f64| bottom - ((y - y0) / (y1 - y0) * f64::from(bottom - top)).round() as i32;
     // Grid and y ticks: decades on a log scale, five steps otherwise.
@@ -317,22 +325,22 @@ fn panel(
             .map(|i| y0 + i as f64)
             .collect::<Vec<_>>()
     } else {
-        (0..=5)
-            .map(|i| y0 + (y1 - y0) * f64::from(i) / 5.0)
-            .collect()
+        let n = ((y1 - y0) / y_step).round() as usize;
+        (0..=n).map(|i| y0 + y_step * i as f64).collect()
     };
     for y in steps {
         pic.line(vec![(left, py(y)), (right, py(y))], GREY, 1);
         let label = if log_y {
             format!("1e{}", y as i64)
         } else {
-            format!("{y:.3}")
+            tick_label(y, y_step)
         };
         pic.text((left - 6, py(y)), 12.0, label, 1);
     }
-    for i in 0..=4 {
-        let x = x0 + (x1 - x0) * f64::from(i) / 4.0;
-        pic.text((px(x), bottom + 14), 12.0, format!("{}", x.round()), 0);
+    let mut x = (x0 / x_step).ceil() * x_step;
+    while x <= x1 + 1e-9 * x_step {
+        pic.text((px(x), bottom + 14), 12.0, tick_label(x, x_step), 0);
+        x += x_step;
     }
     pic.rect([(left, top), (right, bottom)], BLACK, false);
     for (label, y) in hlines {
@@ -356,23 +364,67 @@ fn panel(
             .collect();
         pic.line(points, s.color, 2);
     }
-    // The legend on a white box over the top left corner.
+    // The legend on a white box in the corner that hides the fewest points.
     let longest = series
         .iter()
         .map(|s| s.label.chars().count())
         .max()
         .unwrap_or(0);
-    if longest > 0 {
-        let box_right = left + 40 + 8 * longest as i32;
-        let box_bottom = top + 4 + 16 * series.len() as i32;
-        pic.rect([(left + 2, top + 2), (box_right, box_bottom)], WHITE, true);
-        pic.rect([(left + 2, top + 2), (box_right, box_bottom)], GREY, false);
+    if longest == 0 {
+        return;
     }
+    let (w, h) = (38 + 8 * longest as i32, 2 + 16 * series.len() as i32);
+    let corners = [
+        (left + 2, top + 2),
+        (right - 2 - w, top + 2),
+        (left + 2, bottom - 2 - h),
+        (right - 2 - w, bottom - 2 - h),
+    ];
+    let hidden = |&(cx, cy): &(i32, i32)| {
+        series
+            .iter()
+            .flat_map(|s| &s.points)
+            .filter(|p| !log_y || p.1 > 0.0)
+            .map(|&(x, y)| (px(x), py(fy(y).max(y0))))
+            .filter(|&(x, y)| (cx..=cx + w).contains(&x) && (cy..=cy + h).contains(&y))
+            .count()
+    };
+    // The first of the least covered corners: top left, top right, bottom left, right.
+    let (bx, by) = corners
+        .iter()
+        .min_by_key(|c| hidden(c))
+        .copied()
+        .unwrap_or(corners[0]);
+    pic.rect([(bx, by), (bx + w, by + h)], WHITE, true);
+    pic.rect([(bx, by), (bx + w, by + h)], GREY, false);
     for (i, s) in series.iter().enumerate() {
-        let ly = top + 12 + 16 * i as i32;
-        pic.line(vec![(left + 8, ly), (left + 28, ly)], s.color, 3);
-        pic.text((left + 34, ly), 12.0, s.label.clone(), -1);
+        let ly = by + 10 + 16 * i as i32;
+        pic.line(vec![(bx + 6, ly), (bx + 26, ly)], s.color, 3);
+        pic.text((bx + 32, ly), 12.0, s.label.clone(), -1);
     }
+}
+
+/// A round tick spacing (1, 2 or 5 times a power of ten) that splits `range` into at
+/// most about `ticks` steps.
+fn nice_step(range: f64, ticks: u32) -> f64 {
+    let raw = (range / f64::from(ticks)).max(f64::MIN_POSITIVE);
+    let decade = 10f64.powf(raw.log10().floor());
+    [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * decade)
+        .find(|&step| step >= raw)
+        .unwrap_or(10.0 * decade)
+}
+
+/// `value` with as many decimals as the tick spacing `step` needs.
+fn tick_label(value: f64, step: f64) -> String {
+    let decimals = (-step.log10().floor()).max(0.0) as usize;
+    let value = if value.abs() < step * 1e-9 {
+        0.0
+    } else {
+        value
+    };
+    format!("{value:.decimals$}")
 }
 
 /// Per layer of `state`, KFAC's eigenvalues (products of the factors' eigenvalues, per

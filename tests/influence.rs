@@ -1,7 +1,8 @@
 //! Influence scores against an f64 computation: explicit per-example gradients of the
 //! f64 reference network (batches of one, `∂ℓ_n/∂f_n` from `ekfac::loss`) and the f64
 //! reference's EKFAC/KFAC fitted on the same data, its damped inverse applied densely.
-//! On an MLP (cross-entropy and MSE) and a CNN with weight sharing (conv positions).
+//! On an MLP (cross-entropy and MSE), a CNN with weight sharing (conv positions) and a
+//! CNN with grouped convolutions.
 //!
 //! Tolerance: relative Frobenius error 1e-3 over the whole `[Q, N]` score matrix, the
 //! damped inverse products' tolerance of the curvature fixtures (the GPU fit's f32
@@ -249,6 +250,13 @@ fn cnn_scores_match_f64() {
     check_case("cnn_a_ce_mean_type2_expand_sep");
 }
 
+/// Grouped convolutions (`cnn_b`: groups 2) with a joint bias: the gradient reads each
+/// group's own input channels, not the group average the factors use.
+#[test]
+fn grouped_cnn_scores_match_f64() {
+    check_case("cnn_b_ce_sum_type2_expand_joint");
+}
+
 #[test]
 fn top_k_agrees_with_a_full_sort() {
     let scores = [0.5f32, -1.0, 2.0, 0.5, -3.0, 1.0, 1.0, -1.0, 0.0, 4.0];
@@ -478,7 +486,7 @@ fn the_command_line_refuses_bad_inputs() {
 /// Image inputs (`[3, 8, 8]`) get a PNG grid per query in the report; grouped
 /// convolutions are refused by node name.
 #[test]
-fn the_report_draws_image_grids_and_grouped_convolutions_are_refused() {
+fn the_report_draws_image_grids_and_grouped_convolutions_score() {
     let Some(_ctx) = common::gpu() else { return };
     let dir = tempfile::tempdir().unwrap();
     let case = "cnn_large_ce_mean_type2_expand_sep";
@@ -545,6 +553,9 @@ fn the_report_draws_image_grids_and_grouped_convolutions_are_refused() {
         out.to_str().unwrap(),
     ]);
     let err = String::from_utf8_lossy(&result.stderr);
-    assert!(!result.status.success() && err.contains("grouped"), "{err}");
-    assert!(!out.exists());
+    assert!(result.status.success(), "{err}");
+    let n = ekfac::model::Dataset::load(&data).unwrap().len;
+    let scores = ekfac::model::TensorFile::load(&out).unwrap();
+    let scores = scores.get("scores").unwrap();
+    assert_eq!(scores.shape, &[n, n]);
 }

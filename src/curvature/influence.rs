@@ -278,17 +278,6 @@ impl<'a> Scorer<'a> {
         let mut layers = Vec::with_capacity(layout.layers.len());
         for l in &layout.layers {
             let node = &graph.nodes[l.layer];
-            if node
-                .attrs
-                .get("groups")
-                .and_then(|g| g.as_u64())
-                .is_some_and(|g| g > 1)
-            {
-                return Err(Error::model(
-                    &node.name,
-                    "influence does not support grouped convolutions (groups > 1) yet",
-                ));
-            }
             layers.push(
                 graph
                     .layer(l.layer)
@@ -401,7 +390,9 @@ impl<'a> Scorer<'a> {
         let mut pass = Pass::new(ctx);
         for (blocks, layer) in self.layout.layers.iter().zip(&self.layers) {
             let (s, d_out, d) = (layer.positions(), layer.out_features(), layer.in_features());
-            let a = layer.expand_inputs(&mut pass, forward.layer_input(blocks.layer), b)?;
+            // Group `j` of `G`: output features `j·d_g ..`, inputs `a[j]`.
+            let (groups, d_g) = (layer.groups(), d_out / layer.groups());
+            let a = layer.gradient_inputs(&mut pass, forward.layer_input(blocks.layer), b)?;
             let g = layer.expand_grads(&mut pass, backward.output_grad(blocks.layer))?;
             let ones = pass.ctx().upload(&vec![1.0f32; s], &[s, 1])?;
             for param in self
@@ -410,17 +401,40 @@ impl<'a> Scorer<'a> {
                 .iter()
                 .filter(|x| x.layer == blocks.layer)
             {
-                let (n, other, stride_b) = match param.kind {
-                    ParamKind::Weight => (d, &a, s * d),
-                    ParamKind::Bias => (1, &ones, 0),
+                // ∇_W ℓ_n[group j rows] = g_nᵀ[j] a_n[j]; ∇_b ℓ_n = g_nᵀ 1.
+                let parts = match param.kind {
+                    ParamKind::Weight => groups,
+                    ParamKind::Bias => 1,
                 };
-                let mut step = Gemm::new(d_out, n, s, true, false).batched(b);
-                step.stride_a = s * d_out;
-                step.stride_b = stride_b;
-                step.offset_c = param.offset;
-                step.stride_c = p;
-                step.ldc = n;
-                gemm(&mut pass.rec, &step, &g, other, &out)?;
+                for j in 0..parts {
+                    let mut step = match param.kind {
+                        ParamKind::Weight => {
+                            let mut step = Gemm::new(d_g, d, s, true, false).batched(b);
+                            step.offset_b = j * b * s * d;
+                            step.stride_b = s * d;
+                            step.ldb = d;
+                            step.offset_a = j * d_g;
+                            step.offset_c = param.offset + j * d_g * d;
+                            step.ldc = d;
+                            step
+                        }
+                        ParamKind::Bias => {
+                            let mut step = Gemm::new(d_out, 1, s, true, false).batched(b);
+                            step.stride_b = 0;
+                            step.offset_c = param.offset;
+                            step.ldc = 1;
+                            step
+                        }
+                    };
+                    step.lda = d_out;
+                    step.stride_a = s * d_out;
+                    step.stride_c = p;
+                    let other = match param.kind {
+                        ParamKind::Weight => &a,
+                        ParamKind::Bias => &ones,
+                    };
+                    gemm(&mut pass.rec, &step, &g, other, &out)?;
+                }
             }
             pass.keep(a);
             pass.keep(g);
@@ -448,10 +462,12 @@ impl<'a> Scorer<'a> {
         for (blocks, layer) in self.layout.layers.iter().zip(&self.layers) {
             let (s, d_out, d) = (layer.positions(), layer.out_features(), layer.in_features());
             let rows = b * s;
-            let a = layer.expand_inputs(&mut pass, forward.layer_input(blocks.layer), b)?;
+            let (groups, d_g) = (layer.groups(), d_out / layer.groups());
+            let a = layer.gradient_inputs(&mut pass, forward.layer_input(blocks.layer), b)?;
             let g = layer.expand_grads(&mut pass, backward.output_grad(blocks.layer))?;
             let ones = pass.ctx().upload(&vec![1.0f32; rows], &[rows, 1])?;
-            // U[q] = Ã W_qᵀ + 1 b_qᵀ, [k, B·S, d_out].
+            // U[q] = Ã W_qᵀ + 1 b_qᵀ, [k, B·S, d_out]; group j's columns j·d_g.. from
+            // its inputs a[j] and its weight rows.
             let u = pass.zeros(&[k, rows, d_out])?;
             for param in self
                 .layout
@@ -459,17 +475,23 @@ impl<'a> Scorer<'a> {
                 .iter()
                 .filter(|x| x.layer == blocks.layer)
             {
-                let (inner, operand) = match param.kind {
-                    ParamKind::Weight => (d, &a),
-                    ParamKind::Bias => (1, &ones),
+                let (parts, width, inner, operand) = match param.kind {
+                    ParamKind::Weight => (groups, d_g, d, &a),
+                    ParamKind::Bias => (1, d_out, 1, &ones),
                 };
-                let mut step = Gemm::new(rows, d_out, inner, false, true)
-                    .batched(k)
-                    .scaled(1.0, 1.0);
-                step.stride_a = 0;
-                step.offset_b = param.offset;
-                step.stride_b = p;
-                gemm(&mut pass.rec, &step, operand, w, &u)?;
+                for j in 0..parts {
+                    let mut step = Gemm::new(rows, width, inner, false, true)
+                        .batched(k)
+                        .scaled(1.0, 1.0);
+                    step.stride_a = 0;
+                    step.offset_a = j * rows * inner;
+                    step.offset_b = param.offset + j * width * inner;
+                    step.stride_b = p;
+                    step.offset_c = j * width;
+                    step.ldc = d_out;
+                    step.stride_c = rows * d_out;
+                    gemm(&mut pass.rec, &step, operand, w, &u)?;
+                }
             }
             // score[n, :] += U[:, n] · g_n over the S·d_out entries of example n.
             let per = s * d_out;

@@ -32,6 +32,25 @@ pub trait CurvatureLayer {
     /// Reduce-format inputs, the mean over positions, `[B, D]`.
     fn reduce_inputs(&self, pass: &mut Pass, input: &GpuTensor, batch: usize) -> Result<GpuTensor>;
 
+    /// `G`, channel groups of the weight: output feature `o` reads only the inputs of
+    /// group `o / (d_out/G)` (1 except for grouped convolutions).
+    fn groups(&self) -> usize {
+        1
+    }
+
+    /// The inputs per group that the true gradient reads, `[G, B·S, D]`:
+    /// `∇_W ℓ[o, :] = Σ_s g_{s,o} a^{(group of o)}_sᵀ`. For `G = 1` the expand-format
+    /// inputs; for `G > 1` they differ from [`Self::expand_inputs`], which average the
+    /// groups as curvlinops' factors do (SPEC §2.2).
+    fn gradient_inputs(
+        &self,
+        pass: &mut Pass,
+        input: &GpuTensor,
+        batch: usize,
+    ) -> Result<GpuTensor> {
+        self.expand_inputs(pass, input, batch)
+    }
+
     /// Output gradients as rows, `[V·B·S, d_out]`, from `[V·B, *out]`.
     fn expand_grads(&self, pass: &mut Pass, grads: &GpuTensor) -> Result<GpuTensor>;
 

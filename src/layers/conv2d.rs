@@ -16,7 +16,7 @@ use crate::layers::{
 };
 use crate::ops::conv::{ConvBackward, ConvWorkspace, conv2d_backward, conv2d_forward};
 use crate::ops::gemm::{Gemm, gemm};
-use crate::ops::im2col::im2col_group_mean;
+use crate::ops::im2col::{im2col, im2col_group_mean};
 use crate::ops::reduce::{Sum, sum_cols, transpose};
 use crate::reference::ops;
 
@@ -354,6 +354,22 @@ impl CurvatureLayer for Conv2d {
         let geo = self.geometry(batch);
         let patches = pass.zeros(&[batch * self.positions(), self.in_features()])?;
         im2col_group_mean(&mut pass.rec, &geo, input, 0..batch, &patches)?;
+        Ok(patches)
+    }
+
+    fn groups(&self) -> usize {
+        self.geometry.groups
+    }
+
+    fn gradient_inputs(
+        &self,
+        pass: &mut Pass,
+        input: &GpuTensor,
+        batch: usize,
+    ) -> Result<GpuTensor> {
+        let geo = self.geometry(batch);
+        let patches = pass.zeros(&[geo.groups, batch * self.positions(), self.in_features()])?;
+        im2col(&mut pass.rec, &geo, input, 0..batch, &patches)?;
         Ok(patches)
     }
 
