@@ -111,6 +111,10 @@ impl Communicator for MpiCommunicator {
             .collect())
     }
 
+    fn barrier(&self) {
+        self.world.barrier();
+    }
+
     fn min(&self, value: u64) -> Result<u64> {
         let mut out = 0u64;
         self.world
