@@ -1,8 +1,9 @@
 //! End-to-end benchmark of the GPU pipeline: KFAC/EKFAC fit phases and operator
 //! products on fixed workloads (issue 4, item 5; issue 9, item 7).
 //!
-//! `cargo run --release --example bench -- [--quick | --smoke] [--workload mlp|cnn|resnet]
-//! [--runs N] [--write-inputs DIR] [--eigensolver jacobi|host|auto]`
+//! `cargo run --release --example bench -- [--quick | --smoke]
+//! [--workload mlp|cnn|resnet|transformer] [--runs N] [--write-inputs DIR]
+//! [--eigensolver jacobi|host|auto]`
 //!
 //! Workloads (random PyTorch-like weights and random data from a fixed seed):
 //! - `mlp`: `Linear(784,512) ReLU Linear(512,512) ReLU Linear(512,10)`, N = 8192, batch 512;
@@ -19,6 +20,16 @@
 //!   Weights as PyTorch initialises them; BatchNorm running statistics and affine
 //!   weights random as in the fixtures (mean 0.3·N(0,1), var 0.5+U(0,1), weight
 //!   0.6+0.8·U(0,1), bias 0.2·N(0,1)).
+//! - `transformer` (only with `--workload transformer`): a pre-LN transformer
+//!   classifier in the naming of `tools/bench_curvlinops.py`'s `Transformer`: inputs
+//!   `[T, d]` (float), `n` blocks `blocks.<i>` of `ln1` LayerNorm(d) → `attn.q`,
+//!   `attn.k`, `attn.v` Linear(d,d) over the tokens → heads by `reshape [T, H, d/H]` +
+//!   `transpose(1, 2)` → `scaled_dot_product_attention` (non-causal, scale 1/√(d/H)) →
+//!   `transpose(1, 2)` + `reshape [T, d]` → `attn.o` Linear(d,d) → add; `ln2` →
+//!   `mlp.fc1` Linear(d,4d) → GELU → `mlp.fc2` Linear(4d,d) → add; then `ln_f`, the
+//!   mean over tokens and `head` Linear(d,10). `n = 4, d = 256, H = 4, T = 128`,
+//!   N = 1024, batch 32. Linear weights as PyTorch initialises them, LayerNorm affine
+//!   weights as the BatchNorm's above.
 //!
 //! All: cross-entropy with mean reduction, `fisher = mc` with one sample, `expand`,
 //! separate weight and bias. `--quick` shrinks them for the software driver (see
@@ -50,7 +61,9 @@
 //!
 //! `--write-inputs DIR` also writes `DIR/<workload>/{model.json, weights.safetensors,
 //! data.safetensors, bench.json}` (our model format, PyTorch `state_dict` names, `x`
-//! F32, `y` I64, and the options plus FLOP counts) for `tools/bench_curvlinops.py`.
+//! F32, `y` I64, and the options, the FLOP counts and the GPU outputs of the first
+//! [`CHECK_ROWS`] examples) for `tools/bench_curvlinops.py`, which checks its rebuilt
+//! model against those outputs before timing.
 //! The adapter is chosen as by the crate (`WGPU_BACKEND`, `EKFAC_ADAPTER`).
 
 use std::collections::{BTreeMap, HashMap};
@@ -64,13 +77,15 @@ use ekfac::curvature::options::EigensolverKind;
 use ekfac::curvature::{FisherType, KfacApprox, LossKind, Options, Reduction};
 use ekfac::gpu::{GpuContext, WorkCounts};
 use ekfac::graph::chain::{Conv2dSpec, Layer, LinearSpec};
-use ekfac::graph::{Graph, GraphInput, Model, ModelSpec, Node};
+use ekfac::graph::{Graph, GraphInput, Model, ModelSpec, Network, Node};
 use ekfac::model::data::{Dataset, Targets};
 use ekfac::progress::{Event, Stage};
 use ekfac::{Error, Result};
 
 /// Seed of the weights, the data and the product vectors.
 const SEED: u64 = 20240611;
+/// Examples whose GPU outputs `--write-inputs` records in `bench.json`.
+const CHECK_ROWS: usize = 8;
 /// Column counts of the timed products.
 const PRODUCT_COLUMNS: [usize; 2] = [1, 16];
 
@@ -112,10 +127,12 @@ enum Size {
     /// For the software driver: mlp `Linear(196,128) ReLU Linear(128,128) ReLU
     /// Linear(128,10)`, N = 1024, batch 256; cnn on `3×16×16` with 8 and 16 channels
     /// (`Linear(256,10)`), N = 512, batch 128; resnet `w = 8, n = 1` (ResNet-8) on
-    /// `3×16×16`, N = 512, batch 128.
+    /// `3×16×16`, N = 512, batch 128; transformer 2 blocks, `d = 32`, 4 heads,
+    /// `T = 16`, N = 256, batch 64.
     Quick,
     /// For the CI smoke test: tiny layers, N = 64 (mlp) / 32 (cnn, and resnet with
-    /// `w = 4, n = 1` on `3×8×8`, batch 16).
+    /// `w = 4, n = 1` on `3×8×8`, batch 16) / 16 (transformer: 1 block, `d = 8`, 2
+    /// heads, `T = 4`, batch 8).
     Smoke,
 }
 
@@ -124,6 +141,7 @@ enum WorkloadKind {
     Mlp,
     Cnn,
     Resnet,
+    Transformer,
 }
 
 /// A network, its data and the fit options.
@@ -206,7 +224,9 @@ fn chain_workload(kind: WorkloadKind, size: Size) -> (ModelSpec, usize, usize) {
                 batch,
             )
         }
-        WorkloadKind::Resnet => unreachable!("the resnet is a graph"),
+        WorkloadKind::Resnet | WorkloadKind::Transformer => {
+            unreachable!("the resnet and the transformer are graphs")
+        }
     }
 }
 
@@ -307,6 +327,36 @@ impl GraphBuilder {
         self.node(name, "conv2d", &[input], attrs)
     }
 
+    /// `nn.Linear(d_in, d_out)` with bias, PyTorch's default init (weight, then bias,
+    /// uniform ±1/√d_in), on the last dimension of `input`.
+    fn linear(
+        &mut self,
+        rng: &mut SplitMix64,
+        name: &str,
+        input: &str,
+        d_in: usize,
+        d_out: usize,
+    ) -> String {
+        let bound = 1.0 / (d_in as f64).sqrt();
+        let weight = (0..d_out * d_in).map(|_| rng.uniform(bound)).collect();
+        let bias = (0..d_out).map(|_| rng.uniform(bound)).collect();
+        self.param(format!("{name}.weight"), vec![d_out, d_in], weight);
+        self.param(format!("{name}.bias"), vec![d_out], bias);
+        let attrs = serde_json::json!({"in_features": d_in, "out_features": d_out, "bias": true});
+        self.node(name, "linear", &[input], attrs)
+    }
+
+    /// `nn.LayerNorm(d)` over the last dimension, affine weights random as the
+    /// BatchNorm's (weight 0.6+0.8·U(0,1), bias 0.2·N(0,1)).
+    fn layer_norm(&mut self, rng: &mut SplitMix64, name: &str, input: &str, d: usize) -> String {
+        let weight = (0..d).map(|_| 0.6 + 0.8 * rng.unit() as f32).collect();
+        let bias = (0..d).map(|_| 0.2 * rng.normal()).collect();
+        self.param(format!("{name}.weight"), vec![d], weight);
+        self.param(format!("{name}.bias"), vec![d], bias);
+        let attrs = serde_json::json!({"normalized_shape": [d], "eps": 1e-5});
+        self.node(name, "layer_norm", &[input], attrs)
+    }
+
     /// BatchNorm2d in eval mode with random running statistics and affine weights.
     fn batch_norm(&mut self, rng: &mut SplitMix64, name: &str, input: &str, c: usize) -> String {
         let attrs = serde_json::json!({"num_features": c, "eps": 1e-5, "affine": true});
@@ -379,23 +429,100 @@ fn resnet(width: usize, blocks: usize, side: usize, rng: &mut SplitMix64) -> Res
         &[&pooled],
         serde_json::json!({"start_dim": 1}),
     );
-    let d = 4 * width;
-    g.node(
-        "fc",
-        "linear",
-        &[&flat],
-        serde_json::json!({"in_features": d, "out_features": CLASSES, "bias": true}),
-    );
-    let bound = 1.0 / (d as f64).sqrt();
-    let weight = (0..CLASSES * d).map(|_| rng.uniform(bound)).collect();
-    let bias = (0..CLASSES).map(|_| rng.uniform(bound)).collect();
-    g.param("fc.weight".into(), vec![CLASSES, d], weight);
-    g.param("fc.bias".into(), vec![CLASSES], bias);
+    g.linear(rng, "fc", &flat, 4 * width, CLASSES);
     let input = GraphInput {
         name: "x".into(),
         shape: vec![3, side, side],
     };
     let graph = Graph::new(input, g.nodes, "fc", Some(g.parameters))?;
+    Model::new(graph, g.tensors)
+}
+
+/// The shape of the `transformer` workload (see the module docs).
+#[derive(Clone, Copy, Debug)]
+struct TransformerShape {
+    blocks: usize,
+    /// Model width `d`.
+    width: usize,
+    heads: usize,
+    /// Tokens per example `T`.
+    tokens: usize,
+}
+
+/// The `transformer` workload's model: inputs `x [T, d]`, then per block
+/// `blocks.<i>` (pre-LN): `x + attn.o(SDPA(heads(attn.q(h)), heads(attn.k(h)),
+/// heads(attn.v(h))))` with `h = ln1(x)`, heads by `reshape [T, H, d/H]` +
+/// `transpose(1, 2)` (non-causal, scale 1/√(d/H)), then `x + mlp.fc2(gelu(mlp.fc1(ln2(x))))`
+/// with `4d` hidden; `ln_f`, the mean over tokens, `head` Linear(d, 10). Parameters in
+/// `named_parameters()` order of `tools/bench_curvlinops.py`'s `Transformer`.
+fn transformer(shape: TransformerShape, rng: &mut SplitMix64) -> Result<Model> {
+    let TransformerShape {
+        blocks,
+        width: d,
+        heads,
+        tokens: t,
+    } = shape;
+    let mut g = GraphBuilder {
+        nodes: Vec::new(),
+        parameters: Vec::new(),
+        tensors: HashMap::new(),
+    };
+    let none = serde_json::Value::Null;
+    let head_dim = d / heads;
+    let mut x = "x".to_string();
+    for i in 0..blocks {
+        let b = format!("blocks.{i}");
+        let h = g.layer_norm(rng, &format!("{b}.ln1"), &x, d);
+        let mut qkv = Vec::new();
+        for p in ["q", "k", "v"] {
+            let y = g.linear(rng, &format!("{b}.attn.{p}"), &h, d, d);
+            let split = g.node(
+                &format!("{b}.attn.{p}_split"),
+                "reshape",
+                &[&y],
+                serde_json::json!({"shape": [t, heads, head_dim]}),
+            );
+            qkv.push(g.node(
+                &format!("{b}.attn.{p}_heads"),
+                "transpose",
+                &[&split],
+                serde_json::json!({"dim0": 1, "dim1": 2}),
+            ));
+        }
+        let att = g.node(
+            &format!("{b}.attn.sdpa"),
+            "scaled_dot_product_attention",
+            &[&qkv[0], &qkv[1], &qkv[2]],
+            serde_json::json!({"is_causal": false, "scale": null}),
+        );
+        let merged = g.node(
+            &format!("{b}.attn.merge"),
+            "transpose",
+            &[&att],
+            serde_json::json!({"dim0": 1, "dim1": 2}),
+        );
+        let merged = g.node(
+            &format!("{b}.attn.flat"),
+            "reshape",
+            &[&merged],
+            serde_json::json!({"shape": [t, d]}),
+        );
+        let o = g.linear(rng, &format!("{b}.attn.o"), &merged, d, d);
+        x = g.node(&format!("{b}.add"), "add", &[&x, &o], none.clone());
+        let h = g.layer_norm(rng, &format!("{b}.ln2"), &x, d);
+        let h = g.linear(rng, &format!("{b}.mlp.fc1"), &h, d, 4 * d);
+        let h = g.node(&format!("{b}.mlp.gelu"), "gelu", &[&h], none.clone());
+        let h = g.linear(rng, &format!("{b}.mlp.fc2"), &h, 4 * d, d);
+        x = g.node(&format!("{b}.add_1"), "add", &[&x, &h], none.clone());
+    }
+    let x = g.layer_norm(rng, "ln_f", &x, d);
+    let pooled = g.node("pool", "mean", &[&x], serde_json::json!({"dim": 1}));
+    g.linear(rng, "head", &pooled, d, CLASSES);
+    let input = GraphInput {
+        name: "x".into(),
+        shape: vec![t, d],
+    };
+    let graph = Graph::new(input, g.nodes, "head", Some(g.parameters))?;
     Model::new(graph, g.tensors)
 }
 
@@ -414,6 +541,27 @@ impl Workload {
                     "CIFAR-style ResNet-{} (BasicBlocks, width {width}, BatchNorm, 1x1 \
                      stride-2 shortcuts) on 3×{side}×{side}, {CLASSES} classes",
                     6 * blocks + 2
+                );
+                (model, description, n, batch)
+            }
+            WorkloadKind::Transformer => {
+                let (blocks, width, heads, tokens, n, batch) = match size {
+                    Size::Full => (4, 256, 4, 128, 1024, 32),
+                    Size::Quick => (2, 32, 4, 16, 256, 64),
+                    Size::Smoke => (1, 8, 2, 4, 16, 8),
+                };
+                let shape = TransformerShape {
+                    blocks,
+                    width,
+                    heads,
+                    tokens,
+                };
+                let model = transformer(shape, &mut rng)?;
+                let description = format!(
+                    "pre-LN transformer, {blocks} block(s) of width {width}, {heads} heads \
+                     (SDPA, non-causal), GELU MLP {}, on {tokens}×{width} inputs, mean \
+                     over tokens, Linear({width},{CLASSES})",
+                    4 * width
                 );
                 (model, description, n, batch)
             }
@@ -454,6 +602,7 @@ impl Workload {
             WorkloadKind::Mlp => "mlp",
             WorkloadKind::Cnn => "cnn",
             WorkloadKind::Resnet => "resnet",
+            WorkloadKind::Transformer => "transformer",
         }
     }
 
@@ -473,8 +622,23 @@ impl Workload {
             .sum()
     }
 
-    /// Writes the model, weights, data and options (see the module docs) into `dir`.
-    fn write_inputs(&self, dir: &Path, flops: &Flops) -> Result<()> {
+    /// The network's outputs `[rows, C]` on the first `rows` examples (at most N),
+    /// computed on the GPU.
+    fn first_outputs(&self, ctx: &GpuContext, rows: usize) -> Result<Vec<f32>> {
+        let rows = rows.min(self.data.len);
+        let example: usize = self.data.example_shape.iter().product();
+        let mut shape = vec![rows];
+        shape.extend(&self.data.example_shape);
+        let network = Network::new(ctx, &self.model)?;
+        let x = ctx.upload(&self.data.x[..rows * example], &shape)?;
+        let forward = network.forward(ctx, x)?;
+        ctx.read(forward.output())
+    }
+
+    /// Writes the model, weights, data and options (see the module docs) into `dir`;
+    /// `outputs`, the GPU outputs of the first examples ([`Self::first_outputs`]), go
+    /// into `bench.json` for the baseline to check its rebuilt model against.
+    fn write_inputs(&self, dir: &Path, flops: &Flops, outputs: Option<&[f32]>) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let graph = &self.model.graph;
         ekfac::io::write_atomic(&dir.join("model.json"), graph.to_json().as_bytes())?;
@@ -539,6 +703,10 @@ impl Workload {
                 "correction": flops.correction,
                 "product_per_column": flops.product_per_column,
             },
+            "outputs": outputs.map(|o| serde_json::json!({
+                "rows": o.len() / self.model.num_outputs(),
+                "values": o,
+            })),
         });
         let text = serde_json::to_string_pretty(&bench)
             .map_err(|e| Error::input(dir.display(), format!("serialising bench.json: {e}")))?;
@@ -547,8 +715,10 @@ impl Workload {
 }
 
 /// Analytic FLOP counts (a multiply-add is 2 FLOPs; elementwise work, reductions over
-/// positions, softmax/sampling and transfers are left out). Per curvature layer with
-/// `N` examples, `S` positions (`OH·OW` for conv2d, 1 for linear), `R = N·S` rows,
+/// positions, softmax/sampling, attention's own GEMMs and transfers are left out).
+/// Per curvature layer with
+/// `N` examples, `S` positions (`OH·OW` for conv2d; for linear the product of the
+/// leading per-example dims, e.g. `T` tokens, 1 on flat inputs), `R = N·S` rows,
 /// `D = d_in` (`in_features` or `C_in/groups·KH·KW`; bias separate), `d_out` and `V`
 /// backpropagated vectors (1 for MC with one sample):
 /// - one data pass = forward `2·R·D·d_out` + backward to the layer input `2·V·R·D·d_out`
@@ -580,9 +750,11 @@ impl Flops {
         for (k, &i) in graph.curvature_layers().iter().enumerate() {
             let params = graph.layer(i).params();
             let d = params[0].shape[1..].iter().product::<usize>() as f64;
-            let out_shape = &shapes[i + 1];
-            let d_out = out_shape[0] as f64;
-            let s: usize = out_shape[1..].iter().product();
+            // `d_out` is the weight's first dimension; the output's other dimensions
+            // are the positions (`OH·OW`, or the tokens of a linear over sequences).
+            let d_out = params[0].shape[0];
+            let s = shapes[i + 1].iter().product::<usize>() / d_out;
+            let d_out = d_out as f64;
             let r = n * s as f64;
             let backward = if k == 0 { 0.0 } else { 2.0 * v * r * d * d_out };
             let data_pass = 2.0 * r * d * d_out + backward;
@@ -921,8 +1093,8 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args> {
-    let usage = "usage: bench [--quick | --smoke] [--workload mlp|cnn|resnet] [--runs N] \
-         [--write-inputs DIR] [--eigensolver jacobi|host|auto]";
+    let usage = "usage: bench [--quick | --smoke] [--workload mlp|cnn|resnet|transformer] \
+         [--runs N] [--write-inputs DIR] [--eigensolver jacobi|host|auto]";
     let mut args = Args {
         size: Size::Full,
         workloads: vec![WorkloadKind::Mlp, WorkloadKind::Cnn],
@@ -940,9 +1112,11 @@ fn parse_args() -> Result<Args> {
                     Some("mlp") => vec![WorkloadKind::Mlp],
                     Some("cnn") => vec![WorkloadKind::Cnn],
                     Some("resnet") => vec![WorkloadKind::Resnet],
+                    Some("transformer") => vec![WorkloadKind::Transformer],
                     other => {
                         return Err(Error::Options(format!(
-                            "--workload expects mlp, cnn or resnet, found {other:?}; {usage}"
+                            "--workload expects mlp, cnn, resnet or transformer, found \
+                             {other:?}; {usage}"
                         )));
                     }
                 }
@@ -1010,7 +1184,8 @@ fn main() -> Result<()> {
         let w = Workload::new(kind, args.size)?;
         if let Some(dir) = &args.write_inputs {
             let dir = dir.join(w.name());
-            w.write_inputs(&dir, &Flops::of(&w)?)?;
+            let outputs = w.first_outputs(&ctx, CHECK_ROWS)?;
+            w.write_inputs(&dir, &Flops::of(&w)?, Some(&outputs))?;
             println!("wrote the {} inputs to {}", w.name(), dir.display());
         }
         bench(&ctx, &w, 1, runs, args.eigensolver)?;
@@ -1047,8 +1222,12 @@ mod tests {
         // Not the resnet: its smoke size takes about 7 s on lavapipe (5 s of it the
         // Jacobi eigendecomposition of its 144×144 factors), too long for CI; its
         // structure is checked by `resnet_matches_the_python_baseline` and its files by
-        // `written_inputs_load_back`.
-        for kind in [WorkloadKind::Mlp, WorkloadKind::Cnn] {
+        // `written_inputs_load_back`. The transformer's smoke size takes about 1 s.
+        for kind in [
+            WorkloadKind::Mlp,
+            WorkloadKind::Cnn,
+            WorkloadKind::Transformer,
+        ] {
             let w = Workload::new(kind, Size::Smoke).unwrap();
             let samples = bench(&ctx, &w, 0, 1, EigensolverKind::Jacobi).unwrap();
             let s = &samples[0];
@@ -1085,10 +1264,15 @@ mod tests {
     #[test]
     fn written_inputs_load_back() {
         let dir = tempfile::tempdir().unwrap();
-        for kind in [WorkloadKind::Mlp, WorkloadKind::Cnn, WorkloadKind::Resnet] {
+        for kind in [
+            WorkloadKind::Mlp,
+            WorkloadKind::Cnn,
+            WorkloadKind::Resnet,
+            WorkloadKind::Transformer,
+        ] {
             let w = Workload::new(kind, Size::Smoke).unwrap();
             let sub = dir.path().join(w.name());
-            w.write_inputs(&sub, &Flops::of(&w).unwrap()).unwrap();
+            w.write_inputs(&sub, &Flops::of(&w).unwrap(), None).unwrap();
             let model =
                 Model::load(sub.join("model.json"), sub.join("weights.safetensors")).unwrap();
             assert_eq!(model, w.model);
@@ -1125,6 +1309,62 @@ mod tests {
         assert!(!names.iter().any(|n| n.starts_with("layer1.0.downsample")));
         assert_eq!(names.len(), 3 + 3 * 6 + 2 * 3 + 2);
         assert_eq!(w.model.shapes()[0], [3, 8, 8]);
+    }
+
+    /// The transformer: curvature parameters `blocks·(12d² + 9d) + 10d + 10` (q, k, v,
+    /// o, fc1, fc2 and the head; LayerNorm's are not), every parameter in the
+    /// `named_parameters()` order of `tools/bench_curvlinops.py`'s `Transformer`, and
+    /// its GPU outputs (the ones `--write-inputs` records) against the crate's f64
+    /// reference walk of the same graph (f32 rounding through LayerNorm and softmax:
+    /// 1e-5).
+    #[test]
+    fn transformer_structure_and_outputs() {
+        for (size, blocks, d) in [
+            (Size::Full, 4, 256),
+            (Size::Quick, 2, 32),
+            (Size::Smoke, 1, 8),
+        ] {
+            let w = Workload::new(WorkloadKind::Transformer, size).unwrap();
+            assert_eq!(
+                w.num_params(),
+                blocks * (12 * d * d + 9 * d) + CLASSES * d + CLASSES,
+                "{size:?}"
+            );
+            let names = w.model.graph.parameters.clone().unwrap();
+            assert_eq!(names.len(), 16 * blocks + 4, "{size:?}");
+        }
+        let w = Workload::new(WorkloadKind::Transformer, Size::Smoke).unwrap();
+        let names = w.model.graph.parameters.clone().unwrap();
+        let block: Vec<String> = [
+            "ln1", "attn.q", "attn.k", "attn.v", "attn.o", "ln2", "mlp.fc1", "mlp.fc2",
+        ]
+        .iter()
+        .flat_map(|m| [format!("blocks.0.{m}.weight"), format!("blocks.0.{m}.bias")])
+        .collect();
+        assert_eq!(names[..16], block[..]);
+        assert_eq!(
+            names[16..],
+            ["ln_f.weight", "ln_f.bias", "head.weight", "head.bias"]
+        );
+        assert_eq!(w.model.shapes()[0], [4, 8]);
+
+        let Some(ctx) = gpu() else { return };
+        let rows = 5;
+        let got = w.first_outputs(&ctx, rows).unwrap();
+        let example: usize = w.data.example_shape.iter().product();
+        let x: Vec<f64> = w.data.x[..rows * example]
+            .iter()
+            .map(|&v| f64::from(v))
+            .collect();
+        let want = ekfac::reference::nn::Network64::new(&w.model).outputs(&x, rows);
+        assert_eq!(got.len(), rows * CLASSES);
+        let (mut err, mut norm) = (0.0f64, 0.0f64);
+        for (g, w) in got.iter().zip(&want) {
+            err += (f64::from(*g) - w).powi(2);
+            norm += w * w;
+        }
+        let rel = (err / norm).sqrt();
+        assert!(rel < 1e-5, "GPU vs f64 reference: relative error {rel:e}");
     }
 
     /// The FLOP count of the full mlp, by hand: layers (784→512), (512→512), (512→10),

@@ -37,6 +37,21 @@ BatchNorm running statistics and affine weights randomised as in the fixtures
 ``x`` ~ N(0,1), ``y`` uniform over 10 classes. Curvature parameters are the Linear
 and Conv2d ones only (BatchNorm's are not), in ``named_parameters()`` order.
 
+The ``transformer`` workload (issue 11) is written by the Rust benchmark only
+(``--workload transformer``). Its model is also written here by hand as
+:class:`Transformer` (pre-LN blocks ``blocks.<i>`` of ``ln1``, ``attn.{q,k,v,o}``
+``nn.Linear``\ s around ``F.scaled_dot_product_attention`` over ``heads`` heads,
+``ln2``, ``mlp.fc1`` / GELU / ``mlp.fc2`` with ``4d`` hidden; ``ln_f``, the mean over
+tokens, ``head``), with the same ``state_dict`` names and ``named_parameters()``
+order; ``--check`` loads the weights into it (strictly) and compares its outputs with
+the rebuilt ``model.json`` and with ekfac's GPU outputs::
+
+    python tools/bench_curvlinops.py /tmp/bench/transformer --check
+
+Before timing, every workload whose ``bench.json`` carries ``outputs`` (ekfac's GPU
+outputs on the first examples, written by ``examples/bench.rs``) is checked against
+the rebuilt module (relative error below 1e-4, else the run stops).
+
 Per run, on CUDA when available (else CPU), in float32, with the options of
 ``bench.json`` (cross-entropy mean, MC with one sample, expand, separate bias):
 
@@ -65,6 +80,7 @@ from typing import Any, Callable, Dict, List
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -126,6 +142,108 @@ class CifarResNet(nn.Module):
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class Block(nn.Module):
+    """A pre-LN transformer block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(width)
+        self.attn = nn.Module()
+        for name in ("q", "k", "v", "o"):
+            setattr(self.attn, name, nn.Linear(width, width))
+        self.ln2 = nn.LayerNorm(width)
+        self.mlp = nn.Module()
+        self.mlp.fc1 = nn.Linear(width, 4 * width)
+        self.mlp.fc2 = nn.Linear(4 * width, width)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        return x.reshape(n, t, self.heads, d // self.heads).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(x)
+        q, k, v = (self._split(getattr(self.attn, p)(h)) for p in ("q", "k", "v"))
+        a = F.scaled_dot_product_attention(q, k, v)
+        x = x + self.attn.o(a.transpose(1, 2).reshape(x.shape))
+        return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.ln2(x))))
+
+
+class Transformer(nn.Module):
+    """The ``transformer`` workload of ``examples/bench.rs`` on float inputs
+    ``[N, T, d]``: ``blocks`` pre-LN blocks, ``ln_f``, the mean over tokens and a
+    classification ``head``."""
+
+    def __init__(self, blocks: int, width: int, heads: int, num_classes: int = 10):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(blocks))
+        self.ln_f = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x).mean(dim=1))
+
+
+def transformer_from_spec(spec: Dict[str, Any]) -> Transformer:
+    """The :class:`Transformer` of a ``model.json`` written by ``examples/bench.rs``
+    (blocks, width and heads read off its nodes)."""
+    nodes = {n["name"]: n for n in spec["nodes"]}
+    blocks = sum(1 for name in nodes if name.endswith(".ln1"))
+    width = nodes["head"]["attrs"]["in_features"]
+    heads = nodes["blocks.0.attn.q_split"]["attrs"]["shape"][1]
+    return Transformer(blocks, width, heads)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).norm() / want.double().norm())
+
+
+def check_outputs(model: nn.Module, x: torch.Tensor, bench: Dict[str, Any], what: str) -> float:
+    """The relative error of ``model`` against ekfac's GPU outputs in ``bench.json``
+    (ValueError above 1e-4: the baseline would time another model)."""
+    rows, values = bench["outputs"]["rows"], bench["outputs"]["values"]
+    with torch.no_grad():
+        got = model(x[:rows])
+    want = torch.tensor(values, dtype=torch.float64).reshape(got.shape)
+    err = relative_error(got, want)
+    if not err < 1e-4:
+        raise ValueError(
+            f"{what}: outputs on the first {rows} examples differ from ekfac's by "
+            f"{err:.2e} (relative), above 1e-4"
+        )
+    return err
+
+
+def check_transformer(inputs: str) -> None:
+    """``--check``: the hand-written :class:`Transformer` with the written weights
+    against the rebuilt ``model.json`` (all examples) and ekfac's GPU outputs."""
+    with open(os.path.join(inputs, "model.json")) as f:
+        spec = json.load(f)
+    with open(os.path.join(inputs, "bench.json")) as f:
+        bench = json.load(f)
+    state = load_file(os.path.join(inputs, "weights.safetensors"))
+    model = transformer_from_spec(spec)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    rebuilt = graph_torch.build(spec)
+    graph_torch.load_weights(rebuilt, state)
+    rebuilt.eval()
+    names = [n for n, _ in model.named_parameters()]
+    if names != spec["parameters"]:
+        raise ValueError(f"named_parameters() {names} differ from model.json's {spec['parameters']}")
+    x = load_file(os.path.join(inputs, "data.safetensors"))["x"]
+    with torch.no_grad():
+        err = relative_error(model(x), rebuilt(x))
+    if not err < 1e-6:
+        raise ValueError(f"Transformer vs rebuilt model.json: relative error {err:.2e}")
+    print(f"Transformer vs rebuilt model.json on {x.shape[0]} examples: relative error {err:.2e}")
+    for what, m in (("Transformer", model), ("rebuilt model.json", rebuilt)):
+        err = check_outputs(m, x, bench, what)
+        print(f"{what} vs ekfac's GPU outputs ({bench['outputs']['rows']} examples): relative error {err:.2e}")
 
 
 def write_resnet_inputs(out_root: str, size: str) -> str:
@@ -203,7 +321,17 @@ def main() -> None:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="with --write-inputs: the quick size")
     size.add_argument("--smoke", action="store_true", help="with --write-inputs: the smoke size")
+    parser.add_argument(
+        "--check", action="store_true",
+        help="transformer inputs: check the hand-written Transformer against the "
+        "rebuilt model.json and ekfac's outputs instead of timing anything",
+    )
     args = parser.parse_args()
+    if args.check:
+        if args.inputs is None:
+            parser.error("--check needs an inputs directory")
+        check_transformer(args.inputs)
+        return
     if args.write_inputs:
         out = write_resnet_inputs(
             args.write_inputs, "quick" if args.quick else "smoke" if args.smoke else "full"
@@ -229,6 +357,8 @@ def main() -> None:
     model = model.to(device).eval()
     tensors = load_file(os.path.join(args.inputs, "data.safetensors"))
     x, y = tensors["x"].to(device), tensors["y"].to(device)
+    if bench.get("outputs"):  # ekfac's GPU outputs on the first examples
+        check_outputs(model, x, bench, "the rebuilt model.json")
     if bench["loss"] != "cross_entropy":
         raise ValueError(f"bench.json: expected loss cross_entropy, found {bench['loss']!r}")
     b = bench["batch_size"]
