@@ -77,7 +77,7 @@ use ekfac::curvature::options::EigensolverKind;
 use ekfac::curvature::{FisherType, KfacApprox, LossKind, Options, Reduction};
 use ekfac::gpu::{GpuContext, WorkCounts};
 use ekfac::graph::chain::{Conv2dSpec, Layer, LinearSpec};
-use ekfac::graph::{Graph, GraphInput, Model, ModelSpec, Network, Node};
+use ekfac::graph::{Graph, GraphInput, InputType, Model, ModelSpec, Network, Node};
 use ekfac::model::data::{Dataset, Targets};
 use ekfac::progress::{Event, Stage};
 use ekfac::{Error, Result};
@@ -433,6 +433,7 @@ fn resnet(width: usize, blocks: usize, side: usize, rng: &mut SplitMix64) -> Res
     let input = GraphInput {
         name: "x".into(),
         shape: vec![3, side, side],
+        dtype: InputType::F32,
     };
     let graph = Graph::new(input, g.nodes, "fc", Some(g.parameters))?;
     Model::new(graph, g.tensors)
@@ -521,6 +522,7 @@ fn transformer(shape: TransformerShape, rng: &mut SplitMix64) -> Result<Model> {
     let input = GraphInput {
         name: "x".into(),
         shape: vec![t, d],
+        dtype: InputType::F32,
     };
     let graph = Graph::new(input, g.nodes, "head", Some(g.parameters))?;
     Model::new(graph, g.tensors)

@@ -323,3 +323,27 @@ fn a_vit_patch_embedding_matches_the_reference() {
         );
     }
 }
+
+/// A model whose output keeps the token axis (`[B, T, C]`, per-token logits) is
+/// refused when the graph is built, naming the output node: KFAC and EKFAC take a 2-D
+/// output, as curvlinops 3.0.1's EKFAC.
+#[test]
+fn a_per_token_output_is_refused_naming_the_output_node() {
+    let text = SEQ_MEAN
+        .replace(r#""inputs": ["pool"]"#, r#""inputs": ["act"]"#)
+        .replace(
+            r#"{"name": "pool", "op": "mean", "inputs": ["act"], "attrs": {"dim": 1}},"#,
+            "",
+        );
+    let msg = from_json_str(&text, "per_token.json")
+        .unwrap_err()
+        .to_string();
+    for f in [
+        "node \"head\" (linear)",
+        "2-D [B, C]",
+        "[B, 6, 3]",
+        "per-token",
+    ] {
+        assert!(msg.contains(f), "{msg:?} does not mention {f:?}");
+    }
+}

@@ -19,7 +19,11 @@ impl DataSource for Dataset {
     }
 
     fn input_dtype(&self) -> InputDtype {
-        InputDtype::F32
+        if self.ids.is_some() {
+            InputDtype::I64
+        } else {
+            InputDtype::F32
+        }
     }
 
     fn targets(&self) -> TargetKind {
@@ -31,8 +35,13 @@ impl DataSource for Dataset {
 
     fn read(&self, start: usize, end: usize, x: &mut [u32], y: TargetsMut<'_>) -> Result<()> {
         let e = self.example_len();
-        for (slot, v) in x.iter_mut().zip(&self.x[start * e..end * e]) {
-            *slot = v.to_bits();
+        match &self.ids {
+            Some(ids) => x.copy_from_slice(&ids[start * e..end * e]),
+            None => {
+                for (slot, v) in x.iter_mut().zip(&self.x[start * e..end * e]) {
+                    *slot = v.to_bits();
+                }
+            }
         }
         match (y, &self.y) {
             (TargetsMut::Classes(out), Targets::Classes(c)) => out.copy_from_slice(&c[start..end]),

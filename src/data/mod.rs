@@ -27,7 +27,7 @@ use std::path::Path;
 
 use crate::curvature::options::{FisherType, LossKind};
 use crate::error::{Error, Result};
-use crate::graph::Graph;
+use crate::graph::{Graph, InputType};
 use crate::layers::batched_shape;
 
 /// The element type of the inputs `x`. On the GPU every element is one 4-byte word:
@@ -200,7 +200,7 @@ pub fn check(
     fisher: FisherType,
 ) -> Result<()> {
     let c = check_layout(source, graph, loss)?;
-    check_values(source, loss, fisher, c)
+    check_values(source, graph, loss, fisher, c)
 }
 
 /// Checks, without reading examples, that `source` has examples whose shape is the
@@ -229,15 +229,25 @@ pub fn check_layout(source: &dyn DataSource, graph: &Graph, loss: LossKind) -> R
             ),
         ));
     }
-    if source.input_dtype() != InputDtype::F32 {
-        return Err(Error::input(
-            label,
-            format!(
-                "\"x\": token ids ({:?}) need a model whose input has dtype i64; this model's \
-                 input is f32, so x must be F32",
-                source.input_dtype()
-            ),
-        ));
+    let tokens = graph.input.dtype == InputType::I64;
+    match (source.input_dtype(), tokens) {
+        (InputDtype::F32, false) | (InputDtype::I64 | InputDtype::I32, true) => {}
+        (InputDtype::F32, true) => {
+            return Err(Error::input(
+                label,
+                "\"x\": the model's input is token ids (dtype i64), so x must be I64 or I32, \
+                 found F32",
+            ));
+        }
+        (dtype, false) => {
+            return Err(Error::input(
+                label,
+                format!(
+                    "\"x\": token ids ({dtype:?}) need a model whose input has dtype i64; this \
+                     model's input is f32, so x must be F32"
+                ),
+            ));
+        }
     }
     let c: usize = graph.shapes().last().map_or(0, |s| s.iter().product());
     let classes = loss == LossKind::CrossEntropy;
@@ -269,6 +279,7 @@ pub fn check_layout(source: &dyn DataSource, graph: &Graph, loss: LossKind) -> R
 
 fn check_values(
     source: &dyn DataSource,
+    graph: &Graph,
     loss: LossKind,
     fisher: FisherType,
     c: usize,
@@ -289,6 +300,21 @@ fn check_values(
                     "\"x\": x[{}] is {} (values must be finite)",
                     index_name(i, flat % e, source.example_shape()),
                     buffer.x_f32()[flat]
+                ),
+            ));
+        }
+        if let (false, Some((node, limit))) = (floats, graph.token_limit())
+            && let Some(flat) = buffer.x.iter().position(|&id| u64::from(id) >= limit)
+        {
+            let i = start + flat / e;
+            return Err(Error::input(
+                source.locate(i),
+                format!(
+                    "\"x\": example {i} has token id {} at position {}, outside [0, {limit}) \
+                     (num_embeddings of {})",
+                    buffer.x[flat],
+                    flat % e,
+                    node.label()
                 ),
             ));
         }

@@ -415,6 +415,7 @@ impl ModelSpec {
         let input = GraphInput {
             name: INPUT.into(),
             shape: self.input_shape.clone(),
+            dtype: super::InputType::F32,
         };
         let mut graph = Graph::new(input, nodes, &previous, None)?;
         graph.chain = Some(self.clone());

@@ -7,7 +7,7 @@ use std::path::Path;
 use serde_json::{Map, Value, json};
 
 use super::chain::ModelSpec;
-use super::{Graph, GraphInput, Node};
+use super::{Graph, GraphInput, InputType, Node};
 use crate::error::{Error, Result};
 use crate::layers::attrs::brief;
 
@@ -179,17 +179,18 @@ fn parse_input(file: &str, v: &Value) -> Result<GraphInput> {
             )));
         }
     };
-    match obj.get("dtype") {
-        None => {}
-        Some(v) if *v == json!("f32") => {}
+    let dtype = match obj.get("dtype") {
+        None => InputType::F32,
+        Some(v) if *v == json!("f32") => InputType::F32,
+        Some(v) if *v == json!("i64") => InputType::I64,
         Some(v) => {
             return Err(err(format!(
-                "\"dtype\": only \"f32\" inputs are supported, found {}",
+                "\"dtype\": expected \"f32\" or \"i64\" (token ids), found {}",
                 brief(v)
             )));
         }
-    }
-    Ok(GraphInput { name, shape })
+    };
+    Ok(GraphInput { name, shape, dtype })
 }
 
 fn parse_node(file: &str, index: usize, v: &Value) -> Result<Node> {
@@ -266,7 +267,8 @@ pub fn to_json(graph: &Graph) -> String {
     let mut root = json!({
         "format": FORMAT,
         "version": VERSION,
-        "inputs": [{"name": graph.input.name, "shape": graph.input.shape, "dtype": "f32"}],
+        "inputs": [{"name": graph.input.name, "shape": graph.input.shape,
+                    "dtype": graph.input.dtype.name()}],
         "nodes": nodes,
         "output": graph.nodes[graph.output].name,
     });

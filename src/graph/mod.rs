@@ -76,12 +76,34 @@ impl Node {
     }
 }
 
-/// The graph input: one example's shape.
+/// The element type of the graph input.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum InputType {
+    /// Float inputs (`"f32"`).
+    #[default]
+    F32,
+    /// Token ids (`"i64"`): the data file's `x` is I64 or I32, uploaded as u32 words;
+    /// only `embedding` nodes may read them.
+    I64,
+}
+
+impl InputType {
+    /// The name in `model.json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            InputType::F32 => "f32",
+            InputType::I64 => "i64",
+        }
+    }
+}
+
+/// The graph input: one example's shape and element type.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GraphInput {
     pub name: String,
     /// Per-example shape, e.g. `[3, 32, 32]`.
     pub shape: Vec<usize>,
+    pub dtype: InputType,
 }
 
 /// A validated graph: nodes in topological order with their layers and shapes.
@@ -149,6 +171,7 @@ impl Graph {
         let mut node_inputs = Vec::with_capacity(nodes.len());
         for node in &nodes {
             let reads: Vec<usize> = node.inputs.iter().map(|n| index[n.as_str()]).collect();
+            check_token_reads(&input, node, &reads)?;
             let in_shapes: Vec<&[usize]> = reads.iter().map(|&v| shapes[v].as_slice()).collect();
             let layer = layers::build(node, &in_shapes)?;
             shapes.push(layer.output_shape().to_vec());
@@ -168,8 +191,9 @@ impl Graph {
             return Err(Error::model(
                 nodes[out].label(),
                 format!(
-                    "the network output must be 2-D [B, C], but the last layer gives {}; add a \
-                     flatten at the end",
+                    "the network output must be 2-D [B, C] (KFAC and EKFAC take one vector of \
+                     C outputs per example, as curvlinops 3.0.1's EKFAC; per-token outputs are \
+                     not supported), but this node gives {}; pool it (mean) or add a flatten",
                     batched_shape(&shapes[out + 1])
                 ),
             ));
@@ -229,6 +253,16 @@ impl Graph {
         self.shapes[self.output + 1].iter().product()
     }
 
+    /// For token inputs, the smallest table that reads them: the embedding node and its
+    /// `num_embeddings` (every id must lie in `[0, num_embeddings)`).
+    pub fn token_limit(&self) -> Option<(&Node, u64)> {
+        self.nodes
+            .iter()
+            .filter(|n| n.op == "embedding")
+            .filter_map(|n| Some((n, n.attrs.get("num_embeddings")?.as_u64()?)))
+            .min_by_key(|&(_, k)| k)
+    }
+
     /// Indices of the nodes KFAC approximates (linear, conv2d), in order.
     pub fn curvature_layers(&self) -> Vec<usize> {
         (0..self.nodes.len())
@@ -243,6 +277,40 @@ impl Graph {
             None => json::to_json(self),
         }
     }
+}
+
+/// Token ids (an `i64` graph input) are read by `embedding` nodes only, and an
+/// `embedding` reads nothing else: any other op would take the ids' u32 words for
+/// floats.
+fn check_token_reads(input: &GraphInput, node: &Node, reads: &[usize]) -> Result<()> {
+    let embedding = node.op == "embedding";
+    let tokens = input.dtype == InputType::I64;
+    if tokens && !embedding && reads.contains(&0) {
+        return Err(Error::model(
+            node.label(),
+            format!(
+                "reads the token ids \"{}\" (dtype i64); only an embedding may read token ids",
+                input.name
+            ),
+        ));
+    }
+    if embedding && (!tokens || reads.iter().any(|&v| v != 0)) {
+        return Err(Error::model(
+            node.label(),
+            format!(
+                "an embedding reads the graph input's token ids: its input must be \"{}\" \
+                 with dtype \"i64\" (found {} of dtype \"{}\")",
+                input.name,
+                node.inputs.join(", "),
+                if reads.iter().all(|&v| v == 0) {
+                    input.dtype.name()
+                } else {
+                    "f32"
+                }
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Kahn's algorithm, keeping the given order among ready nodes. Errors on duplicate

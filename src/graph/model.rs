@@ -109,7 +109,7 @@ impl Model {
             let mut layer = Vec::with_capacity(specs.len());
             for spec in specs {
                 let (suffix, expected) = (spec.suffix, spec.shape);
-                let key = format!("{}.{suffix}", node.module());
+                let key = graph.layer(i).param_key(node.module(), suffix);
                 let (shape, values) = tensors.remove(&key).ok_or_else(|| {
                     Error::input(
                         file,
@@ -225,7 +225,7 @@ fn check_extra_keys(graph: &Graph, keys: impl Iterator<Item = String>, file: &st
     let mut expected = std::collections::HashSet::new();
     for (i, node) in graph.nodes.iter().enumerate() {
         for spec in graph.layer(i).params() {
-            expected.insert(format!("{}.{}", node.module(), spec.suffix));
+            expected.insert(graph.layer(i).param_key(node.module(), spec.suffix));
         }
     }
     let mut extra: Vec<String> = keys.filter(|k| !expected.contains(k)).collect();

@@ -15,11 +15,13 @@
 pub mod activation;
 pub mod adaptive_avg_pool;
 pub mod add;
+pub mod add_parameter;
 pub mod attention;
 pub mod attrs;
 pub mod batch_norm;
 pub mod cat;
 pub mod conv2d;
+pub mod embedding;
 pub mod flatten;
 pub mod gelu;
 pub mod identity;
@@ -196,6 +198,12 @@ pub trait Layer: std::fmt::Debug {
         Vec::new()
     }
 
+    /// The weights-file key of its parameter `suffix` when the node's module is
+    /// `module`: `<module>.<suffix>`, unless the layer names its tensor in full.
+    fn param_key(&self, module: &str, suffix: &str) -> String {
+        format!("{module}.{suffix}")
+    }
+
     /// Suffixes of `state_dict` entries the layer does not use, accepted in a weights
     /// file and ignored, whatever their dtype (BatchNorm's `num_batches_tracked`).
     fn ignored_params(&self) -> &'static [&'static str] {
@@ -273,6 +281,8 @@ pub static REGISTRY: &[(&str, Constructor)] = &[
     ("mean", mean::build),
     ("mul_constant", scale::build_mul),
     ("div_constant", scale::build_div),
+    ("embedding", embedding::build),
+    ("add_parameter", add_parameter::build),
     ("matmul", matmul::build),
     ("softmax", softmax::build),
     ("masked_fill", masked_fill::build),

@@ -1,8 +1,9 @@
 //! The data set: inputs `x` and targets `y` from a safetensors file, held on the host and
 //! handed out in contiguous batches.
 //!
-//! File format: `x` F32 `[N, *input_shape]`; `y` either I64/I32 class indices `[N]` or
-//! `[N, 1]` (cross-entropy) or F32 values `[N, C]` (MSE, BCE). No other keys.
+//! File format: `x` F32 `[N, *input_shape]`, or I64/I32 token ids `[N, *input_shape]`
+//! for a graph input of dtype `i64`; `y` either I64/I32 class indices `[N]` or `[N, 1]`
+//! (cross-entropy) or F32 values `[N, C]` (MSE, BCE). No other keys.
 
 use std::path::Path;
 
@@ -10,14 +11,17 @@ use safetensors::Dtype;
 
 use super::tensor_file::TensorFile;
 use crate::error::{Error, Result};
-use crate::graph::Graph;
+use crate::graph::{Graph, InputType};
 use crate::layers::batched_shape;
 
 /// The whole data set, row-major and example-major.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Dataset {
-    /// `[len, *example_shape]`.
+    /// `[len, *example_shape]` float inputs; empty for token data.
     pub x: Vec<f32>,
+    /// `[len, *example_shape]` token ids (a graph input of dtype `i64`), uploaded to the
+    /// GPU as u32 words; `None` for float data.
+    pub ids: Option<Vec<u32>>,
     /// The shape of one example (the model's `input_shape`).
     pub example_shape: Vec<usize>,
     pub y: Targets,
@@ -48,8 +52,10 @@ pub enum TargetsSlice<'a> {
 pub struct Batch<'a> {
     pub start: usize,
     pub len: usize,
-    /// `[len, *example_shape]`.
+    /// `[len, *example_shape]` float inputs (empty for token data).
     pub x: &'a [f32],
+    /// `[len, *example_shape]` token ids, for token data.
+    pub ids: Option<&'a [u32]>,
     pub y: TargetsSlice<'a>,
 }
 
@@ -86,9 +92,15 @@ impl Dataset {
                 format!("unexpected key \"{key}\" (a data file holds only \"x\" and \"y\")"),
             ));
         }
-        let x = file.require("x", "the inputs, F32 [N, *input_shape]")?;
-        if x.dtype != Dtype::F32 {
-            return Err(x.err(format!("expected dtype F32, found {:?}", x.dtype)));
+        let x = file.require(
+            "x",
+            "the inputs, F32 [N, *input_shape] (or I64/I32 token ids [N, *input_shape])",
+        )?;
+        if !matches!(x.dtype, Dtype::F32 | Dtype::I64 | Dtype::I32) {
+            return Err(x.err(format!(
+                "expected dtype F32 (or I64/I32 token ids), found {:?}",
+                x.dtype
+            )));
         }
         if x.shape.len() < 2 {
             return Err(x.err(format!(
@@ -131,7 +143,32 @@ impl Dataset {
                 ),
             ));
         }
-        Self::new(x.to_f32()?, x.shape[1..].to_vec(), targets).map_err(|e| match e {
+        let example_shape = x.shape[1..].to_vec();
+        let data = if x.dtype == Dtype::F32 {
+            Self::new(x.to_f32()?, example_shape, targets)
+        } else {
+            let ids = x.to_i64()?;
+            let example = example_shape.iter().product::<usize>().max(1);
+            let ids = ids
+                .iter()
+                .enumerate()
+                .map(|(i, &id)| {
+                    u32::try_from(id).map_err(|_| {
+                        Error::input(
+                            label,
+                            format!(
+                                "\"x\": example {} has token id {id} at position {}, outside \
+                                 [0, 2^32)",
+                                i / example,
+                                i % example
+                            ),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<u32>>>()?;
+            Self::tokens(ids, example_shape, targets)
+        };
+        data.map_err(|e| match e {
             Error::Input { message, .. } => Error::input(label, message),
             e => e,
         })
@@ -140,6 +177,34 @@ impl Dataset {
     /// A data set from Rust: `x [N, *example_shape]` and targets for the same `N ≥ 1`;
     /// checks lengths and that every float is finite.
     pub fn new(x: Vec<f32>, example_shape: Vec<usize>, y: Targets) -> Result<Self> {
+        let len = Self::examples(x.len(), &example_shape, &y)?;
+        let mut x_shape = vec![len];
+        x_shape.extend_from_slice(&example_shape);
+        check_finite("x", &x, &x_shape)?;
+        Ok(Self {
+            x,
+            ids: None,
+            example_shape,
+            y,
+            len,
+        })
+    }
+
+    /// A data set of token ids `[N, *example_shape]` (for a graph input of dtype `i64`)
+    /// and targets for the same `N ≥ 1`; checks lengths and that every float is finite.
+    pub fn tokens(ids: Vec<u32>, example_shape: Vec<usize>, y: Targets) -> Result<Self> {
+        let len = Self::examples(ids.len(), &example_shape, &y)?;
+        Ok(Self {
+            x: Vec::new(),
+            ids: Some(ids),
+            example_shape,
+            y,
+            len,
+        })
+    }
+
+    /// `N` from `values` input elements, checking the shapes and the targets.
+    fn examples(values: usize, example_shape: &[usize], y: &Targets) -> Result<usize> {
         let example: usize = example_shape.iter().product();
         if example == 0 || example_shape.is_empty() {
             return Err(Error::input(
@@ -147,18 +212,17 @@ impl Dataset {
                 format!("\"x\": example shape {example_shape:?} has no elements"),
             ));
         }
-        if !x.len().is_multiple_of(example) {
+        if !values.is_multiple_of(example) {
             return Err(Error::input(
                 "data",
                 format!(
-                    "\"x\": {} values are not a whole number of examples of shape {:?}",
-                    x.len(),
-                    example_shape
+                    "\"x\": {values} values are not a whole number of examples of shape \
+                     {example_shape:?}"
                 ),
             ));
         }
-        let len = x.len() / example;
-        let y_len = match &y {
+        let len = values / example;
+        let y_len = match y {
             Targets::Classes(c) => c.len(),
             Targets::Values { data, cols } => {
                 if *cols == 0 || data.len() % cols != 0 {
@@ -179,18 +243,10 @@ impl Dataset {
                 format!("\"x\" has {len} examples but \"y\" has {y_len}"),
             ));
         }
-        let mut x_shape = vec![len];
-        x_shape.extend_from_slice(&example_shape);
-        check_finite("x", &x, &x_shape)?;
-        if let Targets::Values { data, cols } = &y {
+        if let Targets::Values { data, cols } = y {
             check_finite("y", data, &[len, *cols])?;
         }
-        Ok(Self {
-            x,
-            example_shape,
-            y,
-            len,
-        })
+        Ok(len)
     }
 
     /// Elements of one example, `prod(example_shape)`.
@@ -206,6 +262,7 @@ impl Dataset {
     }
 
     fn check_as(&self, spec: &Graph, classes: bool, label: &str) -> Result<()> {
+        self.check_inputs(spec, label)?;
         if self.example_shape != spec.input.shape {
             return Err(Error::input(
                 label,
@@ -261,6 +318,49 @@ impl Dataset {
         }
     }
 
+    /// Checks that token ids come exactly for a graph input of dtype `i64`, and that
+    /// every id indexes each embedding that reads them (`0 ≤ id < num_embeddings`).
+    fn check_inputs(&self, spec: &Graph, label: &str) -> Result<()> {
+        let tokens = spec.input.dtype == InputType::I64;
+        let Some(ids) = &self.ids else {
+            if tokens {
+                return Err(Error::input(
+                    label,
+                    "\"x\": the model's input is token ids (dtype i64), so x must be I64 or I32, \
+                     found F32",
+                ));
+            }
+            return Ok(());
+        };
+        if !tokens {
+            return Err(Error::input(
+                label,
+                "\"x\": the model's input is F32, found integer token ids",
+            ));
+        }
+        let Some((node, limit)) = spec.token_limit() else {
+            return Ok(());
+        };
+        let example = self.example_len();
+        if let Some((i, &id)) = ids
+            .iter()
+            .enumerate()
+            .find(|&(_, &id)| u64::from(id) >= limit)
+        {
+            return Err(Error::input(
+                label,
+                format!(
+                    "\"x\": example {} has token id {id} at position {}, outside [0, {limit}) \
+                     (num_embeddings of {})",
+                    i / example,
+                    i % example,
+                    node.label()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Examples `start .. start + len`.
     pub fn batch(&self, start: usize, len: usize) -> Batch<'_> {
         let e = self.example_len();
@@ -274,7 +374,15 @@ impl Dataset {
         Batch {
             start,
             len,
-            x: &self.x[start * e..(start + len) * e],
+            x: if self.ids.is_some() {
+                &[]
+            } else {
+                &self.x[start * e..(start + len) * e]
+            },
+            ids: self
+                .ids
+                .as_ref()
+                .map(|ids| &ids[start * e..(start + len) * e]),
             y,
         }
     }

@@ -6,6 +6,7 @@ mod check;
 pub mod combine;
 pub mod conv;
 pub mod eigencorrect;
+pub mod embedding;
 pub mod gelu;
 pub mod gemm;
 pub mod im2col;
@@ -38,6 +39,7 @@ pub(crate) static REDUCE: Shader = crate::shader!("reduce");
 pub(crate) static RESAMPLE: Shader = crate::shader!("resample");
 pub(crate) static SILU: Shader = crate::shader!("silu");
 pub(crate) static SHAPE: Shader = crate::shader!("shape");
+pub(crate) static EMBEDDING: Shader = crate::shader!("embedding");
 pub(crate) static SOFTMAX: Shader = crate::shader!("softmax");
 pub(crate) static MASKED_FILL: Shader = crate::shader!("masked_fill");
 
@@ -64,6 +66,7 @@ static SHADERS: &[&Shader] = &[
     &RESAMPLE,
     &SILU,
     &SHAPE,
+    &EMBEDDING,
     &SOFTMAX,
     &MASKED_FILL,
 ];
@@ -106,6 +109,7 @@ pub fn all_params() -> Vec<ParamsLayout> {
         L::of::<silu::ElementwiseParams>(&SILU),
         L::of::<silu::StackedParams>(&SILU),
         L::of::<shape::GatherParams>(&SHAPE),
+        L::of::<embedding::EmbeddingParams>(&EMBEDDING),
         L::of::<softmax::SoftmaxParams>(&SOFTMAX),
         L::of::<masked_fill::MaskedFillParams>(&MASKED_FILL),
     ]

@@ -121,3 +121,65 @@ pub fn scale(x: &[f64], value: f64, divide: bool) -> Vec<f64> {
         .map(|&v| if divide { v / value } else { v * value })
         .collect()
 }
+
+/// Embedding lookup: `ids` (token ids as exact f64 values, `[B, *shape]`) → the rows
+/// of `table` (`[num_embeddings, dim]`), `[B, *shape, dim]`.
+pub fn embedding_forward(ids: &[f64], table: &[f64], dim: usize) -> Vec<f64> {
+    ids.iter()
+        .flat_map(|&id| {
+            let j = id as usize;
+            table[j * dim..(j + 1) * dim].iter().copied()
+        })
+        .collect()
+}
+
+/// The table gradient: `grad_out` `[V·B, *shape, dim]` added into the rows its ids
+/// (`[B, *shape]`, repeated over the stack) select → `[num_embeddings, dim]`.
+pub fn embedding_table_grad(
+    ids: &[f64],
+    grad_out: &[f64],
+    num_embeddings: usize,
+    dim: usize,
+) -> Vec<f64> {
+    let mut grad = vec![0.0; num_embeddings * dim];
+    for (r, g) in grad_out.chunks_exact(dim).enumerate() {
+        let j = ids[r % ids.len()] as usize;
+        for (acc, v) in grad[j * dim..(j + 1) * dim].iter_mut().zip(g) {
+            *acc += v;
+        }
+    }
+    grad
+}
+
+/// For each element of a batched `[B, *shape]` tensor, the index of the parameter
+/// element (PyTorch shape `param`, broadcast numpy-style from the right) it reads.
+fn broadcast_index(i: usize, in_shape: &[usize], param: &[usize]) -> usize {
+    let c = coords(i, in_shape);
+    let offset = in_shape.len() - param.len();
+    let pc: Vec<usize> = param
+        .iter()
+        .enumerate()
+        .map(|(k, &d)| if d == 1 { 0 } else { c[offset + k] })
+        .collect();
+    flat(&pc, param)
+}
+
+/// `x + p` with `p` (PyTorch shape `param`) broadcast against `x` `[B, *shape]`.
+pub fn add_parameter_forward(x: &[f64], shape: &[usize], p: &[f64], param: &[usize]) -> Vec<f64> {
+    let in_shape = batched(x, shape);
+    x.iter()
+        .enumerate()
+        .map(|(i, &v)| v + p[broadcast_index(i, &in_shape, param)])
+        .collect()
+}
+
+/// The parameter's gradient: `grad_out` `[V·B, *shape]` summed into the elements of
+/// `p` (PyTorch shape `param`) each entry was broadcast from.
+pub fn add_parameter_grad(grad_out: &[f64], shape: &[usize], param: &[usize]) -> Vec<f64> {
+    let in_shape = batched(grad_out, shape);
+    let mut grad = vec![0.0; param.iter().product()];
+    for (i, &g) in grad_out.iter().enumerate() {
+        grad[broadcast_index(i, &in_shape, param)] += g;
+    }
+    grad
+}

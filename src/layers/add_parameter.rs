@@ -1,0 +1,196 @@
+//! `x + p` for a learned tensor `p` (a positional embedding): `p`'s PyTorch `shape`
+//! broadcasts numpy-style against `[B, *in]` and the result has the input's shape.
+//! The weights file holds `p` under its full `state_dict` name (attribute
+//! `parameter`, e.g. `"pos_embedding"` or `"blocks.0.pos"`). Not a curvature
+//! parameter. Forward: `p` gathered with stride 0 along its broadcast dims, plus `x`;
+//! backward passes the gradient through and, when asked, sums it over the broadcast
+//! dims for `p`.
+
+use crate::error::Result;
+use crate::gpu::GpuTensor;
+use crate::graph::Node;
+use crate::layers::attrs::Attrs;
+use crate::layers::shape::{check_rank, int_list};
+use crate::layers::{
+    BackwardArgs, ForwardArgs, Grads, Layer, ParamSpec, Pass, Saved, batched, batched_shape,
+    one_input,
+};
+use crate::ops::reduce::{Sum, axpy, sum_rows};
+use crate::ops::shape::{Gather, gather, strides};
+use crate::reference::shape as reference;
+
+/// The weights-file suffix the layer's one tensor goes by internally (its key is the
+/// full `parameter` name, [`Layer::param_key`]).
+const SUFFIX: &str = "parameter";
+
+/// Adding a broadcast parameter.
+#[derive(Debug)]
+pub struct AddParameter {
+    /// The full `state_dict` name.
+    parameter: String,
+    /// Its PyTorch shape.
+    shape: Vec<usize>,
+    output: Vec<usize>,
+}
+
+/// Builds an add_parameter from `parameter` and `shape`.
+pub fn build(node: &Node, inputs: &[&[usize]]) -> Result<Box<dyn Layer>> {
+    let input = one_input(node, inputs)?;
+    let a = Attrs::new(node, &["parameter", "shape"])?;
+    let parameter = match node.attrs.get("parameter") {
+        Some(serde_json::Value::String(s)) if !s.is_empty() => s.clone(),
+        _ => return Err(a.err("\"parameter\": expected the parameter's state_dict name")),
+    };
+    let shape = int_list(node, &a, "shape")?
+        .iter()
+        .map(|&d| usize::try_from(d).ok().filter(|&d| d > 0))
+        .collect::<Option<Vec<usize>>>()
+        .ok_or_else(|| a.err("\"shape\": expected positive sizes"))?;
+    check_rank(&a, input)?;
+    let batched_in = batched(1, input);
+    let fits = shape.len() <= batched_in.len()
+        && shape
+            .iter()
+            .rev()
+            .zip(batched_in.iter().rev())
+            .enumerate()
+            .all(|(k, (&p, &x))| p == 1 || (p == x && k < input.len()));
+    if shape.is_empty() || !fits {
+        return Err(a.err(format!(
+            "a parameter of shape {shape:?} does not broadcast against the input {} (each \
+             of its dims, aligned from the right, must be 1 or the input's, and not vary \
+             over the batch)",
+            batched_shape(input)
+        )));
+    }
+    Ok(Box::new(AddParameter {
+        parameter,
+        shape,
+        output: input.to_vec(),
+    }))
+}
+
+impl AddParameter {
+    /// Per dim of `[rows, *in]`, the stride in `p` (0 where `p` is broadcast).
+    fn param_strides(&self) -> Vec<usize> {
+        let rank = self.output.len() + 1;
+        let offset = rank - self.shape.len();
+        let s = strides(&self.shape);
+        (0..rank)
+            .map(|k| {
+                if k < offset || self.shape[k - offset] == 1 {
+                    0
+                } else {
+                    s[k - offset]
+                }
+            })
+            .collect()
+    }
+}
+
+impl Layer for AddParameter {
+    fn op(&self) -> &'static str {
+        "add_parameter"
+    }
+
+    fn output_shape(&self) -> &[usize] {
+        &self.output
+    }
+
+    fn params(&self) -> Vec<ParamSpec> {
+        vec![ParamSpec {
+            suffix: SUFFIX,
+            shape: self.shape.clone(),
+        }]
+    }
+
+    fn param_key(&self, _module: &str, _suffix: &str) -> String {
+        self.parameter.clone()
+    }
+
+    fn saved(&self) -> Saved {
+        Saved::NOTHING
+    }
+
+    fn forward(
+        &self,
+        pass: &mut Pass,
+        args: &ForwardArgs<GpuTensor, GpuTensor>,
+    ) -> Result<GpuTensor> {
+        let dims = batched(args.batch, &self.output);
+        let y = pass.zeros(&dims)?;
+        let g = Gather {
+            dims,
+            strides: self.param_strides(),
+            scale: 1.0,
+            divisor: 1.0,
+        };
+        gather(&mut pass.rec, &g, &args.params[0], &y)?;
+        axpy(&mut pass.rec, 1.0, args.inputs[0], 1.0, &y)?;
+        Ok(y)
+    }
+
+    fn backward(
+        &self,
+        pass: &mut Pass,
+        args: &BackwardArgs<GpuTensor, GpuTensor>,
+    ) -> Result<Grads<GpuTensor>> {
+        let rows = args.stack * args.batch;
+        let input = args.input_grads[0]
+            .then(|| args.grad_out.view(&batched(rows, &self.output)))
+            .transpose()?;
+        let params = if args.param_grads {
+            // Broadcast dims first, p's own dims last (in order): [R, len(p)].
+            let kept = self.param_strides();
+            let rank = kept.len();
+            let perm: Vec<usize> = (0..rank)
+                .filter(|&k| kept[k] == 0)
+                .chain((0..rank).filter(|&k| kept[k] != 0))
+                .collect();
+            let grads = args.grad_out;
+            let len: usize = self.shape.iter().product();
+            let moved = if perm.iter().enumerate().all(|(i, &k)| i == k) {
+                grads.view(&[grads.len()])?
+            } else {
+                let moved = pass.zeros(&[grads.len()])?;
+                let g = Gather::permute(&batched(rows, &self.output), &perm);
+                gather(&mut pass.rec, &g, grads, &moved)?;
+                moved
+            };
+            let grad = pass.zeros(&self.shape)?;
+            sum_rows(
+                pass.ctx(),
+                &mut pass.rec,
+                &moved,
+                &grad,
+                &Sum::new(grads.len() / len, len),
+            )?;
+            pass.keep(moved);
+            Some(vec![grad])
+        } else {
+            None
+        };
+        Ok(Grads {
+            inputs: vec![input],
+            params,
+        })
+    }
+
+    fn reference_forward(&self, args: &ForwardArgs<[f64], Vec<f64>>) -> Vec<f64> {
+        reference::add_parameter_forward(args.inputs[0], &self.output, &args.params[0], &self.shape)
+    }
+
+    fn reference_backward(&self, args: &BackwardArgs<[f64], Vec<f64>>) -> Grads<Vec<f64>> {
+        let params = args.param_grads.then(|| {
+            vec![reference::add_parameter_grad(
+                args.grad_out,
+                &self.output,
+                &self.shape,
+            )]
+        });
+        Grads {
+            inputs: vec![args.input_grads[0].then(|| args.grad_out.to_vec())],
+            params,
+        }
+    }
+}
