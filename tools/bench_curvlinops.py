@@ -11,7 +11,8 @@ then time curvlinops on them::
 
 The directory holds ``model.json`` (ekfac's model format, chain or graph: the module is
 rebuilt by ``tools/graph_torch.py``), ``weights.safetensors`` (``state_dict`` names,
-F32; BatchNorm buffers included), ``data.safetensors`` (``x`` F32, ``y`` I64) and
+F32; BatchNorm buffers included), ``data.safetensors`` (``x`` F32, or I64 token ids
+for the transformer; ``y`` I64) and
 ``bench.json`` (batch size, options and the benchmark's analytic FLOP counts, so the
 GFLOP/s columns use the same counts as the Rust table).
 
@@ -39,7 +40,8 @@ and Conv2d ones only (BatchNorm's are not), in ``named_parameters()`` order.
 
 The ``transformer`` workload (issue 11) is written by the Rust benchmark only
 (``--workload transformer``). Its model is also written here by hand as
-:class:`Transformer` (pre-LN blocks ``blocks.<i>`` of ``ln1``, ``attn.{q,k,v,o}``
+:class:`Transformer` (token ids through ``embed`` plus the learned positions
+``pos``, then pre-LN blocks ``blocks.<i>`` of ``ln1``, ``attn.{q,k,v,o}``
 ``nn.Linear``\ s around ``F.scaled_dot_product_attention`` over ``heads`` heads,
 ``ln2``, ``mlp.fc1`` / GELU / ``mlp.fc2`` with ``4d`` hidden; ``ln_f``, the mean over
 tokens, ``head``), with the same ``state_dict`` names and ``named_parameters()``
