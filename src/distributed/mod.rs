@@ -52,6 +52,9 @@ pub trait Communicator {
 
     /// The smallest `value` over ranks.
     fn min(&self, value: u64) -> Result<u64>;
+
+    /// Returns once every rank has called it.
+    fn barrier(&self);
 }
 
 /// Turns each rank's outcome into the same result on every rank (collective): `Ok`
@@ -111,6 +114,8 @@ impl Communicator for Single {
     fn min(&self, value: u64) -> Result<u64> {
         Ok(value)
     }
+
+    fn barrier(&self) {}
 }
 
 /// Sums f32 values over ranks through f64 ([`Communicator::sum`]), rounding once.

@@ -9,6 +9,7 @@ use mpi::collective::SystemOperation;
 use mpi::datatype::PartitionMut;
 use mpi::environment::Universe;
 use mpi::topology::SimpleCommunicator;
+use mpi::traits::Communicator as _;
 use mpi::traits::*;
 
 use super::Communicator;
@@ -80,7 +81,9 @@ impl Communicator for MpiCommunicator {
         while !message.is_char_boundary(cut) {
             cut -= 1;
         }
-        let bytes = &message.as_bytes()[..cut];
+        // A leading byte, so that no rank sends nothing (empty buffers are refused).
+        let mut bytes = vec![b'|'];
+        bytes.extend_from_slice(&message.as_bytes()[..cut]);
         let len = bytes.len() as Count;
         let mut counts = vec![0 as Count; self.size()];
         self.world.all_gather_into(&len, &mut counts[..]);
@@ -96,15 +99,20 @@ impl Communicator for MpiCommunicator {
         let mut all = vec![0u8; total];
         {
             let mut partition = PartitionMut::new(&mut all[..], &counts[..], &displs[..]);
-            self.world.all_gather_varcount_into(bytes, &mut partition);
+            self.world
+                .all_gather_varcount_into(&bytes[..], &mut partition);
         }
         Ok(counts
             .iter()
             .zip(&displs)
             .map(|(&c, &d)| {
-                String::from_utf8_lossy(&all[d as usize..(d + c) as usize]).into_owned()
+                String::from_utf8_lossy(&all[d as usize + 1..(d + c) as usize]).into_owned()
             })
             .collect())
+    }
+
+    fn barrier(&self) {
+        self.world.barrier();
     }
 
     fn min(&self, value: u64) -> Result<u64> {

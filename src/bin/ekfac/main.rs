@@ -224,6 +224,25 @@ fn check_damping(damping: f64) -> Result<()> {
 }
 
 fn run_fit(args: &FitArgs, console: &Console, quiet: bool) -> Result<()> {
+    let comm = communicator()?;
+    let result = fit_ranks(args, console, quiet, comm.as_ref());
+    if let Err(e @ Error::Distributed { .. }) = &result {
+        // Every rank has this error: each says it, and none exits before all have
+        // (mpirun ends the whole job at the first non-zero exit).
+        eprintln!("error: {e}");
+        comm.barrier();
+        drop(comm);
+        std::process::exit(1);
+    }
+    result
+}
+
+fn fit_ranks(
+    args: &FitArgs,
+    console: &Console,
+    quiet: bool,
+    comm: &dyn Communicator,
+) -> Result<()> {
     let start = Instant::now();
     let options = Options {
         loss: args.loss,
@@ -240,8 +259,6 @@ fn run_fit(args: &FitArgs, console: &Console, quiet: bool) -> Result<()> {
     // the inputs and runs its share of the batches; a failure on any rank ends every
     // rank with that rank's message (`ekfac::distributed::agree`), and only rank 0
     // writes outputs.
-    let comm = communicator()?;
-    let comm = comm.as_ref();
     let Loaded {
         model,
         previous,
