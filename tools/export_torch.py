@@ -40,7 +40,9 @@ Writes, into ``out_dir``:
     becomes ``add_parameter``. Subgraphs computed from constants only (buffers,
     ``torch.ones(T, T).tril() == 0``, ``torch.arange``) are evaluated at export time, so
     ``masked_fill`` and ``scaled_dot_product_attention``'s ``attn_mask`` get constant
-    0/1 masks (a 0/-inf float ``attn_mask`` becomes boolean). ``nn.MultiheadAttention``
+    0/1 masks (a 0/-inf float ``attn_mask`` becomes boolean); ``torch.where(mask, x,
+    c)`` with a constant mask and number, and ``x + M`` with a constant 0/-inf ``M``,
+    become ``masked_fill`` too. ``nn.MultiheadAttention``
     is refused by name (its ``in_proj_weight`` is no ``nn.Linear`` and it applies
     ``out_proj`` functionally, so curvlinops' hooks never see it), and so are tied
     weights: one parameter under two names (GPT-2's ``lm_head.weight = wte.weight``) or
@@ -585,6 +587,7 @@ class _GraphMapper:
         add(["div.Tensor", "div.Scalar", "div_.Tensor"], self.scale("div_constant"))
         add(["softmax.int", "_softmax"], self.softmax)
         add(["masked_fill.Scalar", "masked_fill.Tensor", "masked_fill_.Scalar"], self.masked_fill)
+        add(["where.self", "where.ScalarOther", "where.ScalarSelf"], self.where_mask)
         add(["matmul", "bmm"], self.matmul)
         add(["scaled_dot_product_attention"], self.attention)
         comparisons = ["eq", "ne", "gt", "ge", "lt", "le"]
@@ -609,7 +612,8 @@ class _GraphMapper:
         if any(n not in self.consts for n in inputs):
             return False
         if not isinstance(node.meta.get("val"), torch.Tensor):
-            return False
+            # A check on constants (``_assert_tensor_metadata`` after ``mask.bool()``).
+            return bool(inputs) and not node.users
         args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: self.consts[n])
         try:
             with torch.no_grad():
@@ -630,9 +634,9 @@ class _GraphMapper:
             return self.parameters.get(arg.name)
         return None
 
-    def constant(self, node, arg, what: str) -> Optional[float]:
+    def constant(self, node, arg, what: str, finite: bool = True) -> Optional[float]:
         """A Python number, or a one-element constant tensor, as a float; None when
-        ``arg`` is neither."""
+        ``arg`` is neither. Refused when not finite, unless ``finite`` is False."""
         if isinstance(arg, bool):
             return None
         if isinstance(arg, (int, float)):
@@ -641,20 +645,25 @@ class _GraphMapper:
             value = float(self.consts[arg].item())
         else:
             return None
-        if not math.isfinite(value):
+        if finite and not math.isfinite(value):
             raise self.fail(node, f"its {what} {value} is not finite")
         return value
 
     def mask(self, node, arg, what: str, target: List[int]) -> torch.Tensor:
-        """A constant mask broadcasting against the per-example shape ``target``, its
-        leading axes of size 1 removed (``[1, 1, T, T]`` -> ``[T, T]``)."""
+        """The constant mask ``arg`` (see ``shaped_mask``); refused when it is computed
+        from the input or from parameters."""
         if arg not in self.consts:
             raise self.fail(
                 node,
                 f"its {what} is computed from the input (or from parameters); only constant masks "
                 "(buffers, or tensors built from constants such as torch.ones(T, T).tril()) are supported",
             )
-        mask = self.consts[arg]
+        return self.shaped_mask(node, self.consts[arg], what, target)
+
+    def shaped_mask(self, node, mask: torch.Tensor, what: str, target: List[int]) -> torch.Tensor:
+        """A constant mask broadcasting against the per-example shape ``target``, its
+        leading axes of size 1 removed (``[1, 1, T, T]`` -> ``[T, T]``)."""
+        given = list(mask.shape)
         while mask.dim() > 1 and mask.shape[0] == 1:
             mask = mask[0]
         shape = list(mask.shape)
@@ -663,7 +672,7 @@ class _GraphMapper:
         ):
             raise self.fail(
                 node,
-                f"its {what} of shape {list(self.consts[arg].shape)} does not broadcast against the "
+                f"its {what} of shape {given} does not broadcast against the "
                 f"per-example shape {target} (it may not vary over the batch)",
             )
         return mask
@@ -777,10 +786,31 @@ class _GraphMapper:
 
     def masked_fill(self, node) -> None:
         b = _bind(node)
-        x = self.value(node, b["self"], "input")
-        in_shape = self.shape(b["self"])
-        mask = self.mask(node, b["mask"], "mask", in_shape)
-        value = b["value"]
+        mask = self.mask(node, b["mask"], "mask", self.shape(b["self"]))
+        self.emit_masked_fill(node, b["self"], mask, b["value"])
+
+    def where_mask(self, node) -> None:
+        """``torch.where(mask, x, c)`` (or ``where(mask, c, x)``) with a constant mask
+        and a constant number ``c``: a ``masked_fill`` where the mask selects ``c``."""
+        b = _bind(node)
+        cond, a, c = b["condition"], b["self"], b["other"]
+        def number(arg):
+            return self.constant(node, arg, "value", finite=False)
+
+        if number(a) is not None and number(c) is None:
+            a, c, invert = c, a, False  # where(mask, c, x): fill where mask is true
+        else:
+            invert = True  # where(mask, x, c): fill where mask is false
+        if number(c) is None:
+            raise self.fail(node, "selects between two tensors; only torch.where(constant mask, x, number) is supported")
+        mask = self.mask(node, cond, "condition", self.shape(a)).bool()
+        self.emit_masked_fill(node, a, ~mask if invert else mask, number(c))
+
+    def emit_masked_fill(self, node, source, mask: torch.Tensor, value) -> None:
+        """A ``masked_fill`` node of ``source`` with the constant ``mask`` (shaped by
+        ``shaped_mask``) and fill ``value``."""
+        x = self.value(node, source, "input")
+        in_shape = self.shape(source)
         if isinstance(value, torch.fx.Node):
             if value not in self.consts or self.consts[value].numel() != 1:
                 raise self.fail(node, "the fill value is not a constant number")
@@ -1103,12 +1133,28 @@ class _GraphMapper:
             return self.add_parameter(node, b["self"], other)
         if self.param_name(b["self"]) is not None:
             return self.add_parameter(node, other, b["self"])
+        for act, const in ((b["self"], other), (other, b["self"])):
+            if const in self.consts and act not in self.consts:
+                return self.additive_mask(node, act, const)
         a, c = self.value(node, b["self"], "first input"), self.value(node, other, "second input")
         sa, sc = self.shape(b["self"]), self.shape(other)
         if sa != sc:
             raise self.fail(node, f"adds values of per-example shapes {sa} and {sc}; they must be equal")
         self.shape(node)
         self.emit(node, "add", [a, c])
+
+    def additive_mask(self, node, activation, constant) -> None:
+        """``x + M`` with a constant ``M`` of zeros and ``-inf`` (an additive attention
+        mask): a ``masked_fill`` with ``-inf`` where ``M`` is ``-inf``."""
+        m = self.consts[constant]
+        if not bool(((m == 0) | (m == -math.inf)).all()):
+            raise self.fail(
+                node,
+                f"adds a constant tensor of shape {list(m.shape)}; only additive masks of zeros and "
+                "-inf (as masked_fill) are supported",
+            )
+        mask = self.mask(node, constant, "additive mask", self.shape(activation))
+        self.emit_masked_fill(node, activation, mask == -math.inf, -math.inf)
 
     def batch_norm(self, node) -> None:
         b = _bind(node)

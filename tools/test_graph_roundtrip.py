@@ -323,8 +323,9 @@ class TokenEverything(nn.Module):
     """Mapping paths of issue 11 not in the fixture models: ``permute``,
     ``unsqueeze``/``squeeze``, ``2.0 * x`` (constant on the left), SDPA with a float
     0/-inf mask and an explicit ``scale``, a mean over two dims with ``keepdim``,
-    ``torch.where``-free causal ``masked_fill`` from a ``[1, 1, T, T]`` buffer with a
-    finite fill value, and positions from an ``nn.Embedding`` of ``arange(T)``."""
+    causal ``masked_fill`` from a ``[1, 1, T, T]`` buffer with a finite fill value,
+    ``torch.where(mask, x, -inf)`` and ``torch.where(~mask, -1e4, x)``, an additive
+    0/-inf mask, and positions from an ``nn.Embedding`` of ``arange(T)``."""
 
     def __init__(self):
         super().__init__()
@@ -345,6 +346,10 @@ class TokenEverything(nn.Module):
         att = (2.0 * (q @ k.transpose(-1, -2))).masked_fill(self.bias[:, :, :T, :T] == 0, -1e4)
         y = y + att.softmax(-1) @ k  # [B, 2, T, 3]
         y = y.unsqueeze(1).squeeze(1)
+        keep = self.bias[0, 0, :T, :T].bool()
+        y = y + torch.where(keep, q @ k.transpose(-1, -2), float("-inf")).softmax(-1) @ k
+        y = y + torch.where(~keep, -1e4, q @ k.transpose(-1, -2)).softmax(-1) @ k
+        y = y + (q @ k.transpose(-1, -2) + additive).softmax(-1) @ k
         return self.head(y.mean((1, 2), keepdim=True).squeeze(1).squeeze(1))
 
 
