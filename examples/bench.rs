@@ -21,15 +21,18 @@
 //!   weights random as in the fixtures (mean 0.3·N(0,1), var 0.5+U(0,1), weight
 //!   0.6+0.8·U(0,1), bias 0.2·N(0,1)).
 //! - `transformer` (only with `--workload transformer`): a pre-LN transformer
-//!   classifier in the naming of `tools/bench_curvlinops.py`'s `Transformer`: inputs
-//!   `[T, d]` (float), `n` blocks `blocks.<i>` of `ln1` LayerNorm(d) → `attn.q`,
+//!   classifier in the naming of `tools/bench_curvlinops.py`'s `Transformer`: token
+//!   ids `[T]` (`x` I64 in the data file) → `embed` Embedding(V,d) → plus the learned
+//!   positions `pos` `[1, T, d]` (`add_parameter`), `n` blocks `blocks.<i>` of `ln1`
+//!   LayerNorm(d) → `attn.q`,
 //!   `attn.k`, `attn.v` Linear(d,d) over the tokens → heads by `reshape [T, H, d/H]` +
 //!   `transpose(1, 2)` → `scaled_dot_product_attention` (non-causal, scale 1/√(d/H)) →
 //!   `transpose(1, 2)` + `reshape [T, d]` → `attn.o` Linear(d,d) → add; `ln2` →
 //!   `mlp.fc1` Linear(d,4d) → GELU → `mlp.fc2` Linear(4d,d) → add; then `ln_f`, the
 //!   mean over tokens and `head` Linear(d,10). `n = 4, d = 256, H = 4, T = 128`,
-//!   N = 1024, batch 32. Linear weights as PyTorch initialises them, LayerNorm affine
-//!   weights as the BatchNorm's above.
+//!   `V = 1000`, N = 1024, batch 32. Linear and embedding weights as PyTorch
+//!   initialises them, positions 0.02·N(0,1), LayerNorm affine weights as the
+//!   BatchNorm's above; ids uniform in `[0, V)`.
 //!
 //! All: cross-entropy with mean reduction, `fisher = mc` with one sample, `expand`,
 //! separate weight and bias. `--quick` shrinks them for the software driver (see
@@ -61,7 +64,7 @@
 //!
 //! `--write-inputs DIR` also writes `DIR/<workload>/{model.json, weights.safetensors,
 //! data.safetensors, bench.json}` (our model format, PyTorch `state_dict` names, `x`
-//! F32, `y` I64, and the options, the FLOP counts and the GPU outputs of the first
+//! F32 or I64 token ids, `y` I64, and the options, the FLOP counts and the GPU outputs of the first
 //! [`CHECK_ROWS`] examples) for `tools/bench_curvlinops.py`, which checks its rebuilt
 //! model against those outputs before timing.
 //! The adapter is chosen as by the crate (`WGPU_BACKEND`, `EKFAC_ADAPTER`).
@@ -128,11 +131,11 @@ enum Size {
     /// Linear(128,10)`, N = 1024, batch 256; cnn on `3×16×16` with 8 and 16 channels
     /// (`Linear(256,10)`), N = 512, batch 128; resnet `w = 8, n = 1` (ResNet-8) on
     /// `3×16×16`, N = 512, batch 128; transformer 2 blocks, `d = 32`, 4 heads,
-    /// `T = 16`, N = 256, batch 64.
+    /// `T = 16`, `V = 100`, N = 256, batch 64.
     Quick,
     /// For the CI smoke test: tiny layers, N = 64 (mlp) / 32 (cnn, and resnet with
     /// `w = 4, n = 1` on `3×8×8`, batch 16) / 16 (transformer: 1 block, `d = 8`, 2
-    /// heads, `T = 4`, batch 8).
+    /// heads, `T = 4`, `V = 16`, batch 8).
     Smoke,
 }
 
@@ -448,9 +451,13 @@ struct TransformerShape {
     heads: usize,
     /// Tokens per example `T`.
     tokens: usize,
+    /// Rows of the embedding table `V` (token ids in `[0, V)`).
+    vocab: usize,
 }
 
-/// The `transformer` workload's model: inputs `x [T, d]`, then per block
+/// The `transformer` workload's model: token ids `x [T]` → `embed`
+/// (`Embedding(V, d)`, N(0,1) as PyTorch) → plus the learned positions `pos`
+/// (`[1, T, d]`, 0.02·N(0,1)), then per block
 /// `blocks.<i>` (pre-LN): `x + attn.o(SDPA(heads(attn.q(h)), heads(attn.k(h)),
 /// heads(attn.v(h))))` with `h = ln1(x)`, heads by `reshape [T, H, d/H]` +
 /// `transpose(1, 2)` (non-causal, scale 1/√(d/H)), then `x + mlp.fc2(gelu(mlp.fc1(ln2(x))))`
@@ -462,6 +469,7 @@ fn transformer(shape: TransformerShape, rng: &mut SplitMix64) -> Result<Model> {
         width: d,
         heads,
         tokens: t,
+        vocab,
     } = shape;
     let mut g = GraphBuilder {
         nodes: Vec::new(),
@@ -470,7 +478,20 @@ fn transformer(shape: TransformerShape, rng: &mut SplitMix64) -> Result<Model> {
     };
     let none = serde_json::Value::Null;
     let head_dim = d / heads;
-    let mut x = "x".to_string();
+    // `named_parameters()` lists a module's own parameters (`pos`) before its
+    // children's (`embed.weight`).
+    let table = (0..vocab * d).map(|_| rng.normal()).collect();
+    let positions = (0..t * d).map(|_| 0.02 * rng.normal()).collect();
+    g.param("pos".into(), vec![1, t, d], positions);
+    g.param("embed.weight".into(), vec![vocab, d], table);
+    let embed = serde_json::json!({"num_embeddings": vocab, "embedding_dim": d});
+    let x = g.node("embed", "embedding", &["x"], embed);
+    let mut x = g.node(
+        "pos_add",
+        "add_parameter",
+        &[&x],
+        serde_json::json!({"parameter": "pos", "shape": [1, t, d]}),
+    );
     for i in 0..blocks {
         let b = format!("blocks.{i}");
         let h = g.layer_norm(rng, &format!("{b}.ln1"), &x, d);
@@ -521,11 +542,18 @@ fn transformer(shape: TransformerShape, rng: &mut SplitMix64) -> Result<Model> {
     g.linear(rng, "head", &pooled, d, CLASSES);
     let input = GraphInput {
         name: "x".into(),
-        shape: vec![t, d],
-        dtype: InputType::F32,
+        shape: vec![t],
+        dtype: InputType::I64,
     };
     let graph = Graph::new(input, g.nodes, "head", Some(g.parameters))?;
     Model::new(graph, g.tensors)
+}
+
+/// `n` class labels uniform over the [`CLASSES`].
+fn labels(rng: &mut SplitMix64, n: usize) -> Vec<i64> {
+    (0..n)
+        .map(|_| (rng.next_u64() % CLASSES as u64) as i64)
+        .collect()
 }
 
 impl Workload {
@@ -547,22 +575,23 @@ impl Workload {
                 (model, description, n, batch)
             }
             WorkloadKind::Transformer => {
-                let (blocks, width, heads, tokens, n, batch) = match size {
-                    Size::Full => (4, 256, 4, 128, 1024, 32),
-                    Size::Quick => (2, 32, 4, 16, 256, 64),
-                    Size::Smoke => (1, 8, 2, 4, 16, 8),
+                let (blocks, width, heads, tokens, vocab, n, batch) = match size {
+                    Size::Full => (4, 256, 4, 128, 1000, 1024, 32),
+                    Size::Quick => (2, 32, 4, 16, 100, 256, 64),
+                    Size::Smoke => (1, 8, 2, 4, 16, 16, 8),
                 };
                 let shape = TransformerShape {
                     blocks,
                     width,
                     heads,
                     tokens,
+                    vocab,
                 };
                 let model = transformer(shape, &mut rng)?;
                 let description = format!(
                     "pre-LN transformer, {blocks} block(s) of width {width}, {heads} heads \
-                     (SDPA, non-causal), GELU MLP {}, on {tokens}×{width} inputs, mean \
-                     over tokens, Linear({width},{CLASSES})",
+                     (SDPA, non-causal), GELU MLP {}, on {tokens} token ids (vocabulary \
+                     {vocab}, learned positions), mean over tokens, Linear({width},{CLASSES})",
                     4 * width
                 );
                 (model, description, n, batch)
@@ -573,12 +602,18 @@ impl Workload {
                 (chain_model(spec, &mut rng)?, description, n, batch)
             }
         };
-        let example: usize = model.shapes()[0].iter().product();
-        let x = (0..n * example).map(|_| rng.normal()).collect();
-        let y = (0..n)
-            .map(|_| (rng.next_u64() % CLASSES as u64) as i64)
-            .collect();
-        let data = Dataset::new(x, model.shapes()[0].clone(), Targets::Classes(y))?;
+        let shape = model.shapes()[0].clone();
+        let example: usize = shape.iter().product();
+        let data = if model.graph.input.dtype == InputType::I64 {
+            let vocab = model.graph.token_limit().map_or(1, |(_, v)| v);
+            let ids = (0..n * example)
+                .map(|_| (rng.next_u64() % vocab) as u32)
+                .collect();
+            Dataset::tokens(ids, shape, Targets::Classes(labels(&mut rng, n)))?
+        } else {
+            let x = (0..n * example).map(|_| rng.normal()).collect();
+            Dataset::new(x, shape, Targets::Classes(labels(&mut rng, n)))?
+        };
         let options = Options {
             loss: LossKind::CrossEntropy,
             reduction: Reduction::Mean,
@@ -632,7 +667,10 @@ impl Workload {
         let mut shape = vec![rows];
         shape.extend(&self.data.example_shape);
         let network = Network::new(ctx, &self.model)?;
-        let x = ctx.upload(&self.data.x[..rows * example], &shape)?;
+        let x = match &self.data.ids {
+            Some(ids) => ctx.upload_u32(&ids[..rows * example], &shape)?,
+            None => ctx.upload(&self.data.x[..rows * example], &shape)?,
+        };
         let forward = network.forward(ctx, x)?;
         ctx.read(forward.output())
     }
@@ -649,9 +687,9 @@ impl Workload {
         for (i, params) in self.model.params.iter().enumerate() {
             let Some(params) = params else { continue };
             let module = graph.nodes[i].module();
-            for (spec, (suffix, values)) in graph.layer(i).params().into_iter().zip(&params.tensors)
-            {
-                weights.push((format!("{module}.{suffix}"), spec.shape, values));
+            let layer = graph.layer(i);
+            for (spec, (suffix, values)) in layer.params().into_iter().zip(&params.tensors) {
+                weights.push((layer.param_key(module, suffix), spec.shape, values));
             }
         }
         ekfac::io::write_tensors(&dir.join("weights.safetensors"), &weights, None)?;
@@ -662,13 +700,14 @@ impl Workload {
         };
         let mut x_shape = vec![self.data.len];
         x_shape.extend(&self.data.example_shape);
+        let ids: Option<Vec<i64>> =
+            (self.data.ids.as_ref()).map(|ids| ids.iter().map(|&i| i64::from(i)).collect());
+        let (x_dtype, x_bytes): (_, &[u8]) = match &ids {
+            Some(ids) => (safetensors::Dtype::I64, bytemuck::cast_slice(ids)),
+            None => (safetensors::Dtype::F32, bytemuck::cast_slice(&self.data.x)),
+        };
         let views = [
-            (
-                "x",
-                safetensors::Dtype::F32,
-                x_shape,
-                bytemuck::cast_slice(&self.data.x),
-            ),
+            ("x", x_dtype, x_shape, x_bytes),
             (
                 "y",
                 safetensors::Dtype::I64,
@@ -1333,7 +1372,7 @@ mod tests {
                 "{size:?}"
             );
             let names = w.model.graph.parameters.clone().unwrap();
-            assert_eq!(names.len(), 16 * blocks + 4, "{size:?}");
+            assert_eq!(names.len(), 2 + 16 * blocks + 4, "{size:?}");
         }
         let w = Workload::new(WorkloadKind::Transformer, Size::Smoke).unwrap();
         let names = w.model.graph.parameters.clone().unwrap();
@@ -1343,20 +1382,23 @@ mod tests {
         .iter()
         .flat_map(|m| [format!("blocks.0.{m}.weight"), format!("blocks.0.{m}.bias")])
         .collect();
-        assert_eq!(names[..16], block[..]);
+        assert_eq!(names[..2], ["pos", "embed.weight"]);
+        assert_eq!(names[2..18], block[..]);
         assert_eq!(
-            names[16..],
+            names[18..],
             ["ln_f.weight", "ln_f.bias", "head.weight", "head.bias"]
         );
-        assert_eq!(w.model.shapes()[0], [4, 8]);
+        assert_eq!(w.model.shapes()[0], [4]);
+        assert!(w.data.ids.as_ref().unwrap().iter().all(|&i| i < 16));
 
         let Some(ctx) = gpu() else { return };
         let rows = 5;
         let got = w.first_outputs(&ctx, rows).unwrap();
         let example: usize = w.data.example_shape.iter().product();
-        let x: Vec<f64> = w.data.x[..rows * example]
+        let ids = w.data.ids.as_ref().unwrap();
+        let x: Vec<f64> = ids[..rows * example]
             .iter()
-            .map(|&v| f64::from(v))
+            .map(|&i| f64::from(i))
             .collect();
         let want = ekfac::reference::nn::Network64::new(&w.model).outputs(&x, rows);
         assert_eq!(got.len(), rows * CLASSES);

@@ -1080,6 +1080,14 @@ fn curvlinops_graph_fixtures() {
     curvlinops_fixtures_in("curvature_graph", 14);
 }
 
+/// The transformers of issue 11 (`tests/fixtures/curvature_transformer`: token
+/// embeddings, learned positions, attention by hand and by SDPA, masks, GELU MLPs,
+/// mean pooling, a ViT) under the same checks and tolerances.
+#[test]
+fn curvlinops_transformer_fixtures() {
+    curvlinops_fixtures_in("curvature_transformer", 11);
+}
+
 /// Every case of `tests/fixtures/<folder>` (at least `min_cases`) through the CPU
 /// reference.
 fn curvlinops_fixtures_in(folder: &str, min_cases: usize) {
@@ -1111,7 +1119,11 @@ fn curvlinops_fixtures_in(folder: &str, min_cases: usize) {
         let get = |k: &str| tensors.get(k).map(|t| t.to_f64().unwrap());
         let model = Model::load(dir.join("model.json"), dir.join("weights.safetensors")).unwrap();
         let file_data = FileData::load(dir.join("data.safetensors")).unwrap();
-        let x: Vec<f64> = file_data.x.iter().map(|&v| f64::from(v)).collect();
+        // Token ids (issue 11) go to the reference as their f64 values.
+        let x: Vec<f64> = match &file_data.ids {
+            Some(ids) => ids.iter().map(|&id| f64::from(id)).collect(),
+            None => file_data.x.iter().map(|&v| f64::from(v)).collect(),
+        };
         let (classes, dense): (Vec<usize>, Vec<f64>) = match &file_data.y {
             FileTargets::Classes(c) => (c.iter().map(|&v| v as usize).collect(), Vec::new()),
             FileTargets::Values { data, .. } => {

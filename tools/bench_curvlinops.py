@@ -11,7 +11,8 @@ then time curvlinops on them::
 
 The directory holds ``model.json`` (ekfac's model format, chain or graph: the module is
 rebuilt by ``tools/graph_torch.py``), ``weights.safetensors`` (``state_dict`` names,
-F32; BatchNorm buffers included), ``data.safetensors`` (``x`` F32, ``y`` I64) and
+F32; BatchNorm buffers included), ``data.safetensors`` (``x`` F32, or I64 token ids
+for the transformer; ``y`` I64) and
 ``bench.json`` (batch size, options and the benchmark's analytic FLOP counts, so the
 GFLOP/s columns use the same counts as the Rust table).
 
@@ -39,7 +40,8 @@ and Conv2d ones only (BatchNorm's are not), in ``named_parameters()`` order.
 
 The ``transformer`` workload (issue 11) is written by the Rust benchmark only
 (``--workload transformer``). Its model is also written here by hand as
-:class:`Transformer` (pre-LN blocks ``blocks.<i>`` of ``ln1``, ``attn.{q,k,v,o}``
+:class:`Transformer` (token ids through ``embed`` plus the learned positions
+``pos``, then pre-LN blocks ``blocks.<i>`` of ``ln1``, ``attn.{q,k,v,o}``
 ``nn.Linear``\ s around ``F.scaled_dot_product_attention`` over ``heads`` heads,
 ``ln2``, ``mlp.fc1`` / GELU / ``mlp.fc2`` with ``4d`` hidden; ``ln_f``, the mean over
 tokens, ``head``), with the same ``state_dict`` names and ``named_parameters()``
@@ -75,7 +77,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from safetensors.torch import load_file
@@ -172,17 +174,27 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """The ``transformer`` workload of ``examples/bench.rs`` on float inputs
-    ``[N, T, d]``: ``blocks`` pre-LN blocks, ``ln_f``, the mean over tokens and a
-    classification ``head``."""
+    """The ``transformer`` workload of ``examples/bench.rs``: token ids ``[N, T]``
+    through ``embed`` (``nn.Embedding(vocab, d)``) plus learned positions ``pos``
+    ``[1, T, d]`` when ``vocab`` is given, else float inputs ``[N, T, d]``; then
+    ``blocks`` pre-LN blocks, ``ln_f``, the mean over tokens and a classification
+    ``head``."""
 
-    def __init__(self, blocks: int, width: int, heads: int, num_classes: int = 10):
+    def __init__(
+        self, blocks: int, width: int, heads: int, num_classes: int = 10,
+        vocab: Optional[int] = None, tokens: Optional[int] = None,
+    ):
         super().__init__()
+        if vocab is not None:
+            self.embed = nn.Embedding(vocab, width)
+            self.pos = nn.Parameter(torch.zeros(1, tokens, width))
         self.blocks = nn.ModuleList(Block(width, heads) for _ in range(blocks))
         self.ln_f = nn.LayerNorm(width)
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "embed"):
+            x = self.embed(x) + self.pos
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_f(x).mean(dim=1))
@@ -194,8 +206,9 @@ def transformer_from_spec(spec: Dict[str, Any]) -> Transformer:
     nodes = {n["name"]: n for n in spec["nodes"]}
     blocks = sum(1 for name in nodes if name.endswith(".ln1"))
     width = nodes["head"]["attrs"]["in_features"]
-    heads = nodes["blocks.0.attn.q_split"]["attrs"]["shape"][1]
-    return Transformer(blocks, width, heads)
+    split = nodes["blocks.0.attn.q_split"]["attrs"]["shape"]
+    vocab = nodes["embed"]["attrs"]["num_embeddings"] if "embed" in nodes else None
+    return Transformer(blocks, width, split[1], vocab=vocab, tokens=split[0])
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -47,7 +47,8 @@ Writes, into ``out_dir``:
     used by two nodes (a module called twice).
   ``"parameters"`` lists ``model.named_parameters()`` in order.
 - ``weights.safetensors``: the full ``state_dict`` (BatchNorm's running statistics and
-  ``num_batches_tracked`` included), floating tensors as F32, integer ones as I64, in
+  ``num_batches_tracked`` included) except buffers of modules no node uses (a causal
+  mask folded into ``masked_fill``), floating tensors as F32, integer ones as I64, in
   PyTorch layouts (linear ``[out, in]``, conv ``[out, in/groups, kh, kw]``).
 - ``data.safetensors`` (only when ``x`` is given): ``x`` ``[N, *input_shape]`` in its
   own kind (floating as F32, integer as I64) and, when ``y`` is given, ``y`` as I64
@@ -257,6 +258,8 @@ def model_json(spec: Dict[str, Any]) -> str:
 
 GRAPH_FORMAT = "ekfac-graph"
 GRAPH_VERSION = 2
+# Ops whose node reads tensors of its module from the weights file.
+PARAMETERISED_OPS = ("linear", "conv2d", "batch_norm2d", "layer_norm", "embedding")
 INPUT_NAME = "x"
 aten = torch.ops.aten
 
@@ -1354,6 +1357,17 @@ def _data(x: Optional[torch.Tensor], y: Optional[torch.Tensor], input_shape: Lis
     return data
 
 
+def _unused_buffers(model: nn.Module, spec: Dict[str, Any]) -> set:
+    """The state_dict buffers of modules that no graph node uses (a causal-mask buffer
+    folded into a ``masked_fill`` node's constant ``mask``): left out of the weights,
+    which ekfac reads strictly (every tensor belongs to a node)."""
+    modules = {n.get("module", n["name"]) for n in spec["nodes"] if n["op"] in PARAMETERISED_OPS}
+    return {
+        name for name, _ in model.named_buffers()
+        if name.rpartition(".")[0] not in modules
+    }
+
+
 def export(
     model: nn.Module,
     input_shape: Sequence[int],
@@ -1387,11 +1401,13 @@ def export(
         spec = describe_graph(model, input_shape, input_dtype, allow_tied=allow_tied)
         dtype = spec["inputs"][0]["dtype"]
     data = _data(x, y, input_shape)
+    unused = _unused_buffers(model, spec) if "nodes" in spec else set()
     weights = {
         k: (v.detach().to(torch.float32) if v.is_floating_point() else v.detach().to(torch.int64))
         .contiguous()
         .cpu()
         for k, v in model.state_dict().items()
+        if k not in unused
     }
     _check_rebuild(model, spec, model.state_dict(), dtype)
 

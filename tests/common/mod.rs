@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests: one GPU device per test binary.
 #![allow(dead_code)]
 
+pub mod curvlinops;
+
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use ekfac::gpu::GpuContext;
