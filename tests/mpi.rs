@@ -1,8 +1,9 @@
 //! Fits spread over MPI ranks (issue 14): `mpirun -np 2` and `-np 3` of the `ekfac`
 //! binary built with `--features mpi` against the same binary run alone (one rank):
 //! KFAC products within 1e-5 and EKFAC products within 1e-4 relative (Frobenius), for
-//! type-2 and MC; the summary's `world_size` and `ranks`; and a failing rank ending
-//! every rank with its message and no output.
+//! type-2 and MC; the summary's `world_size` and `ranks`; a failing rank ending every
+//! rank with its message and no output; and the default build (without the feature)
+//! refusing to run as one of several ranks.
 //!
 //! The binary is `EKFAC_MPI_BIN` (`.ci/run` builds it into its own target directory:
 //! `CARGO_TARGET_DIR=target/mpi cargo build --release --features mpi --bin ekfac`) and
@@ -282,4 +283,28 @@ fn a_failing_rank_ends_every_rank_with_its_message_and_no_output() {
         left.is_empty(),
         "outputs or temporaries left behind: {left:?}"
     );
+}
+
+#[test]
+fn a_build_without_the_feature_refuses_to_run_as_several_ranks() {
+    if Command::new("mpirun").arg("--version").output().is_err() {
+        assert!(
+            std::env::var("EKFAC_REQUIRE_MPI").map_or(true, |v| v != "1"),
+            "EKFAC_REQUIRE_MPI=1 but mpirun is missing"
+        );
+        eprintln!("SKIPPING: mpirun is missing");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    write_problem(dir, &mut TestRng::new(43));
+    let args = fit_args(dir, &dir.join("data.safetensors"), "type-2", "plain");
+    let out = mpirun(Path::new(env!("CARGO_BIN_EXE_ekfac")), 2, &[args]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("one of 2 MPI ranks") && stderr.contains("without the `mpi` feature"),
+        "{stderr}"
+    );
+    assert!(!dir.join("plain.safetensors").exists());
 }

@@ -403,6 +403,17 @@ fn communicator() -> Result<Box<dyn Communicator>> {
     }
     #[cfg(not(feature = "mpi"))]
     {
+        // Under mpirun, each process would be a whole fit racing to write the outputs.
+        if let Some(size) = std::env::var("OMPI_COMM_WORLD_SIZE")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&k| k > 1)
+        {
+            return Err(Error::Options(format!(
+                "started as one of {size} MPI ranks, but this ekfac was built without the \
+                 `mpi` feature (cargo build --release --features mpi)"
+            )));
+        }
         Ok(Box::new(ekfac::distributed::Single))
     }
 }
