@@ -36,6 +36,7 @@ pub mod shape;
 pub mod silu;
 pub mod softmax;
 pub mod upsample;
+pub mod view;
 
 use std::any::Any;
 

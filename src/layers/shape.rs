@@ -8,6 +8,7 @@ use crate::error::Result;
 use crate::gpu::GpuTensor;
 use crate::graph::Node;
 use crate::layers::attrs::{Attrs, brief};
+use crate::layers::view::View;
 use crate::layers::{
     BackwardArgs, ForwardArgs, Grads, Layer, Pass, Saved, batched, batched_shape, one_input,
 };
@@ -61,14 +62,7 @@ pub(crate) fn check_rank(a: &Attrs, shape: &[usize]) -> Result<()> {
     Ok(())
 }
 
-/// `x.reshape(B, *shape)`: a view.
-#[derive(Debug)]
-pub struct Reshape {
-    input: Vec<usize>,
-    output: Vec<usize>,
-}
-
-/// Builds a reshape from `shape` (the per-example target shape: no batch axis, no −1).
+/// Builds `x.reshape(B, *shape)`, a [`View`], from `shape` (the per-example target shape: no batch axis, no −1).
 pub fn build_reshape(node: &Node, inputs: &[&[usize]]) -> Result<Box<dyn Layer>> {
     let input = one_input(node, inputs)?;
     let a = Attrs::new(node, &["shape"])?;
@@ -91,58 +85,7 @@ pub fn build_reshape(node: &Node, inputs: &[&[usize]]) -> Result<Box<dyn Layer>>
             batched_shape(&output)
         )));
     }
-    Ok(Box::new(Reshape {
-        input: input.to_vec(),
-        output,
-    }))
-}
-
-impl Layer for Reshape {
-    fn op(&self) -> &'static str {
-        "reshape"
-    }
-
-    fn saved(&self) -> Saved {
-        Saved::NOTHING
-    }
-
-    fn output_shape(&self) -> &[usize] {
-        &self.output
-    }
-
-    fn is_view(&self) -> bool {
-        true
-    }
-
-    fn forward(&self, _: &mut Pass, args: &ForwardArgs<GpuTensor, GpuTensor>) -> Result<GpuTensor> {
-        args.inputs[0].view(&batched(args.batch, &self.output))
-    }
-
-    fn backward(
-        &self,
-        _: &mut Pass,
-        args: &BackwardArgs<GpuTensor, GpuTensor>,
-    ) -> Result<Grads<GpuTensor>> {
-        let rows = args.stack * args.batch;
-        let input = args.input_grads[0]
-            .then(|| args.grad_out.view(&batched(rows, &self.input)))
-            .transpose()?;
-        Ok(Grads {
-            inputs: vec![input],
-            params: None,
-        })
-    }
-
-    fn reference_forward(&self, args: &ForwardArgs<[f64], Vec<f64>>) -> Vec<f64> {
-        args.inputs[0].to_vec()
-    }
-
-    fn reference_backward(&self, args: &BackwardArgs<[f64], Vec<f64>>) -> Grads<Vec<f64>> {
-        Grads {
-            inputs: vec![args.input_grads[0].then(|| args.grad_out.to_vec())],
-            params: None,
-        }
-    }
+    Ok(View::new("reshape", input, output))
 }
 
 /// A permutation of the per-example dims: output dim `k` is input dim `perm[k]`.
