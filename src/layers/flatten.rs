@@ -31,5 +31,5 @@ pub fn build(node: &Node, inputs: &[&[usize]]) -> Result<Box<dyn Layer>> {
     let mut output = input[..start].to_vec();
     output.push(input[start..=end].iter().product());
     output.extend(&input[end + 1..]);
-    Ok(View::new("flatten", input, output))
+    Ok(View::boxed("flatten", input, output))
 }

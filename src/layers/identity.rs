@@ -11,5 +11,5 @@ use crate::layers::{Layer, one_input};
 pub fn build(node: &Node, inputs: &[&[usize]]) -> Result<Box<dyn Layer>> {
     let input = one_input(node, inputs)?;
     Attrs::new(node, &[])?;
-    Ok(View::new("identity", input, input.to_vec()))
+    Ok(View::boxed("identity", input, input.to_vec()))
 }

@@ -85,7 +85,7 @@ pub fn build_reshape(node: &Node, inputs: &[&[usize]]) -> Result<Box<dyn Layer>>
             batched_shape(&output)
         )));
     }
-    Ok(View::new("reshape", input, output))
+    Ok(View::boxed("reshape", input, output))
 }
 
 /// A permutation of the per-example dims: output dim `k` is input dim `perm[k]`.

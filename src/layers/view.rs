@@ -17,7 +17,7 @@ pub struct View {
 impl View {
     /// A view for op `op` from per-example shape `input` to `output` (equal element
     /// counts; the builders check them).
-    pub fn new(op: &'static str, input: &[usize], output: Vec<usize>) -> Box<dyn Layer> {
+    pub fn boxed(op: &'static str, input: &[usize], output: Vec<usize>) -> Box<dyn Layer> {
         debug_assert_eq!(
             input.iter().product::<usize>(),
             output.iter().product::<usize>()
