@@ -205,6 +205,21 @@ fn bad_graphs_are_errors_naming_the_node() {
         "fc",
     );
     assert_mentions(&msg, &["node \"fc_again\"", "module \"fc\"", "tied"]);
+    // One learned tensor added twice (tied through add_parameter).
+    let msg = graph_error(
+        &format!(
+            r#"[{{"name": "p1", "op": "add_parameter", "inputs": ["x"],
+                  "attrs": {{"parameter": "pos", "shape": [2, 4, 4]}}}},
+                {{"name": "p2", "op": "add_parameter", "inputs": ["p1"],
+                  "attrs": {{"parameter": "pos", "shape": [2, 4, 4]}}}},
+                {{"name": "flat", "op": "flatten", "inputs": ["p2"]}}, {FC}]"#
+        ),
+        "fc",
+    );
+    assert_mentions(
+        &msg,
+        &["node \"p2\"", "parameter \"pos\"", "node \"p1\"", "tied"],
+    );
     // An output that is no node, and a 4-D output.
     assert_mentions(
         &graph_error(&format!("[{FLAT}, {FC}]"), "x"),

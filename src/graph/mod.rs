@@ -198,20 +198,28 @@ impl Graph {
                 ),
             ));
         }
-        let mut modules = HashMap::new();
+        // Tied weights: one weights-file key read by two nodes (a module called twice,
+        // or one learned tensor added twice).
+        let mut keys: HashMap<String, usize> = HashMap::new();
         for (i, node) in nodes.iter().enumerate() {
-            if !layers[i].params().is_empty()
-                && let Some(first) = modules.insert(node.module(), i)
-            {
-                return Err(Error::model(
-                    node.label(),
-                    format!(
-                        "module \"{}\" is also used by {}: a layer called twice (tied weights) \
-                         is not supported, as curvlinops would mix the two uses",
-                        node.module(),
-                        nodes[first].label()
-                    ),
-                ));
+            for spec in layers[i].params() {
+                let key = layers[i].param_key(node.module(), spec.suffix);
+                if let Some(&first) = keys.get(&key) {
+                    let what = if nodes[first].module() == node.module() {
+                        format!("module \"{}\"", node.module())
+                    } else {
+                        format!("parameter \"{key}\"")
+                    };
+                    return Err(Error::model(
+                        node.label(),
+                        format!(
+                            "{what} is also used by {}: a layer called twice (tied weights) is \
+                             not supported, as curvlinops would mix the two uses",
+                            nodes[first].label()
+                        ),
+                    ));
+                }
+                keys.insert(key, i);
             }
         }
         Ok(Self {
