@@ -151,6 +151,17 @@ fn pytorch_options_at_supported_values_are_accepted() {
             "padding": "same"}"#,
     )));
     assert_mentions(&msg, &["padding = \"same\"", "asymmetric", "unsupported"]);
+    // PyTorch refuses padding = "same" with a stride; so does the chain format, as the
+    // graph format does (one attribute reader serves both).
+    let msg = err_text(parse(&spec_text(
+        "[2, 7, 6]",
+        r#"{"type": "conv2d", "in_channels": 2, "out_channels": 2, "kernel_size": 3,
+            "stride": 2, "padding": "same"}"#,
+    )));
+    assert_mentions(
+        &msg,
+        &["layers[0] (conv2d)", "padding = \"same\"", "stride 1"],
+    );
     let msg = err_text(parse(&spec_text(
         "[2, 7, 6]",
         r#"{"type": "conv2d", "in_channels": 2, "out_channels": 2, "kernel_size": 2,

@@ -17,10 +17,11 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
-use super::chain_parse::{brief, parse_layer};
+use super::chain_parse::parse_layer;
 use super::{Graph, GraphInput, Node};
 use crate::error::{Error, Result};
 use crate::geometry::{Conv2dGeometry, LinearGeometry, Pool2dGeometry};
+use crate::layers::attrs::brief;
 
 /// The name of the graph input of a chain.
 const INPUT: &str = "x";

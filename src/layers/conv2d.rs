@@ -64,16 +64,7 @@ pub fn build(node: &Node, inputs: &[&[usize]]) -> Result<Box<dyn Layer>> {
     let kernel_size = a.required_pair("kernel_size")?;
     let stride = a.pair("stride")?.unwrap_or([1, 1]);
     let dilation = a.pair("dilation")?.unwrap_or([1, 1]);
-    let padding = match node.attrs.get("padding") {
-        Some(serde_json::Value::String(s)) if s == "valid" => [0, 0],
-        Some(serde_json::Value::String(s)) if s == "same" => {
-            if stride != [1, 1] {
-                return Err(a.err("padding = \"same\" needs stride 1, as in PyTorch"));
-            }
-            same_padding(&a, kernel_size, dilation)?
-        }
-        _ => a.pair("padding")?.unwrap_or([0, 0]),
-    };
+    let padding = a.conv_padding(kernel_size, stride, dilation)?;
     let groups = a.usize_or("groups", 1)?;
     let bias = a.bool_or("bias", true)?;
     let [h, w] = spatial_input(input).ok_or_else(|| {
@@ -168,24 +159,6 @@ pub fn build(node: &Node, inputs: &[&[usize]]) -> Result<Box<dyn Layer>> {
         bias,
         output: vec![out_channels, out[0], out[1]],
     }))
-}
-
-/// PyTorch's `padding = "same"` (stride 1): symmetric padding `d·(k − 1)/2` per axis.
-fn same_padding(a: &Attrs, kernel: [usize; 2], dilation: [usize; 2]) -> Result<[usize; 2]> {
-    let mut pad = [0; 2];
-    for axis in 0..2 {
-        let total = dilation[axis]
-            .checked_mul(kernel[axis].saturating_sub(1))
-            .ok_or_else(|| a.err("kernel_size and dilation overflow"))?;
-        if !total.is_multiple_of(2) {
-            return Err(a.err(format!(
-                "padding = \"same\" needs asymmetric padding for kernel_size {kernel:?} and \
-                 dilation {dilation:?}, which is unsupported"
-            )));
-        }
-        pad[axis] = total / 2;
-    }
-    Ok(pad)
 }
 
 impl Conv2d {
