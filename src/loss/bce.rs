@@ -13,13 +13,6 @@ use crate::rng::Philox;
 /// Binary cross-entropy with logits.
 pub struct Bce;
 
-fn values(y: Target<'_>) -> &[f64] {
-    match y {
-        Target::Values(y) => y,
-        Target::Class(_) => unreachable!("BCE has dense targets"),
-    }
-}
-
 impl Loss for Bce {
     fn kind(&self) -> LossKind {
         LossKind::BceWithLogits
@@ -48,13 +41,17 @@ impl Loss for Bce {
 
     fn value(&self, f: &[f64], y: Target) -> f64 {
         f.iter()
-            .zip(values(y))
+            .zip(y.values())
             .map(|(&x, &t)| x.max(0.0) - x * t + (-x.abs()).exp().ln_1p())
             .sum()
     }
 
     fn push_gradient(&self, f: &[f64], y: Target, s: f64, out: &mut Vec<f64>) {
-        out.extend(f.iter().zip(values(y)).map(|(&x, &t)| (sigmoid(x) - t) * s));
+        out.extend(
+            f.iter()
+                .zip(y.values())
+                .map(|(&x, &t)| (sigmoid(x) - t) * s),
+        );
     }
 
     fn hessian_sqrt_column(&self, f: &[f64], c: usize, sigma_b: f64, c_c: f64, column: &mut [f64]) {

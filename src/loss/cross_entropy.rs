@@ -11,13 +11,6 @@ use crate::rng::Philox;
 /// The cross-entropy.
 pub struct CrossEntropy;
 
-fn class(y: Target) -> usize {
-    match y {
-        Target::Class(c) => c,
-        Target::Values(_) => unreachable!("cross-entropy has class targets"),
-    }
-}
-
 impl Loss for CrossEntropy {
     fn kind(&self) -> LossKind {
         LossKind::CrossEntropy
@@ -34,11 +27,11 @@ impl Loss for CrossEntropy {
     fn value(&self, f: &[f64], y: Target) -> f64 {
         let max = f.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let lse = max + f.iter().map(|&x| (x - max).exp()).sum::<f64>().ln();
-        lse - f[class(y)]
+        lse - f[y.class()]
     }
 
     fn push_gradient(&self, f: &[f64], y: Target, s: f64, out: &mut Vec<f64>) {
-        let y = class(y);
+        let y = y.class();
         let p = softmax(f);
         out.extend(
             p.iter()

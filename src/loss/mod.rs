@@ -47,6 +47,24 @@ pub enum Target<'a> {
     Values(&'a [f64]),
 }
 
+impl<'a> Target<'a> {
+    /// The values of a dense target (MSE, BCE); the loss's targets were checked dense.
+    fn values(self) -> &'a [f64] {
+        match self {
+            Target::Values(y) => y,
+            Target::Class(_) => unreachable!("a dense-target loss got a class index"),
+        }
+    }
+
+    /// The class of a class target (cross-entropy); the targets were checked classes.
+    fn class(self) -> usize {
+        match self {
+            Target::Class(c) => c,
+            Target::Values(_) => unreachable!("a class-target loss got dense values"),
+        }
+    }
+}
+
 impl<'a> Targets<'a> {
     /// Example `n`'s target (`outputs` values per example for dense targets).
     pub fn row(&self, n: usize, outputs: usize) -> Target<'a> {

@@ -10,13 +10,6 @@ use crate::rng::Philox;
 /// The mean squared error.
 pub struct Mse;
 
-fn values(y: Target<'_>) -> &[f64] {
-    match y {
-        Target::Values(y) => y,
-        Target::Class(_) => unreachable!("MSE has dense targets"),
-    }
-}
-
 impl Loss for Mse {
     fn kind(&self) -> LossKind {
         LossKind::Mse
@@ -31,11 +24,11 @@ impl Loss for Mse {
     }
 
     fn value(&self, f: &[f64], y: Target) -> f64 {
-        f.iter().zip(values(y)).map(|(a, b)| (a - b).powi(2)).sum()
+        f.iter().zip(y.values()).map(|(a, b)| (a - b).powi(2)).sum()
     }
 
     fn push_gradient(&self, f: &[f64], y: Target, s: f64, out: &mut Vec<f64>) {
-        out.extend(f.iter().zip(values(y)).map(|(&x, &t)| 2.0 * (x - t) * s));
+        out.extend(f.iter().zip(y.values()).map(|(&x, &t)| 2.0 * (x - t) * s));
     }
 
     fn hessian_sqrt_column(&self, _: &[f64], c: usize, sigma_b: f64, c_c: f64, column: &mut [f64]) {
