@@ -45,6 +45,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor, Recorder};
 use crate::graph::Node;
 use crate::ops::reduce;
+use crate::ops::shape::Gather;
 
 /// One parameter (or buffer) tensor of a layer: the weights file holds it as
 /// `<module>.<suffix>`.
@@ -119,6 +120,13 @@ impl<'c> Pass<'c> {
     /// Keeps `value` (a tensor or workspace a dispatch reads) until submission.
     pub fn keep(&mut self, value: impl Any) {
         self.keep.push(Box::new(value));
+    }
+
+    /// A new tensor of `shape` (`g.len()` elements) holding `gather(x)`.
+    pub fn gather(&mut self, g: &Gather, x: &GpuTensor, shape: &[usize]) -> Result<GpuTensor> {
+        let y = self.zeros(shape)?;
+        crate::ops::shape::gather(&mut self.rec, g, x, &y)?;
+        Ok(y)
     }
 
     /// `t` repeated `stack` times along its leading axis (`[B, ..] → [V·B, ..]`), or
