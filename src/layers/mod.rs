@@ -23,7 +23,7 @@ pub mod cat;
 pub mod conv2d;
 pub mod embedding;
 pub mod flatten;
-pub mod gelu;
+pub mod gated;
 pub mod identity;
 pub mod layer_norm;
 pub mod linear;
@@ -33,7 +33,6 @@ pub mod mean;
 pub mod pool;
 pub mod scale;
 pub mod shape;
-pub mod silu;
 pub mod softmax;
 pub mod upsample;
 pub mod view;
@@ -281,8 +280,8 @@ pub static REGISTRY: &[(&str, Constructor)] = &[
     ("cat", cat::build),
     ("layer_norm", layer_norm::build),
     ("upsample_nearest2d", upsample::build),
-    ("gelu", gelu::build),
-    ("silu", silu::build),
+    ("gelu", gated::build_gelu),
+    ("silu", gated::build_silu),
     ("identity", identity::build),
     ("reshape", shape::build_reshape),
     ("transpose", shape::build_transpose),
