@@ -54,6 +54,12 @@ fn clipped(o: u32, k: u32, s: u32, p: u32, size: u32) -> vec2<u32> {
     return vec2<u32>(start - p, end - p);
 }
 
+// The in-image window of the output at (plane, oh, ow) = c: input rows [x, y) and
+// columns [z, w) of its plane.
+fn window(c: vec3<u32>, p: PoolParams) -> vec4<u32> {
+    return vec4<u32>(clipped(c.y, p.kh, p.sh, p.ph, p.h), clipped(c.z, p.kw, p.sw, p.pw, p.w));
+}
+
 // Outputs along one axis whose window holds input coordinate i: [first, end).
 fn covering(i: u32, k: u32, s: u32, p: u32, count: u32) -> vec2<u32> {
     let t = i + p;
@@ -63,6 +69,12 @@ fn covering(i: u32, k: u32, s: u32, p: u32, count: u32) -> vec2<u32> {
     }
     let end = min(t / s + 1u, count);
     return vec2<u32>(first, max(first, end));
+}
+
+// The outputs whose window holds the input at (plane, h, w) = c: output rows [x, y)
+// and columns [z, w) of its plane.
+fn holders(c: vec3<u32>, p: PoolParams) -> vec4<u32> {
+    return vec4<u32>(covering(c.y, p.kh, p.sh, p.ph, p.oh), covering(c.z, p.kw, p.sw, p.pw, p.ow));
 }
 
 @compute @workgroup_size(256)
@@ -75,12 +87,11 @@ fn max_pool_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
     }
     let c = coords(o, p.oh, p.ow);
     let base = c.x * p.h * p.w;
-    let rows = clipped(c.y, p.kh, p.sh, p.ph, p.h);
-    let cols = clipped(c.z, p.kw, p.sw, p.pw, p.w);
+    let win = window(c, p);
     var best = 0.0;
     var arg = 0xffffffffu;
-    for (var h = rows.x; h < rows.y; h++) {
-        for (var w = cols.x; w < cols.y; w++) {
+    for (var h = win.x; h < win.y; h++) {
+        for (var w = win.z; w < win.w; w++) {
             let idx = h * p.w + w;
             let v = src[base + idx];
             // Padding is -inf: the first in-image element starts the scan, and a later
@@ -104,11 +115,10 @@ fn max_pool_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
         return;
     }
     let c = coords(i, p.h, p.w);
-    let rows = covering(c.y, p.kh, p.sh, p.ph, p.oh);
-    let cols = covering(c.z, p.kw, p.sw, p.pw, p.ow);
+    let outs = holders(c, p);
     var acc = 0.0;
-    for (var oh = rows.x; oh < rows.y; oh++) {
-        for (var ow = cols.x; ow < cols.y; ow++) {
+    for (var oh = outs.x; oh < outs.y; oh++) {
+        for (var ow = outs.z; ow < outs.w; ow++) {
             let o = (c.x * p.oh + oh) * p.ow + ow;
             if (argmax_in[o] == c.y * p.w + c.z) {
                 acc += src[o];
@@ -129,11 +139,10 @@ fn avg_pool_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
     }
     let c = coords(o, p.oh, p.ow);
     let base = c.x * p.h * p.w;
-    let rows = clipped(c.y, p.kh, p.sh, p.ph, p.h);
-    let cols = clipped(c.z, p.kw, p.sw, p.pw, p.w);
+    let win = window(c, p);
     var acc = 0.0;
-    for (var h = rows.x; h < rows.y; h++) {
-        for (var w = cols.x; w < cols.y; w++) {
+    for (var h = win.x; h < win.y; h++) {
+        for (var w = win.z; w < win.w; w++) {
             acc += src[base + h * p.w + w];
         }
     }
@@ -149,11 +158,10 @@ fn avg_pool_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
         return;
     }
     let c = coords(i, p.h, p.w);
-    let rows = covering(c.y, p.kh, p.sh, p.ph, p.oh);
-    let cols = covering(c.z, p.kw, p.sw, p.pw, p.ow);
+    let outs = holders(c, p);
     var acc = 0.0;
-    for (var oh = rows.x; oh < rows.y; oh++) {
-        for (var ow = cols.x; ow < cols.y; ow++) {
+    for (var oh = outs.x; oh < outs.y; oh++) {
+        for (var ow = outs.z; ow < outs.w; ow++) {
             acc += src[(c.x * p.oh + oh) * p.ow + ow];
         }
     }
