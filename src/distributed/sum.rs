@@ -41,6 +41,21 @@ fn two_sum(a: f64, b: f64) -> (f64, f64) {
     (s, (a - a_virtual) + (b - b_virtual))
 }
 
+/// Threads [`CompensatedSum::add`] uses at most (the adds are memory-bound).
+const MAX_THREADS: usize = 8;
+
+/// Elements per thread below which [`CompensatedSum::add`] uses fewer threads.
+const PER_THREAD: usize = 1 << 16;
+
+/// `(hi, lo) += terms`, element by element.
+fn add_terms(hi: &mut [f64], lo: &mut [f64], terms: &[f32]) {
+    for ((hi, lo), &t) in hi.iter_mut().zip(lo).zip(terms) {
+        let (s, e) = two_sum(*hi, f64::from(t));
+        *hi = s;
+        *lo += e;
+    }
+}
+
 impl CompensatedSum {
     /// `len` zeros.
     pub fn new(len: usize) -> Self {
@@ -60,14 +75,31 @@ impl CompensatedSum {
         self.hi.is_empty()
     }
 
-    /// Adds one term per element (`terms.len() == self.len()`).
+    /// Adds one term per element (`terms.len() == self.len()`). Large sums are split
+    /// over up to [`MAX_THREADS`] threads (each element is still added alone, so the
+    /// bits do not depend on the split).
     pub fn add(&mut self, terms: &[f32]) {
         debug_assert_eq!(terms.len(), self.len());
-        for ((hi, lo), &t) in self.hi.iter_mut().zip(&mut self.lo).zip(terms) {
-            let (s, e) = two_sum(*hi, f64::from(t));
-            *hi = s;
-            *lo += e;
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(MAX_THREADS)
+            .min(self.len() / PER_THREAD)
+            .max(1);
+        if threads == 1 {
+            add_terms(&mut self.hi, &mut self.lo, terms);
+            return;
         }
+        let chunk = self.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            for ((hi, lo), terms) in self
+                .hi
+                .chunks_mut(chunk)
+                .zip(self.lo.chunks_mut(chunk))
+                .zip(terms.chunks(chunk))
+            {
+                scope.spawn(move || add_terms(hi, lo, terms));
+            }
+        });
     }
 
     /// The sums over every rank of `comm`, rounded once to f32, on every rank
@@ -152,6 +184,19 @@ mod tests {
 
     fn bits(v: &[f32]) -> Vec<u32> {
         v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn a_sum_split_over_threads_is_the_sum_in_one() {
+        let n = 3 * PER_THREAD + 5;
+        let mut split = CompensatedSum::new(n);
+        let (mut hi, mut lo) = (vec![0.0; n], vec![0.0; n]);
+        for b in 0..3 {
+            let terms: Vec<f32> = (0..n).map(|i| ((i * 7 + b) as f32).sin() * 1e3).collect();
+            split.add(&terms);
+            add_terms(&mut hi, &mut lo, &terms);
+        }
+        assert!(split.hi == hi && split.lo == lo);
     }
 
     #[test]
