@@ -6,7 +6,7 @@ mod common;
 
 use common::TestRng;
 use ekfac::geometry::Conv2dGeometry;
-use ekfac::ops::conv::{ConvBackward, ConvWorkspace, conv2d_backward, conv2d_forward};
+use ekfac::ops::conv::{ConvWorkspace, WeightedBackward, conv2d_backward, conv2d_forward};
 use ekfac::reference::ops;
 
 /// Awkward shapes with a bias flag: padding, stride 2, dilation 2, groups 2 and 4,
@@ -173,7 +173,7 @@ fn gpu_conv2d_matches_cpu_reference() {
                 let db = ctx.upload(&prior_b, &[geo.out_channels]).unwrap();
                 let mut rec = ctx.recorder();
                 conv2d_forward(&mut rec, &geo, &ws, &xg, &wg, has_bias.then_some(&bg), &y).unwrap();
-                let args = ConvBackward {
+                let args = WeightedBackward {
                     grad_out: &dyg,
                     x: Some(&xg),
                     weight: Some(&wg),

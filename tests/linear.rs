@@ -4,7 +4,8 @@ mod common;
 
 use common::TestRng;
 use ekfac::geometry::LinearGeometry;
-use ekfac::ops::linear::{LinearBackward, linear_backward, linear_forward};
+use ekfac::ops::conv::WeightedBackward;
+use ekfac::ops::linear::{linear_backward, linear_forward};
 use ekfac::reference::ops;
 
 fn to_f64(v: &[f32]) -> Vec<f64> {
@@ -65,7 +66,7 @@ fn gpu_linear_matches_cpu_reference() {
             let db = ctx.upload(&prior_b, &[o]).unwrap();
             let mut rec = ctx.recorder();
             linear_forward(&mut rec, &geo, &xg, &wg, has_bias.then_some(&bg), &y).unwrap();
-            let args = LinearBackward {
+            let args = WeightedBackward {
                 grad_out: &dyg,
                 x: Some(&xg),
                 weight: Some(&wg),
@@ -116,7 +117,7 @@ fn linear_backward_without_weight_is_an_error() {
     };
     let dy = ctx.zeros(&[2, 4]).unwrap();
     let dx = ctx.zeros(&[2, 3]).unwrap();
-    let args = LinearBackward {
+    let args = WeightedBackward {
         grad_out: &dy,
         x: None,
         weight: None,

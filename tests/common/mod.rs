@@ -1,7 +1,9 @@
 //! Shared helpers for the integration tests: one GPU device per test binary.
 #![allow(dead_code)]
 
+pub mod child;
 pub mod curvlinops;
+pub mod reference;
 
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
