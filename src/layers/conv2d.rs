@@ -184,17 +184,10 @@ impl Layer for Conv2d {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
-        let mut p = vec![ParamSpec {
-            suffix: "weight",
-            shape: self.weight_shape(),
-        }];
-        if self.bias {
-            p.push(ParamSpec {
-                suffix: "bias",
-                shape: vec![self.geometry.out_channels],
-            });
-        }
-        p
+        ParamSpec::weight_and_bias(
+            self.weight_shape(),
+            self.bias.then_some(self.geometry.out_channels),
+        )
     }
 
     fn workspace_bytes(&self, ctx: &GpuContext) -> u64 {

@@ -103,17 +103,7 @@ impl Layer for Linear {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
-        let mut p = vec![ParamSpec {
-            suffix: "weight",
-            shape: self.weight_shape(),
-        }];
-        if self.bias {
-            p.push(ParamSpec {
-                suffix: "bias",
-                shape: vec![self.out_features],
-            });
-        }
-        p
+        ParamSpec::weight_and_bias(self.weight_shape(), self.bias.then_some(self.out_features))
     }
 
     fn forward(

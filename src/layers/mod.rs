@@ -55,6 +55,22 @@ pub struct ParamSpec {
     pub shape: Vec<usize>,
 }
 
+impl ParamSpec {
+    /// `weight` of `weight_shape`, then `bias` of `[len]` where `bias` is `Some(len)`.
+    pub fn weight_and_bias(weight_shape: Vec<usize>, bias: Option<usize>) -> Vec<ParamSpec> {
+        let weight = ParamSpec {
+            suffix: "weight",
+            shape: weight_shape,
+        };
+        std::iter::once(weight)
+            .chain(bias.map(|len| ParamSpec {
+                suffix: "bias",
+                shape: vec![len],
+            }))
+            .collect()
+    }
+}
+
 /// The arguments of a forward call: `T` is a tensor (`GpuTensor` or `[f64]`), `P` a
 /// parameter tensor in the order of [`Layer::params`].
 pub struct ForwardArgs<'a, T: ?Sized, P> {
