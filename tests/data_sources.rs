@@ -11,6 +11,7 @@ use std::process::Command;
 use ekfac::curvature::fit::fit;
 use ekfac::curvature::options::{FisherType, LossKind, Options};
 use ekfac::data::{BatchBuffer, DataSource, MappedFile, ShardDirectory};
+use ekfac::distributed::Partition;
 use ekfac::graph::ModelSpec;
 use ekfac::model::{Dataset, Targets};
 use safetensors::{Dtype, tensor::TensorView};
@@ -241,14 +242,34 @@ fn shards_that_disagree_are_errors_naming_the_file() {
     write_part(&dir.join("a.safetensors"), &bad, 0..5, Dtype::I64);
     write_part(&dir.join("b.safetensors"), &bad, 5..10, Dtype::I64);
     let shards = ShardDirectory::open(&dir).unwrap();
-    let err = ekfac::data::check(
-        &shards,
-        &common::random_model(mlp(), &mut rng).graph,
-        LossKind::CrossEntropy,
-        FisherType::Mc,
-    )
-    .unwrap_err()
-    .to_string();
+    let graph = common::random_model(mlp(), &mut rng).graph;
+    let check = |ranges: Vec<(usize, usize)>| {
+        ekfac::data::check(
+            &shards,
+            &graph,
+            LossKind::CrossEntropy,
+            FisherType::Mc,
+            ranges.into_iter(),
+        )
+    };
+    let err = ekfac::data::check_all(&shards, &graph, LossKind::CrossEntropy, FisherType::Mc)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("b.safetensors") && err.contains("x[7, 2] is NaN"),
+        "{err}"
+    );
+    // Each rank of a distributed fit checks only its own batches: with batches of 3
+    // over 2 ranks, example 7 (batch 2) is rank 0's.
+    let rank = |rank| {
+        Partition { rank, size: 2 }
+            .batches(10, 3)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(rank(0), [(0, 3), (6, 3)]);
+    assert_eq!(rank(1), [(3, 3), (9, 1)]);
+    check(rank(1)).unwrap();
+    let err = check(rank(0)).unwrap_err().to_string();
     assert!(
         err.contains("b.safetensors") && err.contains("x[7, 2] is NaN"),
         "{err}"

@@ -9,14 +9,12 @@ use crate::curvature::layer::CurvatureLayer;
 use crate::curvature::layout::{BlockKind, LayerBlocks, ParamLayout};
 use crate::curvature::options::{FisherType, KfacApprox, Options};
 use crate::data::{BatchBuffer, DataSource, TargetBuffer};
-use crate::distributed::Partition;
+use crate::distributed::{Communicator, CompensatedSum, Partition};
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor};
 use crate::graph::{Backward, Forward, Graph, Network};
 use crate::layers::Pass;
 use crate::loss::gpu::{GpuTargets, record_backprop_vectors};
-use crate::loss::{Targets, check_targets};
-use crate::model::data::{Dataset, TargetsSlice};
 use crate::ops::reduce::{append_ones_column, copy};
 use crate::progress::{Event, Progress, Stage};
 
@@ -42,6 +40,10 @@ pub(super) trait BatchStage {
         layers: &[LayerRows],
         batch: &BatchPass,
     ) -> Result<Self::Inputs>;
+
+    /// Called once each batch's GPU work is done (the context has been waited for),
+    /// e.g. to read the batch's contribution back.
+    fn batch_done(&mut self, ctx: &GpuContext) -> Result<()>;
 
     /// Records the work on the output gradients of one chunk of `stack` vectors.
     fn gradients(
@@ -76,21 +78,14 @@ pub(super) fn for_each_batch<S: BatchStage>(
         .map(|layer| LayerRows::new(network.graph(), layout, layer))
         .collect();
     let n = data.len();
-    let mine: Vec<usize> = (0..n)
-        .step_by(chunks.examples)
-        .enumerate()
-        .filter(|&(index, _)| partition.takes(index))
-        .map(|(_, start)| start)
-        .collect();
-    let total = mine.len();
+    let total = partition.batches(n, chunks.examples).count();
     stage.progress().report(&Event::Started {
         stage: S::STAGE,
         total,
     });
     let mut buffer = BatchBuffer::new(data);
     let mut examples = 0;
-    for (done, start) in mine.into_iter().enumerate() {
-        let len = chunks.examples.min(n - start);
+    for (done, (start, len)) in partition.batches(n, chunks.examples).enumerate() {
         buffer.read(data, start, start + len)?;
         let batch = run_buffer(ctx, network, &buffer, n, options)?;
         let mut pass = Pass::new(ctx);
@@ -104,6 +99,7 @@ pub(super) fn for_each_batch<S: BatchStage>(
         })?;
         ctx.wait(S::WORK)?;
         drop(inputs);
+        stage.batch_done(ctx)?;
         examples += len;
         stage.progress().report(&Event::Advanced {
             stage: S::STAGE,
@@ -117,6 +113,51 @@ pub(super) fn for_each_batch<S: BatchStage>(
         .progress()
         .report(&Event::Finished { stage: S::STAGE });
     Ok(())
+}
+
+/// One quantity a pass sums over the batches (a Kronecker factor, a block's corrected
+/// eigenvalues): each batch's contribution is accumulated from zero on the GPU in f32
+/// in `batch`, read back once the batch is done and added on the host into `sum` (see
+/// [`crate::distributed::sum`] for why the sum over batches is on the host).
+pub(super) struct BatchSum {
+    /// The current batch's contribution (zeros at the start of each batch).
+    pub batch: GpuTensor,
+    /// The contributions of the batches done so far.
+    sum: CompensatedSum,
+}
+
+impl BatchSum {
+    /// Zeros of `shape`.
+    pub fn new(ctx: &GpuContext, shape: &[usize]) -> Result<Self> {
+        let batch = ctx.zeros(shape)?;
+        Ok(Self {
+            sum: CompensatedSum::new(batch.len()),
+            batch,
+        })
+    }
+
+    /// Adds the finished batch's contribution to the sum and starts the next batch's
+    /// from zeros (a fresh buffer, which the GPU zeroes; the old one goes first).
+    pub fn add_batch(&mut self, ctx: &GpuContext) -> Result<()> {
+        let placeholder = self.batch.released();
+        let done = std::mem::replace(&mut self.batch, placeholder);
+        self.sum.add(&ctx.read(&done)?);
+        let shape = done.shape().to_vec();
+        drop(done);
+        self.batch = ctx.zeros(&shape)?;
+        Ok(())
+    }
+
+    /// The sum over every batch of every rank, rounded once to f32 (collective, see
+    /// [`CompensatedSum::total`]).
+    pub fn total(&self, comm: &dyn Communicator) -> Result<Vec<f32>> {
+        self.sum.total(comm)
+    }
+
+    /// The shape of the summed quantity.
+    pub fn shape(&self) -> &[usize] {
+        self.batch.shape()
+    }
 }
 
 /// One curvature layer's rows in one batch, as the factors and the correction take
@@ -397,23 +438,4 @@ fn run_buffer(
         vectors: Some(vectors),
         kappa,
     })
-}
-
-/// Checks every target once before the passes: class indices below `C` for
-/// cross-entropy, finite values for MSE/BCE, {0, 1} for BCE with type-2.
-pub(super) fn check_all_targets(data: &Dataset, options: &Options, outputs: usize) -> Result<()> {
-    let batch = data.batch(0, data.len);
-    let classes: Vec<usize>;
-    let values: Vec<f64>;
-    let targets = match batch.y {
-        TargetsSlice::Classes(y) => {
-            classes = y.iter().map(|&c| c as usize).collect();
-            Targets::Classes(&classes)
-        }
-        TargetsSlice::Values { data: y, .. } => {
-            values = y.iter().map(|&v| f64::from(v)).collect();
-            Targets::Dense(&values)
-        }
-    };
-    check_targets(options.loss, options.fisher, targets, data.len, outputs)
 }

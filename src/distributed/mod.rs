@@ -3,29 +3,33 @@
 //! combine what they accumulated through a [`Communicator`]:
 //!
 //! - the Kronecker factors after the factor pass and EKFAC's corrected eigenvalues
-//!   after the correction pass are summed by [`Communicator::sum`]: every rank's f32
-//!   partial sums are widened to f64 and added in rank order on rank 0, and the sums,
-//!   rounded once to f32, go back to every rank, so all ranks hold the same bits and
-//!   the result depends on `K` only through the f32 rounding of each rank's partial
-//!   sums (the MC samples are keyed by the global example index, so any `K` draws the
-//!   same samples);
-//! - the eigendecomposition runs on rank 0 only and its eigenbases are broadcast
-//!   ([`Communicator::broadcast`]), so every rank rotates with the same bases whatever
-//!   adapters the ranks have;
-//! - [`agree`] at each step turns one rank's failure into the same error
-//!   on every rank (naming the failing rank), so no rank waits forever on a failed one
-//!   and no rank writes an output.
+//!   after the correction pass are per-batch f32 contributions added on the host into
+//!   [`CompensatedSum`]s (one per factor or block), whose double-f64 pairs rank 0
+//!   combines in rank order and rounds once to f32 (see [`sum`]): the result is the
+//!   same bits for every `K` (one process included) and every timing, and the MC
+//!   samples are keyed by the global example index, so any `K` draws the same samples;
+//! - the eigendecompositions are spread over the ranks, whole groups of factors of the
+//!   same size at a time (see `crate::curvature::fit`), and each is broadcast from the
+//!   rank that computed it, so every rank holds the bases one process computes;
+//! - [`agree`] at each step turns one rank's failure into the same error on every rank
+//!   (naming the failing rank), so no rank waits forever on a failed one and no rank
+//!   writes an output. Ranks that wait at such a step sleep rather than spin (with
+//!   MPI), leaving the cores to the ranks still working.
 //!
 //! [`Single`] is the one-process communicator (nothing to combine; a fit with it is
 //! exactly the plain fit). With the `mpi` cargo feature, [`mpi::MpiCommunicator`]
 //! runs over MPI's world communicator (`mpirun -np K ekfac fit …`).
 //!
-//! Communication per fit: one sum of the factors, `Σ (D² + d_out²)` floats, one
-//! broadcast of their eigenbases (as many floats again, plus the eigenvalues), and
-//! one sum of the corrected eigenvalues, `Σ d_out·D` floats.
+//! Communication per fit: one gather of the factors' pairs on rank 0, `2·Σ (D² +
+//! d_out²)` f64 from each rank, and their f32 sums broadcast back; one broadcast of
+//! each eigenbasis (`n² + n` f32 per factor); one gather of the corrected eigenvalues'
+//! pairs, `2·Σ d_out·D` f64 per rank, and their f32 sums broadcast back.
 
 #[cfg(feature = "mpi")]
 pub mod mpi;
+pub mod sum;
+
+pub use sum::CompensatedSum;
 
 use serde::{Deserialize, Serialize};
 
@@ -40,12 +44,15 @@ pub trait Communicator {
     /// `K`, the number of ranks.
     fn size(&self) -> usize;
 
-    /// Replaces `values` on every rank by the sum over ranks, added in f64 in rank
-    /// order (so every rank gets the same bits, whatever the timing).
-    fn sum(&self, values: &mut [f64]) -> Result<()>;
+    /// Gathers every rank's `values` (the same length on every rank) on rank 0, a
+    /// chunk at a time: rank 0 calls `combine(start, gathered)` with `gathered` the
+    /// ranks' elements `start .. start + len`, rank-major (`[K, len]`), for consecutive
+    /// chunks covering `values`, each chunk's `len` a multiple of 2 (so that pairs stay
+    /// whole). The other ranks only send.
+    fn gather(&self, values: &[f64], combine: &mut dyn FnMut(usize, &[f64])) -> Result<()>;
 
-    /// Replaces `values` on every rank by rank 0's.
-    fn broadcast(&self, values: &mut [f32]) -> Result<()>;
+    /// Replaces `values` on every rank by rank `root`'s.
+    fn broadcast(&self, root: usize, values: &mut [f32]) -> Result<()>;
 
     /// Every rank's `message` (empty for success), in rank order.
     fn gather_messages(&self, message: &str) -> Result<Vec<String>>;
@@ -99,11 +106,12 @@ impl Communicator for Single {
         1
     }
 
-    fn sum(&self, _: &mut [f64]) -> Result<()> {
+    fn gather(&self, values: &[f64], combine: &mut dyn FnMut(usize, &[f64])) -> Result<()> {
+        combine(0, values);
         Ok(())
     }
 
-    fn broadcast(&self, _: &mut [f32]) -> Result<()> {
+    fn broadcast(&self, _: usize, _: &mut [f32]) -> Result<()> {
         Ok(())
     }
 
@@ -116,20 +124,6 @@ impl Communicator for Single {
     }
 
     fn barrier(&self) {}
-}
-
-/// Sums f32 values over ranks through f64 ([`Communicator::sum`]), rounding once.
-/// With one rank the values are unchanged.
-pub fn sum_f32(comm: &dyn Communicator, values: &mut [f32]) -> Result<()> {
-    if comm.size() == 1 {
-        return Ok(());
-    }
-    let mut wide: Vec<f64> = values.iter().map(|&v| f64::from(v)).collect();
-    comm.sum(&mut wide)?;
-    for (v, w) in values.iter_mut().zip(wide) {
-        *v = w as f32;
-    }
-    Ok(())
 }
 
 /// One rank's share of a fit's batches.
@@ -162,6 +156,17 @@ impl Partition {
     /// Whether batch `index` is this rank's.
     pub fn takes(&self, index: usize) -> bool {
         index % self.size == self.rank
+    }
+
+    /// This rank's batches of `n` examples in batches of `batch`, in order: the
+    /// `(start, len)` of each.
+    pub fn batches(&self, n: usize, batch: usize) -> impl Iterator<Item = (usize, usize)> {
+        let batch = batch.max(1);
+        (0..n)
+            .step_by(batch)
+            .enumerate()
+            .filter(move |&(index, _)| self.takes(index))
+            .map(move |(_, start)| (start, batch.min(n - start)))
     }
 
     /// Every rank's share of `n` examples in batches of `batch`.
