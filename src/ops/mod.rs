@@ -93,6 +93,7 @@ pub fn all_params() -> Vec<ParamsLayout> {
         L::of::<jacobi::GlobalParams>(&JACOBI),
         L::of::<jacobi::CombineParams>(&JACOBI),
         L::of::<jacobi::BlockParams>(&JACOBI),
+        L::of::<jacobi::GatherParams>(&JACOBI),
         L::of::<norm::ChannelParams>(&NORM),
         L::of::<norm::RowParams>(&NORM),
         L::of::<pool::PoolParams>(&POOL),
