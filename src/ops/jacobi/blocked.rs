@@ -323,9 +323,9 @@ mod tests {
                     }
                 }
             }
-            for p in 0..blocks {
-                for q in p + 1..blocks {
-                    assert_eq!(met[p][q], 2, "n = {n}: blocks {p}, {q}");
+            for (p, row) in met.iter().enumerate() {
+                for (q, &count) in row.iter().enumerate().skip(p + 1) {
+                    assert_eq!(count, 2, "n = {n}: blocks {p}, {q}");
                 }
             }
             assert_eq!(
