@@ -45,6 +45,19 @@ pub(crate) fn expect_u32(op: &str, counts: &[usize]) -> Result<()> {
     Ok(())
 }
 
+/// Invocations per row of the row kernels (softmax, layer norm) for rows of `n` values:
+/// `n` rounded up to a power of two, at most 256; a workgroup of 256 handles
+/// `256 / lanes` rows.
+pub(crate) fn row_lanes(n: usize) -> usize {
+    n.next_power_of_two().min(256)
+}
+
+/// The workgroup grid of the row kernels for `rows` rows of `n` values.
+pub(crate) fn row_grid(rows: usize, n: usize) -> [u32; 3] {
+    let groups = rows.div_ceil(256 / row_lanes(n));
+    grid_1d(u32::try_from(groups).unwrap_or(u32::MAX))
+}
+
 /// Workgroups of 256 covering `len` elements, as a grid that respects the
 /// per-dimension limit.
 pub(crate) fn grid(len: usize) -> [u32; 3] {
