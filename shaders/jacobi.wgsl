@@ -120,6 +120,8 @@ const SHARED_N: u32 = 32u;
 const MAX_PAIRS: u32 = 128u;
 
 var<workgroup> wg_rot: array<vec4<f32>, MAX_PAIRS>;
+// The index pair of each rotation of the current step.
+var<workgroup> wg_pair: array<vec2<u32>, MAX_PAIRS>;
 var<workgroup> wg_off: array<f32, WG>;
 var<workgroup> wg_tot: array<f32, WG>;
 var<workgroup> wg_done: u32;
@@ -182,6 +184,8 @@ fn shared_sweep(n: u32, lid: u32) {
     workgroupBarrier();
     let m = n + (n & 1u);
     let h = m / 2u;
+    let a_first = first_item(lid, h);
+    let w_first = first_item(lid, n);
     for (var k = 0u; k + 1u < m; k++) {
         if (lid < h) {
             let pq = pair_of(k, lid, m);
@@ -190,24 +194,17 @@ fn shared_sweep(n: u32, lid: u32) {
                 rot = rotation(wg_a[pq.x * n + pq.x], wg_a[pq.y * n + pq.y], wg_a[pq.x * n + pq.y]);
             }
             wg_rot[lid] = rot;
+            wg_pair[lid] = pq;
         }
         workgroupBarrier();
-        // Items [0, h²): blocks (i, j) of A, i ≤ j (i > j idles); [h², h² + h·n): (slot, column) of W.
-        for (var e = lid; e < h * h + h * n; e += WG) {
-            if (e >= h * h) {
-                let j = (e - h * h) / n;
-                let r = (e - h * h) % n;
-                let pq = pair_of(k, j, m);
-                if (pq.y < n) {
-                    let v = rotate(wg_w[pq.x * n + r], wg_w[pq.y * n + r], wg_rot[j]);
-                    wg_w[pq.x * n + r] = v.x;
-                    wg_w[pq.y * n + r] = v.y;
-                }
-            } else if (e / h <= e % h) {
-                let i = e / h;
-                let j = e % h;
-                let pq = pair_of(k, i, m);
-                let ru = pair_of(k, j, m);
+        // Blocks (i, j) of A, i ≤ j (i > j idles), then (slot, column) items of W.
+        var it = a_first;
+        for (var e = lid; e < h * h; e += WG) {
+            if (it.x <= it.y) {
+                let i = it.x;
+                let j = it.y;
+                let pq = wg_pair[i];
+                let ru = wg_pair[j];
                 if (i == j) {
                     if (pq.y < n) {
                         let apq = wg_a[pq.x * n + pq.y];
@@ -248,9 +245,38 @@ fn shared_sweep(n: u32, lid: u32) {
                     }
                 }
             }
+            it = next_item(it, h);
+        }
+        it = w_first;
+        for (var e = lid; e < h * n; e += WG) {
+            let pq = wg_pair[it.x];
+            let r = it.y;
+            if (pq.y < n) {
+                let v = rotate(wg_w[pq.x * n + r], wg_w[pq.y * n + r], wg_rot[it.x]);
+                wg_w[pq.x * n + r] = v.x;
+                wg_w[pq.y * n + r] = v.y;
+            }
+            it = next_item(it, n);
         }
         workgroupBarrier();
     }
+}
+
+// (row, column) of item lid of a row-major grid with rows of `cols` items, with the
+// step (WG / cols, WG % cols) to the item WG further; `next_item` takes that step, so
+// the sweeps walk their grids without an integer division per item.
+fn first_item(lid: u32, cols: u32) -> vec4<u32> {
+    return vec4<u32>(lid / cols, lid % cols, WG / cols, WG % cols);
+}
+
+fn next_item(it: vec4<u32>, cols: u32) -> vec4<u32> {
+    var i = it.x + it.z;
+    var j = it.y + it.w;
+    if (j >= cols) {
+        j -= cols;
+        i += 1u;
+    }
+    return vec4<u32>(i, j, it.z, it.w);
 }
 
 // n ≤ 32: one sweep with A and W copied into workgroup memory (stride n) and back.
@@ -322,6 +348,8 @@ fn jacobi_sweep_storage(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_work
     }
     let m = n + (n & 1u);
     let h = m / 2u;
+    let a_first = first_item(lid, h);
+    let w_first = first_item(lid, n);
     for (var k = 0u; k + 1u < m; k++) {
         if (lid < h) {
             let pq = pair_of(k, lid, m);
@@ -331,23 +359,17 @@ fn jacobi_sweep_storage(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_work
                                ws_work_a[base + pq.x * n + pq.y]);
             }
             wg_rot[lid] = rot;
+            wg_pair[lid] = pq;
         }
         workgroupBarrier();
-        for (var e = lid; e < h * h + h * n; e += WG) {
-            if (e >= h * h) {
-                let j = (e - h * h) / n;
-                let r = (e - h * h) % n;
-                let pq = pair_of(k, j, m);
-                if (pq.y < n) {
-                    let v = rotate(ws_work_w[base + pq.x * n + r], ws_work_w[base + pq.y * n + r], wg_rot[j]);
-                    ws_work_w[base + pq.x * n + r] = v.x;
-                    ws_work_w[base + pq.y * n + r] = v.y;
-                }
-            } else if (e / h <= e % h) {
-                let i = e / h;
-                let j = e % h;
-                let pq = pair_of(k, i, m);
-                let ru = pair_of(k, j, m);
+        // Blocks (i, j) of A, i ≤ j (i > j idles), then (slot, column) items of W.
+        var it = a_first;
+        for (var e = lid; e < h * h; e += WG) {
+            if (it.x <= it.y) {
+                let i = it.x;
+                let j = it.y;
+                let pq = wg_pair[i];
+                let ru = wg_pair[j];
                 if (i == j) {
                     if (pq.y < n) {
                         let apq = ws_work_a[base + pq.x * n + pq.y];
@@ -387,6 +409,18 @@ fn jacobi_sweep_storage(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_work
                     }
                 }
             }
+            it = next_item(it, h);
+        }
+        it = w_first;
+        for (var e = lid; e < h * n; e += WG) {
+            let pq = wg_pair[it.x];
+            let r = it.y;
+            if (pq.y < n) {
+                let v = rotate(ws_work_w[base + pq.x * n + r], ws_work_w[base + pq.y * n + r], wg_rot[it.x]);
+                ws_work_w[base + pq.x * n + r] = v.x;
+                ws_work_w[base + pq.y * n + r] = v.y;
+            }
+            it = next_item(it, n);
         }
         storageBarrier();
         workgroupBarrier();
@@ -821,8 +855,6 @@ const TILE_ITEMS: u32 = SHARED_N * SHARED_N / SOLVE_WG;
 
 // Where block_solve moves each local index of the pair (its sort).
 var<workgroup> wg_target: array<u32, SHARED_N>;
-// The index pairs of the current inner step.
-var<workgroup> wg_pair: array<vec2<u32>, HALF>;
 
 // The (logical) matrix index of local index l of the block pair (p, q).
 fn block_index(pair: vec2<u32>, l: u32, block: u32) -> u32 {
@@ -992,15 +1024,12 @@ struct GatherParams {
     cols_in: u32,
     rows_out: u32,
     cols_out: u32,
-    batch: u32,
-    // Indices per block.
-    block: u32,
-    // Row of the map table whose entry k is the source position of destination block k;
-    // 0xFFFFFFFF: every block stays in place.
+    // Row of the index map table whose entry i is the source index of destination
+    // index i; 0xFFFFFFFF: every index stays in place.
     map: u32,
-    // Blocks per row of the map table.
-    blocks: u32,
-    // 1: columns move with the rows' blocks (A); 0: columns stay (W).
+    // Entries per row of the index map table (m).
+    map_len: u32,
+    // 1: columns move with the rows (A); 0: columns stay (W).
     permute_cols: u32,
     // 1: the destination is (X + Xᵀ)/2 of the moved source X (square A only).
     symmetrize: u32,
@@ -1010,30 +1039,26 @@ struct GatherParams {
 @group(0) @binding(0) var<storage, read> bg_map: array<u32>;
 @group(0) @binding(7) var<storage, read> bg_params: GatherParams;
 
-// The source index of destination index i under the params' block map.
+// The source index of destination index i under the params' map.
 fn gather_source(i: u32) -> u32 {
-    let p = bg_params;
-    if (p.map == 0xFFFFFFFFu) {
+    if (bg_params.map == 0xFFFFFFFFu) {
         return i;
     }
-    return bg_map[p.map * p.blocks + i / p.block] * p.block + i % p.block;
+    return bg_map[bg_params.map * bg_params.map_len + i];
 }
 
 // dst[b, i, j] = src[b, source(i), source(j)] (or column j), zero where a source index
-// is out of range (padding and unpadding); src bound as mat_a, dst as mat_b. One
-// invocation per destination element.
+// is out of range (padding and unpadding); src bound as mat_a, dst as mat_b. Grid:
+// x = column / WG, y = row i, z = matrix b.
 @compute @workgroup_size(256)
-fn block_gather(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                @builtin(local_invocation_index) lid: u32) {
+fn block_gather(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let p = bg_params;
-    let g = (wid.x + wid.y * nwg.x) * WG + lid;
-    let per_out = p.rows_out * p.cols_out;
-    if (g >= p.batch * per_out) {
+    let j = wid.x * WG + lid;
+    if (j >= p.cols_out) {
         return;
     }
-    let b = g / per_out;
-    let i = (g % per_out) / p.cols_out;
-    let j = g % p.cols_out;
+    let i = wid.y;
+    let b = wid.z;
     let si = gather_source(i);
     let sj = select(j, gather_source(j), p.permute_cols != 0u);
     var x = 0.0;
@@ -1044,5 +1069,5 @@ fn block_gather(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
             x = 0.5 * (x + mat_a_get(base + sj * p.cols_in + si, p.window));
         }
     }
-    mat_b_set(g, x, p.window);
+    mat_b_set((b * p.rows_out + i) * p.cols_out + j, x, p.window);
 }

@@ -3,12 +3,14 @@
 //! blocks moved between rounds so that every pair of a round is a contiguous diagonal
 //! sub-matrix (`block_gather`; see the shader's "Blocked path" section).
 
-use super::sweeps::{BlockParams, Decomposition, GatherParams, Sweeper, groups, sweep_until_done};
-use super::{JacobiOptions, Problem, SHARED_MAX_N};
-use crate::error::Result;
+use super::sweeps::{BlockParams, Decomposition, GatherParams, Sweeper, sweep_until_done};
+use super::{JacobiOptions, Problem, SHARED_MAX_N, WORKGROUP_SIZE};
+use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor, Kernel, Recorder, grid_1d};
 use crate::ops::gemm::{Gemm, gemm};
 
+/// WebGPU's default limit of workgroups per grid dimension.
+const MAX_GROUPS: usize = 65535;
 /// Most indices per block (a block pair fills the shader's workgroup-memory matrix).
 const MAX_BLOCK: usize = SHARED_MAX_N / 2;
 
@@ -55,11 +57,11 @@ impl BlockPlan {
             .collect()
     }
 
-    /// The block map table `[blocks + 1, blocks]` of `block_gather`: row `t`, entry `k`
-    /// is the position, in the order before transition `t`, of the block that goes to
-    /// position `k`. Rows: 0 the natural order → round 0; `r` in `1 ..= blocks − 2`
-    /// round `r − 1` → round `r`; `blocks − 1` the last round → round 0 (the next
-    /// sweep); `blocks` the last round → the natural order.
+    /// The index map table `[blocks + 1, m]` of `block_gather`: row `t`, entry `i` is
+    /// the index, in the order before transition `t`, of the index that goes to `i`
+    /// (blocks move whole). Rows: 0 the natural order → round 0; `r` in
+    /// `1 ..= blocks − 2` round `r − 1` → round `r`; `blocks − 1` the last round → round
+    /// 0 (the next sweep); `blocks` the last round → the natural order.
     fn maps(&self) -> Vec<u32> {
         let natural: Vec<usize> = (0..self.blocks).collect();
         let last = self.order(self.blocks - 2);
@@ -67,13 +69,16 @@ impl BlockPlan {
         transitions.extend((1..self.blocks - 1).map(|r| (self.order(r - 1), self.order(r))));
         transitions.push((last.clone(), self.order(0)));
         transitions.push((last, natural));
-        let mut table = Vec::with_capacity((self.blocks + 1) * self.blocks);
+        let mut table = Vec::with_capacity((self.blocks + 1) * self.m);
         for (from, to) in transitions {
             let mut position = vec![0; self.blocks];
             for (k, &block) in from.iter().enumerate() {
                 position[block] = k;
             }
-            table.extend(to.iter().map(|&block| position[block] as u32));
+            for &block in &to {
+                let start = position[block] * self.block;
+                table.extend((start..start + self.block).map(|i| i as u32));
+            }
         }
         table
     }
@@ -88,6 +93,13 @@ pub(super) fn blocked_path(
     opts: &JacobiOptions,
 ) -> Result<Decomposition> {
     let Problem { batch, n, .. } = *problem;
+    // block_gather's grid has one workgroup row per matrix.
+    if batch > MAX_GROUPS {
+        return Err(Error::Memory(format!(
+            "the blocked Jacobi path takes at most {MAX_GROUPS} matrices per call, found \
+             {batch} of size {n}×{n}; split the batch"
+        )));
+    }
     let plan = BlockPlan::new(n);
     let (m, pair) = (plan.m, plan.pair());
     let work = problem.record_init(ctx, &mut rec)?;
@@ -97,7 +109,7 @@ pub(super) fn blocked_path(
         a: [ctx.zeros(&[batch, m, m])?, ctx.zeros(&[batch, m, m])?],
         w: [ctx.zeros(&[batch, m, n])?, ctx.zeros(&[batch, m, n])?],
         rotations: ctx.zeros(&[batch, plan.blocks / 2, pair, pair])?,
-        maps: ctx.upload_u32(&plan.maps(), &[plan.blocks + 1, plan.blocks])?,
+        maps: ctx.upload_u32(&plan.maps(), &[plan.blocks + 1, m])?,
         tol: opts.tol,
         sweeps: 0,
     };
@@ -182,15 +194,13 @@ impl BlockSweeper<'_> {
                 cols_in: ci as u32,
                 rows_out: ro as u32,
                 cols_out: co as u32,
-                batch: batch as u32,
-                block: self.plan.block as u32,
                 map,
-                blocks: self.plan.blocks as u32,
+                map_len: m as u32,
                 permute_cols: cols,
                 symmetrize: sym,
                 window: self.problem.window as u32,
             },
-            groups(batch * ro * co),
+            [co.div_ceil(WORKGROUP_SIZE) as u32, ro as u32, batch as u32],
         )
     }
 }
@@ -258,5 +268,70 @@ impl Sweeper for BlockSweeper<'_> {
         }
         self.sweeps += 1;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BlockPlan;
+
+    /// Applies map row `t` to an arrangement (`arr[i]` = what index `i` holds).
+    fn apply(plan: &BlockPlan, maps: &[u32], t: usize, arr: &[usize]) -> Vec<usize> {
+        (0..plan.m)
+            .map(|i| arr[maps[t * plan.m + i] as usize])
+            .collect()
+    }
+
+    /// Blocks of at most 16 indices, padding below one index per block, and index maps
+    /// that are permutations moving whole blocks so that every pair of every round sits
+    /// at adjacent positions, every pair of blocks meets once per sweep, and the last
+    /// map restores the natural order (also after a second sweep).
+    #[test]
+    fn block_maps_pair_every_block_pair_once_per_sweep() {
+        for n in [1, 2, 17, 32, 33, 70, 97, 196, 300, 513] {
+            let plan = BlockPlan::new(n);
+            let BlockPlan { blocks, block, m } = plan;
+            assert!(
+                block <= 16 && m >= n && m - n < blocks && blocks % 2 == 0,
+                "{plan:?}"
+            );
+            let maps = plan.maps();
+            assert_eq!(maps.len(), (blocks + 1) * m);
+            for row in maps.chunks(m) {
+                let mut seen = row.to_vec();
+                seen.sort_unstable();
+                assert!(seen.iter().enumerate().all(|(i, &x)| i == x as usize));
+            }
+            let mut met = vec![vec![0; blocks]; blocks];
+            let mut arr: Vec<usize> = (0..m).collect();
+            for sweep in 0..2 {
+                for round in 0..blocks - 1 {
+                    let t = match (round, sweep) {
+                        (0, 0) => 0,
+                        (0, _) => blocks - 1,
+                        (r, _) => r,
+                    };
+                    arr = apply(&plan, &maps, t, &arr);
+                    for slot in 0..blocks / 2 {
+                        let at = |k: usize| -> usize {
+                            let first = arr[k * block] / block;
+                            assert!((0..block).all(|l| arr[k * block + l] == first * block + l));
+                            first
+                        };
+                        let (p, q) = (at(2 * slot), at(2 * slot + 1));
+                        met[p.min(q)][p.max(q)] += 1;
+                    }
+                }
+            }
+            for (p, row) in met.iter().enumerate() {
+                for (q, &count) in row.iter().enumerate().skip(p + 1) {
+                    assert_eq!(count, 2, "n = {n}: blocks {p}, {q}");
+                }
+            }
+            assert_eq!(
+                apply(&plan, &maps, blocks, &arr),
+                (0..m).collect::<Vec<_>>()
+            );
+        }
     }
 }

@@ -19,9 +19,10 @@
 //! - [`JacobiPath::Workgroup`] (automatic up to `n = 96`, possible up to `n = 256`):
 //!   one workgroup per matrix of the batch does a whole sweep in one dispatch, with `A`
 //!   and the eigenbasis in workgroup memory for `n ≤ 32` and in storage buffers above;
-//!   `max_sweeps + 1` such dispatches (each first tests convergence and returns at once
-//!   when the matrix is done) and the sort go into one pass, with one readback at the
-//!   end. No host round trip per sweep, so many small factors are cheap.
+//!   9 such dispatches (each first tests convergence and returns at once when the
+//!   matrix is done) go into one pass with one readback of the done flags, then, only
+//!   if needed, twice as many again (up to `max_sweeps + 1` in all), then the sort. No
+//!   host round trip per sweep, so many small factors are cheap.
 //! - [`JacobiPath::Global`] (any size): every step is two dispatches over the whole batch
 //!   (rotation parameters, then their application to `A` and the eigenbasis), all steps
 //!   of a sweep go into one pass, and the off-diagonal norm is read back once per sweep
