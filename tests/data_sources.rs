@@ -267,6 +267,7 @@ fn shards_that_disagree_are_errors_naming_the_file() {
     let rank = |rank| {
         Partition { rank, size: 2 }
             .batches(10, 3)
+            .map(|span| (span.start, span.len))
             .collect::<Vec<_>>()
     };
     assert_eq!(rank(0), [(0, 3), (6, 3)]);

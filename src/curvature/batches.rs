@@ -57,7 +57,8 @@ pub(super) trait BatchStage {
 }
 
 /// Runs `stage` over this rank's batches of `data` (batch `b` covers examples
-/// `b·chunks.examples ..`; rank `r` of `K` takes `b ≡ r mod K`), reporting each batch to
+/// `b·chunks.examples ..`; rank `r` of `K` takes the groups of consecutive batches
+/// [`Partition`] gives it), reading its sums back after each group, reporting each batch to
 /// [`BatchStage::progress`] (an `Advanced` event between `Started` and `Finished`).
 /// Each batch is read from the source into one reused host buffer just before it runs.
 #[allow(clippy::too_many_arguments)] // the pass's context, its data and its share
@@ -84,13 +85,14 @@ pub(super) fn for_each_batch<S: BatchStage>(
     });
     let mut buffer = BatchBuffer::new(data);
     let mut examples = 0;
-    for (done, (start, len)) in partition.batches(n, chunks.examples).enumerate() {
+    for (done, span) in partition.batches(n, chunks.examples).enumerate() {
+        let (start, len) = (span.start, span.len);
         buffer.read(data, start, start + len)?;
         let batch = run_buffer(ctx, network, &buffer, n, options)?;
         let mut pass = Pass::new(ctx);
         let inputs = stage.inputs(&mut pass, &layers, &batch)?;
         pass.submit()?;
-        // The previous batch's contributions are added while the GPU runs this one.
+        // The previous group's contributions are added while the GPU runs this batch.
         for sum in stage.sums() {
             sum.add_read();
         }
@@ -102,8 +104,10 @@ pub(super) fn for_each_batch<S: BatchStage>(
         })?;
         ctx.wait(S::WORK)?;
         drop(inputs);
-        for sum in stage.sums() {
-            sum.read_batch(ctx)?;
+        if span.ends_group {
+            for sum in stage.sums() {
+                sum.read_batch(ctx)?;
+            }
         }
         examples += len;
         stage.progress().report(&Event::Advanced {
@@ -121,15 +125,16 @@ pub(super) fn for_each_batch<S: BatchStage>(
 }
 
 /// One quantity a pass sums over the batches (a Kronecker factor, a block's corrected
-/// eigenvalues): each batch's contribution is accumulated from zero on the GPU in f32
-/// in `batch`, read back once the batch is done ([`BatchSum::read_batch`]) and added on
-/// the host into `sum` ([`BatchSum::add_read`], which the batch loop calls once the
-/// next batch's first pass is on the GPU, so that the host add overlaps GPU work). See
-/// [`crate::distributed::sum`] for why the sum over batches is on the host.
+/// eigenvalues): each group of batches' contribution ([`crate::distributed::Partition`])
+/// is accumulated from zero on the GPU in f32 in `batch`, read back once the group's
+/// last batch is done ([`BatchSum::read_batch`]) and added on the host into `sum`
+/// ([`BatchSum::add_read`], which the batch loop calls once the next batch's first pass
+/// is on the GPU, so that the host add overlaps GPU work). See
+/// [`crate::distributed::sum`] for why the sum over groups is on the host.
 pub(super) struct BatchSum {
-    /// The current batch's contribution (zeros at the start of each batch).
+    /// The current group's contribution (zeros at the start of each group).
     pub batch: GpuTensor,
-    /// The last batch's contribution, read back and not yet added.
+    /// The last group's contribution, read back and not yet added.
     read: Option<Vec<f32>>,
     /// The contributions of the batches added so far.
     sum: CompensatedSum,
@@ -146,8 +151,8 @@ impl BatchSum {
         })
     }
 
-    /// Reads the finished batch's contribution back (added by [`Self::add_read`]) and
-    /// starts the next batch's from zeros (a fresh buffer, which the GPU zeroes; the
+    /// Reads the finished group's contribution back (added by [`Self::add_read`]) and
+    /// starts the next group's from zeros (a fresh buffer, which the GPU zeroes; the
     /// old one goes first).
     pub fn read_batch(&mut self, ctx: &GpuContext) -> Result<()> {
         self.add_read();

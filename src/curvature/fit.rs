@@ -210,7 +210,9 @@ pub fn fit_distributed(
             &model.graph,
             options.loss,
             options.fisher,
-            partition.batches(data.len(), chunks.examples),
+            partition
+                .batches(data.len(), chunks.examples)
+                .map(|span| (span.start, span.len)),
         ),
     )?;
     let mut timings = Timings::default();

@@ -1,15 +1,17 @@
-//! Sums over batches that do not depend on how the batches are grouped (so not on the
-//! number of ranks `K`, nor on timing).
+//! Sums over batches that do not depend on how the batches are spread over ranks (so
+//! not on the number of ranks `K`, nor on timing).
 //!
-//! Each batch's contribution to a factor or to the corrected eigenvalues is computed
-//! on the GPU in f32 on its own (from zero), read back, and added on the host into a
-//! [`CompensatedSum`]: per element a double-f64 pair `(hi, lo)` updated by Knuth's
-//! error-free TwoSum (Ogita–Rump–Oishi's `Sum2`), so the pair carries the sum of the
-//! f32 terms to about 2⁻¹⁰⁶ relative. The ranks' pairs are combined on rank 0 by the
-//! same TwoSum in rank order and rounded once to f32, so one process (`K = 1`, which
-//! goes through the same rounding) and any `K` give the same f32 bits unless two
+//! The batches form groups of consecutive batches that depend only on `N` and the
+//! batch size ([`super::Partition`]; one batch per group up to
+//! [`super::MAX_GROUPS`] batches). Each group's contribution to a factor or to the
+//! corrected eigenvalues is summed on the GPU in f32 from zero, read back, and added on
+//! the host into a [`CompensatedSum`]: per element a double-f64 pair `(hi, lo)` updated
+//! by Knuth's error-free TwoSum (Ogita–Rump–Oishi's `Sum2`), so the pair carries the
+//! sum of the f32 terms to about 2⁻¹⁰⁶ relative. The ranks' pairs are combined on rank
+//! 0 by the same TwoSum in rank order and rounded once to f32, so one process (`K = 1`,
+//! which goes through the same rounding) and any `K` give the same f32 bits unless two
 //! groupings' sums straddle an f32 rounding boundary: they differ by at most about
-//! `n²·2⁻¹⁰⁶` relative for `n` batches, so that happens with probability about
+//! `n²·2⁻¹⁰⁶` relative for `n` groups, so that happens with probability about
 //! `n²·2⁻⁸²` per element — never in practice. (A sum of f32 terms is exact in such a
 //! pair whenever an element's terms span less than about 2⁸⁰ in magnitude.)
 //!
@@ -18,9 +20,10 @@
 //! `precise`, and Mesa's NIR simplifies inexact `a + b − a`), and whose 2⁻⁴⁸ error
 //! would round differently on some elements of a large fit; or a fixed-point
 //! superaccumulator (~280 bits per f32 element to be exact). The host pair is exact
-//! enough on every driver; its cost is one readback of the contributions per batch
-//! (the batch loop waits for each batch anyway) and about 6 f64 operations per
-//! element and batch (measured in the README's "Running at scale").
+//! enough on every driver; its cost is one readback of the sums per group (the batch
+//! loop waits for each batch anyway) and about 6 f64 operations per element and group,
+//! overlapped with the next batch's GPU work (measured in the README's "Running at
+//! scale"); the groups bound it to [`super::MAX_GROUPS`] readbacks per pass.
 
 use super::Communicator;
 use crate::error::Result;
