@@ -7,7 +7,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use ekfac::curvature::fit::fit;
 use ekfac::curvature::influence::{InfluenceOptions, influence};
@@ -20,6 +19,7 @@ use ekfac::progress::Silent;
 use safetensors::{Dtype, tensor::TensorView};
 
 use common::TestRng;
+use common::child::{proc_status_kib, run_child};
 
 /// Writes `x` (F32 `[n, *shape]`) and `y` (class indices as `y_dtype`, or F32 values
 /// `[n, cols]`) of examples `range` of `data`.
@@ -286,12 +286,6 @@ const DIR_VAR: &str = "EKFAC_DATA_SOURCES_DIR";
 /// How much the child's memory may grow over a warmed-up fit of two batches.
 const CAP_BYTES: u64 = 16 << 20;
 
-fn proc_status_kib(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with(field))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
 /// A model whose input is large (`[1, 64, 64]`, 16 KiB per example) and whose curvature
 /// is small: 16×16 average pooling, then `Linear(16, 3)`.
 fn pooled_model(rng: &mut TestRng) -> ekfac::graph::Model {
@@ -397,37 +391,18 @@ fn a_capped_child_fits_and_scores_a_directory_8x_larger_than_its_cap() {
         bytes += std::fs::metadata(&path).unwrap().len();
     }
     assert!(bytes >= 8 * CAP_BYTES, "{bytes} bytes of data");
-    let output = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--ignored",
-            "--exact",
-            "streamed_fit_in_child",
-            "--nocapture",
-        ])
-        .env(DIR_VAR, tmp.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "the capped child fit of {bytes} bytes failed: {stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
+    let (v, stderr) = run_child(
+        "streamed_fit_in_child",
+        DIR_VAR,
+        tmp.path(),
+        &format!("the capped child fit of {bytes} bytes"),
     );
-    let line = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("usage "))
-        .unwrap_or_else(|| panic!("the child printed no usage: {stdout}"));
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .map(|w| w.parse().unwrap())
-        .collect();
     let [warm_peak, fit_peak, data_before, data_after, scoring_peak] =
         [v[0], v[1], v[2], v[3], v[4]];
     eprintln!(
         "data {bytes} bytes; peak RSS warm-up {warm_peak} KiB, streamed fit {fit_peak} KiB, \
          streamed influence scoring {scoring_peak} KiB; VmData {data_before} → {data_after} \
-         KiB\n{}",
-        String::from_utf8_lossy(&output.stderr)
+         KiB\n{stderr}"
     );
     for (what, peak) in [("fit", fit_peak), ("influence scoring", scoring_peak)] {
         assert!(
