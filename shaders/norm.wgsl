@@ -17,12 +17,9 @@
 // element, grid_1d(ceil(N * C * S / 256)) workgroups of 256.
 //
 // LayerNorm normalises each row of the last `d` elements: mean and biased variance of
-// the row, xhat = (x - mean) / sqrt(var + eps), y = xhat * weight + bias. A row has
-// `lanes` invocations (d rounded up to a power of two, at most 256): a workgroup of
-// 256 handles 256 / lanes consecutive rows, grid_1d(ceil(rows / (256 / lanes)))
-// workgroups; the row statistics are trees over the row's lanes in workgroup memory
-// (two passes: the mean, then the mean squared deviation). Lanes beyond d hold 0, so
-// the result is the same as with 256 invocations per row, bit for bit. Backward
+// the row, xhat = (x - mean) / sqrt(var + eps), y = xhat * weight + bias. Rows as in
+// rows.wgsl (prepended), grid_1d(ceil(rows / (256 / lanes))) workgroups; the row
+// statistics take two reductions (the mean, then the mean squared deviation). Backward
 // rows are V-major stacks of the forward rows: grad row r belongs to forward row
 // r % x_rows, so the saved input is never repeated. With g = grad_out * weight,
 // grad_in = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(var + eps).
@@ -65,9 +62,6 @@ struct RowParams {
 @group(0) @binding(4) var<storage, read> row_params4: RowParams;
 @group(0) @binding(5) var<storage, read_write> out5: array<f32>;
 @group(0) @binding(6) var<storage, read> bn_params6: ChannelParams;
-
-var<workgroup> partial_a: array<f32, 256>;
-var<workgroup> partial_b: array<f32, 256>;
 
 fn flat(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.x + wid.y * nwg.x) * 256u + lid;
@@ -122,38 +116,6 @@ fn batch_norm_backward_plain(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num
         return;
     }
     out2[i] = src[i] * inverseSqrt(var1[channel_of(i, p)] + p.eps);
-}
-
-// This invocation's row, its lane in the row, and the row's first slot in the
-// partial sums.
-struct Lane {
-    row: u32,
-    lane: u32,
-    first: u32,
-}
-
-fn lane_of(wid: vec3<u32>, nwg: vec3<u32>, lid: u32, lanes: u32) -> Lane {
-    let first = lid - lid % lanes;
-    return Lane((wid.x + wid.y * nwg.x) * (256u / lanes) + lid / lanes, lid % lanes, first);
-}
-
-// Sums (a, b) over the row's lanes; each of them gets the totals. Must be called in
-// uniform control flow.
-fn row_sum2(l: Lane, lid: u32, lanes: u32, a: f32, b: f32) -> vec2<f32> {
-    partial_a[lid] = a;
-    partial_b[lid] = b;
-    workgroupBarrier();
-    for (var half = lanes / 2u; half > 0u; half >>= 1u) {
-        if (l.lane < half) {
-            partial_a[lid] += partial_a[lid + half];
-            partial_b[lid] += partial_b[lid + half];
-        }
-        workgroupBarrier();
-    }
-    let total = vec2<f32>(partial_a[l.first], partial_b[l.first]);
-    // Nobody overwrites the totals before everyone has read them.
-    workgroupBarrier();
-    return total;
 }
 
 // Mean and 1 / sqrt(var + eps) of the `d` elements of src starting at `base` (d = 0:

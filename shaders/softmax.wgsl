@@ -17,11 +17,7 @@
 // Backward: grad_in_j = y_j (g_j - sum_k g_k y_k). Its rows are V-major stacks of the
 // forward rows: grad row r belongs to y row r % y_rows, so y is never repeated.
 //
-// A row has `lanes` invocations (its length rounded up to a power of two, at most
-// 256): a workgroup of 256 handles 256 / lanes consecutive rows, grid_1d(ceil(rows /
-// (256 / lanes))) workgroups; the row reductions are trees over the row's lanes in
-// workgroup memory. Lanes beyond a row's length hold the reduction's identity, so the
-// result is the same as with 256 invocations per row, bit for bit.
+// Rows as in rows.wgsl (prepended), grid_1d(ceil(rows / (256 / lanes))) workgroups.
 
 struct SoftmaxParams {
     // Rows this dispatch writes (V * y_rows in backward).
@@ -48,50 +44,6 @@ struct SoftmaxParams {
 // The lowest finite f32: the maximum of a row with no finite entry stays here.
 const LOWEST: f32 = -3.40282347e38;
 
-var<workgroup> partial: array<f32, 256>;
-
-// This invocation's row, its lane in the row, and the row's first slot in `partial`.
-struct Lane {
-    row: u32,
-    lane: u32,
-    first: u32,
-}
-
-fn lane_of(wid: vec3<u32>, nwg: vec3<u32>, lid: u32, lanes: u32) -> Lane {
-    let first = lid - lid % lanes;
-    return Lane((wid.x + wid.y * nwg.x) * (256u / lanes) + lid / lanes, lid % lanes, first);
-}
-
-// The maximum of `v` over the row's lanes, for each of them. Uniform control flow.
-fn row_max(l: Lane, lid: u32, lanes: u32, v: f32) -> f32 {
-    partial[lid] = v;
-    workgroupBarrier();
-    for (var half = lanes / 2u; half > 0u; half >>= 1u) {
-        if (l.lane < half) {
-            partial[lid] = max(partial[lid], partial[lid + half]);
-        }
-        workgroupBarrier();
-    }
-    let total = partial[l.first];
-    workgroupBarrier();
-    return total;
-}
-
-// The sum of `v` over the row's lanes, for each of them. Uniform control flow.
-fn row_sum(l: Lane, lid: u32, lanes: u32, v: f32) -> f32 {
-    partial[lid] = v;
-    workgroupBarrier();
-    for (var half = lanes / 2u; half > 0u; half >>= 1u) {
-        if (l.lane < half) {
-            partial[lid] += partial[lid + half];
-        }
-        workgroupBarrier();
-    }
-    let total = partial[l.first];
-    workgroupBarrier();
-    return total;
-}
-
 @compute @workgroup_size(256)
 fn softmax_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                    @builtin(local_invocation_index) lid: u32) {
@@ -109,7 +61,7 @@ fn softmax_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
     for (var j = l.lane; j < n; j += p.lanes) {
         s += exp(src[base + j] - m);
     }
-    let inv = 1.0 / row_sum(l, lid, p.lanes, s);
+    let inv = 1.0 / row_sum2(l, lid, p.lanes, s, 0.0).x;
     for (var j = l.lane; j < n; j += p.lanes) {
         out1[base + j] = exp(src[base + j] - m) * inv;
     }
@@ -139,7 +91,7 @@ fn softmax_forward_masked(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_wo
             s += exp(src[base + j] - m);
         }
     }
-    let inv = 1.0 / row_sum(l, lid, p.lanes, s);
+    let inv = 1.0 / row_sum2(l, lid, p.lanes, s, 0.0).x;
     for (var j = l.lane; j < n; j += p.lanes) {
         var y = 0.0;
         if (kept(p, base + j)) {
@@ -161,7 +113,7 @@ fn softmax_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
     for (var j = l.lane; j < n; j += p.lanes) {
         s += grad_out[base + j] * src[y_base + j];
     }
-    let total = row_sum(l, lid, p.lanes, s);
+    let total = row_sum2(l, lid, p.lanes, s, 0.0).x;
     for (var j = l.lane; j < n; j += p.lanes) {
         out2[base + j] = src[y_base + j] * (grad_out[base + j] - total);
     }

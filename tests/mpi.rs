@@ -62,13 +62,26 @@ const MODEL: &str = r#"{"input_shape": [6], "layers": [
     {"type": "relu"},
     {"type": "linear", "name": "2", "in_features": 8, "out_features": 4}]}"#;
 
+fn f32s(n: usize, rng: &mut TestRng) -> Vec<u8> {
+    let v: Vec<f32> = rng.vec(n).into_iter().map(|x| x * 0.8).collect();
+    bytemuck::cast_slice(&v).to_vec()
+}
+
+/// Writes `n` random examples (4 classes) into `path`.
+fn write_data(path: &Path, n: usize, rng: &mut TestRng) {
+    let y: Vec<i64> = (0..n).map(|_| (rng.next_u64() % 4) as i64).collect();
+    write_safetensors(
+        path,
+        vec![
+            ("x", Dtype::F32, vec![n, 6], f32s(n * 6, rng)),
+            ("y", Dtype::I64, vec![n], bytemuck::cast_slice(&y).to_vec()),
+        ],
+    );
+}
+
 /// Writes the model, weights and data (`N` examples, 4 classes) into `dir`.
 fn write_problem(dir: &Path, rng: &mut TestRng) {
     std::fs::write(dir.join("model.json"), MODEL).unwrap();
-    let f32s = |n: usize, rng: &mut TestRng| -> Vec<u8> {
-        let v: Vec<f32> = rng.vec(n).into_iter().map(|x| x * 0.8).collect();
-        bytemuck::cast_slice(&v).to_vec()
-    };
     write_safetensors(
         &dir.join("weights.safetensors"),
         vec![
@@ -78,14 +91,7 @@ fn write_problem(dir: &Path, rng: &mut TestRng) {
             ("2.bias", Dtype::F32, vec![4], f32s(4, rng)),
         ],
     );
-    let y: Vec<i64> = (0..N).map(|_| (rng.next_u64() % 4) as i64).collect();
-    write_safetensors(
-        &dir.join("data.safetensors"),
-        vec![
-            ("x", Dtype::F32, vec![N, 6], f32s(N * 6, rng)),
-            ("y", Dtype::I64, vec![N], bytemuck::cast_slice(&y).to_vec()),
-        ],
-    );
+    write_data(&dir.join("data.safetensors"), N, rng);
 }
 
 /// `ekfac fit` arguments writing `out.safetensors` and `out.json` beside `name`.
@@ -233,6 +239,49 @@ fn fits_over_two_and_three_ranks_match_one_process() {
                 );
             }
         }
+    }
+}
+
+/// More batches than `ekfac::distributed::MAX_GROUPS` (600 examples in 300 batches of
+/// 2: groups of 2 consecutive batches, summed on the GPU before the host): two ranks
+/// (75 groups each) save bitwise the one-process state.
+#[test]
+fn groups_of_batches_over_two_ranks_match_one_process() {
+    let Some(bin) = mpi_binary() else { return };
+    let Some(_ctx) = common::gpu() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut rng = TestRng::new(44);
+    write_problem(dir, &mut rng);
+    let data = dir.join("data600.safetensors");
+    write_data(&data, 600, &mut rng);
+    let args = |name: &str| {
+        let mut args = fit_args(dir, &data, "type-2", name);
+        let at = args.iter().position(|a| a == "--batch-size").unwrap() + 1;
+        args[at] = "2".into();
+        args
+    };
+    check_ok(
+        "the single-process fit",
+        &Command::new(&bin).args(args("one")).output().unwrap(),
+    );
+    check_ok("mpirun -np 2", &mpirun(&bin, 2, &[args("two")]));
+    let s = summary(dir, "two");
+    let batches: Vec<u64> = s["ranks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["batches"].as_u64().unwrap())
+        .collect();
+    assert_eq!(batches, [150, 150], "{s}");
+    let load = |name: &str| {
+        state_bits(&CurvatureState::load(&dir.join(format!("{name}.safetensors"))).unwrap())
+    };
+    let (want, got) = (load("one"), load("two"));
+    assert_eq!(want.len(), got.len());
+    for ((what, got), (_, want)) in got.iter().zip(&want) {
+        let differ = got.iter().zip(want).filter(|(a, b)| a != b).count();
+        assert_eq!(differ, 0, "K = 2: {differ} elements of {what} differ");
     }
 }
 

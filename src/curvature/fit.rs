@@ -210,7 +210,9 @@ pub fn fit_distributed(
             &model.graph,
             options.loss,
             options.fisher,
-            partition.batches(data.len(), chunks.examples),
+            partition
+                .batches(data.len(), chunks.examples)
+                .map(|span| (span.start, span.len)),
         ),
     )?;
     let mut timings = Timings::default();
@@ -259,14 +261,14 @@ pub fn fit_distributed(
     let corrected = if options.fisher == FisherType::ForwardOnly {
         None
     } else {
-        let sums = agree(
+        let mut sums = agree(
             comm,
             correction_pass(
                 ctx, &network, data, options, &layout, &bases, chunks, partition, progress,
             ),
         )?;
         Some(
-            sums.iter()
+            sums.iter_mut()
                 .map(|block| block.total(comm))
                 .collect::<Result<Vec<_>>>()?,
         )
@@ -328,13 +330,16 @@ pub fn fit_distributed(
 fn sum_factors(
     ctx: &GpuContext,
     comm: &dyn Communicator,
-    sums: Vec<LayerSums>,
+    mut sums: Vec<LayerSums>,
 ) -> Result<Vec<LayerAccumulators>> {
     // Every collective first, so that an upload failing on one rank cannot leave the
     // others waiting in one.
     let mut totals = Vec::new();
-    for layer in &sums {
-        for sum in [&layer.input, &layer.gradient].into_iter().flatten() {
+    for layer in &mut sums {
+        for sum in [&mut layer.input, &mut layer.gradient]
+            .into_iter()
+            .flatten()
+        {
             totals.push((sum.total(comm)?, sum.shape().to_vec()));
         }
     }

@@ -32,13 +32,13 @@ pub(crate) static GATED: Shader = crate::shader!("gated");
 pub(crate) static GEMM: Shader = crate::shader!("gemm");
 pub(crate) static IM2COL: Shader = crate::shader!("im2col");
 pub(crate) static JACOBI: Shader = crate::shader!("jacobi");
-pub(crate) static NORM: Shader = crate::shader!("norm");
+pub(crate) static NORM: Shader = crate::shader!("norm" after "rows");
 pub(crate) static POOL: Shader = crate::shader!("pool");
 pub(crate) static REDUCE: Shader = crate::shader!("reduce");
 pub(crate) static RESAMPLE: Shader = crate::shader!("resample");
 pub(crate) static SHAPE: Shader = crate::shader!("shape");
 pub(crate) static EMBEDDING: Shader = crate::shader!("embedding");
-pub(crate) static SOFTMAX: Shader = crate::shader!("softmax");
+pub(crate) static SOFTMAX: Shader = crate::shader!("softmax" after "rows");
 pub(crate) static MASKED_FILL: Shader = crate::shader!("masked_fill");
 
 /// Every WGSL file of the crate, for validation tests.
