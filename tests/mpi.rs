@@ -1,9 +1,10 @@
 //! Fits spread over MPI ranks (issue 14): `mpirun -np 2` and `-np 3` of the `ekfac`
 //! binary built with `--features mpi` against the same binary run alone (one rank):
 //! the saved states (eigenvalues, eigenbases, corrected eigenvalues) bitwise equal, for
-//! type-2 and MC; the summary's `world_size` and `ranks`; a failing rank ending every
-//! rank with its message and no output; and the default build (without the feature)
-//! refusing to run as one of several ranks.
+//! type-2 and MC, and with groups of batches; the summary's `world_size` and `ranks`;
+//! a failing rank, or ranks given data sets of different sizes, ending every rank with
+//! the message and no output; and the default build (without the feature) refusing to
+//! run as one of several ranks.
 //!
 //! The binary is `EKFAC_MPI_BIN` (`.ci/run` builds it into its own target directory:
 //! `CARGO_TARGET_DIR=target/mpi cargo build --release --features mpi --bin ekfac`) and
@@ -62,13 +63,26 @@ const MODEL: &str = r#"{"input_shape": [6], "layers": [
     {"type": "relu"},
     {"type": "linear", "name": "2", "in_features": 8, "out_features": 4}]}"#;
 
+fn f32s(n: usize, rng: &mut TestRng) -> Vec<u8> {
+    let v: Vec<f32> = rng.vec(n).into_iter().map(|x| x * 0.8).collect();
+    bytemuck::cast_slice(&v).to_vec()
+}
+
+/// Writes `n` random examples (4 classes) into `path`.
+fn write_data(path: &Path, n: usize, rng: &mut TestRng) {
+    let y: Vec<i64> = (0..n).map(|_| (rng.next_u64() % 4) as i64).collect();
+    write_safetensors(
+        path,
+        vec![
+            ("x", Dtype::F32, vec![n, 6], f32s(n * 6, rng)),
+            ("y", Dtype::I64, vec![n], bytemuck::cast_slice(&y).to_vec()),
+        ],
+    );
+}
+
 /// Writes the model, weights and data (`N` examples, 4 classes) into `dir`.
 fn write_problem(dir: &Path, rng: &mut TestRng) {
     std::fs::write(dir.join("model.json"), MODEL).unwrap();
-    let f32s = |n: usize, rng: &mut TestRng| -> Vec<u8> {
-        let v: Vec<f32> = rng.vec(n).into_iter().map(|x| x * 0.8).collect();
-        bytemuck::cast_slice(&v).to_vec()
-    };
     write_safetensors(
         &dir.join("weights.safetensors"),
         vec![
@@ -78,14 +92,7 @@ fn write_problem(dir: &Path, rng: &mut TestRng) {
             ("2.bias", Dtype::F32, vec![4], f32s(4, rng)),
         ],
     );
-    let y: Vec<i64> = (0..N).map(|_| (rng.next_u64() % 4) as i64).collect();
-    write_safetensors(
-        &dir.join("data.safetensors"),
-        vec![
-            ("x", Dtype::F32, vec![N, 6], f32s(N * 6, rng)),
-            ("y", Dtype::I64, vec![N], bytemuck::cast_slice(&y).to_vec()),
-        ],
-    );
+    write_data(&dir.join("data.safetensors"), N, rng);
 }
 
 /// `ekfac fit` arguments writing `out.safetensors` and `out.json` beside `name`.
@@ -236,6 +243,49 @@ fn fits_over_two_and_three_ranks_match_one_process() {
     }
 }
 
+/// More batches than `ekfac::distributed::MAX_GROUPS` (600 examples in 300 batches of
+/// 2: groups of 2 consecutive batches, summed on the GPU before the host): two ranks
+/// (75 groups each) save bitwise the one-process state.
+#[test]
+fn groups_of_batches_over_two_ranks_match_one_process() {
+    let Some(bin) = mpi_binary() else { return };
+    let Some(_ctx) = common::gpu() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut rng = TestRng::new(44);
+    write_problem(dir, &mut rng);
+    let data = dir.join("data600.safetensors");
+    write_data(&data, 600, &mut rng);
+    let args = |name: &str| {
+        let mut args = fit_args(dir, &data, "type-2", name);
+        let at = args.iter().position(|a| a == "--batch-size").unwrap() + 1;
+        args[at] = "2".into();
+        args
+    };
+    check_ok(
+        "the single-process fit",
+        &Command::new(&bin).args(args("one")).output().unwrap(),
+    );
+    check_ok("mpirun -np 2", &mpirun(&bin, 2, &[args("two")]));
+    let s = summary(dir, "two");
+    let batches: Vec<u64> = s["ranks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["batches"].as_u64().unwrap())
+        .collect();
+    assert_eq!(batches, [150, 150], "{s}");
+    let load = |name: &str| {
+        state_bits(&CurvatureState::load(&dir.join(format!("{name}.safetensors"))).unwrap())
+    };
+    let (want, got) = (load("one"), load("two"));
+    assert_eq!(want.len(), got.len());
+    for ((what, got), (_, want)) in got.iter().zip(&want) {
+        let differ = got.iter().zip(want).filter(|(a, b)| a != b).count();
+        assert_eq!(differ, 0, "K = 2: {differ} elements of {what} differ");
+    }
+}
+
 #[test]
 fn a_failing_rank_ends_every_rank_with_its_message_and_no_output() {
     let Some(bin) = mpi_binary() else { return };
@@ -290,6 +340,25 @@ fn a_failing_rank_ends_every_rank_with_its_message_and_no_output() {
         left.is_empty(),
         "outputs or temporaries left behind: {left:?}"
     );
+
+    // Ranks given data sets of different sizes (e.g. an inconsistent shared file
+    // system) all stop before fitting.
+    let short = dir.join("short.safetensors");
+    write_data(&short, 40, &mut rng);
+    let good = fit_args(dir, &dir.join("data.safetensors"), "type-2", "failed");
+    let other = fit_args(dir, &short, "type-2", "failed");
+    let out = mpirun(&bin, 2, &[good, other]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the job succeeded: {stderr}");
+    assert!(
+        stderr
+            .matches("the ranks disagree on the number of examples N")
+            .count()
+            >= 2
+            && stderr.contains("from 40 to 45"),
+        "every rank must report the mismatch: {stderr}"
+    );
+    assert!(!dir.join("failed.safetensors").exists());
 }
 
 #[test]

@@ -41,9 +41,8 @@ pub(super) trait BatchStage {
         batch: &BatchPass,
     ) -> Result<Self::Inputs>;
 
-    /// Called once each batch's GPU work is done (the context has been waited for),
-    /// e.g. to read the batch's contribution back.
-    fn batch_done(&mut self, ctx: &GpuContext) -> Result<()>;
+    /// The quantities the pass sums over the batches.
+    fn sums(&mut self) -> Vec<&mut BatchSum>;
 
     /// Records the work on the output gradients of one chunk of `stack` vectors.
     fn gradients(
@@ -58,7 +57,8 @@ pub(super) trait BatchStage {
 }
 
 /// Runs `stage` over this rank's batches of `data` (batch `b` covers examples
-/// `b·chunks.examples ..`; rank `r` of `K` takes `b ≡ r mod K`), reporting each batch to
+/// `b·chunks.examples ..`; rank `r` of `K` takes the groups of consecutive batches
+/// [`Partition`] gives it), reading its sums back after each group, reporting each batch to
 /// [`BatchStage::progress`] (an `Advanced` event between `Started` and `Finished`).
 /// Each batch is read from the source into one reused host buffer just before it runs.
 #[allow(clippy::too_many_arguments)] // the pass's context, its data and its share
@@ -85,12 +85,17 @@ pub(super) fn for_each_batch<S: BatchStage>(
     });
     let mut buffer = BatchBuffer::new(data);
     let mut examples = 0;
-    for (done, (start, len)) in partition.batches(n, chunks.examples).enumerate() {
+    for (done, span) in partition.batches(n, chunks.examples).enumerate() {
+        let (start, len) = (span.start, span.len);
         buffer.read(data, start, start + len)?;
         let batch = run_buffer(ctx, network, &buffer, n, options)?;
         let mut pass = Pass::new(ctx);
         let inputs = stage.inputs(&mut pass, &layers, &batch)?;
         pass.submit()?;
+        // The previous group's contributions are added while the GPU runs this batch.
+        for sum in stage.sums() {
+            sum.add_read();
+        }
         batch.for_each_chunk(ctx, network, chunks.vectors, |backward, stack| {
             let mut pass = Pass::new(ctx);
             stage.gradients(&mut pass, &layers, &inputs, backward, stack, &batch)?;
@@ -99,7 +104,11 @@ pub(super) fn for_each_batch<S: BatchStage>(
         })?;
         ctx.wait(S::WORK)?;
         drop(inputs);
-        stage.batch_done(ctx)?;
+        if span.ends_group {
+            for sum in stage.sums() {
+                sum.read_batch(ctx)?;
+            }
+        }
         examples += len;
         stage.progress().report(&Event::Advanced {
             stage: S::STAGE,
@@ -116,13 +125,18 @@ pub(super) fn for_each_batch<S: BatchStage>(
 }
 
 /// One quantity a pass sums over the batches (a Kronecker factor, a block's corrected
-/// eigenvalues): each batch's contribution is accumulated from zero on the GPU in f32
-/// in `batch`, read back once the batch is done and added on the host into `sum` (see
-/// [`crate::distributed::sum`] for why the sum over batches is on the host).
+/// eigenvalues): each group of batches' contribution ([`crate::distributed::Partition`])
+/// is accumulated from zero on the GPU in f32 in `batch`, read back once the group's
+/// last batch is done ([`BatchSum::read_batch`]) and added on the host into `sum`
+/// ([`BatchSum::add_read`], which the batch loop calls once the next batch's first pass
+/// is on the GPU, so that the host add overlaps GPU work). See
+/// [`crate::distributed::sum`] for why the sum over groups is on the host.
 pub(super) struct BatchSum {
-    /// The current batch's contribution (zeros at the start of each batch).
+    /// The current group's contribution (zeros at the start of each group).
     pub batch: GpuTensor,
-    /// The contributions of the batches done so far.
+    /// The last group's contribution, read back and not yet added.
+    read: Option<Vec<f32>>,
+    /// The contributions of the batches added so far.
     sum: CompensatedSum,
 }
 
@@ -132,25 +146,36 @@ impl BatchSum {
         let batch = ctx.zeros(shape)?;
         Ok(Self {
             sum: CompensatedSum::new(batch.len()),
+            read: None,
             batch,
         })
     }
 
-    /// Adds the finished batch's contribution to the sum and starts the next batch's
-    /// from zeros (a fresh buffer, which the GPU zeroes; the old one goes first).
-    pub fn add_batch(&mut self, ctx: &GpuContext) -> Result<()> {
+    /// Reads the finished group's contribution back (added by [`Self::add_read`]) and
+    /// starts the next group's from zeros (a fresh buffer, which the GPU zeroes; the
+    /// old one goes first).
+    pub fn read_batch(&mut self, ctx: &GpuContext) -> Result<()> {
+        self.add_read();
         let placeholder = self.batch.released();
         let done = std::mem::replace(&mut self.batch, placeholder);
-        self.sum.add(&ctx.read(&done)?);
+        self.read = Some(ctx.read(&done)?);
         let shape = done.shape().to_vec();
         drop(done);
         self.batch = ctx.zeros(&shape)?;
         Ok(())
     }
 
+    /// Adds the contribution [`Self::read_batch`] read, if any, to the sum.
+    pub fn add_read(&mut self) {
+        if let Some(terms) = self.read.take() {
+            self.sum.add(&terms);
+        }
+    }
+
     /// The sum over every batch of every rank, rounded once to f32 (collective, see
     /// [`CompensatedSum::total`]).
-    pub fn total(&self, comm: &dyn Communicator) -> Result<Vec<f32>> {
+    pub fn total(&mut self, comm: &dyn Communicator) -> Result<Vec<f32>> {
+        self.add_read();
         self.sum.total(comm)
     }
 

@@ -118,11 +118,8 @@ impl BatchStage for Correction<'_> {
         Ok(rotated_inputs)
     }
 
-    fn batch_done(&mut self, ctx: &GpuContext) -> Result<()> {
-        for sum in &mut self.corrected {
-            sum.add_batch(ctx)?;
-        }
-        Ok(())
+    fn sums(&mut self) -> Vec<&mut BatchSum> {
+        self.corrected.iter_mut().collect()
     }
 
     fn gradients(

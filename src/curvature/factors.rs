@@ -108,13 +108,12 @@ impl BatchStage for Factors<'_> {
         Ok(())
     }
 
-    fn batch_done(&mut self, ctx: &GpuContext) -> Result<()> {
-        for sums in &mut self.sums {
-            for sum in [&mut sums.input, &mut sums.gradient].into_iter().flatten() {
-                sum.add_batch(ctx)?;
-            }
-        }
-        Ok(())
+    fn sums(&mut self) -> Vec<&mut BatchSum> {
+        self.sums
+            .iter_mut()
+            .flat_map(|layer| [layer.input.as_mut(), layer.gradient.as_mut()])
+            .flatten()
+            .collect()
     }
 
     fn gradients(

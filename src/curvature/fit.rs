@@ -16,7 +16,7 @@ use crate::curvature::state::{
     CurvatureState, FORMAT_NAME, FORMAT_VERSION, FactorEigen, LayerFactors, ParamEntry, StateMeta,
 };
 use crate::data::DataSource;
-use crate::distributed::{Communicator, Partition, RankShare, Single, agree};
+use crate::distributed::{Communicator, Partition, RankShare, Single, agree, check_same};
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor};
 use crate::graph::{Model, Network};
@@ -198,6 +198,18 @@ pub fn fit_distributed(
         Ok((layout, network, chunks))
     })();
     let (layout, network, mut chunks) = agree(comm, prepared)?;
+    // The ranks must fit the same problem.
+    check_same(comm, "the number of examples N", data.len() as u64)?;
+    let fingerprint = u64::from_str_radix(&model.fingerprint(), 16).unwrap_or(0);
+    check_same(comm, "the model and weights' fingerprint", fingerprint)?;
+    let options_json = serde_json::to_string(options).unwrap_or_default();
+    let mut hasher = std::hash::DefaultHasher::new();
+    std::hash::Hash::hash(&options_json, &mut hasher);
+    check_same(
+        comm,
+        "the options' hash",
+        std::hash::Hasher::finish(&hasher),
+    )?;
     // Every rank splits the data into the same batches (the smallest any adapter's
     // memory budget allows).
     chunks.examples = comm.min(chunks.examples as u64)? as usize;
@@ -210,7 +222,9 @@ pub fn fit_distributed(
             &model.graph,
             options.loss,
             options.fisher,
-            partition.batches(data.len(), chunks.examples),
+            partition
+                .batches(data.len(), chunks.examples)
+                .map(|span| (span.start, span.len)),
         ),
     )?;
     let mut timings = Timings::default();
@@ -259,14 +273,14 @@ pub fn fit_distributed(
     let corrected = if options.fisher == FisherType::ForwardOnly {
         None
     } else {
-        let sums = agree(
+        let mut sums = agree(
             comm,
             correction_pass(
                 ctx, &network, data, options, &layout, &bases, chunks, partition, progress,
             ),
         )?;
         Some(
-            sums.iter()
+            sums.iter_mut()
                 .map(|block| block.total(comm))
                 .collect::<Result<Vec<_>>>()?,
         )
@@ -328,13 +342,16 @@ pub fn fit_distributed(
 fn sum_factors(
     ctx: &GpuContext,
     comm: &dyn Communicator,
-    sums: Vec<LayerSums>,
+    mut sums: Vec<LayerSums>,
 ) -> Result<Vec<LayerAccumulators>> {
     // Every collective first, so that an upload failing on one rank cannot leave the
     // others waiting in one.
     let mut totals = Vec::new();
-    for layer in &sums {
-        for sum in [&layer.input, &layer.gradient].into_iter().flatten() {
+    for layer in &mut sums {
+        for sum in [&mut layer.input, &mut layer.gradient]
+            .into_iter()
+            .flatten()
+        {
             totals.push((sum.total(comm)?, sum.shape().to_vec()));
         }
     }

@@ -1,15 +1,17 @@
-//! Sums over batches that do not depend on how the batches are grouped (so not on the
-//! number of ranks `K`, nor on timing).
+//! Sums over batches that do not depend on how the batches are spread over ranks (so
+//! not on the number of ranks `K`, nor on timing).
 //!
-//! Each batch's contribution to a factor or to the corrected eigenvalues is computed
-//! on the GPU in f32 on its own (from zero), read back, and added on the host into a
-//! [`CompensatedSum`]: per element a double-f64 pair `(hi, lo)` updated by Knuth's
-//! error-free TwoSum (Ogita–Rump–Oishi's `Sum2`), so the pair carries the sum of the
-//! f32 terms to about 2⁻¹⁰⁶ relative. The ranks' pairs are combined on rank 0 by the
-//! same TwoSum in rank order and rounded once to f32, so one process (`K = 1`, which
-//! goes through the same rounding) and any `K` give the same f32 bits unless two
+//! The batches form groups of consecutive batches that depend only on `N` and the
+//! batch size ([`super::Partition`]; one batch per group up to
+//! [`super::MAX_GROUPS`] batches). Each group's contribution to a factor or to the
+//! corrected eigenvalues is summed on the GPU in f32 from zero, read back, and added on
+//! the host into a [`CompensatedSum`]: per element a double-f64 pair `(hi, lo)` updated
+//! by Knuth's error-free TwoSum (Ogita–Rump–Oishi's `Sum2`), so the pair carries the
+//! sum of the f32 terms to about 2⁻¹⁰⁶ relative. The ranks' pairs are combined on rank
+//! 0 by the same TwoSum in rank order and rounded once to f32, so one process (`K = 1`,
+//! which goes through the same rounding) and any `K` give the same f32 bits unless two
 //! groupings' sums straddle an f32 rounding boundary: they differ by at most about
-//! `n²·2⁻¹⁰⁶` relative for `n` batches, so that happens with probability about
+//! `n²·2⁻¹⁰⁶` relative for `n` groups, so that happens with probability about
 //! `n²·2⁻⁸²` per element — never in practice. (A sum of f32 terms is exact in such a
 //! pair whenever an element's terms span less than about 2⁸⁰ in magnitude.)
 //!
@@ -18,9 +20,10 @@
 //! `precise`, and Mesa's NIR simplifies inexact `a + b − a`), and whose 2⁻⁴⁸ error
 //! would round differently on some elements of a large fit; or a fixed-point
 //! superaccumulator (~280 bits per f32 element to be exact). The host pair is exact
-//! enough on every driver; its cost is one readback of the contributions per batch
-//! (the batch loop waits for each batch anyway) and about 6 f64 operations per
-//! element and batch (measured in the README's "Running at scale").
+//! enough on every driver; its cost is one readback of the sums per group (the batch
+//! loop waits for each batch anyway) and about 6 f64 operations per element and group,
+//! overlapped with the next batch's GPU work (measured in the README's "Running at
+//! scale"); the groups bound it to [`super::MAX_GROUPS`] readbacks per pass.
 
 use super::Communicator;
 use crate::error::Result;
@@ -39,6 +42,21 @@ fn two_sum(a: f64, b: f64) -> (f64, f64) {
     let b_virtual = s - a;
     let a_virtual = s - b_virtual;
     (s, (a - a_virtual) + (b - b_virtual))
+}
+
+/// Threads [`CompensatedSum::add`] uses at most (the adds are memory-bound).
+const MAX_THREADS: usize = 8;
+
+/// Elements per thread below which [`CompensatedSum::add`] uses fewer threads.
+const PER_THREAD: usize = 1 << 16;
+
+/// `(hi, lo) += terms`, element by element.
+fn add_terms(hi: &mut [f64], lo: &mut [f64], terms: &[f32]) {
+    for ((hi, lo), &t) in hi.iter_mut().zip(lo).zip(terms) {
+        let (s, e) = two_sum(*hi, f64::from(t));
+        *hi = s;
+        *lo += e;
+    }
 }
 
 impl CompensatedSum {
@@ -60,14 +78,31 @@ impl CompensatedSum {
         self.hi.is_empty()
     }
 
-    /// Adds one term per element (`terms.len() == self.len()`).
+    /// Adds one term per element (`terms.len() == self.len()`). Large sums are split
+    /// over up to [`MAX_THREADS`] threads (each element is still added alone, so the
+    /// bits do not depend on the split).
     pub fn add(&mut self, terms: &[f32]) {
         debug_assert_eq!(terms.len(), self.len());
-        for ((hi, lo), &t) in self.hi.iter_mut().zip(&mut self.lo).zip(terms) {
-            let (s, e) = two_sum(*hi, f64::from(t));
-            *hi = s;
-            *lo += e;
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(MAX_THREADS)
+            .min(self.len() / PER_THREAD)
+            .max(1);
+        if threads == 1 {
+            add_terms(&mut self.hi, &mut self.lo, terms);
+            return;
         }
+        let chunk = self.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            for ((hi, lo), terms) in self
+                .hi
+                .chunks_mut(chunk)
+                .zip(self.lo.chunks_mut(chunk))
+                .zip(terms.chunks(chunk))
+            {
+                scope.spawn(move || add_terms(hi, lo, terms));
+            }
+        });
     }
 
     /// The sums over every rank of `comm`, rounded once to f32, on every rank
@@ -152,6 +187,19 @@ mod tests {
 
     fn bits(v: &[f32]) -> Vec<u32> {
         v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn a_sum_split_over_threads_is_the_sum_in_one() {
+        let n = 3 * PER_THREAD + 5;
+        let mut split = CompensatedSum::new(n);
+        let (mut hi, mut lo) = (vec![0.0; n], vec![0.0; n]);
+        for b in 0..3 {
+            let terms: Vec<f32> = (0..n).map(|i| ((i * 7 + b) as f32).sin() * 1e3).collect();
+            split.add(&terms);
+            add_terms(&mut hi, &mut lo, &terms);
+        }
+        assert!(split.hi == hi && split.lo == lo);
     }
 
     #[test]
