@@ -1,9 +1,10 @@
 //! Fits spread over MPI ranks (issue 14): `mpirun -np 2` and `-np 3` of the `ekfac`
 //! binary built with `--features mpi` against the same binary run alone (one rank):
 //! the saved states (eigenvalues, eigenbases, corrected eigenvalues) bitwise equal, for
-//! type-2 and MC; the summary's `world_size` and `ranks`; a failing rank ending every
-//! rank with its message and no output; and the default build (without the feature)
-//! refusing to run as one of several ranks.
+//! type-2 and MC, and with groups of batches; the summary's `world_size` and `ranks`;
+//! a failing rank, or ranks given data sets of different sizes, ending every rank with
+//! the message and no output; and the default build (without the feature) refusing to
+//! run as one of several ranks.
 //!
 //! The binary is `EKFAC_MPI_BIN` (`.ci/run` builds it into its own target directory:
 //! `CARGO_TARGET_DIR=target/mpi cargo build --release --features mpi --bin ekfac`) and
@@ -339,6 +340,25 @@ fn a_failing_rank_ends_every_rank_with_its_message_and_no_output() {
         left.is_empty(),
         "outputs or temporaries left behind: {left:?}"
     );
+
+    // Ranks given data sets of different sizes (e.g. an inconsistent shared file
+    // system) all stop before fitting.
+    let short = dir.join("short.safetensors");
+    write_data(&short, 40, &mut rng);
+    let good = fit_args(dir, &dir.join("data.safetensors"), "type-2", "failed");
+    let other = fit_args(dir, &short, "type-2", "failed");
+    let out = mpirun(&bin, 2, &[good, other]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the job succeeded: {stderr}");
+    assert!(
+        stderr
+            .matches("the ranks disagree on the number of examples N")
+            .count()
+            >= 2
+            && stderr.contains("from 40 to 45"),
+        "every rank must report the mismatch: {stderr}"
+    );
+    assert!(!dir.join("failed.safetensors").exists());
 }
 
 #[test]

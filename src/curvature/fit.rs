@@ -16,7 +16,7 @@ use crate::curvature::state::{
     CurvatureState, FORMAT_NAME, FORMAT_VERSION, FactorEigen, LayerFactors, ParamEntry, StateMeta,
 };
 use crate::data::DataSource;
-use crate::distributed::{Communicator, Partition, RankShare, Single, agree};
+use crate::distributed::{Communicator, Partition, RankShare, Single, agree, check_same};
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor};
 use crate::graph::{Model, Network};
@@ -198,6 +198,18 @@ pub fn fit_distributed(
         Ok((layout, network, chunks))
     })();
     let (layout, network, mut chunks) = agree(comm, prepared)?;
+    // The ranks must fit the same problem.
+    check_same(comm, "the number of examples N", data.len() as u64)?;
+    let fingerprint = u64::from_str_radix(&model.fingerprint(), 16).unwrap_or(0);
+    check_same(comm, "the model and weights' fingerprint", fingerprint)?;
+    let options_json = serde_json::to_string(options).unwrap_or_default();
+    let mut hasher = std::hash::DefaultHasher::new();
+    std::hash::Hash::hash(&options_json, &mut hasher);
+    check_same(
+        comm,
+        "the options' hash",
+        std::hash::Hasher::finish(&hasher),
+    )?;
     // Every rank splits the data into the same batches (the smallest any adapter's
     // memory budget allows).
     chunks.examples = comm.min(chunks.examples as u64)? as usize;

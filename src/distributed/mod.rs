@@ -95,6 +95,26 @@ pub fn agree<T>(comm: &dyn Communicator, outcome: Result<T>) -> Result<T> {
     }
 }
 
+/// Checks (collective) that every rank holds the same `value`, else the same error on
+/// every rank naming `what` and the range of values (e.g. ranks whose `--data` differ
+/// in size on an inconsistent file system, which would otherwise sum the wrong terms).
+pub fn check_same(comm: &dyn Communicator, what: &str, value: u64) -> Result<()> {
+    if comm.size() == 1 {
+        return Ok(());
+    }
+    let low = comm.min(value)?;
+    let high = u64::MAX - comm.min(u64::MAX - value)?;
+    let outcome = if low == high {
+        Ok(())
+    } else {
+        Err(Error::Options(format!(
+            "the ranks disagree on {what}: {value} on this rank, from {low} to {high} over \
+             the ranks (every rank must be given the same files and options)"
+        )))
+    };
+    agree(comm, outcome)
+}
+
 /// One process: nothing to combine.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Single;
