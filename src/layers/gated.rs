@@ -83,10 +83,7 @@ impl Layer for Gated {
         } else {
             None
         };
-        Ok(Grads {
-            inputs: vec![input],
-            params: None,
-        })
+        Ok(Grads::one_input(input))
     }
 
     fn reference_forward(&self, args: &ForwardArgs<[f64], Vec<f64>>) -> Vec<f64> {
@@ -107,9 +104,6 @@ impl Layer for Gated {
                 graph_ops::gelu_backward(x, g, self.gate == Gate::GeluTanh)
             }
         });
-        Grads {
-            inputs: vec![input],
-            params: None,
-        }
+        Grads::one_input(input)
     }
 }

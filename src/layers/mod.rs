@@ -108,6 +108,16 @@ pub struct Grads<T> {
     pub params: Option<Vec<T>>,
 }
 
+impl<T> Grads<T> {
+    /// The gradient of a layer's one input (where asked for), without parameters.
+    pub fn one_input(input: Option<T>) -> Self {
+        Self {
+            inputs: vec![input],
+            params: None,
+        }
+    }
+}
+
 /// One compute pass being recorded, with the tensors its dispatches use that must
 /// live until it is submitted.
 pub struct Pass<'c> {

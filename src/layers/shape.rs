@@ -213,10 +213,7 @@ impl Layer for Permute {
         } else {
             None
         };
-        Ok(Grads {
-            inputs: vec![input],
-            params: None,
-        })
+        Ok(Grads::one_input(input))
     }
 
     fn reference_forward(&self, args: &ForwardArgs<[f64], Vec<f64>>) -> Vec<f64> {
@@ -228,9 +225,6 @@ impl Layer for Permute {
             let inverse = reference::inverse_permutation(&self.perm);
             reference::permute(args.grad_out, &self.output, &inverse)
         });
-        Grads {
-            inputs: vec![input],
-            params: None,
-        }
+        Grads::one_input(input)
     }
 }

@@ -18,6 +18,27 @@ pub(crate) fn expect_len(op: &str, name: &str, t: &GpuTensor, len: usize) -> Res
     Ok(())
 }
 
+/// Errors unless each `(name, tensor, len)` has `len` elements, naming `shape` (the
+/// problem the lengths follow from) otherwise.
+pub(crate) fn expect_lens(
+    op: &str,
+    shape: &impl std::fmt::Debug,
+    tensors: &[(&str, &GpuTensor, usize)],
+) -> Result<()> {
+    for (name, t, len) in tensors {
+        if t.len() != *len {
+            return Err(Error::gpu(
+                op,
+                format!(
+                    "{name} must have {len} elements for {shape:?}, found shape {:?}",
+                    t.shape()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Errors unless `t` has at least `len` elements (scratch buffers may be larger).
 pub(crate) fn expect_at_least(op: &str, name: &str, t: &GpuTensor, len: usize) -> Result<()> {
     if t.len() < len {

@@ -73,10 +73,12 @@ const SHARED_MAX_N: usize = 32;
 /// driver's cap of 65535.
 const WORKGROUP_MAX_N: usize = 256;
 /// Largest `n` for which [`JacobiPath::Auto`] picks one workgroup per matrix.
-/// Measured on lavapipe (same process, alternating, 4 graded Gram matrices): n = 128,
-/// workgroup 6.0–8.5 s in 8 sweeps, blocked 4.9–5.9 s in 5; n = 72, workgroup 1.3–1.4 s
-/// in 7, blocked 1.9–2.3 s in 4. On a GPU the blocked path also runs `batch · n/32`
-/// workgroups per dispatch where the workgroup path runs `batch`.
+/// Measured on lavapipe after issue 13's GEMM step (same process, two runs each, CPU
+/// time, 4 graded Gram matrices): n = 72, workgroup 0.36–0.42 s in 9 sweeps, blocked
+/// 0.51–0.52 s in 5; n = 96, workgroup 0.82–0.96 s in 10, blocked 0.76–0.88 s in 6;
+/// n = 128, workgroup 1.9–2.2 s in 10, blocked 1.6–1.9 s in 7. On a GPU the blocked
+/// path also runs `batch · blocks / 2` workgroups per solve and its updates are GEMMs,
+/// where the workgroup path runs `batch` workgroups.
 const AUTO_WORKGROUP_MAX_N: usize = 96;
 /// Elements of one matrix summed per workgroup by `global_norms` (`NORM_CHUNK`).
 const NORM_CHUNK: usize = 4096;
