@@ -9,12 +9,15 @@
 // its buffer (stride 0 broadcasts one matrix over the batch). With beta == 0, C is
 // overwritten and never read.
 //
-// Each workgroup computes one 64 x 64 tile of C (workgroup_id.x: column tile,
-// workgroup_id.y: row tile, workgroup_id.z: batch index). Its 256 invocations form a
-// 16 x 16 grid; each accumulates a 4 x 4 register tile. A and B are staged through
-// workgroup memory BK = 16 values of K at a time, k-major, so the inner loop reads one
-// vec4 of A and one vec4 of B per k and does 16 multiply-adds. The global loads of the
-// next K slice are issued before the current one is multiplied.
+// Each workgroup computes one TILE x TILE tile of C (workgroup_id.x: column tile,
+// workgroup_id.y: row tile, workgroup_id.z: batch index); TILE is an override, 64 by
+// default and 32 for narrow products (the host picks it from the shape). Its
+// THREADS = (TILE / 4)^2 invocations (256 or 64) form a G x G grid, G = TILE / 4; each
+// accumulates a 4 x 4 register tile. A and B are staged through workgroup memory
+// BK = TILE / 4 values of K at a time (16 or 8), k-major, so the inner loop reads one
+// vec4 of A and one vec4 of B per k and does 16 multiply-adds; a staged slice holds
+// TILE * BK = 4 * THREADS values of each operand, four per invocation. The global
+// loads of the next K slice are issued before the current one is multiplied.
 //
 // Split-K (host-chosen for few tiles and a long K): workgroup_id.z also selects a
 // slice of K, each slice's partial product goes to its own packed matrix, and
@@ -54,11 +57,16 @@ struct GemmParams {
 override TRANS_A: bool = false;
 override TRANS_B: bool = false;
 
-const TILE: u32 = 64u;
-const BK: u32 = 16u;
-// Row length of the staged tiles in vec4s: 16 for 64 values, plus one vec4 of padding
+// Rows and columns of the C tile: 64 or 32 (16 would work as well).
+override TILE: u32 = 64u;
+// Side of the grid of invocations, each owning 4 x 4 values of the C tile.
+override G: u32 = TILE / 4u;
+override THREADS: u32 = G * G;
+// Values of K staged at a time.
+override BK: u32 = TILE / 4u;
+// Row length of the staged tiles in vec4s: G for TILE values, plus one vec4 of padding
 // against bank conflicts when a tile is written column by column.
-const ROW4: u32 = 17u;
+override ROW4: u32 = G + 1u;
 
 // The same buffers seen as scalars and as vec4s; each entry point uses one view each.
 @group(0) @binding(0) var<storage, read> a_s: array<f32>;
@@ -69,9 +77,9 @@ const ROW4: u32 = 17u;
 @group(0) @binding(3) var<storage, read> p: GemmParams;
 
 // a_tile[k * ROW4 + i / 4][i % 4] = op(A)[m0 + i, k0 + k]
-var<workgroup> a_tile: array<vec4<f32>, 272>;
+var<workgroup> a_tile: array<vec4<f32>, BK * ROW4>;
 // b_tile[k * ROW4 + j / 4][j % 4] = op(B)[k0 + k, n0 + j]
-var<workgroup> b_tile: array<vec4<f32>, 272>;
+var<workgroup> b_tile: array<vec4<f32>, BK * ROW4>;
 
 // Where this workgroup works: the first row and column of its C tile, the start of
 // its matrices in each buffer, and its range of K.
@@ -94,14 +102,14 @@ fn tile_of(wid: vec3<u32>) -> Tile {
 }
 
 // --- A: fetch four values of the K slice starting at k0 into registers, then store
-// them into a_tile. The scalar path gives invocation t the elements t + 256 e (e < 4)
+// them into a_tile. The scalar path gives invocation t the elements t + THREADS e (e < 4)
 // of the slice, in the order of memory so that neighbouring invocations read
 // neighbouring addresses; the vec4 path gives it one aligned vec4.
 
 fn fetch_a_s(t: Tile, lid: u32, k0: u32) -> vec4<f32> {
     var r = vec4<f32>(0.0);
     for (var e = 0u; e < 4u; e++) {
-        let idx = lid + 256u * e;
+        let idx = lid + THREADS * e;
         var i: u32;
         var kk: u32;
         if (TRANS_A) {
@@ -126,7 +134,7 @@ fn fetch_a_s(t: Tile, lid: u32, k0: u32) -> vec4<f32> {
 
 fn put_a_s(lid: u32, r: vec4<f32>) {
     for (var e = 0u; e < 4u; e++) {
-        let idx = lid + 256u * e;
+        let idx = lid + THREADS * e;
         if (TRANS_A) {
             let kk = idx / TILE;
             let i = idx % TILE;
@@ -141,16 +149,17 @@ fn put_a_s(lid: u32, r: vec4<f32>) {
 
 fn fetch_a_v(t: Tile, lid: u32, k0: u32) -> vec4<f32> {
     if (TRANS_A) {
-        // Row k0 + lid / 16 of the stored K x M matrix, columns m0 + 4 (lid % 16) + 0..3.
-        let gk = k0 + lid / 16u;
-        let gm = t.m0 + 4u * (lid % 16u);
+        // Row k0 + lid / G of the stored K x M matrix, columns m0 + 4 (lid % G) + 0..3.
+        let gk = k0 + lid / G;
+        let gm = t.m0 + 4u * (lid % G);
         if (gk < t.k_end && gm < p.m) {
             return a_v[(t.base_a + gk * p.lda + gm) / 4u];
         }
     } else {
-        // Row m0 + lid / 4 of the stored M x K matrix, columns k0 + 4 (lid % 4) + 0..3.
-        let gm = t.m0 + lid / 4u;
-        let gk = k0 + 4u * (lid % 4u);
+        // Row m0 + lid / (BK / 4) of the stored M x K matrix, columns
+        // k0 + 4 (lid % (BK / 4)) + 0..3.
+        let gm = t.m0 + lid / (BK / 4u);
+        let gk = k0 + 4u * (lid % (BK / 4u));
         if (gm < p.m && gk < t.k_end) {
             return a_v[(t.base_a + gm * p.lda + gk) / 4u];
         }
@@ -160,10 +169,10 @@ fn fetch_a_v(t: Tile, lid: u32, k0: u32) -> vec4<f32> {
 
 fn put_a_v(lid: u32, r: vec4<f32>) {
     if (TRANS_A) {
-        a_tile[(lid / 16u) * ROW4 + lid % 16u] = r;
+        a_tile[(lid / G) * ROW4 + lid % G] = r;
     } else {
-        let i = lid / 4u;
-        let kk = 4u * (lid % 4u);
+        let i = lid / (BK / 4u);
+        let kk = 4u * (lid % (BK / 4u));
         for (var e = 0u; e < 4u; e++) {
             a_tile[(kk + e) * ROW4 + i / 4u][i % 4u] = r[e];
         }
@@ -176,7 +185,7 @@ fn put_a_v(lid: u32, r: vec4<f32>) {
 fn fetch_b_s(t: Tile, lid: u32, k0: u32) -> vec4<f32> {
     var r = vec4<f32>(0.0);
     for (var e = 0u; e < 4u; e++) {
-        let idx = lid + 256u * e;
+        let idx = lid + THREADS * e;
         var j: u32;
         var kk: u32;
         if (TRANS_B) {
@@ -201,7 +210,7 @@ fn fetch_b_s(t: Tile, lid: u32, k0: u32) -> vec4<f32> {
 
 fn put_b_s(lid: u32, r: vec4<f32>) {
     for (var e = 0u; e < 4u; e++) {
-        let idx = lid + 256u * e;
+        let idx = lid + THREADS * e;
         if (TRANS_B) {
             let j = idx / BK;
             let kk = idx % BK;
@@ -216,14 +225,14 @@ fn put_b_s(lid: u32, r: vec4<f32>) {
 
 fn fetch_b_v(t: Tile, lid: u32, k0: u32) -> vec4<f32> {
     if (TRANS_B) {
-        let gn = t.n0 + lid / 4u;
-        let gk = k0 + 4u * (lid % 4u);
+        let gn = t.n0 + lid / (BK / 4u);
+        let gk = k0 + 4u * (lid % (BK / 4u));
         if (gn < p.n && gk < t.k_end) {
             return b_v[(t.base_b + gn * p.ldb + gk) / 4u];
         }
     } else {
-        let gk = k0 + lid / 16u;
-        let gn = t.n0 + 4u * (lid % 16u);
+        let gk = k0 + lid / G;
+        let gn = t.n0 + 4u * (lid % G);
         if (gk < t.k_end && gn < p.n) {
             return b_v[(t.base_b + gk * p.ldb + gn) / 4u];
         }
@@ -233,23 +242,23 @@ fn fetch_b_v(t: Tile, lid: u32, k0: u32) -> vec4<f32> {
 
 fn put_b_v(lid: u32, r: vec4<f32>) {
     if (TRANS_B) {
-        let j = lid / 4u;
-        let kk = 4u * (lid % 4u);
+        let j = lid / (BK / 4u);
+        let kk = 4u * (lid % (BK / 4u));
         for (var e = 0u; e < 4u; e++) {
             b_tile[(kk + e) * ROW4 + j / 4u][j % 4u] = r[e];
         }
     } else {
-        b_tile[(lid / 16u) * ROW4 + lid % 16u] = r;
+        b_tile[(lid / G) * ROW4 + lid % G] = r;
     }
 }
 
 // --- The shared part: multiply the staged slice into the register tile, and write
 // the register tile to C.
 
-// acc[r] holds row 4 (lid / 16) + r, columns 4 (lid % 16) + 0..3 of the C tile.
+// acc[r] holds row 4 (lid / G) + r, columns 4 (lid % G) + 0..3 of the C tile.
 fn multiply(lid: u32, acc: ptr<function, array<vec4<f32>, 4>>) {
-    let ty = lid / 16u;
-    let tx = lid % 16u;
+    let ty = lid / G;
+    let tx = lid % G;
     for (var kk = 0u; kk < BK; kk++) {
         let av = a_tile[kk * ROW4 + ty];
         let bv = b_tile[kk * ROW4 + tx];
@@ -261,8 +270,8 @@ fn multiply(lid: u32, acc: ptr<function, array<vec4<f32>, 4>>) {
 }
 
 fn store(t: Tile, lid: u32, acc: array<vec4<f32>, 4>) {
-    let row = t.m0 + 4u * (lid / 16u);
-    let col = t.n0 + 4u * (lid % 16u);
+    let row = t.m0 + 4u * (lid / G);
+    let col = t.n0 + 4u * (lid % G);
     for (var r = 0u; r < 4u; r++) {
         let gm = row + r;
         if (gm >= p.m) {
@@ -284,7 +293,7 @@ fn store(t: Tile, lid: u32, acc: array<vec4<f32>, 4>) {
 
 // --- Entry points: the same loop with the four combinations of load paths.
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(THREADS)
 fn gemm_ss(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let t = tile_of(wid);
     var acc: array<vec4<f32>, 4>;
@@ -304,7 +313,7 @@ fn gemm_ss(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
     store(t, lid, acc);
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(THREADS)
 fn gemm_vs(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let t = tile_of(wid);
     var acc: array<vec4<f32>, 4>;
@@ -324,7 +333,7 @@ fn gemm_vs(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
     store(t, lid, acc);
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(THREADS)
 fn gemm_sv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let t = tile_of(wid);
     var acc: array<vec4<f32>, 4>;
@@ -344,7 +353,7 @@ fn gemm_sv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
     store(t, lid, acc);
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(THREADS)
 fn gemm_vv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let t = tile_of(wid);
     var acc: array<vec4<f32>, 4>;

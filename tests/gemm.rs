@@ -272,6 +272,83 @@ fn offsets_leading_dimensions_and_strides() {
     }
 }
 
+/// Products with `m` or `n` at most 32 run the 32×32-tile kernel (64 invocations, K
+/// staged 8 at a time); 33 and above the 64×64 one. Around that boundary, in every
+/// transposition, with vec4 and scalar loads, K not a multiple of 8, offsets, padded
+/// leading dimensions, batch strides and broadcasting, and the narrow callers' shapes
+/// (attention's 16×8 by 8×16 per head, the blocked Jacobi's 32-row rotations).
+#[test]
+fn narrow_tiles_at_the_selection_boundary() {
+    let Some(ctx) = common::gpu() else { return };
+    let shapes = [
+        (31, 70, 13),
+        (32, 100, 32),
+        (33, 40, 9),
+        (90, 32, 40),
+        (70, 31, 8),
+        (32, 32, 17),
+        (33, 32, 7),
+        (16, 16, 8),
+        (2, 5, 3),
+        (12, 200, 64),
+    ];
+    for (s, &(m, n, k)) in shapes.iter().enumerate() {
+        for (t, &(ta, tb)) in TRANSPOSES.iter().enumerate() {
+            let seed = 900 + (s * 4 + t) as u64 * 4;
+            let g = Gemm::new(m, n, k, ta, tb).scaled(1.0, 0.5);
+            check(&ctx, &g, packed(&g), seed);
+            for (v, &(off, ld_pad)) in [(4usize, 4usize), (3, 1)].iter().enumerate() {
+                let mut g = Gemm::new(m, n, k, ta, tb).batched(3);
+                g.lda += ld_pad;
+                g.ldb += ld_pad;
+                g.ldc += ld_pad + 2;
+                g.offset_a = off;
+                g.offset_b = 2 * off;
+                g.offset_c = off + 1;
+                let a_rows = if ta { k } else { m };
+                let b_rows = if tb { n } else { k };
+                g.stride_a = if v == 1 { 0 } else { a_rows * g.lda + off };
+                g.stride_b = b_rows * g.ldb;
+                g.stride_c = m * g.ldc + 4;
+                let lens = [
+                    g.offset_a + 3 * a_rows * g.lda + 2 * off,
+                    g.offset_b + 3 * g.stride_b,
+                    g.offset_c + 3 * g.stride_c + 5,
+                ];
+                check(&ctx, &g, lens, seed + 1 + v as u64);
+            }
+        }
+    }
+    // Attention's per-(example, head) products, batched.
+    let g = Gemm::new(16, 16, 8, false, true).batched(130);
+    check(&ctx, &g, packed(&g), 990);
+    // A long K on a narrow product takes split-K with the narrow kernel.
+    let g = Gemm::new(20, 24, 3000, true, false).scaled(1.0, 1.0);
+    check(&ctx, &g, packed(&g), 991);
+}
+
+/// Both tiles add each output's products in the same order (k ascending, one fma
+/// each), so which kernel runs does not change a bit: the first 32 rows of a 33-row
+/// product (64×64 tiles) equal the 32-row product of the same operands (32×32 tiles).
+#[test]
+fn narrow_and_wide_tiles_agree_bitwise() {
+    let Some(ctx) = common::gpu() else { return };
+    let mut rng = TestRng::new(31);
+    let (n, k) = (50, 45);
+    let a = ctx.upload(&rng.vec(33 * k), &[33, k]).unwrap();
+    let b = ctx.upload(&rng.vec(k * n), &[k, n]).unwrap();
+    let c_wide = ctx.zeros(&[33, n]).unwrap();
+    let c_narrow = ctx.zeros(&[32, n]).unwrap();
+    let mut rec = ctx.recorder();
+    gemm(&mut rec, &Gemm::new(33, n, k, false, false), &a, &b, &c_wide).unwrap();
+    gemm(&mut rec, &Gemm::new(32, n, k, false, false), &a, &b, &c_narrow).unwrap();
+    rec.submit().unwrap();
+    let wide = ctx.read(&c_wide).unwrap();
+    let narrow = ctx.read(&c_narrow).unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&wide[..32 * n]), bits(&narrow));
+}
+
 #[test]
 fn random_configurations() {
     let Some(ctx) = common::gpu() else { return };

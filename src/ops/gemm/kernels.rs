@@ -74,8 +74,24 @@ kernel_params! {
     }
 }
 
-/// Values of K a workgroup stages at a time (`BK` in the shader).
+/// Values of K a workgroup of the 64×64 kernel stages at a time (`BK` in the shader;
+/// the 32×32 kernel stages 8, so K slices on multiples of 16 suit both).
 const BK: usize = 16;
+/// Rows and columns of C one workgroup of the narrow kernel computes (64 invocations).
+pub(super) const NARROW_TILE: usize = 32;
+
+/// The C tile of `g`'s workgroups, from the shape alone: [`NARROW_TILE`] when `m` or
+/// `n` is at most [`NARROW_TILE`] (a 64×64 tile would leave at least half of its
+/// invocations idle: the blocked Jacobi's `pair × n` rotations, attention's per-head
+/// products), else [`TILE`]. Both kernels add the products of each output in the same
+/// order (k ascending, one fma each), so the choice does not change a result.
+pub(super) fn tile_of(g: &Gemm) -> usize {
+    if g.m.min(g.n) <= NARROW_TILE {
+        NARROW_TILE
+    } else {
+        TILE
+    }
+}
 /// Split-K aims for about this many workgroups...
 const SPLIT_TARGET_GROUPS: usize = 512;
 /// ...giving each K slice at least this many values...
@@ -87,7 +103,8 @@ const MAX_SPLITS: usize = 64;
 /// and a long K (a covariance `AᵀA` over many rows, a `1 × n` sum over rows) would
 /// occupy only a few workgroups; cutting K into slices whose partial products are then
 /// added in slice order fills the GPU. The plan depends only on the shape, so results
-/// stay deterministic. The partial products take at most about
+/// stay deterministic; tiles are counted as 64×64 whichever kernel runs, so the plan
+/// (and every result) is the same for both tiles. The partial products take at most about
 /// `2·SPLIT_TARGET_GROUPS` tiles of 64×64 floats (16 MiB), and at most `max_partial`
 /// elements (one storage binding).
 fn k_slices(g: &Gemm, max_partial: usize) -> (usize, usize) {
@@ -155,17 +172,21 @@ pub(super) fn gemm_kernel(rec: &mut Recorder, g: &Gemm, [a, b, c]: [&GpuTensor; 
         (false, true) => "gemm_sv",
         (false, false) => "gemm_ss",
     };
-    let kernel = Kernel::new(&crate::ops::GEMM, entry)
+    let tile = tile_of(g);
+    let mut kernel = Kernel::new(&crate::ops::GEMM, entry)
         .with("TRANS_A", f64::from(u8::from(g.trans_a)))
         .with("TRANS_B", f64::from(u8::from(g.trans_b)));
+    if tile != TILE {
+        kernel = kernel.with("TILE", tile as f64);
+    }
     let (splits, k_split) = k_slices(g, rec.context().binding_elements().0);
     if splits > 1 {
-        return gemm_split_k(rec, g, &kernel, [a, b, c], splits, k_split);
+        return gemm_split_k(rec, g, &kernel, tile, [a, b, c], splits, k_split);
     }
     // Element steps of A, B and C per row of C and per column of C.
     let a_row = if g.trans_a { 1 } else { g.lda };
     let b_col = if g.trans_b { g.ldb } else { 1 };
-    let rows_per_chunk = MAX_GROUPS * TILE;
+    let rows_per_chunk = MAX_GROUPS * tile;
     for b0 in (0..g.batch).step_by(MAX_GROUPS) {
         let batch = (g.batch - b0).min(MAX_GROUPS);
         for m0 in (0..g.m).step_by(rows_per_chunk) {
@@ -188,8 +209,8 @@ pub(super) fn gemm_kernel(rec: &mut Recorder, g: &Gemm, [a, b, c]: [&GpuTensor; 
                     k_split: g.k,
                 };
                 let groups = [
-                    n.div_ceil(TILE) as u32,
-                    m.div_ceil(TILE) as u32,
+                    n.div_ceil(tile) as u32,
+                    m.div_ceil(tile) as u32,
                     batch as u32,
                 ];
                 rec.dispatch(&kernel, &[a, b], &[c], &part.params(g), groups)?;
@@ -206,6 +227,7 @@ fn gemm_split_k(
     rec: &mut Recorder,
     g: &Gemm,
     kernel: &Kernel,
+    tile: usize,
     [a, b, c]: [&GpuTensor; 3],
     splits: usize,
     k_split: usize,
@@ -224,8 +246,8 @@ fn gemm_split_k(
         k_split,
     };
     let groups = [
-        n.div_ceil(TILE) as u32,
-        m.div_ceil(TILE) as u32,
+        n.div_ceil(tile) as u32,
+        m.div_ceil(tile) as u32,
         (g.batch * splits) as u32,
     ];
     rec.dispatch(kernel, &[a, b], &[&partial], &part.params(g), groups)?;
