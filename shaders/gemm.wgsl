@@ -11,10 +11,10 @@
 //
 // Each workgroup computes one TILE x TILE tile of C (workgroup_id.x: column tile,
 // workgroup_id.y: row tile, workgroup_id.z: batch index); TILE is an override, 64 by
-// default and 32 for narrow products (the host picks it from the shape). Its
-// THREADS = (TILE / 4)^2 invocations (256 or 64) form a G x G grid, G = TILE / 4; each
-// accumulates a 4 x 4 register tile. A and B are staged through workgroup memory
-// BK = TILE / 4 values of K at a time (16 or 8), k-major, so the inner loop reads one
+// default, 32 or 16 for narrow and small products (the host picks it from the shape).
+// Its THREADS = (TILE / 4)^2 invocations (256, 64 or 16) form a G x G grid, G = TILE / 4;
+// each accumulates a 4 x 4 register tile. A and B are staged through workgroup memory
+// BK = TILE / 4 values of K at a time (16, 8 or 4), k-major, so the inner loop reads one
 // vec4 of A and one vec4 of B per k and does 16 multiply-adds; a staged slice holds
 // TILE * BK = 4 * THREADS values of each operand, four per invocation. The global
 // loads of the next K slice are issued before the current one is multiplied.
@@ -57,7 +57,7 @@ struct GemmParams {
 override TRANS_A: bool = false;
 override TRANS_B: bool = false;
 
-// Rows and columns of the C tile: 64 or 32 (16 would work as well).
+// Rows and columns of the C tile: 64, 32 or 16.
 override TILE: u32 = 64u;
 // Side of the grid of invocations, each owning 4 x 4 values of the C tile.
 override G: u32 = TILE / 4u;

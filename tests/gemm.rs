@@ -272,8 +272,9 @@ fn offsets_leading_dimensions_and_strides() {
     }
 }
 
-/// Products with `m` or `n` at most 32 run the 32×32-tile kernel (64 invocations, K
-/// staged 8 at a time); 33 and above the 64×64 one. Around that boundary, in every
+/// Products with `m` and `n` at most 16 run the 16×16-tile kernel (16 invocations, K
+/// staged 4 at a time), else with `m` or `n` at most 32 the 32×32 one (64 invocations,
+/// K staged 8 at a time), else the 64×64 one. Around those boundaries, in every
 /// transposition, with vec4 and scalar loads, K not a multiple of 8, offsets, padded
 /// leading dimensions, batch strides and broadcasting, and the narrow callers' shapes
 /// (attention's 16×8 by 8×16 per head, the blocked Jacobi's 32-row rotations).
@@ -289,6 +290,9 @@ fn narrow_tiles_at_the_selection_boundary() {
         (32, 32, 17),
         (33, 32, 7),
         (16, 16, 8),
+        (16, 17, 5),
+        (17, 16, 3),
+        (13, 9, 22),
         (2, 5, 3),
         (12, 200, 64),
     ];
@@ -327,26 +331,44 @@ fn narrow_tiles_at_the_selection_boundary() {
     check(&ctx, &g, packed(&g), 991);
 }
 
-/// Both tiles add each output's products in the same order (k ascending, one fma
-/// each), so which kernel runs does not change a bit: the first 32 rows of a 33-row
-/// product (64×64 tiles) equal the 32-row product of the same operands (32×32 tiles).
+/// Every tile adds each output's products in the same order (k ascending, one fma
+/// each), so which kernel runs does not change a bit: the first rows of a product with
+/// one row more (the next larger tile) equal the product of the same operands with
+/// those rows only: 33 rows (64×64) against 32 (32×32) with n = 50, and 17 rows
+/// (32×32) against 16 (16×16) with n = 16.
 #[test]
-fn narrow_and_wide_tiles_agree_bitwise() {
+fn tiles_agree_bitwise() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = TestRng::new(31);
-    let (n, k) = (50, 45);
-    let a = ctx.upload(&rng.vec(33 * k), &[33, k]).unwrap();
-    let b = ctx.upload(&rng.vec(k * n), &[k, n]).unwrap();
-    let c_wide = ctx.zeros(&[33, n]).unwrap();
-    let c_narrow = ctx.zeros(&[32, n]).unwrap();
-    let mut rec = ctx.recorder();
-    gemm(&mut rec, &Gemm::new(33, n, k, false, false), &a, &b, &c_wide).unwrap();
-    gemm(&mut rec, &Gemm::new(32, n, k, false, false), &a, &b, &c_narrow).unwrap();
-    rec.submit().unwrap();
-    let wide = ctx.read(&c_wide).unwrap();
-    let narrow = ctx.read(&c_narrow).unwrap();
-    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    assert_eq!(bits(&wide[..32 * n]), bits(&narrow));
+    let k = 45;
+    for (rows, n) in [(32, 50), (16, 16)] {
+        let a = ctx
+            .upload(&rng.vec((rows + 1) * k), &[rows + 1, k])
+            .unwrap();
+        let b = ctx.upload(&rng.vec(k * n), &[k, n]).unwrap();
+        let c_larger = ctx.zeros(&[rows + 1, n]).unwrap();
+        let c_smaller = ctx.zeros(&[rows, n]).unwrap();
+        let mut rec = ctx.recorder();
+        let larger = Gemm::new(rows + 1, n, k, false, false);
+        gemm(&mut rec, &larger, &a, &b, &c_larger).unwrap();
+        gemm(
+            &mut rec,
+            &Gemm::new(rows, n, k, false, false),
+            &a,
+            &b,
+            &c_smaller,
+        )
+        .unwrap();
+        rec.submit().unwrap();
+        let larger = ctx.read(&c_larger).unwrap();
+        let smaller = ctx.read(&c_smaller).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&larger[..rows * n]),
+            bits(&smaller),
+            "{rows} rows, n = {n}"
+        );
+    }
 }
 
 #[test]

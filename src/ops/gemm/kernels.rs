@@ -75,18 +75,23 @@ kernel_params! {
 }
 
 /// Values of K a workgroup of the 64×64 kernel stages at a time (`BK` in the shader;
-/// the 32×32 kernel stages 8, so K slices on multiples of 16 suit both).
+/// the 32×32 and 16×16 kernels stage 8 and 4, so K slices on multiples of 16 suit all).
 const BK: usize = 16;
 /// Rows and columns of C one workgroup of the narrow kernel computes (64 invocations).
 pub(super) const NARROW_TILE: usize = 32;
+/// Rows and columns of C one workgroup of the small kernel computes (16 invocations).
+pub(super) const SMALL_TILE: usize = 16;
 
-/// The C tile of `g`'s workgroups, from the shape alone: [`NARROW_TILE`] when `m` or
-/// `n` is at most [`NARROW_TILE`] (a 64×64 tile would leave at least half of its
-/// invocations idle: the blocked Jacobi's `pair × n` rotations, attention's per-head
-/// products), else [`TILE`]. Both kernels add the products of each output in the same
-/// order (k ascending, one fma each), so the choice does not change a result.
+/// The C tile of `g`'s workgroups, from the shape alone: [`SMALL_TILE`] when `m` and
+/// `n` are both at most 16 (attention's per-head products), else [`NARROW_TILE`] when
+/// `m` or `n` is at most 32 (the blocked Jacobi's `pair × n` rotations), else [`TILE`];
+/// a 64×64 tile would leave most of its invocations idle on such products. Every tile
+/// adds each output's products in the same order (k ascending, one fma each), so the
+/// choice does not change a result.
 pub(super) fn tile_of(g: &Gemm) -> usize {
-    if g.m.min(g.n) <= NARROW_TILE {
+    if g.m.max(g.n) <= SMALL_TILE {
+        SMALL_TILE
+    } else if g.m.min(g.n) <= NARROW_TILE {
         NARROW_TILE
     } else {
         TILE
@@ -104,7 +109,7 @@ const MAX_SPLITS: usize = 64;
 /// occupy only a few workgroups; cutting K into slices whose partial products are then
 /// added in slice order fills the GPU. The plan depends only on the shape, so results
 /// stay deterministic; tiles are counted as 64×64 whichever kernel runs, so the plan
-/// (and every result) is the same for both tiles. The partial products take at most about
+/// (and every result) is the same for every tile. The partial products take at most about
 /// `2·SPLIT_TARGET_GROUPS` tiles of 64×64 floats (16 MiB), and at most `max_partial`
 /// elements (one storage binding).
 fn k_slices(g: &Gemm, max_partial: usize) -> (usize, usize) {

@@ -8,8 +8,8 @@
 //! copying; a batch stride of 0 broadcasts one matrix over the batch.
 //!
 //! [`gemm`] picks the kernel from the shape alone (so results are deterministic):
-//! 64×64 register-tiled workgroups (32×32 ones when `m` or `n` is at most 32) with
-//! vec4 or scalar loads per operand; split-K when
+//! 64×64 register-tiled workgroups (32×32 ones when `m` or `n` is at most 32, 16×16
+//! ones when both are at most 16) with vec4 or scalar loads per operand; split-K when
 //! there are few tiles and a long K; matrix-vector kernels when `m = 1` or `n = 1`.
 
 use crate::error::{Error, Result};
