@@ -56,22 +56,36 @@ pub(super) trait BatchStage {
     ) -> Result<()>;
 }
 
-/// Runs `stage` over this rank's batches of `data` (batch `b` covers examples
+/// What a pass over the data ([`for_each_batch`]) runs on: the fit's network, parameter
+/// layout, data and options, and how its batches are split and shared among the ranks.
+#[derive(Clone, Copy)]
+pub(super) struct Batches<'a> {
+    pub ctx: &'a GpuContext,
+    pub network: &'a Network,
+    pub data: &'a dyn DataSource,
+    pub options: &'a Options,
+    pub layout: &'a ParamLayout,
+    /// Examples per batch, vectors per stacked backward pass.
+    pub chunks: Chunking,
+    /// This rank's groups of consecutive batches.
+    pub partition: Partition,
+}
+
+/// Runs `stage` over this rank's batches of `batches.data` (batch `b` covers examples
 /// `b·chunks.examples ..`; rank `r` of `K` takes the groups of consecutive batches
 /// [`Partition`] gives it), reading its sums back after each group, reporting each batch to
 /// [`BatchStage::progress`] (an `Advanced` event between `Started` and `Finished`).
 /// Each batch is read from the source into one reused host buffer just before it runs.
-#[allow(clippy::too_many_arguments)] // the pass's context, its data and its share
-pub(super) fn for_each_batch<S: BatchStage>(
-    ctx: &GpuContext,
-    network: &Network,
-    data: &dyn DataSource,
-    options: &Options,
-    layout: &ParamLayout,
-    chunks: Chunking,
-    partition: Partition,
-    stage: &mut S,
-) -> Result<()> {
+pub(super) fn for_each_batch<S: BatchStage>(batches: &Batches, stage: &mut S) -> Result<()> {
+    let Batches {
+        ctx,
+        network,
+        data,
+        options,
+        layout,
+        chunks,
+        partition,
+    } = *batches;
     let layers: Vec<LayerRows> = layout
         .layers
         .iter()
