@@ -21,15 +21,6 @@ fn every_shader_validates_and_translates() {
     assert!(!shaders.is_empty());
     for shader in shaders {
         let (module, info) = validate(shader.name, shader.source);
-        // Overrides keep their defaults, as when the crate creates a pipeline without
-        // constants; every override must therefore have one.
-        let (module, info) = naga::back::pipeline_constants::process_overrides(
-            &module,
-            &info,
-            None,
-            &Default::default(),
-        )
-        .unwrap_or_else(|e| panic!("shaders/{}.wgsl: overrides: {e}", shader.name));
         assert!(
             module
                 .entry_points
@@ -38,29 +29,39 @@ fn every_shader_validates_and_translates() {
             "shaders/{}.wgsl: only compute entry points are expected",
             shader.name
         );
+        // Overrides keep their defaults, as when the crate creates a pipeline without
+        // constants; every override must therefore have one. They are processed per
+        // entry point, as wgpu's backends do (the module is first reduced to what the
+        // entry point uses; override-sized workgroup arrays need that).
         for ep in &module.entry_points {
+            let name = format!("shaders/{}.wgsl {}", shader.name, ep.name);
+            let (module, info) = naga::back::pipeline_constants::process_overrides(
+                &module,
+                &info,
+                Some((naga::ShaderStage::Compute, &ep.name)),
+                &Default::default(),
+            )
+            .unwrap_or_else(|e| panic!("{name}: overrides: {e}"));
             let spv_options = spv::PipelineOptions {
                 shader_stage: naga::ShaderStage::Compute,
                 entry_point: ep.name.clone(),
             };
             spv::write_vec(&module, &info, &spv::Options::default(), Some(&spv_options))
-                .unwrap_or_else(|e| {
-                    panic!("shaders/{}.wgsl {}: SPIR-V: {e}", shader.name, ep.name)
-                });
+                .unwrap_or_else(|e| panic!("{name}: SPIR-V: {e}"));
+            msl::write_string(
+                &module,
+                &info,
+                &msl::Options::default(),
+                &msl::PipelineOptions::default(),
+            )
+            .unwrap_or_else(|e| panic!("{name}: MSL: {e}"));
+            let mut hlsl_source = String::new();
+            let hlsl_options = hlsl::Options::default();
+            let pipeline_options = hlsl::PipelineOptions::default();
+            hlsl::Writer::new(&mut hlsl_source, &hlsl_options, &pipeline_options)
+                .write(&module, &info, None)
+                .unwrap_or_else(|e| panic!("{name}: HLSL: {e}"));
         }
-        msl::write_string(
-            &module,
-            &info,
-            &msl::Options::default(),
-            &msl::PipelineOptions::default(),
-        )
-        .unwrap_or_else(|e| panic!("shaders/{}.wgsl: MSL: {e}", shader.name));
-        let mut hlsl_source = String::new();
-        let hlsl_options = hlsl::Options::default();
-        let pipeline_options = hlsl::PipelineOptions::default();
-        hlsl::Writer::new(&mut hlsl_source, &hlsl_options, &pipeline_options)
-            .write(&module, &info, None)
-            .unwrap_or_else(|e| panic!("shaders/{}.wgsl: HLSL: {e}", shader.name));
     }
 }
 
