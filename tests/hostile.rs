@@ -958,8 +958,13 @@ fn apply_chunks_columns_by_the_memory_budget() {
     assert!(common::rel_err(&results[1], &reference) < 1e-6);
 }
 
-/// Runs the binary and returns its exit status and peak resident memory in MiB (from
-/// the child's rusage).
+/// Runs the binary and returns its exit status and peak resident memory in MiB: the
+/// largest `VmHWM` of `/proc/<pid>/status` (the high-water mark of the child's own
+/// address space since its exec), read every 2 ms until it exits. Not the rusage's
+/// `ru_maxrss`: a child spawned by vfork (posix_spawn) inherits, at exec, the high-water
+/// mark of the test process's own memory, so it measured whatever the other tests of
+/// this binary had allocated meanwhile (a flaky 117 vs 277 MiB with GPU tests running
+/// in parallel threads).
 fn peak_rss_of(args: &[&str]) -> (i32, u64) {
     let child = Command::new(env!("CARGO_BIN_EXE_ekfac"))
         .args(args)
@@ -969,15 +974,35 @@ fn peak_rss_of(args: &[&str]) -> (i32, u64) {
         .spawn()
         .unwrap();
     let id = child.id() as i32;
-    // The child is reaped by wait4 below, which reports its rusage; `Child::wait`
-    // would not.
+    // The child is reaped by wait4 below; `Child::wait` would race with it.
     std::mem::forget(child);
+    let status_file = format!("/proc/{id}/status");
+    let mut peak_kib = 0u64;
     let mut status = 0;
-    // SAFETY: zeroed rusage is a valid value; wait4 on our own child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = unsafe { libc::wait4(id, &mut status, 0, &mut usage) };
-    assert_eq!(pid, id, "wait4");
-    (status, usage.ru_maxrss as u64 / 1024)
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&status_file)
+            && let Some(kib) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        {
+            peak_kib = peak_kib.max(kib);
+        }
+        // SAFETY: waitpid on our own child, without blocking.
+        let pid = unsafe { libc::waitpid(id, &mut status, libc::WNOHANG) };
+        if pid == id {
+            break;
+        }
+        assert_eq!(pid, 0, "waitpid");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(peak_kib > 0, "no VmHWM read for the child");
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    (code, peak_kib / 1024)
 }
 
 /// `apply`'s host memory does not grow with the number of columns: 12.5× more columns
