@@ -163,8 +163,9 @@ impl Console {
                     parts.push(format!("{examples} examples, {rate:.0}/s"));
                 }
                 if let Some(s) = sweeps {
+                    let plural = if s.sweeps == 1 { "" } else { "s" };
                     parts.push(format!(
-                        "n = {}: {} sweeps, off-diagonal {:.1e}",
+                        "n = {}: {} sweep{plural}, off-diagonal {:.1e}",
                         s.dim, s.sweeps, s.off_diagonal
                     ));
                 }

@@ -194,7 +194,7 @@ fn piped_stderr_gets_one_plain_line_per_pass() {
     {
         assert!(line.starts_with(pass), "{line:?} is not the {pass} line");
     }
-    assert!(lines[1].contains("sweeps"), "{err}");
+    assert!(lines[1].contains(" sweep"), "{err}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains("EKFAC"),
