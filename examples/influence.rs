@@ -140,7 +140,7 @@ fn main() -> Result<()> {
             // The first query's grid: the 8×8 images of the query and its top helpful and
             // harmful training examples.
             let top = ekfac::report::TopK::new(&result, TRAIN, TOP)?;
-            let grid = ekfac::report::influence_grid(&train, &test, &top, 0, [1, 8, 8]);
+            let grid = ekfac::report::influence_grid(&train, &test, &top, 0, [1, 8, 8])?;
             let path = std::env::temp_dir().join("ekfac-influence-query0.png");
             ekfac::io::write_atomic(&path, &grid.encode(ekfac::plot::Format::Png, &path)?)?;
             println!(

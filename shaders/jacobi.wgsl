@@ -120,6 +120,8 @@ const SHARED_N: u32 = 32u;
 const MAX_PAIRS: u32 = 128u;
 
 var<workgroup> wg_rot: array<vec4<f32>, MAX_PAIRS>;
+// The index pair of each rotation of the current step.
+var<workgroup> wg_pair: array<vec2<u32>, MAX_PAIRS>;
 var<workgroup> wg_off: array<f32, WG>;
 var<workgroup> wg_tot: array<f32, WG>;
 var<workgroup> wg_done: u32;
@@ -131,8 +133,8 @@ fn stop(off: f32, sweeps: u32, max_sweeps: u32, tol: f32) -> bool {
 }
 
 // Sums wg_off and wg_tot over the workgroup into element 0 (fixed order, deterministic).
-fn reduce_norms(lid: u32) {
-    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
+fn reduce_norms(lid: u32, threads: u32) {
+    for (var stride = threads / 2u; stride > 0u; stride = stride / 2u) {
         workgroupBarrier();
         if (lid < stride) {
             wg_off[lid] += wg_off[lid + stride];
@@ -182,6 +184,8 @@ fn shared_sweep(n: u32, lid: u32) {
     workgroupBarrier();
     let m = n + (n & 1u);
     let h = m / 2u;
+    let a_first = first_item(lid, h);
+    let w_first = first_item(lid, n);
     for (var k = 0u; k + 1u < m; k++) {
         if (lid < h) {
             let pq = pair_of(k, lid, m);
@@ -190,24 +194,17 @@ fn shared_sweep(n: u32, lid: u32) {
                 rot = rotation(wg_a[pq.x * n + pq.x], wg_a[pq.y * n + pq.y], wg_a[pq.x * n + pq.y]);
             }
             wg_rot[lid] = rot;
+            wg_pair[lid] = pq;
         }
         workgroupBarrier();
-        // Items [0, h²): blocks (i, j) of A, i ≤ j (i > j idles); [h², h² + h·n): (slot, column) of W.
-        for (var e = lid; e < h * h + h * n; e += WG) {
-            if (e >= h * h) {
-                let j = (e - h * h) / n;
-                let r = (e - h * h) % n;
-                let pq = pair_of(k, j, m);
-                if (pq.y < n) {
-                    let v = rotate(wg_w[pq.x * n + r], wg_w[pq.y * n + r], wg_rot[j]);
-                    wg_w[pq.x * n + r] = v.x;
-                    wg_w[pq.y * n + r] = v.y;
-                }
-            } else if (e / h <= e % h) {
-                let i = e / h;
-                let j = e % h;
-                let pq = pair_of(k, i, m);
-                let ru = pair_of(k, j, m);
+        // Blocks (i, j) of A, i ≤ j (i > j idles), then (slot, column) items of W.
+        var it = a_first;
+        for (var e = lid; e < h * h; e += WG) {
+            if (it.x <= it.y) {
+                let i = it.x;
+                let j = it.y;
+                let pq = wg_pair[i];
+                let ru = wg_pair[j];
                 if (i == j) {
                     if (pq.y < n) {
                         let apq = wg_a[pq.x * n + pq.y];
@@ -248,9 +245,38 @@ fn shared_sweep(n: u32, lid: u32) {
                     }
                 }
             }
+            it = next_item(it, h);
+        }
+        it = w_first;
+        for (var e = lid; e < h * n; e += WG) {
+            let pq = wg_pair[it.x];
+            let r = it.y;
+            if (pq.y < n) {
+                let v = rotate(wg_w[pq.x * n + r], wg_w[pq.y * n + r], wg_rot[it.x]);
+                wg_w[pq.x * n + r] = v.x;
+                wg_w[pq.y * n + r] = v.y;
+            }
+            it = next_item(it, n);
         }
         workgroupBarrier();
     }
+}
+
+// (row, column) of item lid of a row-major grid with rows of `cols` items, with the
+// step (WG / cols, WG % cols) to the item WG further; `next_item` takes that step, so
+// the sweeps walk their grids without an integer division per item.
+fn first_item(lid: u32, cols: u32) -> vec4<u32> {
+    return vec4<u32>(lid / cols, lid % cols, WG / cols, WG % cols);
+}
+
+fn next_item(it: vec4<u32>, cols: u32) -> vec4<u32> {
+    var i = it.x + it.z;
+    var j = it.y + it.w;
+    if (j >= cols) {
+        j -= cols;
+        i += 1u;
+    }
+    return vec4<u32>(i, j, it.z, it.w);
 }
 
 // n ≤ 32: one sweep with A and W copied into workgroup memory (stride n) and back.
@@ -278,7 +304,7 @@ fn jacobi_sweep_shared(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workg
     }
     wg_off[lid] = off;
     wg_tot[lid] = tot;
-    reduce_norms(lid);
+    reduce_norms(lid, WG);
     if (test_convergence(lid, b, ws_params)) {
         return;
     }
@@ -316,12 +342,14 @@ fn jacobi_sweep_storage(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_work
     }
     wg_off[lid] = off;
     wg_tot[lid] = tot;
-    reduce_norms(lid);
+    reduce_norms(lid, WG);
     if (test_convergence(lid, b, ws_params)) {
         return;
     }
     let m = n + (n & 1u);
     let h = m / 2u;
+    let a_first = first_item(lid, h);
+    let w_first = first_item(lid, n);
     for (var k = 0u; k + 1u < m; k++) {
         if (lid < h) {
             let pq = pair_of(k, lid, m);
@@ -331,23 +359,17 @@ fn jacobi_sweep_storage(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_work
                                ws_work_a[base + pq.x * n + pq.y]);
             }
             wg_rot[lid] = rot;
+            wg_pair[lid] = pq;
         }
         workgroupBarrier();
-        for (var e = lid; e < h * h + h * n; e += WG) {
-            if (e >= h * h) {
-                let j = (e - h * h) / n;
-                let r = (e - h * h) % n;
-                let pq = pair_of(k, j, m);
-                if (pq.y < n) {
-                    let v = rotate(ws_work_w[base + pq.x * n + r], ws_work_w[base + pq.y * n + r], wg_rot[j]);
-                    ws_work_w[base + pq.x * n + r] = v.x;
-                    ws_work_w[base + pq.y * n + r] = v.y;
-                }
-            } else if (e / h <= e % h) {
-                let i = e / h;
-                let j = e % h;
-                let pq = pair_of(k, i, m);
-                let ru = pair_of(k, j, m);
+        // Blocks (i, j) of A, i ≤ j (i > j idles), then (slot, column) items of W.
+        var it = a_first;
+        for (var e = lid; e < h * h; e += WG) {
+            if (it.x <= it.y) {
+                let i = it.x;
+                let j = it.y;
+                let pq = wg_pair[i];
+                let ru = wg_pair[j];
                 if (i == j) {
                     if (pq.y < n) {
                         let apq = ws_work_a[base + pq.x * n + pq.y];
@@ -387,6 +409,18 @@ fn jacobi_sweep_storage(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_work
                     }
                 }
             }
+            it = next_item(it, h);
+        }
+        it = w_first;
+        for (var e = lid; e < h * n; e += WG) {
+            let pq = wg_pair[it.x];
+            let r = it.y;
+            if (pq.y < n) {
+                let v = rotate(ws_work_w[base + pq.x * n + r], ws_work_w[base + pq.y * n + r], wg_rot[it.x]);
+                ws_work_w[base + pq.x * n + r] = v.x;
+                ws_work_w[base + pq.y * n + r] = v.y;
+            }
+            it = next_item(it, n);
         }
         storageBarrier();
         workgroupBarrier();
@@ -402,8 +436,8 @@ fn jacobi_sweep_storage(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_work
 // written through `*_get(i, window)` / `*_set(i, x, window)` with a flat index i.
 //   src    bindings 0–2, read:  the input, V0, A, P or W (init, norms, rank, combine, gather)
 //   dst    bindings 3–5:        work_a, work_w or W (init, combine)
-//   mat_a  bindings 1–3:        work_a (block_solve, block_apply)
-//   mat_b  bindings 4–6:        work_w (block_apply) or vectors (gather)
+//   mat_a  bindings 1–3:        the padded A (block_solve) or the source (block_gather)
+//   mat_b  bindings 4–6:        vectors (global_gather) or the destination (block_gather)
 
 @group(0) @binding(0) var<storage, read> src0: array<f32>;
 @group(0) @binding(1) var<storage, read> src1: array<f32>;
@@ -692,7 +726,7 @@ fn global_norms(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     }
     wg_off[lid] = off;
     wg_tot[lid] = tot;
-    reduce_norms(lid);
+    reduce_norms(lid, WG);
     if (lid == 0u) {
         gn_partials[g * 3u] = wg_off[0];
         gn_partials[g * 3u + 1u] = wg_tot[0];
@@ -772,59 +806,129 @@ fn global_gather(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
 }
 
 // ---------------------------------------------------------------------------------
-// Blocked path (any size): the indices are cut into `blocks` (even) blocks of BLOCK
-// consecutive indices (the last ones partly or wholly beyond n: phantom indices, which
-// read as zero and are never written). A sweep is blocks − 1 rounds; round r pairs the
-// blocks by the round-robin `pair_of(r, slot, blocks)`, so the h = blocks/2 block pairs
-// of a round are disjoint, and every pair of blocks meets once per sweep. A round is two
-// dispatches:
-//   `block_solve`: per pair slot, the L × L sub-matrix S = A[I, I] of the pair's index
-//     set I (L = 2·BLOCK; local index l < BLOCK is block p's l-th index, l ≥ BLOCK block
-//     q's) is diagonalised in workgroup memory by cyclic Jacobi sweeps (`shared_sweep`)
-//     until ‖offdiag(S)‖_F ≤ threshold[matrix] (tol·‖A‖_F / blocks, from the host) or
-//     INNER_SWEEPS sweeps, then its real indices are sorted by their diagonal entries;
-//     writes S' = Rᵀ S R back to A[I, I] and the rotation Rᵀ (rows rotated like W) to
-//     rot.
-//   `block_apply`: A[I, J] ← R_Iᵀ A[I, J] R_J (and its mirror A[J, I]) for every pair of
-//     slots I < J, and W[I, :] ← R_Iᵀ W[I, :], as L × L tile products.
-// Together: A ← Jᵀ A J and W ← Jᵀ W for the block-diagonal orthogonal J of the round.
-// A zero entry between a real and a phantom index gives the identity rotation, so
-// phantom indices never mix with real ones.
+// Blocked path (any size): the indices are cut into `blocks` (even) blocks of `block`
+// consecutive indices (block ≤ SHARED_N / 2; indices from n to m = blocks·block are
+// phantoms). The matrix being diagonalised and its basis live in padded work buffers,
+//   A  [batch, m, m]  phantom rows and columns zero
+//   W  [batch, m, n]  rows are vectors (W = Vᵀ), phantom rows zero,
+// with their blocks in the order of the current round: in round r (of the round-robin
+// `pair_of(r, slot, blocks)` over blocks), the block pair (p, q) of slot s sits at
+// positions 2s and 2s + 1, so every pair is a contiguous L × L diagonal sub-matrix
+// (L = 2·block). A round is:
+//   `block_gather`: A and W from the previous round's block order into this round's
+//     (a table of source positions per transition; A symmetrised on the way);
+//   `block_solve`: per slot, the pair's sub-matrix S is diagonalised in workgroup memory
+//     by cyclic Jacobi sweeps (`shared_sweep`) until ‖offdiag(S)‖_F ≤ threshold[matrix]
+//     (tol·‖A‖_F / blocks, from the host) or INNER_SWEEPS sweeps, its real indices are
+//     sorted by their diagonal entries, and the rotation Rᵀ (rows rotated like W) is
+//     written to rot;
+//   GEMMs (shaders/gemm.wgsl): A ← Rᵀ (Rᵀ A)ᵀ = Rᵀ A R and W ← Rᵀ W with the block
+//     diagonal R of the round, as batched products over the slots.
+// A zero entry between a real and a phantom index gives the identity rotation and the
+// sort keeps phantoms in place, so phantom indices never mix with real ones.
 //
-//   rot [batch, blocks/2, L, L]  R_Iᵀ of each slot of the current round, row-major
+//   rot [batch, blocks/2, L, L]  R_sᵀ of each slot of the current round, row-major
 
 struct BlockParams {
     n: u32,
+    // The padded size blocks · block.
+    m: u32,
     batch: u32,
     // The round r of the sweep.
     round: u32,
     // Number of blocks (even, ≥ 2).
     blocks: u32,
+    // Indices per block (≤ SHARED_N / 2).
+    block: u32,
     // Elements per binding window (see the header).
     window: u32,
 }
-
-// Indices per block; a block pair (L = 2·BLOCK = SHARED_N indices) fits wg_a.
-const BLOCK: u32 = SHARED_N / 2u;
-// Most inner sweeps per block pair.
-const INNER_SWEEPS: u32 = 8u;
-// Elements of one L × L tile per invocation.
-const TILE_ITEMS: u32 = SHARED_N * SHARED_N / WG;
+// Most inner sweeps per block pair and round. Measured on lavapipe (n = 196, and four
+// n = 128): 1, 2, 4 or 8 give the same outer sweeps within one; 2 was the fastest.
+const INNER_SWEEPS: u32 = 2u;
+// Invocations per workgroup of block_solve.
+const SOLVE_WG: u32 = 64u;
+// Most block pair slots of one inner step (SHARED_N / 2).
+const HALF: u32 = 16u;
+// Elements of the SHARED_N × SHARED_N grid per invocation.
+const TILE_ITEMS: u32 = SHARED_N * SHARED_N / SOLVE_WG;
 
 // Where block_solve moves each local index of the pair (its sort).
 var<workgroup> wg_target: array<u32, SHARED_N>;
 
-// The matrix index of local index l of the block pair (p, q).
-fn block_index(pair: vec2<u32>, l: u32) -> u32 {
-    return select(pair.y * BLOCK + l - BLOCK, pair.x * BLOCK + l, l < BLOCK);
+// The (logical) matrix index of local index l of the block pair (p, q).
+fn block_index(pair: vec2<u32>, l: u32, block: u32) -> u32 {
+    return select(pair.y * block + l - block, pair.x * block + l, l < block);
+}
+
+// One cyclic sweep (l − 1 round-robin steps) on the l × l matrix in wg_a (l even,
+// ≤ SHARED_N, stored with row stride SHARED_N), rows of its rotation in wg_w (same
+// layout) rotated alongside, by the SOLVE_WG invocations of block_solve. The items of a
+// step lie on fixed power-of-two grids (no integer division). Starts and ends with a
+// barrier between all reads and writes of wg_a and wg_w.
+fn block_sweep(l: u32, lid: u32) {
+    workgroupBarrier();
+    let h = l / 2u;
+    for (var k = 0u; k + 1u < l; k++) {
+        if (lid < h) {
+            let pq = pair_of(k, lid, l);
+            wg_pair[lid] = pq;
+            wg_rot[lid] = rotation(wg_a[pq.x * SHARED_N + pq.x], wg_a[pq.y * SHARED_N + pq.y],
+                                   wg_a[pq.x * SHARED_N + pq.y]);
+        }
+        workgroupBarrier();
+        // A: the 2 × 2 blocks (i, j) of slots i ≤ j and their mirrors.
+        for (var e = lid; e < HALF * HALF; e += SOLVE_WG) {
+            let i = e / HALF;
+            let j = e % HALF;
+            if (j < h && i <= j) {
+                let pq = wg_pair[i];
+                if (i == j) {
+                    let apq = wg_a[pq.x * SHARED_N + pq.y];
+                    let t = wg_rot[i].z;
+                    wg_a[pq.x * SHARED_N + pq.x] -= t * apq;
+                    wg_a[pq.y * SHARED_N + pq.y] += t * apq;
+                    wg_a[pq.x * SHARED_N + pq.y] = 0.0;
+                    wg_a[pq.y * SHARED_N + pq.x] = 0.0;
+                } else {
+                    let ru = wg_pair[j];
+                    let blk = vec4<f32>(wg_a[pq.x * SHARED_N + ru.x], wg_a[pq.x * SHARED_N + ru.y],
+                                        wg_a[pq.y * SHARED_N + ru.x], wg_a[pq.y * SHARED_N + ru.y]);
+                    let out = rotate_block(blk, wg_rot[i], wg_rot[j]);
+                    wg_a[pq.x * SHARED_N + ru.x] = out.x;
+                    wg_a[ru.x * SHARED_N + pq.x] = out.x;
+                    wg_a[pq.x * SHARED_N + ru.y] = out.y;
+                    wg_a[ru.y * SHARED_N + pq.x] = out.y;
+                    wg_a[pq.y * SHARED_N + ru.x] = out.z;
+                    wg_a[ru.x * SHARED_N + pq.y] = out.z;
+                    wg_a[pq.y * SHARED_N + ru.y] = out.w;
+                    wg_a[ru.y * SHARED_N + pq.y] = out.w;
+                }
+            }
+        }
+        // W: rows (p, q) of slot j at column r.
+        for (var e = lid; e < HALF * SHARED_N; e += SOLVE_WG) {
+            let j = e / SHARED_N;
+            let r = e % SHARED_N;
+            if (j < h && r < l) {
+                let pq = wg_pair[j];
+                let v = rotate(wg_w[pq.x * SHARED_N + r], wg_w[pq.y * SHARED_N + r], wg_rot[j]);
+                wg_w[pq.x * SHARED_N + r] = v.x;
+                wg_w[pq.y * SHARED_N + r] = v.y;
+            }
+        }
+        workgroupBarrier();
+    }
 }
 
 @group(0) @binding(0) var<storage, read> bs_threshold: array<f32>;
 @group(0) @binding(4) var<storage, read_write> bs_rot: array<f32>;
 @group(0) @binding(5) var<storage, read> bs_params: BlockParams;
 
-// One workgroup per (matrix, slot) of the round.
-@compute @workgroup_size(256)
+// One workgroup per (matrix, slot) of the round; reads A (mat_a), writes rot. The
+// sub-matrix and its rotation sit in wg_a and wg_w with row stride SHARED_N (the
+// SHARED_N × SHARED_N grid, entries past l unused).
+@compute @workgroup_size(64)
 fn block_solve(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                @builtin(local_invocation_index) lid: u32) {
     let h = bs_params.blocks / 2u;
@@ -833,31 +937,37 @@ fn block_solve(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         return;
     }
     let n = bs_params.n;
-    let base = (g / h) * n * n;
-    let pair = pair_of(bs_params.round, g % h, bs_params.blocks);
-    let ll = SHARED_N * SHARED_N;
-    for (var e = lid; e < ll; e += WG) {
-        let i = block_index(pair, e / SHARED_N);
-        let j = block_index(pair, e % SHARED_N);
+    let m = bs_params.m;
+    let block = bs_params.block;
+    let l = 2u * block;
+    let slot = g % h;
+    // The sub-matrix starts at row and column slot · l of matrix g / h.
+    let corner = (g / h) * m * m + slot * l * (m + 1u);
+    let pair = pair_of(bs_params.round, slot, bs_params.blocks);
+    for (var q = 0u; q < TILE_ITEMS; q++) {
+        let e = lid + q * SOLVE_WG;
+        let i = e / SHARED_N;
+        let j = e % SHARED_N;
         var x = 0.0;
-        if (i < n && j < n) {
-            x = mat_a_get(base + i * n + j, bs_params.window);
+        if (i < l && j < l) {
+            x = mat_a_get(corner + i * m + j, bs_params.window);
         }
         wg_a[e] = x;
-        wg_w[e] = select(0.0, 1.0, e / SHARED_N == e % SHARED_N);
+        wg_w[e] = select(0.0, 1.0, i == j);
     }
     workgroupBarrier();
     for (var sweep = 0u; sweep < INNER_SWEEPS; sweep++) {
         var off = 0.0;
         var tot = 0.0;
-        for (var e = lid; e < ll; e += WG) {
+        for (var q = 0u; q < TILE_ITEMS; q++) {
+            let e = lid + q * SOLVE_WG;
             let x = wg_a[e];
             tot += x * x;
             off += select(x * x, 0.0, e / SHARED_N == e % SHARED_N);
         }
         wg_off[lid] = off;
         wg_tot[lid] = tot;
-        reduce_norms(lid);
+        reduce_norms(lid, SOLVE_WG);
         if (lid == 0u) {
             let theta = bs_threshold[g / h];
             wg_done = select(0u, 1u, wg_off[0] <= theta * theta);
@@ -865,185 +975,99 @@ fn block_solve(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         if (workgroupUniformLoad(&wg_done) != 0u) {
             break;
         }
-        shared_sweep(SHARED_N, lid);
+        block_sweep(l, lid);
     }
     // Sort the pair's real indices by their diagonal entries, ascending (ties by index),
     // so that the whole diagonal tends to ascending order and the rotations of later
     // rounds stay close to the identity. Phantom indices keep their places. The real
-    // local indices are [0, real_p) and [BLOCK, BLOCK + real count of block q).
-    let real_p = min(BLOCK, n - min(n, pair.x * BLOCK));
-    if (lid < SHARED_N) {
+    // local indices are [0, real_p) and [block, block + real count of block q).
+    let real_p = min(block, n - min(n, pair.x * block));
+    if (lid < l) {
         var place = lid;
-        if (block_index(pair, lid) < n) {
+        if (block_index(pair, lid, block) < n) {
             let key = sort_key(wg_a[lid * SHARED_N + lid]);
             var rank = 0u;
-            for (var j = 0u; j < SHARED_N; j++) {
-                let real = block_index(pair, j) < n;
+            for (var j = 0u; j < l; j++) {
+                let real = block_index(pair, j, block) < n;
                 rank += select(0u, 1u, real && before(sort_key(wg_a[j * SHARED_N + j]), j, key, lid));
             }
-            place = select(BLOCK + rank - real_p, rank, rank < real_p);
+            place = select(block + rank - real_p, rank, rank < real_p);
         }
         wg_target[lid] = place;
     }
-    var a_items: array<f32, TILE_ITEMS>;
     var w_items: array<f32, TILE_ITEMS>;
     for (var q = 0u; q < TILE_ITEMS; q++) {
-        a_items[q] = wg_a[lid + q * WG];
-        w_items[q] = wg_w[lid + q * WG];
+        w_items[q] = wg_w[lid + q * SOLVE_WG];
     }
     workgroupBarrier();
     for (var q = 0u; q < TILE_ITEMS; q++) {
-        let e = lid + q * WG;
-        let ti = wg_target[e / SHARED_N];
-        wg_a[ti * SHARED_N + wg_target[e % SHARED_N]] = a_items[q];
-        wg_w[ti * SHARED_N + e % SHARED_N] = w_items[q];
+        let e = lid + q * SOLVE_WG;
+        if (e / SHARED_N < l) {
+            wg_w[wg_target[e / SHARED_N] * SHARED_N + e % SHARED_N] = w_items[q];
+        }
     }
     workgroupBarrier();
-    for (var e = lid; e < ll; e += WG) {
-        let i = block_index(pair, e / SHARED_N);
-        let j = block_index(pair, e % SHARED_N);
-        if (i < n && j < n) {
-            mat_a_set(base + i * n + j, wg_a[e], bs_params.window);
+    let ll = l * l;
+    for (var q = 0u; q < TILE_ITEMS; q++) {
+        let e = lid + q * SOLVE_WG;
+        let i = e / SHARED_N;
+        let j = e % SHARED_N;
+        if (i < l && j < l) {
+            bs_rot[g * ll + i * l + j] = wg_w[e];
         }
-        bs_rot[g * ll + e] = wg_w[e];
     }
 }
 
-@group(0) @binding(0) var<storage, read> bp_rot: array<f32>;
-@group(0) @binding(7) var<storage, read> bp_params: BlockParams;
-
-// Two L × L operands of `block_apply`, row-major, L/4 vec4 per row.
-var<workgroup> wg_p: array<vec4<f32>, 256>;
-var<workgroup> wg_q: array<vec4<f32>, 256>;
-// vec4 per row of an L × L operand.
-const ROW4: u32 = SHARED_N / 4u;
-
-fn set_p(e: u32, x: f32) {
-    wg_p[e / 4u][e % 4u] = x;
+struct GatherParams {
+    // The source [batch, rows_in, cols_in] and destination [batch, rows_out, cols_out].
+    rows_in: u32,
+    cols_in: u32,
+    rows_out: u32,
+    cols_out: u32,
+    // Row of the index map table whose entry i is the source index of destination
+    // index i; 0xFFFFFFFF: every index stays in place.
+    map: u32,
+    // Entries per row of the index map table (m).
+    map_len: u32,
+    // 1: columns move with the rows (A); 0: columns stay (W).
+    permute_cols: u32,
+    // 1: the destination is (X + Xᵀ)/2 of the moved source X (square A only).
+    symmetrize: u32,
+    window: u32,
 }
 
-fn set_q(e: u32, x: f32) {
-    wg_q[e / 4u][e % 4u] = x;
-}
+@group(0) @binding(0) var<storage, read> bg_map: array<u32>;
+@group(0) @binding(7) var<storage, read> bg_params: GatherParams;
 
-// The 2 × 2 micro-tile of C = P Qᵀ (P = wg_p, Q = wg_q) of invocation lid: rows
-// r, r + 1 and columns c, c + 1 with r = 2·(lid / 16), c = 2·(lid % 16), as
-// (C[r, c], C[r, c + 1], C[r + 1, c], C[r + 1, c + 1]).
-fn tile_product(lid: u32) -> vec4<f32> {
-    let r = (lid / 16u) * 2u;
-    let c = (lid % 16u) * 2u;
-    var acc = vec4<f32>(0.0);
-    for (var k = 0u; k < ROW4; k++) {
-        let p0 = wg_p[r * ROW4 + k];
-        let p1 = wg_p[(r + 1u) * ROW4 + k];
-        let q0 = wg_q[c * ROW4 + k];
-        let q1 = wg_q[(c + 1u) * ROW4 + k];
-        acc += vec4<f32>(dot(p0, q0), dot(p0, q1), dot(p1, q0), dot(p1, q1));
+// The source index of destination index i under the params' map.
+fn gather_source(i: u32) -> u32 {
+    if (bg_params.map == 0xFFFFFFFFu) {
+        return i;
     }
-    return acc;
+    return bg_map[bg_params.map * bg_params.map_len + i];
 }
 
-// Per matrix, workgroups [0, h²) are the A tiles (I, J) = (t / h, t % h) (I ≥ J idles),
-// workgroups [h², h² + h·⌈n/L⌉) the W tiles (slot I, columns [c·L, c·L + L)). Every
-// product is P Qᵀ of two row-major tiles in workgroup memory (`tile_product`).
+// dst[b, i, j] = src[b, source(i), source(j)] (or column j), zero where a source index
+// is out of range (padding and unpadding); src bound as mat_a, dst as mat_b. Grid:
+// x = column / WG, y = row i, z = matrix b.
 @compute @workgroup_size(256)
-fn block_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-               @builtin(local_invocation_index) lid: u32) {
-    let n = bp_params.n;
-    let h = bp_params.blocks / 2u;
-    let chunks = (n + SHARED_N - 1u) / SHARED_N;
-    let per_matrix = h * h + h * chunks;
-    let g = wid.x + wid.y * nwg.x;
-    if (g >= bp_params.batch * per_matrix) {
+fn block_gather(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let p = bg_params;
+    let j = wid.x * WG + lid;
+    if (j >= p.cols_out) {
         return;
     }
-    let b = g / per_matrix;
-    let t = g % per_matrix;
-    let base = b * n * n;
-    let ll = SHARED_N * SHARED_N;
-    let r = (lid / 16u) * 2u;
-    let c = (lid % 16u) * 2u;
-    if (t < h * h) {
-        let si = t / h;
-        let sj = t % h;
-        if (si >= sj) {
-            return;
+    let i = wid.y;
+    let b = wid.z;
+    let si = gather_source(i);
+    let sj = select(j, gather_source(j), p.permute_cols != 0u);
+    var x = 0.0;
+    if (si < p.rows_in && sj < p.cols_in) {
+        let base = b * p.rows_in * p.cols_in;
+        x = mat_a_get(base + si * p.cols_in + sj, p.window);
+        if (p.symmetrize != 0u) {
+            x = 0.5 * (x + mat_a_get(base + sj * p.cols_in + si, p.window));
         }
-        let pi = pair_of(bp_params.round, si, bp_params.blocks);
-        let pj = pair_of(bp_params.round, sj, bp_params.blocks);
-        // P = A[I, J], Q = R_Jᵀ: T = P Qᵀ = A[I, J] R_J.
-        for (var e = lid; e < ll; e += WG) {
-            let i = block_index(pi, e / SHARED_N);
-            let j = block_index(pj, e % SHARED_N);
-            var x = 0.0;
-            if (i < n && j < n) {
-                x = mat_a_get(base + i * n + j, bp_params.window);
-            }
-            set_p(e, x);
-            set_q(e, bp_rot[(b * h + sj) * ll + e]);
-        }
-        workgroupBarrier();
-        let tt = tile_product(lid);
-        workgroupBarrier();
-        // P = R_Iᵀ, Q = Tᵀ: P Qᵀ = R_Iᵀ A[I, J] R_J.
-        set_q(c * SHARED_N + r, tt.x);
-        set_q((c + 1u) * SHARED_N + r, tt.y);
-        set_q(c * SHARED_N + r + 1u, tt.z);
-        set_q((c + 1u) * SHARED_N + r + 1u, tt.w);
-        for (var e = lid; e < ll; e += WG) {
-            set_p(e, bp_rot[(b * h + si) * ll + e]);
-        }
-        workgroupBarrier();
-        let out = tile_product(lid);
-        let i0 = block_index(pi, r);
-        let i1 = block_index(pi, r + 1u);
-        let j0 = block_index(pj, c);
-        let j1 = block_index(pj, c + 1u);
-        write_symmetric(base, n, i0, j0, out.x);
-        write_symmetric(base, n, i0, j1, out.y);
-        write_symmetric(base, n, i1, j0, out.z);
-        write_symmetric(base, n, i1, j1, out.w);
-        return;
     }
-    let si = (t - h * h) / chunks;
-    let c0 = ((t - h * h) % chunks) * SHARED_N;
-    let pi = pair_of(bp_params.round, si, bp_params.blocks);
-    // P = R_Iᵀ, Q = W[I, c0 .. c0 + L]ᵀ: P Qᵀ = R_Iᵀ W[I, c0 .. c0 + L].
-    for (var e = lid; e < ll; e += WG) {
-        let k = e / SHARED_N;
-        let col = e % SHARED_N;
-        let i = block_index(pi, k);
-        var x = 0.0;
-        if (i < n && c0 + col < n) {
-            x = mat_b_get(base + i * n + c0 + col, bp_params.window);
-        }
-        set_q(col * SHARED_N + k, x);
-        set_p(e, bp_rot[(b * h + si) * ll + e]);
-    }
-    workgroupBarrier();
-    let out = tile_product(lid);
-    let i0 = block_index(pi, r);
-    let i1 = block_index(pi, r + 1u);
-    let col0 = c0 + c;
-    let col1 = c0 + c + 1u;
-    if (i0 < n && col0 < n) {
-        mat_b_set(base + i0 * n + col0, out.x, bp_params.window);
-    }
-    if (i0 < n && col1 < n) {
-        mat_b_set(base + i0 * n + col1, out.y, bp_params.window);
-    }
-    if (i1 < n && col0 < n) {
-        mat_b_set(base + i1 * n + col0, out.z, bp_params.window);
-    }
-    if (i1 < n && col1 < n) {
-        mat_b_set(base + i1 * n + col1, out.w, bp_params.window);
-    }
-}
-
-// A[i, j] = A[j, i] = x when both indices are real.
-fn write_symmetric(base: u32, n: u32, i: u32, j: u32, x: f32) {
-    if (i < n && j < n) {
-        mat_a_set(base + i * n + j, x, bp_params.window);
-        mat_a_set(base + j * n + i, x, bp_params.window);
-    }
+    mat_b_set((b * p.rows_out + i) * p.cols_out + j, x, p.window);
 }

@@ -17,9 +17,9 @@
 // element, grid_1d(ceil(N * C * S / 256)) workgroups of 256.
 //
 // LayerNorm normalises each row of the last `d` elements: mean and biased variance of
-// the row, xhat = (x - mean) / sqrt(var + eps), y = xhat * weight + bias. One workgroup
-// of 256 per row, grid_1d(rows) workgroups; the row statistics are reduced in
-// workgroup memory (two passes: the mean, then the mean squared deviation). Backward
+// the row, xhat = (x - mean) / sqrt(var + eps), y = xhat * weight + bias. Rows as in
+// rows.wgsl (prepended), grid_1d(ceil(rows / (256 / lanes))) workgroups; the row
+// statistics take two reductions (the mean, then the mean squared deviation). Backward
 // rows are V-major stacks of the forward rows: grad row r belongs to forward row
 // r % x_rows, so the saved input is never repeated. With g = grad_out * weight,
 // grad_in = (g - mean(g) - xhat * mean(g * xhat)) / sqrt(var + eps).
@@ -38,6 +38,8 @@ struct RowParams {
     x_rows: u32,
     d: u32,
     eps: f32,
+    // Invocations per row: a power of two, at most 256.
+    lanes: u32,
 }
 
 @group(0) @binding(0) var<storage, read> src: array<f32>;
@@ -60,9 +62,6 @@ struct RowParams {
 @group(0) @binding(4) var<storage, read> row_params4: RowParams;
 @group(0) @binding(5) var<storage, read_write> out5: array<f32>;
 @group(0) @binding(6) var<storage, read> bn_params6: ChannelParams;
-
-var<workgroup> partial_a: array<f32, 256>;
-var<workgroup> partial_b: array<f32, 256>;
 
 fn flat(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.x + wid.y * nwg.x) * 256u + lid;
@@ -119,56 +118,32 @@ fn batch_norm_backward_plain(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num
     out2[i] = src[i] * inverseSqrt(var1[channel_of(i, p)] + p.eps);
 }
 
-// Sums (a, b) over the workgroup; every invocation gets the totals. Must be called in
-// uniform control flow.
-fn workgroup_sum2(lid: u32, a: f32, b: f32) -> vec2<f32> {
-    partial_a[lid] = a;
-    partial_b[lid] = b;
-    workgroupBarrier();
-    for (var half = 128u; half > 0u; half >>= 1u) {
-        if (lid < half) {
-            partial_a[lid] += partial_a[lid + half];
-            partial_b[lid] += partial_b[lid + half];
-        }
-        workgroupBarrier();
-    }
-    let total = vec2<f32>(partial_a[0], partial_b[0]);
-    // Nobody overwrites the totals before everyone has read them.
-    workgroupBarrier();
-    return total;
-}
-
-// Mean and 1 / sqrt(var + eps) of the `d` elements of src starting at `base`.
-fn row_statistics(lid: u32, base: u32, d: u32, eps: f32) -> vec2<f32> {
+// Mean and 1 / sqrt(var + eps) of the `d` elements of src starting at `base` (d = 0:
+// a row past the end, taking part in the reductions only).
+fn row_statistics(l: Lane, lid: u32, lanes: u32, base: u32, d: u32, eps: f32) -> vec2<f32> {
     var s = 0.0;
-    for (var j = lid; j < d; j += 256u) {
+    for (var j = l.lane; j < d; j += lanes) {
         s += src[base + j];
     }
-    let mean = workgroup_sum2(lid, s, 0.0).x / f32(d);
+    let mean = row_sum2(l, lid, lanes, s, 0.0).x / f32(d);
     var q = 0.0;
-    for (var j = lid; j < d; j += 256u) {
+    for (var j = l.lane; j < d; j += lanes) {
         let t = src[base + j] - mean;
         q += t * t;
     }
-    let var_ = workgroup_sum2(lid, q, 0.0).x / f32(d);
+    let var_ = row_sum2(l, lid, lanes, q, 0.0).x / f32(d);
     return vec2<f32>(mean, inverseSqrt(var_ + eps));
-}
-
-fn row_index(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return wid.x + wid.y * nwg.x;
 }
 
 @compute @workgroup_size(256)
 fn layer_norm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(local_invocation_index) lid: u32) {
     let p = row_params4;
-    let row = row_index(wid, nwg);
-    if (row >= p.rows) {
-        return;
-    }
-    let base = row * p.d;
-    let stats = row_statistics(lid, base, p.d, p.eps);
-    for (var j = lid; j < p.d; j += 256u) {
+    let l = lane_of(wid, nwg, lid, p.lanes);
+    let d = select(0u, p.d, l.row < p.rows);
+    let base = l.row * p.d;
+    let stats = row_statistics(l, lid, p.lanes, base, d, p.eps);
+    for (var j = l.lane; j < d; j += p.lanes) {
         out3[base + j] = (src[base + j] - stats.x) * stats.y * weight[j] + bias[j];
     }
 }
@@ -177,13 +152,11 @@ fn layer_norm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
 fn layer_norm_forward_plain(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                             @builtin(local_invocation_index) lid: u32) {
     let p = row_params2;
-    let row = row_index(wid, nwg);
-    if (row >= p.rows) {
-        return;
-    }
-    let base = row * p.d;
-    let stats = row_statistics(lid, base, p.d, p.eps);
-    for (var j = lid; j < p.d; j += 256u) {
+    let l = lane_of(wid, nwg, lid, p.lanes);
+    let d = select(0u, p.d, l.row < p.rows);
+    let base = l.row * p.d;
+    let stats = row_statistics(l, lid, p.lanes, base, d, p.eps);
+    for (var j = l.lane; j < d; j += p.lanes) {
         out1[base + j] = (src[base + j] - stats.x) * stats.y;
     }
 }
@@ -192,22 +165,20 @@ fn layer_norm_forward_plain(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_
 fn layer_norm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                        @builtin(local_invocation_index) lid: u32) {
     let p = row_params4;
-    let row = row_index(wid, nwg);
-    if (row >= p.rows || p.x_rows == 0u) {
-        return;
-    }
-    let base = row * p.d;
-    let x_base = (row % p.x_rows) * p.d;
-    let stats = row_statistics(lid, x_base, p.d, p.eps);
+    let l = lane_of(wid, nwg, lid, p.lanes);
+    let d = select(0u, p.d, l.row < p.rows && p.x_rows != 0u);
+    let base = l.row * p.d;
+    let x_base = (l.row % max(p.x_rows, 1u)) * p.d;
+    let stats = row_statistics(l, lid, p.lanes, x_base, d, p.eps);
     var sg = 0.0;
     var sgx = 0.0;
-    for (var j = lid; j < p.d; j += 256u) {
+    for (var j = l.lane; j < d; j += p.lanes) {
         let g = grad_ln[base + j] * weight[j];
         sg += g;
         sgx += g * (src[x_base + j] - stats.x) * stats.y;
     }
-    let sums = workgroup_sum2(lid, sg, sgx) / f32(p.d);
-    for (var j = lid; j < p.d; j += 256u) {
+    let sums = row_sum2(l, lid, p.lanes, sg, sgx) / f32(p.d);
+    for (var j = l.lane; j < d; j += p.lanes) {
         let g = grad_ln[base + j] * weight[j];
         let xhat = (src[x_base + j] - stats.x) * stats.y;
         out3[base + j] = (g - sums.x - xhat * sums.y) * stats.y;
@@ -218,22 +189,20 @@ fn layer_norm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workg
 fn layer_norm_backward_plain(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                              @builtin(local_invocation_index) lid: u32) {
     let p = row_params3;
-    let row = row_index(wid, nwg);
-    if (row >= p.rows || p.x_rows == 0u) {
-        return;
-    }
-    let base = row * p.d;
-    let x_base = (row % p.x_rows) * p.d;
-    let stats = row_statistics(lid, x_base, p.d, p.eps);
+    let l = lane_of(wid, nwg, lid, p.lanes);
+    let d = select(0u, p.d, l.row < p.rows && p.x_rows != 0u);
+    let base = l.row * p.d;
+    let x_base = (l.row % max(p.x_rows, 1u)) * p.d;
+    let stats = row_statistics(l, lid, p.lanes, x_base, d, p.eps);
     var sg = 0.0;
     var sgx = 0.0;
-    for (var j = lid; j < p.d; j += 256u) {
+    for (var j = l.lane; j < d; j += p.lanes) {
         let g = grad_plain[base + j];
         sg += g;
         sgx += g * (src[x_base + j] - stats.x) * stats.y;
     }
-    let sums = workgroup_sum2(lid, sg, sgx) / f32(p.d);
-    for (var j = lid; j < p.d; j += 256u) {
+    let sums = row_sum2(l, lid, p.lanes, sg, sgx) / f32(p.d);
+    for (var j = l.lane; j < d; j += p.lanes) {
         let xhat = (src[x_base + j] - stats.x) * stats.y;
         out2[base + j] = (grad_plain[base + j] - sums.x - xhat * sums.y) * stats.y;
     }

@@ -41,6 +41,25 @@ fn flat(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.x + wid.y * nwg.x) * 256u + lid;
 }
 
+// (plane, row, column) of element i of planes rows x cols.
+fn coords(i: u32, rows: u32, cols: u32) -> vec3<u32> {
+    return vec3<u32>(i / (rows * cols), (i / cols) % rows, i % cols);
+}
+
+// The in-image part of output o's window along one axis of `size` inputs (kernel k,
+// stride s, padding p): inputs [start, end), in the window's order.
+fn clipped(o: u32, k: u32, s: u32, p: u32, size: u32) -> vec2<u32> {
+    let start = max(o * s, p);
+    let end = max(min(o * s + k, p + size), start);
+    return vec2<u32>(start - p, end - p);
+}
+
+// The in-image window of the output at (plane, oh, ow) = c: input rows [x, y) and
+// columns [z, w) of its plane.
+fn window(c: vec3<u32>, p: PoolParams) -> vec4<u32> {
+    return vec4<u32>(clipped(c.y, p.kh, p.sh, p.ph, p.h), clipped(c.z, p.kw, p.sw, p.pw, p.w));
+}
+
 // Outputs along one axis whose window holds input coordinate i: [first, end).
 fn covering(i: u32, k: u32, s: u32, p: u32, count: u32) -> vec2<u32> {
     let t = i + p;
@@ -52,6 +71,12 @@ fn covering(i: u32, k: u32, s: u32, p: u32, count: u32) -> vec2<u32> {
     return vec2<u32>(first, max(first, end));
 }
 
+// The outputs whose window holds the input at (plane, h, w) = c: output rows [x, y)
+// and columns [z, w) of its plane.
+fn holders(c: vec3<u32>, p: PoolParams) -> vec4<u32> {
+    return vec4<u32>(covering(c.y, p.kh, p.sh, p.ph, p.oh), covering(c.z, p.kw, p.sw, p.pw, p.ow));
+}
+
 @compute @workgroup_size(256)
 fn max_pool_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                     @builtin(local_invocation_index) lid: u32) {
@@ -60,24 +85,14 @@ fn max_pool_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
     if (o >= p.planes * p.oh * p.ow) {
         return;
     }
-    let plane = o / (p.oh * p.ow);
-    let oh = (o / p.ow) % p.oh;
-    let ow = o % p.ow;
-    let base = plane * p.h * p.w;
+    let c = coords(o, p.oh, p.ow);
+    let base = c.x * p.h * p.w;
+    let win = window(c, p);
     var best = 0.0;
     var arg = 0xffffffffu;
-    for (var kh = 0u; kh < p.kh; kh++) {
-        let hp = oh * p.sh + kh;
-        if (hp < p.ph || hp - p.ph >= p.h) {
-            continue;
-        }
-        let h = hp - p.ph;
-        for (var kw = 0u; kw < p.kw; kw++) {
-            let wp = ow * p.sw + kw;
-            if (wp < p.pw || wp - p.pw >= p.w) {
-                continue;
-            }
-            let idx = h * p.w + wp - p.pw;
+    for (var h = win.x; h < win.y; h++) {
+        for (var w = win.z; w < win.w; w++) {
+            let idx = h * p.w + w;
             let v = src[base + idx];
             // Padding is -inf: the first in-image element starts the scan, and a later
             // one replaces it only when strictly greater (first maximum wins).
@@ -99,15 +114,13 @@ fn max_pool_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
     if (i >= p.planes * p.h * p.w) {
         return;
     }
-    let plane = i / (p.h * p.w);
-    let idx = i % (p.h * p.w);
-    let rows = covering(idx / p.w, p.kh, p.sh, p.ph, p.oh);
-    let cols = covering(idx % p.w, p.kw, p.sw, p.pw, p.ow);
+    let c = coords(i, p.h, p.w);
+    let outs = holders(c, p);
     var acc = 0.0;
-    for (var oh = rows.x; oh < rows.y; oh++) {
-        for (var ow = cols.x; ow < cols.y; ow++) {
-            let o = (plane * p.oh + oh) * p.ow + ow;
-            if (argmax_in[o] == idx) {
+    for (var oh = outs.x; oh < outs.y; oh++) {
+        for (var ow = outs.z; ow < outs.w; ow++) {
+            let o = (c.x * p.oh + oh) * p.ow + ow;
+            if (argmax_in[o] == c.y * p.w + c.z) {
                 acc += src[o];
             }
         }
@@ -124,22 +137,13 @@ fn avg_pool_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
     if (o >= p.planes * p.oh * p.ow) {
         return;
     }
-    let plane = o / (p.oh * p.ow);
-    let oh = (o / p.ow) % p.oh;
-    let ow = o % p.ow;
-    let base = plane * p.h * p.w;
+    let c = coords(o, p.oh, p.ow);
+    let base = c.x * p.h * p.w;
+    let win = window(c, p);
     var acc = 0.0;
-    for (var kh = 0u; kh < p.kh; kh++) {
-        let hp = oh * p.sh + kh;
-        if (hp < p.ph || hp - p.ph >= p.h) {
-            continue;
-        }
-        for (var kw = 0u; kw < p.kw; kw++) {
-            let wp = ow * p.sw + kw;
-            if (wp < p.pw || wp - p.pw >= p.w) {
-                continue;
-            }
-            acc += src[base + (hp - p.ph) * p.w + wp - p.pw];
+    for (var h = win.x; h < win.y; h++) {
+        for (var w = win.z; w < win.w; w++) {
+            acc += src[base + h * p.w + w];
         }
     }
     out1[o] = acc / f32(p.kh * p.kw);
@@ -153,14 +157,12 @@ fn avg_pool_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
     if (i >= p.planes * p.h * p.w) {
         return;
     }
-    let plane = i / (p.h * p.w);
-    let idx = i % (p.h * p.w);
-    let rows = covering(idx / p.w, p.kh, p.sh, p.ph, p.oh);
-    let cols = covering(idx % p.w, p.kw, p.sw, p.pw, p.ow);
+    let c = coords(i, p.h, p.w);
+    let outs = holders(c, p);
     var acc = 0.0;
-    for (var oh = rows.x; oh < rows.y; oh++) {
-        for (var ow = cols.x; ow < cols.y; ow++) {
-            acc += src[(plane * p.oh + oh) * p.ow + ow];
+    for (var oh = outs.x; oh < outs.y; oh++) {
+        for (var ow = outs.z; ow < outs.w; ow++) {
+            acc += src[(c.x * p.oh + oh) * p.ow + ow];
         }
     }
     out1[i] = acc / f32(p.kh * p.kw);

@@ -32,6 +32,11 @@ fn flat(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.x + wid.y * nwg.x) * 256u + lid;
 }
 
+// (plane, row, column) of element i of planes rows x cols.
+fn coords(i: u32, rows: u32, cols: u32) -> vec3<u32> {
+    return vec3<u32>(i / (rows * cols), (i / cols) % rows, i % cols);
+}
+
 @compute @workgroup_size(256)
 fn upsample_nearest_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                             @builtin(local_invocation_index) lid: u32) {
@@ -40,12 +45,10 @@ fn upsample_nearest_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_
     if (o >= p.planes * p.oh * p.ow) {
         return;
     }
-    let plane = o / (p.oh * p.ow);
-    let oh = (o / p.ow) % p.oh;
-    let ow = o % p.ow;
+    let c = coords(o, p.oh, p.ow);
     let sh = p.oh / p.h;
     let sw = p.ow / p.w;
-    dst[o] = src[(plane * p.h + oh / sh) * p.w + ow / sw];
+    dst[o] = src[(c.x * p.h + c.y / sh) * p.w + c.z / sw];
 }
 
 @compute @workgroup_size(256)
@@ -56,14 +59,12 @@ fn upsample_nearest_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num
     if (i >= p.planes * p.h * p.w) {
         return;
     }
-    let plane = i / (p.h * p.w);
-    let h = (i / p.w) % p.h;
-    let w = i % p.w;
+    let c = coords(i, p.h, p.w);
     let sh = p.oh / p.h;
     let sw = p.ow / p.w;
     var acc = 0.0;
     for (var dh = 0u; dh < sh; dh++) {
-        let row = (plane * p.oh + h * sh + dh) * p.ow + w * sw;
+        let row = (c.x * p.oh + c.y * sh + dh) * p.ow + c.z * sw;
         for (var dw = 0u; dw < sw; dw++) {
             acc += src[row + dw];
         }
@@ -84,12 +85,12 @@ fn adaptive_avg_pool_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num
     if (o >= p.planes * p.oh * p.ow) {
         return;
     }
-    let plane = o / (p.oh * p.ow);
-    let rows = window((o / p.ow) % p.oh, p.h, p.oh);
-    let cols = window(o % p.ow, p.w, p.ow);
+    let c = coords(o, p.oh, p.ow);
+    let rows = window(c.y, p.h, p.oh);
+    let cols = window(c.z, p.w, p.ow);
     var acc = 0.0;
     for (var h = rows.x; h < rows.y; h++) {
-        let row = (plane * p.h + h) * p.w;
+        let row = (c.x * p.h + h) * p.w;
         for (var w = cols.x; w < cols.y; w++) {
             acc += src[row + w];
         }
@@ -112,9 +113,10 @@ fn adaptive_avg_pool_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(nu
     if (i >= p.planes * p.h * p.w) {
         return;
     }
-    let plane = i / (p.h * p.w);
-    let h = (i / p.w) % p.h;
-    let w = i % p.w;
+    let c = coords(i, p.h, p.w);
+    let plane = c.x;
+    let h = c.y;
+    let w = c.z;
     let out_rows = holders(h, p.h, p.oh);
     let out_cols = holders(w, p.w, p.ow);
     var acc = 0.0;

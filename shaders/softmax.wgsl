@@ -17,8 +17,7 @@
 // Backward: grad_in_j = y_j (g_j - sum_k g_k y_k). Its rows are V-major stacks of the
 // forward rows: grad row r belongs to y row r % y_rows, so y is never repeated.
 //
-// One workgroup of 256 per row, grid_1d(rows) workgroups; the row reductions go
-// through workgroup memory.
+// Rows as in rows.wgsl (prepended), grid_1d(ceil(rows / (256 / lanes))) workgroups.
 
 struct SoftmaxParams {
     // Rows this dispatch writes (V * y_rows in backward).
@@ -30,6 +29,8 @@ struct SoftmaxParams {
     // Masked forward: the mask's period and where this dispatch starts in it.
     mask_len: u32,
     mask_offset: u32,
+    // Invocations per row: a power of two, at most 256.
+    lanes: u32,
 }
 
 @group(0) @binding(0) var<storage, read> src: array<f32>;
@@ -43,62 +44,25 @@ struct SoftmaxParams {
 // The lowest finite f32: the maximum of a row with no finite entry stays here.
 const LOWEST: f32 = -3.40282347e38;
 
-var<workgroup> partial: array<f32, 256>;
-
-fn row_index(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return wid.x + wid.y * nwg.x;
-}
-
-// The maximum of `v` over the workgroup, for every invocation. Uniform control flow.
-fn workgroup_max(lid: u32, v: f32) -> f32 {
-    partial[lid] = v;
-    workgroupBarrier();
-    for (var half = 128u; half > 0u; half >>= 1u) {
-        if (lid < half) {
-            partial[lid] = max(partial[lid], partial[lid + half]);
-        }
-        workgroupBarrier();
-    }
-    let total = partial[0];
-    workgroupBarrier();
-    return total;
-}
-
-// The sum of `v` over the workgroup, for every invocation. Uniform control flow.
-fn workgroup_sum(lid: u32, v: f32) -> f32 {
-    partial[lid] = v;
-    workgroupBarrier();
-    for (var half = 128u; half > 0u; half >>= 1u) {
-        if (lid < half) {
-            partial[lid] += partial[lid + half];
-        }
-        workgroupBarrier();
-    }
-    let total = partial[0];
-    workgroupBarrier();
-    return total;
-}
-
 @compute @workgroup_size(256)
 fn softmax_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                    @builtin(local_invocation_index) lid: u32) {
     let p = params2;
-    let row = row_index(wid, nwg);
-    if (row >= p.rows) {
-        return;
-    }
-    let base = row * p.n;
+    let l = lane_of(wid, nwg, lid, p.lanes);
+    // Rows past the end take part in the reductions over no elements.
+    let n = select(0u, p.n, l.row < p.rows);
+    let base = l.row * p.n;
     var m = LOWEST;
-    for (var j = lid; j < p.n; j += 256u) {
+    for (var j = l.lane; j < n; j += p.lanes) {
         m = max(m, src[base + j]);
     }
-    m = workgroup_max(lid, m);
+    m = row_max(l, lid, p.lanes, m);
     var s = 0.0;
-    for (var j = lid; j < p.n; j += 256u) {
+    for (var j = l.lane; j < n; j += p.lanes) {
         s += exp(src[base + j] - m);
     }
-    let inv = 1.0 / workgroup_sum(lid, s);
-    for (var j = lid; j < p.n; j += 256u) {
+    let inv = 1.0 / row_sum2(l, lid, p.lanes, s, 0.0).x;
+    for (var j = l.lane; j < n; j += p.lanes) {
         out1[base + j] = exp(src[base + j] - m) * inv;
     }
 }
@@ -111,26 +75,24 @@ fn kept(p: SoftmaxParams, e: u32) -> bool {
 fn softmax_forward_masked(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                           @builtin(local_invocation_index) lid: u32) {
     let p = params3;
-    let row = row_index(wid, nwg);
-    if (row >= p.rows || p.mask_len == 0u) {
-        return;
-    }
-    let base = row * p.n;
+    let l = lane_of(wid, nwg, lid, p.lanes);
+    let n = select(0u, p.n, l.row < p.rows && p.mask_len != 0u);
+    let base = l.row * p.n;
     var m = LOWEST;
-    for (var j = lid; j < p.n; j += 256u) {
+    for (var j = l.lane; j < n; j += p.lanes) {
         if (kept(p, base + j)) {
             m = max(m, src[base + j]);
         }
     }
-    m = workgroup_max(lid, m);
+    m = row_max(l, lid, p.lanes, m);
     var s = 0.0;
-    for (var j = lid; j < p.n; j += 256u) {
+    for (var j = l.lane; j < n; j += p.lanes) {
         if (kept(p, base + j)) {
             s += exp(src[base + j] - m);
         }
     }
-    let inv = 1.0 / workgroup_sum(lid, s);
-    for (var j = lid; j < p.n; j += 256u) {
+    let inv = 1.0 / row_sum2(l, lid, p.lanes, s, 0.0).x;
+    for (var j = l.lane; j < n; j += p.lanes) {
         var y = 0.0;
         if (kept(p, base + j)) {
             y = exp(src[base + j] - m) * inv;
@@ -143,18 +105,16 @@ fn softmax_forward_masked(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_wo
 fn softmax_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                     @builtin(local_invocation_index) lid: u32) {
     let p = params3;
-    let row = row_index(wid, nwg);
-    if (row >= p.rows || p.y_rows == 0u) {
-        return;
-    }
-    let base = row * p.n;
-    let y_base = (row % p.y_rows) * p.n;
+    let l = lane_of(wid, nwg, lid, p.lanes);
+    let n = select(0u, p.n, l.row < p.rows && p.y_rows != 0u);
+    let base = l.row * p.n;
+    let y_base = (l.row % max(p.y_rows, 1u)) * p.n;
     var s = 0.0;
-    for (var j = lid; j < p.n; j += 256u) {
+    for (var j = l.lane; j < n; j += p.lanes) {
         s += grad_out[base + j] * src[y_base + j];
     }
-    let total = workgroup_sum(lid, s);
-    for (var j = lid; j < p.n; j += 256u) {
+    let total = row_sum2(l, lid, p.lanes, s, 0.0).x;
+    for (var j = l.lane; j < n; j += p.lanes) {
         out2[base + j] = src[y_base + j] * (grad_out[base + j] - total);
     }
 }

@@ -5,8 +5,8 @@ use std::fmt::Write;
 use std::path::Path;
 
 use crate::curvature::influence::{Influence, top_k};
+use crate::data::{BatchBuffer, DataSource, TargetBuffer};
 use crate::error::{Error, Result};
-use crate::model::data::{Dataset, Targets};
 
 /// The top-`k` tables of an influence result, `[Q, k]` each.
 pub struct TopK {
@@ -107,29 +107,36 @@ pub fn influence_file(
         .map_err(|e| Error::input(path.display(), format!("serialising: {e}")))
 }
 
+/// Example `i` of `data`, read from the source (the report reads only the examples it
+/// shows).
+fn example(data: &dyn DataSource, i: usize) -> Result<BatchBuffer> {
+    let mut buffer = BatchBuffer::new(data);
+    buffer.read(data, i, i + 1)?;
+    Ok(buffer)
+}
+
 /// A label of example `i` of `data`: its class, or its first target values.
-pub fn label(data: &Dataset, i: usize) -> String {
-    match &data.y {
-        Targets::Classes(y) => y[i].to_string(),
-        Targets::Values { data, cols } => {
-            let row = &data[i * cols..(i + 1) * cols];
+pub fn label(data: &dyn DataSource, i: usize) -> Result<String> {
+    Ok(match example(data, i)?.y {
+        TargetBuffer::Classes(y) => y[0].to_string(),
+        TargetBuffer::Values { data: row, .. } => {
             let shown: Vec<String> = row.iter().take(3).map(|v| format!("{v:.3}")).collect();
             let more = if row.len() > 3 { ", …" } else { "" };
             format!("[{}{more}]", shown.join(", "))
         }
-    }
+    })
 }
 
 /// The Markdown report: per query its label and tables of the top helpful and harmful
 /// training examples (index, label, score), with `images[q]` (a file name in the
 /// report's directory) shown where given.
 pub fn influence_markdown(
-    train: &Dataset,
-    query: &Dataset,
+    train: &dyn DataSource,
+    query: &dyn DataSource,
     result: &Influence,
     top: &TopK,
     images: &[Option<String>],
-) -> String {
+) -> Result<String> {
     let mut md = String::new();
     let k = top.k;
     let _ = writeln!(
@@ -137,7 +144,9 @@ pub fn influence_markdown(
         "# Influence report\n\n{} queries, {} training examples, damping δ = {:e}.\n\n\
          `score[q, n] = ∇ℓ_qᵀ (F + δI)⁻¹ ∇ℓ_n`: positive = helpful (training on example n \
          lowers the query's loss), negative = harmful.\n",
-        query.len, train.len, result.damping
+        query.len(),
+        train.len(),
+        result.damping
     );
     if let Some(s) = &result.self_influence {
         let mut order: Vec<usize> = (0..s.len()).collect();
@@ -152,14 +161,14 @@ pub fn influence_markdown(
                 md,
                 "| {} | {i} | {} | {:.4e} |",
                 rank + 1,
-                label(train, i),
+                label(train, i)?,
                 s[i]
             );
         }
         md.push('\n');
     }
-    for q in 0..query.len {
-        let _ = writeln!(md, "## Query {q} (label {})\n", label(query, q));
+    for q in 0..query.len() {
+        let _ = writeln!(md, "## Query {q} (label {})\n", label(query, q)?);
         if let Some(Some(image)) = images.get(q) {
             let _ = writeln!(
                 md,
@@ -181,52 +190,55 @@ pub fn influence_markdown(
                 md,
                 "| {} | {h} | {} | {:+.4e} | {x} | {} | {:+.4e} |",
                 r + 1,
-                label(train, h),
+                label(train, h)?,
                 top.helpful_scores[q * k + r],
-                label(train, x),
+                label(train, x)?,
                 top.harmful_scores[q * k + r]
             );
         }
         md.push('\n');
     }
-    md
+    Ok(md)
 }
 
 /// The image grid of query `q`: the query, then its top helpful and its top harmful
 /// training images with labels and scores, in one row (`shape` = `[C, H, W]`).
 pub fn influence_grid(
-    train: &Dataset,
-    query: &Dataset,
+    train: &dyn DataSource,
+    query: &dyn DataSource,
     top: &TopK,
     q: usize,
     shape: [usize; 3],
-) -> crate::plot::Picture {
-    let e = shape.iter().product::<usize>();
+) -> Result<crate::plot::Picture> {
     let k = top.k;
-    let mut tiles = vec![crate::plot::Tile {
-        pixels: &query.x[q * e..(q + 1) * e],
-        shape,
-        caption: ["query".into(), format!("label {}", label(query, q))],
-    }];
+    let mut shown = vec![(
+        example(query, q)?,
+        ["query".into(), format!("label {}", label(query, q)?)],
+    )];
     for (indices, scores) in [
         (&top.helpful_indices, &top.helpful_scores),
         (&top.harmful_indices, &top.harmful_scores),
     ] {
         for r in 0..k {
             let n = indices[q * k + r] as usize;
-            tiles.push(crate::plot::Tile {
-                pixels: &train.x[n * e..(n + 1) * e],
-                shape,
-                caption: [
-                    format!("{:+.2e}", scores[q * k + r]),
-                    format!("#{n} label {}", label(train, n)),
-                ],
-            });
+            let caption = [
+                format!("{:+.2e}", scores[q * k + r]),
+                format!("#{n} label {}", label(train, n)?),
+            ];
+            shown.push((example(train, n)?, caption));
         }
     }
-    crate::plot::image_grid(
+    let tiles: Vec<crate::plot::Tile> = shown
+        .iter()
+        .map(|(example, caption)| crate::plot::Tile {
+            pixels: example.x_f32(),
+            shape,
+            caption: caption.clone(),
+        })
+        .collect();
+    Ok(crate::plot::image_grid(
         &format!("query {q}: the query, its {k} most helpful, then its {k} most harmful"),
         &tiles,
         tiles.len(),
-    )
+    ))
 }

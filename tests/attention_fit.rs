@@ -9,22 +9,15 @@
 
 mod common;
 
-use std::collections::HashMap;
-
 use ekfac::curvature::fit::fit;
 use ekfac::curvature::operator::{Approximation, Operator, Transform};
-use ekfac::curvature::options::{DampingMode, FisherType, KfacApprox, Options};
+use ekfac::curvature::options::{FisherType, KfacApprox, Options};
 use ekfac::graph::json::from_json_str;
 use ekfac::graph::{Model, Network};
-use ekfac::loss::Targets as LossTargets;
-use ekfac::model::{Dataset, Targets};
-use ekfac::reference::curvature::{CpuCurvature, Dataset as CpuDataset, Network64};
+use ekfac::reference::curvature::Network64;
 
 use common::TestRng;
-
-const DAMPING: f64 = 1e-2;
-/// Columns of the test vectors.
-const K: usize = 2;
+use common::reference::{COLUMNS as K, DAMPING, compare_fit, random_weights};
 /// Tokens, model width, heads (of width 2).
 const T: usize = 5;
 const D: usize = 4;
@@ -92,19 +85,7 @@ fn block(by_hand: bool) -> String {
 /// Both variants of the block with the same random weights (scaled by 1.5/√fan_in).
 fn models(seed: u64) -> [Model; 2] {
     let graphs = [false, true].map(|by_hand| from_json_str(&block(by_hand), "block.json").unwrap());
-    let mut rng = TestRng::new(seed);
-    let mut tensors = HashMap::new();
-    let graph = &graphs[0];
-    for i in 0..graph.nodes.len() {
-        for spec in graph.layer(i).params() {
-            let n: usize = spec.shape.iter().product();
-            let fan_in: usize = spec.shape.get(1..).unwrap_or(&[]).iter().product();
-            let scale = 1.5 / (fan_in.max(1) as f64).sqrt();
-            let values: Vec<f32> = (0..n).map(|_| (rng.uniform() * scale) as f32).collect();
-            let key = format!("{}.{}", graph.nodes[i].module(), spec.suffix);
-            tensors.insert(key, (spec.shape, values));
-        }
-    }
+    let tensors = random_weights(&graphs[0], &mut TestRng::new(seed));
     graphs.map(|g| Model::new(g, tensors.clone()).unwrap())
 }
 
@@ -142,67 +123,6 @@ fn sdpa_and_attention_by_hand_agree_in_a_network() {
     assert!(e < 1e-6, "SDPA vs by hand: {e:e}");
 }
 
-/// The fitted operator on the GPU against the f64 reference: KFAC and EKFAC, forward
-/// and damped inverse products on `K` random vectors. Tolerances as against curvlinops
-/// (products 1e-4 for f32 eigenvectors, damped inverses 1e-3).
-fn compare(
-    ctx: &ekfac::gpu::GpuContext,
-    model: &Model,
-    data: &Dataset,
-    options: &Options,
-    what: &str,
-) {
-    let fitted = fit(ctx, model, data, options, Some(DAMPING)).unwrap();
-    let mut rng = TestRng::new(3);
-    let v = rng.vec(fitted.state.layout.num_params * K);
-    let operator = Operator::new(ctx, &fitted.state).unwrap();
-    let net = Network64::new(model);
-    let x: Vec<f64> = data.x.iter().map(|&x| f64::from(x)).collect();
-    let Targets::Classes(y) = &data.y else {
-        unreachable!("class targets")
-    };
-    let classes: Vec<usize> = y.iter().map(|&c| c as usize).collect();
-    let cpu_data = CpuDataset {
-        x: &x,
-        targets: LossTargets::Classes(&classes),
-        num_data: data.len,
-    };
-    let reference = CpuCurvature::fit(&net, &cpu_data, options, true).unwrap();
-    assert_eq!(reference.layout, fitted.state.layout, "{what}: layout");
-    let v64: Vec<f64> = v.iter().map(|&x| f64::from(x)).collect();
-    for approx in [Approximation::Kfac, Approximation::Ekfac] {
-        let mode = match approx {
-            Approximation::Kfac => DampingMode::Plain,
-            Approximation::Ekfac => DampingMode::Exact,
-        };
-        let cases = [
-            (
-                Transform::Forward,
-                reference.matmat(approx, &v64, K).unwrap(),
-                1e-4,
-            ),
-            (
-                Transform::Inverse {
-                    damping: DAMPING,
-                    mode,
-                },
-                reference
-                    .inverse_matmat(approx, &v64, K, DAMPING, mode)
-                    .unwrap(),
-                1e-3,
-            ),
-        ];
-        for (transform, want, tol) in cases {
-            let got = operator.apply(&v, K, approx, transform).unwrap();
-            let e = common::rel_err(&got, &want);
-            assert!(
-                e < tol,
-                "{what}: {approx:?} {transform:?}: relative error {e:.2e} ≥ {tol:.0e}"
-            );
-        }
-    }
-}
-
 /// Fits of both variants against the reference: expand and reduce, separate and joint
 /// bias, type-2 and empirical Fisher, batches that do not divide N.
 ///
@@ -237,7 +157,7 @@ fn attention_block_fits_match_the_reference() {
                 ..Options::default()
             };
             let what = format!("{variant}: {approx:?} joint_bias={joint_bias} {fisher:?}");
-            compare(&ctx, model, &data, &options, &what);
+            compare_fit(&ctx, model, &data, &options, None, &what);
         }
     }
 }

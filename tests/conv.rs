@@ -6,7 +6,7 @@ mod common;
 
 use common::TestRng;
 use ekfac::geometry::Conv2dGeometry;
-use ekfac::ops::conv::{ConvBackward, ConvWorkspace, conv2d_backward, conv2d_forward};
+use ekfac::ops::conv::{ConvWorkspace, WeightedBackward, conv2d_backward, conv2d_forward};
 use ekfac::reference::ops;
 
 /// Awkward shapes with a bias flag: padding, stride 2, dilation 2, groups 2 and 4,
@@ -173,7 +173,7 @@ fn gpu_conv2d_matches_cpu_reference() {
                 let db = ctx.upload(&prior_b, &[geo.out_channels]).unwrap();
                 let mut rec = ctx.recorder();
                 conv2d_forward(&mut rec, &geo, &ws, &xg, &wg, has_bias.then_some(&bg), &y).unwrap();
-                let args = ConvBackward {
+                let args = WeightedBackward {
                     grad_out: &dyg,
                     x: Some(&xg),
                     weight: Some(&wg),
@@ -184,31 +184,26 @@ fn gpu_conv2d_matches_cpu_reference() {
                 };
                 conv2d_backward(&mut rec, &geo, &ws, &args).unwrap();
                 rec.submit().unwrap();
-                let prior = |p: &[f32], want: &[f64]| -> Vec<f64> {
-                    want.iter()
-                        .zip(p)
-                        .map(|(w, &p)| w + if accumulate { f64::from(p) } else { 0.0 })
-                        .collect()
-                };
                 let case =
                     format!("{geo:?} bias {has_bias} budget {budget} accumulate {accumulate}");
-                assert!(
-                    common::rel_err(&ctx.read(&y).unwrap(), &want_y) < 1e-5,
-                    "y {case}"
-                );
-                assert!(
-                    common::rel_err(&ctx.read(&dx).unwrap(), &want_dx) < 1e-5,
-                    "dx {case}"
-                );
-                let dw_want = prior(&prior_w, &want_dw);
-                assert!(
-                    common::rel_err(&ctx.read(&dw).unwrap(), &dw_want) < 1e-5,
-                    "dw {case}"
-                );
-                let db_want = prior(&prior_b, &want_db);
-                assert!(
-                    common::rel_err(&ctx.read(&db).unwrap(), &db_want) < 1e-5,
-                    "db {case}"
+                common::assert_close(
+                    &ctx,
+                    &[
+                        ("y", &y, &want_y),
+                        ("dx", &dx, &want_dx),
+                        (
+                            "dw",
+                            &dw,
+                            &common::plus_prior(&want_dw, &prior_w, accumulate),
+                        ),
+                        (
+                            "db",
+                            &db,
+                            &common::plus_prior(&want_db, &prior_b, accumulate),
+                        ),
+                    ],
+                    1e-5,
+                    &case,
                 );
             }
         }

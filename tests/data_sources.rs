@@ -1,21 +1,25 @@
 //! Data sources (issue 14): a memory-mapped file and a directory of shards give exactly
 //! the examples of the in-memory data set, so fits on them are bitwise the same; shards
-//! that disagree are errors naming the file; and a fit streams its data, so a child
-//! process whose memory is capped fits a data directory 8× larger than the cap.
+//! that disagree are errors naming the file; each rank checks only its own batches;
+//! and a fit and influence scoring stream their data, so a child process whose memory
+//! is capped fits and scores a data directory 8× larger than the cap.
 
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use ekfac::curvature::fit::fit;
+use ekfac::curvature::influence::{InfluenceOptions, influence};
 use ekfac::curvature::options::{FisherType, LossKind, Options};
 use ekfac::data::{BatchBuffer, DataSource, MappedFile, ShardDirectory};
+use ekfac::distributed::Partition;
 use ekfac::graph::ModelSpec;
 use ekfac::model::{Dataset, Targets};
+use ekfac::progress::Silent;
 use safetensors::{Dtype, tensor::TensorView};
 
 use common::TestRng;
+use common::child::{proc_status_kib, run_child};
 
 /// Writes `x` (F32 `[n, *shape]`) and `y` (class indices as `y_dtype`, or F32 values
 /// `[n, cols]`) of examples `range` of `data`.
@@ -241,14 +245,35 @@ fn shards_that_disagree_are_errors_naming_the_file() {
     write_part(&dir.join("a.safetensors"), &bad, 0..5, Dtype::I64);
     write_part(&dir.join("b.safetensors"), &bad, 5..10, Dtype::I64);
     let shards = ShardDirectory::open(&dir).unwrap();
-    let err = ekfac::data::check(
-        &shards,
-        &common::random_model(mlp(), &mut rng).graph,
-        LossKind::CrossEntropy,
-        FisherType::Mc,
-    )
-    .unwrap_err()
-    .to_string();
+    let graph = common::random_model(mlp(), &mut rng).graph;
+    let check = |ranges: Vec<(usize, usize)>| {
+        ekfac::data::check(
+            &shards,
+            &graph,
+            LossKind::CrossEntropy,
+            FisherType::Mc,
+            ranges.into_iter(),
+        )
+    };
+    let err = ekfac::data::check_all(&shards, &graph, LossKind::CrossEntropy, FisherType::Mc)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("b.safetensors") && err.contains("x[7, 2] is NaN"),
+        "{err}"
+    );
+    // Each rank of a distributed fit checks only its own batches: with batches of 3
+    // over 2 ranks, example 7 (batch 2) is rank 0's.
+    let rank = |rank| {
+        Partition { rank, size: 2 }
+            .batches(10, 3)
+            .map(|span| (span.start, span.len))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(rank(0), [(0, 3), (6, 3)]);
+    assert_eq!(rank(1), [(3, 3), (9, 1)]);
+    check(rank(1)).unwrap();
+    let err = check(rank(0)).unwrap_err().to_string();
     assert!(
         err.contains("b.safetensors") && err.contains("x[7, 2] is NaN"),
         "{err}"
@@ -260,12 +285,6 @@ const DIR_VAR: &str = "EKFAC_DATA_SOURCES_DIR";
 
 /// How much the child's memory may grow over a warmed-up fit of two batches.
 const CAP_BYTES: u64 = 16 << 20;
-
-fn proc_status_kib(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with(field))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
 
 /// A model whose input is large (`[1, 64, 64]`, 16 KiB per example) and whose curvature
 /// is small: 16×16 average pooling, then `Linear(16, 3)`.
@@ -289,12 +308,14 @@ fn streaming_options() -> Options {
     }
 }
 
-/// Fits [`pooled_model`] on the directory in [`DIR_VAR`] after a warm-up fit of two
-/// batches, with the data segment limited (`RLIMIT_DATA`) to what it used after the
-/// warm-up plus [`CAP_BYTES`], and prints the peak resident set of the warm-up and of
-/// the fit (`VmHWM`, reset in between).
+/// Fits [`pooled_model`] on the directory in [`DIR_VAR`] after a warm-up fit and
+/// influence scoring of two batches, with the data segment limited (`RLIMIT_DATA`) to
+/// what it used after the warm-up plus [`CAP_BYTES`], then scores the directory's
+/// examples as influence training data against 4 queries under the same limit, and
+/// prints the peak resident set of the warm-up, of the fit and of the scoring
+/// (`VmHWM`, reset in between).
 #[test]
-#[ignore = "run in a child process by a_capped_child_fits_a_directory_8x_larger_than_its_cap"]
+#[ignore = "run in a child process by a_capped_child_fits_and_scores_a_directory_8x_larger_than_its_cap"]
 fn streamed_fit_in_child() {
     let dir = std::env::var(DIR_VAR).expect("the parent sets the directory");
     let ctx = common::gpu().expect("the parent checked for a GPU");
@@ -302,7 +323,23 @@ fn streamed_fit_in_child() {
     let model = pooled_model(&mut rng);
     let options = streaming_options();
     let warm = common::random_classification(&mut rng, 256, &[1, 64, 64], 3);
-    fit(&ctx, &model, &warm, &options, Some(1e-3)).unwrap();
+    let queries = common::random_classification(&mut rng, 4, &[1, 64, 64], 3);
+    let scoring = InfluenceOptions {
+        batch_size: 128,
+        ..InfluenceOptions::default()
+    };
+    let warm_state = fit(&ctx, &model, &warm, &options, Some(1e-3))
+        .unwrap()
+        .state;
+    influence(
+        &ctx,
+        &model,
+        &warm_state,
+        [&warm, &queries],
+        &scoring,
+        &Silent,
+    )
+    .unwrap();
     drop(warm);
     let warm_peak = proc_status_kib("VmHWM:").unwrap();
     // Resets VmHWM to the current resident set (Linux 4.0+).
@@ -318,15 +355,27 @@ fn streamed_fit_in_child() {
     let source = ShardDirectory::open(Path::new(&dir)).unwrap();
     let fitted = fit(&ctx, &model, &source, &options, Some(1e-3)).unwrap();
     assert_eq!(fitted.state.meta.num_data, source.len());
+    let fit_peak = proc_status_kib("VmHWM:").unwrap();
+    std::fs::write("/proc/self/clear_refs", "5").unwrap();
+    let scores = influence(
+        &ctx,
+        &model,
+        &fitted.state,
+        [&source, &queries],
+        &scoring,
+        &Silent,
+    )
+    .unwrap();
+    assert_eq!(scores.scores.len(), 4 * source.len());
     println!(
-        "usage {warm_peak} {} {data_kib} {}",
+        "usage {warm_peak} {fit_peak} {data_kib} {} {}",
+        proc_status_kib("VmData:").unwrap(),
         proc_status_kib("VmHWM:").unwrap(),
-        proc_status_kib("VmData:").unwrap()
     );
 }
 
 #[test]
-fn a_capped_child_fits_a_directory_8x_larger_than_its_cap() {
+fn a_capped_child_fits_and_scores_a_directory_8x_larger_than_its_cap() {
     if proc_status_kib("VmHWM:").is_none() || common::gpu().is_none() {
         eprintln!("SKIPPING: needs /proc/self/status and a GPU");
         return;
@@ -342,40 +391,25 @@ fn a_capped_child_fits_a_directory_8x_larger_than_its_cap() {
         bytes += std::fs::metadata(&path).unwrap().len();
     }
     assert!(bytes >= 8 * CAP_BYTES, "{bytes} bytes of data");
-    let output = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--ignored",
-            "--exact",
-            "streamed_fit_in_child",
-            "--nocapture",
-        ])
-        .env(DIR_VAR, tmp.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "the capped child fit of {bytes} bytes failed: {stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
+    let (v, stderr) = run_child(
+        "streamed_fit_in_child",
+        DIR_VAR,
+        tmp.path(),
+        &format!("the capped child fit of {bytes} bytes"),
     );
-    let line = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("usage "))
-        .unwrap_or_else(|| panic!("the child printed no usage: {stdout}"));
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .map(|w| w.parse().unwrap())
-        .collect();
-    let [warm_peak, fit_peak, data_before, data_after] = [v[0], v[1], v[2], v[3]];
+    let [warm_peak, fit_peak, data_before, data_after, scoring_peak] =
+        [v[0], v[1], v[2], v[3], v[4]];
     eprintln!(
-        "data {bytes} bytes; peak RSS warm-up {warm_peak} KiB, streamed fit {fit_peak} KiB; \
-         VmData {data_before} → {data_after} KiB\n{}",
-        String::from_utf8_lossy(&output.stderr)
+        "data {bytes} bytes; peak RSS warm-up {warm_peak} KiB, streamed fit {fit_peak} KiB, \
+         streamed influence scoring {scoring_peak} KiB; VmData {data_before} → {data_after} \
+         KiB\n{stderr}"
     );
-    assert!(
-        fit_peak * 1024 <= warm_peak * 1024 + CAP_BYTES,
-        "the streamed fit peaked at {fit_peak} KiB, more than the warm-up's {warm_peak} KiB + \
-         {} KiB",
-        CAP_BYTES >> 10
-    );
+    for (what, peak) in [("fit", fit_peak), ("influence scoring", scoring_peak)] {
+        assert!(
+            peak * 1024 <= warm_peak * 1024 + CAP_BYTES,
+            "the streamed {what} peaked at {peak} KiB, more than the warm-up's {warm_peak} \
+             KiB + {} KiB",
+            CAP_BYTES >> 10
+        );
+    }
 }

@@ -300,14 +300,7 @@ fn runner(cases: u32) -> TestRunner {
 
 /// Peak resident memory of this process in MiB (Linux), or 0 elsewhere.
 fn peak_rss_mib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib / 1024)
+    common::child::proc_status_kib("VmHWM:").map_or(0, |kib| kib / 1024)
 }
 
 fn assert_memory_bounded() {

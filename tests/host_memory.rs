@@ -19,8 +19,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use ekfac::curvature::fit::fit;
 use ekfac::curvature::influence::{InfluenceOptions, influence};
 use ekfac::curvature::options::{FisherType, Options};
@@ -43,10 +41,9 @@ struct Usage {
     gpu_live: [u64; 2],
 }
 
+/// Peak resident set of this process, KiB.
 fn vm_hwm_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
+    common::child::proc_status_kib("VmHWM:")
 }
 
 /// The model of both children: `Linear(4, 5) ReLU Linear(5, 3)`.
@@ -139,25 +136,8 @@ fn influence_in_child() {
 
 /// Runs the ignored test `name` on `examples` examples in a child process.
 fn child(name: &str, examples: usize) -> Usage {
-    let output = Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", name, "--nocapture"])
-        .env(EXAMPLES_VAR, examples.to_string())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "the child {name} of {examples} examples failed: {stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let line = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("usage "))
-        .unwrap_or_else(|| panic!("the child printed no usage: {stdout}"));
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .map(|w| w.parse().unwrap())
-        .collect();
+    let what = format!("the child {name} of {examples} examples");
+    let (v, _) = common::child::run_child(name, EXAMPLES_VAR, examples.to_string(), &what);
     Usage {
         vm_hwm_kib: v[0],
         gpu_peak: v[1],

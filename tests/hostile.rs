@@ -22,11 +22,17 @@ const REFUSAL_SECONDS: u64 = 20;
 
 const CASE: &str = "mlp_tanh_ce_mean_type2_sep";
 
-fn fixture(name: &str) -> PathBuf {
+/// The file `name` of the chain curvature fixture `case`.
+fn case_file(case: &str, name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/curvature")
-        .join(CASE)
+        .join(case)
         .join(name)
+}
+
+/// The file `name` of the fixture [`CASE`].
+fn fixture(name: &str) -> PathBuf {
+    case_file(CASE, name)
 }
 
 fn s(p: &Path) -> &str {
@@ -100,24 +106,36 @@ fn assert_fails(out: &Output, needles: &[&str]) {
 }
 
 /// `fit` arguments for the fixture case with `model`, `weights` and `data` replaced where
-/// given, then `extra`.
+/// given, then `extra` (cross-entropy, type-2).
 fn fit_args<'a>(inputs: [Option<&'a str>; 3], extra: &[&'a str]) -> Vec<String> {
+    fit_command(CASE, inputs, "cross_entropy", "type-2", extra)
+}
+
+/// `fit` arguments for fixture `case` with `model`, `weights` and `data` replaced where
+/// given, the `loss` and `fisher`, then `extra`.
+fn fit_command(
+    case: &str,
+    inputs: [Option<&str>; 3],
+    loss: &str,
+    fisher: &str,
+    extra: &[&str],
+) -> Vec<String> {
     let [model, weights, data] = inputs;
+    let file = |given: Option<&str>, name: &str| {
+        given.map_or_else(|| s(&case_file(case, name)).to_string(), String::from)
+    };
     let mut args: Vec<String> = vec![
         "fit".into(),
         "--model".into(),
-        model.map_or_else(|| s(&fixture("model.json")).to_string(), String::from),
+        file(model, "model.json"),
         "--weights".into(),
-        weights.map_or_else(
-            || s(&fixture("weights.safetensors")).to_string(),
-            String::from,
-        ),
+        file(weights, "weights.safetensors"),
         "--data".into(),
-        data.map_or_else(|| s(&fixture("data.safetensors")).to_string(), String::from),
+        file(data, "data.safetensors"),
         "--loss".into(),
-        "cross_entropy".into(),
+        loss.into(),
         "--fisher".into(),
-        "type-2".into(),
+        fisher.into(),
     ];
     args.extend(extra.iter().map(|a| a.to_string()));
     args
@@ -151,9 +169,14 @@ fn write_safetensors(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]
     std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
 }
 
-/// The fixture's weights with `edit` applied to the list of tensors.
-fn edited_weights(path: &Path, edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>)) {
-    let bytes = std::fs::read(fixture("weights.safetensors")).unwrap();
+/// The weights of fixture `case` written to `path` with `edit` applied to the list of
+/// tensors `(key, dtype, shape, bytes)`.
+fn edited_weights(
+    case: &str,
+    path: &Path,
+    edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>),
+) {
+    let bytes = std::fs::read(case_file(case, "weights.safetensors")).unwrap();
     let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = file
         .tensors()
@@ -320,7 +343,7 @@ fn safetensors_errors_name_file_and_key() {
         &["w.safetensors", "\"0.weight\"", "F99"],
     );
     // An F64 weight of 1e300 is Inf in f32.
-    edited_weights(&weights, |t| {
+    edited_weights(CASE, &weights, |t| {
         let w = t.iter_mut().find(|t| t.0 == "0.weight").unwrap();
         let mut values: Vec<f64> = bytemuck::cast_slice::<u8, f32>(&w.3)
             .iter()
@@ -339,7 +362,7 @@ fn safetensors_errors_name_file_and_key() {
         ],
     );
     // A NaN bias.
-    edited_weights(&weights, |t| {
+    edited_weights(CASE, &weights, |t| {
         let b = t.iter_mut().find(|t| t.0 == "2.bias").unwrap();
         b.3[4..8].copy_from_slice(&f32::NAN.to_le_bytes());
     });
@@ -348,7 +371,7 @@ fn safetensors_errors_name_file_and_key() {
         &["\"2.bias\"", "2.bias[1] is NaN"],
     );
     // 300,000 extra keys: one short message.
-    edited_weights(&weights, |t| {
+    edited_weights(CASE, &weights, |t| {
         for i in 0..300_000 {
             t.push((format!("extra{i:06}"), Dtype::F32, vec![0], vec![]));
         }
@@ -592,32 +615,26 @@ fn outputs_are_all_or_nothing() {
     }
 }
 
-fn case_file(case: &str, name: &str) -> String {
-    s(&Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/curvature")
-        .join(case)
-        .join(name))
-    .to_string()
+/// Fits fixture `case` with the `loss` and `fisher` and `extra` arguments (within 300 s).
+fn fit_case(case: &str, loss: &str, fisher: &str, extra: &[&str]) -> Output {
+    let args = fit_command(case, [None; 3], loss, fisher, extra);
+    ekfac_within(&args.iter().map(String::as_str).collect::<Vec<_>>(), 300)
 }
 
-/// Fits fixture `case` (type-2 or the given fisher, cross-entropy unless `loss`) into
-/// `out`, with `extra` arguments.
-fn fit_case(case: &str, loss: &str, fisher: &str, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "fit".to_string(),
-        "--model".into(),
-        case_file(case, "model.json"),
-        "--weights".into(),
-        case_file(case, "weights.safetensors"),
-        "--data".into(),
-        case_file(case, "data.safetensors"),
-        "--loss".into(),
-        loss.into(),
-        "--fisher".into(),
-        fisher.into(),
-    ];
-    args.extend(extra.iter().map(|a| a.to_string()));
-    ekfac_within(&args.iter().map(String::as_str).collect::<Vec<_>>(), 300)
+/// The MLP fixture fitted with a joint bias (cross-entropy, type-2).
+const JOINT_CASE: &str = "mlp_relu_ce_mean_type2_joint";
+
+/// Fits [`JOINT_CASE`] into `dir/state.safetensors` (which it returns), asserting success.
+fn fit_joint_state(dir: &Path) -> PathBuf {
+    let state = dir.join("state.safetensors");
+    let out = fit_case(
+        JOINT_CASE,
+        "cross_entropy",
+        "type-2",
+        &["--joint-bias", "--out", s(&state)],
+    );
+    assert_success(&out, "fit");
+    state
 }
 
 /// Copies the state file `src` to `dst` with `edit` applied to the f32 values of `key`.
@@ -660,15 +677,7 @@ fn states_are_validated() {
     drop(ctx);
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    let case = "mlp_relu_ce_mean_type2_joint";
-    let state = t.join("state.safetensors");
-    let out = fit_case(
-        case,
-        "cross_entropy",
-        "type-2",
-        &["--joint-bias", "--out", s(&state)],
-    );
-    assert_success(&out, "fit");
+    let state = fit_joint_state(t);
     let p = 43;
     let vectors = t.join("v.safetensors");
     let ones = vec![1.0f32; p * 2];
@@ -730,7 +739,7 @@ fn states_are_validated() {
     let refit = t.join("refit.safetensors");
     assert_fails(
         &fit_case(
-            case,
+            JOINT_CASE,
             "cross_entropy",
             "type-2",
             &["--joint-bias", "--init-state", s(&bad), "--out", s(&refit)],
@@ -828,46 +837,23 @@ fn overflowing_factors_name_the_layer() {
     // Huge last-layer weights: the backpropagated MSE gradients overflow.
     let weights = t.join("weights.safetensors");
     let case = "mlp_relu_mse_sum_empirical_sep";
-    let bytes = std::fs::read(case_file(case, "weights.safetensors")).unwrap();
-    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = file
-        .tensors()
-        .into_iter()
-        .map(|(k, v)| {
-            let mut values = bytemuck::pod_collect_to_vec::<u8, f32>(v.data());
+    edited_weights(case, &weights, |tensors| {
+        for (k, _, _, bytes) in tensors.iter_mut() {
             if k == "2.weight" {
+                let mut values = bytemuck::pod_collect_to_vec::<u8, f32>(bytes);
                 values.iter_mut().for_each(|w| *w *= 1e25);
+                *bytes = bytemuck::cast_slice(&values).to_vec();
             }
-            (
-                k,
-                v.dtype(),
-                v.shape().to_vec(),
-                bytemuck::cast_slice(&values).to_vec(),
-            )
-        })
-        .collect();
-    let refs: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> = tensors
-        .iter()
-        .map(|(k, d, sh, b)| (k.as_str(), *d, sh.clone(), b.clone()))
-        .collect();
-    write_safetensors(&weights, &refs);
-    let args = [
-        "fit",
-        "--model",
-        &case_file(case, "model.json"),
-        "--weights",
-        s(&weights),
-        "--data",
-        &case_file(case, "data.safetensors"),
-        "--loss",
+        }
+    });
+    let args = fit_command(
+        case,
+        [None, Some(s(&weights)), None],
         "mse",
-        "--reduction",
-        "sum",
-        "--fisher",
         "empirical",
-        "--out",
-        s(&out),
-    ];
+        &["--reduction", "sum", "--out", s(&out)],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     assert_fails(
         &ekfac_within(&args, 120),
         &[
@@ -889,15 +875,7 @@ fn apply_chunks_columns_by_the_memory_budget() {
     let Some(ctx) = common::gpu() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    let case = "mlp_relu_ce_mean_type2_joint";
-    let state_path = t.join("state.safetensors");
-    let out = fit_case(
-        case,
-        "cross_entropy",
-        "type-2",
-        &["--joint-bias", "--out", s(&state_path)],
-    );
-    assert_success(&out, "fit");
+    let state_path = fit_joint_state(t);
     let state = CurvatureState::load(&state_path).unwrap();
     let p = state.layout.num_params;
     let k = 3000;

@@ -559,3 +559,61 @@ fn the_report_draws_image_grids_and_grouped_convolutions_score() {
     let scores = scores.get("scores").unwrap();
     assert_eq!(scores.shape, &[n, n]);
 }
+
+/// Writes examples `range` of the classification data `data` as a safetensors shard.
+fn write_shard(path: &std::path::Path, data: &Dataset, range: std::ops::Range<usize>) {
+    use safetensors::{Dtype, tensor::TensorView};
+    let ekfac::model::Targets::Classes(y) = &data.y else {
+        panic!("class targets expected")
+    };
+    let e = data.example_len();
+    let mut shape = vec![range.len()];
+    shape.extend(&data.example_shape);
+    let x = bytemuck::cast_slice(&data.x[range.start * e..range.end * e]);
+    let y = bytemuck::cast_slice(&y[range.clone()]);
+    let views = [
+        ("x", TensorView::new(Dtype::F32, shape, x).unwrap()),
+        (
+            "y",
+            TensorView::new(Dtype::I64, vec![range.len()], y).unwrap(),
+        ),
+    ];
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+/// `--train` and `--query` given as shard directories (uneven shards, batches of 4
+/// across the shard boundaries) give bitwise the scores and self-influence of the
+/// single file they split.
+#[test]
+fn shard_directories_score_as_the_single_file() {
+    let Some(_ctx) = common::gpu() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let state = fit_state(CLI_CASE, dir.path());
+    let data = Dataset::load(fixture_file(CLI_CASE, "data.safetensors")).unwrap();
+    assert_eq!(data.len, 12);
+    let shards = dir.path().join("shards");
+    std::fs::create_dir(&shards).unwrap();
+    for (name, range) in [("a", 0..5), ("b", 5..9), ("c", 9..12)] {
+        write_shard(&shards.join(format!("{name}.safetensors")), &data, range);
+    }
+    let scores = |out: &std::path::Path, data: &std::path::Path| {
+        let mut args = influence_args(&state, out.to_str().unwrap());
+        for option in ["--train", "--query"] {
+            let at = args.iter().position(|a| a == option).unwrap() + 1;
+            args[at] = data.to_string_lossy().into_owned();
+        }
+        args.extend(["--batch-size", "4", "--self-influence"].map(String::from));
+        let result = run(&args);
+        assert!(result.status.success(), "{result:?}");
+        let file = ekfac::model::TensorFile::load(out).unwrap();
+        ["scores", "self_influence"].map(|key| {
+            let values = file.require(key, "").unwrap().to_f32().unwrap();
+            values.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        })
+    };
+    let file = std::path::PathBuf::from(fixture_file(CLI_CASE, "data.safetensors"));
+    let want = scores(&dir.path().join("file.safetensors"), &file);
+    let got = scores(&dir.path().join("shards.safetensors"), &shards);
+    assert_eq!(want[0].len(), 144);
+    assert_eq!(got, want);
+}

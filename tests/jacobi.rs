@@ -284,9 +284,10 @@ fn matrices_larger_than_one_binding() {
     for (spectrum, a) in ALL.iter().zip(&acc) {
         a.assert_within(1e-5, 1e-4, &format!("windowed batch n=100 {spectrum:?}"));
     }
-    // 3 · 16384 floats hold 221² = 48841 but not 222² = 49284.
-    assert_eq!(ekfac::ops::jacobi::max_dimension(&ctx), 221);
-    let too_big = ctx.zeros(&[222, 222]).unwrap();
+    // 3 · 16384 floats hold the blocked path's padded 210² (14 blocks of 15) but not
+    // 224² (n = 211 … 224: 14 blocks of 16).
+    assert_eq!(ekfac::ops::jacobi::max_dimension(&ctx), 210);
+    let too_big = ctx.zeros(&[211, 211]).unwrap();
     let one_window = ctx.zeros(&[200, 200]).unwrap();
     for (a, path) in [
         (&too_big, JacobiPath::Auto),
@@ -321,8 +322,8 @@ fn global_path_large() {
     }
 }
 
-/// The blocked path at n = 300: 19 blocks of 16 indices (the last one partial) plus a
-/// phantom block, so 10 block pairs per round, on every kind of spectrum.
+/// The blocked path at n = 300: 20 blocks of 15 indices, so 10 block pairs per round,
+/// on every kind of spectrum.
 #[test]
 fn blocked_path_n300() {
     for spectrum in ALL {

@@ -4,7 +4,8 @@ mod common;
 
 use common::TestRng;
 use ekfac::geometry::LinearGeometry;
-use ekfac::ops::linear::{LinearBackward, linear_backward, linear_forward};
+use ekfac::ops::conv::WeightedBackward;
+use ekfac::ops::linear::{linear_backward, linear_forward};
 use ekfac::reference::ops;
 
 fn to_f64(v: &[f32]) -> Vec<f64> {
@@ -65,7 +66,7 @@ fn gpu_linear_matches_cpu_reference() {
             let db = ctx.upload(&prior_b, &[o]).unwrap();
             let mut rec = ctx.recorder();
             linear_forward(&mut rec, &geo, &xg, &wg, has_bias.then_some(&bg), &y).unwrap();
-            let args = LinearBackward {
+            let args = WeightedBackward {
                 grad_out: &dyg,
                 x: Some(&xg),
                 weight: Some(&wg),
@@ -76,30 +77,25 @@ fn gpu_linear_matches_cpu_reference() {
             };
             linear_backward(&mut rec, &geo, &args).unwrap();
             rec.submit().unwrap();
-            let prior = |p: &[f32], want: &[f64]| -> Vec<f64> {
-                want.iter()
-                    .zip(p)
-                    .map(|(w, &p)| w + if accumulate { f64::from(p) } else { 0.0 })
-                    .collect()
-            };
             let case = format!("{geo:?} bias {has_bias} accumulate {accumulate}");
-            assert!(
-                common::rel_err(&ctx.read(&y).unwrap(), &want_y) < 1e-5,
-                "y {case}"
-            );
-            assert!(
-                common::rel_err(&ctx.read(&dx).unwrap(), &want_dx) < 1e-5,
-                "dx {case}"
-            );
-            let dw_want = prior(&prior_w, &want_dw);
-            assert!(
-                common::rel_err(&ctx.read(&dw).unwrap(), &dw_want) < 1e-5,
-                "dw {case}"
-            );
-            let db_want = prior(&prior_b, &want_db);
-            assert!(
-                common::rel_err(&ctx.read(&db).unwrap(), &db_want) < 1e-5,
-                "db {case}"
+            common::assert_close(
+                &ctx,
+                &[
+                    ("y", &y, &want_y),
+                    ("dx", &dx, &want_dx),
+                    (
+                        "dw",
+                        &dw,
+                        &common::plus_prior(&want_dw, &prior_w, accumulate),
+                    ),
+                    (
+                        "db",
+                        &db,
+                        &common::plus_prior(&want_db, &prior_b, accumulate),
+                    ),
+                ],
+                1e-5,
+                &case,
             );
         }
     }
@@ -116,7 +112,7 @@ fn linear_backward_without_weight_is_an_error() {
     };
     let dy = ctx.zeros(&[2, 4]).unwrap();
     let dx = ctx.zeros(&[2, 3]).unwrap();
-    let args = LinearBackward {
+    let args = WeightedBackward {
         grad_out: &dy,
         x: None,
         weight: None,

@@ -219,15 +219,7 @@ fn bad_layers_are_refused_by_name() {
         ("layer_norm", json!({}), vec![2, 5], "normalized_shape"),
     ];
     for (op, attrs, shape, message) in cases {
-        let node = ekfac::graph::Node::new(
-            "block.norm",
-            op,
-            vec!["x".into()],
-            attrs.as_object().unwrap().clone(),
-        );
-        let err = ekfac::layers::build(&node, &[&shape])
-            .unwrap_err()
-            .to_string();
+        let err = common::build_error("block.norm", op, &attrs, &shape);
         assert!(
             err.contains("node \"block.norm\"") && err.contains(message),
             "{op} {attrs}: {err}"

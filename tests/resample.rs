@@ -174,15 +174,7 @@ fn bad_layers_are_refused_by_name() {
         ),
     ];
     for (op, attrs, shape, message) in cases {
-        let node = ekfac::graph::Node::new(
-            "resize",
-            op,
-            vec!["x".into()],
-            attrs.as_object().unwrap().clone(),
-        );
-        let err = ekfac::layers::build(&node, &[&shape])
-            .unwrap_err()
-            .to_string();
+        let err = common::build_error("resize", op, &attrs, &shape);
         assert!(
             err.contains("node \"resize\"") && err.contains(message),
             "{op} {attrs}: {err}"

@@ -8,21 +8,13 @@ mod common;
 use std::collections::HashMap;
 
 use ekfac::curvature::fit::fit;
-use ekfac::curvature::operator::{Approximation, Operator, Transform};
-use ekfac::curvature::options::{
-    DampingMode, FisherType, KfacApprox, LossKind, Options, Reduction,
-};
+use ekfac::curvature::options::{FisherType, KfacApprox, LossKind, Options, Reduction};
 use ekfac::graph::Model;
 use ekfac::graph::json::from_json_str;
-use ekfac::loss::Targets as LossTargets;
 use ekfac::model::{Dataset, Targets};
-use ekfac::reference::curvature::{CpuCurvature, Dataset as CpuDataset, Network64};
 
 use common::TestRng;
-
-const DAMPING: f64 = 1e-2;
-/// Columns of the test vectors.
-const K: usize = 2;
+use common::reference::{compare_fit, random_weights};
 
 /// `[T, F] = [5, 3] → linear(3→4) → relu → linear(4→4) over [5, 4] → tanh → flatten →
 /// linear(20→3)`: two shared linear layers (S = 5) and a plain head.
@@ -81,84 +73,18 @@ const VIT: &str = r#"{
   "output": "head"
 }"#;
 
-/// Random weights for every parameter of `graph_json`, scaled by 1/√fan_in.
+/// Random weights for every parameter of `graph_json` ([`random_weights`]).
 fn random_model(graph_json: &str, rng: &mut TestRng) -> Model {
     let graph = from_json_str(graph_json, "sequence.json").unwrap();
-    let mut tensors = HashMap::new();
-    for i in 0..graph.nodes.len() {
-        for spec in graph.layer(i).params() {
-            let n: usize = spec.shape.iter().product();
-            let fan_in: usize = spec.shape.get(1..).unwrap_or(&[]).iter().product();
-            let scale = 1.5 / (fan_in.max(1) as f64).sqrt();
-            let values = (0..n).map(|_| (rng.uniform() * scale) as f32).collect();
-            let key = format!("{}.{}", graph.nodes[i].module(), spec.suffix);
-            tensors.insert(key, (spec.shape, values));
-        }
-    }
+    let tensors = random_weights(&graph, rng);
     Model::new(graph, tensors).unwrap()
 }
 
-/// KFAC and EKFAC, forward and damped inverse, on `v` (`[P, K]`): GPU and reference.
-/// `shared` is the number of leading parameters that belong to shared layers.
+/// [`compare_fit`] on the test binary's device; `shared` is the number of leading
+/// parameters that belong to shared layers.
 fn compare(model: &Model, data: &Dataset, options: &Options, shared: usize, what: &str) {
     let Some(ctx) = common::gpu() else { return };
-    let fitted = fit(&ctx, model, data, options, Some(DAMPING)).unwrap();
-    let mut rng = TestRng::new(3);
-    let v = rng.vec(fitted.state.layout.num_params * K);
-    let operator = Operator::new(&ctx, &fitted.state).unwrap();
-
-    let net = Network64::new(model);
-    let x: Vec<f64> = data.x.iter().map(|&x| f64::from(x)).collect();
-    let Targets::Classes(y) = &data.y else {
-        unreachable!("class targets")
-    };
-    let classes: Vec<usize> = y.iter().map(|&c| c as usize).collect();
-    let cpu_data = CpuDataset {
-        x: &x,
-        targets: LossTargets::Classes(&classes),
-        num_data: data.len,
-    };
-    let reference = CpuCurvature::fit(&net, &cpu_data, options, true).unwrap();
-    assert_eq!(reference.layout, fitted.state.layout, "{what}: layout");
-    let v64: Vec<f64> = v.iter().map(|&x| f64::from(x)).collect();
-    // Relative Frobenius tolerances as against curvlinops: products 1e-4 (f32
-    // eigenvectors), damped inverses 1e-3 (observed on lavapipe: at most 7e-5).
-    for approx in [Approximation::Kfac, Approximation::Ekfac] {
-        let mode = match approx {
-            Approximation::Kfac => DampingMode::Plain,
-            Approximation::Ekfac => DampingMode::Exact,
-        };
-        let cases = [
-            (
-                Transform::Forward,
-                reference.matmat(approx, &v64, K).unwrap(),
-                1e-4,
-            ),
-            (
-                Transform::Inverse {
-                    damping: DAMPING,
-                    mode,
-                },
-                reference
-                    .inverse_matmat(approx, &v64, K, DAMPING, mode)
-                    .unwrap(),
-                1e-3,
-            ),
-        ];
-        for (transform, want, tol) in cases {
-            let got = operator.apply(&v, K, approx, transform).unwrap();
-            // The whole vector, and the rows of the shared layers alone (the head's
-            // block would otherwise dominate the norm).
-            for (part, rows) in [("all", got.len()), ("shared layers", shared * K)] {
-                let e = common::rel_err(&got[..rows], &want[..rows]);
-                assert!(
-                    e < tol,
-                    "{what}: {approx:?} {transform:?} ({part}): relative error {e:.2e} ≥ \
-                     {tol:.0e}"
-                );
-            }
-        }
-    }
+    compare_fit(&ctx, model, data, options, Some(shared), what);
 }
 
 #[test]

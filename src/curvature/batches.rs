@@ -9,14 +9,12 @@ use crate::curvature::layer::CurvatureLayer;
 use crate::curvature::layout::{BlockKind, LayerBlocks, ParamLayout};
 use crate::curvature::options::{FisherType, KfacApprox, Options};
 use crate::data::{BatchBuffer, DataSource, TargetBuffer};
-use crate::distributed::Partition;
+use crate::distributed::{Communicator, CompensatedSum, Partition};
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor};
 use crate::graph::{Backward, Forward, Graph, Network};
 use crate::layers::Pass;
 use crate::loss::gpu::{GpuTargets, record_backprop_vectors};
-use crate::loss::{Targets, check_targets};
-use crate::model::data::{Dataset, TargetsSlice};
 use crate::ops::reduce::{append_ones_column, copy};
 use crate::progress::{Event, Progress, Stage};
 
@@ -43,6 +41,9 @@ pub(super) trait BatchStage {
         batch: &BatchPass,
     ) -> Result<Self::Inputs>;
 
+    /// The quantities the pass sums over the batches.
+    fn sums(&mut self) -> Vec<&mut BatchSum>;
+
     /// Records the work on the output gradients of one chunk of `stack` vectors.
     fn gradients(
         &mut self,
@@ -56,7 +57,8 @@ pub(super) trait BatchStage {
 }
 
 /// Runs `stage` over this rank's batches of `data` (batch `b` covers examples
-/// `b·chunks.examples ..`; rank `r` of `K` takes `b ≡ r mod K`), reporting each batch to
+/// `b·chunks.examples ..`; rank `r` of `K` takes the groups of consecutive batches
+/// [`Partition`] gives it), reading its sums back after each group, reporting each batch to
 /// [`BatchStage::progress`] (an `Advanced` event between `Started` and `Finished`).
 /// Each batch is read from the source into one reused host buffer just before it runs.
 #[allow(clippy::too_many_arguments)] // the pass's context, its data and its share
@@ -76,26 +78,24 @@ pub(super) fn for_each_batch<S: BatchStage>(
         .map(|layer| LayerRows::new(network.graph(), layout, layer))
         .collect();
     let n = data.len();
-    let mine: Vec<usize> = (0..n)
-        .step_by(chunks.examples)
-        .enumerate()
-        .filter(|&(index, _)| partition.takes(index))
-        .map(|(_, start)| start)
-        .collect();
-    let total = mine.len();
+    let total = partition.batches(n, chunks.examples).count();
     stage.progress().report(&Event::Started {
         stage: S::STAGE,
         total,
     });
     let mut buffer = BatchBuffer::new(data);
     let mut examples = 0;
-    for (done, start) in mine.into_iter().enumerate() {
-        let len = chunks.examples.min(n - start);
+    for (done, span) in partition.batches(n, chunks.examples).enumerate() {
+        let (start, len) = (span.start, span.len);
         buffer.read(data, start, start + len)?;
         let batch = run_buffer(ctx, network, &buffer, n, options)?;
         let mut pass = Pass::new(ctx);
         let inputs = stage.inputs(&mut pass, &layers, &batch)?;
         pass.submit()?;
+        // The previous group's contributions are added while the GPU runs this batch.
+        for sum in stage.sums() {
+            sum.add_read();
+        }
         batch.for_each_chunk(ctx, network, chunks.vectors, |backward, stack| {
             let mut pass = Pass::new(ctx);
             stage.gradients(&mut pass, &layers, &inputs, backward, stack, &batch)?;
@@ -104,6 +104,11 @@ pub(super) fn for_each_batch<S: BatchStage>(
         })?;
         ctx.wait(S::WORK)?;
         drop(inputs);
+        if span.ends_group {
+            for sum in stage.sums() {
+                sum.read_batch(ctx)?;
+            }
+        }
         examples += len;
         stage.progress().report(&Event::Advanced {
             stage: S::STAGE,
@@ -117,6 +122,67 @@ pub(super) fn for_each_batch<S: BatchStage>(
         .progress()
         .report(&Event::Finished { stage: S::STAGE });
     Ok(())
+}
+
+/// One quantity a pass sums over the batches (a Kronecker factor, a block's corrected
+/// eigenvalues): each group of batches' contribution ([`crate::distributed::Partition`])
+/// is accumulated from zero on the GPU in f32 in `batch`, read back once the group's
+/// last batch is done ([`BatchSum::read_batch`]) and added on the host into `sum`
+/// ([`BatchSum::add_read`], which the batch loop calls once the next batch's first pass
+/// is on the GPU, so that the host add overlaps GPU work). See
+/// [`crate::distributed::sum`] for why the sum over groups is on the host.
+pub(super) struct BatchSum {
+    /// The current group's contribution (zeros at the start of each group).
+    pub batch: GpuTensor,
+    /// The last group's contribution, read back and not yet added.
+    read: Option<Vec<f32>>,
+    /// The contributions of the batches added so far.
+    sum: CompensatedSum,
+}
+
+impl BatchSum {
+    /// Zeros of `shape`.
+    pub fn new(ctx: &GpuContext, shape: &[usize]) -> Result<Self> {
+        let batch = ctx.zeros(shape)?;
+        Ok(Self {
+            sum: CompensatedSum::new(batch.len()),
+            read: None,
+            batch,
+        })
+    }
+
+    /// Reads the finished group's contribution back (added by [`Self::add_read`]) and
+    /// starts the next group's from zeros (a fresh buffer, which the GPU zeroes; the
+    /// old one goes first).
+    pub fn read_batch(&mut self, ctx: &GpuContext) -> Result<()> {
+        self.add_read();
+        let placeholder = self.batch.released();
+        let done = std::mem::replace(&mut self.batch, placeholder);
+        self.read = Some(ctx.read(&done)?);
+        let shape = done.shape().to_vec();
+        drop(done);
+        self.batch = ctx.zeros(&shape)?;
+        Ok(())
+    }
+
+    /// Adds the contribution [`Self::read_batch`] read, if any, to the sum.
+    pub fn add_read(&mut self) {
+        if let Some(terms) = self.read.take() {
+            self.sum.add(&terms);
+        }
+    }
+
+    /// The sum over every batch of every rank, rounded once to f32 (collective, see
+    /// [`CompensatedSum::total`]).
+    pub fn total(&mut self, comm: &dyn Communicator) -> Result<Vec<f32>> {
+        self.add_read();
+        self.sum.total(comm)
+    }
+
+    /// The shape of the summed quantity.
+    pub fn shape(&self) -> &[usize] {
+        self.batch.shape()
+    }
 }
 
 /// One curvature layer's rows in one batch, as the factors and the correction take
@@ -397,23 +463,4 @@ fn run_buffer(
         vectors: Some(vectors),
         kappa,
     })
-}
-
-/// Checks every target once before the passes: class indices below `C` for
-/// cross-entropy, finite values for MSE/BCE, {0, 1} for BCE with type-2.
-pub(super) fn check_all_targets(data: &Dataset, options: &Options, outputs: usize) -> Result<()> {
-    let batch = data.batch(0, data.len);
-    let classes: Vec<usize>;
-    let values: Vec<f64>;
-    let targets = match batch.y {
-        TargetsSlice::Classes(y) => {
-            classes = y.iter().map(|&c| c as usize).collect();
-            Targets::Classes(&classes)
-        }
-        TargetsSlice::Values { data: y, .. } => {
-            values = y.iter().map(|&v| f64::from(v)).collect();
-            Targets::Dense(&values)
-        }
-    };
-    check_targets(options.loss, options.fisher, targets, data.len, outputs)
 }

@@ -3,8 +3,12 @@
 //! per-example identity `Q_Gᵀ(g ãᵀ)Q_A = (Q_Gᵀg)(Q_Aᵀã)ᵀ`; with sharing the fused kernel
 //! [`correct_shared`] forms tiles of `Q_Gᵀ(Σ_s g_s ã_sᵀ)Q_A` in registers. Neither
 //! forms a `B × d_out × D` tensor. Bias blocks get `λ += κ_b · 1ᵀh` from position sums.
+//! Each batch's terms are formed on the GPU from zero and summed over the batches on
+//! the host ([`BatchSum`]), as the factors are.
 
-use crate::curvature::batches::{BatchPass, BatchStage, Chunking, LayerRows, for_each_batch};
+use crate::curvature::batches::{
+    BatchPass, BatchStage, BatchSum, Chunking, LayerRows, for_each_batch,
+};
 use crate::curvature::layout::{BlockKind, ParamLayout};
 use crate::curvature::options::Options;
 use crate::curvature::state::FactorEigen;
@@ -26,7 +30,8 @@ pub(super) struct LayerBasis {
     pub gradient: (FactorEigen, Option<GpuTensor>),
 }
 
-/// EKFAC's corrected eigenvalues of every block of `layout`, `[d_out, D]` each.
+/// EKFAC's corrected eigenvalues of every block of `layout`, `[d_out, D]` each,
+/// summed over this rank's batches.
 #[allow(clippy::too_many_arguments)] // the factor pass's arguments, the bases and progress
 pub(super) fn correction_pass(
     ctx: &GpuContext,
@@ -38,11 +43,11 @@ pub(super) fn correction_pass(
     chunks: Chunking,
     partition: Partition,
     progress: &dyn Progress,
-) -> Result<Vec<Vec<f32>>> {
+) -> Result<Vec<BatchSum>> {
     let corrected = layout
         .blocks
         .iter()
-        .map(|b| ctx.zeros(&[b.d_out, b.d_in]))
+        .map(|b| BatchSum::new(ctx, &[b.d_out, b.d_in]))
         .collect::<Result<Vec<_>>>()?;
     let mut stage = Correction {
         progress,
@@ -53,7 +58,7 @@ pub(super) fn correction_pass(
     for_each_batch(
         ctx, network, data, options, layout, chunks, partition, &mut stage,
     )?;
-    stage.corrected.iter().map(|t| ctx.read(t)).collect()
+    Ok(stage.corrected)
 }
 
 struct Correction<'a> {
@@ -61,7 +66,7 @@ struct Correction<'a> {
     layout: &'a ParamLayout,
     bases: &'a [LayerBasis],
     /// `Λ` per block.
-    corrected: Vec<GpuTensor>,
+    corrected: Vec<BatchSum>,
 }
 
 impl BatchStage for Correction<'_> {
@@ -113,6 +118,10 @@ impl BatchStage for Correction<'_> {
         Ok(rotated_inputs)
     }
 
+    fn sums(&mut self) -> Vec<&mut BatchSum> {
+        self.corrected.iter_mut().collect()
+    }
+
     fn gradients(
         &mut self,
         pass: &mut Pass,
@@ -129,7 +138,7 @@ impl BatchStage for Correction<'_> {
             let (d_out, positions) = (rows.blocks.d_out, rows.blocks.positions);
             for &b in &rows.blocks.blocks {
                 let block = &self.layout.blocks[b];
-                let corrected = &self.corrected[b];
+                let corrected = &self.corrected[b].batch;
                 match (block.kind, x) {
                     (BlockKind::Weight | BlockKind::Joint, Some(x)) if positions > 1 => {
                         // Fused: Λ += κ Σ_{v,n} (Σ_s g̃_{v,n,s} x̃_{n,s}ᵀ)^∘2.

@@ -4,8 +4,14 @@
 //!   `[B, D]`;
 //! - `G += κ_b · gᵀg` with `g` the output gradients of the `V` backpropagated vectors
 //!   as rows, `[V·B·S, d_out]` for expand or position sums `[V·B, d_out]` for reduce.
+//!
+//! Each batch's terms are formed on the GPU from zero and summed over the batches on
+//! the host ([`BatchSum`]), so the factors do not depend on how the batches are spread
+//! over ranks.
 
-use crate::curvature::batches::{BatchPass, BatchStage, Chunking, LayerRows, for_each_batch};
+use crate::curvature::batches::{
+    BatchPass, BatchStage, BatchSum, Chunking, LayerRows, for_each_batch,
+};
 use crate::curvature::layout::ParamLayout;
 use crate::curvature::options::{FisherType, KfacApprox, Options};
 use crate::data::DataSource;
@@ -17,7 +23,7 @@ use crate::layers::Pass;
 use crate::ops::gemm::{Gemm, gemm};
 use crate::progress::{Progress, Stage};
 
-/// The factor accumulators of one curvature layer.
+/// The Kronecker factors of one curvature layer, on the GPU.
 pub(super) struct LayerAccumulators {
     /// `A`, `[D, D]`, when a block of the layer needs it.
     pub input: Option<GpuTensor>,
@@ -25,7 +31,15 @@ pub(super) struct LayerAccumulators {
     pub gradient: Option<GpuTensor>,
 }
 
-/// Accumulates every layer's Kronecker factors over this rank's batches of `data`.
+/// The sums over this rank's batches of one curvature layer's factors.
+pub(super) struct LayerSums {
+    /// `A`, `[D, D]`, when a block of the layer needs it.
+    pub input: Option<BatchSum>,
+    /// `G`, `[d_out, d_out]`, unless forward-only.
+    pub gradient: Option<BatchSum>,
+}
+
+/// Sums every layer's Kronecker factors over this rank's batches of `data`.
 #[allow(clippy::too_many_arguments)] // the pass's context, its data and its share
 pub(super) fn factor_pass(
     ctx: &GpuContext,
@@ -36,35 +50,35 @@ pub(super) fn factor_pass(
     chunks: Chunking,
     partition: Partition,
     progress: &dyn Progress,
-) -> Result<Vec<LayerAccumulators>> {
-    let accumulators = layout
+) -> Result<Vec<LayerSums>> {
+    let sums = layout
         .layers
         .iter()
         .map(|layer| {
             let input_dim = layer.input_dim(layout);
-            Ok(LayerAccumulators {
-                input: input_dim.map(|d| ctx.zeros(&[d, d])).transpose()?,
+            Ok(LayerSums {
+                input: input_dim.map(|d| BatchSum::new(ctx, &[d, d])).transpose()?,
                 gradient: (options.fisher != FisherType::ForwardOnly)
-                    .then(|| ctx.zeros(&[layer.d_out, layer.d_out]))
+                    .then(|| BatchSum::new(ctx, &[layer.d_out, layer.d_out]))
                     .transpose()?,
             })
         })
         .collect::<Result<Vec<_>>>()?;
     let mut stage = Factors {
         progress,
-        accumulators,
+        sums,
         approx: options.approx,
         num_data: data.len() as f64,
     };
     for_each_batch(
         ctx, network, data, options, layout, chunks, partition, &mut stage,
     )?;
-    Ok(stage.accumulators)
+    Ok(stage.sums)
 }
 
 struct Factors<'a> {
     progress: &'a dyn Progress,
-    accumulators: Vec<LayerAccumulators>,
+    sums: Vec<LayerSums>,
     approx: KfacApprox,
     num_data: f64,
 }
@@ -79,19 +93,27 @@ impl BatchStage for Factors<'_> {
     }
 
     fn inputs(&mut self, pass: &mut Pass, layers: &[LayerRows], batch: &BatchPass) -> Result<()> {
-        for (rows, acc) in layers.iter().zip(&self.accumulators) {
-            if let Some(a) = &acc.input {
+        for (rows, sums) in layers.iter().zip(&self.sums) {
+            if let Some(a) = &sums.input {
                 let d = a.shape()[0];
                 let x = rows.factor_inputs(pass, &batch.forward, self.approx)?;
                 let scale = match self.approx {
                     KfacApprox::Expand => 1.0 / (self.num_data * rows.blocks.positions as f64),
                     KfacApprox::Reduce => 1.0 / self.num_data,
                 };
-                accumulate_gram(&mut pass.rec, &x, d, scale, a)?;
+                accumulate_gram(&mut pass.rec, &x, d, scale, &a.batch)?;
                 pass.keep(x);
             }
         }
         Ok(())
+    }
+
+    fn sums(&mut self) -> Vec<&mut BatchSum> {
+        self.sums
+            .iter_mut()
+            .flat_map(|layer| [layer.input.as_mut(), layer.gradient.as_mut()])
+            .flatten()
+            .collect()
     }
 
     fn gradients(
@@ -103,10 +125,11 @@ impl BatchStage for Factors<'_> {
         _: usize,
         batch: &BatchPass,
     ) -> Result<()> {
-        for (rows, acc) in layers.iter().zip(&self.accumulators) {
-            if let Some(g) = &acc.gradient {
+        for (rows, sums) in layers.iter().zip(&self.sums) {
+            if let Some(g) = &sums.gradient {
                 let grads = rows.factor_grads(pass, backward, self.approx)?;
-                accumulate_gram(&mut pass.rec, &grads, rows.blocks.d_out, batch.kappa, g)?;
+                let d_out = rows.blocks.d_out;
+                accumulate_gram(&mut pass.rec, &grads, d_out, batch.kappa, &g.batch)?;
                 pass.keep(grads);
             }
         }

@@ -9,14 +9,14 @@ use std::time::Instant;
 use crate::curvature::batches::chunking;
 use crate::curvature::correction::{LayerBasis, correction_pass};
 use crate::curvature::eigen::{EigenSolver, Factor, JacobiSolver};
-use crate::curvature::factors::{LayerAccumulators, factor_pass};
+use crate::curvature::factors::{LayerAccumulators, LayerSums, factor_pass};
 use crate::curvature::layout::ParamLayout;
 use crate::curvature::options::{FisherType, Options};
 use crate::curvature::state::{
     CurvatureState, FORMAT_NAME, FORMAT_VERSION, FactorEigen, LayerFactors, ParamEntry, StateMeta,
 };
 use crate::data::DataSource;
-use crate::distributed::{Communicator, Partition, RankShare, Single, agree, sum_f32};
+use crate::distributed::{Communicator, Partition, RankShare, Single, agree, check_same};
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor};
 use crate::graph::{Model, Network};
@@ -163,10 +163,11 @@ pub fn fit_run(
 }
 
 /// [`fit_run`] as one rank of a distributed fit (see [`crate::distributed`]): this
-/// rank runs its share of the batches, and the factors and corrected eigenvalues are
-/// summed over the ranks of `comm`; the eigendecomposition runs on rank 0 and its
-/// bases are broadcast. Every rank returns the same state, or the same error when any
-/// rank failed. With [`Single`] this is exactly [`fit_run`].
+/// rank checks and runs its share of the batches, and the factors and corrected
+/// eigenvalues are summed over the ranks of `comm`; the eigendecompositions are spread
+/// over the ranks ([`eigenbases`]) and broadcast. Every rank returns the same state, or
+/// the same error when any rank failed. With [`Single`] this is exactly [`fit_run`],
+/// and any number of ranks on the same kind of adapter gives the same state bits.
 pub fn fit_distributed(
     ctx: &GpuContext,
     model: &Model,
@@ -184,7 +185,7 @@ pub fn fit_distributed(
     let prepared = (|| {
         options.validate()?;
         let layout = ParamLayout::from_options(model, options)?;
-        crate::data::check(data, &model.graph, options.loss, options.fisher)?;
+        crate::data::check_layout(data, &model.graph, options.loss)?;
         ctx.memory().reset_peak();
         let network = Network::new(ctx, model)?;
         let chunks = chunking(
@@ -197,22 +198,47 @@ pub fn fit_distributed(
         Ok((layout, network, chunks))
     })();
     let (layout, network, mut chunks) = agree(comm, prepared)?;
+    // The ranks must fit the same problem.
+    check_same(comm, "the number of examples N", data.len() as u64)?;
+    let fingerprint = u64::from_str_radix(&model.fingerprint(), 16).unwrap_or(0);
+    check_same(comm, "the model and weights' fingerprint", fingerprint)?;
+    let options_json = serde_json::to_string(options).unwrap_or_default();
+    let mut hasher = std::hash::DefaultHasher::new();
+    std::hash::Hash::hash(&options_json, &mut hasher);
+    check_same(
+        comm,
+        "the options' hash",
+        std::hash::Hasher::finish(&hasher),
+    )?;
     // Every rank splits the data into the same batches (the smallest any adapter's
     // memory budget allows).
     chunks.examples = comm.min(chunks.examples as u64)? as usize;
     let partition = Partition::of(comm);
+    // Each rank checks the values of the batches it reads.
+    agree(
+        comm,
+        crate::data::check(
+            data,
+            &model.graph,
+            options.loss,
+            options.fisher,
+            partition
+                .batches(data.len(), chunks.examples)
+                .map(|span| (span.start, span.len)),
+        ),
+    )?;
     let mut timings = Timings::default();
     let gpu_before = ctx.gpu_times_ms()?;
 
     let start = Instant::now();
     let phase = ctx.gpu_phase(FACTORS_PHASE);
-    let accumulators = agree(
+    let sums = agree(
         comm,
         factor_pass(
             ctx, &network, data, options, &layout, chunks, partition, progress,
-        )
-        .and_then(|acc| sum_factors(ctx, comm, acc)),
+        ),
     )?;
+    let accumulators = agree(comm, sum_factors(ctx, comm, sums))?;
     agree(
         comm,
         crate::curvature::validate::check_factors_finite(
@@ -229,15 +255,15 @@ pub fn fit_distributed(
 
     let start = Instant::now();
     let phase = ctx.gpu_phase(EIGENDECOMPOSITION_PHASE);
-    let bases = if comm.rank() == 0 {
-        agree(
-            comm,
-            eigenbases(ctx, solver, &layout, &accumulators, previous, progress),
-        )?
-    } else {
-        agree(comm, Ok(Vec::new()))?
-    };
-    let bases = broadcast_bases(ctx, comm, &layout, &accumulators, bases)?;
+    let bases = eigenbases(
+        ctx,
+        comm,
+        solver,
+        &layout,
+        &accumulators,
+        previous,
+        progress,
+    )?;
     drop(accumulators);
     timings.eigendecomposition = ms(start);
     drop(phase);
@@ -247,16 +273,17 @@ pub fn fit_distributed(
     let corrected = if options.fisher == FisherType::ForwardOnly {
         None
     } else {
-        let corrected = correction_pass(
-            ctx, &network, data, options, &layout, &bases, chunks, partition, progress,
+        let mut sums = agree(
+            comm,
+            correction_pass(
+                ctx, &network, data, options, &layout, &bases, chunks, partition, progress,
+            ),
+        )?;
+        Some(
+            sums.iter_mut()
+                .map(|block| block.total(comm))
+                .collect::<Result<Vec<_>>>()?,
         )
-        .and_then(|mut blocks| {
-            for block in &mut blocks {
-                sum_f32(comm, block)?;
-            }
-            Ok(blocks)
-        });
-        Some(agree(comm, corrected)?)
     };
     timings.correction = ms(start);
     drop(phase);
@@ -309,88 +336,93 @@ pub fn fit_distributed(
     })
 }
 
-/// Sums every factor over the ranks (f64 in rank order, rounded once to f32). With one
-/// rank the factors are left as they are.
+/// Every factor summed over the batches of every rank and rounded once to f32
+/// ([`crate::distributed::CompensatedSum::total`], collective), uploaded for the
+/// eigendecomposition.
 fn sum_factors(
     ctx: &GpuContext,
     comm: &dyn Communicator,
-    accumulators: Vec<LayerAccumulators>,
+    mut sums: Vec<LayerSums>,
 ) -> Result<Vec<LayerAccumulators>> {
-    if comm.size() == 1 {
-        return Ok(accumulators);
-    }
-    for acc in &accumulators {
-        for factor in [&acc.input, &acc.gradient].into_iter().flatten() {
-            let mut values = ctx.read(factor)?;
-            sum_f32(comm, &mut values)?;
-            ctx.write(factor, &values)?;
+    // Every collective first, so that an upload failing on one rank cannot leave the
+    // others waiting in one.
+    let mut totals = Vec::new();
+    for layer in &mut sums {
+        for sum in [&mut layer.input, &mut layer.gradient]
+            .into_iter()
+            .flatten()
+        {
+            totals.push((sum.total(comm)?, sum.shape().to_vec()));
         }
     }
-    Ok(accumulators)
+    let layers: Vec<(bool, bool)> = sums
+        .iter()
+        .map(|l| (l.input.is_some(), l.gradient.is_some()))
+        .collect();
+    drop(sums);
+    let mut totals = totals.into_iter();
+    let mut upload = |present: bool| -> Result<Option<GpuTensor>> {
+        if !present {
+            return Ok(None);
+        }
+        let (values, shape) = totals
+            .next()
+            .expect("one total per factor, in the same order");
+        ctx.upload(&values, &shape).map(Some)
+    };
+    layers
+        .iter()
+        .map(|&(input, gradient)| {
+            Ok(LayerAccumulators {
+                input: upload(input)?,
+                gradient: upload(gradient)?,
+            })
+        })
+        .collect()
 }
 
-/// Rank 0's eigenbases on every rank: the other ranks receive the eigenvalues and
-/// eigenvectors of each factor (the sizes of `accumulators`) and upload the vectors.
-/// With one rank `bases` is returned as it is.
-fn broadcast_bases(
-    ctx: &GpuContext,
-    comm: &dyn Communicator,
-    layout: &ParamLayout,
-    accumulators: &[LayerAccumulators],
-    bases: Vec<LayerBasis>,
-) -> Result<Vec<LayerBasis>> {
-    if comm.size() == 1 {
-        return Ok(bases);
-    }
-    let received = |n: usize| -> Result<(FactorEigen, GpuTensor)> {
-        let mut eigen = FactorEigen {
-            values: vec![0.0; n],
-            vectors: vec![0.0; n * n],
-        };
-        comm.broadcast(&mut eigen.values)?;
-        comm.broadcast(&mut eigen.vectors)?;
-        let tensor = ctx.upload(&eigen.vectors, &[n, n])?;
-        Ok((eigen, tensor))
-    };
-    if comm.rank() == 0 {
-        for basis in &bases {
-            let sent = basis
-                .input
-                .iter()
-                .map(|(e, _)| e)
-                .chain(basis.gradient.1.as_ref().map(|_| &basis.gradient.0));
-            for eigen in sent {
-                let mut values = eigen.values.clone();
-                let mut vectors = eigen.vectors.clone();
-                comm.broadcast(&mut values)?;
-                comm.broadcast(&mut vectors)?;
+/// Which rank eigendecomposes each of `factors` among `size` ranks. A solver may stack
+/// factors of the same size and warm-start status and let their results depend on each
+/// other ([`JacobiSolver`] sweeps a stack until all of it has converged), so such a
+/// group stays whole on one rank and, passed to the solver in its original order, gives
+/// the bits one process computes. Groups go, the most work (`Σ n³`) first, to the rank
+/// with the least work so far (the lowest such rank on ties).
+fn owners(factors: &[Factor], size: usize) -> Vec<usize> {
+    let key = |f: &Factor| (f.dim(), f.warm_start.is_some_and(|w| w.dim() == f.dim()));
+    let mut groups: Vec<((usize, bool), f64, Vec<usize>)> = Vec::new();
+    for (i, factor) in factors.iter().enumerate() {
+        let cost = (factor.dim() as f64).powi(3);
+        match groups.iter_mut().find(|(k, _, _)| *k == key(factor)) {
+            Some((_, work, members)) => {
+                *work += cost;
+                members.push(i);
             }
+            None => groups.push((key(factor), cost, vec![i])),
         }
-        return Ok(bases);
     }
-    let mut out = Vec::with_capacity(layout.layers.len());
-    for (layer, acc) in layout.layers.iter().zip(accumulators) {
-        let input = acc
-            .input
-            .as_ref()
-            .map(|a| received(a.shape()[0]))
-            .transpose()?;
-        let gradient = match &acc.gradient {
-            Some(g) => {
-                let (e, t) = received(g.shape()[0])?;
-                (e, Some(t))
-            }
-            None => (FactorEigen::identity(layer.d_out), None),
-        };
-        out.push(LayerBasis { input, gradient });
+    groups.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let mut load = vec![0.0f64; size];
+    let mut owner = vec![0; factors.len()];
+    for (_, work, members) in groups {
+        let rank = (0..size)
+            .min_by(|&a, &b| load[a].total_cmp(&load[b]).then(a.cmp(&b)))
+            .unwrap_or(0);
+        load[rank] += work;
+        for i in members {
+            owner[i] = rank;
+        }
     }
-    Ok(out)
+    owner
 }
 
 /// The eigenbases of every layer's factors by `solver`, each warm-started from the
-/// same layer of `previous` where it exists there with the same size.
+/// same layer of `previous` where it exists there with the same size. Each rank
+/// decomposes the factors [`owners`] gives it (with one rank: all of them, in one call
+/// to the solver); each basis is then broadcast from its rank, so every rank returns
+/// every basis. Progress reports this rank's factors.
 fn eigenbases(
     ctx: &GpuContext,
+    comm: &dyn Communicator,
     solver: &dyn EigenSolver,
     layout: &ParamLayout,
     accumulators: &[LayerAccumulators],
@@ -414,25 +446,72 @@ fn eigenbases(
             });
         }
     }
+    let owner = owners(&factors, comm.size());
+    let mine: Vec<Factor> = factors
+        .iter()
+        .zip(&owner)
+        .filter(|&(_, &o)| o == comm.rank())
+        .map(|(f, _)| *f)
+        .collect();
     progress.report(&Event::Started {
         stage: Stage::Eigendecomposition,
-        total: factors.len(),
+        total: mine.len(),
     });
-    let mut decomposed = solver.eigendecompose(ctx, &factors, progress)?.into_iter();
+    let decomposed = solver.eigendecompose(ctx, &mine, progress).and_then(|d| {
+        if d.len() == mine.len() {
+            Ok(d)
+        } else {
+            Err(Error::gpu(
+                "the eigendecomposition",
+                format!("{} factors gave {} results", mine.len(), d.len()),
+            ))
+        }
+    });
+    let mut decomposed = agree(comm, decomposed)?.into_iter();
     progress.report(&Event::Finished {
         stage: Stage::Eigendecomposition,
     });
-    let mut next = || {
-        decomposed
-            .next()
-            .ok_or_else(|| Error::gpu("the eigendecomposition", "a factor has no result"))
-    };
+    // Every basis from its rank, in factor order (the collectives first, then the
+    // uploads, so that a failed upload cannot leave another rank in a broadcast).
+    let mut all = Vec::with_capacity(factors.len());
+    for (factor, &o) in factors.iter().zip(&owner) {
+        let n = factor.dim();
+        let (mut eigen, tensor) = if o == comm.rank() {
+            let (e, t) = decomposed.next().expect("checked: one result per factor");
+            (e, Some(t))
+        } else {
+            let zeros = FactorEigen {
+                values: vec![0.0; n],
+                vectors: vec![0.0; n * n],
+            };
+            (zeros, None)
+        };
+        if comm.size() > 1 {
+            comm.broadcast(o, &mut eigen.values)?;
+            comm.broadcast(o, &mut eigen.vectors)?;
+        }
+        all.push((eigen, tensor));
+    }
+    let uploaded = all
+        .into_iter()
+        .map(|(eigen, tensor)| {
+            let tensor = match tensor {
+                Some(t) => t,
+                None => ctx.upload(&eigen.vectors, &[eigen.dim(), eigen.dim()])?,
+            };
+            Ok((eigen, tensor))
+        })
+        .collect::<Result<Vec<_>>>();
+    let mut next = agree(comm, uploaded)?.into_iter();
     let mut bases = Vec::with_capacity(layout.layers.len());
     for (layer, acc) in layout.layers.iter().zip(accumulators) {
-        let input = acc.input.as_ref().map(|_| next()).transpose()?;
+        let input = acc
+            .input
+            .as_ref()
+            .map(|_| next.next().expect("one per factor"));
         let gradient = match &acc.gradient {
             Some(_) => {
-                let (e, t) = next()?;
+                let (e, t) = next.next().expect("one per factor");
                 (e, Some(t))
             }
             None => (FactorEigen::identity(layer.d_out), None),

@@ -19,17 +19,17 @@
 //! only for the queries and, for [`InfluenceOptions::self_influence`], one training
 //! batch at a time (`[B, P]`).
 
-use crate::curvature::batches::{check_all_targets, run_batch};
+use crate::curvature::batches::run_batch;
 use crate::curvature::layer::CurvatureLayer;
 use crate::curvature::layout::{ParamKind, ParamLayout};
 use crate::curvature::operator::{Approximation, Operator, Transform};
-use crate::curvature::options::{DampingMode, FisherType, LossKind, Options, Reduction};
+use crate::curvature::options::{DampingMode, FisherType, Options, Reduction};
 use crate::curvature::state::CurvatureState;
+use crate::data::DataSource;
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor};
 use crate::graph::{Backward, Forward, Model, Network};
 use crate::layers::Pass;
-use crate::model::data::Dataset;
 use crate::ops::gemm::{Gemm, gemm};
 use crate::progress::{Event, Progress, Stage};
 
@@ -116,13 +116,15 @@ pub fn check_state_matches(state: &CurvatureState, model: &Model, origin: &str) 
 
 /// Influence of every example of `train` on every example of `query` through the
 /// curvature in `state`, fitted for `model` (checked). Both data sets are checked
-/// against the model and the state's loss. Reports [`Stage::Preconditioning`]
+/// against the model and the state's loss ([`crate::data::check_all`], streaming) and
+/// then read a batch at a time, so host memory holds a few batches and the `[Q, N]`
+/// scores whatever the sources' sizes. Reports [`Stage::Preconditioning`]
 /// (queries) and [`Stage::Scoring`] (batches) to `progress`.
 pub fn influence(
     ctx: &GpuContext,
     model: &Model,
     state: &CurvatureState,
-    data: [&Dataset; 2],
+    data: [&dyn DataSource; 2],
     options: &InfluenceOptions,
     progress: &dyn Progress,
 ) -> Result<Influence> {
@@ -156,23 +158,18 @@ pub fn influence(
         mc_samples: 1,
         ..state.meta.options.clone()
     };
-    let classes = grads.loss == LossKind::CrossEntropy;
-    for (data, what) in [(train, "training data"), (query, "query data")] {
-        data.check(&model.graph, classes)?;
-        if data.len == 0 {
-            return Err(Error::Options(format!("the {what} has no examples")));
-        }
-        check_all_targets(data, &grads, model.num_outputs())?;
+    for data in [train, query] {
+        crate::data::check_all(data, &model.graph, grads.loss, grads.fisher)?;
     }
     let network = Network::new(ctx, model)?;
     let scorer = Scorer::new(&network, &state.layout, &grads)?;
-    let plan = scorer.plan(ctx, query.len, options)?;
+    let plan = scorer.plan(ctx, query.len(), options)?;
     let operator = Operator::new(ctx, state)?;
     let inverse = Transform::Inverse {
         damping,
         mode: DampingMode::Exact,
     };
-    let (n, q_all, p) = (train.len, query.len, state.layout.num_params);
+    let (n, q_all, p) = (train.len(), query.len(), state.layout.num_params);
     let mut scores = vec![0.0f32; q_all * n];
     let mut self_influence = options.self_influence.then(|| vec![0.0f32; n]);
     let query_chunks = q_all.div_ceil(plan.queries);
@@ -348,7 +345,7 @@ impl<'a> Scorer<'a> {
     fn backward(
         &self,
         ctx: &GpuContext,
-        data: &Dataset,
+        data: &dyn DataSource,
         start: usize,
         len: usize,
     ) -> Result<(Forward, Backward)> {
@@ -368,7 +365,7 @@ impl<'a> Scorer<'a> {
     fn gradients(
         &self,
         ctx: &GpuContext,
-        data: &Dataset,
+        data: &dyn DataSource,
         start: usize,
         len: usize,
     ) -> Result<GpuTensor> {

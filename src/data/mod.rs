@@ -12,9 +12,10 @@
 //! `[N, T]`); `y` either I64/I32 class indices `[N]` or `[N, 1]` (cross-entropy) or F32
 //! values `[N, C]` (MSE, BCE). No other keys.
 //!
-//! [`check`] streams over a source once before a fit, checking it fits the model and
-//! the loss (shapes, finite values, class indices in range) with errors that name the
-//! file and the example.
+//! [`check`] streams over the examples a fit will read (each rank of a distributed fit
+//! its own batches) once before the fit, checking they fit the model and the loss
+//! (shapes, finite values, class indices in range) with errors that name the file and
+//! the example.
 
 mod file;
 mod memory;
@@ -117,11 +118,16 @@ pub trait DataSource: Sync {
 /// Opens `--data`: a safetensors file, or a directory of `*.safetensors` shards.
 /// Anything else (a FIFO, a device) is refused before it is opened.
 pub fn open(path: &Path) -> Result<Box<dyn DataSource>> {
+    open_as(path, "--data")
+}
+
+/// [`open`] for the data option `what` (e.g. `--train`), which errors name.
+pub fn open_as(path: &Path, what: &str) -> Result<Box<dyn DataSource>> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_dir() {
         Ok(Box::new(ShardDirectory::open(path)?))
     } else {
-        Ok(Box::new(MappedFile::open(path, "--data")?))
+        Ok(Box::new(MappedFile::open(path, what)?))
     }
 }
 
@@ -189,18 +195,46 @@ fn check_chunk(source: &dyn DataSource) -> usize {
     ((4 << 20) / (4 * source.example_len().max(1))).max(1)
 }
 
-/// Checks, streaming over every example once, that `source` fits the model `graph`
-/// and the loss: [`check_layout`], then inputs are finite and targets are class indices
-/// in `0..C` (cross-entropy) or finite values (binary for BCE with type-2), `C` being
-/// the model's number of outputs. Errors name the file and the example.
+/// Checks, streaming over the examples of `ranges` (`(start, len)` pairs, e.g. a
+/// rank's batches, [`crate::distributed::Partition::batches`]) once, that `source`
+/// fits the model `graph` and the loss: [`check_layout`], then inputs are finite and
+/// targets are class indices in `0..C` (cross-entropy) or finite values (binary for
+/// BCE with type-2), `C` being the model's number of outputs. Errors name the file and
+/// the example.
 pub fn check(
     source: &dyn DataSource,
     graph: &Graph,
     loss: LossKind,
     fisher: FisherType,
+    ranges: impl Iterator<Item = (usize, usize)>,
 ) -> Result<()> {
     let c = check_layout(source, graph, loss)?;
-    check_values(source, graph, loss, fisher, c)
+    let chunk = check_chunk(source);
+    let mut buffer = BatchBuffer::new(source);
+    for (first, len) in ranges {
+        for start in (first..first + len).step_by(chunk) {
+            let end = (first + len).min(start + chunk);
+            buffer.read(source, start, end)?;
+            check_values(source, graph, loss, fisher, c, &buffer)?;
+        }
+    }
+    Ok(())
+}
+
+/// [`check`] over every example.
+pub fn check_all(
+    source: &dyn DataSource,
+    graph: &Graph,
+    loss: LossKind,
+    fisher: FisherType,
+) -> Result<()> {
+    check(
+        source,
+        graph,
+        loss,
+        fisher,
+        std::iter::once((0, source.len())),
+    )
 }
 
 /// Checks, without reading examples, that `source` has examples whose shape is the
@@ -277,91 +311,87 @@ pub fn check_layout(source: &dyn DataSource, graph: &Graph, loss: LossKind) -> R
     Ok(c)
 }
 
+/// Checks the values of the examples in `buffer` (see [`check`]).
 fn check_values(
     source: &dyn DataSource,
     graph: &Graph,
     loss: LossKind,
     fisher: FisherType,
     c: usize,
+    buffer: &BatchBuffer,
 ) -> Result<()> {
-    let n = source.len();
-    let chunk = check_chunk(source);
-    let mut buffer = BatchBuffer::new(source);
     let e = source.example_len();
-    for start in (0..n).step_by(chunk) {
-        let end = n.min(start + chunk);
-        buffer.read(source, start, end)?;
-        let floats = source.input_dtype() == InputDtype::F32;
-        if let Some(flat) = buffer.x_f32().iter().position(|v| floats && !v.is_finite()) {
-            let i = start + flat / e;
-            return Err(Error::input(
-                source.locate(i),
-                format!(
-                    "\"x\": x[{}] is {} (values must be finite)",
-                    index_name(i, flat % e, source.example_shape()),
-                    buffer.x_f32()[flat]
-                ),
-            ));
-        }
-        if let (false, Some((node, limit))) = (floats, graph.token_limit())
-            && let Some(flat) = buffer.x.iter().position(|&id| u64::from(id) >= limit)
-        {
-            let i = start + flat / e;
-            return Err(Error::input(
-                source.locate(i),
-                format!(
-                    "\"x\": example {i} has token id {} at position {}, outside [0, {limit}) \
-                     (num_embeddings of {})",
-                    buffer.x[flat],
-                    flat % e,
-                    node.label()
-                ),
-            ));
-        }
-        match &buffer.y {
-            TargetBuffer::Classes(labels) => {
-                if let Some((k, &class)) = labels
-                    .iter()
-                    .enumerate()
-                    .find(|&(_, &k)| k < 0 || k as usize >= c)
-                {
-                    return Err(Error::input(
-                        source.locate(start + k),
-                        format!(
-                            "\"y\": y[{}] = {class} is not a class index in 0..{c} (the model \
-                             has {c} outputs)",
-                            start + k
-                        ),
-                    ));
-                }
+    let (start, end) = (buffer.start, buffer.start + buffer.len);
+    let floats = source.input_dtype() == InputDtype::F32;
+    if let Some(flat) = buffer.x_f32().iter().position(|v| floats && !v.is_finite()) {
+        let i = start + flat / e;
+        return Err(Error::input(
+            source.locate(i),
+            format!(
+                "\"x\": x[{}] is {} (values must be finite)",
+                index_name(i, flat % e, source.example_shape()),
+                buffer.x_f32()[flat]
+            ),
+        ));
+    }
+    if let (false, Some((node, limit))) = (floats, graph.token_limit())
+        && let Some(flat) = buffer.x.iter().position(|&id| u64::from(id) >= limit)
+    {
+        let i = start + flat / e;
+        return Err(Error::input(
+            source.locate(i),
+            format!(
+                "\"x\": example {i} has token id {} at position {}, outside [0, {limit}) \
+                 (num_embeddings of {})",
+                buffer.x[flat],
+                flat % e,
+                node.label()
+            ),
+        ));
+    }
+    match &buffer.y {
+        TargetBuffer::Classes(labels) => {
+            if let Some((k, &class)) = labels
+                .iter()
+                .enumerate()
+                .find(|&(_, &k)| k < 0 || k as usize >= c)
+            {
+                return Err(Error::input(
+                    source.locate(start + k),
+                    format!(
+                        "\"y\": y[{}] = {class} is not a class index in 0..{c} (the model \
+                         has {c} outputs)",
+                        start + k
+                    ),
+                ));
             }
-            TargetBuffer::Values { data, cols } => {
-                if let Some(flat) = data.iter().position(|v| !v.is_finite()) {
-                    let i = start + flat / cols;
-                    return Err(Error::input(
-                        source.locate(i),
-                        format!(
-                            "\"y\": y[{i}, {}] is {} (values must be finite)",
-                            flat % cols,
-                            data[flat]
-                        ),
-                    ));
-                }
-                let values: Vec<f64> = data.iter().map(|&v| f64::from(v)).collect();
-                crate::loss::check_targets(
-                    loss,
-                    fisher,
-                    crate::loss::Targets::Dense(&values),
-                    end - start,
-                    c,
+        }
+        TargetBuffer::Values { data, cols } => {
+            if let Some(flat) = data.iter().position(|v| !v.is_finite()) {
+                let i = start + flat / cols;
+                return Err(Error::input(
+                    source.locate(i),
+                    format!(
+                        "\"y\": y[{i}, {}] is {} (values must be finite)",
+                        flat % cols,
+                        data[flat]
+                    ),
+                ));
+            }
+            let values: Vec<f64> = data.iter().map(|&v| f64::from(v)).collect();
+            crate::loss::check_targets(
+                loss,
+                fisher,
+                crate::loss::Targets::Dense(&values),
+                end - start,
+                c,
+            )
+            .map_err(|e| {
+                Error::input(
+                    source.locate(start),
+                    format!("\"y\" in examples {start}..{end}: {e}"),
                 )
-                .map_err(|e| {
-                    Error::input(
-                        source.locate(start),
-                        format!("\"y\" in examples {start}..{end}: {e}"),
-                    )
-                })?;
-            }
+            })?;
         }
     }
     Ok(())

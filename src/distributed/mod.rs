@@ -1,31 +1,37 @@
 //! Fits spread over several processes ("ranks"), each on its own adapter: rank `r` of
-//! `K` takes batches `r, r + K, r + 2K, …` of both passes over the data, and the ranks
-//! combine what they accumulated through a [`Communicator`]:
+//! `K` takes groups `r, r + K, r + 2K, …` of consecutive batches of both passes over
+//! the data (one batch per group unless there are more than [`MAX_GROUPS`] batches,
+//! see [`Partition`]), and the ranks combine what they accumulated through a
+//! [`Communicator`]:
 //!
 //! - the Kronecker factors after the factor pass and EKFAC's corrected eigenvalues
-//!   after the correction pass are summed by [`Communicator::sum`]: every rank's f32
-//!   partial sums are widened to f64 and added in rank order on rank 0, and the sums,
-//!   rounded once to f32, go back to every rank, so all ranks hold the same bits and
-//!   the result depends on `K` only through the f32 rounding of each rank's partial
-//!   sums (the MC samples are keyed by the global example index, so any `K` draws the
-//!   same samples);
-//! - the eigendecomposition runs on rank 0 only and its eigenbases are broadcast
-//!   ([`Communicator::broadcast`]), so every rank rotates with the same bases whatever
-//!   adapters the ranks have;
-//! - [`agree`] at each step turns one rank's failure into the same error
-//!   on every rank (naming the failing rank), so no rank waits forever on a failed one
-//!   and no rank writes an output.
+//!   after the correction pass are per-group f32 sums added on the host into
+//!   [`CompensatedSum`]s (one per factor or block), whose double-f64 pairs rank 0
+//!   combines in rank order and rounds once to f32 (see [`sum`]): the result is the
+//!   same bits for every `K` (one process included) and every timing, and the MC
+//!   samples are keyed by the global example index, so any `K` draws the same samples;
+//! - the eigendecompositions are spread over the ranks, whole groups of factors of the
+//!   same size at a time (see `crate::curvature::fit`), and each is broadcast from the
+//!   rank that computed it, so every rank holds the bases one process computes;
+//! - [`agree`] at each step turns one rank's failure into the same error on every rank
+//!   (naming the failing rank), so no rank waits forever on a failed one and no rank
+//!   writes an output. Ranks that wait at such a step sleep rather than spin (with
+//!   MPI), leaving the cores to the ranks still working.
 //!
 //! [`Single`] is the one-process communicator (nothing to combine; a fit with it is
 //! exactly the plain fit). With the `mpi` cargo feature, [`mpi::MpiCommunicator`]
 //! runs over MPI's world communicator (`mpirun -np K ekfac fit …`).
 //!
-//! Communication per fit: one sum of the factors, `Σ (D² + d_out²)` floats, one
-//! broadcast of their eigenbases (as many floats again, plus the eigenvalues), and
-//! one sum of the corrected eigenvalues, `Σ d_out·D` floats.
+//! Communication per fit: one gather of the factors' pairs on rank 0, `2·Σ (D² +
+//! d_out²)` f64 from each rank, and their f32 sums broadcast back; one broadcast of
+//! each eigenbasis (`n² + n` f32 per factor); one gather of the corrected eigenvalues'
+//! pairs, `2·Σ d_out·D` f64 per rank, and their f32 sums broadcast back.
 
 #[cfg(feature = "mpi")]
 pub mod mpi;
+pub mod sum;
+
+pub use sum::CompensatedSum;
 
 use serde::{Deserialize, Serialize};
 
@@ -40,12 +46,15 @@ pub trait Communicator {
     /// `K`, the number of ranks.
     fn size(&self) -> usize;
 
-    /// Replaces `values` on every rank by the sum over ranks, added in f64 in rank
-    /// order (so every rank gets the same bits, whatever the timing).
-    fn sum(&self, values: &mut [f64]) -> Result<()>;
+    /// Gathers every rank's `values` (the same length on every rank) on rank 0, a
+    /// chunk at a time: rank 0 calls `combine(start, gathered)` with `gathered` the
+    /// ranks' elements `start .. start + len`, rank-major (`[K, len]`), for consecutive
+    /// chunks covering `values`, each chunk's `len` a multiple of 2 (so that pairs stay
+    /// whole). The other ranks only send.
+    fn gather(&self, values: &[f64], combine: &mut dyn FnMut(usize, &[f64])) -> Result<()>;
 
-    /// Replaces `values` on every rank by rank 0's.
-    fn broadcast(&self, values: &mut [f32]) -> Result<()>;
+    /// Replaces `values` on every rank by rank `root`'s.
+    fn broadcast(&self, root: usize, values: &mut [f32]) -> Result<()>;
 
     /// Every rank's `message` (empty for success), in rank order.
     fn gather_messages(&self, message: &str) -> Result<Vec<String>>;
@@ -86,6 +95,26 @@ pub fn agree<T>(comm: &dyn Communicator, outcome: Result<T>) -> Result<T> {
     }
 }
 
+/// Checks (collective) that every rank holds the same `value`, else the same error on
+/// every rank naming `what` and the range of values (e.g. ranks whose `--data` differ
+/// in size on an inconsistent file system, which would otherwise sum the wrong terms).
+pub fn check_same(comm: &dyn Communicator, what: &str, value: u64) -> Result<()> {
+    if comm.size() == 1 {
+        return Ok(());
+    }
+    let low = comm.min(value)?;
+    let high = u64::MAX - comm.min(u64::MAX - value)?;
+    let outcome = if low == high {
+        Ok(())
+    } else {
+        Err(Error::Options(format!(
+            "the ranks disagree on {what}: {value} on this rank, from {low} to {high} over \
+             the ranks (every rank must be given the same files and options)"
+        )))
+    };
+    agree(comm, outcome)
+}
+
 /// One process: nothing to combine.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Single;
@@ -99,11 +128,12 @@ impl Communicator for Single {
         1
     }
 
-    fn sum(&self, _: &mut [f64]) -> Result<()> {
+    fn gather(&self, values: &[f64], combine: &mut dyn FnMut(usize, &[f64])) -> Result<()> {
+        combine(0, values);
         Ok(())
     }
 
-    fn broadcast(&self, _: &mut [f32]) -> Result<()> {
+    fn broadcast(&self, _: usize, _: &mut [f32]) -> Result<()> {
         Ok(())
     }
 
@@ -118,20 +148,6 @@ impl Communicator for Single {
     fn barrier(&self) {}
 }
 
-/// Sums f32 values over ranks through f64 ([`Communicator::sum`]), rounding once.
-/// With one rank the values are unchanged.
-pub fn sum_f32(comm: &dyn Communicator, values: &mut [f32]) -> Result<()> {
-    if comm.size() == 1 {
-        return Ok(());
-    }
-    let mut wide: Vec<f64> = values.iter().map(|&v| f64::from(v)).collect();
-    comm.sum(&mut wide)?;
-    for (v, w) in values.iter_mut().zip(wide) {
-        *v = w as f32;
-    }
-    Ok(())
-}
-
 /// One rank's share of a fit's batches.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RankShare {
@@ -142,8 +158,28 @@ pub struct RankShare {
     pub examples: usize,
 }
 
-/// Which batches a rank takes: batch `b` (examples `b·batch .. (b+1)·batch`) belongs
-/// to rank `b mod size`.
+/// At most this many groups of consecutive batches per pass ([`Partition`]).
+pub const MAX_GROUPS: usize = 256;
+
+/// One batch of a rank's share ([`Partition::batches`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchSpan {
+    /// Its first example.
+    pub start: usize,
+    /// Its examples.
+    pub len: usize,
+    /// Whether it is the last batch of its group (the group's sums are then complete).
+    pub ends_group: bool,
+}
+
+/// Which batches a rank takes. The `B = ⌈n / batch⌉` batches (batch `b` holds examples
+/// `b·batch ..`) form groups of `⌈B / MAX_GROUPS⌉` consecutive batches, and group `g`
+/// belongs to rank `g mod size`. A group's terms are summed in f32 on the GPU and each
+/// group's sum once on the host ([`CompensatedSum`]), so the groups, which depend on
+/// `n` and the batch size only, fix every rounding whatever the number of ranks, while
+/// a pass reads back at most [`MAX_GROUPS`] sums in all. With fewer than
+/// `MAX_GROUPS + 1` batches every group is one batch: rank `r` takes batches
+/// `r, r + K, …`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Partition {
     pub rank: usize,
@@ -159,9 +195,30 @@ impl Partition {
         }
     }
 
-    /// Whether batch `index` is this rank's.
-    pub fn takes(&self, index: usize) -> bool {
-        index % self.size == self.rank
+    /// Every batch of `n` examples in batches of `batch`, with its rank, in order.
+    fn all(&self, n: usize, batch: usize) -> impl Iterator<Item = (usize, BatchSpan)> {
+        let batch = batch.max(1);
+        let group = n.div_ceil(batch).div_ceil(MAX_GROUPS).max(1);
+        let size = self.size;
+        (0..n)
+            .step_by(batch)
+            .enumerate()
+            .map(move |(index, start)| {
+                let span = BatchSpan {
+                    start,
+                    len: batch.min(n - start),
+                    ends_group: (index + 1) % group == 0 || start + batch >= n,
+                };
+                (index / group % size, span)
+            })
+    }
+
+    /// This rank's batches of `n` examples in batches of `batch`, in order.
+    pub fn batches(&self, n: usize, batch: usize) -> impl Iterator<Item = BatchSpan> {
+        let rank = self.rank;
+        self.all(n, batch)
+            .filter(move |&(r, _)| r == rank)
+            .map(|(_, span)| span)
     }
 
     /// Every rank's share of `n` examples in batches of `batch`.
@@ -173,10 +230,9 @@ impl Partition {
                 examples: 0,
             })
             .collect();
-        for (index, start) in (0..n).step_by(batch.max(1)).enumerate() {
-            let share = &mut shares[index % self.size];
-            share.batches += 1;
-            share.examples += batch.min(n - start);
+        for (rank, span) in self.all(n, batch) {
+            shares[rank].batches += 1;
+            shares[rank].examples += span.len;
         }
         shares
     }
@@ -212,5 +268,50 @@ pub fn adapter_index(count: usize) -> Result<Option<usize>> {
             _ => Ok(None),
         },
         Err(_) => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranks_take_whole_groups_of_consecutive_batches() {
+        // 6 batches (the last of 5 examples): one batch per group, round robin.
+        let spans = |rank, size, n, batch| {
+            Partition { rank, size }
+                .batches(n, batch)
+                .map(|s| (s.start, s.len, s.ends_group))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            spans(1, 2, 45, 8),
+            [(8, 8, true), (24, 8, true), (40, 5, true)]
+        );
+        // 1000 batches of 1: groups of ⌈1000 / 256⌉ = 4, group g on rank g mod 3.
+        let mine = spans(2, 3, 1000, 1);
+        assert_eq!(
+            mine[..5],
+            [
+                (8, 1, false),
+                (9, 1, false),
+                (10, 1, false),
+                (11, 1, true),
+                (20, 1, false)
+            ]
+        );
+        let shares = Partition { rank: 0, size: 3 }.shares(1000, 1);
+        let examples: Vec<usize> = shares.iter().map(|s| s.examples).collect();
+        // 250 groups: 84, 83, 83 of them.
+        assert_eq!(examples, [336, 332, 332]);
+        assert_eq!(mine.len(), 332);
+        // Every batch belongs to exactly one rank, and each rank's last batch ends its group.
+        let mut all: Vec<usize> = (0..3)
+            .flat_map(|r| spans(r, 3, 1001, 1))
+            .map(|s| s.0)
+            .collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..1001).collect::<Vec<_>>());
+        assert!((0..3).all(|r| spans(r, 3, 1001, 1).last().unwrap().2));
     }
 }

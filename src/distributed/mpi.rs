@@ -3,6 +3,14 @@
 //!
 //! MPI failures abort the whole job (MPI's default error handler), so the methods only
 //! return `Ok`.
+//!
+//! OpenMPI's blocking collectives busy-poll. A rank that reaches [`agree`]'s exchange
+//! early (its share done, or while another rank eigendecomposes) would spin on a core
+//! the working ranks need (the README's K = 2 timings on 2 cores were slower than
+//! K = 1 that way), so [`Communicator::gather_messages`] first waits in a
+//! non-blocking barrier, testing it every millisecond and sleeping in between.
+//!
+//! [`agree`]: super::agree
 
 use mpi::Count;
 use mpi::collective::SystemOperation;
@@ -15,9 +23,12 @@ use mpi::traits::*;
 use super::Communicator;
 use crate::error::{Error, Result};
 
-/// Values per message of [`Communicator::sum`] and [`Communicator::broadcast`]: rank 0
-/// holds `K` times this many f64 at once.
+/// Values per message of [`Communicator::gather`] and [`Communicator::broadcast`] (even,
+/// so that gathered pairs stay whole): rank 0 holds `K` times this many f64 at once.
 const CHUNK: usize = 1 << 20;
+
+/// How long a rank waiting in [`MpiCommunicator::wait_for_all`] sleeps between tests.
+const IDLE_SLEEP: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// Bytes of a rank's error message that [`Communicator::gather_messages`] passes on.
 const MAX_MESSAGE: usize = 64 << 10;
@@ -29,6 +40,21 @@ pub struct MpiCommunicator {
 }
 
 impl MpiCommunicator {
+    /// Returns once every rank has called it, sleeping while it waits (a non-blocking
+    /// barrier tested every [`IDLE_SLEEP`]).
+    fn wait_for_all(&self) {
+        let mut request = self.world.immediate_barrier();
+        loop {
+            match request.test() {
+                Ok(_) => return,
+                Err(pending) => {
+                    request = pending;
+                    std::thread::sleep(IDLE_SLEEP);
+                }
+            }
+        }
+    }
+
     /// Initialises MPI (once per process).
     pub fn init() -> Result<Self> {
         let universe = mpi::initialize()
@@ -49,27 +75,24 @@ impl Communicator for MpiCommunicator {
         self.world.size() as usize
     }
 
-    fn sum(&self, values: &mut [f64]) -> Result<()> {
+    fn gather(&self, values: &[f64], combine: &mut dyn FnMut(usize, &[f64])) -> Result<()> {
         let root = self.world.process_at_rank(0);
         let k = self.size();
-        for part in values.chunks_mut(CHUNK) {
-            let n = part.len();
+        let mut all = Vec::new();
+        for (index, part) in values.chunks(CHUNK).enumerate() {
             if self.rank() == 0 {
-                let mut all = vec![0.0f64; n * k];
-                root.gather_into_root(&part[..], &mut all[..]);
-                for (i, v) in part.iter_mut().enumerate() {
-                    *v = (0..k).fold(0.0, |sum, r| sum + all[r * n + i]);
-                }
+                all.resize(part.len() * k, 0.0);
+                root.gather_into_root(part, &mut all[..]);
+                combine(index * CHUNK, &all);
             } else {
-                root.gather_into(&part[..]);
+                root.gather_into(part);
             }
-            root.broadcast_into(part);
         }
         Ok(())
     }
 
-    fn broadcast(&self, values: &mut [f32]) -> Result<()> {
-        let root = self.world.process_at_rank(0);
+    fn broadcast(&self, root: usize, values: &mut [f32]) -> Result<()> {
+        let root = self.world.process_at_rank(root as i32);
         for part in values.chunks_mut(CHUNK) {
             root.broadcast_into(part);
         }
@@ -77,6 +100,7 @@ impl Communicator for MpiCommunicator {
     }
 
     fn gather_messages(&self, message: &str) -> Result<Vec<String>> {
+        self.wait_for_all();
         let mut cut = message.len().min(MAX_MESSAGE);
         while !message.is_char_boundary(cut) {
             cut -= 1;

@@ -30,7 +30,9 @@ pub struct Shader {
     pub source: &'static str,
 }
 
-/// Declares a [`Shader`] whose source is `shaders/<name>.wgsl`, compiled in.
+/// Declares a [`Shader`] whose source is `shaders/<name>.wgsl`, compiled in; with
+/// `after <common>`, `shaders/<common>.wgsl` is prepended (helpers several shaders
+/// share: WGSL has no includes).
 #[macro_export]
 macro_rules! shader {
     ($name:literal) => {
@@ -42,6 +44,25 @@ macro_rules! shader {
                 $name,
                 ".wgsl"
             )),
+        }
+    };
+    ($name:literal after $common:literal) => {
+        $crate::gpu::Shader {
+            name: $name,
+            source: concat!(
+                include_str!(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/shaders/",
+                    $common,
+                    ".wgsl"
+                )),
+                include_str!(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/shaders/",
+                    $name,
+                    ".wgsl"
+                ))
+            ),
         }
     };
 }

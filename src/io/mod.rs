@@ -128,24 +128,25 @@ pub fn check_input(path: &Path, what: &str, max_bytes: Option<u64>) -> Result<u6
     Ok(meta.len())
 }
 
-/// Checks, without opening anything, that `--data` is a regular file or a directory
-/// (of shards: see [`crate::data::ShardDirectory`]), and that no output would land in
-/// that directory as a `*.safetensors` file (it would be read as a shard next time).
-pub fn check_data_input(path: &Path, outputs: &[(&str, &Path)]) -> Result<()> {
+/// Checks, without opening anything, that the data option `name` (`--data`,
+/// `--train`, `--query`) is a regular file or a directory (of shards: see
+/// [`crate::data::ShardDirectory`]), and that no output would land in that directory
+/// as a `*.safetensors` file (it would be read as a shard next time).
+pub fn check_data_input(path: &Path, name: &str, outputs: &[(&str, &Path)]) -> Result<()> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if !meta.is_dir() {
-        check_input(path, "--data", None)?;
+        check_input(path, name, None)?;
         return Ok(());
     }
     let dir = path.canonicalize().map_err(|e| Error::io(path, e))?;
-    for &(name, out) in outputs {
+    for &(out_name, out) in outputs {
         let inside = canonical(out)
             .and_then(|p| p.parent().map(Path::to_path_buf))
             .is_some_and(|parent| parent == dir);
         if inside && out.extension().is_some_and(|e| e == "safetensors") {
             return Err(Error::Options(format!(
-                "{name} {} is inside the --data directory {}, where it would be read as a data \
-                 shard; write it elsewhere",
+                "{out_name} {} is inside the {name} directory {}, where it would be read as a \
+                 data shard; write it elsewhere",
                 out.display(),
                 path.display()
             )));

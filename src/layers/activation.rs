@@ -152,9 +152,6 @@ impl Layer for Activation {
         };
         let input = args.input_grads[0]
             .then(|| (self.reference_backward)(&saved.repeat(args.stack), args.grad_out));
-        Grads {
-            inputs: vec![input],
-            params: None,
-        }
+        Grads::one_input(input)
     }
 }

@@ -102,10 +102,7 @@ impl Layer for AdaptiveAvgPool2d {
         } else {
             None
         };
-        Ok(Grads {
-            inputs: vec![input],
-            params: None,
-        })
+        Ok(Grads::one_input(input))
     }
 
     fn reference_forward(&self, args: &ForwardArgs<[f64], Vec<f64>>) -> Vec<f64> {
@@ -124,9 +121,6 @@ impl Layer for AdaptiveAvgPool2d {
                 self.out_size(),
             )
         });
-        Grads {
-            inputs: vec![input],
-            params: None,
-        }
+        Grads::one_input(input)
     }
 }

@@ -16,7 +16,7 @@ use crate::layers::{
     one_input,
 };
 use crate::ops::reduce::{Sum, axpy, sum_rows};
-use crate::ops::shape::{Gather, gather, strides};
+use crate::ops::shape::{Gather, strides};
 use crate::reference::shape as reference;
 
 /// The weights-file suffix the layer's one tensor goes by internally (its key is the
@@ -118,14 +118,8 @@ impl Layer for AddParameter {
         args: &ForwardArgs<GpuTensor, GpuTensor>,
     ) -> Result<GpuTensor> {
         let dims = batched(args.batch, &self.output);
-        let y = pass.zeros(&dims)?;
-        let g = Gather {
-            dims,
-            strides: self.param_strides(),
-            scale: 1.0,
-            divisor: 1.0,
-        };
-        gather(&mut pass.rec, &g, &args.params[0], &y)?;
+        let g = Gather::strided(dims.clone(), self.param_strides());
+        let y = pass.gather(&g, &args.params[0], &dims)?;
         axpy(&mut pass.rec, 1.0, args.inputs[0], 1.0, &y)?;
         Ok(y)
     }
@@ -152,10 +146,8 @@ impl Layer for AddParameter {
             let moved = if perm.iter().enumerate().all(|(i, &k)| i == k) {
                 grads.view(&[grads.len()])?
             } else {
-                let moved = pass.zeros(&[grads.len()])?;
                 let g = Gather::permute(&batched(rows, &self.output), &perm);
-                gather(&mut pass.rec, &g, grads, &moved)?;
-                moved
+                pass.gather(&g, grads, &[grads.len()])?
             };
             let grad = pass.zeros(&self.shape)?;
             sum_rows(

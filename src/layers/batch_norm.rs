@@ -180,10 +180,7 @@ impl Layer for BatchNorm2d {
         } else {
             None
         };
-        Ok(Grads {
-            inputs: vec![input],
-            params: None,
-        })
+        Ok(Grads::one_input(input))
     }
 
     fn reference_forward(&self, args: &ForwardArgs<[f64], Vec<f64>>) -> Vec<f64> {
@@ -209,9 +206,6 @@ impl Layer for BatchNorm2d {
                 self.eps,
             )
         });
-        Grads {
-            inputs: vec![input],
-            params: None,
-        }
+        Grads::one_input(input)
     }
 }

@@ -9,12 +9,12 @@ use crate::geometry::Conv2dGeometry;
 use crate::gpu::{GpuContext, GpuTensor};
 use crate::graph::Node;
 use crate::layers::attrs::Attrs;
-use crate::layers::linear::zeros_like;
+use crate::layers::linear::WeightedGrads;
 use crate::layers::{
     BackwardArgs, ForwardArgs, Grads, Layer, ParamSpec, Pass, Saved, batched, batched_shape,
     one_input, spatial_input,
 };
-use crate::ops::conv::{ConvBackward, ConvWorkspace, conv2d_backward, conv2d_forward};
+use crate::ops::conv::{ConvWorkspace, conv2d_backward, conv2d_forward};
 use crate::ops::gemm::{Gemm, gemm};
 use crate::ops::im2col::{im2col, im2col_group_mean};
 use crate::ops::reduce::{Sum, sum_cols, transpose};
@@ -184,17 +184,10 @@ impl Layer for Conv2d {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
-        let mut p = vec![ParamSpec {
-            suffix: "weight",
-            shape: self.weight_shape(),
-        }];
-        if self.bias {
-            p.push(ParamSpec {
-                suffix: "bias",
-                shape: vec![self.geometry.out_channels],
-            });
-        }
-        p
+        ParamSpec::weight_and_bias(
+            self.weight_shape(),
+            self.bias.then_some(self.geometry.out_channels),
+        )
     }
 
     fn workspace_bytes(&self, ctx: &GpuContext) -> u64 {
@@ -227,41 +220,13 @@ impl Layer for Conv2d {
         pass: &mut Pass,
         args: &BackwardArgs<GpuTensor, GpuTensor>,
     ) -> Result<Grads<GpuTensor>> {
-        let rows = args.stack * args.batch;
-        let x = args
-            .param_grads
-            .then(|| pass.repeat(args.inputs[0], args.stack))
-            .transpose()?;
-        let geo = self.geometry(rows);
+        let geo = self.geometry(args.stack * args.batch);
+        let in_shape = [geo.in_channels, geo.in_size[0], geo.in_size[1]];
+        let grads = WeightedGrads::new(pass, args, &in_shape)?;
         let ws = ConvWorkspace::new(pass.ctx(), &geo, conv_workspace_bytes(pass.ctx()))?;
-        let in_shape = batched(rows, &[geo.in_channels, geo.in_size[0], geo.in_size[1]]);
-        let grad_in = args.input_grads[0]
-            .then(|| pass.zeros(&in_shape))
-            .transpose()?;
-        let params = args
-            .param_grads
-            .then(|| zeros_like(pass, args.params))
-            .transpose()?;
-        conv2d_backward(
-            &mut pass.rec,
-            &geo,
-            &ws,
-            &ConvBackward {
-                grad_out: args.grad_out,
-                x: x.as_ref(),
-                weight: Some(&args.params[0]),
-                grad_in: grad_in.as_ref(),
-                grad_weight: params.as_ref().map(|p| &p[0]),
-                grad_bias: params.as_ref().and_then(|p| p.get(1)),
-                accumulate: false,
-            },
-        )?;
-        pass.keep(x);
+        conv2d_backward(&mut pass.rec, &geo, &ws, &grads.op_args(args))?;
         pass.keep(ws);
-        Ok(Grads {
-            inputs: vec![grad_in],
-            params,
-        })
+        Ok(grads.finish(pass))
     }
 
     fn reference_forward(&self, args: &ForwardArgs<[f64], Vec<f64>>) -> Vec<f64> {

@@ -138,10 +138,7 @@ impl Layer for LayerNorm {
         } else {
             None
         };
-        Ok(Grads {
-            inputs: vec![input],
-            params: None,
-        })
+        Ok(Grads::one_input(input))
     }
 
     fn reference_forward(&self, args: &ForwardArgs<[f64], Vec<f64>>) -> Vec<f64> {
@@ -162,9 +159,6 @@ impl Layer for LayerNorm {
                 args.grad_out,
             )
         });
-        Grads {
-            inputs: vec![input],
-            params: None,
-        }
+        Grads::one_input(input)
     }
 }

@@ -15,7 +15,8 @@ use crate::layers::{
     BackwardArgs, ForwardArgs, Grads, Layer, ParamSpec, Pass, Saved, batched, batched_shape,
     one_input,
 };
-use crate::ops::linear::{LinearBackward, linear_backward, linear_forward};
+use crate::ops::conv::WeightedBackward;
+use crate::ops::linear::{linear_backward, linear_forward};
 use crate::reference::ops;
 
 /// A linear layer.
@@ -102,17 +103,7 @@ impl Layer for Linear {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
-        let mut p = vec![ParamSpec {
-            suffix: "weight",
-            shape: self.weight_shape(),
-        }];
-        if self.bias {
-            p.push(ParamSpec {
-                suffix: "bias",
-                shape: vec![self.out_features],
-            });
-        }
-        p
+        ParamSpec::weight_and_bias(self.weight_shape(), self.bias.then_some(self.out_features))
     }
 
     fn forward(
@@ -139,40 +130,10 @@ impl Layer for Linear {
         args: &BackwardArgs<GpuTensor, GpuTensor>,
     ) -> Result<Grads<GpuTensor>> {
         let rows = args.stack * args.batch;
-        let x = args
-            .param_grads
-            .then(|| pass.repeat(args.inputs[0], args.stack))
-            .transpose()?;
-        let grad_in = args.input_grads[0]
-            .then(|| {
-                pass.zeros(&batched(
-                    rows,
-                    args.inputs[0].shape().get(1..).unwrap_or(&[]),
-                ))
-            })
-            .transpose()?;
-        let params = args
-            .param_grads
-            .then(|| zeros_like(pass, args.params))
-            .transpose()?;
-        linear_backward(
-            &mut pass.rec,
-            &self.geometry(rows),
-            &LinearBackward {
-                grad_out: args.grad_out,
-                x: x.as_ref(),
-                weight: Some(&args.params[0]),
-                grad_in: grad_in.as_ref(),
-                grad_weight: params.as_ref().map(|p| &p[0]),
-                grad_bias: params.as_ref().and_then(|p| p.get(1)),
-                accumulate: false,
-            },
-        )?;
-        pass.keep(x);
-        Ok(Grads {
-            inputs: vec![grad_in],
-            params,
-        })
+        let in_shape = args.inputs[0].shape().get(1..).unwrap_or(&[]);
+        let grads = WeightedGrads::new(pass, args, in_shape)?;
+        linear_backward(&mut pass.rec, &self.geometry(rows), &grads.op_args(args))?;
+        Ok(grads.finish(pass))
     }
 
     fn reference_forward(&self, args: &ForwardArgs<[f64], Vec<f64>>) -> Vec<f64> {
@@ -216,9 +177,64 @@ impl Layer for Linear {
     }
 }
 
-/// Zeroed tensors shaped like `params`.
-pub(crate) fn zeros_like(pass: &Pass, params: &[GpuTensor]) -> Result<Vec<GpuTensor>> {
-    params.iter().map(|p| pass.zeros(p.shape())).collect()
+/// The tensors of the backward pass of a layer with a weight (linear, conv2d) beyond
+/// the arguments: the input repeated `V` times (`[V·B, *in]`, for the weight
+/// gradient) and zeroed gradients, each only where asked for.
+pub(crate) struct WeightedGrads {
+    x: Option<GpuTensor>,
+    /// `[V·B, *in]`.
+    grad_in: Option<GpuTensor>,
+    /// Shaped as the parameters (weight, then bias).
+    params: Option<Vec<GpuTensor>>,
+}
+
+impl WeightedGrads {
+    /// Allocates what `args` asks for; `in_shape` is the per-example input shape.
+    pub(crate) fn new(
+        pass: &mut Pass,
+        args: &BackwardArgs<GpuTensor, GpuTensor>,
+        in_shape: &[usize],
+    ) -> Result<Self> {
+        let x = args
+            .param_grads
+            .then(|| pass.repeat(args.inputs[0], args.stack))
+            .transpose()?;
+        let rows = args.stack * args.batch;
+        let grad_in = args.input_grads[0]
+            .then(|| pass.zeros(&batched(rows, in_shape)))
+            .transpose()?;
+        let params = args
+            .param_grads
+            .then(|| args.params.iter().map(|p| pass.zeros(p.shape())).collect())
+            .transpose()?;
+        Ok(Self { x, grad_in, params })
+    }
+
+    /// The op's arguments: `args`' output gradient and weight, these tensors
+    /// (overwritten).
+    pub(crate) fn op_args<'a>(
+        &'a self,
+        args: &BackwardArgs<'a, GpuTensor, GpuTensor>,
+    ) -> WeightedBackward<'a> {
+        WeightedBackward {
+            grad_out: args.grad_out,
+            x: self.x.as_ref(),
+            weight: Some(&args.params[0]),
+            grad_in: self.grad_in.as_ref(),
+            grad_weight: self.params.as_ref().map(|p| &p[0]),
+            grad_bias: self.params.as_ref().and_then(|p| p.get(1)),
+            accumulate: false,
+        }
+    }
+
+    /// The gradients, keeping the repeated input alive until `pass` is submitted.
+    pub(crate) fn finish(self, pass: &mut Pass) -> Grads<GpuTensor> {
+        pass.keep(self.x);
+        Grads {
+            inputs: vec![self.grad_in],
+            params: self.params,
+        }
+    }
 }
 
 impl CurvatureLayer for Linear {

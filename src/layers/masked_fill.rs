@@ -248,10 +248,7 @@ impl Layer for MaskedFill {
         } else {
             None
         };
-        Ok(Grads {
-            inputs: vec![input],
-            params: None,
-        })
+        Ok(Grads::one_input(input))
     }
 
     fn reference_forward(&self, args: &ForwardArgs<[f64], Vec<f64>>) -> Vec<f64> {
@@ -261,9 +258,6 @@ impl Layer for MaskedFill {
     fn reference_backward(&self, args: &BackwardArgs<[f64], Vec<f64>>) -> Grads<Vec<f64>> {
         let input = args.input_grads[0]
             .then(|| attention::masked_fill_backward(args.grad_out, &self.mask.period));
-        Grads {
-            inputs: vec![input],
-            params: None,
-        }
+        Grads::one_input(input)
     }
 }

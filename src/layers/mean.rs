@@ -12,7 +12,7 @@ use crate::layers::shape::{check_rank, example_dim, int_list};
 use crate::layers::{BackwardArgs, ForwardArgs, Grads, Layer, Pass, Saved, batched, one_input};
 use crate::ops::gemm::{Gemm, gemm};
 use crate::ops::reduce::{Sum, sum_cols};
-use crate::ops::shape::{Gather, gather, strides};
+use crate::ops::shape::{Gather, strides};
 use crate::reference::shape as reference;
 
 /// `y[o, :] = alpha·Σ_k x[o, k, :]` for `x` `[outer, k, inner]` → `[outer, inner]`
@@ -142,21 +142,12 @@ impl Layer for Mean {
             sum_middle(pass, x, [outer, k, inner], 1.0 / k as f32)?
         } else {
             // Kept dims first, then the averaged ones: [B·kept, k].
-            let perm: Vec<usize> = std::iter::once(0)
-                .chain(
-                    (0..self.input.len())
-                        .filter(|&d| !self.reduced[d])
-                        .map(|d| d + 1),
-                )
-                .chain(
-                    (0..self.input.len())
-                        .filter(|&d| self.reduced[d])
-                        .map(|d| d + 1),
-                )
+            let dims = 0..self.input.len();
+            let perm: Vec<usize> = (dims.clone().filter(|&d| !self.reduced[d]))
+                .chain(dims.filter(|&d| self.reduced[d]))
                 .collect();
-            let moved = pass.zeros(&[x.len()])?;
-            let g = Gather::permute(&batched(args.batch, &self.input), &perm);
-            gather(&mut pass.rec, &g, x, &moved)?;
+            let g = Gather::permute_examples(args.batch, &self.input, &perm);
+            let moved = pass.gather(&g, x, &[x.len()])?;
             let outer = x.len() / k;
             let y = sum_middle(pass, &moved, [outer, k, 1], 1.0 / k as f32)?;
             pass.keep(moved);
@@ -176,30 +167,25 @@ impl Layer for Mean {
             // the averaged dims.
             let kept_strides = strides(&batched(rows, &self.kept()));
             let mut kept = kept_strides[1..].iter();
+            let dims = batched(rows, &self.input);
+            let strides = std::iter::once(kept_strides[0])
+                .chain(self.reduced.iter().map(|&r| {
+                    if r {
+                        0
+                    } else {
+                        *kept.next().expect("a kept dim")
+                    }
+                }))
+                .collect();
             let g = Gather {
-                dims: batched(rows, &self.input),
-                strides: std::iter::once(kept_strides[0])
-                    .chain(self.reduced.iter().map(|&r| {
-                        if r {
-                            0
-                        } else {
-                            *kept.next().expect("a kept dim")
-                        }
-                    }))
-                    .collect(),
-                scale: 1.0,
                 divisor: self.count() as f32,
+                ..Gather::strided(dims.clone(), strides)
             };
-            let gx = pass.zeros(&batched(rows, &self.input))?;
-            gather(&mut pass.rec, &g, args.grad_out, &gx)?;
-            Some(gx)
+            Some(pass.gather(&g, args.grad_out, &dims)?)
         } else {
             None
         };
-        Ok(Grads {
-            inputs: vec![input],
-            params: None,
-        })
+        Ok(Grads::one_input(input))
     }
 
     fn reference_forward(&self, args: &ForwardArgs<[f64], Vec<f64>>) -> Vec<f64> {
@@ -209,9 +195,6 @@ impl Layer for Mean {
     fn reference_backward(&self, args: &BackwardArgs<[f64], Vec<f64>>) -> Grads<Vec<f64>> {
         let input = args.input_grads[0]
             .then(|| reference::mean_backward(args.grad_out, &self.input, &self.reduced));
-        Grads {
-            inputs: vec![input],
-            params: None,
-        }
+        Grads::one_input(input)
     }
 }

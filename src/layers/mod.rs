@@ -23,7 +23,7 @@ pub mod cat;
 pub mod conv2d;
 pub mod embedding;
 pub mod flatten;
-pub mod gelu;
+pub mod gated;
 pub mod identity;
 pub mod layer_norm;
 pub mod linear;
@@ -33,7 +33,6 @@ pub mod mean;
 pub mod pool;
 pub mod scale;
 pub mod shape;
-pub mod silu;
 pub mod softmax;
 pub mod upsample;
 pub mod view;
@@ -45,6 +44,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor, Recorder};
 use crate::graph::Node;
 use crate::ops::reduce;
+use crate::ops::shape::Gather;
 
 /// One parameter (or buffer) tensor of a layer: the weights file holds it as
 /// `<module>.<suffix>`.
@@ -53,6 +53,22 @@ pub struct ParamSpec {
     pub suffix: &'static str,
     /// PyTorch shape.
     pub shape: Vec<usize>,
+}
+
+impl ParamSpec {
+    /// `weight` of `weight_shape`, then `bias` of `[len]` where `bias` is `Some(len)`.
+    pub fn weight_and_bias(weight_shape: Vec<usize>, bias: Option<usize>) -> Vec<ParamSpec> {
+        let weight = ParamSpec {
+            suffix: "weight",
+            shape: weight_shape,
+        };
+        std::iter::once(weight)
+            .chain(bias.map(|len| ParamSpec {
+                suffix: "bias",
+                shape: vec![len],
+            }))
+            .collect()
+    }
 }
 
 /// The arguments of a forward call: `T` is a tensor (`GpuTensor` or `[f64]`), `P` a
@@ -92,6 +108,16 @@ pub struct Grads<T> {
     pub params: Option<Vec<T>>,
 }
 
+impl<T> Grads<T> {
+    /// The gradient of a layer's one input (where asked for), without parameters.
+    pub fn one_input(input: Option<T>) -> Self {
+        Self {
+            inputs: vec![input],
+            params: None,
+        }
+    }
+}
+
 /// One compute pass being recorded, with the tensors its dispatches use that must
 /// live until it is submitted.
 pub struct Pass<'c> {
@@ -119,6 +145,13 @@ impl<'c> Pass<'c> {
     /// Keeps `value` (a tensor or workspace a dispatch reads) until submission.
     pub fn keep(&mut self, value: impl Any) {
         self.keep.push(Box::new(value));
+    }
+
+    /// A new tensor of `shape` (`g.len()` elements) holding `gather(x)`.
+    pub fn gather(&mut self, g: &Gather, x: &GpuTensor, shape: &[usize]) -> Result<GpuTensor> {
+        let y = self.zeros(shape)?;
+        crate::ops::shape::gather(&mut self.rec, g, x, &y)?;
+        Ok(y)
     }
 
     /// `t` repeated `stack` times along its leading axis (`[B, ..] → [V·B, ..]`), or
@@ -273,8 +306,8 @@ pub static REGISTRY: &[(&str, Constructor)] = &[
     ("cat", cat::build),
     ("layer_norm", layer_norm::build),
     ("upsample_nearest2d", upsample::build),
-    ("gelu", gelu::build),
-    ("silu", silu::build),
+    ("gelu", gated::build_gelu),
+    ("silu", gated::build_silu),
     ("identity", identity::build),
     ("reshape", shape::build_reshape),
     ("transpose", shape::build_transpose),

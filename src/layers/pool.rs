@@ -204,9 +204,6 @@ impl Layer for Pool2d {
                 ops::avg_pool2d_backward(args.grad_out, &geo)
             }
         });
-        Grads {
-            inputs: vec![input],
-            params: None,
-        }
+        Grads::one_input(input)
     }
 }

@@ -7,7 +7,7 @@ use crate::gpu::GpuTensor;
 use crate::graph::Node;
 use crate::layers::attrs::{Attrs, brief};
 use crate::layers::{BackwardArgs, ForwardArgs, Grads, Layer, Pass, Saved, batched, one_input};
-use crate::ops::shape::{Gather, gather};
+use crate::ops::shape::Gather;
 use crate::reference::shape as reference;
 
 /// Multiplication or division by a constant.
@@ -87,9 +87,7 @@ impl Layer for Scale {
         args: &ForwardArgs<GpuTensor, GpuTensor>,
     ) -> Result<GpuTensor> {
         let x = args.inputs[0];
-        let y = pass.zeros(&batched(args.batch, &self.output))?;
-        gather(&mut pass.rec, &self.gather(x.len()), x, &y)?;
-        Ok(y)
+        pass.gather(&self.gather(x.len()), x, &batched(args.batch, &self.output))
     }
 
     fn backward(
@@ -99,16 +97,11 @@ impl Layer for Scale {
     ) -> Result<Grads<GpuTensor>> {
         let input = if args.input_grads[0] {
             let g = args.grad_out;
-            let gx = pass.zeros(g.shape())?;
-            gather(&mut pass.rec, &self.gather(g.len()), g, &gx)?;
-            Some(gx)
+            Some(pass.gather(&self.gather(g.len()), g, g.shape())?)
         } else {
             None
         };
-        Ok(Grads {
-            inputs: vec![input],
-            params: None,
-        })
+        Ok(Grads::one_input(input))
     }
 
     fn reference_forward(&self, args: &ForwardArgs<[f64], Vec<f64>>) -> Vec<f64> {
@@ -118,9 +111,6 @@ impl Layer for Scale {
     fn reference_backward(&self, args: &BackwardArgs<[f64], Vec<f64>>) -> Grads<Vec<f64>> {
         let input =
             args.input_grads[0].then(|| reference::scale(args.grad_out, self.value, self.divide));
-        Grads {
-            inputs: vec![input],
-            params: None,
-        }
+        Grads::one_input(input)
     }
 }

@@ -12,7 +12,7 @@ use crate::layers::view::View;
 use crate::layers::{
     BackwardArgs, ForwardArgs, Grads, Layer, Pass, Saved, batched, batched_shape, one_input,
 };
-use crate::ops::shape::{Gather, MAX_RANK, gather};
+use crate::ops::shape::{Gather, MAX_RANK};
 use crate::reference::shape as reference;
 
 /// The per-example axis of the dim `d` of a batched tensor `[B, *shape]` (`d` counts
@@ -175,10 +175,7 @@ impl Permute {
         } else {
             (&self.input, self.perm.clone())
         };
-        let batched_perm: Vec<usize> = std::iter::once(0)
-            .chain(perm.iter().map(|&p| p + 1))
-            .collect();
-        Gather::permute(&batched(rows, shape), &batched_perm)
+        Gather::permute_examples(rows, shape, &perm)
     }
 }
 
@@ -200,14 +197,8 @@ impl Layer for Permute {
         pass: &mut Pass,
         args: &ForwardArgs<GpuTensor, GpuTensor>,
     ) -> Result<GpuTensor> {
-        let y = pass.zeros(&batched(args.batch, &self.output))?;
-        gather(
-            &mut pass.rec,
-            &self.gather(args.batch, false),
-            args.inputs[0],
-            &y,
-        )?;
-        Ok(y)
+        let g = self.gather(args.batch, false);
+        pass.gather(&g, args.inputs[0], &batched(args.batch, &self.output))
     }
 
     fn backward(
@@ -217,16 +208,12 @@ impl Layer for Permute {
     ) -> Result<Grads<GpuTensor>> {
         let rows = args.stack * args.batch;
         let input = if args.input_grads[0] {
-            let gx = pass.zeros(&batched(rows, &self.input))?;
-            gather(&mut pass.rec, &self.gather(rows, true), args.grad_out, &gx)?;
-            Some(gx)
+            let g = self.gather(rows, true);
+            Some(pass.gather(&g, args.grad_out, &batched(rows, &self.input))?)
         } else {
             None
         };
-        Ok(Grads {
-            inputs: vec![input],
-            params: None,
-        })
+        Ok(Grads::one_input(input))
     }
 
     fn reference_forward(&self, args: &ForwardArgs<[f64], Vec<f64>>) -> Vec<f64> {
@@ -238,9 +225,6 @@ impl Layer for Permute {
             let inverse = reference::inverse_permutation(&self.perm);
             reference::permute(args.grad_out, &self.output, &inverse)
         });
-        Grads {
-            inputs: vec![input],
-            params: None,
-        }
+        Grads::one_input(input)
     }
 }

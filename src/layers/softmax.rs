@@ -88,10 +88,7 @@ impl Layer for Softmax {
         } else {
             None
         };
-        Ok(Grads {
-            inputs: vec![input],
-            params: None,
-        })
+        Ok(Grads::one_input(input))
     }
 
     fn reference_forward(&self, args: &ForwardArgs<[f64], Vec<f64>>) -> Vec<f64> {
@@ -101,9 +98,6 @@ impl Layer for Softmax {
     fn reference_backward(&self, args: &BackwardArgs<[f64], Vec<f64>>) -> Grads<Vec<f64>> {
         let input = args.input_grads[0]
             .then(|| attention::softmax_backward(args.output, args.grad_out, self.row()));
-        Grads {
-            inputs: vec![input],
-            params: None,
-        }
+        Grads::one_input(input)
     }
 }

@@ -105,10 +105,7 @@ impl Layer for UpsampleNearest2d {
         } else {
             None
         };
-        Ok(Grads {
-            inputs: vec![input],
-            params: None,
-        })
+        Ok(Grads::one_input(input))
     }
 
     fn reference_forward(&self, args: &ForwardArgs<[f64], Vec<f64>>) -> Vec<f64> {
@@ -123,9 +120,6 @@ impl Layer for UpsampleNearest2d {
                 self.factor,
             )
         });
-        Grads {
-            inputs: vec![input],
-            params: None,
-        }
+        Grads::one_input(input)
     }
 }

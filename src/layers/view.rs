@@ -60,10 +60,7 @@ impl Layer for View {
         let input = args.input_grads[0]
             .then(|| args.grad_out.view(&batched(rows, &self.input)))
             .transpose()?;
-        Ok(Grads {
-            inputs: vec![input],
-            params: None,
-        })
+        Ok(Grads::one_input(input))
     }
 
     fn reference_forward(&self, args: &ForwardArgs<[f64], Vec<f64>>) -> Vec<f64> {

@@ -14,6 +14,7 @@
 
 use std::ops::Range;
 
+use super::check::expect_lens;
 use super::gemm::{Gemm, gemm};
 use super::softmax::{RowMask, softmax_backward, softmax_forward};
 use crate::error::{Error, Result};
@@ -109,21 +110,6 @@ fn product(
 }
 
 impl Attention {
-    fn check(&self, op: &str, tensors: &[(&str, &GpuTensor, usize)]) -> Result<()> {
-        for (name, t, len) in tensors {
-            if t.len() != *len {
-                return Err(Error::gpu(
-                    op,
-                    format!(
-                        "{name} must have {len} elements for {self:?}, found shape {:?}",
-                        t.shape()
-                    ),
-                ));
-            }
-        }
-        Ok(())
-    }
-
     /// Records `P = softmax(scale·Q Kᵀ)` for the problems `c` into the workspace's
     /// probabilities (its scores overwritten).
     fn probabilities(
@@ -165,8 +151,9 @@ impl Attention {
         let Self {
             batch, l, s, e, ev, ..
         } = *self;
-        self.check(
+        expect_lens(
             "attention forward",
+            self,
             &[
                 ("Q", q, batch * l * e),
                 ("K", k, batch * s * e),
@@ -220,7 +207,7 @@ impl Attention {
         expected.extend(dq.map(|t| ("dQ", t, rows * l * e)));
         expected.extend(dk.map(|t| ("dK", t, rows * s * e)));
         expected.extend(dv.map(|t| ("dV", t, rows * s * ev)));
-        self.check("attention backward", &expected)?;
+        expect_lens("attention backward", self, &expected)?;
         let ds_buffer = ws.grads.as_ref().ok_or_else(|| {
             Error::gpu(
                 "attention backward",

@@ -18,6 +18,27 @@ pub(crate) fn expect_len(op: &str, name: &str, t: &GpuTensor, len: usize) -> Res
     Ok(())
 }
 
+/// Errors unless each `(name, tensor, len)` has `len` elements, naming `shape` (the
+/// problem the lengths follow from) otherwise.
+pub(crate) fn expect_lens(
+    op: &str,
+    shape: &impl std::fmt::Debug,
+    tensors: &[(&str, &GpuTensor, usize)],
+) -> Result<()> {
+    for (name, t, len) in tensors {
+        if t.len() != *len {
+            return Err(Error::gpu(
+                op,
+                format!(
+                    "{name} must have {len} elements for {shape:?}, found shape {:?}",
+                    t.shape()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Errors unless `t` has at least `len` elements (scratch buffers may be larger).
 pub(crate) fn expect_at_least(op: &str, name: &str, t: &GpuTensor, len: usize) -> Result<()> {
     if t.len() < len {
@@ -43,6 +64,19 @@ pub(crate) fn expect_u32(op: &str, counts: &[usize]) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Invocations per row of the row kernels (softmax, layer norm) for rows of `n` values:
+/// `n` rounded up to a power of two, at most 256; a workgroup of 256 handles
+/// `256 / lanes` rows.
+pub(crate) fn row_lanes(n: usize) -> usize {
+    n.next_power_of_two().min(256)
+}
+
+/// The workgroup grid of the row kernels for `rows` rows of `n` values.
+pub(crate) fn row_grid(rows: usize, n: usize) -> [u32; 3] {
+    let groups = rows.div_ceil(256 / row_lanes(n));
+    grid_1d(u32::try_from(groups).unwrap_or(u32::MAX))
 }
 
 /// Workgroups of 256 covering `len` elements, as a grid that respects the

@@ -316,23 +316,38 @@ pub fn conv2d_forward(
     Ok(())
 }
 
-/// What a conv2d backward pass reads and which gradients it writes. Parameter
-/// gradients are overwritten, or added to with `accumulate`; `grad_in` is always
-/// overwritten.
-pub struct ConvBackward<'a> {
-    /// `[B, Cout, OH, OW]`.
+/// What the backward pass of a layer with a weight (linear, conv2d) reads and which
+/// gradients it writes. Parameter gradients are overwritten, or added to with
+/// `accumulate`; `grad_in` is always overwritten. Shapes: linear `[B, out]` outputs,
+/// `[B, in]` inputs, weight `[out, in]`; conv2d `[B, Cout, OH, OW]` outputs, `[B, C, H,
+/// W]` inputs, weight `[Cout, C/G, KH, KW]`; bias `[out]` or `[Cout]`.
+pub struct WeightedBackward<'a> {
+    /// The gradient of the layer output.
     pub grad_out: &'a GpuTensor,
-    /// The layer input `[B, C, H, W]`; needed for `grad_weight`.
+    /// The layer input; needed for `grad_weight`.
     pub x: Option<&'a GpuTensor>,
-    /// `[Cout, C/G, KH, KW]`; needed for `grad_in`.
+    /// Needed for `grad_in`.
     pub weight: Option<&'a GpuTensor>,
-    /// `[B, C, H, W]`.
+    /// The input gradient, shaped as `x`.
     pub grad_in: Option<&'a GpuTensor>,
-    /// `[Cout, C/G, KH, KW]`.
+    /// Shaped as `weight`.
     pub grad_weight: Option<&'a GpuTensor>,
-    /// `[Cout]`.
     pub grad_bias: Option<&'a GpuTensor>,
     pub accumulate: bool,
+}
+
+impl<'a> WeightedBackward<'a> {
+    /// The weight, which `grad_in` needs (an error naming `op` without it).
+    pub(crate) fn weight_for_grad_in(&self, op: &str) -> Result<&'a GpuTensor> {
+        self.weight
+            .ok_or_else(|| Error::gpu(op, "grad_in needs the weight"))
+    }
+
+    /// The layer input, which `grad_weight` needs (an error naming `op` without it).
+    pub(crate) fn x_for_grad_weight(&self, op: &str) -> Result<&'a GpuTensor> {
+        self.x
+            .ok_or_else(|| Error::gpu(op, "grad_weight needs the layer input x"))
+    }
 }
 
 /// Records the conv2d backward pass for the whole batch: the gradients `args` asks
@@ -341,16 +356,13 @@ pub fn conv2d_backward(
     rec: &mut Recorder,
     geo: &Conv2dGeometry,
     ws: &ConvWorkspace,
-    args: &ConvBackward,
+    args: &WeightedBackward,
 ) -> Result<()> {
     let op = "conv2d backward";
     expect_len(op, "grad_out", args.grad_out, geo.output_len())?;
-    let missing = |what: &str, need: &str| Error::gpu(op, format!("{what} needs {need}"));
     let input = match args.grad_in {
         Some(grad_in) => {
-            let weight = args
-                .weight
-                .ok_or_else(|| missing("grad_in", "the weight"))?;
+            let weight = args.weight_for_grad_in(op)?;
             expect_len(op, "weight", weight, geo.weight_len())?;
             Some((grad_in, weight))
         }
@@ -358,9 +370,7 @@ pub fn conv2d_backward(
     };
     let weight_grad = match args.grad_weight {
         Some(dw) => {
-            let x = args
-                .x
-                .ok_or_else(|| missing("grad_weight", "the layer input x"))?;
+            let x = args.x_for_grad_weight(op)?;
             expect_len(op, "grad_weight", dw, geo.weight_len())?;
             Some((dw, x))
         }

@@ -6,9 +6,9 @@
 //! `db = Σ_b dY[b]`.
 
 use super::check::expect_len;
-use super::conv::{add_bias, bias_grad};
+use super::conv::{WeightedBackward, add_bias, bias_grad};
 use super::gemm::{Gemm, gemm};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::geometry::LinearGeometry;
 use crate::gpu::{GpuTensor, Recorder};
 
@@ -44,30 +44,11 @@ pub fn linear_forward(
     Ok(())
 }
 
-/// What a linear backward pass reads and which gradients it writes. Parameter
-/// gradients are overwritten, or added to with `accumulate`; `grad_in` is always
-/// overwritten.
-pub struct LinearBackward<'a> {
-    /// `[B, out]`.
-    pub grad_out: &'a GpuTensor,
-    /// The layer input `[B, in]`; needed for `grad_weight`.
-    pub x: Option<&'a GpuTensor>,
-    /// `[out, in]`; needed for `grad_in`.
-    pub weight: Option<&'a GpuTensor>,
-    /// `[B, in]`.
-    pub grad_in: Option<&'a GpuTensor>,
-    /// `[out, in]`.
-    pub grad_weight: Option<&'a GpuTensor>,
-    /// `[out]`.
-    pub grad_bias: Option<&'a GpuTensor>,
-    pub accumulate: bool,
-}
-
 /// Records the linear backward pass: the gradients `args` asks for.
 pub fn linear_backward(
     rec: &mut Recorder,
     geo: &LinearGeometry,
-    args: &LinearBackward,
+    args: &WeightedBackward,
 ) -> Result<()> {
     let op = "linear backward";
     let LinearGeometry {
@@ -75,21 +56,16 @@ pub fn linear_backward(
         in_features,
         out_features,
     } = *geo;
-    let missing = |what: &str, need: &str| Error::gpu(op, format!("{what} needs {need}"));
     expect_len(op, "grad_out", args.grad_out, batch * out_features)?;
     if let Some(grad_in) = args.grad_in {
-        let weight = args
-            .weight
-            .ok_or_else(|| missing("grad_in", "the weight"))?;
+        let weight = args.weight_for_grad_in(op)?;
         expect_len(op, "weight", weight, out_features * in_features)?;
         expect_len(op, "grad_in", grad_in, batch * in_features)?;
         let g = Gemm::new(batch, in_features, out_features, false, false);
         gemm(rec, &g, args.grad_out, weight, grad_in)?;
     }
     if let Some(dw) = args.grad_weight {
-        let x = args
-            .x
-            .ok_or_else(|| missing("grad_weight", "the layer input x"))?;
+        let x = args.x_for_grad_weight(op)?;
         expect_len(op, "x", x, batch * in_features)?;
         expect_len(op, "grad_weight", dw, out_features * in_features)?;
         let beta = if args.accumulate { 1.0 } else { 0.0 };

@@ -4,8 +4,9 @@
 //! tiled GEMM of [`super::gemm`] with batch strides (one GEMM per stacked vector in
 //! backward; the saved operands are never repeated).
 
+use super::check::expect_lens;
 use super::gemm::{Gemm, gemm};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::gpu::{GpuTensor, Recorder};
 
 /// The shape of a batched product: `batch` products of `[m, k]·[k, n]`, operands and
@@ -19,21 +20,6 @@ pub struct BatchedMatmul {
 }
 
 impl BatchedMatmul {
-    fn check(&self, op: &str, tensors: &[(&str, &GpuTensor, usize)]) -> Result<()> {
-        for (name, t, len) in tensors {
-            if t.len() != *len {
-                return Err(Error::gpu(
-                    op,
-                    format!(
-                        "{name} must have {len} elements for {self:?}, found shape {:?}",
-                        t.shape()
-                    ),
-                ));
-            }
-        }
-        Ok(())
-    }
-
     /// Records `c = a·b` (`a` `[batch, m, k]`, `b` `[batch, k, n]`, `c` `[batch, m, n]`).
     pub fn forward(
         &self,
@@ -43,8 +29,9 @@ impl BatchedMatmul {
         c: &GpuTensor,
     ) -> Result<()> {
         let Self { batch, m, k, n } = *self;
-        self.check(
+        expect_lens(
             "matmul forward",
+            self,
             &[
                 ("A", a, batch * m * k),
                 ("B", b, batch * k * n),
@@ -71,8 +58,9 @@ impl BatchedMatmul {
         grad_a: &GpuTensor,
     ) -> Result<()> {
         let Self { batch, m, k, n } = *self;
-        self.check(
+        expect_lens(
             "matmul backward",
+            self,
             &[
                 ("grad_out", grad_out, stack * batch * m * n),
                 ("B", b, batch * k * n),
@@ -99,8 +87,9 @@ impl BatchedMatmul {
         grad_b: &GpuTensor,
     ) -> Result<()> {
         let Self { batch, m, k, n } = *self;
-        self.check(
+        expect_lens(
             "matmul backward",
+            self,
             &[
                 ("A", a, batch * m * k),
                 ("grad_out", grad_out, stack * batch * m * n),

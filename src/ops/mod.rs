@@ -7,7 +7,7 @@ pub mod combine;
 pub mod conv;
 pub mod eigencorrect;
 pub mod embedding;
-pub mod gelu;
+pub mod gated;
 pub mod gemm;
 pub mod im2col;
 pub mod jacobi;
@@ -20,7 +20,6 @@ pub mod pool;
 pub mod reduce;
 pub mod resample;
 pub mod shape;
-pub mod silu;
 pub mod softmax;
 
 use crate::gpu::{ParamsLayout, Shader};
@@ -29,18 +28,17 @@ pub(crate) static ACTIVATION: Shader = crate::shader!("activation");
 pub(crate) static COMBINE: Shader = crate::shader!("combine");
 pub(crate) static CONV: Shader = crate::shader!("conv");
 pub(crate) static EIGENCORRECT: Shader = crate::shader!("eigencorrect");
-pub(crate) static GELU: Shader = crate::shader!("gelu");
+pub(crate) static GATED: Shader = crate::shader!("gated");
 pub(crate) static GEMM: Shader = crate::shader!("gemm");
 pub(crate) static IM2COL: Shader = crate::shader!("im2col");
 pub(crate) static JACOBI: Shader = crate::shader!("jacobi");
-pub(crate) static NORM: Shader = crate::shader!("norm");
+pub(crate) static NORM: Shader = crate::shader!("norm" after "rows");
 pub(crate) static POOL: Shader = crate::shader!("pool");
 pub(crate) static REDUCE: Shader = crate::shader!("reduce");
 pub(crate) static RESAMPLE: Shader = crate::shader!("resample");
-pub(crate) static SILU: Shader = crate::shader!("silu");
 pub(crate) static SHAPE: Shader = crate::shader!("shape");
 pub(crate) static EMBEDDING: Shader = crate::shader!("embedding");
-pub(crate) static SOFTMAX: Shader = crate::shader!("softmax");
+pub(crate) static SOFTMAX: Shader = crate::shader!("softmax" after "rows");
 pub(crate) static MASKED_FILL: Shader = crate::shader!("masked_fill");
 
 /// Every WGSL file of the crate, for validation tests.
@@ -53,7 +51,7 @@ static SHADERS: &[&Shader] = &[
     &COMBINE,
     &CONV,
     &EIGENCORRECT,
-    &GELU,
+    &GATED,
     &GEMM,
     &IM2COL,
     &JACOBI,
@@ -64,7 +62,6 @@ static SHADERS: &[&Shader] = &[
     &POOL,
     &REDUCE,
     &RESAMPLE,
-    &SILU,
     &SHAPE,
     &EMBEDDING,
     &SOFTMAX,
@@ -83,8 +80,8 @@ pub fn all_params() -> Vec<ParamsLayout> {
         L::of::<eigencorrect::ScaleParams>(&EIGENCORRECT),
         L::of::<eigencorrect::StackParams>(&EIGENCORRECT),
         L::of::<eigencorrect::SharedParams>(&EIGENCORRECT),
-        L::of::<gelu::ElementwiseParams>(&GELU),
-        L::of::<gelu::StackedParams>(&GELU),
+        L::of::<gated::ElementwiseParams>(&GATED),
+        L::of::<gated::StackedParams>(&GATED),
         L::of::<gemm::GemmParams>(&GEMM),
         L::of::<gemm::SplitKSumParams>(&GEMM),
         L::of::<gemm::GemvParams>(&GEMM),
@@ -96,6 +93,7 @@ pub fn all_params() -> Vec<ParamsLayout> {
         L::of::<jacobi::GlobalParams>(&JACOBI),
         L::of::<jacobi::CombineParams>(&JACOBI),
         L::of::<jacobi::BlockParams>(&JACOBI),
+        L::of::<jacobi::GatherParams>(&JACOBI),
         L::of::<norm::ChannelParams>(&NORM),
         L::of::<norm::RowParams>(&NORM),
         L::of::<pool::PoolParams>(&POOL),
@@ -106,8 +104,6 @@ pub fn all_params() -> Vec<ParamsLayout> {
         L::of::<reduce::AppendParams>(&REDUCE),
         L::of::<reduce::SumParams>(&REDUCE),
         L::of::<resample::ResampleParams>(&RESAMPLE),
-        L::of::<silu::ElementwiseParams>(&SILU),
-        L::of::<silu::StackedParams>(&SILU),
         L::of::<shape::GatherParams>(&SHAPE),
         L::of::<embedding::EmbeddingParams>(&EMBEDDING),
         L::of::<softmax::SoftmaxParams>(&SOFTMAX),

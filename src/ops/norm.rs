@@ -5,9 +5,9 @@
 //! Backward passes take a stack of `V` backpropagated vectors at once: gradients are
 //! `[V·B, ...]`, `V`-major, as everywhere in the crate.
 
-use super::check::{expect_len, expect_u32, grid};
+use super::check::{expect_len, expect_u32, grid, row_grid, row_lanes};
 use crate::error::{Error, Result};
-use crate::gpu::{GpuTensor, Kernel, Recorder, grid_1d};
+use crate::gpu::{GpuTensor, Kernel, Recorder};
 use crate::kernel_params;
 
 kernel_params! {
@@ -28,6 +28,8 @@ kernel_params! {
         x_rows: u32,
         d: u32,
         eps: f32,
+        /// Invocations per row: a power of two, at most 256.
+        lanes: u32,
     }
 }
 
@@ -168,6 +170,7 @@ fn row_params(op: &str, rows: usize, x_rows: usize, d: usize, eps: f32) -> Resul
         x_rows: x_rows as u32,
         d: d as u32,
         eps,
+        lanes: row_lanes(d) as u32,
     })
 }
 
@@ -186,7 +189,7 @@ pub fn layer_norm_forward(
     let (rows, d) = rows(op, x)?;
     expect_len(op, "y", y, x.len())?;
     let kernel_params = row_params(op, rows, rows, d, eps)?;
-    let workgroups = grid_1d(u32::try_from(rows).unwrap_or(u32::MAX));
+    let workgroups = row_grid(rows, d);
     match affine {
         Some((weight, bias)) => {
             expect_len(op, "weight", weight, d)?;
@@ -237,7 +240,7 @@ pub fn layer_norm_backward(
     expect_len(op, "grad_in", grad_in, grad_out.len())?;
     let rows = grad_out.len() / d;
     let kernel_params = row_params(op, rows, x_rows, d, eps)?;
-    let workgroups = grid_1d(u32::try_from(rows).unwrap_or(u32::MAX));
+    let workgroups = row_grid(rows, d);
     match weight {
         Some(weight) => {
             expect_len(op, "weight", weight, d)?;

@@ -57,9 +57,28 @@ impl Gather {
     /// `permute`).
     pub fn permute(shape: &[usize], perm: &[usize]) -> Self {
         let s = strides(shape);
+        Self::strided(
+            perm.iter().map(|&p| shape[p]).collect(),
+            perm.iter().map(|&p| s[p]).collect(),
+        )
+    }
+
+    /// A batch of `rows` examples of `shape` permuted per example: output dim `k` of an
+    /// example is its dim `perm[k]`; the batch axis stays first.
+    pub fn permute_examples(rows: usize, shape: &[usize], perm: &[usize]) -> Self {
+        let mut batched_shape = vec![rows];
+        batched_shape.extend(shape);
+        let batched_perm: Vec<usize> = std::iter::once(0)
+            .chain(perm.iter().map(|&p| p + 1))
+            .collect();
+        Self::permute(&batched_shape, &batched_perm)
+    }
+
+    /// `x` read with `strides` over the output `dims` (0 broadcasts), unscaled.
+    pub fn strided(dims: Vec<usize>, strides: Vec<usize>) -> Self {
         Self {
-            dims: perm.iter().map(|&p| shape[p]).collect(),
-            strides: perm.iter().map(|&p| s[p]).collect(),
+            dims,
+            strides,
             scale: 1.0,
             divisor: 1.0,
         }

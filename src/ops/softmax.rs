@@ -3,9 +3,9 @@
 //! backward `grad_in = y ⊙ (g − Σ g y)` of a `V`-major stack of gradients that reads
 //! the saved output without repeating it.
 
-use super::check::{expect_len, expect_u32};
+use super::check::{expect_len, expect_u32, row_grid, row_lanes};
 use crate::error::{Error, Result};
-use crate::gpu::{GpuTensor, Kernel, Recorder, grid_1d};
+use crate::gpu::{GpuTensor, Kernel, Recorder};
 use crate::kernel_params;
 
 kernel_params! {
@@ -19,6 +19,8 @@ kernel_params! {
         y_rows: u32,
         mask_len: u32,
         mask_offset: u32,
+        /// Invocations per row: a power of two, at most 256.
+        lanes: u32,
     }
 }
 
@@ -60,8 +62,9 @@ pub fn softmax_forward(
         y_rows: rows as u32,
         mask_len: 0,
         mask_offset: 0,
+        lanes: row_lanes(n) as u32,
     };
-    let groups = grid_1d(rows as u32);
+    let groups = row_grid(rows, n);
     match mask {
         None => rec.dispatch(
             &Kernel::new(&super::SOFTMAX, "softmax_forward"),
@@ -129,7 +132,8 @@ pub fn softmax_backward(
             y_rows: y_rows as u32,
             mask_len: 0,
             mask_offset: 0,
+            lanes: row_lanes(n) as u32,
         },
-        grid_1d(rows as u32),
+        row_grid(rows, n),
     )
 }

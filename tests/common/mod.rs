@@ -1,7 +1,9 @@
 //! Shared helpers for the integration tests: one GPU device per test binary.
 #![allow(dead_code)]
 
+pub mod child;
 pub mod curvlinops;
+pub mod reference;
 
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
@@ -111,6 +113,44 @@ pub fn rel_err(got: &[f32], want: &[f64]) -> f64 {
         .sum();
     let den: f64 = want.iter().map(|w| w * w).sum();
     (num / den.max(1e-300)).sqrt()
+}
+
+/// Asserts that each `(name, tensor, want)` read back from `ctx` is within relative
+/// Frobenius error `tol` of `want`, naming the tensor and `case` otherwise.
+pub fn assert_close(
+    ctx: &GpuContext,
+    results: &[(&str, &ekfac::gpu::GpuTensor, &[f64])],
+    tol: f64,
+    case: &str,
+) {
+    for (name, tensor, want) in results {
+        let e = rel_err(&ctx.read(tensor).unwrap(), want);
+        assert!(e < tol, "{name} {case}: relative error {e:.2e} ≥ {tol:.0e}");
+    }
+}
+
+/// `want` plus `prior` (the values an accumulating kernel adds to) when `accumulate`,
+/// else `want`.
+pub fn plus_prior(want: &[f64], prior: &[f32], accumulate: bool) -> Vec<f64> {
+    want.iter()
+        .zip(prior)
+        .map(|(w, &p)| w + if accumulate { f64::from(p) } else { 0.0 })
+        .collect()
+}
+
+/// The error of building the layer of node `name` (`op` with `attrs`, one input of
+/// per-example `shape`); panics if it builds.
+pub fn build_error(name: &str, op: &str, attrs: &serde_json::Value, shape: &[usize]) -> String {
+    let node = ekfac::graph::Node::new(
+        name,
+        op,
+        vec!["x".into()],
+        attrs.as_object().unwrap().clone(),
+    );
+    match ekfac::layers::build(&node, &[shape]) {
+        Ok(_) => panic!("{op} {attrs} on {shape:?} built"),
+        Err(e) => e.to_string(),
+    }
 }
 
 /// One case of `tests/fixtures/curvature/` (see its README): the model, data and

@@ -10,13 +10,11 @@ use ekfac::io::Outputs;
 use ekfac::progress::Console;
 
 use ekfac::curvature::operator::Approximation;
-use ekfac::curvature::options::LossKind;
 use ekfac::curvature::validate::check_eigenvectors;
 use ekfac::error::Error;
 use ekfac::gpu::GpuContext;
 use ekfac::graph::Model;
 use ekfac::model::TensorFile;
-use ekfac::model::data::Dataset;
 
 use crate::{budget_bytes, check_damping, stall_for_tests, written};
 
@@ -44,10 +42,11 @@ pub(crate) struct InfluenceArgs {
     /// Its weights (safetensors).
     #[arg(long)]
     weights: PathBuf,
-    /// Training data (safetensors with `x` and `y`, as for fit): the examples scored.
+    /// Training data (safetensors with `x` and `y`, or a directory of such shards, as
+    /// for fit's --data): the examples scored. Read a batch at a time.
     #[arg(long)]
     train: PathBuf,
-    /// Query data (safetensors with `x` and `y`).
+    /// Query data (a safetensors file with `x` and `y`, or a directory of shards).
     #[arg(long)]
     query: PathBuf,
     /// Output safetensors file: `scores` F32 [Q, N], and what the options add.
@@ -99,10 +98,6 @@ pub(crate) fn run_influence(args: &InfluenceArgs, console: &Console, quiet: bool
         ("--train", args.train.as_path()),
         ("--query", args.query.as_path()),
     ];
-    for &(name, path) in &inputs {
-        let limit = (name == "--model").then_some(ekfac::io::MAX_JSON_BYTES);
-        ekfac::io::check_input(path, name, limit)?;
-    }
     let report_file = args.report.as_ref().map(|d| d.join("README.md"));
     let mut outputs = vec![("--out", args.out.as_path())];
     if let (Some(dir), Some(file)) = (&args.report, &report_file) {
@@ -116,6 +111,14 @@ pub(crate) fn run_influence(args: &InfluenceArgs, console: &Console, quiet: bool
         })?;
         outputs.push(("--report", file.as_path()));
     }
+    for &(name, path) in &inputs {
+        if name == "--train" || name == "--query" {
+            ekfac::io::check_data_input(path, name, &outputs)?;
+            continue;
+        }
+        let limit = (name == "--model").then_some(ekfac::io::MAX_JSON_BYTES);
+        ekfac::io::check_input(path, name, limit)?;
+    }
     ekfac::io::check_outputs(&inputs, &outputs)?;
     let graph = ekfac::graph::json::from_json_str(
         &ekfac::io::read_json_text(&args.model, "--model")?,
@@ -124,15 +127,21 @@ pub(crate) fn run_influence(args: &InfluenceArgs, console: &Console, quiet: bool
     let model = Model::from_tensor_file(graph, &TensorFile::load(&args.weights)?)?;
     let state = CurvatureState::load(&args.state)?;
     check_state_matches(&state, &model, &args.state.display().to_string())?;
-    let classes = state.meta.options.loss == LossKind::CrossEntropy;
-    let train = Dataset::load_checked(&args.train, &model.graph, classes)?;
-    let query = Dataset::load_checked(&args.query, &model.graph, classes)?;
+    // Memory-mapped (or every shard of a directory), read a batch at a time; the
+    // shapes are checked here, before the GPU is opened, and the values as the scoring
+    // streams over them.
+    let train = ekfac::data::open_as(&args.train, "--train")?;
+    let query = ekfac::data::open_as(&args.query, "--query")?;
+    for data in [&train, &query] {
+        ekfac::data::check_layout(data.as_ref(), &model.graph, state.meta.options.loss)?;
+    }
+    let (train, query) = (train.as_ref(), query.as_ref());
     if let Some(k) = args.top_k
-        && k > train.len
+        && k > train.len()
     {
         return Err(Error::Options(format!(
             "--top-k {k} is more than the {} training examples in {}",
-            train.len,
+            train.len(),
             args.train.display()
         )));
     }
@@ -158,33 +167,33 @@ pub(crate) fn run_influence(args: &InfluenceArgs, console: &Console, quiet: bool
         batch_size: args.batch_size,
         self_influence: args.self_influence,
     };
-    let result = influence(&ctx, &model, &state, [&train, &query], &options, console)?;
+    let result = influence(&ctx, &model, &state, [train, query], &options, console)?;
     let top = args
         .top_k
-        .or(args.report.as_ref().map(|_| train.len.min(5)))
-        .map(|k| TopK::new(&result, train.len, k))
+        .or(args.report.as_ref().map(|_| train.len().min(5)))
+        .map(|k| TopK::new(&result, train.len(), k))
         .transpose()?;
     let mut out = Outputs::new();
     let bytes = influence_file(
         &args.out,
         &result,
-        query.len,
-        train.len,
+        query.len(),
+        train.len(),
         args.top_k.and(top.as_ref()),
     )?;
     out.stage(&args.out, &bytes)?;
     if let (Some(file), Some(top)) = (&report_file, &top) {
-        let mut images = vec![None; query.len];
-        if let [c @ (1 | 3), h, w] = train.example_shape[..] {
+        let mut images = vec![None; query.len()];
+        if let [c @ (1 | 3), h, w] = train.example_shape()[..] {
             for (q, name) in images.iter_mut().enumerate() {
                 let file_name = format!("query_{q}.png");
                 let path = file.with_file_name(&file_name);
-                let grid = ekfac::report::influence_grid(&train, &query, top, q, [c, h, w]);
+                let grid = ekfac::report::influence_grid(train, query, top, q, [c, h, w])?;
                 out.stage(&path, &grid.encode(ekfac::plot::Format::Png, &path)?)?;
                 *name = Some(file_name);
             }
         }
-        let md = influence_markdown(&train, &query, &result, top, &images);
+        let md = influence_markdown(train, query, &result, top, &images)?;
         out.stage(file, md.as_bytes())?;
     }
     stall_for_tests();

@@ -357,7 +357,7 @@ fn load_fit_inputs(args: &FitArgs, options: &Options) -> Result<Loaded> {
     let outputs = outputs(args);
     for &(name, path) in &inputs {
         if name == "--data" {
-            ekfac::io::check_data_input(path, &outputs)?;
+            ekfac::io::check_data_input(path, name, &outputs)?;
             continue;
         }
         let limit = (name == "--model").then_some(ekfac::io::MAX_JSON_BYTES);

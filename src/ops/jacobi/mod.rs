@@ -19,25 +19,29 @@
 //! - [`JacobiPath::Workgroup`] (automatic up to `n = 96`, possible up to `n = 256`):
 //!   one workgroup per matrix of the batch does a whole sweep in one dispatch, with `A`
 //!   and the eigenbasis in workgroup memory for `n ≤ 32` and in storage buffers above;
-//!   `max_sweeps + 1` such dispatches (each first tests convergence and returns at once
-//!   when the matrix is done) and the sort go into one pass, with one readback at the
-//!   end. No host round trip per sweep, so many small factors are cheap.
+//!   9 such dispatches (each first tests convergence and returns at once when the
+//!   matrix is done) go into one pass with one readback of the done flags, then, only
+//!   if needed, twice as many again (up to `max_sweeps + 1` in all), then the sort. No
+//!   host round trip per sweep, so many small factors are cheap.
 //! - [`JacobiPath::Global`] (any size): every step is two dispatches over the whole batch
 //!   (rotation parameters, then their application to `A` and the eigenbasis), all steps
 //!   of a sweep go into one pass, and the off-diagonal norm is read back once per sweep
 //!   as per-workgroup partial sums that the host adds in a fixed order.
 //! - [`JacobiPath::Blocked`] (automatic above `n = 96`, any size): block Jacobi. The
-//!   indices are cut into blocks of 16 (rounded up to an even number of blocks; indices
-//!   past `n` are phantoms that never mix with real ones), and a sweep is the
-//!   round-robin over blocks: `blocks − 1` rounds, each pairing all blocks disjointly.
-//!   Per round, `block_solve` diagonalises each pair's 32 × 32 sub-matrix in workgroup
-//!   memory (inner cyclic Jacobi sweeps until its off-diagonal norm is below
+//!   indices are cut into an even number of blocks of at most 16 (`n` padded to `m`, a
+//!   multiple of the block; indices past `n` are phantoms that never mix with real
+//!   ones), and a sweep is the round-robin over blocks: `blocks − 1` rounds, each
+//!   pairing all blocks disjointly. The matrix and the basis live in padded buffers
+//!   whose blocks are kept in the current round's order, each pair at two adjacent
+//!   positions (a `block_gather` moves them between rounds). Per round, `block_solve`
+//!   diagonalises each pair's `L × L` sub-matrix (`L` = two blocks) in workgroup memory
+//!   (inner cyclic Jacobi sweeps until its off-diagonal norm is below
 //!   `tol · ‖A‖_F / blocks`, so a sweep that leaves every pair alone has converged; at
-//!   most 8), sorts the pair's diagonal ascending and stores the rotation;
-//!   `block_apply` then applies the rotations to the other 32 × 32 tiles of `A`
-//!   (`R_Iᵀ A_IJ R_J`) and to the eigenbasis (2 × 2 register tiles, vec4 operands).
-//!   Two dispatches per round instead of two per step, each tile product in workgroup
-//!   memory; the sweep loop, readback and convergence test are the global path's.
+//!   most 2), sorts the pair's diagonal ascending and stores the rotation `R`; then
+//!   `A ← Rᵀ A R` and `W ← Rᵀ W` for the block-diagonal `R` are batched GEMMs
+//!   (`crate::ops::gemm`, one over all row panels, one per matrix over the column
+//!   panels, one for the basis). `4 + batch` dispatches per round plus the gathers'
+//!   two; the sweep loop, readback and convergence test are the global path's.
 //!
 //! All three are deterministic: fixed reduction orders, no float atomics (only an
 //! integer OR that flags NaN or Inf).
@@ -55,10 +59,12 @@ use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor};
 pub use crate::progress::Sweeps;
 
+mod blocked;
 mod sweeps;
 
-pub use sweeps::{BlockParams, CombineParams, GlobalParams, SweepParams};
-use sweeps::{blocked_path, global_path, rotate_into_basis, workgroup_path};
+use blocked::{BlockPlan, blocked_path};
+pub use sweeps::{BlockParams, CombineParams, GatherParams, GlobalParams, SweepParams};
+use sweeps::{global_path, rotate_into_basis, workgroup_path};
 
 /// Largest `n` of the workgroup-memory kernel (must match `SHARED_N` in the shader).
 const SHARED_MAX_N: usize = 32;
@@ -67,13 +73,13 @@ const SHARED_MAX_N: usize = 32;
 /// driver's cap of 65535.
 const WORKGROUP_MAX_N: usize = 256;
 /// Largest `n` for which [`JacobiPath::Auto`] picks one workgroup per matrix.
-/// Measured on lavapipe (same process, alternating, 4 graded Gram matrices): n = 128,
-/// workgroup 6.0–8.5 s in 8 sweeps, blocked 4.9–5.9 s in 5; n = 72, workgroup 1.3–1.4 s
-/// in 7, blocked 1.9–2.3 s in 4. On a GPU the blocked path also runs `batch · n/32`
-/// workgroups per dispatch where the workgroup path runs `batch`.
+/// Measured on lavapipe after issue 13's GEMM step (same process, two runs each, CPU
+/// time, 4 graded Gram matrices): n = 72, workgroup 0.36–0.42 s in 9 sweeps, blocked
+/// 0.51–0.52 s in 5; n = 96, workgroup 0.82–0.96 s in 10, blocked 0.76–0.88 s in 6;
+/// n = 128, workgroup 1.9–2.2 s in 10, blocked 1.6–1.9 s in 7. On a GPU the blocked
+/// path also runs `batch · blocks / 2` workgroups per solve and its updates are GEMMs,
+/// where the workgroup path runs `batch` workgroups.
 const AUTO_WORKGROUP_MAX_N: usize = 96;
-/// Indices per block of the blocked path (`BLOCK` in the shader, half of `SHARED_N`).
-const BLOCK: usize = 16;
 /// Elements of one matrix summed per workgroup by `global_norms` (`NORM_CHUNK`).
 const NORM_CHUNK: usize = 4096;
 /// Invocations per workgroup of every kernel in the shader.
@@ -100,9 +106,9 @@ pub enum JacobiPath {
     Workgroup,
     /// Two dispatches per step over the whole batch; a batch that fits one binding.
     Global,
-    /// Block pairs of 32 indices diagonalised in workgroup memory, two dispatches per
-    /// round of block pairs; meant for `n` above 96, and the only path for batches
-    /// larger than one binding (up to three).
+    /// Block pairs of up to 32 indices diagonalised in workgroup memory, their
+    /// rotations applied as batched GEMMs; meant for `n` above 96, and the only path
+    /// for batches larger than one binding (up to three).
     Blocked,
 }
 
@@ -316,21 +322,27 @@ fn window_elements(ctx: &GpuContext) -> usize {
 }
 
 /// The largest `n` whose `n × n` matrix [`eigh`] decomposes on this context: three
-/// binding windows (see the module docs), one buffer of `max_buffer_size`, and the
-/// kernels' 32-bit indices.
+/// binding windows (see the module docs) for the blocked path's padded `m × m` work
+/// matrix, one buffer of `max_buffer_size`, and the kernels' 32-bit indices.
 pub fn max_dimension(ctx: &GpuContext) -> usize {
     let elements = (3 * window_elements(ctx) as u64)
         .min(ctx.limits.max_buffer_size / 4)
         .min(u64::from(u32::MAX) / 2);
-    elements.isqrt() as usize
+    let mut n = elements.isqrt() as usize;
+    while n > 0 && (BlockPlan::new(n).m as u64).pow(2) > elements {
+        n -= 1;
+    }
+    n
 }
 
 /// Refuses batches that do not fit three binding windows or overflow the kernels' u32
 /// element indices; returns whether the batch needs more than one window.
 fn check_fits(ctx: &GpuContext, batch: usize, n: usize, window: usize) -> Result<bool> {
     let elements = batch as u64 * n as u64 * n as u64;
-    let bytes = elements * 4;
-    if elements > 3 * window as u64 {
+    // The blocked path's work matrices are padded to m × m.
+    let m = BlockPlan::new(n).m as u64;
+    let bytes = batch as u64 * m * m * 4;
+    if batch as u64 * m * m > 3 * window as u64 {
         return Err(Error::Memory(format!(
             "the Jacobi eigendecomposition of {batch} matrices of size {n}×{n} needs \
              {bytes}-byte buffers, more than three storage bindings of the adapter's \

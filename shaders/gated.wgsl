@@ -1,10 +1,14 @@
-// GELU, y = x * Phi(x) with Phi the standard normal CDF, in PyTorch's two forms:
-// "none" (exact, through erfc) and "tanh" (Phi(x) ~ (1 + tanh(u)) / 2 with
-// u = sqrt(2/pi) * (x + 0.044715 x^3)). Forward and backward over flat f32 arrays.
+// Gated activations y = x * c(x) with a smooth gate c, forward and backward over flat
+// f32 arrays; the pipeline constant GATE picks c:
+//   0 (SILU):      c = sigma, the logistic function (SiLU / swish);
+//   1 (GELU_ERF):  c = Phi, the standard normal CDF through erfc (GELU, "none");
+//   2 (GELU_TANH): c(x) = (1 + tanh(u)) / 2 with u = sqrt(2/pi) * (x + 0.044715 x^3)
+//                  (GELU, "tanh").
+// Backward: d/dx x c(x) = c(x) + x c'(x).
 // Bindings follow src/gpu/pipeline.rs (reads, then writes, then params), each entry
 // point through its own globals:
-//   gelu_*_forward:  x;              y;       fparams
-//   gelu_*_backward: x, grad_out;    grad_in; bparams
+//   gated_forward:  x;              y;       fparams
+//   gated_backward: x, grad_out;    grad_in; bparams
 // Backward rows are V-major stacks of the forward input: grad element i belongs to
 // x[i % x_len], so the saved input is never repeated.
 //
@@ -26,6 +30,10 @@ struct StackedParams {
 @group(0) @binding(2) var<storage, read> fparams: ElementwiseParams;
 @group(0) @binding(2) var<storage, read_write> grad_in: array<f32>;
 @group(0) @binding(3) var<storage, read> bparams: StackedParams;
+
+override GATE: u32 = 0u;
+const SILU: u32 = 0u;
+const GELU_ERF: u32 = 1u;
 
 const FRAC_1_SQRT_2: f32 = 0.70710678118654752;
 const FRAC_1_SQRT_2PI: f32 = 0.39894228040143268;
@@ -71,48 +79,40 @@ fn tanh_cdf(v: f32) -> vec2<f32> {
     return vec2<f32>(s.x, select(0.0, s.y * du, s.y > 0.0));
 }
 
+// (c(v), c'(v)) for the gate GATE.
+fn gate(v: f32) -> vec2<f32> {
+    switch GATE {
+        case SILU: {
+            return logistic(v);
+        }
+        case GELU_ERF: {
+            return vec2<f32>(normal_cdf(v), normal_pdf(v));
+        }
+        default: {
+            return tanh_cdf(v);
+        }
+    }
+}
+
 @compute @workgroup_size(256)
-fn gelu_erf_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                    @builtin(local_invocation_index) lid: u32) {
+fn gated_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
     let i = index(wid, nwg, lid);
     if (i >= fparams.len) {
         return;
     }
     let v = x[i];
-    y[i] = v * normal_cdf(v);
+    y[i] = v * gate(v).x;
 }
 
-// d/dx x Phi(x) = Phi(x) + x phi(x).
 @compute @workgroup_size(256)
-fn gelu_erf_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                     @builtin(local_invocation_index) lid: u32) {
+fn gated_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) lid: u32) {
     let i = index(wid, nwg, lid);
     if (i >= bparams.len || bparams.x_len == 0u) {
         return;
     }
     let v = x[i % bparams.x_len];
-    grad_in[i] = grad_out[i] * (normal_cdf(v) + v * normal_pdf(v));
-}
-
-@compute @workgroup_size(256)
-fn gelu_tanh_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                     @builtin(local_invocation_index) lid: u32) {
-    let i = index(wid, nwg, lid);
-    if (i >= fparams.len) {
-        return;
-    }
-    let v = x[i];
-    y[i] = v * tanh_cdf(v).x;
-}
-
-@compute @workgroup_size(256)
-fn gelu_tanh_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                      @builtin(local_invocation_index) lid: u32) {
-    let i = index(wid, nwg, lid);
-    if (i >= bparams.len || bparams.x_len == 0u) {
-        return;
-    }
-    let v = x[i % bparams.x_len];
-    let c = tanh_cdf(v);
+    let c = gate(v);
     grad_in[i] = grad_out[i] * (c.x + v * c.y);
 }
