@@ -323,11 +323,13 @@ fn global_path_large() {
 }
 
 /// The blocked path at n = 300: 20 blocks of 15 indices, so 10 block pairs per round,
-/// on every kind of spectrum.
+/// on every kind of spectrum. Bounds are the targets above n = 256 (3e-5, 2e-4;
+/// `n·ε` alone is 1.8e-5 at n = 300): the clustered spectrum reaches 8.5e-6 on
+/// lavapipe, too close to 1e-5 for an adapter that rounds differently (FMA contraction).
 #[test]
 fn blocked_path_n300() {
     for spectrum in ALL {
-        check_one(300, spectrum, JacobiPath::Blocked, 1e-5, 1e-4);
+        check_one(300, spectrum, JacobiPath::Blocked, 3e-5, 2e-4);
     }
 }
 
