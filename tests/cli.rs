@@ -31,7 +31,7 @@ fn fixture(case: &str) -> PathBuf {
         .join(case)
 }
 
-fn ekfac(args: &[&str]) -> Output {
+fn ekfac<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ekfac"))
         .args(args)
         .output()
@@ -142,13 +142,34 @@ fn fit_args(dir: &Path, expected: &Value) -> Vec<String> {
     args
 }
 
-fn run(args: &[String]) -> Output {
-    ekfac(&args.iter().map(String::as_str).collect::<Vec<_>>())
-}
-
 fn with(mut base: Vec<String>, extra: &[&str]) -> Vec<String> {
     base.extend(extra.iter().map(|a| a.to_string()));
     base
+}
+
+/// Fits the fixture `case` by the command line into `tmp/state.safetensors`; its
+/// directory, its `expected.json` and the state's path.
+fn fit_state(case: &str, tmp: &Path) -> (PathBuf, Value, PathBuf) {
+    let dir = fixture(case);
+    let expected = expected_json(&dir);
+    let state = tmp.join("state.safetensors");
+    let out = ekfac(&with(fit_args(&dir, &expected), &["--out", s(&state)]));
+    assert_success(&out, &format!("fit {case}"));
+    (dir, expected, state)
+}
+
+/// `apply` on `state` and the vectors file `vectors`, writing `out`, with `extra` flags.
+fn apply(state: &Path, vectors: &Path, out: &Path, extra: &[&str]) -> Output {
+    let args = [
+        "apply",
+        "--state",
+        s(state),
+        "--vectors",
+        s(vectors),
+        "--out",
+        s(out),
+    ];
+    ekfac(&[&args[..], extra].concat())
 }
 
 /// `apply` on `state` with `extra` flags; the output against `want` within `tol`.
@@ -163,17 +184,7 @@ fn check_apply(
 ) {
     let out = tmp.join("out.safetensors");
     let _ = std::fs::remove_file(&out);
-    let mut args = vec![
-        "apply",
-        "--state",
-        s(state),
-        "--vectors",
-        s(vectors),
-        "--out",
-        s(&out),
-    ];
-    args.extend(extra);
-    let result = ekfac(&args);
+    let result = apply(state, vectors, &out, extra);
     assert_success(&result, &format!("apply {extra:?}"));
     let (shape, got) = read_out(&out);
     assert_eq!(
@@ -198,7 +209,7 @@ fn fit_and_apply_match_curvlinops() {
     let state = tmp.path().join("state.safetensors");
     let summary_path = tmp.path().join("s.json");
     let damping_arg = damping.to_string();
-    let out = run(&with(
+    let out = ekfac(&with(
         fit_args(&dir, &expected),
         &[
             "--damping",
@@ -343,7 +354,7 @@ fn fit_and_apply_match_curvlinops() {
     // A state fitted with another damping: --inverse uses the stored one unless
     // --damping overrides it.
     let state_other = tmp.join("state_other.safetensors");
-    let out = run(&with(
+    let out = ekfac(&with(
         fit_args(&dir, &expected),
         &["--damping", "0.5", "--out", s(&state_other)],
     ));
@@ -358,16 +369,7 @@ fn fit_and_apply_match_curvlinops() {
         &mut failures,
     );
     let out_path = tmp.join("stored.safetensors");
-    let result = ekfac(&[
-        "apply",
-        "--state",
-        s(&state_other),
-        "--vectors",
-        s(&vectors),
-        "--inverse",
-        "--out",
-        s(&out_path),
-    ]);
+    let result = apply(&state_other, &vectors, &out_path, &["--inverse"]);
     assert_success(&result, "apply --inverse with the stored damping");
     let (_, stored) = read_out(&out_path);
     let e = common::rel_err(&stored, &get("ekfac_inv_mv"));
@@ -383,27 +385,15 @@ fn fit_and_apply_match_curvlinops() {
 fn forward_only_state_needs_kfac() {
     let Some(ctx) = common::gpu() else { return };
     drop(ctx);
-    let dir = fixture("mlp_relu_ce_mean_forwardonly_sep");
-    let expected = expected_json(&dir);
     let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("state.safetensors");
-    let out = run(&with(fit_args(&dir, &expected), &["--out", s(&state)]));
-    assert_success(&out, "fit --fisher forward-only");
+    let (dir, _, state) = fit_state("mlp_relu_ce_mean_forwardonly_sep", tmp.path());
     let products = TensorFile::load(dir.join("expected.safetensors")).unwrap();
     let v = products.get("vectors").unwrap().to_f64().unwrap();
     let p = v.len() / 3;
     let vectors = tmp.path().join("v.safetensors");
     write_f64(&vectors, &[("V", vec![p, 3], &v)]);
     let out_path = tmp.path().join("out.safetensors");
-    let result = ekfac(&[
-        "apply",
-        "--state",
-        s(&state),
-        "--vectors",
-        s(&vectors),
-        "--out",
-        s(&out_path),
-    ]);
+    let result = apply(&state, &vectors, &out_path, &[]);
     assert_fails(&result, "forward-only", &[&out_path]);
     assert!(stderr(&result).contains("--kfac"), "{}", stderr(&result));
     let mut failures = Vec::new();
@@ -447,14 +437,14 @@ fn fit_rejects_bad_inputs() {
     assert_eq!(x.len(), n * 4);
 
     let missing = tmp.path().join("no_such_model.json");
-    let out = run(&replace("--model", s(&missing)));
+    let out = ekfac(&replace("--model", s(&missing)));
     assert_fails(&out, "no_such_model.json", &outputs);
 
     let mut bad_y = y.clone();
     bad_y[3] = 3;
     let labels = tmp.path().join("labels.safetensors");
     write_data(&labels, &x, vec![n, 4], &bad_y);
-    let out = run(&replace("--data", s(&labels)));
+    let out = ekfac(&replace("--data", s(&labels)));
     assert_fails(&out, "y[3] = 3", &outputs);
     assert!(
         stderr(&out).contains("labels.safetensors"),
@@ -464,7 +454,7 @@ fn fit_rejects_bad_inputs() {
 
     let wide = tmp.path().join("wide.safetensors");
     write_data(&wide, &x[..n / 2 * 4 * 2], vec![n / 2, 8], &y[..n / 2]);
-    let out = run(&replace("--data", s(&wide)));
+    let out = ekfac(&replace("--data", s(&wide)));
     assert_fails(&out, "input_shape", &outputs);
     assert!(
         stderr(&out).contains("wide.safetensors"),
@@ -476,22 +466,22 @@ fn fit_rejects_bad_inputs() {
     nan_x[6] = f32::NAN;
     let nan = tmp.path().join("nan.safetensors");
     write_data(&nan, &nan_x, vec![n, 4], &y);
-    let out = run(&replace("--data", s(&nan)));
+    let out = ekfac(&replace("--data", s(&nan)));
     assert_fails(&out, "x[1, 2] is NaN", &outputs);
 
     let mut inf_x = x.clone();
     inf_x[0] = f32::INFINITY;
     let inf = tmp.path().join("inf.safetensors");
     write_data(&inf, &inf_x, vec![n, 4], &y);
-    let out = run(&replace("--data", s(&inf)));
+    let out = ekfac(&replace("--data", s(&inf)));
     assert_fails(&out, "x[0, 0] is inf", &outputs);
 
-    let out = run(&replace("--loss", "hinge"));
+    let out = ekfac(&replace("--loss", "hinge"));
     assert_fails(&out, "hinge", &outputs);
-    let out = run(&replace("--fisher", "foo"));
+    let out = ekfac(&replace("--fisher", "foo"));
     assert_fails(&out, "foo", &outputs);
 
-    let out = run(&with(
+    let out = ekfac(&with(
         base(),
         &[
             "--mc-samples",
@@ -510,36 +500,21 @@ fn fit_rejects_bad_inputs() {
 fn apply_rejects_bad_inputs() {
     let Some(ctx) = common::gpu() else { return };
     drop(ctx);
-    let dir = fixture("mlp_tanh_ce_mean_type2_sep");
-    let expected = expected_json(&dir);
     let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("state.safetensors");
-    let out = run(&with(fit_args(&dir, &expected), &["--out", s(&state)]));
-    assert_success(&out, "fit");
+    let (dir, expected, state) = fit_state("mlp_tanh_ce_mean_type2_sep", tmp.path());
     let p = expected["num_params"].as_u64().unwrap() as usize;
     let vectors = tmp.path().join("v.safetensors");
     write_f64(&vectors, &[("V", vec![p, 2], &vec![1.0; 2 * p])]);
     let short = tmp.path().join("short.safetensors");
     write_f64(&short, &[("V", vec![p - 1, 2], &vec![1.0; 2 * (p - 1)])]);
     let out_path = tmp.path().join("out.safetensors");
-    let apply = |state: &Path, vectors: &Path, extra: &[&str]| {
-        let mut args = vec![
-            "apply",
-            "--state",
-            s(state),
-            "--vectors",
-            s(vectors),
-            "--out",
-            s(&out_path),
-        ];
-        args.extend(extra);
-        ekfac(&args)
-    };
+    let run_apply =
+        |state: &Path, vectors: &Path, extra: &[&str]| apply(state, vectors, &out_path, extra);
 
-    let out = apply(&state, &vectors, &["--key", "nope"]);
+    let out = run_apply(&state, &vectors, &["--key", "nope"]);
     assert_fails(&out, "nope", &[&out_path]);
 
-    let out = apply(&state, &short, &[]);
+    let out = run_apply(&state, &short, &[]);
     assert_fails(&out, &format!("{} rows", p - 1), &[&out_path]);
     assert!(
         stderr(&out).contains(&format!("{p} parameters")),
@@ -551,25 +526,25 @@ fn apply_rejects_bad_inputs() {
     nan_v[5] = f64::NAN;
     let nan = tmp.path().join("nan.safetensors");
     write_f64(&nan, &[("V", vec![p, 2], &nan_v)]);
-    let out = apply(&state, &nan, &[]);
+    let out = run_apply(&state, &nan, &[]);
     assert_fails(&out, "\"V\": V[2, 1] is NaN", &[&out_path]);
 
     let weights = dir.join("weights.safetensors");
-    let out = apply(&weights, &vectors, &[]);
+    let out = run_apply(&weights, &vectors, &[]);
     assert_fails(&out, "not an ekfac state file", &[&out_path]);
 
     let missing = tmp.path().join("no_such_state.safetensors");
-    let out = apply(&missing, &vectors, &[]);
+    let out = run_apply(&missing, &vectors, &[]);
     assert_fails(&out, "no_such_state.safetensors", &[&out_path]);
 
-    let out = apply(&state, &vectors, &["--inverse", "--damping-mode", "bar"]);
+    let out = run_apply(&state, &vectors, &["--inverse", "--damping-mode", "bar"]);
     assert_fails(&out, "bar", &[&out_path]);
 
-    let out = apply(&state, &vectors, &["--inverse", "--damping=-1"]);
+    let out = run_apply(&state, &vectors, &["--inverse", "--damping=-1"]);
     assert_fails(&out, "damping", &[&out_path]);
 
     // Plain and heuristic damping are KFAC-only.
-    let out = apply(&state, &vectors, &["--inverse", "--damping-mode", "plain"]);
+    let out = run_apply(&state, &vectors, &["--inverse", "--damping-mode", "plain"]);
     assert_fails(&out, "exact", &[&out_path]);
 }
 
@@ -582,13 +557,13 @@ fn fit_checks_determinism_and_warm_starts() {
     let expected = expected_json(&dir);
     let tmp = tempfile::tempdir().unwrap();
     let first = tmp.path().join("first.safetensors");
-    let out = run(&with(
+    let out = ekfac(&with(
         fit_args(&dir, &expected),
         &["--check-deterministic", "--out", s(&first)],
     ));
     assert_success(&out, "fit --check-deterministic");
     let second = tmp.path().join("second.safetensors");
-    let out = run(&with(
+    let out = ekfac(&with(
         fit_args(&dir, &expected),
         &["--init-state", s(&first), "--out", s(&second)],
     ));
@@ -596,7 +571,7 @@ fn fit_checks_determinism_and_warm_starts() {
     assert!(ekfac::curvature::state::CurvatureState::load(&second).is_ok());
     let missing = tmp.path().join("nope.safetensors");
     let third = tmp.path().join("third.safetensors");
-    let out = run(&with(
+    let out = ekfac(&with(
         fit_args(&dir, &expected),
         &["--init-state", s(&missing), "--out", s(&third)],
     ));

@@ -302,7 +302,7 @@ fn a_state_for_another_model_is_refused() {
 }
 
 /// `ekfac` with `args`, headless.
-fn ekfac(args: &[&str]) -> std::process::Output {
+fn ekfac<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_ekfac"))
         .args(args)
         .output()
@@ -343,31 +343,33 @@ fn fit_state(case: &str, dir: &std::path::Path) -> String {
 
 const CLI_CASE: &str = "cnn_a_ce_mean_type2_expand_sep";
 
-/// `influence` arguments on [`CLI_CASE`] with `state`, writing `out`.
-fn influence_args(state: &str, out: &str) -> Vec<String> {
+/// `influence` arguments with the fixture model and weights of `case` and the state
+/// `state`, scoring the examples of `query` against those of `train` (data files or
+/// shard directories) into `out`.
+fn influence_args(case: &str, state: &str, train: &str, query: &str, out: &str) -> Vec<String> {
     [
         "influence",
         "--state",
         state,
         "--model",
-        &fixture_file(CLI_CASE, "model.json"),
+        &fixture_file(case, "model.json"),
         "--weights",
-        &fixture_file(CLI_CASE, "weights.safetensors"),
+        &fixture_file(case, "weights.safetensors"),
         "--train",
-        &fixture_file(CLI_CASE, "data.safetensors"),
+        train,
         "--query",
-        &fixture_file(CLI_CASE, "data.safetensors"),
+        query,
         "--out",
         out,
     ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    .map(String::from)
+    .to_vec()
 }
 
-fn run(args: &[String]) -> std::process::Output {
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    ekfac(&refs)
+/// [`influence_args`] on [`CLI_CASE`] with its data as both training and query set.
+fn cli_case_args(state: &str, out: &str) -> Vec<String> {
+    let data = fixture_file(CLI_CASE, "data.safetensors");
+    influence_args(CLI_CASE, state, &data, &data, out)
 }
 
 #[test]
@@ -377,7 +379,7 @@ fn the_command_line_writes_scores_top_k_self_influence_and_a_report() {
     let state = fit_state(CLI_CASE, dir.path());
     let out = dir.path().join("scores.safetensors");
     let report = dir.path().join("report");
-    let mut args = influence_args(&state, out.to_str().unwrap());
+    let mut args = cli_case_args(&state, out.to_str().unwrap());
     args.extend(
         [
             "--top-k",
@@ -390,7 +392,7 @@ fn the_command_line_writes_scores_top_k_self_influence_and_a_report() {
         ]
         .map(String::from),
     );
-    let result = run(&args);
+    let result = ekfac(&args);
     assert!(result.status.success(), "{result:?}");
     let file = ekfac::model::TensorFile::load(&out).unwrap();
     let case = common::fixture(CLI_CASE);
@@ -453,7 +455,7 @@ fn the_command_line_refuses_bad_inputs() {
     let out = dir.path().join("scores.safetensors");
     let out_s = out.to_str().unwrap();
     let fails = |args: Vec<String>, needle: &str| {
-        let result = run(&args);
+        let result = ekfac(&args);
         let err = String::from_utf8_lossy(&result.stderr);
         assert!(!result.status.success(), "{args:?} succeeded");
         assert!(err.contains(needle), "{needle:?} not in:\n{err}");
@@ -461,24 +463,24 @@ fn the_command_line_refuses_bad_inputs() {
         assert!(!out.exists(), "{out:?} was written despite the error");
     };
     // A query file whose examples do not have the model's input shape.
-    let mut args = influence_args(&state, out_s);
-    let q = args.iter().position(|a| a == "--query").unwrap() + 1;
-    args[q] = fixture_file("mlp_tanh_ce_mean_type2_sep", "data.safetensors");
+    let data = fixture_file(CLI_CASE, "data.safetensors");
+    let other_data = fixture_file("mlp_tanh_ce_mean_type2_sep", "data.safetensors");
+    let args = influence_args(CLI_CASE, &state, &data, &other_data, out_s);
     fails(args, "mlp_tanh_ce_mean_type2_sep");
     // A state fitted for another model.
     let other = fit_state("mlp_tanh_ce_mean_type2_sep", dir.path());
-    fails(influence_args(&other, out_s), "another model");
+    fails(cli_case_args(&other, out_s), "another model");
     // --top-k 0, and more than the training examples.
-    let mut args = influence_args(&state, out_s);
+    let mut args = cli_case_args(&state, out_s);
     args.extend(["--top-k", "0"].map(String::from));
     fails(args, "--top-k");
-    let mut args = influence_args(&state, out_s);
+    let mut args = cli_case_args(&state, out_s);
     args.extend(["--top-k", "13"].map(String::from));
     fails(args, "--top-k 13");
     // A report directory that cannot be created (below a regular file).
     let blocker = dir.path().join("file");
     std::fs::write(&blocker, b"x").unwrap();
-    let mut args = influence_args(&state, out_s);
+    let mut args = cli_case_args(&state, out_s);
     args.extend(["--report", blocker.join("report").to_str().unwrap()].map(String::from));
     fails(args, "report directory");
 }
@@ -494,28 +496,9 @@ fn the_report_draws_image_grids_and_grouped_convolutions_score() {
     let out = dir.path().join("scores.safetensors");
     let report = dir.path().join("report");
     let data = fixture_file(case, "data.safetensors");
-    let args: Vec<String> = [
-        "influence",
-        "--state",
-        &state,
-        "--model",
-        &fixture_file(case, "model.json"),
-        "--weights",
-        &fixture_file(case, "weights.safetensors"),
-        "--train",
-        &data,
-        "--query",
-        &data,
-        "--out",
-        out.to_str().unwrap(),
-        "--top-k",
-        "2",
-        "--report",
-        report.to_str().unwrap(),
-    ]
-    .map(String::from)
-    .to_vec();
-    let result = run(&args);
+    let mut args = influence_args(case, &state, &data, &data, out.to_str().unwrap());
+    args.extend(["--top-k", "2", "--report", report.to_str().unwrap()].map(String::from));
+    let result = ekfac(&args);
     assert!(result.status.success(), "{result:?}");
     let n = ekfac::model::Dataset::load(&data).unwrap().len;
     for q in [0, n - 1] {
@@ -537,21 +520,13 @@ fn the_report_draws_image_grids_and_grouped_convolutions_score() {
     let state = fit_state(grouped, dir.path());
     let out = dir.path().join("grouped.safetensors");
     let data = fixture_file(grouped, "data.safetensors");
-    let result = ekfac(&[
-        "influence",
-        "--state",
+    let result = ekfac(&influence_args(
+        grouped,
         &state,
-        "--model",
-        &fixture_file(grouped, "model.json"),
-        "--weights",
-        &fixture_file(grouped, "weights.safetensors"),
-        "--train",
         &data,
-        "--query",
         &data,
-        "--out",
         out.to_str().unwrap(),
-    ]);
+    ));
     let err = String::from_utf8_lossy(&result.stderr);
     assert!(result.status.success(), "{err}");
     let n = ekfac::model::Dataset::load(&data).unwrap().len;
@@ -597,13 +572,10 @@ fn shard_directories_score_as_the_single_file() {
         write_shard(&shards.join(format!("{name}.safetensors")), &data, range);
     }
     let scores = |out: &std::path::Path, data: &std::path::Path| {
-        let mut args = influence_args(&state, out.to_str().unwrap());
-        for option in ["--train", "--query"] {
-            let at = args.iter().position(|a| a == option).unwrap() + 1;
-            args[at] = data.to_string_lossy().into_owned();
-        }
+        let data = data.to_str().unwrap();
+        let mut args = influence_args(CLI_CASE, &state, data, data, out.to_str().unwrap());
         args.extend(["--batch-size", "4", "--self-influence"].map(String::from));
-        let result = run(&args);
+        let result = ekfac(&args);
         assert!(result.status.success(), "{result:?}");
         let file = ekfac::model::TensorFile::load(out).unwrap();
         ["scores", "self_influence"].map(|key| {

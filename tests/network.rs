@@ -106,32 +106,96 @@ fn check(failures: &mut Vec<String>, what: String, got: &[f32], want: &[f64]) {
     }
 }
 
-fn check_fixture(ctx: &GpuContext, case: &str) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/nn")
-        .join(case);
-    let model = Model::load(dir.join("model.json"), dir.join("weights.safetensors")).unwrap();
-    let data = Dataset::load_checked(dir.join("data.safetensors"), &model.graph, true).unwrap();
-    let expected = TensorFile::load(dir.join("expected.safetensors")).unwrap();
-    let get = |key: &str| {
-        expected
+/// Checks a layer's weight gradient and its bias gradient, which both sides must have
+/// or neither.
+fn check_param_grads(
+    failures: &mut Vec<String>,
+    label: &str,
+    (weight, bias): (&[f32], Option<&[f32]>),
+    (want_weight, want_bias): (&[f64], Option<&[f64]>),
+) {
+    check(
+        failures,
+        format!("{label} weight grad"),
+        weight,
+        want_weight,
+    );
+    match (bias, want_bias) {
+        (Some(got), Some(want)) => check(failures, format!("{label} bias grad"), got, want),
+        (None, None) => {}
+        _ => failures.push(format!("{label}: bias gradient on one side only")),
+    }
+}
+
+/// The PyTorch fixture `tests/fixtures/nn/<case>`: the model, its data, the expected
+/// float64 tensors, and the output gradients `[V, B, C]` they were backpropagated from.
+struct NnFixture {
+    case: String,
+    model: Model,
+    data: Dataset,
+    expected: TensorFile,
+    /// float32-representable (fixtures README), so the cast is exact.
+    grad_output: Vec<f32>,
+    /// `V`.
+    stack: usize,
+}
+
+impl NnFixture {
+    fn load(case: &str) -> Self {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/nn")
+            .join(case);
+        let model = Model::load(dir.join("model.json"), dir.join("weights.safetensors")).unwrap();
+        let data = Dataset::load_checked(dir.join("data.safetensors"), &model.graph, true).unwrap();
+        let expected = TensorFile::load(dir.join("expected.safetensors")).unwrap();
+        let grad_ref = expected.get("grad_output").unwrap();
+        let stack = grad_ref.shape[0];
+        let grad_output = grad_ref.to_f32().unwrap();
+        NnFixture {
+            case: case.into(),
+            model,
+            data,
+            expected,
+            grad_output,
+            stack,
+        }
+    }
+
+    /// The expected tensor `key`.
+    fn get(&self, key: &str) -> Vec<f64> {
+        self.expected
             .get(key)
-            .unwrap_or_else(|| panic!("{case}: no {key}"))
+            .unwrap_or_else(|| panic!("{}: no {key}", self.case))
             .to_f64()
             .unwrap()
-    };
-    let grad_ref = expected.get("grad_output").unwrap();
-    let stack = grad_ref.shape[0];
-    assert_eq!(stack, 3);
-    // grad_output is float32-representable (fixtures README), so the cast is exact.
-    let grad_output = grad_ref.to_f32().unwrap();
-    let run = run_gpu(ctx, &model, &data.x, &grad_output, stack);
+    }
+
+    /// The expected gradients of the parameters `<module>.weight` and, if it has one,
+    /// `<module>.bias`.
+    fn grads(&self, module: &str) -> (Vec<f64>, Option<Vec<f64>>) {
+        let bias = format!("grads.{module}.bias");
+        let bias = self.expected.get(&bias).map(|t| t.to_f64().unwrap());
+        (self.get(&format!("grads.{module}.weight")), bias)
+    }
+}
+
+fn check_fixture(ctx: &GpuContext, case: &str) {
+    let fixture = NnFixture::load(case);
+    let model = &fixture.model;
+    assert_eq!(fixture.stack, 3);
+    let run = run_gpu(
+        ctx,
+        model,
+        &fixture.data.x,
+        &fixture.grad_output,
+        fixture.stack,
+    );
     let mut failures = Vec::new();
     check(
         &mut failures,
         format!("{case}: output"),
         &run.output,
-        &get("output"),
+        &fixture.get("output"),
     );
     for l in &run.layers {
         let name = model.chain().unwrap().layers[l.layer].name().unwrap();
@@ -140,26 +204,16 @@ fn check_fixture(ctx: &GpuContext, case: &str) {
             ("output", &l.output),
             ("output_grad", &l.output_grad),
         ] {
-            let want = get(&format!("layers.{name}.{what}"));
+            let want = fixture.get(&format!("layers.{name}.{what}"));
             check(&mut failures, format!("{case}: {name}.{what}"), got, &want);
         }
-        let want = get(&format!("grads.{name}.weight"));
-        check(
+        let (weight, bias) = fixture.grads(name);
+        check_param_grads(
             &mut failures,
-            format!("{case}: grads.{name}.weight"),
-            &l.weight_grad,
-            &want,
+            &format!("{case}: {name}"),
+            (&l.weight_grad, l.bias_grad.as_deref()),
+            (&weight, bias.as_deref()),
         );
-        match (&l.bias_grad, expected.get(&format!("grads.{name}.bias"))) {
-            (Some(got), Some(want)) => check(
-                &mut failures,
-                format!("{case}: grads.{name}.bias"),
-                got,
-                &want.to_f64().unwrap(),
-            ),
-            (None, None) => {}
-            _ => failures.push(format!("{case}: {name}: bias gradient on one side only")),
-        }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
@@ -221,19 +275,12 @@ fn check_against_cpu(ctx: &GpuContext, model: &Model, batch: usize, seed: u64) {
             &l.output_grad,
             &back.output_grads[slot],
         );
-        check(
+        check_param_grads(
             &mut failures,
-            format!("{label} weight grad"),
-            &l.weight_grad,
-            &back.weight_grads[slot],
+            &label,
+            (&l.weight_grad, l.bias_grad.as_deref()),
+            (&back.weight_grads[slot], back.bias_grads[slot].as_deref()),
         );
-        match (&l.bias_grad, &back.bias_grads[slot]) {
-            (Some(got), Some(want)) => {
-                check(&mut failures, format!("{label} bias grad"), got, want)
-            }
-            (None, None) => {}
-            _ => failures.push(format!("{label}: bias gradient on one side only")),
-        }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
@@ -260,25 +307,7 @@ fn random_mlp_matches_cpu_reference() {
 fn random_cnn_matches_cpu_reference() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = TestRng::new(31);
-    // Every layer type: grouped conv with a rectangular kernel and stride 2, tanh before
-    // an overlapping max-pool, dilated bias-free conv, avg-pool with padding.
-    // Shapes: [4,9,8] → [6,5,4] → max-pool [6,6,5] → conv [4,4,3] → avg-pool [4,5,4]
-    // → flatten [80] → linear [5].
-    let model = random_model(
-        r#"{"input_shape": [4, 9, 8], "layers": [
-        {"type": "conv2d", "name": "c1", "in_channels": 4, "out_channels": 6,
-         "kernel_size": [3, 2], "stride": 2, "padding": [1, 0], "groups": 2},
-        {"type": "tanh"},
-        {"type": "max_pool2d", "kernel_size": 2, "stride": 1, "padding": 1},
-        {"type": "conv2d", "name": "c2", "in_channels": 6, "out_channels": 4,
-         "kernel_size": 3, "dilation": 2, "padding": 1, "bias": false},
-        {"type": "relu"},
-        {"type": "avg_pool2d", "kernel_size": 2, "stride": 1, "padding": 1},
-        {"type": "sigmoid"},
-        {"type": "flatten"},
-        {"type": "linear", "name": "fc", "in_features": 80, "out_features": 5}]}"#,
-        &mut rng,
-    );
+    let model = random_model(common::EVERY_LAYER_CNN, &mut rng);
     check_against_cpu(&ctx, &model, 3, 32);
 }
 
@@ -293,29 +322,16 @@ fn random_cnn_matches_cpu_reference() {
 /// chain cases on the GPU (1e-5); the f64 reference to 1e-10 (both sides f64 on the
 /// same inputs: only summation order differs).
 fn check_graph_fixture(ctx: &GpuContext, case: &str) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/nn")
-        .join(case);
-    let model = Model::load(dir.join("model.json"), dir.join("weights.safetensors")).unwrap();
+    let fixture = NnFixture::load(case);
+    let (model, data) = (&fixture.model, &fixture.data);
+    let (grad_output, stack) = (&fixture.grad_output, fixture.stack);
     assert!(model.chain().is_none(), "{case} is a graph");
-    let data = Dataset::load_checked(dir.join("data.safetensors"), &model.graph, true).unwrap();
-    let expected = TensorFile::load(dir.join("expected.safetensors")).unwrap();
-    let get = |key: &str| {
-        expected
-            .get(key)
-            .unwrap_or_else(|| panic!("{case}: no {key}"))
-            .to_f64()
-            .unwrap()
-    };
-    let grad_ref = expected.get("grad_output").unwrap();
-    let stack = grad_ref.shape[0];
-    let grad_output = grad_ref.to_f32().unwrap();
     let graph = &model.graph;
     let batch = data.len;
     let mut failures = Vec::new();
 
     // GPU.
-    let network = Network::new(ctx, &model).unwrap();
+    let network = Network::new(ctx, model).unwrap();
     let mut shape = vec![batch];
     shape.extend(&graph.shapes()[0]);
     // Backward runs on what a forward pass keeps (the rest is released, so a layer that
@@ -336,18 +352,18 @@ fn check_graph_fixture(ctx: &GpuContext, case: &str) {
         assert_eq!(forward.value(v).is_released(), !k, "{case}: value {v}");
     }
     let g = ctx
-        .upload(&grad_output, &[stack, batch, network.num_outputs()])
+        .upload(grad_output, &[stack, batch, network.num_outputs()])
         .unwrap();
     let backward = network.backward(ctx, &forward, &g, stack, true).unwrap();
     check(
         &mut failures,
         format!("{case}: GPU output"),
         &ctx.read(forward.output()).unwrap(),
-        &get("output"),
+        &fixture.get("output"),
     );
     for (i, node) in graph.nodes.iter().enumerate() {
         let got = ctx.read(values.value(i + 1)).unwrap();
-        let want = get(&format!("nodes.{}.output", node.name));
+        let want = fixture.get(&format!("nodes.{}.output", node.name));
         check(
             &mut failures,
             format!("{case}: GPU {}", node.name),
@@ -360,7 +376,7 @@ fn check_graph_fixture(ctx: &GpuContext, case: &str) {
     for &l in &curvature {
         let (name, module) = (&graph.nodes[l].name, graph.nodes[l].module());
         let got = ctx.read(backward.output_grad(l)).unwrap();
-        let want = get(&format!("nodes.{name}.output_grad"));
+        let want = fixture.get(&format!("nodes.{name}.output_grad"));
         check(
             &mut failures,
             format!("{case}: GPU {name} output_grad"),
@@ -368,7 +384,7 @@ fn check_graph_fixture(ctx: &GpuContext, case: &str) {
             &want,
         );
         let got = ctx.read(forward.layer_input(l)).unwrap();
-        let want = get(&format!("layers.{module}.input"));
+        let want = fixture.get(&format!("layers.{module}.input"));
         check(
             &mut failures,
             format!("{case}: GPU {module} input"),
@@ -376,28 +392,20 @@ fn check_graph_fixture(ctx: &GpuContext, case: &str) {
             &want,
         );
         let (w, b) = backward.param_grads(l).expect("parameter gradients");
-        let want = get(&format!("grads.{module}.weight"));
-        let got = ctx.read(w).unwrap();
-        check(
+        let (weight, bias) = fixture.grads(module);
+        check_param_grads(
             &mut failures,
-            format!("{case}: GPU grads.{module}.weight"),
-            &got,
-            &want,
-        );
-        match (b, expected.get(&format!("grads.{module}.bias"))) {
-            (Some(b), Some(want)) => check(
-                &mut failures,
-                format!("{case}: GPU grads.{module}.bias"),
-                &ctx.read(b).unwrap(),
-                &want.to_f64().unwrap(),
+            &format!("{case}: GPU {module}"),
+            (
+                &ctx.read(w).unwrap(),
+                b.map(|b| ctx.read(b).unwrap()).as_deref(),
             ),
-            (None, None) => {}
-            _ => failures.push(format!("{case}: {module}: bias gradient on one side only")),
-        }
+            (&weight, bias.as_deref()),
+        );
     }
 
     // f64 reference.
-    let net = nn::Network64::new(&model);
+    let net = nn::Network64::new(model);
     let x: Vec<f64> = data.x.iter().map(|&v| f64::from(v)).collect();
     let g64: Vec<f64> = grad_output.iter().map(|&v| f64::from(v)).collect();
     let values = net.forward(&x, batch);
@@ -421,27 +429,24 @@ fn check_graph_fixture(ctx: &GpuContext, case: &str) {
         check64(
             format!("{name} output"),
             &values[i + 1],
-            &get(&format!("nodes.{name}.output")),
+            &fixture.get(&format!("nodes.{name}.output")),
         );
         check64(
             format!("{name} output_grad"),
             &node_grads[i],
-            &get(&format!("nodes.{name}.output_grad")),
+            &fixture.get(&format!("nodes.{name}.output_grad")),
         );
     }
     for &l in &curvature {
         let module = graph.nodes[l].module();
         let p = param_grads[l].as_ref().expect("parameter gradients");
-        check64(
-            format!("grads.{module}.weight"),
-            &p[0],
-            &get(&format!("grads.{module}.weight")),
-        );
-        if let Some(want) = expected.get(&format!("grads.{module}.bias")) {
+        let (weight, bias) = fixture.grads(module);
+        check64(format!("grads.{module}.weight"), &p[0], &weight);
+        if let Some(want) = bias {
             check64(
                 format!("grads.{module}.bias"),
                 p.get(1).map_or(&[][..], |b| &b[..]),
-                &want.to_f64().unwrap(),
+                &want,
             );
         }
     }

@@ -56,22 +56,36 @@ pub(super) trait BatchStage {
     ) -> Result<()>;
 }
 
-/// Runs `stage` over this rank's batches of `data` (batch `b` covers examples
+/// What a pass over the data ([`for_each_batch`]) runs on: the fit's network, parameter
+/// layout, data and options, and how its batches are split and shared among the ranks.
+#[derive(Clone, Copy)]
+pub(super) struct Batches<'a> {
+    pub ctx: &'a GpuContext,
+    pub network: &'a Network,
+    pub data: &'a dyn DataSource,
+    pub options: &'a Options,
+    pub layout: &'a ParamLayout,
+    /// Examples per batch, vectors per stacked backward pass.
+    pub chunks: Chunking,
+    /// This rank's groups of consecutive batches.
+    pub partition: Partition,
+}
+
+/// Runs `stage` over this rank's batches of `batches.data` (batch `b` covers examples
 /// `b·chunks.examples ..`; rank `r` of `K` takes the groups of consecutive batches
 /// [`Partition`] gives it), reading its sums back after each group, reporting each batch to
 /// [`BatchStage::progress`] (an `Advanced` event between `Started` and `Finished`).
 /// Each batch is read from the source into one reused host buffer just before it runs.
-#[allow(clippy::too_many_arguments)] // the pass's context, its data and its share
-pub(super) fn for_each_batch<S: BatchStage>(
-    ctx: &GpuContext,
-    network: &Network,
-    data: &dyn DataSource,
-    options: &Options,
-    layout: &ParamLayout,
-    chunks: Chunking,
-    partition: Partition,
-    stage: &mut S,
-) -> Result<()> {
+pub(super) fn for_each_batch<S: BatchStage>(batches: &Batches, stage: &mut S) -> Result<()> {
+    let Batches {
+        ctx,
+        network,
+        data,
+        options,
+        layout,
+        chunks,
+        partition,
+    } = *batches;
     let layers: Vec<LayerRows> = layout
         .layers
         .iter()
@@ -105,9 +119,7 @@ pub(super) fn for_each_batch<S: BatchStage>(
         ctx.wait(S::WORK)?;
         drop(inputs);
         if span.ends_group {
-            for sum in stage.sums() {
-                sum.read_batch(ctx)?;
-            }
+            BatchSum::read_groups(ctx, stage.sums())?;
         }
         examples += len;
         stage.progress().report(&Event::Advanced {
@@ -127,7 +139,7 @@ pub(super) fn for_each_batch<S: BatchStage>(
 /// One quantity a pass sums over the batches (a Kronecker factor, a block's corrected
 /// eigenvalues): each group of batches' contribution ([`crate::distributed::Partition`])
 /// is accumulated from zero on the GPU in f32 in `batch`, read back once the group's
-/// last batch is done ([`BatchSum::read_batch`]) and added on the host into `sum`
+/// last batch is done ([`BatchSum::read_groups`]) and added on the host into `sum`
 /// ([`BatchSum::add_read`], which the batch loop calls once the next batch's first pass
 /// is on the GPU, so that the host add overlaps GPU work). See
 /// [`crate::distributed::sum`] for why the sum over groups is on the host.
@@ -151,21 +163,30 @@ impl BatchSum {
         })
     }
 
-    /// Reads the finished group's contribution back (added by [`Self::add_read`]) and
-    /// starts the next group's from zeros (a fresh buffer, which the GPU zeroes; the
-    /// old one goes first).
-    pub fn read_batch(&mut self, ctx: &GpuContext) -> Result<()> {
-        self.add_read();
-        let placeholder = self.batch.released();
-        let done = std::mem::replace(&mut self.batch, placeholder);
-        self.read = Some(ctx.read(&done)?);
-        let shape = done.shape().to_vec();
+    /// Reads the finished group's contributions of every quantity in `sums` back in one
+    /// readback ([`GpuContext::read_many`]; each added later by [`Self::add_read`]) and
+    /// starts the next group's from zeros (fresh buffers, which the GPU zeroes; the old
+    /// ones go first).
+    pub fn read_groups(ctx: &GpuContext, mut sums: Vec<&mut BatchSum>) -> Result<()> {
+        let done: Vec<GpuTensor> = sums
+            .iter_mut()
+            .map(|sum| {
+                sum.add_read();
+                let placeholder = sum.batch.released();
+                std::mem::replace(&mut sum.batch, placeholder)
+            })
+            .collect();
+        let reads = ctx.read_many(&done.iter().collect::<Vec<_>>())?;
+        let shapes: Vec<Vec<usize>> = done.iter().map(|t| t.shape().to_vec()).collect();
         drop(done);
-        self.batch = ctx.zeros(&shape)?;
+        for ((sum, read), shape) in sums.iter_mut().zip(reads).zip(shapes) {
+            sum.read = Some(read);
+            sum.batch = ctx.zeros(&shape)?;
+        }
         Ok(())
     }
 
-    /// Adds the contribution [`Self::read_batch`] read, if any, to the sum.
+    /// Adds the contribution [`Self::read_groups`] read, if any, to the sum.
     pub fn add_read(&mut self) {
         if let Some(terms) = self.read.take() {
             self.sum.add(&terms);

@@ -7,16 +7,13 @@
 //! the host ([`BatchSum`]), as the factors are.
 
 use crate::curvature::batches::{
-    BatchPass, BatchStage, BatchSum, Chunking, LayerRows, for_each_batch,
+    BatchPass, BatchStage, BatchSum, Batches, LayerRows, for_each_batch,
 };
 use crate::curvature::layout::{BlockKind, ParamLayout};
-use crate::curvature::options::Options;
 use crate::curvature::state::FactorEigen;
-use crate::data::DataSource;
-use crate::distributed::Partition;
 use crate::error::Result;
-use crate::gpu::{GpuContext, GpuTensor};
-use crate::graph::{Backward, Network};
+use crate::gpu::GpuTensor;
+use crate::graph::Backward;
 use crate::layers::Pass;
 use crate::ops::eigencorrect::{correct_shared, square_sum_stack};
 use crate::ops::gemm::{Gemm, gemm};
@@ -30,24 +27,18 @@ pub(super) struct LayerBasis {
     pub gradient: (FactorEigen, Option<GpuTensor>),
 }
 
-/// EKFAC's corrected eigenvalues of every block of `layout`, `[d_out, D]` each,
+/// EKFAC's corrected eigenvalues of every block of `batches.layout`, `[d_out, D]` each,
 /// summed over this rank's batches.
-#[allow(clippy::too_many_arguments)] // the factor pass's arguments, the bases and progress
 pub(super) fn correction_pass(
-    ctx: &GpuContext,
-    network: &Network,
-    data: &dyn DataSource,
-    options: &Options,
-    layout: &ParamLayout,
+    batches: &Batches,
     bases: &[LayerBasis],
-    chunks: Chunking,
-    partition: Partition,
     progress: &dyn Progress,
 ) -> Result<Vec<BatchSum>> {
+    let layout = batches.layout;
     let corrected = layout
         .blocks
         .iter()
-        .map(|b| BatchSum::new(ctx, &[b.d_out, b.d_in]))
+        .map(|b| BatchSum::new(batches.ctx, &[b.d_out, b.d_in]))
         .collect::<Result<Vec<_>>>()?;
     let mut stage = Correction {
         progress,
@@ -55,9 +46,7 @@ pub(super) fn correction_pass(
         bases,
         corrected,
     };
-    for_each_batch(
-        ctx, network, data, options, layout, chunks, partition, &mut stage,
-    )?;
+    for_each_batch(batches, &mut stage)?;
     Ok(stage.corrected)
 }
 

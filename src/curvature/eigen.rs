@@ -58,6 +58,18 @@ pub trait EigenSolver {
     ) -> Result<Vec<(FactorEigen, GpuTensor)>>;
 }
 
+/// Reports that `done` of `total` factors are decomposed; `sweeps`: an iterative
+/// solver's progress on its current stack, `None` for a direct solver.
+fn report_factors(progress: &dyn Progress, done: usize, total: usize, sweeps: Option<Sweeps>) {
+    progress.report(&Event::Advanced {
+        stage: Stage::Eigendecomposition,
+        done,
+        total,
+        examples: 0,
+        sweeps,
+    });
+}
+
 /// Parallel Jacobi on the GPU ([`eigh`]). Factors of the same size and warm-start
 /// status are stacked into one batched [`eigh`] while the stack fits one storage
 /// binding: one sweep loop and one readback per sweep, and `k` times the workgroups per
@@ -119,25 +131,12 @@ impl EigenSolver for JacobiSolver {
                 let stacked: Vec<Factor> = stack.iter().map(|&i| factors[i]).collect();
                 // Live progress per sweep: no factor more done yet, the current sweep.
                 let done = results.len();
-                let on_sweep = |sweeps: Sweeps| {
-                    progress.report(&Event::Advanced {
-                        stage: Stage::Eigendecomposition,
-                        done,
-                        total: factors.len(),
-                        examples: 0,
-                        sweeps: Some(sweeps),
-                    })
-                };
+                let on_sweep =
+                    |sweeps: Sweeps| report_factors(progress, done, factors.len(), Some(sweeps));
                 let (decomposed, sweeps) =
                     self.eigendecompose_stack(ctx, n, warm, &stacked, &on_sweep)?;
                 results.extend(stack.iter().copied().zip(decomposed));
-                progress.report(&Event::Advanced {
-                    stage: Stage::Eigendecomposition,
-                    done: results.len(),
-                    total: factors.len(),
-                    examples: 0,
-                    sweeps: Some(sweeps),
-                });
+                report_factors(progress, results.len(), factors.len(), Some(sweeps));
             }
         }
         results.sort_by_key(|(i, _)| *i);
@@ -269,13 +268,7 @@ impl EigenSolver for HostSolver {
             let vectors: Vec<f32> = (0..n * n).map(|k| u[(k / n, k % n)] as f32).collect();
             let basis = ctx.upload(&vectors, &[n, n])?;
             results.push((FactorEigen { values, vectors }, basis));
-            progress.report(&Event::Advanced {
-                stage: Stage::Eigendecomposition,
-                done: i + 1,
-                total: factors.len(),
-                examples: 0,
-                sweeps: None,
-            });
+            report_factors(progress, i + 1, factors.len(), None);
         }
         Ok(results)
     }

@@ -10,15 +10,12 @@
 //! over ranks.
 
 use crate::curvature::batches::{
-    BatchPass, BatchStage, BatchSum, Chunking, LayerRows, for_each_batch,
+    BatchPass, BatchStage, BatchSum, Batches, LayerRows, for_each_batch,
 };
-use crate::curvature::layout::ParamLayout;
-use crate::curvature::options::{FisherType, KfacApprox, Options};
-use crate::data::DataSource;
-use crate::distributed::Partition;
+use crate::curvature::options::{FisherType, KfacApprox};
 use crate::error::Result;
-use crate::gpu::{GpuContext, GpuTensor, Recorder};
-use crate::graph::{Backward, Network};
+use crate::gpu::{GpuTensor, Recorder};
+use crate::graph::Backward;
 use crate::layers::Pass;
 use crate::ops::gemm::{Gemm, gemm};
 use crate::progress::{Progress, Stage};
@@ -39,18 +36,15 @@ pub(super) struct LayerSums {
     pub gradient: Option<BatchSum>,
 }
 
-/// Sums every layer's Kronecker factors over this rank's batches of `data`.
-#[allow(clippy::too_many_arguments)] // the pass's context, its data and its share
-pub(super) fn factor_pass(
-    ctx: &GpuContext,
-    network: &Network,
-    data: &dyn DataSource,
-    options: &Options,
-    layout: &ParamLayout,
-    chunks: Chunking,
-    partition: Partition,
-    progress: &dyn Progress,
-) -> Result<Vec<LayerSums>> {
+/// Sums every layer's Kronecker factors over this rank's batches of `batches.data`.
+pub(super) fn factor_pass(batches: &Batches, progress: &dyn Progress) -> Result<Vec<LayerSums>> {
+    let Batches {
+        ctx,
+        data,
+        options,
+        layout,
+        ..
+    } = *batches;
     let sums = layout
         .layers
         .iter()
@@ -70,9 +64,7 @@ pub(super) fn factor_pass(
         approx: options.approx,
         num_data: data.len() as f64,
     };
-    for_each_batch(
-        ctx, network, data, options, layout, chunks, partition, &mut stage,
-    )?;
+    for_each_batch(batches, &mut stage)?;
     Ok(stage.sums)
 }
 

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use crate::curvature::batches::chunking;
+use crate::curvature::batches::{Batches, chunking};
 use crate::curvature::correction::{LayerBasis, correction_pass};
 use crate::curvature::eigen::{EigenSolver, Factor, JacobiSolver};
 use crate::curvature::factors::{LayerAccumulators, LayerSums, factor_pass};
@@ -227,17 +227,21 @@ pub fn fit_distributed(
                 .map(|span| (span.start, span.len)),
         ),
     )?;
+    let batches = Batches {
+        ctx,
+        network: &network,
+        data,
+        options,
+        layout: &layout,
+        chunks,
+        partition,
+    };
     let mut timings = Timings::default();
     let gpu_before = ctx.gpu_times_ms()?;
 
     let start = Instant::now();
     let phase = ctx.gpu_phase(FACTORS_PHASE);
-    let sums = agree(
-        comm,
-        factor_pass(
-            ctx, &network, data, options, &layout, chunks, partition, progress,
-        ),
-    )?;
+    let sums = agree(comm, factor_pass(&batches, progress))?;
     let accumulators = agree(comm, sum_factors(ctx, comm, sums))?;
     agree(
         comm,
@@ -273,12 +277,7 @@ pub fn fit_distributed(
     let corrected = if options.fisher == FisherType::ForwardOnly {
         None
     } else {
-        let mut sums = agree(
-            comm,
-            correction_pass(
-                ctx, &network, data, options, &layout, &bases, chunks, partition, progress,
-            ),
-        )?;
+        let mut sums = agree(comm, correction_pass(&batches, &bases, progress))?;
         Some(
             sums.iter_mut()
                 .map(|block| block.total(comm))

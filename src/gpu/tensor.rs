@@ -254,31 +254,50 @@ impl GpuContext {
 
     /// Waits for all submitted work and reads `tensor` back.
     pub fn read(&self, tensor: &GpuTensor) -> Result<Vec<f32>> {
-        Ok(bytemuck::cast_slice(&self.read_bytes(tensor)?).to_vec())
+        Ok(bytemuck::cast_slice(&self.read_bytes(&[tensor])?[0]).to_vec())
+    }
+
+    /// Waits for all submitted work and reads every tensor of `tensors` back in one
+    /// readback (one staging buffer, one submission, one wait): element `i` of the result
+    /// is `tensors[i]`'s contents.
+    pub fn read_many(&self, tensors: &[&GpuTensor]) -> Result<Vec<Vec<f32>>> {
+        Ok(self
+            .read_bytes(tensors)?
+            .iter()
+            .map(|bytes| bytemuck::cast_slice(bytes).to_vec())
+            .collect())
     }
 
     /// Like [`Self::read`], for tensors holding `u32`.
     pub fn read_u32(&self, tensor: &GpuTensor) -> Result<Vec<u32>> {
-        Ok(bytemuck::cast_slice(&self.read_bytes(tensor)?).to_vec())
+        Ok(bytemuck::cast_slice(&self.read_bytes(&[tensor])?[0]).to_vec())
     }
 
-    fn read_bytes(&self, tensor: &GpuTensor) -> Result<Vec<u8>> {
+    /// The bytes of each tensor, copied into one staging buffer back to back (every
+    /// length is a multiple of 4, wgpu's copy alignment) and mapped once.
+    fn read_bytes(&self, tensors: &[&GpuTensor]) -> Result<Vec<Vec<u8>>> {
         self.work.read_back();
-        let len = (tensor.len() * 4) as u64;
-        if len == 0 {
-            return Ok(Vec::new());
+        let lens: Vec<u64> = tensors.iter().map(|t| (t.len() * 4) as u64).collect();
+        let total: u64 = lens.iter().sum();
+        if total == 0 {
+            return Ok(vec![Vec::new(); tensors.len()]);
         }
-        let buffer = tensor.buffer()?;
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("readback"),
-            size: len,
+            size: total,
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
         let mut encoder = self
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
-        encoder.copy_buffer_to_buffer(buffer, tensor.offset, &staging, 0, len);
+        let mut at = 0;
+        for (tensor, &len) in tensors.iter().zip(&lens) {
+            if len > 0 {
+                encoder.copy_buffer_to_buffer(tensor.buffer()?, tensor.offset, &staging, at, len);
+            }
+            at += len;
+        }
         self.queue.submit([encoder.finish()]);
         let (sender, receiver) = std::sync::mpsc::channel();
         staging.map_async(wgpu::MapMode::Read, .., move |r| {
@@ -289,10 +308,19 @@ impl GpuContext {
             .recv()
             .map_err(|e| Error::gpu("mapping a readback buffer", e))?
             .map_err(|e| Error::gpu("mapping a readback buffer", e))?;
-        let bytes = staging
-            .get_mapped_range(..)
-            .map_err(|e| Error::gpu("mapping a readback buffer", e))?
-            .to_vec();
+        let bytes = {
+            let mapped = staging
+                .get_mapped_range(..)
+                .map_err(|e| Error::gpu("mapping a readback buffer", e))?;
+            let mut at = 0;
+            lens.iter()
+                .map(|&len| {
+                    let part = mapped[at as usize..(at + len) as usize].to_vec();
+                    at += len;
+                    part
+                })
+                .collect()
+        };
         staging.unmap();
         Ok(bytes)
     }
