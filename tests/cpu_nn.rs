@@ -231,27 +231,7 @@ fn mlp_backward_matches_finite_differences() {
 #[test]
 fn cnn_backward_matches_finite_differences() {
     let mut rng = TestRng::new(2);
-    // Shapes: [4,9,8] → conv (kernel [3,2], stride 2, padding [1,0], groups 2) [6,5,4]
-    // → tanh → max-pool (2, stride 1, padding 1) [6,6,5] → conv (3, dilation 2,
-    // padding 1, no bias) [4,4,3] → relu → avg-pool (2, stride 1, padding 1) [4,5,4]
-    // → sigmoid → flatten [80] → linear [5].
-    let model = common::random_model(
-        spec(
-            r#"{"input_shape": [4, 9, 8], "layers": [
-            {"type": "conv2d", "name": "c1", "in_channels": 4, "out_channels": 6,
-             "kernel_size": [3, 2], "stride": 2, "padding": [1, 0], "groups": 2},
-            {"type": "tanh"},
-            {"type": "max_pool2d", "kernel_size": 2, "stride": 1, "padding": 1},
-            {"type": "conv2d", "name": "c2", "in_channels": 6, "out_channels": 4,
-             "kernel_size": 3, "dilation": 2, "padding": 1, "bias": false},
-            {"type": "relu"},
-            {"type": "avg_pool2d", "kernel_size": 2, "stride": 1, "padding": 1},
-            {"type": "sigmoid"},
-            {"type": "flatten"},
-            {"type": "linear", "name": "fc", "in_features": 80, "out_features": 5}]}"#,
-        ),
-        &mut rng,
-    );
+    let model = common::random_model(spec(common::EVERY_LAYER_CNN), &mut rng);
     assert_eq!(model.shapes()[3], vec![6, 6, 5]);
     assert_eq!(model.shapes()[7], vec![4, 5, 4]);
     check_against_finite_differences(&model, 2, 3, 12);

@@ -307,25 +307,7 @@ fn random_mlp_matches_cpu_reference() {
 fn random_cnn_matches_cpu_reference() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = TestRng::new(31);
-    // Every layer type: grouped conv with a rectangular kernel and stride 2, tanh before
-    // an overlapping max-pool, dilated bias-free conv, avg-pool with padding.
-    // Shapes: [4,9,8] → [6,5,4] → max-pool [6,6,5] → conv [4,4,3] → avg-pool [4,5,4]
-    // → flatten [80] → linear [5].
-    let model = random_model(
-        r#"{"input_shape": [4, 9, 8], "layers": [
-        {"type": "conv2d", "name": "c1", "in_channels": 4, "out_channels": 6,
-         "kernel_size": [3, 2], "stride": 2, "padding": [1, 0], "groups": 2},
-        {"type": "tanh"},
-        {"type": "max_pool2d", "kernel_size": 2, "stride": 1, "padding": 1},
-        {"type": "conv2d", "name": "c2", "in_channels": 6, "out_channels": 4,
-         "kernel_size": 3, "dilation": 2, "padding": 1, "bias": false},
-        {"type": "relu"},
-        {"type": "avg_pool2d", "kernel_size": 2, "stride": 1, "padding": 1},
-        {"type": "sigmoid"},
-        {"type": "flatten"},
-        {"type": "linear", "name": "fc", "in_features": 80, "out_features": 5}]}"#,
-        &mut rng,
-    );
+    let model = random_model(common::EVERY_LAYER_CNN, &mut rng);
     check_against_cpu(&ctx, &model, 3, 32);
 }
 

@@ -248,6 +248,23 @@ pub fn fixture_in(folder: &str, name: &str) -> FixtureCase {
     }
 }
 
+/// A chain CNN of every chain layer type, input `[4, 9, 8]`: a grouped conv with a
+/// rectangular kernel and stride 2 (`[6, 5, 4]`), tanh before an overlapping max-pool
+/// (`[6, 6, 5]`), a dilated bias-free conv (`[4, 4, 3]`), relu, avg-pool with padding
+/// (`[4, 5, 4]`), sigmoid, flatten (`[80]`) and a linear layer (`[5]`).
+pub const EVERY_LAYER_CNN: &str = r#"{"input_shape": [4, 9, 8], "layers": [
+    {"type": "conv2d", "name": "c1", "in_channels": 4, "out_channels": 6,
+     "kernel_size": [3, 2], "stride": 2, "padding": [1, 0], "groups": 2},
+    {"type": "tanh"},
+    {"type": "max_pool2d", "kernel_size": 2, "stride": 1, "padding": 1},
+    {"type": "conv2d", "name": "c2", "in_channels": 6, "out_channels": 4,
+     "kernel_size": 3, "dilation": 2, "padding": 1, "bias": false},
+    {"type": "relu"},
+    {"type": "avg_pool2d", "kernel_size": 2, "stride": 1, "padding": 1},
+    {"type": "sigmoid"},
+    {"type": "flatten"},
+    {"type": "linear", "name": "fc", "in_features": 80, "out_features": 5}]}"#;
+
 /// A model with random weights in [-1.5, 1.5)/√fan_in and biases in [-1, 1).
 pub fn random_model(spec: ekfac::graph::ModelSpec, rng: &mut TestRng) -> ekfac::graph::Model {
     let mut tensors = std::collections::HashMap::new();
