@@ -976,16 +976,11 @@ fn peak_rss_of(args: &[&str]) -> (i32, u64) {
     let id = child.id() as i32;
     // The child is reaped by wait4 below; `Child::wait` would race with it.
     std::mem::forget(child);
-    let status_file = format!("/proc/{id}/status");
+    let process = id.to_string();
     let mut peak_kib = 0u64;
     let mut status = 0;
     loop {
-        if let Ok(text) = std::fs::read_to_string(&status_file)
-            && let Some(kib) = text
-                .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        {
+        if let Some(kib) = common::child::process_status_kib(&process, "VmHWM:") {
             peak_kib = peak_kib.max(kib);
         }
         // SAFETY: waitpid on our own child, without blocking.

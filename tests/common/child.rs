@@ -8,7 +8,13 @@ use std::process::Command;
 /// The field `name` (e.g. `"VmHWM:"`, the peak resident set) of `/proc/self/status`,
 /// KiB; `None` where there is no such file (not Linux).
 pub fn proc_status_kib(name: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    process_status_kib("self", name)
+}
+
+/// The field `name` of `/proc/<process>/status` (`process` a pid or `"self"`), KiB;
+/// `None` where there is no such file or field (not Linux, a process that has exited).
+pub fn process_status_kib(process: &str, name: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{process}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with(name))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
