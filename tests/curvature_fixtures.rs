@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::curvlinops::{check_case, check_folder};
+use common::curvlinops::{check_batch_sizes, check_folder};
 use ekfac::curvature::fit::{fit, fit_from};
 use ekfac::curvature::operator::{Approximation, Operator, Transform};
 use ekfac::curvature::summary::Summary;
@@ -34,21 +34,12 @@ fn gpu_matches_curvlinops_on_every_graph_fixture() {
 #[test]
 fn a_graph_model_fits_the_same_with_any_batch_size() {
     let Some(ctx) = common::gpu() else { return };
-    let mut case = common::fixture_in(
+    let case = common::fixture_in(
         common::GRAPH_FIXTURES,
         "resnet_down_ce_sum_type2_expand_joint",
     );
     assert_eq!(case.data.len, 11);
-    let mut failures = Vec::new();
-    for batch_size in [1, 3, 11] {
-        case.options.batch_size = batch_size;
-        failures.extend(check_case(
-            &ctx,
-            &format!("{} (batch size {batch_size})", case.name),
-            &case,
-        ));
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    check_batch_sizes(&ctx, case, &[1, 3, 11]);
 }
 
 /// A memory budget that only fits about one example with one backpropagated vector

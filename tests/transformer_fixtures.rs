@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::curvlinops::{check_case, check_folder};
+use common::curvlinops::{check_batch_sizes, check_folder};
 use ekfac::curvature::FisherType;
 use ekfac::curvature::fit::fit;
 use ekfac::curvature::operator::{Approximation, Operator, Transform};
@@ -29,18 +29,9 @@ fn gpu_matches_curvlinops_on_every_transformer_fixture() {
 #[test]
 fn a_transformer_fits_the_same_with_any_batch_size() {
     let Some(ctx) = common::gpu() else { return };
-    let mut case = common::fixture_in(FIXTURES, "tf_sdpa_causal_ce_sum_type2_expand_joint");
+    let case = common::fixture_in(FIXTURES, "tf_sdpa_causal_ce_sum_type2_expand_joint");
     assert_eq!(case.data.len, 11);
-    let mut failures = Vec::new();
-    for batch_size in [1, 3, 11] {
-        case.options.batch_size = batch_size;
-        failures.extend(check_case(
-            &ctx,
-            &format!("{} (batch size {batch_size})", case.name),
-            &case,
-        ));
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    check_batch_sizes(&ctx, case, &[1, 3, 11]);
 }
 
 /// The Monte-Carlo Fisher (issue 11: "type-2/empirical/MC"). ekfac samples labels with

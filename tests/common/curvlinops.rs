@@ -82,6 +82,22 @@ pub fn check_folder(folder: &str) {
     );
 }
 
+/// One case fitted with each of `batch_sizes` against the same curvlinops numbers
+/// (the fit must not depend on how the data is batched): asserts no failures.
+pub fn check_batch_sizes(
+    ctx: &ekfac::gpu::GpuContext,
+    mut case: super::FixtureCase,
+    batch_sizes: &[usize],
+) {
+    let mut failures = Vec::new();
+    for &batch_size in batch_sizes {
+        case.options.batch_size = batch_size;
+        let name = format!("{} (batch size {batch_size})", case.name);
+        failures.extend(check_case(ctx, &name, &case));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 /// One case fitted on the GPU with its options against curvlinops: the failures,
 /// each naming `name`; prints the largest product error as a fraction of its bound.
 pub fn check_case(
