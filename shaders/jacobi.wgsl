@@ -817,8 +817,8 @@ fn global_gather(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
 // (L = 2·block). A round is:
 //   `block_gather`: A and W from the previous round's block order into this round's
 //     (a table of source positions per transition; A symmetrised on the way);
-//   `block_solve`: per slot, the pair's sub-matrix S is diagonalised in workgroup memory
-//     by cyclic Jacobi sweeps (`shared_sweep`) until ‖offdiag(S)‖_F ≤ threshold[matrix]
+//   `block_solve`: per slot, the pair's sub-matrix S is diagonalised in registers (two
+//     columns per invocation) by cyclic Jacobi sweeps until ‖offdiag(S)‖_F ≤ threshold[matrix]
 //     (tol·‖A‖_F / blocks, from the host) or INNER_SWEEPS sweeps, its real indices are
 //     sorted by their diagonal entries, and the rotation Rᵀ (rows rotated like W) is
 //     written to rot;
@@ -846,89 +846,79 @@ struct BlockParams {
 // Most inner sweeps per block pair and round. Measured on lavapipe (n = 196, and four
 // n = 128): 1, 2, 4 or 8 give the same outer sweeps within one; 2 was the fastest.
 const INNER_SWEEPS: u32 = 2u;
-// Invocations per workgroup of block_solve.
-const SOLVE_WG: u32 = 64u;
-// Most block pair slots of one inner step (SHARED_N / 2).
-const HALF: u32 = 16u;
-// Elements of the SHARED_N × SHARED_N grid per invocation.
-const TILE_ITEMS: u32 = SHARED_N * SHARED_N / SOLVE_WG;
+// Positions of a pair's sub-matrix in block_solve (SHARED_N; local indices from
+// L = 2·block on are zero phantoms) and invocations of its workgroup, one per pair
+// of positions.
+const POSITIONS: u32 = 32u;
+const SOLVE_WG: u32 = 16u;
 
-// Where block_solve moves each local index of the pair (its sort).
-var<workgroup> wg_target: array<u32, SHARED_N>;
+// block_solve's exchange buffer: invocation t's two columns of S at
+// wg_columns[16 t .. 16 t + 8] and [16 t + 8 .. 16 t + 16], four rows per vec4.
+var<workgroup> wg_columns: array<vec4<f32>, POSITIONS * POSITIONS / 4u>;
+// (s, τ) of each position pair's rotation in the current step.
+var<workgroup> wg_turn: array<vec2<f32>, SOLVE_WG>;
+// The diagonal of S at the end (by local index), then where the sort moves each index.
+var<workgroup> wg_diagonal: array<f32, POSITIONS>;
+var<workgroup> wg_target: array<u32, POSITIONS>;
 
 // The (logical) matrix index of local index l of the block pair (p, q).
 fn block_index(pair: vec2<u32>, l: u32, block: u32) -> u32 {
     return select(pair.y * block + l - block, pair.x * block + l, l < block);
 }
 
-// One cyclic sweep (l − 1 round-robin steps) on the l × l matrix in wg_a (l even,
-// ≤ SHARED_N, stored with row stride SHARED_N), rows of its rotation in wg_w (same
-// layout) rotated alongside, by the SOLVE_WG invocations of block_solve. The items of a
-// step lie on fixed power-of-two grids (no integer division). Starts and ends with a
-// barrier between all reads and writes of wg_a and wg_w.
-fn block_sweep(l: u32, lid: u32) {
-    workgroupBarrier();
-    let h = l / 2u;
-    for (var k = 0u; k + 1u < l; k++) {
-        if (lid < h) {
-            let pq = pair_of(k, lid, l);
-            wg_pair[lid] = pq;
-            wg_rot[lid] = rotation(wg_a[pq.x * SHARED_N + pq.x], wg_a[pq.y * SHARED_N + pq.y],
-                                   wg_a[pq.x * SHARED_N + pq.y]);
-        }
-        workgroupBarrier();
-        // A: the 2 × 2 blocks (i, j) of slots i ≤ j and their mirrors.
-        for (var e = lid; e < HALF * HALF; e += SOLVE_WG) {
-            let i = e / HALF;
-            let j = e % HALF;
-            if (j < h && i <= j) {
-                let pq = wg_pair[i];
-                if (i == j) {
-                    let apq = wg_a[pq.x * SHARED_N + pq.y];
-                    let t = wg_rot[i].z;
-                    wg_a[pq.x * SHARED_N + pq.x] -= t * apq;
-                    wg_a[pq.y * SHARED_N + pq.y] += t * apq;
-                    wg_a[pq.x * SHARED_N + pq.y] = 0.0;
-                    wg_a[pq.y * SHARED_N + pq.x] = 0.0;
-                } else {
-                    let ru = wg_pair[j];
-                    let blk = vec4<f32>(wg_a[pq.x * SHARED_N + ru.x], wg_a[pq.x * SHARED_N + ru.y],
-                                        wg_a[pq.y * SHARED_N + ru.x], wg_a[pq.y * SHARED_N + ru.y]);
-                    let out = rotate_block(blk, wg_rot[i], wg_rot[j]);
-                    wg_a[pq.x * SHARED_N + ru.x] = out.x;
-                    wg_a[ru.x * SHARED_N + pq.x] = out.x;
-                    wg_a[pq.x * SHARED_N + ru.y] = out.y;
-                    wg_a[ru.y * SHARED_N + pq.x] = out.y;
-                    wg_a[pq.y * SHARED_N + ru.x] = out.z;
-                    wg_a[ru.x * SHARED_N + pq.y] = out.z;
-                    wg_a[pq.y * SHARED_N + ru.y] = out.w;
-                    wg_a[ru.y * SHARED_N + pq.y] = out.w;
-                }
-            }
-        }
-        // W: rows (p, q) of slot j at column r.
-        for (var e = lid; e < HALF * SHARED_N; e += SOLVE_WG) {
-            let j = e / SHARED_N;
-            let r = e % SHARED_N;
-            if (j < h && r < l) {
-                let pq = wg_pair[j];
-                let v = rotate(wg_w[pq.x * SHARED_N + r], wg_w[pq.y * SHARED_N + r], wg_rot[j]);
-                wg_w[pq.x * SHARED_N + r] = v.x;
-                wg_w[pq.y * SHARED_N + r] = v.y;
-            }
-        }
-        workgroupBarrier();
+// Where the index at position i moves between two steps of block_solve's round-robin:
+// the index at position 1 stays, those at even positions move one pair down (0 to 3,
+// 2 to 0), those at odd positions one pair up (31 to 30). A step pairs positions
+// (2j, 2j + 1); 31 steps pair every two of the 32 indices once and bring every index
+// back to its starting position (the moving 31 form one cycle).
+fn advance(i: u32) -> u32 {
+    if (i == 0u) {
+        return 3u;
     }
+    if (i == 1u || i == 2u) {
+        return i & 1u;
+    }
+    if (i == POSITIONS - 1u) {
+        return POSITIONS - 2u;
+    }
+    return select(i + 2u, i - 2u, (i & 1u) == 0u);
+}
+
+// Rotates positions (2j, 2j + 1) of x by (s, τ) of pair j, for every j: Jᵀ x.
+fn turn_rows(x: ptr<function, array<f32, POSITIONS>>, turns: ptr<function, array<vec2<f32>, SOLVE_WG>>) {
+    for (var j = 0u; j < SOLVE_WG; j++) {
+        let r = vec4<f32>(0.0, (*turns)[j].x, 0.0, (*turns)[j].y);
+        let v = rotate((*x)[2u * j], (*x)[2u * j + 1u], r);
+        (*x)[2u * j] = v.x;
+        (*x)[2u * j + 1u] = v.y;
+    }
+}
+
+// Moves the rows of x to their positions of the next step.
+fn advance_rows(x: ptr<function, array<f32, POSITIONS>>) {
+    var moved: array<f32, POSITIONS>;
+    for (var i = 0u; i < POSITIONS; i++) {
+        moved[advance(i)] = (*x)[i];
+    }
+    *x = moved;
 }
 
 @group(0) @binding(0) var<storage, read> bs_threshold: array<f32>;
 @group(0) @binding(4) var<storage, read_write> bs_rot: array<f32>;
 @group(0) @binding(5) var<storage, read> bs_params: BlockParams;
 
-// One workgroup per (matrix, slot) of the round; reads A (mat_a), writes rot. The
-// sub-matrix and its rotation sit in wg_a and wg_w with row stride SHARED_N (the
-// SHARED_N × SHARED_N grid, entries past l unused).
-@compute @workgroup_size(64)
+// One workgroup per (matrix, slot) of the round; reads A (mat_a), writes rot. The pair's
+// sub-matrix S (L × L, zero-padded to POSITIONS) and its rotation W (rows rotated, W₀ =
+// I) live in registers: invocation t holds the columns of S at the positions 2t and
+// 2t + 1 of the current step (rows in position order) and columns 2t, 2t + 1 of W
+// (rows in position order). A step rotates every position pair (2j, 2j + 1): each
+// invocation computes its own pair's rotation and publishes it, applies all of them to
+// the rows of its four columns, its own to its two columns of S (exactly zeroing the
+// pair's off-diagonal entry), then the columns of S move to the invocations of their
+// next positions through workgroup memory (`advance`); W's columns stay. Cyclic sweeps
+// of 31 steps until ‖offdiag(S)‖_F ≤ threshold or INNER_SWEEPS; then the real local
+// indices are sorted by their diagonal entries and W is written, rows moved by the sort.
+@compute @workgroup_size(16)
 fn block_solve(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                @builtin(local_invocation_index) lid: u32) {
     let h = bs_params.blocks / 2u;
@@ -944,76 +934,131 @@ fn block_solve(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     // The sub-matrix starts at row and column slot · l of matrix g / h.
     let corner = (g / h) * m * m + slot * l * (m + 1u);
     let pair = pair_of(bs_params.round, slot, bs_params.blocks);
-    for (var q = 0u; q < TILE_ITEMS; q++) {
-        let e = lid + q * SOLVE_WG;
-        let i = e / SHARED_N;
-        let j = e % SHARED_N;
-        var x = 0.0;
-        if (i < l && j < l) {
-            x = mat_a_get(corner + i * m + j, bs_params.window);
+    let p = 2u * lid;
+    let q = p + 1u;
+    // Columns p and q of S are rows p and q (A is symmetric).
+    var a_p: array<f32, POSITIONS>;
+    var a_q: array<f32, POSITIONS>;
+    var w_p: array<f32, POSITIONS>;
+    var w_q: array<f32, POSITIONS>;
+    for (var i = 0u; i < POSITIONS; i++) {
+        a_p[i] = 0.0;
+        a_q[i] = 0.0;
+        if (i < l && q < l) {
+            a_p[i] = mat_a_get(corner + p * m + i, bs_params.window);
+            a_q[i] = mat_a_get(corner + q * m + i, bs_params.window);
         }
-        wg_a[e] = x;
-        wg_w[e] = select(0.0, 1.0, i == j);
+        w_p[i] = select(0.0, 1.0, i == p);
+        w_q[i] = select(0.0, 1.0, i == q);
     }
-    workgroupBarrier();
+    let theta = bs_threshold[g / h];
     for (var sweep = 0u; sweep < INNER_SWEEPS; sweep++) {
+        // At a sweep's start every index is at its own position.
         var off = 0.0;
-        var tot = 0.0;
-        for (var q = 0u; q < TILE_ITEMS; q++) {
-            let e = lid + q * SOLVE_WG;
-            let x = wg_a[e];
-            tot += x * x;
-            off += select(x * x, 0.0, e / SHARED_N == e % SHARED_N);
+        for (var i = 0u; i < POSITIONS; i++) {
+            off += select(a_p[i] * a_p[i], 0.0, i == p) + select(a_q[i] * a_q[i], 0.0, i == q);
         }
         wg_off[lid] = off;
-        wg_tot[lid] = tot;
+        wg_tot[lid] = 0.0;
         reduce_norms(lid, SOLVE_WG);
         if (lid == 0u) {
-            let theta = bs_threshold[g / h];
             wg_done = select(0u, 1u, wg_off[0] <= theta * theta);
         }
         if (workgroupUniformLoad(&wg_done) != 0u) {
             break;
         }
-        block_sweep(l, lid);
+        for (var step = 0u; step + 1u < POSITIONS; step++) {
+            // This invocation holds the columns at positions p and q (a pair).
+            let app = a_p[p];
+            let aqq = a_q[q];
+            let apq = a_p[q];
+            let own = rotation(app, aqq, apq);
+            wg_turn[lid] = vec2<f32>(own.y, own.w);
+            workgroupBarrier();
+            var turns: array<vec2<f32>, SOLVE_WG>;
+            for (var j = 0u; j < SOLVE_WG; j++) {
+                turns[j] = wg_turn[j];
+            }
+            turn_rows(&a_p, &turns);
+            turn_rows(&a_q, &turns);
+            turn_rows(&w_p, &turns);
+            turn_rows(&w_q, &turns);
+            for (var i = 0u; i < POSITIONS; i++) {
+                let v = rotate(a_p[i], a_q[i], own);
+                a_p[i] = v.x;
+                a_q[i] = v.y;
+            }
+            // The pair's own 2 × 2 block, exactly (Rutishauser's update).
+            a_p[p] = app - own.z * apq;
+            a_q[q] = aqq + own.z * apq;
+            a_p[q] = 0.0;
+            a_q[p] = 0.0;
+            // Hand the columns on to the invocations of their next positions.
+            for (var k = 0u; k < POSITIONS / 4u; k++) {
+                wg_columns[16u * lid + k] = vec4<f32>(a_p[4u * k], a_p[4u * k + 1u],
+                                                      a_p[4u * k + 2u], a_p[4u * k + 3u]);
+                wg_columns[16u * lid + 8u + k] = vec4<f32>(a_q[4u * k], a_q[4u * k + 1u],
+                                                           a_q[4u * k + 2u], a_q[4u * k + 3u]);
+            }
+            workgroupBarrier();
+            // This invocation's next positions p, q take the columns from positions
+            // p + 2 (or 31 for p = 30) and q − 2 (1 for q = 1, 0 for q = 3), held by the
+            // invocations t + 1, t − 1 or t (`advance` inverted).
+            var from_p = 16u * (lid + 1u);
+            if (lid == SOLVE_WG - 1u) {
+                from_p = 16u * lid + 8u;
+            }
+            var from_q = 16u * (lid - 1u) + 8u;
+            if (lid == 0u) {
+                from_q = 8u;
+            } else if (lid == 1u) {
+                from_q = 0u;
+            }
+            for (var k = 0u; k < POSITIONS / 4u; k++) {
+                let x = wg_columns[from_p + k];
+                let y = wg_columns[from_q + k];
+                for (var e = 0u; e < 4u; e++) {
+                    a_p[advance(4u * k + e)] = x[e];
+                    a_q[advance(4u * k + e)] = y[e];
+                }
+            }
+            advance_rows(&w_p);
+            advance_rows(&w_q);
+        }
     }
     // Sort the pair's real indices by their diagonal entries, ascending (ties by index),
     // so that the whole diagonal tends to ascending order and the rotations of later
     // rounds stay close to the identity. Phantom indices keep their places. The real
     // local indices are [0, real_p) and [block, block + real count of block q).
+    wg_diagonal[p] = a_p[p];
+    wg_diagonal[q] = a_q[q];
+    workgroupBarrier();
     let real_p = min(block, n - min(n, pair.x * block));
-    if (lid < l) {
-        var place = lid;
-        if (block_index(pair, lid, block) < n) {
-            let key = sort_key(wg_a[lid * SHARED_N + lid]);
+    for (var e = 0u; e < 2u; e++) {
+        let i = p + e;
+        var place = i;
+        if (i < l && block_index(pair, i, block) < n) {
+            let key = sort_key(wg_diagonal[i]);
             var rank = 0u;
             for (var j = 0u; j < l; j++) {
                 let real = block_index(pair, j, block) < n;
-                rank += select(0u, 1u, real && before(sort_key(wg_a[j * SHARED_N + j]), j, key, lid));
+                rank += select(0u, 1u, real && before(sort_key(wg_diagonal[j]), j, key, i));
             }
             place = select(block + rank - real_p, rank, rank < real_p);
         }
-        wg_target[lid] = place;
-    }
-    var w_items: array<f32, TILE_ITEMS>;
-    for (var q = 0u; q < TILE_ITEMS; q++) {
-        w_items[q] = wg_w[lid + q * SOLVE_WG];
+        wg_target[i] = place;
     }
     workgroupBarrier();
-    for (var q = 0u; q < TILE_ITEMS; q++) {
-        let e = lid + q * SOLVE_WG;
-        if (e / SHARED_N < l) {
-            wg_w[wg_target[e / SHARED_N] * SHARED_N + e % SHARED_N] = w_items[q];
-        }
-    }
-    workgroupBarrier();
+    // rot[g] = W with its rows moved by the sort: row target(i) = row i; this
+    // invocation writes columns p and q.
     let ll = l * l;
-    for (var q = 0u; q < TILE_ITEMS; q++) {
-        let e = lid + q * SOLVE_WG;
-        let i = e / SHARED_N;
-        let j = e % SHARED_N;
-        if (i < l && j < l) {
-            bs_rot[g * ll + i * l + j] = wg_w[e];
+    if (q < l) {
+        for (var i = 0u; i < POSITIONS; i++) {
+            if (i < l) {
+                let row = g * ll + wg_target[i] * l;
+                bs_rot[row + p] = w_p[i];
+                bs_rot[row + q] = w_q[i];
+            }
         }
     }
 }

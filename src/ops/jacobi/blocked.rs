@@ -1,4 +1,4 @@
-//! The blocked path: block pairs diagonalised in workgroup memory (`block_solve`), their
+//! The blocked path: block pairs diagonalised in registers (`block_solve`), their
 //! rotations applied to the whole matrix and eigenbasis as batched GEMMs, and the
 //! blocks moved between rounds so that every pair of a round is a contiguous diagonal
 //! sub-matrix (`block_gather`; see the shader's "Blocked path" section).

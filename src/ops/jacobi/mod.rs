@@ -50,8 +50,8 @@
 //!   pairing all blocks disjointly. The matrix and the basis live in padded buffers
 //!   whose blocks are kept in the current round's order, each pair at two adjacent
 //!   positions (a `block_gather` moves them between rounds). Per round, `block_solve`
-//!   diagonalises each pair's `L × L` sub-matrix (`L` = two blocks) in workgroup memory
-//!   (inner cyclic Jacobi sweeps until its off-diagonal norm is below
+//!   diagonalises each pair's `L × L` sub-matrix (`L` = two blocks) in registers, two
+//!   columns per invocation (inner cyclic Jacobi sweeps until its off-diagonal norm is below
 //!   `tol · ‖A‖_F / blocks`, so a sweep that leaves every pair alone has converged; at
 //!   most 2), sorts the pair's diagonal ascending and stores the rotation `R`; then
 //!   `A ← Rᵀ A R` and `W ← Rᵀ W` for the block-diagonal `R` are batched GEMMs
@@ -123,7 +123,7 @@ pub enum JacobiPath {
     Workgroup,
     /// Two dispatches per step over the whole batch; a batch that fits one binding.
     Global,
-    /// Block pairs of up to 32 indices diagonalised in workgroup memory, their
+    /// Block pairs of up to 32 indices diagonalised in registers, their
     /// rotations applied as batched GEMMs; meant for `n` above 96, and the only path
     /// for batches larger than one binding (up to three).
     Blocked,
