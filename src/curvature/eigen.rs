@@ -190,6 +190,7 @@ impl JacobiSolver {
                 reorthogonalize: self.reorthogonalize,
                 refine_min_n: self.refine_min_n,
                 on_sweep: Some(SweepObserver(on_sweep)),
+                ..JacobiOptions::default()
             },
         )?;
         let values = ctx.read(&eigen.values)?;

@@ -17,6 +17,7 @@ pub mod masked_fill;
 pub mod matmul;
 pub mod norm;
 pub mod pool;
+pub mod qr;
 pub mod reduce;
 pub mod resample;
 pub mod shape;
@@ -40,6 +41,7 @@ pub(crate) static SHAPE: Shader = crate::shader!("shape");
 pub(crate) static EMBEDDING: Shader = crate::shader!("embedding");
 pub(crate) static SOFTMAX: Shader = crate::shader!("softmax" after "rows");
 pub(crate) static MASKED_FILL: Shader = crate::shader!("masked_fill");
+pub(crate) static QR: Shader = crate::shader!("qr");
 
 /// Every WGSL file of the crate, for validation tests.
 pub fn all_shaders() -> &'static [&'static Shader] {
@@ -66,6 +68,7 @@ static SHADERS: &[&Shader] = &[
     &EMBEDDING,
     &SOFTMAX,
     &MASKED_FILL,
+    &QR,
 ];
 
 /// Every kernel parameter struct with the shader that declares its WGSL twin, for
@@ -108,5 +111,6 @@ pub fn all_params() -> Vec<ParamsLayout> {
         L::of::<embedding::EmbeddingParams>(&EMBEDDING),
         L::of::<softmax::SoftmaxParams>(&SOFTMAX),
         L::of::<masked_fill::MaskedFillParams>(&MASKED_FILL),
+        L::of::<qr::QrParams>(&QR),
     ]
 }

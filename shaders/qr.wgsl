@@ -1,0 +1,221 @@
+// The orthonormal factor Q of the QR decomposition A = Q R of each square matrix of a
+// batch, by blocked Householder reflections (LAPACK's sgeqrf + sorgqr, compact WY).
+// Bindings follow src/gpu/pipeline.rs: reads, then writes, then params. Every entry
+// point declares its own bindings; they share the (group, binding) slots.
+//
+// Layouts (row-major, f32):
+//   a     [batch, n, n]              the input (read by qr_init only)
+//   work  [batch, n, n]              A, overwritten by the factorisation (its trailing
+//                                    columns are updated by GEMMs between panels)
+//   q     [batch, n, n]              Q (set to I by qr_init, formed by GEMMs)
+//   v     [batch, n, n]              column j is the Householder vector v_j: 0 above row j,
+//                                    1 at row j, the reflector below (zero on entry)
+//   t     [batch, panels, PANEL, PANEL]  T_k of panel k, upper triangular, zero-padded
+//
+// Panel k holds the columns k0 = k·PANEL .. k0 + width. `qr_panel` factors it in one
+// workgroup per matrix (columns one after the other, unblocked Householder):
+//   x = work[j.., j] (j = k0 + column), α = x_0, σ = ‖x_1..‖²;
+//   σ = 0: τ = 0 and H_j = I (a zero or already triangular column; rank-deficient A);
+//   else β = −sign(α)·sqrt(α² + σ), τ = (β − α)/β, v = (1, x_1.. / (α − β));
+//   every later column of the panel: c ← c − τ (vᵀ c) v;
+// α and σ are computed on x scaled by 1/max|x| (no overflow or underflow of the squares;
+// τ and v do not depend on the scale). It also accumulates T_k with
+// H_k0 ⋯ H_(k0+width−1) = I − V_k T_k V_kᵀ:
+//   T[j, j] = τ_j,  T[0..j, j] = −τ_j T[0..j, 0..j] (V[:, 0..j]ᵀ v_j).
+// The GEMMs (src/ops/qr.rs) then update the trailing columns,
+// work[k0.., k0+width..] −= V_k (T_kᵀ (V_kᵀ work[k0.., k0+width..])), and, once every
+// panel is factored, form Q = H_0 ⋯ H_(n−1) panel by panel from the last:
+// q[k0.., k0..] −= V_k (T_k (V_kᵀ q[k0.., k0..])).
+//
+// Invocation (lane, c) = (lid / PANEL, lid % PANEL) of qr_panel owns the rows r ≡ lane
+// (mod LANES) of panel column c: it alone reads and writes them in `work`, and writes
+// them in `v` when c is the column being reduced; a storage barrier makes v visible
+// to the other invocations. Sums over rows are per lane, then over the LANES lanes in
+// lane order: deterministic.
+
+struct QrParams {
+    n: u32,
+    batch: u32,
+    // First column of the panel (qr_panel).
+    col0: u32,
+    // Columns of the panel, ≤ PANEL (qr_panel).
+    width: u32,
+    // Panels per matrix: ceil(n / PANEL).
+    panels: u32,
+}
+
+// Columns per panel (`PANEL` in src/ops/qr.rs).
+const PANEL: u32 = 32u;
+// Invocations per workgroup.
+const WG: u32 = 256u;
+// Row lanes per panel column: WG / PANEL.
+const LANES: u32 = 8u;
+// The smallest normal f32; a column whose largest entry is below it counts as zero.
+const MIN_NORMAL: f32 = 1.17549435e-38;
+
+@group(0) @binding(0) var<storage, read> a_in: array<f32>;
+@group(0) @binding(1) var<storage, read_write> work_out: array<f32>;
+@group(0) @binding(2) var<storage, read_write> q_out: array<f32>;
+@group(0) @binding(3) var<storage, read> init_params: QrParams;
+
+@group(0) @binding(0) var<storage, read_write> work: array<f32>;
+@group(0) @binding(1) var<storage, read_write> v: array<f32>;
+@group(0) @binding(2) var<storage, read_write> t: array<f32>;
+@group(0) @binding(3) var<storage, read> panel_params: QrParams;
+
+// work = a, q = I; one invocation per element.
+@compute @workgroup_size(256)
+fn qr_init(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+           @builtin(local_invocation_index) lid: u32) {
+    let n = init_params.n;
+    let g = (wid.x + wid.y * nwg.x) * WG + lid;
+    if (g >= init_params.batch * n * n) {
+        return;
+    }
+    work_out[g] = a_in[g];
+    let e = g % (n * n);
+    q_out[g] = select(0.0, 1.0, e / n == e % n);
+}
+
+// Partial sums and maxima per invocation, then per column (lane order).
+var<workgroup> wg_part: array<f32, WG>;
+// Per panel column: vᵀ c (later columns) or v_cᵀ v (earlier columns).
+var<workgroup> wg_dot: array<f32, PANEL>;
+// T of the panel, row-major PANEL × PANEL.
+var<workgroup> wg_t: array<f32, 1024>;
+// α of the current column (its diagonal entry).
+var<workgroup> wg_alpha: f32;
+// 1 / max|x| of the current column (0 for a zero column).
+var<workgroup> wg_scale: f32;
+// (τ, the factor that turns x_1.. into v_1..) of the current column.
+var<workgroup> wg_house: vec2<f32>;
+
+// The first row r ≥ start with r ≡ lane (mod LANES).
+fn first_row(start: u32, lane: u32) -> u32 {
+    return start + ((lane + LANES - (start & (LANES - 1u))) & (LANES - 1u));
+}
+
+// Factors panel (col0, width) of every matrix: one workgroup per matrix.
+@compute @workgroup_size(256)
+fn qr_panel(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_index) lid: u32) {
+    let p = panel_params;
+    let mat = wid.x + wid.y * nwg.x;
+    if (mat >= p.batch) {
+        return;
+    }
+    let n = p.n;
+    let base = mat * n * n;
+    let k0 = p.col0;
+    let width = p.width;
+    let c = lid % PANEL;
+    let lane = lid / PANEL;
+    for (var e = lid; e < PANEL * PANEL; e += WG) {
+        wg_t[e] = 0.0;
+    }
+    for (var j = 0u; j < width; j++) {
+        let col = k0 + j;
+        // max |x| over rows col.. of the column (α included).
+        var m = 0.0;
+        if (c == j) {
+            for (var r = first_row(col, lane); r < n; r += LANES) {
+                let x = work[base + r * n + col];
+                m = max(m, abs(x));
+                if (r == col) {
+                    wg_alpha = x;
+                }
+            }
+        }
+        wg_part[lid] = m;
+        workgroupBarrier();
+        if (lid == 0u) {
+            var top = 0.0;
+            for (var l = 0u; l < LANES; l++) {
+                top = max(top, wg_part[l * PANEL + j]);
+            }
+            wg_scale = select(0.0, 1.0 / top, top >= MIN_NORMAL);
+        }
+        workgroupBarrier();
+        let s = wg_scale;
+        // σ of the scaled x_1...
+        var sigma = 0.0;
+        if (c == j) {
+            for (var r = first_row(col + 1u, lane); r < n; r += LANES) {
+                let x = work[base + r * n + col] * s;
+                sigma += x * x;
+            }
+        }
+        wg_part[lid] = sigma;
+        workgroupBarrier();
+        if (lid == 0u) {
+            var total = 0.0;
+            for (var l = 0u; l < LANES; l++) {
+                total += wg_part[l * PANEL + j];
+            }
+            var house = vec2<f32>(0.0, 0.0);
+            if (total > 0.0) {
+                let alpha = wg_alpha * s;
+                let norm = sqrt(alpha * alpha + total);
+                let beta = select(norm, -norm, alpha >= 0.0);
+                house = vec2<f32>((beta - alpha) / beta, s / (alpha - beta));
+            }
+            wg_house = house;
+        }
+        workgroupBarrier();
+        let tau = wg_house.x;
+        if (c == j) {
+            for (var r = first_row(col, lane); r < n; r += LANES) {
+                let x = work[base + r * n + col] * wg_house.y;
+                v[base + r * n + col] = select(x, 1.0, r == col);
+            }
+        }
+        storageBarrier();
+        // vᵀ c for the later columns, v_cᵀ v for the earlier ones (rows col..: v is
+        // zero above).
+        var d = 0.0;
+        if (c < width && c != j) {
+            for (var r = first_row(col, lane); r < n; r += LANES) {
+                let row = base + r * n;
+                var y: f32;
+                if (c < j) {
+                    y = v[row + k0 + c];
+                } else {
+                    y = work[row + k0 + c];
+                }
+                d += v[row + col] * y;
+            }
+        }
+        wg_part[lid] = d;
+        workgroupBarrier();
+        if (lid < PANEL) {
+            var total = 0.0;
+            for (var l = 0u; l < LANES; l++) {
+                total += wg_part[l * PANEL + lid];
+            }
+            wg_dot[lid] = total;
+        }
+        workgroupBarrier();
+        if (c > j && c < width) {
+            let f = tau * wg_dot[c];
+            for (var r = first_row(col, lane); r < n; r += LANES) {
+                let row = base + r * n;
+                work[row + k0 + c] -= f * v[row + col];
+            }
+        }
+        if (lid < j) {
+            var acc = 0.0;
+            for (var l = lid; l < j; l++) {
+                acc += wg_t[lid * PANEL + l] * wg_dot[l];
+            }
+            wg_t[lid * PANEL + j] = -tau * acc;
+        }
+        if (lid == j) {
+            wg_t[j * PANEL + j] = tau;
+        }
+        workgroupBarrier();
+    }
+    let out = (mat * p.panels + k0 / PANEL) * PANEL * PANEL;
+    for (var e = lid; e < PANEL * PANEL; e += WG) {
+        t[out + e] = wg_t[e];
+    }
+}
