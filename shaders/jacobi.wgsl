@@ -434,10 +434,15 @@ fn jacobi_sweep_storage(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_work
 // Binding windows of the global and blocked kernels (see the header): four sets of
 // three windows, each at the same binding slots in every kernel that uses it, read and
 // written through `*_get(i, window)` / `*_set(i, x, window)` with a flat index i.
+// WINDOWED (an override) is false when every tensor of the call fits one window: the
+// accessors then touch window 0 alone (on a SIMD driver each accessor otherwise runs
+// the loads or stores of all three windows, masked).
 //   src    bindings 0–2, read:  the input, V0, A, P or W (init, norms, rank, combine, gather)
 //   dst    bindings 3–5:        work_a, work_w or W (init, combine)
 //   mat_a  bindings 1–3:        the padded A (block_solve) or the source (block_gather)
 //   mat_b  bindings 4–6:        vectors (global_gather) or the destination (block_gather)
+
+override WINDOWED: bool = true;
 
 @group(0) @binding(0) var<storage, read> src0: array<f32>;
 @group(0) @binding(1) var<storage, read> src1: array<f32>;
@@ -453,7 +458,7 @@ fn jacobi_sweep_storage(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_work
 @group(0) @binding(6) var<storage, read_write> mat_b2: array<f32>;
 
 fn src_get(i: u32, w: u32) -> f32 {
-    if (i < w) {
+    if (!WINDOWED || i < w) {
         return src0[i];
     }
     if (i < 2u * w) {
@@ -463,7 +468,7 @@ fn src_get(i: u32, w: u32) -> f32 {
 }
 
 fn dst_get(i: u32, w: u32) -> f32 {
-    if (i < w) {
+    if (!WINDOWED || i < w) {
         return dst0[i];
     }
     if (i < 2u * w) {
@@ -473,7 +478,7 @@ fn dst_get(i: u32, w: u32) -> f32 {
 }
 
 fn dst_set(i: u32, x: f32, w: u32) {
-    if (i < w) {
+    if (!WINDOWED || i < w) {
         dst0[i] = x;
     } else if (i < 2u * w) {
         dst1[i - w] = x;
@@ -483,7 +488,7 @@ fn dst_set(i: u32, x: f32, w: u32) {
 }
 
 fn mat_a_get(i: u32, w: u32) -> f32 {
-    if (i < w) {
+    if (!WINDOWED || i < w) {
         return mat_a0[i];
     }
     if (i < 2u * w) {
@@ -493,7 +498,7 @@ fn mat_a_get(i: u32, w: u32) -> f32 {
 }
 
 fn mat_a_set(i: u32, x: f32, w: u32) {
-    if (i < w) {
+    if (!WINDOWED || i < w) {
         mat_a0[i] = x;
     } else if (i < 2u * w) {
         mat_a1[i - w] = x;
@@ -503,7 +508,7 @@ fn mat_a_set(i: u32, x: f32, w: u32) {
 }
 
 fn mat_b_get(i: u32, w: u32) -> f32 {
-    if (i < w) {
+    if (!WINDOWED || i < w) {
         return mat_b0[i];
     }
     if (i < 2u * w) {
@@ -513,7 +518,7 @@ fn mat_b_get(i: u32, w: u32) -> f32 {
 }
 
 fn mat_b_set(i: u32, x: f32, w: u32) {
-    if (i < w) {
+    if (!WINDOWED || i < w) {
         mat_b0[i] = x;
     } else if (i < 2u * w) {
         mat_b1[i - w] = x;

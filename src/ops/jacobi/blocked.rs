@@ -6,7 +6,7 @@
 use super::sweeps::{BlockParams, Decomposition, GatherParams, Sweeper, sweep_until_done};
 use super::{JacobiOptions, Problem, SHARED_MAX_N, WORKGROUP_SIZE};
 use crate::error::{Error, Result};
-use crate::gpu::{GpuContext, GpuTensor, Kernel, Recorder, grid_1d};
+use crate::gpu::{GpuContext, GpuTensor, Recorder, grid_1d};
 use crate::ops::gemm::{Gemm, gemm};
 
 /// WebGPU's default limit of workgroups per grid dimension.
@@ -186,7 +186,7 @@ impl BlockSweeper<'_> {
         let [s0, s1, s2] = self.problem.windows(ctx, src)?;
         let [d0, d1, d2] = self.problem.windows(ctx, dst)?;
         rec.dispatch(
-            &Kernel::new(&crate::ops::JACOBI, "block_gather"),
+            &self.problem.kernel("block_gather"),
             &[&self.maps],
             &[&s0, &s1, &s2, &d0, &d1, &d2],
             &GatherParams {
@@ -233,7 +233,7 @@ impl Sweeper for BlockSweeper<'_> {
             self.gather(ctx, rec, Move::RoundBasis(map), &self.w[0], &self.w[1])?;
             let [s0, s1, s2] = self.problem.windows(ctx, scratch)?;
             rec.dispatch(
-                &Kernel::new(&crate::ops::JACOBI, "block_solve"),
+                &self.problem.kernel("block_solve"),
                 &[&thresholds],
                 &[&s0, &s1, &s2, &self.rotations],
                 &BlockParams {

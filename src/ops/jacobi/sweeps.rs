@@ -1,6 +1,7 @@
 //! The sweeps of the three Jacobi paths and their kernels' parameters: the work
 //! buffers' set-up, the per-path sweep loops, the convergence readback and the sort.
 
+use super::blocked::BlockPlan;
 use super::{JacobiOptions, NORM_CHUNK, Problem, SHARED_MAX_N, WORKGROUP_SIZE};
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor, Kernel, Recorder, grid_1d};
@@ -159,6 +160,19 @@ impl Problem<'_> {
         }
     }
 
+    /// `entry` of the shader, its window accessors specialised to one binding
+    /// (`WINDOWED` false) when every tensor of the call fits one window: the blocked
+    /// path's padded `[batch, m, m]` (`m ≥ n`) is the largest.
+    pub(super) fn kernel(&self, entry: &'static str) -> Kernel {
+        let kernel = Kernel::new(&crate::ops::JACOBI, entry);
+        let m = BlockPlan::new(self.n).m;
+        if self.batch * m * m > self.window {
+            kernel
+        } else {
+            kernel.with("WINDOWED", 0.0)
+        }
+    }
+
     /// The binding windows of a `[batch, n, n]` tensor of this problem.
     pub(super) fn windows(&self, ctx: &GpuContext, t: &GpuTensor) -> Result<[GpuTensor; 3]> {
         windows(ctx, t, self.window)
@@ -180,7 +194,7 @@ impl Problem<'_> {
             let [f0, f1, f2] = self.windows(ctx, from)?;
             let [t0, t1, t2] = self.windows(ctx, to)?;
             rec.dispatch(
-                &Kernel::new(&crate::ops::JACOBI, entry),
+                &self.kernel(entry),
                 &[&f0, &f1, &f2],
                 &[&t0, &t1, &t2],
                 &self.params(0),
@@ -206,7 +220,7 @@ impl Problem<'_> {
         let ranks = ctx.zeros(&[batch, n])?;
         let [a0, a1, a2] = self.windows(ctx, &work.a)?;
         rec.dispatch(
-            &Kernel::new(&crate::ops::JACOBI, "global_rank"),
+            &self.kernel("global_rank"),
             &[&a0, &a1, &a2],
             &[&values, &ranks],
             &self.params(0),
@@ -223,7 +237,7 @@ impl Problem<'_> {
             gemm(rec, &step, &work.a, &work.w, &product)?;
             let [p0, p1, p2] = self.windows(ctx, &product)?;
             rec.dispatch(
-                &Kernel::new(&crate::ops::JACOBI, "global_combine"),
+                &self.kernel("global_combine"),
                 &[&p0, &p1, &p2],
                 &[&w0, &w1, &w2],
                 &CombineParams {
@@ -237,7 +251,7 @@ impl Problem<'_> {
         }
         let [v0, v1, v2] = self.windows(ctx, &vectors)?;
         rec.dispatch(
-            &Kernel::new(&crate::ops::JACOBI, "global_gather"),
+            &self.kernel("global_gather"),
             &[&w0, &w1, &w2, &ranks],
             &[&v0, &v1, &v2],
             &self.params(0),
@@ -402,7 +416,7 @@ pub(super) fn sweep_until_done(
     let record_norms = |rec: &mut Recorder, matrix: &GpuTensor| -> Result<()> {
         let [a0, a1, a2] = problem.windows(ctx, matrix)?;
         rec.dispatch(
-            &Kernel::new(&crate::ops::JACOBI, "global_norms"),
+            &problem.kernel("global_norms"),
             &[&a0, &a1, &a2],
             &[&partials],
             &GlobalParams {
