@@ -18,8 +18,10 @@
 //   σ = 0: τ = 0 and H_j = I (a zero or already triangular column; rank-deficient A);
 //   else β = −sign(α)·sqrt(α² + σ), τ = (β − α)/β, v = (1, x_1.. / (α − β));
 //   every later column of the panel: c ← c − τ (vᵀ c) v;
-// α and σ are computed on x scaled by 1/max|x| (no overflow or underflow of the squares;
-// τ and v do not depend on the scale). It also accumulates T_k with
+// α and σ are computed on x scaled by 1/max|x₀| for x₀ the column's rows k0.. before the
+// panel (reflections keep ‖x‖ ≤ ‖x₀‖, so the squares cannot overflow, and underflow only
+// for a remainder below 1e-19·max|x₀|, which then counts as zero; τ and v do not depend
+// on the scale). It also accumulates T_k with
 // H_k0 ⋯ H_(k0+width−1) = I − V_k T_k V_kᵀ:
 //   T[j, j] = τ_j,  T[0..j, j] = −τ_j T[0..j, 0..j] (V[:, 0..j]ᵀ v_j).
 // The GEMMs (src/ops/qr.rs) then update the trailing columns,
@@ -27,11 +29,14 @@
 // panel is factored, form Q = H_0 ⋯ H_(n−1) panel by panel from the last:
 // q[k0.., k0..] −= V_k (T_k (V_kᵀ q[k0.., k0..])).
 //
-// Invocation (lane, c) = (lid / PANEL, lid % PANEL) of qr_panel owns the rows r ≡ lane
-// (mod LANES) of panel column c: it alone reads and writes them in `work`, and writes
-// them in `v` when c is the column being reduced; a storage barrier makes v visible
-// to the other invocations. Sums over rows are per lane, then over the LANES lanes in
-// lane order: deterministic.
+// Invocation (lane, c) = (lid / PANEL, lid % PANEL) of qr_panel (PANEL · LANES = 64
+// invocations) owns the rows r ≡ lane (mod LANES) of panel column c: it alone reads and
+// writes them in `work`, and writes them in `v` when c is the column being reduced; a
+// storage barrier makes v visible to the other invocations. Sums over rows are per lane,
+// then over the LANES lanes in lane order, by every invocation that needs them (τ by
+// all alike): deterministic, four barriers per column. (On lavapipe 64 invocations
+// took half the time of 256, and panels of 16 columns made the GEMMs slower than they
+// made the panels faster.)
 
 struct QrParams {
     n: u32,
@@ -48,8 +53,10 @@ struct QrParams {
 const PANEL: u32 = 32u;
 // Invocations per workgroup.
 const WG: u32 = 256u;
-// Row lanes per panel column: WG / PANEL.
-const LANES: u32 = 8u;
+// Invocations of qr_panel: PANEL · LANES.
+const PANEL_WG: u32 = 64u;
+// Row lanes per panel column.
+const LANES: u32 = 2u;
 // The smallest normal f32; a column whose largest entry is below it counts as zero.
 const MIN_NORMAL: f32 = 1.17549435e-38;
 
@@ -78,17 +85,13 @@ fn qr_init(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
 }
 
 // Partial sums and maxima per invocation, then per column (lane order).
-var<workgroup> wg_part: array<f32, WG>;
-// Per panel column: vᵀ c (later columns) or v_cᵀ v (earlier columns).
-var<workgroup> wg_dot: array<f32, PANEL>;
+var<workgroup> wg_part: array<f32, PANEL_WG>;
 // T of the panel, row-major PANEL × PANEL.
 var<workgroup> wg_t: array<f32, 1024>;
-// α of the current column (its diagonal entry).
+// α of the current column (its diagonal entry), scaled.
 var<workgroup> wg_alpha: f32;
-// 1 / max|x| of the current column (0 for a zero column).
-var<workgroup> wg_scale: f32;
-// (τ, the factor that turns x_1.. into v_1..) of the current column.
-var<workgroup> wg_house: vec2<f32>;
+// 1 / max|x| of each panel column over rows col0.. (0 for a zero column).
+var<workgroup> wg_scale: array<f32, PANEL>;
 
 // The first row r ≥ start with r ≡ lane (mod LANES).
 fn first_row(start: u32, lane: u32) -> u32 {
@@ -96,7 +99,7 @@ fn first_row(start: u32, lane: u32) -> u32 {
 }
 
 // Factors panel (col0, width) of every matrix: one workgroup per matrix.
-@compute @workgroup_size(256)
+@compute @workgroup_size(64)
 fn qr_panel(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
             @builtin(local_invocation_index) lid: u32) {
     let p = panel_params;
@@ -110,62 +113,60 @@ fn qr_panel(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     let width = p.width;
     let c = lid % PANEL;
     let lane = lid / PANEL;
-    for (var e = lid; e < PANEL * PANEL; e += WG) {
+    for (var e = lid; e < PANEL * PANEL; e += PANEL_WG) {
         wg_t[e] = 0.0;
     }
+    // Each column's scale 1 / max|x| over rows k0.. (0 for a zero column).
+    var m = 0.0;
+    if (c < width) {
+        for (var r = first_row(k0, lane); r < n; r += LANES) {
+            m = max(m, abs(work[base + r * n + k0 + c]));
+        }
+    }
+    wg_part[lid] = m;
+    workgroupBarrier();
+    if (lid < PANEL) {
+        var top = 0.0;
+        for (var l = 0u; l < LANES; l++) {
+            top = max(top, wg_part[l * PANEL + lid]);
+        }
+        wg_scale[lid] = select(0.0, 1.0 / top, top >= MIN_NORMAL);
+    }
+    workgroupBarrier();
     for (var j = 0u; j < width; j++) {
         let col = k0 + j;
-        // max |x| over rows col.. of the column (α included).
-        var m = 0.0;
-        if (c == j) {
-            for (var r = first_row(col, lane); r < n; r += LANES) {
-                let x = work[base + r * n + col];
-                m = max(m, abs(x));
-                if (r == col) {
-                    wg_alpha = x;
-                }
-            }
-        }
-        wg_part[lid] = m;
-        workgroupBarrier();
-        if (lid == 0u) {
-            var top = 0.0;
-            for (var l = 0u; l < LANES; l++) {
-                top = max(top, wg_part[l * PANEL + j]);
-            }
-            wg_scale = select(0.0, 1.0 / top, top >= MIN_NORMAL);
-        }
-        workgroupBarrier();
-        let s = wg_scale;
-        // σ of the scaled x_1...
+        let s = wg_scale[j];
+        // σ of the scaled x_1.., and α.
         var sigma = 0.0;
         if (c == j) {
-            for (var r = first_row(col + 1u, lane); r < n; r += LANES) {
+            for (var r = first_row(col, lane); r < n; r += LANES) {
                 let x = work[base + r * n + col] * s;
-                sigma += x * x;
+                if (r == col) {
+                    wg_alpha = x;
+                } else {
+                    sigma += x * x;
+                }
             }
         }
         wg_part[lid] = sigma;
         workgroupBarrier();
-        if (lid == 0u) {
-            var total = 0.0;
-            for (var l = 0u; l < LANES; l++) {
-                total += wg_part[l * PANEL + j];
-            }
-            var house = vec2<f32>(0.0, 0.0);
-            if (total > 0.0) {
-                let alpha = wg_alpha * s;
-                let norm = sqrt(alpha * alpha + total);
-                let beta = select(norm, -norm, alpha >= 0.0);
-                house = vec2<f32>((beta - alpha) / beta, s / (alpha - beta));
-            }
-            wg_house = house;
+        // τ and the factor of v, by every invocation alike.
+        var total = 0.0;
+        for (var l = 0u; l < LANES; l++) {
+            total += wg_part[l * PANEL + j];
         }
-        workgroupBarrier();
-        let tau = wg_house.x;
+        var tau = 0.0;
+        var scale_v = 0.0;
+        if (total > 0.0) {
+            let alpha = wg_alpha;
+            let norm = sqrt(alpha * alpha + total);
+            let beta = select(norm, -norm, alpha >= 0.0);
+            tau = (beta - alpha) / beta;
+            scale_v = s / (alpha - beta);
+        }
         if (c == j) {
             for (var r = first_row(col, lane); r < n; r += LANES) {
-                let x = work[base + r * n + col] * wg_house.y;
+                let x = work[base + r * n + col] * scale_v;
                 v[base + r * n + col] = select(x, 1.0, r == col);
             }
         }
@@ -187,16 +188,12 @@ fn qr_panel(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
         }
         wg_part[lid] = d;
         workgroupBarrier();
-        if (lid < PANEL) {
-            var total = 0.0;
-            for (var l = 0u; l < LANES; l++) {
-                total += wg_part[l * PANEL + lid];
-            }
-            wg_dot[lid] = total;
-        }
-        workgroupBarrier();
         if (c > j && c < width) {
-            let f = tau * wg_dot[c];
+            var dot = 0.0;
+            for (var l = 0u; l < LANES; l++) {
+                dot += wg_part[l * PANEL + c];
+            }
+            let f = tau * dot;
             for (var r = first_row(col, lane); r < n; r += LANES) {
                 let row = base + r * n;
                 work[row + k0 + c] -= f * v[row + col];
@@ -204,8 +201,12 @@ fn qr_panel(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
         }
         if (lid < j) {
             var acc = 0.0;
-            for (var l = lid; l < j; l++) {
-                acc += wg_t[lid * PANEL + l] * wg_dot[l];
+            for (var i = lid; i < j; i++) {
+                var dot = 0.0;
+                for (var l = 0u; l < LANES; l++) {
+                    dot += wg_part[l * PANEL + i];
+                }
+                acc += wg_t[lid * PANEL + i] * dot;
             }
             wg_t[lid * PANEL + j] = -tau * acc;
         }
@@ -215,7 +216,7 @@ fn qr_panel(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
         workgroupBarrier();
     }
     let out = (mat * p.panels + k0 / PANEL) * PANEL * PANEL;
-    for (var e = lid; e < PANEL * PANEL; e += WG) {
+    for (var e = lid; e < PANEL * PANEL; e += PANEL_WG) {
         t[out + e] = wg_t[e];
     }
 }

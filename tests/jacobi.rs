@@ -335,8 +335,8 @@ fn global_path_large() {
 /// `n·ε` alone is 1.8e-5 at n = 300): the clustered spectrum reaches 8.5e-6 on
 /// lavapipe, too close to 1e-5 for an adapter that rounds differently (FMA contraction).
 /// Sweeps after the QR preconditioner (`precondition_min_n`): at most 6 on the graded
-/// and rank-deficient spectra and 13 on the clustered one (measured on lavapipe: 5, 12
-/// and 5; without the QR step 11, 15 and 11).
+/// and rank-deficient spectra and 13 on the clustered one (measured on lavapipe: 5,
+/// 11–12 and 5; without the QR step 11, 15 and 11).
 #[test]
 fn blocked_path_n300() {
     for (spectrum, most) in ALL.into_iter().zip([6, 13, 6]) {
@@ -383,8 +383,9 @@ fn qr_errors(a: &[f32], q: &[f32], n: usize) -> (f64, f64) {
 
 /// The orthonormal factor of a batch of n = 70 matrices (panels of 32, 32 and 6
 /// columns): a random non-symmetric one, the three test spectra, a zero matrix and one
-/// whose odd columns repeat the even ones (rank 35), plus single matrices of n = 1, 32
-/// and 33. Held in f64 to `‖QᵀQ − I‖_F ≤ 4·n·ε` and `‖tril(QᵀA, −1)‖_F ≤ 4·n·ε·‖A‖_F`
+/// whose odd columns repeat the even ones (rank 35), the random one times 1e-30 (its
+/// squares underflow f32: the reflectors are computed on scaled columns), plus single
+/// matrices of n = 1, 32 and 33. Held in f64 to `‖QᵀQ − I‖_F ≤ 4·n·ε` and `‖tril(QᵀA, −1)‖_F ≤ 4·n·ε·‖A‖_F`
 /// (Householder QR is backward stable with errors of a few `n·ε`; ε = 2⁻²³); the zero
 /// matrix gives `Q = I` exactly; on the random matrix `Q` equals faer's f64 `Q` up to
 /// the signs of its columns (`1 − |⟨q_j, q_ref_j⟩| ≤ 1e-5`; measured 1.5e-7).
@@ -404,6 +405,7 @@ fn qr_orthonormal_factor_against_f64() {
         }
     }
     matrices.push(dependent);
+    matrices.push(random.iter().map(|&x| x * 1e-30).collect());
     let names = [
         "random",
         "spread",
@@ -411,6 +413,7 @@ fn qr_orthonormal_factor_against_f64() {
         "rank n/3",
         "zero",
         "repeated columns",
+        "random × 1e-30",
     ];
     let a = ctx
         .upload(&matrices.concat(), &[matrices.len(), n, n])
@@ -909,7 +912,7 @@ fn tiny_eigenvalues(n: usize, rng: &mut TestRng) -> Vec<f32> {
 /// f32 cannot resolve, on both the workgroup (n = 96) and the blocked path (n = 160),
 /// meeting the accuracy targets: within 12 sweeps from the matrix itself (no QR step),
 /// within 7 after the QR preconditioner (the default; measured on lavapipe 5 and 4,
-/// without it 11 and 8); a rule
+/// without it 11 and 7–8); a rule
 /// that asks for more than f32 resolves (tol 0) sweeps on (into the cap of 14, or until
 /// the off-diagonal is exactly zero). (The f32 rounding of the input spreads the tiny
 /// eigenvalues into a cluster of width about `ε·‖A‖` whose off-diagonal entries Jacobi

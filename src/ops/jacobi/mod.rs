@@ -158,10 +158,11 @@ pub struct JacobiOptions<'a> {
     /// `A = Q R` ([`crate::ops::qr`], no pivoting; module docs). Not a sweep: the sweeps
     /// reported are the Jacobi sweeps after it. Skipped for batches larger than one
     /// storage binding; `usize::MAX`: never. Measured on lavapipe (median of 3, one
-    /// matrix): graded spectra (1 … 1e-6) at n = 48, 96, 196 take 9 → 4, 10 → 5,
-    /// 10 → 4 sweeps and 35 → 19, 213 → 116, 1147 → 470 ms; a Gram matrix of random
-    /// data (condition 6) the same sweeps and 23 → 28, 160 → 163, 1068 → 1100 ms. Below
-    /// n = 33 (one panel; sweeps in workgroup memory) the two are within 0.5 ms.
+    /// matrix, before issue 13's register `block_solve`): graded spectra (1 … 1e-6) at
+    /// n = 48, 96, 196 take 9 → 4, 10 → 5, 10 → 4 sweeps and 35 → 19, 213 → 116,
+    /// 1147 → 470 ms; a Gram matrix of random data (condition 6) the same sweeps and
+    /// 23 → 28, 160 → 163, 1068 → 1100 ms. Below n = 33 (one panel; sweeps in workgroup
+    /// memory) the two are within 0.5 ms.
     pub precondition_min_n: usize,
     /// Called after every sweep whose off-diagonal norms the host reads back (the
     /// global and blocked paths; the workgroup path runs all sweeps in one pass), with
