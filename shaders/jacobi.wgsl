@@ -1084,6 +1084,8 @@ struct GatherParams {
     // 1: the destination is (X + Xᵀ)/2 of the moved source X (square A only).
     symmetrize: u32,
     window: u32,
+    // Indices per block (blocks move whole: source(j0 + e) = source(j0) + e within one).
+    run: u32,
 }
 
 @group(0) @binding(0) var<storage, read> bg_map: array<u32>;
@@ -1098,26 +1100,34 @@ fn gather_source(i: u32) -> u32 {
 }
 
 // dst[b, i, j] = src[b, source(i), source(j)] (or column j), zero where a source index
-// is out of range (padding and unpadding); src bound as mat_a, dst as mat_b. Grid:
-// x = column / WG, y = row i, z = matrix b.
+// is out of range (padding and unpadding); src bound as mat_a, dst as mat_b. Blocks of
+// `run` indices move whole, so each invocation copies one segment of `run` columns of a
+// row (one block) with one look-up of the segment's source. Grid: x = segment / WG
+// (rows_out · ⌈cols_out / run⌉ segments per matrix), z = matrix b.
 @compute @workgroup_size(256)
 fn block_gather(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let p = bg_params;
-    let j = wid.x * WG + lid;
-    if (j >= p.cols_out) {
+    let runs = (p.cols_out + p.run - 1u) / p.run;
+    let item = wid.x * WG + lid;
+    if (item >= p.rows_out * runs) {
         return;
     }
-    let i = wid.y;
+    let i = item / runs;
+    let j0 = (item % runs) * p.run;
     let b = wid.z;
     let si = gather_source(i);
-    let sj = select(j, gather_source(j), p.permute_cols != 0u);
-    var x = 0.0;
-    if (si < p.rows_in && sj < p.cols_in) {
-        let base = b * p.rows_in * p.cols_in;
-        x = mat_a_get(base + si * p.cols_in + sj, p.window);
-        if (p.symmetrize != 0u) {
-            x = 0.5 * (x + mat_a_get(base + sj * p.cols_in + si, p.window));
+    let sj0 = select(j0, gather_source(j0), p.permute_cols != 0u);
+    let base = b * p.rows_in * p.cols_in;
+    let out = (b * p.rows_out + i) * p.cols_out;
+    for (var e = 0u; e < p.run && j0 + e < p.cols_out; e++) {
+        let sj = sj0 + e;
+        var x = 0.0;
+        if (si < p.rows_in && sj < p.cols_in) {
+            x = mat_a_get(base + si * p.cols_in + sj, p.window);
+            if (p.symmetrize != 0u) {
+                x = 0.5 * (x + mat_a_get(base + sj * p.cols_in + si, p.window));
+            }
         }
+        mat_b_set(out + j0 + e, x, p.window);
     }
-    mat_b_set((b * p.rows_out + i) * p.cols_out + j, x, p.window);
 }

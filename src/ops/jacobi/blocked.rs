@@ -199,8 +199,13 @@ impl BlockSweeper<'_> {
                 permute_cols: cols,
                 symmetrize: sym,
                 window: self.problem.window as u32,
+                run: self.plan.block as u32,
             },
-            [co.div_ceil(WORKGROUP_SIZE) as u32, ro as u32, batch as u32],
+            [
+                (ro * co.div_ceil(self.plan.block)).div_ceil(WORKGROUP_SIZE) as u32,
+                1,
+                batch as u32,
+            ],
         )
     }
 }

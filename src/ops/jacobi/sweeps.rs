@@ -75,6 +75,8 @@ kernel_params! {
         permute_cols: u32,
         symmetrize: u32,
         window: u32,
+        /// Indices per block: blocks move whole, one look-up per row segment.
+        run: u32,
     }
 }
 
