@@ -318,6 +318,36 @@ fn matrices_larger_than_one_binding() {
     }
 }
 
+/// On a device whose storage bindings hold 16384 floats, ten matrices of n = 33 fit one
+/// binding (10890 floats) but the QR's triangular factors `T` (two panels of 32 × 32
+/// each, 20480 floats) do not: `orthonormal_factor` refuses them with
+/// [`Error::Memory`] naming the limit, and `eigh` skips the QR step (eight fit and
+/// take it) and still meets the targets.
+#[test]
+fn the_qr_step_is_skipped_beyond_one_binding() {
+    let Some(ctx) = common::small_binding_gpu() else {
+        return;
+    };
+    let n = 33;
+    assert!(ekfac::ops::qr::fits_one_binding(&ctx, 8, n));
+    assert!(!ekfac::ops::qr::fits_one_binding(&ctx, 10, n));
+    let mut rng = TestRng::new(23);
+    let matrices: Vec<Vec<f32>> = (0..10)
+        .map(|i| test_matrix(n, ALL[i % 3], &mut rng))
+        .collect();
+    let a = ctx.upload(&matrices.concat(), &[10, n, n]).unwrap();
+    match ekfac::ops::qr::orthonormal_factor(&ctx, &a) {
+        Err(Error::Memory(msg)) => {
+            assert!(msg.contains("max_storage_buffer_binding_size"), "{msg}")
+        }
+        other => panic!("expected Error::Memory, got {other:?}"),
+    }
+    let (_, acc) = run_batch(&ctx, &matrices, n, &JacobiOptions::default());
+    for (i, a) in acc.iter().enumerate() {
+        a.assert_within(1e-5, 1e-4, &format!("matrix {i} of ten n = 33"));
+    }
+}
+
 /// Slow on the software driver: run with `--ignored` on a real GPU. Looser targets
 /// for large n (issue 4): rounding grows with the number of rotations per entry.
 #[test]
@@ -726,6 +756,19 @@ fn bad_inputs_are_errors() {
         assert!(
             err.contains("matrix 1") && err.contains("NaN"),
             "{path:?}: {err}"
+        );
+    }
+    // Through the QR preconditioner (n = 40 ≥ precondition_min_n), NaN above the
+    // diagonal of the last panel (a part of R that Q never reads) included.
+    let n = 40;
+    for at in [5 * n + 7, 2 * n + 38] {
+        let mut a = vec![0f32; 2 * n * n];
+        a[n * n + at] = f32::NAN;
+        let t = ctx.upload(&a, &[2, n, n]).unwrap();
+        let err = eigh(&ctx, &t, &opts).unwrap_err().to_string();
+        assert!(
+            err.contains("matrix 1") && err.contains("NaN"),
+            "QR step, NaN at {at}: {err}"
         );
     }
 }

@@ -81,8 +81,7 @@ pub fn record_orthonormal_factor(
     }
     let panels = n.div_ceil(PANEL);
     let t_len = batch * panels * PANEL * PANEL;
-    let limit = ctx.binding_elements().0;
-    if batch * nn > limit || t_len > limit {
+    if !fits_one_binding(ctx, batch, n) {
         return Err(Error::Memory(format!(
             "the QR of {batch} matrices of size {n}×{n} needs more than one storage \
              binding (max_storage_buffer_binding_size {} bytes)",
@@ -134,6 +133,19 @@ pub fn record_orthonormal_factor(
         apply_reflectors(rec, [&v, &t, &w, &tw], &q, x, (k, k0, width), n, false)?;
     }
     Ok(q)
+}
+
+/// Whether every buffer of the QR of `batch` matrices `[n, n]` fits one storage binding:
+/// the matrices, the `T` of every panel (`[batch, ⌈n/32⌉, 32, 32]`) and the panel
+/// products (`[batch, 32, n]`). [`record_orthonormal_factor`] refuses the others.
+pub fn fits_one_binding(ctx: &GpuContext, batch: usize, n: usize) -> bool {
+    let limit = ctx.binding_elements().0 as u128;
+    let (batch, n) = (batch as u128, n as u128);
+    let panels = n.div_ceil(PANEL as u128);
+    let largest = (n * n)
+        .max(panels * (PANEL * PANEL) as u128)
+        .max(PANEL as u128 * n);
+    batch * largest <= limit
 }
 
 /// The sub-matrix `X = x[row0.., col0..]` of each matrix of an `[batch, n, n]` tensor.

@@ -19,7 +19,8 @@
 //! ([`JacobiOptions::precondition_min_n`]) a cold start first computes `Q` of the QR
 //! decomposition `A = Q R` (Householder, no pivoting; [`crate::ops::qr`], in the same
 //! pass as the sweeps' set-up) and sweeps `A₁ = Qᵀ A Q` with the eigenbasis starting at
-//! `Q`, exactly as a warm start (batches larger than one storage binding skip it). It is
+//! `Q`, exactly as a warm start (batches whose QR buffers exceed one storage binding
+//! skip it). It is
 //! one step of unshifted QR iteration (`A₁ = R Q`): the leading columns of `Q` span `A`
 //! applied to the leading unit vectors, so the large eigenvalues gather in the leading
 //! rows and the coupling of eigenvalues `λ_i ≪ λ_j` shrinks by about `λ_i / λ_j`. That
@@ -156,8 +157,9 @@ pub struct JacobiOptions<'a> {
     /// From this size on (default 33), a cold start (no `warm_start`) is preconditioned
     /// by one QR step: the sweeps start from `Qᵀ A Q` with the basis at `Q`, for `Q` of
     /// `A = Q R` ([`crate::ops::qr`], no pivoting; module docs). Not a sweep: the sweeps
-    /// reported are the Jacobi sweeps after it. Skipped for batches larger than one
-    /// storage binding; `usize::MAX`: never. Measured on lavapipe (median of 3, one
+    /// reported are the Jacobi sweeps after it. Skipped for batches whose QR buffers do
+    /// not fit one storage binding ([`crate::ops::qr::fits_one_binding`]);
+    /// `usize::MAX`: never. Measured on lavapipe (median of 3, one
     /// matrix, before issue 13's register `block_solve`): graded spectra (1 … 1e-6) at
     /// n = 48, 96, 196 take 9 → 4, 10 → 5, 10 → 4 sweeps and 35 → 19, 213 → 116,
     /// 1147 → 470 ms; a Gram matrix of random data (condition 6) the same sweeps and
@@ -257,7 +259,10 @@ pub fn eigh(ctx: &GpuContext, matrices: &GpuTensor, opts: &JacobiOptions) -> Res
     // The QR preconditioner (see `JacobiOptions::precondition_min_n`): a cold start
     // from the orthonormal factor of A = QR, as a warm start.
     let preconditioner = match opts.warm_start {
-        None if n >= opts.precondition_min_n && !windowed => {
+        None if n >= opts.precondition_min_n
+            && !windowed
+            && qr::fits_one_binding(ctx, batch, n) =>
+        {
             Some(qr::record_orthonormal_factor(&mut rec, matrices, batch, n)?)
         }
         _ => None,
