@@ -52,6 +52,9 @@ struct GemmParams {
     // k_split >= K.
     splits: u32,
     k_split: u32,
+    // Nonzero: batch entry z needs only the columns of C from z * upper_from on; tiles
+    // wholly before that are not dispatched (C kept as it was; see grid_position).
+    upper_from: u32,
 }
 
 override TRANS_A: bool = false;
@@ -291,11 +294,32 @@ fn store(t: Tile, lid: u32, acc: array<vec4<f32>, 4>) {
     }
 }
 
+// The (column tile, row tile, batch entry) of a workgroup. With upper_from, the grid
+// is one row of the tiles batch entries need (one row tile each; entry z from column
+// tile z * upper_from / TILE on), entry after entry; the host keeps wid.x in range.
+fn grid_position(wid: vec3<u32>) -> vec3<u32> {
+    if (p.upper_from == 0u) {
+        return wid;
+    }
+    let tiles = (p.n + TILE - 1u) / TILE;
+    var x = wid.x;
+    var z = 0u;
+    loop {
+        let first = z * p.upper_from / TILE;
+        if (x < tiles - first) {
+            return vec3<u32>(first + x, 0u, z);
+        }
+        x -= tiles - first;
+        z += 1u;
+    }
+    return wid;
+}
+
 // --- Entry points: the same loop with the four combinations of load paths.
 
 @compute @workgroup_size(THREADS)
 fn gemm_ss(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let t = tile_of(wid);
+    let t = tile_of(grid_position(wid));
     var acc: array<vec4<f32>, 4>;
     var ra = fetch_a_s(t, lid, t.k_begin);
     var rb = fetch_b_s(t, lid, t.k_begin);
@@ -315,7 +339,7 @@ fn gemm_ss(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
 
 @compute @workgroup_size(THREADS)
 fn gemm_vs(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let t = tile_of(wid);
+    let t = tile_of(grid_position(wid));
     var acc: array<vec4<f32>, 4>;
     var ra = fetch_a_v(t, lid, t.k_begin);
     var rb = fetch_b_s(t, lid, t.k_begin);
@@ -335,7 +359,7 @@ fn gemm_vs(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
 
 @compute @workgroup_size(THREADS)
 fn gemm_sv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let t = tile_of(wid);
+    let t = tile_of(grid_position(wid));
     var acc: array<vec4<f32>, 4>;
     var ra = fetch_a_s(t, lid, t.k_begin);
     var rb = fetch_b_v(t, lid, t.k_begin);
@@ -355,7 +379,7 @@ fn gemm_sv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
 
 @compute @workgroup_size(THREADS)
 fn gemm_vv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let t = tile_of(wid);
+    let t = tile_of(grid_position(wid));
     var acc: array<vec4<f32>, 4>;
     var ra = fetch_a_v(t, lid, t.k_begin);
     var rb = fetch_b_v(t, lid, t.k_begin);

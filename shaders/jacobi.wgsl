@@ -1086,6 +1086,11 @@ struct GatherParams {
     window: u32,
     // Indices per block (blocks move whole: source(j0 + e) = source(j0) + e within one).
     run: u32,
+    // Nonzero (with symmetrize): only the source's block upper triangle by panels of
+    // `panel` indices is current (the column-panel GEMM computed no more): an entry of
+    // two panels is read where its column panel is the later one, an entry inside one
+    // panel as the mean of both.
+    panel: u32,
 }
 
 @group(0) @binding(0) var<storage, read> bg_map: array<u32>;
@@ -1119,13 +1124,25 @@ fn block_gather(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
     let sj0 = select(j0, gather_source(j0), p.permute_cols != 0u);
     let base = b * p.rows_in * p.cols_in;
     let out = (b * p.rows_out + i) * p.cols_out;
+    // Which of (si, sj) and (sj, si) to read: both (mean), or the one whose column
+    // panel is the later (a block lies inside one panel, so one choice per segment).
+    var direct = true;
+    var mirror = p.symmetrize != 0u;
+    if (mirror && p.panel != 0u) {
+        let row_panel = si / p.panel;
+        let col_panel = sj0 / p.panel;
+        direct = col_panel >= row_panel;
+        mirror = col_panel <= row_panel;
+    }
     for (var e = 0u; e < p.run && j0 + e < p.cols_out; e++) {
         let sj = sj0 + e;
         var x = 0.0;
         if (si < p.rows_in && sj < p.cols_in) {
-            x = mat_a_get(base + si * p.cols_in + sj, p.window);
-            if (p.symmetrize != 0u) {
-                x = 0.5 * (x + mat_a_get(base + sj * p.cols_in + si, p.window));
+            let upper = base + si * p.cols_in + sj;
+            let lower = base + sj * p.cols_in + si;
+            x = mat_a_get(select(lower, upper, direct), p.window);
+            if (direct && mirror) {
+                x = 0.5 * (x + mat_a_get(lower, p.window));
             }
         }
         mat_b_set(out + j0 + e, x, p.window);

@@ -2,7 +2,7 @@
 //! kernels (with split-K) and the matrix-vector kernels, with their parameters.
 
 use super::{Gemm, MAX_GROUPS, TILE};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::{GpuTensor, Kernel, Recorder, grid_1d};
 use crate::kernel_params;
 
@@ -30,6 +30,8 @@ kernel_params! {
         beta: f32,
         splits: u32,
         k_split: u32,
+        /// [`Gemm::upper_from`].
+        upper_from: u32,
     }
 }
 
@@ -159,6 +161,7 @@ impl Part {
             beta: self.beta,
             splits: self.splits as u32,
             k_split: self.k_split as u32,
+            upper_from: g.upper_from as u32,
         }
     }
 }
@@ -185,6 +188,9 @@ pub(super) fn gemm_kernel(rec: &mut Recorder, g: &Gemm, [a, b, c]: [&GpuTensor; 
         kernel = kernel.with("TILE", tile as f64);
     }
     let (splits, k_split) = k_slices(g, rec.context().binding_elements().0);
+    if g.upper_from != 0 {
+        return gemm_upper(rec, g, &kernel, tile, [a, b, c], splits);
+    }
     if splits > 1 {
         return gemm_split_k(rec, g, &kernel, tile, [a, b, c], splits, k_split);
     }
@@ -223,6 +229,53 @@ pub(super) fn gemm_kernel(rec: &mut Recorder, g: &Gemm, [a, b, c]: [&GpuTensor; 
         }
     }
     Ok(())
+}
+
+/// [`Gemm::upper_from`]: one dispatch whose grid is the tiles each batch entry needs
+/// (one row tile per entry; entry `z` from column tile `z · upper_from / tile` on).
+fn gemm_upper(
+    rec: &mut Recorder,
+    g: &Gemm,
+    kernel: &Kernel,
+    tile: usize,
+    [a, b, c]: [&GpuTensor; 3],
+    splits: usize,
+) -> Result<()> {
+    let tiles = g.n.div_ceil(tile);
+    let first = |z: usize| z * g.upper_from / tile;
+    if splits > 1 || g.m > tile || (g.batch - 1) * g.upper_from >= g.n {
+        return Err(Error::gpu(
+            "gemm",
+            format!(
+                "upper_from needs one row tile, no split-K and every entry's first column                  inside C: {g:?}"
+            ),
+        ));
+    }
+    let groups: usize = (0..g.batch).map(|z| tiles - first(z)).sum();
+    if groups > MAX_GROUPS {
+        return Err(Error::gpu(
+            "gemm",
+            format!("upper_from's {groups} tiles exceed one grid row: {g:?}"),
+        ));
+    }
+    let part = Part {
+        m: g.m,
+        n: g.n,
+        offsets: [g.offset_a, g.offset_b, g.offset_c],
+        ldc: g.ldc,
+        stride_c: g.stride_c,
+        alpha: g.alpha,
+        beta: g.beta,
+        splits: 1,
+        k_split: g.k,
+    };
+    rec.dispatch(
+        kernel,
+        &[a, b],
+        &[c],
+        &part.params(g),
+        [groups as u32, 1, 1],
+    )
 }
 
 /// Split-K: the partial product of K slice `s` of batch entry `b` goes to packed

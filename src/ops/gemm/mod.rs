@@ -61,6 +61,11 @@ pub struct Gemm {
     pub ldb: usize,
     /// Row length of C (`≥ n`).
     pub ldc: usize,
+    /// 0, or: batch entry `z` needs only the columns of C from `z · upper_from` on (a
+    /// block upper triangle, e.g. of a symmetric result), and tiles of C whose columns
+    /// all lie before that are skipped, keeping C's values there. Products that take
+    /// split-K, more than one dispatch or binding windows refuse it.
+    pub upper_from: usize,
 }
 
 impl Gemm {
@@ -85,6 +90,7 @@ impl Gemm {
             lda: if trans_a { m } else { k },
             ldb: if trans_b { k } else { n },
             ldc: n,
+            upper_from: 0,
         }
     }
 
@@ -315,6 +321,12 @@ fn gemm_in_windows(rec: &mut Recorder, g: &Gemm, operands: [&GpuTensor; 3]) -> R
     let Some(which) = misfit else {
         return gemm_kernel(rec, &windowed, [&views[0], &views[1], &views[2]]);
     };
+    if g.upper_from != 0 {
+        return Err(Error::gpu(
+            "gemm",
+            format!("upper_from needs operands that fit one binding: {g:?}"),
+        ));
+    }
     let limit = ctx.binding_elements().0;
     // The dimensions along the stored rows and columns of the operand that does not
     // fit: cutting its rows shrinks its span, cutting its columns does once one row is

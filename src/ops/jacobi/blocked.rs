@@ -137,8 +137,9 @@ enum Move {
     Pad,
     /// `[n, n]` → `[m, n]`, blocks of rows in place.
     PadBasis,
-    /// `[m, m]` → `[m, m]`, rows and columns moved, symmetrised.
-    Round(u32),
+    /// `[m, m]` → `[m, m]`, rows and columns moved, symmetrised; with the source's
+    /// block upper triangle (panels of `pair` indices) alone current when `true`.
+    Round(u32, bool),
     /// `[m, n]` → `[m, n]`, rows moved.
     RoundBasis(u32),
     /// `[m, m]` → `[n, n]`, rows and columns moved.
@@ -178,7 +179,7 @@ impl BlockSweeper<'_> {
         let (ri, ci, ro, co, map, cols, sym) = match how {
             Move::Pad => (n, n, m, m, u32::MAX, 1, 0),
             Move::PadBasis => (n, n, m, n, u32::MAX, 0, 0),
-            Move::Round(t) => (m, m, m, m, t, 1, 1),
+            Move::Round(t, _) => (m, m, m, m, t, 1, 1),
             Move::RoundBasis(t) => (m, n, m, n, t, 0, 0),
             Move::Unpad(t) => (m, m, n, n, t, 1, 0),
             Move::UnpadBasis(t) => (m, n, n, n, t, 0, 0),
@@ -200,6 +201,10 @@ impl BlockSweeper<'_> {
                 symmetrize: sym,
                 window: self.problem.window as u32,
                 run: self.plan.block as u32,
+                panel: match how {
+                    Move::Round(_, true) => self.plan.pair() as u32,
+                    _ => 0,
+                },
             },
             [
                 (ro * co.div_ceil(self.plan.block)).div_ceil(WORKGROUP_SIZE) as u32,
@@ -227,6 +232,12 @@ impl Sweeper for BlockSweeper<'_> {
             .map(|&norm| (f64::from(self.tol) * norm / blocks as f64) as f32)
             .collect();
         let thresholds = ctx.upload(&thresholds, &[batch])?;
+        // Rᵀ A R is symmetric: the column-panel GEMM computes only its block upper
+        // triangle (tiles of slot s from column s·pair on), and the next round's gather
+        // reads that part, except after a sweep's last round (whose A the norms and the
+        // unpadding read whole) and on windowed buffers (GEMMs cut into windows).
+        let windowed = batch * m * m > self.problem.window;
+        let mut upper_only = false;
         for round in 0..blocks - 1 {
             let map = match (round, self.sweeps) {
                 (0, 0) => 0,
@@ -234,7 +245,7 @@ impl Sweeper for BlockSweeper<'_> {
                 (r, _) => r,
             } as u32;
             let [a, scratch] = &self.a;
-            self.gather(ctx, rec, Move::Round(map), a, scratch)?;
+            self.gather(ctx, rec, Move::Round(map, upper_only), a, scratch)?;
             self.gather(ctx, rec, Move::RoundBasis(map), &self.w[0], &self.w[1])?;
             let [s0, s1, s2] = self.problem.windows(ctx, scratch)?;
             rec.dispatch(
@@ -252,6 +263,7 @@ impl Sweeper for BlockSweeper<'_> {
                 },
                 grid_1d((batch * h) as u32),
             )?;
+            let upper_only_next = !windowed && round + 2 < blocks;
             // a = Rᵀ · scratch (row panels of every matrix), then
             // scratch = Rᵀ · aᵀ = Rᵀ A R (per matrix: the column panels of a).
             let rows = Gemm::new(pair, m, pair, false, false).batched(batch * h);
@@ -265,8 +277,12 @@ impl Sweeper for BlockSweeper<'_> {
                 cols.offset_c = b * m * m;
                 cols.stride_c = pair * m;
                 cols.ldc = m;
+                if upper_only_next {
+                    cols.upper_from = pair;
+                }
                 gemm(rec, &cols, &self.rotations, a, scratch)?;
             }
+            upper_only = upper_only_next;
             let basis = Gemm::new(pair, n, pair, false, false).batched(batch * h);
             gemm(rec, &basis, &self.rotations, &self.w[1], &self.w[0])?;
             self.a.swap(0, 1);

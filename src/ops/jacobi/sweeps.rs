@@ -77,6 +77,9 @@ kernel_params! {
         window: u32,
         /// Indices per block: blocks move whole, one look-up per row segment.
         run: u32,
+        /// Nonzero (with `symmetrize`): only the block upper triangle of the source, by
+        /// panels of `panel` indices, is current.
+        panel: u32,
     }
 }
 
