@@ -3,6 +3,7 @@
 
 pub mod child;
 pub mod curvlinops;
+pub mod golden_cnn;
 pub mod reference;
 
 use std::sync::{Mutex, MutexGuard, OnceLock};
