@@ -3,8 +3,9 @@
 // (SPEC §3.2; src/loss/ is the f64 reference) and the Philox4x32-10 generator of the MC
 // contract (src/rng.rs). Bindings follow src/gpu/pipeline.rs: reads, writes, params.
 //
-// backprop_vectors (in each loss file): (logits [B, C] f32, labels [B] u32, targets
-//   [B, C] f32; vectors [nv, B, C] f32; params). One invocation per (v, n), v-major;
+// backprop_vectors (here, calling the loss file's write_vectors): (logits [B, C] f32,
+//   labels [B] u32, targets [B, C] f32; vectors [nv, B, C] f32; params). One
+//   invocation per (v, n), v-major;
 //   grid_1d over ceil(nv·B / 256) workgroups of 256. `labels` is read for cross-entropy,
 //   `targets` for MSE/BCE (the wrapper binds the logits in place of the unused one).
 // philox_blocks: (; words [B, M, Cc, 4] u32; params): the raw Philox blocks of counters
@@ -150,6 +151,21 @@ fn sigmoid(v: f32) -> f32 {
 
 fn logit(n: u32, i: u32) -> f32 {
     return logits[n * params.classes + i];
+}
+
+// One invocation per (v, n), v-major; the loss file's write_vectors writes the vector.
+@compute @workgroup_size(256)
+fn backprop_vectors(@builtin(workgroup_id) wid: vec3<u32>,
+                    @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(local_invocation_index) lid: u32) {
+    let t = (wid.x + wid.y * nwg.x) * 256u + lid;
+    let b = params.batch;
+    if (t >= params.num_vectors * b) {
+        return;
+    }
+    let v = t / b;
+    let n = t % b;
+    write_vectors(v, n, params.batch_start + n, (v * b + n) * params.classes);
 }
 
 @compute @workgroup_size(256)

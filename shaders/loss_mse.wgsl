@@ -3,20 +3,9 @@
 // type-2: scale·e_v; empirical/MC: (f − y)·scale, with y the target, or for MC sample v
 // y = f + √0.5·ε.
 
-@compute @workgroup_size(256)
-fn backprop_vectors(@builtin(workgroup_id) wid: vec3<u32>,
-                    @builtin(num_workgroups) nwg: vec3<u32>,
-                    @builtin(local_invocation_index) lid: u32) {
-    let t = (wid.x + wid.y * nwg.x) * 256u + lid;
-    let b = params.batch;
+// Vector v of example n (global index global_n, the MC counter) into vectors[out..out + C].
+fn write_vectors(v: u32, n: u32, global_n: u32, out: u32) {
     let cc = params.classes;
-    if (t >= params.num_vectors * b) {
-        return;
-    }
-    let v = t / b;
-    let n = t % b;
-    let global_n = params.batch_start + n;
-    let out = (v * b + n) * cc;
     let scale = params.scale;
 
     if (params.mode == 0u) {

@@ -7,8 +7,8 @@
 //   batch_norm_backward_plain: src = grad_out, var1;     out2 = grad_in; bn_params3
 //   layer_norm_forward:        src = x, weight, bias;    out3 = y;       row_params4
 //   layer_norm_forward_plain:  src = x;                  out1 = y;       row_params2
-//   layer_norm_backward:       src = x, weight, grad_ln; out3 = grad_in; row_params4
-//   layer_norm_backward_plain: src = x, grad_plain;      out2 = grad_in; row_params3
+//   layer_norm_backward:       src = x, weight (x if AFFINE = 0), grad_ln; out3 = grad_in;
+//                              row_params4
 //
 // BatchNorm in eval mode is a per-channel affine map,
 // y = (x - mean[c]) / sqrt(var[c] + eps) * weight[c] + bias[c] (weight 1 and bias 0
@@ -46,7 +46,6 @@ struct RowParams {
 @group(0) @binding(1) var<storage, read> mean: array<f32>;
 @group(0) @binding(1) var<storage, read> var1: array<f32>;
 @group(0) @binding(1) var<storage, read> weight: array<f32>;
-@group(0) @binding(1) var<storage, read> grad_plain: array<f32>;
 @group(0) @binding(1) var<storage, read_write> out1: array<f32>;
 @group(0) @binding(2) var<storage, read> var2: array<f32>;
 @group(0) @binding(2) var<storage, read> bias: array<f32>;
@@ -56,7 +55,6 @@ struct RowParams {
 @group(0) @binding(3) var<storage, read> bn_weight: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out3: array<f32>;
 @group(0) @binding(3) var<storage, read> bn_params3: ChannelParams;
-@group(0) @binding(3) var<storage, read> row_params3: RowParams;
 @group(0) @binding(4) var<storage, read> bn_bias: array<f32>;
 @group(0) @binding(4) var<storage, read> bn_params4: ChannelParams;
 @group(0) @binding(4) var<storage, read> row_params4: RowParams;
@@ -161,6 +159,18 @@ fn layer_norm_forward_plain(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_
     }
 }
 
+// 1: g = grad_out * weight; 0 (no affine parameters): g = grad_out, and the wrapper
+// binds x in place of the weight, which is then never read.
+override AFFINE: u32 = 1u;
+
+// g of element `i` of the gradient stack, in column `j`.
+fn layer_norm_g(i: u32, j: u32) -> f32 {
+    if (AFFINE == 1u) {
+        return grad_ln[i] * weight[j];
+    }
+    return grad_ln[i];
+}
+
 @compute @workgroup_size(256)
 fn layer_norm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                        @builtin(local_invocation_index) lid: u32) {
@@ -173,37 +183,14 @@ fn layer_norm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workg
     var sg = 0.0;
     var sgx = 0.0;
     for (var j = l.lane; j < d; j += p.lanes) {
-        let g = grad_ln[base + j] * weight[j];
+        let g = layer_norm_g(base + j, j);
         sg += g;
         sgx += g * (src[x_base + j] - stats.x) * stats.y;
     }
     let sums = row_sum2(l, lid, p.lanes, sg, sgx) / f32(p.d);
     for (var j = l.lane; j < d; j += p.lanes) {
-        let g = grad_ln[base + j] * weight[j];
+        let g = layer_norm_g(base + j, j);
         let xhat = (src[x_base + j] - stats.x) * stats.y;
         out3[base + j] = (g - sums.x - xhat * sums.y) * stats.y;
-    }
-}
-
-@compute @workgroup_size(256)
-fn layer_norm_backward_plain(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                             @builtin(local_invocation_index) lid: u32) {
-    let p = row_params3;
-    let l = lane_of(wid, nwg, lid, p.lanes);
-    let d = select(0u, p.d, l.row < p.rows && p.x_rows != 0u);
-    let base = l.row * p.d;
-    let x_base = (l.row % max(p.x_rows, 1u)) * p.d;
-    let stats = row_statistics(l, lid, p.lanes, x_base, d, p.eps);
-    var sg = 0.0;
-    var sgx = 0.0;
-    for (var j = l.lane; j < d; j += p.lanes) {
-        let g = grad_plain[base + j];
-        sg += g;
-        sgx += g * (src[x_base + j] - stats.x) * stats.y;
-    }
-    let sums = row_sum2(l, lid, p.lanes, sg, sgx) / f32(p.d);
-    for (var j = l.lane; j < d; j += p.lanes) {
-        let xhat = (src[x_base + j] - stats.x) * stats.y;
-        out2[base + j] = (grad_plain[base + j] - sums.x - xhat * sums.y) * stats.y;
     }
 }

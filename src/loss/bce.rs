@@ -4,7 +4,7 @@
 //! Bernoulli of `σ(f)` (`shaders/loss_bce.wgsl`). Type-2 needs binary targets, as in
 //! curvlinops 3.0.1.
 
-use super::{Loss, SampledTarget, Target, sigmoid};
+use super::{Loss, SampledTarget, Target, dense_kernel_scale, sigmoid};
 use crate::curvature::{FisherType, LossKind, Reduction};
 use crate::error::{Error, Result};
 use crate::ops::loss::LossKernel;
@@ -75,17 +75,7 @@ impl Loss for Bce {
         batch: usize,
         outputs: usize,
     ) -> f64 {
-        let (b, c) = (batch as f64, outputs as f64);
-        let mean = reduction == Reduction::Mean;
-        if fisher == FisherType::Type2 {
-            let sigma_b = if mean { 1.0 / b } else { 1.0 };
-            let c_c = if mean { 1.0 / c } else { 1.0 };
-            sigma_b * c_c.sqrt()
-        } else if mean {
-            1.0 / (b * c.sqrt())
-        } else {
-            1.0
-        }
+        dense_kernel_scale(self, fisher, reduction, batch, outputs, 1.0)
     }
 
     fn kernel(&self) -> LossKernel {

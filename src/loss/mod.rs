@@ -151,6 +151,25 @@ fn type2_scales(loss: &dyn Loss, reduction: Reduction, batch: usize, outputs: us
     }
 }
 
+/// [`Loss::kernel_scale`] of a loss with dense targets whose gradient carries the
+/// factor `k` (MSE `2(f − y)`: 2, BCE `σ(f) − y`: 1) and whose Hessian square root is
+/// `√k` times that of `c_C`: type-2 `σ_b·√(k·c_C)`, empirical and MC `k·σ'`.
+fn dense_kernel_scale(
+    loss: &dyn Loss,
+    fisher: FisherType,
+    reduction: Reduction,
+    batch: usize,
+    outputs: usize,
+    k: f64,
+) -> f64 {
+    if fisher == FisherType::Type2 {
+        let (sigma_b, c_c) = type2_scales(loss, reduction, batch, outputs);
+        sigma_b * (k * c_c).sqrt()
+    } else {
+        k * loss.gradient_scale(reduction, batch, outputs)
+    }
+}
+
 /// The backpropagated vectors of one batch.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BatchVectors {

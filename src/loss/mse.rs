@@ -2,7 +2,7 @@
 //! the mean): gradient `2(f − y)`, Hessian `2I`, MC targets `f + √0.5·ε`
 //! (`shaders/loss_mse.wgsl`).
 
-use super::{Loss, SampledTarget, Target};
+use super::{Loss, SampledTarget, Target, dense_kernel_scale};
 use crate::curvature::{FisherType, LossKind, Reduction};
 use crate::ops::loss::LossKernel;
 use crate::rng::Philox;
@@ -51,16 +51,7 @@ impl Loss for Mse {
         batch: usize,
         outputs: usize,
     ) -> f64 {
-        let (b, c) = (batch as f64, outputs as f64);
-        let mean = reduction == Reduction::Mean;
-        if fisher == FisherType::Type2 {
-            let sigma_b = if mean { 1.0 / b } else { 1.0 };
-            let c_c = if mean { 1.0 / c } else { 1.0 };
-            sigma_b * (2.0 * c_c).sqrt()
-        } else {
-            let sigma_prime = if mean { 1.0 / (b * c.sqrt()) } else { 1.0 };
-            2.0 * sigma_prime
-        }
+        dense_kernel_scale(self, fisher, reduction, batch, outputs, 2.0)
     }
 
     fn kernel(&self) -> LossKernel {

@@ -29,29 +29,10 @@ kernel_params! {
     }
 }
 
-macro_rules! loss_shader {
-    ($name:literal) => {
-        Shader {
-            name: $name,
-            source: concat!(
-                include_str!(concat!(
-                    env!("CARGO_MANIFEST_DIR"),
-                    "/shaders/loss_common.wgsl"
-                )),
-                include_str!(concat!(
-                    env!("CARGO_MANIFEST_DIR"),
-                    "/shaders/",
-                    $name,
-                    ".wgsl"
-                ))
-            ),
-        }
-    };
-}
-
-pub(crate) static LOSS_MSE: Shader = loss_shader!("loss_mse");
-pub(crate) static LOSS_CROSS_ENTROPY: Shader = loss_shader!("loss_cross_entropy");
-pub(crate) static LOSS_BCE: Shader = loss_shader!("loss_bce");
+pub(crate) static LOSS_MSE: Shader = crate::shader!("loss_mse" after "loss_common");
+pub(crate) static LOSS_CROSS_ENTROPY: Shader =
+    crate::shader!("loss_cross_entropy" after "loss_common");
+pub(crate) static LOSS_BCE: Shader = crate::shader!("loss_bce" after "loss_common");
 
 /// Which loss kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

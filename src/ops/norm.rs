@@ -241,23 +241,19 @@ pub fn layer_norm_backward(
     let rows = grad_out.len() / d;
     let kernel_params = row_params(op, rows, x_rows, d, eps)?;
     let workgroups = row_grid(rows, d);
-    match weight {
+    // Without affine parameters `x` stands in for the weight, which the kernel never reads.
+    let (weight, affine) = match weight {
         Some(weight) => {
             expect_len(op, "weight", weight, d)?;
-            rec.dispatch(
-                &Kernel::new(&super::NORM, "layer_norm_backward"),
-                &[x, weight, grad_out],
-                &[grad_in],
-                &kernel_params,
-                workgroups,
-            )
+            (weight, 1.0)
         }
-        None => rec.dispatch(
-            &Kernel::new(&super::NORM, "layer_norm_backward_plain"),
-            &[x, grad_out],
-            &[grad_in],
-            &kernel_params,
-            workgroups,
-        ),
-    }
+        None => (x, 0.0),
+    };
+    rec.dispatch(
+        &Kernel::new(&super::NORM, "layer_norm_backward").with("AFFINE", affine),
+        &[x, weight, grad_out],
+        &[grad_in],
+        &kernel_params,
+        workgroups,
+    )
 }

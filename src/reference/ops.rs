@@ -54,16 +54,15 @@ pub fn linear_backward_input(
         batch * out_features,
     );
     check_len("linear weight", weight.len(), out_features * in_features);
-    let mut dx = vec![0.0; batch * in_features];
-    for n in 0..batch {
-        for o in 0..out_features {
-            let g = grad_out[n * out_features + o];
-            for i in 0..in_features {
-                dx[n * in_features + i] += g * weight[o * in_features + i];
-            }
-        }
-    }
-    dx
+    accumulate_rows(
+        grad_out,
+        weight,
+        batch,
+        in_features,
+        out_features,
+        batch,
+        |n, o| (n, o),
+    )
 }
 
 /// Weight gradient of a linear layer, `Gᵀ·X`: `grad_out [batch, out_features]`,
@@ -81,16 +80,40 @@ pub fn linear_backward_weight(
         batch * out_features,
     );
     check_len("linear input", x.len(), batch * in_features);
-    let mut dw = vec![0.0; out_features * in_features];
+    accumulate_rows(
+        grad_out,
+        x,
+        batch,
+        in_features,
+        out_features,
+        out_features,
+        |n, o| (o, n),
+    )
+}
+
+/// The two backward products of a linear layer: `rows` result rows of `in_features`,
+/// where for every `(n, o)` in order, with `(to, from) = pair(n, o)`, row `to` gains
+/// `grad_out[n, o]·src[from]` (`src` rows of `in_features`).
+fn accumulate_rows(
+    grad_out: &[f64],
+    src: &[f64],
+    batch: usize,
+    in_features: usize,
+    out_features: usize,
+    rows: usize,
+    pair: impl Fn(usize, usize) -> (usize, usize),
+) -> Vec<f64> {
+    let mut acc = vec![0.0; rows * in_features];
     for n in 0..batch {
         for o in 0..out_features {
             let g = grad_out[n * out_features + o];
+            let (to, from) = pair(n, o);
             for i in 0..in_features {
-                dw[o * in_features + i] += g * x[n * in_features + i];
+                acc[to * in_features + i] += g * src[from * in_features + i];
             }
         }
     }
-    dw
+    acc
 }
 
 /// Bias gradient of a linear layer, the column sums of `grad_out [batch, out_features]`
