@@ -52,9 +52,11 @@ struct GemmParams {
     // k_split >= K.
     splits: u32,
     k_split: u32,
-    // Nonzero: batch entry z needs only the columns of C from z * upper_from on; tiles
-    // wholly before that are not dispatched (C kept as it was; see grid_position).
+    // Nonzero: batch entry z needs only the columns of C from z * upper_from on, or
+    // (lower_to) before (z + 1) * lower_to; tiles wholly outside are not dispatched (C
+    // kept as it was there; see grid_position).
     upper_from: u32,
+    lower_to: u32,
 }
 
 override TRANS_A: bool = false;
@@ -294,25 +296,35 @@ fn store(t: Tile, lid: u32, acc: array<vec4<f32>, 4>) {
     }
 }
 
-// The (column tile, row tile, batch entry) of a workgroup. With upper_from, the grid
-// is one row of the tiles batch entries need (one row tile each; entry z from column
-// tile z * upper_from / TILE on), entry after entry; the host keeps wid.x in range.
+// The (column tile, row tile, batch entry) of a workgroup. With upper_from or
+// lower_to, the grid is one row of the tiles batch entries need (one row tile each;
+// entry z's column tiles [first, end) of tile_range), entry after entry; the host keeps
+// wid.x in range.
 fn grid_position(wid: vec3<u32>) -> vec3<u32> {
-    if (p.upper_from == 0u) {
+    if (p.upper_from == 0u && p.lower_to == 0u) {
         return wid;
     }
-    let tiles = (p.n + TILE - 1u) / TILE;
     var x = wid.x;
     var z = 0u;
     loop {
-        let first = z * p.upper_from / TILE;
-        if (x < tiles - first) {
-            return vec3<u32>(first + x, 0u, z);
+        let range = tile_range(z);
+        if (x < range.y - range.x) {
+            return vec3<u32>(range.x + x, 0u, z);
         }
-        x -= tiles - first;
+        x -= range.y - range.x;
         z += 1u;
     }
     return wid;
+}
+
+// The column tiles [x, y) that batch entry z needs (see upper_from, lower_to).
+fn tile_range(z: u32) -> vec2<u32> {
+    let tiles = (p.n + TILE - 1u) / TILE;
+    var end = tiles;
+    if (p.lower_to != 0u) {
+        end = min(tiles, ((z + 1u) * p.lower_to + TILE - 1u) / TILE);
+    }
+    return vec2<u32>(z * p.upper_from / TILE, end);
 }
 
 // --- Entry points: the same loop with the four combinations of load paths.

@@ -476,49 +476,57 @@ fn operands_larger_than_one_binding() {
     }
 }
 
-/// `upper_from`: each batch entry's columns from `z · upper_from` on are bitwise those of
-/// the full product (whole tiles before them may be computed too), every C element of a
-/// tile wholly before them keeps its value, and shapes it cannot serve are errors.
+/// `upper_from` (`lower_to`): each batch entry's columns from `z · upper_from` on (before
+/// `(z + 1) · lower_to`) are bitwise those of the full product (whole tiles outside may
+/// be computed too), every C element of a tile wholly outside keeps its value, and shapes
+/// they cannot serve are errors.
 #[test]
-fn upper_from_computes_the_block_upper_triangle() {
+fn upper_from_and_lower_to_compute_block_triangles() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = TestRng::new(57);
-    // (rows, columns, K, batch, upper_from): the blocked Jacobi's column panels (rows =
-    // K = the pair, columns = batch · pair), a pair that does not divide the tile, and
-    // the small tile.
-    for (m, n, k, batch, upper) in [(32, 256, 32, 8, 32), (28, 196, 28, 7, 28), (8, 40, 8, 5, 8)] {
+    // (rows, columns, K, batch, panel): the blocked Jacobi's panels (rows = K = the
+    // pair, columns = batch · pair), a pair that does not divide the tile, and the small
+    // tile.
+    for (m, n, k, batch, panel) in [(32, 256, 32, 8, 32), (28, 196, 28, 7, 28), (8, 40, 8, 5, 8)] {
         let a = ctx.upload(&rng.vec(batch * m * k), &[batch, m, k]).unwrap();
         let b = ctx.upload(&rng.vec(batch * k * n), &[batch, k, n]).unwrap();
         let sentinel = vec![-7.5f32; batch * m * n];
         let full = ctx.zeros(&[batch, m, n]).unwrap();
-        let upper_c = ctx.upload(&sentinel, &[batch, m, n]).unwrap();
+        let upper = ctx.upload(&sentinel, &[batch, m, n]).unwrap();
+        let lower = ctx.upload(&sentinel, &[batch, m, n]).unwrap();
         let mut g = Gemm::new(m, n, k, false, false).batched(batch);
         let mut rec = ctx.recorder();
         gemm(&mut rec, &g, &a, &b, &full).unwrap();
-        g.upper_from = upper;
-        gemm(&mut rec, &g, &a, &b, &upper_c).unwrap();
+        g.upper_from = panel;
+        gemm(&mut rec, &g, &a, &b, &upper).unwrap();
+        g.upper_from = 0;
+        g.lower_to = panel;
+        gemm(&mut rec, &g, &a, &b, &lower).unwrap();
         rec.submit().unwrap();
         let full = ctx.read(&full).unwrap();
-        let got = ctx.read(&upper_c).unwrap();
+        let upper = ctx.read(&upper).unwrap();
+        let lower = ctx.read(&lower).unwrap();
         let tile = if m.max(n) <= 16 { 16 } else { 32 };
         for z in 0..batch {
             for r in 0..m {
                 for c in 0..n {
                     let i = (z * m + r) * n + c;
-                    if c >= z * upper {
-                        assert_eq!(
-                            got[i].to_bits(),
-                            full[i].to_bits(),
-                            "({m}, {n}) z {z} ({r}, {c})"
-                        );
-                    } else if c < z * upper / tile * tile {
-                        assert_eq!(got[i], -7.5, "({m}, {n}) z {z} ({r}, {c}) was written");
+                    let at = format!("({m}, {n}) z {z} ({r}, {c})");
+                    if c >= z * panel {
+                        assert_eq!(upper[i].to_bits(), full[i].to_bits(), "upper {at}");
+                    } else if c < z * panel / tile * tile {
+                        assert_eq!(upper[i], -7.5, "upper {at} was written");
+                    }
+                    if c < (z + 1) * panel {
+                        assert_eq!(lower[i].to_bits(), full[i].to_bits(), "lower {at}");
+                    } else if c >= ((z + 1) * panel).div_ceil(tile) * tile {
+                        assert_eq!(lower[i], -7.5, "lower {at} was written");
                     }
                 }
             }
         }
     }
-    // Split-K (a long K) and entries whose first column lies outside C are refused.
+    // Split-K (a long K) and an entry that needs no tile of C are refused.
     let a = ctx.zeros(&[2, 8, 4096]).unwrap();
     let b = ctx.zeros(&[2, 4096, 8]).unwrap();
     let c = ctx.zeros(&[2, 8, 8]).unwrap();
@@ -527,6 +535,6 @@ fn upper_from_computes_the_block_upper_triangle() {
     g.upper_from = 4;
     assert!(gemm(&mut rec, &g, &a, &b, &c).is_err());
     let mut g = Gemm::new(8, 8, 8, false, false).batched(2);
-    g.upper_from = 8;
+    g.upper_from = 16;
     assert!(gemm(&mut rec, &g, &a, &b, &c).is_err());
 }

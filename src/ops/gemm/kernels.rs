@@ -32,6 +32,8 @@ kernel_params! {
         k_split: u32,
         /// [`Gemm::upper_from`].
         upper_from: u32,
+        /// [`Gemm::lower_to`].
+        lower_to: u32,
     }
 }
 
@@ -162,6 +164,7 @@ impl Part {
             splits: self.splits as u32,
             k_split: self.k_split as u32,
             upper_from: g.upper_from as u32,
+            lower_to: g.lower_to as u32,
         }
     }
 }
@@ -188,8 +191,8 @@ pub(super) fn gemm_kernel(rec: &mut Recorder, g: &Gemm, [a, b, c]: [&GpuTensor; 
         kernel = kernel.with("TILE", tile as f64);
     }
     let (splits, k_split) = k_slices(g, rec.context().binding_elements().0);
-    if g.upper_from != 0 {
-        return gemm_upper(rec, g, &kernel, tile, [a, b, c], splits);
+    if g.upper_from != 0 || g.lower_to != 0 {
+        return gemm_triangle(rec, g, &kernel, tile, [a, b, c], splits);
     }
     if splits > 1 {
         return gemm_split_k(rec, g, &kernel, tile, [a, b, c], splits, k_split);
@@ -231,9 +234,11 @@ pub(super) fn gemm_kernel(rec: &mut Recorder, g: &Gemm, [a, b, c]: [&GpuTensor; 
     Ok(())
 }
 
-/// [`Gemm::upper_from`]: one dispatch whose grid is the tiles each batch entry needs
-/// (one row tile per entry; entry `z` from column tile `z · upper_from / tile` on).
-fn gemm_upper(
+/// [`Gemm::upper_from`], [`Gemm::lower_to`]: one dispatch whose grid is the tiles each
+/// batch entry needs (one row tile per entry; entry `z` from column tile
+/// `z · upper_from / tile` on, up to the tile that holds column `(z + 1) · lower_to − 1`),
+/// as the shader's `grid_position` decodes it.
+fn gemm_triangle(
     rec: &mut Recorder,
     g: &Gemm,
     kernel: &Kernel,
@@ -243,19 +248,24 @@ fn gemm_upper(
 ) -> Result<()> {
     let tiles = g.n.div_ceil(tile);
     let first = |z: usize| z * g.upper_from / tile;
-    if splits > 1 || g.m > tile || (g.batch - 1) * g.upper_from >= g.n {
+    let end = |z: usize| match g.lower_to {
+        0 => tiles,
+        l => tiles.min(((z + 1) * l).div_ceil(tile)),
+    };
+    if splits > 1 || g.m > tile || (0..g.batch).any(|z| first(z) >= end(z)) {
         return Err(Error::gpu(
             "gemm",
             format!(
-                "upper_from needs one row tile, no split-K and every entry's first column                  inside C: {g:?}"
+                "upper_from and lower_to need one row tile, no split-K and some columns of \
+                 every entry: {g:?}"
             ),
         ));
     }
-    let groups: usize = (0..g.batch).map(|z| tiles - first(z)).sum();
+    let groups: usize = (0..g.batch).map(|z| end(z) - first(z)).sum();
     if groups > MAX_GROUPS {
         return Err(Error::gpu(
             "gemm",
-            format!("upper_from's {groups} tiles exceed one grid row: {g:?}"),
+            format!("the {groups} tiles needed exceed one grid row: {g:?}"),
         ));
     }
     let part = Part {

@@ -66,6 +66,9 @@ pub struct Gemm {
     /// all lie before that are skipped, keeping C's values there. Products that take
     /// split-K, more than one dispatch or binding windows refuse it.
     pub upper_from: usize,
+    /// 0, or: batch entry `z` needs only the columns of C before `(z + 1) · lower_to` (a
+    /// block lower triangle), likewise.
+    pub lower_to: usize,
 }
 
 impl Gemm {
@@ -91,6 +94,7 @@ impl Gemm {
             ldb: if trans_b { k } else { n },
             ldc: n,
             upper_from: 0,
+            lower_to: 0,
         }
     }
 
@@ -321,10 +325,10 @@ fn gemm_in_windows(rec: &mut Recorder, g: &Gemm, operands: [&GpuTensor; 3]) -> R
     let Some(which) = misfit else {
         return gemm_kernel(rec, &windowed, [&views[0], &views[1], &views[2]]);
     };
-    if g.upper_from != 0 {
+    if g.upper_from != 0 || g.lower_to != 0 {
         return Err(Error::gpu(
             "gemm",
-            format!("upper_from needs operands that fit one binding: {g:?}"),
+            format!("upper_from and lower_to need operands that fit one binding: {g:?}"),
         ));
     }
     let limit = ctx.binding_elements().0;

@@ -266,7 +266,11 @@ impl Sweeper for BlockSweeper<'_> {
             let upper_only_next = !windowed && round + 2 < blocks;
             // a = Rᵀ · scratch (row panels of every matrix), then
             // scratch = Rᵀ · aᵀ = Rᵀ A R (per matrix: the column panels of a).
-            let rows = Gemm::new(pair, m, pair, false, false).batched(batch * h);
+            let mut rows = Gemm::new(pair, m, pair, false, false).batched(batch * h);
+            if upper_only_next && batch == 1 {
+                // The column-panel GEMM below reads only a's block lower triangle.
+                rows.lower_to = pair;
+            }
             gemm(rec, &rows, &self.rotations, scratch, a)?;
             for b in 0..batch {
                 let mut cols = Gemm::new(pair, m, pair, false, true).batched(h);
