@@ -13,10 +13,8 @@ use ekfac::curvature::operator::Approximation;
 use ekfac::curvature::validate::check_eigenvectors;
 use ekfac::error::Error;
 use ekfac::gpu::GpuContext;
-use ekfac::graph::Model;
-use ekfac::model::TensorFile;
 
-use crate::{budget_bytes, check_damping, stall_for_tests, written};
+use crate::{budget_bytes, check_damping, check_files, load_model, stall_for_tests, written};
 
 #[derive(Args)]
 pub(crate) struct PlotArgs {
@@ -111,20 +109,8 @@ pub(crate) fn run_influence(args: &InfluenceArgs, console: &Console, quiet: bool
         })?;
         outputs.push(("--report", file.as_path()));
     }
-    for &(name, path) in &inputs {
-        if name == "--train" || name == "--query" {
-            ekfac::io::check_data_input(path, name, &outputs)?;
-            continue;
-        }
-        let limit = (name == "--model").then_some(ekfac::io::MAX_JSON_BYTES);
-        ekfac::io::check_input(path, name, limit)?;
-    }
-    ekfac::io::check_outputs(&inputs, &outputs)?;
-    let graph = ekfac::graph::json::from_json_str(
-        &ekfac::io::read_json_text(&args.model, "--model")?,
-        args.model.display(),
-    )?;
-    let model = Model::from_tensor_file(graph, &TensorFile::load(&args.weights)?)?;
+    check_files(&inputs, &outputs, &["--train", "--query"])?;
+    let model = load_model(&args.model, &args.weights)?;
     let state = CurvatureState::load(&args.state)?;
     check_state_matches(&state, &model, &args.state.display().to_string())?;
     // Memory-mapped (or every shard of a directory), read a batch at a time; the

@@ -354,21 +354,8 @@ fn load_fit_inputs(args: &FitArgs, options: &Options) -> Result<Loaded> {
     if let Some(p) = &args.init_state {
         inputs.push(("--init-state", p.as_path()));
     }
-    let outputs = outputs(args);
-    for &(name, path) in &inputs {
-        if name == "--data" {
-            ekfac::io::check_data_input(path, name, &outputs)?;
-            continue;
-        }
-        let limit = (name == "--model").then_some(ekfac::io::MAX_JSON_BYTES);
-        ekfac::io::check_input(path, name, limit)?;
-    }
-    ekfac::io::check_outputs(&inputs, &outputs)?;
-    let graph = ekfac::graph::json::from_json_str(
-        &ekfac::io::read_json_text(&args.model, "--model")?,
-        args.model.display(),
-    )?;
-    let model = Model::from_tensor_file(graph, &TensorFile::load(&args.weights)?)?;
+    check_files(&inputs, &outputs(args), &["--data"])?;
+    let model = load_model(&args.model, &args.weights)?;
     let previous = args
         .init_state
         .as_deref()
@@ -392,6 +379,34 @@ fn load_fit_inputs(args: &FitArgs, options: &Options) -> Result<Loaded> {
         data,
         ctx,
     })
+}
+
+/// Checks a command's files before any work: each input exists and is readable
+/// (`--model` within the JSON size limit; the flags in `data` are data inputs, a file or
+/// a shard directory, that no output may be), and no output overwrites an input.
+fn check_files(
+    inputs: &[(&str, &std::path::Path)],
+    outputs: &[(&str, &std::path::Path)],
+    data: &[&str],
+) -> Result<()> {
+    for &(name, path) in inputs {
+        if data.contains(&name) {
+            ekfac::io::check_data_input(path, name, outputs)?;
+            continue;
+        }
+        let limit = (name == "--model").then_some(ekfac::io::MAX_JSON_BYTES);
+        ekfac::io::check_input(path, name, limit)?;
+    }
+    ekfac::io::check_outputs(inputs, outputs)
+}
+
+/// The model of `--model` (graph JSON) with the weights of `--weights` (safetensors).
+fn load_model(model: &std::path::Path, weights: &std::path::Path) -> Result<Model> {
+    let graph = ekfac::graph::json::from_json_str(
+        &ekfac::io::read_json_text(model, "--model")?,
+        model.display(),
+    )?;
+    Model::from_tensor_file(graph, &TensorFile::load(weights)?)
 }
 
 /// The ranks of this fit: MPI's world with the `mpi` feature (one rank without
