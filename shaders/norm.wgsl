@@ -2,13 +2,13 @@
 // Bindings follow src/gpu/pipeline.rs (reads, then writes, then params), each entry
 // point through its own globals:
 //   batch_norm_forward:        src = x, mean, var2, bn_weight, bn_bias; out5 = y; bn_params6
-//   batch_norm_forward_plain:  src = x, mean, var2;      out3 = y;       bn_params4
 //   batch_norm_backward:       src = grad_out, weight, var2; out3 = grad_in; bn_params4
-//   batch_norm_backward_plain: src = grad_out, var1;     out2 = grad_in; bn_params3
 //   layer_norm_forward:        src = x, weight, bias;    out3 = y;       row_params4
 //   layer_norm_forward_plain:  src = x;                  out1 = y;       row_params2
-//   layer_norm_backward:       src = x, weight (x if AFFINE = 0), grad_ln; out3 = grad_in;
-//                              row_params4
+//   layer_norm_backward:       src = x, weight, grad_ln; out3 = grad_in; row_params4
+// Without affine parameters (AFFINE = 0) batch_norm_forward binds mean in place of
+// bn_weight and bn_bias, batch_norm_backward var in place of weight, layer_norm_backward
+// x in place of weight.
 //
 // BatchNorm in eval mode is a per-channel affine map,
 // y = (x - mean[c]) / sqrt(var[c] + eps) * weight[c] + bias[c] (weight 1 and bias 0
@@ -44,17 +44,14 @@ struct RowParams {
 
 @group(0) @binding(0) var<storage, read> src: array<f32>;
 @group(0) @binding(1) var<storage, read> mean: array<f32>;
-@group(0) @binding(1) var<storage, read> var1: array<f32>;
 @group(0) @binding(1) var<storage, read> weight: array<f32>;
 @group(0) @binding(1) var<storage, read_write> out1: array<f32>;
 @group(0) @binding(2) var<storage, read> var2: array<f32>;
 @group(0) @binding(2) var<storage, read> bias: array<f32>;
 @group(0) @binding(2) var<storage, read> grad_ln: array<f32>;
-@group(0) @binding(2) var<storage, read_write> out2: array<f32>;
 @group(0) @binding(2) var<storage, read> row_params2: RowParams;
 @group(0) @binding(3) var<storage, read> bn_weight: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out3: array<f32>;
-@group(0) @binding(3) var<storage, read> bn_params3: ChannelParams;
 @group(0) @binding(4) var<storage, read> bn_bias: array<f32>;
 @group(0) @binding(4) var<storage, read> bn_params4: ChannelParams;
 @group(0) @binding(4) var<storage, read> row_params4: RowParams;
@@ -64,6 +61,10 @@ struct RowParams {
 fn flat(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.x + wid.y * nwg.x) * 256u + lid;
 }
+
+// 1 with affine parameters (weight, bias); 0 without: the wrapper binds another input
+// in their place, which is then never read.
+override AFFINE: u32 = 1u;
 
 fn channel_of(i: u32, p: ChannelParams) -> u32 {
     return (i / p.spatial) % p.channels;
@@ -78,19 +79,12 @@ fn batch_norm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
         return;
     }
     let c = channel_of(i, p);
-    out5[i] = (src[i] - mean[c]) * inverseSqrt(var2[c] + p.eps) * bn_weight[c] + bn_bias[c];
-}
-
-@compute @workgroup_size(256)
-fn batch_norm_forward_plain(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                            @builtin(local_invocation_index) lid: u32) {
-    let p = bn_params4;
-    let i = flat(wid, nwg, lid);
-    if (i >= p.len) {
-        return;
+    let xhat = (src[i] - mean[c]) * inverseSqrt(var2[c] + p.eps);
+    if (AFFINE == 1u) {
+        out5[i] = xhat * bn_weight[c] + bn_bias[c];
+    } else {
+        out5[i] = xhat;
     }
-    let c = channel_of(i, p);
-    out3[i] = (src[i] - mean[c]) * inverseSqrt(var2[c] + p.eps);
 }
 
 @compute @workgroup_size(256)
@@ -102,18 +96,11 @@ fn batch_norm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workg
         return;
     }
     let c = channel_of(i, p);
-    out3[i] = src[i] * (weight[c] * inverseSqrt(var2[c] + p.eps));
-}
-
-@compute @workgroup_size(256)
-fn batch_norm_backward_plain(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                             @builtin(local_invocation_index) lid: u32) {
-    let p = bn_params3;
-    let i = flat(wid, nwg, lid);
-    if (i >= p.len) {
-        return;
+    var scale = inverseSqrt(var2[c] + p.eps);
+    if (AFFINE == 1u) {
+        scale = weight[c] * scale;
     }
-    out2[i] = src[i] * inverseSqrt(var1[channel_of(i, p)] + p.eps);
+    out3[i] = src[i] * scale;
 }
 
 // Mean and 1 / sqrt(var + eps) of the `d` elements of src starting at `base` (d = 0:
@@ -158,10 +145,6 @@ fn layer_norm_forward_plain(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_
         out1[base + j] = (src[base + j] - stats.x) * stats.y;
     }
 }
-
-// 1: g = grad_out * weight; 0 (no affine parameters): g = grad_out, and the wrapper
-// binds x in place of the weight, which is then never read.
-override AFFINE: u32 = 1u;
 
 // g of element `i` of the gradient stack, in column `j`.
 fn layer_norm_g(i: u32, j: u32) -> f32 {

@@ -94,22 +94,18 @@ pub fn batch_norm_forward(
     let kernel_params = params.kernel_params(op, "x", x)?;
     expect_len(op, "y", y, x.len())?;
     let (mean, var) = (params.running_mean, params.running_var);
-    match params.affine {
-        Some((w, b)) => rec.dispatch(
-            &Kernel::new(&super::NORM, "batch_norm_forward"),
-            &[x, mean, var, w, b],
-            &[y],
-            &kernel_params,
-            grid(x.len()),
-        ),
-        None => rec.dispatch(
-            &Kernel::new(&super::NORM, "batch_norm_forward_plain"),
-            &[x, mean, var],
-            &[y],
-            &kernel_params,
-            grid(x.len()),
-        ),
-    }
+    // Without affine parameters `mean` stands in for them; the kernel never reads it.
+    let ((w, b), affine) = match params.affine {
+        Some(wb) => (wb, 1.0),
+        None => ((mean, mean), 0.0),
+    };
+    rec.dispatch(
+        &Kernel::new(&super::NORM, "batch_norm_forward").with("AFFINE", affine),
+        &[x, mean, var, w, b],
+        &[y],
+        &kernel_params,
+        grid(x.len()),
+    )
 }
 
 /// Records BatchNorm's eval-mode input gradient `grad_in = grad_out·weight/√(running_var
@@ -124,22 +120,19 @@ pub fn batch_norm_backward(
     let op = "batch_norm backward";
     let kernel_params = params.kernel_params(op, "grad_out", grad_out)?;
     expect_len(op, "grad_in", grad_in, grad_out.len())?;
-    match params.affine {
-        Some((w, _)) => rec.dispatch(
-            &Kernel::new(&super::NORM, "batch_norm_backward"),
-            &[grad_out, w, params.running_var],
-            &[grad_in],
-            &kernel_params,
-            grid(grad_out.len()),
-        ),
-        None => rec.dispatch(
-            &Kernel::new(&super::NORM, "batch_norm_backward_plain"),
-            &[grad_out, params.running_var],
-            &[grad_in],
-            &kernel_params,
-            grid(grad_out.len()),
-        ),
-    }
+    let var = params.running_var;
+    // Without affine parameters `var` stands in for the weight; the kernel never reads it.
+    let (w, affine) = match params.affine {
+        Some((w, _)) => (w, 1.0),
+        None => (var, 0.0),
+    };
+    rec.dispatch(
+        &Kernel::new(&super::NORM, "batch_norm_backward").with("AFFINE", affine),
+        &[grad_out, w, var],
+        &[grad_in],
+        &kernel_params,
+        grid(grad_out.len()),
+    )
 }
 
 /// The normalised size `D` (the last dimension of `x`) and the row count of `x`.
