@@ -30,15 +30,14 @@
 //! query's label and compares the rankings of KFAC and EKFAC scores (Spearman's rank
 //! correlation).
 
+use ekfac::Result;
 use ekfac::curvature::fit::fit;
 use ekfac::curvature::influence::{InfluenceOptions, influence};
 use ekfac::curvature::operator::Approximation;
-use ekfac::demo::{digits_options, digits_problem};
+use ekfac::demo::{digits_labels, digits_options, digits_problem, digits_subset};
 use ekfac::gpu::GpuContext;
 use ekfac::graph::Network;
-use ekfac::model::data::{Dataset, Targets};
 use ekfac::progress::Silent;
-use ekfac::{Error, Result};
 
 /// Examples `0..TRAIN` are the training set, `TRAIN..` the test queries.
 const TRAIN: usize = 1000;
@@ -48,26 +47,6 @@ const DAMPING: f64 = 1e-3;
 const SCORE_BATCH: usize = 250;
 /// Proponents and opponents listed per query.
 const TOP: usize = 5;
-
-/// Examples `start .. start + len` of `data` as a data set of their own.
-fn subset(data: &Dataset, start: usize, len: usize) -> Result<Dataset> {
-    let e = data.example_len();
-    let Targets::Classes(y) = &data.y else {
-        return Err(Error::Options("the digits have class labels".into()));
-    };
-    Dataset::new(
-        data.x[start * e..(start + len) * e].to_vec(),
-        data.example_shape.clone(),
-        Targets::Classes(y[start..start + len].to_vec()),
-    )
-}
-
-fn labels(data: &Dataset) -> &[i64] {
-    match &data.y {
-        Targets::Classes(y) => y,
-        Targets::Values { .. } => &[],
-    }
-}
 
 /// Ranks `0..n` of `values` (ascending; ties are broken by index).
 fn ranks(values: &[f32]) -> Vec<f64> {
@@ -99,8 +78,8 @@ fn main() -> Result<()> {
     unsafe { ekfac::progress::quiet_headless_vulkan() };
     let (model, data) = digits_problem()?;
     let ctx = GpuContext::new()?;
-    let train = subset(&data, 0, TRAIN)?;
-    let test = subset(&data, TRAIN, data.len - TRAIN)?;
+    let train = digits_subset(&data, 0, TRAIN)?;
+    let test = digits_subset(&data, TRAIN, data.len - TRAIN)?;
     let k = test.len;
     println!(
         "Influence functions on the bundled digits: Linear(64,32)-Tanh-Linear(32,10), \
@@ -154,8 +133,8 @@ fn main() -> Result<()> {
     }
     let (ekfac_scores, kfac_scores) = (&scores[0], &scores[1]);
 
-    let y_train = labels(&train);
-    let y_test = labels(&test);
+    let y_train = digits_labels(&train);
+    let y_test = digits_labels(&test);
     let column = |s: &[f32], t: usize| -> Vec<f32> { s[t * TRAIN..(t + 1) * TRAIN].to_vec() };
     let c = net.num_outputs();
     let logits = ctx.read(

@@ -31,12 +31,12 @@ use ekfac::curvature::layout::{ParamKind, ParamLayout};
 use ekfac::curvature::operator::{Approximation, Operator, Transform};
 use ekfac::curvature::state::CurvatureState;
 use ekfac::curvature::{DampingMode, FisherType, Options, Reduction};
-use ekfac::demo::{digits_options, digits_problem};
+use ekfac::demo::{digits_labels, digits_options, digits_problem, digits_subset};
 use ekfac::gpu::GpuContext;
 use ekfac::graph::Model;
 use ekfac::graph::Network;
 use ekfac::loss::gpu::{GpuTargets, record_backprop_vectors};
-use ekfac::model::data::{Dataset, Targets};
+use ekfac::model::data::Dataset;
 use ekfac::{Error, Result};
 
 /// Training examples (`0..TRAIN`); the rest of the bundled 1024 are held out.
@@ -99,26 +99,6 @@ struct Progress {
     test_accuracy: f64,
 }
 
-/// Examples `start .. start + len` of `data` as a data set of their own.
-fn subset(data: &Dataset, start: usize, len: usize) -> Result<Dataset> {
-    let e = data.example_len();
-    let Targets::Classes(y) = &data.y else {
-        return Err(Error::Options("the digits have class labels".into()));
-    };
-    Dataset::new(
-        data.x[start * e..(start + len) * e].to_vec(),
-        data.example_shape.clone(),
-        Targets::Classes(y[start..start + len].to_vec()),
-    )
-}
-
-fn labels(data: &Dataset) -> &[i64] {
-    match &data.y {
-        Targets::Classes(y) => y,
-        Targets::Values { .. } => &[],
-    }
-}
-
 /// `model`'s architecture with PyTorch's default initialisation from `seed`.
 fn fresh_model(model: &Model, seed: u64) -> Model {
     let mut rng = SplitMix64(seed);
@@ -164,7 +144,7 @@ fn minibatch_gradient(
 ) -> Result<Vec<f32>> {
     let b = batch.len;
     let x = ctx.upload(&batch.x, &[b, batch.example_len()])?;
-    let y: Vec<u32> = labels(batch).iter().map(|&c| c as u32).collect();
+    let y: Vec<u32> = digits_labels(batch).iter().map(|&c| c as u32).collect();
     let y = ctx.upload_u32(&y, &[b])?;
     let forward = net.forward(ctx, x)?;
     let vectors = ctx.zeros(&[1, b, net.num_outputs()])?;
@@ -207,7 +187,7 @@ fn evaluate(ctx: &GpuContext, net: &Network, data: &Dataset) -> Result<(f64, f64
     )?;
     let c = net.num_outputs();
     let (mut loss, mut correct) = (0.0, 0);
-    for (f, &y) in logits.chunks_exact(c).zip(labels(data)) {
+    for (f, &y) in logits.chunks_exact(c).zip(digits_labels(data)) {
         let max = f.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let lse = f64::from(max)
             + f.iter()
@@ -248,7 +228,7 @@ fn train(
         if step == STEPS || !train_loss.is_finite() {
             break;
         }
-        let batch = subset(train, (step * BATCH) % train.len, BATCH)?;
+        let batch = digits_subset(train, (step * BATCH) % train.len, BATCH)?;
         let grad = minibatch_gradient(ctx, &net, &layout, &batch)?;
         let direction = match method {
             Method::Sgd => grad,
@@ -287,8 +267,8 @@ fn main() -> Result<()> {
     let (bundled, data) = digits_problem()?;
     let ctx = GpuContext::new()?;
     let init = fresh_model(&bundled, SEED);
-    let train_set = subset(&data, 0, TRAIN)?;
-    let test_set = subset(&data, TRAIN, data.len - TRAIN)?;
+    let train_set = digits_subset(&data, 0, TRAIN)?;
+    let test_set = digits_subset(&data, TRAIN, data.len - TRAIN)?;
     println!(
         "Natural gradient vs SGD: Linear(64,32)-Tanh-Linear(32,10) from a fresh random \
          init (seed {SEED}), {STEPS} steps on minibatches of {BATCH} of {TRAIN} training \

@@ -13,7 +13,8 @@
 // Every entry point runs one invocation per output element (forward) or input element
 // (backward): grid_1d(ceil(n / 256)) workgroups of 256. Backward passes gather: each
 // input element sums, in increasing output order, the outputs whose window holds it,
-// so results are deterministic and no atomics are needed.
+// so results are deterministic and no atomics are needed. flat and coords: planes.wgsl
+// (prepended).
 
 struct PoolParams {
     planes: u32,
@@ -36,15 +37,6 @@ struct PoolParams {
 @group(0) @binding(2) var<storage, read_write> out2: array<f32>;
 @group(0) @binding(2) var<storage, read> params2: PoolParams;
 @group(0) @binding(3) var<storage, read> params3: PoolParams;
-
-fn flat(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
-    return (wid.x + wid.y * nwg.x) * 256u + lid;
-}
-
-// (plane, row, column) of element i of planes rows x cols.
-fn coords(i: u32, rows: u32, cols: u32) -> vec3<u32> {
-    return vec3<u32>(i / (rows * cols), (i / cols) % rows, i % cols);
-}
 
 // The in-image part of output o's window along one axis of `size` inputs (kernel k,
 // stride s, padding p): inputs [start, end), in the window's order.

@@ -14,7 +14,8 @@
 //
 // One invocation per output element (forward) or input element (backward):
 // grid_1d(ceil(n / 256)) workgroups of 256. Backward passes gather in increasing
-// output order, so results are deterministic and need no atomics.
+// output order, so results are deterministic and need no atomics. flat and coords:
+// planes.wgsl (prepended).
 
 struct ResampleParams {
     planes: u32,
@@ -27,15 +28,6 @@ struct ResampleParams {
 @group(0) @binding(0) var<storage, read> src: array<f32>;
 @group(0) @binding(1) var<storage, read_write> dst: array<f32>;
 @group(0) @binding(2) var<storage, read> params: ResampleParams;
-
-fn flat(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
-    return (wid.x + wid.y * nwg.x) * 256u + lid;
-}
-
-// (plane, row, column) of element i of planes rows x cols.
-fn coords(i: u32, rows: u32, cols: u32) -> vec3<u32> {
-    return vec3<u32>(i / (rows * cols), (i / cols) % rows, i % cols);
-}
 
 @compute @workgroup_size(256)
 fn upsample_nearest_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
 use crate::graph::Model;
 use crate::model::TensorFile;
-use crate::model::data::Dataset;
+use crate::model::data::{Dataset, Targets};
 use crate::progress::Progress;
 
 const MODEL: &str = include_str!("../assets/digits/model.json");
@@ -46,6 +46,28 @@ pub fn digits_problem() -> Result<(Model, Dataset)> {
         "assets/digits/data.safetensors",
     )?)?;
     Ok((model, data))
+}
+
+/// Examples `start .. start + len` of the digits `data` (class labels) as a data set of
+/// their own: the examples' training and test splits.
+pub fn digits_subset(data: &Dataset, start: usize, len: usize) -> Result<Dataset> {
+    let e = data.example_len();
+    let Targets::Classes(y) = &data.y else {
+        return Err(Error::Options("the digits have class labels".into()));
+    };
+    Dataset::new(
+        data.x[start * e..(start + len) * e].to_vec(),
+        data.example_shape.clone(),
+        Targets::Classes(y[start..start + len].to_vec()),
+    )
+}
+
+/// The class labels `[N]` of the digits `data` (empty for value targets).
+pub fn digits_labels(data: &Dataset) -> &[i64] {
+    match &data.y {
+        Targets::Classes(y) => y,
+        Targets::Values { .. } => &[],
+    }
 }
 
 fn relative(got: f64, want: f64) -> f64 {

@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::to_f64;
+
 use common::TestRng;
 use ekfac::ops::activation;
 use ekfac::reference::ops;
@@ -23,10 +25,6 @@ fn inputs() -> Vec<f32> {
         .collect();
     x.extend([1e4, -1e4, 88.0, -88.0, 100.0, -100.0, 0.2499, 0.25, -0.2501]);
     x
-}
-
-fn to_f64(v: &[f32]) -> Vec<f64> {
-    v.iter().map(|&a| f64::from(a)).collect()
 }
 
 /// Largest |got − want| / max(|want|, floor) over the elements.

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::to_f64;
+
 use common::TestRng;
 use ekfac::geometry::Conv2dGeometry;
 use ekfac::ops::conv::{ConvWorkspace, WeightedBackward, conv2d_backward, conv2d_forward};
@@ -126,10 +128,6 @@ fn cpu_conv_backward_matches_finite_differences() {
     }
 }
 
-fn to_f64(v: &[f32]) -> Vec<f64> {
-    v.iter().map(|&a| f64::from(a)).collect()
-}
-
 /// GPU conv2d forward and backward against the f64 CPU reference, with the whole
 /// batch in one chunk, one example per chunk (budget 0) and two per chunk, bias on
 /// and off, and
@@ -186,22 +184,12 @@ fn gpu_conv2d_matches_cpu_reference() {
                 rec.submit().unwrap();
                 let case =
                     format!("{geo:?} bias {has_bias} budget {budget} accumulate {accumulate}");
-                common::assert_close(
+                common::assert_layer_close(
                     &ctx,
-                    &[
-                        ("y", &y, &want_y),
-                        ("dx", &dx, &want_dx),
-                        (
-                            "dw",
-                            &dw,
-                            &common::plus_prior(&want_dw, &prior_w, accumulate),
-                        ),
-                        (
-                            "db",
-                            &db,
-                            &common::plus_prior(&want_db, &prior_b, accumulate),
-                        ),
-                    ],
+                    [&y, &dx, &dw, &db],
+                    [&want_y, &want_dx, &want_dw, &want_db],
+                    [&prior_w, &prior_b],
+                    accumulate,
                     1e-5,
                     &case,
                 );

@@ -9,7 +9,11 @@
 //! the only error is f64 round-off in sums of a few hundred terms and in faer's
 //! eigensolver (≈1e-14 relative on these well-scaled problems), with margin.
 
+mod common;
+
 use std::collections::HashMap;
+
+use common::golden_cnn::{self, linspace};
 
 use ekfac::curvature::layout::{BlockKind, ParamLayout};
 use ekfac::curvature::{DampingMode, FisherType, KfacApprox, LossKind, Options, Reduction};
@@ -60,12 +64,6 @@ fn build(
         })
         .collect();
     (model, w64)
-}
-
-fn linspace(a: f64, b: f64, n: usize) -> Vec<f64> {
-    (0..n)
-        .map(|i| a + (b - a) * i as f64 / (n - 1) as f64)
-        .collect()
 }
 
 fn rel(got: f64, want: f64) -> f64 {
@@ -269,67 +267,26 @@ fn golden_mlp_inverse_traces() {
     }
 }
 
-/// CNN of §8: Conv2d(2,2,2,padding=1) → ReLU → Flatten → Linear(32,2), MSE sum.
-fn golden_cnn() -> (Model, Vec<Option<LayerWeights>>) {
-    let mut conv = Conv2dSpec::new("0", 2, 2, [2, 2]);
-    conv.padding = [1, 1];
+/// SPEC §8's CNN ([`golden_cnn`]) with f64 weights.
+fn golden_cnn_model() -> (Model, Vec<Option<LayerWeights>>) {
     build(
-        vec![2, 3, 3],
-        vec![
-            Layer::Conv2d(conv),
-            Layer::Relu,
-            Layer::Flatten,
-            Layer::Linear(LinearSpec::new("3", 32, 2)),
-        ],
-        &[
-            ("0.weight", vec![2, 2, 2, 2], linspace(-1.0, 1.0, 16)),
-            ("0.bias", vec![2], vec![0.1, -0.1]),
-            ("3.weight", vec![2, 32], linspace(-0.5, 0.5, 64)),
-            ("3.bias", vec![2], vec![0.0, 0.3]),
-        ],
+        golden_cnn::input_shape(),
+        golden_cnn::layers(),
+        &golden_cnn::weights(),
     )
 }
 
-/// The three examples of §8's CNN problem: inputs `[3, 2, 3, 3]` and MSE targets `[3, 2]`.
-fn golden_cnn_data() -> (Vec<f64>, [f64; 6]) {
-    let mut x = linspace(0.0, 1.0, 18);
-    x.extend(linspace(1.0, -1.0, 36));
-    (x, [1.0, -1.0, 0.5, 0.5, 0.0, 2.0])
-}
-
-/// approx, fisher, separate bias, KFAC [trace, ‖·‖_F], EKFAC [trace, ‖·‖_F] (`None`: not
-/// compared).
-type CnnRow = (
-    KfacApprox,
-    FisherType,
-    bool,
-    [f64; 2],
-    Option<[Option<f64>; 2]>,
-);
-
 #[test]
 fn golden_cnn_traces_and_frobenius_norms() {
-    let (x, y) = golden_cnn_data();
+    let (x, y) = golden_cnn::data();
     let data = Dataset {
         x: &x,
         targets: Targets::Dense(&y),
         num_data: 3,
     };
-    let (model, w) = golden_cnn();
+    let (model, w) = golden_cnn_model();
     let net = Network64::with_weights(&model, w).unwrap();
-    use FisherType::*;
-    use KfacApprox::*;
-    // The reduce-mode EKFAC Frobenius norm is basis-dependent (SPEC §8, pitfall 1): only
-    // its trace is compared.
-    #[rustfmt::skip]
-    let rows: [CnnRow; 5] = [
-        (Expand, Type2, true, [382.8636581032, 172.1190080319], Some([Some(779.5879884411), Some(273.5694546285)])),
-        (Expand, Type2, false, [382.8636581032, 178.0065111650], Some([Some(779.5879884411), Some(343.2108265559)])),
-        (Reduce, Type2, true, [772.5843550338, 273.0698862742], Some([Some(779.5879884411), None])),
-        (Expand, Empirical, true, [24647.75915806, 12607.65350913], Some([Some(77368.48639427), Some(35771.94746235)])),
-        (Reduce, ForwardOnly, true, [60.39055684248, 28.60392229406], None),
-    ];
-    for (approx, fisher, sep, kfac, ekfac) in rows {
+    for (approx, fisher, sep, kfac, ekfac) in golden_cnn::ROWS {
         let what = format!("CNN {approx} {fisher} sep={sep}");
         let o = Options {
             approx,
@@ -345,11 +302,9 @@ fn golden_cnn_traces_and_frobenius_norms() {
             1e-9,
             &format!("{what} KFAC Frobenius"),
         );
-        if let Some([t, f]) = ekfac {
+        if let Some((t, f)) = ekfac {
             let (_, e) = fit.scalars(Approximation::Ekfac, 0.0).unwrap();
-            if let Some(t) = t {
-                assert_rel(e.trace, t, 1e-9, &format!("{what} EKFAC trace"));
-            }
+            assert_rel(e.trace, t, 1e-9, &format!("{what} EKFAC trace"));
             if let Some(f) = f {
                 assert_rel(
                     e.frobenius_norm,
@@ -772,13 +727,13 @@ fn ekfac_trace_and_closer_than_kfac() {
 /// Trace identity with weight sharing (conv, groups = 1) in expand and reduce mode.
 #[test]
 fn conv_ekfac_trace_equals_ggn_trace() {
-    let (x, y) = golden_cnn_data();
+    let (x, y) = golden_cnn::data();
     let data = Dataset {
         x: &x,
         targets: Targets::Dense(&y),
         num_data: 3,
     };
-    let (model, w) = golden_cnn();
+    let (model, w) = golden_cnn_model();
     let net = Network64::with_weights(&model, w).unwrap();
     for approx in [KfacApprox::Expand, KfacApprox::Reduce] {
         for red in [Reduction::Sum, Reduction::Mean] {

@@ -12,6 +12,8 @@ mod common;
 
 use std::collections::HashMap;
 
+use common::golden_cnn;
+
 use ekfac::curvature::fit::fit;
 use ekfac::curvature::operator::{Approximation, Operator, Transform};
 use ekfac::curvature::options::{FisherType, KfacApprox, LossKind, Options, Reduction};
@@ -20,9 +22,11 @@ use ekfac::graph::chain::{Conv2dSpec, Layer, LinearSpec};
 use ekfac::graph::{Model, ModelSpec};
 use ekfac::model::data::{Dataset, Targets};
 
+/// [`golden_cnn::linspace`] rounded to f32.
 fn linspace(a: f64, b: f64, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|i| (a + (b - a) * i as f64 / (n - 1) as f64) as f32)
+    golden_cnn::linspace(a, b, n)
+        .into_iter()
+        .map(|v| v as f32)
         .collect()
 }
 
@@ -50,52 +54,23 @@ fn close(got: Option<f64>, want: f64, what: &str) {
     );
 }
 
-/// approx, fisher, separate bias, KFAC [trace, ‖·‖_F], EKFAC (trace, ‖·‖_F if compared).
-type CnnRow = (
-    KfacApprox,
-    FisherType,
-    bool,
-    [f64; 2],
-    Option<(f64, Option<f64>)>,
-);
-
+/// SPEC §8's CNN rows ([`golden_cnn`]) with the f64 weights and inputs rounded to f32.
 #[test]
 fn spec_section_8_cnn_rows() {
     let Some(ctx) = common::gpu() else { return };
-    let mut conv = Conv2dSpec::new("0", 2, 2, [2, 2]);
-    conv.padding = [1, 1];
-    let model = model(
-        vec![2, 3, 3],
-        vec![
-            Layer::Conv2d(conv),
-            Layer::Relu,
-            Layer::Flatten,
-            Layer::Linear(LinearSpec::new("3", 32, 2)),
-        ],
-        &[
-            ("0.weight", vec![2, 2, 2, 2], linspace(-1.0, 1.0, 16)),
-            ("0.bias", vec![2], vec![0.1, -0.1]),
-            ("3.weight", vec![2, 32], linspace(-0.5, 0.5, 64)),
-            ("3.bias", vec![2], vec![0.0, 0.3]),
-        ],
-    );
-    let mut x = linspace(0.0, 1.0, 18);
-    x.extend(linspace(1.0, -1.0, 36));
-    let y = vec![1.0, -1.0, 0.5, 0.5, 0.0, 2.0];
-    let data = Dataset::new(x, vec![2, 3, 3], Targets::Values { data: y, cols: 2 }).unwrap();
-    use FisherType::*;
-    use KfacApprox::*;
-    // (approx, fisher, separate bias, KFAC [trace, ‖·‖_F], EKFAC [trace, ‖·‖_F or None]);
-    // the reduce EKFAC Frobenius norm depends on the eigenbasis (SPEC §9.1).
-    #[rustfmt::skip]
-    let rows: [CnnRow; 5] = [
-        (Expand, Type2, true, [382.8636581032, 172.1190080319], Some((779.5879884411, Some(273.5694546285)))),
-        (Expand, Type2, false, [382.8636581032, 178.0065111650], Some((779.5879884411, Some(343.2108265559)))),
-        (Reduce, Type2, true, [772.5843550338, 273.0698862742], Some((779.5879884411, None))),
-        (Expand, Empirical, true, [24647.75915806, 12607.65350913], Some((77368.48639427, Some(35771.94746235)))),
-        (Reduce, ForwardOnly, true, [60.39055684248, 28.60392229406], None),
-    ];
-    for (approx, fisher, separate, kfac, ekfac) in rows {
+    let to32 = |v: &[f64]| -> Vec<f32> { v.iter().map(|&a| a as f32).collect() };
+    let weights: Vec<_> = golden_cnn::weights()
+        .into_iter()
+        .map(|(k, s, v)| (k, s, to32(&v)))
+        .collect();
+    let model = model(golden_cnn::input_shape(), golden_cnn::layers(), &weights);
+    let (x, y) = golden_cnn::data();
+    let targets = Targets::Values {
+        data: to32(&y),
+        cols: 2,
+    };
+    let data = Dataset::new(to32(&x), golden_cnn::input_shape(), targets).unwrap();
+    for (approx, fisher, separate, kfac, ekfac) in golden_cnn::ROWS {
         let options = Options {
             loss: LossKind::Mse,
             reduction: Reduction::Sum,

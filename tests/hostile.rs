@@ -284,6 +284,8 @@ fn safetensors_errors_name_file_and_key() {
     let out = tmp.path().join("state.safetensors");
     let o = ["--out", s(&out)];
     let weights = tmp.path().join("w.safetensors");
+    let refuse_weights =
+        |want: &[&str]| refuse(&fit_args([None, Some(s(&weights)), None], &o), want);
     let with_header = |header: &str, data: usize| {
         let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
         bytes.extend_from_slice(header.as_bytes());
@@ -294,54 +296,46 @@ fn safetensors_errors_name_file_and_key() {
     let mut huge = (1u64 << 40).to_le_bytes().to_vec();
     huge.extend_from_slice(b"{}");
     std::fs::write(&weights, huge).unwrap();
-    refuse(
-        &fit_args([None, Some(s(&weights)), None], &o),
-        &["w.safetensors", "header length", "limit"],
-    );
-    // A shape whose size overflows.
-    with_header(
-        r#"{"0.weight":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,0]}}"#,
-        0,
-    );
-    refuse(
-        &fit_args([None, Some(s(&weights)), None], &o),
-        &[
-            "w.safetensors",
-            "\"0.weight\"",
-            "[4294967296, 4294967296, 16]",
-        ],
-    );
-    // Offsets that do not hold the shape.
-    with_header(
-        r#"{"0.bias":{"dtype":"F32","shape":[5],"data_offsets":[0,16]}}"#,
-        16,
-    );
-    refuse(
-        &fit_args([None, Some(s(&weights)), None], &o),
-        &["\"0.bias\"", "data_offsets [0, 16]", "20 bytes"],
-    );
-    // Overlapping tensors: both keys named.
-    with_header(
-        r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
-        12,
-    );
-    refuse(
-        &fit_args([None, Some(s(&weights)), None], &o),
-        &[
-            "\"b\" starts at byte 4",
-            "\"a\", which ends at byte 8",
-            "overlap",
-        ],
-    );
-    // An unknown dtype.
-    with_header(
-        r#"{"0.weight":{"dtype":"F99","shape":[2],"data_offsets":[0,8]}}"#,
-        8,
-    );
-    refuse(
-        &fit_args([None, Some(s(&weights)), None], &o),
-        &["w.safetensors", "\"0.weight\"", "F99"],
-    );
+    refuse_weights(&["w.safetensors", "header length", "limit"]);
+    // Each header (with its number of data bytes) and what the error must name.
+    let headers: [(&str, usize, &[&str]); 4] = [
+        // A shape whose size overflows.
+        (
+            r#"{"0.weight":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,0]}}"#,
+            0,
+            &[
+                "w.safetensors",
+                "\"0.weight\"",
+                "[4294967296, 4294967296, 16]",
+            ],
+        ),
+        // Offsets that do not hold the shape.
+        (
+            r#"{"0.bias":{"dtype":"F32","shape":[5],"data_offsets":[0,16]}}"#,
+            16,
+            &["\"0.bias\"", "data_offsets [0, 16]", "20 bytes"],
+        ),
+        // Overlapping tensors: both keys named.
+        (
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
+            12,
+            &[
+                "\"b\" starts at byte 4",
+                "\"a\", which ends at byte 8",
+                "overlap",
+            ],
+        ),
+        // An unknown dtype.
+        (
+            r#"{"0.weight":{"dtype":"F99","shape":[2],"data_offsets":[0,8]}}"#,
+            8,
+            &["w.safetensors", "\"0.weight\"", "F99"],
+        ),
+    ];
+    for (header, data, want) in headers {
+        with_header(header, data);
+        refuse_weights(want);
+    }
     // An F64 weight of 1e300 is Inf in f32.
     edited_weights(CASE, &weights, |t| {
         let w = t.iter_mut().find(|t| t.0 == "0.weight").unwrap();
@@ -353,33 +347,24 @@ fn safetensors_errors_name_file_and_key() {
         w.1 = Dtype::F64;
         w.3 = bytemuck::cast_slice(&values).to_vec();
     });
-    refuse(
-        &fit_args([None, Some(s(&weights)), None], &o),
-        &[
-            "w.safetensors",
-            "\"0.weight\"",
-            "0.weight[1, 3] = 1e300 overflows f32",
-        ],
-    );
+    refuse_weights(&[
+        "w.safetensors",
+        "\"0.weight\"",
+        "0.weight[1, 3] = 1e300 overflows f32",
+    ]);
     // A NaN bias.
     edited_weights(CASE, &weights, |t| {
         let b = t.iter_mut().find(|t| t.0 == "2.bias").unwrap();
         b.3[4..8].copy_from_slice(&f32::NAN.to_le_bytes());
     });
-    refuse(
-        &fit_args([None, Some(s(&weights)), None], &o),
-        &["\"2.bias\"", "2.bias[1] is NaN"],
-    );
+    refuse_weights(&["\"2.bias\"", "2.bias[1] is NaN"]);
     // 300,000 extra keys: one short message.
     edited_weights(CASE, &weights, |t| {
         for i in 0..300_000 {
             t.push((format!("extra{i:06}"), Dtype::F32, vec![0], vec![]));
         }
     });
-    refuse(
-        &fit_args([None, Some(s(&weights)), None], &o),
-        &["unexpected key \"extra000000\"", "… and 299,990 more"],
-    );
+    refuse_weights(&["unexpected key \"extra000000\"", "… and 299,990 more"]);
     assert!(!out.exists());
 }
 

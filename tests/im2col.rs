@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::to_f64;
+
 use common::TestRng;
 use ekfac::geometry::Conv2dGeometry;
 use ekfac::ops::im2col;
@@ -70,10 +72,6 @@ fn cpu_col2im_is_adjoint_of_im2col() {
             );
         }
     }
-}
-
-fn to_f64(v: &[f32]) -> Vec<f64> {
-    v.iter().map(|&a| f64::from(a)).collect()
 }
 
 /// GPU im2col, im2col_group_mean and col2im against the CPU reference, on all

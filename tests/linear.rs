@@ -2,15 +2,13 @@
 
 mod common;
 
+use common::to_f64;
+
 use common::TestRng;
 use ekfac::geometry::LinearGeometry;
 use ekfac::ops::conv::WeightedBackward;
 use ekfac::ops::linear::{linear_backward, linear_forward};
 use ekfac::reference::ops;
-
-fn to_f64(v: &[f32]) -> Vec<f64> {
-    v.iter().map(|&a| f64::from(a)).collect()
-}
 
 /// Shapes: 1×1, small odd sizes, one just above a 64-wide GEMM tile in every
 /// dimension, and a wide bias row (bias on and off).
@@ -78,22 +76,12 @@ fn gpu_linear_matches_cpu_reference() {
             linear_backward(&mut rec, &geo, &args).unwrap();
             rec.submit().unwrap();
             let case = format!("{geo:?} bias {has_bias} accumulate {accumulate}");
-            common::assert_close(
+            common::assert_layer_close(
                 &ctx,
-                &[
-                    ("y", &y, &want_y),
-                    ("dx", &dx, &want_dx),
-                    (
-                        "dw",
-                        &dw,
-                        &common::plus_prior(&want_dw, &prior_w, accumulate),
-                    ),
-                    (
-                        "db",
-                        &db,
-                        &common::plus_prior(&want_db, &prior_b, accumulate),
-                    ),
-                ],
+                [&y, &dx, &dw, &db],
+                [&want_y, &want_dx, &want_dw, &want_db],
+                [&prior_w, &prior_b],
+                accumulate,
                 1e-5,
                 &case,
             );

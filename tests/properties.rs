@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::to_f64;
+
 use ekfac::curvature::fit::{Fitted, fit};
 use ekfac::curvature::operator::{Approximation, Operator, Transform};
 use ekfac::curvature::options::{DampingMode, FisherType, LossKind, Options};
@@ -56,10 +58,6 @@ fn bits(v: &[Vec<f32>]) -> Vec<Vec<u32>> {
     v.iter()
         .map(|x| x.iter().map(|f| f.to_bits()).collect())
         .collect()
-}
-
-fn to_f64(v: &[f32]) -> Vec<f64> {
-    v.iter().map(|&x| f64::from(x)).collect()
 }
 
 fn rel(a: f64, b: f64) -> f64 {

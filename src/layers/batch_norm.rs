@@ -12,7 +12,8 @@ use crate::gpu::GpuTensor;
 use crate::graph::Node;
 use crate::layers::attrs::Attrs;
 use crate::layers::{
-    BackwardArgs, ForwardArgs, Grads, Layer, ParamSpec, Pass, Saved, batched_shape, one_input,
+    BackwardArgs, ForwardArgs, Grads, Layer, ParamSpec, Pass, Saved, batched, batched_shape,
+    one_input,
 };
 use crate::ops::norm::{self, BatchNormParams};
 use crate::reference::graph_ops;
@@ -104,12 +105,6 @@ impl BatchNorm2d {
             affine,
         }
     }
-
-    fn batched(&self, rows: usize) -> Vec<usize> {
-        let mut s = vec![rows];
-        s.extend(&self.shape);
-        s
-    }
 }
 
 impl Layer for BatchNorm2d {
@@ -153,7 +148,7 @@ impl Layer for BatchNorm2d {
         pass: &mut Pass,
         args: &ForwardArgs<GpuTensor, GpuTensor>,
     ) -> Result<GpuTensor> {
-        let y = pass.zeros(&self.batched(args.batch))?;
+        let y = pass.zeros(&batched(args.batch, &self.shape))?;
         norm::batch_norm_forward(
             &mut pass.rec,
             args.inputs[0],
@@ -187,7 +182,7 @@ impl Layer for BatchNorm2d {
         let p = self.reference_params(args.params);
         graph_ops::batch_norm_eval_forward(
             args.inputs[0],
-            &self.batched(args.batch),
+            &batched(args.batch, &self.shape),
             p.mean,
             p.var,
             p.affine,
@@ -200,7 +195,7 @@ impl Layer for BatchNorm2d {
         let input = args.input_grads[0].then(|| {
             graph_ops::batch_norm_eval_backward(
                 args.grad_out,
-                &self.batched(args.stack * args.batch),
+                &batched(args.stack * args.batch, &self.shape),
                 p.var,
                 p.affine.map(|(w, _)| w),
                 self.eps,

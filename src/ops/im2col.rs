@@ -91,18 +91,8 @@ pub fn im2col(
     examples: Range<usize>,
     patches: &GpuTensor,
 ) -> Result<()> {
-    let op = "im2col";
-    let params = params(op, geo, &examples)?;
     let len = patches_len(geo, examples.len());
-    expect_len(op, "x", x, geo.input_len())?;
-    expect_at_least(op, "patches", patches, len)?;
-    rec.dispatch(
-        &Kernel::new(&super::IM2COL, "im2col"),
-        &[x],
-        &[patches],
-        &params,
-        grid(len),
-    )
+    record_patches(rec, "im2col", geo, x, examples, len, patches)
 }
 
 /// Records the patches of the input averaged over channel groups (SPEC §2.2 step 1,
@@ -116,13 +106,26 @@ pub fn im2col_group_mean(
     examples: Range<usize>,
     patches: &GpuTensor,
 ) -> Result<()> {
-    let op = "im2col_group_mean";
-    let params = params(op, geo, &examples)?;
     let len = examples.len() * geo.positions() * geo.patch_len();
-    expect_len(op, "x", x, geo.input_len())?;
-    expect_at_least(op, "patches", patches, len)?;
+    record_patches(rec, "im2col_group_mean", geo, x, examples, len, patches)
+}
+
+/// Records the entry point `entry` (also the operation's name in errors), writing the
+/// first `len` elements of `patches` from examples `examples` of `x`.
+fn record_patches(
+    rec: &mut Recorder,
+    entry: &'static str,
+    geo: &Conv2dGeometry,
+    x: &GpuTensor,
+    examples: Range<usize>,
+    len: usize,
+    patches: &GpuTensor,
+) -> Result<()> {
+    let params = params(entry, geo, &examples)?;
+    expect_len(entry, "x", x, geo.input_len())?;
+    expect_at_least(entry, "patches", patches, len)?;
     rec.dispatch(
-        &Kernel::new(&super::IM2COL, "im2col_group_mean"),
+        &Kernel::new(&super::IM2COL, entry),
         &[x],
         &[patches],
         &params,

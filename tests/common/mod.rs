@@ -3,6 +3,7 @@
 
 pub mod child;
 pub mod curvlinops;
+pub mod golden_cnn;
 pub mod reference;
 
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -103,6 +104,11 @@ impl TestRng {
     }
 }
 
+/// `v` widened to f64.
+pub fn to_f64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&a| f64::from(a)).collect()
+}
+
 /// Relative Frobenius error ‖got − want‖ / max(‖want‖, tiny).
 pub fn rel_err(got: &[f32], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len(), "length mismatch");
@@ -136,6 +142,31 @@ pub fn plus_prior(want: &[f64], prior: &[f32], accumulate: bool) -> Vec<f64> {
         .zip(prior)
         .map(|(w, &p)| w + if accumulate { f64::from(p) } else { 0.0 })
         .collect()
+}
+
+/// Asserts a weighted layer's GPU results `[y, dx, dw, db]` against the f64 reference
+/// `want` (same order) within relative Frobenius error `tol`, the parameter gradients
+/// having started from `[prior_w, prior_b]` (added to the reference when `accumulate`).
+pub fn assert_layer_close(
+    ctx: &GpuContext,
+    [y, dx, dw, db]: [&ekfac::gpu::GpuTensor; 4],
+    [want_y, want_dx, want_dw, want_db]: [&[f64]; 4],
+    [prior_w, prior_b]: [&[f32]; 2],
+    accumulate: bool,
+    tol: f64,
+    case: &str,
+) {
+    assert_close(
+        ctx,
+        &[
+            ("y", y, want_y),
+            ("dx", dx, want_dx),
+            ("dw", dw, &plus_prior(want_dw, prior_w, accumulate)),
+            ("db", db, &plus_prior(want_db, prior_b, accumulate)),
+        ],
+        tol,
+        case,
+    );
 }
 
 /// The error of building the layer of node `name` (`op` with `attrs`, one input of
