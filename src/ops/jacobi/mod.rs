@@ -33,7 +33,7 @@
 //! ([`JacobiOptions::refine_min_n`]) restarts from the result as before.
 //!
 //! Three ways to run the sweeps:
-//! - [`JacobiPath::Workgroup`] (automatic up to `n = 96`, possible up to `n = 256`):
+//! - [`JacobiPath::Workgroup`] (automatic up to `n = 32`, possible up to `n = 256`):
 //!   one workgroup per matrix of the batch does a whole sweep in one dispatch, with `A`
 //!   and the eigenbasis in workgroup memory for `n ≤ 32` and in storage buffers above;
 //!   9 such dispatches (each first tests convergence and returns at once when the
@@ -44,7 +44,7 @@
 //!   (rotation parameters, then their application to `A` and the eigenbasis), all steps
 //!   of a sweep go into one pass, and the off-diagonal norm is read back once per sweep
 //!   as per-workgroup partial sums that the host adds in a fixed order.
-//! - [`JacobiPath::Blocked`] (automatic above `n = 96`, any size): block Jacobi. The
+//! - [`JacobiPath::Blocked`] (automatic above `n = 32`, any size): block Jacobi. The
 //!   indices are cut into an even number of blocks of at most 16 (`n` padded to `m`, a
 //!   multiple of the block; indices past `n` are phantoms that never mix with real
 //!   ones), and a sweep is the round-robin over blocks: `blocks − 1` rounds, each
@@ -90,14 +90,22 @@ const SHARED_MAX_N: usize = 32;
 /// one sweep at n = 256 is about 49k loop iterations per invocation, under the software
 /// driver's cap of 65535.
 const WORKGROUP_MAX_N: usize = 256;
-/// Largest `n` for which [`JacobiPath::Auto`] picks one workgroup per matrix.
-/// Measured on lavapipe after issue 13's GEMM step (same process, two runs each, CPU
-/// time, 4 graded Gram matrices): n = 72, workgroup 0.36–0.42 s in 9 sweeps, blocked
-/// 0.51–0.52 s in 5; n = 96, workgroup 0.82–0.96 s in 10, blocked 0.76–0.88 s in 6;
-/// n = 128, workgroup 1.9–2.2 s in 10, blocked 1.6–1.9 s in 7. On a GPU the blocked
-/// path also runs `batch · blocks / 2` workgroups per solve and its updates are GEMMs,
-/// where the workgroup path runs `batch` workgroups.
-const AUTO_WORKGROUP_MAX_N: usize = 96;
+/// Largest `n` for which [`JacobiPath::Auto`] picks one workgroup per matrix: the
+/// workgroup-memory kernel (`SHARED_MAX_N`), one dispatch per sweep and no host round
+/// trip per sweep. Measured on lavapipe after the register-resident `block_solve` and the
+/// triangle GEMMs (same process, three runs each after a warm-up, two at n = 96 and 128;
+/// CPU time of `eigh` and the readback, batches of 4 matrices of the graded spectrum
+/// 1 … 1e-6, QR preconditioner from n = 33 on both paths): n = 32, workgroup 0.03–0.04 s in 8 sweeps,
+/// blocked 0.01 s in 4; n = 40, 0.04–0.05 s in 4 against 0.04–0.05 s in 3; n = 48,
+/// 0.06–0.07 s in 4 against 0.04–0.05 s in 3; n = 56, 0.10 s in 5 against 0.04–0.06 s
+/// in 3; n = 72, 0.21–0.23 s in 5 against 0.13–0.14 s in 3; n = 96, 0.53–0.73 s in 5
+/// against 0.16–0.17 s in 3; n = 128, 1.2–1.5 s in 5 against 0.34–0.42 s in 3. Above
+/// `n = 32` the storage-buffer workgroup kernel loses at every size measured, so it is
+/// only chosen explicitly. At `n ≤ 32` the blocked path is faster on the software
+/// driver too (n = 16: 0.01 s in 9 sweeps against ≤ 0.01 s in 3), but there it pays
+/// `6 + batch` dispatches per round and a readback per sweep where the workgroup-memory
+/// kernel runs a whole sweep in one dispatch, which a GPU rewards.
+const AUTO_WORKGROUP_MAX_N: usize = SHARED_MAX_N;
 /// Elements of one matrix summed per workgroup by `global_norms` (`NORM_CHUNK`).
 const NORM_CHUNK: usize = 4096;
 /// Invocations per workgroup of every kernel in the shader.
@@ -115,7 +123,7 @@ pub const F32_RESOLUTION: f32 = 32.0 * f32::EPSILON;
 /// Which kernel runs the sweeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum JacobiPath {
-    /// [`JacobiPath::Workgroup`] up to `n = 96` (when the batch fits one binding),
+    /// [`JacobiPath::Workgroup`] up to `n = 32` (when the batch fits one binding),
     /// [`JacobiPath::Blocked`] otherwise.
     #[default]
     Auto,
@@ -125,7 +133,7 @@ pub enum JacobiPath {
     /// Two dispatches per step over the whole batch; a batch that fits one binding.
     Global,
     /// Block pairs of up to 32 indices diagonalised in registers, their
-    /// rotations applied as batched GEMMs; meant for `n` above 96, and the only path
+    /// rotations applied as batched GEMMs; meant for `n` above 32, and the only path
     /// for batches larger than one binding (up to three).
     Blocked,
 }
