@@ -54,9 +54,11 @@ struct GemmParams {
     k_split: u32,
     // Nonzero: batch entry z needs only the columns of C from z * upper_from on, or
     // (lower_to) before (z + 1) * lower_to; tiles wholly outside are not dispatched (C
-    // kept as it was there; see grid_position).
+    // kept as it was there; see grid_position). Nonzero triangle_period: z counts
+    // modulo it (stacked matrices of triangle_period panels each).
     upper_from: u32,
     lower_to: u32,
+    triangle_period: u32,
 }
 
 override TRANS_A: bool = false;
@@ -318,7 +320,11 @@ fn grid_position(wid: vec3<u32>) -> vec3<u32> {
 }
 
 // The column tiles [x, y) that batch entry z needs (see upper_from, lower_to).
-fn tile_range(z: u32) -> vec2<u32> {
+fn tile_range(entry: u32) -> vec2<u32> {
+    var z = entry;
+    if (p.triangle_period != 0u) {
+        z = entry % p.triangle_period;
+    }
     let tiles = (p.n + TILE - 1u) / TILE;
     var end = tiles;
     if (p.lower_to != 0u) {

@@ -477,17 +477,24 @@ fn operands_larger_than_one_binding() {
 }
 
 /// `upper_from` (`lower_to`): each batch entry's columns from `z · upper_from` on (before
-/// `(z + 1) · lower_to`) are bitwise those of the full product (whole tiles outside may
-/// be computed too), every C element of a tile wholly outside keeps its value, and shapes
-/// they cannot serve are errors.
+/// `(z + 1) · lower_to`; `z` modulo `triangle_period` when set) are bitwise those of the
+/// full product (whole tiles outside may be computed too), every C element of a tile
+/// wholly outside keeps its value, and shapes they cannot serve are errors.
 #[test]
 fn upper_from_and_lower_to_compute_block_triangles() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = TestRng::new(57);
-    // (rows, columns, K, batch, panel): the blocked Jacobi's panels (rows = K = the
-    // pair, columns = batch · pair), a pair that does not divide the tile, and the small
-    // tile.
-    for (m, n, k, batch, panel) in [(32, 256, 32, 8, 32), (28, 196, 28, 7, 28), (8, 40, 8, 5, 8)] {
+    // (rows, columns, K, batch, panel, period): the blocked Jacobi's panels (rows = K =
+    // the pair, columns = batch · pair), a pair that does not divide the tile, the small
+    // tile, and stacks of matrices whose triangles restart every `period` entries (four
+    // matrices of four panels, as the row-panel GEMM of four n = 128; three of two).
+    for (m, n, k, batch, panel, period) in [
+        (32, 256, 32, 8, 32, 0),
+        (28, 196, 28, 7, 28, 0),
+        (8, 40, 8, 5, 8, 0),
+        (32, 128, 32, 16, 32, 4),
+        (28, 56, 28, 6, 28, 2),
+    ] {
         let a = ctx.upload(&rng.vec(batch * m * k), &[batch, m, k]).unwrap();
         let b = ctx.upload(&rng.vec(batch * k * n), &[batch, k, n]).unwrap();
         let sentinel = vec![-7.5f32; batch * m * n];
@@ -497,6 +504,7 @@ fn upper_from_and_lower_to_compute_block_triangles() {
         let mut g = Gemm::new(m, n, k, false, false).batched(batch);
         let mut rec = ctx.recorder();
         gemm(&mut rec, &g, &a, &b, &full).unwrap();
+        g.triangle_period = period;
         g.upper_from = panel;
         gemm(&mut rec, &g, &a, &b, &upper).unwrap();
         g.upper_from = 0;
@@ -508,18 +516,20 @@ fn upper_from_and_lower_to_compute_block_triangles() {
         let lower = ctx.read(&lower).unwrap();
         let tile = if m.max(n) <= 16 { 16 } else { 32 };
         for z in 0..batch {
+            // The entry's place in its matrix.
+            let p = if period == 0 { z } else { z % period };
             for r in 0..m {
                 for c in 0..n {
                     let i = (z * m + r) * n + c;
-                    let at = format!("({m}, {n}) z {z} ({r}, {c})");
-                    if c >= z * panel {
+                    let at = format!("({m}, {n}, period {period}) z {z} ({r}, {c})");
+                    if c >= p * panel {
                         assert_eq!(upper[i].to_bits(), full[i].to_bits(), "upper {at}");
-                    } else if c < z * panel / tile * tile {
+                    } else if c < p * panel / tile * tile {
                         assert_eq!(upper[i], -7.5, "upper {at} was written");
                     }
-                    if c < (z + 1) * panel {
+                    if c < (p + 1) * panel {
                         assert_eq!(lower[i].to_bits(), full[i].to_bits(), "lower {at}");
-                    } else if c >= ((z + 1) * panel).div_ceil(tile) * tile {
+                    } else if c >= ((p + 1) * panel).div_ceil(tile) * tile {
                         assert_eq!(lower[i], -7.5, "lower {at} was written");
                     }
                 }

@@ -34,6 +34,8 @@ kernel_params! {
         upper_from: u32,
         /// [`Gemm::lower_to`].
         lower_to: u32,
+        /// [`Gemm::triangle_period`].
+        triangle_period: u32,
     }
 }
 
@@ -165,6 +167,7 @@ impl Part {
             k_split: self.k_split as u32,
             upper_from: g.upper_from as u32,
             lower_to: g.lower_to as u32,
+            triangle_period: g.triangle_period as u32,
         }
     }
 }
@@ -235,9 +238,10 @@ pub(super) fn gemm_kernel(rec: &mut Recorder, g: &Gemm, [a, b, c]: [&GpuTensor; 
 }
 
 /// [`Gemm::upper_from`], [`Gemm::lower_to`]: one dispatch whose grid is the tiles each
-/// batch entry needs (one row tile per entry; entry `z` from column tile
-/// `z · upper_from / tile` on, up to the tile that holds column `(z + 1) · lower_to − 1`),
-/// as the shader's `grid_position` decodes it.
+/// batch entry needs (one row tile per entry; entry `z`, counted modulo
+/// [`Gemm::triangle_period`] when set, from column tile `z · upper_from / tile` on, up to
+/// the tile that holds column `(z + 1) · lower_to − 1`), as the shader's `grid_position`
+/// decodes it.
 fn gemm_triangle(
     rec: &mut Recorder,
     g: &Gemm,
@@ -247,10 +251,14 @@ fn gemm_triangle(
     splits: usize,
 ) -> Result<()> {
     let tiles = g.n.div_ceil(tile);
-    let first = |z: usize| z * g.upper_from / tile;
+    let within = |z: usize| match g.triangle_period {
+        0 => z,
+        period => z % period,
+    };
+    let first = |z: usize| within(z) * g.upper_from / tile;
     let end = |z: usize| match g.lower_to {
         0 => tiles,
-        l => tiles.min(((z + 1) * l).div_ceil(tile)),
+        l => tiles.min(((within(z) + 1) * l).div_ceil(tile)),
     };
     if splits > 1 || g.m > tile || (0..g.batch).any(|z| first(z) >= end(z)) {
         return Err(Error::gpu(

@@ -69,6 +69,10 @@ pub struct Gemm {
     /// 0, or: batch entry `z` needs only the columns of C before `(z + 1) · lower_to` (a
     /// block lower triangle), likewise.
     pub lower_to: usize,
+    /// 0, or: the block triangles of `upper_from` and `lower_to` start again every
+    /// `triangle_period` batch entries (entry `z` counts as `z mod triangle_period`): a
+    /// batch of stacked matrices cut into `triangle_period` panels each.
+    pub triangle_period: usize,
 }
 
 impl Gemm {
@@ -95,6 +99,7 @@ impl Gemm {
             ldc: n,
             upper_from: 0,
             lower_to: 0,
+            triangle_period: 0,
         }
     }
 

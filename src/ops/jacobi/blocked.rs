@@ -267,9 +267,11 @@ impl Sweeper for BlockSweeper<'_> {
             // a = Rᵀ · scratch (row panels of every matrix), then
             // scratch = Rᵀ · aᵀ = Rᵀ A R (per matrix: the column panels of a).
             let mut rows = Gemm::new(pair, m, pair, false, false).batched(batch * h);
-            if upper_only_next && batch == 1 {
-                // The column-panel GEMM below reads only a's block lower triangle.
+            if upper_only_next {
+                // The column-panel GEMM below reads only a's block lower triangle (per
+                // matrix: its h row panels).
                 rows.lower_to = pair;
+                rows.triangle_period = h;
             }
             gemm(rec, &rows, &self.rotations, scratch, a)?;
             for b in 0..batch {
