@@ -1,4 +1,5 @@
-//! Argument checks shared by the kernel wrappers: element counts and 32-bit indices.
+//! Argument checks shared by the kernel wrappers: shapes, element counts and 32-bit
+//! indices.
 
 use crate::error::{Error, Result};
 use crate::gpu::{GpuTensor, grid_1d};
@@ -52,6 +53,19 @@ pub(crate) fn expect_at_least(op: &str, name: &str, t: &GpuTensor, len: usize) -
         ));
     }
     Ok(())
+}
+
+/// `(batch, n)` of a tensor of square matrices, `[n, n]` (batch 1) or `[batch, n, n]`;
+/// an error naming `op` otherwise.
+pub(crate) fn square_batch(op: &str, t: &GpuTensor) -> Result<(usize, usize)> {
+    match *t.shape() {
+        [r, c] if r == c => Ok((1, r)),
+        [b, r, c] if r == c => Ok((b, r)),
+        ref s => Err(Error::gpu(
+            op,
+            format!("expected a [n, n] or [batch, n, n] matrix, found shape {s:?}"),
+        )),
+    }
 }
 
 /// Errors unless every count fits the kernels' 32-bit index arithmetic (with room for

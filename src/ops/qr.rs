@@ -13,7 +13,7 @@
 //! dispatches for `p = ⌈n / 32⌉` panels (plus split-K sums of the GEMMs); no readback;
 //! deterministic (fixed reduction orders, no atomics).
 
-use super::check::{expect_u32, grid};
+use super::check::{expect_u32, grid, square_batch};
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor, Kernel, Recorder, grid_1d};
 use crate::kernel_params;
@@ -37,16 +37,7 @@ kernel_params! {
 /// `Q` of `A = Q R` for `a` `[n, n]` or `[batch, n, n]` (row-major), as a new tensor of
 /// the same shape whose columns are orthonormal; submitted at once.
 pub fn orthonormal_factor(ctx: &GpuContext, a: &GpuTensor) -> Result<GpuTensor> {
-    let (batch, n) = match *a.shape() {
-        [r, c] if r == c => (1, r),
-        [b, r, c] if r == c => (b, r),
-        ref s => {
-            return Err(Error::gpu(
-                "qr",
-                format!("expected a [n, n] or [batch, n, n] matrix, found shape {s:?}"),
-            ));
-        }
-    };
+    let (batch, n) = square_batch("qr", a)?;
     let mut rec = ctx.recorder();
     let q = record_orthonormal_factor(&mut rec, a, batch, n)?;
     rec.submit()?;

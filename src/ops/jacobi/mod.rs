@@ -74,6 +74,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor};
+use crate::ops::check::square_batch;
 use crate::ops::qr;
 pub use crate::progress::Sweeps;
 
@@ -228,16 +229,7 @@ pub struct Eigen {
 /// [`Error::Memory`] when the batch does not fit three storage bindings (one for the
 /// workgroup and global paths).
 pub fn eigh(ctx: &GpuContext, matrices: &GpuTensor, opts: &JacobiOptions) -> Result<Eigen> {
-    let (batch, n) = match *matrices.shape() {
-        [r, c] if r == c => (1, r),
-        [b, r, c] if r == c => (b, r),
-        ref s => {
-            return Err(Error::gpu(
-                "eigh",
-                format!("expected a [n, n] or [batch, n, n] matrix, found shape {s:?}"),
-            ));
-        }
-    };
+    let (batch, n) = square_batch("eigh", matrices)?;
     let batched = matrices.shape().len() == 3;
     let values_shape: Vec<usize> = if batched { vec![batch, n] } else { vec![n] };
     let window = window_elements(ctx);
