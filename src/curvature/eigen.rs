@@ -78,9 +78,10 @@ fn report_factors(progress: &dyn Progress, done: usize, total: usize, sweeps: Op
 /// their stacking copies in one pass, their sweeps in shared passes with one readback
 /// per iteration, and their eigenvalues and eigenvectors read back in one readback.
 /// Progress: after every readback that follows a sweep of a host-driven stack, an
-/// `Advanced` event with `done` 0 and the [`Sweeps`] of [`JacobiOptions::on_sweep`];
-/// at the end one event with every factor done and the largest sweeps and
-/// off-diagonal norm over the stacks.
+/// `Advanced` event with `done` 0 and the [`Sweeps`] of [`JacobiOptions::on_sweep`]
+/// (the sweeps of the stacks still sweeping, which start together); once all are
+/// read back, one event per stack in order, `done` advanced by its factors, with its
+/// own final [`Sweeps`].
 #[derive(Debug, Clone, Copy)]
 pub struct JacobiSolver {
     /// [`JacobiOptions::max_sweeps`].
@@ -214,18 +215,17 @@ impl EigenSolver for JacobiSolver {
         let mut rec = ctx.recorder();
         let mut results: Vec<Option<(FactorEigen, GpuTensor)>> =
             factors.iter().map(|_| None).collect();
-        let mut last = Sweeps {
-            dim: 0,
-            sweeps: 0,
-            off_diagonal: 0.0,
-        };
+        let mut finished = Vec::with_capacity(stacks.len());
         for ((stack, eigen), read) in stacks.iter().zip(eigens).zip(read.chunks_exact(2)) {
             let (n, nn) = (stack.n, stack.n * stack.n);
-            last = Sweeps {
-                dim: last.dim.max(n),
-                sweeps: last.sweeps.max(eigen.sweeps),
-                off_diagonal: last.off_diagonal.max(f64::from(eigen.off_diagonal)),
-            };
+            finished.push((
+                stack.members.len(),
+                Sweeps {
+                    dim: n,
+                    sweeps: eigen.sweeps,
+                    off_diagonal: f64::from(eigen.off_diagonal),
+                },
+            ));
             let (values, vectors) = (&read[0], &read[1]);
             if let [i] = stack.members[..] {
                 let basis = eigen.vectors.reshape(&[n, n])?;
@@ -247,7 +247,11 @@ impl EigenSolver for JacobiSolver {
             }
         }
         rec.submit()?;
-        report_factors(progress, factors.len(), factors.len(), Some(last));
+        let mut done = 0;
+        for (k, sweeps) in finished {
+            done += k;
+            report_factors(progress, done, factors.len(), Some(sweeps));
+        }
         results
             .into_iter()
             .map(|r| {
