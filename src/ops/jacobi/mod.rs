@@ -64,6 +64,24 @@
 //! All three are deterministic: fixed reduction orders, no float atomics (only an
 //! integer OR that flags NaN or Inf).
 //!
+//! Several inputs at once ([`eigh_many`]; [`crate::curvature::eigen::JacobiSolver`]
+//! passes all stacks of factors of a fit in one call): batches of different sizes, each
+//! with its own warm start, share every pass. The set-up of all inputs (QR step or
+//! warm-start rotation, work buffers, padding, first norms; the workgroup path's first
+//! chunk of sweeps) is one pass; each iteration is one readback of every running
+//! input's norm partials or done flags together ([`GpuContext::read_many`]) and one
+//! pass with the next sweep of each host-driven input and the next chunk of each
+//! workgroup-path input not yet done; the finish of all inputs is one pass. Each input
+//! runs the same kernels with the same parameters and stops by its own rule, so its
+//! results are bitwise those of a lone [`eigh`] (`tests/jacobi.rs`); only the grouping
+//! into passes changes. A fit's eigendecomposition costs about the largest sweep count
+//! plus a few submissions and readbacks instead of their sum: `bench --quick` (counts
+//! are driver-independent), mlp (stacks n = 196, 128 ×4, 10) 917 dispatches /
+//! 19 submissions / 20 readbacks → 917 / 10 / 8, cnn (six single factors) 833 / 22 /
+//! 28 → 833 / 8 / 8. On lavapipe, whose dispatches run one after the other anyway, the
+//! time is about neutral (TIMES); the point is a GPU, where each readback is a host
+//! round trip with the GPU idle.
+//!
 //! Matrices larger than one storage binding (the adapter's
 //! `max_storage_buffer_binding_size`, 128 MiB on WebGPU's defaults: a single matrix of
 //! `n` above about 5790) run on the blocked path with each `[batch, n, n]` tensor bound
