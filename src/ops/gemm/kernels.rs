@@ -103,6 +103,10 @@ pub(super) fn tile_of(g: &Gemm) -> usize {
         TILE
     }
 }
+/// Products with K up to this run the `gemm_short_*` kernels: the same tiles without
+/// workgroup memory (each invocation reads its operands from storage), bitwise the same
+/// results.
+pub(super) const SHORT_K_MAX: usize = 32;
 /// Split-K aims for about this many workgroups...
 const SPLIT_TARGET_GROUPS: usize = 512;
 /// ...giving each K slice at least this many values...
@@ -179,12 +183,17 @@ pub(super) fn gemm_kernel(rec: &mut Recorder, g: &Gemm, [a, b, c]: [&GpuTensor; 
     }
     let [(_, a_cols), (_, b_cols), _] = g.stored();
     let vec_a = g.vec4_ok(a_cols, g.lda, g.offset_a, g.stride_a);
+    let short = (1..=SHORT_K_MAX).contains(&g.k);
     let vec_b = g.vec4_ok(b_cols, g.ldb, g.offset_b, g.stride_b);
-    let entry = match (vec_a, vec_b) {
-        (true, true) => "gemm_vv",
-        (true, false) => "gemm_vs",
-        (false, true) => "gemm_sv",
-        (false, false) => "gemm_ss",
+    let entry = match (short, vec_a, vec_b) {
+        (false, true, true) => "gemm_vv",
+        (false, true, false) => "gemm_vs",
+        (false, false, true) => "gemm_sv",
+        (false, false, false) => "gemm_ss",
+        (true, true, true) => "gemm_short_vv",
+        (true, true, false) => "gemm_short_vs",
+        (true, false, true) => "gemm_short_sv",
+        (true, false, false) => "gemm_short_ss",
     };
     let tile = tile_of(g);
     let mut kernel = Kernel::new(&crate::ops::GEMM, entry)
