@@ -6,7 +6,8 @@
 // Layouts (row-major, f32):
 //   a     [batch, n, n]              the input (read by qr_init only)
 //   work  [batch, n, n]              A, overwritten by the factorisation (its trailing
-//                                    columns are updated by GEMMs between panels)
+//                                    columns are updated by GEMMs between panels): R
+//                                    at the end (zero below the diagonal)
 //   q     [batch, n, n]              Q (set to I by qr_init, formed by GEMMs)
 //   v     [batch, n, n]              column j is the Householder vector v_j: 0 above row j,
 //                                    1 at row j, the reflector below (zero on entry)
@@ -157,17 +158,25 @@ fn qr_panel(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
         }
         var tau = 0.0;
         var scale_v = 0.0;
+        // R[col, col]: β on the column's own scale (x_0 stays when H_j = I).
+        var diagonal = 0.0;
         if (total > 0.0) {
             let alpha = wg_alpha;
             let norm = sqrt(alpha * alpha + total);
             let beta = select(norm, -norm, alpha >= 0.0);
             tau = (beta - alpha) / beta;
             scale_v = s / (alpha - beta);
+            diagonal = beta / s;
         }
         if (c == j) {
             for (var r = first_row(col, lane); r < n; r += LANES) {
-                let x = work[base + r * n + col] * scale_v;
-                v[base + r * n + col] = select(x, 1.0, r == col);
+                let row = base + r * n + col;
+                let x = work[row];
+                v[row] = select(x * scale_v, 1.0, r == col);
+                // H_j maps the column to β e_col: R's column, zero below the diagonal.
+                if (r > col || total > 0.0) {
+                    work[row] = select(0.0, diagonal, r == col);
+                }
             }
         }
         storageBarrier();

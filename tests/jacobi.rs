@@ -320,7 +320,7 @@ fn matrices_larger_than_one_binding() {
 
 /// On a device whose storage bindings hold 16384 floats, ten matrices of n = 33 fit one
 /// binding (10890 floats) but the QR's triangular factors `T` (two panels of 32 × 32
-/// each, 20480 floats) do not: `orthonormal_factor` refuses them with
+/// each, 20480 floats) do not: `qr` refuses them with
 /// [`Error::Memory`] naming the limit, and `eigh` skips the QR step (eight fit and
 /// take it) and still meets the targets.
 #[test]
@@ -336,7 +336,7 @@ fn the_qr_step_is_skipped_beyond_one_binding() {
         .map(|i| test_matrix(n, ALL[i % 3], &mut rng))
         .collect();
     let a = ctx.upload(&matrices.concat(), &[10, n, n]).unwrap();
-    match ekfac::ops::qr::orthonormal_factor(&ctx, &a) {
+    match ekfac::ops::qr::qr(&ctx, &a) {
         Err(Error::Memory(msg)) => {
             assert!(msg.contains("max_storage_buffer_binding_size"), "{msg}")
         }
@@ -392,35 +392,47 @@ fn blocked_path_small_sizes() {
     check_sizes(&[1, 2, 17, 32, 33, 70], JacobiPath::Blocked, 1e-5, 1e-4);
 }
 
-/// Errors of a computed `Q` of `A = Q R` (`[n, n]`, row-major), in f64:
-/// `(‖QᵀQ − I‖_F, ‖tril(QᵀA, −1)‖_F / ‖A‖_F)`: orthogonality, and how far `R = QᵀA`
-/// is from upper triangular (zero when `Q R = A` with `R` upper triangular).
-fn qr_errors(a: &[f32], q: &[f32], n: usize) -> (f64, f64) {
+/// Errors of a computed `A = Q R` (`[n, n]` each, row-major), in f64:
+/// `(‖QᵀQ − I‖_F, ‖tril(QᵀA, −1)‖_F / ‖A‖_F, ‖Q R − A‖_F / ‖A‖_F)`: orthogonality, how
+/// far `QᵀA` is from upper triangular (zero when `Q R = A` with `R` upper triangular),
+/// and the backward error of both factors. Panics unless `R` is exactly zero below the
+/// diagonal.
+fn qr_errors(a: &[f32], q: &[f32], r: &[f32], n: usize) -> (f64, f64, f64) {
     let am = Mat::from_fn(n, n, |i, j| f64::from(a[i * n + j]));
     let qm = Mat::from_fn(n, n, |i, j| f64::from(q[i * n + j]));
+    let rm = Mat::from_fn(n, n, |i, j| f64::from(r[i * n + j]));
+    assert!(
+        (0..n).all(|i| (0..i).all(|j| r[i * n + j] == 0.0)),
+        "R is not zero below the diagonal"
+    );
     let qtq = qm.transpose() * &qm;
     let gram = Mat::from_fn(n, n, |i, j| qtq[(i, j)] - if i == j { 1.0 } else { 0.0 });
-    let r = qm.transpose() * &am;
-    let below = Mat::from_fn(n, n, |i, j| if i > j { r[(i, j)] } else { 0.0 });
-    let norm = am.norm_l2();
-    let triangular = if norm > 0.0 {
-        below.norm_l2() / norm
-    } else {
-        below.norm_l2()
+    let qta = qm.transpose() * &am;
+    let below = Mat::from_fn(n, n, |i, j| if i > j { qta[(i, j)] } else { 0.0 });
+    let backward = &qm * &rm - &am;
+    let relative = |x: f64| {
+        let norm = am.norm_l2();
+        if norm > 0.0 { x / norm } else { x }
     };
-    (gram.norm_l2(), triangular)
+    (
+        gram.norm_l2(),
+        relative(below.norm_l2()),
+        relative(backward.norm_l2()),
+    )
 }
 
-/// The orthonormal factor of a batch of n = 70 matrices (panels of 32, 32 and 6
+/// The QR factors of a batch of n = 70 matrices (panels of 32, 32 and 6
 /// columns): a random non-symmetric one, the three test spectra, a zero matrix and one
 /// whose odd columns repeat the even ones (rank 35), the random one times 1e-30 (its
 /// squares underflow f32: the reflectors are computed on scaled columns), plus single
-/// matrices of n = 1, 32 and 33. Held in f64 to `‖QᵀQ − I‖_F ≤ 4·n·ε` and `‖tril(QᵀA, −1)‖_F ≤ 4·n·ε·‖A‖_F`
-/// (Householder QR is backward stable with errors of a few `n·ε`; ε = 2⁻²³); the zero
+/// matrices of n = 1, 32 and 33. Held in f64 to `‖QᵀQ − I‖_F ≤ 4·n·ε`,
+/// `‖tril(QᵀA, −1)‖_F ≤ 4·n·ε·‖A‖_F` and `‖Q R − A‖_F ≤ 4·n·ε·‖A‖_F`, with `R` exactly
+/// zero below the diagonal (Householder QR is backward stable with errors of a few
+/// `n·ε`; ε = 2⁻²³); the zero
 /// matrix gives `Q = I` exactly; on the random matrix `Q` equals faer's f64 `Q` up to
 /// the signs of its columns (`1 − |⟨q_j, q_ref_j⟩| ≤ 1e-5`; measured 1.5e-7).
 #[test]
-fn qr_orthonormal_factor_against_f64() {
+fn qr_factors_against_f64() {
     let Some(ctx) = common::gpu() else { return };
     let mut rng = TestRng::new(17);
     let n = 70;
@@ -448,16 +460,27 @@ fn qr_orthonormal_factor_against_f64() {
     let a = ctx
         .upload(&matrices.concat(), &[matrices.len(), n, n])
         .unwrap();
-    let q = ekfac::ops::qr::orthonormal_factor(&ctx, &a).unwrap();
-    assert_eq!(q.shape(), a.shape());
-    let q = ctx.read(&q).unwrap();
+    let factors = ekfac::ops::qr::qr(&ctx, &a).unwrap();
+    assert_eq!(factors.q.shape(), a.shape());
+    assert_eq!(factors.r.shape(), a.shape());
+    let q = ctx.read(&factors.q).unwrap();
+    let r = ctx.read(&factors.r).unwrap();
     let bound = |n: usize| 4.0 * n as f64 * f64::from(f32::EPSILON);
-    for ((m, name), qb) in matrices.iter().zip(names).zip(q.chunks(n * n)) {
-        let (orthogonality, triangular) = qr_errors(m, qb, n);
-        eprintln!("qr n={n} {name}: ‖QᵀQ−I‖ {orthogonality:.2e}, tril {triangular:.2e}");
+    for (((m, name), qb), rb) in matrices
+        .iter()
+        .zip(names)
+        .zip(q.chunks(n * n))
+        .zip(r.chunks(n * n))
+    {
+        let (orthogonality, triangular, backward) = qr_errors(m, qb, rb, n);
+        eprintln!(
+            "qr n={n} {name}: ‖QᵀQ−I‖ {orthogonality:.2e}, tril {triangular:.2e}, \
+             ‖QR−A‖ {backward:.2e}"
+        );
         assert!(
-            orthogonality <= bound(n) && triangular <= bound(n),
-            "{name}: ‖QᵀQ − I‖_F {orthogonality:e}, ‖tril(QᵀA)‖/‖A‖ {triangular:e}"
+            orthogonality <= bound(n) && triangular <= bound(n) && backward <= bound(n),
+            "{name}: ‖QᵀQ − I‖_F {orthogonality:e}, ‖tril(QᵀA)‖/‖A‖ {triangular:e}, \
+             ‖QR − A‖/‖A‖ {backward:e}"
         );
     }
     let identity: Vec<f32> = (0..n * n)
@@ -483,13 +506,22 @@ fn qr_orthonormal_factor_against_f64() {
     for n in [1, 32, 33] {
         let m = rng.vec(n * n);
         let a = ctx.upload(&m, &[n, n]).unwrap();
-        let q = ekfac::ops::qr::orthonormal_factor(&ctx, &a).unwrap();
-        assert_eq!(q.shape(), &[n, n]);
-        let (orthogonality, triangular) = qr_errors(&m, &ctx.read(&q).unwrap(), n);
-        eprintln!("qr n={n}: ‖QᵀQ−I‖ {orthogonality:.2e}, tril {triangular:.2e}");
+        let factors = ekfac::ops::qr::qr(&ctx, &a).unwrap();
+        assert_eq!(factors.q.shape(), &[n, n]);
+        let (orthogonality, triangular, backward) = qr_errors(
+            &m,
+            &ctx.read(&factors.q).unwrap(),
+            &ctx.read(&factors.r).unwrap(),
+            n,
+        );
+        eprintln!(
+            "qr n={n}: ‖QᵀQ−I‖ {orthogonality:.2e}, tril {triangular:.2e}, ‖QR−A‖ {backward:.2e}"
+        );
+        let bound = bound(n.max(8));
         assert!(
-            orthogonality <= bound(n.max(8)) && triangular <= bound(n.max(8)),
-            "n = {n}: ‖QᵀQ − I‖_F {orthogonality:e}, ‖tril(QᵀA)‖/‖A‖ {triangular:e}"
+            orthogonality <= bound && triangular <= bound && backward <= bound,
+            "n = {n}: ‖QᵀQ − I‖_F {orthogonality:e}, ‖tril(QᵀA)‖/‖A‖ {triangular:e}, \
+             ‖QR − A‖/‖A‖ {backward:e}"
         );
     }
 }

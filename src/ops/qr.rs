@@ -1,12 +1,13 @@
-//! The orthonormal factor `Q` of the QR decomposition `A = Q R` of each square matrix of
-//! a batch (`shaders/qr.wgsl`): blocked Householder reflections in compact WY form.
+//! The QR decomposition `A = Q R` of each square matrix of a batch (`shaders/qr.wgsl`):
+//! blocked Householder reflections in compact WY form.
 //!
 //! Panels of [`PANEL`] columns are factored one after the other, each by one workgroup
 //! per matrix (`qr_panel`: the reflectors `I − τ v vᵀ` of its columns and the triangular
 //! `T` with `H₁ ⋯ H_b = I − V T Vᵀ`); the columns right of the panel are updated by three
 //! batched GEMMs (`crate::ops::gemm`), `A ← (I − V Tᵀ Vᵀ) A`, and `Q = H₁ ⋯ H_n` is
 //! formed from the identity by three more per panel, from the last panel to the first.
-//! `Q` is orthogonal to f32 rounding whatever `A` is: a column that is zero below the
+//! What is left of `A` is `R`: upper triangular, its diagonal `β_j` written by the panel
+//! kernel and zeros below. `Q` is orthogonal to f32 rounding whatever `A` is: a column that is zero below the
 //! diagonal after the earlier reflections (zero or linearly dependent columns of a
 //! rank-deficient `A`) gets `τ = 0`, the identity. Its leading `k` columns span `A`'s
 //! leading `k` columns when those are independent. All in one compute pass, `7p − 2`
@@ -34,26 +35,31 @@ kernel_params! {
     }
 }
 
-/// `Q` of `A = Q R` for `a` `[n, n]` or `[batch, n, n]` (row-major), as a new tensor of
-/// the same shape whose columns are orthonormal; submitted at once.
-pub fn orthonormal_factor(ctx: &GpuContext, a: &GpuTensor) -> Result<GpuTensor> {
-    let (batch, n) = square_batch("qr", a)?;
-    let mut rec = ctx.recorder();
-    let q = record_orthonormal_factor(&mut rec, a, batch, n)?;
-    rec.submit()?;
-    q.reshape(a.shape())
+/// The factors of `A = Q R`, each shaped like `A`.
+#[derive(Debug)]
+pub struct Qr {
+    /// The orthonormal factor (columns orthonormal), row-major.
+    pub q: GpuTensor,
+    /// The upper triangular factor (exact zeros below the diagonal), row-major.
+    pub r: GpuTensor,
 }
 
-/// Records the computation of `Q` of `A = Q R` for each of the `batch` matrices
-/// `[n, n]` of `a` (row-major, `batch · n · n` elements) and returns `Q`
-/// `[batch, n, n]`. The batch must fit one storage binding (an [`Error::Memory`]
-/// otherwise).
-pub fn record_orthonormal_factor(
-    rec: &mut Recorder,
-    a: &GpuTensor,
-    batch: usize,
-    n: usize,
-) -> Result<GpuTensor> {
+/// `A = Q R` for `a` `[n, n]` or `[batch, n, n]` (row-major); submitted at once.
+pub fn qr(ctx: &GpuContext, a: &GpuTensor) -> Result<Qr> {
+    let (batch, n) = square_batch("qr", a)?;
+    let mut rec = ctx.recorder();
+    let Qr { q, r } = record_qr(&mut rec, a, batch, n)?;
+    rec.submit()?;
+    Ok(Qr {
+        q: q.reshape(a.shape())?,
+        r: r.reshape(a.shape())?,
+    })
+}
+
+/// Records `A = Q R` for each of the `batch` matrices `[n, n]` of `a` (row-major,
+/// `batch · n · n` elements) and returns `Q` and `R`, each `[batch, n, n]`. The batch
+/// must fit one storage binding (an [`Error::Memory`] otherwise).
+pub fn record_qr(rec: &mut Recorder, a: &GpuTensor, batch: usize, n: usize) -> Result<Qr> {
     let ctx = rec.context();
     let op = "qr";
     let nn = n * n;
@@ -67,8 +73,9 @@ pub fn record_orthonormal_factor(
         ));
     }
     let q = ctx.zeros(&[batch, n, n])?;
+    let work = ctx.zeros(&[batch, n, n])?;
     if batch == 0 || n == 0 {
-        return Ok(q);
+        return Ok(Qr { q, r: work });
     }
     let panels = n.div_ceil(PANEL);
     let t_len = batch * panels * PANEL * PANEL;
@@ -80,7 +87,6 @@ pub fn record_orthonormal_factor(
         )));
     }
     expect_u32(op, &[batch * nn, t_len])?;
-    let work = ctx.zeros(&[batch, n, n])?;
     let v = ctx.zeros(&[batch, n, n])?;
     let t = ctx.zeros(&[batch, panels, PANEL, PANEL])?;
     // Vᵀ X and T Vᵀ X (or Tᵀ) of one panel: [batch, PANEL, n], row length n.
@@ -123,12 +129,12 @@ pub fn record_orthonormal_factor(
         let x = Block { row0: k0, col0: k0 };
         apply_reflectors(rec, [&v, &t, &w, &tw], &q, x, (k, k0, width), n, false)?;
     }
-    Ok(q)
+    Ok(Qr { q, r: work })
 }
 
 /// Whether every buffer of the QR of `batch` matrices `[n, n]` fits one storage binding:
 /// the matrices, the `T` of every panel (`[batch, ⌈n/32⌉, 32, 32]`) and the panel
-/// products (`[batch, 32, n]`). [`record_orthonormal_factor`] refuses the others.
+/// products (`[batch, 32, n]`). [`record_qr`] refuses the others.
 pub fn fits_one_binding(ctx: &GpuContext, batch: usize, n: usize) -> bool {
     let limit = ctx.binding_elements().0 as u128;
     let (batch, n) = (batch as u128, n as u128);

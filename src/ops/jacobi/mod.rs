@@ -16,19 +16,20 @@
 //! gather), after an optional Newton–Schulz re-orthogonalisation of the eigenbasis.
 //!
 //! QR preconditioner (Drmač–Veselić): from `n = 33` on
-//! ([`JacobiOptions::precondition_min_n`]) a cold start first computes `Q` of the QR
+//! ([`JacobiOptions::precondition_min_n`]) a cold start first computes the QR
 //! decomposition `A = Q R` (Householder, no pivoting; [`crate::ops::qr`], in the same
-//! pass as the sweeps' set-up) and sweeps `A₁ = Qᵀ A Q` with the eigenbasis starting at
-//! `Q`, exactly as a warm start (batches whose QR buffers exceed one storage binding
-//! skip it). It is
-//! one step of unshifted QR iteration (`A₁ = R Q`): the leading columns of `Q` span `A`
+//! pass as the sweeps' set-up) and sweeps `A₁ = R Q = Qᵀ A Q` (one GEMM) with the
+//! eigenbasis starting at `Q`, exactly as a warm start (batches whose QR buffers exceed
+//! one storage binding skip it). It is
+//! one step of unshifted QR iteration: the leading columns of `Q` span `A`
 //! applied to the leading unit vectors, so the large eigenvalues gather in the leading
 //! rows and the coupling of eigenvalues `λ_i ≪ λ_j` shrinks by about `λ_i / λ_j`. That
 //! separates the scales of graded spectra, on which the sweeps alone reduce `off` only
 //! 3–5× each: on lavapipe the graded spectrum at n = 512 takes 5 sweeps instead of 13,
 //! graded and rank-deficient ones at n = 64–300 half as many, clustered ones a fifth
 //! fewer. On spectra without a wide range (a Gram matrix of random data, condition 6)
-//! it saves none and costs about 6`n³` GEMM flops (under half a blocked sweep). It is
+//! it saves none and costs about 5`n³` GEMM flops (under half a blocked sweep; forming
+//! `R Q` instead of `Qᵀ (A Q)` saves one product of 2`n³`). It is
 //! not a sweep: [`Eigen::sweeps`] counts the sweeps after it. The refinement
 //! ([`JacobiOptions::refine_min_n`]) restarts from the result as before.
 //!
@@ -75,6 +76,7 @@
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor};
 use crate::ops::check::square_batch;
+use crate::ops::gemm::{Gemm, gemm};
 use crate::ops::qr;
 pub use crate::progress::Sweeps;
 
@@ -164,7 +166,7 @@ pub struct JacobiOptions<'a> {
     /// spectrum): residual 1.8e-5 → 1.1e-6, eigenvalue error 2.8e-5 → 1.4e-7.
     pub refine_min_n: usize,
     /// From this size on (default 33), a cold start (no `warm_start`) is preconditioned
-    /// by one QR step: the sweeps start from `Qᵀ A Q` with the basis at `Q`, for `Q` of
+    /// by one QR step: the sweeps start from `R Q = Qᵀ A Q` with the basis at `Q`, for
     /// `A = Q R` ([`crate::ops::qr`], no pivoting; module docs). Not a sweep: the sweeps
     /// reported are the Jacobi sweeps after it. Skipped for batches whose QR buffers do
     /// not fit one storage binding ([`crate::ops::qr::fits_one_binding`]);
@@ -257,19 +259,29 @@ pub fn eigh(ctx: &GpuContext, matrices: &GpuTensor, opts: &JacobiOptions) -> Res
     }
     let mut rec = ctx.recorder();
     // The QR preconditioner (see `JacobiOptions::precondition_min_n`): a cold start
-    // from the orthonormal factor of A = QR, as a warm start.
-    let preconditioner = match opts.warm_start {
+    // from A₁ = R Q (= Qᵀ A Q) of A = QR with the basis at Q, as a warm start.
+    let preconditioned = match opts.warm_start {
         None if n >= opts.precondition_min_n
             && !windowed
             && qr::fits_one_binding(ctx, batch, n) =>
         {
-            Some(qr::record_orthonormal_factor(&mut rec, matrices, batch, n)?)
+            let qr::Qr { q, r } = qr::record_qr(&mut rec, matrices, batch, n)?;
+            let rq = ctx.zeros(&[batch, n, n])?;
+            gemm(
+                &mut rec,
+                &Gemm::new(n, n, n, false, false).batched(batch),
+                &r,
+                &q,
+                &rq,
+            )?;
+            Some((q, rq))
         }
         _ => None,
     };
     let rotated;
-    let (input, start) = match opts.warm_start.or(preconditioner.as_ref()) {
-        Some(v0) => {
+    let (input, start) = match (opts.warm_start, &preconditioned) {
+        (_, Some((q, rq))) => (rq, Some((q, n * n))),
+        (Some(v0), None) => {
             let v0_stride = match *v0.shape() {
                 [r, c] if r == n && c == n => 0,
                 [b, r, c] if b == batch && r == n && c == n => n * n,
@@ -283,7 +295,7 @@ pub fn eigh(ctx: &GpuContext, matrices: &GpuTensor, opts: &JacobiOptions) -> Res
             rotated = rotate_into_basis(ctx, &mut rec, matrices, v0, v0_stride, batch, n)?;
             (&rotated, Some((v0, v0_stride)))
         }
-        None => (matrices, None),
+        (None, None) => (matrices, None),
     };
     let path = match opts.path {
         JacobiPath::Auto if n <= AUTO_WORKGROUP_MAX_N && !windowed => JacobiPath::Workgroup,
