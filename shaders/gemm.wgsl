@@ -23,8 +23,9 @@
 // slice of K, each slice's partial product goes to its own packed matrix, and
 // split_k_sum adds the slices in order into C.
 //
-// Products with m = 1 or n = 1 run the matrix-vector kernels gemv_t and gemv_n at the
-// end of this file instead.
+// Products with 1 <= K <= 32 run the short-K kernels gemm_short_<a><b> instead (same
+// grid and tiles, no workgroup memory; see "Short K" below), and products with m = 1 or
+// n = 1 the matrix-vector kernels gemv_t and gemv_n at the end of this file.
 //
 // Entry points gemm_<a><b>: 'v' loads the operand with vec4 reads, 's' with scalar
 // reads. The vec4 path needs the operand's row length (K for A, M for A^T, N for B,
@@ -413,6 +414,274 @@ fn gemm_vv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
         workgroupBarrier();
     }
     store(t, lid, acc);
+}
+
+// --- Short K (the host picks these for 1 <= K <= 32): no workgroup memory and no
+// barrier. A workgroup computes the same TILE x TILE tile of C as above (same grid,
+// same upper_from / lower_to tile skipping) with THREADS8 = (TILE / 8)^2 invocations,
+// each owning an 8 x 8 block of it (rows 8 (lid / G8) + 0..7, columns 8 (lid % G8) +
+// 0..7). It reads its 8 rows of op(A) and 8 columns of op(B) straight from storage, 4
+// values of K at a time (with K <= 32 they stay in cache), and adds the products in
+// the order of `multiply` (k ascending, one fma each, from 0), so its results are
+// bitwise those of the staged kernels.
+//
+// Why: a CPU driver (lavapipe) runs every load whose address differs between
+// invocations one invocation at a time, and pays for each barrier. For K = 32 the
+// staged 32 x 32 kernel does 4 K slices of 2 barriers each and 2 such loads (of
+// workgroup memory) per 16 multiply-adds; this one 16 per 64. The code is written out
+// without loops over the register block: lavapipe does not unroll such loops, and an
+// indexed register array then lives in per-invocation memory (the same 8 x 8 kernel
+// written with loops was slower than the staged one: 3.9 against 3.3 ms for a
+// 32 x 256 x 32 product batched 16 times; written out 1.7 ms, with the element-wise
+// store below 1.2 ms). Indices are clamped into op(A) and op(B) instead of branching
+// (rows and columns past the product compute values nobody stores); values past K are
+// zero in both operands.
+
+// Side of the grid of invocations, each owning 8 x 8 values of the C tile.
+override G8: u32 = TILE / 8u;
+override THREADS8: u32 = G8 * G8;
+
+// Four values of K of an invocation's operands: for op(A) c[2 kk + h] = op(A)[i0 + 4 h
+// + 0..3, k0 + kk], for op(B) c[2 kk + h] = op(B)[k0 + kk, j0 + 4 h + 0..3].
+alias Chunk = array<vec4<f32>, 8>;
+// An invocation's 8 x 8 block of C: acc[2 r + h] = C[i0 + r, j0 + 4 h + 0..3].
+alias Block8 = array<vec4<f32>, 16>;
+
+// op(A)[i, k] with the indices clamped into op(A); zero for k >= K.
+fn op_a_s(t: Tile, i: u32, k: u32) -> f32 {
+    let gm = min(i, p.m - 1u);
+    let gk = min(k, t.k_end - 1u);
+    var v: f32;
+    if (TRANS_A) {
+        v = a_s[t.base_a + gk * p.lda + gm];
+    } else {
+        v = a_s[t.base_a + gm * p.lda + gk];
+    }
+    return select(0.0, v, k < t.k_end);
+}
+
+fn a_col_s(t: Tile, i: u32, k: u32) -> vec4<f32> {
+    return vec4<f32>(op_a_s(t, i, k), op_a_s(t, i + 1u, k), op_a_s(t, i + 2u, k),
+                     op_a_s(t, i + 3u, k));
+}
+
+fn a_chunk_s(t: Tile, i0: u32, k0: u32) -> Chunk {
+    let i1 = i0 + 4u;
+    return Chunk(a_col_s(t, i0, k0), a_col_s(t, i1, k0), a_col_s(t, i0, k0 + 1u),
+                 a_col_s(t, i1, k0 + 1u), a_col_s(t, i0, k0 + 2u), a_col_s(t, i1, k0 + 2u),
+                 a_col_s(t, i0, k0 + 3u), a_col_s(t, i1, k0 + 3u));
+}
+
+// TRANS_A, vec4 loads (M a multiple of 4): op(A)[i .. i + 3, k], a row of the stored
+// K x M matrix; zero for k >= K.
+fn a_quad_t(t: Tile, i: u32, k: u32) -> vec4<f32> {
+    let v = a_v[(t.base_a + min(k, t.k_end - 1u) * p.lda + min(i, p.m - 4u)) / 4u];
+    return select(vec4<f32>(0.0), v, k < t.k_end);
+}
+
+// Without TRANS_A, vec4 loads (K a multiple of 4): op(A)[i, k0 .. k0 + 3], a row of the
+// stored M x K matrix.
+fn a_quad_n(t: Tile, i: u32, k0: u32) -> vec4<f32> {
+    return a_v[(t.base_a + min(i, p.m - 1u) * p.lda + k0) / 4u];
+}
+
+fn a_chunk_v(t: Tile, i0: u32, k0: u32) -> Chunk {
+    let i1 = i0 + 4u;
+    if (TRANS_A) {
+        return Chunk(a_quad_t(t, i0, k0), a_quad_t(t, i1, k0), a_quad_t(t, i0, k0 + 1u),
+                     a_quad_t(t, i1, k0 + 1u), a_quad_t(t, i0, k0 + 2u),
+                     a_quad_t(t, i1, k0 + 2u), a_quad_t(t, i0, k0 + 3u),
+                     a_quad_t(t, i1, k0 + 3u));
+    }
+    let r0 = a_quad_n(t, i0, k0);
+    let r1 = a_quad_n(t, i0 + 1u, k0);
+    let r2 = a_quad_n(t, i0 + 2u, k0);
+    let r3 = a_quad_n(t, i0 + 3u, k0);
+    let r4 = a_quad_n(t, i1, k0);
+    let r5 = a_quad_n(t, i1 + 1u, k0);
+    let r6 = a_quad_n(t, i1 + 2u, k0);
+    let r7 = a_quad_n(t, i1 + 3u, k0);
+    return Chunk(vec4<f32>(r0.x, r1.x, r2.x, r3.x), vec4<f32>(r4.x, r5.x, r6.x, r7.x),
+                 vec4<f32>(r0.y, r1.y, r2.y, r3.y), vec4<f32>(r4.y, r5.y, r6.y, r7.y),
+                 vec4<f32>(r0.z, r1.z, r2.z, r3.z), vec4<f32>(r4.z, r5.z, r6.z, r7.z),
+                 vec4<f32>(r0.w, r1.w, r2.w, r3.w), vec4<f32>(r4.w, r5.w, r6.w, r7.w));
+}
+
+// op(B)[k, j] with the indices clamped into op(B); zero for k >= K.
+fn op_b_s(t: Tile, k: u32, j: u32) -> f32 {
+    let gn = min(j, p.n - 1u);
+    let gk = min(k, t.k_end - 1u);
+    var v: f32;
+    if (TRANS_B) {
+        v = b_s[t.base_b + gn * p.ldb + gk];
+    } else {
+        v = b_s[t.base_b + gk * p.ldb + gn];
+    }
+    return select(0.0, v, k < t.k_end);
+}
+
+fn b_row_s(t: Tile, k: u32, j: u32) -> vec4<f32> {
+    return vec4<f32>(op_b_s(t, k, j), op_b_s(t, k, j + 1u), op_b_s(t, k, j + 2u),
+                     op_b_s(t, k, j + 3u));
+}
+
+fn b_chunk_s(t: Tile, j0: u32, k0: u32) -> Chunk {
+    let j1 = j0 + 4u;
+    return Chunk(b_row_s(t, k0, j0), b_row_s(t, k0, j1), b_row_s(t, k0 + 1u, j0),
+                 b_row_s(t, k0 + 1u, j1), b_row_s(t, k0 + 2u, j0), b_row_s(t, k0 + 2u, j1),
+                 b_row_s(t, k0 + 3u, j0), b_row_s(t, k0 + 3u, j1));
+}
+
+// Without TRANS_B, vec4 loads (N a multiple of 4): op(B)[k, j .. j + 3], a row of the
+// stored K x N matrix; zero for k >= K.
+fn b_quad_n(t: Tile, k: u32, j: u32) -> vec4<f32> {
+    let v = b_v[(t.base_b + min(k, t.k_end - 1u) * p.ldb + min(j, p.n - 4u)) / 4u];
+    return select(vec4<f32>(0.0), v, k < t.k_end);
+}
+
+// TRANS_B, vec4 loads (K a multiple of 4): op(B)[k0 .. k0 + 3, j], a row of the stored
+// N x K matrix.
+fn b_quad_t(t: Tile, k0: u32, j: u32) -> vec4<f32> {
+    return b_v[(t.base_b + min(j, p.n - 1u) * p.ldb + k0) / 4u];
+}
+
+fn b_chunk_v(t: Tile, j0: u32, k0: u32) -> Chunk {
+    let j1 = j0 + 4u;
+    if (!TRANS_B) {
+        return Chunk(b_quad_n(t, k0, j0), b_quad_n(t, k0, j1), b_quad_n(t, k0 + 1u, j0),
+                     b_quad_n(t, k0 + 1u, j1), b_quad_n(t, k0 + 2u, j0),
+                     b_quad_n(t, k0 + 2u, j1), b_quad_n(t, k0 + 3u, j0),
+                     b_quad_n(t, k0 + 3u, j1));
+    }
+    let c0 = b_quad_t(t, k0, j0);
+    let c1 = b_quad_t(t, k0, j0 + 1u);
+    let c2 = b_quad_t(t, k0, j0 + 2u);
+    let c3 = b_quad_t(t, k0, j0 + 3u);
+    let c4 = b_quad_t(t, k0, j1);
+    let c5 = b_quad_t(t, k0, j1 + 1u);
+    let c6 = b_quad_t(t, k0, j1 + 2u);
+    let c7 = b_quad_t(t, k0, j1 + 3u);
+    return Chunk(vec4<f32>(c0.x, c1.x, c2.x, c3.x), vec4<f32>(c4.x, c5.x, c6.x, c7.x),
+                 vec4<f32>(c0.y, c1.y, c2.y, c3.y), vec4<f32>(c4.y, c5.y, c6.y, c7.y),
+                 vec4<f32>(c0.z, c1.z, c2.z, c3.z), vec4<f32>(c4.z, c5.z, c6.z, c7.z),
+                 vec4<f32>(c0.w, c1.w, c2.w, c3.w), vec4<f32>(c4.w, c5.w, c6.w, c7.w));
+}
+
+// acc[2 r + h] += a[r] · b[h] for one value of K: a = (lo, hi) the 8 values of op(A),
+// b = (lo, hi) those of op(B).
+fn rank1(acc: ptr<function, Block8>, alo: vec4<f32>, ahi: vec4<f32>, blo: vec4<f32>,
+         bhi: vec4<f32>) {
+    (*acc)[0] = fma(vec4<f32>(alo.x), blo, (*acc)[0]);
+    (*acc)[1] = fma(vec4<f32>(alo.x), bhi, (*acc)[1]);
+    (*acc)[2] = fma(vec4<f32>(alo.y), blo, (*acc)[2]);
+    (*acc)[3] = fma(vec4<f32>(alo.y), bhi, (*acc)[3]);
+    (*acc)[4] = fma(vec4<f32>(alo.z), blo, (*acc)[4]);
+    (*acc)[5] = fma(vec4<f32>(alo.z), bhi, (*acc)[5]);
+    (*acc)[6] = fma(vec4<f32>(alo.w), blo, (*acc)[6]);
+    (*acc)[7] = fma(vec4<f32>(alo.w), bhi, (*acc)[7]);
+    (*acc)[8] = fma(vec4<f32>(ahi.x), blo, (*acc)[8]);
+    (*acc)[9] = fma(vec4<f32>(ahi.x), bhi, (*acc)[9]);
+    (*acc)[10] = fma(vec4<f32>(ahi.y), blo, (*acc)[10]);
+    (*acc)[11] = fma(vec4<f32>(ahi.y), bhi, (*acc)[11]);
+    (*acc)[12] = fma(vec4<f32>(ahi.z), blo, (*acc)[12]);
+    (*acc)[13] = fma(vec4<f32>(ahi.z), bhi, (*acc)[13]);
+    (*acc)[14] = fma(vec4<f32>(ahi.w), blo, (*acc)[14]);
+    (*acc)[15] = fma(vec4<f32>(ahi.w), bhi, (*acc)[15]);
+}
+
+// The four values of K of a chunk, in order.
+fn rank4(acc: ptr<function, Block8>, a: Chunk, b: Chunk) {
+    rank1(acc, a[0], a[1], b[0], b[1]);
+    rank1(acc, a[2], a[3], b[2], b[3]);
+    rank1(acc, a[4], a[5], b[4], b[5]);
+    rank1(acc, a[6], a[7], b[6], b[7]);
+}
+
+// C[i, j] = α v + β C[i, j] when (i, j) lies inside C.
+fn store_one(t: Tile, i: u32, j: u32, v: f32) {
+    if (i < p.m && j < p.n) {
+        let idx = t.base_c + i * p.ldc + j;
+        var w = p.alpha * v;
+        if (p.beta != 0.0) {
+            w = fma(p.beta, c[idx], w);
+        }
+        c[idx] = w;
+    }
+}
+
+// C[i, j0 .. j0 + 7] from (lo, hi).
+fn store_row8(t: Tile, i: u32, j0: u32, lo: vec4<f32>, hi: vec4<f32>) {
+    store_one(t, i, j0, lo.x);
+    store_one(t, i, j0 + 1u, lo.y);
+    store_one(t, i, j0 + 2u, lo.z);
+    store_one(t, i, j0 + 3u, lo.w);
+    store_one(t, i, j0 + 4u, hi.x);
+    store_one(t, i, j0 + 5u, hi.y);
+    store_one(t, i, j0 + 6u, hi.z);
+    store_one(t, i, j0 + 7u, hi.w);
+}
+
+fn store8(t: Tile, i0: u32, j0: u32, acc: ptr<function, Block8>) {
+    store_row8(t, i0, j0, (*acc)[0], (*acc)[1]);
+    store_row8(t, i0 + 1u, j0, (*acc)[2], (*acc)[3]);
+    store_row8(t, i0 + 2u, j0, (*acc)[4], (*acc)[5]);
+    store_row8(t, i0 + 3u, j0, (*acc)[6], (*acc)[7]);
+    store_row8(t, i0 + 4u, j0, (*acc)[8], (*acc)[9]);
+    store_row8(t, i0 + 5u, j0, (*acc)[10], (*acc)[11]);
+    store_row8(t, i0 + 6u, j0, (*acc)[12], (*acc)[13]);
+    store_row8(t, i0 + 7u, j0, (*acc)[14], (*acc)[15]);
+}
+
+@compute @workgroup_size(THREADS8)
+fn gemm_short_ss(@builtin(workgroup_id) wid: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    let t = tile_of(grid_position(wid));
+    let i0 = t.m0 + 8u * (lid / G8);
+    let j0 = t.n0 + 8u * (lid % G8);
+    var acc: Block8;
+    for (var k0 = t.k_begin; k0 < t.k_end; k0 += 4u) {
+        rank4(&acc, a_chunk_s(t, i0, k0), b_chunk_s(t, j0, k0));
+    }
+    store8(t, i0, j0, &acc);
+}
+
+@compute @workgroup_size(THREADS8)
+fn gemm_short_vs(@builtin(workgroup_id) wid: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    let t = tile_of(grid_position(wid));
+    let i0 = t.m0 + 8u * (lid / G8);
+    let j0 = t.n0 + 8u * (lid % G8);
+    var acc: Block8;
+    for (var k0 = t.k_begin; k0 < t.k_end; k0 += 4u) {
+        rank4(&acc, a_chunk_v(t, i0, k0), b_chunk_s(t, j0, k0));
+    }
+    store8(t, i0, j0, &acc);
+}
+
+@compute @workgroup_size(THREADS8)
+fn gemm_short_sv(@builtin(workgroup_id) wid: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    let t = tile_of(grid_position(wid));
+    let i0 = t.m0 + 8u * (lid / G8);
+    let j0 = t.n0 + 8u * (lid % G8);
+    var acc: Block8;
+    for (var k0 = t.k_begin; k0 < t.k_end; k0 += 4u) {
+        rank4(&acc, a_chunk_s(t, i0, k0), b_chunk_v(t, j0, k0));
+    }
+    store8(t, i0, j0, &acc);
+}
+
+@compute @workgroup_size(THREADS8)
+fn gemm_short_vv(@builtin(workgroup_id) wid: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    let t = tile_of(grid_position(wid));
+    let i0 = t.m0 + 8u * (lid / G8);
+    let j0 = t.n0 + 8u * (lid % G8);
+    var acc: Block8;
+    for (var k0 = t.k_begin; k0 < t.k_end; k0 += 4u) {
+        rank4(&acc, a_chunk_v(t, i0, k0), b_chunk_v(t, j0, k0));
+    }
+    store8(t, i0, j0, &acc);
 }
 
 // --- Split-K, second step: C[b] = alpha * sum_s P[b * splits + s] + beta * C[b], the

@@ -548,3 +548,96 @@ fn upper_from_and_lower_to_compute_block_triangles() {
     g.upper_from = 16;
     assert!(gemm(&mut rec, &g, &a, &b, &c).is_err());
 }
+
+/// Products with `1 ≤ K ≤ 32` run the short-K kernels (no workgroup memory, an 8×8 block
+/// per invocation read straight from storage): every transposition, each tile size
+/// (16, 32, 64), K around the chunks of 4, sizes that leave partial 8×8 blocks and
+/// partial tiles, vec4 and scalar loads (aligned and unaligned offsets and leading
+/// dimensions), batch strides, broadcast operands and α/β with C read.
+#[test]
+fn short_k_products() {
+    let Some(ctx) = common::gpu() else { return };
+    let shapes = [
+        (2, 2, 1),
+        (16, 16, 3),
+        (13, 15, 4),
+        (28, 196, 28),
+        (32, 256, 32),
+        (31, 9, 31),
+        (40, 70, 7),
+        (65, 66, 32),
+        (130, 9, 5),
+        (9, 131, 17),
+    ];
+    for (s, &(m, n, k)) in shapes.iter().enumerate() {
+        for (t, &(ta, tb)) in TRANSPOSES.iter().enumerate() {
+            let seed = 1100 + (s * 4 + t) as u64 * 4;
+            let g = Gemm::new(m, n, k, ta, tb);
+            check(&ctx, &g, packed(&g), seed);
+            for (v, &(off, ld_pad)) in [(4usize, 4usize), (1, 3)].iter().enumerate() {
+                let mut g = Gemm::new(m, n, k, ta, tb).batched(3).scaled(-0.5, 1.25);
+                g.lda += ld_pad;
+                g.ldb += ld_pad;
+                g.ldc += ld_pad + 1;
+                g.offset_a = off;
+                g.offset_b = 3 * off;
+                g.offset_c = off + 2;
+                let a_rows = if ta { k } else { m };
+                let b_rows = if tb { n } else { k };
+                g.stride_a = a_rows * g.lda + off;
+                g.stride_b = if v == 1 { 0 } else { b_rows * g.ldb };
+                g.stride_c = m * g.ldc + 4;
+                let lens = [
+                    g.offset_a + 3 * g.stride_a,
+                    g.offset_b + 3 * b_rows * g.ldb,
+                    g.offset_c + 3 * g.stride_c + 3,
+                ];
+                check(&ctx, &g, lens, seed + 1 + v as u64);
+            }
+        }
+    }
+}
+
+/// The short-K kernels add each output's products in the order of the staged kernels
+/// (k ascending, one fma each, from zero), so a product with K = 32 (short-K kernel)
+/// is bitwise the product of the same operands with a 33rd value of K whose op(A)
+/// column is zero (staged kernel; the extra term adds +0), in every transposition and
+/// at each tile size, with vec4 and scalar loads.
+#[test]
+fn short_k_agrees_bitwise_with_the_staged_kernels() {
+    let Some(ctx) = common::gpu() else { return };
+    let mut rng = TestRng::new(77);
+    let k = 32;
+    // Tiles 16, 32, 64, 64 (odd sizes: scalar loads).
+    for (m, n) in [(16, 12), (28, 100), (72, 68), (33, 35)] {
+        for &(ta, tb) in &TRANSPOSES {
+            // op(A) is m × (k + 1) with a zero last column, op(B) (k + 1) × n.
+            let mut a = rng.vec(m * (k + 1));
+            for i in 0..m {
+                a[if ta { k * m + i } else { i * (k + 1) + k }] = 0.0;
+            }
+            let b = rng.vec((k + 1) * n);
+            let ta_t = ctx.upload(&a, &[a.len()]).unwrap();
+            let tb_t = ctx.upload(&b, &[b.len()]).unwrap();
+            let staged = ctx.zeros(&[m * n]).unwrap();
+            let short = ctx.zeros(&[m * n]).unwrap();
+            let long = Gemm::new(m, n, k + 1, ta, tb);
+            let mut cut = Gemm::new(m, n, k, ta, tb);
+            // The same stored operands: op(A)'s first k columns, op(B)'s first k rows.
+            cut.lda = long.lda;
+            cut.ldb = long.ldb;
+            let mut rec = ctx.recorder();
+            gemm(&mut rec, &long, &ta_t, &tb_t, &staged).unwrap();
+            gemm(&mut rec, &cut, &ta_t, &tb_t, &short).unwrap();
+            rec.submit().unwrap();
+            let bits = |t: &ekfac::gpu::GpuTensor| {
+                ctx.read(t)
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(bits(&staged), bits(&short), "{m}×{n}, {ta}, {tb}");
+        }
+    }
+}

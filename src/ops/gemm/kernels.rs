@@ -103,6 +103,20 @@ pub(super) fn tile_of(g: &Gemm) -> usize {
         TILE
     }
 }
+/// Products with `1 ≤ K ≤ SHORT_K_MAX` run the `gemm_short_*` kernels: the tile and grid
+/// of [`tile_of`], but no workgroup memory and no barrier; each invocation computes an
+/// 8×8 block of C from its rows of op(A) and columns of op(B) read straight from
+/// storage (a few KiB with K ≤ 32, cache-resident). They add each output's products in
+/// the same order as the staged kernels, so results are bitwise the same. Why: the
+/// blocked Jacobi's rotations (`L × m` panels times an `L × L` rotation, `L` = 28 or 32)
+/// and the QR step's `T·W` and `V·TW` (K = 32) staged K 8 values at a time (4 slices
+/// of 2 barriers each) and did 2 loads of workgroup memory per 16 multiply-adds; a CPU
+/// driver such as lavapipe pays for every barrier and runs every such load one
+/// invocation at a time. Measured on lavapipe (2 cores): a `32 × 256 × 32` product
+/// batched 16 times 3.3 → 1.2 ms, its transposed-B variant 3.3 → 1.4 ms; over the
+/// eigendecompositions of `bench --quick`'s mlp fit, the 486 short-K calls 0.84 → 0.45
+/// ms each. The factor pass's long-K products keep the staged kernels.
+pub(super) const SHORT_K_MAX: usize = 32;
 /// Split-K aims for about this many workgroups...
 const SPLIT_TARGET_GROUPS: usize = 512;
 /// ...giving each K slice at least this many values...
@@ -179,12 +193,17 @@ pub(super) fn gemm_kernel(rec: &mut Recorder, g: &Gemm, [a, b, c]: [&GpuTensor; 
     }
     let [(_, a_cols), (_, b_cols), _] = g.stored();
     let vec_a = g.vec4_ok(a_cols, g.lda, g.offset_a, g.stride_a);
+    let short = (1..=SHORT_K_MAX).contains(&g.k);
     let vec_b = g.vec4_ok(b_cols, g.ldb, g.offset_b, g.stride_b);
-    let entry = match (vec_a, vec_b) {
-        (true, true) => "gemm_vv",
-        (true, false) => "gemm_vs",
-        (false, true) => "gemm_sv",
-        (false, false) => "gemm_ss",
+    let entry = match (short, vec_a, vec_b) {
+        (false, true, true) => "gemm_vv",
+        (false, true, false) => "gemm_vs",
+        (false, false, true) => "gemm_sv",
+        (false, false, false) => "gemm_ss",
+        (true, true, true) => "gemm_short_vv",
+        (true, true, false) => "gemm_short_vs",
+        (true, false, true) => "gemm_short_sv",
+        (true, false, false) => "gemm_short_ss",
     };
     let tile = tile_of(g);
     let mut kernel = Kernel::new(&crate::ops::GEMM, entry)

@@ -11,6 +11,12 @@
 //! 64×64 register-tiled workgroups (32×32 ones when `m` or `n` is at most 32, 16×16
 //! ones when both are at most 16) with vec4 or scalar loads per operand; split-K when
 //! there are few tiles and a long K; matrix-vector kernels when `m = 1` or `n = 1`.
+//! Products with `K ≤ 32` (the blocked Jacobi's rotations, the QR step's `T·W` and
+//! `V·TW`) run short-K kernels on the same tiles: no workgroup memory and no barrier,
+//! each invocation an 8×8 block of C from operands read straight from storage, about
+//! twice as fast on lavapipe (see `kernels::SHORT_K_MAX`). Every kernel adds each
+//! output's products in the same order (k ascending, one fma each), so the choice never
+//! changes a bit of a result.
 
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor, Recorder};
