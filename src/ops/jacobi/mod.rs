@@ -79,8 +79,9 @@
 //! are driver-independent), mlp (stacks n = 196, 128 ×4, 10) 917 dispatches /
 //! 19 submissions / 20 readbacks → 917 / 10 / 8, cnn (six single factors) 833 / 22 /
 //! 28 → 833 / 8 / 8. On lavapipe, whose dispatches run one after the other anyway, the
-//! time is about neutral (TIMES); the point is a GPU, where each readback is a host
-//! round trip with the GPU idle.
+//! time is about neutral (within the noise of a loaded machine; the README's issue-13
+//! table has the runs); the point is a GPU, where each readback is a host round trip
+//! with the GPU idle.
 //!
 //! Matrices larger than one storage binding (the adapter's
 //! `max_storage_buffer_binding_size`, 128 MiB on WebGPU's defaults: a single matrix of
