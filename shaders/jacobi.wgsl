@@ -857,8 +857,8 @@ const INNER_SWEEPS: u32 = 2u;
 const POSITIONS: u32 = 32u;
 const SOLVE_WG: u32 = 16u;
 
-// block_solve's exchange buffer: invocation t's two columns of S at
-// wg_columns[16 t .. 16 t + 8] and [16 t + 8 .. 16 t + 16], four rows per vec4.
+// block_solve's exchange buffer: the handed-on column of S that moves to position i at
+// wg_columns[8 i .. 8 i + 8], four rows per vec4 (rows in the old position order).
 var<workgroup> wg_columns: array<vec4<f32>, POSITIONS * POSITIONS / 4u>;
 // (s, τ) of each position pair's rotation in the current step.
 var<workgroup> wg_turn: array<vec2<f32>, SOLVE_WG>;
@@ -889,6 +889,16 @@ fn advance(i: u32) -> u32 {
     return select(i + 2u, i - 2u, (i & 1u) == 0u);
 }
 
+// The pair of positions whose columns an invocation holds after it held pair e: it
+// keeps one column, the one that `advance` moves into that pair (pairs 1 ↔ 2, 3 ↔ 4,
+// …, 13 ↔ 14; pairs 0 and 15 stay).
+fn next_pair(e: u32) -> u32 {
+    if (e == 0u || e == SOLVE_WG - 1u) {
+        return e;
+    }
+    return select(e - 1u, e + 1u, (e & 1u) == 1u);
+}
+
 // Rotates positions (2j, 2j + 1) of x by (s, τ) of pair j, for every j: Jᵀ x.
 fn turn_rows(x: ptr<function, array<f32, POSITIONS>>, turns: ptr<function, array<vec2<f32>, SOLVE_WG>>) {
     for (var j = 0u; j < SOLVE_WG; j++) {
@@ -914,15 +924,32 @@ fn advance_rows(x: ptr<function, array<f32, POSITIONS>>) {
 
 // One workgroup per (matrix, slot) of the round; reads A (mat_a), writes rot. The pair's
 // sub-matrix S (L × L, zero-padded to POSITIONS) and its rotation W (rows rotated, W₀ =
-// I) live in registers: invocation t holds the columns of S at the positions 2t and
-// 2t + 1 of the current step (rows in position order) and columns 2t, 2t + 1 of W
-// (rows in position order). A step rotates every position pair (2j, 2j + 1): each
+// I) live in registers: invocation t holds the columns of S at the two positions of
+// one position pair (t at the start; rows in position order) and columns 2t, 2t + 1 of
+// W (rows in position order). A step rotates every position pair (2j, 2j + 1): each
 // invocation computes its own pair's rotation and publishes it, applies all of them to
 // the rows of its four columns, its own to its two columns of S (exactly zeroing the
-// pair's off-diagonal entry), then the columns of S move to the invocations of their
-// next positions through workgroup memory (`advance`); W's columns stay. Cyclic sweeps
-// of 31 steps until ‖offdiag(S)‖_F ≤ threshold or INNER_SWEEPS; then the real local
-// indices are sorted by their diagonal entries and W is written, rows moved by the sort.
+// pair's off-diagonal entry), then the columns of S move to their next positions
+// (`advance`); W's columns stay. Each invocation keeps one of its two columns, the one
+// that moves into pair next_pair(j) (there is such a choice for every pair, so that
+// every pair receives exactly one kept column), and hands only the other one on
+// through workgroup memory. Cyclic sweeps of 31 steps until ‖offdiag(S)‖_F ≤ threshold
+// or INNER_SWEEPS; then the real local indices are sorted by their diagonal entries
+// and W is written, rows moved by the sort.
+//
+// Why one column per step: on lavapipe a load or store to workgroup memory whose
+// address differs between invocations runs one invocation at a time, and the column
+// exchange was ~43 % of this kernel's time when both columns moved. Handing on one
+// column performs the same arithmetic in the same order (results bitwise those of
+// handing on both). Measured (lavapipe, per-dispatch profile, eigh of two n = 256
+// Gram matrices, 2 sweeps, 90 block_solve calls, alternating runs): 455 / 463 ms →
+// 366 / 387 ms in total.
+// (An ordering that pairs every index i with i ^ d in step d, keeping its rows in
+// index order, moved half the data too but indexes the private arrays at i ^ d, which
+// lavapipe cannot resolve at compile time: 1.45× slower than the round-robin; the
+// same with every step written out took 20 s to compile. Copying the private columns
+// before the scatter instead of keeping one vec4 array of the kept column: 2.5×
+// slower.)
 @compute @workgroup_size(16)
 fn block_solve(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                @builtin(local_invocation_index) lid: u32) {
@@ -941,6 +968,9 @@ fn block_solve(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     let pair = pair_of(bs_params.round, slot, bs_params.blocks);
     let p = 2u * lid;
     let q = p + 1u;
+    // The pair of positions whose columns of S this invocation holds (first lid, then
+    // alternating by `next_pair`).
+    var held = lid;
     // Columns p and q of S are rows p and q (A is symmetric).
     var a_p: array<f32, POSITIONS>;
     var a_q: array<f32, POSITIONS>;
@@ -961,7 +991,7 @@ fn block_solve(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         // At a sweep's start every index is at its own position.
         var off = 0.0;
         for (var i = 0u; i < POSITIONS; i++) {
-            off += select(a_p[i] * a_p[i], 0.0, i == p) + select(a_q[i] * a_q[i], 0.0, i == q);
+            off += select(a_p[i] * a_p[i], 0.0, i == 2u * held) + select(a_q[i] * a_q[i], 0.0, i == 2u * held + 1u);
         }
         wg_off[lid] = off;
         wg_tot[lid] = 0.0;
@@ -973,12 +1003,14 @@ fn block_solve(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
             break;
         }
         for (var step = 0u; step + 1u < POSITIONS; step++) {
-            // This invocation holds the columns at positions p and q (a pair).
-            let app = a_p[p];
-            let aqq = a_q[q];
-            let apq = a_p[q];
+            // This invocation holds the columns at positions pp and qq (pair `held`).
+            let pp = 2u * held;
+            let qq = pp + 1u;
+            let app = a_p[pp];
+            let aqq = a_q[qq];
+            let apq = a_p[qq];
             let own = rotation(app, aqq, apq);
-            wg_turn[lid] = vec2<f32>(own.y, own.w);
+            wg_turn[held] = vec2<f32>(own.y, own.w);
             workgroupBarrier();
             var turns: array<vec2<f32>, SOLVE_WG>;
             for (var j = 0u; j < SOLVE_WG; j++) {
@@ -994,37 +1026,35 @@ fn block_solve(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
                 a_q[i] = v.y;
             }
             // The pair's own 2 × 2 block, exactly (Rutishauser's update).
-            a_p[p] = app - own.z * apq;
-            a_q[q] = aqq + own.z * apq;
-            a_p[q] = 0.0;
-            a_q[p] = 0.0;
-            // Hand the columns on to the invocations of their next positions.
+            a_p[pp] = app - own.z * apq;
+            a_q[qq] = aqq + own.z * apq;
+            a_p[qq] = 0.0;
+            a_q[pp] = 0.0;
+            // Keep the column that `advance` moves into pair next_pair(held) (the even
+            // position's for pairs 2, 4, …, 14, else the odd one's; it lands on the even
+            // position for those pairs and pair 15) and hand the other one on through
+            // workgroup memory, at the position it moves to.
+            let keep_even = held != 0u && (held & 1u) == 0u;
+            let lands_even = keep_even || held == SOLVE_WG - 1u;
+            let sent = advance(select(pp, qq, keep_even));
+            var kept: array<vec4<f32>, POSITIONS / 4u>;
             for (var k = 0u; k < POSITIONS / 4u; k++) {
-                wg_columns[16u * lid + k] = vec4<f32>(a_p[4u * k], a_p[4u * k + 1u],
-                                                      a_p[4u * k + 2u], a_p[4u * k + 3u]);
-                wg_columns[16u * lid + 8u + k] = vec4<f32>(a_q[4u * k], a_q[4u * k + 1u],
-                                                           a_q[4u * k + 2u], a_q[4u * k + 3u]);
+                let x = vec4<f32>(a_p[4u * k], a_p[4u * k + 1u], a_p[4u * k + 2u], a_p[4u * k + 3u]);
+                let y = vec4<f32>(a_q[4u * k], a_q[4u * k + 1u], a_q[4u * k + 2u], a_q[4u * k + 3u]);
+                wg_columns[8u * sent + k] = select(x, y, vec4<bool>(keep_even));
+                kept[k] = select(y, x, vec4<bool>(keep_even));
             }
+            held = next_pair(held);
+            // The other position of the new pair takes the handed-on column moved there.
+            let received = select(2u * held, 2u * held + 1u, lands_even);
             workgroupBarrier();
-            // This invocation's next positions p, q take the columns from positions
-            // p + 2 (or 31 for p = 30) and q − 2 (1 for q = 1, 0 for q = 3), held by the
-            // invocations t + 1, t − 1 or t (`advance` inverted).
-            var from_p = 16u * (lid + 1u);
-            if (lid == SOLVE_WG - 1u) {
-                from_p = 16u * lid + 8u;
-            }
-            var from_q = 16u * (lid - 1u) + 8u;
-            if (lid == 0u) {
-                from_q = 8u;
-            } else if (lid == 1u) {
-                from_q = 0u;
-            }
             for (var k = 0u; k < POSITIONS / 4u; k++) {
-                let x = wg_columns[from_p + k];
-                let y = wg_columns[from_q + k];
-                for (var e = 0u; e < 4u; e++) {
-                    a_p[advance(4u * k + e)] = x[e];
-                    a_q[advance(4u * k + e)] = y[e];
+                let r = wg_columns[8u * received + k];
+                let x = select(r, kept[k], vec4<bool>(lands_even));
+                let y = select(kept[k], r, vec4<bool>(lands_even));
+                for (var c = 0u; c < 4u; c++) {
+                    a_p[advance(4u * k + c)] = x[c];
+                    a_q[advance(4u * k + c)] = y[c];
                 }
             }
             advance_rows(&w_p);
@@ -1035,8 +1065,8 @@ fn block_solve(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     // so that the whole diagonal tends to ascending order and the rotations of later
     // rounds stay close to the identity. Phantom indices keep their places. The real
     // local indices are [0, real_p) and [block, block + real count of block q).
-    wg_diagonal[p] = a_p[p];
-    wg_diagonal[q] = a_q[q];
+    wg_diagonal[2u * held] = a_p[2u * held];
+    wg_diagonal[2u * held + 1u] = a_q[2u * held + 1u];
     workgroupBarrier();
     let real_p = min(block, n - min(n, pair.x * block));
     for (var e = 0u; e < 2u; e++) {
