@@ -18,7 +18,8 @@ use ekfac::curvature::state::FactorEigen;
 use ekfac::error::Error;
 use ekfac::gpu::GpuContext;
 use ekfac::ops::jacobi::{
-    Eigen, EighInput, F32_RESOLUTION, JacobiOptions, JacobiPath, eigh, eigh_each, eigh_many,
+    Eigen, EighInput, F32_RESOLUTION, JacobiOptions, JacobiPath, SweepObserver, Sweeps, eigh,
+    eigh_each, eigh_many,
 };
 use ekfac::progress::Silent;
 use faer::{Mat, Side};
@@ -770,7 +771,13 @@ fn many_inputs_in_one_call_match_separate_calls() {
                 warm_start: basis.as_ref(),
             })
             .collect();
-        let together = eigh_many(&ctx, &inputs, &opts).unwrap();
+        let observed = std::cell::RefCell::new(Vec::new());
+        let observe = |s: Sweeps| observed.borrow_mut().push(s);
+        let observed_opts = JacobiOptions {
+            on_sweep: Some(SweepObserver(&observe)),
+            ..opts
+        };
+        let together = eigh_many(&ctx, &inputs, &observed_opts).unwrap();
         let mut sweeps = Vec::new();
         for (i, (input, many)) in inputs.iter().zip(&together).enumerate() {
             let alone = eigh(
@@ -798,6 +805,23 @@ fn many_inputs_in_one_call_match_separate_calls() {
             sweeps.push(many.sweeps);
         }
         eprintln!("{path:?}: sweeps {sweeps:?} for {cases:?}");
+        // One report per shared readback after a sweep of the host-driven inputs (all
+        // on the global path, n > 32 on the automatic one): 1, 2, … up to their most.
+        let host_driven = cases
+            .iter()
+            .zip(&sweeps)
+            .filter(|((n, ..), _)| path == JacobiPath::Global || *n > 32);
+        let most = host_driven.clone().map(|(_, &s)| s).max().unwrap();
+        let largest_n = host_driven.map(|((n, ..), _)| *n).max().unwrap();
+        let observed = observed.into_inner();
+        let counts: Vec<usize> = observed.iter().map(|s| s.sweeps).collect();
+        assert_eq!(counts, (1..=most).collect::<Vec<_>>(), "{path:?}");
+        assert!(
+            observed
+                .iter()
+                .all(|s| s.dim <= largest_n && s.off_diagonal.is_finite()),
+            "{path:?}: {observed:?}"
+        );
         let first = sweeps[0];
         assert!(
             sweeps.iter().any(|&s| s != first),
