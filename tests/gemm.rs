@@ -274,7 +274,8 @@ fn offsets_leading_dimensions_and_strides() {
 
 /// Products with `m` and `n` at most 16 run the 16×16-tile kernel (16 invocations, K
 /// staged 4 at a time), else with `m` or `n` at most 32 the 32×32 one (64 invocations,
-/// K staged 8 at a time), else the 64×64 one. Around those boundaries, in every
+/// K staged 8 at a time), else the 64×64 one; with `K ≤ 32` (most shapes here) the
+/// short-K kernels on the same tiles. Around those boundaries, in every
 /// transposition, with vec4 and scalar loads, K not a multiple of 8, offsets, padded
 /// leading dimensions, batch strides and broadcasting, and the narrow callers' shapes
 /// (attention's 16×8 by 8×16 per head, the blocked Jacobi's 32-row rotations).

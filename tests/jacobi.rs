@@ -17,7 +17,9 @@ use ekfac::curvature::operator::{Approximation, Operator, Transform};
 use ekfac::curvature::state::FactorEigen;
 use ekfac::error::Error;
 use ekfac::gpu::GpuContext;
-use ekfac::ops::jacobi::{Eigen, F32_RESOLUTION, JacobiOptions, JacobiPath, eigh, eigh_each};
+use ekfac::ops::jacobi::{
+    Eigen, EighInput, F32_RESOLUTION, JacobiOptions, JacobiPath, eigh, eigh_each, eigh_many,
+};
 use ekfac::progress::Silent;
 use faer::{Mat, Side};
 
@@ -693,6 +695,182 @@ fn factors_of_different_sizes_in_one_call() {
         );
         acc.assert_within(1e-5, 1e-4, &format!("eigh_each n={n}"));
     }
+}
+
+/// The bits of an eigendecomposition: values, vectors, sweeps, off-diagonal norm.
+fn bits(ctx: &GpuContext, eig: &Eigen) -> (Vec<u32>, Vec<u32>, usize, u32) {
+    let values = ctx.read(&eig.values).unwrap();
+    let vectors = ctx.read(&eig.vectors).unwrap();
+    (
+        values.iter().map(|x| x.to_bits()).collect(),
+        vectors.iter().map(|x| x.to_bits()).collect(),
+        eig.sweeps,
+        eig.off_diagonal.to_bits(),
+    )
+}
+
+/// `eigh_many` records every input into the same passes, but each input runs the same
+/// kernels with the same parameters and stops by its own rule: its results are bitwise
+/// those of a separate `eigh`. Auto path: workgroup-memory batches (n ≤ 32) of two
+/// spectra, a blocked input with the QR step (n = 40), a warm-started blocked one and a
+/// `[n, n]` one; global path (explicit): a batch, a warm start and a QR-preconditioned
+/// input. The inputs need different sweep counts (checked), so some stop while others
+/// go on.
+#[test]
+fn many_inputs_in_one_call_match_separate_calls() {
+    let Some(ctx) = common::gpu() else { return };
+    let mut rng = TestRng::new(21);
+    let upload = |matrices: &[Vec<f32>], shape: &[usize]| ctx.upload(&matrices.concat(), shape);
+    for path in [JacobiPath::Auto, JacobiPath::Global] {
+        let opts = JacobiOptions {
+            path,
+            ..JacobiOptions::default()
+        };
+        // (n, matrices, shape, warm start)
+        let cases: Vec<(usize, usize, Spectrum, bool)> = match path {
+            JacobiPath::Auto => vec![
+                (12, 3, Spectrum::Spread, false),
+                (40, 1, Spectrum::Spread, false),
+                (20, 2, Spectrum::Clustered, false),
+                (36, 1, Spectrum::Spread, true),
+                (48, 0, Spectrum::RankDeficient, false),
+            ],
+            _ => vec![
+                (9, 2, Spectrum::Clustered, false),
+                (16, 1, Spectrum::Spread, true),
+                (40, 1, Spectrum::Spread, false),
+            ],
+        };
+        let mut tensors = Vec::new();
+        let mut bases = Vec::new();
+        for &(n, k, spectrum, warm) in &cases {
+            let shape = if k == 0 { vec![n, n] } else { vec![k, n, n] };
+            let mut matrices: Vec<Vec<f32>> = (0..k.max(1))
+                .map(|_| test_matrix(n, spectrum, &mut rng))
+                .collect();
+            let basis = if warm {
+                let t = upload(&matrices, &shape).unwrap();
+                let previous = eigh(&ctx, &t, &opts).unwrap();
+                matrices = matrices
+                    .iter()
+                    .map(|a| perturb(a, n, 1e-3, &mut rng))
+                    .collect();
+                Some(previous.vectors)
+            } else {
+                None
+            };
+            tensors.push(upload(&matrices, &shape).unwrap());
+            bases.push(basis);
+        }
+        let inputs: Vec<EighInput> = tensors
+            .iter()
+            .zip(&bases)
+            .map(|(matrices, basis)| EighInput {
+                matrices,
+                warm_start: basis.as_ref(),
+            })
+            .collect();
+        let together = eigh_many(&ctx, &inputs, &opts).unwrap();
+        let mut sweeps = Vec::new();
+        for (i, (input, many)) in inputs.iter().zip(&together).enumerate() {
+            let alone = eigh(
+                &ctx,
+                input.matrices,
+                &JacobiOptions {
+                    warm_start: input.warm_start,
+                    ..opts
+                },
+            )
+            .unwrap();
+            assert_eq!(many.values.shape(), alone.values.shape());
+            assert_eq!(many.vectors.shape(), alone.vectors.shape());
+            let (b_many, b_alone) = (bits(&ctx, many), bits(&ctx, &alone));
+            assert!(
+                b_many == b_alone,
+                "{path:?} input {i} {:?}: eigh_many differs from eigh (sweeps {} vs {}, \
+                 off {} vs {})",
+                cases[i],
+                many.sweeps,
+                alone.sweeps,
+                many.off_diagonal,
+                alone.off_diagonal
+            );
+            sweeps.push(many.sweeps);
+        }
+        eprintln!("{path:?}: sweeps {sweeps:?} for {cases:?}");
+        let first = sweeps[0];
+        assert!(
+            sweeps.iter().any(|&s| s != first),
+            "{path:?}: every input took {first} sweeps; the test needs different counts"
+        );
+    }
+}
+
+/// Bad input in one of several inputs is the error it is alone, naming the input.
+#[test]
+fn a_bad_input_among_many_is_named() {
+    let Some(ctx) = common::gpu() else { return };
+    let mut rng = TestRng::new(22);
+    let good = ctx
+        .upload(&test_matrix(10, Spectrum::Spread, &mut rng), &[10, 10])
+        .unwrap();
+    let good_large = ctx
+        .upload(&test_matrix(36, Spectrum::Spread, &mut rng), &[36, 36])
+        .unwrap();
+    for (n, path) in [
+        (8, JacobiPath::Auto),
+        (40, JacobiPath::Auto),
+        (12, JacobiPath::Global),
+    ] {
+        let mut a = vec![0f32; 2 * n * n];
+        a[n * n + 3] = f32::NAN;
+        let bad = ctx.upload(&a, &[2, n, n]).unwrap();
+        let opts = JacobiOptions {
+            path,
+            ..JacobiOptions::default()
+        };
+        let alone = eigh(&ctx, &bad, &opts).unwrap_err().to_string();
+        let inputs = [&good, &bad, &good_large].map(|matrices| EighInput {
+            matrices,
+            warm_start: None,
+        });
+        let many = eigh_many(&ctx, &inputs, &opts).unwrap_err().to_string();
+        assert!(
+            alone.contains("matrix 1") && alone.contains("NaN"),
+            "{path:?} n={n}: {alone}"
+        );
+        assert_eq!(
+            many.replacen("input 1: ", "", 1),
+            alone,
+            "{path:?} n={n}: {many}"
+        );
+    }
+    // A warm start of the wrong shape in the third input.
+    let wrong = ctx.zeros(&[3, 3]).unwrap();
+    let alone = eigh(
+        &ctx,
+        &good_large,
+        &JacobiOptions {
+            warm_start: Some(&wrong),
+            ..JacobiOptions::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    let inputs = [
+        (&good, None),
+        (&good_large, None),
+        (&good_large, Some(&wrong)),
+    ]
+    .map(|(matrices, warm_start)| EighInput {
+        matrices,
+        warm_start,
+    });
+    let many = eigh_many(&ctx, &inputs, &JacobiOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(alone.contains("[3, 3]"), "{alone}");
+    assert_eq!(many.replacen("input 2: ", "", 1), alone, "{many}");
 }
 
 /// [`JacobiSolver`] through the [`EigenSolver`] seam on factors of two sizes given

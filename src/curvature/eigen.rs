@@ -12,7 +12,7 @@ use crate::curvature::options::EigensolverKind;
 use crate::curvature::state::FactorEigen;
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor};
-use crate::ops::jacobi::{JacobiOptions, JacobiPath, SweepObserver, eigh};
+use crate::ops::jacobi::{EighInput, JacobiOptions, JacobiPath, SweepObserver, eigh_many};
 use crate::ops::reduce::copy;
 use crate::progress::{Event, Progress, Stage, Sweeps};
 
@@ -59,7 +59,7 @@ pub trait EigenSolver {
 }
 
 /// Reports that `done` of `total` factors are decomposed; `sweeps`: an iterative
-/// solver's progress on its current stack, `None` for a direct solver.
+/// solver's progress (its sweeps so far), `None` for a direct solver.
 fn report_factors(progress: &dyn Progress, done: usize, total: usize, sweeps: Option<Sweeps>) {
     progress.report(&Event::Advanced {
         stage: Stage::Eigendecomposition,
@@ -70,12 +70,18 @@ fn report_factors(progress: &dyn Progress, done: usize, total: usize, sweeps: Op
     });
 }
 
-/// Parallel Jacobi on the GPU ([`eigh`]). Factors of the same size and warm-start
-/// status are stacked into one batched [`eigh`] while the stack fits one storage
-/// binding: one sweep loop and one readback per sweep, and `k` times the workgroups per
-/// dispatch, instead of `k` calls one after the other. (A stacked factor keeps sweeping
-/// until the whole stack has converged, so it may differ from a lone decomposition in
-/// the last bits.)
+/// Parallel Jacobi on the GPU ([`eigh_many`]). Factors of the same size and
+/// warm-start status are stacked into one batch while the stack fits one storage
+/// binding (`k` times the workgroups per dispatch instead of `k` inputs; a stacked
+/// factor keeps sweeping until the whole stack has converged, so it may differ from a
+/// lone decomposition in the last bits), and all stacks go into one [`eigh_many`]:
+/// their stacking copies in one pass, their sweeps in shared passes with one readback
+/// per iteration, and their eigenvalues and eigenvectors read back in one readback.
+/// Progress: after every readback that follows a sweep of a host-driven stack, an
+/// `Advanced` event with `done` 0 and the [`Sweeps`] of [`JacobiOptions::on_sweep`]
+/// (the sweeps of the stacks still sweeping, which start together); once all are
+/// read back, one event per stack in order, `done` advanced by its factors, with its
+/// own final [`Sweeps`].
 #[derive(Debug, Clone, Copy)]
 pub struct JacobiSolver {
     /// [`JacobiOptions::max_sweeps`].
@@ -104,6 +110,15 @@ impl Default for JacobiSolver {
     }
 }
 
+/// Factors of one size decomposed as one batch: the factors' indices, `n`, the stacked
+/// matrices `[k, n, n]` (the factor itself when `k = 1`) and the stacked warm starts.
+struct Stack {
+    members: Vec<usize>,
+    n: usize,
+    matrices: Option<GpuTensor>,
+    warm_start: Option<GpuTensor>,
+}
+
 impl EigenSolver for JacobiSolver {
     fn name(&self) -> &'static str {
         EigensolverKind::Jacobi.as_str()
@@ -115,6 +130,9 @@ impl EigenSolver for JacobiSolver {
         factors: &[Factor],
         progress: &dyn Progress,
     ) -> Result<Vec<(FactorEigen, GpuTensor)>> {
+        if factors.is_empty() {
+            return Ok(Vec::new());
+        }
         // Groups by (n, warm), in order of first appearance.
         let mut groups: Vec<((usize, bool), Vec<usize>)> = Vec::new();
         for (i, factor) in factors.iter().enumerate() {
@@ -124,102 +142,124 @@ impl EigenSolver for JacobiSolver {
                 None => groups.push((key, vec![i])),
             }
         }
+        // The stacks, their copies recorded into one pass.
         let limit = ctx.binding_elements().0;
-        let mut results = Vec::with_capacity(factors.len());
+        let mut rec = ctx.recorder();
+        let mut stacks = Vec::new();
         for ((n, warm), members) in groups {
-            for stack in members.chunks((limit / (n * n).max(1)).max(1)) {
-                let stacked: Vec<Factor> = stack.iter().map(|&i| factors[i]).collect();
-                // Live progress per sweep: no factor more done yet, the current sweep.
-                let done = results.len();
-                let on_sweep =
-                    |sweeps: Sweeps| report_factors(progress, done, factors.len(), Some(sweeps));
-                let (decomposed, sweeps) =
-                    self.eigendecompose_stack(ctx, n, warm, &stacked, &on_sweep)?;
-                results.extend(stack.iter().copied().zip(decomposed));
-                report_factors(progress, results.len(), factors.len(), Some(sweeps));
+            let nn = n * n;
+            for members in members.chunks((limit / nn.max(1)).max(1)) {
+                let k = members.len();
+                let matrices = if k == 1 {
+                    None
+                } else {
+                    let stacked = ctx.zeros(&[k, n, n])?;
+                    for (j, &i) in members.iter().enumerate() {
+                        copy(&mut rec, factors[i].matrix, 0, &stacked, j * nn, nn)?;
+                    }
+                    Some(stacked)
+                };
+                let warm_start = warm
+                    .then(|| {
+                        let bases: Vec<f32> = members
+                            .iter()
+                            .flat_map(|&i| factors[i].warm_start.map_or(&[][..], |w| &w.vectors))
+                            .copied()
+                            .collect();
+                        let shape: &[usize] = if k == 1 { &[n, n] } else { &[k, n, n] };
+                        ctx.upload(&bases, shape)
+                    })
+                    .transpose()?;
+                stacks.push(Stack {
+                    members: members.to_vec(),
+                    n,
+                    matrices,
+                    warm_start,
+                });
             }
         }
-        results.sort_by_key(|(i, _)| *i);
-        Ok(results.into_iter().map(|(_, r)| r).collect())
-    }
-}
-
-impl JacobiSolver {
-    /// One batched [`eigh`] of `k` factors of size `n` (with their warm starts when
-    /// `warm`), and its sweeps.
-    fn eigendecompose_stack(
-        &self,
-        ctx: &GpuContext,
-        n: usize,
-        warm: bool,
-        factors: &[Factor],
-        on_sweep: &dyn Fn(Sweeps),
-    ) -> Result<(Vec<(FactorEigen, GpuTensor)>, Sweeps)> {
-        let k = factors.len();
-        let nn = n * n;
-        let stacked;
-        let matrices = if let [factor] = factors {
-            factor.matrix
-        } else {
-            stacked = ctx.zeros(&[k, n, n])?;
-            let mut rec = ctx.recorder();
-            for (j, factor) in factors.iter().enumerate() {
-                copy(&mut rec, factor.matrix, 0, &stacked, j * nn, nn)?;
-            }
-            rec.submit()?;
-            &stacked
-        };
-        let start = warm
-            .then(|| {
-                let bases: Vec<f32> = factors
-                    .iter()
-                    .flat_map(|f| f.warm_start.map_or(&[][..], |w| &w.vectors[..]))
-                    .copied()
-                    .collect();
-                ctx.upload(&bases, matrices.shape())
+        rec.submit()?;
+        let inputs: Vec<EighInput> = stacks
+            .iter()
+            .map(|stack| EighInput {
+                matrices: stack
+                    .matrices
+                    .as_ref()
+                    .unwrap_or(factors[stack.members[0]].matrix),
+                warm_start: stack.warm_start.as_ref(),
             })
-            .transpose()?;
-        let eigen = eigh(
+            .collect();
+        // Live progress per sweep: no factor done yet.
+        let on_sweep = |sweeps: Sweeps| report_factors(progress, 0, factors.len(), Some(sweeps));
+        let eigens = eigh_many(
             ctx,
-            matrices,
+            &inputs,
             &JacobiOptions {
                 max_sweeps: self.max_sweeps,
                 tol: self.tol,
-                warm_start: start.as_ref(),
                 path: self.path,
                 reorthogonalize: self.reorthogonalize,
                 refine_min_n: self.refine_min_n,
-                on_sweep: Some(SweepObserver(on_sweep)),
+                on_sweep: Some(SweepObserver(&on_sweep)),
                 ..JacobiOptions::default()
             },
         )?;
-        let values = ctx.read(&eigen.values)?;
-        let vectors = ctx.read(&eigen.vectors)?;
-        let sweeps = Sweeps {
-            dim: n,
-            sweeps: eigen.sweeps,
-            off_diagonal: f64::from(eigen.off_diagonal),
-        };
-        if k == 1 {
-            return Ok((
-                vec![(FactorEigen { values, vectors }, eigen.vectors)],
-                sweeps,
-            ));
-        }
-        // Each factor's basis as its own GPU tensor, copied on the GPU.
+        // Every stack's values and vectors in one readback.
+        let tensors: Vec<&GpuTensor> = eigens
+            .iter()
+            .flat_map(|e| [&e.values, &e.vectors])
+            .collect();
+        let read = ctx.read_many(&tensors)?;
+        // Each factor's basis as its own GPU tensor (a stack's copied on the GPU, in
+        // one pass).
         let mut rec = ctx.recorder();
-        let mut out = Vec::with_capacity(k);
-        for (j, (values, vectors)) in values.chunks(n).zip(vectors.chunks(nn)).enumerate() {
-            let basis = ctx.zeros(&[n, n])?;
-            copy(&mut rec, &eigen.vectors, j * nn, &basis, 0, nn)?;
-            let eigen = FactorEigen {
-                values: values.to_vec(),
-                vectors: vectors.to_vec(),
-            };
-            out.push((eigen, basis));
+        let mut results: Vec<Option<(FactorEigen, GpuTensor)>> =
+            factors.iter().map(|_| None).collect();
+        let mut finished = Vec::with_capacity(stacks.len());
+        for ((stack, eigen), read) in stacks.iter().zip(eigens).zip(read.chunks_exact(2)) {
+            let (n, nn) = (stack.n, stack.n * stack.n);
+            finished.push((
+                stack.members.len(),
+                Sweeps {
+                    dim: n,
+                    sweeps: eigen.sweeps,
+                    off_diagonal: f64::from(eigen.off_diagonal),
+                },
+            ));
+            let (values, vectors) = (&read[0], &read[1]);
+            if let [i] = stack.members[..] {
+                let basis = eigen.vectors.reshape(&[n, n])?;
+                let eigen = FactorEigen {
+                    values: values.clone(),
+                    vectors: vectors.clone(),
+                };
+                results[i] = Some((eigen, basis));
+                continue;
+            }
+            for (j, &i) in stack.members.iter().enumerate() {
+                let basis = ctx.zeros(&[n, n])?;
+                copy(&mut rec, &eigen.vectors, j * nn, &basis, 0, nn)?;
+                let eigen = FactorEigen {
+                    values: values[j * n..(j + 1) * n].to_vec(),
+                    vectors: vectors[j * nn..(j + 1) * nn].to_vec(),
+                };
+                results[i] = Some((eigen, basis));
+            }
         }
         rec.submit()?;
-        Ok((out, sweeps))
+        let mut done = 0;
+        for (k, sweeps) in finished {
+            done += k;
+            report_factors(progress, done, factors.len(), Some(sweeps));
+        }
+        results
+            .into_iter()
+            .map(|r| {
+                r.ok_or_else(|| {
+                    Error::gpu("the Jacobi eigendecomposition", "a factor without a result")
+                })
+            })
+            .collect()
     }
 }
 

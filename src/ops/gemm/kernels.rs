@@ -109,13 +109,14 @@ pub(super) fn tile_of(g: &Gemm) -> usize {
 /// storage (a few KiB with K ≤ 32, cache-resident). They add each output's products in
 /// the same order as the staged kernels, so results are bitwise the same. Why: the
 /// blocked Jacobi's rotations (`L × m` panels times an `L × L` rotation, `L` = 28 or 32)
-/// and the QR step's `T·W` and `V·TW` (K = 32) staged K 8 values at a time (4 slices
-/// of 2 barriers each) and did 2 loads of workgroup memory per 16 multiply-adds; a CPU
+/// and the QR step's `T·W` and `V·TW` (K = the panel width, ≤ 32) staged K through
+/// workgroup memory (32×32 tiles: 8 values at a time, for K = 32 4 slices of 2 barriers
+/// each) and did 2 loads of workgroup memory per 16 multiply-adds; a CPU
 /// driver such as lavapipe pays for every barrier and runs every such load one
-/// invocation at a time. Measured on lavapipe (2 cores): a `32 × 256 × 32` product
-/// batched 16 times 3.3 → 1.2 ms, its transposed-B variant 3.3 → 1.4 ms; over the
-/// eigendecompositions of `bench --quick`'s mlp fit, the 486 short-K calls 0.84 → 0.45
-/// ms each. The factor pass's long-K products keep the staged kernels.
+/// invocation at a time. Measured on lavapipe (2 cores shared with other work, load
+/// average 5–7), per-dispatch profile of `bench --quick`'s eigendecompositions, medians
+/// of 3 alternating runs: mlp's 486 short-K calls 1.06 → 0.45 ms each, cnn's 376 calls
+/// 1.17 → 0.64 ms. The factor pass's long-K products keep the staged kernels.
 pub(super) const SHORT_K_MAX: usize = 32;
 /// Split-K aims for about this many workgroups...
 const SPLIT_TARGET_GROUPS: usize = 512;

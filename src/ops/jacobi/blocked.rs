@@ -3,7 +3,8 @@
 //! blocks moved between rounds so that every pair of a round is a contiguous diagonal
 //! sub-matrix (`block_gather`; see the shader's "Blocked path" section).
 
-use super::sweeps::{BlockParams, Decomposition, GatherParams, Sweeper, sweep_until_done};
+use super::runs::{HostLoop, Sweeper};
+use super::sweeps::{BlockParams, GatherParams, Work};
 use super::{JacobiOptions, Problem, SHARED_MAX_N, WORKGROUP_SIZE};
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor, Recorder, grid_1d};
@@ -86,13 +87,14 @@ impl BlockPlan {
 
 /// Rounds of `blocks − 1` block pairs per sweep; per round two gathers, `block_solve`
 /// and the GEMMs (`2 + batch`), all rounds of a sweep in one pass with one readback.
-pub(super) fn blocked_path(
+/// Records the set-up (work buffers, padding) and the first norms.
+pub(super) fn blocked_run(
     ctx: &GpuContext,
-    mut rec: Recorder,
-    problem: &Problem,
+    rec: &mut Recorder,
+    problem: Problem,
     opts: &JacobiOptions,
-) -> Result<Decomposition> {
-    let Problem { batch, n, .. } = *problem;
+) -> Result<HostLoop<BlockSweeper>> {
+    let Problem { batch, n, .. } = problem;
     // block_gather's grid has one workgroup row per matrix.
     if batch > MAX_GROUPS {
         return Err(Error::Memory(format!(
@@ -102,8 +104,8 @@ pub(super) fn blocked_path(
     }
     let plan = BlockPlan::new(n);
     let (m, pair) = (plan.m, plan.pair());
-    let work = problem.record_init(ctx, &mut rec)?;
-    let mut sweeper = BlockSweeper {
+    let sweeper = BlockSweeper {
+        work: problem.record_init(ctx, rec)?,
         problem,
         plan,
         a: [ctx.zeros(&[batch, m, m])?, ctx.zeros(&[batch, m, m])?],
@@ -114,20 +116,9 @@ pub(super) fn blocked_path(
         sweeps: 0,
     };
     // Pad the work buffers (natural block order).
-    sweeper.gather(ctx, &mut rec, Move::Pad, &work.a, &sweeper.a[0])?;
-    sweeper.gather(ctx, &mut rec, Move::PadBasis, &work.w, &sweeper.w[0])?;
-    let (sweeps, off_diagonal) = sweep_until_done(ctx, rec, problem, opts, &mut sweeper)?;
-    let mut rec = ctx.recorder();
-    let map = if sweeps == 0 {
-        u32::MAX
-    } else {
-        plan.blocks as u32
-    };
-    sweeper.gather(ctx, &mut rec, Move::Unpad(map), &sweeper.a[0], &work.a)?;
-    sweeper.gather(ctx, &mut rec, Move::UnpadBasis(map), &sweeper.w[0], &work.w)?;
-    let (values, vectors) = problem.record_finish(ctx, &mut rec, &work, opts.reorthogonalize)?;
-    rec.submit()?;
-    Ok((values, vectors, sweeps, off_diagonal))
+    sweeper.gather(ctx, rec, Move::Pad, &sweeper.work.a, &sweeper.a[0])?;
+    sweeper.gather(ctx, rec, Move::PadBasis, &sweeper.work.w, &sweeper.w[0])?;
+    HostLoop::start(ctx, rec, sweeper)
 }
 
 /// One `block_gather` of the blocked path (`u32` fields: a row of the map table).
@@ -148,11 +139,12 @@ enum Move {
     UnpadBasis(u32),
 }
 
-/// The blocked path's padded matrices (`a`: the current one is `a[0]`, `a[1]` is
-/// scratch) and bases (`w`, likewise), the rotations of a round, the block map table,
-/// and the sweeps recorded so far.
-struct BlockSweeper<'a> {
-    problem: &'a Problem<'a>,
+/// The blocked path's unpadded work buffers (set-up and finish), padded matrices (`a`:
+/// the current one is `a[0]`, `a[1]` is scratch) and bases (`w`, likewise), the
+/// rotations of a round, the block map table, and the sweeps recorded so far.
+pub(super) struct BlockSweeper {
+    problem: Problem,
+    work: Work,
     plan: BlockPlan,
     a: [GpuTensor; 2],
     w: [GpuTensor; 2],
@@ -163,7 +155,7 @@ struct BlockSweeper<'a> {
     sweeps: usize,
 }
 
-impl BlockSweeper<'_> {
+impl BlockSweeper {
     /// Records `block_gather` from `src` to `dst`.
     fn gather(
         &self,
@@ -173,7 +165,7 @@ impl BlockSweeper<'_> {
         src: &GpuTensor,
         dst: &GpuTensor,
     ) -> Result<()> {
-        let Problem { batch, n, .. } = *self.problem;
+        let Problem { batch, n, .. } = self.problem;
         let m = self.plan.m;
         // (rows_in, cols_in, rows_out, cols_out, map, permute_cols, symmetrize)
         let (ri, ci, ro, co, map, cols, sym) = match how {
@@ -215,14 +207,18 @@ impl BlockSweeper<'_> {
     }
 }
 
-impl Sweeper for BlockSweeper<'_> {
+impl Sweeper for BlockSweeper {
+    fn problem(&self) -> &Problem {
+        &self.problem
+    }
+
     fn matrix(&self) -> (&GpuTensor, usize) {
         (&self.a[0], self.plan.m)
     }
 
     fn record_sweep(&mut self, rec: &mut Recorder, norms: &[f64]) -> Result<()> {
         let ctx = rec.context();
-        let Problem { batch, n, .. } = *self.problem;
+        let Problem { batch, n, .. } = self.problem;
         let BlockPlan { blocks, block, m } = self.plan;
         let (h, pair) = (blocks / 2, self.plan.pair());
         // A block pair is solved once its off-diagonal norm is below
@@ -295,6 +291,24 @@ impl Sweeper for BlockSweeper<'_> {
         }
         self.sweeps += 1;
         Ok(())
+    }
+
+    fn record_finish(
+        &self,
+        rec: &mut Recorder,
+        sweeps: usize,
+        reorthogonalize: bool,
+    ) -> Result<(GpuTensor, GpuTensor)> {
+        let ctx = rec.context();
+        let map = if sweeps == 0 {
+            u32::MAX
+        } else {
+            self.plan.blocks as u32
+        };
+        self.gather(ctx, rec, Move::Unpad(map), &self.a[0], &self.work.a)?;
+        self.gather(ctx, rec, Move::UnpadBasis(map), &self.w[0], &self.work.w)?;
+        self.problem
+            .record_finish(ctx, rec, &self.work, reorthogonalize)
     }
 }
 

@@ -64,6 +64,25 @@
 //! All three are deterministic: fixed reduction orders, no float atomics (only an
 //! integer OR that flags NaN or Inf).
 //!
+//! Several inputs at once ([`eigh_many`]; [`crate::curvature::eigen::JacobiSolver`]
+//! passes all stacks of factors of a fit in one call): batches of different sizes, each
+//! with its own warm start, share every pass. The set-up of all inputs (QR step or
+//! warm-start rotation, work buffers, padding, first norms; the workgroup path's first
+//! chunk of sweeps) is one pass; each iteration is one readback of every running
+//! input's norm partials or done flags together ([`GpuContext::read_many`]) and one
+//! pass with the next sweep of each host-driven input and the next chunk of each
+//! workgroup-path input not yet done; the finish of all inputs is one pass. Each input
+//! runs the same kernels with the same parameters and stops by its own rule, so its
+//! results are bitwise those of a lone [`eigh`] (`tests/jacobi.rs`); only the grouping
+//! into passes changes. A fit's eigendecomposition costs about the largest sweep count
+//! plus a few submissions and readbacks instead of their sum: `bench --quick` (counts
+//! are driver-independent), mlp (stacks n = 196, 128 ×4, 10) 917 dispatches /
+//! 19 submissions / 20 readbacks → 917 / 10 / 8, cnn (six single factors) 833 / 22 /
+//! 28 → 833 / 8 / 8. On lavapipe, whose dispatches run one after the other anyway, the
+//! time is about neutral (within the noise of a loaded machine; the README's issue-13
+//! table has the runs); the point is a GPU, where each readback is a host round trip
+//! with the GPU idle.
+//!
 //! Matrices larger than one storage binding (the adapter's
 //! `max_storage_buffer_binding_size`, 128 MiB on WebGPU's defaults: a single matrix of
 //! `n` above about 5790) run on the blocked path with each `[batch, n, n]` tensor bound
@@ -75,17 +94,16 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor};
-use crate::ops::check::square_batch;
-use crate::ops::gemm::{Gemm, gemm};
-use crate::ops::qr;
 pub use crate::progress::Sweeps;
 
 mod blocked;
+mod driver;
+mod runs;
 mod sweeps;
 
-use blocked::{BlockPlan, blocked_path};
+use blocked::BlockPlan;
+pub use driver::{EighInput, eigh_many};
 pub use sweeps::{BlockParams, CombineParams, GatherParams, GlobalParams, SweepParams};
-use sweeps::{global_path, rotate_into_basis, workgroup_path};
 
 /// Largest `n` of the workgroup-memory kernel (must match `SHARED_N` in the shader).
 const SHARED_MAX_N: usize = 32;
@@ -178,8 +196,9 @@ pub struct JacobiOptions<'a> {
     /// memory) the two are within 0.5 ms.
     pub precondition_min_n: usize,
     /// Called after every sweep whose off-diagonal norms the host reads back (the
-    /// global and blocked paths; the workgroup path runs all sweeps in one pass), with
-    /// the sweeps so far and the batch's largest `‖offdiag(A)‖_F / ‖A‖_F`.
+    /// global and blocked paths; the workgroup path runs its sweeps in chunks), with
+    /// the sweeps so far and the batch's largest `‖offdiag(A)‖_F / ‖A‖_F`; in
+    /// [`eigh_many`] once per shared readback, over the inputs that swept.
     pub on_sweep: Option<SweepObserver<'a>>,
 }
 
@@ -225,145 +244,56 @@ pub struct Eigen {
 /// Eigendecomposition of the symmetric matrices `matrices` (`[batch, n, n]` or
 /// `[n, n]`, row-major; only the symmetric part `(A + Aᵀ)/2` is used). Meant for
 /// positive semi-definite Kronecker factors, but any finite symmetric input works.
+/// [`eigh_many`] of one input.
 ///
 /// Returns an [`Error::Gpu`] naming the matrix when the input holds NaN or Inf (or
 /// entries so large, above about 1e19, that their squares overflow f32), and
 /// [`Error::Memory`] when the batch does not fit three storage bindings (one for the
 /// workgroup and global paths).
 pub fn eigh(ctx: &GpuContext, matrices: &GpuTensor, opts: &JacobiOptions) -> Result<Eigen> {
-    let (batch, n) = square_batch("eigh", matrices)?;
-    let batched = matrices.shape().len() == 3;
-    let values_shape: Vec<usize> = if batched { vec![batch, n] } else { vec![n] };
-    let window = window_elements(ctx);
-    let windowed = check_fits(ctx, batch, n, window)?;
-    if opts.path == JacobiPath::Workgroup && n > WORKGROUP_MAX_N {
-        return Err(Error::Options(format!(
-            "the workgroup Jacobi path handles n ≤ {WORKGROUP_MAX_N}, found n = {n}"
-        )));
-    }
-    if windowed && matches!(opts.path, JacobiPath::Workgroup | JacobiPath::Global) {
-        return Err(Error::Memory(format!(
-            "{batch} matrices of size {n}×{n} exceed one storage binding \
-             (max_storage_buffer_binding_size {} bytes); only the blocked Jacobi path \
-             binds them in windows",
-            ctx.limits.max_storage_buffer_binding_size
-        )));
-    }
-    if batch == 0 || n == 0 {
-        return Ok(Eigen {
-            values: ctx.zeros(&values_shape)?,
-            vectors: ctx.zeros(matrices.shape())?,
-            sweeps: 0,
-            off_diagonal: 0.0,
-        });
-    }
-    let mut rec = ctx.recorder();
-    // The QR preconditioner (see `JacobiOptions::precondition_min_n`): a cold start
-    // from A₁ = R Q (= Qᵀ A Q) of A = QR with the basis at Q, as a warm start.
-    let preconditioned = match opts.warm_start {
-        None if n >= opts.precondition_min_n
-            && !windowed
-            && qr::fits_one_binding(ctx, batch, n) =>
-        {
-            let qr::Qr { q, r } = qr::record_qr(&mut rec, matrices, batch, n)?;
-            let rq = ctx.zeros(&[batch, n, n])?;
-            gemm(
-                &mut rec,
-                &Gemm::new(n, n, n, false, false).batched(batch),
-                &r,
-                &q,
-                &rq,
-            )?;
-            Some((q, rq))
-        }
-        _ => None,
-    };
-    let rotated;
-    let (input, start) = match (opts.warm_start, &preconditioned) {
-        (_, Some((q, rq))) => (rq, Some((q, n * n))),
-        (Some(v0), None) => {
-            let v0_stride = match *v0.shape() {
-                [r, c] if r == n && c == n => 0,
-                [b, r, c] if b == batch && r == n && c == n => n * n,
-                ref s => {
-                    return Err(Error::Options(format!(
-                        "the warm start eigenbasis must be [{n}, {n}] or [{batch}, {n}, {n}], \
-                         found shape {s:?}"
-                    )));
-                }
-            };
-            rotated = rotate_into_basis(ctx, &mut rec, matrices, v0, v0_stride, batch, n)?;
-            (&rotated, Some((v0, v0_stride)))
-        }
-        (None, None) => (matrices, None),
-    };
-    let path = match opts.path {
-        JacobiPath::Auto if n <= AUTO_WORKGROUP_MAX_N && !windowed => JacobiPath::Workgroup,
-        JacobiPath::Auto => JacobiPath::Blocked,
-        path => path,
-    };
-    let problem = Problem {
-        batch,
-        n,
-        input,
-        start,
-        window,
-    };
-    let (values, vectors, sweeps, off_diagonal) = match path {
-        JacobiPath::Workgroup => workgroup_path(ctx, rec, &problem, opts)?,
-        JacobiPath::Global => global_path(ctx, rec, &problem, opts)?,
-        JacobiPath::Blocked | JacobiPath::Auto => blocked_path(ctx, rec, &problem, opts)?,
-    };
-    let eigen = Eigen {
-        values: values.reshape(&values_shape)?,
-        vectors: vectors.reshape(matrices.shape())?,
-        sweeps,
-        off_diagonal,
-    };
-    if n < opts.refine_min_n || opts.warm_start.is_some() {
-        return Ok(eigen);
-    }
-    // Refinement (see `JacobiOptions::refine_min_n`).
-    let refined = eigh(
-        ctx,
+    let input = EighInput {
         matrices,
-        &JacobiOptions {
-            warm_start: Some(&eigen.vectors),
-            ..*opts
-        },
-    )?;
-    Ok(Eigen {
-        sweeps: eigen.sweeps + refined.sweeps,
-        ..refined
-    })
+        warm_start: opts.warm_start,
+    };
+    eigh_many(ctx, &[input], opts)?
+        .pop()
+        .ok_or_else(|| Error::gpu("eigh", "no result"))
 }
 
 /// [`eigh`] of each matrix of a list (e.g. the factors of all layers, of different
 /// sizes), each `[n, n]` or `[batch, n, n]`, with the same options (a warm start in
-/// `opts` must fit every matrix, so it is usually `None` here).
+/// `opts` must fit every matrix, so it is usually `None` here), in one
+/// [`eigh_many`].
 pub fn eigh_each(
     ctx: &GpuContext,
     matrices: &[&GpuTensor],
     opts: &JacobiOptions,
 ) -> Result<Vec<Eigen>> {
-    matrices.iter().map(|m| eigh(ctx, m, opts)).collect()
+    let inputs: Vec<EighInput> = matrices
+        .iter()
+        .map(|&matrices| EighInput {
+            matrices,
+            warm_start: opts.warm_start,
+        })
+        .collect();
+    eigh_many(ctx, &inputs, opts)
 }
 
-/// One call's matrices: `input` `[batch, n, n]` (already rotated into the warm start
+/// One input's matrices: `input` `[batch, n, n]` (already rotated into the warm start
 /// basis, if any), the warm start basis with its batch stride in elements, and the
 /// elements per binding window.
-struct Problem<'a> {
+struct Problem {
     batch: usize,
     n: usize,
-    input: &'a GpuTensor,
-    start: Option<(&'a GpuTensor, usize)>,
+    input: GpuTensor,
+    start: Option<(GpuTensor, usize)>,
     window: usize,
 }
 
-impl Problem<'_> {
+impl Problem {
     /// The tensor bound as `v0` (the input itself when there is no warm start; unread).
     fn v0(&self) -> &GpuTensor {
-        self.start.map_or(self.input, |(v0, _)| v0)
+        self.start.as_ref().map_or(&self.input, |(v0, _)| v0)
     }
 }
 

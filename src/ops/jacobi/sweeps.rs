@@ -1,13 +1,14 @@
-//! The sweeps of the three Jacobi paths and their kernels' parameters: the work
-//! buffers' set-up, the per-path sweep loops, the convergence readback and the sort.
+//! The Jacobi kernels' parameters and what the three paths share: the binding windows,
+//! the warm start's rotation, the work buffers' set-up, the stopping rule and the finish
+//! (sort, re-orthogonalisation, gather).
 
 use super::blocked::BlockPlan;
-use super::{JacobiOptions, NORM_CHUNK, Problem, SHARED_MAX_N, WORKGROUP_SIZE};
+use super::runs::groups;
+use super::{JacobiOptions, Problem};
 use crate::error::{Error, Result};
-use crate::gpu::{GpuContext, GpuTensor, Kernel, Recorder, grid_1d};
+use crate::gpu::{GpuContext, GpuTensor, Kernel, Recorder};
 use crate::kernel_params;
 use crate::ops::gemm::{Gemm, gemm};
-use crate::progress::Sweeps;
 
 kernel_params! {
     /// `jacobi_sweep_shared` and `jacobi_sweep_storage`: one sweep of each of `batch`
@@ -122,7 +123,7 @@ pub(super) fn rotate_into_basis(
 
 /// The largest final relative off-diagonal norm of the batch, or an error naming the
 /// first matrix that held NaN or Inf (`bad`) or whose norm is not finite.
-fn worst_off_diagonal(off: &[f64], bad: &[bool]) -> Result<f32> {
+pub(super) fn worst_off_diagonal(off: &[f64], bad: &[bool]) -> Result<f32> {
     let mut worst = 0.0f64;
     for (b, (&x, &bad)) in off.iter().zip(bad).enumerate() {
         if bad || !x.is_finite() {
@@ -137,7 +138,7 @@ fn worst_off_diagonal(off: &[f64], bad: &[bool]) -> Result<f32> {
 }
 
 /// The stopping rule of one matrix (the shader's `stop` is the same).
-fn stop(off: f64, sweeps: usize, opts: &JacobiOptions) -> bool {
+pub(super) fn stop(off: f64, sweeps: usize, opts: &JacobiOptions) -> bool {
     sweeps >= opts.max_sweeps || off <= f64::from(opts.tol)
 }
 
@@ -148,9 +149,9 @@ pub(super) struct Work {
     pub(super) w: GpuTensor,
 }
 
-impl Problem<'_> {
+impl Problem {
     /// Parameters of the global kernels at step `step`.
-    fn params(&self, step: usize) -> GlobalParams {
+    pub(super) fn params(&self, step: usize) -> GlobalParams {
         let (has_v0, v0_stride) = match self.start {
             Some((_, stride)) => (1, stride as u32),
             None => (0, 0),
@@ -193,7 +194,7 @@ impl Problem<'_> {
         };
         let items = groups(self.batch * self.n * self.n);
         for (entry, from, to) in [
-            ("global_init_a", self.input, &work.a),
+            ("global_init_a", &self.input, &work.a),
             ("global_init_w", self.v0(), &work.w),
         ] {
             let [f0, f1, f2] = self.windows(ctx, from)?;
@@ -264,215 +265,4 @@ impl Problem<'_> {
         )?;
         Ok((values, vectors))
     }
-}
-
-/// Workgroups for one invocation per item.
-fn groups(items: usize) -> [u32; 3] {
-    grid_1d(items.div_ceil(WORKGROUP_SIZE) as u32)
-}
-
-pub(super) type Decomposition = (GpuTensor, GpuTensor, usize, f32);
-
-/// Sweeps the workgroup path records before it first reads back whether the batch is
-/// done: the factors of the benchmarks and fixtures take 4–8.
-const WORKGROUP_FIRST_SWEEPS: usize = 8;
-
-/// One workgroup per matrix and one dispatch per sweep: the set-up and the first
-/// [`WORKGROUP_FIRST_SWEEPS`] sweeps plus a last test in one pass, then one readback of
-/// the per-matrix sweep counts, off-diagonal norms and done flags; while a matrix is not
-/// done, twice as many dispatches again (up to `max_sweeps + 1` in all; a dispatch for
-/// a matrix that is done returns at once); then the sort in one more pass.
-pub(super) fn workgroup_path<'c>(
-    ctx: &'c GpuContext,
-    mut rec: Recorder<'c>,
-    problem: &Problem,
-    opts: &JacobiOptions,
-) -> Result<Decomposition> {
-    let Problem { batch, n, .. } = *problem;
-    let work = problem.record_init(ctx, &mut rec)?;
-    let info_tensor = ctx.zeros(&[batch, 4])?;
-    let max_sweeps = opts.max_sweeps.min(u32::MAX as usize - 1);
-    let entry = if n <= SHARED_MAX_N {
-        "jacobi_sweep_shared"
-    } else {
-        "jacobi_sweep_storage"
-    };
-    // Each dispatch first tests convergence and sweeps only a matrix that is not done,
-    // so max_sweeps + 1 dispatches end with a test after the last possible sweep.
-    let mut dispatched = 0;
-    let mut chunk = (WORKGROUP_FIRST_SWEEPS + 1).min(max_sweeps + 1);
-    let info = loop {
-        for _ in 0..chunk {
-            rec.dispatch(
-                &Kernel::new(&crate::ops::JACOBI, entry),
-                &[],
-                &[&work.a, &work.w, &info_tensor],
-                &SweepParams {
-                    n: n as u32,
-                    batch: batch as u32,
-                    max_sweeps: max_sweeps as u32,
-                    tol: opts.tol,
-                },
-                grid_1d(batch as u32),
-            )?;
-        }
-        dispatched += chunk;
-        rec.submit()?;
-        let info = ctx.read(&info_tensor)?;
-        rec = ctx.recorder();
-        if dispatched > max_sweeps || info.chunks(4).all(|s| s[2] != 0.0) {
-            break info;
-        }
-        chunk = (2 * chunk).min(max_sweeps + 1 - dispatched);
-    };
-    let (values, vectors) = problem.record_finish(ctx, &mut rec, &work, opts.reorthogonalize)?;
-    rec.submit()?;
-    let sweeps = info.chunks(4).map(|s| s[0] as usize).max().unwrap_or(0);
-    let off: Vec<f64> = info.chunks(4).map(|s| f64::from(s[1])).collect();
-    let bad: Vec<bool> = info.chunks(4).map(|s| s[3] != 0.0).collect();
-    let off = worst_off_diagonal(&off, &bad)?;
-    Ok((values, vectors, sweeps, off))
-}
-
-/// Two dispatches per step over the whole batch, one pass and one readback per sweep.
-pub(super) fn global_path(
-    ctx: &GpuContext,
-    mut rec: Recorder,
-    problem: &Problem,
-    opts: &JacobiOptions,
-) -> Result<Decomposition> {
-    let Problem { batch, n, .. } = *problem;
-    let h = (n + (n & 1)) / 2;
-    let mut sweeper = GlobalSweeper {
-        problem,
-        work: problem.record_init(ctx, &mut rec)?,
-        rotations: ctx.zeros(&[batch, h, 4])?,
-    };
-    let (sweeps, off_diagonal) = sweep_until_done(ctx, rec, problem, opts, &mut sweeper)?;
-    let mut rec = ctx.recorder();
-    let (values, vectors) =
-        problem.record_finish(ctx, &mut rec, &sweeper.work, opts.reorthogonalize)?;
-    rec.submit()?;
-    Ok((values, vectors, sweeps, off_diagonal))
-}
-
-/// The global path's work buffers and rotation parameters `[batch, h, 4]`.
-struct GlobalSweeper<'a> {
-    problem: &'a Problem<'a>,
-    work: Work,
-    rotations: GpuTensor,
-}
-
-impl Sweeper for GlobalSweeper<'_> {
-    fn matrix(&self) -> (&GpuTensor, usize) {
-        (&self.work.a, self.problem.n)
-    }
-
-    fn record_sweep(&mut self, rec: &mut Recorder, _norms: &[f64]) -> Result<()> {
-        let Problem { batch, n, .. } = *self.problem;
-        let m = n + (n & 1);
-        let h = m / 2;
-        let kernel = |entry| Kernel::new(&crate::ops::JACOBI, entry);
-        for step in 0..m - 1 {
-            rec.dispatch(
-                &kernel("global_rotations"),
-                &[&self.work.a],
-                &[&self.rotations],
-                &self.problem.params(step),
-                groups(batch * h),
-            )?;
-            rec.dispatch(
-                &kernel("global_apply"),
-                &[&self.rotations],
-                &[&self.work.a, &self.work.w],
-                &self.problem.params(step),
-                groups(batch * (h * h + h * n)),
-            )?;
-        }
-        Ok(())
-    }
-}
-
-/// The state of a host-driven sweep loop ([`sweep_until_done`]).
-pub(super) trait Sweeper {
-    /// The matrices being diagonalised now, `[batch, dim, dim]`, and `dim`.
-    fn matrix(&self) -> (&GpuTensor, usize);
-
-    /// Records one sweep; `norms` holds each matrix's `‖A‖_F`.
-    fn record_sweep(&mut self, rec: &mut Recorder, norms: &[f64]) -> Result<()>;
-}
-
-/// The host-driven sweep loop of the global and blocked paths: after what `rec` holds
-/// (the work buffers' set-up), records per sweep `record_sweep` and `global_norms` into
-/// one pass, reads the off-diagonal norms back (per-workgroup partial sums added by the
-/// host in a fixed order) and stops once every matrix meets [`stop`]. Returns the
-/// sweeps run and the largest final relative off-diagonal norm.
-pub(super) fn sweep_until_done(
-    ctx: &GpuContext,
-    mut rec: Recorder,
-    problem: &Problem,
-    opts: &JacobiOptions,
-    sweeper: &mut impl Sweeper,
-) -> Result<(usize, f32)> {
-    let batch = problem.batch;
-    let dim = sweeper.matrix().1;
-    let chunks = (dim * dim).div_ceil(NORM_CHUNK);
-    let partials = ctx.zeros(&[batch, chunks, 3])?;
-    let record_norms = |rec: &mut Recorder, matrix: &GpuTensor| -> Result<()> {
-        let [a0, a1, a2] = problem.windows(ctx, matrix)?;
-        rec.dispatch(
-            &problem.kernel("global_norms"),
-            &[&a0, &a1, &a2],
-            &[&partials],
-            &GlobalParams {
-                n: dim as u32,
-                ..problem.params(0)
-            },
-            grid_1d((batch * chunks) as u32),
-        )
-    };
-    // ‖offdiag(A)‖_F / ‖A‖_F and ‖A‖_F per matrix, from the partial sums in a fixed
-    // order; an error for NaN or Inf.
-    let read_off_diagonal = || -> Result<(Vec<f64>, Vec<f64>)> {
-        let sums = ctx.read(&partials)?;
-        let mut off = Vec::with_capacity(batch);
-        let mut bad = Vec::with_capacity(batch);
-        let mut norms = Vec::with_capacity(batch);
-        for matrix in sums.chunks(3 * chunks) {
-            let (mut off_sq, mut total_sq) = (0.0f64, 0.0f64);
-            for part in matrix.chunks(3) {
-                off_sq += f64::from(part[0]);
-                total_sq += f64::from(part[1]);
-            }
-            off.push((off_sq / total_sq.max(f64::MIN_POSITIVE)).sqrt());
-            norms.push(total_sq.sqrt());
-            bad.push(matrix.chunks(3).any(|part| part[2] != 0.0));
-        }
-        worst_off_diagonal(&off, &bad)?;
-        Ok((off, norms))
-    };
-    record_norms(&mut rec, sweeper.matrix().0)?;
-    rec.submit()?;
-    let (mut off, norms) = read_off_diagonal()?;
-    let mut done: Vec<bool> = off.iter().map(|&x| stop(x, 0, opts)).collect();
-    let mut sweeps = 0;
-    while done.iter().any(|d| !d) {
-        let mut rec = ctx.recorder();
-        sweeper.record_sweep(&mut rec, &norms)?;
-        record_norms(&mut rec, sweeper.matrix().0)?;
-        rec.submit()?;
-        off = read_off_diagonal()?.0;
-        sweeps += 1;
-        if let Some(observe) = opts.on_sweep {
-            (observe.0)(Sweeps {
-                dim: problem.n,
-                sweeps,
-                off_diagonal: off.iter().copied().fold(0.0, f64::max),
-            });
-        }
-        for (d, &x) in done.iter_mut().zip(&off) {
-            *d = *d || stop(x, sweeps, opts);
-        }
-    }
-    Ok((sweeps, off.iter().copied().fold(0.0, f64::max) as f32))
 }
