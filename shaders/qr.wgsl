@@ -30,14 +30,18 @@
 // panel is factored, form Q = H_0 ⋯ H_(n−1) panel by panel from the last:
 // q[k0.., k0..] −= V_k (T_k (V_kᵀ q[k0.., k0..])).
 //
-// Invocation (lane, c) = (lid / PANEL, lid % PANEL) of qr_panel (PANEL · LANES = 64
+// Invocation (lane, c) = (lid / PANEL, lid % PANEL) of qr_panel (PANEL · LANES
 // invocations) owns the rows r ≡ lane (mod LANES) of panel column c: it alone reads and
 // writes them in `work`, and writes them in `v` when c is the column being reduced; a
 // storage barrier makes v visible to the other invocations. Sums over rows are per lane,
 // then over the LANES lanes in lane order, by every invocation that needs them (τ by
-// all alike): deterministic, four barriers per column. (On lavapipe 64 invocations
-// took half the time of 256, and panels of 16 columns made the GEMMs slower than they
-// made the panels faster.)
+// all alike): deterministic, four barriers per column. LANES (an override, a power of
+// two from 2 to 8) is chosen by the host from n (src/ops/qr.rs, `row_lanes`): 2 up to
+// n = 1024 (on lavapipe 64 invocations took half the time of 256, and panels of 16
+// columns made the GEMMs slower than they made the panels faster), more above, because
+// lavapipe ends a loop nest silently after 65535 iterations per invocation and a panel
+// costs an invocation about 40·n / LANES of them: with LANES = 2, Q was garbage from
+// n ≈ 1640 on (‖QᵀQ − I‖_F 0.9 at n = 1792, 1.4 at n = 2048).
 
 struct QrParams {
     n: u32,
@@ -54,10 +58,11 @@ struct QrParams {
 const PANEL: u32 = 32u;
 // Invocations per workgroup.
 const WG: u32 = 256u;
+// Row lanes per panel column (a power of two, 2 to MAX_LANES; see the header).
+override LANES: u32 = 2u;
+const MAX_LANES: u32 = 8u;
 // Invocations of qr_panel: PANEL · LANES.
-const PANEL_WG: u32 = 64u;
-// Row lanes per panel column.
-const LANES: u32 = 2u;
+override PANEL_WG: u32 = PANEL * LANES;
 // The smallest normal f32; a column whose largest entry is below it counts as zero.
 const MIN_NORMAL: f32 = 1.17549435e-38;
 
@@ -86,7 +91,7 @@ fn qr_init(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
 }
 
 // Partial sums and maxima per invocation, then per column (lane order).
-var<workgroup> wg_part: array<f32, PANEL_WG>;
+var<workgroup> wg_part: array<f32, PANEL * MAX_LANES>;
 // T of the panel, row-major PANEL × PANEL.
 var<workgroup> wg_t: array<f32, 1024>;
 // α of the current column (its diagonal entry), scaled.
@@ -100,7 +105,7 @@ fn first_row(start: u32, lane: u32) -> u32 {
 }
 
 // Factors panel (col0, width) of every matrix: one workgroup per matrix.
-@compute @workgroup_size(64)
+@compute @workgroup_size(PANEL_WG)
 fn qr_panel(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
             @builtin(local_invocation_index) lid: u32) {
     let p = panel_params;

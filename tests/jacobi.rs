@@ -18,7 +18,8 @@ use ekfac::curvature::state::FactorEigen;
 use ekfac::error::Error;
 use ekfac::gpu::GpuContext;
 use ekfac::ops::jacobi::{
-    Eigen, EighInput, F32_RESOLUTION, JacobiOptions, JacobiPath, eigh, eigh_each, eigh_many,
+    Eigen, EighInput, F32_RESOLUTION, JacobiOptions, JacobiPath, SweepObserver, Sweeps, eigh,
+    eigh_each, eigh_many,
 };
 use ekfac::progress::Silent;
 use faer::{Mat, Side};
@@ -770,7 +771,13 @@ fn many_inputs_in_one_call_match_separate_calls() {
                 warm_start: basis.as_ref(),
             })
             .collect();
-        let together = eigh_many(&ctx, &inputs, &opts).unwrap();
+        let observed = std::cell::RefCell::new(Vec::new());
+        let observe = |s: Sweeps| observed.borrow_mut().push(s);
+        let observed_opts = JacobiOptions {
+            on_sweep: Some(SweepObserver(&observe)),
+            ..opts
+        };
+        let together = eigh_many(&ctx, &inputs, &observed_opts).unwrap();
         let mut sweeps = Vec::new();
         for (i, (input, many)) in inputs.iter().zip(&together).enumerate() {
             let alone = eigh(
@@ -798,6 +805,23 @@ fn many_inputs_in_one_call_match_separate_calls() {
             sweeps.push(many.sweeps);
         }
         eprintln!("{path:?}: sweeps {sweeps:?} for {cases:?}");
+        // One report per shared readback after a sweep of the host-driven inputs (all
+        // on the global path, n > 32 on the automatic one): 1, 2, … up to their most.
+        let host_driven = cases
+            .iter()
+            .zip(&sweeps)
+            .filter(|((n, ..), _)| path == JacobiPath::Global || *n > 32);
+        let most = host_driven.clone().map(|(_, &s)| s).max().unwrap();
+        let largest_n = host_driven.map(|((n, ..), _)| *n).max().unwrap();
+        let observed = observed.into_inner();
+        let counts: Vec<usize> = observed.iter().map(|s| s.sweeps).collect();
+        assert_eq!(counts, (1..=most).collect::<Vec<_>>(), "{path:?}");
+        assert!(
+            observed
+                .iter()
+                .all(|s| s.dim <= largest_n && s.off_diagonal.is_finite()),
+            "{path:?}: {observed:?}"
+        );
         let first = sweeps[0];
         assert!(
             sweeps.iter().any(|&s| s != first),
@@ -1217,4 +1241,56 @@ fn the_stopping_rule_stops_at_f32_resolution() {
             );
         }
     }
+}
+
+/// The QR of a matrix large enough that its panels run with more row lanes than two
+/// (n = 1792: four; `qr_panel`'s `LANES`): with two, lavapipe's cap of 65535 loop
+/// iterations per invocation silently cut the panels short from n ≈ 1640 on and `Q`
+/// was garbage (‖QᵀQ − I‖_F ≈ 0.9). Checked in f64 on 24 columns (the first and last
+/// panels', and some between): `Q`'s columns orthonormal and `Q R = A` there to
+/// `4·n·ε` (as in `qr_factors_against_f64`), `R` exactly zero below the diagonal.
+#[test]
+fn qr_of_a_large_matrix() {
+    let Some(ctx) = common::gpu() else { return };
+    let n = 1792;
+    let mut rng = TestRng::new(29);
+    let a: Vec<f32> = rng.vec(n * n);
+    let factors = ekfac::ops::qr::qr(&ctx, &ctx.upload(&a, &[n, n]).unwrap()).unwrap();
+    let q = ctx.read(&factors.q).unwrap();
+    let r = ctx.read(&factors.r).unwrap();
+    let columns: Vec<usize> = [0, 1, 2, 31, 32, 33, 500, 900, 1300, 1700]
+        .into_iter()
+        .chain(n - 14..n)
+        .collect();
+    let bound = 4.0 * n as f64 * f64::from(f32::EPSILON);
+    let mut gram = 0.0f64;
+    for (x, &i) in columns.iter().enumerate() {
+        for &j in &columns[x..] {
+            let dot: f64 = (0..n)
+                .map(|k| f64::from(q[k * n + i]) * f64::from(q[k * n + j]))
+                .sum();
+            let e = dot - if i == j { 1.0 } else { 0.0 };
+            gram += if i == j { e * e } else { 2.0 * e * e };
+        }
+    }
+    let (mut residual, mut norm) = (0.0f64, 0.0f64);
+    for &j in &columns {
+        assert!(
+            (j + 1..n).all(|i| r[i * n + j] == 0.0),
+            "R[.., {j}] is not zero below the diagonal"
+        );
+        for i in 0..n {
+            let qr: f64 = (0..=j)
+                .map(|k| f64::from(q[i * n + k]) * f64::from(r[k * n + j]))
+                .sum();
+            residual += (qr - f64::from(a[i * n + j])).powi(2);
+            norm += f64::from(a[i * n + j]).powi(2);
+        }
+    }
+    let (gram, backward) = (gram.sqrt(), (residual / norm).sqrt());
+    eprintln!("qr n={n}: ‖QᵀQ−I‖ on 24 columns {gram:.2e}, ‖QR−A‖/‖A‖ there {backward:.2e}");
+    assert!(
+        gram <= bound && backward <= bound,
+        "n = {n}: ‖QᵀQ − I‖_F {gram:e}, ‖QR − A‖/‖A‖ {backward:e} on 24 columns"
+    );
 }

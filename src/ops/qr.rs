@@ -110,7 +110,7 @@ pub fn record_qr(rec: &mut Recorder, a: &GpuTensor, batch: usize, n: usize) -> R
     for k in 0..panels {
         let (k0, width) = panel(k);
         rec.dispatch(
-            &Kernel::new(&super::QR, "qr_panel"),
+            &Kernel::new(&super::QR, "qr_panel").with("LANES", row_lanes(n) as f64),
             &[],
             &[&work, &v, &t],
             &params(k0, width),
@@ -130,6 +130,16 @@ pub fn record_qr(rec: &mut Recorder, a: &GpuTensor, batch: usize, n: usize) -> R
         apply_reflectors(rec, [&v, &t, &w, &tw], &q, x, (k, k0, width), n, false)?;
     }
     Ok(Qr { q, r: work })
+}
+
+/// Row lanes per panel column of `qr_panel` for matrices of size `n` (`LANES` in the
+/// shader): 2 up to n = 1024, then the power of two that keeps `n / LANES ≤ 512`, at
+/// most 8 (the 256 invocations WebGPU guarantees). A panel costs each invocation about
+/// `40·n / LANES` loop iterations, and lavapipe silently ends a loop nest after 65535
+/// of them; up to the QR's largest `n` (one storage binding: about 5790 on WebGPU's
+/// defaults) that keeps them under 29k.
+fn row_lanes(n: usize) -> usize {
+    n.div_ceil(512).next_power_of_two().clamp(2, 8)
 }
 
 /// Whether every buffer of the QR of `batch` matrices `[n, n]` fits one storage binding:

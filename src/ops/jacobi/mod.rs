@@ -196,8 +196,9 @@ pub struct JacobiOptions<'a> {
     /// memory) the two are within 0.5 ms.
     pub precondition_min_n: usize,
     /// Called after every sweep whose off-diagonal norms the host reads back (the
-    /// global and blocked paths; the workgroup path runs all sweeps in one pass), with
-    /// the sweeps so far and the batch's largest `‖offdiag(A)‖_F / ‖A‖_F`.
+    /// global and blocked paths; the workgroup path runs its sweeps in chunks), with
+    /// the sweeps so far and the batch's largest `‖offdiag(A)‖_F / ‖A‖_F`; in
+    /// [`eigh_many`] once per shared readback, over the inputs that swept.
     pub on_sweep: Option<SweepObserver<'a>>,
 }
 

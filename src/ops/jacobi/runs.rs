@@ -66,7 +66,8 @@ pub(super) struct WorkgroupRun {
     /// Sweep dispatches recorded so far and in the last chunk.
     dispatched: usize,
     chunk: usize,
-    /// The last readback of `info`, and its outcome once done.
+    /// Sweeps (the largest over the batch) and the largest final relative
+    /// off-diagonal norm, once done.
     outcome: (usize, f32),
 }
 
