@@ -941,9 +941,14 @@ fn advance_rows(x: ptr<function, array<f32, POSITIONS>>) {
 // address differs between invocations runs one invocation at a time, and the column
 // exchange was ~43 % of this kernel's time when both columns moved. Handing on one
 // column performs the same arithmetic in the same order (results bitwise those of
-// handing on both). Measured (lavapipe, per-dispatch profile, eigh of two n = 256
-// Gram matrices, 2 sweeps, 90 block_solve calls, alternating runs): 455 / 463 ms →
-// 366 / 387 ms in total.
+// handing on both). Measured on lavapipe (2 shared cores, alternating runs):
+// per-dispatch profile of bench --quick, block_solve ms per call (over the short-K
+// rotation GEMM's in the same run): mlp 3.11, 3.18 (6.8, 7.0) → 2.53, 2.67 (4.9, 5.8),
+// cnn 2.13, 2.15 (4.0, 4.0) → 1.59, 1.86 (2.9, 3.4); bench --quick
+// eigendecomposition / factors, 3 rounds: mlp 5.14, 5.21, 5.00 → 4.75, 4.57, 5.04,
+// cnn 1.68, 1.71, 1.66 → 1.54, 1.62, 1.53. What remains per step and invocation in
+// workgroup memory: 32 floats of the handed-on column written and read, 32 of the
+// turns read (reading them as 8 vec4 instead of 16 vec2 changed nothing).
 // (An ordering that pairs every index i with i ^ d in step d, keeping its rows in
 // index order, moved half the data too but indexes the private arrays at i ^ d, which
 // lavapipe cannot resolve at compile time: 1.45× slower than the round-robin; the
