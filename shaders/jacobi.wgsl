@@ -899,24 +899,412 @@ fn next_pair(e: u32) -> u32 {
     return select(e - 1u, e + 1u, (e & 1u) == 1u);
 }
 
-// Rotates positions (2j, 2j + 1) of x by (s, τ) of pair j, for every j: Jᵀ x.
-fn turn_rows(x: ptr<function, array<f32, POSITIONS>>, turns: ptr<function, array<vec2<f32>, SOLVE_WG>>) {
-    for (var j = 0u; j < SOLVE_WG; j++) {
-        let r = vec4<f32>(0.0, (*turns)[j].x, 0.0, (*turns)[j].y);
-        let v = rotate((*x)[2u * j], (*x)[2u * j + 1u], r);
-        (*x)[2u * j] = v.x;
-        (*x)[2u * j + 1u] = v.y;
+// block_solve's columns are `Column`s handled only by the functions below, whose
+// array indices are all constants: lavapipe does not unroll loops, and a private array
+// indexed in a loop (or at an invocation's own position) lives in memory, while one
+// indexed at constants only lives in registers. (Generated code; the pattern of each
+// function is stated in its comment.)
+alias Column = array<f32, POSITIONS>;
+alias Packed = array<vec4<f32>, POSITIONS / 4u>;
+alias Turns = array<vec2<f32>, SOLVE_WG>;
+
+// x as 8 vec4s (rows 4k … 4k + 3).
+fn packed(x: Column) -> Packed {
+    return Packed(
+        vec4<f32>(x[0], x[1], x[2], x[3]),
+        vec4<f32>(x[4], x[5], x[6], x[7]),
+        vec4<f32>(x[8], x[9], x[10], x[11]),
+        vec4<f32>(x[12], x[13], x[14], x[15]),
+        vec4<f32>(x[16], x[17], x[18], x[19]),
+        vec4<f32>(x[20], x[21], x[22], x[23]),
+        vec4<f32>(x[24], x[25], x[26], x[27]),
+        vec4<f32>(x[28], x[29], x[30], x[31]),
+    );
+}
+
+// `packed` inverted.
+fn unpacked(v: Packed) -> Column {
+    return Column(
+        v[0].x, v[0].y, v[0].z, v[0].w, v[1].x, v[1].y, v[1].z, v[1].w,
+        v[2].x, v[2].y, v[2].z, v[2].w, v[3].x, v[3].y, v[3].z, v[3].w,
+        v[4].x, v[4].y, v[4].z, v[4].w, v[5].x, v[5].y, v[5].z, v[5].w,
+        v[6].x, v[6].y, v[6].z, v[6].w, v[7].x, v[7].y, v[7].z, v[7].w,
+    );
+}
+
+// Per vec4: b where c, else a.
+fn choose(a: Packed, b: Packed, c: bool) -> Packed {
+    let m = vec4<bool>(c);
+    return Packed(
+        select(a[0], b[0], m), select(a[1], b[1], m),
+        select(a[2], b[2], m), select(a[3], b[3], m),
+        select(a[4], b[4], m), select(a[5], b[5], m),
+        select(a[6], b[6], m), select(a[7], b[7], m),
+    );
+}
+
+// The rows of x moved to their next positions: row advance(i) = row i.
+fn advanced(x: Column) -> Column {
+    return Column(
+        x[2], x[1], x[4], x[0], x[6], x[3], x[8], x[5],
+        x[10], x[7], x[12], x[9], x[14], x[11], x[16], x[13],
+        x[18], x[15], x[20], x[17], x[22], x[19], x[24], x[21],
+        x[26], x[23], x[28], x[25], x[30], x[27], x[31], x[29],
+    );
+}
+
+// Rows (2j, 2j + 1) of x rotated by turn j = (s, τ), for every j (`rotate`): Jᵀ x.
+fn turned(x: Column, t: Turns) -> Column {
+    return Column(
+        x[0] - t[0].x * (x[1] + t[0].y * x[0]),
+        x[1] + t[0].x * (x[0] - t[0].y * x[1]),
+        x[2] - t[1].x * (x[3] + t[1].y * x[2]),
+        x[3] + t[1].x * (x[2] - t[1].y * x[3]),
+        x[4] - t[2].x * (x[5] + t[2].y * x[4]),
+        x[5] + t[2].x * (x[4] - t[2].y * x[5]),
+        x[6] - t[3].x * (x[7] + t[3].y * x[6]),
+        x[7] + t[3].x * (x[6] - t[3].y * x[7]),
+        x[8] - t[4].x * (x[9] + t[4].y * x[8]),
+        x[9] + t[4].x * (x[8] - t[4].y * x[9]),
+        x[10] - t[5].x * (x[11] + t[5].y * x[10]),
+        x[11] + t[5].x * (x[10] - t[5].y * x[11]),
+        x[12] - t[6].x * (x[13] + t[6].y * x[12]),
+        x[13] + t[6].x * (x[12] - t[6].y * x[13]),
+        x[14] - t[7].x * (x[15] + t[7].y * x[14]),
+        x[15] + t[7].x * (x[14] - t[7].y * x[15]),
+        x[16] - t[8].x * (x[17] + t[8].y * x[16]),
+        x[17] + t[8].x * (x[16] - t[8].y * x[17]),
+        x[18] - t[9].x * (x[19] + t[9].y * x[18]),
+        x[19] + t[9].x * (x[18] - t[9].y * x[19]),
+        x[20] - t[10].x * (x[21] + t[10].y * x[20]),
+        x[21] + t[10].x * (x[20] - t[10].y * x[21]),
+        x[22] - t[11].x * (x[23] + t[11].y * x[22]),
+        x[23] + t[11].x * (x[22] - t[11].y * x[23]),
+        x[24] - t[12].x * (x[25] + t[12].y * x[24]),
+        x[25] + t[12].x * (x[24] - t[12].y * x[25]),
+        x[26] - t[13].x * (x[27] + t[13].y * x[26]),
+        x[27] + t[13].x * (x[26] - t[13].y * x[27]),
+        x[28] - t[14].x * (x[29] + t[14].y * x[28]),
+        x[29] + t[14].x * (x[28] - t[14].y * x[29]),
+        x[30] - t[15].x * (x[31] + t[15].y * x[30]),
+        x[31] + t[15].x * (x[30] - t[15].y * x[31]),
+    );
+}
+
+// The turns of the current step from workgroup memory.
+fn load_turns() -> Turns {
+    return Turns(
+        wg_turn[0], wg_turn[1], wg_turn[2], wg_turn[3],
+        wg_turn[4], wg_turn[5], wg_turn[6], wg_turn[7],
+        wg_turn[8], wg_turn[9], wg_turn[10], wg_turn[11],
+        wg_turn[12], wg_turn[13], wg_turn[14], wg_turn[15],
+    );
+}
+
+// x[i] for an index i known only at run time (per invocation).
+fn entry(x: Column, i: u32) -> f32 {
+    let v = packed(x);
+    let k = i >> 2u;
+    var r = v[0];
+
+    r = select(r, v[1], k == 1u);
+    r = select(r, v[2], k == 2u);
+    r = select(r, v[3], k == 3u);
+    r = select(r, v[4], k == 4u);
+    r = select(r, v[5], k == 5u);
+    r = select(r, v[6], k == 6u);
+    r = select(r, v[7], k == 7u);
+    return r[i & 3u];
+}
+
+// x with x[i] = value, i known only at run time.
+fn with_entry(x: Column, i: u32, value: f32) -> Column {
+    let v = packed(x);
+    let at = vec4<u32>(i);
+    let y = vec4<f32>(value);
+    return unpacked(Packed(
+        select(v[0], y, vec4<u32>(0u, 1u, 2u, 3u) == at),
+        select(v[1], y, vec4<u32>(4u, 5u, 6u, 7u) == at),
+        select(v[2], y, vec4<u32>(8u, 9u, 10u, 11u) == at),
+        select(v[3], y, vec4<u32>(12u, 13u, 14u, 15u) == at),
+        select(v[4], y, vec4<u32>(16u, 17u, 18u, 19u) == at),
+        select(v[5], y, vec4<u32>(20u, 21u, 22u, 23u) == at),
+        select(v[6], y, vec4<u32>(24u, 25u, 26u, 27u) == at),
+        select(v[7], y, vec4<u32>(28u, 29u, 30u, 31u) == at),
+    ));
+}
+
+// Unit vector e_i.
+fn unit_column(i: u32) -> Column {
+    return Column(
+        select(0.0, 1.0, i == 0u), select(0.0, 1.0, i == 1u), select(0.0, 1.0, i == 2u), select(0.0, 1.0, i == 3u),
+        select(0.0, 1.0, i == 4u), select(0.0, 1.0, i == 5u), select(0.0, 1.0, i == 6u), select(0.0, 1.0, i == 7u),
+        select(0.0, 1.0, i == 8u), select(0.0, 1.0, i == 9u), select(0.0, 1.0, i == 10u), select(0.0, 1.0, i == 11u),
+        select(0.0, 1.0, i == 12u), select(0.0, 1.0, i == 13u), select(0.0, 1.0, i == 14u), select(0.0, 1.0, i == 15u),
+        select(0.0, 1.0, i == 16u), select(0.0, 1.0, i == 17u), select(0.0, 1.0, i == 18u), select(0.0, 1.0, i == 19u),
+        select(0.0, 1.0, i == 20u), select(0.0, 1.0, i == 21u), select(0.0, 1.0, i == 22u), select(0.0, 1.0, i == 23u),
+        select(0.0, 1.0, i == 24u), select(0.0, 1.0, i == 25u), select(0.0, 1.0, i == 26u), select(0.0, 1.0, i == 27u),
+        select(0.0, 1.0, i == 28u), select(0.0, 1.0, i == 29u), select(0.0, 1.0, i == 30u), select(0.0, 1.0, i == 31u),
+    );
+}
+
+// Entry i of column col of the pair's sub-matrix (zero outside L × L; L is even, so an
+// invocation's columns p, p + 1 are both real or both phantoms).
+fn sub_entry(corner: u32, col: u32, i: u32, l: u32) -> f32 {
+    if (i < l && col < l) {
+        return mat_a_get(corner + col * bs_params.m + i, bs_params.window);
+    }
+    return 0.0;
+}
+
+// Column col of the sub-matrix (rows zero-padded to POSITIONS).
+fn sub_column(corner: u32, col: u32, l: u32) -> Column {
+    return Column(
+        sub_entry(corner, col, 0u, l), sub_entry(corner, col, 1u, l),
+        sub_entry(corner, col, 2u, l), sub_entry(corner, col, 3u, l),
+        sub_entry(corner, col, 4u, l), sub_entry(corner, col, 5u, l),
+        sub_entry(corner, col, 6u, l), sub_entry(corner, col, 7u, l),
+        sub_entry(corner, col, 8u, l), sub_entry(corner, col, 9u, l),
+        sub_entry(corner, col, 10u, l), sub_entry(corner, col, 11u, l),
+        sub_entry(corner, col, 12u, l), sub_entry(corner, col, 13u, l),
+        sub_entry(corner, col, 14u, l), sub_entry(corner, col, 15u, l),
+        sub_entry(corner, col, 16u, l), sub_entry(corner, col, 17u, l),
+        sub_entry(corner, col, 18u, l), sub_entry(corner, col, 19u, l),
+        sub_entry(corner, col, 20u, l), sub_entry(corner, col, 21u, l),
+        sub_entry(corner, col, 22u, l), sub_entry(corner, col, 23u, l),
+        sub_entry(corner, col, 24u, l), sub_entry(corner, col, 25u, l),
+        sub_entry(corner, col, 26u, l), sub_entry(corner, col, 27u, l),
+        sub_entry(corner, col, 28u, l), sub_entry(corner, col, 29u, l),
+        sub_entry(corner, col, 30u, l), sub_entry(corner, col, 31u, l),
+    );
+}
+
+// Σ_i x_i² + y_i² without entries ip of x and iq of y, summed row by row.
+fn off_squares(x: Column, y: Column, ip: u32, iq: u32) -> f32 {
+    var off = 0.0;
+
+    off += select(x[0] * x[0], 0.0, ip == 0u) + select(y[0] * y[0], 0.0, iq == 0u);
+    off += select(x[1] * x[1], 0.0, ip == 1u) + select(y[1] * y[1], 0.0, iq == 1u);
+    off += select(x[2] * x[2], 0.0, ip == 2u) + select(y[2] * y[2], 0.0, iq == 2u);
+    off += select(x[3] * x[3], 0.0, ip == 3u) + select(y[3] * y[3], 0.0, iq == 3u);
+    off += select(x[4] * x[4], 0.0, ip == 4u) + select(y[4] * y[4], 0.0, iq == 4u);
+    off += select(x[5] * x[5], 0.0, ip == 5u) + select(y[5] * y[5], 0.0, iq == 5u);
+    off += select(x[6] * x[6], 0.0, ip == 6u) + select(y[6] * y[6], 0.0, iq == 6u);
+    off += select(x[7] * x[7], 0.0, ip == 7u) + select(y[7] * y[7], 0.0, iq == 7u);
+    off += select(x[8] * x[8], 0.0, ip == 8u) + select(y[8] * y[8], 0.0, iq == 8u);
+    off += select(x[9] * x[9], 0.0, ip == 9u) + select(y[9] * y[9], 0.0, iq == 9u);
+    off += select(x[10] * x[10], 0.0, ip == 10u) + select(y[10] * y[10], 0.0, iq == 10u);
+    off += select(x[11] * x[11], 0.0, ip == 11u) + select(y[11] * y[11], 0.0, iq == 11u);
+    off += select(x[12] * x[12], 0.0, ip == 12u) + select(y[12] * y[12], 0.0, iq == 12u);
+    off += select(x[13] * x[13], 0.0, ip == 13u) + select(y[13] * y[13], 0.0, iq == 13u);
+    off += select(x[14] * x[14], 0.0, ip == 14u) + select(y[14] * y[14], 0.0, iq == 14u);
+    off += select(x[15] * x[15], 0.0, ip == 15u) + select(y[15] * y[15], 0.0, iq == 15u);
+    off += select(x[16] * x[16], 0.0, ip == 16u) + select(y[16] * y[16], 0.0, iq == 16u);
+    off += select(x[17] * x[17], 0.0, ip == 17u) + select(y[17] * y[17], 0.0, iq == 17u);
+    off += select(x[18] * x[18], 0.0, ip == 18u) + select(y[18] * y[18], 0.0, iq == 18u);
+    off += select(x[19] * x[19], 0.0, ip == 19u) + select(y[19] * y[19], 0.0, iq == 19u);
+    off += select(x[20] * x[20], 0.0, ip == 20u) + select(y[20] * y[20], 0.0, iq == 20u);
+    off += select(x[21] * x[21], 0.0, ip == 21u) + select(y[21] * y[21], 0.0, iq == 21u);
+    off += select(x[22] * x[22], 0.0, ip == 22u) + select(y[22] * y[22], 0.0, iq == 22u);
+    off += select(x[23] * x[23], 0.0, ip == 23u) + select(y[23] * y[23], 0.0, iq == 23u);
+    off += select(x[24] * x[24], 0.0, ip == 24u) + select(y[24] * y[24], 0.0, iq == 24u);
+    off += select(x[25] * x[25], 0.0, ip == 25u) + select(y[25] * y[25], 0.0, iq == 25u);
+    off += select(x[26] * x[26], 0.0, ip == 26u) + select(y[26] * y[26], 0.0, iq == 26u);
+    off += select(x[27] * x[27], 0.0, ip == 27u) + select(y[27] * y[27], 0.0, iq == 27u);
+    off += select(x[28] * x[28], 0.0, ip == 28u) + select(y[28] * y[28], 0.0, iq == 28u);
+    off += select(x[29] * x[29], 0.0, ip == 29u) + select(y[29] * y[29], 0.0, iq == 29u);
+    off += select(x[30] * x[30], 0.0, ip == 30u) + select(y[30] * y[30], 0.0, iq == 30u);
+    off += select(x[31] * x[31], 0.0, ip == 31u) + select(y[31] * y[31], 0.0, iq == 31u);
+    return off;
+}
+
+// Writes columns p, q of rot[g] (rows moved by wg_target) from W's columns x, y.
+fn write_rotation(x: Column, y: Column, g: u32, p: u32, l: u32) {
+    let ll = l * l;
+
+    if (0u < l) {
+        bs_rot[g * ll + wg_target[0] * l + p] = x[0];
+        bs_rot[g * ll + wg_target[0] * l + p + 1u] = y[0];
+    }
+    if (1u < l) {
+        bs_rot[g * ll + wg_target[1] * l + p] = x[1];
+        bs_rot[g * ll + wg_target[1] * l + p + 1u] = y[1];
+    }
+    if (2u < l) {
+        bs_rot[g * ll + wg_target[2] * l + p] = x[2];
+        bs_rot[g * ll + wg_target[2] * l + p + 1u] = y[2];
+    }
+    if (3u < l) {
+        bs_rot[g * ll + wg_target[3] * l + p] = x[3];
+        bs_rot[g * ll + wg_target[3] * l + p + 1u] = y[3];
+    }
+    if (4u < l) {
+        bs_rot[g * ll + wg_target[4] * l + p] = x[4];
+        bs_rot[g * ll + wg_target[4] * l + p + 1u] = y[4];
+    }
+    if (5u < l) {
+        bs_rot[g * ll + wg_target[5] * l + p] = x[5];
+        bs_rot[g * ll + wg_target[5] * l + p + 1u] = y[5];
+    }
+    if (6u < l) {
+        bs_rot[g * ll + wg_target[6] * l + p] = x[6];
+        bs_rot[g * ll + wg_target[6] * l + p + 1u] = y[6];
+    }
+    if (7u < l) {
+        bs_rot[g * ll + wg_target[7] * l + p] = x[7];
+        bs_rot[g * ll + wg_target[7] * l + p + 1u] = y[7];
+    }
+    if (8u < l) {
+        bs_rot[g * ll + wg_target[8] * l + p] = x[8];
+        bs_rot[g * ll + wg_target[8] * l + p + 1u] = y[8];
+    }
+    if (9u < l) {
+        bs_rot[g * ll + wg_target[9] * l + p] = x[9];
+        bs_rot[g * ll + wg_target[9] * l + p + 1u] = y[9];
+    }
+    if (10u < l) {
+        bs_rot[g * ll + wg_target[10] * l + p] = x[10];
+        bs_rot[g * ll + wg_target[10] * l + p + 1u] = y[10];
+    }
+    if (11u < l) {
+        bs_rot[g * ll + wg_target[11] * l + p] = x[11];
+        bs_rot[g * ll + wg_target[11] * l + p + 1u] = y[11];
+    }
+    if (12u < l) {
+        bs_rot[g * ll + wg_target[12] * l + p] = x[12];
+        bs_rot[g * ll + wg_target[12] * l + p + 1u] = y[12];
+    }
+    if (13u < l) {
+        bs_rot[g * ll + wg_target[13] * l + p] = x[13];
+        bs_rot[g * ll + wg_target[13] * l + p + 1u] = y[13];
+    }
+    if (14u < l) {
+        bs_rot[g * ll + wg_target[14] * l + p] = x[14];
+        bs_rot[g * ll + wg_target[14] * l + p + 1u] = y[14];
+    }
+    if (15u < l) {
+        bs_rot[g * ll + wg_target[15] * l + p] = x[15];
+        bs_rot[g * ll + wg_target[15] * l + p + 1u] = y[15];
+    }
+    if (16u < l) {
+        bs_rot[g * ll + wg_target[16] * l + p] = x[16];
+        bs_rot[g * ll + wg_target[16] * l + p + 1u] = y[16];
+    }
+    if (17u < l) {
+        bs_rot[g * ll + wg_target[17] * l + p] = x[17];
+        bs_rot[g * ll + wg_target[17] * l + p + 1u] = y[17];
+    }
+    if (18u < l) {
+        bs_rot[g * ll + wg_target[18] * l + p] = x[18];
+        bs_rot[g * ll + wg_target[18] * l + p + 1u] = y[18];
+    }
+    if (19u < l) {
+        bs_rot[g * ll + wg_target[19] * l + p] = x[19];
+        bs_rot[g * ll + wg_target[19] * l + p + 1u] = y[19];
+    }
+    if (20u < l) {
+        bs_rot[g * ll + wg_target[20] * l + p] = x[20];
+        bs_rot[g * ll + wg_target[20] * l + p + 1u] = y[20];
+    }
+    if (21u < l) {
+        bs_rot[g * ll + wg_target[21] * l + p] = x[21];
+        bs_rot[g * ll + wg_target[21] * l + p + 1u] = y[21];
+    }
+    if (22u < l) {
+        bs_rot[g * ll + wg_target[22] * l + p] = x[22];
+        bs_rot[g * ll + wg_target[22] * l + p + 1u] = y[22];
+    }
+    if (23u < l) {
+        bs_rot[g * ll + wg_target[23] * l + p] = x[23];
+        bs_rot[g * ll + wg_target[23] * l + p + 1u] = y[23];
+    }
+    if (24u < l) {
+        bs_rot[g * ll + wg_target[24] * l + p] = x[24];
+        bs_rot[g * ll + wg_target[24] * l + p + 1u] = y[24];
+    }
+    if (25u < l) {
+        bs_rot[g * ll + wg_target[25] * l + p] = x[25];
+        bs_rot[g * ll + wg_target[25] * l + p + 1u] = y[25];
+    }
+    if (26u < l) {
+        bs_rot[g * ll + wg_target[26] * l + p] = x[26];
+        bs_rot[g * ll + wg_target[26] * l + p + 1u] = y[26];
+    }
+    if (27u < l) {
+        bs_rot[g * ll + wg_target[27] * l + p] = x[27];
+        bs_rot[g * ll + wg_target[27] * l + p + 1u] = y[27];
+    }
+    if (28u < l) {
+        bs_rot[g * ll + wg_target[28] * l + p] = x[28];
+        bs_rot[g * ll + wg_target[28] * l + p + 1u] = y[28];
+    }
+    if (29u < l) {
+        bs_rot[g * ll + wg_target[29] * l + p] = x[29];
+        bs_rot[g * ll + wg_target[29] * l + p + 1u] = y[29];
+    }
+    if (30u < l) {
+        bs_rot[g * ll + wg_target[30] * l + p] = x[30];
+        bs_rot[g * ll + wg_target[30] * l + p + 1u] = y[30];
+    }
+    if (31u < l) {
+        bs_rot[g * ll + wg_target[31] * l + p] = x[31];
+        bs_rot[g * ll + wg_target[31] * l + p + 1u] = y[31];
     }
 }
 
-// Moves the rows of x to their positions of the next step.
-fn advance_rows(x: ptr<function, array<f32, POSITIONS>>) {
-    var moved: array<f32, POSITIONS>;
-    for (var i = 0u; i < POSITIONS; i++) {
-        moved[advance(i)] = (*x)[i];
-    }
-    *x = moved;
+
+// Columns x, y rotated by r = (c, s, t, τ) (`rotate`, row by row).
+struct ColumnPair {
+    p: Column,
+    q: Column,
 }
+
+fn columns_turned(x: Column, y: Column, r: vec4<f32>) -> ColumnPair {
+    let a = packed(x);
+    let b = packed(y);
+    return ColumnPair(unpacked(Packed(
+        a[0] - r.y * (b[0] + r.w * a[0]),
+        a[1] - r.y * (b[1] + r.w * a[1]),
+        a[2] - r.y * (b[2] + r.w * a[2]),
+        a[3] - r.y * (b[3] + r.w * a[3]),
+        a[4] - r.y * (b[4] + r.w * a[4]),
+        a[5] - r.y * (b[5] + r.w * a[5]),
+        a[6] - r.y * (b[6] + r.w * a[6]),
+        a[7] - r.y * (b[7] + r.w * a[7]),
+    )), unpacked(Packed(
+        b[0] + r.y * (a[0] - r.w * b[0]),
+        b[1] + r.y * (a[1] - r.w * b[1]),
+        b[2] + r.y * (a[2] - r.w * b[2]),
+        b[3] + r.y * (a[3] - r.w * b[3]),
+        b[4] + r.y * (a[4] - r.w * b[4]),
+        b[5] + r.y * (a[5] - r.w * b[5]),
+        b[6] + r.y * (a[6] - r.w * b[6]),
+        b[7] + r.y * (a[7] - r.w * b[7]),
+    )));
+}
+
+// Writes the handed-on column v to workgroup memory at position `to`.
+fn hand_on(v: Packed, to: u32) {
+    wg_columns[8u * to + 0u] = v[0];
+    wg_columns[8u * to + 1u] = v[1];
+    wg_columns[8u * to + 2u] = v[2];
+    wg_columns[8u * to + 3u] = v[3];
+    wg_columns[8u * to + 4u] = v[4];
+    wg_columns[8u * to + 5u] = v[5];
+    wg_columns[8u * to + 6u] = v[6];
+    wg_columns[8u * to + 7u] = v[7];
+}
+
+// The handed-on column at position `source` in workgroup memory.
+fn take_column(source: u32) -> Packed {
+    return Packed(
+        wg_columns[8u * source + 0u], wg_columns[8u * source + 1u],
+        wg_columns[8u * source + 2u], wg_columns[8u * source + 3u],
+        wg_columns[8u * source + 4u], wg_columns[8u * source + 5u],
+        wg_columns[8u * source + 6u], wg_columns[8u * source + 7u],
+    );
+}
+
 
 @group(0) @binding(0) var<storage, read> bs_threshold: array<f32>;
 @group(0) @binding(4) var<storage, read_write> bs_rot: array<f32>;
@@ -949,6 +1337,13 @@ fn advance_rows(x: ptr<function, array<f32, POSITIONS>>) {
 // cnn 1.68, 1.71, 1.66 → 1.54, 1.62, 1.53. What remains per step and invocation in
 // workgroup memory: 32 floats of the handed-on column written and read, 32 of the
 // turns read (reading them as 8 vec4 instead of 16 vec2 changed nothing).
+// Why every column operation is a `Column` function written out without loops (see
+// above `packed`): with loops (and reads/writes at the invocation's own positions), the
+// four private columns lived in memory; written out, they live in registers (the
+// positions known only per invocation go through `entry` / `with_entry`, selects over
+// 8 vec4s). Same operations in the same order, results bitwise the same. Measured
+// (lavapipe, per-dispatch profile, eigh of two n = 256 Gram matrices, 2 sweeps, 90
+// block_solve calls, alternating runs): 385 / 410 ms → 217 / 238 ms in total.
 // (An ordering that pairs every index i with i ^ d in step d, keeping its rows in
 // index order, moved half the data too but indexes the private arrays at i ^ d, which
 // lavapipe cannot resolve at compile time: 1.45× slower than the round-robin; the
@@ -977,28 +1372,13 @@ fn block_solve(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     // alternating by `next_pair`).
     var held = lid;
     // Columns p and q of S are rows p and q (A is symmetric).
-    var a_p: array<f32, POSITIONS>;
-    var a_q: array<f32, POSITIONS>;
-    var w_p: array<f32, POSITIONS>;
-    var w_q: array<f32, POSITIONS>;
-    for (var i = 0u; i < POSITIONS; i++) {
-        a_p[i] = 0.0;
-        a_q[i] = 0.0;
-        if (i < l && q < l) {
-            a_p[i] = mat_a_get(corner + p * m + i, bs_params.window);
-            a_q[i] = mat_a_get(corner + q * m + i, bs_params.window);
-        }
-        w_p[i] = select(0.0, 1.0, i == p);
-        w_q[i] = select(0.0, 1.0, i == q);
-    }
+    var a_p = sub_column(corner, p, l);
+    var a_q = sub_column(corner, q, l);
+    var w_p = unit_column(p);
+    var w_q = unit_column(q);
     let theta = bs_threshold[g / h];
     for (var sweep = 0u; sweep < INNER_SWEEPS; sweep++) {
-        // At a sweep's start every index is at its own position.
-        var off = 0.0;
-        for (var i = 0u; i < POSITIONS; i++) {
-            off += select(a_p[i] * a_p[i], 0.0, i == 2u * held) + select(a_q[i] * a_q[i], 0.0, i == 2u * held + 1u);
-        }
-        wg_off[lid] = off;
+        wg_off[lid] = off_squares(a_p, a_q, 2u * held, 2u * held + 1u);
         wg_tot[lid] = 0.0;
         reduce_norms(lid, SOLVE_WG);
         if (lid == 0u) {
@@ -1011,67 +1391,43 @@ fn block_solve(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
             // This invocation holds the columns at positions pp and qq (pair `held`).
             let pp = 2u * held;
             let qq = pp + 1u;
-            let app = a_p[pp];
-            let aqq = a_q[qq];
-            let apq = a_p[qq];
+            let app = entry(a_p, pp);
+            let aqq = entry(a_q, qq);
+            let apq = entry(a_p, qq);
             let own = rotation(app, aqq, apq);
             wg_turn[held] = vec2<f32>(own.y, own.w);
             workgroupBarrier();
-            var turns: array<vec2<f32>, SOLVE_WG>;
-            for (var j = 0u; j < SOLVE_WG; j++) {
-                turns[j] = wg_turn[j];
-            }
-            turn_rows(&a_p, &turns);
-            turn_rows(&a_q, &turns);
-            turn_rows(&w_p, &turns);
-            turn_rows(&w_q, &turns);
-            for (var i = 0u; i < POSITIONS; i++) {
-                let v = rotate(a_p[i], a_q[i], own);
-                a_p[i] = v.x;
-                a_q[i] = v.y;
-            }
+            let turns = load_turns();
+            w_p = turned(w_p, turns);
+            w_q = turned(w_q, turns);
+            let both = columns_turned(turned(a_p, turns), turned(a_q, turns), own);
             // The pair's own 2 × 2 block, exactly (Rutishauser's update).
-            a_p[pp] = app - own.z * apq;
-            a_q[qq] = aqq + own.z * apq;
-            a_p[qq] = 0.0;
-            a_q[pp] = 0.0;
+            let s_p = with_entry(with_entry(both.p, pp, app - own.z * apq), qq, 0.0);
+            let s_q = with_entry(with_entry(both.q, qq, aqq + own.z * apq), pp, 0.0);
             // Keep the column that `advance` moves into pair next_pair(held) (the even
             // position's for pairs 2, 4, …, 14, else the odd one's; it lands on the even
             // position for those pairs and pair 15) and hand the other one on through
             // workgroup memory, at the position it moves to.
             let keep_even = held != 0u && (held & 1u) == 0u;
             let lands_even = keep_even || held == SOLVE_WG - 1u;
-            let sent = advance(select(pp, qq, keep_even));
-            var kept: array<vec4<f32>, POSITIONS / 4u>;
-            for (var k = 0u; k < POSITIONS / 4u; k++) {
-                let x = vec4<f32>(a_p[4u * k], a_p[4u * k + 1u], a_p[4u * k + 2u], a_p[4u * k + 3u]);
-                let y = vec4<f32>(a_q[4u * k], a_q[4u * k + 1u], a_q[4u * k + 2u], a_q[4u * k + 3u]);
-                wg_columns[8u * sent + k] = select(x, y, vec4<bool>(keep_even));
-                kept[k] = select(y, x, vec4<bool>(keep_even));
-            }
+            let kept = choose(packed(s_q), packed(s_p), keep_even);
+            hand_on(choose(packed(s_p), packed(s_q), keep_even), advance(select(pp, qq, keep_even)));
             held = next_pair(held);
             // The other position of the new pair takes the handed-on column moved there.
-            let received = select(2u * held, 2u * held + 1u, lands_even);
             workgroupBarrier();
-            for (var k = 0u; k < POSITIONS / 4u; k++) {
-                let r = wg_columns[8u * received + k];
-                let x = select(r, kept[k], vec4<bool>(lands_even));
-                let y = select(kept[k], r, vec4<bool>(lands_even));
-                for (var c = 0u; c < 4u; c++) {
-                    a_p[advance(4u * k + c)] = x[c];
-                    a_q[advance(4u * k + c)] = y[c];
-                }
-            }
-            advance_rows(&w_p);
-            advance_rows(&w_q);
+            let taken = take_column(select(2u * held, 2u * held + 1u, lands_even));
+            a_p = advanced(unpacked(choose(taken, kept, lands_even)));
+            a_q = advanced(unpacked(choose(kept, taken, lands_even)));
+            w_p = advanced(w_p);
+            w_q = advanced(w_q);
         }
     }
     // Sort the pair's real indices by their diagonal entries, ascending (ties by index),
     // so that the whole diagonal tends to ascending order and the rotations of later
     // rounds stay close to the identity. Phantom indices keep their places. The real
     // local indices are [0, real_p) and [block, block + real count of block q).
-    wg_diagonal[2u * held] = a_p[2u * held];
-    wg_diagonal[2u * held + 1u] = a_q[2u * held + 1u];
+    wg_diagonal[2u * held] = entry(a_p, 2u * held);
+    wg_diagonal[2u * held + 1u] = entry(a_q, 2u * held + 1u);
     workgroupBarrier();
     let real_p = min(block, n - min(n, pair.x * block));
     for (var e = 0u; e < 2u; e++) {
@@ -1091,15 +1447,8 @@ fn block_solve(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     workgroupBarrier();
     // rot[g] = W with its rows moved by the sort: row target(i) = row i; this
     // invocation writes columns p and q.
-    let ll = l * l;
     if (q < l) {
-        for (var i = 0u; i < POSITIONS; i++) {
-            if (i < l) {
-                let row = g * ll + wg_target[i] * l;
-                bs_rot[row + p] = w_p[i];
-                bs_rot[row + q] = w_q[i];
-            }
-        }
+        write_rotation(w_p, w_q, g, p, l);
     }
 }
 
