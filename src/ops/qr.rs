@@ -7,12 +7,12 @@
 //! batched GEMMs (`crate::ops::gemm`), `A ← (I − V Tᵀ Vᵀ) A`, and `Q = H₁ ⋯ H_n` is
 //! formed from the identity by three more per panel, from the last panel to the first.
 //! What is left of `A` is `R`: upper triangular, its diagonal `β_j` written by the panel
-//! kernel and zeros below. `Q` is orthogonal to f32 rounding whatever `A` is: a column that is zero below the
-//! diagonal after the earlier reflections (zero or linearly dependent columns of a
-//! rank-deficient `A`) gets `τ = 0`, the identity. Its leading `k` columns span `A`'s
-//! leading `k` columns when those are independent. All in one compute pass, `7p − 2`
-//! dispatches for `p = ⌈n / 32⌉` panels (plus split-K sums of the GEMMs); no readback;
-//! deterministic (fixed reduction orders, no atomics).
+//! kernel and zeros below. `Q` is orthogonal to f32 rounding whatever `A` is: a column
+//! that is zero below the diagonal after the earlier reflections (zero or linearly
+//! dependent columns of a rank-deficient `A`) gets `τ = 0`, the identity. Its leading
+//! `k` columns span `A`'s leading `k` columns when those are independent. All in one
+//! compute pass, `7p − 2` dispatches for `p = ⌈n / 32⌉` panels (plus split-K sums of the
+//! GEMMs); no readback; deterministic (fixed reduction orders, no atomics).
 
 use super::check::{expect_u32, grid, square_batch};
 use crate::error::{Error, Result};
@@ -22,6 +22,9 @@ use crate::ops::gemm::{Gemm, gemm};
 
 /// Columns per panel (`PANEL` in the shader).
 pub const PANEL: usize = 32;
+/// Most row lanes per panel column (`MAX_LANES` in the shader): `PANEL · MAX_LANES` =
+/// 256 invocations, what WebGPU guarantees per workgroup.
+const MAX_LANES: usize = 8;
 
 kernel_params! {
     /// `qr_init` (`work = a`, `q = I`) and `qr_panel` (the panel of `width ≤ 32` columns
@@ -134,12 +137,12 @@ pub fn record_qr(rec: &mut Recorder, a: &GpuTensor, batch: usize, n: usize) -> R
 
 /// Row lanes per panel column of `qr_panel` for matrices of size `n` (`LANES` in the
 /// shader): 2 up to n = 1024, then the power of two that keeps `n / LANES ≤ 512`, at
-/// most 8 (the 256 invocations WebGPU guarantees). A panel costs each invocation about
+/// most [`MAX_LANES`]. A panel costs each invocation about
 /// `40·n / LANES` loop iterations, and lavapipe silently ends a loop nest after 65535
 /// of them; up to the QR's largest `n` (one storage binding: about 5790 on WebGPU's
 /// defaults) that keeps them under 29k.
 fn row_lanes(n: usize) -> usize {
-    n.div_ceil(512).next_power_of_two().clamp(2, 8)
+    n.div_ceil(512).next_power_of_two().clamp(2, MAX_LANES)
 }
 
 /// Whether every buffer of the QR of `batch` matrices `[n, n]` fits one storage binding:
