@@ -273,7 +273,8 @@ fn decompose(
                 });
             }
             if !done {
-                run.record_next(&mut rec)?;
+                run.record_next(&mut rec)
+                    .map_err(|e| name_input(label[i], e))?;
                 still.push(i);
             }
         }
@@ -286,10 +287,12 @@ fn decompose(
     // The finish of every input in one pass.
     let mut rec = ctx.recorder();
     let mut eigens = Vec::with_capacity(inputs.len());
-    for ((plan, input), run) in plans.iter().zip(inputs).zip(&runs) {
+    for (((plan, input), run), &l) in plans.iter().zip(inputs).zip(&runs).zip(label) {
         let (values, vectors, sweeps, off_diagonal) = match run {
             Some(run) => {
-                let (values, vectors) = run.record_finish(&mut rec, opts.reorthogonalize)?;
+                let (values, vectors) = run
+                    .record_finish(&mut rec, opts.reorthogonalize)
+                    .map_err(|e| name_input(l, e))?;
                 let (sweeps, off) = run.outcome();
                 (values, vectors, sweeps, off)
             }
