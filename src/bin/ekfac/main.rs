@@ -192,10 +192,25 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            say_error(&e);
             ExitCode::FAILURE
         }
     }
+}
+
+/// Writes `error: {e}` and a newline to standard error in ONE write.
+///
+/// `eprintln!` on the unbuffered standard error issues one `write` per formatted
+/// piece, and under `mpirun` the pieces of two ranks' messages can interleave
+/// ("error: rank error: 1 of 2: …"). One write of a line shorter than `PIPE_BUF`
+/// reaches the pipe whole.
+fn say_error(e: &Error) {
+    use std::io::Write;
+    let line = format!("error: {e}\n");
+    let mut stderr = std::io::stderr().lock();
+    // Nothing is left to tell the user if standard error itself fails.
+    let _ = stderr.write_all(line.as_bytes());
+    let _ = stderr.flush();
 }
 
 fn ms(since: Instant) -> f64 {
@@ -229,7 +244,7 @@ fn run_fit(args: &FitArgs, console: &Console, quiet: bool) -> Result<()> {
     if let Err(e @ Error::Distributed { .. }) = &result {
         // Every rank has this error: each says it, and none exits before all have
         // (mpirun ends the whole job at the first non-zero exit).
-        eprintln!("error: {e}");
+        say_error(e);
         comm.barrier();
         drop(comm);
         std::process::exit(1);
