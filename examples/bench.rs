@@ -1079,10 +1079,15 @@ fn bench(
     }
     let medians = (med(&|s| s.factors), med(&|s| s.eigendecomposition));
     let largest = samples[0].sweeps.iter().map(|g| g.0).max().unwrap_or(0);
-    let reference = gemm_reference(ctx, largest, runs.max(3))?;
+    let reference = gemm_reference(ctx, largest, GEMM_REFERENCE_RUNS)?;
     print_cost_drivers(&samples[0], &flops, medians, eigensolver, reference);
     Ok(samples)
 }
+
+/// Timed runs of the GEMM reference: each takes milliseconds, and a median over many
+/// rides out the virtual machines' jitter (medians of 3 spread 3.4–7.5 GFLOP/s at
+/// n = 256 on lavapipe).
+const GEMM_REFERENCE_RUNS: usize = 21;
 
 /// A lone `n × n × n` GEMM (`ops::gemm`, no transposes) on the same adapter, for the
 /// eigendecomposition's GFLOP/s target ("≥ 25 % of the GEMM rate"): `(n, median ms
@@ -1161,7 +1166,7 @@ fn print_cost_drivers(
         let gemm_rate = rate(2.0 * (n as f64).powi(3), ms);
         println!(
             "  GEMM reference: a lone {n} × {n} × {n} GEMM (the largest factor's size) \
-             {ms:.2} ms, {gemm_rate:.2} GFLOP/s; the eigendecomposition's GFLOP/s \
+             {ms:.2} ms (median of {GEMM_REFERENCE_RUNS}), {gemm_rate:.2} GFLOP/s; the eigendecomposition's GFLOP/s \
              (nominal 9n³) is {:.1} % of it",
             100.0 * rate(flops.eigendecomposition, eigen) / gemm_rate
         );
