@@ -194,7 +194,7 @@ fn append_ones_column(@builtin(workgroup_id) wid: vec3<u32>,
 struct SumParams {
     rows: u32,
     cols: u32,
-    // sum_rows: rows summed by one workgroup; sum_cols: unused.
+    // sum_rows: rows summed by one workgroup; sum_cols: invocations per row.
     rows_per_group: u32,
     alpha: f32,
     beta: f32,
@@ -242,28 +242,34 @@ fn sum_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     }
 }
 
-// Row sums: y[r] = alpha * sum_c x[r][c] + beta * y[r]. Workgroup
-// wid.x + wid.y * nwg.x takes row r; invocation l adds columns l, l + 256, ... in
-// order, then a binary tree in workgroup memory adds the 256 partial sums.
+// Row sums: y[r] = alpha * sum_c x[r][c] + beta * y[r]. Each row has a segment of
+// `lanes` = rows_per_group consecutive invocations (a power of two, the smallest
+// >= cols but at most 256), so a workgroup sums 256 / lanes rows: lane l adds columns
+// l, l + lanes, ... in order, then a binary tree in workgroup memory adds the segment's
+// lane sums. Bit for bit the sums of one workgroup per row (lanes = 256): the lanes
+// past the segment would hold +0 and add it to lane sums that are never -0 (each
+// starts as 0.0 + x), which changes nothing.
 @compute @workgroup_size(256)
 fn sum_cols(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
             @builtin(local_invocation_index) lid: u32) {
-    let r = wid.x + wid.y * nwg.x;
+    let lanes = sum_p.rows_per_group;
+    let r = (wid.x + wid.y * nwg.x) * (256u / lanes) + lid / lanes;
+    let lane = lid % lanes;
     var s = 0.0;
     if (r < sum_p.rows) {
-        for (var c = lid; c < sum_p.cols; c += 256u) {
+        for (var c = lane; c < sum_p.cols; c += lanes) {
             s += x[r * sum_p.cols + c];
         }
     }
     partial[lid] = s;
     workgroupBarrier();
-    for (var width = 128u; width > 0u; width /= 2u) {
-        if (lid < width) {
+    for (var width = lanes / 2u; width > 0u; width /= 2u) {
+        if (lane < width) {
             partial[lid] = partial[lid] + partial[lid + width];
         }
         workgroupBarrier();
     }
-    if (lid == 0u && r < sum_p.rows) {
-        finish(r, partial[0]);
+    if (lane == 0u && r < sum_p.rows) {
+        finish(r, partial[lid]);
     }
 }

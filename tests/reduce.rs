@@ -268,6 +268,64 @@ fn sum_cols_shapes() {
     }
 }
 
+/// The order of one 256-invocation workgroup per row: invocation `l` adds columns
+/// `l, l + 256, …` to `0.0`, then a binary tree over the 256 lane sums.
+fn one_workgroup_per_row_sum(row: &[f32]) -> f32 {
+    let mut partial = [0f32; 256];
+    for (lane, p) in partial.iter_mut().enumerate() {
+        *p = row.iter().skip(lane).step_by(256).fold(0.0, |s, &x| s + x);
+    }
+    let mut width = 128;
+    while width > 0 {
+        for lane in 0..width {
+            partial[lane] += partial[lane + width];
+        }
+        width /= 2;
+    }
+    partial[0]
+}
+
+/// Short rows share a workgroup (segments of the next power of two ≥ cols), and the
+/// sums stay bit for bit those of one workgroup per row: rows of every length around
+/// the segment sizes, row counts that leave the last workgroup part-filled, and rows
+/// of negative zeros (whose sum is +0 either way).
+#[test]
+fn sum_cols_of_short_rows_keep_the_tree_order() {
+    let Some(ctx) = common::gpu() else { return };
+    let mut rng = TestRng::new(10);
+    for &(r, c) in &[
+        (5, 1),
+        (7, 2),
+        (9, 3),
+        (33, 15),
+        (17, 16),
+        (21, 17),
+        (50, 49),
+        (6, 64),
+        (3, 100),
+        (4, 255),
+        (2, 256),
+        (3, 257),
+        (2, 1000),
+    ] {
+        let mut x = rng.vec(r * c);
+        x[..c].fill(-0.0);
+        let tx = upload(&ctx, &x);
+        let ty = upload(&ctx, &vec![f32::NAN; r]);
+        run(&ctx, |rec| reduce::sum_cols(rec, &tx, &ty, &Sum::new(r, c)));
+        let got = ctx.read(&ty).unwrap();
+        for (i, row) in x.chunks(c).enumerate() {
+            let want = one_workgroup_per_row_sum(row);
+            assert_eq!(
+                got[i].to_bits(),
+                want.to_bits(),
+                "[{r}, {c}] row {i}: got {}, want {want}",
+                got[i]
+            );
+        }
+    }
+}
+
 #[test]
 fn sums_are_deterministic() {
     let Some(ctx) = common::gpu() else { return };

@@ -73,7 +73,8 @@ kernel_params! {
     pub struct SumParams {
         rows: u32,
         cols: u32,
-        /// `sum_rows`: rows summed by one workgroup; `sum_cols`: unused.
+        /// `sum_rows`: rows summed by one workgroup; `sum_cols`: invocations per row
+        /// (see [`sum_cols`]).
         rows_per_group: u32,
         alpha: f32,
         beta: f32,
@@ -370,6 +371,9 @@ impl Sum {
     }
 }
 
+/// Invocations of a `sum_cols` workgroup (the shader's `workgroup_size`).
+const SUM_COLS_WORKGROUP: usize = 256;
+
 /// Rows one workgroup of `sum_rows` adds (64 per lane).
 const ROWS_PER_GROUP: usize = 256;
 
@@ -418,17 +422,21 @@ pub fn sum_rows(
 
 /// Records the row sums `y[r] = alpha·Σ_c x[r][c] + beta·y[r]` (`x` is `rows × cols`,
 /// `y` has `rows` elements), e.g. per-channel sums of an NCHW gradient viewed as
-/// `[B·C, H·W]`. One workgroup per row adds its columns in a fixed tree order.
+/// `[B·C, H·W]`. Each row gets `lanes` invocations, the smallest power of two
+/// `≥ cols` but at most a workgroup's 256, which add its columns in a fixed tree order,
+/// so a workgroup sums `256 / lanes` short rows at once (a conv's position sums: 16 or
+/// 64 columns). The sums are bit for bit those of one workgroup per row.
 pub fn sum_cols(rec: &mut Recorder, x: &GpuTensor, y: &GpuTensor, s: &Sum) -> Result<()> {
     expect_len("sum_cols", "x", x, s.rows * s.cols)?;
     expect_len("sum_cols", "y", y, s.rows)?;
     expect_u32("sum_cols", s.rows * s.cols)?;
-    let params = s.params(s.rows, 0, s.alpha, s.beta);
+    let lanes = s.cols.next_power_of_two().min(SUM_COLS_WORKGROUP);
+    let params = s.params(s.rows, lanes, s.alpha, s.beta);
     rec.dispatch(
         &kernel("sum_cols"),
         &[x],
         &[y],
         &params,
-        grid_1d(s.rows as u32),
+        grid_1d(s.rows.div_ceil(SUM_COLS_WORKGROUP / lanes) as u32),
     )
 }
