@@ -63,62 +63,136 @@ struct SharedParams {
     d_out: u32,
     d: u32,
     kappa: f32,
+    // The (v, n) pairs, v-major, are cut into `parts` runs of `per_part` (grid z).
+    // 1: Λ += κ·acc in place; more: part p writes its acc to out[p·d_out·d + i].
+    parts: u32,
+    per_part: u32,
 }
 
 @group(0) @binding(0) var<storage, read> shared_g: array<f32>;
 @group(0) @binding(1) var<storage, read> shared_x: array<f32>;
-@group(0) @binding(2) var<storage, read_write> shared_lambda: array<f32>;
+@group(0) @binding(2) var<storage, read_write> shared_out: array<f32>;
 @group(0) @binding(3) var<storage, read> shared_params: SharedParams;
 
-const TILE: u32 = 16u;
-var<workgroup> g_tile: array<array<f32, 16>, 16>;
-var<workgroup> x_tile: array<array<f32, 16>, 16>;
+// Entries of Λ per invocation along each side (the block is written out below).
+const BLOCK: u32 = 4u;
+
+// One step of the per-example gradient: column s of the 4 × 4 block of
+// Γ = g̃ᵀ x̃ from g̃'s row at `g` and x̃'s row at `x` (indices clamped into range:
+// products of clamped entries are never stored).
+struct Rows {
+    g: vec4<f32>,
+    x: vec4<f32>,
+}
+
+fn shared_rows(g: u32, x: u32, k0: u32, l0: u32) -> Rows {
+    let p = shared_params;
+    let kl = p.d_out - 1u;
+    let ll = p.d - 1u;
+    return Rows(
+        vec4<f32>(shared_g[g + min(k0, kl)], shared_g[g + min(k0 + 1u, kl)],
+                  shared_g[g + min(k0 + 2u, kl)], shared_g[g + min(k0 + 3u, kl)]),
+        vec4<f32>(shared_x[x + min(l0, ll)], shared_x[x + min(l0 + 1u, ll)],
+                  shared_x[x + min(l0 + 2u, ll)], shared_x[x + min(l0 + 3u, ll)]));
+}
 
 // The eigenvalue correction of a weight-sharing layer, fused:
 //   Λ[k, l] += κ Σ_{v,n} (Σ_s g̃[v, n, s, k] · x̃[n, s, l])²
 // with g̃ = g Q_G ([V, B, S, d_out], channel-last rotated output gradients) and
-// x̃ = ã Q_A ([B, S, d], rotated patches). Each workgroup owns a 16×16 tile of Λ and
-// loops over the examples, forming that tile of the rotated per-example gradient in
-// registers: no [B, d_out, d] tensor, no atomics. Each Λ entry is written by one
-// invocation, so the result is deterministic.
-@compute @workgroup_size(16, 16)
-fn correct_shared(@builtin(workgroup_id) wid: vec3<u32>,
-                  @builtin(local_invocation_id) lid: vec3<u32>) {
+// x̃ = ã Q_A ([B, S, d], rotated patches). Each invocation owns a 4 × 4 block of Λ
+// and loops over its part's (v, n) pairs, forming that block of the rotated
+// per-example gradient Γ = g̃_{v,n}ᵀ x̃_n in registers (s in order), then adding its
+// squares: no [B, d_out, d] tensor, no workgroup memory, no barrier, no atomics. The
+// block is written out without loops over it (lavapipe does not unroll them, and
+// private arrays indexed in loops live in memory). Every sum has a fixed order, so
+// the result is deterministic; with one part it is that of one sequential loop.
+// Grid: x (and y) = blocks / 64, z = part.
+@compute @workgroup_size(64)
+fn correct_shared(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) lid: u32) {
     let p = shared_params;
-    let k = wid.y * TILE + lid.y;
-    let l = wid.x * TILE + lid.x;
-    var acc = 0.0;
-    for (var v = 0u; v < p.stack; v = v + 1u) {
-        for (var n = 0u; n < p.batch; n = n + 1u) {
-            let g_base = (v * p.batch + n) * p.positions;
-            let x_base = n * p.positions;
-            var gamma = 0.0;
-            for (var s0 = 0u; s0 < p.positions; s0 = s0 + TILE) {
-                // Row s0 + lid.y of this example's g̃ (columns of the tile's k range)
-                // and of x̃ (columns of the tile's l range).
-                let s = s0 + lid.y;
-                let gk = wid.y * TILE + lid.x;
-                var gv = 0.0;
-                if (s < p.positions && gk < p.d_out) {
-                    gv = shared_g[(g_base + s) * p.d_out + gk];
-                }
-                var xv = 0.0;
-                if (s < p.positions && l < p.d) {
-                    xv = shared_x[(x_base + s) * p.d + l];
-                }
-                g_tile[lid.y][lid.x] = gv;
-                x_tile[lid.y][lid.x] = xv;
-                workgroupBarrier();
-                for (var ss = 0u; ss < TILE; ss = ss + 1u) {
-                    gamma = gamma + g_tile[ss][lid.y] * x_tile[ss][lid.x];
-                }
-                workgroupBarrier();
+    let cols = (p.d + BLOCK - 1u) / BLOCK;
+    let t = (wid.x + wid.y * nwg.x) * 64u + lid;
+    if (t >= cols * ((p.d_out + BLOCK - 1u) / BLOCK)) {
+        return;
+    }
+    let k0 = (t / cols) * BLOCK;
+    let l0 = (t % cols) * BLOCK;
+    var a0 = vec4<f32>(0.0);
+    var a1 = vec4<f32>(0.0);
+    var a2 = vec4<f32>(0.0);
+    var a3 = vec4<f32>(0.0);
+    let first = wid.z * p.per_part;
+    let end = min(first + p.per_part, p.stack * p.batch);
+    for (var vn = first; vn < end; vn++) {
+        let n = vn % p.batch;
+        var c0 = vec4<f32>(0.0);
+        var c1 = vec4<f32>(0.0);
+        var c2 = vec4<f32>(0.0);
+        var c3 = vec4<f32>(0.0);
+        for (var s = 0u; s < p.positions; s++) {
+            let r = shared_rows((vn * p.positions + s) * p.d_out,
+                                (n * p.positions + s) * p.d, k0, l0);
+            c0 = c0 + r.g.x * r.x;
+            c1 = c1 + r.g.y * r.x;
+            c2 = c2 + r.g.z * r.x;
+            c3 = c3 + r.g.w * r.x;
+        }
+        a0 = a0 + c0 * c0;
+        a1 = a1 + c1 * c1;
+        a2 = a2 + c2 * c2;
+        a3 = a3 + c3 * c3;
+    }
+    shared_store(k0, l0, a0, wid.z);
+    shared_store(k0 + 1u, l0, a1, wid.z);
+    shared_store(k0 + 2u, l0, a2, wid.z);
+    shared_store(k0 + 3u, l0, a3, wid.z);
+}
+
+// Stores row k of a block, columns l0 .. l0 + 3, where inside Λ: Λ += κ·acc with one
+// part, else the part's own slice of the partial sums.
+fn shared_store(k: u32, l0: u32, acc: vec4<f32>, part: u32) {
+    let p = shared_params;
+    if (k >= p.d_out) {
+        return;
+    }
+    for (var e = 0u; e < BLOCK; e++) {
+        let l = l0 + e;
+        if (l < p.d) {
+            let i = k * p.d + l;
+            if (p.parts == 1u) {
+                shared_out[i] = shared_out[i] + p.kappa * acc[e];
+            } else {
+                shared_out[part * p.d_out * p.d + i] = acc[e];
             }
-            acc = acc + gamma * gamma;
         }
     }
-    if (k < p.d_out && l < p.d) {
-        let i = k * p.d + l;
-        shared_lambda[i] = shared_lambda[i] + p.kappa * acc;
+}
+
+struct PartsParams {
+    // Entries of Λ (d_out · d) and parts summed.
+    len: u32,
+    parts: u32,
+    kappa: f32,
+}
+
+@group(0) @binding(0) var<storage, read> parts_partial: array<f32>;
+@group(0) @binding(1) var<storage, read_write> parts_lambda: array<f32>;
+@group(0) @binding(2) var<storage, read> parts_params: PartsParams;
+
+// Λ[i] += κ·Σ_p partial[p·len + i], the parts added in order.
+@compute @workgroup_size(256)
+fn correct_shared_parts(@builtin(workgroup_id) wid: vec3<u32>,
+                        @builtin(num_workgroups) nwg: vec3<u32>,
+                        @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.x + wid.y * nwg.x) * 256u + lid;
+    let p = parts_params;
+    if (i >= p.len) {
+        return;
     }
+    var acc = 0.0;
+    for (var part = 0u; part < p.parts; part++) {
+        acc = acc + parts_partial[part * p.len + i];
+    }
+    parts_lambda[i] = parts_lambda[i] + p.kappa * acc;
 }

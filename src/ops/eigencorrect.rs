@@ -27,13 +27,26 @@ kernel_params! {
 
 kernel_params! {
     /// `correct_shared`: `Λ [d_out, d] += κ Σ_{v,n} (Σ_s g̃[v, n, s] x̃[n, s]ᵀ)^∘2` over
-    /// `stack` vectors, `batch` examples and `positions` positions.
+    /// `stack` vectors, `batch` examples and `positions` positions; the `(v, n)` pairs
+    /// (v-major) in `parts` runs of `per_part`, each writing its own partial sums when
+    /// `parts > 1`.
     pub struct SharedParams {
         stack: u32,
         batch: u32,
         positions: u32,
         d_out: u32,
         d: u32,
+        kappa: f32,
+        parts: u32,
+        per_part: u32,
+    }
+}
+
+kernel_params! {
+    /// `correct_shared_parts`: `Λ[i] += κ Σ_{p < parts} partial[p·len + i]`, `i < len`.
+    pub struct PartsParams {
+        len: u32,
+        parts: u32,
         kappa: f32,
     }
 }
@@ -137,12 +150,25 @@ pub fn square_sum_stack(rec: &mut Recorder, x: &GpuTensor, sum: &GpuTensor) -> R
     )
 }
 
+/// Invocations `correct_shared` aims for: layers with fewer 4 × 4 blocks of `Λ` cut
+/// their examples into parts (up to [`MAX_PARTS`]) so that a GPU has work for more
+/// than a few workgroups.
+const TARGET_INVOCATIONS: usize = 4096;
+/// Most parts of `correct_shared` (their partial sums take `parts × d_out × D`).
+const MAX_PARTS: usize = 16;
+/// Invocations of a `correct_shared` workgroup (the shader's `workgroup_size`).
+const SHARED_WORKGROUP: usize = 64;
+
 /// Records the fused correction of a weight-sharing layer:
 /// `Λ[k, l] += κ Σ_{v,n} (Σ_s g̃[v, n, s, k] · x̃[n, s, l])²`, with `g̃` the rotated
 /// channel-last output gradients `[V, B, S, d_out]` and `x̃` the rotated patches
-/// `[B, S, D]`; `lambda` is `[d_out, D]`. One workgroup per 16×16 tile of `Λ` loops
-/// over the examples, so memory stays `O(V·B·S·(d_out + D))` whatever the sizes, and
-/// each entry of `Λ` is written by one invocation (deterministic, no atomics).
+/// `[B, S, D]`; `lambda` is `[d_out, D]`. Each invocation forms a 4 × 4 block of the
+/// per-example gradients in registers and adds their squares over its `(v, n)` pairs,
+/// so memory stays `O(V·B·S·(d_out + D))` plus at most [`MAX_PARTS`] partial copies of
+/// `Λ`, whatever the sizes. Layers with fewer than [`TARGET_INVOCATIONS`] / 16 blocks
+/// cut the pairs into parts (a choice made from the shapes alone, so results do not
+/// depend on the device), whose partial sums a second dispatch adds in order. Every
+/// sum has a fixed order (deterministic, no atomics).
 pub fn correct_shared(
     rec: &mut Recorder,
     rotated_grads: &GpuTensor,
@@ -176,18 +202,48 @@ pub fn correct_shared(
             ),
         ));
     }
+    let pairs = stack * batch;
+    if pairs == 0 || d_out == 0 || d == 0 {
+        return Ok(());
+    }
+    let blocks = d_out.div_ceil(4) * d.div_ceil(4);
+    let parts = (TARGET_INVOCATIONS / blocks).clamp(1, MAX_PARTS).min(pairs);
+    let per_part = pairs.div_ceil(parts);
+    let parts = pairs.div_ceil(per_part);
+    let params = SharedParams {
+        stack: stack as u32,
+        batch: batch as u32,
+        positions: positions as u32,
+        d_out: d_out as u32,
+        d: d as u32,
+        kappa,
+        parts: parts as u32,
+        per_part: per_part as u32,
+    };
+    let [gx, gy, _] = grid_1d(blocks.div_ceil(SHARED_WORKGROUP) as u32);
+    let kernel = Kernel::new(&super::EIGENCORRECT, "correct_shared");
+    let inputs = [rotated_grads, rotated_patches];
+    if parts == 1 {
+        return rec.dispatch(&kernel, &inputs, &[lambda], &params, [gx, gy, 1]);
+    }
+    let partial = rec.context().zeros(&[parts, d_out, d])?;
     rec.dispatch(
-        &Kernel::new(&super::EIGENCORRECT, "correct_shared"),
-        &[rotated_grads, rotated_patches],
+        &kernel,
+        &inputs,
+        &[&partial],
+        &params,
+        [gx, gy, parts as u32],
+    )?;
+    let len = d_out * d;
+    rec.dispatch(
+        &Kernel::new(&super::EIGENCORRECT, "correct_shared_parts"),
+        &[&partial],
         &[lambda],
-        &SharedParams {
-            stack: stack as u32,
-            batch: batch as u32,
-            positions: positions as u32,
-            d_out: d_out as u32,
-            d: d as u32,
+        &PartsParams {
+            len: len as u32,
+            parts: parts as u32,
             kappa,
         },
-        [d.div_ceil(16) as u32, d_out.div_ceil(16) as u32, 1],
+        grid_1d((len as u32).div_ceil(256)),
     )
 }
