@@ -6,8 +6,9 @@
 // length (leading dimension) lda >= K; with TRANS_A it is stored K x M with lda >= M.
 // Likewise B is stored K x N (ldb >= N) or, with TRANS_B, N x K (ldb >= K). C is M x N
 // with ldc >= N. Matrix b of each operand starts at element offset_x + b * stride_x of
-// its buffer (stride 0 broadcasts one matrix over the batch). With beta == 0, C is
-// overwritten and never read.
+// its buffer (stride 0 broadcasts one matrix over the batch), or, with a nonzero period
+// (two levels: groups of `period` matrices), at offset_x + (b / period) * outer_x +
+// (b % period) * stride_x. With beta == 0, C is overwritten and never read.
 //
 // Each workgroup computes one TILE x TILE tile of C (workgroup_id.x: column tile,
 // workgroup_id.y: row tile, workgroup_id.z: batch index); TILE is an override, 64 by
@@ -29,8 +30,8 @@
 //
 // Entry points gemm_<a><b>: 'v' loads the operand with vec4 reads, 's' with scalar
 // reads. The vec4 path needs the operand's row length (K for A, M for A^T, N for B,
-// K for B^T), its leading dimension, offset and batch stride all multiples of 4; the
-// host picks the entry point.
+// K for B^T), its leading dimension, offset, batch stride and (with a period) group
+// stride all multiples of 4; the host picks the entry point.
 
 struct GemmParams {
     m: u32,
@@ -55,11 +56,16 @@ struct GemmParams {
     k_split: u32,
     // Nonzero: batch entry z needs only the columns of C from z * upper_from on, or
     // (lower_to) before (z + 1) * lower_to; tiles wholly outside are not dispatched (C
-    // kept as it was there; see grid_position). Nonzero triangle_period: z counts
-    // modulo it (stacked matrices of triangle_period panels each).
+    // kept as it was there; see grid_position).
     upper_from: u32,
     lower_to: u32,
-    triangle_period: u32,
+    // Nonzero: batch entries come in groups of `period` (matrix_start; never with
+    // split-K), and upper_from / lower_to count z modulo it (stacked matrices of
+    // `period` panels each).
+    period: u32,
+    outer_a: u32,
+    outer_b: u32,
+    outer_c: u32,
 }
 
 override TRANS_A: bool = false;
@@ -101,11 +107,20 @@ struct Tile {
     k_end: u32,
 }
 
+// Where matrix z of an operand starts, relative to its offset.
+fn matrix_start(z: u32, stride: u32, outer: u32) -> u32 {
+    if (p.period == 0u) {
+        return z * stride;
+    }
+    return (z / p.period) * outer + (z % p.period) * stride;
+}
+
 fn tile_of(wid: vec3<u32>) -> Tile {
     let b = wid.z / p.splits;
     let k_begin = (wid.z % p.splits) * p.k_split;
-    return Tile(wid.y * TILE, wid.x * TILE, p.offset_a + b * p.stride_a,
-                p.offset_b + b * p.stride_b, p.offset_c + wid.z * p.stride_c, k_begin,
+    return Tile(wid.y * TILE, wid.x * TILE, p.offset_a + matrix_start(b, p.stride_a, p.outer_a),
+                p.offset_b + matrix_start(b, p.stride_b, p.outer_b),
+                p.offset_c + matrix_start(wid.z, p.stride_c, p.outer_c), k_begin,
                 min(p.k, k_begin + p.k_split));
 }
 
@@ -323,8 +338,8 @@ fn grid_position(wid: vec3<u32>) -> vec3<u32> {
 // The column tiles [x, y) that batch entry z needs (see upper_from, lower_to).
 fn tile_range(entry: u32) -> vec2<u32> {
     var z = entry;
-    if (p.triangle_period != 0u) {
-        z = entry % p.triangle_period;
+    if (p.period != 0u) {
+        z = entry % p.period;
     }
     let tiles = (p.n + TILE - 1u) / TILE;
     var end = tiles;

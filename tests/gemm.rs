@@ -21,9 +21,18 @@ fn tolerance(k: usize) -> f64 {
     8.0 * U * ((k as f64).sqrt() + 2.0)
 }
 
-/// Stored element `(r, c)` of matrix `b` of an operand.
-fn at(buf: &[f32], offset: usize, stride: usize, ld: usize, b: usize, r: usize, c: usize) -> f64 {
-    buf[offset + b * stride + r * ld + c] as f64
+/// Where matrix `b` of an operand starts: `offset + b·stride`, or with two levels
+/// `offset + (b / period)·outer + (b mod period)·stride`.
+fn start(g: &Gemm, offset: usize, stride: usize, outer: usize, b: usize) -> usize {
+    match g.period {
+        0 => offset + b * stride,
+        period => offset + b / period * outer + b % period * stride,
+    }
+}
+
+/// Stored element `(r, c)` of a matrix starting at `start`.
+fn at(buf: &[f32], start: usize, ld: usize, r: usize, c: usize) -> f64 {
+    buf[start + r * ld + c] as f64
 }
 
 /// The f64 result of `g` over whole buffers: C's buffer after the product, with the
@@ -33,23 +42,26 @@ fn reference(g: &Gemm, a: &[f32], b: &[f32], c: &[f32]) -> (Vec<f64>, Vec<bool>)
     let mut out: Vec<f64> = c.iter().map(|&v| v as f64).collect();
     let mut addressed = vec![false; c.len()];
     for bi in 0..g.batch {
+        let sa = start(g, g.offset_a, g.stride_a, g.outer_a, bi);
+        let sb = start(g, g.offset_b, g.stride_b, g.outer_b, bi);
+        let sc = start(g, g.offset_c, g.stride_c, g.outer_c, bi);
         for i in 0..g.m {
             for j in 0..g.n {
                 let mut s = 0.0;
                 for l in 0..g.k {
                     let av = if g.trans_a {
-                        at(a, g.offset_a, g.stride_a, g.lda, bi, l, i)
+                        at(a, sa, g.lda, l, i)
                     } else {
-                        at(a, g.offset_a, g.stride_a, g.lda, bi, i, l)
+                        at(a, sa, g.lda, i, l)
                     };
                     let bv = if g.trans_b {
-                        at(b, g.offset_b, g.stride_b, g.ldb, bi, j, l)
+                        at(b, sb, g.ldb, j, l)
                     } else {
-                        at(b, g.offset_b, g.stride_b, g.ldb, bi, l, j)
+                        at(b, sb, g.ldb, l, j)
                     };
                     s += av * bv;
                 }
-                let idx = g.offset_c + bi * g.stride_c + i * g.ldc + j;
+                let idx = sc + i * g.ldc + j;
                 let old = if g.beta == 0.0 { 0.0 } else { out[idx] };
                 out[idx] = g.alpha as f64 * s + g.beta as f64 * old;
                 addressed[idx] = true;
@@ -505,7 +517,7 @@ fn upper_from_and_lower_to_compute_block_triangles() {
         let mut g = Gemm::new(m, n, k, false, false).batched(batch);
         let mut rec = ctx.recorder();
         gemm(&mut rec, &g, &a, &b, &full).unwrap();
-        g.triangle_period = period;
+        g = g.periodic(period);
         g.upper_from = panel;
         gemm(&mut rec, &g, &a, &b, &upper).unwrap();
         g.upper_from = 0;
@@ -641,4 +653,174 @@ fn short_k_agrees_bitwise_with_the_staged_kernels() {
             assert_eq!(bits(&staged), bits(&short), "{m}×{n}, {ta}, {tb}");
         }
     }
+}
+
+/// Runs `g` (two levels, [`Gemm::period`]) once and then group by group as one-level
+/// products (offsets moved by `outer`, triangles counted from 0 in each), on the same
+/// random operands and a C of `c0`; returns the two C buffers' bits.
+fn folded_and_by_group(
+    ctx: &GpuContext,
+    g: &Gemm,
+    lens: [usize; 3],
+    c0: &[f32],
+    seed: u64,
+) -> (Vec<u32>, Vec<u32>) {
+    let mut rng = TestRng::new(seed);
+    let a = ctx.upload(&rng.vec(lens[0]), &[lens[0]]).unwrap();
+    let b = ctx.upload(&rng.vec(lens[1]), &[lens[1]]).unwrap();
+    let folded = ctx.upload(c0, &[lens[2]]).unwrap();
+    let by_group = ctx.upload(c0, &[lens[2]]).unwrap();
+    let mut rec = ctx.recorder();
+    gemm(&mut rec, g, &a, &b, &folded).unwrap();
+    for (i, z) in (0..g.batch).step_by(g.period).enumerate() {
+        let mut one = g.clone();
+        one.batch = g.period.min(g.batch - z);
+        one.period = 0;
+        one.offset_a += i * g.outer_a;
+        one.offset_b += i * g.outer_b;
+        one.offset_c += i * g.outer_c;
+        gemm(&mut rec, &one, &a, &b, &by_group).unwrap();
+    }
+    rec.submit().unwrap();
+    let bits = |t| ctx.read(t).unwrap().iter().map(|x| x.to_bits()).collect();
+    (bits(&folded), bits(&by_group))
+}
+
+/// A two-level batch ([`Gemm::period`]: matrix `z` at `offset + (z / period)·outer +
+/// (z mod period)·stride`) in one product is bitwise the same as its groups recorded one
+/// by one, and within the f64 reference's tolerance: short K (≤ 32) and staged K, vec4
+/// and scalar loads, every transposition, a last group shorter than the period, the
+/// matrix-vector and split-K paths (run one group per dispatch), and the blocked
+/// Jacobi's column-panel layout (B: the `pair`-wide column panels of a stack of `m × m`
+/// matrices, transposed) with `upper_from`, and its row-panel product with `lower_to`.
+#[test]
+fn two_level_batches_match_their_groups_recorded_one_by_one() {
+    let Some(ctx) = common::gpu() else { return };
+    // (m, n, k, trans_a, trans_b, batch, period, pad, gap): matrices of each group `pad`
+    // elements apart beyond their size, groups `gap` apart beyond theirs (multiples of 4
+    // keep vec4 loads where the shape allows them; a gap of 1 with aligned matrices must
+    // not take them).
+    let cases = [
+        (32, 64, 32, false, false, 7, 3, 4, 4),
+        (32, 64, 32, false, false, 7, 3, 4, 1),
+        (20, 36, 13, false, true, 5, 2, 3, 5),
+        (16, 24, 28, true, true, 6, 4, 8, 8),
+        (40, 72, 48, true, false, 6, 3, 4, 12),
+        (40, 72, 48, true, false, 6, 3, 0, 3),
+        (33, 35, 70, false, true, 4, 2, 1, 2),
+        (64, 68, 36, false, false, 5, 2, 0, 4),
+        (1, 50, 40, false, false, 5, 2, 4, 4),
+        (30, 1, 40, true, false, 5, 2, 1, 1),
+        (8, 8, 4096, false, false, 4, 2, 4, 4),
+    ];
+    for (i, &(m, n, k, ta, tb, batch, period, pad, gap)) in cases.iter().enumerate() {
+        let mut g = Gemm::new(m, n, k, ta, tb);
+        g.batch = batch;
+        g.period = period;
+        let groups = batch.div_ceil(period);
+        let mut lens = [0; 3];
+        for (x, size) in [m * k, k * n, m * n].into_iter().enumerate() {
+            let stride = size + pad;
+            let outer = period * stride + gap;
+            let offset = 4 * x;
+            lens[x] = offset + groups * outer;
+            match x {
+                0 => (g.stride_a, g.outer_a, g.offset_a) = (stride, outer, offset),
+                1 => (g.stride_b, g.outer_b, g.offset_b) = (stride, outer, offset),
+                _ => (g.stride_c, g.outer_c, g.offset_c) = (stride, outer, offset),
+            }
+        }
+        let c0 = vec![-7.5; lens[2]];
+        let (folded, by_group) = folded_and_by_group(&ctx, &g, lens, &c0, 90 + i as u64);
+        assert_eq!(folded, by_group, "{g:?}");
+        check(&ctx, &g, lens, 90 + i as u64);
+    }
+    // Rotations of a stack of 3 matrices of 128 columns (h = 4 panels of pair = 32; rows
+    // padded to 132, matrices 8 apart beyond that), as the blocked Jacobi's: the row
+    // panels' block lower triangles (one-level layout in groups), and the column panels
+    // (Bᵀ a 128 × 32 panel, B two-level), whole and their block upper triangles.
+    let (stack, h, pair) = (3, 4, 32);
+    let (mm, ld) = (h * pair, h * pair + 4);
+    let matrix = mm * ld + 8;
+    let c0 = vec![-7.5; stack * matrix];
+    let lens = [stack * h * pair * pair, stack * matrix, stack * matrix];
+    let rows = Gemm {
+        ldb: ld,
+        ldc: ld,
+        stride_b: pair * ld,
+        stride_c: pair * ld,
+        outer_b: matrix,
+        outer_c: matrix,
+        lower_to: pair,
+        ..Gemm::new(pair, mm, pair, false, false)
+            .batched(stack * h)
+            .periodic(h)
+    };
+    let (folded, by_group) = folded_and_by_group(&ctx, &rows, lens, &c0, 98);
+    assert_eq!(folded, by_group, "{rows:?}");
+    let mut cols = Gemm {
+        stride_b: pair,
+        ..rows.clone()
+    };
+    cols.trans_b = true;
+    cols.lower_to = 0;
+    check(&ctx, &cols, lens, 99);
+    cols.upper_from = pair;
+    let (folded, by_group) = folded_and_by_group(&ctx, &cols, lens, &c0, 99);
+    assert_eq!(folded, by_group, "{cols:?}");
+    assert!(folded.contains(&(-7.5f32).to_bits()), "no tile was skipped");
+}
+
+/// Two-level batches on the small-binding device: operands larger than one binding are
+/// cut on group boundaries (into parts of several groups, 30 × 40 × 50 in groups of 2;
+/// then within a group, 90 × 100 × 110), bitwise as the groups one by one.
+#[test]
+fn two_level_batches_larger_than_one_binding() {
+    let Some(ctx) = common::small_binding_gpu() else {
+        return;
+    };
+    for (i, (m, n, k, batch)) in [(30, 40, 50, 12), (90, 100, 110, 6)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut g = Gemm::new(m, n, k, false, true).batched(batch).periodic(2);
+        g.outer_a += 12;
+        g.outer_b += 8;
+        g.outer_c += 4;
+        let groups = batch / 2;
+        let lens = [groups * g.outer_a, groups * g.outer_b, groups * g.outer_c];
+        let seed = 100 + i as u64;
+        let (folded, by_group) = folded_and_by_group(&ctx, &g, lens, &vec![0.0; lens[2]], seed);
+        assert_eq!(folded, by_group, "{g:?}");
+        check(&ctx, &g, lens, seed);
+    }
+}
+
+/// Bounds and overlap checks follow the two-level layout and name what is wrong: the
+/// last element can belong to a group before the last (strides larger than `outer`),
+/// and groups of C that overlap are refused naming `outer_c`.
+#[test]
+fn two_level_batches_are_checked() {
+    let Some(ctx) = common::gpu() else { return };
+    // Matrices z = 0, 1 (group 0) at 0 and 100, z = 2 (group 1) at 10 of A: A's last
+    // element is at 100 + 3·4 − 1 = 111.
+    let mut g = Gemm::new(3, 2, 4, false, false).batched(3).periodic(2);
+    g.stride_a = 100;
+    g.outer_a = 10;
+    let b = ctx.zeros(&[3 * 8]).unwrap();
+    let c = ctx.zeros(&[3 * 6]).unwrap();
+    let mut rec = ctx.recorder();
+    gemm(&mut rec, &g, &ctx.zeros(&[112]).unwrap(), &b, &c).unwrap();
+    let err = gemm(&mut rec, &g, &ctx.zeros(&[111]).unwrap(), &b, &c)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("A needs elements up to index 111"), "{err}");
+    let mut overlap = g.clone();
+    overlap.stride_a = 12;
+    overlap.outer_c = 11;
+    let err = gemm(&mut rec, &overlap, &ctx.zeros(&[112]).unwrap(), &b, &c)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("outer_c 11 < 12"), "{err}");
+    assert_eq!(rec.len(), 1);
 }

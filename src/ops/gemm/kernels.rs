@@ -9,7 +9,8 @@ use crate::kernel_params;
 kernel_params! {
     /// The tiled GEMM entry points `gemm_<a><b>`: `C = α·op(A)·op(B) + β·C` on an
     /// `m × n × k` part; matrix `z` of the grid starts at `offset + z·stride` in each
-    /// operand (leading dimensions `lda`, `ldb`, `ldc`). Split-K cuts K into `splits`
+    /// operand, or `offset + (z / period)·outer + (z mod period)·stride` with a nonzero
+    /// `period` (leading dimensions `lda`, `ldb`, `ldc`). Split-K cuts K into `splits`
     /// slices of `k_split` values (a multiple of the kernel's BK) and writes the
     /// partial product of slice `s` of batch entry `b` to C matrix `b·splits + s`;
     /// without split-K `splits = 1` and `k_split ≥ k`.
@@ -34,8 +35,11 @@ kernel_params! {
         upper_from: u32,
         /// [`Gemm::lower_to`].
         lower_to: u32,
-        /// [`Gemm::triangle_period`].
-        triangle_period: u32,
+        /// [`Gemm::period`] (never with split-K).
+        period: u32,
+        outer_a: u32,
+        outer_b: u32,
+        outer_c: u32,
     }
 }
 
@@ -182,20 +186,44 @@ impl Part {
             k_split: self.k_split as u32,
             upper_from: g.upper_from as u32,
             lower_to: g.lower_to as u32,
-            triangle_period: g.triangle_period as u32,
+            period: g.period as u32,
+            outer_a: g.outer_a as u32,
+            outer_b: g.outer_b as u32,
+            outer_c: g.outer_c as u32,
         }
     }
 }
 
-/// Records `g` on operands that each fit one binding.
+/// Records `g` on operands that each fit one binding. With [`Gemm::period`], the
+/// matrix-vector kernels, split-K (planned for one group of `period` entries) and a
+/// period beyond one grid dimension run one group per dispatch.
 pub(super) fn gemm_kernel(rec: &mut Recorder, g: &Gemm, [a, b, c]: [&GpuTensor; 3]) -> Result<()> {
+    let max_partial = rec.context().binding_elements().0;
+    if g.period != 0
+        && (g.m == 1
+            || g.n == 1
+            || g.period > MAX_GROUPS
+            || k_slices(
+                &Gemm {
+                    batch: g.batch.min(g.period),
+                    ..g.clone()
+                },
+                max_partial,
+            )
+            .0 > 1)
+    {
+        return g
+            .groups()
+            .try_for_each(|group| gemm_kernel(rec, &group, [a, b, c]));
+    }
     if g.m == 1 || g.n == 1 {
         return gemv(rec, g, [a, b, c]);
     }
+    let [layout_a, layout_b, layout_c] = g.layouts();
     let [(_, a_cols), (_, b_cols), _] = g.stored();
-    let vec_a = g.vec4_ok(a_cols, g.lda, g.offset_a, g.stride_a);
+    let vec_a = g.vec4_ok(a_cols, layout_a);
     let short = (1..=SHORT_K_MAX).contains(&g.k);
-    let vec_b = g.vec4_ok(b_cols, g.ldb, g.offset_b, g.stride_b);
+    let vec_b = g.vec4_ok(b_cols, layout_b);
     let entry = match (short, vec_a, vec_b) {
         (false, true, true) => "gemm_vv",
         (false, true, false) => "gemm_vs",
@@ -213,7 +241,7 @@ pub(super) fn gemm_kernel(rec: &mut Recorder, g: &Gemm, [a, b, c]: [&GpuTensor; 
     if tile != TILE {
         kernel = kernel.with("TILE", tile as f64);
     }
-    let (splits, k_split) = k_slices(g, rec.context().binding_elements().0);
+    let (splits, k_split) = k_slices(g, max_partial);
     if g.upper_from != 0 || g.lower_to != 0 {
         return gemm_triangle(rec, g, &kernel, tile, [a, b, c], splits);
     }
@@ -224,8 +252,15 @@ pub(super) fn gemm_kernel(rec: &mut Recorder, g: &Gemm, [a, b, c]: [&GpuTensor; 
     let a_row = if g.trans_a { 1 } else { g.lda };
     let b_col = if g.trans_b { g.ldb } else { 1 };
     let rows_per_chunk = MAX_GROUPS * tile;
-    for b0 in (0..g.batch).step_by(MAX_GROUPS) {
-        let batch = (g.batch - b0).min(MAX_GROUPS);
+    // Chunks of the batch start on group boundaries.
+    let batch_per_chunk = match g.period {
+        0 => MAX_GROUPS,
+        period => MAX_GROUPS / period * period,
+    };
+    for b0 in (0..g.batch).step_by(batch_per_chunk) {
+        let batch = (g.batch - b0).min(batch_per_chunk);
+        let [base_a, base_b, base_c] =
+            [layout_a, layout_b, layout_c].map(|l| g.start(l, b0) as usize);
         for m0 in (0..g.m).step_by(rows_per_chunk) {
             let m = (g.m - m0).min(rows_per_chunk);
             for n0 in (0..g.n).step_by(rows_per_chunk) {
@@ -234,9 +269,9 @@ pub(super) fn gemm_kernel(rec: &mut Recorder, g: &Gemm, [a, b, c]: [&GpuTensor; 
                     m,
                     n,
                     offsets: [
-                        g.offset_a + b0 * g.stride_a + m0 * a_row,
-                        g.offset_b + b0 * g.stride_b + n0 * b_col,
-                        g.offset_c + b0 * g.stride_c + m0 * g.ldc + n0,
+                        base_a + m0 * a_row,
+                        base_b + n0 * b_col,
+                        base_c + m0 * g.ldc + n0,
                     ],
                     ldc: g.ldc,
                     stride_c: g.stride_c,
@@ -259,7 +294,7 @@ pub(super) fn gemm_kernel(rec: &mut Recorder, g: &Gemm, [a, b, c]: [&GpuTensor; 
 
 /// [`Gemm::upper_from`], [`Gemm::lower_to`]: one dispatch whose grid is the tiles each
 /// batch entry needs (one row tile per entry; entry `z`, counted modulo
-/// [`Gemm::triangle_period`] when set, from column tile `z · upper_from / tile` on, up to
+/// [`Gemm::period`] when set, from column tile `z · upper_from / tile` on, up to
 /// the tile that holds column `(z + 1) · lower_to − 1`), as the shader's `grid_position`
 /// decodes it.
 fn gemm_triangle(
@@ -271,7 +306,7 @@ fn gemm_triangle(
     splits: usize,
 ) -> Result<()> {
     let tiles = g.n.div_ceil(tile);
-    let within = |z: usize| match g.triangle_period {
+    let within = |z: usize| match g.period {
         0 => z,
         period => z % period,
     };

@@ -5,7 +5,9 @@
 //! B is stored `k × n` (`ldb ≥ n`) or transposed `n × k` (`ldb ≥ k`). C is `m × n`
 //! (`ldc ≥ n`). Matrix `b` of a batch starts at element `offset + b·stride` of its
 //! tensor, so a caller can address a sub-matrix or a chunk of a larger tensor without
-//! copying; a batch stride of 0 broadcasts one matrix over the batch.
+//! copying; a batch stride of 0 broadcasts one matrix over the batch. A two-level batch
+//! ([`Gemm::period`]) starts matrix `b` at `offset + (b / period)·outer + (b mod
+//! period)·stride`: panels of a stack of matrices in one product.
 //!
 //! [`gemm`] picks the kernel from the shape alone (so results are deterministic):
 //! 64×64 register-tiled workgroups (32×32 ones when `m` or `n` is at most 32, 16×16
@@ -75,10 +77,21 @@ pub struct Gemm {
     /// 0, or: batch entry `z` needs only the columns of C before `(z + 1) · lower_to` (a
     /// block lower triangle), likewise.
     pub lower_to: usize,
-    /// 0, or: the block triangles of `upper_from` and `lower_to` start again every
-    /// `triangle_period` batch entries (entry `z` counts as `z mod triangle_period`): a
-    /// batch of stacked matrices cut into `triangle_period` panels each.
-    pub triangle_period: usize,
+    /// 0, or: the batch is a stack of groups of `period` entries (the last may be
+    /// shorter), e.g. the `period` panels of each of a stack of matrices. Matrix `z` of
+    /// operand X starts at `offset_x + (z / period)·outer_x + (z mod period)·stride_x`,
+    /// and the block triangles of `upper_from` and `lower_to` count entry `z` as
+    /// `z mod period`. [`Gemm::periodic`] sets `outer_x = period·stride_x` (the one-level
+    /// layout). Matrix-vector products and products that take split-K (planned for one
+    /// group, so that the result is bitwise that of the groups recorded one by one) run
+    /// one group per dispatch; binding windows cut the batch on group boundaries.
+    pub period: usize,
+    /// Elements between consecutive groups of `period` matrices of A (with `period`).
+    pub outer_a: usize,
+    /// Elements between consecutive groups of B.
+    pub outer_b: usize,
+    /// Elements between consecutive groups of C.
+    pub outer_c: usize,
 }
 
 impl Gemm {
@@ -105,7 +118,10 @@ impl Gemm {
             ldc: n,
             upper_from: 0,
             lower_to: 0,
-            triangle_period: 0,
+            period: 0,
+            outer_a: 0,
+            outer_b: 0,
+            outer_c: 0,
         }
     }
 
@@ -115,6 +131,16 @@ impl Gemm {
         self.stride_a = self.m * self.k;
         self.stride_b = self.k * self.n;
         self.stride_c = self.m * self.n;
+        self
+    }
+
+    /// Groups of `period` entries ([`Gemm::period`]) in the current batch strides' layout
+    /// (`outer_x = period·stride_x`); adjust the strides afterwards for two levels.
+    pub fn periodic(mut self, period: usize) -> Self {
+        self.period = period;
+        self.outer_a = period * self.stride_a;
+        self.outer_b = period * self.stride_b;
+        self.outer_c = period * self.stride_c;
         self
     }
 
@@ -152,7 +178,7 @@ impl Gemm {
         if std::ptr::eq(a, c) || std::ptr::eq(b, c) {
             return fail("C must not be the same tensor as A or B".into());
         }
-        for (((name, t), [ld, _, stride]), ((rows, cols), extent)) in ["A", "B", "C"]
+        for (((name, t), [ld, _, stride, outer]), ((rows, cols), extent)) in ["A", "B", "C"]
             .into_iter()
             .zip([a, b, c])
             .zip(self.layouts())
@@ -175,30 +201,69 @@ impl Gemm {
                     t.len()
                 ));
             }
-            if last > u32::MAX as u128 || ld > u32::MAX as usize || stride > u32::MAX as usize {
+            if last > u32::MAX as u128 || [ld, stride, outer].iter().any(|&x| x > u32::MAX as usize)
+            {
                 return fail(format!(
                     "{name} spans {} elements, beyond the kernel's 32-bit indices",
                     last + 1
                 ));
             }
         }
-        if self.batch > 1 && self.stride_c < (self.m - 1) * self.ldc + self.n {
+        let span = (self.m - 1) * self.ldc + self.n;
+        let per_group = match self.period {
+            0 => self.batch,
+            period => self.batch.min(period),
+        };
+        if per_group > 1 && self.stride_c < span {
             return fail(format!(
-                "the {} matrices of C overlap: stride_c {} < {} ({self:?})",
-                self.batch,
-                self.stride_c,
-                (self.m - 1) * self.ldc + self.n
+                "the {} matrices of C overlap: stride_c {} < {span} ({self:?})",
+                self.batch, self.stride_c
+            ));
+        }
+        let group_span = (per_group - 1) * self.stride_c + span;
+        if self.batch > per_group && self.outer_c < group_span {
+            return fail(format!(
+                "the groups of period {} matrices of C overlap: outer_c {} < {group_span} \
+                 ({self:?})",
+                self.period, self.outer_c
             ));
         }
         Ok(())
     }
 
-    /// Whether an operand stored with rows of `cols` values can be loaded as vec4s.
-    fn vec4_ok(&self, cols: usize, ld: usize, offset: usize, stride: usize) -> bool {
+    /// Whether an operand stored with rows of `cols` values and laid out as
+    /// `[leading dimension, offset, batch stride, group stride]` can be loaded as vec4s.
+    fn vec4_ok(&self, cols: usize, [ld, offset, stride, outer]: [usize; 4]) -> bool {
         cols.is_multiple_of(4)
             && ld.is_multiple_of(4)
             && offset.is_multiple_of(4)
             && (self.batch == 1 || stride.is_multiple_of(4))
+            && (self.period == 0 || self.batch <= self.period || outer.is_multiple_of(4))
+    }
+
+    /// Element index of matrix `z` of an operand laid out `[_, offset, stride, outer]`
+    /// (see [`Gemm::period`]), in u128 so that invalid parameters cannot overflow.
+    fn start(&self, [_, offset, stride, outer]: [usize; 4], z: usize) -> u128 {
+        let (group, within) = match self.period {
+            0 => (0, z),
+            period => (z / period, z % period),
+        };
+        offset as u128 + group as u128 * outer as u128 + within as u128 * stride as u128
+    }
+
+    /// The groups of `period` entries ([`Gemm::period`]) as one-level products, in order.
+    fn groups(&self) -> impl Iterator<Item = Gemm> + '_ {
+        (0..self.batch).step_by(self.period).map(|z| {
+            let [a, b, c] = self.layouts().map(|l| self.start(l, z) as usize);
+            Gemm {
+                batch: self.period.min(self.batch - z),
+                period: 0,
+                offset_a: a,
+                offset_b: b,
+                offset_c: c,
+                ..self.clone()
+            }
+        })
     }
 }
 
@@ -215,7 +280,8 @@ impl Gemm {
 /// Operands larger than one storage binding (the adapter's
 /// `max_storage_buffer_binding_size`, e.g. a factor of more than about 5790 rows on
 /// WebGPU's default 128 MiB) are bound as windows of their buffers: the product is cut
-/// in halves (the batch first, then the dimension along the stored rows of the operand
+/// in halves (the batch first, in whole groups of [`Gemm::period`] while there are
+/// several, then the dimension along the stored rows of the operand
 /// that does not fit, or along its columns once one row is left; K parts after the
 /// first accumulate with `β = 1`) until the elements every part addresses fit one
 /// binding.
@@ -243,12 +309,12 @@ enum Cut {
 }
 
 impl Gemm {
-    /// `[leading dimension, offset, batch stride]` of A, B and C.
-    fn layouts(&self) -> [[usize; 3]; 3] {
+    /// `[leading dimension, offset, batch stride, group stride]` of A, B and C.
+    fn layouts(&self) -> [[usize; 4]; 3] {
         [
-            [self.lda, self.offset_a, self.stride_a],
-            [self.ldb, self.offset_b, self.stride_b],
-            [self.ldc, self.offset_c, self.stride_c],
+            [self.lda, self.offset_a, self.stride_a, self.outer_a],
+            [self.ldb, self.offset_b, self.stride_b, self.outer_b],
+            [self.ldc, self.offset_c, self.stride_c, self.outer_c],
         ]
     }
 
@@ -256,32 +322,36 @@ impl Gemm {
     /// operand), in u128 so that invalid parameters cannot overflow.
     fn extents(&self) -> [Option<(u128, u128)>; 3] {
         let mut out = [None; 3];
-        for (e, ([ld, offset, stride], (rows, cols))) in out
+        for (e, (layout, (rows, cols))) in out
             .iter_mut()
             .zip(self.layouts().into_iter().zip(self.stored()))
         {
             if rows > 0 && cols > 0 && self.batch > 0 {
-                let last = offset as u128
-                    + (self.batch - 1) as u128 * stride as u128
-                    + (rows - 1) as u128 * ld as u128
-                    + cols as u128
-                    - 1;
-                *e = Some((offset as u128, last));
+                // The last matrix starts last, or (two levels) the last of the group before.
+                let last_group = match self.period {
+                    0 => 0,
+                    period => (self.batch - 1) / period * period,
+                };
+                let last_start = self
+                    .start(layout, self.batch - 1)
+                    .max(self.start(layout, last_group.saturating_sub(1)));
+                let last = last_start + (rows - 1) as u128 * layout[0] as u128 + cols as u128 - 1;
+                *e = Some((layout[1] as u128, last));
             }
         }
         out
     }
 
-    /// The two halves of the product cut along `cut` at `at`.
+    /// The two halves of the product cut along `cut` at `at`. A batch cut with
+    /// [`Gemm::period`] lies on a group boundary or inside the only group.
     fn cut(&self, cut: Cut, at: usize) -> (Self, Self) {
         let (mut first, mut second) = (self.clone(), self.clone());
         match cut {
             Cut::Batch => {
                 first.batch = at;
                 second.batch -= at;
-                second.offset_a += at * self.stride_a;
-                second.offset_b += at * self.stride_b;
-                second.offset_c += at * self.stride_c;
+                [second.offset_a, second.offset_b, second.offset_c] =
+                    self.layouts().map(|l| self.start(l, at) as usize);
             }
             Cut::M => {
                 first.m = at;
@@ -353,8 +423,14 @@ fn gemm_in_windows(rec: &mut Recorder, g: &Gemm, operands: [&GpuTensor; 3]) -> R
         1 => (Cut::K, Cut::N),
         _ => (Cut::M, Cut::N),
     };
+    // With two levels the batch is cut into whole groups while there are several.
+    let group = if g.period != 0 && g.batch > g.period {
+        g.period
+    } else {
+        1
+    };
     let size = |cut| match cut {
-        Cut::Batch => g.batch,
+        Cut::Batch => g.batch.div_ceil(group),
         Cut::M => g.m,
         Cut::N => g.n,
         Cut::K => g.k,
@@ -377,6 +453,10 @@ fn gemm_in_windows(rec: &mut Recorder, g: &Gemm, operands: [&GpuTensor; 3]) -> R
         (size / 2).next_multiple_of(TILE)
     } else {
         size / 2
+    };
+    let at = match cut {
+        Cut::Batch => at * group,
+        _ => at,
     };
     let (first, second) = g.cut(cut, at);
     gemm_in_windows(rec, &first, operands)?;

@@ -2,6 +2,12 @@
 //! rotations applied to the whole matrix and eigenbasis as batched GEMMs, and the
 //! blocks moved between rounds so that every pair of a round is a contiguous diagonal
 //! sub-matrix (`block_gather`; see the shader's "Blocked path" section).
+//!
+//! The column-panel GEMM of a stack of matrices is one dispatch per round (a two-level
+//! batch, [`Gemm::period`]; it was one per matrix): `bench --quick` mlp (four n = 128,
+//! 7 rounds × 5 sweeps) 917 → 812 dispatches in its eigendecomposition; on lavapipe,
+//! which runs dispatches one after the other, the time is unchanged within the noise
+//! (4–5 alternating runs, load average 2.4–3.4: 496–799 ms before, 594–725 after).
 
 use super::runs::{HostLoop, Sweeper};
 use super::sweeps::{BlockParams, GatherParams, Work};
@@ -86,7 +92,7 @@ impl BlockPlan {
 }
 
 /// Rounds of `blocks − 1` block pairs per sweep; per round two gathers, `block_solve`
-/// and the GEMMs (`2 + batch`), all rounds of a sweep in one pass with one readback.
+/// and three GEMMs, all rounds of a sweep in one pass with one readback.
 /// Records the set-up (work buffers, padding) and the first norms.
 pub(super) fn blocked_run(
     ctx: &GpuContext,
@@ -262,28 +268,30 @@ impl Sweeper for BlockSweeper {
             let upper_only_next = !windowed && round + 2 < blocks;
             // a = Rᵀ · scratch (row panels of every matrix), then
             // scratch = Rᵀ · aᵀ = Rᵀ A R (per matrix: the column panels of a).
-            let mut rows = Gemm::new(pair, m, pair, false, false).batched(batch * h);
+            // Both count entry z = b·h + s as slot s of matrix b (`periodic(h)`).
+            let mut rows = Gemm::new(pair, m, pair, false, false)
+                .batched(batch * h)
+                .periodic(h);
             if upper_only_next {
                 // The column-panel GEMM below reads only a's block lower triangle (per
                 // matrix: its h row panels).
                 rows.lower_to = pair;
-                rows.triangle_period = h;
             }
             gemm(rec, &rows, &self.rotations, scratch, a)?;
-            for b in 0..batch {
-                let mut cols = Gemm::new(pair, m, pair, false, true).batched(h);
-                cols.offset_a = b * h * pair * pair;
-                cols.offset_b = b * m * m;
-                cols.stride_b = pair;
-                cols.ldb = m;
-                cols.offset_c = b * m * m;
-                cols.stride_c = pair * m;
-                cols.ldc = m;
-                if upper_only_next {
-                    cols.upper_from = pair;
-                }
-                gemm(rec, &cols, &self.rotations, a, scratch)?;
+            // Column panel s of matrix b: Bᵀ is the m × pair panel at b·m² + s·pair (a
+            // two-level batch, one dispatch for the stack).
+            let mut cols = Gemm::new(pair, m, pair, false, true)
+                .batched(batch * h)
+                .periodic(h);
+            cols.stride_b = pair;
+            cols.outer_b = m * m;
+            cols.ldb = m;
+            cols.stride_c = pair * m;
+            cols.ldc = m;
+            if upper_only_next {
+                cols.upper_from = pair;
             }
+            gemm(rec, &cols, &self.rotations, a, scratch)?;
             upper_only = upper_only_next;
             let basis = Gemm::new(pair, n, pair, false, false).batched(batch * h);
             gemm(rec, &basis, &self.rotations, &self.w[1], &self.w[0])?;

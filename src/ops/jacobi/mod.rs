@@ -57,9 +57,10 @@
 //!   `tol · ‖A‖_F / blocks`, so a sweep that leaves every pair alone has converged; at
 //!   most 2), sorts the pair's diagonal ascending and stores the rotation `R`; then
 //!   `A ← Rᵀ A R` and `W ← Rᵀ W` for the block-diagonal `R` are batched GEMMs
-//!   (`crate::ops::gemm`, one over all row panels, one per matrix over the column
-//!   panels, one for the basis). `4 + batch` dispatches per round plus the gathers'
-//!   two; the sweep loop, readback and convergence test are the global path's.
+//!   (`crate::ops::gemm`, one over all row panels, one over the column panels of every
+//!   matrix (a two-level batch, `Gemm::period`), one for the basis). 6 dispatches per
+//!   round with the gathers, whatever the batch (more where GEMMs are cut into binding
+//!   windows); the sweep loop, readback and convergence test are the global path's.
 //!
 //! All three are deterministic: fixed reduction orders, no float atomics (only an
 //! integer OR that flags NaN or Inf).
@@ -124,7 +125,7 @@ const WORKGROUP_MAX_N: usize = 256;
 /// `n = 32` the storage-buffer workgroup kernel loses at every size measured, so it is
 /// only chosen explicitly. At `n ≤ 32` the blocked path is faster on the software
 /// driver too (n = 16: 0.01 s in 9 sweeps against ≤ 0.01 s in 3), but there it pays
-/// `6 + batch` dispatches per round and a readback per sweep where the workgroup-memory
+/// 6 dispatches per round and a readback per sweep where the workgroup-memory
 /// kernel runs a whole sweep in one dispatch, which a GPU rewards.
 const AUTO_WORKGROUP_MAX_N: usize = SHARED_MAX_N;
 /// Elements of one matrix summed per workgroup by `global_norms` (`NORM_CHUNK`).
