@@ -824,7 +824,8 @@ fn global_gather(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
 //     (a table of source positions per transition; A symmetrised on the way);
 //   `block_solve`: per slot, the pair's sub-matrix S is diagonalised in registers (two
 //     columns per invocation) by cyclic Jacobi sweeps until ‖offdiag(S)‖_F ≤ threshold[matrix]
-//     (tol·‖A‖_F / blocks, from the host) or INNER_SWEEPS sweeps, its real indices are
+//     (tol·‖A‖_F / blocks, from the host; negative for a matrix already done: then S
+//     is left alone, unsorted) or INNER_SWEEPS sweeps, its real indices are
 //     sorted by their diagonal entries, and the rotation Rᵀ (rows rotated like W) is
 //     written to rot;
 //   GEMMs (shaders/gemm.wgsl): A ← Rᵀ (Rᵀ A)ᵀ = Rᵀ A R and W ← Rᵀ W with the block
@@ -1323,7 +1324,9 @@ fn take_column(source: u32) -> Packed {
 // every pair receives exactly one kept column), and hands only the other one on
 // through workgroup memory. Cyclic sweeps of 31 steps until ‖offdiag(S)‖_F ≤ threshold
 // or INNER_SWEEPS; then the real local indices are sorted by their diagonal entries
-// and W is written, rows moved by the sort.
+// and W is written, rows moved by the sort. A negative threshold marks a matrix that is
+// done while others of its batch still sweep: no rotation, no sort, W = I exactly, so
+// the round leaves it as it was (its results are those of a matrix swept alone).
 //
 // Why one column per step: on lavapipe a load or store to workgroup memory whose
 // address differs between invocations runs one invocation at a time, and the column
@@ -1388,7 +1391,7 @@ fn block_solve(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         wg_tot[lid] = 0.0;
         reduce_norms(lid, SOLVE_WG);
         if (lid == 0u) {
-            wg_done = select(0u, 1u, wg_off[0] <= theta * theta);
+            wg_done = select(0u, 1u, theta < 0.0 || wg_off[0] <= theta * theta);
         }
         if (workgroupUniformLoad(&wg_done) != 0u) {
             break;
@@ -1439,7 +1442,7 @@ fn block_solve(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     for (var e = 0u; e < 2u; e++) {
         let i = p + e;
         var place = i;
-        if (i < l && block_index(pair, i, block) < n) {
+        if (i < l && block_index(pair, i, block) < n && theta >= 0.0) {
             let key = sort_key(wg_diagonal[i]);
             var rank = 0u;
             for (var j = 0u; j < l; j++) {

@@ -222,16 +222,22 @@ impl Sweeper for BlockSweeper {
         (&self.a[0], self.plan.m)
     }
 
-    fn record_sweep(&mut self, rec: &mut Recorder, norms: &[f64]) -> Result<()> {
+    fn record_sweep(&mut self, rec: &mut Recorder, norms: &[f64], done: &[bool]) -> Result<()> {
         let ctx = rec.context();
         let Problem { batch, n, .. } = self.problem;
         let BlockPlan { blocks, block, m } = self.plan;
         let (h, pair) = (blocks / 2, self.plan.pair());
         // A block pair is solved once its off-diagonal norm is below
-        // tol · ‖A‖_F / blocks: when all pairs of a sweep are, A has converged.
+        // tol · ‖A‖_F / blocks: when all pairs of a sweep are, A has converged. A
+        // matrix already done gets −1: block_solve leaves its pairs alone (identity
+        // rotations, exact in the GEMMs), so it ends bitwise as if swept alone.
         let thresholds: Vec<f32> = norms
             .iter()
-            .map(|&norm| (f64::from(self.tol) * norm / blocks as f64) as f32)
+            .zip(done)
+            .map(|(&norm, &done)| match done {
+                true => -1.0,
+                false => (f64::from(self.tol) * norm / blocks as f64) as f32,
+            })
             .collect();
         let thresholds = ctx.upload(&thresholds, &[batch])?;
         // Rᵀ A R is symmetric: the column-panel GEMM computes only its block upper

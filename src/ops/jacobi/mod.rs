@@ -61,6 +61,11 @@
 //!   matrix (a two-level batch, `Gemm::period`), one for the basis). 6 dispatches per
 //!   round with the gathers, whatever the batch (more where GEMMs are cut into binding
 //!   windows); the sweep loop, readback and convergence test are the global path's.
+//!   A matrix of a batch that is done while others still sweep gets a negative
+//!   threshold: `block_solve` leaves its pairs alone (no rotation, no sort, so the
+//!   GEMMs multiply by the identity exactly), and each matrix of a stack ends bitwise
+//!   as if decomposed alone (`tests/jacobi.rs`). The workgroup path does the same by
+//!   its per-matrix test; the global path sweeps every matrix of its batch.
 //!
 //! All three are deterministic: fixed reduction orders, no float atomics (only an
 //! integer OR that flags NaN or Inf).

@@ -167,8 +167,10 @@ pub(super) trait Sweeper {
     /// The matrices being diagonalised now, `[batch, dim, dim]`, and `dim`.
     fn matrix(&self) -> (&GpuTensor, usize);
 
-    /// Records one sweep; `norms` holds each matrix's `‖A‖_F`.
-    fn record_sweep(&mut self, rec: &mut Recorder, norms: &[f64]) -> Result<()>;
+    /// Records one sweep; `norms` holds each matrix's `‖A‖_F`, `done` which matrices
+    /// already meet the stopping rule (a sweeper may leave those alone, so that a
+    /// matrix's results do not depend on the others of its batch).
+    fn record_sweep(&mut self, rec: &mut Recorder, norms: &[f64], done: &[bool]) -> Result<()>;
 
     /// Records the finish after `sweeps` sweeps (see [`Run::record_finish`]).
     fn record_finish(
@@ -276,7 +278,7 @@ impl<S: Sweeper> Run for HostLoop<S> {
     }
 
     fn record_next(&mut self, rec: &mut Recorder) -> Result<()> {
-        self.sweeper.record_sweep(rec, &self.norms)?;
+        self.sweeper.record_sweep(rec, &self.norms, &self.done)?;
         self.record_norms(rec)
     }
 
@@ -329,7 +331,9 @@ impl Sweeper for GlobalSweeper {
         (&self.work.a, self.problem.n)
     }
 
-    fn record_sweep(&mut self, rec: &mut Recorder, _norms: &[f64]) -> Result<()> {
+    /// Sweeps every matrix of the batch, done or not (only the blocked path leaves the
+    /// done ones alone; the global path runs only when asked for).
+    fn record_sweep(&mut self, rec: &mut Recorder, _norms: &[f64], _done: &[bool]) -> Result<()> {
         let Problem { batch, n, .. } = self.problem;
         let m = n + (n & 1);
         let h = m / 2;
