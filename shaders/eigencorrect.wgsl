@@ -64,7 +64,8 @@ struct SharedParams {
     d: u32,
     kappa: f32,
     // The (v, n) pairs, v-major, are cut into `parts` runs of `per_part` (grid z).
-    // 1: Λ += κ·acc in place; more: part p writes its acc to out[p·d_out·d + i].
+    // 1: Λ += κ·acc in place; more: part p writes its acc to out[p·d_out·d + i]
+    // (ops::reduce::sum_rows then adds the parts into Λ).
     parts: u32,
     per_part: u32,
 }
@@ -167,32 +168,4 @@ fn shared_store(k: u32, l0: u32, acc: vec4<f32>, part: u32) {
             }
         }
     }
-}
-
-struct PartsParams {
-    // Entries of Λ (d_out · d) and parts summed.
-    len: u32,
-    parts: u32,
-    kappa: f32,
-}
-
-@group(0) @binding(0) var<storage, read> parts_partial: array<f32>;
-@group(0) @binding(1) var<storage, read_write> parts_lambda: array<f32>;
-@group(0) @binding(2) var<storage, read> parts_params: PartsParams;
-
-// Λ[i] += κ·Σ_p partial[p·len + i], the parts added in order.
-@compute @workgroup_size(256)
-fn correct_shared_parts(@builtin(workgroup_id) wid: vec3<u32>,
-                        @builtin(num_workgroups) nwg: vec3<u32>,
-                        @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.x + wid.y * nwg.x) * 256u + lid;
-    let p = parts_params;
-    if (i >= p.len) {
-        return;
-    }
-    var acc = 0.0;
-    for (var part = 0u; part < p.parts; part++) {
-        acc = acc + parts_partial[part * p.len + i];
-    }
-    parts_lambda[i] = parts_lambda[i] + p.kappa * acc;
 }

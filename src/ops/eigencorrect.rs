@@ -4,6 +4,7 @@
 use crate::error::{Error, Result};
 use crate::gpu::{GpuTensor, Kernel, Recorder, grid_1d};
 use crate::kernel_params;
+use crate::ops::reduce::{Sum, sum_rows};
 
 kernel_params! {
     /// `scale_broadcast`: `x[x_offset + i] *= m[m_offset + i mod period]`, `i < len`.
@@ -39,15 +40,6 @@ kernel_params! {
         kappa: f32,
         parts: u32,
         per_part: u32,
-    }
-}
-
-kernel_params! {
-    /// `correct_shared_parts`: `Λ[i] += κ Σ_{p < parts} partial[p·len + i]`, `i < len`.
-    pub struct PartsParams {
-        len: u32,
-        parts: u32,
-        kappa: f32,
     }
 }
 
@@ -167,7 +159,7 @@ const SHARED_WORKGROUP: usize = 64;
 /// so memory stays `O(V·B·S·(d_out + D))` plus at most [`MAX_PARTS`] partial copies of
 /// `Λ`, whatever the sizes. Layers with fewer than [`TARGET_INVOCATIONS`] / 16 blocks
 /// cut the pairs into parts (a choice made from the shapes alone, so results do not
-/// depend on the device), whose partial sums a second dispatch adds in order. Every
+/// depend on the device), whose partial sums [`sum_rows`] adds in a fixed order. Every
 /// sum has a fixed order (deterministic, no atomics).
 pub fn correct_shared(
     rec: &mut Recorder,
@@ -234,16 +226,11 @@ pub fn correct_shared(
         &params,
         [gx, gy, parts as u32],
     )?;
-    let len = d_out * d;
-    rec.dispatch(
-        &Kernel::new(&super::EIGENCORRECT, "correct_shared_parts"),
-        &[&partial],
-        &[lambda],
-        &PartsParams {
-            len: len as u32,
-            parts: parts as u32,
-            kappa,
-        },
-        grid_1d((len as u32).div_ceil(256)),
-    )
+    // Λ += κ·Σ_p partial[p], the parts added in a fixed order.
+    let sum = Sum {
+        alpha: kappa,
+        beta: 1.0,
+        ..Sum::new(parts, d_out * d)
+    };
+    sum_rows(rec.context(), rec, &partial, lambda, &sum)
 }

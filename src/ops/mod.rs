@@ -83,7 +83,6 @@ pub fn all_params() -> Vec<ParamsLayout> {
         L::of::<eigencorrect::ScaleParams>(&EIGENCORRECT),
         L::of::<eigencorrect::StackParams>(&EIGENCORRECT),
         L::of::<eigencorrect::SharedParams>(&EIGENCORRECT),
-        L::of::<eigencorrect::PartsParams>(&EIGENCORRECT),
         L::of::<gated::ElementwiseParams>(&GATED),
         L::of::<gated::StackedParams>(&GATED),
         L::of::<gemm::GemmParams>(&GEMM),
