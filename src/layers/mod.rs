@@ -33,6 +33,7 @@ pub mod mean;
 pub mod pool;
 pub mod scale;
 pub mod shape;
+pub mod slice;
 pub mod softmax;
 pub mod upsample;
 pub mod view;
@@ -321,6 +322,7 @@ pub static REGISTRY: &[(&str, Constructor)] = &[
     ("softmax", softmax::build),
     ("masked_fill", masked_fill::build),
     ("scaled_dot_product_attention", attention::build),
+    ("slice", slice::build),
 ];
 
 /// Builds `node`'s layer through [`REGISTRY`].
