@@ -219,3 +219,41 @@ fn mha_refusals() {
         .to_string();
     assert!(err.contains("three inputs"), "{err}");
 }
+
+/// Its parameters are not curvature parameters (curvlinops cannot see them either):
+/// naming one in the selection is an error that says so, for `in_proj_weight` and for
+/// `out_proj.weight` (a suffix with a dot); the linear layer after it is selectable.
+#[test]
+fn mha_parameters_are_not_curvature_parameters() {
+    let graph = ekfac::graph::json::from_json_str(
+        r#"{"format": "ekfac-graph", "version": 2,
+            "inputs": [{"name": "x", "shape": [4, 8]}],
+            "nodes": [
+              {"name": "enc.self_attn", "op": "multi_head_attention", "inputs": ["x", "x", "x"],
+               "attrs": {"embed_dim": 8, "num_heads": 2}},
+              {"name": "flatten", "op": "flatten", "inputs": ["enc.self_attn"]},
+              {"name": "head", "op": "linear", "inputs": ["flatten"],
+               "attrs": {"in_features": 32, "out_features": 3}}
+            ],
+            "output": "head"}"#,
+        "model.json",
+    )
+    .unwrap();
+    use ekfac::curvature::layout::ParamLayout;
+    let layout = ParamLayout::new(&graph, None, false).unwrap();
+    assert_eq!(layout.num_params, 32 * 3 + 3);
+    for name in [
+        "enc.self_attn.in_proj_weight",
+        "enc.self_attn.in_proj_bias",
+        "enc.self_attn.out_proj.weight",
+        "enc.self_attn.out_proj.bias",
+    ] {
+        let err = ParamLayout::new(&graph, Some(&[name.to_string()]), false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("\"{name}\"")) && err.contains("is not a curvature parameter"),
+            "{name}: {err}"
+        );
+    }
+}
