@@ -562,6 +562,60 @@ fn upper_from_and_lower_to_compute_block_triangles() {
     assert!(gemm(&mut rec, &g, &a, &b, &c).is_err());
 }
 
+/// Each recorded product declares `2·k` operations per entry of C it computes
+/// (`Recorder::count_flops`), charged to the phase its pass is submitted in: counted
+/// here entry by entry over the same block triangles as
+/// `upper_from_and_lower_to_compute_block_triangles` (with and without two-level
+/// groups), for a plain product, a matrix-vector product and a split-K one.
+#[test]
+fn the_work_counts_hold_the_flops_of_the_entries_computed() {
+    let Some(ctx) = common::gpu() else { return };
+    const PHASE: &str = "gemm flops test";
+    // (m, n, k, batch, upper_from, lower_to, period)
+    for (m, n, k, batch, upper, lower, period) in [
+        (7, 9, 5, 1, 0, 0, 0),
+        (1, 300, 40, 3, 0, 0, 0),
+        (8, 8, 4096, 2, 0, 0, 0),
+        (32, 256, 32, 8, 32, 0, 0),
+        (28, 196, 28, 7, 0, 28, 0),
+        (32, 128, 32, 16, 32, 0, 4),
+        (28, 56, 28, 7, 0, 28, 2),
+    ] {
+        let a = ctx.zeros(&[batch, m, k]).unwrap();
+        let b = ctx.zeros(&[batch, k, n]).unwrap();
+        let c = ctx.zeros(&[batch, m, n]).unwrap();
+        let mut g = Gemm::new(m, n, k, false, false).batched(batch);
+        if period > 0 {
+            g = g.periodic(period);
+        }
+        (g.upper_from, g.lower_to) = (upper, lower);
+        let flops = |ctx: &GpuContext| ctx.work_counts().get(PHASE).map_or(0, |w| w.flops);
+        let before = flops(&ctx);
+        {
+            let _phase = ctx.gpu_phase(PHASE);
+            let mut rec = ctx.recorder();
+            gemm(&mut rec, &g, &a, &b, &c).unwrap();
+            rec.submit().unwrap();
+        }
+        let mut entries = 0u64;
+        for z in 0..batch {
+            let p = if period == 0 { z } else { z % period };
+            for _row in 0..m {
+                for col in 0..n {
+                    let needed =
+                        (upper == 0 || col >= p * upper) && (lower == 0 || col < (p + 1) * lower);
+                    entries += u64::from(needed);
+                }
+            }
+        }
+        assert_eq!(
+            flops(&ctx) - before,
+            2 * k as u64 * entries,
+            "({m}, {n}, {k}) batch {batch} upper_from {upper} lower_to {lower} period {period}"
+        );
+    }
+}
+
 /// Products with `1 ≤ K ≤ 32` run the short-K kernels (no workgroup memory, an 8×8 block
 /// per invocation read straight from storage): every transposition, each tile size
 /// (16, 32, 64), K around the chunks of 4, sizes that leave partial 8×8 blocks and

@@ -1,6 +1,7 @@
 //! Counts of the work the crate hands the GPU, per phase label
-//! ([`GpuContext::gpu_phase`]): dispatches, submissions (compute passes) and host
-//! readbacks. Unlike timings they do not depend on the driver or the machine's load, so
+//! ([`GpuContext::gpu_phase`]): dispatches, submissions (compute passes), host
+//! readbacks, and the floating-point operations that the recording ops declare
+//! ([`crate::gpu::Recorder::count_flops`]). Unlike timings they do not depend on the driver or the machine's load, so
 //! a benchmark can report them as cost drivers. Always on (a few integer additions per
 //! submission).
 
@@ -19,6 +20,10 @@ pub struct WorkCounts {
     pub submissions: u64,
     /// Tensors read back to the host ([`GpuContext::read`], [`GpuContext::read_u32`]).
     pub readbacks: u64,
+    /// Floating-point operations declared by the ops that recorded the submitted
+    /// dispatches ([`crate::gpu::Recorder::count_flops`]; only GEMM-shaped ops declare
+    /// any), counted from their shapes.
+    pub flops: u64,
 }
 
 impl WorkCounts {
@@ -28,6 +33,7 @@ impl WorkCounts {
             dispatches: self.dispatches - earlier.dispatches,
             submissions: self.submissions - earlier.submissions,
             readbacks: self.readbacks - earlier.readbacks,
+            flops: self.flops - earlier.flops,
         }
     }
 }
@@ -59,11 +65,12 @@ impl WorkCounter {
         f(map.entry(label.clone()).or_default());
     }
 
-    /// One submitted pass of `dispatches` dispatches.
-    pub(crate) fn submitted(&self, dispatches: usize) {
+    /// One submitted pass of `dispatches` dispatches declaring `flops` operations.
+    pub(crate) fn submitted(&self, dispatches: usize, flops: u64) {
         self.add(|c| {
             c.submissions += 1;
             c.dispatches += dispatches as u64;
+            c.flops += flops;
         });
     }
 

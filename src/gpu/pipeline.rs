@@ -254,6 +254,7 @@ impl GpuContext {
             ctx: self,
             steps: Vec::new(),
             params: Vec::new(),
+            flops: 0,
         }
     }
 }
@@ -286,6 +287,8 @@ pub struct Recorder<'a> {
     steps: Vec<Step>,
     /// The packed parameters, 32-bit words.
     params: Vec<u32>,
+    /// Floating-point operations declared so far ([`Recorder::count_flops`]).
+    flops: u64,
 }
 
 impl<'a> Recorder<'a> {
@@ -393,6 +396,14 @@ impl<'a> Recorder<'a> {
         self.steps.is_empty()
     }
 
+    /// Declares `flops` floating-point operations of the work recorded so far, counted
+    /// from its shapes by the op that records it. They are added to the current phase's
+    /// [`crate::gpu::WorkCounts::flops`] when the pass is submitted (a benchmark's cost
+    /// driver; nothing else reads them).
+    pub fn count_flops(&mut self, flops: u64) {
+        self.flops = self.flops.saturating_add(flops);
+    }
+
     /// The context the dispatches are recorded for, e.g. to allocate temporaries. A
     /// temporary may be dropped once recorded: the recorded work keeps its buffer
     /// alive until the GPU is done with it.
@@ -478,7 +489,7 @@ impl<'a> Recorder<'a> {
         }
         drop(profiler);
         self.ctx.queue.submit([encoder.finish()]);
-        self.ctx.work.submitted(self.steps.len());
+        self.ctx.work.submitted(self.steps.len(), self.flops);
         self.ctx.check_errors("submitting GPU work")
     }
 }

@@ -151,9 +151,32 @@ impl Gemm {
         self
     }
 
-    /// Floating-point operations of the whole product (`2·batch·m·n·k`).
+    /// Floating-point operations of the product: `2·k` per entry of C it computes, so
+    /// `2·batch·m·n·k` without block triangles; with [`Gemm::upper_from`] or
+    /// [`Gemm::lower_to`] only the columns each batch entry needs count (tiles that
+    /// straddle a triangle's edge compute a few more).
     pub fn flops(&self) -> f64 {
-        2.0 * self.batch as f64 * self.m as f64 * self.n as f64 * self.k as f64
+        let per_column = 2.0 * self.m as f64 * self.k as f64;
+        if self.upper_from == 0 && self.lower_to == 0 {
+            return per_column * self.batch as f64 * self.n as f64;
+        }
+        // Entry z's columns depend on z mod period only: count each residue once.
+        let (residues, period) = match self.period {
+            0 => (self.batch, self.batch.max(1)),
+            p => (p.min(self.batch), p),
+        };
+        let columns: f64 = (0..residues)
+            .map(|z| {
+                let from = (z * self.upper_from).min(self.n);
+                let to = match self.lower_to {
+                    0 => self.n,
+                    l => ((z + 1) * l).min(self.n),
+                };
+                let entries = self.batch / period + usize::from(z < self.batch % period);
+                to.saturating_sub(from) as f64 * entries as f64
+            })
+            .sum();
+        per_column * columns
     }
 
     /// Stored shape (rows, columns) of A, B and C.
@@ -296,7 +319,9 @@ pub fn gemm(
         return Ok(());
     }
     g.validate(a, b, c)?;
-    gemm_in_windows(rec, g, [a, b, c])
+    gemm_in_windows(rec, g, [a, b, c])?;
+    rec.count_flops(g.flops() as u64);
+    Ok(())
 }
 
 /// Which dimension of a product to cut.
