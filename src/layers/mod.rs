@@ -20,6 +20,7 @@ pub mod attention;
 pub mod attrs;
 pub mod batch_norm;
 pub mod cat;
+pub mod cat_parameter;
 pub mod conv2d;
 pub mod embedding;
 pub mod flatten;
@@ -331,6 +332,7 @@ pub static REGISTRY: &[(&str, Constructor)] = &[
     ("masked_fill", masked_fill::build),
     ("scaled_dot_product_attention", attention::build),
     ("slice", slice::build),
+    ("cat_parameter", cat_parameter::build),
     ("multi_head_attention", multi_head_attention::build),
 ];
 
