@@ -34,6 +34,7 @@ pub mod multi_head_attention;
 pub mod pool;
 pub mod scale;
 pub mod shape;
+pub mod slice;
 pub mod softmax;
 pub mod upsample;
 pub mod view;
@@ -329,6 +330,7 @@ pub static REGISTRY: &[(&str, Constructor)] = &[
     ("softmax", softmax::build),
     ("masked_fill", masked_fill::build),
     ("scaled_dot_product_attention", attention::build),
+    ("slice", slice::build),
     ("multi_head_attention", multi_head_attention::build),
     ("leaky_relu", activation::build_pointwise),
     ("elu", activation::build_pointwise),
