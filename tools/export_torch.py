@@ -511,7 +511,8 @@ class _GraphMapper:
                 raise self.fail(
                     node,
                     "is not supported by ekfac's graph format (supported: linear, conv2d, "
-                    "relu, sigmoid, tanh, gelu, silu, max_pool2d, avg_pool2d, "
+                    "relu, sigmoid, tanh, gelu, silu, leaky_relu, elu, hardtanh, relu6, "
+                    "hardswish, hardsigmoid, softplus, mish, max_pool2d, avg_pool2d, "
                     "adaptive_avg_pool2d, flatten/view/reshape/unsqueeze/squeeze, "
                     "transpose, permute, add, add of a parameter, mul/div by a constant, "
                     "mean, batch_norm (eval), layer_norm, cat, upsample_nearest2d, "
@@ -564,6 +565,9 @@ class _GraphMapper:
         for op in ("relu", "sigmoid", "tanh", "silu"):
             add([op, f"{op}_"], self.unary(op))
         add(["gelu", "gelu_"], self.gelu)
+        for op in ("leaky_relu", "elu", "hardtanh", "relu6", "hardswish", "hardsigmoid",
+                   "softplus", "mish"):
+            add([op, f"{op}_"], self.pointwise(op))
         add(["max_pool2d", "max_pool2d_with_indices"], self.max_pool2d)
         add(["avg_pool2d"], self.avg_pool2d)
         add(["adaptive_avg_pool2d"], self.adaptive_avg_pool2d)
@@ -1049,6 +1053,32 @@ class _GraphMapper:
             x = self.value(node, node.args[0], "input")
             self.shape(node)
             self.emit(node, op, [x])
+
+        return handler
+
+    def pointwise(self, op: str) -> Callable:
+        """An activation with constants (ops ``leaky_relu``, ``elu``, ``hardtanh``,
+        ``hardswish``, ``hardsigmoid``, ``softplus``, ``mish``; ``relu6`` is
+        ``hardtanh`` from 0 to 6)."""
+        names = {
+            "leaky_relu": ["negative_slope"],
+            "elu": ["alpha"],
+            "hardtanh": ["min_val", "max_val"],
+            "softplus": ["beta", "threshold"],
+        }
+
+        def handler(node) -> None:
+            b = _bind(node)
+            x = self.value(node, b["self"], "input")
+            self.shape(node)
+            if op == "elu" and (float(b["scale"]) != 1.0 or float(b["input_scale"]) != 1.0):
+                raise self.fail(node, "elu with scale or input_scale other than 1 (SELU, CELU) "
+                                "is not supported")
+            attrs = {k: float(b[k]) for k in names.get(op, [])}
+            if op == "relu6":
+                self.emit(node, "hardtanh", [x], {"min_val": 0.0, "max_val": 6.0})
+            else:
+                self.emit(node, op, [x], attrs)
 
         return handler
 

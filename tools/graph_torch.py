@@ -211,6 +211,17 @@ def _stateless(node: Dict[str, Any]):
     if op == "gelu":
         approximate = a.get("approximate", "none")
         return lambda xs: F.gelu(xs[0], approximate=approximate)
+    pointwise = {
+        "leaky_relu": lambda t: F.leaky_relu(t, a.get("negative_slope", 0.01)),
+        "elu": lambda t: F.elu(t, a.get("alpha", 1.0)),
+        "hardtanh": lambda t: F.hardtanh(t, a.get("min_val", -1.0), a.get("max_val", 1.0)),
+        "hardswish": F.hardswish,
+        "hardsigmoid": F.hardsigmoid,
+        "softplus": lambda t: F.softplus(t, a.get("beta", 1.0), a.get("threshold", 20.0)),
+        "mish": F.mish,
+    }
+    if op in pointwise:
+        return lambda xs, f=pointwise[op]: f(xs[0])
     if op in ("max_pool2d", "avg_pool2d"):
         pool = _pool(op, a)
         return lambda xs: pool(xs[0])

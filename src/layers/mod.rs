@@ -334,6 +334,13 @@ pub static REGISTRY: &[(&str, Constructor)] = &[
     ("slice", slice::build),
     ("cat_parameter", cat_parameter::build),
     ("multi_head_attention", multi_head_attention::build),
+    ("leaky_relu", activation::build_pointwise),
+    ("elu", activation::build_pointwise),
+    ("hardtanh", activation::build_pointwise),
+    ("hardswish", activation::build_pointwise),
+    ("hardsigmoid", activation::build_pointwise),
+    ("softplus", activation::build_pointwise),
+    ("mish", activation::build_pointwise),
 ];
 
 /// Builds `node`'s layer through [`REGISTRY`].
