@@ -35,7 +35,12 @@ Writes, into ``out_dir``:
     (``x.shape`` arithmetic is resolved by tracing), ``transpose``/``permute`` keep
     their dims (the batch axis must stay first), a slice of a per-example dim with
     step 1 (``h[:, 1:]``) becomes ``slice`` and an index (``h[:, 0]``, ``h[:, -1]``:
-    cls-token or last-token pooling) a ``slice`` of length 1 and a ``reshape``, ``x * c`` and ``x / c`` become
+    cls-token or last-token pooling) a ``slice`` of length 1 and a ``reshape``;
+    ``split``/``chunk`` (nanoGPT's ``qkv.split(C, dim=2)``) give one ``slice`` per
+    item used, ``unbind`` one index per item, and a ``permute`` that moves the batch
+    axis is accepted when only indices along its first dim read it (timm's
+    ``qkv.reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)``: item ``i`` is the
+    source's index ``i`` along the moved dim, then a ``permute`` keeping the batch first), ``x * c`` and ``x / c`` become
     ``mul_constant``/``div_constant``, other means ``mean``; a learned tensor added to
     an activation (positional embeddings: ``self.pos``, ``self.pos[:, :T]`` when that is
     all of it, or ``self.wpe(torch.arange(T))`` when the table has exactly T rows)
@@ -360,6 +365,12 @@ class _GraphMapper:
         self.param_views: Dict[Any, str] = {}
         self.param_users: Dict[str, Any] = {}  # parameter -> the fx node that uses it
         self.allow_tied = allow_tied
+        # Multi-output nodes (split, unbind): fx node -> emitter of its item ``i`` for the
+        # getitem node that reads it.
+        self.items: Dict[Any, Callable[[Any, int], None]] = {}
+        # Permutes that move the batch axis, read only by an index along their first dim
+        # (timm's ``qkv.permute(2, 0, 3, 1, 4).unbind(0)``): fx node -> (source, dims).
+        self.batch_moves: Dict[Any, Any] = {}
 
     # -- helpers ---------------------------------------------------------------
 
@@ -518,7 +529,8 @@ class _GraphMapper:
                     "mean, batch_norm (eval), layer_norm, cat, upsample_nearest2d, "
                     "embedding, matmul, softmax, masked_fill with a constant mask, "
                     "scaled_dot_product_attention, slicing and indexing a per-example dim "
-                    "(x[:, a:b], x[:, i]), cat of a parameter expanded over the batch, "
+                    "(x[:, a:b], x[:, i], split, chunk, unbind), cat of a parameter expanded "
+                    "over the batch, "
                     "dropout (eval))",
                 )
             handler(node)
@@ -593,6 +605,8 @@ class _GraphMapper:
         add(["permute"], self.permute)
         add(["slice.Tensor"], self.slice)
         add(["select.int"], self.select)
+        add(["split.Tensor", "split_with_sizes", "chunk"], self.split)
+        add(["unbind.int"], self.unbind)
         add(["expand"], self.expand)
         add(["embedding"], self.embedding)
         add(["mul.Tensor", "mul.Scalar", "mul_.Tensor"], self.scale("mul_constant"))
@@ -728,23 +742,80 @@ class _GraphMapper:
         """``x[:, i]`` (``select``) of an activation: a ``slice`` of length 1 and a
         ``reshape`` without that dim (a cls token's or the last token's features)."""
         b = _bind(node)
-        source = b["self"]
+        source, dim, index = b["self"], int(b["dim"]), int(b["index"])
+        if source in self.batch_moves:
+            return self.moved_index(node, source, dim, index)
+        self.emit_index(node, source, dim, index)
+
+    def emit_index(self, node, source, dim: int, index: int) -> None:
+        """``node`` = ``source.select(dim, index)``: ``slice`` + ``reshape``."""
         x = self.value(node, source, "input")
         before = self.shape(source)
         rank = len(before) + 1
-        dim = int(b["dim"]) % rank
+        if not -rank <= dim < rank:
+            raise self.fail(node, f"dim={dim} out of range for rank {rank}")
+        dim %= rank
         if dim == 0:
             raise self.fail(node, "selects along the batch axis; the batch axis must stay whole")
         size = before[dim - 1]
-        index = int(b["index"])
         if not -size <= index < size:
             raise self.fail(node, f"index {index} is out of range for size {size}")
         index %= size
-        self.emit(node, "slice", [x], {"dim": dim, "start": index, "end": index + 1})
-        after = self.shape(node)
+        after = before[: dim - 1] + before[dim:]
         if not after:
             raise self.fail(node, "leaves a per-example scalar; ekfac's values keep at least one dim")
+        self.emit(node, "slice", [x], {"dim": dim, "start": index, "end": index + 1})
         self.emit(node, "reshape", [self.values[node]], {"shape": after})
+
+    def moved_index(self, node, permuted, dim: int, index: int) -> None:
+        """``node`` = ``source.permute(dims)[index]`` where ``dims`` moves the batch axis
+        off the front and ``dims[0]`` becomes the indexed one: ``source.select(dims[0],
+        index)`` permuted by the other dims, which keep the batch axis first."""
+        source, dims = self.batch_moves[permuted]
+        if dim % len(dims) != 0:
+            raise self.fail(node, f"indexes dim {dim} of a permute that moved the batch axis; only dim 0 can be")
+        self.emit_index(node, source, dims[0], index)
+        rest = [d - (d > dims[0]) for d in dims[1:]]
+        if rest[0] != 0:
+            raise self.fail(node, f"permutes the batch axis (dims {dims}); the batch axis must stay first")
+        self.shape(node)
+        if rest != list(range(len(rest))):
+            self.emit(node, "permute", [self.values[node]], {"dims": rest})
+
+    def split(self, node) -> None:
+        """``split`` / ``split_with_sizes`` / ``chunk`` of an activation along a
+        per-example dim (nanoGPT's ``qkv.split(C, dim=2)``): item ``i`` is a ``slice``."""
+        b = _bind(node)
+        source, dim = b["self"], int(b.get("dim") or 0)
+        x = self.value(node, source, "input")
+        before = self.shape(source)
+        rank = len(before) + 1
+        if not -rank <= dim < rank:
+            raise self.fail(node, f"dim={dim} out of range for rank {rank}")
+        dim %= rank
+        if dim == 0:
+            raise self.fail(node, "splits the batch axis; the batch axis must stay whole")
+        sizes = [int(t.shape[dim]) for t in node.meta["val"]]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+
+        def item(getitem, i: int) -> None:
+            self.shape(getitem)
+            if sizes[i] == before[dim - 1]:
+                self.values[getitem] = x
+                return
+            self.emit(getitem, "slice", [x], {"dim": dim, "start": starts[i], "end": starts[i] + sizes[i]})
+
+        self.items[node] = item
+
+    def unbind(self, node) -> None:
+        """``unbind`` along a per-example dim, or along dim 0 of a permute that moved
+        the batch axis (timm's attention): item ``i`` is that index."""
+        b = _bind(node)
+        source, dim = b["self"], int(b.get("dim") or 0)
+        if source in self.batch_moves:
+            self.items[node] = lambda getitem, i: self.moved_index(getitem, source, dim, i)
+            return
+        self.items[node] = lambda getitem, i: self.emit_index(getitem, source, dim, i)
 
     # -- transformer ops (issue 11) --------------------------------------------------
 
@@ -961,7 +1032,14 @@ class _GraphMapper:
         if sorted(dims) != list(range(rank)):
             raise self.fail(node, f"dims {list(b['dims'])} are not a permutation of rank {rank}")
         if dims[0] != 0:
-            raise self.fail(node, f"permutes the batch axis (dims {dims}); the batch axis must stay first")
+            indexed = all(
+                u.target in (aten.unbind.int, aten.select.int) and int(_bind(u).get("dim") or 0) % rank == 0
+                for u in node.users
+            )
+            if not indexed or dims[1] != 0:
+                raise self.fail(node, f"permutes the batch axis (dims {dims}); the batch axis must stay first")
+            self.batch_moves[node] = (b["self"], dims)
+            return
         self.shape(node)
         if dims == list(range(rank)):
             self.values[node] = x
@@ -982,6 +1060,9 @@ class _GraphMapper:
 
     def getitem(self, node) -> None:
         source, index = node.args
+        if source in self.items:
+            self.items[source](node, int(index))
+            return
         if source.target in (
             aten._native_batch_norm_legit_no_training.default,
             aten.batch_norm.default,
