@@ -1,5 +1,5 @@
 //! The shape ops of transformers (issue 11): `reshape`, `transpose`, `permute`, `mean`,
-//! `mul_constant` and `div_constant`, forward and backward against PyTorch autograd
+//! `mul_constant`, `div_constant` and `slice`, forward and backward against PyTorch autograd
 //! fixtures (f64 reference to 1e-12, GPU as stated), and their attribute errors.
 
 mod common;
@@ -59,6 +59,14 @@ fn constant_scaling_matches_pytorch() {
     }
 }
 
+/// Slices are copies: exact, forward and backward (zeros outside the range).
+#[test]
+fn slice_matches_pytorch_exactly() {
+    for name in ["slice_tokens", "slice_last_one"] {
+        op_fixtures::check_layer(&OpFixture::load(name), EXACT);
+    }
+}
+
 fn build_error(op: &str, attrs: serde_json::Value, shape: &[usize]) -> String {
     let attrs = attrs.as_object().cloned().unwrap_or_default();
     let node = ekfac::graph::Node::new("blk.op", op, vec!["x".into()], attrs);
@@ -107,6 +115,15 @@ fn bad_shape_op_attributes_are_errors_naming_the_node() {
     assert_mentions(&msg, &[node, "finite number"]);
     let msg = build_error("mul_constant", json!({"value": 1e300}), &shape);
     assert_mentions(&msg, &[node, "finite number"]);
+    // Slices: a per-example dim, a non-empty range inside it.
+    let msg = build_error("slice", json!({"dim": 0, "start": 0, "end": 1}), &shape);
+    assert_mentions(&msg, &[node, "dim = 0", "batch axis"]);
+    let msg = build_error("slice", json!({"dim": 2, "start": 2, "end": 5}), &shape);
+    assert_mentions(&msg, &[node, "start = 2, end = 5", "<= 4", "[B, 3, 4, 5]"]);
+    let msg = build_error("slice", json!({"dim": -1, "start": 3, "end": 3}), &shape);
+    assert_mentions(&msg, &[node, "start < end"]);
+    let msg = build_error("slice", json!({"dim": 1, "end": 2}), &shape);
+    assert_mentions(&msg, &[node, "missing attribute \"start\""]);
     // Too many dims for the gather kernel.
     let msg = build_error(
         "transpose",

@@ -33,7 +33,9 @@ Writes, into ``out_dir``:
     ids (graph input dtype ``i64``) for ``embedding``; any other ``view``/``reshape``/
     ``unsqueeze``/``squeeze`` becomes ``reshape`` with its per-example target shape
     (``x.shape`` arithmetic is resolved by tracing), ``transpose``/``permute`` keep
-    their dims (the batch axis must stay first), ``x * c`` and ``x / c`` become
+    their dims (the batch axis must stay first), a slice of a per-example dim with
+    step 1 (``h[:, 1:]``) becomes ``slice`` and an index (``h[:, 0]``, ``h[:, -1]``:
+    cls-token or last-token pooling) a ``slice`` of length 1 and a ``reshape``, ``x * c`` and ``x / c`` become
     ``mul_constant``/``div_constant``, other means ``mean``; a learned tensor added to
     an activation (positional embeddings: ``self.pos``, ``self.pos[:, :T]`` when that is
     all of it, or ``self.wpe(torch.arange(T))`` when the table has exactly T rows)
@@ -526,7 +528,8 @@ class _GraphMapper:
                     "transpose, permute, add, add of a parameter, mul/div by a constant, "
                     "mean, batch_norm (eval), layer_norm, cat, upsample_nearest2d, "
                     "embedding, matmul, softmax, masked_fill with a constant mask, "
-                    "scaled_dot_product_attention, dropout (eval))",
+                    "scaled_dot_product_attention, slicing and indexing a per-example dim "
+                    "(x[:, a:b], x[:, i]), dropout (eval))",
                 )
             handler(node)
         assert output is not None
@@ -596,6 +599,7 @@ class _GraphMapper:
         add(["transpose.int"], self.transpose)
         add(["permute"], self.permute)
         add(["slice.Tensor"], self.slice)
+        add(["select.int"], self.select)
         add(["embedding"], self.embedding)
         add(["mul.Tensor", "mul.Scalar", "mul_.Tensor"], self.scale("mul_constant"))
         add(["div.Tensor", "div.Scalar", "div_.Tensor"], self.scale("div_constant"))
@@ -694,7 +698,8 @@ class _GraphMapper:
 
     def slice(self, node) -> None:
         """A slice that keeps all of a parameter (``pos[:, :T]`` with T the whole
-        length) is that parameter; any other slice is refused."""
+        length) is that parameter; any other slice of a parameter is refused. A slice
+        of an activation along a per-example dim with step 1 is a ``slice`` node."""
         b = _bind(node)
         source = b["self"]
         name = self.param_name(source)
@@ -709,9 +714,44 @@ class _GraphMapper:
                 "length equal to the sequence length)",
             )
         before, after = self.shape(source), self.shape(node)
-        if before != after:
-            raise self.fail(node, f"slicing [N, {before}] to [N, {after}] is not supported")
-        self.values[node] = self.value(node, source, "input")
+        x = self.value(node, source, "input")
+        if before == after:
+            self.values[node] = x
+            return
+        rank = len(before) + 1
+        dim = int(b["dim"]) % rank
+        step = int(b["step"])
+        if dim == 0:
+            raise self.fail(node, "slices the batch axis; the batch axis must stay whole")
+        if step != 1:
+            raise self.fail(node, f"step={step} is not supported, only 1")
+        # PyTorch clamps start and end to [0, size] (after adding size to negatives).
+        size = before[dim - 1]
+        start = 0 if b["start"] is None else int(b["start"])
+        start = min(max(start + size if start < 0 else start, 0), size)
+        self.emit(node, "slice", [x], {"dim": dim, "start": start, "end": start + after[dim - 1]})
+
+    def select(self, node) -> None:
+        """``x[:, i]`` (``select``) of an activation: a ``slice`` of length 1 and a
+        ``reshape`` without that dim (a cls token's or the last token's features)."""
+        b = _bind(node)
+        source = b["self"]
+        x = self.value(node, source, "input")
+        before = self.shape(source)
+        rank = len(before) + 1
+        dim = int(b["dim"]) % rank
+        if dim == 0:
+            raise self.fail(node, "selects along the batch axis; the batch axis must stay whole")
+        size = before[dim - 1]
+        index = int(b["index"])
+        if not -size <= index < size:
+            raise self.fail(node, f"index {index} is out of range for size {size}")
+        index %= size
+        self.emit(node, "slice", [x], {"dim": dim, "start": index, "end": index + 1})
+        after = self.shape(node)
+        if not after:
+            raise self.fail(node, "leaves a per-example scalar; ekfac's values keep at least one dim")
+        self.emit(node, "reshape", [self.values[node]], {"shape": after})
 
     # -- transformer ops (issue 11) --------------------------------------------------
 

@@ -241,6 +241,9 @@ def _stateless(node: Dict[str, Any]):
     if op == "permute":
         dims = [int(d) for d in a["dims"]]
         return lambda xs: xs[0].permute(*dims)
+    if op == "slice":
+        dim, start, end = int(a["dim"]), int(a["start"]), int(a["end"])
+        return lambda xs: xs[0].narrow(dim, start, end - start)
     if op == "mean":
         dim, keepdim = a["dim"], bool(a.get("keepdim", False))
         return lambda xs: xs[0].mean(dim=dim, keepdim=keepdim)

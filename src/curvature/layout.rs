@@ -390,6 +390,24 @@ fn unknown_param_message(
             .map(|(_, _, n)| n.as_str())
             .collect::<Vec<_>>(),
     );
+    // A parameter of a layer KFAC does not approximate, named in full (the multi-head
+    // attention's `out_proj.weight` has a dot in its suffix).
+    let owner = (0..graph.nodes.len()).find(|&i| {
+        let layer = graph.layer(i);
+        let module = graph.nodes[i].module();
+        layer.curvature().is_none()
+            && layer
+                .params()
+                .iter()
+                .any(|p| layer.param_key(module, p.suffix) == name)
+    });
+    if let Some(i) = owner {
+        return format!(
+            "parameter \"{name}\" of {} is not a curvature parameter: KFAC approximates \
+             only linear and conv2d layers (available: {list})",
+            graph.label(i)
+        );
+    }
     let (prefix, suffix) = name.rsplit_once('.').unwrap_or((name, ""));
     let Some(i) = graph.nodes.iter().position(|n| n.module() == prefix) else {
         return format!("unknown parameter \"{name}\" (available: {list})");
@@ -402,11 +420,6 @@ fn unknown_param_message(
         format!(
             "parameter \"{name}\": {label} has no parameters; only linear and conv2d layers \
              do (available: {list})"
-        )
-    } else if layer.curvature().is_none() && layer.params().iter().any(|p| p.suffix == suffix) {
-        format!(
-            "parameter \"{name}\" of {label} is not a curvature parameter: KFAC approximates \
-             only linear and conv2d layers (available: {list})"
         )
     } else {
         format!("unknown parameter \"{name}\" (available: {list})")

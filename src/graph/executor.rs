@@ -123,14 +123,20 @@ impl Network {
         &self.graph
     }
 
-    /// Elements of every value of one example: what a forward pass holds while it
+    /// Elements of every value of one example, plus the layers' scratch
+    /// ([`crate::layers::Layer::scratch_elements`]): what a forward pass holds while it
     /// runs, and about what a backward pass holds per stacked vector.
     pub fn activation_elements(&self) -> usize {
-        self.graph
+        let values: usize = self
+            .graph
             .shapes()
             .iter()
             .map(|s| s.iter().product::<usize>())
-            .sum()
+            .sum();
+        let scratch: usize = (0..self.graph.nodes.len())
+            .map(|i| self.graph.layer(i).scratch_elements())
+            .sum();
+        values + scratch
     }
 
     /// Per value (0: the input, `i + 1`: node `i`'s output), whether a forward pass

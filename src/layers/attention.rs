@@ -27,7 +27,7 @@ const ATTENTION_WORKSPACE_BYTES: u64 = 64 << 20;
 
 /// Bytes of attention matrices one layer may hold during a pass: 64 MiB, or a
 /// sixteenth of the context's memory budget when that is less.
-fn workspace_limit(ctx: &GpuContext) -> u64 {
+pub(crate) fn workspace_limit(ctx: &GpuContext) -> u64 {
     ATTENTION_WORKSPACE_BYTES.min(ctx.memory_budget() / 16)
 }
 

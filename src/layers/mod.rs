@@ -30,9 +30,11 @@ pub mod linear;
 pub mod masked_fill;
 pub mod matmul;
 pub mod mean;
+pub mod multi_head_attention;
 pub mod pool;
 pub mod scale;
 pub mod shape;
+pub mod slice;
 pub mod softmax;
 pub mod upsample;
 pub mod view;
@@ -249,6 +251,13 @@ pub trait Layer: std::fmt::Debug {
         0
     }
 
+    /// Elements per example that the layer's forward or backward holds besides its
+    /// inputs and output (the multi-head attention's projections and heads), counted
+    /// into the activations a pass plans for.
+    fn scratch_elements(&self) -> usize {
+        0
+    }
+
     /// Whether the GPU output is a view of the (single) input's buffer: backward then
     /// needs nothing of the forward pass, and the activation costs no memory.
     fn is_view(&self) -> bool {
@@ -321,6 +330,8 @@ pub static REGISTRY: &[(&str, Constructor)] = &[
     ("softmax", softmax::build),
     ("masked_fill", masked_fill::build),
     ("scaled_dot_product_attention", attention::build),
+    ("slice", slice::build),
+    ("multi_head_attention", multi_head_attention::build),
 ];
 
 /// Builds `node`'s layer through [`REGISTRY`].

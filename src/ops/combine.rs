@@ -1,6 +1,7 @@
 //! Combining activations (`shaders/combine.wgsl`): the elementwise sum of two tensors
-//! (`add`; its backward passes the gradient to both inputs unchanged) and concatenation
-//! along an axis with its splitting backward. Tensors are row-major; axes count from the outermost (for NCHW
+//! (`add`; its backward passes the gradient to both inputs unchanged), concatenation
+//! along an axis with its splitting backward, and a range along an axis (`narrow`)
+//! with its placing backward. Tensors are row-major; axes count from the outermost (for NCHW
 //! activations axis 1 is channels).
 
 use super::check::{expect_len, expect_u32, grid};
@@ -157,4 +158,89 @@ pub fn cat_backward(
         )?;
     }
     Ok(())
+}
+
+/// The slab layout of a range `[start, start + part)` along `axis` of `whole` whose
+/// other axes equal `part`'s: `[outer, part·after, whole·after, start·after]`.
+fn range_layout(
+    op: &str,
+    whole: &GpuTensor,
+    part: &GpuTensor,
+    axis: usize,
+    start: usize,
+) -> Result<[usize; 4]> {
+    let (w, p) = (whole.shape(), part.shape());
+    let fits = axis < w.len()
+        && p.len() == w.len()
+        && p[..axis] == w[..axis]
+        && p[axis + 1..] == w[axis + 1..]
+        && start + p[axis] <= w[axis];
+    if !fits {
+        return Err(Error::gpu(
+            op,
+            format!("cannot take {p:?} at {start} along axis {axis} of {w:?}"),
+        ));
+    }
+    expect_u32(op, &[whole.len()])?;
+    let outer: usize = w[..axis].iter().product();
+    let after: usize = w[axis + 1..].iter().product();
+    Ok([outer, p[axis] * after, w[axis] * after, start * after])
+}
+
+/// Records `y = x.narrow(axis, start, n)` with `n` `y`'s size along `axis` (`x` and `y`
+/// equal on every other axis). One dispatch.
+pub fn narrow(
+    rec: &mut Recorder,
+    x: &GpuTensor,
+    axis: usize,
+    start: usize,
+    y: &GpuTensor,
+) -> Result<()> {
+    let [outer, part, whole, offset] = range_layout("narrow", x, y, axis, start)?;
+    let u = |v: usize| v as u32;
+    let slab = SlabParams {
+        outer: u(outer),
+        inner: u(part),
+        src_stride: u(whole),
+        src_offset: u(offset),
+        dst_stride: u(part),
+        dst_offset: 0,
+    };
+    rec.dispatch(
+        &Kernel::new(&super::COMBINE, "copy_slab"),
+        &[x],
+        &[y],
+        &slab,
+        grid(outer * part),
+    )
+}
+
+/// Records the backward of [`narrow`]: `grad_out` (shaped like its `y`, or a `V`-major
+/// stack of it) is written into `grad_in` (shaped like its `x`, or the same stack; zero
+/// outside the range, which the caller provides) at `start` along `axis`. One dispatch.
+pub fn narrow_backward(
+    rec: &mut Recorder,
+    grad_out: &GpuTensor,
+    axis: usize,
+    start: usize,
+    grad_in: &GpuTensor,
+) -> Result<()> {
+    let [outer, part, whole, offset] =
+        range_layout("narrow backward", grad_in, grad_out, axis, start)?;
+    let u = |v: usize| v as u32;
+    let slab = SlabParams {
+        outer: u(outer),
+        inner: u(part),
+        src_stride: u(part),
+        src_offset: 0,
+        dst_stride: u(whole),
+        dst_offset: u(offset),
+    };
+    rec.dispatch(
+        &Kernel::new(&super::COMBINE, "copy_slab"),
+        &[grad_out],
+        &[grad_in],
+        &slab,
+        grid(outer * part),
+    )
 }
