@@ -113,3 +113,111 @@ fn tanh_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     let s = saved[i];
     grad_in[i] = grad_out[i] * (1.0 - s * s);
 }
+
+// Activations with constants (`kind`, `a`, `b`), forward from the input and backward
+// from the input, each branch as PyTorch's CPU kernels take it:
+//   0 leaky_relu  (a = negative_slope):  x > 0 ? x : a·x
+//   1 elu         (a = alpha):           x > 0 ? x : a·(e^x − 1)
+//   2 hardtanh    (a = min, b = max):    clamp(x, a, b); gradient where a < x < b
+//   3 hardswish:                         x·clamp(x + 3, 0, 6)/6; gradient 0 at -3, 1 at 3
+//   4 hardsigmoid:                       clamp(x + 3, 0, 6)/6
+//   5 softplus    (a = beta, b = threshold): βx > b ? x : log(1 + e^{βx})/β
+//   6 mish:                              x·tanh(softplus(x))
+struct PointwiseParams {
+    len: u32,
+    kind: u32,
+    a: f32,
+    b: f32,
+}
+
+@group(0) @binding(2) var<storage, read> pw: PointwiseParams;
+@group(0) @binding(3) var<storage, read> pwb: PointwiseParams;
+
+// e^v − 1 without cancellation near 0: a Taylor polynomial below |v| = 2^-5
+// (truncation < 1e-9 relative).
+fn expm1(v: f32) -> f32 {
+    if (abs(v) < 0.03125) {
+        return v * (1.0 + v * (0.5 + v * (1.0 / 6.0 + v * (1.0 / 24.0))));
+    }
+    return exp(v) - 1.0;
+}
+
+// log(1 + e^t) for any finite t: max(t, 0) + log(1 + e^{−|t|}), the logarithm of a
+// value near 1 by a Taylor polynomial when e^{−|t|} is small.
+fn log1p_exp(t: f32) -> f32 {
+    let u = exp(-abs(t));
+    var l: f32;
+    if (u < 0.03125) {
+        l = u * (1.0 - u * (0.5 - u * (1.0 / 3.0 - u * 0.25)));
+    } else {
+        l = log(1.0 + u);
+    }
+    return max(t, 0.0) + l;
+}
+
+fn pointwise(kind: u32, v: f32, a: f32, b: f32) -> f32 {
+    switch kind {
+        case 0u: { return select(a * v, v, v > 0.0); }
+        case 1u: { return select(a * expm1(v), v, v > 0.0); }
+        case 2u: { return clamp(v, a, b); }
+        case 3u: { return v * clamp(v + 3.0, 0.0, 6.0) / 6.0; }
+        case 4u: { return clamp(v + 3.0, 0.0, 6.0) / 6.0; }
+        case 5u: {
+            if (a * v > b) {
+                return v;
+            }
+            return log1p_exp(a * v) / a;
+        }
+        default: { return v * safe_tanh(log1p_exp(v)); }
+    }
+}
+
+// d f / d x at v, times g.
+fn pointwise_grad(kind: u32, v: f32, g: f32, a: f32, b: f32) -> f32 {
+    switch kind {
+        case 0u: { return select(a * g, g, v > 0.0); }
+        case 1u: { return select(g * a * exp(v), g, v > 0.0); }
+        case 2u: { return select(0.0, g, v > a && v < b); }
+        case 3u: {
+            if (v <= -3.0) {
+                return 0.0;
+            }
+            if (v < 3.0) {
+                return g * (v / 3.0 + 0.5);
+            }
+            return g;
+        }
+        case 4u: { return select(0.0, g / 6.0, v > -3.0 && v < 3.0); }
+        case 5u: {
+            if (a * v > b) {
+                return g;
+            }
+            return g * safe_sigmoid(a * v);
+        }
+        default: {
+            let t = safe_tanh(log1p_exp(v));
+            return g * (t + v * safe_sigmoid(v) * (1.0 - t * t));
+        }
+    }
+}
+
+@compute @workgroup_size(256)
+fn pointwise_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_index) lid: u32) {
+    let i = index(wid, nwg, lid);
+    if (i >= pw.len) {
+        return;
+    }
+    y[i] = pointwise(pw.kind, x[i], pw.a, pw.b);
+}
+
+// saved = forward input.
+@compute @workgroup_size(256)
+fn pointwise_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(local_invocation_index) lid: u32) {
+    let i = index(wid, nwg, lid);
+    if (i >= pwb.len) {
+        return;
+    }
+    grad_in[i] = pointwise_grad(pwb.kind, saved[i], grad_out[i], pwb.a, pwb.b);
+}

@@ -168,8 +168,8 @@ fn bad_graphs_are_errors_naming_the_node() {
     let msg = graph_error(&format!("[{FLAT}, {FLAT}, {FC}]"), "fc");
     assert_mentions(&msg, &["node \"flat\"", "earlier"]);
     // An unknown op and an unknown attribute.
-    let msg = graph_error(r#"[{"name": "n", "op": "softplus", "inputs": ["x"]}]"#, "n");
-    assert_mentions(&msg, &["node \"n\" (softplus)", "unknown op", "relu"]);
+    let msg = graph_error(r#"[{"name": "n", "op": "selu", "inputs": ["x"]}]"#, "n");
+    assert_mentions(&msg, &["node \"n\" (selu)", "unknown op", "relu"]);
     let msg = graph_error(
         &format!(
             r#"[{FLAT}, {{"name": "fc", "op": "linear", "inputs": ["flat"],

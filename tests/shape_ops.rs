@@ -124,6 +124,24 @@ fn bad_shape_op_attributes_are_errors_naming_the_node() {
     assert_mentions(&msg, &[node, "start < end"]);
     let msg = build_error("slice", json!({"dim": 1, "end": 2}), &shape);
     assert_mentions(&msg, &[node, "missing attribute \"start\""]);
+    // cat_parameter: a per-example dim, index 0 or 1, a parameter that broadcasts
+    // against its part.
+    let cls = |dim: i64, index: i64, p: &[usize]| json!({"parameter": "cls", "shape": p, "dim": dim, "index": index});
+    let msg = build_error("cat_parameter", cls(0, 0, &[1, 1, 5]), &shape);
+    assert_mentions(&msg, &[node, "dim = 0", "batch axis"]);
+    let msg = build_error("cat_parameter", cls(1, 2, &[1, 1, 5]), &shape);
+    assert_mentions(&msg, &[node, "\"index\" = 2"]);
+    let msg = build_error("cat_parameter", cls(1, 0, &[1, 3, 5]), &shape);
+    assert_mentions(
+        &msg,
+        &[node, "[1, 3, 5]", "does not broadcast", "[B, 1, 4, 5]"],
+    );
+    let msg = build_error(
+        "cat_parameter",
+        json!({"parameter": "cls", "shape": [1, 5], "dim": 1}),
+        &shape,
+    );
+    assert_mentions(&msg, &[node, "missing attribute \"index\""]);
     // Too many dims for the gather kernel.
     let msg = build_error(
         "transpose",

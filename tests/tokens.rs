@@ -134,12 +134,17 @@ fn embedding_matches_pytorch() {
     assert!(e < 1e-6, "GPU table gradient: {e:e}");
 }
 
-/// `add_parameter` against PyTorch (float64): forward to 1e-7 (one f32 rounding of
-/// each sum, 2⁻²⁴ relative), the input gradient exactly (a copy), the parameter's
-/// gradient (f32 sums over the broadcast dims) to 1e-6.
+/// `add_parameter` and `cat_parameter` against PyTorch (float64): forward to 1e-7
+/// (one f32 rounding of each sum; a concatenation copies exactly), the input gradient
+/// exactly (a copy), the parameter's gradient (f32 sums over the broadcast dims) to 1e-6.
 #[test]
-fn add_parameter_matches_pytorch() {
-    for name in ["add_parameter_positions", "add_parameter_broadcast"] {
+fn add_parameter_and_cat_parameter_match_pytorch() {
+    for name in [
+        "add_parameter_positions",
+        "add_parameter_broadcast",
+        "cat_parameter_cls",
+        "cat_parameter_after",
+    ] {
         let f = OpFixture::load(name);
         let tol = Tolerances {
             forward: 1e-7,
@@ -171,8 +176,9 @@ fn add_parameter_matches_pytorch() {
         let Some(ctx) = common::gpu() else { continue };
         let xg = ctx.upload(&f.f32("x"), &shape).unwrap();
         let pg = ctx.upload(&f.f32("parameter"), &p_shape).unwrap();
+        let out_shape = f.get("output").1;
         let go = ctx
-            .upload(&f.f32("grad_output"), &f.stacked(&shape))
+            .upload(&f.f32("grad_output"), &f.stacked(&out_shape))
             .unwrap();
         let (_, grad) =
             gpu_with_param_grads(&ctx, layer.as_ref(), shape[0], f.vectors, &xg, &[pg], &go);

@@ -4,8 +4,8 @@
 //! classifiers with an embedding and learned positions, pre-LN blocks with multi-head
 //! attention from `nn.Linear` q/k/v/o (hand-written with a causal `masked_fill`, or
 //! `scaled_dot_product_attention` with `is_causal` or a boolean mask), GELU MLPs,
-//! eval-mode dropout and mean or last-token pooling; and a ViT with a strided-conv patch embedding.
-//! Every loss; type-2, empirical and forward-only; expand and reduce; joint and
+//! eval-mode dropout and mean or last-token pooling; and ViTs with a strided-conv patch
+//! embedding, one with a cls token. Every loss; type-2, empirical and forward-only; expand and reduce; joint and
 //! separate bias; a parameter subset; batch sizes that do not divide N. Tolerances
 //! as for the Sequential cases (see `tests/common/curvlinops.rs`).
 

@@ -39,7 +39,9 @@ Writes, into ``out_dir``:
     ``mul_constant``/``div_constant``, other means ``mean``; a learned tensor added to
     an activation (positional embeddings: ``self.pos``, ``self.pos[:, :T]`` when that is
     all of it, or ``self.wpe(torch.arange(T))`` when the table has exactly T rows)
-    becomes ``add_parameter``. Subgraphs computed from constants only (buffers,
+    becomes ``add_parameter``, and one concatenated with an activation
+    (``torch.cat([cls.expand(B, -1, -1), x], 1)``: a ViT's cls token)
+    ``cat_parameter``. Subgraphs computed from constants only (buffers,
     ``torch.ones(T, T).tril() == 0``, ``torch.arange``) are evaluated at export time, so
     ``masked_fill`` and ``scaled_dot_product_attention``'s ``attn_mask`` get constant
     0/1 masks (a 0/-inf float ``attn_mask`` becomes boolean); ``torch.where(mask, x,
@@ -523,13 +525,15 @@ class _GraphMapper:
                 raise self.fail(
                     node,
                     "is not supported by ekfac's graph format (supported: linear, conv2d, "
-                    "relu, sigmoid, tanh, gelu, silu, max_pool2d, avg_pool2d, "
+                    "relu, sigmoid, tanh, gelu, silu, leaky_relu, elu, hardtanh, relu6, "
+                    "hardswish, hardsigmoid, softplus, mish, max_pool2d, avg_pool2d, "
                     "adaptive_avg_pool2d, flatten/view/reshape/unsqueeze/squeeze, "
                     "transpose, permute, add, add of a parameter, mul/div by a constant, "
                     "mean, batch_norm (eval), layer_norm, cat, upsample_nearest2d, "
                     "embedding, matmul, softmax, masked_fill with a constant mask, "
                     "scaled_dot_product_attention, slicing and indexing a per-example dim "
-                    "(x[:, a:b], x[:, i]), dropout (eval))",
+                    "(x[:, a:b], x[:, i]), cat of a parameter expanded over the batch, "
+                    "dropout (eval))",
                 )
             handler(node)
         assert output is not None
@@ -575,6 +579,9 @@ class _GraphMapper:
         for op in ("relu", "sigmoid", "tanh", "silu"):
             add([op, f"{op}_"], self.unary(op))
         add(["gelu", "gelu_"], self.gelu)
+        for op in ("leaky_relu", "elu", "hardtanh", "relu6", "hardswish", "hardsigmoid",
+                   "softplus", "mish"):
+            add([op, f"{op}_"], self.pointwise(op))
         add(["max_pool2d", "max_pool2d_with_indices"], self.max_pool2d)
         add(["avg_pool2d"], self.avg_pool2d)
         add(["adaptive_avg_pool2d"], self.adaptive_avg_pool2d)
@@ -600,6 +607,7 @@ class _GraphMapper:
         add(["permute"], self.permute)
         add(["slice.Tensor"], self.slice)
         add(["select.int"], self.select)
+        add(["expand"], self.expand)
         add(["embedding"], self.embedding)
         add(["mul.Tensor", "mul.Scalar", "mul_.Tensor"], self.scale("mul_constant"))
         add(["div.Tensor", "div.Scalar", "div_.Tensor"], self.scale("div_constant"))
@@ -791,7 +799,7 @@ class _GraphMapper:
     def add_parameter(self, node, activation, parameter) -> None:
         x = self.value(node, activation, "input")
         name = self.param(node, parameter, "parameter")
-        in_shape, shape = self.shape(activation), [int(d) for d in parameter.meta["val"].shape]
+        in_shape, shape = self.shape(activation), self.param_shape(name)
         rank = len(in_shape) + 1
         if len(shape) > rank or (len(shape) == rank and shape[0] != 1) or self.shape(node) != in_shape:
             raise self.fail(
@@ -1126,6 +1134,32 @@ class _GraphMapper:
 
         return handler
 
+    def pointwise(self, op: str) -> Callable:
+        """An activation with constants (ops ``leaky_relu``, ``elu``, ``hardtanh``,
+        ``hardswish``, ``hardsigmoid``, ``softplus``, ``mish``; ``relu6`` is
+        ``hardtanh`` from 0 to 6)."""
+        names = {
+            "leaky_relu": ["negative_slope"],
+            "elu": ["alpha"],
+            "hardtanh": ["min_val", "max_val"],
+            "softplus": ["beta", "threshold"],
+        }
+
+        def handler(node) -> None:
+            b = _bind(node)
+            x = self.value(node, b["self"], "input")
+            self.shape(node)
+            if op == "elu" and (float(b["scale"]) != 1.0 or float(b["input_scale"]) != 1.0):
+                raise self.fail(node, "elu with scale or input_scale other than 1 (SELU, CELU) "
+                                "is not supported")
+            attrs = {k: float(b[k]) for k in names.get(op, [])}
+            if op == "relu6":
+                self.emit(node, "hardtanh", [x], {"min_val": 0.0, "max_val": 6.0})
+            else:
+                self.emit(node, op, [x], attrs)
+
+        return handler
+
     def gelu(self, node) -> None:
         b = _bind(node)
         approximate = b.get("approximate") or "none"
@@ -1347,9 +1381,59 @@ class _GraphMapper:
                 a != c for k, (a, c) in enumerate(zip(s, shapes[0])) if k != dim - 1
             ):
                 raise self.fail(node, f"inputs of per-example shapes {shapes} differ outside dim {dim}")
+        params = [self.param_name(t) for t in tensors]
+        if any(params):
+            return self.cat_parameters(node, tensors, params, shapes, dim)
         inputs = [self.value(node, t, f"input {k}") for k, t in enumerate(tensors)]
         self.shape(node)
         self.emit(node, "cat", inputs, {"dim": dim})
+
+    def cat_parameters(self, node, tensors, params, shapes, dim: int) -> None:
+        """``torch.cat`` of one activation and learned tensors broadcast over the batch
+        (``cls.expand(B, -1, -1)``: a ViT's cls token): one ``cat_parameter`` node per
+        parameter, the nearest first."""
+        acts = [k for k, p in enumerate(params) if p is None]
+        if len(acts) != 1:
+            raise self.fail(
+                node,
+                f"concatenates the parameters {[p for p in params if p]} with {len(acts)} activations; "
+                "only one activation and parameters around it are supported",
+            )
+        a = acts[0]
+        x = self.value(node, tensors[a], f"input {a}")
+        order = [(k, 0) for k in range(a - 1, -1, -1)] + [(k, 1) for k in range(a + 1, len(tensors))]
+        for k, index in order:
+            name = params[k]
+            shape = self.param_shape(name)
+            from_end = len(shapes[k]) + 1 - dim
+            size = shape[len(shape) - from_end] if from_end <= len(shape) else 1
+            if size != shapes[k][dim - 1]:
+                raise self.fail(
+                    node,
+                    f"repeats the parameter {name} of shape {shape} to {shapes[k][dim - 1]} along dim "
+                    f"{dim}; only broadcasting over the batch (and dims of size 1 elsewhere) is supported",
+                )
+            self.emit(node, "cat_parameter", [x], {"parameter": name, "shape": shape, "dim": dim, "index": index})
+            x = self.values[node]
+        self.shape(node)
+
+    def param_shape(self, name: str) -> List[int]:
+        """The PyTorch shape of the parameter ``name``."""
+        return [int(d) for d in dict(self.model.named_parameters())[name].shape]
+
+    def expand(self, node) -> None:
+        """``expand`` of a parameter (``cls.expand(B, -1, -1)``) is a view of it, used by
+        ``add`` and ``cat``; of an activation only when it changes nothing."""
+        b = _bind(node)
+        source = b["self"]
+        name = self.param_name(source)
+        if name is not None:
+            self.param_views[node] = name
+            return
+        x = self.value(node, source, "input")
+        if self.shape(source) != self.shape(node):
+            raise self.fail(node, "expands an activation; only parameters can be expanded (broadcast over the batch)")
+        self.values[node] = x
 
     def upsample_nearest2d(self, node) -> None:
         source = node.args[0]

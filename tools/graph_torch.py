@@ -9,7 +9,7 @@ and ``tools/export_torch.py`` write them); the graph format (``"format":
 are real ``nn.Linear`` / ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``nn.LayerNorm`` /
 ``nn.Embedding`` / ``nn.MultiheadAttention`` (``batch_first=True``, called with
 ``need_weights=False``) modules at their module paths (``layer1.0.conv1``), and every
-``add_parameter`` tensor an ``nn.Parameter`` at its ``state_dict`` name
+``add_parameter`` / ``cat_parameter`` tensor an ``nn.Parameter`` at its ``state_dict`` name
 (``blocks.0.pos``), so ``state_dict`` names, curvlinops' layer
 detection and ``named_parameters()`` order (``model.json``'s ``"parameters"``) are
 those of the exported model. A module named by several nodes (tied weights) is one
@@ -214,6 +214,17 @@ def _stateless(node: Dict[str, Any]):
     if op == "gelu":
         approximate = a.get("approximate", "none")
         return lambda xs: F.gelu(xs[0], approximate=approximate)
+    pointwise = {
+        "leaky_relu": lambda t: F.leaky_relu(t, a.get("negative_slope", 0.01)),
+        "elu": lambda t: F.elu(t, a.get("alpha", 1.0)),
+        "hardtanh": lambda t: F.hardtanh(t, a.get("min_val", -1.0), a.get("max_val", 1.0)),
+        "hardswish": F.hardswish,
+        "hardsigmoid": F.hardsigmoid,
+        "softplus": lambda t: F.softplus(t, a.get("beta", 1.0), a.get("threshold", 20.0)),
+        "mish": F.mish,
+    }
+    if op in pointwise:
+        return lambda xs, f=pointwise[op]: f(xs[0])
     if op in ("max_pool2d", "avg_pool2d"):
         pool = _pool(op, a)
         return lambda xs: pool(xs[0])
@@ -344,7 +355,7 @@ class GraphModule(nn.Module):
         # Learned tensors of add_parameter nodes, by state_dict name.
         learned: Dict[str, List[int]] = {}
         for n in nodes:
-            if n["op"] == "add_parameter":
+            if n["op"] in ("add_parameter", "cat_parameter"):
                 a = n.get("attrs", {})
                 name, shape = a["parameter"], [int(d) for d in a["shape"]]
                 if learned.setdefault(name, shape) != shape:
@@ -366,6 +377,8 @@ class GraphModule(nn.Module):
                 self.calls.append((n["name"], list(n["inputs"]), lambda xs, p=path: xs[0] + self.get_parameter(p)))
             elif n["op"] == "multi_head_attention":
                 self.calls.append((n["name"], list(n["inputs"]), _attention(n, _get_module(self, module))))
+            elif n["op"] == "cat_parameter":
+                self.calls.append((n["name"], list(n["inputs"]), self._cat_parameter(n["attrs"])))
             elif module in modules:
                 self.calls.append((n["name"], list(n["inputs"]), _get_module(self, module)))
             elif n["op"] == "layer_norm":  # no affine parameters
@@ -375,6 +388,22 @@ class GraphModule(nn.Module):
             else:
                 fn = _stateless(n)
                 self.calls.append((n["name"], list(n["inputs"]), fn))
+
+    def _cat_parameter(self, a: Dict[str, Any]):
+        """``torch.cat`` of the input and the parameter expanded to its part's shape."""
+        path, dim, first = a["parameter"], int(a["dim"]), int(a["index"]) == 0
+
+        def fn(xs):
+            x = xs[0]
+            p = self.get_parameter(path)
+            k = dim % x.dim()
+            from_end = x.dim() - k  # the parameter's dims align with x's from the right
+            shape = list(x.shape)
+            shape[k] = p.shape[p.dim() - from_end] if from_end <= p.dim() else 1
+            parts = [p.expand(shape), x]
+            return torch.cat(parts if first else parts[::-1], dim=k)
+
+        return fn
 
     def values(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         env = {self.input_name: x}

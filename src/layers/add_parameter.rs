@@ -37,16 +37,24 @@ pub struct AddParameter {
 pub fn build(node: &Node, inputs: &[&[usize]]) -> Result<Box<dyn Layer>> {
     let input = one_input(node, inputs)?;
     let a = Attrs::new(node, &["parameter", "shape"])?;
-    let parameter = match node.attrs.get("parameter") {
-        Some(serde_json::Value::String(s)) if !s.is_empty() => s.clone(),
-        _ => return Err(a.err("\"parameter\": expected the parameter's state_dict name")),
-    };
-    let shape = int_list(node, &a, "shape")?
-        .iter()
-        .map(|&d| usize::try_from(d).ok().filter(|&d| d > 0))
-        .collect::<Option<Vec<usize>>>()
-        .ok_or_else(|| a.err("\"shape\": expected positive sizes"))?;
+    let (parameter, shape) = parameter_attrs(node, &a)?;
     check_rank(&a, input)?;
+    check_broadcast(&a, &shape, input, "the input")?;
+    Ok(Box::new(AddParameter {
+        parameter,
+        shape,
+        output: input.to_vec(),
+    }))
+}
+
+/// Checks that a parameter of PyTorch shape `shape` broadcasts against `[B, *input]`
+/// without varying over the batch; the error names the node and calls the value `what`.
+pub(crate) fn check_broadcast(
+    a: &Attrs,
+    shape: &[usize],
+    input: &[usize],
+    what: &str,
+) -> Result<()> {
     let batched_in = batched(1, input);
     let fits = shape.len() <= batched_in.len()
         && shape
@@ -57,35 +65,80 @@ pub fn build(node: &Node, inputs: &[&[usize]]) -> Result<Box<dyn Layer>> {
             .all(|(k, (&p, &x))| p == 1 || (p == x && k < input.len()));
     if shape.is_empty() || !fits {
         return Err(a.err(format!(
-            "a parameter of shape {shape:?} does not broadcast against the input {} (each \
-             of its dims, aligned from the right, must be 1 or the input's, and not vary \
-             over the batch)",
+            "a parameter of shape {shape:?} does not broadcast against {what} {} (each of \
+             its dims, aligned from the right, must be 1 or the value's, and not vary over \
+             the batch)",
             batched_shape(input)
         )));
     }
-    Ok(Box::new(AddParameter {
-        parameter,
-        shape,
-        output: input.to_vec(),
-    }))
+    Ok(())
 }
 
-impl AddParameter {
-    /// Per dim of `[rows, *in]`, the stride in `p` (0 where `p` is broadcast).
-    fn param_strides(&self) -> Vec<usize> {
-        let rank = self.output.len() + 1;
-        let offset = rank - self.shape.len();
-        let s = strides(&self.shape);
-        (0..rank)
-            .map(|k| {
-                if k < offset || self.shape[k - offset] == 1 {
-                    0
-                } else {
-                    s[k - offset]
-                }
-            })
-            .collect()
-    }
+/// The `parameter` (a non-empty state_dict name) and `shape` (positive sizes)
+/// attributes.
+pub(crate) fn parameter_attrs(node: &Node, a: &Attrs) -> Result<(String, Vec<usize>)> {
+    let parameter = match node.attrs.get("parameter") {
+        Some(serde_json::Value::String(s)) if !s.is_empty() => s.clone(),
+        _ => return Err(a.err("\"parameter\": expected the parameter's state_dict name")),
+    };
+    let shape = int_list(node, a, "shape")?
+        .iter()
+        .map(|&d| usize::try_from(d).ok().filter(|&d| d > 0))
+        .collect::<Option<Vec<usize>>>()
+        .ok_or_else(|| a.err("\"shape\": expected positive sizes"))?;
+    Ok((parameter, shape))
+}
+
+/// Per dim of `[rows, *output]`, the stride in a parameter of PyTorch shape `shape`
+/// broadcast against it (0 where it is broadcast).
+pub(crate) fn param_strides(output: &[usize], shape: &[usize]) -> Vec<usize> {
+    let rank = output.len() + 1;
+    let offset = rank - shape.len();
+    let s = strides(shape);
+    (0..rank)
+        .map(|k| {
+            if k < offset || shape[k - offset] == 1 {
+                0
+            } else {
+                s[k - offset]
+            }
+        })
+        .collect()
+}
+
+/// The gradient of a parameter of PyTorch shape `shape` broadcast to `[rows, *output]`:
+/// `grads` (of that shape) summed over the broadcast dims (a new tensor of `shape`).
+pub(crate) fn broadcast_grad(
+    pass: &mut Pass,
+    grads: &GpuTensor,
+    rows: usize,
+    output: &[usize],
+    shape: &[usize],
+) -> Result<GpuTensor> {
+    // Broadcast dims first, p's own dims last (in order): [R, len(p)].
+    let kept = param_strides(output, shape);
+    let rank = kept.len();
+    let perm: Vec<usize> = (0..rank)
+        .filter(|&k| kept[k] == 0)
+        .chain((0..rank).filter(|&k| kept[k] != 0))
+        .collect();
+    let len: usize = shape.iter().product();
+    let moved = if perm.iter().enumerate().all(|(i, &k)| i == k) {
+        grads.view(&[grads.len()])?
+    } else {
+        let g = Gather::permute(&batched(rows, output), &perm);
+        pass.gather(&g, grads, &[grads.len()])?
+    };
+    let grad = pass.zeros(shape)?;
+    sum_rows(
+        pass.ctx(),
+        &mut pass.rec,
+        &moved,
+        &grad,
+        &Sum::new(grads.len() / len, len),
+    )?;
+    pass.keep(moved);
+    Ok(grad)
 }
 
 impl Layer for AddParameter {
@@ -118,7 +171,7 @@ impl Layer for AddParameter {
         args: &ForwardArgs<GpuTensor, GpuTensor>,
     ) -> Result<GpuTensor> {
         let dims = batched(args.batch, &self.output);
-        let g = Gather::strided(dims.clone(), self.param_strides());
+        let g = Gather::strided(dims.clone(), param_strides(&self.output, &self.shape));
         let y = pass.gather(&g, &args.params[0], &dims)?;
         axpy(&mut pass.rec, 1.0, args.inputs[0], 1.0, &y)?;
         Ok(y)
@@ -133,35 +186,11 @@ impl Layer for AddParameter {
         let input = args.input_grads[0]
             .then(|| args.grad_out.view(&batched(rows, &self.output)))
             .transpose()?;
-        let params = if args.param_grads {
-            // Broadcast dims first, p's own dims last (in order): [R, len(p)].
-            let kept = self.param_strides();
-            let rank = kept.len();
-            let perm: Vec<usize> = (0..rank)
-                .filter(|&k| kept[k] == 0)
-                .chain((0..rank).filter(|&k| kept[k] != 0))
-                .collect();
-            let grads = args.grad_out;
-            let len: usize = self.shape.iter().product();
-            let moved = if perm.iter().enumerate().all(|(i, &k)| i == k) {
-                grads.view(&[grads.len()])?
-            } else {
-                let g = Gather::permute(&batched(rows, &self.output), &perm);
-                pass.gather(&g, grads, &[grads.len()])?
-            };
-            let grad = pass.zeros(&self.shape)?;
-            sum_rows(
-                pass.ctx(),
-                &mut pass.rec,
-                &moved,
-                &grad,
-                &Sum::new(grads.len() / len, len),
-            )?;
-            pass.keep(moved);
-            Some(vec![grad])
-        } else {
-            None
-        };
+        let params = args
+            .param_grads
+            .then(|| broadcast_grad(pass, args.grad_out, rows, &self.output, &self.shape))
+            .transpose()?
+            .map(|grad| vec![grad]);
         Ok(Grads {
             inputs: vec![input],
             params,

@@ -20,6 +20,7 @@ pub mod attention;
 pub mod attrs;
 pub mod batch_norm;
 pub mod cat;
+pub mod cat_parameter;
 pub mod conv2d;
 pub mod embedding;
 pub mod flatten;
@@ -331,7 +332,15 @@ pub static REGISTRY: &[(&str, Constructor)] = &[
     ("masked_fill", masked_fill::build),
     ("scaled_dot_product_attention", attention::build),
     ("slice", slice::build),
+    ("cat_parameter", cat_parameter::build),
     ("multi_head_attention", multi_head_attention::build),
+    ("leaky_relu", activation::build_pointwise),
+    ("elu", activation::build_pointwise),
+    ("hardtanh", activation::build_pointwise),
+    ("hardswish", activation::build_pointwise),
+    ("hardsigmoid", activation::build_pointwise),
+    ("softplus", activation::build_pointwise),
+    ("mish", activation::build_pointwise),
 ];
 
 /// Builds `node`'s layer through [`REGISTRY`].

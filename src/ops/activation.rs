@@ -1,5 +1,6 @@
-//! ReLU, sigmoid and tanh forward and backward (`shaders/activation.wgsl`), elementwise
-//! over tensors of any shape. Inputs and outputs must be distinct tensors.
+//! ReLU, sigmoid and tanh, and the activations with constants of [`Pointwise`], forward
+//! and backward (`shaders/activation.wgsl`), elementwise over tensors of any shape.
+//! Inputs and outputs must be distinct tensors.
 
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuTensor, Kernel, Recorder, grid_1d};
@@ -9,6 +10,91 @@ kernel_params! {
     /// Every activation entry point: elements of the tensors.
     pub struct ActivationParams {
         len: u32,
+    }
+}
+
+kernel_params! {
+    /// The [`Pointwise`] entry points: elements, the activation (`Pointwise::kind`) and
+    /// its two constants.
+    pub struct PointwiseParams {
+        len: u32,
+        kind: u32,
+        a: f32,
+        b: f32,
+    }
+}
+
+/// An elementwise activation with constants, as PyTorch defines it (branches and the
+/// value at the kinks included).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Pointwise {
+    /// `x > 0 ? x : negative_slope·x` (`nn.LeakyReLU`).
+    LeakyRelu { negative_slope: f64 },
+    /// `x > 0 ? x : alpha·(eˣ − 1)` (`nn.ELU`).
+    Elu { alpha: f64 },
+    /// `clamp(x, min, max)`, gradient where `min < x < max` (`nn.Hardtanh`, `nn.ReLU6`).
+    Hardtanh { min: f64, max: f64 },
+    /// `x·clamp(x + 3, 0, 6)/6` (`nn.Hardswish`).
+    Hardswish,
+    /// `clamp(x + 3, 0, 6)/6` (`nn.Hardsigmoid`).
+    Hardsigmoid,
+    /// `βx > threshold ? x : log(1 + e^{βx})/β` (`nn.Softplus`).
+    Softplus { beta: f64, threshold: f64 },
+    /// `x·tanh(log(1 + eˣ))` (`nn.Mish`).
+    Mish,
+}
+
+impl Pointwise {
+    /// The shader's `kind` and constants `(a, b)`.
+    fn params(&self, len: u32) -> PointwiseParams {
+        let (kind, a, b) = match *self {
+            Pointwise::LeakyRelu { negative_slope } => (0, negative_slope, 0.0),
+            Pointwise::Elu { alpha } => (1, alpha, 0.0),
+            Pointwise::Hardtanh { min, max } => (2, min, max),
+            Pointwise::Hardswish => (3, 0.0, 0.0),
+            Pointwise::Hardsigmoid => (4, 0.0, 0.0),
+            Pointwise::Softplus { beta, threshold } => (5, beta, threshold),
+            Pointwise::Mish => (6, 0.0, 0.0),
+        };
+        PointwiseParams {
+            len,
+            kind,
+            a: a as f32,
+            b: b as f32,
+        }
+    }
+
+    /// Records `y = f(x)`.
+    pub fn forward(&self, rec: &mut Recorder, x: &GpuTensor, y: &GpuTensor) -> Result<()> {
+        let len = same_len("pointwise_forward", &[("x", x), ("y", y)])?;
+        rec.dispatch(
+            &Kernel::new(&super::ACTIVATION, "pointwise_forward"),
+            &[x],
+            &[y],
+            &self.params(len),
+            grid_1d(len.div_ceil(256)),
+        )
+    }
+
+    /// Records `grad_in = grad_out·f'(x)` from the forward input `x`.
+    pub fn backward(
+        &self,
+        rec: &mut Recorder,
+        x: &GpuTensor,
+        grad_out: &GpuTensor,
+        grad_in: &GpuTensor,
+    ) -> Result<()> {
+        let len = same_len(
+            "pointwise_backward",
+            &[("x", x), ("grad_out", grad_out), ("grad_in", grad_in)],
+        )?;
+        rec.dispatch(
+            &Kernel::new(&super::ACTIVATION, "pointwise_backward"),
+            &[x, grad_out],
+            &[grad_in],
+            &self.params(len),
+            grid_1d(len.div_ceil(256)),
+        )
     }
 }
 

@@ -77,6 +77,7 @@ pub fn all_params() -> Vec<ParamsLayout> {
     use ParamsLayout as L;
     vec![
         L::of::<activation::ActivationParams>(&ACTIVATION),
+        L::of::<activation::PointwiseParams>(&ACTIVATION),
         L::of::<combine::LenParams>(&COMBINE),
         L::of::<combine::SlabParams>(&COMBINE),
         L::of::<conv::ConvParams>(&CONV),

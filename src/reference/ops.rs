@@ -7,6 +7,7 @@
 //! length does not match the sizes given: the callers validate user input first.
 
 use crate::geometry::{Conv2dGeometry, Pool2dGeometry};
+use crate::ops::activation::Pointwise;
 
 fn check_len(what: &str, got: usize, want: usize) {
     assert_eq!(got, want, "{what}: expected {want} elements, got {got}");
@@ -519,4 +520,104 @@ pub fn avg_pool2d_backward(grad_out: &[f64], geo: &Pool2dGeometry) -> Vec<f64> {
         dx[(plane * h_in + h) * w_in + w] += grad_out[o] / divisor;
     });
     dx
+}
+
+/// `log(1 + eᵗ)` in f64 without overflow.
+fn softplus1(t: f64) -> f64 {
+    t.max(0.0) + (-t.abs()).exp().ln_1p()
+}
+
+/// [`Pointwise`] elementwise in f64.
+pub fn pointwise_forward(f: &Pointwise, x: &[f64]) -> Vec<f64> {
+    x.iter()
+        .map(|&v| match *f {
+            Pointwise::LeakyRelu { negative_slope } => {
+                if v > 0.0 {
+                    v
+                } else {
+                    negative_slope * v
+                }
+            }
+            Pointwise::Elu { alpha } => {
+                if v > 0.0 {
+                    v
+                } else {
+                    alpha * v.exp_m1()
+                }
+            }
+            Pointwise::Hardtanh { min, max } => v.clamp(min, max),
+            Pointwise::Hardswish => v * (v + 3.0).clamp(0.0, 6.0) / 6.0,
+            Pointwise::Hardsigmoid => (v + 3.0).clamp(0.0, 6.0) / 6.0,
+            Pointwise::Softplus { beta, threshold } => {
+                if beta * v > threshold {
+                    v
+                } else {
+                    softplus1(beta * v) / beta
+                }
+            }
+            Pointwise::Mish => v * softplus1(v).tanh(),
+        })
+        .collect()
+}
+
+/// The backward of [`pointwise_forward`] from the forward input `x` (PyTorch's
+/// branches: the derivative at a kink is the one its backward kernel takes).
+pub fn pointwise_backward(f: &Pointwise, x: &[f64], grad_out: &[f64]) -> Vec<f64> {
+    check_len("pointwise gradient", grad_out.len(), x.len());
+    let sigmoid = |t: f64| 1.0 / (1.0 + (-t).exp());
+    x.iter()
+        .zip(grad_out)
+        .map(|(&v, &g)| match *f {
+            Pointwise::LeakyRelu { negative_slope } => {
+                if v > 0.0 {
+                    g
+                } else {
+                    negative_slope * g
+                }
+            }
+            Pointwise::Elu { alpha } => {
+                if v > 0.0 {
+                    g
+                } else {
+                    g * alpha * v.exp()
+                }
+            }
+            Pointwise::Hardtanh { min, max } => {
+                if v > min && v < max {
+                    g
+                } else {
+                    0.0
+                }
+            }
+            Pointwise::Hardswish => {
+                if v <= -3.0 {
+                    0.0
+                } else if v < 3.0 {
+                    g * (v / 3.0 + 0.5)
+                } else {
+                    g
+                }
+            }
+            // PyTorch's backward multiplies by the f32 constant `1.0f / 6.0f` (in
+            // every precision), not by 1/6.
+            Pointwise::Hardsigmoid => {
+                if v > -3.0 && v < 3.0 {
+                    g * f64::from(1.0f32 / 6.0)
+                } else {
+                    0.0
+                }
+            }
+            Pointwise::Softplus { beta, threshold } => {
+                if beta * v > threshold {
+                    g
+                } else {
+                    g * sigmoid(beta * v)
+                }
+            }
+            Pointwise::Mish => {
+                let t = softplus1(v).tanh();
+                g * (t + v * sigmoid(v) * (1.0 - t * t))
+            }
+        })
+        .collect()
 }
