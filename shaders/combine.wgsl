@@ -1,8 +1,10 @@
-// Combining activations: the elementwise sum of the graph's `add` and slab copies
+// Combining activations: the elementwise sum of the graph's `add`, the elementwise
+// product of its `mul`, and slab copies
 // (`cat` forward and its splitting backward). Flat f32 arrays; bindings follow
 // src/gpu/pipeline.rs (reads, then writes, then params), each entry point through its
 // own globals:
-//   add:        a, b;  sum_out = a + b;  len_params3
+//   add:        a, b;  elementwise_out = a + b;  len_params3
+//   multiply:   a, b;  elementwise_out = a * b;  len_params3
 //   copy_slab:  a;     dst;              slab_params2
 //
 // copy_slab copies `outer` slabs of `inner` contiguous elements:
@@ -30,7 +32,7 @@ struct SlabParams {
 @group(0) @binding(0) var<storage, read> a: array<f32>;
 @group(0) @binding(1) var<storage, read> b: array<f32>;
 @group(0) @binding(1) var<storage, read_write> dst: array<f32>;
-@group(0) @binding(2) var<storage, read_write> sum_out: array<f32>;
+@group(0) @binding(2) var<storage, read_write> elementwise_out: array<f32>;
 @group(0) @binding(2) var<storage, read> slab_params2: SlabParams;
 @group(0) @binding(3) var<storage, read> len_params3: LenParams;
 
@@ -45,7 +47,17 @@ fn add(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     if (i >= len_params3.len) {
         return;
     }
-    sum_out[i] = a[i] + b[i];
+    elementwise_out[i] = a[i] + b[i];
+}
+
+@compute @workgroup_size(256)
+fn multiply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_index) lid: u32) {
+    let i = flat(wid, nwg, lid);
+    if (i >= len_params3.len) {
+        return;
+    }
+    elementwise_out[i] = a[i] * b[i];
 }
 
 @compute @workgroup_size(256)

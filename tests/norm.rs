@@ -93,13 +93,19 @@ fn check_batch_norm(
     assert!(e < BN_BACKWARD_TOL, "{what}: backward error {e:e}");
 }
 
-/// The batch_norm2d layer, built from the fixtures' `model.json` attributes, against
-/// PyTorch: eval mode with and without affine weights.
+/// The batch_norm2d and batch_norm1d layers (`[B, C]` and `[B, C, L]`), built from the
+/// fixtures' `model.json` attributes, against PyTorch: eval mode with and without affine
+/// weights.
 #[test]
 fn batch_norm_layer_matches_pytorch() {
-    for name in ["batch_norm2d_affine", "batch_norm2d_plain"] {
+    for name in [
+        "batch_norm2d_affine",
+        "batch_norm2d_plain",
+        "batch_norm1d_features",
+        "batch_norm1d_sequence",
+    ] {
         let f = OpFixture::load(name);
-        assert_eq!(f.op, "batch_norm2d");
+        assert_eq!(f.op, &name[..12]);
         let tol = Tolerances {
             forward: BN_FORWARD_TOL,
             backward: BN_BACKWARD_TOL,
@@ -388,4 +394,36 @@ fn batch_norm_weights_from_a_state_dict() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("unexpected key \"bn1.momentum\""), "{err}");
+}
+
+/// batch_norm2d takes `[C, H, W]` and batch_norm1d `[C]` or `[C, L]` per example;
+/// anything else is an error naming the node and the shape.
+#[test]
+fn batch_norm_input_ranks() {
+    let build = |op: &str, shape: &[usize]| {
+        let node = ekfac::graph::Node::new(
+            "bn",
+            op,
+            vec!["x".into()],
+            serde_json::json!({"num_features": 4})
+                .as_object()
+                .cloned()
+                .unwrap(),
+        );
+        ekfac::layers::build(&node, &[shape]).map(|l| l.output_shape().to_vec())
+    };
+    assert_eq!(build("batch_norm1d", &[4]).unwrap(), [4]);
+    assert_eq!(build("batch_norm1d", &[4, 7]).unwrap(), [4, 7]);
+    assert_eq!(build("batch_norm2d", &[4, 2, 3]).unwrap(), [4, 2, 3]);
+    for (op, shape, want) in [
+        ("batch_norm1d", &[4, 2, 3][..], "[B, C] or [B, C, L]"),
+        ("batch_norm2d", &[4, 7][..], "[B, C, H, W]"),
+        ("batch_norm1d", &[5][..], "num_features = 4"),
+    ] {
+        let err = build(op, shape).unwrap_err().to_string();
+        assert!(
+            err.contains(want) && err.contains("bn"),
+            "{op} {shape:?}: {err}"
+        );
+    }
 }

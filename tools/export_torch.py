@@ -18,7 +18,7 @@ Writes, into ``out_dir``:
     without decompositions (``run_decompositions({})``: a ``linear`` stays ``linear``
     and keeps its sequence axes), and every ATen operator is mapped to one graph node.
     Lifted parameters and buffers are mapped back to their module paths: a node of a
-    parameterised op (``linear``, ``conv2d``, ``batch_norm2d``, ``layer_norm``,
+    parameterised op (``linear``, ``conv2d``, ``batch_norm2d``, ``batch_norm1d``, ``layer_norm``,
     ``embedding``) is named by its module path (``layer1.0.conv1``), other nodes by
     their op (``relu``, ``relu_1``, ``add``, ...). A module called twice (tied
     weights) is refused; with ``allow_tied=True`` (only for the fixture that checks
@@ -279,7 +279,7 @@ def model_json(spec: Dict[str, Any]) -> str:
 GRAPH_FORMAT = "ekfac-graph"
 GRAPH_VERSION = 2
 # Ops whose node reads tensors of its module from the weights file.
-PARAMETERISED_OPS = ("linear", "conv2d", "batch_norm2d", "layer_norm", "embedding", "multi_head_attention")
+PARAMETERISED_OPS = ("linear", "conv2d", "batch_norm2d", "batch_norm1d", "layer_norm", "embedding", "multi_head_attention")
 INPUT_NAME = "x"
 aten = torch.ops.aten
 
@@ -529,6 +529,7 @@ class _GraphMapper:
                     "hardswish, hardsigmoid, softplus, mish, max_pool2d, avg_pool2d, "
                     "adaptive_avg_pool2d, flatten/view/reshape/unsqueeze/squeeze, "
                     "transpose, permute, add, add of a parameter, mul/div by a constant, "
+                    "mul of two activations, "
                     "mean, batch_norm (eval), layer_norm, cat, upsample_nearest2d, "
                     "embedding, matmul, softmax, masked_fill with a constant mask, "
                     "scaled_dot_product_attention, slicing and indexing a per-example dim "
@@ -818,6 +819,8 @@ class _GraphMapper:
             if op == "mul_constant" and self.constant(node, a, "factor") is not None:
                 a, c = c, a
             value = self.constant(node, c, "factor" if op == "mul_constant" else "divisor")
+            if value is None and op == "mul_constant" and a in self.values and c in self.values:
+                return self.multiply(node, a, c)
             if value is None:
                 kind = "multiplies" if op == "mul_constant" else "divides"
                 raise self.fail(
@@ -834,6 +837,20 @@ class _GraphMapper:
             self.emit(node, op, [x], {"value": value})
 
         return handler
+
+    def multiply(self, node, a, c) -> None:
+        """``a * c`` of two activations (gating, squeeze-and-excitation): per-example
+        shapes of the same rank whose sizes are equal or 1 in one of them."""
+        sa, sc = self.shape(a), self.shape(c)
+        if len(sa) != len(sc) or any(x != y and 1 not in (x, y) for x, y in zip(sa, sc)):
+            raise self.fail(
+                node,
+                f"multiplies values of per-example shapes {sa} and {sc}; they must have the same "
+                "number of dims, each equal or 1 in one of them",
+            )
+        x, y = self.value(node, a, "first input"), self.value(node, c, "second input")
+        self.shape(node)
+        self.emit(node, "mul", [x, y])
 
     def softmax(self, node) -> None:
         b = _bind(node)
@@ -1313,8 +1330,9 @@ class _GraphMapper:
         if b.get("training"):
             raise self.fail(node, "batch norm in training mode; call model.eval() first")
         in_shape = self.shape(b["input"])
-        if len(in_shape) != 3:
-            raise self.fail(node, f"batch norm of per-example shape {in_shape}; only BatchNorm2d ([C, H, W]) is supported")
+        if len(in_shape) not in (1, 2, 3):
+            raise self.fail(node, f"batch norm of per-example shape {in_shape}; only BatchNorm1d ([C] or [C, L]) "
+                            "and BatchNorm2d ([C, H, W]) are supported")
         x = self.value(node, b["input"], "input")
         if b["running_mean"] is None or b["running_var"] is None:
             raise self.fail(node, "batch norm without running statistics (track_running_stats=False) is not supported")
@@ -1329,7 +1347,7 @@ class _GraphMapper:
             weight is not None and (weight, bias) != (f"{module}.weight", f"{module}.bias")
         ):
             raise self.fail(node, f"affine parameters {weight}, {bias} do not belong to module {module}")
-        self.emit(node, "batch_norm2d", [x], {
+        self.emit(node, "batch_norm2d" if len(in_shape) == 3 else "batch_norm1d", [x], {
             "num_features": in_shape[0],
             "eps": float(b["eps"]),
             "affine": weight is not None,

@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 
 GRAPH_FORMAT = "ekfac-graph"
-PARAMETERISED = ("linear", "conv2d", "batch_norm2d", "layer_norm", "embedding", "multi_head_attention")
+PARAMETERISED = ("linear", "conv2d", "batch_norm2d", "batch_norm1d", "layer_norm", "embedding", "multi_head_attention")
 
 
 def _pair(value: Any) -> tuple:
@@ -188,6 +188,8 @@ def _make_module(node: Dict[str, Any]) -> nn.Module:
         return _conv2d(a)
     if op == "batch_norm2d":
         return nn.BatchNorm2d(a["num_features"], eps=a.get("eps", 1e-5), affine=a.get("affine", True))
+    if op == "batch_norm1d":
+        return nn.BatchNorm1d(a["num_features"], eps=a.get("eps", 1e-5), affine=a.get("affine", True))
     if op == "embedding":
         return nn.Embedding(a["num_embeddings"], a["embedding_dim"], padding_idx=a.get("padding_idx"))
     if op == "multi_head_attention":
@@ -236,6 +238,8 @@ def _stateless(node: Dict[str, Any]):
         return lambda xs: torch.flatten(xs[0], start, end)
     if op == "add":
         return lambda xs: xs[0] + xs[1]
+    if op == "mul":
+        return lambda xs: xs[0] * xs[1]
     if op == "cat":
         dim = a.get("dim", 1)
         return lambda xs: torch.cat(xs, dim=dim)
@@ -341,7 +345,7 @@ class GraphModule(nn.Module):
         # the exported model's order; modules without parameters follow in node order.
         param_nodes = [
             n for n in nodes
-            if n["op"] in ("linear", "conv2d", "batch_norm2d", "embedding", "multi_head_attention")
+            if n["op"] in ("linear", "conv2d", "batch_norm2d", "batch_norm1d", "embedding", "multi_head_attention")
             or (n["op"] == "layer_norm" and n.get("attrs", {}).get("elementwise_affine", True))
         ]
         modules = {}

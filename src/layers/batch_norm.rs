@@ -1,7 +1,8 @@
-//! `torch.nn.BatchNorm2d` in eval mode:
+//! `torch.nn.BatchNorm2d` (op `batch_norm2d`, `[B, C, H, W]`) and `torch.nn.BatchNorm1d`
+//! (op `batch_norm1d`, `[B, C]` or `[B, C, L]`) in eval mode:
 //! `y = (x − running_mean)/√(running_var + eps)·weight + bias` per channel with the
 //! running statistics (and, with `affine`, the weights) of the weights file
-//! (`num_batches_tracked` is accepted and ignored); `[B, C, H, W] → [B, C, H, W]`. Its
+//! (`num_batches_tracked` is accepted and ignored); the output has the input's shape. Its
 //! parameters and buffers are not curvature parameters: backward computes the input
 //! gradient only.
 
@@ -18,16 +19,17 @@ use crate::layers::{
 use crate::ops::norm::{self, BatchNormParams};
 use crate::reference::graph_ops;
 
-/// A BatchNorm2d layer in eval mode.
+/// A BatchNorm1d or BatchNorm2d layer in eval mode.
 #[derive(Debug)]
-pub struct BatchNorm2d {
-    /// Per-example `[C, H, W]`.
+pub struct BatchNorm {
+    op: &'static str,
+    /// Per-example `[C, H, W]` (2d), `[C]` or `[C, L]` (1d).
     shape: Vec<usize>,
     affine: bool,
     eps: f64,
 }
 
-/// Builds a batch_norm2d layer from `num_features`, `eps` (default 1e-5) and `affine`
+/// Builds a batch_norm2d or batch_norm1d layer from `num_features`, `eps` (default 1e-5) and `affine`
 /// (default true); `momentum` is accepted and unused (eval mode), and
 /// `track_running_stats` must be true (without running statistics eval mode normalises
 /// with batch statistics).
@@ -44,11 +46,21 @@ pub fn build(node: &Node, inputs: &[&[usize]]) -> Result<Box<dyn Layer>> {
         ],
     )?;
     a.only("track_running_stats", json!(true))?;
-    let [c, _, _] = input else {
-        return Err(a.err(format!(
-            "batch_norm2d takes a 4-D input [B, C, H, W], but its input is {}",
-            batched_shape(input)
-        )));
+    let (op, c) = match (node.op.as_str(), input) {
+        ("batch_norm2d", [c, _, _]) => ("batch_norm2d", c),
+        ("batch_norm1d", [c] | [c, _]) => ("batch_norm1d", c),
+        ("batch_norm2d", _) => {
+            return Err(a.err(format!(
+                "batch_norm2d takes a 4-D input [B, C, H, W], but its input is {}",
+                batched_shape(input)
+            )));
+        }
+        _ => {
+            return Err(a.err(format!(
+                "batch_norm1d takes an input [B, C] or [B, C, L], but its input is {}",
+                batched_shape(input)
+            )));
+        }
     };
     let num_features = a.usize("num_features")?;
     if num_features != *c {
@@ -61,7 +73,8 @@ pub fn build(node: &Node, inputs: &[&[usize]]) -> Result<Box<dyn Layer>> {
     if !(eps >= 0.0 && eps.is_finite() && (eps as f32).is_finite()) {
         return Err(a.err(format!("eps = {eps} must be finite and ≥ 0")));
     }
-    Ok(Box::new(BatchNorm2d {
+    Ok(Box::new(BatchNorm {
+        op,
         shape: input.to_vec(),
         affine: a.bool_or("affine", true)?,
         eps,
@@ -76,7 +89,7 @@ struct ReferenceParams<'a> {
     affine: Option<(&'a [f64], &'a [f64])>,
 }
 
-impl BatchNorm2d {
+impl BatchNorm {
     /// The GPU parameters from the tensors in the order of [`Layer::params`].
     fn gpu_params<'a>(&self, params: &'a [GpuTensor]) -> BatchNormParams<'a> {
         let (affine, stats) = if self.affine {
@@ -107,9 +120,9 @@ impl BatchNorm2d {
     }
 }
 
-impl Layer for BatchNorm2d {
+impl Layer for BatchNorm {
     fn op(&self) -> &'static str {
-        "batch_norm2d"
+        self.op
     }
 
     fn saved(&self) -> Saved {

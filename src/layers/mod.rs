@@ -31,6 +31,7 @@ pub mod linear;
 pub mod masked_fill;
 pub mod matmul;
 pub mod mean;
+pub mod mul;
 pub mod multi_head_attention;
 pub mod pool;
 pub mod scale;
@@ -313,6 +314,7 @@ pub static REGISTRY: &[(&str, Constructor)] = &[
     ("adaptive_avg_pool2d", adaptive_avg_pool::build),
     ("add", add::build),
     ("batch_norm2d", batch_norm::build),
+    ("batch_norm1d", batch_norm::build),
     ("cat", cat::build),
     ("layer_norm", layer_norm::build),
     ("upsample_nearest2d", upsample::build),
@@ -341,6 +343,7 @@ pub static REGISTRY: &[(&str, Constructor)] = &[
     ("hardsigmoid", activation::build_pointwise),
     ("softplus", activation::build_pointwise),
     ("mish", activation::build_pointwise),
+    ("mul", mul::build),
 ];
 
 /// Builds `node`'s layer through [`REGISTRY`].

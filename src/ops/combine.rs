@@ -1,5 +1,6 @@
 //! Combining activations (`shaders/combine.wgsl`): the elementwise sum of two tensors
-//! (`add`; its backward passes the gradient to both inputs unchanged), concatenation
+//! (`add`; its backward passes the gradient to both inputs unchanged), their
+//! elementwise product (`multiply`), concatenation
 //! along an axis with its splitting backward, and a range along an axis (`narrow`)
 //! with its placing backward. Tensors are row-major; axes count from the outermost (for NCHW
 //! activations axis 1 is channels).
@@ -10,7 +11,7 @@ use crate::gpu::{GpuTensor, Kernel, Recorder};
 use crate::kernel_params;
 
 kernel_params! {
-    /// `add`: `len` elements.
+    /// `add` and `multiply`: `len` elements.
     pub struct LenParams {
         len: u32,
     }
@@ -31,12 +32,26 @@ kernel_params! {
 
 /// Records `y = a + b` (elementwise, any shape; all three have the same length).
 pub fn add(rec: &mut Recorder, a: &GpuTensor, b: &GpuTensor, y: &GpuTensor) -> Result<()> {
-    let op = "add";
+    elementwise(rec, "add", a, b, y)
+}
+
+/// Records `y = a ⊙ b` (elementwise, any shape; all three have the same length).
+pub fn multiply(rec: &mut Recorder, a: &GpuTensor, b: &GpuTensor, y: &GpuTensor) -> Result<()> {
+    elementwise(rec, "multiply", a, b, y)
+}
+
+fn elementwise(
+    rec: &mut Recorder,
+    op: &'static str,
+    a: &GpuTensor,
+    b: &GpuTensor,
+    y: &GpuTensor,
+) -> Result<()> {
     expect_len(op, "b", b, a.len())?;
     expect_len(op, "y", y, a.len())?;
     expect_u32(op, &[a.len()])?;
     rec.dispatch(
-        &Kernel::new(&super::COMBINE, "add"),
+        &Kernel::new(&super::COMBINE, op),
         &[a, b],
         &[y],
         &LenParams {
