@@ -51,11 +51,25 @@ Writes, into ``out_dir``:
     ``masked_fill`` and ``scaled_dot_product_attention``'s ``attn_mask`` get constant
     0/1 masks (a 0/-inf float ``attn_mask`` becomes boolean); ``torch.where(mask, x,
     c)`` with a constant mask and number, and ``x + M`` with a constant 0/-inf ``M``,
-    become ``masked_fill`` too. ``nn.MultiheadAttention``
-    is refused by name (its ``in_proj_weight`` is no ``nn.Linear`` and it applies
-    ``out_proj`` functionally, so curvlinops' hooks never see it), and so are tied
-    weights: one parameter under two names (GPT-2's ``lm_head.weight = wte.weight``) or
-    used by two nodes (a module called twice).
+    become ``masked_fill`` too. Tied weights are refused: one parameter under two
+    names (GPT-2's ``lm_head.weight = wte.weight``) or used by two nodes (a module
+    called twice).
+    ``nn.MultiheadAttention`` (session 13; also inside ``nn.TransformerEncoderLayer`` /
+    ``nn.TransformerEncoder``) becomes one ``multi_head_attention`` node named by its
+    module path, inputs (query, key, value), attrs ``embed_dim``, ``num_heads``,
+    ``bias`` and, with an ``attn_mask``, ``attn_mask_shape`` ``[L, S]`` + ``attn_mask``
+    (flat 0/1, 1 = attend: PyTorch's boolean True = masked out and float 0/-inf masks
+    converted); its parameters (``in_proj_weight``, ``in_proj_bias``,
+    ``out_proj.weight``, ``out_proj.bias``) are no curvature parameters (curvlinops'
+    hooks never see them either). During ``torch.export`` each instance gets a forward
+    that calls the custom op ``ekfac::multi_head_attention`` (one graph node); its
+    original forward is restored afterwards. Refused, naming the module:
+    ``batch_first=False``, ``kdim``/``vdim`` other than ``embed_dim``,
+    ``add_bias_kv``, ``add_zero_attn``, a ``key_padding_mask``, an ``attn_mask`` that is
+    not constant or not ``[L, S]``, a float mask with values other than 0 and -inf, a
+    query with every key masked, ``is_causal=True`` with a mask that is not causal (the
+    mask is written; PyTorch needs it with ``is_causal``), and any use of the returned
+    attention weights.
   ``"parameters"`` lists ``model.named_parameters()`` in order.
 - ``weights.safetensors``: the full ``state_dict`` (BatchNorm's running statistics and
   ``num_batches_tracked`` included) except buffers of modules no node uses (a causal
@@ -270,7 +284,7 @@ def model_json(spec: Dict[str, Any]) -> str:
 GRAPH_FORMAT = "ekfac-graph"
 GRAPH_VERSION = 2
 # Ops whose node reads tensors of its module from the weights file.
-PARAMETERISED_OPS = ("linear", "conv2d", "batch_norm2d", "batch_norm1d", "layer_norm", "embedding")
+PARAMETERISED_OPS = ("linear", "conv2d", "batch_norm2d", "batch_norm1d", "layer_norm", "embedding", "multi_head_attention")
 INPUT_NAME = "x"
 aten = torch.ops.aten
 
@@ -617,6 +631,7 @@ class _GraphMapper:
         add(["where.self", "where.ScalarOther", "where.ScalarSelf"], self.where_mask)
         add(["matmul", "bmm"], self.matmul)
         add(["scaled_dot_product_attention"], self.attention)
+        table[_MHA_OP] = self.multi_head_attention
         comparisons = ["eq", "ne", "gt", "ge", "lt", "le"]
         add([f"{op}.{kind}" for op in comparisons for kind in ("Scalar", "Tensor")]
             + ["logical_not", "logical_and", "logical_or", "bitwise_not", "bitwise_and.Tensor",
@@ -1025,6 +1040,69 @@ class _GraphMapper:
             attrs["attn_mask"] = [int(t) for t in mask.flatten().tolist()]
         self.shape(node)
         self.emit(node, "scaled_dot_product_attention", inputs, attrs)
+
+    def multi_head_attention(self, node) -> None:
+        """The custom op of a patched nn.MultiheadAttention (see ``_mha_forward``)."""
+        b = _bind(node)
+        q, k, v = b["query"], b["key"], b["value"]
+        sq, sk, sv = self.shape(q), self.shape(k), self.shape(v)
+        w = self.param(node, b["in_proj_weight"], "in_proj_weight")
+        module = self.module_of(node, w, "in_proj_weight")
+        where = f"module {module} (MultiheadAttention)"
+        embed_dim = int(b["in_proj_weight"].meta["val"].shape[1])
+        heads = int(b["num_heads"])
+        if len(sq) != 2 or len(sk) != 2 or sk != sv or sq[1] != embed_dim or sk[1] != embed_dim:
+            raise ExportError(
+                f"{where}: query, key, value of per-example shapes {sq}, {sk}, {sv}; expected "
+                f"[L, {embed_dim}], [S, {embed_dim}], [S, {embed_dim}]"
+            )
+        names = {"in_proj_bias": b["in_proj_bias"], "out_proj.weight": b["out_proj_weight"],
+                 "out_proj.bias": b["out_proj_bias"]}
+        for suffix, arg in names.items():
+            name = self.param(node, arg, suffix)
+            if name is not None and name != f"{module}.{suffix}":
+                raise ExportError(f"{where}: its {suffix} is the tensor {name}, not {module}.{suffix}")
+            names[suffix] = name
+        bias = names["in_proj_bias"] is not None
+        if bias != (names["out_proj.bias"] is not None):
+            raise ExportError(f"{where}: only one of in_proj_bias and out_proj.bias exists; not supported")
+        inputs = [self.value(node, t, what) for t, what in ((q, "query"), (k, "key"), (v, "value"))]
+        attrs: Dict[str, Any] = {"embed_dim": embed_dim, "num_heads": heads, "bias": bias}
+        mask_arg = b["attn_mask"]
+        if mask_arg is not None:
+            if mask_arg not in self.consts:
+                raise ExportError(
+                    f"{where}: its attn_mask is computed from the input (or from parameters); only "
+                    "constant masks (buffers, or tensors built from constants such as "
+                    "nn.Transformer.generate_square_subsequent_mask(T)) are supported"
+                )
+            mask = self.consts[mask_arg]
+            target = [sq[0], sk[0]]
+            if list(mask.shape) != target:
+                raise ExportError(
+                    f"{where}: its attn_mask has shape {list(mask.shape)}; only a 2-D [L, S] = "
+                    f"{target} mask (the same for every example and head) is supported"
+                )
+            if mask.dtype == torch.bool:
+                keep = ~mask
+            elif mask.is_floating_point() and bool(((mask == 0) | (mask == -math.inf)).all()):
+                keep = mask == 0
+            else:
+                raise ExportError(
+                    f"{where}: its attn_mask is a {mask.dtype} mask with values other than 0 and "
+                    "-inf; only boolean masks (True = masked out) and 0/-inf float masks are supported"
+                )
+            if not bool(keep.any(-1).all()):
+                raise ExportError(f"{where}: its attn_mask masks every key of some query (PyTorch gives NaN there)")
+            if b["is_causal"] and not torch.equal(keep, torch.ones(target, dtype=torch.bool).tril()):
+                raise ExportError(
+                    f"{where}: is_causal=True with an attn_mask that is not the causal mask; PyTorch "
+                    "uses the one or the other depending on its code path"
+                )
+            attrs["attn_mask_shape"] = target
+            attrs["attn_mask"] = [int(t) for t in keep.flatten().tolist()]
+        self.shape(node)
+        self.emit(node, "multi_head_attention", inputs, attrs, module=module)
 
     def transpose(self, node) -> None:
         b = _bind(node)
@@ -1478,17 +1556,153 @@ class _GraphMapper:
         self.emit(node, "upsample_nearest2d", [x], {"scale_factor": factor})
 
 
-def _refuse_multihead_attention(model: nn.Module) -> None:
-    """``nn.MultiheadAttention`` (also inside ``nn.TransformerEncoderLayer``) is
-    refused by name: curvlinops' KFAC could not see it either."""
-    for path, m in model.named_modules():
-        if isinstance(m, nn.MultiheadAttention):
-            raise ExportError(
-                f"module {path or '<root>'} (MultiheadAttention) is not supported: its q/k/v "
-                "projection in_proj_weight is a plain parameter, not an nn.Linear, and it applies "
-                "out_proj functionally, so curvlinops' hooks never see out_proj either; write the "
-                "attention from nn.Linear q/k/v/o layers and F.scaled_dot_product_attention"
+# -- nn.MultiheadAttention (session 13) ----------------------------------------------
+# During torch.export every nn.MultiheadAttention gets a forward (an instance attribute,
+# removed afterwards) that checks what ekfac cannot represent and calls the custom op
+# below, which torch.export keeps as one node: the mapper turns it into a
+# ``multi_head_attention`` node named by the module's path. The attn_mask travels in
+# PyTorch's convention (bool True = masked out, or a float 0/-inf mask): it is a
+# constant by then (folded like scaled_dot_product_attention's), so the mapper can check
+# its values and convert it into the node's keep mask (1 = attend).
+
+
+@torch.library.custom_op("ekfac::multi_head_attention", mutates_args=())
+def _mha_op(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    in_proj_weight: torch.Tensor,
+    in_proj_bias: Optional[torch.Tensor],
+    out_proj_weight: torch.Tensor,
+    out_proj_bias: Optional[torch.Tensor],
+    num_heads: int,
+    attn_mask: Optional[torch.Tensor],
+    is_causal: bool,
+) -> torch.Tensor:
+    """nn.MultiheadAttention (batch_first, eval) on ``[B, L, E]``, ``[B, S, E]`` inputs."""
+    t = [a.transpose(0, 1) for a in (query, key, value)]
+    out, _ = torch.nn.functional.multi_head_attention_forward(
+        t[0], t[1], t[2], query.shape[-1], num_heads, in_proj_weight, in_proj_bias, None, None,
+        False, 0.0, out_proj_weight, out_proj_bias, training=False, need_weights=False,
+        attn_mask=attn_mask,
+    )
+    return out.transpose(0, 1).contiguous()
+
+
+@_mha_op.register_fake
+def _(query, key, value, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
+      num_heads, attn_mask, is_causal):
+    return query.new_empty(query.shape)
+
+
+_MHA_OP = torch.ops.ekfac.multi_head_attention.default
+
+
+class _AttentionWeightsUnavailable:
+    """What the patched forward returns for the attention weights: any use of it is
+    refused (ekfac's node computes the output only)."""
+
+    def __init__(self, refuse: Callable[[str], ExportError]):
+        object.__setattr__(self, "_refuse", refuse)
+
+    def _fail(self, *args, **kwargs):
+        raise object.__getattribute__(self, "_refuse")(
+            "its returned attention weights are used; ekfac computes the attention output only "
+            "(call it with need_weights=False, or ignore the weights)"
+        )
+
+    def __getattr__(self, name):
+        self._fail()
+
+    __getitem__ = __iter__ = __len__ = __float__ = __array__ = _fail
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _fail
+    __truediv__ = __rtruediv__ = __matmul__ = __rmatmul__ = __neg__ = _fail
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        for a in list(args) + list((kwargs or {}).values()):
+            if isinstance(a, cls):
+                a._fail()
+        return NotImplemented
+
+
+def _mha_forward(path: str, m: nn.MultiheadAttention, refusals: List[ExportError]) -> Callable:
+    """The forward ``m`` gets during ``torch.export``: the refusals of the op spec, then
+    the custom op. Each refusal is recorded in ``refusals`` (torch.export may wrap the
+    exception it raises)."""
+    where = f"module {path or '<root>'} (MultiheadAttention)"
+
+    def refuse(reason: str) -> ExportError:
+        error = ExportError(f"{where}: {reason}")
+        refusals.append(error)
+        return error
+
+    def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if not m.batch_first:
+            raise refuse(
+                "batch_first=False is not supported: ekfac's graphs keep the batch axis first "
+                "(construct it with batch_first=True)"
             )
+        if not m._qkv_same_embed_dim:
+            raise refuse(
+                f"kdim={m.kdim}, vdim={m.vdim} differ from embed_dim={m.embed_dim} (separate q/k/v "
+                "projection weights) is not supported"
+            )
+        if m.bias_k is not None or m.bias_v is not None:
+            raise refuse("add_bias_kv=True is not supported")
+        if m.add_zero_attn:
+            raise refuse("add_zero_attn=True is not supported")
+        if key_padding_mask is not None:
+            raise refuse(
+                "a key_padding_mask is not supported (its mask would depend on the example); "
+                "give every example the same length"
+            )
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 3:
+                shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise refuse(f"its {name} has shape {shape}; only batched [N, L, E] inputs are supported")
+        if attn_mask is not None and list(attn_mask.shape) != [query.shape[1], key.shape[1]]:
+            raise refuse(
+                f"its attn_mask has shape [{', '.join(str(d) if isinstance(d, int) else 'N·H' for d in attn_mask.shape)}]; "
+                "only a 2-D [L, S] = "
+                f"{[int(query.shape[1]), int(key.shape[1])]} mask (the same for every example and "
+                "head) is supported"
+            )
+        if is_causal and attn_mask is None:
+            raise refuse("is_causal=True without an attn_mask (PyTorch requires the mask)")
+        out_proj = m.out_proj
+        out = _MHA_OP(
+            query, key, value, m.in_proj_weight, m.in_proj_bias, out_proj.weight, out_proj.bias,
+            m.num_heads, attn_mask, bool(is_causal),
+        )
+        return out, (_AttentionWeightsUnavailable(refuse) if need_weights else None)
+
+    return forward
+
+
+class _PatchedAttention:
+    """Context manager: every nn.MultiheadAttention of ``model`` gets the export
+    forward; the original forwards are restored on exit, also on error."""
+
+    def __init__(self, model: nn.Module):
+        self.modules = [(p, m) for p, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+        self.refusals: List[ExportError] = []
+
+    def __enter__(self) -> "_PatchedAttention":
+        for path, m in self.modules:
+            if "forward" in m.__dict__:
+                raise ExportError(
+                    f"module {path or '<root>'} (MultiheadAttention) has a forward of its own "
+                    "(an instance attribute); not supported"
+                )
+        for path, m in self.modules:
+            m.forward = _mha_forward(path, m, self.refusals)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for _, m in self.modules:
+            m.__dict__.pop("forward", None)
 
 
 def _refuse_tied_parameters(model: nn.Module) -> None:
@@ -1523,7 +1737,6 @@ def describe_graph(
     if not input_shape or any(s <= 0 for s in input_shape):
         raise ExportError(f"input_shape must be non-empty and positive, found {input_shape}")
     _refuse_training(model)
-    _refuse_multihead_attention(model)
     if not allow_tied:
         _refuse_tied_parameters(model)
     if input_dtype.is_floating_point:
@@ -1536,10 +1749,16 @@ def describe_graph(
     else:
         raise ExportError(f"input dtype {input_dtype} is not supported")
     batch = torch.export.Dim("batch")
+    patched = _PatchedAttention(model)
     try:
-        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
-        program = program.run_decompositions({})  # functionalise, decompose nothing
+        with patched:
+            program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+            program = program.run_decompositions({})  # functionalise, decompose nothing
+    except ExportError:
+        raise
     except Exception as e:  # torch raises many kinds; report them uniformly
+        if patched.refusals:  # a refusal of a MultiheadAttention, wrapped by torch
+            raise patched.refusals[0] from e
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ExportError(
             f"torch.export could not trace {type(model).__name__} with a dynamic batch "

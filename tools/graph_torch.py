@@ -7,7 +7,8 @@ layers sit at their index (their ``name`` must be that index, as ``examples/benc
 and ``tools/export_torch.py`` write them); the graph format (``"format":
 "ekfac-graph"``, version 2) becomes a :class:`GraphModule` whose parameterised nodes
 are real ``nn.Linear`` / ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``nn.LayerNorm`` /
-``nn.Embedding`` modules at their module paths (``layer1.0.conv1``), and every
+``nn.Embedding`` / ``nn.MultiheadAttention`` (``batch_first=True``, called with
+``need_weights=False``) modules at their module paths (``layer1.0.conv1``), and every
 ``add_parameter`` / ``cat_parameter`` tensor an ``nn.Parameter`` at its ``state_dict`` name
 (``blocks.0.pos``), so ``state_dict`` names, curvlinops' layer
 detection and ``named_parameters()`` order (``model.json``'s ``"parameters"``) are
@@ -34,7 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 
 GRAPH_FORMAT = "ekfac-graph"
-PARAMETERISED = ("linear", "conv2d", "batch_norm2d", "batch_norm1d", "layer_norm", "embedding")
+PARAMETERISED = ("linear", "conv2d", "batch_norm2d", "batch_norm1d", "layer_norm", "embedding", "multi_head_attention")
 
 
 def _pair(value: Any) -> tuple:
@@ -191,6 +192,8 @@ def _make_module(node: Dict[str, Any]) -> nn.Module:
         return nn.BatchNorm1d(a["num_features"], eps=a.get("eps", 1e-5), affine=a.get("affine", True))
     if op == "embedding":
         return nn.Embedding(a["num_embeddings"], a["embedding_dim"], padding_idx=a.get("padding_idx"))
+    if op == "multi_head_attention":
+        return nn.MultiheadAttention(a["embed_dim"], a["num_heads"], bias=a.get("bias", True), batch_first=True)
     if op == "layer_norm":
         shape = a["normalized_shape"]
         shape = [shape] if isinstance(shape, int) else list(shape)
@@ -286,6 +289,17 @@ def _stateless(node: Dict[str, Any]):
     raise ValueError(f"node {name}: unknown op {op!r}")
 
 
+def _attention(node: Dict[str, Any], mha: nn.MultiheadAttention):
+    """A ``multi_head_attention`` node: the module on its (query, key, value), the
+    node's keep mask (1 = attend) as PyTorch's boolean mask (True = masked out)."""
+    a = node.get("attrs", {})
+    mask = None
+    if a.get("attn_mask") is not None:
+        mask = ~_mask(node["name"], a["attn_mask"], a["attn_mask_shape"])
+    return lambda xs: mha(xs[0], xs[1], xs[2], need_weights=False,
+                          attn_mask=None if mask is None else mask.to(xs[0].device))[0]
+
+
 def _mask(name: str, flat: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
     """A flat 0/1 list as a boolean tensor of ``shape``."""
     mask = torch.tensor([bool(v) for v in flat], dtype=torch.bool)
@@ -331,7 +345,7 @@ class GraphModule(nn.Module):
         # the exported model's order; modules without parameters follow in node order.
         param_nodes = [
             n for n in nodes
-            if n["op"] in ("linear", "conv2d", "batch_norm2d", "batch_norm1d", "embedding")
+            if n["op"] in ("linear", "conv2d", "batch_norm2d", "batch_norm1d", "embedding", "multi_head_attention")
             or (n["op"] == "layer_norm" and n.get("attrs", {}).get("elementwise_affine", True))
         ]
         modules = {}
@@ -365,6 +379,8 @@ class GraphModule(nn.Module):
             if n["op"] == "add_parameter":
                 path = n["attrs"]["parameter"]
                 self.calls.append((n["name"], list(n["inputs"]), lambda xs, p=path: xs[0] + self.get_parameter(p)))
+            elif n["op"] == "multi_head_attention":
+                self.calls.append((n["name"], list(n["inputs"]), _attention(n, _get_module(self, module))))
             elif n["op"] == "cat_parameter":
                 self.calls.append((n["name"], list(n["inputs"]), self._cat_parameter(n["attrs"])))
             elif module in modules:

@@ -24,11 +24,18 @@ fixture models. It checks:
    training mode, an unmappable operator, an ``add`` of different shapes, a
    batch-size-specialised ``view``, BatchNorm without running statistics, string
    padding, a tied layer (which exports as two nodes sharing ``"module"`` only with
-   ``allow_tied=True``); for transformers (issue 11) ``nn.MultiheadAttention`` by
-   name, GPT-2's tied ``lm_head``, a slice of a positional parameter or table, a mask
+   ``allow_tied=True``); for transformers (issue 11) GPT-2's tied ``lm_head``, a slice of a positional parameter or table, a mask
    computed from the input, a matmul with a parameter, softmax over another dim, a
    transposed batch axis, an attention row with every key masked;
-4. graph_torch's own errors (cycle, unknown input, duplicate name) name the node.
+4. graph_torch's own errors (cycle, unknown input, duplicate name) name the node;
+5. ``nn.MultiheadAttention`` (session 13) round-trips: self- and cross-attention, no
+   bias, boolean and 0/-inf masks, returned weights ignored, nn.TransformerEncoderLayer
+   post-norm and pre-norm with and without a causal ``src_mask`` + ``is_causal``,
+   nn.TransformerEncoder of 2 layers; and each refusal of the op spec is an
+   ``ExportError`` naming the module (batch_first=False, kdim/vdim, add_bias_kv,
+   add_zero_attn, a key_padding_mask, a learned mask, a 3-D mask, a float mask
+   with values other than 0/-inf, a row with every key masked, is_causal with a mask
+   that is not causal, using the returned weights).
 """
 
 from __future__ import annotations
@@ -353,9 +360,128 @@ class TokenEverything(nn.Module):
         return self.head(y.mean((1, 2), keepdim=True).squeeze(1).squeeze(1))
 
 
+class Attention(nn.Module):
+    """nn.MultiheadAttention (session 13) on float inputs ``[6, 4]``: ``variant`` picks
+    self-attention (``"self"``, ``"self_weights"`` ignoring the returned weights,
+    ``"self_nobias"``), cross-attention with L = 3 ≠ S = 6 (``"cross"``), a constant
+    mask (``"bool_mask"``, ``"float_mask"``), or one thing the exporter must refuse."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.variant = variant
+        self.inp = nn.Linear(4, 8)
+        self.q = nn.Linear(8, 8)
+        kwargs = dict(batch_first=variant != "batch_first", bias=variant != "self_nobias")
+        if variant == "kdim":
+            kwargs.update(kdim=6, vdim=6)
+            self.kv = nn.Linear(4, 6)
+        kwargs.update(add_bias_kv=variant == "bias_kv", add_zero_attn=variant == "zero_attn")
+        self.mha = nn.MultiheadAttention(8, 2, **kwargs)
+        self.head = nn.Linear(8, 3)
+        keep = torch.ones(6, 6, dtype=torch.bool).tril()
+        keep[0] = torch.tensor([False, True, False, True, False, False])
+        self.register_buffer("keep", keep)
+        if variant == "param_mask":
+            self.learned_mask = nn.Parameter(torch.zeros(6, 6))
+
+    def forward(self, x):
+        B, T, D = x.shape
+        h = self.inp(x)
+        v = self.variant
+        if v == "cross":
+            out, _ = self.mha(self.q(x.reshape(B, 3, 8)), h, h, need_weights=False)
+            return self.head(out.mean(1))
+        if v == "kdim":
+            k = self.kv(x)
+            out, _ = self.mha(h, k, k, need_weights=False)
+            return self.head(out.mean(1))
+        mask = None
+        if v == "bool_mask":
+            mask = ~self.keep
+        elif v == "float_mask":
+            mask = torch.zeros(T, T).masked_fill(~self.keep, float("-inf"))
+        elif v == "float_mask_finite":
+            mask = torch.zeros(T, T).masked_fill(~self.keep, -1e9)
+        elif v == "param_mask":
+            mask = self.learned_mask
+        elif v == "mask_3d":
+            mask = (~self.keep).expand(2 * B, T, T)
+        elif v == "all_masked":
+            mask = ~self.keep
+            mask = mask.clone()
+            mask[2] = True
+        elif v == "causal_not_causal":
+            mask = ~self.keep
+        kwargs = {}
+        if v == "causal_not_causal":
+            kwargs["is_causal"] = True
+        if v == "key_padding":
+            kwargs["key_padding_mask"] = torch.zeros(B, T, dtype=torch.bool)
+        need = v in ("self_weights", "use_weights")
+        out, weights = self.mha(h, h, h, attn_mask=mask, need_weights=need, **kwargs)
+        if v == "use_weights":
+            out = out + weights.mean() * 0
+        return self.head(out.mean(1))
+
+
+class EncoderModel(nn.Module):
+    """nn.TransformerEncoderLayer (post-norm ReLU or pre-norm GELU) or an
+    nn.TransformerEncoder of 2 layers, optionally with a causal ``src_mask`` and
+    ``is_causal=True``."""
+
+    def __init__(self, norm_first: bool, causal: bool, layers: int):
+        super().__init__()
+        self.causal, self.layers = causal, layers
+        self.inp = nn.Linear(4, 8)
+        layer = nn.TransformerEncoderLayer(
+            8, 2, 16, dropout=0.1, activation="gelu" if norm_first else "relu",
+            batch_first=True, norm_first=norm_first,
+        )
+        self.enc = layer if layers == 1 else nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        if self.causal:
+            mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+            h = self.enc(h, mask, is_causal=True)
+        else:
+            h = self.enc(h)
+        return self.head(h.mean(1))
+
+
+def attention_roundtrip(model: nn.Module, atol: float = 0.0) -> None:
+    """Export, rebuild, compare on batches of 1, 5 and 12: the output (equal, or within
+    ``atol`` where the model takes another of PyTorch's attention paths than the
+    rebuilt need_weights=False call) and the attention nodes (one per module)."""
+    torch.manual_seed(0)
+    model = model.eval()
+    g = torch.Generator().manual_seed(3)
+    with tempfile.TemporaryDirectory() as d:
+        spec = export(model, [6, 4], d, torch.randn(2, 6, 4, generator=g))
+        mhas = [p for p, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+        nodes = [n for n in spec["nodes"] if n["op"] == "multi_head_attention"]
+        assert [n["name"] for n in nodes] == mhas, (nodes, mhas)
+        rebuilt = graph_torch.load(d)
+        got = [n for n, _ in rebuilt.named_parameters()]  # unused modules aside
+        assert got == [p for p in spec["parameters"] if p in got], f"rebuilt parameter order {got}"
+        for n in (1, 5, 12):
+            x = torch.randn(n, 6, 4, generator=g)
+            with torch.no_grad():
+                want, have = model(x), rebuilt(x)
+            err = (want - have).abs().max().item()
+            assert (torch.equal(want, have) if atol == 0 else err <= atol), f"batch {n}: outputs differ by {err:.3e}"
+        print(f"      -> {[(n['name'], n['attrs'].get('attn_mask_shape')) for n in nodes]}")
+
+
+def refused_attention(variant: str, *needles: str) -> None:
+    torch.manual_seed(0)
+    refused(Attention(variant).eval(), [6, 4], *needles)
+
+
 def refused_tokens(variant: str, *needles: str) -> None:
     torch.manual_seed(0)
-    model = TokenModel(variant).eval() if variant != "mha" else WithMHA().eval()
+    model = TokenModel(variant).eval()
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "out")
         try:
@@ -375,6 +501,12 @@ def token_model_exports() -> None:
     refusal is caused by its variant alone)."""
     torch.manual_seed(0)
     roundtrip(TokenModel("ok").eval(), [5], "auto")
+
+
+def token_mha_exports() -> None:
+    """``WithMHA`` (embedding, self-attention, head) exports and round-trips."""
+    torch.manual_seed(0)
+    roundtrip(WithMHA().eval(), [5], "auto")
 
 
 def tied() -> None:
@@ -441,8 +573,39 @@ def main() -> None:
     check("tied layer: refused, or two nodes sharing module with allow_tied", tied)
     check("token model without defects exports", token_model_exports)
     check("roundtrip every transformer mapping path", lambda: roundtrip(TokenEverything().eval(), [5], "auto"))
-    check("refuse nn.MultiheadAttention by name", lambda: refused_tokens(
-        "mha", "module mha (MultiheadAttention)", "in_proj_weight", "out_proj"))
+    # nn.MultiheadAttention (session 13): accepted, and each refusal of the op spec.
+    check("roundtrip nn.MultiheadAttention on token ids", lambda: token_mha_exports())
+    for variant in ("self", "self_nobias", "cross", "bool_mask"):
+        check(f"roundtrip nn.MultiheadAttention {variant}", lambda v=variant: attention_roundtrip(Attention(v)))
+    # PyTorch rounds a float 0/-inf mask differently from the rebuilt node's boolean one,
+    # and need_weights=True takes its explicit path, the rebuilt node SDPA: rounding only.
+    check("roundtrip nn.MultiheadAttention float_mask",
+          lambda: attention_roundtrip(Attention("float_mask"), atol=1e-6))
+    check("roundtrip nn.MultiheadAttention ignoring its returned weights",
+          lambda: attention_roundtrip(Attention("self_weights"), atol=1e-6))
+    for norm_first in (False, True):
+        for causal in (False, True):
+            for layers in (1, 2):
+                label = (f"{'pre' if norm_first else 'post'}-norm, {'causal' if causal else 'no mask'}, "
+                         f"{'nn.TransformerEncoderLayer' if layers == 1 else 'nn.TransformerEncoder of 2 layers'}")
+                check(f"roundtrip {label}", lambda a=norm_first, c=causal, n=layers:
+                      attention_roundtrip(EncoderModel(a, c, n)))
+    where = "module mha (MultiheadAttention)"
+    for variant, needles in [
+        ("batch_first", ["batch_first=False"]),
+        ("kdim", ["kdim=6, vdim=6", "embed_dim=8"]),
+        ("bias_kv", ["add_bias_kv=True"]),
+        ("zero_attn", ["add_zero_attn=True"]),
+        ("key_padding", ["key_padding_mask"]),
+        ("param_mask", ["attn_mask is computed from the input (or from parameters)"]),
+        ("mask_3d", ["attn_mask has shape [N·H, 6, 6]", "2-D [L, S] = [6, 6]"]),
+        ("float_mask_finite", ["values other than 0 and -inf"]),
+        ("all_masked", ["masks every key of some query"]),
+        ("causal_not_causal", ["is_causal=True", "not the causal mask"]),
+        ("use_weights", ["returned attention weights are used"]),
+    ]:
+        check(f"refuse nn.MultiheadAttention {variant}",
+              lambda v=variant, n=needles: refused_attention(v, where, *n))
     check("refuse GPT-2 tied lm_head", lambda: refused_tokens(
         "gpt2_tied", "lm.weight is the same tensor as emb.weight", "tied weights"))
     check("refuse a slice of a positional parameter", lambda: refused_tokens(
