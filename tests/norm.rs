@@ -427,3 +427,58 @@ fn batch_norm_input_ranks() {
         );
     }
 }
+
+/// group_norm (also InstanceNorm2d as one channel per group) against PyTorch: LayerNorm's
+/// row statistics over a group's `(C/G)·spatial` elements (up to 30 here) and an exact
+/// per-channel affine map (`inverseSqrt(1)` within 2 ulp): the LayerNorm bounds.
+#[test]
+fn group_norm_layer_matches_pytorch() {
+    for name in [
+        "group_norm_pairs",
+        "group_norm_one_group",
+        "group_norm_instance",
+    ] {
+        let f = OpFixture::load(name);
+        assert_eq!(f.op, "group_norm");
+        op_fixtures::check_layer(
+            &f,
+            Tolerances {
+                forward: 1e-6,
+                backward: 1e-5,
+            },
+        );
+    }
+}
+
+#[test]
+fn group_norm_refusals() {
+    let build = |attrs: serde_json::Value, shape: &[usize]| {
+        let node = ekfac::graph::Node::new(
+            "gn",
+            "group_norm",
+            vec!["x".into()],
+            attrs.as_object().cloned().unwrap(),
+        );
+        ekfac::layers::build(&node, &[shape]).map(|_| ())
+    };
+    for (attrs, shape, want) in [
+        (
+            serde_json::json!({"num_groups": 3, "num_channels": 4}),
+            &[4, 2][..],
+            "divide num_channels",
+        ),
+        (
+            serde_json::json!({"num_groups": 2, "num_channels": 4}),
+            &[6, 2][..],
+            "[B, 4, *]",
+        ),
+        (
+            serde_json::json!({"num_groups": 2, "num_channels": 4, "eps": -1.0}),
+            &[4, 2][..],
+            "eps",
+        ),
+    ] {
+        let err = build(attrs.clone(), shape).unwrap_err().to_string();
+        assert!(err.contains(want) && err.contains("gn"), "{attrs}: {err}");
+    }
+}

@@ -150,3 +150,18 @@ fn bad_shape_op_attributes_are_errors_naming_the_node() {
     );
     assert_mentions(&msg, &[node, "6 dimensions"]);
 }
+
+/// `add_constant` (`x + c`; `x - c` and `c - x` export through it) against PyTorch
+/// autograd: one rounding per element forward, the gradient passed on exactly.
+#[test]
+fn add_constant_matches_pytorch() {
+    let f = op_fixtures::OpFixture::load("add_constant");
+    assert_eq!(f.op, "add_constant");
+    op_fixtures::check_layer(
+        &f,
+        op_fixtures::Tolerances {
+            forward: 1e-7,
+            backward: 1e-12,
+        },
+    );
+}

@@ -284,7 +284,8 @@ def model_json(spec: Dict[str, Any]) -> str:
 GRAPH_FORMAT = "ekfac-graph"
 GRAPH_VERSION = 2
 # Ops whose node reads tensors of its module from the weights file.
-PARAMETERISED_OPS = ("linear", "conv2d", "batch_norm2d", "batch_norm1d", "layer_norm", "embedding", "multi_head_attention")
+PARAMETERISED_OPS = ("linear", "conv2d", "batch_norm2d", "batch_norm1d", "layer_norm", "group_norm",
+                     "embedding", "multi_head_attention")
 INPUT_NAME = "x"
 aten = torch.ops.aten
 
@@ -540,8 +541,9 @@ class _GraphMapper:
                     "hardswish, hardsigmoid, softplus, mish, max_pool2d, avg_pool2d, "
                     "adaptive_avg_pool2d, flatten/view/reshape/unsqueeze/squeeze, "
                     "transpose, permute, add, add of a parameter, mul/div by a constant, "
-                    "mul of two activations, "
-                    "mean, batch_norm (eval), layer_norm, cat, upsample_nearest2d, "
+                    "mul of two activations, add/sub of a constant, sub of two activations, "
+                    "mean, batch_norm (eval), layer_norm, group_norm, instance_norm, cat, "
+                    "upsample_nearest2d, "
                     "embedding, matmul, softmax, masked_fill with a constant mask, "
                     "scaled_dot_product_attention, slicing and indexing a per-example dim "
                     "(x[:, a:b], x[:, i], split, chunk, unbind), cat of a parameter expanded "
@@ -600,11 +602,15 @@ class _GraphMapper:
         add(["adaptive_avg_pool2d"], self.adaptive_avg_pool2d)
         add(["mean.dim"], self.mean)
         add(["flatten.using_ints", "view", "reshape", "_unsafe_view"], self.flatten)
-        add(["add.Tensor", "add_.Tensor"], self.add)
+        add(["add.Tensor", "add_.Tensor", "add.Scalar"], self.add)
+        add(["sub.Tensor", "sub_.Tensor", "sub.Scalar"], self.sub)
+        add(["rsub.Scalar", "rsub.Tensor"], self.rsub)
         add(["batch_norm", "_native_batch_norm_legit_no_training"], self.batch_norm)
         add(["_native_batch_norm_legit"], self.batch_norm_training)
         add(["_native_batch_norm_legit.no_stats"], self.batch_norm_no_stats)
         add(["layer_norm"], self.layer_norm)
+        add(["group_norm"], self.group_norm)
+        add(["instance_norm"], self.instance_norm)
         add(["cat"], self.cat)
         add(["upsample_nearest2d.vec", "upsample_nearest2d"], self.upsample_nearest2d)
         add(["dropout", "clone", "alias", "contiguous", "lift_fresh_copy", "detach"], self.identity)
@@ -1378,7 +1384,7 @@ class _GraphMapper:
             raise self.fail(node, f"alpha={b['alpha']} is not supported")
         other = b["other"]
         if not hasattr(other, "op"):
-            raise self.fail(node, f"adding the constant {other!r} is not supported; only two activations")
+            return self.add_constant(node, b["self"], other)
         if self.param_name(other) is not None:
             return self.add_parameter(node, b["self"], other)
         if self.param_name(b["self"]) is not None:
@@ -1392,6 +1398,44 @@ class _GraphMapper:
             raise self.fail(node, f"adds values of per-example shapes {sa} and {sc}; they must be equal")
         self.shape(node)
         self.emit(node, "add", [a, c])
+
+    def add_constant(self, node, activation, value, negate: bool = False) -> None:
+        """``x + c`` (``-x + c`` with ``negate``) for a finite constant number ``c``."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self.fail(node, f"adds {value!r}; only a finite constant number or an activation")
+        x = self.value(node, activation, "input")
+        self.shape(node)
+        if negate:
+            self.emit(node, "mul_constant", [x], {"value": -1.0})
+            x = self.values[node]
+        self.emit(node, "add_constant", [x], {"value": float(value)})
+
+    def sub(self, node) -> None:
+        """``x - c`` (an ``add_constant`` of ``-c``) and ``x - y`` of two activations of
+        the same shape (``y`` times -1, then ``add``)."""
+        b = _bind(node)
+        alpha = b.get("alpha", 1)
+        if alpha != 1:
+            raise self.fail(node, f"alpha={alpha} is not supported")
+        other = b["other"]
+        if not hasattr(other, "op"):
+            if isinstance(other, bool) or not isinstance(other, (int, float)):
+                raise self.fail(node, f"subtracts {other!r}; only a finite constant number or an activation")
+            return self.add_constant(node, b["self"], -other)
+        a, c = self.value(node, b["self"], "first input"), self.value(node, other, "second input")
+        sa, sc = self.shape(b["self"]), self.shape(other)
+        if sa != sc:
+            raise self.fail(node, f"subtracts values of per-example shapes {sa} and {sc}; they must be equal")
+        self.shape(node)
+        self.emit(node, "mul_constant", [c], {"value": -1.0})
+        self.emit(node, "add", [a, self.values[node]])
+
+    def rsub(self, node) -> None:
+        """``c - x`` for a constant number ``c``."""
+        b = _bind(node)
+        if b.get("alpha", 1) != 1:
+            raise self.fail(node, f"alpha={b['alpha']} is not supported")
+        self.add_constant(node, b["self"], b["other"], negate=True)
 
     def additive_mask(self, node, activation, constant) -> None:
         """``x + M`` with a constant ``M`` of zeros and ``-inf`` (an additive attention
@@ -1442,6 +1486,42 @@ class _GraphMapper:
 
     def batch_norm_training(self, node) -> None:
         raise self.fail(node, "batch norm in training mode; call model.eval() first")
+
+    def group_norm(self, node) -> None:
+        b = _bind(node)
+        self.emit_group_norm(node, b["input"], int(b["num_groups"]), b["weight"], b["bias"], b["eps"])
+
+    def instance_norm(self, node) -> None:
+        """InstanceNorm with instance statistics (``track_running_stats=False``, the
+        default) is the group norm of one channel per group."""
+        b = _bind(node)
+        if not b["use_input_stats"]:
+            raise self.fail(node, "instance norm with running statistics (track_running_stats=True in eval "
+                            "mode) is not supported")
+        channels = self.shape(b["input"])[0] if self.shape(b["input"]) else 0
+        self.emit_group_norm(node, b["input"], channels, b["weight"], b["bias"], b["eps"])
+
+    def emit_group_norm(self, node, arg, groups: int, weight_arg, bias_arg, eps) -> None:
+        in_shape = self.shape(arg)
+        if len(in_shape) < 2:
+            raise self.fail(node, f"group norm of per-example shape {in_shape}; it needs [C, *spatial]")
+        x = self.value(node, arg, "input")
+        weight = self.param(node, weight_arg, "weight")
+        bias = self.param(node, bias_arg, "bias")
+        if (weight is None) != (bias is None):
+            raise self.fail(node, "group norm with only one of weight and bias is not supported")
+        module = None
+        if weight is not None:
+            module = self.module_of(node, weight, "weight")
+            if bias != f"{module}.bias":
+                raise self.fail(node, f"weight {weight} and bias {bias} belong to different modules")
+        self.shape(node)
+        self.emit(node, "group_norm", [x], {
+            "num_groups": groups,
+            "num_channels": in_shape[0],
+            "eps": float(eps),
+            "affine": weight is not None,
+        }, module=module)
 
     def layer_norm(self, node) -> None:
         b = _bind(node)

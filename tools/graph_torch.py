@@ -35,7 +35,8 @@ from torch import nn
 from torch.nn import functional as F
 
 GRAPH_FORMAT = "ekfac-graph"
-PARAMETERISED = ("linear", "conv2d", "batch_norm2d", "batch_norm1d", "layer_norm", "embedding", "multi_head_attention")
+PARAMETERISED = ("linear", "conv2d", "batch_norm2d", "batch_norm1d", "layer_norm", "group_norm", "embedding",
+                 "multi_head_attention")
 
 
 def _pair(value: Any) -> tuple:
@@ -188,6 +189,8 @@ def _make_module(node: Dict[str, Any]) -> nn.Module:
         return _conv2d(a)
     if op == "batch_norm2d":
         return nn.BatchNorm2d(a["num_features"], eps=a.get("eps", 1e-5), affine=a.get("affine", True))
+    if op == "group_norm":
+        return nn.GroupNorm(a["num_groups"], a["num_channels"], eps=a.get("eps", 1e-5), affine=a.get("affine", True))
     if op == "batch_norm1d":
         return nn.BatchNorm1d(a["num_features"], eps=a.get("eps", 1e-5), affine=a.get("affine", True))
     if op == "embedding":
@@ -240,6 +243,9 @@ def _stateless(node: Dict[str, Any]):
         return lambda xs: xs[0] + xs[1]
     if op == "mul":
         return lambda xs: xs[0] * xs[1]
+    if op == "add_constant":
+        value = a["value"]
+        return lambda xs: xs[0] + value
     if op == "cat":
         dim = a.get("dim", 1)
         return lambda xs: torch.cat(xs, dim=dim)
@@ -347,6 +353,7 @@ class GraphModule(nn.Module):
             n for n in nodes
             if n["op"] in ("linear", "conv2d", "batch_norm2d", "batch_norm1d", "embedding", "multi_head_attention")
             or (n["op"] == "layer_norm" and n.get("attrs", {}).get("elementwise_affine", True))
+            or (n["op"] == "group_norm" and n.get("attrs", {}).get("affine", True))
         ]
         modules = {}
         for n in param_nodes:
@@ -389,6 +396,10 @@ class GraphModule(nn.Module):
                 a = n.get("attrs", {})
                 self.calls.append((n["name"], list(n["inputs"]), nn.LayerNorm(
                     a["normalized_shape"], eps=a.get("eps", 1e-5), elementwise_affine=False)))
+            elif n["op"] == "group_norm":  # no affine parameters
+                a = n.get("attrs", {})
+                self.calls.append((n["name"], list(n["inputs"]), nn.GroupNorm(
+                    a["num_groups"], a["num_channels"], eps=a.get("eps", 1e-5), affine=False)))
             else:
                 fn = _stateless(n)
                 self.calls.append((n["name"], list(n["inputs"]), fn))

@@ -104,7 +104,7 @@ def probe(model: nn.Module, shape: List[int], n: int, g: torch.Generator) -> tor
     return torch.randn(n, *shape, generator=g)
 
 
-def roundtrip(model: nn.Module, shape: List[int], fmt: str) -> None:
+def roundtrip(model: nn.Module, shape: List[int], fmt: str, atol: float = 0.0) -> None:
     g = torch.Generator().manual_seed(3)
     with tempfile.TemporaryDirectory() as d:
         spec = export(model, shape, d, probe(model, shape, 2, g), format=fmt)
@@ -120,8 +120,9 @@ def roundtrip(model: nn.Module, shape: List[int], fmt: str) -> None:
             x = probe(model, shape, n, g)
             with torch.no_grad():
                 want, have = model(x), rebuilt(x)
-            assert torch.equal(want, have), (
-                f"batch {n}: outputs differ by {(want - have).abs().max().item():.3e}"
+            err = (want - have).abs().max().item()
+            assert (torch.equal(want, have) if atol == 0 else err <= atol), (
+                f"batch {n}: outputs differ by {err:.3e}"
             )
 
 
@@ -549,7 +550,11 @@ def main() -> None:
     for name, (model, shape) in fixture_models().items():
         formats = ["auto", "graph"] if isinstance(model, nn.Sequential) else ["auto"]
         for fmt in formats:
-            check(f"roundtrip {name} ({fmt})", lambda m=model, s=shape, f=fmt: roundtrip(m, s, f))
+            # InstanceNorm2d exports as a group norm of one channel per group, which
+            # PyTorch computes with another kernel: equal up to rounding.
+            atol = 1e-6 if any(isinstance(m, nn.InstanceNorm2d) for m in model.modules()) else 0.0
+            check(f"roundtrip {name} ({fmt})",
+                  lambda m=model, s=shape, f=fmt, a=atol: roundtrip(m, s, f, a))
     everything = Everything().eval()
     with torch.no_grad():
         everything.bn.running_mean.uniform_(-0.5, 0.5)

@@ -25,6 +25,7 @@ pub mod conv2d;
 pub mod embedding;
 pub mod flatten;
 pub mod gated;
+pub mod group_norm;
 pub mod identity;
 pub mod layer_norm;
 pub mod linear;
@@ -327,6 +328,7 @@ pub static REGISTRY: &[(&str, Constructor)] = &[
     ("mean", mean::build),
     ("mul_constant", scale::build_mul),
     ("div_constant", scale::build_div),
+    ("add_constant", scale::build_add),
     ("embedding", embedding::build),
     ("add_parameter", add_parameter::build),
     ("matmul", matmul::build),
@@ -344,6 +346,7 @@ pub static REGISTRY: &[(&str, Constructor)] = &[
     ("softplus", activation::build_pointwise),
     ("mish", activation::build_pointwise),
     ("mul", mul::build),
+    ("group_norm", group_norm::build),
 ];
 
 /// Builds `node`'s layer through [`REGISTRY`].
