@@ -220,6 +220,15 @@ impl<'a> Attrs<'a> {
         }
     }
 
+    /// A normalisation's `eps` (default 1e-5): finite, ≥ 0 and within f32.
+    pub fn eps(&self) -> Result<f64> {
+        let eps = self.f64_or("eps", 1e-5)?;
+        if !(eps >= 0.0 && eps.is_finite() && (eps as f32).is_finite()) {
+            return Err(self.err(format!("eps = {eps} must be finite and ≥ 0")));
+        }
+        Ok(eps)
+    }
+
     /// A PyTorch option implemented only at one value: absent or equal to `supported`.
     pub fn only(&self, key: &str, supported: Value) -> Result<()> {
         match self.map.get(key) {

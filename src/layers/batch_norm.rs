@@ -69,10 +69,7 @@ pub fn build(node: &Node, inputs: &[&[usize]]) -> Result<Box<dyn Layer>> {
             batched_shape(input)
         )));
     }
-    let eps = a.f64_or("eps", 1e-5)?;
-    if !(eps >= 0.0 && eps.is_finite() && (eps as f32).is_finite()) {
-        return Err(a.err(format!("eps = {eps} must be finite and ≥ 0")));
-    }
+    let eps = a.eps()?;
     Ok(Box::new(BatchNorm {
         op,
         shape: input.to_vec(),
