@@ -558,3 +558,21 @@ fn token_graphs_round_trip_through_json() {
     assert_eq!(v["inputs"][0]["dtype"], "i64");
     assert_eq!(from_json_str(&text, "again.json").unwrap(), graph);
 }
+
+/// `mul_parameter` (a layer scale `γ ⊙ x`: ConvNeXt's `[C, 1, 1]`, a `[D]` over tokens)
+/// against PyTorch autograd, the parameter's gradient included: one rounding per
+/// product, the parameter's gradient a sum of at most 45 of them: 1e-6.
+#[test]
+fn mul_parameter_matches_pytorch() {
+    for name in ["mul_parameter_channels", "mul_parameter_tokens"] {
+        let f = op_fixtures::OpFixture::load(name);
+        assert_eq!(f.op, "mul_parameter");
+        op_fixtures::check_layer(
+            &f,
+            op_fixtures::Tolerances {
+                forward: 1e-6,
+                backward: 1e-6,
+            },
+        );
+    }
+}

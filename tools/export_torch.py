@@ -541,7 +541,8 @@ class _GraphMapper:
                     "hardswish, hardsigmoid, softplus, mish, max_pool2d, avg_pool2d, "
                     "adaptive_avg_pool2d, flatten/view/reshape/unsqueeze/squeeze, "
                     "transpose, permute, add, add of a parameter, mul/div by a constant, "
-                    "mul of two activations, add/sub of a constant, sub of two activations, "
+                    "mul of two activations or by a parameter, add/sub of a constant, "
+                    "sub of two activations, "
                     "mean, batch_norm (eval), layer_norm, group_norm, instance_norm, cat, "
                     "upsample_nearest2d, "
                     "embedding, matmul, softmax, masked_fill with a constant mask, "
@@ -887,6 +888,20 @@ class _GraphMapper:
             )
         self.emit(node, "add_parameter", [x], {"parameter": name, "shape": shape})
 
+    def mul_parameter(self, node, activation, parameter) -> None:
+        """``x * p`` for a learned ``p`` that broadcasts to ``x`` (a layer scale)."""
+        x = self.value(node, activation, "input")
+        name = self.param(node, parameter, "parameter")
+        in_shape, shape = self.shape(activation), self.param_shape(name)
+        rank = len(in_shape) + 1
+        if len(shape) > rank or (len(shape) == rank and shape[0] != 1) or self.shape(node) != in_shape:
+            raise self.fail(
+                node,
+                f"multiplies by the parameter {name} of shape {shape} a value of per-example shape "
+                f"{in_shape}; it must broadcast to the value's shape without a batch axis",
+            )
+        self.emit(node, "mul_parameter", [x], {"parameter": name, "shape": shape})
+
     def scale(self, op: str) -> Callable:
         """``x * c`` / ``x / c`` (and ``c * x``) for a constant number ``c``."""
 
@@ -898,6 +913,10 @@ class _GraphMapper:
             value = self.constant(node, c, "factor" if op == "mul_constant" else "divisor")
             if value is None and op == "mul_constant" and a in self.values and c in self.values:
                 return self.multiply(node, a, c)
+            if value is None and op == "mul_constant":
+                for act, par in ((a, c), (c, a)):
+                    if act in self.values and self.param_name(par) is not None:
+                        return self.mul_parameter(node, act, par)
             if value is None:
                 kind = "multiplies" if op == "mul_constant" else "divides"
                 raise self.fail(

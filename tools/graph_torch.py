@@ -366,7 +366,7 @@ class GraphModule(nn.Module):
         # Learned tensors of add_parameter nodes, by state_dict name.
         learned: Dict[str, List[int]] = {}
         for n in nodes:
-            if n["op"] in ("add_parameter", "cat_parameter"):
+            if n["op"] in ("add_parameter", "cat_parameter", "mul_parameter"):
                 a = n.get("attrs", {})
                 name, shape = a["parameter"], [int(d) for d in a["shape"]]
                 if learned.setdefault(name, shape) != shape:
@@ -386,6 +386,9 @@ class GraphModule(nn.Module):
             if n["op"] == "add_parameter":
                 path = n["attrs"]["parameter"]
                 self.calls.append((n["name"], list(n["inputs"]), lambda xs, p=path: xs[0] + self.get_parameter(p)))
+            elif n["op"] == "mul_parameter":
+                path = n["attrs"]["parameter"]
+                self.calls.append((n["name"], list(n["inputs"]), lambda xs, p=path: self.get_parameter(p) * xs[0]))
             elif n["op"] == "multi_head_attention":
                 self.calls.append((n["name"], list(n["inputs"]), _attention(n, _get_module(self, module))))
             elif n["op"] == "cat_parameter":

@@ -33,6 +33,7 @@ pub mod masked_fill;
 pub mod matmul;
 pub mod mean;
 pub mod mul;
+pub mod mul_parameter;
 pub mod multi_head_attention;
 pub mod pool;
 pub mod scale;
@@ -347,6 +348,7 @@ pub static REGISTRY: &[(&str, Constructor)] = &[
     ("mish", activation::build_pointwise),
     ("mul", mul::build),
     ("group_norm", group_norm::build),
+    ("mul_parameter", mul_parameter::build),
 ];
 
 /// Builds `node`'s layer through [`REGISTRY`].

@@ -183,3 +183,13 @@ pub fn add_parameter_grad(grad_out: &[f64], shape: &[usize], param: &[usize]) ->
     }
     grad
 }
+
+/// `x ⊙ p` for a parameter `p` of PyTorch shape `param` broadcast against `x`
+/// (`[rows, *shape]`, any number of rows).
+pub fn mul_parameter_forward(x: &[f64], shape: &[usize], p: &[f64], param: &[usize]) -> Vec<f64> {
+    let in_shape = batched(x, shape);
+    x.iter()
+        .enumerate()
+        .map(|(i, &v)| v * p[broadcast_index(i, &in_shape, param)])
+        .collect()
+}
