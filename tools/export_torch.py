@@ -876,20 +876,18 @@ class _GraphMapper:
         }, module=module)
 
     def add_parameter(self, node, activation, parameter) -> None:
-        x = self.value(node, activation, "input")
-        name = self.param(node, parameter, "parameter")
-        in_shape, shape = self.shape(activation), self.param_shape(name)
-        rank = len(in_shape) + 1
-        if len(shape) > rank or (len(shape) == rank and shape[0] != 1) or self.shape(node) != in_shape:
-            raise self.fail(
-                node,
-                f"adds the parameter {name} of shape {shape} to a value of per-example shape "
-                f"{in_shape}; it must broadcast to the value's shape without a batch axis",
-            )
-        self.emit(node, "add_parameter", [x], {"parameter": name, "shape": shape})
+        """``x + p`` for a learned ``p`` that broadcasts to ``x`` (a positional embedding)."""
+        self.parameter_op(node, activation, parameter, "add_parameter",
+                          "adds the parameter {name} of shape {shape} to a value")
 
     def mul_parameter(self, node, activation, parameter) -> None:
         """``x * p`` for a learned ``p`` that broadcasts to ``x`` (a layer scale)."""
+        self.parameter_op(node, activation, parameter, "mul_parameter",
+                          "multiplies by the parameter {name} of shape {shape} a value")
+
+    def parameter_op(self, node, activation, parameter, op: str, what: str) -> None:
+        """``op`` of an activation and a whole parameter that broadcasts to its shape
+        without a batch axis; ``what`` (with ``{name}`` and ``{shape}``) words the refusal."""
         x = self.value(node, activation, "input")
         name = self.param(node, parameter, "parameter")
         in_shape, shape = self.shape(activation), self.param_shape(name)
@@ -897,10 +895,10 @@ class _GraphMapper:
         if len(shape) > rank or (len(shape) == rank and shape[0] != 1) or self.shape(node) != in_shape:
             raise self.fail(
                 node,
-                f"multiplies by the parameter {name} of shape {shape} a value of per-example shape "
+                f"{what.format(name=name, shape=shape)} of per-example shape "
                 f"{in_shape}; it must broadcast to the value's shape without a batch axis",
             )
-        self.emit(node, "mul_parameter", [x], {"parameter": name, "shape": shape})
+        self.emit(node, op, [x], {"parameter": name, "shape": shape})
 
     def scale(self, op: str) -> Callable:
         """``x * c`` / ``x / c`` (and ``c * x``) for a constant number ``c``."""

@@ -23,28 +23,64 @@ use crate::reference::shape as reference;
 /// full `parameter` name, [`Layer::param_key`]).
 const SUFFIX: &str = "parameter";
 
+/// A learned tensor broadcast against a layer's one input, as `add_parameter` and
+/// [`crate::layers::mul_parameter`] take it.
+#[derive(Debug)]
+pub(crate) struct BroadcastParameter {
+    /// The full `state_dict` name.
+    pub parameter: String,
+    /// Its PyTorch shape.
+    pub shape: Vec<usize>,
+    /// The input's (and output's) per-example shape.
+    pub output: Vec<usize>,
+}
+
+impl BroadcastParameter {
+    /// From the node's one input and its `parameter` and `shape` attributes.
+    pub(crate) fn new(node: &Node, inputs: &[&[usize]]) -> Result<Self> {
+        let input = one_input(node, inputs)?;
+        let a = Attrs::new(node, &["parameter", "shape"])?;
+        let (parameter, shape) = parameter_attrs(node, &a)?;
+        check_rank(&a, input)?;
+        check_broadcast(&a, &shape, input, "the input")?;
+        Ok(Self {
+            parameter,
+            shape,
+            output: input.to_vec(),
+        })
+    }
+
+    /// The layer's one tensor (its key is the full name, [`Layer::param_key`]).
+    pub(crate) fn specs(&self) -> Vec<ParamSpec> {
+        vec![ParamSpec {
+            suffix: SUFFIX,
+            shape: self.shape.clone(),
+        }]
+    }
+
+    /// `p` broadcast to `[rows, *output]` (a gather with stride 0 along its broadcast
+    /// dims).
+    pub(crate) fn expanded(
+        &self,
+        pass: &mut Pass,
+        p: &GpuTensor,
+        rows: usize,
+    ) -> Result<GpuTensor> {
+        let dims = batched(rows, &self.output);
+        let g = Gather::strided(dims.clone(), param_strides(&self.output, &self.shape));
+        pass.gather(&g, p, &dims)
+    }
+}
+
 /// Adding a broadcast parameter.
 #[derive(Debug)]
-pub struct AddParameter {
-    /// The full `state_dict` name.
-    parameter: String,
-    /// Its PyTorch shape.
-    shape: Vec<usize>,
-    output: Vec<usize>,
-}
+pub struct AddParameter(BroadcastParameter);
 
 /// Builds an add_parameter from `parameter` and `shape`.
 pub fn build(node: &Node, inputs: &[&[usize]]) -> Result<Box<dyn Layer>> {
-    let input = one_input(node, inputs)?;
-    let a = Attrs::new(node, &["parameter", "shape"])?;
-    let (parameter, shape) = parameter_attrs(node, &a)?;
-    check_rank(&a, input)?;
-    check_broadcast(&a, &shape, input, "the input")?;
-    Ok(Box::new(AddParameter {
-        parameter,
-        shape,
-        output: input.to_vec(),
-    }))
+    Ok(Box::new(AddParameter(BroadcastParameter::new(
+        node, inputs,
+    )?)))
 }
 
 /// Checks that a parameter of PyTorch shape `shape` broadcasts against `[B, *input]`
@@ -147,18 +183,15 @@ impl Layer for AddParameter {
     }
 
     fn output_shape(&self) -> &[usize] {
-        &self.output
+        &self.0.output
     }
 
     fn params(&self) -> Vec<ParamSpec> {
-        vec![ParamSpec {
-            suffix: SUFFIX,
-            shape: self.shape.clone(),
-        }]
+        self.0.specs()
     }
 
     fn param_key(&self, _module: &str, _suffix: &str) -> String {
-        self.parameter.clone()
+        self.0.parameter.clone()
     }
 
     fn saved(&self) -> Saved {
@@ -170,9 +203,7 @@ impl Layer for AddParameter {
         pass: &mut Pass,
         args: &ForwardArgs<GpuTensor, GpuTensor>,
     ) -> Result<GpuTensor> {
-        let dims = batched(args.batch, &self.output);
-        let g = Gather::strided(dims.clone(), param_strides(&self.output, &self.shape));
-        let y = pass.gather(&g, &args.params[0], &dims)?;
+        let y = self.0.expanded(pass, &args.params[0], args.batch)?;
         axpy(&mut pass.rec, 1.0, args.inputs[0], 1.0, &y)?;
         Ok(y)
     }
@@ -184,11 +215,11 @@ impl Layer for AddParameter {
     ) -> Result<Grads<GpuTensor>> {
         let rows = args.stack * args.batch;
         let input = args.input_grads[0]
-            .then(|| args.grad_out.view(&batched(rows, &self.output)))
+            .then(|| args.grad_out.view(&batched(rows, &self.0.output)))
             .transpose()?;
         let params = args
             .param_grads
-            .then(|| broadcast_grad(pass, args.grad_out, rows, &self.output, &self.shape))
+            .then(|| broadcast_grad(pass, args.grad_out, rows, &self.0.output, &self.0.shape))
             .transpose()?
             .map(|grad| vec![grad]);
         Ok(Grads {
@@ -198,15 +229,20 @@ impl Layer for AddParameter {
     }
 
     fn reference_forward(&self, args: &ForwardArgs<[f64], Vec<f64>>) -> Vec<f64> {
-        reference::add_parameter_forward(args.inputs[0], &self.output, &args.params[0], &self.shape)
+        reference::add_parameter_forward(
+            args.inputs[0],
+            &self.0.output,
+            &args.params[0],
+            &self.0.shape,
+        )
     }
 
     fn reference_backward(&self, args: &BackwardArgs<[f64], Vec<f64>>) -> Grads<Vec<f64>> {
         let params = args.param_grads.then(|| {
             vec![reference::add_parameter_grad(
                 args.grad_out,
-                &self.output,
-                &self.shape,
+                &self.0.output,
+                &self.0.shape,
             )]
         });
         Grads {

@@ -9,49 +9,20 @@
 use crate::error::Result;
 use crate::gpu::GpuTensor;
 use crate::graph::Node;
-use crate::layers::add_parameter::{
-    broadcast_grad, check_broadcast, param_strides, parameter_attrs,
-};
-use crate::layers::attrs::Attrs;
-use crate::layers::shape::check_rank;
-use crate::layers::{
-    BackwardArgs, ForwardArgs, Grads, Layer, ParamSpec, Pass, Saved, batched, one_input,
-};
+use crate::layers::add_parameter::{BroadcastParameter, broadcast_grad};
+use crate::layers::{BackwardArgs, ForwardArgs, Grads, Layer, ParamSpec, Pass, Saved};
 use crate::ops::combine;
-use crate::ops::shape::Gather;
 use crate::reference::shape as reference;
 
 /// Multiplying by a broadcast parameter.
 #[derive(Debug)]
-pub struct MulParameter {
-    /// The full `state_dict` name.
-    parameter: String,
-    /// Its PyTorch shape.
-    shape: Vec<usize>,
-    output: Vec<usize>,
-}
+pub struct MulParameter(BroadcastParameter);
 
 /// Builds a mul_parameter from `parameter` and `shape`.
 pub fn build(node: &Node, inputs: &[&[usize]]) -> Result<Box<dyn Layer>> {
-    let input = one_input(node, inputs)?;
-    let a = Attrs::new(node, &["parameter", "shape"])?;
-    let (parameter, shape) = parameter_attrs(node, &a)?;
-    check_rank(&a, input)?;
-    check_broadcast(&a, &shape, input, "the input")?;
-    Ok(Box::new(MulParameter {
-        parameter,
-        shape,
-        output: input.to_vec(),
-    }))
-}
-
-impl MulParameter {
-    /// `p` broadcast to `[rows, *output]`.
-    fn expanded(&self, pass: &mut Pass, p: &GpuTensor, rows: usize) -> Result<GpuTensor> {
-        let dims = batched(rows, &self.output);
-        let g = Gather::strided(dims.clone(), param_strides(&self.output, &self.shape));
-        pass.gather(&g, p, &dims)
-    }
+    Ok(Box::new(MulParameter(BroadcastParameter::new(
+        node, inputs,
+    )?)))
 }
 
 impl Layer for MulParameter {
@@ -60,18 +31,15 @@ impl Layer for MulParameter {
     }
 
     fn output_shape(&self) -> &[usize] {
-        &self.output
+        &self.0.output
     }
 
     fn params(&self) -> Vec<ParamSpec> {
-        vec![ParamSpec {
-            suffix: "parameter",
-            shape: self.shape.clone(),
-        }]
+        self.0.specs()
     }
 
     fn param_key(&self, _module: &str, _suffix: &str) -> String {
-        self.parameter.clone()
+        self.0.parameter.clone()
     }
 
     fn saved(&self) -> Saved {
@@ -83,7 +51,7 @@ impl Layer for MulParameter {
         pass: &mut Pass,
         args: &ForwardArgs<GpuTensor, GpuTensor>,
     ) -> Result<GpuTensor> {
-        let p = self.expanded(pass, &args.params[0], args.batch)?;
+        let p = self.0.expanded(pass, &args.params[0], args.batch)?;
         let y = pass.zeros(p.shape())?;
         combine::multiply(&mut pass.rec, args.inputs[0], &p, &y)?;
         pass.keep(p);
@@ -97,7 +65,7 @@ impl Layer for MulParameter {
     ) -> Result<Grads<GpuTensor>> {
         let rows = args.stack * args.batch;
         let input = if args.input_grads[0] {
-            let p = self.expanded(pass, &args.params[0], rows)?;
+            let p = self.0.expanded(pass, &args.params[0], rows)?;
             let gx = pass.zeros(p.shape())?;
             combine::multiply(&mut pass.rec, args.grad_out, &p, &gx)?;
             pass.keep(p);
@@ -109,7 +77,7 @@ impl Layer for MulParameter {
             let x = pass.repeat(args.inputs[0], args.stack)?;
             let gx = pass.zeros(x.shape())?;
             combine::multiply(&mut pass.rec, args.grad_out, &x, &gx)?;
-            let grad = broadcast_grad(pass, &gx, rows, &self.output, &self.shape)?;
+            let grad = broadcast_grad(pass, &gx, rows, &self.0.output, &self.0.shape)?;
             pass.keep((x, gx));
             Some(vec![grad])
         } else {
@@ -122,16 +90,21 @@ impl Layer for MulParameter {
     }
 
     fn reference_forward(&self, args: &ForwardArgs<[f64], Vec<f64>>) -> Vec<f64> {
-        reference::mul_parameter_forward(args.inputs[0], &self.output, &args.params[0], &self.shape)
+        reference::mul_parameter_forward(
+            args.inputs[0],
+            &self.0.output,
+            &args.params[0],
+            &self.0.shape,
+        )
     }
 
     fn reference_backward(&self, args: &BackwardArgs<[f64], Vec<f64>>) -> Grads<Vec<f64>> {
         let input = args.input_grads[0].then(|| {
             reference::mul_parameter_forward(
                 args.grad_out,
-                &self.output,
+                &self.0.output,
                 &args.params[0],
-                &self.shape,
+                &self.0.shape,
             )
         });
         let params = args.param_grads.then(|| {
@@ -139,8 +112,8 @@ impl Layer for MulParameter {
             let gx: Vec<f64> = args.grad_out.iter().zip(&x).map(|(g, x)| g * x).collect();
             vec![reference::add_parameter_grad(
                 &gx,
-                &self.output,
-                &self.shape,
+                &self.0.output,
+                &self.0.shape,
             )]
         });
         Grads {
